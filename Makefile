@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (main job) and `make test` (test suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Main job on the offline embedded default (MNIST-5k source model, toy downstream task).
+demo: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall .
+	$(BIN)/python recipes/image_classification.py --disable_tqdm true
+
+# Fast CPU tests plus the slow multi-process and end-to-end ones (all run in CI).
+test: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall .
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info runs

@@ -1,0 +1,454 @@
+"""Throughput overhead of the HeadPrep FT stage vs a plain `transformers.Trainer`.
+
+Acceptance criterion: samples/s of the FT stage with all measurements on, vs a plain `transformers.Trainer` on the
+same model and data, alternated in one run; target ratio >= 0.97.
+
+Three sides, run in rotating order (plain, headprep, headprep-nomeasure, then headprep, headprep-nomeasure, plain,
+...), each run on a fresh copy of the same seeded weights, the same data, batch size, optimizer, lr and schedule:
+
+* ``plain``: a minimal `Trainer` subclass, cross-entropy on `model(pixel_values)`.
+* ``headprep``: `HeadPrepTrainer.finetune()` with `track_dynamics=True` (energy pass over the whole training set at
+  FT start, drift on the probe set at each epoch end, head grad norm every update).
+* ``headprep_nomeasure``: the same with `track_dynamics=False` (the trainer's own overhead only).
+
+Each run is timed with `time.perf_counter()` around the train call only (trainer construction is timed separately).
+Inside the headprep runs `measure_start` (the one-time start-of-FT energy pass) and `measure_drift` (per epoch) are
+wrapped with timers, so the fixed cost can be separated from the steady per-epoch cost; the script projects the
+ratio to other epoch counts from those parts.
+
+Usage::
+
+    python bench/overhead.py                       # defaults: ~2-4 min on a 2-core CPU
+    python bench/overhead.py --epochs 10 --repeats 3 --json overhead.json
+    python bench/overhead.py --profile             # plus a cProfile of one headprep run (headprep_hf functions)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import json
+import logging
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import Trainer, TrainingArguments
+
+from headprep_hf import HeadPrepConfig, HeadPrepTrainer
+
+SIDES = ("plain", "headprep", "headprep_nomeasure")
+NUM_CLASSES = 3
+
+
+# ---------------------------------------------------------------------------------------------------------- setup
+class PlainTrainer(Trainer):
+    """The baseline: cross-entropy on `model(pixel_values)` (timm models take one positional tensor)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(inputs["pixel_values"])
+        loss = F.cross_entropy(logits, inputs["labels"].long())
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def build_data(train_samples: int | None, synthetic: bool, seed: int):
+    """The toy downstream train split (real MNIST digits, random augmentation on access), or a same-shape stand-in."""
+    if synthetic:
+        n = train_samples or 900
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, 32, 32, generator=g)
+        y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+        class _Synthetic(torch.utils.data.Dataset):
+            def __len__(self):
+                return n
+
+            def __getitem__(self, i):
+                return {"pixel_values": x[i], "labels": int(y[i])}
+
+        return _Synthetic(), "synthetic 3x32x32"
+    from headprep_hf.data.mnist import build_toy_downstream
+
+    train = build_toy_downstream(seed=seed)["train"]
+    name = f"build_toy_downstream(seed={seed})['train'] (augment={train.augment})"
+    if train_samples is not None and train_samples < len(train):
+        train = torch.utils.data.Subset(train, range(train_samples))
+        name += f"[:{train_samples}]"
+    return train, name
+
+
+def build_base_state(model_source: str, seed: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Initial weights shared by every run: the cached MNIST source model if present, else a seeded test_resnet."""
+    if model_source in ("auto", "cached"):
+        from headprep_hf.models import load_timm_model, source_model_dir
+
+        folder = source_model_dir()
+        if folder.is_dir():
+            torch.manual_seed(seed)
+            model = load_timm_model(str(folder), num_classes=NUM_CLASSES)
+            return copy.deepcopy(model.state_dict()), f"cached source model {folder} (new {NUM_CLASSES}-class head)"
+        if model_source == "cached":
+            raise SystemExit(f"No cached source model at {folder}; run pretrain_source_model() or use --model random.")
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=NUM_CLASSES)
+    return copy.deepcopy(model.state_dict()), f"timm test_resnet, random init (seed {seed}), {NUM_CLASSES} classes"
+
+
+def fresh_model(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = timm.create_model("test_resnet", num_classes=NUM_CLASSES)
+    model.load_state_dict(state)
+    return model
+
+
+def common_args(opts, output_dir: str, epochs: int) -> dict[str, Any]:
+    return dict(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.eval_batch_size or opts.batch_size,
+        learning_rate=opts.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        seed=opts.seed,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
+
+
+class _Timer:
+    """Wraps a bound method of one trainer instance and accumulates its wall time (bench-side, src untouched)."""
+
+    def __init__(self, obj, name: str):
+        self.calls: list[float] = []
+        original = getattr(obj, name)
+
+        def wrapped(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.calls.append(time.perf_counter() - t0)
+
+        setattr(obj, name, wrapped)
+
+
+def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -> dict[str, Any]:
+    """One FT run of `side`; returns timings. Everything is re-seeded identically for every run."""
+    transformers.set_seed(opts.seed)
+    model = fresh_model(state)
+    with tempfile.TemporaryDirectory(prefix=f"bench_{side}_") as out:
+        t0 = time.perf_counter()
+        timers = {}
+        if side == "plain":
+            trainer = PlainTrainer(
+                model=model, args=TrainingArguments(**common_args(opts, out, epochs)), train_dataset=data
+            )
+            train = trainer.train
+        else:
+            config = HeadPrepConfig(
+                **common_args(opts, out, epochs),
+                hp_epochs=0,
+                track_dynamics=(side == "headprep"),
+            )
+            trainer = HeadPrepTrainer(model=model, args=config, train_dataset=data)
+            timers = {
+                "measure_start": _Timer(trainer, "measure_start"),
+                "measure_drift": _Timer(trainer, "measure_drift"),
+            }
+            train = trainer.finetune
+        build_s = time.perf_counter() - t0
+
+        profiler = cProfile.Profile() if profile else None
+        t0 = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        output = train()
+        if profiler is not None:
+            profiler.disable()
+        seconds = time.perf_counter() - t0
+
+    samples = len(data) * epochs
+    result = {
+        "side": side,
+        "epochs": epochs,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "build_seconds": build_s,
+        "global_step": output.global_step,
+        "train_loss": float(output.training_loss),
+    }
+    for name, timer in timers.items():
+        result[f"{name}_calls"] = len(timer.calls)
+        result[f"{name}_seconds"] = sum(timer.calls)
+    if side == "headprep":
+        dyn = trainer.dynamics
+        result["energy"] = dyn.get("energy")
+        result["num_energy_samples"] = dyn.get("num_energy_samples")
+        result["num_probe_samples"] = dyn.get("num_probe_samples")
+        result["num_drift_records"] = len(dyn.get("drift", []))
+    if profiler is not None:
+        result["_profiler"] = profiler
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def machine_info() -> dict[str, Any]:
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "device": "cpu",
+        "loadavg_1_5_15": load,
+    }
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(runs: list[dict], n_train: int, epochs: int) -> dict[str, Any]:
+    by_side = {s: [r for r in runs if r["side"] == s] for s in SIDES}
+    med = {s: median([r["samples_per_s"] for r in rs]) for s, rs in by_side.items()}
+    med_s = {s: median([r["seconds"] for r in rs]) for s, rs in by_side.items()}
+    hp = by_side["headprep"]
+    start_s = median([r["measure_start_seconds"] for r in hp])
+    drift_total = median([r["measure_drift_seconds"] for r in hp])
+    drift_calls = median([r["measure_drift_calls"] for r in hp])
+    drift_per_call = drift_total / drift_calls if drift_calls else 0.0
+
+    plain_epoch = med_s["plain"] / epochs
+    # Steady per-epoch cost of the fully measured side: everything but the one-time energy pass.
+    hp_epoch_steady = (med_s["headprep"] - start_s) / epochs
+    nomeasure_epoch = med_s["headprep_nomeasure"] / epochs
+    ratio = med["headprep"] / med["plain"]
+    ratio_nomeasure = med["headprep_nomeasure"] / med["plain"]
+    steady_ratio = plain_epoch / hp_epoch_steady
+
+    def projected(e: int) -> float:
+        return (e * plain_epoch) / (e * hp_epoch_steady + start_s)
+
+    # Epochs needed for the start pass to amortise to the target (only if the steady ratio clears it).
+    target = 0.97
+    gap = plain_epoch / target - hp_epoch_steady
+    break_even = start_s / gap if gap > 0 else None
+    return {
+        "median_samples_per_s": med,
+        "median_seconds": med_s,
+        "ratio_headprep_vs_plain": ratio,
+        "ratio_headprep_nomeasure_vs_plain": ratio_nomeasure,
+        "energy_pass_seconds": start_s,
+        "energy_pass_in_plain_epochs": start_s / plain_epoch,
+        "drift_seconds_per_epoch": drift_per_call,
+        "drift_calls_per_run": drift_calls,
+        "plain_epoch_seconds": plain_epoch,
+        "headprep_epoch_seconds_steady": hp_epoch_steady,
+        "headprep_nomeasure_epoch_seconds": nomeasure_epoch,
+        "steady_ratio_without_energy_pass": steady_ratio,
+        "projected_ratio": {e: projected(e) for e in (1, 3, 5, 10, 20, 50, 100)},
+        "epochs_to_reach_0.97": break_even,
+        "target": target,
+        "meets_target": ratio >= target,
+    }
+
+
+def print_report(info, setup, runs, summary, epochs, n_train):
+    print("\n== machine ==")
+    for k, v in info.items():
+        print(f"  {k:16s} {v}")
+    print("\n== setup ==")
+    for k, v in setup.items():
+        print(f"  {k:16s} {v}")
+    print("\n== runs (in execution order) ==")
+    print(f"  {'#':>3} {'side':20s} {'seconds':>8} {'samples/s':>10} {'energy s':>9} {'drift s':>8} {'loss':>7}")
+    for i, r in enumerate(runs):
+        e = r.get("measure_start_seconds")
+        d = r.get("measure_drift_seconds")
+        print(
+            f"  {i:>3} {r['side']:20s} {r['seconds']:8.2f} {r['samples_per_s']:10.1f} "
+            f"{'' if e is None else f'{e:9.2f}':>9} {'' if d is None else f'{d:8.2f}':>8} {r['train_loss']:7.4f}"
+        )
+    s = summary
+    print("\n== summary (medians) ==")
+    print(f"  {'side':20s} {'samples/s':>10} {'seconds':>8} {'ratio vs plain':>15}")
+    for side in SIDES:
+        sps = s["median_samples_per_s"][side]
+        print(
+            f"  {side:20s} {sps:10.1f} {s['median_seconds'][side]:8.2f} "
+            f"{sps / s['median_samples_per_s']['plain']:15.3f}"
+        )
+    verdict = "PASS" if s["meets_target"] else "FAIL"
+    print(
+        f"\n  ratio headprep/plain (all measurements, {epochs} epochs): {s['ratio_headprep_vs_plain']:.3f}  "
+        f"target >= {s['target']}  -> {verdict}"
+    )
+    print(f"  ratio headprep-nomeasure/plain:                     {s['ratio_headprep_nomeasure_vs_plain']:.3f}")
+    print("\n== fixed vs steady cost ==")
+    print(
+        f"  energy pass at FT start (measure_start, {n_train} samples): {s['energy_pass_seconds']:.2f} s "
+        f"= {s['energy_pass_in_plain_epochs']:.2f} plain epochs (one-time)"
+    )
+    print(
+        f"  drift per epoch (measure_drift):                {s['drift_seconds_per_epoch']:.3f} s "
+        f"({s['drift_calls_per_run']:.0f} calls/run)"
+    )
+    print(
+        f"  epoch: plain {s['plain_epoch_seconds']:.2f} s, headprep steady {s['headprep_epoch_seconds_steady']:.2f} s, "
+        f"headprep-nomeasure {s['headprep_nomeasure_epoch_seconds']:.2f} s"
+    )
+    print(f"  steady ratio (energy pass excluded):            {s['steady_ratio_without_energy_pass']:.3f}")
+    proj = ", ".join(f"{e}: {v:.3f}" for e, v in s["projected_ratio"].items())
+    print(f"  projected ratio by FT epochs  E*plain_epoch / (E*steady_epoch + energy_pass):\n    {proj}")
+    be = s["epochs_to_reach_0.97"]
+    print(
+        "  epochs for the energy pass to amortise to 0.97: "
+        + (f"{be:.1f}" if be is not None else "never (steady ratio alone is below 0.97)")
+    )
+
+
+def print_profile(profiler: cProfile.Profile, seconds: float) -> None:
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("cumulative").print_stats(
+        r"headprep_hf|trainer\.py.*(training_step|_inner_training_loop|log)", 25
+    )
+    print(f"\n== cProfile of one headprep run ({seconds:.2f} s wall; cProfile inflates Python-heavy code) ==")
+    print(stream.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--epochs", type=int, default=3, help="FT epochs per run (default 3)")
+    p.add_argument("--repeats", type=int, default=4, help="timed runs per side (default 4)")
+    p.add_argument("--batch_size", type=int, default=32, help="train batch size (default 32)")
+    p.add_argument(
+        "--eval_batch_size",
+        type=int,
+        default=None,
+        help="per_device_eval_batch_size, used by the measurement passes (default: --batch_size)",
+    )
+    p.add_argument(
+        "--train_samples",
+        type=int,
+        default=None,
+        help="use the first N training samples (default: the whole toy train split, ~900)",
+    )
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: torch's)")
+    p.add_argument(
+        "--model",
+        choices=("auto", "cached", "random"),
+        default="auto",
+        help="auto: cached MNIST source model if present, else seeded random test_resnet",
+    )
+    p.add_argument("--synthetic", action="store_true", help="synthetic tensors of the same shape instead of MNIST")
+    p.add_argument("--no_warmup", action="store_true", help="skip the untimed 1-epoch warm-up run of each side")
+    p.add_argument("--profile", action="store_true", help="also cProfile one extra headprep run")
+    p.add_argument("--json", type=str, default=None, metavar="OUT.json", help="write all results to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("headprep_hf").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+
+    t_start = time.perf_counter()
+    data, data_name = build_data(opts.train_samples, opts.synthetic, opts.seed)
+    state, model_name = build_base_state(opts.model, opts.seed)
+    n_train = len(data)
+    setup = {
+        "model": model_name,
+        "data": f"{data_name}, {n_train} samples",
+        "batch_size": opts.batch_size,
+        "eval_batch_size": opts.eval_batch_size or opts.batch_size,
+        "epochs_per_run": opts.epochs,
+        "repeats_per_side": opts.repeats,
+        "optimizer": f"adamw_torch lr={opts.lr}, linear schedule, no warmup, wd=0",
+        "torch_threads": torch.get_num_threads(),
+        "headprep": "finetune() only (hp_epochs=0), track_dynamics=True: energy on all train samples at FT start, "
+        "drift on 256 probe samples per epoch, head grad norm per update",
+    }
+    info = machine_info()
+    print(
+        f"machine: {info['processor']}, {info['cpu_count']} CPUs, torch {info['torch']} "
+        f"({info['torch_threads']} threads), load {info['loadavg_1_5_15']}",
+        flush=True,
+    )
+
+    if not opts.no_warmup:
+        for side in SIDES:
+            run_once(side, opts, data, state, epochs=1)
+        print(f"warm-up done ({time.perf_counter() - t_start:.1f} s)", flush=True)
+
+    runs = []
+    for rep in range(opts.repeats):
+        order = SIDES[rep % len(SIDES) :] + SIDES[: rep % len(SIDES)]  # rotate so no side always runs first
+        for side in order:
+            r = run_once(side, opts, data, state, opts.epochs)
+            r["repeat"] = rep
+            runs.append(r)
+            print(f"  rep {rep} {side:20s} {r['seconds']:6.2f} s  {r['samples_per_s']:7.1f} samples/s", flush=True)
+
+    summary = summarize(runs, n_train, opts.epochs)
+    info["loadavg_after"] = os.getloadavg()
+    print_report(info, setup, runs, summary, opts.epochs, n_train)
+
+    if opts.profile:
+        r = run_once("headprep", opts, data, state, opts.epochs, profile=True)
+        print_profile(r.pop("_profiler"), r["seconds"])
+
+    total = time.perf_counter() - t_start
+    print(f"\ntotal wall time: {total:.1f} s")
+    if opts.json:
+        payload = {
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "machine": info,
+            "setup": setup,
+            "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
+            "summary": {**summary, "projected_ratio": {str(k): v for k, v in summary["projected_ratio"].items()}},
+            "total_seconds": total,
+        }
+        with open(opts.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {opts.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""headprep_hf: prepare your task head before finetuning (Ren, Guo, Bae, Sutherland, ICLR 2023).
+
+Head probing (HP, backbone frozen) for `hp_epochs` epochs, then finetuning (FT) of everything, inside one
+`transformers.Trainer`, with the paper's measurements (energy, p0, feature drift, head gradient norm).
+"""
+
+from .config import HeadPrepConfig, OppositeEnergyWarning
+from .dynamics import drift_metrics
+from .heads import MLPHead, reinitialize_module, replace_head_with_mlp
+from .losses import cross_entropy_energy, smoothed_cross_entropy
+from .split import ModelSplit, find_split
+from .trainer import HeadPrepTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HeadPrepConfig",
+    "HeadPrepTrainer",
+    "MLPHead",
+    "ModelSplit",
+    "OppositeEnergyWarning",
+    "cross_entropy_energy",
+    "drift_metrics",
+    "find_split",
+    "reinitialize_module",
+    "replace_head_with_mlp",
+    "smoothed_cross_entropy",
+]

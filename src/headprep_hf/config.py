@@ -1,0 +1,219 @@
+"""`HeadPrepConfig`: `TrainingArguments` plus the settings of the head-probing (HP) stage."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .schedules import SUPPORTED_SCHEDULES
+
+HEAD_TYPES = ("linear", "mlp")
+BACKBONE_MODES = ("eval", "train")
+
+
+class OppositeEnergyWarning(UserWarning):
+    """Raised (as a warning) when HP smooths labels less than FT: the paper's "opposite energy" case (section 5.3)."""
+
+
+@dataclass
+class HeadPrepConfig(TrainingArguments):
+    r"""
+    Configuration of [`HeadPrepTrainer`]: every [`~transformers.TrainingArguments`] field, which describes the
+    finetuning (FT) stage (`learning_rate`, `num_train_epochs`, `lr_scheduler_type`, ...), plus the fields below,
+    which describe the head-probing (HP) stage that runs before it and the measurements taken between the two.
+
+    Parameters that control the head-probing stage:
+        hp_epochs (`int`, defaults to `4`):
+            tau, the number of HP epochs (backbone frozen, only the head trains). `0` is plain finetuning.
+        hp_learning_rate (`float`, defaults to `1e-2`):
+            Peak learning rate of the head during HP.
+        hp_lr_scheduler_type (`str`, defaults to `"constant"`):
+            Schedule of the HP learning rate, one of `"constant"`, `"constant_with_warmup"`, `"linear"`, `"cosine"`.
+        hp_warmup_ratio (`float`, defaults to `0.0`):
+            Fraction of the HP steps used for a linear warmup.
+        hp_weight_decay (`float` or `None`, defaults to `None`):
+            Weight decay of the head during HP; `None` uses `weight_decay`.
+        hp_label_smoothing (`float`, defaults to `0.0`):
+            eps_HP, label smoothing during HP only (the paper's eta_HP = 1 - eps_HP), in [0, 1).
+        ft_label_smoothing (`float`, defaults to `0.0`):
+            eps_FT, label smoothing during FT, in [0, 1).
+        hp_backbone_mode (`str`, defaults to `"eval"`):
+            `"eval"` keeps the frozen backbone in eval mode during HP, so BatchNorm statistics do not move.
+            `"train"` lets them move, as the paper authors' research code did.
+
+    Parameters that control the task head:
+        head_type (`str`, defaults to `"linear"`):
+            `"linear"` keeps the model's own classifier; `"mlp"` replaces its last linear layer by an MLP.
+        mlp_hidden_size (`int`, defaults to `256`):
+            Width of the MLP head's hidden layers (the paper uses 256).
+        mlp_num_layers (`int`, defaults to `2`):
+            Number of linear layers in the MLP head (>= 2).
+        head_modules (`list[str]` or `None`, defaults to `None`):
+            Names of the modules that form the head, overriding the automatic split. The input of the first one is
+            the feature `z` used by the drift measurements.
+        reinit_modules (`list[str]`, defaults to `[]`):
+            Partial backbone: backbone modules (e.g. `["layer4.2"]`) that are re-initialised and trained together
+            with the head during HP.
+
+    Parameters that control the measurements:
+        track_dynamics (`bool`, defaults to `True`):
+            Measure energy, HP train accuracy and p0 at the start of FT, feature drift during FT and the head's
+            gradient norm.
+        drift_probe_samples (`int`, defaults to `256`):
+            Drift is measured on the first N training samples (or on the `drift_dataset` given to the trainer).
+        energy_max_samples (`int` or `None`, defaults to `None`):
+            Measure the energy on the first N training samples only; `None` uses the whole training set.
+        ignore_index (`int`, defaults to `-100`):
+            Label value ignored by the loss and the measurements.
+    """
+
+    # Parameters that control the head probing stage
+    hp_epochs: int = field(
+        default=4, metadata={"help": "tau: number of head-probing epochs (backbone frozen). 0 = plain finetuning."}
+    )
+    hp_learning_rate: float = field(default=1e-2, metadata={"help": "Peak learning rate of the head during HP."})
+    hp_lr_scheduler_type: str = field(
+        default="constant",
+        metadata={"help": "HP learning-rate schedule.", "choices": list(SUPPORTED_SCHEDULES)},
+    )
+    hp_warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of HP steps for linear warmup, in [0, 1)."}
+    )
+    hp_weight_decay: float | None = field(
+        default=None, metadata={"help": "Weight decay of the head during HP; unset = same as weight_decay."}
+    )
+    hp_label_smoothing: float = field(
+        default=0.0, metadata={"help": "eps_HP: label smoothing during HP only, in [0, 1) (eta_HP = 1 - eps_HP)."}
+    )
+    ft_label_smoothing: float = field(default=0.0, metadata={"help": "eps_FT: label smoothing during FT, in [0, 1)."})
+    hp_backbone_mode: str = field(
+        default="eval",
+        metadata={
+            "help": "Frozen backbone mode in HP: eval keeps BatchNorm statistics fixed, train lets them move.",
+            "choices": list(BACKBONE_MODES),
+        },
+    )
+
+    # Parameters that control the task head
+    head_type: str = field(
+        default="linear",
+        metadata={
+            "help": "linear keeps the model's classifier; mlp replaces it by an MLP.",
+            "choices": list(HEAD_TYPES),
+        },
+    )
+    mlp_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the MLP head (paper: 256)."})
+    mlp_num_layers: int = field(default=2, metadata={"help": "Number of linear layers of the MLP head (>= 2)."})
+    head_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names forming the head (overrides the automatic split); z is the first one's input."
+        },
+    )
+    reinit_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Backbone modules re-initialised and trained with the head in HP, e.g. layer4.2."},
+    )
+
+    # Parameters that control the measurements
+    track_dynamics: bool = field(
+        default=True, metadata={"help": "Measure energy, p0, feature drift and the head gradient norm."}
+    )
+    drift_probe_samples: int = field(
+        default=256, metadata={"help": "Drift is measured on the first N training samples (or the drift_dataset)."}
+    )
+    energy_max_samples: int | None = field(
+        default=None, metadata={"help": "Measure energy on the first N training samples only; unset = all."}
+    )
+    ignore_index: int = field(default=-100, metadata={"help": "Label value ignored by the loss and measurements."})
+
+    # Defaults that differ from TrainingArguments: a timm model's forward takes one tensor, so the signature-based
+    # column removal would drop `pixel_values`; and the loss is ours, so labels are always under "labels".
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Remove dataset columns the model's forward does not accept."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.label_names is None:
+            self.label_names = ["labels"]
+        self.reinit_modules = list(self.reinit_modules or [])
+        self._validate_headprep_fields()
+
+    def _validate_headprep_fields(self) -> None:
+        if not isinstance(self.hp_epochs, int) or isinstance(self.hp_epochs, bool) or self.hp_epochs < 0:
+            raise ValueError(f"hp_epochs must be an integer >= 0 (0 = plain finetuning), got {self.hp_epochs!r}.")
+        if self.hp_learning_rate < 0:
+            raise ValueError(f"hp_learning_rate must be >= 0, got {self.hp_learning_rate}.")
+        if self.hp_lr_scheduler_type not in SUPPORTED_SCHEDULES:
+            raise ValueError(
+                f"hp_lr_scheduler_type must be one of {list(SUPPORTED_SCHEDULES)}, got {self.hp_lr_scheduler_type!r}."
+            )
+        ft_schedule = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+        if ft_schedule not in SUPPORTED_SCHEDULES:
+            raise ValueError(
+                f"lr_scheduler_type (the FT schedule) must be one of {list(SUPPORTED_SCHEDULES)} with "
+                f"HeadPrepTrainer, got {ft_schedule!r}."
+            )
+        if not 0.0 <= self.hp_warmup_ratio < 1.0:
+            raise ValueError(f"hp_warmup_ratio must be in [0, 1), got {self.hp_warmup_ratio}.")
+        if self.hp_weight_decay is not None and self.hp_weight_decay < 0:
+            raise ValueError(f"hp_weight_decay must be >= 0 or unset, got {self.hp_weight_decay}.")
+        for name in ("hp_label_smoothing", "ft_label_smoothing"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1) (0 = no smoothing), got {value}.")
+        if self.label_smoothing_factor != 0.0:
+            raise ValueError(
+                "label_smoothing_factor applies to the whole run; with HeadPrepConfig use hp_label_smoothing and "
+                f"ft_label_smoothing instead (got label_smoothing_factor={self.label_smoothing_factor})."
+            )
+        if self.hp_label_smoothing < self.ft_label_smoothing:
+            warnings.warn(
+                f"hp_label_smoothing={self.hp_label_smoothing} < ft_label_smoothing={self.ft_label_smoothing}: "
+                "eta_HP > eta_FT, the paper's 'opposite energy' case (section 5.3): FT then pushes the features "
+                "back instead of adapting them. Smooth more during HP than during FT.",
+                OppositeEnergyWarning,
+                stacklevel=3,
+            )
+        if self.hp_backbone_mode not in BACKBONE_MODES:
+            raise ValueError(f"hp_backbone_mode must be one of {list(BACKBONE_MODES)}, got {self.hp_backbone_mode!r}.")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {list(HEAD_TYPES)}, got {self.head_type!r}.")
+        if self.mlp_hidden_size < 1:
+            raise ValueError(f"mlp_hidden_size must be >= 1, got {self.mlp_hidden_size}.")
+        if self.mlp_num_layers < 2:
+            raise ValueError(
+                f"mlp_num_layers must be >= 2 (use head_type='linear' for one layer), got {self.mlp_num_layers}."
+            )
+        if self.head_modules is not None and (
+            not self.head_modules or not all(isinstance(n, str) and n for n in self.head_modules)
+        ):
+            raise ValueError(
+                f"head_modules must be a non-empty list of module names or unset, got {self.head_modules!r}."
+            )
+        if not all(isinstance(n, str) and n for n in self.reinit_modules):
+            raise ValueError(f"reinit_modules must be a list of module names, got {self.reinit_modules!r}.")
+        if self.drift_probe_samples < 1:
+            raise ValueError(f"drift_probe_samples must be >= 1, got {self.drift_probe_samples}.")
+        if self.energy_max_samples is not None and self.energy_max_samples < 1:
+            raise ValueError(f"energy_max_samples must be >= 1 or unset, got {self.energy_max_samples}.")
+        if self.ddp_find_unused_parameters is False:
+            raise ValueError(
+                "ddp_find_unused_parameters=False cannot be used with HeadPrepTrainer: during HP the frozen backbone "
+                "gets no gradients, which DDP only tolerates with find_unused_parameters. Leave it unset."
+            )
+        # The frozen backbone produces no gradients in HP; DDP must be told so (see ddp_find_unused_parameters above).
+        self.ddp_find_unused_parameters = True
+
+    @property
+    def hp_eta(self) -> float:
+        """The paper's eta_HP = 1 - eps_HP."""
+        return 1.0 - self.hp_label_smoothing
+
+    @property
+    def ft_eta(self) -> float:
+        """The paper's eta_FT = 1 - eps_FT."""
+        return 1.0 - self.ft_label_smoothing

@@ -1,0 +1,157 @@
+"""Measurements of the paper: energy at the start of FT, feature drift during FT, head gradient norm.
+
+The tensor functions are pure; `measure` runs a model over a dataloader prepared by Accelerate and gathers the
+per-sample values of every rank with `gather_for_metrics`, so each sample is counted exactly once in dataset order
+whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .losses import cross_entropy_energy
+from .split import extract_logits, reduce_features
+
+DRIFT_KEYS = ("sq_dist", "dot", "sq_norm", "cos")
+
+
+def drift_metrics(z0: torch.Tensor, zt: torch.Tensor) -> dict[str, float]:
+    """Mean over samples of `||z_t - z_0||^2`, `z_t . z_0`, `||z_t||^2` and `cos(z_t, z_0)` (paper appendix C.1)."""
+    if z0.shape != zt.shape:
+        raise ValueError(f"z_0 has shape {tuple(z0.shape)} but z_t has {tuple(zt.shape)}; same probe set needed.")
+    z0 = z0.double()
+    zt = zt.double()
+    return {
+        "sq_dist": (zt - z0).pow(2).sum(dim=1).mean().item(),
+        "dot": (zt * z0).sum(dim=1).mean().item(),
+        "sq_norm": zt.pow(2).sum(dim=1).mean().item(),
+        "cos": torch.nn.functional.cosine_similarity(zt, z0, dim=1, eps=1e-12).mean().item(),
+    }
+
+
+def grad_norm(parameters) -> torch.Tensor | None:
+    """L2 norm of the gradients of `parameters` (None when no parameter has a gradient)."""
+    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
+    if not norms:
+        return None
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+@dataclass
+class PassResult:
+    """Per-sample values of one measurement pass, in dataset order, on CPU."""
+
+    energy: torch.Tensor | None = None
+    p_true: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    def summary(self) -> dict[str, float]:
+        valid = ~torch.isnan(self.energy)
+        return {
+            "energy": self.energy[valid].double().mean().item(),
+            "hp_train_accuracy": self.correct[valid].double().mean().item(),
+            "p0_mean": self.p_true[valid].double().mean().item(),
+        }
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module):
+    """Eval mode, no grad and untouched RNG streams inside; every module's train/eval flag restored after.
+
+    Forking the RNGs keeps a measurement (which may run random data augmentation) from changing the training run,
+    so resumed and uninterrupted runs stay bit-identical.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def measure(
+    model: nn.Module,
+    dataloader,
+    call_model: Callable,
+    feature_module: nn.Module,
+    accelerator,
+    label_name: str = "labels",
+    with_energy: bool = True,
+    max_features: int = 0,
+    ignore_index: int = -100,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> PassResult:
+    """One pass of `model` (eval mode, no grad) over `dataloader`.
+
+    Args:
+        model: The unwrapped model.
+        dataloader: A dataloader prepared by `accelerator` (as `Trainer.get_test_dataloader` returns); it is always
+            run to the end, so that Accelerate's bookkeeping of the last (padded) batch stays right.
+        call_model: `call_model(model, batch)` returns the model output.
+        feature_module: Its input is the feature `z`.
+        accelerator: Used to gather the per-sample values of all ranks.
+        with_energy: Compute energy, p_true and correctness from the logits and `label_name`.
+        max_features: Keep the features of the first `max_features` samples (0: none).
+        ignore_index: Label value excluded from the energy.
+        autocast: Context manager factory for the forward (mixed precision).
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, args, kwargs=None):
+        captured.append(args[0] if args else next(iter(kwargs.values())))
+
+    handle = feature_module.register_forward_pre_hook(hook) if max_features > 0 else None
+    values: dict[str, list[torch.Tensor]] = {"energy": [], "p_true": [], "correct": [], "features": []}
+    n_features = 0
+    try:
+        with preserved_state(model):
+            for batch in dataloader:
+                captured.clear()
+                with autocast():
+                    outputs = call_model(model, batch)
+                to_gather = {}
+                if with_energy:
+                    stats = cross_entropy_energy(extract_logits(outputs), batch[label_name], ignore_index=ignore_index)
+                    to_gather.update(stats)
+                want_features = n_features < max_features
+                if want_features:
+                    if not captured:
+                        raise RuntimeError("The feature module was not called during the forward pass.")
+                    to_gather["features"] = reduce_features(captured[0]).float()
+                if not to_gather:
+                    continue
+                gathered = accelerator.gather_for_metrics(to_gather)
+                for key, value in gathered.items():
+                    values[key].append(value.detach().cpu())
+                if want_features:
+                    n_features += gathered["features"].shape[0]
+    finally:
+        if handle is not None:
+            handle.remove()
+    result = PassResult()
+    for key, chunks in values.items():
+        if chunks:
+            tensor = torch.cat(chunks)
+            setattr(result, key, tensor[:max_features] if key == "features" else tensor)
+    return result
+
+
+def histogram(values: torch.Tensor, bins: int = 20) -> dict[str, list[float]]:
+    """Counts of `values` in `bins` equal bins over [0, 1] (for p0)."""
+    counts = torch.histc(values.double(), bins=bins, min=0.0, max=1.0)
+    edges = torch.linspace(0.0, 1.0, bins + 1)
+    return {"edges": [round(e, 6) for e in edges.tolist()], "counts": [int(c) for c in counts.tolist()]}

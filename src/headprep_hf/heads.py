@@ -1,0 +1,75 @@
+"""Task heads: the MLP head and the partial-backbone re-initialisation (paper section 5.3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .split import ModelSplit, last_linear
+
+
+class MLPHead(nn.Sequential):
+    """`Linear(in, hidden) - ReLU - ... - Linear(hidden, num_classes)` with `num_layers` linear layers."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden_size: int = 256, num_layers: int = 2):
+        if num_layers < 2:
+            raise ValueError(f"MLPHead needs num_layers >= 2, got {num_layers}.")
+        layers: list[nn.Module] = []
+        width = in_features
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(width, hidden_size), nn.ReLU(inplace=True)]
+            width = hidden_size
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+        self.in_features = in_features
+        self.out_features = num_classes
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_head_with_mlp(model: nn.Module, split: ModelSplit, hidden_size: int = 256, num_layers: int = 2) -> str:
+    """Replace the last linear layer of the head by an `MLPHead` with the same input and output sizes.
+
+    Returns:
+        The name of the replaced module.
+    """
+    for head_name in reversed(split.head_names):
+        found = last_linear(model.get_submodule(head_name))
+        if found is None:
+            continue
+        rel_name, linear = found
+        full_name = f"{head_name}.{rel_name}" if rel_name else head_name
+        mlp = MLPHead(linear.in_features, linear.out_features, hidden_size, num_layers)
+        mlp.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        _set_submodule(model, full_name, mlp)
+        return full_name
+    raise ValueError(f"head_type='mlp' needs a linear layer in the head {split.head_names}; none found.")
+
+
+@torch.no_grad()
+def reinitialize_module(module: nn.Module) -> None:
+    """Re-initialise every layer of `module` as a freshly built ResNet does.
+
+    Convolutions get Kaiming-normal (fan_out, ReLU) weights and zero biases, normalisation layers unit weight, zero
+    bias and reset running statistics, other layers their own `reset_parameters()`.
+    """
+    for sub in module.modules():
+        if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nn.init.kaiming_normal_(sub.weight, mode="fan_out", nonlinearity="relu")
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            if getattr(sub, "weight", None) is not None:
+                nn.init.ones_(sub.weight)
+            if getattr(sub, "bias", None) is not None:
+                nn.init.zeros_(sub.bias)
+            if hasattr(sub, "reset_running_stats") and getattr(sub, "track_running_stats", False):
+                sub.reset_running_stats()
+        elif not list(sub.children()):
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()

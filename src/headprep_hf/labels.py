@@ -1,0 +1,74 @@
+"""Label validation before training: a label outside the head's classes must fail with the sample index, not
+with a device-side assert or a silently wrong loss."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_LABEL_COLUMNS = ("labels", "label")
+_MAX_ITERATED = 200_000
+
+
+def dataset_labels(dataset, label_name: str = "labels") -> np.ndarray | None:
+    """All labels of a map-style dataset as one array, read cheaply where the dataset allows.
+
+    Looks for a `labels`/`targets` attribute, a `datasets.Dataset` label column, a `torch.utils.data.Subset` of
+    either, and otherwise reads `dataset[i][label_name]` for every sample. Returns None for datasets without a
+    length (iterable datasets) or too large to scan item by item.
+    """
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = dataset_labels(dataset.dataset, label_name)
+        return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
+    for attribute in ("labels", "targets"):
+        value = getattr(dataset, attribute, None)
+        if value is not None and not callable(value):
+            return np.asarray(value)
+    column_names = getattr(dataset, "column_names", None)
+    if isinstance(column_names, list):
+        for column in (label_name, *_LABEL_COLUMNS):
+            if column in column_names:
+                # A transform (set_transform) may need other columns; read the raw column without it.
+                plain = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
+                return np.asarray(list(plain[column]))
+    if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    if len(dataset) > _MAX_ITERATED:
+        logger.warning("Not scanning the labels of a dataset of %d items one by one.", len(dataset))
+        return None
+    labels = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, dict) or label_name not in item:
+            return None
+        labels.append(np.asarray(item[label_name]))
+    return np.stack(labels) if labels else np.zeros(0, dtype=np.int64)
+
+
+def check_labels(dataset, num_classes: int, name: str, label_name: str = "labels", ignore_index: int = -100) -> None:
+    """Raise `ValueError` naming the first sample of `dataset` whose label is not in `[0, num_classes)`.
+
+    `ignore_index` labels are allowed (dense tasks mark ignored positions with it).
+    """
+    labels = dataset_labels(dataset, label_name)
+    if labels is None or labels.size == 0:
+        return
+    if not np.issubdtype(labels.dtype, np.integer):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(np.isnan(labels) | (labels == np.round(labels))):
+            labels = np.nan_to_num(labels, nan=ignore_index).astype(np.int64)
+        else:
+            raise ValueError(f"{name} has non-integer labels (dtype {labels.dtype}); classification needs class ids.")
+    flat = labels.reshape(len(labels), -1)
+    bad = ((flat < 0) | (flat >= num_classes)) & (flat != ignore_index)
+    if bad.any():
+        index = int(np.nonzero(bad.any(axis=1))[0][0])
+        value = int(flat[index][bad[index]][0])
+        raise ValueError(
+            f"{name}[{index}] has label {value}, outside the {num_classes} classes [0, {num_classes}) of the model's "
+            f"head. Fix the labels, or build the head with num_classes >= {int(flat[flat != ignore_index].max()) + 1}"
+            f" (labels equal to ignore_index={ignore_index} are skipped)."
+        )

@@ -1,0 +1,163 @@
+"""Loading a pretrained timm backbone with a fresh task head of the requested size."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch.nn as nn
+from safetensors import safe_open
+from timm.models import load_state_dict
+
+__all__ = ["load_timm_model"]
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+# "owner/name" or "owner/name@revision"; anything else that is not on disk is not a Hub id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def load_timm_model(name_or_path: str, num_classes: int, arch: str | None = None, **kwargs: Any) -> nn.Module:
+    """Builds a timm model with pretrained backbone weights and a new ``num_classes`` classifier.
+
+    ``name_or_path`` may be:
+
+    * a timm model on the Hugging Face Hub, e.g. ``timm/resnet50.a1_in1k`` (or ``hf-hub:timm/...``);
+    * a local folder written by ``timm.models.save_for_hf`` (``config.json`` plus
+      ``model.safetensors`` or ``pytorch_model.bin``), e.g. the output of ``pretrain_source_model``;
+    * a local weights file (``.safetensors``, or ``.pth``/``.pt``/``.bin``/``.ckpt`` read with
+      ``torch.load(weights_only=True)``), which needs ``arch`` to name the timm architecture;
+    * a bare timm architecture name (e.g. ``resnet18``) only with ``pretrained=False``, for a
+      deliberately random initialization.
+
+    Whenever the checkpoint's classifier size differs from ``num_classes`` the old classifier is
+    dropped and a freshly initialized one is built; all other tensors come from the checkpoint.
+
+    Args:
+        name_or_path: Hub id, local folder, local weights file or (with ``pretrained=False``) architecture name.
+        num_classes: number of outputs of the new classifier.
+        arch: timm architecture for a bare weights file (e.g. ``resnet18``); optional otherwise.
+        **kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``); ``pretrained=False``
+            builds the architecture without loading any weights.
+
+    Returns:
+        The model, in train mode as timm builds it.
+
+    Raises:
+        ValueError: the argument cannot be resolved to weights; the message names the fix.
+        FileNotFoundError: a local path that looks like a file or folder does not exist.
+    """
+    pretrained = kwargs.pop("pretrained", True)
+    for reserved in ("pretrained_cfg_overlay", "num_classes"):
+        if reserved in kwargs:
+            raise ValueError(f"load_timm_model sets {reserved} itself; do not pass it in kwargs")
+    name = str(name_or_path)
+
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _from_folder(path, num_classes, arch, pretrained, kwargs)
+    if path.is_file():
+        return _from_file(path, num_classes, arch, pretrained, kwargs)
+
+    if timm.is_model(name) or _is_registered_with_tag(name):
+        if pretrained is False:
+            return timm.create_model(arch or name, pretrained=False, num_classes=num_classes, **kwargs)
+        raise ValueError(
+            f"model_name_or_path={name!r} is a bare timm architecture name, which carries no weights to "
+            f"finetune. Pass a Hub id such as 'timm/{name}', a local folder or weights file, or "
+            "pretrained=False to train from a random initialization on purpose."
+        )
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"model_name_or_path={name!r} looks like a local path but does not exist")
+    if _HUB_ID.match(name):
+        if arch is not None:
+            logger.warning("model_arch=%r is ignored: the Hub repo %r names its own architecture", arch, name)
+        return timm.create_model("hf-hub:" + name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    raise ValueError(
+        f"model_name_or_path={name!r} is neither an existing local folder/file, a Hub id like "
+        "'timm/resnet50.a1_in1k', nor a timm architecture name"
+    )
+
+
+def _from_folder(path: Path, num_classes: int, arch: str | None, pretrained: bool, kwargs: dict) -> nn.Module:
+    config_file = path / "config.json"
+    if config_file.is_file():
+        saved_arch = json.loads(config_file.read_text()).get("architecture")
+        if arch is not None and saved_arch is not None and arch.split(".")[0] != saved_arch.split(".")[0]:
+            raise ValueError(
+                f"model_arch={arch!r} contradicts architecture={saved_arch!r} in {config_file}; drop --model_arch"
+            )
+        # resolve() because timm's local-dir parser would misread a relative path with a colon in it.
+        return timm.create_model(
+            "local-dir:" + str(path.resolve()), pretrained=pretrained, num_classes=num_classes, **kwargs
+        )
+    weights = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    if len(weights) == 1:
+        return _from_file(weights[0], num_classes, arch, pretrained, kwargs)
+    raise ValueError(
+        f"model_name_or_path={str(path)!r} is a folder without config.json and with "
+        f"{len(weights)} weight files; point it at a folder saved with timm.models.save_for_hf or at one weights file"
+    )
+
+
+def _from_file(path: Path, num_classes: int, arch: str | None, pretrained: bool, kwargs: dict) -> nn.Module:
+    if arch is None:
+        raise ValueError(
+            f"model_name_or_path={str(path)!r} is a weights file, which does not record its architecture; "
+            "pass --model_arch (arch=...) with the timm architecture name, e.g. resnet18"
+        )
+    if not (timm.is_model(arch) or _is_registered_with_tag(arch)):
+        raise ValueError(f"model_arch={arch!r} is not a timm architecture; see timm.list_models()")
+    if not pretrained:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    overlay = dict(file=str(path), num_classes=_checkpoint_num_classes(path, arch))
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs)
+
+
+def _checkpoint_num_classes(path: Path, arch: str) -> int:
+    """Number of classes of the classifier stored in ``path`` (0 when it has none).
+
+    timm decides whether to keep the stored classifier by comparing the requested ``num_classes``
+    with the registry's ``pretrained_cfg["num_classes"]`` (1000 for ImageNet archs), not with the
+    file. Without this overlay a 10-class file loaded with ``num_classes=10`` silently gets a new
+    random classifier, and the same file loaded with ``num_classes=1000`` fails on a shape mismatch.
+    """
+    cfg = timm.get_pretrained_cfg(arch)
+    classifier = cfg.classifier if cfg is not None else None
+    if not classifier:
+        raise ValueError(f"model_arch={arch!r} names no classifier in its timm pretrained_cfg; cannot swap its head")
+    if isinstance(classifier, (list, tuple)):
+        classifier = classifier[0]
+    key = classifier + ".weight"
+    if path.suffix == ".safetensors":
+        # The header alone gives the shape; no need to read the weights twice.
+        with safe_open(str(path), framework="pt") as f:
+            shape = f.get_slice(key).get_shape() if key in f.keys() else None
+    else:
+        weight = load_state_dict(str(path), weights_only=True).get(key)
+        shape = None if weight is None else tuple(weight.shape)
+    # A headless checkpoint: any value != num_classes makes timm load non-strictly and keep its new head.
+    return 0 if shape is None else int(shape[0])
+
+
+def _is_registered_with_tag(name: str) -> bool:
+    base, _, tag = name.partition(".")
+    return bool(tag) and timm.is_model(base)
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "~", os.sep))
+        or name.endswith(_WEIGHT_SUFFIXES)
+        or name.endswith(".json")
+        or (name.count("/") > 1 and "@" not in name)
+    )

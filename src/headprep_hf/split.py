@@ -1,0 +1,231 @@
+"""The one place that knows how a model splits into backbone and task head.
+
+Supported without configuration:
+
+* plain timm models (`get_classifier()` names the head),
+* `transformers.TimmWrapperForImageClassification` (the wrapped timm model's `get_classifier()`),
+* `transformers` `*ForImageClassification` models (the `classifier` attribute: ResNet, ViT, ConvNext, ...),
+* any module with a top-level `classifier`, `fc` or `head` submodule.
+
+Anything else: pass `head_modules=[...]`. The feature `z` of the paper is the input of the first head module;
+4-D features (`B, C, H, W`) are averaged over space, anything else is flattened per sample.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_HEAD_ATTRIBUTES = ("classifier", "fc", "head")
+
+
+@dataclass
+class ModelSplit:
+    """Backbone / head split of a model.
+
+    Attributes:
+        head_names: Names (as in `model.named_modules()`) of the modules forming the task head.
+        reinit_names: Backbone modules re-initialised and trained with the head during HP.
+        num_classes: Output size of the head's last linear layer.
+    """
+
+    head_names: list[str]
+    reinit_names: list[str] = field(default_factory=list)
+    num_classes: int | None = None
+
+    @property
+    def feature_module_name(self) -> str:
+        """The module whose input is the feature `z` (the first head module)."""
+        return self.head_names[0]
+
+    @property
+    def trainable_in_hp_names(self) -> list[str]:
+        return self.head_names + self.reinit_names
+
+    def _is_under(self, param_name: str, prefixes: list[str]) -> bool:
+        return any(param_name == p or param_name.startswith(p + ".") for p in prefixes)
+
+    def is_head_param(self, name: str) -> bool:
+        """Whether parameter `name` belongs to the head."""
+        return self._is_under(name, self.head_names)
+
+    def is_hp_trainable(self, name: str) -> bool:
+        """Whether parameter or buffer `name` trains during HP (head or re-initialised backbone module)."""
+        return self._is_under(name, self.trainable_in_hp_names)
+
+    def head_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in model.named_parameters() if self.is_head_param(n))
+
+    def hp_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in model.named_parameters() if self.is_hp_trainable(n))
+
+    def backbone_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters frozen during HP (the backbone minus `reinit_names`)."""
+        return ((n, p) for n, p in model.named_parameters() if not self.is_hp_trainable(n))
+
+    def backbone_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameters AND buffers frozen during HP, keyed by name (views, clone them to keep a copy)."""
+        return {n: t for n, t in model.state_dict(keep_vars=True).items() if not self.is_hp_trainable(n)}
+
+    def hp_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [model.get_submodule(n) for n in self.trainable_in_hp_names]
+
+    def feature_module(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.feature_module_name)
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str | None:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return None
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The last `nn.Linear` registered in `module` (the classifier layer of a head), with its relative name."""
+    found = None
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            found = (name, sub)
+    return found
+
+
+def _find_head_name(model: nn.Module) -> str | None:
+    # timm models and wrappers around one (TimmWrapperForImageClassification keeps it in `.timm_model`).
+    for _, sub in model.named_modules():
+        get_classifier = getattr(sub, "get_classifier", None)
+        if callable(get_classifier):
+            try:
+                classifier = get_classifier()
+            except Exception:  # noqa: BLE001 - a model's own helper failing just means "not this way"
+                continue
+            if isinstance(classifier, nn.Module) and _has_params(classifier):
+                return _name_of(model, classifier)
+    for attribute in _HEAD_ATTRIBUTES:
+        sub = getattr(model, attribute, None)
+        if isinstance(sub, nn.Module) and _has_params(sub):
+            return attribute
+    return None
+
+
+def _candidates(model: nn.Module, limit: int = 8) -> list[str]:
+    names = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d, nn.Sequential))]
+    return names[-limit:]
+
+
+def find_split(
+    model: nn.Module, head_modules: list[str] | None = None, reinit_modules: list[str] | None = None
+) -> ModelSplit:
+    """Split `model` into backbone and head.
+
+    Args:
+        model: The model, with its new task head already attached.
+        head_modules: Explicit head module names; overrides the automatic detection.
+        reinit_modules: Backbone module names re-initialised and trained with the head during HP.
+
+    Raises:
+        ValueError: when a named module does not exist, or no head can be found (the message lists candidates).
+    """
+    module_names = {n for n, _ in model.named_modules() if n}
+    if head_modules:
+        missing = [n for n in head_modules if n not in module_names]
+        if missing:
+            raise ValueError(
+                f"head_modules {missing} are not modules of {type(model).__name__}. Candidates: {_candidates(model)}."
+            )
+        head_names = list(head_modules)
+    else:
+        name = _find_head_name(model)
+        if not name:
+            raise ValueError(
+                f"Could not find the task head of {type(model).__name__} (no timm get_classifier(), no top-level "
+                f"{'/'.join(_HEAD_ATTRIBUTES)} module with parameters). Set head_modules=[...] in HeadPrepConfig; "
+                f"candidate module names: {_candidates(model)}."
+            )
+        head_names = [name]
+
+    reinit_names = list(reinit_modules or [])
+    missing = [n for n in reinit_names if n not in module_names]
+    if missing:
+        raise ValueError(
+            f"reinit_modules {missing} are not modules of {type(model).__name__}; use names from "
+            f"model.named_modules(), e.g. the last blocks: {_block_names(model)}."
+        )
+    for n in reinit_names:
+        overlap = [h for h in head_names if n == h or n.startswith(h + ".") or h.startswith(n + ".")]
+        if overlap:
+            raise ValueError(f"reinit_modules entry {n!r} overlaps the head {overlap}; list backbone modules only.")
+
+    split = ModelSplit(head_names=head_names, reinit_names=reinit_names)
+    split.num_classes = _num_classes(model, split)
+    return split
+
+
+def _block_names(model: nn.Module, limit: int = 6) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n.count(".") in (1, 2) and n.split(".")[-1].isdigit()]
+    return names[-limit:]
+
+
+def _num_classes(model: nn.Module, split: ModelSplit) -> int | None:
+    for name in reversed(split.head_names):
+        found = last_linear(model.get_submodule(name))
+        if found is not None:
+            return found[1].out_features
+        conv = [m for m in model.get_submodule(name).modules() if isinstance(m, nn.Conv2d)]
+        if conv:
+            return conv[-1].out_channels
+    return None
+
+
+def reduce_features(z: torch.Tensor) -> torch.Tensor:
+    """Per-sample feature vector: spatial mean of 4-D maps, flatten otherwise."""
+    if z.dim() == 4:
+        return z.mean(dim=(2, 3))
+    return z.reshape(z.shape[0], -1)
+
+
+def extract_logits(outputs) -> torch.Tensor:
+    """Logits from a model output: a tensor, a dict / `ModelOutput` with `logits`, or a tuple (first element)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) or hasattr(outputs, "keys"):
+        if "logits" in outputs:
+            return outputs["logits"]
+        if "out" in outputs:  # torchvision segmentation models
+            return outputs["out"]
+    if isinstance(outputs, (tuple, list)):
+        return outputs[0]
+    raise TypeError(f"Cannot find logits in a model output of type {type(outputs).__name__}.")
+
+
+class ModelCaller:
+    """Calls a model with a batch dict, whatever its forward signature.
+
+    HF models take keyword arguments (`pixel_values=...`); timm models take one positional tensor. The batch's
+    labels are never passed: the loss is the trainer's.
+    """
+
+    def __init__(self, model: nn.Module, label_names: list[str]):
+        self.label_names = set(label_names)
+        params = inspect.signature(model.forward).parameters
+        self.accepts_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self.param_names = [n for n, p in params.items() if p.kind != inspect.Parameter.VAR_KEYWORD]
+
+    def __call__(self, model: nn.Module, inputs: dict):
+        model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+        if self.accepts_kwargs or all(k in self.param_names for k in model_inputs):
+            return model(**model_inputs)
+        if len(model_inputs) == 1:
+            return model(next(iter(model_inputs.values())))
+        raise ValueError(
+            f"The batch has keys {sorted(model_inputs)} but the model's forward takes {self.param_names}; rename the "
+            "dataset columns to the forward's argument names or return a single input tensor plus 'labels'."
+        )

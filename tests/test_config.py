@@ -1,0 +1,90 @@
+import subprocess
+import sys
+import warnings
+
+import pytest
+from transformers import HfArgumentParser
+
+from headprep_hf import HeadPrepConfig, OppositeEnergyWarning
+
+
+def _config(tmp_path, **kwargs):
+    return HeadPrepConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("hp_epochs", -1, "hp_epochs must be an integer >= 0"),
+        ("hp_epochs", 1.5, "hp_epochs must be an integer >= 0"),
+        ("hp_label_smoothing", 1.0, r"hp_label_smoothing must be in \[0, 1\)"),
+        ("hp_label_smoothing", -0.1, r"hp_label_smoothing must be in \[0, 1\)"),
+        ("ft_label_smoothing", 1.2, r"ft_label_smoothing must be in \[0, 1\)"),
+        ("head_type", "transformer", r"head_type must be one of \['linear', 'mlp'\]"),
+        ("hp_backbone_mode", "frozen", r"hp_backbone_mode must be one of \['eval', 'train'\]"),
+        ("hp_lr_scheduler_type", "polynomial", "hp_lr_scheduler_type must be one of"),
+        ("lr_scheduler_type", "polynomial", "lr_scheduler_type .the FT schedule. must be one of"),
+        ("mlp_num_layers", 1, "mlp_num_layers must be >= 2"),
+        ("drift_probe_samples", 0, "drift_probe_samples must be >= 1"),
+        ("label_smoothing_factor", 0.1, "use hp_label_smoothing and ft_label_smoothing"),
+        ("ddp_find_unused_parameters", False, "ddp_find_unused_parameters=False cannot be used"),
+        ("head_modules", [], "head_modules must be a non-empty list"),
+    ],
+)
+def test_invalid_fields_name_the_field(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **{field: value})
+
+
+def test_defaults(tmp_path):
+    args = _config(tmp_path)
+    assert args.hp_epochs == 4 and args.head_type == "linear" and args.reinit_modules == []
+    assert args.label_names == ["labels"]
+    assert args.remove_unused_columns is False
+    assert args.ddp_find_unused_parameters is True
+    assert args.hp_eta == 1.0
+
+
+def test_opposite_energy_warns_but_does_not_fail(tmp_path):
+    with pytest.warns(OppositeEnergyWarning, match="opposite energy"):
+        args = _config(tmp_path, hp_label_smoothing=0.0, ft_label_smoothing=0.1)
+    assert args.hp_eta > args.ft_eta
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OppositeEnergyWarning)
+        _config(tmp_path, hp_label_smoothing=0.2, ft_label_smoothing=0.1)
+
+
+def test_parser_round_trip(tmp_path):
+    parser = HfArgumentParser(HeadPrepConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--hp_epochs",
+            "3",
+            "--head_type",
+            "mlp",
+            "--reinit_modules",
+            "layer4.0",
+            "layer3.0",
+            "--head_modules",
+            "fc",
+            "--hp_label_smoothing",
+            "0.1",
+            "--use_cpu",
+            "true",
+        ]
+    )
+    assert args.hp_epochs == 3 and args.head_type == "mlp"
+    assert args.reinit_modules == ["layer4.0", "layer3.0"] and args.head_modules == ["fc"]
+    assert args.hp_label_smoothing == 0.1
+
+
+def test_help_exits_zero():
+    code = (
+        "from transformers import HfArgumentParser; from headprep_hf import HeadPrepConfig; "
+        "HfArgumentParser(HeadPrepConfig).parse_args(['--help'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--hp_epochs" in result.stdout and "--drift_probe_samples" in result.stdout

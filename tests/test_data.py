@@ -1,0 +1,208 @@
+"""Tests for headprep_hf.data: the offline MNIST toy task and the image-folder loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from headprep_hf.data import (
+    DigitImageDataset,
+    build_pretrain_dataset,
+    build_toy_downstream,
+    load_image_classification_dataset,
+    load_mnist5k,
+)
+
+
+@pytest.fixture(scope="module")
+def downstream():
+    return build_toy_downstream(seed=0)
+
+
+def test_load_mnist5k_shapes_and_dtypes():
+    images, labels = load_mnist5k()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (5000,) and labels.dtype == np.int64
+    assert np.array_equal(np.bincount(labels), np.full(10, 500))
+    assert images.max() == 255 and images.min() == 0
+
+
+def test_load_mnist5k_returns_independent_copies():
+    images, _ = load_mnist5k()
+    images[:] = 0
+    assert load_mnist5k()[0].max() == 255
+
+
+def test_pretrain_dataset_splits_and_items():
+    splits = build_pretrain_dataset(seed=0)
+    assert set(splits) == {"train", "validation"}
+    assert (len(splits["train"]), len(splits["validation"])) == (4500, 500)
+    assert np.array_equal(np.bincount(splits["validation"].labels), np.full(10, 50))
+    item = splits["train"][0]
+    assert item["pixel_values"].shape == (3, 32, 32) and item["pixel_values"].dtype == torch.float32
+    assert isinstance(item["labels"], int)
+    # Normalized with mean/std 0.5: background is -1 and the three channels are identical.
+    assert item["pixel_values"].min() == -1.0 and item["pixel_values"].max() <= 1.0
+    assert torch.equal(item["pixel_values"][0], item["pixel_values"][2])
+
+
+def test_downstream_labels_and_sizes(downstream):
+    assert set(downstream) == {"train", "validation", "test"}
+    sizes = {name: len(ds) for name, ds in downstream.items()}
+    assert sizes == {"train": 900, "validation": 300, "test": 300}
+    for ds in downstream.values():
+        assert set(np.unique(ds.labels)) == {0, 1, 2}
+        assert len(ds.labels) == len(ds) and ds.labels.dtype == np.int64
+        # Stratified: equal class counts in every split.
+        assert len(set(np.bincount(ds.labels))) == 1
+        assert ds[0]["pixel_values"].shape == (3, 32, 32)
+
+
+def test_downstream_relabels_in_given_class_order():
+    # A zero distortion leaves the original pixels, so each image can be traced back to its digit.
+    splits = build_toy_downstream(seed=0, classes=(7, 3), rotation_range=(0.0, 0.0), zoom_range=(1.0, 1.0))
+    images, labels = load_mnist5k()
+    digit_of = {image.tobytes(): int(label) for image, label in zip(images, labels)}
+    assert sum(len(ds) for ds in splits.values()) == 1000
+    for ds in splits.values():
+        assert set(np.unique(ds.labels)) == {0, 1}
+        digits = [digit_of[image.tobytes()] for image in ds.images]
+        assert np.array_equal(np.where(ds.labels == 0, 7, 3), digits)
+
+
+def test_downstream_is_deterministic_for_a_seed(downstream):
+    again = build_toy_downstream(seed=0)
+    for name in ("train", "validation", "test"):
+        assert np.array_equal(downstream[name].images, again[name].images)
+        assert np.array_equal(downstream[name].labels, again[name].labels)
+    other = build_toy_downstream(seed=1)
+    assert not np.array_equal(downstream["test"].images, other["test"].images)
+
+
+def test_downstream_distortion_is_baked_in(downstream):
+    images, labels = load_mnist5k()
+    originals = images[np.isin(labels, (0, 1, 2))]
+    distorted = np.concatenate([downstream[name].images for name in ("train", "validation", "test")])
+    # No distorted image equals any original one (with 45-60 degree rotations none can survive).
+    original_keys = {image.tobytes() for image in originals}
+    assert not any(image.tobytes() in original_keys for image in distorted)
+
+
+def test_eval_splits_are_deterministic_and_train_augmentation_changes_pixels(downstream):
+    val = downstream["validation"]
+    assert torch.equal(val[3]["pixel_values"], val[3]["pixel_values"])
+    train = downstream["train"]
+    assert train.augment
+    torch.manual_seed(0)
+    first = train[3]["pixel_values"]
+    second = train[3]["pixel_values"]
+    assert not torch.equal(first, second)
+    # Same global seed, same augmentation: seeded runs are reproducible.
+    torch.manual_seed(0)
+    assert torch.equal(train[3]["pixel_values"], first)
+
+
+def test_digit_dataset_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        DigitImageDataset(np.zeros((2, 28, 28), dtype=np.float32), np.zeros(2))
+    with pytest.raises(ValueError, match="labels"):
+        DigitImageDataset(np.zeros((2, 28, 28), dtype=np.uint8), np.zeros(3))
+
+
+def test_toy_downstream_rejects_bad_classes():
+    with pytest.raises(ValueError, match="classes"):
+        build_toy_downstream(classes=(1, 1))
+    with pytest.raises(ValueError, match="classes"):
+        build_toy_downstream(classes=(3, 10))
+
+
+# --- image folders -------------------------------------------------------------------------------
+
+
+def _write_image_folder(root, classes=("cat", "dog"), per_class=4, seed=0):
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def _load(tmp_path, **overrides):
+    args = dict(
+        dataset_name=None,
+        train_dir=str(tmp_path / "train"),
+        validation_dir=None,
+        image_size=16,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        augment_train=True,
+        validation_split=0.25,
+        seed=0,
+        cache_dir=str(tmp_path / "hf_cache"),
+    )
+    args.update(overrides)
+    return load_image_classification_dataset(**args)
+
+
+def test_image_folder_splits_off_stratified_validation(tmp_path):
+    _write_image_folder(tmp_path / "train")
+    splits, class_names = _load(tmp_path)
+    assert class_names == ["cat", "dog"]
+    assert (len(splits["train"]), len(splits["validation"])) == (6, 2)
+    assert sorted(splits["validation"].labels.tolist()) == [0, 1]
+    for ds in splits.values():
+        assert ds.labels.dtype == np.int64
+        item = ds[0]
+        assert item["pixel_values"].shape == (3, 16, 16) and item["pixel_values"].dtype == torch.float32
+        assert item["labels"] == ds.labels[0]
+    again, _ = _load(tmp_path)
+    assert np.array_equal(again["validation"].labels, splits["validation"].labels)
+
+
+def test_image_folder_with_validation_dir_and_eval_determinism(tmp_path):
+    _write_image_folder(tmp_path / "train")
+    _write_image_folder(tmp_path / "val", per_class=2, seed=1)
+    splits, class_names = _load(tmp_path, validation_dir=str(tmp_path / "val"))
+    assert class_names == ["cat", "dog"]
+    assert (len(splits["train"]), len(splits["validation"])) == (8, 4)
+    assert np.bincount(splits["validation"].labels).tolist() == [2, 2]
+    val = splits["validation"]
+    assert torch.equal(val[1]["pixel_values"], val[1]["pixel_values"])
+    torch.manual_seed(0)
+    draws = [splits["train"][0]["pixel_values"] for _ in range(3)]
+    assert not all(torch.equal(draws[0], d) for d in draws[1:])
+
+
+def test_image_folder_errors_name_the_fix(tmp_path):
+    _write_image_folder(tmp_path / "train")
+    with pytest.raises(ValueError, match="exactly one"):
+        _load(tmp_path, train_dir=None)
+    with pytest.raises(ValueError, match="exactly one"):
+        _load(tmp_path, dataset_name="cifar10")
+    with pytest.raises(ValueError, match="validation_dir='.*missing' is not a folder"):
+        _load(tmp_path, validation_dir=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"label_column='nope'.*\['image', 'label'\]"):
+        _load(tmp_path, label_column="nope")
+    with pytest.raises(ValueError, match=r"image_column='pic'.*\['image', 'label'\]"):
+        _load(tmp_path, image_column="pic")
+    with pytest.raises(ValueError, match="validation_split"):
+        _load(tmp_path, validation_split=0.0)
+
+
+def test_plain_label_columns_get_one_encoding_across_splits():
+    import datasets
+
+    from headprep_hf.data.images import _encode_labels
+
+    raw = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"species": ["owl", "cat", "owl"]}),
+        validation=datasets.Dataset.from_dict({"species": ["dog", "cat"]}),
+    )
+    encoded, class_names = _encode_labels(raw, "species")
+    assert class_names == ["cat", "dog", "owl"]
+    assert encoded["train"]["species"] == [2, 0, 2] and encoded["validation"]["species"] == [1, 0]
+    assert isinstance(encoded["validation"].features["species"], datasets.ClassLabel)

@@ -1,0 +1,104 @@
+"""Acceptance 3: energy and drift computed independently in plain torch match trainer.dynamics."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_config, tiny_timm
+
+from headprep_hf import HeadPrepTrainer, cross_entropy_energy, drift_metrics
+from headprep_hf.dynamics import histogram
+
+
+def _features(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def _energy_by_hand(model, x, y):
+    model.eval()
+    with torch.no_grad():
+        p = model(x).softmax(dim=-1)
+    one_hot = torch.nn.functional.one_hot(torch.as_tensor(y), p.shape[1]).float()
+    energy = (one_hot - p).norm(dim=1)
+    p_true = p[torch.arange(len(y)), torch.as_tensor(y)]
+    accuracy = (p.argmax(1) == torch.as_tensor(y)).float()
+    return energy.mean().item(), accuracy.mean().item(), p_true
+
+
+@pytest.mark.parametrize("hp_epochs", [0, 2])
+def test_energy_and_drift_match_plain_torch(tmp_path, train_set, hp_epochs):
+    model = tiny_timm()
+    args = make_config(
+        tmp_path,
+        hp_epochs=hp_epochs,
+        num_train_epochs=2,
+        hp_label_smoothing=0.2,
+        drift_probe_samples=20,
+        per_device_eval_batch_size=7,
+    )
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=train_set)
+    trainer.probe_head()
+    start = copy.deepcopy(model)  # the state FT starts from
+    trainer.finetune()
+
+    energy, accuracy, p_true = _energy_by_hand(start, train_set.x, train_set.labels)
+    dyn = trainer.dynamics
+    assert dyn["energy"] == pytest.approx(energy, rel=1e-5, abs=1e-6)
+    assert dyn["hp_train_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert torch.allclose(torch.tensor(dyn["p0"]), p_true, atol=1e-5)
+    assert dyn["num_energy_samples"] == len(train_set)
+    assert sum(dyn["p0_histogram"]["counts"]) == len(train_set)
+
+    z0 = _features(start, train_set.x[:20])
+    zt = _features(model, train_set.x[:20])
+    expected = {
+        "sq_dist": ((zt - z0) ** 2).sum(1).mean().item(),
+        "dot": (zt * z0).sum(1).mean().item(),
+        "sq_norm": (zt**2).sum(1).mean().item(),
+        "cos": torch.nn.functional.cosine_similarity(zt, z0, dim=1).mean().item(),
+    }
+    final = dyn["drift"][-1]
+    assert final["step"] == trainer.state.global_step
+    for key, value in expected.items():
+        assert final[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert expected["sq_dist"] > 0  # FT moved the features: the comparison is not trivial
+
+
+def test_drift_dataset_is_used_for_z(tmp_path, train_set, eval_set):
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path, hp_epochs=0), train_dataset=train_set, drift_dataset=eval_set
+    )
+    trainer.train()
+    assert trainer.dynamics["num_probe_samples"] == len(eval_set)
+    assert trainer.dynamics["num_energy_samples"] == len(train_set)
+
+
+def test_energy_max_samples(tmp_path, train_set):
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(),
+        args=make_config(tmp_path, hp_epochs=0, energy_max_samples=10, drift_probe_samples=15),
+        train_dataset=train_set,
+    )
+    summary = trainer.measure_start()
+    energy, _, _ = _energy_by_hand(trainer.model, train_set.x[:10], train_set.labels[:10])
+    assert summary["energy"] == pytest.approx(energy, rel=1e-5)
+    assert trainer.dynamics["num_energy_samples"] == 10 and trainer.dynamics["num_probe_samples"] == 15
+
+
+def test_pure_functions():
+    z0 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    zt = torch.tensor([[2.0, 0.0], [0.0, -2.0]])
+    m = drift_metrics(z0, zt)
+    assert m == pytest.approx({"sq_dist": (1 + 16) / 2, "dot": (2 - 4) / 2, "sq_norm": (4 + 4) / 2, "cos": 0.0})
+    logits = torch.tensor([[0.0, 0.0], [10.0, -10.0]])
+    stats = cross_entropy_energy(logits, torch.tensor([0, 0]))
+    assert stats["energy"][0].item() == pytest.approx(2**0.5 / 2)
+    assert stats["energy"][1].item() == pytest.approx(0.0, abs=1e-6)
+    # dense logits with an ignored pixel: mean over the valid positions only
+    dense = torch.zeros(1, 2, 1, 2)
+    dense[0, 0, 0, 1] = 100.0
+    stats = cross_entropy_energy(dense, torch.tensor([[[-100, 0]]]))
+    assert stats["energy"].item() == pytest.approx(0.0, abs=1e-6)
+    assert histogram(torch.tensor([0.0, 0.5, 1.0]), bins=2)["counts"] == [1, 2]

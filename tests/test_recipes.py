@@ -1,0 +1,128 @@
+"""End-to-end runs of recipes/image_classification.py (in-process, and through `accelerate launch`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest.mock import patch
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "image_classification.py"
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import image_classification  # noqa: E402
+
+TINY = [
+    "--hp_epochs",
+    "1",
+    "--num_train_epochs",
+    "1",
+    "--source_epochs",
+    "1",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--save_strategy",
+    "no",
+    "--drift_probe_samples",
+    "32",
+]
+
+
+def _run_in_process(argv):
+    with patch.object(sys, "argv", ["image_classification.py", *argv]):
+        return image_classification.main(
+            *image_classification.parse_args(image_classification.make_parser(), sys.argv[1:])
+        )
+
+
+@pytest.mark.slow
+def test_default_recipe_in_process(tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = _run_in_process([*TINY, "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")])
+    assert 0.0 <= metrics["validation_accuracy"] <= 1.0 and "test_accuracy" in metrics
+    assert metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
+    assert "validation accuracy" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and (out / "headprep_dynamics.json").is_file()
+    assert json.loads((out / "final_results.json").read_text())["energy"] == metrics["energy"]
+    # the source model was cached in the timm folder format and is reused as a local checkpoint
+    (source,) = (tmp_path / "cache").glob("mnist5k-*")
+    assert (source / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_recipe_with_config_file_local_model_and_imagefolder(tmp_path):
+    # A local image folder (2 classes) and the cached source folder as --model_name_or_path.
+    from headprep_hf.models import pretrain_source_model
+
+    source = pretrain_source_model(cache_dir=tmp_path / "cache", epochs=1, max_samples=200, progress=False)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for label in ("cat", "dog"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"hp_epochs: 2\nper_device_train_batch_size: 4\noutput_dir: {tmp_path / 'run'}\n")
+    metrics = _run_in_process(
+        [
+            *TINY,
+            "--config",
+            str(config),
+            "--hp_epochs",
+            "1",
+            "--model_name_or_path",
+            str(source),
+            "--train_dir",
+            str(tmp_path / "train"),
+            "--validation_dir",
+            str(tmp_path / "val"),
+        ]
+    )
+    assert "validation_accuracy" in metrics and metrics["energy"] > 0
+    dynamics = json.loads((tmp_path / "run" / "headprep_dynamics.json").read_text())
+    assert dynamics["hp_epochs"] == 1  # the command line overrides the config file
+    assert dynamics["num_energy_samples"] == 24
+
+
+def test_config_file_with_unknown_setting_is_rejected(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"hp_epoch": 3}))
+    with pytest.raises(SystemExit):
+        image_classification.parse_args(image_classification.make_parser(), ["--config", str(config)])
+
+
+def test_recipe_help_exits_zero():
+    result = subprocess.run([sys.executable, str(RECIPE), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--model_name_or_path" in result.stdout and "--hp_label_smoothing" in result.stdout
+
+
+@pytest.mark.slow
+def test_accelerate_launch(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HEADPREP_CACHE=str(tmp_path / "cache"))
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        str(RECIPE),
+        *TINY,
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tau=1  validation accuracy" in result.stdout

@@ -1,0 +1,93 @@
+"""Acceptance 4: a run interrupted in HP or in FT and resumed ends bit-identical to an uninterrupted one."""
+
+import json
+
+import pytest
+import torch
+from conftest import TinyImages, make_config, tiny_timm
+from transformers import TrainerCallback
+
+from headprep_hf import HeadPrepTrainer
+
+
+class Crash(TrainerCallback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt(f"simulated crash at step {self.at_step}")
+
+
+def _run(tmp_path, name, callbacks=(), resume=None):
+    args = make_config(
+        tmp_path / name,
+        hp_epochs=2,
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=8,
+        hp_label_smoothing=0.1,
+        optim="sgd",
+        optim_args="momentum=0.9",
+    )
+    args.output_dir = str(tmp_path / "shared" if resume is not None else tmp_path / name)
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=args, train_dataset=TinyImages(24, seed=0), callbacks=list(callbacks)
+    )
+    if resume is None:
+        trainer.train()
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("crash_at, stage", [(5, "hp"), (9, "ft")])  # 3 steps/epoch: HP = steps 1..6
+def test_resume_is_bit_identical(tmp_path, crash_at, stage):
+    reference = _run(tmp_path, "reference")
+
+    shared = tmp_path / "shared"
+    args_dir = make_config(shared).output_dir
+    crashed_args = make_config(
+        shared,
+        hp_epochs=2,
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=8,
+        hp_label_smoothing=0.1,
+        optim="sgd",
+        optim_args="momentum=0.9",
+    )
+    crashed_args.output_dir = str(shared)
+    crashed = HeadPrepTrainer(
+        model=tiny_timm(), args=crashed_args, train_dataset=TinyImages(24, seed=0), callbacks=[Crash(crash_at)]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    checkpoint = shared / f"checkpoint-{crash_at - 1}"
+    with open(checkpoint / "headprep_state.json") as f:
+        recorded = json.load(f)
+    assert recorded["stage"] == stage and recorded["global_step"] == crash_at - 1
+    assert args_dir  # the shared folder holds the crashed run's checkpoints only
+
+    resumed = _run(tmp_path, "resumed", resume=str(checkpoint))
+    assert resumed.resumed_stage == stage
+    assert resumed.state.global_step == reference.state.global_step == 12
+    ref_state, res_state = reference.model.state_dict(), resumed.model.state_dict()
+    different = [k for k in ref_state if not torch.equal(ref_state[k], res_state[k])]
+    assert different == []
+    assert resumed.dynamics["energy"] == reference.dynamics["energy"]
+    assert resumed.dynamics["drift"][-1] == reference.dynamics["drift"][-1]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    args = make_config(tmp_path, hp_epochs=1, num_train_epochs=1, save_strategy="steps", save_steps=3)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(48, seed=0))
+    trainer.train()
+    other = make_config(tmp_path, hp_epochs=2, num_train_epochs=1)
+    fresh = HeadPrepTrainer(model=tiny_timm(), args=other, train_dataset=TinyImages(48, seed=0))
+    with pytest.raises(ValueError, match="written for 3 HP \\+ 3 FT steps but this configuration gives 6 \\+ 3"):
+        fresh.train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match="written by train\\(\\); resume it with train"):
+        fresh.finetune(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))

@@ -1,0 +1,211 @@
+import json
+import os
+
+import pytest
+import torch
+from conftest import TinyImages, clone_state, make_config, tiny_timm
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+from headprep_hf import HeadPrepTrainer
+
+
+def _trainer(tmp_path, train_set, eval_set=None, model=None, **overrides):
+    model = model if model is not None else tiny_timm()
+    return HeadPrepTrainer(
+        model=model, args=make_config(tmp_path, **overrides), train_dataset=train_set, eval_dataset=eval_set
+    )
+
+
+def _changed(before, after):
+    return sorted(k for k in before if not torch.equal(before[k], after[k]))
+
+
+def test_probe_head_freezes_backbone_params_and_buffers(tmp_path, train_set):
+    trainer = _trainer(tmp_path, train_set)
+    split, model = trainer.split, trainer.model
+    backbone0 = clone_state(split.backbone_state(model))
+    head0 = clone_state(dict(split.head_parameters(model)))
+    assert any("running_mean" in k for k in backbone0)  # BatchNorm buffers are part of the check
+    trainer.probe_head()
+    assert _changed(backbone0, split.backbone_state(model)) == []
+    assert _changed(head0, dict(split.head_parameters(model))) == sorted(head0)
+    assert trainer.state.global_step == 2 * 3  # 2 HP epochs of 48/16 steps
+    assert all(p.requires_grad for p in model.parameters())  # flags restored after the stage
+
+
+def test_finetune_trains_backbone_with_a_fresh_optimizer_holding_every_parameter(tmp_path, train_set):
+    trainer = _trainer(tmp_path, train_set)
+    trainer.probe_head()
+    hp_optimizer = trainer.optimizer
+    backbone0 = clone_state(trainer.split.backbone_state(trainer.model))
+    trainer.finetune()
+    changed = _changed(backbone0, trainer.split.backbone_state(trainer.model))
+    assert any(k.endswith("conv1.weight") for k in changed) and any("running_mean" in k for k in changed)
+    assert trainer.optimizer is not hp_optimizer
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert os.path.isdir(tmp_path / "out") and trainer.dynamics["drift"]
+
+
+def test_train_runs_both_stages_in_one_call(tmp_path, train_set, eval_set):
+    trainer = _trainer(tmp_path, train_set, eval_set, eval_strategy="epoch", num_train_epochs=2)
+    model, split = trainer.model, trainer.split
+    snapshots = {}
+
+    class Spy:
+        def __init__(self):
+            self.stages = []
+
+    spy = Spy()
+    original = trainer.training_step
+
+    def step(model_, inputs, num_items_in_batch=None):
+        loss = original(model_, inputs, num_items_in_batch)
+        spy.stages.append(trainer.current_stage)
+        if trainer.state.global_step == trainer._hp_steps - 1:
+            snapshots["hp_end_backbone"] = clone_state(split.backbone_state(model))
+        return loss
+
+    trainer.training_step = step
+    backbone0 = clone_state(split.backbone_state(model))
+    trainer.train()
+    assert spy.stages == ["hp"] * 6 + ["ft"] * 6
+    assert _changed(backbone0, snapshots["hp_end_backbone"]) == []
+    assert _changed(backbone0, split.backbone_state(model))
+    optimizer_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimizer_params == {id(p) for p in model.parameters()}
+    # logs of the stages are apart (prefixes), including evaluation
+    keys = {k for record in trainer.state.log_history for k in record}
+    assert {"hp/loss", "ft/loss", "eval_hp/loss", "eval_ft/loss", "ft/head_grad_norm", "drift/cos"} <= keys
+    assert "loss" not in keys
+    hp_steps = [r["step"] for r in trainer.state.log_history if "hp/loss" in r]
+    ft_steps = [r["step"] for r in trainer.state.log_history if "ft/loss" in r]
+    assert max(hp_steps) == 6 and min(ft_steps) == 7
+    with open(tmp_path / "out" / "headprep_dynamics.json") as f:
+        written = json.load(f)
+    assert written["energy"] == pytest.approx(trainer.dynamics["energy"])
+    assert len(written["p0"]) == len(train_set)
+    assert [d["step"] for d in written["drift"]] == [9, 12]
+
+
+def test_hp_backbone_mode_train_moves_batchnorm_statistics_only(tmp_path, train_set):
+    trainer = _trainer(tmp_path, train_set, hp_backbone_mode="train")
+    backbone0 = clone_state(trainer.split.backbone_state(trainer.model))
+    trainer.probe_head()
+    changed = _changed(backbone0, trainer.split.backbone_state(trainer.model))
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+
+
+def test_reinit_modules_train_with_the_head(tmp_path, train_set):
+    model = tiny_timm()
+    original = clone_state(model.layer4.state_dict())
+    trainer = _trainer(tmp_path, train_set, model=model, reinit_modules=["layer4.0"])
+    reinit = clone_state(model.layer4.state_dict())
+    assert _changed(original, reinit)  # re-initialised at construction
+    frozen = clone_state(trainer.split.backbone_state(model))
+    assert not any(k.startswith("layer4.0.") for k in frozen)
+    trainer.probe_head()
+    assert _changed(frozen, trainer.split.backbone_state(model)) == []
+    assert any(k.endswith("conv1.weight") for k in _changed(reinit, model.layer4.state_dict()))
+
+
+def test_mlp_head_and_timm_wrapper(tmp_path, train_set):
+    torch.manual_seed(0)
+    model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_resnet", num_labels=3))
+    trainer = _trainer(tmp_path, train_set, model=model, head_type="mlp", mlp_hidden_size=16, num_train_epochs=1)
+    assert trainer.split.head_names == ["timm_model.fc"]
+    backbone0 = clone_state(trainer.split.backbone_state(model))
+    trainer.train()
+    assert _changed(backbone0, trainer.split.backbone_state(model))
+    assert trainer.dynamics["num_probe_samples"] == 20
+
+
+def test_label_smoothing_per_stage(tmp_path, train_set):
+    seen = []
+
+    class Recorder(HeadPrepTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                seen.append((self.current_stage, self.current_label_smoothing))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    args = make_config(tmp_path, hp_epochs=1, hp_label_smoothing=0.3, ft_label_smoothing=0.1)
+    trainer = Recorder(model=tiny_timm(), args=args, train_dataset=train_set)
+    trainer.train()
+    assert seen == [("hp", 0.3)] * 3 + [("ft", 0.1)] * 3
+    # Evaluation loss is never smoothed: it equals plain cross-entropy on the same batch.
+    batch = {"pixel_values": train_set.x[:8], "labels": torch.tensor(train_set.labels[:8])}
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_subclass_with_callback_still_gets_both_stages_and_measurements(tmp_path, train_set):
+    from transformers import TrainerCallback
+
+    class Count(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            Count.steps += 1
+
+    class Custom(HeadPrepTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logits = model(inputs["pixel_values"])
+            loss = torch.nn.functional.cross_entropy(logits, inputs["labels"])
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+    model = tiny_timm()
+    trainer = Custom(model=model, args=make_config(tmp_path), train_dataset=train_set, callbacks=[Count()])
+    backbone0 = clone_state(trainer.split.backbone_state(model))
+    trainer.train()
+    assert Count.steps == 9
+    assert "energy" in trainer.dynamics and trainer.dynamics["drift"] and trainer.dynamics["head_grad_norm"]
+    assert _changed(backbone0, trainer.split.backbone_state(model))
+
+
+@pytest.mark.parametrize("where", ["train", "eval"])
+def test_out_of_range_labels_fail_before_training(tmp_path, train_set, eval_set, where):
+    bad = TinyImages(16, seed=3)
+    bad.labels[5] = 7
+    trainer = _trainer(tmp_path, bad if where == "train" else train_set, bad if where == "eval" else eval_set)
+    weights = clone_state(trainer.model.state_dict())
+    name = "train_dataset" if where == "train" else "eval_dataset"
+    with pytest.raises(ValueError, match=rf"{name}\[5\] has label 7, outside the 3 classes"):
+        trainer.train()
+    assert _changed(weights, trainer.model.state_dict()) == []
+
+
+def test_constructor_rejects_unknown_reinit_module(tmp_path, train_set):
+    with pytest.raises(ValueError, match=r"reinit_modules \['layer4.9'\] are not modules"):
+        _trainer(tmp_path, train_set, reinit_modules=["layer4.9"])
+
+
+def test_constructor_rejects_external_optimizers(tmp_path, train_set):
+    model = tiny_timm()
+    with pytest.raises(ValueError, match="builds its own two-stage optimizer"):
+        HeadPrepTrainer(
+            model=model,
+            args=make_config(tmp_path),
+            train_dataset=train_set,
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+
+
+def test_learning_rates_follow_the_stages(tmp_path, train_set):
+    trainer = _trainer(
+        tmp_path,
+        train_set,
+        hp_epochs=1,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        hp_learning_rate=0.05,
+        lr_scheduler_type="constant",
+    )
+    trainer.train()
+    schedules = trainer.lr_scheduler.lr_lambdas
+    parts = [g["headprep_part"] for g in trainer.optimizer.param_groups]
+    for part, fn in zip(parts, schedules):
+        assert fn(0) == (0.05 if part == "head" else 0.0)
+        assert fn(3) == 1e-3
