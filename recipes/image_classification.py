@@ -16,12 +16,14 @@ Real data and a real backbone (needs the Hub, or local files):
         --train_dir ./data/train --validation_dir ./data/val
 
 Settings can also come from a file: `--config settings.yaml` (or .json); command-line flags override it.
+An interrupted run resumes in the stage it stopped in: `--output_dir runs/x --resume_from_checkpoint last`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 
 import yaml
@@ -34,7 +36,8 @@ from headprep_hf.models import load_timm_model, pretrain_source_model
 
 # Defaults of this recipe for the offline toy task (the config's own defaults are task-neutral).
 RECIPE_DEFAULTS = dict(
-    output_dir="runs/image_classification",
+    # A new folder per run: a finished run's checkpoints and results are never overwritten.
+    output_dir=time.strftime("runs/image_classification-%Y%m%d-%H%M%S"),
     hp_epochs=4,
     hp_learning_rate=1e-2,
     num_train_epochs=6,
@@ -136,7 +139,8 @@ def main(script_args: ScriptArguments, training_args: HeadPrepConfig) -> dict:
         eval_dataset=splits["validation"],
         compute_metrics=accuracy_metrics(),
     )
-    trainer.train()
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume in ("true", "True", "last") else resume)
     trainer.save_model()
 
     metrics = {f"validation_{k[len('eval_') :]}": v for k, v in trainer.evaluate().items()}

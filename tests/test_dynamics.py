@@ -102,3 +102,30 @@ def test_pure_functions():
     stats = cross_entropy_energy(dense, torch.tensor([[[-100, 0]]]))
     assert stats["energy"].item() == pytest.approx(0.0, abs=1e-6)
     assert histogram(torch.tensor([0.0, 0.5, 1.0]), bins=2)["counts"] == [1, 2]
+
+
+class NoisyImages(torch.utils.data.Dataset):
+    """Random augmentation on access (torch's global RNG), like a training set with transforms."""
+
+    def __init__(self, base):
+        self.base, self.labels = base, base.labels
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = self.base[i]
+        return {**item, "pixel_values": item["pixel_values"] + 0.5 * torch.randn_like(item["pixel_values"])}
+
+
+def test_drift_of_unchanged_weights_is_zero_under_augmentation(tmp_path, train_set):
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=0),
+                              train_dataset=NoisyImages(train_set))
+    trainer.measure_start()
+    torch.rand(1000)  # training would advance the RNG between measurements
+    loaders = len(trainer.accelerator._dataloaders)
+    first = trainer.measure_drift()
+    second = trainer.measure_drift()
+    assert first["sq_dist"] == 0.0 and first["cos"] == pytest.approx(1.0)
+    assert second == first
+    assert len(trainer.accelerator._dataloaders) == loaders  # the probe loader is reused, not rebuilt

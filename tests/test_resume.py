@@ -19,59 +19,31 @@ class Crash(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash at step {self.at_step}")
 
 
-def _run(tmp_path, name, callbacks=(), resume=None):
-    args = make_config(
-        tmp_path / name,
-        hp_epochs=2,
-        num_train_epochs=2,
-        save_strategy="steps",
-        save_steps=2,
-        per_device_train_batch_size=8,
-        hp_label_smoothing=0.1,
-        optim="sgd",
-        optim_args="momentum=0.9",
-    )
-    args.output_dir = str(tmp_path / "shared" if resume is not None else tmp_path / name)
-    trainer = HeadPrepTrainer(
-        model=tiny_timm(), args=args, train_dataset=TinyImages(24, seed=0), callbacks=list(callbacks)
-    )
-    if resume is None:
-        trainer.train()
-    else:
-        trainer.train(resume_from_checkpoint=resume)
-    return trainer
+def _trainer(output_dir, callbacks=()):
+    args = make_config(output_dir, hp_epochs=2, num_train_epochs=2, save_strategy="steps", save_steps=2,
+                       per_device_train_batch_size=8, hp_label_smoothing=0.1, optim="sgd",
+                       optim_args="momentum=0.9")
+    args.output_dir = str(output_dir)
+    return HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(24, seed=0),
+                           callbacks=list(callbacks))
 
 
 @pytest.mark.parametrize("crash_at, stage", [(5, "hp"), (9, "ft")])  # 3 steps/epoch: HP = steps 1..6
 def test_resume_is_bit_identical(tmp_path, crash_at, stage):
-    reference = _run(tmp_path, "reference")
+    reference = _trainer(tmp_path / "reference")
+    reference.train()
 
-    shared = tmp_path / "shared"
-    args_dir = make_config(shared).output_dir
-    crashed_args = make_config(
-        shared,
-        hp_epochs=2,
-        num_train_epochs=2,
-        save_strategy="steps",
-        save_steps=2,
-        per_device_train_batch_size=8,
-        hp_label_smoothing=0.1,
-        optim="sgd",
-        optim_args="momentum=0.9",
-    )
-    crashed_args.output_dir = str(shared)
-    crashed = HeadPrepTrainer(
-        model=tiny_timm(), args=crashed_args, train_dataset=TinyImages(24, seed=0), callbacks=[Crash(crash_at)]
-    )
+    crashed = _trainer(tmp_path / "crashed", callbacks=[Crash(crash_at)])
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
-    checkpoint = shared / f"checkpoint-{crash_at - 1}"
+    checkpoint = tmp_path / "crashed" / f"checkpoint-{crash_at - 1}"
     with open(checkpoint / "headprep_state.json") as f:
         recorded = json.load(f)
     assert recorded["stage"] == stage and recorded["global_step"] == crash_at - 1
-    assert args_dir  # the shared folder holds the crashed run's checkpoints only
+    assert not (tmp_path / "crashed" / f"checkpoint-{crash_at + 1}").exists()
 
-    resumed = _run(tmp_path, "resumed", resume=str(checkpoint))
+    resumed = _trainer(tmp_path / "crashed")  # a new process would start from a new model, too
+    resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.resumed_stage == stage
     assert resumed.state.global_step == reference.state.global_step == 12
     ref_state, res_state = reference.model.state_dict(), resumed.model.state_dict()
@@ -91,3 +63,15 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         fresh.train(resume_from_checkpoint=True)
     with pytest.raises(ValueError, match="written by train\\(\\); resume it with train"):
         fresh.finetune(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+
+
+def test_new_run_refuses_to_overwrite_checkpoints(tmp_path):
+    first = _trainer(tmp_path / "run")
+    first.train()
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    second = _trainer(tmp_path / "run")
+    with pytest.raises(ValueError, match="already holds checkpoints of an earlier run"):
+        second.train()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    second.args.overwrite_output_dir = True
+    second.train()

@@ -209,3 +209,21 @@ def test_learning_rates_follow_the_stages(tmp_path, train_set):
     for part, fn in zip(parts, schedules):
         assert fn(0) == (0.05 if part == "head" else 0.0)
         assert fn(3) == 1e-3
+
+
+def test_tensorboard_keeps_stages_apart_and_gets_the_p0_histogram(tmp_path, train_set, eval_set, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))
+    trainer = _trainer(tmp_path, train_set, eval_set, report_to="tensorboard", eval_strategy="epoch")
+    trainer.probe_head()
+    trainer.finetune()  # global_step restarts at 0: the prefixes keep HP and FT curves apart
+    events = EventAccumulator(str(logdir), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/hp/loss", "train/ft/loss", "eval/hp/loss", "eval/ft/loss", "train/drift/cos"} <= scalars
+    assert "train/headprep/energy" in scalars
+    assert "headprep/p0" in events.Tags()["histograms"]
+    assert [e.step for e in events.Scalars("train/hp/loss")] == list(range(1, 7))
+    assert [e.step for e in events.Scalars("train/ft/loss")] == [1, 2, 3]

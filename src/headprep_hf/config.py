@@ -65,8 +65,13 @@ class HeadPrepConfig(TrainingArguments):
             Drift is measured on the first N training samples (or on the `drift_dataset` given to the trainer).
         energy_max_samples (`int` or `None`, defaults to `None`):
             Measure the energy on the first N training samples only; `None` uses the whole training set.
+        measure_batch_size (`int` or `None`, defaults to `None`):
+            Per-device batch size of the measurement passes; `None` uses the larger of the train and eval sizes.
         ignore_index (`int`, defaults to `-100`):
             Label value ignored by the loss and the measurements.
+        overwrite_output_dir (`bool`, defaults to `False`):
+            A new run refuses an `output_dir` that already holds checkpoints (they would be overwritten); resume
+            instead, or set this.
     """
 
     # Parameters that control the head probing stage
@@ -127,7 +132,16 @@ class HeadPrepConfig(TrainingArguments):
     energy_max_samples: int | None = field(
         default=None, metadata={"help": "Measure energy on the first N training samples only; unset = all."}
     )
+    measure_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Per-device batch size of the measurement passes; unset = max of train and eval."},
+    )
     ignore_index: int = field(default=-100, metadata={"help": "Label value ignored by the loss and measurements."})
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Let a new (not resumed) run write into an output_dir that holds checkpoints already."},
+    )
 
     # Defaults that differ from TrainingArguments: a timm model's forward takes one tensor, so the signature-based
     # column removal would drop `pixel_values`; and the loss is ours, so labels are always under "labels".
@@ -198,6 +212,8 @@ class HeadPrepConfig(TrainingArguments):
             raise ValueError(f"reinit_modules must be a list of module names, got {self.reinit_modules!r}.")
         if self.drift_probe_samples < 1:
             raise ValueError(f"drift_probe_samples must be >= 1, got {self.drift_probe_samples}.")
+        if self.measure_batch_size is not None and self.measure_batch_size < 1:
+            raise ValueError(f"measure_batch_size must be >= 1 or unset, got {self.measure_batch_size}.")
         if self.energy_max_samples is not None and self.energy_max_samples < 1:
             raise ValueError(f"energy_max_samples must be >= 1 or unset, got {self.energy_max_samples}.")
         if self.ddp_find_unused_parameters is False:

@@ -38,10 +38,10 @@ def drift_metrics(z0: torch.Tensor, zt: torch.Tensor) -> dict[str, float]:
 
 def grad_norm(parameters) -> torch.Tensor | None:
     """L2 norm of the gradients of `parameters` (None when no parameter has a gradient)."""
-    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
-    if not norms:
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
         return None
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 @dataclass
@@ -63,16 +63,21 @@ class PassResult:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module):
+def preserved_state(model: nn.Module, seed: int | None = None):
     """Eval mode, no grad and untouched RNG streams inside; every module's train/eval flag restored after.
 
     Forking the RNGs keeps a measurement (which may run random data augmentation) from changing the training run,
-    so resumed and uninterrupted runs stay bit-identical.
+    so resumed and uninterrupted runs stay bit-identical. With `seed`, the RNGs are seeded inside, so a dataset with
+    random augmentation yields the same views at every measurement (z_0 and z_t of the same inputs).
     """
     modes = [(m, m.training) for m in model.modules()]
     py_state, np_state = random.getstate(), np.random.get_state()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
         model.eval()
         try:
             yield
@@ -94,6 +99,7 @@ def measure(
     max_features: int = 0,
     ignore_index: int = -100,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    seed: int | None = None,
 ) -> PassResult:
     """One pass of `model` (eval mode, no grad) over `dataloader`.
 
@@ -108,6 +114,7 @@ def measure(
         max_features: Keep the features of the first `max_features` samples (0: none).
         ignore_index: Label value excluded from the energy.
         autocast: Context manager factory for the forward (mixed precision).
+        seed: Seed the RNGs for the pass (same augmented views every time); the training RNG is untouched.
     """
     captured: list[torch.Tensor] = []
 
@@ -118,7 +125,7 @@ def measure(
     values: dict[str, list[torch.Tensor]] = {"energy": [], "p_true": [], "correct": [], "features": []}
     n_features = 0
     try:
-        with preserved_state(model):
+        with preserved_state(model, seed):
             for batch in dataloader:
                 captured.clear()
                 with autocast():

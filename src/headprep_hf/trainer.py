@@ -177,6 +177,8 @@ class HeadPrepTrainer(Trainer):
         self._resume_state: dict | None = None
         self._user_requires_grad: dict[str, bool] = {}
         self._applied_stage: str | None = None
+        self._head_params = [p for _, p in self.split.head_parameters(self.model)]
+        self._probe_loader = None
         self._reset_grad_norm_window()
 
     # ------------------------------------------------------------------ public stages
@@ -233,6 +235,15 @@ class HeadPrepTrainer(Trainer):
                 raise ValueError(f"resume_from_checkpoint=True but no checkpoint in {self._get_output_dir(trial)}.")
         elif checkpoint is False:
             checkpoint = None
+        if checkpoint is None and not self.args.overwrite_output_dir:
+            run_dir = self._get_output_dir(trial)
+            existing = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+            if existing is not None:
+                raise ValueError(
+                    f"output_dir {run_dir} already holds checkpoints of an earlier run ({existing}); a new run would "
+                    "overwrite them. Resume it with resume_from_checkpoint=True, pick another output_dir, or set "
+                    "overwrite_output_dir=True."
+                )
 
         self._ft_started = False
         self._z0 = None
@@ -247,6 +258,8 @@ class HeadPrepTrainer(Trainer):
             self._load_headprep_state(checkpoint)
 
         self._user_requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        self._head_params = [p for _, p in self.split.head_parameters(self.model)]
+        self._probe_loader = None  # Trainer.train() frees Accelerate's prepared loaders
         self._applied_stage = None
         try:
             output = super().train(
@@ -395,7 +408,7 @@ class HeadPrepTrainer(Trainer):
         self._set_requires_grad(self._stage)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not in_hp and self.args.track_dynamics and self.accelerator.sync_gradients:
-            norm = grad_norm(p for _, p in self.split.head_parameters(self.model))
+            norm = grad_norm(self._head_params)
             if norm is not None:
                 self._grad_norm_sum = self._grad_norm_sum + norm.detach()
                 self._grad_norm_count += 1
@@ -436,11 +449,19 @@ class HeadPrepTrainer(Trainer):
         self._sync_buffers()
         return super().evaluate(*args, **kwargs)
 
-    def _measure_dataset(self, dataset, with_energy: bool, max_features: int):
+    def _measurement_loader(self, dataset):
+        # Sequential, sharded across ranks by Accelerate; a larger batch than eval's default of 8 when training
+        # uses one, because these passes only run forwards.
+        batch_size = self.args.measure_batch_size or max(
+            self.args.per_device_eval_batch_size, self.args.per_device_train_batch_size
+        )
+        return self._get_dataloader(dataset, "headprep", batch_size, sampler_fn=self._get_eval_sampler)
+
+    def _measure_dataset(self, dataset, with_energy: bool, max_features: int, loader=None, seed=None):
         self._sync_buffers()
         return measure(
             self.accelerator.unwrap_model(self.model),
-            self.get_test_dataloader(dataset),
+            loader if loader is not None else self._measurement_loader(dataset),
             self._call_model,
             self.split.feature_module(self.accelerator.unwrap_model(self.model)),
             self.accelerator,
@@ -449,7 +470,19 @@ class HeadPrepTrainer(Trainer):
             max_features=max_features,
             ignore_index=self.args.ignore_index,
             autocast=self.autocast_smart_context_manager,
+            seed=seed,
         )
+
+    def _measure_probe(self) -> torch.Tensor:
+        """Features z of the probe set at the current weights.
+
+        The probe loader is built once per run (no new loader or workers per measurement) and every pass seeds the
+        RNGs the same way, so a probe set with random augmentation gives the same views for z_0 and every z_t.
+        """
+        probe = self._probe_dataset()
+        if self._probe_loader is None:
+            self._probe_loader = self._measurement_loader(probe)
+        return self._measure_dataset(probe, False, len(probe), loader=self._probe_loader, seed=self.args.seed).features
 
     def _probe_dataset(self):
         if self.drift_dataset is not None:
@@ -469,11 +502,8 @@ class HeadPrepTrainer(Trainer):
         energy_set = self.train_dataset
         if n_energy < len(self.train_dataset):
             energy_set = torch.utils.data.Subset(self.train_dataset, range(n_energy))
-        probe = self._probe_dataset()
-        shared = self.drift_dataset is None and len(probe) <= n_energy
-        result = self._measure_dataset(energy_set, with_energy=True, max_features=len(probe) if shared else 0)
-        z0 = result.features if shared else self._measure_dataset(probe, False, len(probe)).features
-        self._z0 = z0
+        result = self._measure_dataset(energy_set, with_energy=True, max_features=0)
+        z0 = self._z0 = self._measure_probe()
         summary = result.summary()
         p0 = result.p_true
         self.dynamics.update(
@@ -498,7 +528,7 @@ class HeadPrepTrainer(Trainer):
         `||z_t||^2`, `cos(z_t, z_0)`); recorded in `dynamics["drift"]` with the step and epoch."""
         if self._z0 is None:
             raise RuntimeError("No z_0 yet: call measure_start() (or run HP / start FT) before measure_drift().")
-        zt = self._measure_dataset(self._probe_dataset(), with_energy=False, max_features=len(self._z0)).features
+        zt = self._measure_probe()
         metrics = drift_metrics(self._z0, zt)
         self.dynamics.setdefault("drift", []).append(
             {"step": self.state.global_step, "epoch": self.state.epoch, **metrics}
