@@ -227,3 +227,19 @@ def test_tensorboard_keeps_stages_apart_and_gets_the_p0_histogram(tmp_path, trai
     assert "headprep/p0" in events.Tags()["histograms"]
     assert [e.step for e in events.Scalars("train/hp/loss")] == list(range(1, 7))
     assert [e.step for e in events.Scalars("train/ft/loss")] == [1, 2, 3]
+
+
+def test_transformers_image_classifier_trains_in_both_stages(tmp_path, train_set):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
+    model = ResNetForImageClassification(config)  # forward(pixel_values=...), returns ImageClassifierOutput
+    trainer = _trainer(tmp_path, train_set, model=model, hp_epochs=1)
+    assert trainer.split.head_names == ["classifier"]
+    backbone0 = clone_state(trainer.split.backbone_state(model))
+    trainer.probe_head()
+    assert _changed(backbone0, trainer.split.backbone_state(model)) == []
+    trainer.finetune()
+    assert any("running_mean" in k for k in _changed(backbone0, trainer.split.backbone_state(model)))
+    assert trainer.dynamics["drift"][-1]["sq_dist"] > 0
