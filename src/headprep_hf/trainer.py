@@ -177,7 +177,7 @@ class HeadPrepTrainer(Trainer):
         self._resume_state: dict | None = None
         self._user_requires_grad: dict[str, bool] = {}
         self._applied_stage: str | None = None
-        self._head_params = [p for _, p in self.split.head_parameters(self.model)]
+        self._head_params: list[nn.Parameter] = []  # set per run in _run (the head may be replaced before)
         self._probe_loader = None
         self._reset_grad_norm_window()
 
