@@ -14,10 +14,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# Main job on the offline embedded default (MNIST-5k source model, toy downstream task).
+# Main job: the tau sweep on the offline embedded default (MNIST-5k source model, toy downstream task).
 demo: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall .
-	$(BIN)/python recipes/image_classification.py --disable_tqdm true
+	$(BIN)/headprep sweep --sweep_exchange true
 
 # Fast CPU tests plus the slow multi-process and end-to-end ones (all run in CI).
 test: $(STAMP)
@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/sweep_cost.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info runs

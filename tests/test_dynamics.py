@@ -119,8 +119,9 @@ class NoisyImages(torch.utils.data.Dataset):
 
 
 def test_drift_of_unchanged_weights_is_zero_under_augmentation(tmp_path, train_set):
-    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=0),
-                              train_dataset=NoisyImages(train_set))
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path, hp_epochs=0), train_dataset=NoisyImages(train_set)
+    )
     trainer.measure_start()
     torch.rand(1000)  # training would advance the RNG between measurements
     loaders = len(trainer.accelerator._dataloaders)

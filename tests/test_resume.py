@@ -20,12 +20,21 @@ class Crash(TrainerCallback):
 
 
 def _trainer(output_dir, callbacks=()):
-    args = make_config(output_dir, hp_epochs=2, num_train_epochs=2, save_strategy="steps", save_steps=2,
-                       per_device_train_batch_size=8, hp_label_smoothing=0.1, optim="sgd",
-                       optim_args="momentum=0.9")
+    args = make_config(
+        output_dir,
+        hp_epochs=2,
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=8,
+        hp_label_smoothing=0.1,
+        optim="sgd",
+        optim_args="momentum=0.9",
+    )
     args.output_dir = str(output_dir)
-    return HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(24, seed=0),
-                           callbacks=list(callbacks))
+    return HeadPrepTrainer(
+        model=tiny_timm(), args=args, train_dataset=TinyImages(24, seed=0), callbacks=list(callbacks)
+    )
 
 
 @pytest.mark.parametrize("crash_at, stage", [(5, "hp"), (9, "ft")])  # 3 steps/epoch: HP = steps 1..6

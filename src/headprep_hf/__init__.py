@@ -9,19 +9,25 @@ from .dynamics import drift_metrics
 from .heads import MLPHead, reinitialize_module, replace_head_with_mlp
 from .losses import cross_entropy_energy, smoothed_cross_entropy
 from .split import ModelSplit, find_split
+from .sweep import SweepConfig, TauSweep, format_table, load_sweep, merge_sweeps
 from .trainer import HeadPrepTrainer
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "HeadPrepConfig",
     "HeadPrepTrainer",
     "MLPHead",
     "ModelSplit",
+    "SweepConfig",
+    "TauSweep",
     "OppositeEnergyWarning",
     "cross_entropy_energy",
     "drift_metrics",
     "find_split",
+    "format_table",
+    "load_sweep",
+    "merge_sweeps",
     "reinitialize_module",
     "replace_head_with_mlp",
     "smoothed_cross_entropy",

@@ -42,6 +42,14 @@ class HeadPrepConfig(TrainingArguments):
         hp_backbone_mode (`str`, defaults to `"eval"`):
             `"eval"` keeps the frozen backbone in eval mode during HP, so BatchNorm statistics do not move.
             `"train"` lets them move, as the paper authors' research code did.
+        hp_cache_features (`bool`, defaults to `False`):
+            Cached-feature HP: run the frozen backbone once over the training set (eval mode), keep the head inputs
+            in memory and train the head on them, with the same batches, optimizer, schedule and loss as uncached HP
+            (without augmentation the heads agree to float tolerance). Needs `hp_backbone_mode="eval"` and no
+            `reinit_modules`. Memory: `hp_cache_views x N x feature size` floats.
+        hp_cache_views (`int`, defaults to `1`):
+            Number of augmented views of the training set to cache (view `e % K` is used in HP epoch `e`); with a
+            deterministic training transform one view is exact.
 
     Parameters that control the task head:
         head_type (`str`, defaults to `"linear"`):
@@ -99,6 +107,13 @@ class HeadPrepConfig(TrainingArguments):
             "help": "Frozen backbone mode in HP: eval keeps BatchNorm statistics fixed, train lets them move.",
             "choices": list(BACKBONE_MODES),
         },
+    )
+    hp_cache_features: bool = field(
+        default=False,
+        metadata={"help": "HP on cached backbone features (computed once, eval mode): much faster for long HP."},
+    )
+    hp_cache_views: int = field(
+        default=1, metadata={"help": "Augmented views of the training set to cache; HP epoch e uses view e mod K."}
     )
 
     # Parameters that control the task head
@@ -194,6 +209,13 @@ class HeadPrepConfig(TrainingArguments):
             )
         if self.hp_backbone_mode not in BACKBONE_MODES:
             raise ValueError(f"hp_backbone_mode must be one of {list(BACKBONE_MODES)}, got {self.hp_backbone_mode!r}.")
+        if not isinstance(self.hp_cache_views, int) or self.hp_cache_views < 1:
+            raise ValueError(f"hp_cache_views must be an integer >= 1, got {self.hp_cache_views!r}.")
+        if self.hp_cache_features and self.hp_backbone_mode != "eval":
+            raise ValueError(
+                "hp_cache_features=True needs hp_backbone_mode='eval': cached features are computed once with the "
+                "backbone in eval mode, while 'train' mode moves BatchNorm statistics every step."
+            )
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"head_type must be one of {list(HEAD_TYPES)}, got {self.head_type!r}.")
         if self.mlp_hidden_size < 1:
@@ -210,6 +232,12 @@ class HeadPrepConfig(TrainingArguments):
             )
         if not all(isinstance(n, str) and n for n in self.reinit_modules):
             raise ValueError(f"reinit_modules must be a list of module names, got {self.reinit_modules!r}.")
+        if self.hp_cache_features and self.reinit_modules:
+            raise ValueError(
+                f"hp_cache_features=True is not available with reinit_modules={self.reinit_modules}: the "
+                "re-initialised blocks train during HP, so the features they produce change every step and cannot be "
+                "cached. Set hp_cache_features=False (or drop reinit_modules)."
+            )
         if self.drift_probe_samples < 1:
             raise ValueError(f"drift_probe_samples must be >= 1, got {self.drift_probe_samples}.")
         if self.measure_batch_size is not None and self.measure_batch_size < 1:

@@ -52,6 +52,7 @@ class PassResult:
     p_true: torch.Tensor | None = None
     correct: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def summary(self) -> dict[str, float]:
         valid = ~torch.isnan(self.energy)
@@ -100,6 +101,9 @@ def measure(
     ignore_index: int = -100,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     seed: int | None = None,
+    raw_features: bool = False,
+    keep_labels: bool = False,
+    check_first_batch: Callable[[torch.Tensor, object], None] | None = None,
 ) -> PassResult:
     """One pass of `model` (eval mode, no grad) over `dataloader`.
 
@@ -115,6 +119,9 @@ def measure(
         ignore_index: Label value excluded from the energy.
         autocast: Context manager factory for the forward (mixed precision).
         seed: Seed the RNGs for the pass (same augmented views every time); the training RNG is untouched.
+        raw_features: Keep the head inputs as they are (e.g. `B, C, H, W` maps) instead of one vector per sample.
+        keep_labels: Also return the labels (`PassResult.labels`), gathered like the rest.
+        check_first_batch: Called as `check_first_batch(z, outputs)` on the first batch (features kept only).
     """
     captured: list[torch.Tensor] = []
 
@@ -122,7 +129,7 @@ def measure(
         captured.append(args[0] if args else next(iter(kwargs.values())))
 
     handle = feature_module.register_forward_pre_hook(hook) if max_features > 0 else None
-    values: dict[str, list[torch.Tensor]] = {"energy": [], "p_true": [], "correct": [], "features": []}
+    values: dict[str, list[torch.Tensor]] = {"energy": [], "p_true": [], "correct": [], "features": [], "labels": []}
     n_features = 0
     try:
         with preserved_state(model, seed):
@@ -138,7 +145,12 @@ def measure(
                 if want_features:
                     if not captured:
                         raise RuntimeError("The feature module was not called during the forward pass.")
-                    to_gather["features"] = reduce_features(captured[0]).float()
+                    if check_first_batch is not None and n_features == 0:
+                        check_first_batch(captured[0], outputs)
+                    z = captured[0] if raw_features else reduce_features(captured[0])
+                    to_gather["features"] = z.float()
+                if keep_labels:
+                    to_gather["labels"] = batch[label_name]
                 if not to_gather:
                     continue
                 gathered = accelerator.gather_for_metrics(to_gather)

@@ -77,6 +77,26 @@ class ModelSplit:
     def feature_module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.feature_module_name)
 
+    def head_module(self, model: nn.Module) -> nn.Module:
+        """The head as one module, for running it on its cached input (cached HP, head exchange)."""
+        if len(self.head_names) != 1:
+            raise ValueError(
+                f"The head is made of several modules {self.head_names}; running it on cached features needs a single "
+                "head module. Wrap them into one module, or use uncached head probing (hp_cache_features=False)."
+            )
+        return model.get_submodule(self.head_names[0])
+
+    def head_logits(self, model: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the head applied to its input `z`, as the full model would return them.
+
+        Dense (`B, C, h, w`) logits are resized bilinearly to the label map's size when they differ, as segmentation
+        models such as torchvision's DeepLabV3 do after their head.
+        """
+        logits = extract_logits(self.head_module(model)(z))
+        if labels is not None and logits.dim() == 4 and labels.dim() == 3 and logits.shape[-2:] != labels.shape[-2:]:
+            logits = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
 
 def _name_of(model: nn.Module, module: nn.Module) -> str | None:
     for name, candidate in model.named_modules():

@@ -36,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_l
 
 from .config import HeadPrepConfig
 from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure
+from .feature_cache import CachedHeadProbing
 from .heads import reinitialize_module, replace_head_with_mlp
 from .labels import check_labels
 from .losses import smoothed_cross_entropy
@@ -178,12 +179,23 @@ class HeadPrepTrainer(Trainer):
         self._user_requires_grad: dict[str, bool] = {}
         self._applied_stage: str | None = None
         self._head_params: list[nn.Parameter] = []  # set per run in _run (the head may be replaced before)
+        self._in_training_step = False
+        self._hp_outside_loop = False  # HP ran on cached features before the training loop (FT-only loop)
         self._probe_loader = None
         self._reset_grad_norm_window()
 
     # ------------------------------------------------------------------ public stages
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """HP for `args.hp_epochs` epochs, then FT; `resume_from_checkpoint` resumes in whichever stage it was."""
+        """HP for `args.hp_epochs` epochs, then FT; `resume_from_checkpoint` resumes in whichever stage it was.
+
+        With `hp_cache_features=True`, HP runs on cached features first and the training loop (and its checkpoints)
+        covers FT only; resuming such a run restarts from its last FT checkpoint without redoing HP.
+        """
+        self._hp_outside_loop = self.args.hp_cache_features and self.args.hp_epochs > 0
+        if self._hp_outside_loop and resume_from_checkpoint in (None, False):
+            self._plan = "hp"
+            self._check_all_labels()
+            self._probe_head_cached()
         return self._run("both", resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def probe_head(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
@@ -191,13 +203,16 @@ class HeadPrepTrainer(Trainer):
 
         Afterwards `dynamics` holds the energy, HP train accuracy and p0 of the prepared head.
         """
-        if self.args.hp_epochs == 0:
+        if self.args.hp_epochs == 0 or (self.args.hp_cache_features and not resume_from_checkpoint):
             self._plan = "hp"
+            self._hp_outside_loop = False
             self._check_all_labels()
+            metrics = self._probe_head_cached() if self.args.hp_epochs > 0 else {}
             if self.args.track_dynamics:
                 self.measure_start()
             self._write_dynamics()
-            return TrainOutput(self.state.global_step, 0.0, {})
+            return TrainOutput(self.state.global_step, metrics.get("hp_loss", 0.0), metrics)
+        self._hp_outside_loop = False
         output = self._run("hp", resume_from_checkpoint, **kwargs)
         if self.args.track_dynamics:
             self.measure_start()
@@ -206,7 +221,32 @@ class HeadPrepTrainer(Trainer):
 
     def finetune(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
+        self._hp_outside_loop = False
         return self._run("ft", resume_from_checkpoint, **kwargs)
+
+    def _probe_head_cached(self) -> dict[str, float]:
+        if self._train_calls > 0:
+            self._reset_for_new_stage()
+        self._train_calls += 1
+        metrics = CachedHeadProbing(self).train()
+        self._stage = "hp"
+        self._sync_buffers()
+        return metrics
+
+    def hp_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copy of everything head probing changes: the head and `reinit_modules` (parameters and buffers), plus
+        every buffer of the model when `hp_backbone_mode="train"` (BatchNorm statistics move then).
+
+        Loading it (`model.load_state_dict(sd, strict=False)`) onto the pretrained model reproduces the prepared
+        model FT starts from; the sweep saves one per tau.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        buffers = {n for n, _ in model.named_buffers()} if self.args.hp_backbone_mode == "train" else set()
+        return {
+            n: t.detach().clone().cpu()
+            for n, t in model.state_dict().items()
+            if self.split.is_hp_trainable(n) or n in buffers
+        }
 
     @property
     def current_stage(self) -> str:
@@ -298,7 +338,7 @@ class HeadPrepTrainer(Trainer):
         num_train_epochs, steps_per_epoch, num_examples, _, total_batch, steps_in_epoch, max_steps = values
         if not has_length(dataloader):
             raise ValueError("HeadPrepTrainer counts HP in epochs and needs a training dataset with a length.")
-        hp_steps = args.hp_epochs * steps_per_epoch if self._plan != "ft" else 0
+        hp_steps = args.hp_epochs * steps_per_epoch if self._plan != "ft" and not self._hp_outside_loop else 0
         ft_steps = max_steps if self._plan != "hp" else 0
         if self._resume_state is not None:
             saved = (self._resume_state["hp_steps"], self._resume_state["ft_steps"])
@@ -406,7 +446,13 @@ class HeadPrepTrainer(Trainer):
             self._begin_ft()
         self._stage = "hp" if in_hp else "ft"
         self._set_requires_grad(self._stage)
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Smoothing applies to training losses only. (model.training cannot tell: during HP the frozen backbone, and
+        # with it the root module, is in eval mode.)
+        self._in_training_step = True
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._in_training_step = False
         if not in_hp and self.args.track_dynamics and self.accelerator.sync_gradients:
             norm = grad_norm(self._head_params)
             if norm is not None:
@@ -417,9 +463,16 @@ class HeadPrepTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         labels = inputs[self.label_names[0]]
         logits = extract_logits(self._call_model(model, inputs))
-        smoothing = self.current_label_smoothing if model.training else 0.0
-        loss = smoothed_cross_entropy(logits, labels, smoothing, self.args.ignore_index)
+        smoothing = self.current_label_smoothing if self._in_training_step else 0.0
+        loss = self.loss_from_logits(logits, labels, smoothing)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """The training loss of both stages (cross-entropy with `label_smoothing`, `ignore_index` honoured).
+
+        Override this (rather than `compute_loss`) to change the loss for every path, cached HP included.
+        """
+        return smoothed_cross_entropy(logits, labels, label_smoothing, self.args.ignore_index)
 
     def _begin_ft(self) -> None:
         self._ft_started = True
@@ -457,7 +510,7 @@ class HeadPrepTrainer(Trainer):
         )
         return self._get_dataloader(dataset, "headprep", batch_size, sampler_fn=self._get_eval_sampler)
 
-    def _measure_dataset(self, dataset, with_energy: bool, max_features: int, loader=None, seed=None):
+    def _measure_dataset(self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, **kwargs):
         self._sync_buffers()
         return measure(
             self.accelerator.unwrap_model(self.model),
@@ -471,6 +524,7 @@ class HeadPrepTrainer(Trainer):
             ignore_index=self.args.ignore_index,
             autocast=self.autocast_smart_context_manager,
             seed=seed,
+            **kwargs,
         )
 
     def _measure_probe(self) -> torch.Tensor:

@@ -1,0 +1,195 @@
+"""The `headprep` command: `sweep`, `exchange` and `report`.
+
+    headprep sweep                                   # offline default: MNIST-5k source, toy task, taus 0..32
+    headprep sweep --sweep_taus 0 2 8 --num_train_epochs 10 --output_dir runs/s1
+    headprep sweep --sweep_shard 0/2 --output_dir runs/s_a    # on machine A
+    headprep sweep --sweep_shard 1/2 --output_dir runs/s_b    # on machine B
+    headprep sweep --merge runs/s_a runs/s_b --output_dir runs/s
+    headprep exchange runs/s                         # backbone x head accuracy matrix (paper Fig. 3)
+    headprep report runs/s                           # PNGs into runs/s/plots
+
+`headprep sweep` takes every field of `SweepConfig` (and so of `TrainingArguments`) and of the task's arguments
+(`--task image_classification`, the default), or `--config file.yaml|json` with command-line flags overriding it.
+Under `accelerate launch` use `recipes/sweep_tau.py`, which runs the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+SWEEP_DEFAULTS = dict(
+    output_dir=None,  # set per run: runs/sweep-<time>
+    hp_cache_features=True,
+    hp_cache_views=4,
+    eval_strategy="no",  # tau* uses the validation metric at the end of FT
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+)
+
+
+def parse_with_config(parser: HfArgumentParser, argv: list[str]):
+    """`parser.parse_args_into_dataclasses(argv)`, where `--config FILE` (.json/.yaml) supplies defaults that flags
+    on the command line override. Unknown keys in the file are an error naming them."""
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            parser.error("--config needs a .json or .yaml file")
+        path = argv[i + 1]
+        del argv[i : i + 2]
+        with open(path) as f:
+            values = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"{path}: unknown settings {unknown}")
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _pop_option(argv: list[str], name: str, default: str | None = None) -> tuple[str | None, list[str]]:
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value, argv
+        if arg.startswith(name + "="):
+            del argv[i]
+            return arg.split("=", 1)[1], argv
+    return default, argv
+
+
+def sweep_parser(task_name: str) -> HfArgumentParser:
+    from .sweep import SweepConfig
+    from .tasks import get_task
+
+    task = get_task(task_name)
+    parser = HfArgumentParser((task.arguments, SweepConfig))
+    defaults = {**task.defaults, **SWEEP_DEFAULTS}
+    defaults["output_dir"] = time.strftime("runs/sweep-%Y%m%d-%H%M%S")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def sweep_main(argv: list[str]) -> dict:
+    """`headprep sweep ...`: run a sweep (or a shard), or merge shards with `--merge DIR...`."""
+    from .sweep import TauSweep, format_table, merge_sweeps
+    from .tasks import get_task, task_record
+
+    if "--merge" in argv:
+        parser = argparse.ArgumentParser(prog="headprep sweep --merge")
+        parser.add_argument("--merge", nargs="+", required=True, metavar="DIR", help="Shard folders to merge.")
+        parser.add_argument("--output_dir", required=True, help="Folder of the merged sweep.json.")
+        parser.add_argument("--overwrite_output_dir", action="store_true")
+        parser.add_argument("--sweep_report", default="true", choices=["true", "false"])
+        ns = parser.parse_args(argv)
+        merged = merge_sweeps(ns.merge, ns.output_dir, overwrite=ns.overwrite_output_dir)
+        if ns.sweep_report == "true":
+            from .report import write_report
+
+            write_report(ns.output_dir)
+        print(format_table(merged))
+        return merged
+
+    task_name, argv = _pop_option(argv, "--task", "image_classification")
+    task = get_task(task_name)
+    task_args, args = parse_with_config(sweep_parser(task_name), argv)
+    inputs = task.load(task_args, args.seed)
+    sweep = TauSweep(
+        inputs.model,
+        args,
+        inputs.train_dataset,
+        inputs.eval_dataset,
+        test_dataset=inputs.test_dataset,
+        compute_metrics=inputs.compute_metrics,
+        task=task_record(task, task_args),
+        data_collator=inputs.data_collator,
+    )
+    result = sweep.run()
+    if args.process_index == 0:
+        print(format_table(result))
+        print(f"sweep.json and plots in {args.output_dir}")
+    return result
+
+
+def exchange_main(argv: list[str]) -> dict:
+    """`headprep exchange SWEEP_DIR`: the head-exchange matrix of a finished sweep run from the command line."""
+    from .exchange import head_exchange
+    from .sweep import SweepConfig, load_sweep
+    from .tasks import load_task_from_record
+
+    parser = argparse.ArgumentParser(prog="headprep exchange", description=exchange_main.__doc__)
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--report", default="true", choices=["true", "false"], help="Redraw the plots afterwards.")
+    ns = parser.parse_args(argv)
+    sweep = load_sweep(ns.sweep_dir)
+    if not sweep.get("task"):
+        raise SystemExit(
+            f"{ns.sweep_dir}/sweep.json records no task (the sweep was run from Python): call "
+            "headprep_hf.exchange.head_exchange(model, sweep_dir, train, val, args) instead."
+        )
+    settings = {k: v for k, v in sweep["settings"].items() if v is not None}
+    args = SweepConfig(
+        output_dir=os.path.join(ns.sweep_dir, "exchange"),
+        sweep_taus=sweep["taus"],
+        report_to="none",
+        disable_tqdm=True,
+        **settings,
+    )
+    inputs = load_task_from_record(sweep["task"], args.seed)
+    exchange = head_exchange(
+        inputs.model, ns.sweep_dir, inputs.train_dataset, inputs.eval_dataset, args, data_collator=inputs.data_collator
+    )
+    if ns.report == "true":
+        from .report import write_report
+
+        write_report(ns.sweep_dir)
+    taus = exchange["taus"]
+    print("validation accuracy, rows: backbone finetuned from tau, columns: head finetuned from tau")
+    print("       " + "".join(f"{t:>8}" for t in taus))
+    for t, row in zip(taus, exchange["validation_accuracy"]):
+        print(f"{t:>7}" + "".join(f"{v:>8.4f}" for v in row))
+    return exchange
+
+
+def report_main(argv: list[str]) -> list[Path]:
+    """`headprep report DIR`: write the sweep's PNGs (into DIR/plots unless --output_dir)."""
+    from .report import write_report
+
+    parser = argparse.ArgumentParser(prog="headprep report", description=report_main.__doc__)
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--output_dir", default=None)
+    ns = parser.parse_args(argv)
+    paths = write_report(ns.sweep_dir, ns.output_dir)
+    for path in paths:
+        print(path)
+    return paths
+
+
+COMMANDS = {"sweep": sweep_main, "exchange": exchange_main, "report": report_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0
+    COMMANDS[argv[0]](argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Head exchange (paper Fig. 3): every backbone x head pair from a sweep's finetuned models, without training.
+
+The paper combines the feature extractor finetuned from tau_i with the head finetuned from tau_j and measures the
+training and validation accuracy of every pair: backbones finetuned from a low-energy head (large tau) stay close to
+the pretrained features, so the heads are only partly interchangeable. Each backbone runs once over the data (its
+head inputs are kept), then every head is applied to those inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .sweep_schema import validate_exchange
+
+EXCHANGE_FILE = "exchange.json"
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> float:
+    predictions = logits.argmax(dim=1)
+    valid = labels != ignore_index
+    return (predictions[valid] == labels[valid]).double().mean().item()
+
+
+def head_exchange(
+    model: torch.nn.Module,
+    sweep_dir: str | os.PathLike,
+    train_dataset,
+    eval_dataset,
+    args,
+    data_collator=None,
+    output_file: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Train/validation accuracy of every (backbone from FT at tau_i, head from FT at tau_j) pair of a sweep.
+
+    Args:
+        model: A model of the sweep's architecture with its task head (e.g. the pretrained model); its weights are
+            replaced by those of the finetuned models in `sweep_dir/tau_N/model.safetensors`.
+        sweep_dir: A finished sweep folder (`sweep.json` with every tau).
+        train_dataset / eval_dataset: The sweep's training and validation sets. Augmented training samples are drawn
+            with the same seed for every backbone.
+        args: The sweep's [`HeadPrepConfig`] / [`SweepConfig`] (head split, batch size, seed).
+        output_file: Where to write the matrix; default `sweep_dir/exchange.json`.
+
+    Returns:
+        `{"taus", "rows": "backbone", "columns": "head", "train_accuracy", "validation_accuracy"}`, where
+        `train_accuracy[i][j]` uses backbone tau_i and head tau_j (the diagonal is each finetuned model itself).
+    """
+    from .sweep import load_sweep
+    from .trainer import HeadPrepTrainer
+
+    sweep_dir = Path(sweep_dir)
+    sweep = load_sweep(sweep_dir)
+    if not sweep.get("complete"):
+        raise ValueError(
+            f"{sweep_dir} holds part of a sweep (a shard); merge the shards first (headprep sweep --merge)."
+        )
+    results = {r["tau"]: r for r in sweep["results"]}
+    taus = list(sweep["taus"])
+    paths = {t: sweep_dir / results[t]["output_dir"] / "model.safetensors" for t in taus}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"Finetuned models missing (the sweep saves them in each tau_N folder): {missing}.")
+
+    # The trainer builds the sweep's architecture (an MLP head when head_type="mlp"); the weights are loaded below.
+    measure_args = dataclasses.replace(
+        args, output_dir=str(sweep_dir / "exchange"), hp_cache_features=False, overwrite_output_dir=True
+    )
+    trainer = HeadPrepTrainer(model=model, args=measure_args, train_dataset=train_dataset, data_collator=data_collator)
+    net = trainer.accelerator.unwrap_model(trainer.model)
+    split = trainer.split
+    head_states = {}
+    for tau, path in paths.items():
+        state = load_file(str(path))
+        head_states[tau] = {k: v for k, v in state.items() if split.is_head_param(k)}
+
+    def head_inputs(dataset):
+        result = trainer._measure_dataset(
+            dataset,
+            with_energy=False,
+            max_features=len(dataset),
+            seed=args.seed,
+            raw_features=True,
+            keep_labels=True,
+        )
+        return result.features, result.labels
+
+    device = next(net.parameters()).device
+    train_matrix, eval_matrix = [], []
+    disable = not trainer.is_world_process_zero() or not getattr(args, "sweep_progress", True)
+    for tau_i in tqdm(taus, desc="head exchange", unit="backbone", disable=disable):
+        net.load_state_dict(load_file(str(paths[tau_i])))
+        features = {"train": head_inputs(train_dataset), "validation": head_inputs(eval_dataset)}
+        rows = {"train": [], "validation": []}
+        for tau_j in taus:
+            net.load_state_dict(head_states[tau_j], strict=False)
+            with torch.no_grad():
+                for name, (z, labels) in features.items():
+                    logits = split.head_logits(net, z.to(device), labels.to(device)).cpu()
+                    rows[name].append(round(_accuracy(logits, labels, args.ignore_index), 6))
+        train_matrix.append(rows["train"])
+        eval_matrix.append(rows["validation"])
+    exchange = {
+        "taus": taus,
+        "rows": "backbone",
+        "columns": "head",
+        "train_accuracy": train_matrix,
+        "validation_accuracy": eval_matrix,
+    }
+    validate_exchange(exchange)
+    if trainer.is_world_process_zero():
+        target = Path(output_file) if output_file is not None else sweep_dir / EXCHANGE_FILE
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(exchange, indent=2))
+        os.replace(tmp, target)
+    return exchange

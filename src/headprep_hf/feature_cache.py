@@ -1,0 +1,228 @@
+"""Cached-feature head probing: run the frozen backbone once, then train the head on the cached head inputs.
+
+During HP the backbone is frozen and in eval mode, so the head's input `z` of a training sample only depends on the
+sample (and on its augmentation). `CachedHeadProbing` computes `z` for the whole training set once per cached view
+(`hp_cache_views`), then trains the head on it with the trainer's own optimizer, schedule, loss, gradient clipping,
+gradient accumulation and batch order, so that without augmentation the head equals the one uncached HP produces
+(to float tolerance: the backbone runs with another batch size). HP epoch `e` uses view `e % K`.
+
+Batch order: the trainer's training dataloader is asked for its batches (`set_epoch(e)` and its batch sampler), not
+iterated, so no image is loaded. Under several processes every rank holds the whole cache (gathered) and runs the
+same global batches (the per-device batches of all ranks of one step, concatenated), so the ranks' heads agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import TrainerControl, TrainerState
+
+from .split import extract_logits
+
+if TYPE_CHECKING:
+    from .trainer import HeadPrepTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureCache:
+    """Head inputs of the training set: `features[k, i]` is sample `i` under view `k`; `labels[i]` its label."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def num_views(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.element_size() * self.features.nelement()
+
+
+def global_batches(dataloader, epoch: int, num_processes: int = 1) -> list[list[int]]:
+    """Dataset indices of every optimizer micro-step of `epoch`, as the trainer's dataloader would draw them.
+
+    Accelerate shards a dataloader by giving rank `r` every `num_processes`-th batch of the underlying batch sampler;
+    a step of all ranks together therefore sees `num_processes` consecutive batches, concatenated here.
+    """
+    if hasattr(dataloader, "set_epoch"):
+        dataloader.set_epoch(epoch)
+    batch_sampler = dataloader.batch_sampler
+    inner = getattr(batch_sampler, "batch_sampler", None)  # accelerate's BatchSamplerShard wraps the real one
+    if inner is not None:
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+        sampler = getattr(inner, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        batch_sampler = inner
+    batches = [list(map(int, b)) for b in batch_sampler]
+    if num_processes <= 1:
+        return batches
+    return [sum(batches[i : i + num_processes], []) for i in range(0, len(batches), num_processes)]
+
+
+class CachedHeadProbing:
+    """Runs the HP stage of a [`HeadPrepTrainer`] on cached features (`hp_cache_features=True`).
+
+    Used by `HeadPrepTrainer.probe_head()` and `train()`; callbacks see the usual events (`on_train_begin`,
+    `on_epoch_end`, `on_step_end`, `on_log`, ...) with `state.global_step` / `state.epoch` counting HP updates, so
+    a callback that snapshots the head at epoch ends works for cached and uncached HP alike. No checkpoints are
+    written during cached HP (it is cheap to redo).
+    """
+
+    def __init__(self, trainer: HeadPrepTrainer):
+        self.trainer = trainer
+        self.args = trainer.args
+
+    # ------------------------------------------------------------------ cache
+    def build_cache(self) -> FeatureCache:
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        split = trainer.split
+        split.head_module(model)  # fails early, with the reason, when the head is several modules
+
+        def check(z: torch.Tensor, outputs) -> None:
+            with torch.no_grad():
+                expected = extract_logits(outputs).float()
+                got = split.head_logits(model, z).float()
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+                diff = (got - expected).abs().max().item() if got.shape == expected.shape else "shape differs"
+                raise ValueError(
+                    f"hp_cache_features: the head module {split.head_names[0]!r} applied to its input does not give "
+                    f"the model's logits (max difference {diff}); this model computes more after its head. Use "
+                    "hp_cache_features=False, or head_modules=[...] naming a head whose output is the logits."
+                )
+
+        start = time.perf_counter()
+        views, labels = [], None
+        loader = trainer._measurement_loader(trainer.train_dataset)
+        for k in range(self.args.hp_cache_views):
+            result = trainer._measure_dataset(
+                trainer.train_dataset,
+                with_energy=False,
+                max_features=len(trainer.train_dataset),
+                loader=loader,
+                seed=self.args.seed + k,
+                raw_features=True,
+                keep_labels=True,
+                check_first_batch=check if k == 0 else None,
+            )
+            views.append(result.features)
+            labels = result.labels
+        cache = FeatureCache(torch.stack(views), labels)
+        logger.info(
+            "Cached %d view(s) of %d head inputs of shape %s (%.1f MiB) in %.1f s.",
+            cache.num_views,
+            cache.features.shape[1],
+            tuple(cache.features.shape[2:]),
+            cache.nbytes / 2**20,
+            time.perf_counter() - start,
+        )
+        return cache
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict[str, float]:
+        """Train the head for `hp_epochs` epochs on the cache; returns the HP metrics (`train_runtime`, `hp_loss`)."""
+        trainer, args = self.trainer, self.args
+        start = time.perf_counter()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        train_dataloader = trainer.get_train_dataloader()
+        num_processes = trainer.accelerator.num_processes
+        epochs = args.hp_epochs
+        ga = args.gradient_accumulation_steps
+        micro_per_epoch = len(global_batches(train_dataloader, 0, num_processes))
+        updates_per_epoch = max(math.ceil(micro_per_epoch / ga), 1)
+        hp_steps = epochs * updates_per_epoch
+
+        trainer._hp_steps, trainer._ft_steps = hp_steps, 0
+        trainer.optimizer, trainer.lr_scheduler = None, None
+        trainer._applied_stage = None
+        trainer._user_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        trainer.create_optimizer()
+        trainer.create_scheduler(hp_steps, trainer.optimizer)
+        trainer._stage = "hp"
+        trainer._ft_started = False
+        trainer._set_requires_grad("hp")
+
+        cache = self.build_cache()
+        head_params = [p for p in model.parameters() if p.requires_grad]
+        device = next(iter(head_params)).device
+
+        trainer.state = TrainerState(
+            max_steps=hp_steps,
+            num_train_epochs=epochs,
+            logging_steps=args.logging_steps,
+            eval_steps=args.eval_steps,
+            save_steps=args.save_steps,
+            train_batch_size=trainer._train_batch_size,
+        )
+        trainer.state.is_local_process_zero = trainer.is_local_process_zero()
+        trainer.state.is_world_process_zero = trainer.is_world_process_zero()
+        trainer.control = TrainerControl()
+        handler = trainer.callback_handler
+        handler.model, handler.optimizer, handler.lr_scheduler = model, trainer.optimizer, trainer.lr_scheduler
+        handler.train_dataloader = train_dataloader
+        trainer.is_in_train = True
+        total_loss, logged_loss, last_logged_step = 0.0, 0.0, 0
+        loss_fn = trainer.loss_from_logits
+        try:
+            trainer.control = handler.on_train_begin(args, trainer.state, trainer.control)
+            model.eval()
+            for sub in trainer.split.hp_modules(model):
+                sub.train()
+            for epoch in range(epochs):
+                features = cache.features[epoch % cache.num_views]
+                batches = global_batches(train_dataloader, epoch, num_processes)
+                trainer.control = handler.on_epoch_begin(args, trainer.state, trainer.control)
+                for start_micro in range(0, len(batches), ga):
+                    window = batches[start_micro : start_micro + ga]
+                    trainer.control = handler.on_step_begin(args, trainer.state, trainer.control)
+                    step_loss = 0.0
+                    for indices in window:
+                        index = torch.tensor(indices)
+                        z = features[index].to(device, non_blocking=True)
+                        y = cache.labels[index].to(device, non_blocking=True)
+                        logits = trainer.split.head_logits(model, z, y)
+                        loss = loss_fn(logits, y, args.hp_label_smoothing) / len(window)
+                        loss.backward()
+                        step_loss += loss.detach().item()
+                    grad_norm = None
+                    if args.max_grad_norm is not None and args.max_grad_norm > 0:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(head_params, args.max_grad_norm).item()
+                    trainer.optimizer.step()
+                    learning_rate = trainer._get_learning_rate()
+                    trainer.lr_scheduler.step()
+                    model.zero_grad(set_to_none=True)
+                    total_loss += step_loss
+                    logged_loss += step_loss
+                    trainer.state.global_step += 1
+                    trainer.state.epoch = epoch + (start_micro + len(window)) / len(batches)
+                    trainer.control = handler.on_step_end(args, trainer.state, trainer.control)
+                    if trainer.control.should_log and args.logging_strategy != "no":
+                        steps = trainer.state.global_step - last_logged_step
+                        trainer.log(
+                            {"loss": logged_loss / steps, "grad_norm": grad_norm, "learning_rate": learning_rate}
+                        )
+                        logged_loss, last_logged_step = 0.0, trainer.state.global_step
+                        trainer.control.should_log = False
+                trainer.control = handler.on_epoch_end(args, trainer.state, trainer.control)
+                if trainer.control.should_evaluate and trainer.eval_dataset is not None:
+                    trainer.evaluate()
+                    trainer.control.should_evaluate = False
+                trainer.control.should_save = False  # no checkpoints of cached HP
+            runtime = time.perf_counter() - start
+            metrics = {"train_runtime": round(runtime, 4), "hp_loss": total_loss / max(hp_steps, 1)}
+            trainer.control = handler.on_train_end(args, trainer.state, trainer.control)
+        finally:
+            trainer.is_in_train = False
+            trainer._set_requires_grad("ft")
+            trainer.optimizer, trainer.lr_scheduler = None, None
+        return metrics

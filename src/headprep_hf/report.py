@@ -1,0 +1,385 @@
+"""Figures of a tau sweep, drawn from the `sweep.json` (and optional `exchange.json`) that `headprep sweep` writes.
+
+A tau sweep runs head probing (HP) once to the largest tau of a grid, then finetunes (FT) from the head snapshot
+after each tau and picks tau* on the validation set (Ren et al., "How to prepare your task head for finetuning",
+ICLR 2023). `write_report` turns the stored measurements into PNG figures:
+
+* `ft_metric_vs_tau.png`: FT validation selection metric (and test, when stored) against tau, tau* marked.
+* `hp_accuracy_energy_vs_tau.png`: HP train accuracy and energy `||e_y - p_0||` at the start of FT against tau.
+* `drift_vs_tau.png`: feature drift at the end of FT (`||z_t - z_0||^2`, `z_t . z_0`, `||z_t||^2`,
+  `cos(z_t, z_0)`) against tau.
+* `p0_histograms.png`: histogram of the true-class probability `p_0` at the start of FT, one panel per tau.
+* `head_grad_norm.png`: head gradient norm during FT against the FT step, one line per tau.
+* `exchange_heatmap.png` (only with `exchange.json`): train and validation accuracy of a backbone finetuned from
+  tau_i combined with a head finetuned from tau_j.
+
+Only the data stored in the files is plotted (nothing is recomputed), so a report can be drawn on any machine,
+including from a shard that holds part of the grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from .sweep_schema import validate_exchange, validate_sweep
+
+SWEEP_FILE = "sweep.json"
+EXCHANGE_FILE = "exchange.json"
+DPI = 120
+
+_DRIFT_PANELS = (
+    ("sq_dist", r"$\|z_t - z_0\|^2$", "squared distance to the initial features"),
+    ("dot", r"$z_t \cdot z_0$", "dot product with the initial features"),
+    ("sq_norm", r"$\|z_t\|^2$", "squared norm of the features"),
+    ("cos", r"$\cos(z_t, z_0)$", "cosine with the initial features"),
+)
+_TAU = r"$\tau$"
+_ENERGY = r"energy $\|e_y - p_0\|_2$"
+
+
+def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Draw the figures of a tau sweep as PNG files.
+
+    Both input files are read and validated before anything is written, and every PNG is written to a temporary
+    name in `output_dir` then renamed, so a failed call never leaves a half-written figure behind.
+
+    Args:
+        sweep_dir (`str` or `os.PathLike`):
+            Folder of the sweep, holding `sweep.json` and optionally `exchange.json`.
+        output_dir (`str` or `os.PathLike`, *optional*):
+            Folder of the PNG files, created if needed. Defaults to `sweep_dir/plots`.
+
+    Returns:
+        `list[pathlib.Path]`: The written files, in this order: `ft_metric_vs_tau.png`,
+        `hp_accuracy_energy_vs_tau.png`, `drift_vs_tau.png`, `p0_histograms.png`, `head_grad_norm.png`, then
+        `exchange_heatmap.png` when `exchange.json` exists.
+
+    Raises:
+        `FileNotFoundError`: `sweep_dir/sweep.json` does not exist.
+        `jsonschema.ValidationError`: `sweep.json` or `exchange.json` does not follow its schema
+            (see `headprep_hf.sweep_schema`).
+    """
+    sweep_dir = Path(sweep_dir)
+    sweep_path = sweep_dir / SWEEP_FILE
+    if not sweep_path.is_file():
+        raise FileNotFoundError(
+            f"{sweep_path} not found: a report needs the sweep.json written by `headprep sweep` in the sweep folder."
+        )
+    data = json.loads(sweep_path.read_text())
+    validate_sweep(data)
+    exchange = None
+    exchange_path = sweep_dir / EXCHANGE_FILE
+    if exchange_path.is_file():
+        exchange = json.loads(exchange_path.read_text())
+        validate_exchange(exchange)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir) if output_dir is not None else sweep_dir / "plots"
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    figures = [
+        ("ft_metric_vs_tau.png", _figure_metric_vs_tau),
+        ("hp_accuracy_energy_vs_tau.png", _figure_hp_accuracy_energy),
+        ("drift_vs_tau.png", _figure_drift),
+        ("p0_histograms.png", _figure_p0_histograms),
+        ("head_grad_norm.png", _figure_head_grad_norm),
+    ]
+    if exchange is not None:
+        figures.append(("exchange_heatmap.png", lambda plt, data: _figure_exchange(plt, exchange)))
+    written = []
+    for name, draw in figures:
+        before = set(plt.get_fignums())
+        try:
+            fig = draw(plt, data)
+        except BaseException:  # close the figure a failed drawing left open
+            for number in set(plt.get_fignums()) - before:
+                plt.close(number)
+            raise
+        written.append(_save_atomically(plt, fig, output_dir / name))
+    return written
+
+
+def _save_atomically(plt, fig, path: Path) -> Path:
+    """Save `fig` as PNG to a temporary file next to `path`, rename it to `path` and close the figure."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        try:
+            with open(tmp, "xb") as f:  # unlike mkstemp, the permissions follow the umask
+                fig.savefig(f, format="png", dpi=DPI)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _results(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The results of the sweep sorted by tau."""
+    return sorted(data["results"], key=lambda r: r["tau"])
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float, or None when it is missing, null or not finite."""
+    if value is None or isinstance(value, bool):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _points(data: dict[str, Any], get) -> tuple[list[int], list[float]]:
+    """Taus and values `get(result)` over the results sorted by tau, skipping missing values."""
+    taus, values = [], []
+    for result in _results(data):
+        value = _number(get(result))
+        if value is not None:
+            taus.append(result["tau"])
+            values.append(value)
+    return taus, values
+
+
+def _tau_axis(ax, data: dict[str, Any], label: bool = True) -> None:
+    """Log2 tau axis (symlog so that tau = 0 fits) with a tick at each tau of the grid, labelled as an integer.
+
+    Ticks too close to their neighbours for their labels to fit (a dense grid such as 4, 5, 6, 8) stay unlabelled.
+    """
+    import numpy as np
+    from matplotlib.ticker import NullLocator
+
+    taus = sorted(set(data["taus"]) | {r["tau"] for r in data["results"]})
+    ax.set_xscale("symlog", base=2, linthresh=1)
+    low, high = taus[0], taus[-1]
+    left = low - 0.5 if low <= 1 else low / 1.5
+    right = high + 0.5 if high <= 1 else high * 1.5
+    ax.set_xlim(left, right)
+    # position of each tick in inches from the left end (the axes size before layout is close enough)
+    transform = ax.xaxis.get_transform()
+    ends = transform.transform(np.array([left, right], dtype=float))
+    width = ax.get_position().width * ax.figure.get_figwidth()
+    inches = (transform.transform(np.array(taus, dtype=float)) - ends[0]) / (ends[1] - ends[0]) * width
+    labelled = []
+    for i, tau in enumerate(taus):
+        if labelled and not _labels_fit(taus[labelled[-1]], inches[labelled[-1]], tau, inches[i]):
+            if i != len(taus) - 1:
+                continue
+            labelled.pop()  # the largest tau is always labelled, in place of its neighbour
+        labelled.append(i)
+    ax.set_xticks(taus, labels=[str(tau) if i in labelled else "" for i, tau in enumerate(taus)])
+    ax.xaxis.set_minor_locator(NullLocator())
+    if label:
+        ax.set_xlabel(f"{_TAU} (HP epochs before FT)")
+    ax.grid(True, alpha=0.3)
+
+
+def _labels_fit(tau_a: int, inch_a: float, tau_b: int, inch_b: float) -> bool:
+    """Whether tick labels `tau_a` and `tau_b` centred `inch_b - inch_a` inches apart leave a gap between them."""
+    digit = 0.08  # width of a digit at the default tick label size, in inches
+    return inch_b - inch_a >= (len(str(tau_a)) + len(str(tau_b))) / 2 * digit + digit
+
+
+def _no_data(ax, message: str) -> None:
+    """Write `message` in the middle of an axes that has nothing to plot."""
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def _plot_metric_vs_tau(ax, data: dict[str, Any]) -> None:
+    """Plot the FT validation selection metric (and test, when stored) against tau on `ax`, with tau* marked.
+
+    tau* is drawn as a star at its validation value (a `Line2D` whose x data is `[tau_star]`), a vertical dashed line
+    and the legend entry "tau* = N"; nothing is marked when `tau_star` is null (a shard).
+
+    Args:
+        ax (`matplotlib.axes.Axes`):
+            The axes to draw on.
+        data (`dict`):
+            The content of `sweep.json`.
+    """
+    metric = data["selection_metric"]
+    _tau_axis(ax, data)
+    val_taus, val_values = _points(data, lambda r: r["validation"].get(metric))
+    if val_taus:
+        ax.plot(val_taus, val_values, "o-", color="C0", label=f"validation {metric}")
+    test_taus, test_values = _points(data, lambda r: (r["test"] or {}).get(metric))
+    if test_taus:
+        ax.plot(test_taus, test_values, "s--", color="C1", label=f"test {metric}")
+    tau_star = data["tau_star"]
+    if tau_star is not None:
+        label = rf"$\tau^*$ = {tau_star}"
+        vline = ax.axvline(tau_star, color="C3", linestyle="--", linewidth=1, zorder=1)
+        star_value = dict(zip(val_taus, val_values)).get(tau_star)
+        if star_value is not None:
+            ax.plot([tau_star], [star_value], "*", color="C3", markersize=16, zorder=3, label=label)
+        else:  # tau* without a stored value (should not happen): the dashed line carries the legend
+            vline.set_label(label)
+    if not val_taus and not test_taus:
+        _no_data(ax, f"no FT {metric} stored")
+    direction = "higher" if data["greater_is_better"] else "lower"
+    ax.set_ylabel(f"FT {metric} ({direction} is better)")
+    title = f"FT {metric} after HP for {_TAU} epochs"
+    done = {r["tau"] for r in data["results"]}
+    if not set(data["taus"]) <= done:
+        title += f"\n(results for {len(done & set(data['taus']))} of the {len(data['taus'])} taus of the grid)"
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best")
+
+
+def _figure_metric_vs_tau(plt, data: dict[str, Any]):
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    _plot_metric_vs_tau(ax, data)
+    return fig
+
+
+def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    _tau_axis(ax, data)
+    taus, accuracy = _points(data, lambda r: r["hp_train_accuracy"])
+    lines = ax.plot(taus, accuracy, "o-", color="C0", label="HP train accuracy")
+    ax.set_ylabel("HP train accuracy", color="C0")
+    ax.tick_params(axis="y", labelcolor="C0")
+    right = ax.twinx()
+    taus, energy = _points(data, lambda r: r["energy"])
+    lines += right.plot(taus, energy, "s--", color="C1", label=_ENERGY)
+    right.set_ylabel(f"{_ENERGY} at the start of FT", color="C1")
+    right.tick_params(axis="y", labelcolor="C1")
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right")
+    ax.set_title(f"Head after {_TAU} HP epochs: train accuracy and energy")
+    return fig
+
+
+def _figure_drift(plt, data: dict[str, Any]):
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4), layout="constrained")
+    for ax, (key, symbol, description) in zip(axes.flat, _DRIFT_PANELS):
+        _tau_axis(ax, data, label=ax in axes[1])
+        taus, values = _points(data, lambda r, key=key: (r["drift"] or {}).get(key))
+        if taus:
+            ax.plot(taus, values, "o-", color="C2")
+        else:
+            _no_data(ax, "no drift stored")
+        ax.set_ylabel(symbol)
+        ax.set_title(f"{symbol}: {description}", fontsize="medium")
+    fig.suptitle(f"Feature drift at the end of FT against {_TAU} (mean over the probe set)")
+    return fig
+
+
+def _figure_p0_histograms(plt, data: dict[str, Any]):
+    import numpy as np
+
+    results = _results(data)
+    n = max(len(results), 1)
+    ncols = n if n <= 4 else math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(max(2.8 * ncols + 0.6, 6.4), 2.3 * nrows + 0.9),
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax, result in zip(axes.flat, results):
+        edges = np.asarray(result["p0_histogram"]["edges"], dtype=float)
+        counts = np.asarray(result["p0_histogram"]["counts"], dtype=float)
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", edgecolor="white", linewidth=0.5)
+        ax.axvline(result["p0_mean"], color="C3", linestyle="--", linewidth=1)
+        ax.set_title(f"{_TAU} = {result['tau']}, energy {result['energy']:.3g}", fontsize="medium")
+    axes[0, 0].set_xlim(0, 1)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("training samples")
+    if not results:
+        _no_data(axes[0, 0], "no result stored")
+    for i, ax in enumerate(axes.flat):
+        if results and i >= len(results):  # empty cell of the last row: label the panel above instead
+            ax.set_visible(False)
+            axes.flat[i - ncols].xaxis.set_tick_params(labelbottom=True)
+            axes.flat[i - ncols].set_xlabel(r"$p_0(y \mid x)$")
+        elif i >= (nrows - 1) * ncols:
+            ax.set_xlabel(r"$p_0(y \mid x)$")
+    fig.suptitle(r"True-class probability $p_0(y \mid x)$ at the start of FT (dashed line: mean)")
+    return fig
+
+
+def _plain_log_formatter_class():
+    """A `LogFormatter` that writes its labels as plain numbers (0.3, 2, 40) instead of 3x10^-1."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter
+
+
+def _figure_head_grad_norm(plt, data: dict[str, Any]):
+    import matplotlib as mpl
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    results = [r for r in _results(data) if r["head_grad_norm"]]
+    cmap = mpl.colormaps["viridis"]
+    all_values = []
+    for i, result in enumerate(results):
+        points = sorted(result["head_grad_norm"], key=lambda p: p["step"])
+        steps = [p["step"] for p in points]
+        values = [p["value"] for p in points]
+        all_values += values
+        color = cmap(i / max(len(results) - 1, 1) * 0.9)
+        ax.plot(steps, values, "-", color=color, label=f"{_TAU} = {result['tau']}", linewidth=1.5)
+    if all_values and all(v > 0 for v in all_values):
+        ax.set_yscale("log")
+        plain_log_formatter = _plain_log_formatter_class()
+        ax.yaxis.set_major_formatter(plain_log_formatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(plain_log_formatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    if results:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", ncols=2 if len(results) > 12 else 1)
+    else:
+        _no_data(ax, "no head gradient norm stored")
+    ax.set_xlabel("FT step")
+    ax.set_ylabel(r"head gradient norm $\|\nabla_v L\|_2$")
+    ax.set_title(f"Head gradient norm during FT, by {_TAU}")
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def _figure_exchange(plt, exchange: dict[str, Any]):
+    import numpy as np
+
+    taus = exchange["taus"]
+    n = len(taus)
+    side = max(3.2, 0.55 * n + 1.6)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.6, side + 0.6), layout="constrained")
+    panels = (("train_accuracy", "train accuracy"), ("validation_accuracy", "validation accuracy"))
+    for ax, (key, title) in zip(axes, panels):
+        rows = exchange[key]
+        if len(rows) != n or any(len(row) != n for row in rows):
+            _no_data(ax, f"{key} is not a {n}x{n} matrix")
+            ax.set_axis_off()
+            continue
+        values = np.asarray(rows, dtype=float)
+        image = ax.imshow(values, cmap="viridis", origin="upper")
+        ax.set_xticks(range(n), labels=[str(t) for t in taus])
+        ax.set_yticks(range(n), labels=[str(t) for t in taus])
+        ax.set_xlabel(r"head from FT at $\tau_j$")
+        ax.set_ylabel(r"backbone from FT at $\tau_i$")
+        ax.set_title(title)
+        low, high = np.nanmin(values), np.nanmax(values)
+        middle = (low + high) / 2
+        fontsize = "small" if n <= 8 else "x-small"
+        for i in range(n):
+            for j in range(n):
+                color = "black" if values[i, j] > middle else "white"
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", color=color, fontsize=fontsize)
+        fig.colorbar(image, ax=ax, shrink=0.85, label=title)
+    fig.suptitle(r"Head exchange: backbone from $\tau_i$ with head from $\tau_j$")
+    return fig

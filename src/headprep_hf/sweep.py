@@ -1,0 +1,627 @@
+"""The tau sweep (paper section 5.2, HP tau*-FT): one HP run with head snapshots, FT from each, tau* on validation.
+
+1. ONE head-probing run to the largest tau of the grid saves the head after every grid epoch
+   (`heads/tau_N.safetensors`, everything HP changes, see `HeadPrepTrainer.hp_state_dict`). With a constant HP
+   learning rate the snapshot at tau is exactly what `probe_head()` with `hp_epochs=tau` produces (same seed and
+   batches).
+2. Every FT job starts from a fresh copy of the same pretrained model, loads one snapshot and runs `finetune()`;
+   `tau_N/` holds its model, dynamics and `sweep_result.json`.
+3. tau* maximises (or minimises, for losses) the validation metric at the end of FT; `sweep.json` gathers per tau
+   the HP train accuracy, energy, p0 histogram, final drift, validation/test metrics and head-gradient-norm curve, and
+   the paper's Table 1 columns HP0-FT, HPmax-FT and HPtau*-FT.
+
+An interrupted sweep is continued by running it again with the same settings: finished FT jobs (`sweep_result.json`
+with the same fingerprint) are reused, an unfinished one resumes from its last checkpoint. Shards
+(`sweep_shard="i/n"`) run every n-th FT job; `merge_sweeps` joins their folders.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PrinterCallback, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import HeadPrepConfig
+from .sweep_schema import SWEEP_FORMAT_VERSION, validate_sweep
+from .trainer import HeadPrepTrainer
+from .version import __version__
+
+logger = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+RESULT_FILE = "sweep_result.json"
+DEFAULT_TAUS = (0, 1, 2, 4, 8, 16, 32)
+# Settings that change what a sweep computes; shards must agree on all of them to be merged.
+_FINGERPRINT_FIELDS = (
+    "seed",
+    "data_seed",
+    "hp_learning_rate",
+    "hp_lr_scheduler_type",
+    "hp_warmup_ratio",
+    "hp_weight_decay",
+    "hp_label_smoothing",
+    "ft_label_smoothing",
+    "hp_backbone_mode",
+    "hp_cache_features",
+    "hp_cache_views",
+    "head_type",
+    "mlp_hidden_size",
+    "mlp_num_layers",
+    "head_modules",
+    "reinit_modules",
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "drift_probe_samples",
+    "energy_max_samples",
+    "sweep_taus",
+    "sweep_metric",
+)
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """`"i/n"` -> `(i, n)`, 0-based: shard i of n runs the FT jobs whose grid position p has `p % n == i`."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
+    if not match:
+        raise ValueError(f"sweep_shard must look like 'i/n' (e.g. '0/2'), got {spec!r}.")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or index >= count:
+        raise ValueError(
+            f"sweep_shard {spec!r}: the index is 0-based and must be smaller than the count (for 2 shards use '0/2' "
+            "and '1/2')."
+        )
+    return index, count
+
+
+def validate_taus(taus) -> list[int]:
+    """The grid as a list of ints, or a `ValueError` saying what is wrong with it."""
+    taus = list(taus) if taus is not None else []
+    if not taus:
+        raise ValueError("sweep_taus is empty; give the HP epochs to try, e.g. 0 1 2 4 8 16 32.")
+    bad = [t for t in taus if isinstance(t, bool) or not isinstance(t, int)]
+    if bad:
+        raise ValueError(f"sweep_taus must be integers (HP epochs), got {bad}.")
+    negative = [t for t in taus if t < 0]
+    if negative:
+        raise ValueError(f"sweep_taus must be >= 0 (0 = no head probing), got {negative}.")
+    if any(b <= a for a, b in zip(taus, taus[1:])):
+        raise ValueError(
+            f"sweep_taus must be sorted ascending without duplicates, got {taus}; e.g. {sorted(set(taus))}."
+        )
+    return taus
+
+
+@dataclass
+class SweepConfig(HeadPrepConfig):
+    r"""
+    [`HeadPrepConfig`] plus the settings of a tau sweep ([`TauSweep`]). `hp_epochs` is set per FT job from the grid.
+
+    Parameters:
+        sweep_taus (`list[int]`, defaults to `[0, 1, 2, 4, 8, 16, 32]`):
+            The grid of HP epochs, sorted ascending, no duplicates.
+        sweep_metric (`str`, defaults to `"accuracy"`):
+            Validation metric (a key of `compute_metrics`' result, or `"loss"`) that picks tau*.
+        sweep_greater_is_better (`bool` or `None`, defaults to `None`):
+            Direction of `sweep_metric`; `None`: lower is better for names ending in "loss", higher otherwise.
+        sweep_shard (`str` or `None`, defaults to `None`):
+            `"i/n"` (0-based): run only the FT jobs at grid positions `p % n == i` (every shard runs the cheap HP).
+        sweep_exchange (`bool`, defaults to `False`):
+            Also compute the head-exchange matrix (paper Fig. 3) after a complete sweep.
+        sweep_report (`bool`, defaults to `True`):
+            Write the PNG plots into `output_dir/plots` at the end.
+        sweep_progress (`bool`, defaults to `True`):
+            Show a progress bar over the FT jobs (independent of `disable_tqdm`, which controls the Trainer's bars).
+    """
+
+    sweep_taus: list[int] = field(
+        default_factory=lambda: list(DEFAULT_TAUS), metadata={"help": "Grid of HP epochs tau (sorted, unique)."}
+    )
+    sweep_metric: str = field(default="accuracy", metadata={"help": "Validation metric that picks tau*."})
+    sweep_greater_is_better: bool | None = field(
+        default=None, metadata={"help": "Direction of sweep_metric; unset: lower is better for *loss."}
+    )
+    sweep_shard: str | None = field(default=None, metadata={"help": "'i/n': run only every n-th FT job (0-based)."})
+    sweep_exchange: bool = field(default=False, metadata={"help": "Compute the head-exchange matrix (Fig. 3)."})
+    sweep_report: bool = field(default=True, metadata={"help": "Write the PNG plots at the end."})
+    sweep_progress: bool = field(default=True, metadata={"help": "Progress bar over the FT jobs."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.sweep_taus = validate_taus(self.sweep_taus)
+        if self.sweep_shard is not None:
+            parse_shard(self.sweep_shard)
+        if self.hp_lr_scheduler_type != "constant" or self.hp_warmup_ratio != 0:
+            raise ValueError(
+                f"A tau sweep needs hp_lr_scheduler_type='constant' and hp_warmup_ratio=0 (got "
+                f"{self.hp_lr_scheduler_type!r}, {self.hp_warmup_ratio}): the head saved after tau epochs of the one "
+                "HP run must equal a run with hp_epochs=tau, which a schedule over the HP length breaks."
+            )
+        if not self.sweep_metric:
+            raise ValueError("sweep_metric must name a validation metric, e.g. 'accuracy'.")
+
+    @property
+    def selection_greater_is_better(self) -> bool:
+        if self.sweep_greater_is_better is not None:
+            return self.sweep_greater_is_better
+        return not self.sweep_metric.endswith("loss")
+
+    def shard_taus(self) -> list[int]:
+        if self.sweep_shard is None:
+            return list(self.sweep_taus)
+        index, count = parse_shard(self.sweep_shard)
+        return [tau for p, tau in enumerate(self.sweep_taus) if p % count == index]
+
+
+class _SnapshotCallback(TrainerCallback):
+    def __init__(self, sweep: TauSweep, trainer: HeadPrepTrainer):
+        self.sweep, self.trainer = sweep, trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        epoch = round(state.epoch or 0)
+        if epoch in self.sweep.args.sweep_taus:
+            self.sweep._save_snapshot(epoch, self.trainer)
+        return control
+
+
+def _strip(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix) and k[len(prefix) :] not in skip}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes, dtypes and values of a state dict (order-independent)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def config_fingerprint(args: SweepConfig) -> str:
+    values = {}
+    for name in _FINGERPRINT_FIELDS:
+        value = getattr(args, name, None)
+        values[name] = getattr(value, "value", value)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class TauSweep:
+    r"""
+    Sweep the number of head-probing epochs tau and pick tau* on validation (Ren et al., ICLR 2023, section 5.2).
+
+    Args:
+        model: The pretrained model with its new task head (left untouched: every job works on a copy).
+        args: A [`SweepConfig`].
+        train_dataset / eval_dataset: Training and validation sets (tau* is chosen on `eval_dataset`).
+        test_dataset: Optional; its metrics are reported for every tau and in the summary.
+        compute_metrics: As for `Trainer`; must produce `args.sweep_metric` (unless it is "loss").
+        task: Optional `{"name": ..., "args": {...}}` recorded in `sweep.json` so that `headprep exchange` can rebuild
+            the data and model from the command line.
+        **trainer_kwargs: Passed to every [`HeadPrepTrainer`] (data_collator, callbacks, drift_dataset, ...).
+
+    Example:
+
+    ```python
+    from headprep_hf import SweepConfig, TauSweep
+
+    args = SweepConfig(output_dir="runs/sweep", sweep_taus=[0, 1, 2, 4, 8], hp_cache_features=True,
+                       num_train_epochs=6, learning_rate=3e-4, per_device_train_batch_size=64)
+    result = TauSweep(model, args, train, val, test_dataset=test, compute_metrics=accuracy_metrics()).run()
+    print(result["tau_star"], result["summary"]["HPtau*-FT"])
+    ```
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: SweepConfig,
+        train_dataset,
+        eval_dataset,
+        test_dataset=None,
+        compute_metrics=None,
+        task: dict[str, Any] | None = None,
+        **trainer_kwargs,
+    ):
+        if not isinstance(args, SweepConfig):
+            raise TypeError(f"args must be a SweepConfig, got {type(args).__name__}.")
+        if eval_dataset is None:
+            raise ValueError("A tau sweep picks tau* on validation: pass eval_dataset.")
+        self.model = model
+        self.args = args
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.test_dataset = test_dataset
+        self.compute_metrics = compute_metrics
+        self.task = task
+        self.trainer_kwargs = trainer_kwargs
+        self.output_dir = Path(args.output_dir)
+        self._pristine = copy.deepcopy(model).cpu()
+        self._snapshots: dict[int, str] = {}
+        self._fingerprint: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> dict[str, Any]:
+        """Run the sweep (or this shard of it); returns the content written to `output_dir/sweep.json`."""
+        self._check_output_dir()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        hp_info = self.probe()
+        results = []
+        taus = self.args.shard_taus()
+        progress = self._progress(taus)
+        for tau in taus:
+            progress.set_description(f"FT from tau={tau}")
+            result = self.finetune_from(tau)
+            results.append(result)
+            progress.set_postfix({self.args.sweep_metric: result["validation"].get(self.args.sweep_metric)})
+            progress.update(1)
+        progress.close()
+        sweep = self._assemble(results, hp_info)
+        if self._is_main:
+            _write_json(self.output_dir / SWEEP_FILE, sweep)
+            if self.args.sweep_exchange and sweep["complete"]:
+                from .exchange import head_exchange
+
+                head_exchange(
+                    self._pristine_copy(),
+                    self.output_dir,
+                    self.train_dataset,
+                    self.eval_dataset,
+                    self.args,
+                    data_collator=self.trainer_kwargs.get("data_collator"),
+                )
+            if self.args.sweep_report:
+                from .report import write_report
+
+                write_report(self.output_dir)
+        return sweep
+
+    def probe(self) -> dict[str, Any]:
+        """The one HP run to the largest tau, saving the head after every grid epoch; returns the `hp` record."""
+        max_tau = self.args.sweep_taus[-1]
+        hp_args = dataclasses.replace(
+            self.args,
+            output_dir=str(self.output_dir / "hp"),
+            hp_epochs=max_tau,
+            eval_strategy="no",
+            save_strategy="no",
+            load_best_model_at_end=False,
+            track_dynamics=False,
+            overwrite_output_dir=True,  # no checkpoints are written by this run
+        )
+        trainer = self._quiet(
+            HeadPrepTrainer(
+                model=self._pristine_copy(),
+                args=hp_args,
+                train_dataset=self.train_dataset,
+                **self._hp_trainer_kwargs(),
+            )
+        )
+        self._fingerprint = {
+            "taus": list(self.args.sweep_taus),
+            "model": state_fingerprint(trainer.accelerator.unwrap_model(trainer.model).state_dict()),
+            "config": config_fingerprint(self.args),
+        }
+        start = time.perf_counter()
+        if 0 in self.args.sweep_taus:
+            self._save_snapshot(0, trainer)
+        if max_tau > 0:
+            trainer.add_callback(_SnapshotCallback(self, trainer))
+            trainer.probe_head()
+        trainer.accelerator.wait_for_everyone()
+        runtime = time.perf_counter() - start
+        missing = [t for t in self.args.sweep_taus if t not in self._snapshots]
+        if missing:
+            raise RuntimeError(f"HP did not reach the grid epochs {missing}; no snapshot was saved for them.")
+        return {
+            "cached_features": bool(self.args.hp_cache_features),
+            "cache_views": int(self.args.hp_cache_views),
+            "runtime": round(runtime, 4),
+            "snapshots": {str(t): os.path.relpath(p, self.output_dir) for t, p in self._snapshots.items()},
+        }
+
+    def finetune_from(self, tau: int) -> dict[str, Any]:
+        """FT job for one tau: fresh pretrained model + the head snapshot, `finetune()`, validation/test metrics."""
+        job_dir = self.output_dir / f"tau_{tau}"
+        done = job_dir / RESULT_FILE
+        if done.is_file():
+            previous = json.loads(done.read_text())
+            if previous.get("fingerprint") == self._fingerprint:
+                logger.info("tau=%d: reusing the finished FT job in %s.", tau, job_dir)
+                return previous["result"]
+            raise ValueError(
+                f"{job_dir} holds an FT job of a different sweep (other model, grid or settings); use another "
+                "output_dir or delete it."
+            )
+        job_args = dataclasses.replace(self.args, output_dir=str(job_dir), hp_epochs=tau)
+        trainer = self._quiet(
+            HeadPrepTrainer(
+                model=self._pristine_copy(),
+                args=job_args,
+                train_dataset=self.train_dataset,
+                eval_dataset=self.eval_dataset,
+                compute_metrics=self.compute_metrics,
+                **self.trainer_kwargs,
+            )
+        )
+        snapshot = load_file(self._snapshots[tau])
+        missing, unexpected = trainer.accelerator.unwrap_model(trainer.model).load_state_dict(snapshot, strict=False)
+        if unexpected:
+            raise ValueError(f"The head snapshot {self._snapshots[tau]} has keys the model lacks: {unexpected[:5]}.")
+        checkpoint = get_last_checkpoint(str(job_dir / "ft")) if (job_dir / "ft").is_dir() else None
+        output = trainer.finetune(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        validation = _strip(trainer.evaluate(), "eval_")
+        metric = self.args.sweep_metric
+        if metric not in validation:
+            raise ValueError(
+                f"sweep_metric {metric!r} is not among the validation metrics {sorted(validation)}; set sweep_metric "
+                "to one of them or pass a compute_metrics that returns it."
+            )
+        test = None
+        if self.test_dataset is not None:
+            test = _strip(trainer.evaluate(self.test_dataset, metric_key_prefix="test"), "test_")
+        dyn = trainer.dynamics
+        drift = dyn.get("drift") or []
+        result = {
+            "tau": tau,
+            "hp_train_accuracy": dyn["hp_train_accuracy"],
+            "energy": dyn["energy"],
+            "p0_mean": dyn["p0_mean"],
+            "p0_histogram": dyn["p0_histogram"],
+            "drift": drift[-1] if drift else None,
+            "validation": validation,
+            "test": test,
+            "head_grad_norm": dyn.get("head_grad_norm", []),
+            "output_dir": os.path.relpath(job_dir, self.output_dir),
+            "train_runtime": round(float(output.metrics.get("train_runtime", 0.0)), 4),
+        }
+        if trainer.args.should_save:
+            _write_json(done, {"fingerprint": self._fingerprint, "result": result})
+        return result
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _is_main(self) -> bool:
+        return self.args.process_index == 0
+
+    def _quiet(self, trainer: HeadPrepTrainer) -> HeadPrepTrainer:
+        # With disable_tqdm the Trainer prints every log line; in a sweep the progress bar over taus replaces that
+        # (the logs still reach report_to and sweep.json).
+        if self.args.disable_tqdm:
+            trainer.remove_callback(PrinterCallback)
+        return trainer
+
+    def _pristine_copy(self) -> torch.nn.Module:
+        return copy.deepcopy(self._pristine)
+
+    def _hp_trainer_kwargs(self) -> dict[str, Any]:
+        # The HP run neither evaluates nor measures; it needs the collator and the user's callbacks only.
+        return {k: v for k, v in self.trainer_kwargs.items() if k in ("data_collator", "callbacks")}
+
+    def _save_snapshot(self, tau: int, trainer: HeadPrepTrainer) -> None:
+        path = self.output_dir / "heads" / f"tau_{tau}.safetensors"
+        state = trainer.hp_state_dict()
+        if self._is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"tau": str(tau)})
+            os.replace(tmp, path)
+        self._snapshots[tau] = str(path)
+
+    def _check_output_dir(self) -> None:
+        path = self.output_dir / SWEEP_FILE
+        if path.exists() and not self.args.overwrite_output_dir:
+            raise ValueError(
+                f"{path} already exists: {self.output_dir} holds a finished sweep. Pick another output_dir or set "
+                "overwrite_output_dir=True (finished FT jobs of the same sweep are then reused, not rerun)."
+            )
+
+    def _progress(self, taus: list[int]):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=len(taus), desc="tau sweep", unit="tau", disable=not (self.args.sweep_progress and self._is_main)
+        )
+
+    def _assemble(self, results: list[dict], hp_info: dict) -> dict[str, Any]:
+        shard = None
+        if self.args.sweep_shard is not None:
+            index, count = parse_shard(self.args.sweep_shard)
+            shard = {"index": index, "count": count}
+        return assemble_sweep(
+            results=results,
+            taus=self.args.sweep_taus,
+            metric=self.args.sweep_metric,
+            greater_is_better=self.args.selection_greater_is_better,
+            hp=hp_info,
+            fingerprint=self._fingerprint,
+            shard=shard,
+            task=self.task,
+            settings=_settings(self.args),
+        )
+
+
+def _settings(args: SweepConfig) -> dict[str, Any]:
+    keys = [k for k in _FINGERPRINT_FIELDS if k not in ("sweep_taus",)]
+    return {k: getattr(getattr(args, k, None), "value", getattr(args, k, None)) for k in keys}
+
+
+def select_tau_star(results: list[dict], metric: str, greater_is_better: bool) -> int:
+    """tau with the best validation `metric` (ties: the smallest tau)."""
+    sign = 1.0 if greater_is_better else -1.0
+    best = max(sorted(results, key=lambda r: r["tau"]), key=lambda r: sign * r["validation"][metric])
+    return best["tau"]
+
+
+def assemble_sweep(
+    results: list[dict],
+    taus: list[int],
+    metric: str,
+    greater_is_better: bool,
+    hp: dict,
+    fingerprint: dict,
+    shard: dict | None,
+    task: dict | None = None,
+    settings: dict | None = None,
+    merged_from: list[str] | None = None,
+) -> dict[str, Any]:
+    """Build (and validate) the `sweep.json` content from per-tau results."""
+    results = sorted(results, key=lambda r: r["tau"])
+    complete = [r["tau"] for r in results] == list(taus)
+    tau_star = select_tau_star(results, metric, greater_is_better) if complete else None
+    by_tau = {r["tau"]: r for r in results}
+
+    def row(tau):
+        if tau not in by_tau:
+            return None
+        r = by_tau[tau]
+        return {"tau": tau, "validation": r["validation"].get(metric), "test": (r["test"] or {}).get(metric)}
+
+    sweep = {
+        "format_version": SWEEP_FORMAT_VERSION,
+        "headprep_version": __version__,
+        "taus": list(taus),
+        "selection_metric": metric,
+        "greater_is_better": greater_is_better,
+        "tau_star": tau_star,
+        "complete": complete,
+        "results": results,
+        "summary": {
+            "HP0-FT": row(taus[0]) if taus[0] == 0 else None,
+            "HPmax-FT": row(taus[-1]),
+            "HPtau*-FT": row(tau_star) if tau_star is not None else None,
+        },
+        "hp": hp,
+        "fingerprint": fingerprint,
+        "shard": shard,
+        "task": task,
+        "settings": settings or {},
+    }
+    if merged_from is not None:
+        sweep["merged_from"] = merged_from
+    validate_sweep(sweep)
+    return sweep
+
+
+def load_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(sweep_dir) / SWEEP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a sweep folder (it is written by `headprep sweep`).")
+    data = json.loads(path.read_text())
+    validate_sweep(data)
+    return data
+
+
+def merge_sweeps(
+    sweep_dirs: list[str | os.PathLike], output_dir: str | os.PathLike, overwrite: bool = False
+) -> dict[str, Any]:
+    """Merge the `sweep.json` of shards of one sweep into `output_dir/sweep.json` (FT job paths made relative to it).
+
+    Raises `ValueError` when the shards come from different sweeps (grid, model or settings differ), when two of them
+    hold the same tau, or when `output_dir/sweep.json` exists and `overwrite` is False. Nothing is written then.
+    """
+    if not sweep_dirs:
+        raise ValueError("Nothing to merge: give the shard folders.")
+    output_dir = Path(output_dir)
+    target = output_dir / SWEEP_FILE
+    if target.exists() and not overwrite:
+        raise ValueError(f"{target} already exists; merge into another folder or pass --overwrite_output_dir.")
+    sweeps = [(Path(d), load_sweep(d)) for d in sweep_dirs]
+    first_dir, first = sweeps[0]
+    results: dict[int, dict] = {}
+    for path, sweep in sweeps:
+        for key in ("taus", "model", "config"):
+            if sweep["fingerprint"][key] != first["fingerprint"][key]:
+                what = {"taus": "grid of taus", "model": "model (weights or head)", "config": "settings"}[key]
+                raise ValueError(f"Cannot merge {path} with {first_dir}: their {what} differ; they are not one sweep.")
+        if sweep["selection_metric"] != first["selection_metric"]:
+            raise ValueError(f"Cannot merge {path} with {first_dir}: different selection metrics.")
+        for result in sweep["results"]:
+            if result["tau"] in results:
+                raise ValueError(
+                    f"tau={result['tau']} is in more than one shard ({path} and another); merge each once."
+                )
+            merged = dict(result)
+            merged["output_dir"] = os.path.relpath(path / result["output_dir"], output_dir)
+            results[result["tau"]] = merged
+    merged = assemble_sweep(
+        results=list(results.values()),
+        taus=first["taus"],
+        metric=first["selection_metric"],
+        greater_is_better=first["greater_is_better"],
+        hp=first["hp"],
+        fingerprint=first["fingerprint"],
+        shard=None,
+        task=first.get("task"),
+        settings=first.get("settings"),
+        merged_from=[str(p) for p, _ in sweeps],
+    )
+    merged["hp"] = dict(first["hp"])
+    merged["hp"]["snapshots"] = {
+        t: os.path.relpath(first_dir / p, output_dir) for t, p in first["hp"].get("snapshots", {}).items()
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(target, merged)
+    return merged
+
+
+def format_table(sweep: dict[str, Any]) -> str:
+    """The sweep as a text table: tau, energy, HP train accuracy, FT validation (and test) metric; tau* marked."""
+    metric = sweep["selection_metric"]
+    has_test = any(r.get("test") for r in sweep["results"])
+    header = f"{'tau':>5}  {'energy':>8}  {'HP-acc':>7}  {'FT-val ' + metric:>16}" + (
+        f"  {'test ' + metric:>14}" if has_test else ""
+    )
+    lines = [header, "-" * len(header)]
+    for r in sweep["results"]:
+        star = " *" if r["tau"] == sweep["tau_star"] else ""
+        line = f"{r['tau']:>5}  {r['energy']:>8.4f}  {r['hp_train_accuracy']:>7.4f}  {r['validation'][metric]:>16.4f}"
+        if has_test:
+            value = (r.get("test") or {}).get(metric)
+            line += f"  {value:>14.4f}" if value is not None else f"  {'-':>14}"
+        lines.append(line + star)
+    if sweep["tau_star"] is not None:
+        lines.append(f"tau* = {sweep['tau_star']} (best validation {metric})")
+        summary = sweep["summary"]
+        parts = [
+            f"{name} {row['test'] if row['test'] is not None else row['validation']:.4f}"
+            for name, row in summary.items()
+            if row is not None
+        ]
+        kind = "test" if has_test else "validation"
+        lines.append(f"{kind} {metric}: " + "  ".join(parts))
+    else:
+        lines.append(
+            f"tau* not chosen: this shard holds taus {[r['tau'] for r in sweep['results']]} of {sweep['taus']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""JSON schemas of the files a tau sweep writes: `sweep.json` and `exchange.json` (documented in the README).
+
+`validate_sweep(data)` / `validate_exchange(data)` raise `jsonschema.ValidationError` naming the offending path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SWEEP_FORMAT_VERSION = 1
+
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+
+_METRICS = {
+    "type": "object",
+    "description": "Metrics of one evaluation, keys without the eval_/test_ prefix (e.g. accuracy, loss).",
+    "additionalProperties": {"type": ["number", "null"]},
+}
+
+_DRIFT = {
+    "type": "object",
+    "description": "Feature drift at the end of FT on the probe set (means over samples).",
+    "required": ["sq_dist", "dot", "sq_norm", "cos", "step"],
+    "properties": {
+        "sq_dist": {"type": "number", "description": "mean ||z_t - z_0||^2"},
+        "dot": {"type": "number", "description": "mean z_t . z_0"},
+        "sq_norm": {"type": "number", "description": "mean ||z_t||^2"},
+        "cos": {"type": "number", "description": "mean cos(z_t, z_0)"},
+        "step": {"type": "integer", "minimum": 0},
+        "epoch": _NUMBER_OR_NULL,
+    },
+}
+
+_HISTOGRAM = {
+    "type": "object",
+    "required": ["edges", "counts"],
+    "properties": {
+        "edges": {"type": "array", "items": {"type": "number"}, "minItems": 2},
+        "counts": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+    },
+}
+
+_CURVE_POINT = {
+    "type": "object",
+    "required": ["step", "value"],
+    "properties": {"step": {"type": "integer"}, "epoch": _NUMBER_OR_NULL, "value": {"type": "number"}},
+}
+
+_TAU_RESULT = {
+    "type": "object",
+    "description": "One FT job: finetuning from the head snapshot after tau HP epochs.",
+    "required": [
+        "tau",
+        "hp_train_accuracy",
+        "energy",
+        "p0_mean",
+        "p0_histogram",
+        "drift",
+        "validation",
+        "test",
+        "head_grad_norm",
+        "output_dir",
+    ],
+    "properties": {
+        "tau": {"type": "integer", "minimum": 0},
+        "hp_train_accuracy": {"type": "number", "minimum": 0, "maximum": 1},
+        "energy": {"type": "number", "minimum": 0, "description": "mean ||e_y - p_0||_2 over the training set"},
+        "p0_mean": {"type": "number", "minimum": 0, "maximum": 1},
+        "p0_histogram": _HISTOGRAM,
+        "drift": {"anyOf": [_DRIFT, {"type": "null"}]},
+        "validation": _METRICS,
+        "test": {"anyOf": [_METRICS, {"type": "null"}]},
+        "head_grad_norm": {"type": "array", "items": _CURVE_POINT},
+        "output_dir": {"type": "string", "description": "FT job folder, relative to the sweep folder."},
+        "train_runtime": {"type": "number", "minimum": 0},
+    },
+}
+
+_SUMMARY_ROW = {
+    "type": "object",
+    "required": ["tau", "validation", "test"],
+    "properties": {
+        "tau": {"type": "integer", "minimum": 0},
+        "validation": _NUMBER_OR_NULL,
+        "test": _NUMBER_OR_NULL,
+    },
+}
+
+SWEEP_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "headprep_hf tau sweep (sweep.json)",
+    "type": "object",
+    "required": [
+        "format_version",
+        "headprep_version",
+        "taus",
+        "selection_metric",
+        "greater_is_better",
+        "tau_star",
+        "results",
+        "summary",
+        "hp",
+        "fingerprint",
+        "shard",
+    ],
+    "properties": {
+        "format_version": {"const": SWEEP_FORMAT_VERSION},
+        "headprep_version": {"type": "string"},
+        "taus": {
+            "type": "array",
+            "description": "The whole grid of HP epochs, sorted, without duplicates.",
+            "items": {"type": "integer", "minimum": 0},
+            "minItems": 1,
+        },
+        "selection_metric": {"type": "string", "description": "Validation metric that picks tau*, e.g. accuracy."},
+        "greater_is_better": {"type": "boolean"},
+        "tau_star": {
+            "type": ["integer", "null"],
+            "description": "argmax (argmin for losses) of the selection metric; null when only part of the grid ran.",
+        },
+        "complete": {"type": "boolean", "description": "Every tau of the grid has a result."},
+        "results": {"type": "array", "items": _TAU_RESULT, "description": "One entry per finished tau, by tau."},
+        "summary": {
+            "type": "object",
+            "description": "Paper Table 1 columns: HP0-FT (tau=0), HPmax-FT (largest tau), HPtau*-FT.",
+            "properties": {
+                "HP0-FT": {"anyOf": [_SUMMARY_ROW, {"type": "null"}]},
+                "HPmax-FT": {"anyOf": [_SUMMARY_ROW, {"type": "null"}]},
+                "HPtau*-FT": {"anyOf": [_SUMMARY_ROW, {"type": "null"}]},
+            },
+        },
+        "hp": {
+            "type": "object",
+            "description": "The single HP run to the largest tau that produced every head snapshot.",
+            "required": ["cached_features", "runtime"],
+            "properties": {
+                "cached_features": {"type": "boolean"},
+                "cache_views": {"type": "integer", "minimum": 1},
+                "runtime": {"type": "number", "minimum": 0},
+                "snapshots": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "fingerprint": {
+            "type": "object",
+            "description": "What shards of one sweep must share to be merged.",
+            "required": ["taus", "model", "config"],
+            "properties": {
+                "taus": {"type": "array", "items": {"type": "integer"}},
+                "model": {"type": "string"},
+                "config": {"type": "string"},
+            },
+        },
+        "shard": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "required": ["index", "count"],
+                    "properties": {
+                        "index": {"type": "integer", "minimum": 0},
+                        "count": {"type": "integer", "minimum": 1},
+                    },
+                },
+                {"type": "null"},
+            ]
+        },
+        "merged_from": {"type": "array", "items": {"type": "string"}},
+        "task": {"type": ["object", "null"], "description": "Task name and arguments, to rebuild data and model."},
+        "settings": {"type": "object", "description": "HP/FT settings shared by every FT job."},
+    },
+}
+
+EXCHANGE_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "headprep_hf head exchange (exchange.json)",
+    "type": "object",
+    "required": ["taus", "train_accuracy", "validation_accuracy"],
+    "properties": {
+        "taus": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        "rows": {"const": "backbone"},
+        "columns": {"const": "head"},
+        "train_accuracy": {
+            "type": "array",
+            "description": "[i][j]: backbone finetuned from tau_i with the head finetuned from tau_j.",
+            "items": {"type": "array", "items": {"type": "number"}},
+        },
+        "validation_accuracy": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+    },
+}
+
+
+def validate_sweep(data: dict) -> None:
+    """Raise `jsonschema.ValidationError` unless `data` is a valid `sweep.json`."""
+    import jsonschema
+
+    jsonschema.validate(data, SWEEP_SCHEMA)
+
+
+def validate_exchange(data: dict) -> None:
+    """Raise `jsonschema.ValidationError` unless `data` is a valid `exchange.json`."""
+    import jsonschema
+
+    jsonschema.validate(data, EXCHANGE_SCHEMA)

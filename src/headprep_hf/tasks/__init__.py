@@ -1,0 +1,54 @@
+"""Tasks the recipes and the `headprep` command know how to build: arguments, data, model and metrics.
+
+A task is registered with its argument dataclass (parsed by `HfArgumentParser` next to the trainer's config), the
+recipe defaults of the trainer's config, and a loader returning [`TaskInputs`]. The sweep records the task name and
+arguments in `sweep.json`, so `headprep exchange` can rebuild the same data and model later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .base import TaskInputs
+from .image_classification import (
+    IMAGE_CLASSIFICATION_DEFAULTS,
+    ImageClassificationArguments,
+    load_image_classification,
+)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    arguments: type
+    defaults: dict[str, Any]
+    load: Callable[[Any, int], TaskInputs]
+
+
+TASKS: dict[str, Task] = {
+    "image_classification": Task(
+        "image_classification", ImageClassificationArguments, IMAGE_CLASSIFICATION_DEFAULTS, load_image_classification
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; available: {sorted(TASKS)}.")
+    return TASKS[name]
+
+
+def task_record(task: Task, arguments) -> dict[str, Any]:
+    """JSON-able `{"name", "args"}` for `sweep.json`."""
+    return {"name": task.name, "args": dataclasses.asdict(arguments)}
+
+
+def load_task_from_record(record: dict[str, Any], seed: int) -> TaskInputs:
+    task = get_task(record["name"])
+    return task.load(task.arguments(**record["args"]), seed)
+
+
+__all__ = ["TASKS", "Task", "TaskInputs", "get_task", "load_task_from_record", "task_record"]

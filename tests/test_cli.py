@@ -1,0 +1,96 @@
+"""The `headprep` command and recipes/sweep_tau.py end to end on the offline toy task (tiny settings)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from headprep_hf.cli import main
+from headprep_hf.sweep_schema import validate_exchange, validate_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOTS = {
+    "ft_metric_vs_tau.png",
+    "hp_accuracy_energy_vs_tau.png",
+    "drift_vs_tau.png",
+    "p0_histograms.png",
+    "head_grad_norm.png",
+}
+
+
+def tiny(cache_dir, *extra):
+    return [
+        "--sweep_taus", "0", "1", "3",
+        "--num_train_epochs", "1",
+        "--source_epochs", "1",
+        "--cache_dir", str(cache_dir),
+        "--use_cpu", "true",
+        "--drift_probe_samples", "32",
+        "--sweep_progress", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "headprep sweep" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+
+
+def test_bad_sweep_arguments_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="sorted"):
+        main(["sweep", "--sweep_taus", "4", "2", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="sweep_shard"):
+        main(["sweep", "--sweep_shard", "3/2", "--output_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_console_command_sweep_exchange_report(tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        str(Path(sys.executable).with_name("headprep")),
+        "sweep",
+        *tiny(tmp_path / "cache", "--output_dir", str(out)),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tau* =" in proc.stdout and "HP-acc" in proc.stdout
+    sweep = json.loads((out / "sweep.json").read_text())
+    validate_sweep(sweep)
+    assert sweep["task"]["name"] == "image_classification" and sweep["hp"]["cached_features"]
+    assert {p.name for p in (out / "plots").iterdir()} == PLOTS
+
+    assert main(["exchange", str(out)]) == 0
+    exchange = json.loads((out / "exchange.json").read_text())
+    validate_exchange(exchange)
+    diagonal = [exchange["validation_accuracy"][i][i] for i in range(3)]
+    assert diagonal == pytest.approx([r["validation"]["accuracy"] for r in sweep["results"]], abs=1e-6)
+    assert (out / "plots" / "exchange_heatmap.png").is_file()
+
+    (out / "plots" / "p0_histograms.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "plots" / "p0_histograms.png").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_recipe_shards_and_merge(tmp_path, capsys):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    recipe = [sys.executable, str(ROOT / "recipes" / "sweep_tau.py")]
+    for index in (0, 1):
+        args = tiny(tmp_path / "cache", "--sweep_shard", f"{index}/2", "--output_dir", str(tmp_path / f"s{index}"))
+        proc = subprocess.run([*recipe, *args], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "tau* not chosen" in proc.stdout
+    assert (
+        main(["sweep", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--output_dir", str(tmp_path / "m")])
+        == 0
+    )
+    merged = json.loads((tmp_path / "m" / "sweep.json").read_text())
+    assert merged["complete"] and merged["tau_star"] in (0, 1, 3)
+    assert "tau* =" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "m" / "plots").iterdir()} == PLOTS

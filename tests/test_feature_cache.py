@@ -1,0 +1,125 @@
+"""Cached-feature head probing: same head as uncached HP, views, errors; and HP label smoothing really applies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyImages, clone_state, make_config, tiny_timm
+
+from headprep_hf import HeadPrepTrainer
+from headprep_hf.feature_cache import CachedHeadProbing, global_batches
+
+
+def _probe(tmp_path, name, train_set, **overrides):
+    args = make_config(tmp_path / name, hp_epochs=3, **overrides)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    trainer.probe_head()
+    return trainer
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cached_head_equals_uncached_head(tmp_path, accumulation):
+    train_set = TinyImages(50, seed=0)  # 50 / 16: a partial last batch every epoch
+    common = dict(gradient_accumulation_steps=accumulation, hp_label_smoothing=0.2, max_grad_norm=0.5)
+    uncached = _probe(tmp_path, "u", train_set, **common)
+    cached = _probe(tmp_path, "c", train_set, hp_cache_features=True, **common)
+    a, b = uncached.hp_state_dict(), cached.hp_state_dict()
+    assert sorted(a) == ["fc.bias", "fc.weight"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6)
+    assert cached.state.global_step == uncached.state.global_step
+    # the measurements at the prepared head agree too
+    assert cached.dynamics["energy"] == pytest.approx(uncached.dynamics["energy"], rel=1e-5)
+
+
+def test_cached_probe_keeps_backbone_and_logs_hp(tmp_path, train_set):
+    args = make_config(tmp_path, hp_epochs=2, hp_cache_features=True)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    backbone0 = clone_state(trainer.split.backbone_state(trainer.model))
+    head0 = clone_state(dict(trainer.split.head_parameters(trainer.model)))
+    trainer.probe_head()
+    after = trainer.split.backbone_state(trainer.model)
+    assert all(torch.equal(backbone0[k], after[k]) for k in backbone0)
+    assert all(not torch.equal(head0[k], v) for k, v in trainer.split.head_parameters(trainer.model))
+    assert all(p.requires_grad for p in trainer.model.parameters())
+    losses = [h["hp/loss"] for h in trainer.state.log_history if "hp/loss" in h]
+    assert len(losses) == 2 * 3 and losses[-1] < losses[0]
+
+
+def test_train_with_cached_hp_runs_ft_in_the_loop(tmp_path, train_set, eval_set):
+    args = make_config(tmp_path, hp_epochs=2, hp_cache_features=True, num_train_epochs=1)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set, eval_dataset=eval_set)
+    backbone0 = clone_state(trainer.split.backbone_state(trainer.model))
+    trainer.train()
+    assert trainer.state.global_step == 3  # the loop holds the FT steps only
+    assert trainer.dynamics["ft_start_step"] == 0 and trainer.dynamics["drift"]
+    after = trainer.split.backbone_state(trainer.model)
+    assert any(not torch.equal(backbone0[k], after[k]) for k in backbone0)
+
+
+def test_hp_label_smoothing_applies_to_the_hp_loss(tmp_path, train_set):
+    """Regression: the frozen backbone puts the root module in eval mode during HP; smoothing must still apply."""
+    args = make_config(tmp_path, hp_epochs=1, hp_label_smoothing=0.3)
+    model = tiny_timm()
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=train_set)
+    first = global_batches(trainer.get_train_dataloader(), 0)[0]
+    x = torch.stack([train_set[i]["pixel_values"] for i in first])
+    y = torch.tensor([train_set[i]["labels"] for i in first])
+    model.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y, label_smoothing=0.3).item()
+        unsmoothed = F.cross_entropy(model(x), y).item()
+    trainer.probe_head()
+    logged = next(h["hp/loss"] for h in trainer.state.log_history if "hp/loss" in h)
+    assert logged == pytest.approx(expected, rel=1e-5)
+    assert abs(logged - unsmoothed) > 1e-3
+
+
+class NoisyImages(TinyImages):
+    """Random augmentation: fresh noise from the torch RNG at every access."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return {**item, "pixel_values": item["pixel_values"] + torch.randn_like(item["pixel_values"])}
+
+
+def test_cache_views_differ_with_augmentation_only(tmp_path):
+    for dataset, expect_equal in ((TinyImages(20), True), (NoisyImages(20), False)):
+        args = make_config(tmp_path, hp_cache_features=True, hp_cache_views=3)
+        trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=dataset)
+        cache = CachedHeadProbing(trainer).build_cache()
+        assert cache.features.shape[:2] == (3, 20)
+        assert torch.equal(cache.labels, torch.as_tensor(dataset.labels))
+        assert torch.equal(cache.features[0], cache.features[1]) == expect_equal
+        assert torch.equal(cache.features[1], cache.features[2]) == expect_equal
+
+
+class ScaledLogits(torch.nn.Module):
+    """A model that does more after its head: the head's output is not the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_timm(num_classes=0)
+        self.fc = torch.nn.Linear(self.body.num_features, 3)
+
+    def forward(self, pixel_values):
+        return 2.0 * self.fc(self.body(pixel_values))
+
+
+def test_cached_hp_refuses_models_whose_head_output_is_not_the_logits(tmp_path, train_set):
+    args = make_config(tmp_path, hp_cache_features=True, head_modules=["fc"])
+    trainer = HeadPrepTrainer(model=ScaledLogits(), args=args, train_dataset=train_set)
+    with pytest.raises(ValueError, match="hp_cache_features=False"):
+        trainer.probe_head()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(reinit_modules=["layer2"]), "reinit_modules"),
+        (dict(hp_backbone_mode="train"), "hp_backbone_mode='eval'"),
+        (dict(hp_cache_views=0), "hp_cache_views"),
+    ],
+)
+def test_cache_config_errors(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(tmp_path, hp_cache_features=True, **overrides)

@@ -1,0 +1,285 @@
+"""`write_report`: figures of a tau sweep from hand-made `sweep.json` / `exchange.json` files (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+
+import jsonschema
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from headprep_hf.report import _plot_metric_vs_tau, write_report  # noqa: E402
+from headprep_hf.sweep_schema import validate_exchange, validate_sweep  # noqa: E402
+
+TAUS = [0, 1, 2, 4, 8]
+VALIDATION = {0: 0.90, 1: 0.93, 2: 0.95, 4: 0.94, 8: 0.92}
+BASE_FILES = [
+    "ft_metric_vs_tau.png",
+    "hp_accuracy_energy_vs_tau.png",
+    "drift_vs_tau.png",
+    "p0_histograms.png",
+    "head_grad_norm.png",
+]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_result(tau: int, num_classes: int = 10, samples: int = 500) -> dict:
+    """A plausible FT result after `tau` HP epochs: the longer HP, the higher p0 and the lower energy and drift."""
+    hp_accuracy = 1 - 0.9 * math.exp(-tau / 2)  # 0.1 (chance) at tau = 0
+    p0_mean = 1 / num_classes + (0.85 - 1 / num_classes) * (1 - math.exp(-tau / 2))
+    # p0 histogram: a bump around p0_mean over 20 bins of [0, 1]
+    weights = [math.exp(-(((i + 0.5) / 20 - p0_mean) ** 2) / 0.01) for i in range(20)]
+    counts = [int(samples * w / sum(weights)) for w in weights]
+    counts[min(int(p0_mean * 20), 19)] += samples - sum(counts)
+    sq_dist = 40.0 * math.exp(-tau / 3) + 2.0
+    sq_norm = 100.0 + 0.5 * sq_dist
+    dot = (sq_norm + 100.0 - sq_dist) / 2
+    return {
+        "tau": tau,
+        "hp_train_accuracy": hp_accuracy,
+        "energy": math.sqrt(2) * (1 - p0_mean),  # ||e_y - p_0|| when the rest of the mass sits on one class
+        "p0_mean": p0_mean,
+        "p0_histogram": {"edges": [i / 20 for i in range(21)], "counts": counts},
+        "drift": {
+            "sq_dist": sq_dist,
+            "dot": dot,
+            "sq_norm": sq_norm,
+            "cos": dot / math.sqrt(sq_norm * 100.0),
+            "step": 300,
+            "epoch": 3.0,
+        },
+        "validation": {"accuracy": VALIDATION.get(tau, 0.9), "loss": 1.0 - VALIDATION.get(tau, 0.9)},
+        "test": {"accuracy": VALIDATION.get(tau, 0.9) - 0.01, "loss": 1.01 - VALIDATION.get(tau, 0.9)},
+        "head_grad_norm": [
+            {"step": step, "epoch": step / 100, "value": 2.0 * math.exp(-tau / 4) * (1 + 10 / step) + 0.05}
+            for step in range(10, 301, 10)
+        ],
+        "output_dir": f"ft/tau_{tau}",
+        "train_runtime": 12.5,
+    }
+
+
+def make_sweep(taus=TAUS, result_taus=None, tau_star=2, shard=None) -> dict:
+    """A `sweep.json` over `taus` with results for `result_taus` (all by default)."""
+    result_taus = taus if result_taus is None else result_taus
+    results = [make_result(t) for t in result_taus]
+
+    def row(tau):
+        return {"tau": tau, "validation": VALIDATION.get(tau, 0.9), "test": VALIDATION.get(tau, 0.9) - 0.01}
+
+    summary = {"HP0-FT": None, "HPmax-FT": None, "HPtau*-FT": None}
+    if 0 in result_taus:
+        summary["HP0-FT"] = row(0)
+    if max(taus) in result_taus:
+        summary["HPmax-FT"] = row(max(taus))
+    if tau_star is not None:
+        summary["HPtau*-FT"] = row(tau_star)
+    return {
+        "format_version": 1,
+        "headprep_version": "0.1.0",
+        "taus": list(taus),
+        "selection_metric": "accuracy",
+        "greater_is_better": True,
+        "tau_star": tau_star,
+        "complete": list(result_taus) == list(taus),
+        "results": results,
+        "summary": summary,
+        "hp": {
+            "cached_features": True,
+            "cache_views": 1,
+            "runtime": 30.0,
+            "snapshots": {str(t): f"hp/head_tau_{t}.safetensors" for t in taus},
+        },
+        "fingerprint": {"taus": list(taus), "model": "test_resnet", "config": "0123abcd"},
+        "shard": shard,
+        "task": {"name": "tiny", "args": {}},
+        "settings": {"ft_epochs": 3},
+    }
+
+
+def make_exchange(taus=TAUS) -> dict:
+    n = len(taus)
+    train = [[0.99 - 0.02 * abs(i - j) for j in range(n)] for i in range(n)]
+    validation = [[0.95 - 0.03 * abs(i - j) - 0.01 * i for j in range(n)] for i in range(n)]
+    return {
+        "taus": list(taus),
+        "rows": "backbone",
+        "columns": "head",
+        "train_accuracy": train,
+        "validation_accuracy": validation,
+    }
+
+
+def write_json(path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def assert_pngs(paths, folder, names) -> None:
+    assert paths == [folder / name for name in names]
+    for path in paths:
+        content = path.read_bytes()
+        assert content.startswith(PNG_SIGNATURE), path
+        assert len(content) > 5_000, (path, len(content))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)  # no temporary file left behind
+
+
+def test_fixtures_follow_the_schema():
+    validate_sweep(make_sweep())
+    validate_sweep(make_sweep(result_taus=[1, 4], tau_star=None, shard={"index": 1, "count": 2}))
+    validate_exchange(make_exchange())
+
+
+def test_writes_the_five_figures(tmp_path):
+    write_json(tmp_path / "sweep.json", make_sweep())
+    paths = write_report(tmp_path)
+    assert_pngs(paths, tmp_path / "plots", BASE_FILES)
+    assert not (tmp_path / "plots" / "exchange_heatmap.png").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(paths[0].stat().st_mode) == 0o666 & ~umask  # not the 0600 of a private temporary file
+    assert plt.get_fignums() == []
+
+
+def test_exchange_heatmap_only_with_exchange_json(tmp_path):
+    write_json(tmp_path / "sweep.json", make_sweep())
+    write_json(tmp_path / "exchange.json", make_exchange())
+    out = tmp_path / "figures" / "nested"
+    paths = write_report(str(tmp_path), output_dir=str(out))
+    assert_pngs(paths, out, BASE_FILES + ["exchange_heatmap.png"])
+    assert not (tmp_path / "plots").exists()
+
+
+def test_exchange_of_the_wrong_shape_still_plots(tmp_path):
+    write_json(tmp_path / "sweep.json", make_sweep())
+    exchange = make_exchange()
+    exchange["validation_accuracy"] = exchange["validation_accuracy"][:-1]
+    exchange["train_accuracy"][0] = exchange["train_accuracy"][0][:2]
+    write_json(tmp_path / "exchange.json", exchange)
+    assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES + ["exchange_heatmap.png"])
+
+
+def test_overwrites_previous_report(tmp_path):
+    write_json(tmp_path / "sweep.json", make_sweep())
+    write_report(tmp_path)
+    assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES)
+
+
+def test_missing_sweep_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"sweep\.json.*headprep sweep"):
+        write_report(tmp_path)
+    assert not (tmp_path / "plots").exists()
+
+
+def test_invalid_sweep_raises_before_writing(tmp_path):
+    data = make_sweep()
+    data["results"][2]["hp_train_accuracy"] = 1.5  # accuracy above 1
+    write_json(tmp_path / "sweep.json", data)
+    with pytest.raises(jsonschema.ValidationError):
+        write_report(tmp_path)
+    assert not (tmp_path / "plots").exists()
+
+    data = make_sweep()
+    del data["results"][0]["p0_histogram"]
+    write_json(tmp_path / "sweep.json", data)
+    with pytest.raises(jsonschema.ValidationError):
+        write_report(tmp_path)
+    assert not (tmp_path / "plots").exists()
+
+
+def test_invalid_exchange_raises_before_writing(tmp_path):
+    write_json(tmp_path / "sweep.json", make_sweep())
+    exchange = make_exchange()
+    exchange["rows"] = "head"
+    write_json(tmp_path / "exchange.json", exchange)
+    with pytest.raises(jsonschema.ValidationError):
+        write_report(tmp_path)
+    assert not (tmp_path / "plots").exists()
+
+
+def test_shard_without_tau_star(tmp_path):
+    data = make_sweep(result_taus=[4, 1], tau_star=None, shard={"index": 1, "count": 2})
+    data["results"][0]["drift"] = None
+    data["results"][0]["test"] = None
+    data["results"][1]["validation"]["accuracy"] = None
+    write_json(tmp_path / "sweep.json", data)
+    assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES)
+
+
+def test_single_tau(tmp_path):
+    data = make_sweep(taus=[0], tau_star=0)
+    data["results"][0]["head_grad_norm"] = []
+    data["results"][0]["drift"] = None
+    write_json(tmp_path / "sweep.json", data)
+    write_json(tmp_path / "exchange.json", make_exchange(taus=[0]))
+    assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES + ["exchange_heatmap.png"])
+
+
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
+    write_json(tmp_path / "sweep.json", make_sweep())
+
+    def broken_savefig(self, fname, **kwargs):
+        fname.write(PNG_SIGNATURE + b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(tmp_path)
+    assert list((tmp_path / "plots").iterdir()) == []
+    assert plt.get_fignums() == []
+
+
+def test_tau_star_marker_at_tau_star():
+    data = make_sweep()
+    fig, ax = plt.subplots()
+    try:
+        _plot_metric_vs_tau(ax, data)
+        stars = [line for line in ax.lines if list(line.get_xdata()) == [2]]
+        assert len(stars) == 1
+        assert list(stars[0].get_ydata()) == [VALIDATION[2]]
+        assert stars[0].get_marker() == "*"
+        assert any("= 2" in text.get_text() for text in ax.get_legend().get_texts())
+        assert ax.get_xscale() == "symlog"
+        assert list(ax.get_xticks()) == TAUS
+        assert [label.get_text() for label in ax.get_xticklabels()] == [str(t) for t in TAUS]
+        # validation and test curves, sorted by tau
+        curves = [line for line in ax.lines if len(line.get_xdata()) == len(TAUS)]
+        assert [list(c.get_xdata()) for c in curves] == [TAUS, TAUS]
+        assert list(curves[0].get_ydata()) == [VALIDATION[t] for t in TAUS]
+    finally:
+        plt.close(fig)
+
+
+def test_no_tau_star_marker_for_a_shard():
+    data = make_sweep(result_taus=[1, 4], tau_star=None, shard={"index": 0, "count": 2})
+    fig, ax = plt.subplots()
+    try:
+        _plot_metric_vs_tau(ax, data)
+        assert all(line.get_marker() != "*" for line in ax.lines)
+        assert all(len(line.get_xdata()) == 2 for line in ax.lines)
+        assert list(ax.get_xticks()) == TAUS  # the whole grid, so shards share one axis
+    finally:
+        plt.close(fig)
+
+
+def test_dense_grid_leaves_crowded_ticks_unlabelled():
+    taus = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 32]
+    data = make_sweep(taus=taus, tau_star=2)
+    fig, ax = plt.subplots(figsize=(4, 3))
+    try:
+        _plot_metric_vs_tau(ax, data)
+        assert list(ax.get_xticks()) == taus  # every tau keeps its tick
+        labels = [label.get_text() for label in ax.get_xticklabels()]
+        assert labels[0] == "0" and labels[-1] == "32"
+        assert "" in labels
+        assert all(text in ("", str(tau)) for text, tau in zip(labels, taus))
+    finally:
+        plt.close(fig)

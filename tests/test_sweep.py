@@ -1,0 +1,222 @@
+"""The tau sweep: snapshots equal standalone HP, FT from the pristine backbone, sweep.json, shards, exchange."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import TinyImages, clone_state, tiny_timm
+from safetensors.torch import load_file
+
+from headprep_hf import HeadPrepConfig, HeadPrepTrainer, SweepConfig, TauSweep, load_sweep, merge_sweeps
+from headprep_hf.exchange import head_exchange
+from headprep_hf.metrics import accuracy_metrics
+from headprep_hf.sweep import format_table, parse_shard, validate_taus
+from headprep_hf.sweep_schema import validate_exchange, validate_sweep
+
+COMMON = dict(
+    num_train_epochs=1,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=16,
+    learning_rate=1e-3,
+    hp_learning_rate=5e-2,
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    logging_steps=1,
+    dataloader_num_workers=0,
+    drift_probe_samples=20,
+    disable_tqdm=True,
+    seed=0,
+)
+
+
+def sweep_config(path, **overrides):
+    values = {**COMMON, "output_dir": str(path), "sweep_taus": [0, 2, 4], "sweep_progress": False}
+    values.update(overrides)
+    return SweepConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return TinyImages(48, seed=0), TinyImages(24, seed=1), TinyImages(24, seed=2)
+
+
+def run_sweep(path, data, model=None, **overrides):
+    train, val, test = data
+    model = model if model is not None else tiny_timm()
+    sweep = TauSweep(model, sweep_config(path, **overrides), train, val, test, compute_metrics=accuracy_metrics())
+    return sweep.run()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data):
+    """One uncached sweep over taus 0, 2, 4 with exchange and report, shared by the checks below."""
+    path = tmp_path_factory.mktemp("sweep")
+    model = tiny_timm()
+    before = clone_state(model.state_dict())
+    result = run_sweep(path, data, model=model, sweep_exchange=True)
+    return path, result, model, before
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_snapshot_equals_standalone_probe_head(tmp_path, data, cached):
+    result = run_sweep(tmp_path / "sweep", data, hp_cache_features=cached, sweep_report=False)
+    for tau in (2, 4):
+        args = HeadPrepConfig(
+            **{**COMMON, "output_dir": str(tmp_path / f"hp{tau}")}, hp_epochs=tau, hp_cache_features=cached
+        )
+        trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=data[0])
+        trainer.probe_head()
+        standalone = trainer.hp_state_dict()
+        snapshot = load_file(str(tmp_path / "sweep" / result["hp"]["snapshots"][str(tau)]))
+        assert sorted(snapshot) == sorted(standalone) == ["fc.bias", "fc.weight"]
+        for key in snapshot:
+            assert torch.equal(snapshot[key], standalone[key]), (tau, key)
+        # and the FT job measured the energy of exactly that prepared head
+        entry = next(r for r in result["results"] if r["tau"] == tau)
+        assert entry["energy"] == pytest.approx(trainer.dynamics["energy"], rel=1e-6)
+
+
+def _energy(model, dataset):
+    """Mean ||e_y - softmax(q)||_2 over the dataset, plain torch."""
+    model.eval()
+    x = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+    y = torch.tensor([dataset[i]["labels"] for i in range(len(dataset))])
+    with torch.no_grad():
+        p = model(x).softmax(dim=1)
+    return (torch.nn.functional.one_hot(y, p.shape[1]).float() - p).norm(dim=1).mean().item()
+
+
+def test_sweep_json_is_valid_and_consistent(finished, data):
+    path, result, model, before = finished
+    on_disk = json.loads((path / "sweep.json").read_text())
+    validate_sweep(on_disk)
+    assert on_disk == json.loads(json.dumps(result))
+    assert [r["tau"] for r in result["results"]] == [0, 2, 4] and result["complete"]
+    val = {r["tau"]: r["validation"]["accuracy"] for r in result["results"]}
+    assert result["tau_star"] == min(t for t in val if val[t] == max(val.values()))
+    assert result["summary"]["HP0-FT"]["tau"] == 0 and result["summary"]["HPmax-FT"]["tau"] == 4
+    assert result["summary"]["HPtau*-FT"]["test"] == next(
+        r["test"]["accuracy"] for r in result["results"] if r["tau"] == result["tau_star"]
+    )
+    for entry in result["results"]:
+        dynamics = json.loads((path / entry["output_dir"] / "headprep_dynamics.json").read_text())
+        assert entry["energy"] == dynamics["energy"] and entry["drift"] == dynamics["drift"][-1]
+        assert entry["head_grad_norm"] and sum(entry["p0_histogram"]["counts"]) == 48
+    energies = [r["energy"] for r in result["results"]]
+    assert energies == sorted(energies, reverse=True)  # more HP, lower energy
+    assert "tau* =" in format_table(result)
+
+
+def test_ft_jobs_start_from_the_untouched_pretrained_model(finished, data):
+    path, result, model, before = finished
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is untouched
+    # tau=0: FT starts from the pretrained backbone with the initial head: energy computed independently
+    assert result["results"][0]["energy"] == pytest.approx(_energy(tiny_timm(), data[0]), rel=1e-5)
+    # every FT job then moved the backbone away from the pretrained weights
+    for entry in result["results"]:
+        tuned = load_file(str(path / entry["output_dir"] / "model.safetensors"))
+        assert not torch.equal(tuned["conv1.0.weight"], before["conv1.0.weight"])
+
+
+def test_report_and_exchange_of_a_finished_sweep(finished, data):
+    path, result, model, before = finished
+    plots = sorted(p.name for p in (path / "plots").iterdir())
+    assert plots == sorted(
+        [
+            "drift_vs_tau.png",
+            "exchange_heatmap.png",
+            "ft_metric_vs_tau.png",
+            "head_grad_norm.png",
+            "hp_accuracy_energy_vs_tau.png",
+            "p0_histograms.png",
+        ]
+    )
+    exchange = json.loads((path / "exchange.json").read_text())
+    validate_exchange(exchange)
+    # the diagonal is each finetuned model itself: its validation accuracy as the trainer evaluated it
+    for i, entry in enumerate(result["results"]):
+        assert exchange["validation_accuracy"][i][i] == pytest.approx(entry["validation"]["accuracy"], abs=1e-6)
+    # recomputing it through the API gives the same matrix
+    again = head_exchange(tiny_timm(), path, data[0], data[1], sweep_config(path), output_file=path / "again.json")
+    assert again["validation_accuracy"] == exchange["validation_accuracy"]
+
+
+def test_finished_sweep_is_not_overwritten(finished, data):
+    path, result, model, before = finished
+    content = (path / "sweep.json").read_bytes()
+    with pytest.raises(ValueError, match="finished sweep"):
+        run_sweep(path, data)
+    assert (path / "sweep.json").read_bytes() == content
+
+
+def test_interrupted_sweep_reuses_finished_jobs(tmp_path, data):
+    path = tmp_path / "s"
+    first = run_sweep(path, data, sweep_report=False)
+    os.remove(path / "sweep.json")  # as if interrupted before the end ...
+    os.remove(path / "tau_4" / "sweep_result.json")  # ... during the last FT job
+    kept = (path / "tau_0" / "model.safetensors").stat().st_mtime_ns
+    second = run_sweep(path, data, sweep_report=False)
+    assert (path / "tau_0" / "model.safetensors").stat().st_mtime_ns == kept  # reused, not rerun
+    assert second["results"] == first["results"][:2] + [second["results"][2]]
+    assert second["results"][2]["energy"] == pytest.approx(first["results"][2]["energy"], rel=1e-6)
+    # a different sweep in the same folder is refused instead of mixed in
+    os.remove(path / "sweep.json")
+    with pytest.raises(ValueError, match="different sweep"):
+        run_sweep(path, data, learning_rate=5e-4, sweep_report=False)
+
+
+def test_shards_merge_into_the_full_sweep(tmp_path, data):
+    full = run_sweep(tmp_path / "full", data, hp_cache_features=True, sweep_report=False)
+    shard_a = run_sweep(tmp_path / "a", data, hp_cache_features=True, sweep_shard="0/2", sweep_report=False)
+    shard_b = run_sweep(tmp_path / "b", data, hp_cache_features=True, sweep_shard="1/2", sweep_report=False)
+    assert [r["tau"] for r in shard_a["results"]] == [0, 4] and [r["tau"] for r in shard_b["results"]] == [2]
+    assert shard_a["tau_star"] is None and not shard_a["complete"]
+    merged = merge_sweeps([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    assert merged["complete"] and merged["tau_star"] == full["tau_star"]
+    for m, f in zip(merged["results"], full["results"]):
+        assert m["validation"] == f["validation"] and m["energy"] == f["energy"]
+        assert (tmp_path / "merged" / m["output_dir"] / "model.safetensors").is_file()
+    assert load_sweep(tmp_path / "merged")["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+    # bad merges: nothing is written
+    with pytest.raises(ValueError, match="already exists"):
+        merge_sweeps([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    with pytest.raises(ValueError, match="more than one shard"):
+        merge_sweeps([tmp_path / "a", tmp_path / "full"], tmp_path / "dup")
+    other = run_sweep(tmp_path / "other", data, hp_cache_features=True, sweep_taus=[0, 2], sweep_report=False)
+    assert other["complete"]
+    with pytest.raises(ValueError, match="grid of taus differ"):
+        merge_sweeps([tmp_path / "a", tmp_path / "other"], tmp_path / "bad")
+    assert not (tmp_path / "dup").exists() and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "taus, match",
+    [([], "empty"), ([0, 4, 2], "sorted"), ([0, 2, 2], "duplicates"), ([-1, 2], ">= 0"), ([0, 1.5], "integers")],
+)
+def test_bad_grids(tmp_path, taus, match):
+    with pytest.raises(ValueError, match=match):
+        validate_taus(taus)
+    with pytest.raises(ValueError, match=match):
+        sweep_config(tmp_path, sweep_taus=taus)
+
+
+@pytest.mark.parametrize("spec", ["3/2", "2/2", "1/0", "x", "1-2"])
+def test_bad_shard_specs(tmp_path, spec):
+    with pytest.raises(ValueError, match="sweep_shard"):
+        sweep_config(tmp_path, sweep_shard=spec)
+
+
+def test_shard_selection_and_schedule_check(tmp_path):
+    assert parse_shard("1/3") == (1, 3)
+    args = sweep_config(tmp_path, sweep_taus=[0, 1, 2, 4, 8, 16, 32], sweep_shard="1/3")
+    assert args.shard_taus() == [1, 8]
+    with pytest.raises(ValueError, match="constant"):
+        sweep_config(tmp_path, hp_lr_scheduler_type="cosine")
+
+
+def test_unknown_selection_metric_is_reported(tmp_path, data):
+    with pytest.raises(ValueError, match="sweep_metric 'f1'"):
+        run_sweep(tmp_path, data, sweep_metric="f1", sweep_taus=[0])
