@@ -48,6 +48,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import timm
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -104,26 +105,36 @@ RATIOS = (
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
-class _CacheBuildTimer:
-    """Records the wall time of every `CachedHeadProbing.build_cache` call (class-level wrapper, bench side only)."""
+class _MethodTimer:
+    """Records the wall time of every call of `cls.name` (a class-level wrapper, bench side only; src untouched)."""
 
-    def __init__(self):
+    def __init__(self, cls, name: str):
         self.calls: list[float] = []
-        original = CachedHeadProbing.build_cache
+        original = getattr(cls, name)
         timer = self
 
-        def build_cache(self_, *args, **kwargs):
+        def wrapped(self_, *args, **kwargs):
             t0 = time.perf_counter()
             try:
                 return original(self_, *args, **kwargs)
             finally:
                 timer.calls.append(time.perf_counter() - t0)
 
-        CachedHeadProbing.build_cache = build_cache
+        setattr(cls, name, wrapped)
 
     def take(self) -> float:
         total, self.calls = sum(self.calls), []
         return total
+
+
+class _Timers:
+    def __init__(self):
+        self.cache = _MethodTimer(CachedHeadProbing, "build_cache")
+        self.probe_head = _MethodTimer(HeadPrepTrainer, "probe_head")
+
+    def reset(self) -> None:
+        self.cache.take()
+        self.probe_head.take()
 
 
 def config_kwargs(opts, output_dir: str, variant: Variant) -> dict[str, Any]:
@@ -146,12 +157,12 @@ def config_kwargs(opts, output_dir: str, variant: Variant) -> dict[str, Any]:
     )
 
 
-def run_once(variant: Variant, opts, inputs, taus: list[int], cache_timer: _CacheBuildTimer) -> dict[str, Any]:
+def run_once(variant: Variant, opts, inputs, taus: list[int], timers: _Timers) -> dict[str, Any]:
     """One timed run of `variant` on a fresh copy of the model in a fresh temporary folder."""
     transformers.set_seed(opts.seed)
     model = copy.deepcopy(inputs.model)
     gc.collect()
-    cache_timer.take()
+    timers.reset()
     result: dict[str, Any] = {"variant": variant.name, "kind": variant.kind, "epochs": variant.epochs}
     with tempfile.TemporaryDirectory(prefix="bench_sweep_cost_") as out:
         if variant.kind == "sweep":
@@ -171,9 +182,10 @@ def run_once(variant: Variant, opts, inputs, taus: list[int], cache_timer: _Cach
                     snapshot_calls.append(time.perf_counter() - t0)
 
             sweep._save_snapshot = timed_save
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             hp_info = sweep.probe()
             seconds = time.perf_counter() - t0
+            result["cpu_seconds"] = time.process_time() - c0
             result.update(
                 seconds=seconds,
                 probe_seconds=seconds,
@@ -185,7 +197,7 @@ def run_once(variant: Variant, opts, inputs, taus: list[int], cache_timer: _Cach
             head = load_file(os.path.join(out, hp_info["snapshots"][str(variant.epochs)]))
         else:
             args = HeadPrepConfig(**config_kwargs(opts, out, variant), hp_epochs=variant.epochs)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             trainer = HeadPrepTrainer(
                 model=model, args=args, train_dataset=inputs.train_dataset, data_collator=inputs.data_collator
             )
@@ -193,6 +205,7 @@ def run_once(variant: Variant, opts, inputs, taus: list[int], cache_timer: _Cach
             t1 = time.perf_counter()
             output = trainer.probe_head()
             t2 = time.perf_counter()
+            result["cpu_seconds"] = time.process_time() - c0
             result.update(
                 seconds=t2 - t0,
                 probe_seconds=t2 - t1,
@@ -201,7 +214,8 @@ def run_once(variant: Variant, opts, inputs, taus: list[int], cache_timer: _Cach
                 hp_loss=float(output.training_loss),
             )
             head = trainer.hp_state_dict()
-    result["cache_build_seconds"] = cache_timer.take()
+    result["cache_build_seconds"] = timers.cache.take()
+    result["inside_probe_head_seconds"] = timers.probe_head.take()
     result["_head"] = head
     gc.collect()
     return result
@@ -265,7 +279,15 @@ def summarize(runs: list[dict], roles: dict[str, Variant], repeats: int) -> dict
     for name in dict.fromkeys(r["variant"] for r in runs):
         rs = [r for r in runs if r["variant"] == name]
         entry = {"runs": len(rs)}
-        for key in ("seconds", "probe_seconds", "build_seconds", "cache_build_seconds", "snapshot_seconds"):
+        for key in (
+            "seconds",
+            "cpu_seconds",
+            "probe_seconds",
+            "build_seconds",
+            "cache_build_seconds",
+            "inside_probe_head_seconds",
+            "snapshot_seconds",
+        ):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 entry[f"median_{key}"] = statistics.median(vals)
@@ -284,22 +306,24 @@ LABELS = {
 
 def print_report(info, setup, runs, summary, taus, tau, context) -> None:
     print("\n== runs (execution order; cache = build_cache, snap = sweep snapshot saves) ==")
-    print(f"  {'rep':>3} {'variant':34s} {'wall s':>7} {'probe s':>8} {'cache s':>8} {'snap s':>7}")
+    print(f"  {'rep':>3} {'variant':34s} {'wall s':>7} {'cpu s':>7} {'probe s':>8} {'cache s':>8} {'snap s':>7}")
     for r in runs:
         snap = r.get("snapshot_seconds")
         print(
-            f"  {r['repeat']:>3} {r['variant']:34s} {r['seconds']:7.2f} {r['probe_seconds']:8.2f} "
-            f"{r['cache_build_seconds']:8.2f} {'' if snap is None else f'{snap:7.3f}':>7}"
+            f"  {r['repeat']:>3} {r['variant']:34s} {r['seconds']:7.2f} {r['cpu_seconds']:7.2f} "
+            f"{r['probe_seconds']:8.2f} {r['cache_build_seconds']:8.2f} {'' if snap is None else f'{snap:7.3f}':>7}"
         )
+    print(
+        "  (wall s: what the ratios use for (a); probe s: probe_head() alone, used for (b); cpu s: process CPU time)"
+    )
 
     print("\n== medians per variant ==")
     print(f"  {'variant':34s} {'wall s':>7} {'cache s':>8} {'per HP epoch s':>15}")
     for name, v in summary["variants"].items():
         epochs = int(name.rsplit("=", 1)[1])
-        per_epoch = (v["median_seconds"] - v.get("median_cache_build_seconds", 0.0)) / max(epochs, 1)
-        print(
-            f"  {name:34s} {v['median_seconds']:7.2f} {v.get('median_cache_build_seconds', 0.0):8.2f} {per_epoch:15.4f}"
-        )
+        cache = v.get("median_cache_build_seconds", 0.0)
+        per_epoch = (v["median_seconds"] - cache) / max(epochs, 1)
+        print(f"  {name:34s} {v['median_seconds']:7.2f} {cache:8.2f} {per_epoch:15.4f}")
     print("  (per HP epoch: (wall - cache build) / tau)")
 
     print("\n== ratios (median over repetitions of the ratio within a repetition; * = primary figure) ==")
@@ -323,10 +347,15 @@ def print_report(info, setup, runs, summary, taus, tau, context) -> None:
         r = summary["ratios"][label]
         sweep, single = v[r["numerator"]], v[r["denominator"]]
         extra = sweep["median_seconds"] - single["median_seconds"]
+        inside_sweep = sweep["median_inside_probe_head_seconds"]
+        inside_single = single["median_inside_probe_head_seconds"]
         print(
-            f"  {r['numerator']}: {sweep['median_seconds']:.2f} s vs {r['denominator']}: "
-            f"{single['median_seconds']:.2f} s -> sweep extra {extra:+.2f} s, of which snapshot saves "
-            f"{sweep['median_snapshot_seconds']:.3f} s"
+            f"  {r['numerator']} {sweep['median_seconds']:.2f} s vs {r['denominator']} "
+            f"{single['median_seconds']:.2f} s: sweep extra {extra:+.2f} s\n"
+            f"    inside probe_head(): sweep {inside_sweep:.2f} s, standalone {inside_single:.2f} s; outside it "
+            f"(sweep: config copy, trainer, fingerprint, tau=0 snapshot; standalone: trainer): "
+            f"{sweep['median_seconds'] - inside_sweep:.3f} s vs {single['median_seconds'] - inside_single:.3f} s; "
+            f"all snapshot saves {sweep['median_snapshot_seconds']:.3f} s"
         )
     for label in ("b_views1", "b_views4"):
         r = summary["ratios"][label]
@@ -365,6 +394,13 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="per_device_train_batch_size (default 64)")
     p.add_argument("--hp_lr", type=float, default=1e-2, help="hp_learning_rate (default 1e-2)")
     p.add_argument("--seed", type=int, default=0, help="data/model seed and TrainingArguments.seed (default 0)")
+    p.add_argument(
+        "--model_arch",
+        type=str,
+        default=None,
+        help="time another timm architecture (random init, e.g. resnet18) on the same toy data instead of the "
+        "MNIST-5k test_resnet; ratios only, the weights do not matter for them",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for all runs (default: torch's)")
     p.add_argument("--no_warmup", action="store_true", help="skip the untimed short warm-up runs")
     p.add_argument("--json", type=str, default=None, metavar="PATH", help="write all raw times and ratios here")
@@ -395,10 +431,16 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     inputs = load_image_classification(ImageClassificationArguments(), seed=opts.seed)
+    model_desc = "source model test_resnet (MNIST-5k)"
+    if opts.model_arch is not None:
+        torch.manual_seed(opts.seed)
+        inputs.model = timm.create_model(opts.model_arch, num_classes=len(inputs.class_names))
+        n_params = sum(p.numel() for p in inputs.model.parameters()) / 1e6
+        model_desc = f"timm {opts.model_arch} ({n_params:.1f}M parameters, random init)"
     info = machine_info()
     setup = {
         "workload": f"load_image_classification(ImageClassificationArguments(), seed={opts.seed}): "
-        f"{len(inputs.train_dataset)} augmented train images, source model test_resnet (MNIST-5k), "
+        f"{len(inputs.train_dataset)} augmented train images, {model_desc}, "
         f"{len(inputs.class_names)} classes",
         "hp": f"batch {opts.batch_size}, hp_learning_rate {opts.hp_lr}, constant schedule, cpu, track_dynamics=False",
         "taus": taus,
@@ -409,17 +451,23 @@ def main(argv=None) -> int:
         f"machine: {info['platform']}, {info['cpu_count']} CPUs, torch {info['torch']} "
         f"({info['torch_threads']} threads), transformers {info['transformers']}, load {info['loadavg_1_5_15']}"
     )
+    load = info["loadavg_1_5_15"]
+    if load and load[0] > 0.5 * (info["cpu_count"] or 1):
+        print(
+            f"WARNING: load average {load[0]:.2f} on {info['cpu_count']} CPUs: other jobs compete and wall times are "
+            "noisy (with more torch threads than free cores small ops slow down a lot; --threads 1 is steadier)."
+        )
     print(f"workload: {setup['workload']}\n          {setup['hp']}")
     print(f"sweep grid {taus}, (b) at tau={tau}, {opts.repeats} alternated repetition(s)", flush=True)
 
-    cache_timer = _CacheBuildTimer()
+    timers = _Timers()
     roles = build_variants(taus, tau)
     variants = list(dict.fromkeys(roles.values()))  # distinct, in role order
 
     if not opts.no_warmup:
         short = [0, 1] if 0 in taus else [1]
         for v in dict.fromkeys(Variant(v.kind, v.cache, v.views, 1) for v in variants):
-            run_once(v, opts, inputs, short, cache_timer)
+            run_once(v, opts, inputs, short, timers)
         print(f"warm-up done ({time.perf_counter() - t_start:.1f} s)", flush=True)
 
     context: dict[str, Any] = {"separate_runs_ratio": sum(taus) / taus[-1]}
@@ -432,7 +480,7 @@ def main(argv=None) -> int:
         k = rep % len(variants)
         heads = {}
         for v in variants[k:] + variants[:k]:
-            r = run_once(v, opts, inputs, taus, cache_timer)
+            r = run_once(v, opts, inputs, taus, timers)
             heads[v] = r.pop("_head")
             r["repeat"] = rep
             runs.append(r)

@@ -12,6 +12,8 @@ model state the trainer started from. Scenarios:
 * `hpft`: `trainer.train()` (HP then FT).
 * `hp`: `trainer.probe_head()` with a global batch of `HP_GLOBAL_BATCH` split over the ranks.
 * `measure`: load `--states/s0.safetensors`, `measure_start()`, load `--states/s1.safetensors`, `measure_drift()`.
+* `sweep`: a tau sweep (cached HP, exchange) with a global batch of `HP_GLOBAL_BATCH` split over the ranks; every rank
+  writes the result it returned, rank 0 the sweep folder (`out/`).
 
 The builders (`TinyImages`, `tiny_model`) are imported by the test process for its own reference computations.
 """
@@ -180,6 +182,45 @@ def run_measure(folder: str, states: str):
     return trainer
 
 
+def run_sweep(folder: str, world_size: int):
+    from headprep_hf import SweepConfig, TauSweep
+    from headprep_hf.metrics import accuracy_metrics
+
+    args = SweepConfig(
+        output_dir=os.path.join(folder, "out"),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        sweep_taus=[0, 1, 2],
+        sweep_exchange=True,
+        sweep_report=False,
+        sweep_progress=False,
+        hp_cache_features=True,
+        num_train_epochs=1,
+        per_device_train_batch_size=HP_GLOBAL_BATCH // world_size,
+        per_device_eval_batch_size=4,
+        hp_learning_rate=5e-2,
+        learning_rate=1e-2,
+        drift_probe_samples=12,
+    )
+    sweep = TauSweep(
+        tiny_model(seed=0),
+        args,
+        TinyImages(HP_SAMPLES, seed=0),
+        TinyImages(13, seed=1),
+        compute_metrics=accuracy_metrics(),
+    )
+    result = sweep.run()
+    rank = args.process_index
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump({"world_size": args.world_size, "process_index": rank, "result": result}, f, indent=1)
+    return sweep
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -199,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer = run_hp(folder, world_size)
         elif scenario == "measure":
             trainer = run_measure(folder, opts.states)
+        elif scenario == "sweep":
+            run_sweep(folder, world_size)
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
         trainer.accelerator.wait_for_everyone()

@@ -28,8 +28,8 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO_ROOT = WORKER.parent.parent
 TIMEOUT_S = 300
 # hp and measure first in both jobs, so the 1- and 2-rank processes run them in the same order.
-SCENARIOS_2 = "hp,measure,hpft"
-SCENARIOS_1 = "hp,measure"
+SCENARIOS_2 = "hp,measure,sweep,hpft"
+SCENARIOS_1 = "hp,measure,sweep"
 
 
 def _free_port() -> int:
@@ -253,3 +253,33 @@ def test_measurements_two_ranks_equal_one_rank(run1, run2, states):
         torch.testing.assert_close(z0, ref["z0"], rtol=1e-5, atol=1e-5)
     # The perturbation is large enough that the drift is not trivially zero.
     assert ref["sq_dist"] > 1e-3 and ref["cos"] < 1 - 1e-5
+
+
+# ------------------------------------------------------------------ the tau sweep on 2 ranks
+def test_sweep_two_ranks_equals_one_rank(run1, run2):
+    """Cached HP with global batches, FT jobs under DDP and the exchange (gathered passes) on 2 ranks."""
+    results = [json.loads((run2 / "sweep" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in results] == [2, 2]
+
+    def without_timings(sweep):
+        sweep = json.loads(json.dumps(sweep))
+        sweep["hp"].pop("runtime")
+        for entry in sweep["results"]:
+            entry.pop("train_runtime")
+        return sweep
+
+    assert without_timings(results[0]["result"]) == without_timings(results[1]["result"])  # every rank, same sweep
+    single = json.loads((run1 / "sweep" / "rank0.json").read_text())["result"]
+    two = results[0]["result"]
+    assert two["complete"] and [r["tau"] for r in two["results"]] == [0, 1, 2]
+    for a, b in zip(single["results"], two["results"]):
+        assert a["energy"] == pytest.approx(b["energy"], rel=1e-5)
+        assert a["hp_train_accuracy"] == pytest.approx(b["hp_train_accuracy"], abs=1e-9)
+    for tau in (1, 2):  # cached HP: the same global batches give the same head
+        h1 = load_file(str(run1 / "sweep" / "out" / "heads" / f"tau_{tau}.safetensors"))
+        h2 = load_file(str(run2 / "sweep" / "out" / "heads" / f"tau_{tau}.safetensors"))
+        for key in h1:
+            torch.testing.assert_close(h2[key], h1[key], rtol=1e-5, atol=1e-6)
+    exchange = json.loads((run2 / "sweep" / "out" / "exchange.json").read_text())
+    diagonal = [exchange["validation_accuracy"][i][i] for i in range(3)]
+    assert diagonal == pytest.approx([r["validation"]["accuracy"] for r in two["results"]], abs=1e-6)

@@ -8,6 +8,7 @@ head inputs are kept), then every head is applied to those inputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -115,6 +116,8 @@ def head_exchange(
         "validation_accuracy": eval_matrix,
     }
     validate_exchange(exchange)
+    with contextlib.suppress(OSError):  # the measuring trainer's output_dir: nothing is written there
+        os.rmdir(measure_args.output_dir)
     if trainer.is_world_process_zero():
         target = Path(output_file) if output_file is not None else sweep_dir / EXCHANGE_FILE
         tmp = target.with_name(target.name + ".tmp")

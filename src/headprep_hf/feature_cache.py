@@ -171,7 +171,8 @@ class CachedHeadProbing:
         handler.model, handler.optimizer, handler.lr_scheduler = model, trainer.optimizer, trainer.lr_scheduler
         handler.train_dataloader = train_dataloader
         trainer.is_in_train = True
-        total_loss, logged_loss, last_logged_step = 0.0, 0.0, 0
+        total_loss, last_logged_step = 0.0, 0
+        running_loss = torch.zeros((), device=device)
         loss_fn = trainer.loss_from_logits
         try:
             trainer.control = handler.on_train_begin(args, trainer.state, trainer.control)
@@ -181,43 +182,44 @@ class CachedHeadProbing:
             for epoch in range(epochs):
                 features = cache.features[epoch % cache.num_views]
                 batches = global_batches(train_dataloader, epoch, num_processes)
+                index_tensors = torch.tensor(sum(batches, [])).split([len(b) for b in batches])
                 trainer.control = handler.on_epoch_begin(args, trainer.state, trainer.control)
                 for start_micro in range(0, len(batches), ga):
-                    window = batches[start_micro : start_micro + ga]
+                    window = index_tensors[start_micro : start_micro + ga]
                     trainer.control = handler.on_step_begin(args, trainer.state, trainer.control)
-                    step_loss = 0.0
-                    for indices in window:
-                        index = torch.tensor(indices)
+                    for index in window:
                         z = features[index].to(device, non_blocking=True)
                         y = cache.labels[index].to(device, non_blocking=True)
                         logits = trainer.split.head_logits(model, z, y)
                         loss = loss_fn(logits, y, args.hp_label_smoothing) / len(window)
                         loss.backward()
-                        step_loss += loss.detach().item()
+                        running_loss += loss.detach()
                     grad_norm = None
                     if args.max_grad_norm is not None and args.max_grad_norm > 0:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(head_params, args.max_grad_norm).item()
+                        grad_norm = torch.nn.utils.clip_grad_norm_(head_params, args.max_grad_norm)
                     trainer.optimizer.step()
-                    learning_rate = trainer._get_learning_rate()
+                    learning_rate = trainer.lr_scheduler.get_last_lr()[0]  # the rate of this step, as Trainer logs
                     trainer.lr_scheduler.step()
-                    model.zero_grad(set_to_none=True)
-                    total_loss += step_loss
-                    logged_loss += step_loss
+                    for param in head_params:  # only these have gradients; model.zero_grad() would walk them all
+                        param.grad = None
                     trainer.state.global_step += 1
                     trainer.state.epoch = epoch + (start_micro + len(window)) / len(batches)
                     trainer.control = handler.on_step_end(args, trainer.state, trainer.control)
                     if trainer.control.should_log and args.logging_strategy != "no":
                         steps = trainer.state.global_step - last_logged_step
-                        trainer.log(
-                            {"loss": logged_loss / steps, "grad_norm": grad_norm, "learning_rate": learning_rate}
-                        )
-                        logged_loss, last_logged_step = 0.0, trainer.state.global_step
+                        total_loss += running_loss.item()
+                        logs = {"loss": running_loss.item() / steps, "learning_rate": learning_rate}
+                        if grad_norm is not None:
+                            logs["grad_norm"] = grad_norm.item()
+                        trainer.log(logs)
+                        running_loss, last_logged_step = torch.zeros((), device=device), trainer.state.global_step
                         trainer.control.should_log = False
                 trainer.control = handler.on_epoch_end(args, trainer.state, trainer.control)
                 if trainer.control.should_evaluate and trainer.eval_dataset is not None:
                     trainer.evaluate()
                     trainer.control.should_evaluate = False
                 trainer.control.should_save = False  # no checkpoints of cached HP
+            total_loss += running_loss.item()
             runtime = time.perf_counter() - start
             metrics = {"train_runtime": round(runtime, 4), "hp_loss": total_loss / max(hp_steps, 1)}
             trainer.control = handler.on_train_end(args, trainer.state, trainer.control)

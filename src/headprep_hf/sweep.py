@@ -288,21 +288,24 @@ class TauSweep:
         sweep = self._assemble(results, hp_info)
         if self._is_main:
             _write_json(self.output_dir / SWEEP_FILE, sweep)
-            if self.args.sweep_exchange and sweep["complete"]:
-                from .exchange import head_exchange
+        self._barrier()
+        if self.args.sweep_exchange and sweep["complete"]:
+            from .exchange import head_exchange
 
-                head_exchange(
-                    self._pristine_copy(),
-                    self.output_dir,
-                    self.train_dataset,
-                    self.eval_dataset,
-                    self.args,
-                    data_collator=self.trainer_kwargs.get("data_collator"),
-                )
-            if self.args.sweep_report:
-                from .report import write_report
+            # Every rank takes part: the measurement passes gather across processes; rank 0 writes the file.
+            head_exchange(
+                self._pristine_copy(),
+                self.output_dir,
+                self.train_dataset,
+                self.eval_dataset,
+                self.args,
+                data_collator=self.trainer_kwargs.get("data_collator"),
+            )
+            self._barrier()
+        if self.args.sweep_report and self._is_main:
+            from .report import write_report
 
-                write_report(self.output_dir)
+            write_report(self.output_dir)
         return sweep
 
     def probe(self) -> dict[str, Any]:
@@ -410,6 +413,11 @@ class TauSweep:
         return result
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _barrier() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
     @property
     def _is_main(self) -> bool:
         return self.args.process_index == 0
