@@ -69,6 +69,19 @@ def global_batches(dataloader, epoch: int, num_processes: int = 1) -> list[list[
     return [sum(batches[i : i + num_processes], []) for i in range(0, len(batches), num_processes)]
 
 
+def _without_frozen_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer (class, settings, head groups in order) without the backbone groups, which get no gradient
+    during HP anyway; the head's updates are unchanged and each step skips the empty groups. Optimizers that cannot
+    be rebuilt from `defaults` are kept as they are."""
+    groups = [dict(g) for g in optimizer.param_groups if g.get("headprep_part", "head") == "head"]
+    if len(groups) == len(optimizer.param_groups):
+        return optimizer
+    try:
+        return type(optimizer)(groups, **optimizer.defaults)
+    except TypeError:
+        return optimizer
+
+
 class CachedHeadProbing:
     """Runs the HP stage of a [`HeadPrepTrainer`] on cached features (`hp_cache_features=True`).
 
@@ -147,6 +160,7 @@ class CachedHeadProbing:
         trainer._applied_stage = None
         trainer._user_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         trainer.create_optimizer()
+        trainer.optimizer = _without_frozen_groups(trainer.optimizer)
         trainer.create_scheduler(hp_steps, trainer.optimizer)
         trainer._stage = "hp"
         trainer._ft_started = False
