@@ -123,3 +123,19 @@ def test_cached_hp_refuses_models_whose_head_output_is_not_the_logits(tmp_path, 
 def test_cache_config_errors(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         make_config(tmp_path, hp_cache_features=True, **overrides)
+
+
+def test_cached_hp_optimizer_keeps_head_groups_and_settings(tmp_path, train_set):
+    from headprep_hf.feature_cache import _without_frozen_groups
+
+    args = make_config(tmp_path, hp_cache_features=True, weight_decay=0.05, adam_beta2=0.98)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    full = trainer.create_optimizer()
+    lean = _without_frozen_groups(full)
+    assert type(lean) is type(full) and lean is not full
+    head_groups = [g for g in full.param_groups if g["headprep_part"] == "head"]
+    assert len(lean.param_groups) == len(head_groups) < len(full.param_groups)
+    for a, b in zip(lean.param_groups, head_groups):
+        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
+        assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
+    assert lean.defaults["betas"] == (0.9, 0.98)

@@ -13,6 +13,7 @@ same global batches (the per-device batches of all ranks of one step, concatenat
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -76,9 +77,11 @@ def _without_frozen_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Opti
     groups = [dict(g) for g in optimizer.param_groups if g.get("headprep_part", "head") == "head"]
     if len(groups) == len(optimizer.param_groups):
         return optimizer
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    kwargs = {k: v for k, v in optimizer.defaults.items() if k in accepted}  # AdamW's defaults hold more than it takes
     try:
-        return type(optimizer)(groups, **optimizer.defaults)
-    except TypeError:
+        return type(optimizer)(groups, **kwargs)
+    except (TypeError, ValueError):
         return optimizer
 
 
