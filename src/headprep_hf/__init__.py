@@ -7,6 +7,7 @@ Head probing (HP, backbone frozen) for `hp_epochs` epochs, then finetuning (FT) 
 from .config import HeadPrepConfig, OppositeEnergyWarning
 from .dynamics import drift_metrics
 from .heads import MLPHead, reinitialize_module, replace_head_with_mlp
+from .hub import BackboneMismatchWarning, load_prepared_head
 from .losses import cross_entropy_energy, smoothed_cross_entropy
 from .split import ModelSplit, find_split
 from .sweep import SweepConfig, TauSweep, format_table, load_sweep, merge_sweeps
@@ -15,6 +16,7 @@ from .version import __version__
 
 __all__ = [
     "__version__",
+    "BackboneMismatchWarning",
     "HeadPrepConfig",
     "HeadPrepTrainer",
     "MLPHead",
@@ -26,6 +28,7 @@ __all__ = [
     "drift_metrics",
     "find_split",
     "format_table",
+    "load_prepared_head",
     "load_sweep",
     "merge_sweeps",
     "reinitialize_module",

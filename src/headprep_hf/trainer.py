@@ -233,6 +233,19 @@ class HeadPrepTrainer(Trainer):
         self._sync_buffers()
         return metrics
 
+    def save_prepared_head(self, save_directory: str, backbone_id: str | None = None) -> str:
+        """Save the current head as a small prepared-head artifact (`head.safetensors` + `headprep_head.json`).
+
+        Call it after `probe_head()`; `load_prepared_head(model, save_directory)` attaches it to a backbone again.
+        Only the main process writes. Returns the folder.
+        """
+        from .hub import save_prepared_head
+
+        if self.args.should_save:
+            save_prepared_head(self, save_directory, backbone_id=backbone_id)
+        self.accelerator.wait_for_everyone()
+        return str(save_directory)
+
     def hp_state_dict(self) -> dict[str, torch.Tensor]:
         """Copy of everything head probing changes: the head and `reinit_modules` (parameters and buffers), plus
         every buffer of the model when `hp_backbone_mode="train"` (BatchNorm statistics move then).

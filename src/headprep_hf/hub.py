@@ -1,0 +1,200 @@
+"""Prepared heads: the state head probing produced, saved small (no backbone) so FT can start from it elsewhere.
+
+A prepared-head folder holds
+
+* `head.safetensors`: everything HP changed (`HeadPrepTrainer.hp_state_dict()`: the head, `reinit_modules`, and
+  all buffers when `hp_backbone_mode="train"`), keyed by the model's own parameter names;
+* `headprep_head.json`: what is needed to re-attach and reproduce it: head modules and type (MLP size), feature
+  dimension, number and names of labels, the backbone's identifier and checksum, tau, HP settings, energy and HP
+  train accuracy, package version.
+
+`load_prepared_head(model, path)` attaches it to a backbone (building the MLP head first when needed) after checking
+the feature dimension and label count (errors) and the backbone checksum (a warning, an error with `strict=True`).
+Weights are safetensors only; nothing is unpickled and no code is executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .heads import replace_head_with_mlp
+from .split import ModelSplit, find_split
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .trainer import HeadPrepTrainer
+
+HEAD_WEIGHTS_NAME = "head.safetensors"
+HEAD_CONFIG_NAME = "headprep_head.json"
+HEAD_FORMAT_VERSION = 1
+
+
+class BackboneMismatchWarning(UserWarning):
+    """The prepared head was probed on other backbone weights than the ones it is loaded onto."""
+
+
+def backbone_checksum(model: nn.Module, split: ModelSplit) -> str:
+    """sha256 of the backbone's parameters (names, shapes, dtypes, values); the head and `reinit_modules` excluded.
+
+    Buffers are left out on purpose: with `hp_backbone_mode="train"` HP moves BatchNorm statistics, and the head was
+    still probed on these weights.
+    """
+    from .sweep import state_fingerprint
+
+    return state_fingerprint({n: p for n, p in split.backbone_parameters(model)})
+
+
+def _head_linears(model: nn.Module, split: ModelSplit) -> list[nn.Linear]:
+    return [m for name in split.head_names for m in model.get_submodule(name).modules() if isinstance(m, nn.Linear)]
+
+
+def feature_dim(model: nn.Module, split: ModelSplit) -> int | None:
+    """Input size of the head's first linear layer (the dimension of the feature z)."""
+    linears = _head_linears(model, split)
+    return linears[0].in_features if linears else None
+
+
+def _label_names(model: nn.Module) -> dict[str, str] | None:
+    config = getattr(model, "config", None)
+    id2label = getattr(config, "id2label", None)
+    if id2label:
+        return {str(k): str(v) for k, v in id2label.items()}
+    return None
+
+
+def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = None, tau: int | None = None) -> dict:
+    """The `headprep_head.json` content for the trainer's current head."""
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    split = trainer.split
+    dyn = trainer.dynamics
+    if backbone_id is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        backbone_id = cfg.get("hf_hub_id") or cfg.get("architecture") or type(model).__name__
+    return {
+        "format_version": HEAD_FORMAT_VERSION,
+        "headprep_version": __version__,
+        "head_modules": list(split.head_names),
+        "reinit_modules": list(split.reinit_names),
+        "head_type": args.head_type,
+        "mlp_hidden_size": args.mlp_hidden_size if args.head_type == "mlp" else None,
+        "mlp_num_layers": args.mlp_num_layers if args.head_type == "mlp" else None,
+        "feature_dim": feature_dim(model, split),
+        "num_labels": split.num_classes,
+        "id2label": _label_names(model),
+        "backbone": {"id": backbone_id, "checksum": backbone_checksum(model, split)},
+        "tau": args.hp_epochs if tau is None else tau,
+        "hp_learning_rate": args.hp_learning_rate,
+        "hp_lr_scheduler_type": args.hp_lr_scheduler_type,
+        "hp_label_smoothing": args.hp_label_smoothing,
+        "hp_backbone_mode": args.hp_backbone_mode,
+        "hp_cache_features": args.hp_cache_features,
+        "seed": args.seed,
+        "energy": dyn.get("energy"),
+        "hp_train_accuracy": dyn.get("hp_train_accuracy"),
+    }
+
+
+def save_prepared_head(
+    trainer: HeadPrepTrainer, save_directory: str | os.PathLike, backbone_id: str | None = None, tau: int | None = None
+) -> Path:
+    """Write `head.safetensors` and `headprep_head.json` for the trainer's current head into `save_directory`.
+
+    Both files are written under temporary names and renamed into place, so an interrupted save never leaves a
+    half-written head behind. Returns the folder.
+    """
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in trainer.hp_state_dict().items()}
+    config = prepared_head_config(trainer, backbone_id=backbone_id, tau=tau)
+    weights_tmp = folder / (HEAD_WEIGHTS_NAME + ".tmp")
+    config_tmp = folder / (HEAD_CONFIG_NAME + ".tmp")
+    save_file(state, str(weights_tmp), metadata={"format": "pt", "headprep_version": __version__})
+    config_tmp.write_text(json.dumps(config, indent=2))
+    os.replace(weights_tmp, folder / HEAD_WEIGHTS_NAME)
+    os.replace(config_tmp, folder / HEAD_CONFIG_NAME)
+    return folder
+
+
+def _resolve(repo_id_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    path = Path(repo_id_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(repo_id_or_path).startswith((".", "/")):
+        raise FileNotFoundError(f"{repo_id_or_path} is not a prepared-head folder.")
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            str(repo_id_or_path), revision=revision, allow_patterns=[HEAD_WEIGHTS_NAME, HEAD_CONFIG_NAME, "README.md"]
+        )
+    )
+
+
+def load_prepared_head(
+    model: nn.Module, repo_id_or_path: str | os.PathLike, strict: bool = False, revision: str | None = None
+) -> dict[str, Any]:
+    """Attach a prepared head (a local folder or a Hub repo id) to `model`; returns its `headprep_head.json`.
+
+    The model must have the architecture the head was probed on, with a task head of the same kind (a model built
+    with `num_classes=num_labels`; an MLP head is built here when the prepared head is one). Afterwards
+    `HeadPrepTrainer(model, HeadPrepConfig(head_type="linear", ...)).finetune()` starts FT from it (keep
+    `head_type="linear"` there: the MLP is already in place).
+
+    Raises:
+        ValueError: the feature dimension or the number of labels differ, or the weights do not fit the model; with
+            `strict=True` also when the backbone checksum differs (otherwise a `BackboneMismatchWarning`).
+    """
+    folder = _resolve(repo_id_or_path, revision)
+    config_path, weights_path = folder / HEAD_CONFIG_NAME, folder / HEAD_WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} missing: {folder} is not a prepared head (see save_prepared_head)."
+            )
+    config = json.loads(config_path.read_text())
+    split = find_split(model, config["head_modules"], config.get("reinit_modules") or [])
+    want_dim, want_labels = config["feature_dim"], config["num_labels"]
+    have_dim = feature_dim(model, split)
+    if want_dim is not None and have_dim != want_dim:
+        raise ValueError(
+            f"The prepared head in {folder} takes {want_dim}-dimensional features but the model's head "
+            f"{split.head_names} gets {have_dim}: it was probed on another architecture."
+        )
+    if want_labels is not None and split.num_classes != want_labels:
+        raise ValueError(
+            f"The prepared head in {folder} predicts {want_labels} labels but the model's head has "
+            f"{split.num_classes}: build the model with num_classes={want_labels}."
+        )
+    checksum = backbone_checksum(model, split)
+    if checksum != config["backbone"]["checksum"]:
+        message = (
+            f"The prepared head in {folder} was probed on other backbone weights ({config['backbone']['id']}, "
+            f"checksum {config['backbone']['checksum'][:12]}...) than this model's ({checksum[:12]}...); its energy "
+            "and accuracy do not hold for this backbone."
+        )
+        if strict:
+            raise ValueError(message + " Pass strict=False to load it anyway.")
+        warnings.warn(message, BackboneMismatchWarning, stacklevel=2)
+    if config.get("head_type") == "mlp" and len(_head_linears(model, split)) == 1:
+        replace_head_with_mlp(model, split, config["mlp_hidden_size"], config["mlp_num_layers"])
+    state = load_file(str(weights_path))
+    model_state = model.state_dict()
+    unknown = sorted(set(state) - set(model_state))
+    wrong_shape = sorted(k for k in state if k in model_state and model_state[k].shape != state[k].shape)
+    if unknown or wrong_shape:
+        raise ValueError(
+            f"The prepared head in {folder} does not fit the model: unknown keys {unknown[:5]}, shape mismatches "
+            f"{wrong_shape[:5]}."
+        )
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    return config
