@@ -157,9 +157,7 @@ def load_prepared_head(
     config_path, weights_path = folder / HEAD_CONFIG_NAME, folder / HEAD_WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} missing: {folder} is not a prepared head (see save_prepared_head)."
-            )
+            raise FileNotFoundError(f"{path} missing: {folder} is not a prepared head (see save_prepared_head).")
     config = json.loads(config_path.read_text())
     split = find_split(model, config["head_modules"], config.get("reinit_modules") or [])
     want_dim, want_labels = config["feature_dim"], config["num_labels"]
