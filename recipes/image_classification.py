@@ -70,6 +70,7 @@ def main(script_args: ScriptArguments, training_args: HeadPrepConfig) -> dict:
         metrics.update({f"drift_{k}": v for k, v in dyn["drift"][-1].items() if k not in ("step", "epoch")})
     trainer.log_metrics("final", metrics)
     trainer.save_metrics("final", metrics)
+    trainer.create_model_card(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     if trainer.is_world_process_zero():
         print(
             f"tau={training_args.hp_epochs}  validation accuracy {metrics['validation_accuracy']:.4f}"

@@ -65,3 +65,65 @@ def test_mismatches(tmp_path, train_set):
         load_prepared_head(tiny_timm(seed=1), folder, strict=True)
     with pytest.raises(FileNotFoundError, match="not a prepared head"):
         load_prepared_head(tiny_timm(), tmp_path)
+
+
+def test_prepared_head_card_parses(tmp_path, train_set):
+    from huggingface_hub import ModelCard
+
+    trainer, folder = _probed(tmp_path, train_set, hp_label_smoothing=0.1)
+    card = ModelCard.load(str(tmp_path / "head" / "README.md"))
+    assert {"headprep_hf", "prepared-head", "tau-2"} <= set(card.data.tags)
+    assert card.data.library_name == "headprep_hf"
+    assert card.data.to_dict()["headprep_energy"] == pytest.approx(trainer.dynamics["energy"])
+    assert f"{trainer.dynamics['energy']:.4f}" in card.text and "HP epochs (tau) | 2" in card.text
+    assert "| HP label smoothing (eps_HP) | 0.1 |" in card.text
+
+
+def test_push_head_to_hub_uploads_exactly_the_artifact(tmp_path, train_set, monkeypatch):
+    """The upload is intercepted at the huggingface_hub API boundary: no network."""
+    from huggingface_hub import HfApi
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        folder = Path(folder_path)
+        calls["upload"] = (repo_id, {p.name: p.read_bytes() for p in folder.iterdir()}, kwargs)
+        return "https://huggingface.co/user/head/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set)
+    trainer.probe_head()
+    url = trainer.push_head_to_hub("user/head", private=True)
+    assert url.endswith("/commit/0")
+    assert calls["create_repo"] == ("user/head", {"private": True, "exist_ok": True, "repo_type": "model"})
+    repo_id, files, _ = calls["upload"]
+    assert repo_id == "user/head" and sorted(files) == ["README.md", "head.safetensors", "headprep_head.json"]
+    assert b"user/head" in files["README.md"]  # the card's usage snippet names the repo
+    assert json.loads(files["headprep_head.json"])["tau"] == 2
+
+
+def test_finetuned_model_card(tmp_path, train_set, eval_set):
+    from huggingface_hub import ModelCard
+
+    args = make_config(tmp_path, num_train_epochs=1)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set, eval_dataset=eval_set)
+    trainer.train()
+    sweep = {
+        "taus": [0, 2, 4],
+        "tau_star": 2,
+        "selection_metric": "accuracy",
+        "summary": {"HP0-FT": {"tau": 0, "validation": 0.5, "test": None}, "HPtau*-FT": None},
+    }
+    trainer.create_model_card(model_name="tiny-ft", sweep=sweep, metrics={"eval_accuracy": 0.75})
+    card = ModelCard.load(str(tmp_path / "out" / "README.md"))
+    data = card.data.to_dict()
+    assert data["headprep_tau"] == 2 and data["headprep_tau_star"] == 2 and "headprep_hf" in card.data.tags
+    assert data["headprep_energy"] == pytest.approx(trainer.dynamics["energy"])
+    assert "tau\\* = 2" in card.text and "| eval_accuracy | 0.75 |" in card.text
+    assert f"{trainer.dynamics['drift'][-1]['sq_dist']:.4f}" in card.text

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .cards import prepared_head_card
 from .heads import replace_head_with_mlp
 from .split import ModelSplit, find_split
 from .version import __version__
@@ -104,9 +105,13 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
 
 
 def save_prepared_head(
-    trainer: HeadPrepTrainer, save_directory: str | os.PathLike, backbone_id: str | None = None, tau: int | None = None
+    trainer: HeadPrepTrainer,
+    save_directory: str | os.PathLike,
+    backbone_id: str | None = None,
+    tau: int | None = None,
+    repo_id: str | None = None,
 ) -> Path:
-    """Write `head.safetensors` and `headprep_head.json` for the trainer's current head into `save_directory`.
+    """Write `head.safetensors`, `headprep_head.json` and a README.md model card for the trainer's current head.
 
     Both files are written under temporary names and renamed into place, so an interrupted save never leaves a
     half-written head behind. Returns the folder.
@@ -119,9 +124,40 @@ def save_prepared_head(
     config_tmp = folder / (HEAD_CONFIG_NAME + ".tmp")
     save_file(state, str(weights_tmp), metadata={"format": "pt", "headprep_version": __version__})
     config_tmp.write_text(json.dumps(config, indent=2))
+    card_tmp = folder / "README.md.tmp"
+    prepared_head_card(config, repo_id=repo_id).save(str(card_tmp))
     os.replace(weights_tmp, folder / HEAD_WEIGHTS_NAME)
     os.replace(config_tmp, folder / HEAD_CONFIG_NAME)
+    os.replace(card_tmp, folder / "README.md")
     return folder
+
+
+def push_head_to_hub(
+    trainer: HeadPrepTrainer,
+    repo_id: str,
+    backbone_id: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload prepared head",
+    revision: str | None = None,
+) -> str:
+    """Upload the trainer's current head (weights, `headprep_head.json`, README.md card) to the Hub repo `repo_id`.
+
+    This is the one place headprep_hf talks to the network (through `huggingface_hub.HfApi`: `create_repo` and
+    `upload_folder`); nothing else in the package does, at import time or later. Returns the commit URL.
+    """
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_prepared_head(trainer, tmp, backbone_id=backbone_id, repo_id=repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, repo_type="model"
+        )
+    return str(getattr(commit, "commit_url", commit))
 
 
 def _resolve(repo_id_or_path: str | os.PathLike, revision: str | None = None) -> Path:

@@ -246,6 +246,45 @@ class HeadPrepTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         return str(save_directory)
 
+    def push_head_to_hub(self, repo_id: str, backbone_id: str | None = None, **kwargs) -> str:
+        """Upload the current head as a prepared-head repo (weights, json, card); see `hub.push_head_to_hub`."""
+        from .hub import push_head_to_hub
+
+        url = push_head_to_hub(self, repo_id, backbone_id=backbone_id, **kwargs) if self.args.should_save else ""
+        self.accelerator.wait_for_everyone()
+        return url
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+        sweep: dict | None = None,
+        metrics: dict[str, float] | None = None,
+        **kwargs,
+    ) -> None:
+        """Write `output_dir/README.md`: HP/FT settings, energy, drift, `metrics` and a sweep's tau* (`sweep`, the
+        content of a `sweep.json`). Also what `push_to_hub()` uploads."""
+        from .cards import finetuned_model_card
+
+        if not self.is_world_process_zero():
+            return
+        if finetuned_from is None:
+            cfg = getattr(self.accelerator.unwrap_model(self.model), "pretrained_cfg", None) or {}
+            finetuned_from = cfg.get("hf_hub_id")
+        card = finetuned_model_card(
+            self,
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            base_model=finetuned_from,
+            sweep=sweep,
+            metrics=metrics,
+            tags=[tags] if isinstance(tags, str) else tags,
+            license=license,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
     def hp_state_dict(self) -> dict[str, torch.Tensor]:
         """Copy of everything head probing changes: the head and `reinit_modules` (parameters and buffers), plus
         every buffer of the model when `hp_backbone_mode="train"` (BatchNorm statistics move then).
