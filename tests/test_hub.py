@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from conftest import make_config, tiny_timm
+from safetensors.torch import load_file
 
 from headprep_hf import BackboneMismatchWarning, HeadPrepTrainer, load_prepared_head
 from headprep_hf.hub import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME
@@ -127,3 +128,36 @@ def test_finetuned_model_card(tmp_path, train_set, eval_set):
     assert data["headprep_energy"] == pytest.approx(trainer.dynamics["energy"])
     assert "tau\\* = 2" in card.text and "| eval_accuracy | 0.75 |" in card.text
     assert f"{trainer.dynamics['drift'][-1]['sq_dist']:.4f}" in card.text
+
+
+def test_sweep_writes_prepared_heads_on_request(tmp_path, train_set, eval_set):
+    from headprep_hf import SweepConfig, TauSweep
+
+    args = SweepConfig(
+        output_dir=str(tmp_path / "sweep"),
+        sweep_taus=[0, 2],
+        sweep_prepared_heads=True,
+        sweep_metric="loss",  # no compute_metrics: tau* by validation loss
+        sweep_report=False,
+        sweep_progress=False,
+        num_train_epochs=1,
+        per_device_train_batch_size=16,
+        hp_learning_rate=5e-2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        drift_probe_samples=20,
+    )
+    result = TauSweep(tiny_timm(), args, train_set, eval_set).run()
+    x = torch.stack([train_set[i]["pixel_values"] for i in range(4)])
+    for entry in result["results"]:
+        folder = tmp_path / "sweep" / "heads" / f"tau_{entry['tau']}"
+        model = tiny_timm()
+        config = load_prepared_head(model, folder, strict=True)  # probed on exactly this backbone
+        assert config["tau"] == entry["tau"] and config["energy"] == entry["energy"]
+        # the attached head gives the logits of the sweep's snapshot on the pretrained backbone
+        reference = tiny_timm()
+        snapshot = load_file(str(tmp_path / "sweep" / "heads" / f"tau_{entry['tau']}.safetensors"))
+        reference.load_state_dict(snapshot, strict=False)
+        assert torch.equal(_logits(model, x), _logits(reference, x))

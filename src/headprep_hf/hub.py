@@ -111,20 +111,32 @@ def save_prepared_head(
     tau: int | None = None,
     repo_id: str | None = None,
 ) -> Path:
-    """Write `head.safetensors`, `headprep_head.json` and a README.md model card for the trainer's current head.
+    """Write `head.safetensors`, `headprep_head.json` and a README.md model card for the trainer's current head
+    into `save_directory` (see `write_prepared_head`). Returns the folder."""
+    state = trainer.hp_state_dict()
+    config = prepared_head_config(trainer, backbone_id=backbone_id, tau=tau)
+    return write_prepared_head(save_directory, state, config, repo_id=repo_id)
 
-    Both files are written under temporary names and renamed into place, so an interrupted save never leaves a
+
+def write_prepared_head(
+    save_directory: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    repo_id: str | None = None,
+) -> Path:
+    """Write a prepared-head folder from its weights and `headprep_head.json` content (and render its card).
+
+    Every file is written under a temporary name and renamed into place, so an interrupted save never leaves a
     half-written head behind. Returns the folder.
     """
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in trainer.hp_state_dict().items()}
-    config = prepared_head_config(trainer, backbone_id=backbone_id, tau=tau)
     weights_tmp = folder / (HEAD_WEIGHTS_NAME + ".tmp")
     config_tmp = folder / (HEAD_CONFIG_NAME + ".tmp")
-    save_file(state, str(weights_tmp), metadata={"format": "pt", "headprep_version": __version__})
-    config_tmp.write_text(json.dumps(config, indent=2))
     card_tmp = folder / "README.md.tmp"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(weights_tmp), metadata={"format": "pt", "headprep_version": __version__})
+    config_tmp.write_text(json.dumps(config, indent=2))
     prepared_head_card(config, repo_id=repo_id).save(str(card_tmp))
     os.replace(weights_tmp, folder / HEAD_WEIGHTS_NAME)
     os.replace(config_tmp, folder / HEAD_CONFIG_NAME)

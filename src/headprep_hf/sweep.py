@@ -134,6 +134,9 @@ class SweepConfig(HeadPrepConfig):
             Write the PNG plots into `output_dir/plots` at the end.
         sweep_progress (`bool`, defaults to `True`):
             Show a progress bar over the FT jobs (independent of `disable_tqdm`, which controls the Trainer's bars).
+        sweep_prepared_heads (`bool`, defaults to `False`):
+            Also write every head snapshot as a prepared-head folder `heads/tau_N/` (see `load_prepared_head`), with
+            the energy and HP train accuracy its FT job measured.
     """
 
     sweep_taus: list[int] = field(
@@ -147,6 +150,12 @@ class SweepConfig(HeadPrepConfig):
     sweep_exchange: bool = field(default=False, metadata={"help": "Compute the head-exchange matrix (Fig. 3)."})
     sweep_report: bool = field(default=True, metadata={"help": "Write the PNG plots at the end."})
     sweep_progress: bool = field(default=True, metadata={"help": "Progress bar over the FT jobs."})
+    sweep_prepared_heads: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write each head snapshot as a prepared-head folder heads/tau_N/ (weights, json, card)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -380,8 +389,20 @@ class TauSweep:
         missing, unexpected = trainer.accelerator.unwrap_model(trainer.model).load_state_dict(snapshot, strict=False)
         if unexpected:
             raise ValueError(f"The head snapshot {self._snapshots[tau]} has keys the model lacks: {unexpected[:5]}.")
+        head_config = None
+        if self.args.sweep_prepared_heads:
+            from .hub import prepared_head_config
+
+            head_config = prepared_head_config(trainer, tau=tau)  # before FT: the pretrained backbone's checksum
         checkpoint = get_last_checkpoint(str(job_dir / "ft")) if (job_dir / "ft").is_dir() else None
         output = trainer.finetune(resume_from_checkpoint=checkpoint)
+        if head_config is not None and trainer.args.should_save:
+            from .hub import write_prepared_head
+
+            head_config.update(
+                energy=trainer.dynamics["energy"], hp_train_accuracy=trainer.dynamics["hp_train_accuracy"]
+            )
+            write_prepared_head(self.output_dir / "heads" / f"tau_{tau}", snapshot, head_config)
         trainer.save_model()
         validation = _strip(trainer.evaluate(), "eval_")
         metric = self.args.sweep_metric
