@@ -161,3 +161,49 @@ def test_sweep_writes_prepared_heads_on_request(tmp_path, train_set, eval_set):
         snapshot = load_file(str(tmp_path / "sweep" / "heads" / f"tau_{entry['tau']}.safetensors"))
         reference.load_state_dict(snapshot, strict=False)
         assert torch.equal(_logits(model, x), _logits(reference, x))
+
+
+def test_push_to_hub_of_a_finetuned_model_uploads_its_card(tmp_path, train_set, monkeypatch):
+    """Trainer.push_to_hub goes through our create_model_card; intercepted at the huggingface_hub API boundary."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi, ModelCard
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        uploaded.update(repo_id=repo_id, files={p.name: p for p in Path(folder_path).iterdir()})
+        uploaded["card"] = ModelCard.load(str(Path(folder_path) / "README.md"))
+        return "https://huggingface.co/user/ft/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    args = make_config(tmp_path, num_train_epochs=1, hub_model_id="user/ft")
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    trainer.train()
+    trainer.push_to_hub()
+    assert uploaded["repo_id"] == "user/ft"
+    assert {"README.md", "model.safetensors", "headprep_dynamics.json"} <= set(uploaded["files"])
+    assert not any(name.endswith((".bin", ".pt", ".pth")) and "model" in name for name in uploaded["files"])
+    card = uploaded["card"]
+    assert card.data.to_dict()["headprep_tau"] == 2 and "headprep_hf" in card.data.tags
+
+
+@pytest.mark.parametrize("stage", ["probe_head", "train"])
+def test_prepared_head_is_written_when_hp_ends(tmp_path, train_set, stage):
+    args = make_config(tmp_path, num_train_epochs=1)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    getattr(trainer, stage)()
+    folder = tmp_path / "out" / "prepared_head"
+    config = load_prepared_head(tiny_timm(), folder, strict=True)  # probed on the untouched pretrained backbone
+    assert config["tau"] == 2 and config["energy"] == trainer.dynamics["energy"]
+    off = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path / "off", save_prepared_head=False), train_dataset=train_set
+    )
+    off.probe_head()
+    assert not (tmp_path / "off" / "out" / "prepared_head").exists()

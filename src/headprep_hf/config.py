@@ -77,6 +77,9 @@ class HeadPrepConfig(TrainingArguments):
             Per-device batch size of the measurement passes; `None` uses the larger of the train and eval sizes.
         ignore_index (`int`, defaults to `-100`):
             Label value ignored by the loss and the measurements.
+        save_prepared_head (`bool`, defaults to `True`):
+            When HP ends (and its energy is measured), write the head as a prepared-head folder
+            `output_dir/prepared_head` (weights, `headprep_head.json`, model card; kilobytes).
         overwrite_output_dir (`bool`, defaults to `False`):
             A new run refuses an `output_dir` that already holds checkpoints (they would be overwritten); resume
             instead, or set this.
@@ -153,6 +156,10 @@ class HeadPrepConfig(TrainingArguments):
     )
     ignore_index: int = field(default=-100, metadata={"help": "Label value ignored by the loss and measurements."})
 
+    save_prepared_head: bool = field(
+        default=True,
+        metadata={"help": "Write output_dir/prepared_head (head weights, json, card) when HP ends."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Let a new (not resumed) run write into an output_dir that holds checkpoints already."},

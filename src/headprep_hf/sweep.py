@@ -328,6 +328,7 @@ class TauSweep:
             save_strategy="no",
             load_best_model_at_end=False,
             track_dynamics=False,
+            save_prepared_head=False,  # the snapshots are the prepared heads (sweep_prepared_heads)
             overwrite_output_dir=True,  # no checkpoints are written by this run
         )
         trainer = self._quiet(

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "headprep_state.json"
 FEATURES_NAME = "headprep_state.safetensors"
 DYNAMICS_NAME = "headprep_dynamics.json"
+PREPARED_HEAD_DIR = "prepared_head"
 _STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate")
 _PLANS = ("both", "hp", "ft")
 
@@ -211,12 +212,14 @@ class HeadPrepTrainer(Trainer):
             if self.args.track_dynamics:
                 self.measure_start()
             self._write_dynamics()
+            self._write_prepared_head()
             return TrainOutput(self.state.global_step, metrics.get("hp_loss", 0.0), metrics)
         self._hp_outside_loop = False
         output = self._run("hp", resume_from_checkpoint, **kwargs)
         if self.args.track_dynamics:
             self.measure_start()
         self._write_dynamics()
+        self._write_prepared_head()
         return output
 
     def finetune(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
@@ -284,6 +287,13 @@ class HeadPrepTrainer(Trainer):
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def _write_prepared_head(self) -> None:
+        # At the end of HP (after its measurements): a small artifact FT can start from elsewhere.
+        if self.args.save_prepared_head and self.args.should_save:
+            from .hub import save_prepared_head
+
+            save_prepared_head(self, os.path.join(self.args.output_dir, PREPARED_HEAD_DIR))
 
     def hp_state_dict(self) -> dict[str, torch.Tensor]:
         """Copy of everything head probing changes: the head and `reinit_modules` (parameters and buffers), plus
@@ -540,6 +550,8 @@ class HeadPrepTrainer(Trainer):
             sync = self.accelerator.gradient_state.sync_gradients
             self.measure_start()
             self.accelerator.gradient_state._set_sync_gradients(sync)
+        if self._plan == "both":
+            self._write_prepared_head()
 
     # ------------------------------------------------------------------ measurements
     def _sync_buffers(self) -> None:
