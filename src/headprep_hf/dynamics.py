@@ -53,14 +53,19 @@ class PassResult:
     correct: torch.Tensor | None = None
     features: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    count: torch.Tensor | None = None
 
     def summary(self) -> dict[str, float]:
+        """Means over valid positions: samples for classification, pixels for dense tasks (ignored ones excluded)."""
         valid = ~torch.isnan(self.energy)
-        return {
-            "energy": self.energy[valid].double().mean().item(),
-            "hp_train_accuracy": self.correct[valid].double().mean().item(),
-            "p0_mean": self.p_true[valid].double().mean().item(),
-        }
+        weight = (
+            self.count[valid].double() if self.count is not None else torch.ones(int(valid.sum()), dtype=torch.float64)
+        )
+
+        def mean(values: torch.Tensor) -> float:
+            return ((values[valid].double() * weight).sum() / weight.sum()).item()
+
+        return {"energy": mean(self.energy), "hp_train_accuracy": mean(self.correct), "p0_mean": mean(self.p_true)}
 
 
 @contextlib.contextmanager
@@ -129,7 +134,8 @@ def measure(
         captured.append(args[0] if args else next(iter(kwargs.values())))
 
     handle = feature_module.register_forward_pre_hook(hook) if max_features > 0 else None
-    values: dict[str, list[torch.Tensor]] = {"energy": [], "p_true": [], "correct": [], "features": [], "labels": []}
+    keys = ("energy", "p_true", "correct", "count", "features", "labels")
+    values: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     n_features = 0
     try:
         with preserved_state(model, seed):

@@ -4,7 +4,9 @@ During HP the backbone is frozen and in eval mode, so the head's input `z` of a 
 sample (and on its augmentation). `CachedHeadProbing` computes `z` for the whole training set once per cached view
 (`hp_cache_views`), then trains the head on it with the trainer's own optimizer, schedule, loss, gradient clipping,
 gradient accumulation and batch order, so that without augmentation the head equals the one uncached HP produces
-(to float tolerance: the backbone runs with another batch size). HP epoch `e` uses view `e % K`.
+(to float tolerance: the backbone runs with another batch size). HP epoch `e` uses view `e % K`. A head with
+dropout (e.g. DeepLabV3's ASPP) draws other dropout masks than uncached HP (the Trainer's dataloader also draws from
+the global RNG), so such heads agree in distribution, not number for number.
 
 Batch order: the trainer's training dataloader is asked for its batches (`set_epoch(e)` and its batch sampler), not
 iterated, so no image is loaded. Under several processes every rank holds the whole cache (gathered) and runs the
@@ -108,7 +110,8 @@ class CachedHeadProbing:
         def check(z: torch.Tensor, outputs) -> None:
             with torch.no_grad():
                 expected = extract_logits(outputs).float()
-                got = split.head_logits(model, z).float()
+                size = tuple(expected.shape[-2:]) if expected.dim() == 4 else None
+                got = split.head_logits(model, z, size=size).float()
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
                 diff = (got - expected).abs().max().item() if got.shape == expected.shape else "shape differs"
                 raise ValueError(

@@ -4,6 +4,7 @@ with a device-side assert or a silently wrong loss."""
 from __future__ import annotations
 
 import logging
+import random
 
 import numpy as np
 import torch
@@ -72,3 +73,36 @@ def check_labels(dataset, num_classes: int, name: str, label_name: str = "labels
             f"head. Fix the labels, or build the head with num_classes >= {int(flat[flat != ignore_index].max()) + 1}"
             f" (labels equal to ignore_index={ignore_index} are skipped)."
         )
+
+
+def check_dense_shapes(dataset, name: str, label_name: str = "labels") -> None:
+    """For dense labels (segmentation masks): raise `ValueError` naming the first sample whose mask does not have
+    the height and width of its image. Datasets with per-sample (classification) labels are not scanned."""
+    if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset) or len(dataset) == 0:
+        return
+    if len(dataset) > _MAX_ITERATED:
+        return
+    # Reading samples runs their random augmentation: keep the training RNG streams untouched.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            _scan_dense_shapes(dataset, name, label_name)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _scan_dense_shapes(dataset, name: str, label_name: str) -> None:
+    first = dataset[0]
+    if not isinstance(first, dict) or label_name not in first or np.ndim(first[label_name]) < 2:
+        return
+    for i in range(len(dataset)):
+        item = first if i == 0 else dataset[i]
+        mask_size = tuple(np.shape(item[label_name]))[-2:]
+        for key, value in item.items():
+            shape = tuple(getattr(value, "shape", ()))
+            if key != label_name and len(shape) >= 3 and shape[-2:] != mask_size:
+                raise ValueError(
+                    f"{name}[{i}]: the mask '{label_name}' is {mask_size[0]}x{mask_size[1]} but '{key}' is "
+                    f"{shape[-2]}x{shape[-1]}; resize them together (nearest-neighbour for the mask)."
+                )

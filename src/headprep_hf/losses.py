@@ -40,7 +40,8 @@ def cross_entropy_energy(
     get NaN energy (callers exclude them).
 
     Returns:
-        dict with float tensors `energy`, `p_true`, `correct`, each of shape `(N,)`.
+        dict with float tensors `energy`, `p_true`, `correct` (per-sample means over valid positions) and `count`
+        (the number of valid positions), each of shape `(N,)`.
     """
     n = logits.shape[0]
     flat, y, sample = _flatten(logits.float(), labels)
@@ -51,8 +52,8 @@ def cross_entropy_energy(
     energy = (one_hot - probs).norm(dim=-1)
     p_true = probs.gather(1, y_safe[:, None]).squeeze(1)
     correct = (probs.argmax(dim=-1) == y_safe).to(probs.dtype)
-    out = {}
     count = torch.zeros(n, device=logits.device).index_add_(0, sample, valid.to(probs.dtype))
+    out = {"count": count}
     for key, value in (("energy", energy), ("p_true", p_true), ("correct", correct)):
         total = torch.zeros(n, device=logits.device).index_add_(0, sample, torch.where(valid, value, 0.0))
         out[key] = total / count

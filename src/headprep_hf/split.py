@@ -5,7 +5,8 @@ Supported without configuration:
 * plain timm models (`get_classifier()` names the head),
 * `transformers.TimmWrapperForImageClassification` (the wrapped timm model's `get_classifier()`),
 * `transformers` `*ForImageClassification` models (the `classifier` attribute: ResNet, ViT, ConvNext, ...),
-* any module with a top-level `classifier`, `fc` or `head` submodule.
+* any module with a top-level `classifier`, `fc` or `head` submodule (torchvision's DeepLabV3: `classifier`, the ASPP
+  head; its auxiliary head must be off).
 
 Anything else: pass `head_modules=[...]`. The feature `z` of the paper is the input of the first head module;
 4-D features (`B, C, H, W`) are averaged over space, anything else is flattened per sample.
@@ -86,15 +87,23 @@ class ModelSplit:
             )
         return model.get_submodule(self.head_names[0])
 
-    def head_logits(self, model: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def head_logits(
+        self,
+        model: nn.Module,
+        z: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """Logits of the head applied to its input `z`, as the full model would return them.
 
-        Dense (`B, C, h, w`) logits are resized bilinearly to the label map's size when they differ, as segmentation
-        models such as torchvision's DeepLabV3 do after their head.
+        Dense (`B, C, h, w`) logits are resized bilinearly to `size` (default: the label map's size) when they differ,
+        as segmentation models such as torchvision's DeepLabV3 do after their head.
         """
         logits = extract_logits(self.head_module(model)(z))
-        if labels is not None and logits.dim() == 4 and labels.dim() == 3 and logits.shape[-2:] != labels.shape[-2:]:
-            logits = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        if size is None and labels is not None and labels.dim() == 3:
+            size = tuple(labels.shape[-2:])
+        if size is not None and logits.dim() == 4 and tuple(logits.shape[-2:]) != tuple(size):
+            logits = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
 
 
@@ -155,6 +164,12 @@ def find_split(
         ValueError: when a named module does not exist, or no head can be found (the message lists candidates).
     """
     module_names = {n for n, _ in model.named_modules() if n}
+    if isinstance(getattr(model, "aux_classifier", None), nn.Module):
+        raise ValueError(
+            f"{type(model).__name__} has an auxiliary head (aux_classifier); its output is not the logits the loss "
+            "and the measurements use, so it would never train. Build the model with aux_loss=False (or set "
+            "model.aux_classifier = None)."
+        )
     if head_modules:
         missing = [n for n in head_modules if n not in module_names]
         if missing:

@@ -38,7 +38,7 @@ from .config import HeadPrepConfig
 from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure
 from .feature_cache import CachedHeadProbing
 from .heads import reinitialize_module, replace_head_with_mlp
-from .labels import check_labels
+from .labels import check_dense_shapes, check_labels
 from .losses import smoothed_cross_entropy
 from .schedules import StageSchedule
 from .split import ModelCaller, ModelSplit, extract_logits, find_split
@@ -393,6 +393,7 @@ class HeadPrepTrainer(Trainer):
             datasets.append(("eval_dataset", self.eval_dataset))
         for name, dataset in datasets:
             if dataset is not None:
+                check_dense_shapes(dataset, name, label_name)
                 check_labels(dataset, self.split.num_classes, name, label_name, self.args.ignore_index)
 
     def set_initial_training_values(self, args, dataloader):

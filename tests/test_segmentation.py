@@ -1,0 +1,127 @@
+"""Segmentation (DeepLabV3, the whole ASPP head as task head): stages, per-pixel energy, cached HP, bad input."""
+
+import pytest
+import torch
+from conftest import clone_state, make_config
+from torch.utils.data import Dataset
+
+from headprep_hf import HeadPrepTrainer, find_split
+from headprep_hf.models import TimmDeepLabV3, build_torchvision_deeplabv3
+
+IGNORE = 255
+NUM_CLASSES = 3
+
+
+class TinySegmentation(Dataset):
+    """Random 3x32x32 images; the mask is the class of a bright square (background 0) with an ignored border."""
+
+    def __init__(self, n: int = 12, seed: int = 0, mask_size: int = 32):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.masks = torch.zeros(n, mask_size, mask_size, dtype=torch.long)
+        for i in range(n):
+            c = 1 + i % (NUM_CLASSES - 1)
+            r0, c0 = (int(v) for v in torch.randint(0, 16, (2,), generator=g))
+            self.x[i, c, r0 : r0 + 12, c0 : c0 + 12] += 2.0
+            self.masks[i, r0 : r0 + 12, c0 : c0 + 12] = c
+            self.masks[i, :1, :] = IGNORE
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.masks[i]}
+
+
+def tiny_deeplab(seed: int = 0) -> TimmDeepLabV3:
+    torch.manual_seed(seed)
+    return TimmDeepLabV3("test_resnet", NUM_CLASSES)
+
+
+def _config(tmp_path, **overrides):
+    values = dict(
+        ignore_index=IGNORE, per_device_train_batch_size=4, per_device_eval_batch_size=4, drift_probe_samples=6
+    )
+    values.update(overrides)
+    return make_config(tmp_path, **values)
+
+
+def test_split_is_the_whole_segmentation_head():
+    split = find_split(tiny_deeplab())
+    assert split.head_names == ["classifier"] and split.num_classes == NUM_CLASSES
+    torchvision_model = build_torchvision_deeplabv3(num_classes=21)
+    assert find_split(torchvision_model).head_names == ["classifier"]
+    with pytest.raises(ValueError, match="aux_loss=False"):
+        from torchvision.models.segmentation import deeplabv3_resnet50
+
+        find_split(deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True))
+
+
+def test_hp_freezes_the_resnet_and_ft_moves_it(tmp_path):
+    train = TinySegmentation()
+    trainer = HeadPrepTrainer(model=tiny_deeplab(), args=_config(tmp_path), train_dataset=train)
+    model, split = trainer.model, trainer.split
+    backbone0 = clone_state(split.backbone_state(model))
+    head0 = clone_state(dict(split.head_parameters(model)))
+    assert any("running_var" in k for k in backbone0)
+    trainer.probe_head()
+    after = split.backbone_state(model)
+    assert all(torch.equal(backbone0[k], after[k]) for k in backbone0)
+    assert any(not torch.equal(head0[k], v) for k, v in split.head_parameters(model))
+    trainer.finetune()
+    after = split.backbone_state(model)
+    assert any(not torch.equal(backbone0[k], after[k]) for k in backbone0 if k.endswith("weight"))
+    assert trainer.dynamics["drift"][-1]["sq_dist"] > 0
+
+
+def test_energy_is_the_mean_over_valid_pixels(tmp_path):
+    train = TinySegmentation(10)
+    trainer = HeadPrepTrainer(model=tiny_deeplab(), args=_config(tmp_path, hp_epochs=1), train_dataset=train)
+    trainer.probe_head()
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(train.x)["out"]
+    probs = logits.softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, NUM_CLASSES)
+    labels = train.masks.reshape(-1)
+    valid = labels != IGNORE
+    one_hot = torch.nn.functional.one_hot(labels[valid], NUM_CLASSES).float()
+    energy = (one_hot - probs[valid]).norm(dim=1).mean().item()
+    accuracy = (probs[valid].argmax(dim=1) == labels[valid]).double().mean().item()
+    assert trainer.dynamics["energy"] == pytest.approx(energy, rel=1e-5)
+    assert trainer.dynamics["hp_train_accuracy"] == pytest.approx(accuracy, rel=1e-6)
+    # the drift features are the backbone output map averaged over space
+    assert trainer._z0.shape == (6, model.backbone.feature_info.channels()[-1])
+
+
+def test_cached_hp_equals_uncached_for_the_dense_head(tmp_path):
+    train = TinySegmentation()
+    heads = []
+    for cached in (False, True):
+        args = _config(tmp_path / str(cached), hp_epochs=2, hp_cache_features=cached, track_dynamics=False)
+        model = tiny_deeplab()
+        for module in model.modules():  # dropout draws from the RNG, which the two paths use differently
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        trainer = HeadPrepTrainer(model=model, args=args, train_dataset=train)
+        trainer.probe_head()
+        heads.append(trainer.hp_state_dict())
+    for key in heads[0]:
+        torch.testing.assert_close(heads[1][key], heads[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_masks_name_the_sample(tmp_path):
+    bad_label = TinySegmentation()
+    bad_label.masks[5, 10, 10] = 7
+    with pytest.raises(ValueError, match=r"train_dataset\[5\] has label 7"):
+        HeadPrepTrainer(model=tiny_deeplab(), args=_config(tmp_path), train_dataset=bad_label).probe_head()
+
+    class Mismatched(TinySegmentation):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "labels": item["labels"][:16, :16]} if i == 3 else item
+
+    with pytest.raises(
+        ValueError, match=r"train_dataset\[3\]: the mask 'labels' is 16x16 but 'pixel_values' is 32x32"
+    ):
+        HeadPrepTrainer(model=tiny_deeplab(), args=_config(tmp_path), train_dataset=Mismatched()).probe_head()
