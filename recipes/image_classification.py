@@ -25,8 +25,9 @@ import sys
 
 from transformers import HfArgumentParser
 
-from headprep_hf import HeadPrepConfig, HeadPrepTrainer
+from headprep_hf import HeadPrepConfig
 from headprep_hf.cli import parse_with_config
+from headprep_hf.tasks.base import drift_text, train_and_evaluate
 from headprep_hf.tasks.image_classification import (
     IMAGE_CLASSIFICATION_DEFAULTS,
     ImageClassificationArguments,
@@ -49,38 +50,13 @@ def parse_args(parser: HfArgumentParser, argv: list[str]):
 
 def main(script_args: ScriptArguments, training_args: HeadPrepConfig) -> dict:
     inputs = load_image_classification(script_args, training_args.seed)
-    trainer = HeadPrepTrainer(
-        model=inputs.model,
-        args=training_args,
-        train_dataset=inputs.train_dataset,
-        eval_dataset=inputs.eval_dataset,
-        compute_metrics=inputs.compute_metrics,
-    )
-    resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume in ("true", "True", "last") else resume)
-    trainer.save_model()
-
-    metrics = {f"validation_{k[len('eval_') :]}": v for k, v in trainer.evaluate().items()}
-    if inputs.test_dataset is not None:
-        test = trainer.evaluate(inputs.test_dataset, metric_key_prefix="test")
-        metrics.update(test)
-    dyn = trainer.dynamics
-    metrics.update({"energy": dyn.get("energy"), "hp_train_accuracy": dyn.get("hp_train_accuracy")})
-    if dyn.get("drift"):
-        metrics.update({f"drift_{k}": v for k, v in dyn["drift"][-1].items() if k not in ("step", "epoch")})
-    trainer.log_metrics("final", metrics)
-    trainer.save_metrics("final", metrics)
-    trainer.create_model_card(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    trainer, metrics = train_and_evaluate(inputs, training_args)
     if trainer.is_world_process_zero():
         print(
             f"tau={training_args.hp_epochs}  validation accuracy {metrics['validation_accuracy']:.4f}"
             + (f"  test accuracy {metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else "")
             + f"  energy {metrics['energy']:.4f}  HP train accuracy {metrics['hp_train_accuracy']:.4f}"
-            + (
-                f"  drift ||z_t-z_0||^2 {metrics['drift_sq_dist']:.4f}  cos {metrics['drift_cos']:.4f}"
-                if "drift_sq_dist" in metrics
-                else ""
-            )
+            + drift_text(metrics)
         )
     return metrics
 

@@ -125,3 +125,61 @@ def test_bad_masks_name_the_sample(tmp_path):
         ValueError, match=r"train_dataset\[3\]: the mask 'labels' is 16x16 but 'pixel_values' is 32x32"
     ):
         HeadPrepTrainer(model=tiny_deeplab(), args=_config(tmp_path), train_dataset=Mismatched()).probe_head()
+
+
+def test_segmentation_metrics_against_a_hand_count():
+    from transformers import EvalPrediction
+
+    from headprep_hf.metrics import segmentation_metrics
+
+    labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]]]).numpy()
+    preds = torch.tensor([[[0, 1, 1, 1], [2, 0, 0, 1]]]).numpy()
+    metrics = segmentation_metrics(3, ignore_index=255)(EvalPrediction(predictions=preds, label_ids=labels))
+    # class 0: tp 1, union {0,1,5} = 3 -> 1/3; class 1: tp 2, union {1,2,3} = 3 -> 2/3; class 2: tp 1, union 2 -> 1/2
+    assert metrics["iou_0"] == pytest.approx(1 / 3) and metrics["iou_1"] == pytest.approx(2 / 3)
+    assert metrics["mean_iou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert metrics["pixel_accuracy"] == pytest.approx(4 / 6)  # ignored pixels (predicted 0 and 1) do not count
+
+
+def test_derived_digit_masks():
+    from headprep_hf.data import build_digit_segmentation
+
+    splits = build_digit_segmentation(seed=0, classes=(3, 7), canvas_size=36)
+    train = splits["train"]
+    item = train[0]
+    assert item["pixel_values"].shape == (3, 36, 36) and item["labels"].shape == (36, 36)
+    values = set(item["labels"].unique().tolist())
+    assert values <= {0, 1, 2, 255} and 0 in values and 255 in values
+    expected_class = 1 + (3, 7).index(int(train.digits[0]))
+    assert expected_class in values and (3 - expected_class) not in values  # one digit per canvas
+    stroke = item["pixel_values"][0] >= 0.0  # intensity >= 0.5 after (x - 0.5) / 0.5
+    assert torch.equal(item["labels"] == expected_class, stroke)
+    again = build_digit_segmentation(seed=0, classes=(3, 7), canvas_size=36)["train"][0]
+    assert torch.equal(again["labels"], item["labels"])
+
+
+@pytest.mark.slow
+def test_segmentation_recipe_and_sweep_task(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    from headprep_hf.cli import main as cli_main
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import semantic_segmentation as recipe
+
+    from headprep_hf.cli import parse_with_config
+
+    cache = str(tmp_path / "cache")
+    tiny = ["--source_epochs", "1", "--cache_dir", cache, "--use_cpu", "true", "--num_train_epochs", "1"]
+    argv = [*tiny, "--hp_epochs", "1", "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
+    argv += ["--disable_tqdm", "true", "--save_strategy", "no", "--drift_probe_samples", "32"]
+    metrics = recipe.main(*parse_with_config(recipe.make_parser(), argv))
+    assert 0.0 <= metrics["validation_mean_iou"] <= 1.0 and metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
+    assert "validation mIoU" in capsys.readouterr().out
+    out = tmp_path / "sweep"
+    sweep_argv = ["sweep", "--task", "segmentation", *tiny, "--sweep_taus", "0", "2", "--output_dir", str(out)]
+    assert cli_main([*sweep_argv, "--sweep_progress", "false", "--drift_probe_samples", "32"]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["selection_metric"] == "mean_iou" and sweep["complete"] and sweep["task"]["name"] == "segmentation"

@@ -75,7 +75,7 @@ def sweep_parser(task_name: str) -> HfArgumentParser:
 
     task = get_task(task_name)
     parser = HfArgumentParser((task.arguments, SweepConfig))
-    defaults = {**task.defaults, **SWEEP_DEFAULTS}
+    defaults = {**task.defaults, **SWEEP_DEFAULTS, **task.sweep_defaults}
     defaults["output_dir"] = time.strftime("runs/sweep-%Y%m%d-%H%M%S")
     parser.set_defaults(**defaults)
     return parser
@@ -114,6 +114,7 @@ def sweep_main(argv: list[str]) -> dict:
         compute_metrics=inputs.compute_metrics,
         task=task_record(task, task_args),
         data_collator=inputs.data_collator,
+        preprocess_logits_for_metrics=inputs.preprocess_logits_for_metrics,
     )
     result = sweep.run()
     if args.process_index == 0:

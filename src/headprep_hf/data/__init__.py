@@ -12,10 +12,13 @@ from headprep_hf.data.mnist import (
     distort_digits,
     load_mnist5k,
 )
+from headprep_hf.data.segmentation import DigitCanvasSegmentation, build_digit_segmentation
 
 __all__ = [
+    "DigitCanvasSegmentation",
     "DigitImageDataset",
     "HFImageClassificationDataset",
+    "build_digit_segmentation",
     "build_image_transforms",
     "build_pretrain_dataset",
     "build_toy_downstream",

@@ -18,6 +18,7 @@ from .image_classification import (
     ImageClassificationArguments,
     load_image_classification,
 )
+from .segmentation import SEGMENTATION_DEFAULTS, SEGMENTATION_SWEEP_DEFAULTS, SegmentationArguments, load_segmentation
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,15 @@ class Task:
     arguments: type
     defaults: dict[str, Any]
     load: Callable[[Any, int], TaskInputs]
+    sweep_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 TASKS: dict[str, Task] = {
     "image_classification": Task(
         "image_classification", ImageClassificationArguments, IMAGE_CLASSIFICATION_DEFAULTS, load_image_classification
+    ),
+    "segmentation": Task(
+        "segmentation", SegmentationArguments, SEGMENTATION_DEFAULTS, load_segmentation, SEGMENTATION_SWEEP_DEFAULTS
     ),
 }
 

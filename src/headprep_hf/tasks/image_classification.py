@@ -11,25 +11,16 @@ from transformers import set_seed
 from ..data import build_toy_downstream, load_image_classification_dataset
 from ..metrics import accuracy_metrics
 from ..models import load_timm_model, pretrain_source_model
-from .base import TaskInputs
+from .base import COMMON_RECIPE_DEFAULTS, TaskInputs
 
 # Trainer settings of the image-classification recipes for the offline toy task (the config's own defaults are
 # task-neutral). `output_dir` is a new folder per run: a finished run's checkpoints and results are never overwritten.
 IMAGE_CLASSIFICATION_DEFAULTS = dict(
+    COMMON_RECIPE_DEFAULTS,
     output_dir=time.strftime("runs/image_classification-%Y%m%d-%H%M%S"),
-    hp_epochs=4,
-    hp_learning_rate=1e-2,
     num_train_epochs=6,
-    learning_rate=3e-4,
-    lr_scheduler_type="cosine",
     per_device_train_batch_size=64,
     per_device_eval_batch_size=256,
-    eval_strategy="epoch",
-    save_strategy="epoch",
-    save_total_limit=1,
-    logging_steps=5,
-    report_to="tensorboard",
-    dataloader_num_workers=0,
 )
 
 
