@@ -29,10 +29,8 @@ import argparse
 import copy
 import cProfile
 import io
-import json
 import logging
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -45,6 +43,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import transformers
+from _common import machine_info, write_json
 from transformers import Trainer, TrainingArguments
 
 from headprep_hf import HeadPrepConfig, HeadPrepTrainer
@@ -216,25 +215,6 @@ def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -
 
 
 # ---------------------------------------------------------------------------------------------------------- report
-def machine_info() -> dict[str, Any]:
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "timm": timm.__version__,
-        "device": "cpu",
-        "loadavg_1_5_15": load,
-    }
-
-
 def median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -506,16 +486,13 @@ def main(argv=None) -> int:
     print(f"\ntotal wall time: {total:.1f} s")
     if opts.json:
         payload = {
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "machine": info,
             "setup": setup,
             "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
             "summary": {**summary, "projected_ratio": {str(k): v for k, v in summary["projected_ratio"].items()}},
             "total_seconds": total,
         }
-        with open(opts.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {opts.json}")
+        write_json(opts.json, payload)
     return 0
 
 

@@ -36,10 +36,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -51,6 +49,7 @@ from typing import Any
 import timm
 import torch
 import transformers
+from _common import machine_info, write_json
 from safetensors.torch import load_file
 from transformers import PrinterCallback
 
@@ -237,23 +236,6 @@ def data_pass_seconds(dataset) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------- report
-def machine_info() -> dict[str, Any]:
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "loadavg_1_5_15": load,
-    }
-
-
 def summarize(runs: list[dict], roles: dict[str, Variant], repeats: int) -> dict[str, Any]:
     by = {(r["variant"], r["repeat"]): r for r in runs}
     ratios = {}
@@ -497,7 +479,6 @@ def main(argv=None) -> int:
 
     if opts.json:
         payload = {
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "machine": info,
             "setup": setup,
             "runs": runs,
@@ -505,9 +486,7 @@ def main(argv=None) -> int:
             "context": context,
             "total_seconds": total,
         }
-        with open(opts.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {opts.json}")
+        write_json(opts.json, payload)
     return 0
 
 

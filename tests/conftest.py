@@ -33,26 +33,27 @@ def tiny_timm(num_classes: int = 3, seed: int = 0) -> torch.nn.Module:
     return timm.create_model("test_resnet", num_classes=num_classes)
 
 
+# Trainer settings of the unit tests: tiny batches, CPU, no reports or checkpoints, quiet.
+CONFIG_DEFAULTS = dict(
+    hp_epochs=2,
+    num_train_epochs=1,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=16,
+    learning_rate=1e-3,
+    hp_learning_rate=5e-2,
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    logging_steps=1,
+    dataloader_num_workers=0,
+    drift_probe_samples=20,
+    disable_tqdm=True,
+    seed=0,
+)
+
+
 def make_config(tmp_path, **overrides) -> HeadPrepConfig:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        hp_epochs=2,
-        num_train_epochs=1,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=16,
-        learning_rate=1e-3,
-        hp_learning_rate=5e-2,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        dataloader_num_workers=0,
-        drift_probe_samples=20,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return HeadPrepConfig(**defaults)
+    return HeadPrepConfig(**{**CONFIG_DEFAULTS, "output_dir": str(tmp_path / "out"), **overrides})
 
 
 def clone_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import TinyImages, clone_state, tiny_timm
+from conftest import CONFIG_DEFAULTS, TinyImages, clone_state, tiny_timm
 from safetensors.torch import load_file
 
 from headprep_hf import HeadPrepConfig, HeadPrepTrainer, SweepConfig, TauSweep, load_sweep, merge_sweeps
@@ -14,21 +14,7 @@ from headprep_hf.metrics import accuracy_metrics
 from headprep_hf.sweep import format_table, parse_shard, validate_taus
 from headprep_hf.sweep_schema import validate_exchange, validate_sweep
 
-COMMON = dict(
-    num_train_epochs=1,
-    per_device_train_batch_size=16,
-    per_device_eval_batch_size=16,
-    learning_rate=1e-3,
-    hp_learning_rate=5e-2,
-    use_cpu=True,
-    report_to="none",
-    save_strategy="no",
-    logging_steps=1,
-    dataloader_num_workers=0,
-    drift_probe_samples=20,
-    disable_tqdm=True,
-    seed=0,
-)
+COMMON = {k: v for k, v in CONFIG_DEFAULTS.items() if k != "hp_epochs"}  # the sweep sets tau per job
 
 
 def sweep_config(path, **overrides):
