@@ -392,7 +392,11 @@ class HeadPrepTrainer(Trainer):
         elif self.eval_dataset is not None:
             datasets.append(("eval_dataset", self.eval_dataset))
         for name, dataset in datasets:
-            if dataset is not None:
+            if dataset is None:
+                continue
+            if callable(getattr(dataset, "check_samples", None)):  # the dataset checks its raw samples itself
+                dataset.check_samples(self.split.num_classes, name=name, ignore_index=self.args.ignore_index)
+            else:
                 check_dense_shapes(dataset, name, label_name)
                 check_labels(dataset, self.split.num_classes, name, label_name, self.args.ignore_index)
 

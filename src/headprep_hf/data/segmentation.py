@@ -8,6 +8,8 @@ function of it; there is no random augmentation.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -86,3 +88,357 @@ def build_digit_segmentation(
         dataset.digits = digits[idx]
         out[name] = dataset
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real segmentation data: local PASCAL VOC, `datasets` sets, the nuclei image shipped in `stardist`.
+# ---------------------------------------------------------------------------------------------------------------------
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+_MASK_COLUMNS = ("label", "labels", "mask", "annotation", "semantic_segmentation", "segmentation", "gtFine")
+
+
+class SegmentationTransform:
+    """Joint transform of an image and its mask to `(FloatTensor[3, S, S], LongTensor[S, S])`, `S = size`.
+
+    * train: resize the short side to `size * s` with `s ~ U(scale_range)`, pad to at least `S x S`, random `S x S`
+      crop, random horizontal flip (the usual VOC recipe);
+    * eval: resize the long side to `S` and pad bottom/right to `S x S`, so every labelled pixel is scored once
+      (at the resized resolution).
+
+    Images are resized bilinearly (antialiased), masks with nearest neighbour; padding is 0 after normalisation (the
+    mean colour) for the image and `ignore_index` for the mask, so padded pixels never count. Grey images are
+    repeated to three channels. Randomness comes from torch's global RNG (seeded per worker by the DataLoader).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        train: bool = False,
+        ignore_index: int = 255,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        hflip: bool = True,
+    ):
+        if size < 1:
+            raise ValueError(f"crop size must be >= 1, got {size}")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be 0 < low <= high, got {scale_range}")
+        self.size, self.train, self.ignore_index = int(size), train, ignore_index
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.scale_range, self.hflip = scale_range, hflip
+
+    def __call__(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        x = _image_tensor(image)
+        y = torch.from_numpy(np.array(mask, dtype=np.int64)).unsqueeze(0)
+        h, w = x.shape[-2:]
+        if self.train:
+            low, high = self.scale_range
+            scale = low + (high - low) * float(torch.rand(()))
+            factor = self.size * scale / min(h, w)
+        else:
+            factor = self.size / max(h, w)
+        new_h, new_w = max(1, round(h * factor)), max(1, round(w * factor))
+        x = TF.resize(x, [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        y = TF.resize(y, [new_h, new_w], interpolation=InterpolationMode.NEAREST)
+        x = (x - self.mean) / self.std
+        pad_h, pad_w = max(self.size - new_h, 0), max(self.size - new_w, 0)
+        if pad_h or pad_w:  # [left, top, right, bottom]
+            x = TF.pad(x, [0, 0, pad_w, pad_h], fill=0.0)
+            y = TF.pad(y, [0, 0, pad_w, pad_h], fill=self.ignore_index)
+        if self.train:
+            top = int(torch.randint(0, x.shape[-2] - self.size + 1, ()))
+            left = int(torch.randint(0, x.shape[-1] - self.size + 1, ()))
+            x, y = (
+                x[..., top : top + self.size, left : left + self.size],
+                y[..., top : top + self.size, left : left + self.size],
+            )
+            if self.hflip and bool(torch.rand(()) < 0.5):
+                x, y = x.flip(-1), y.flip(-1)
+        return x.contiguous(), y[0].contiguous()
+
+
+def _image_tensor(image) -> torch.Tensor:
+    """PIL image, numpy array (H, W[, C]) or tensor (C, H, W) -> float tensor (3, H, W) in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        x = image.float()
+    else:
+        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        x = torch.from_numpy(np.array(array, dtype=np.float32))
+        if array.dtype == np.uint8:
+            x = x / 255.0
+        x = x.permute(2, 0, 1) if x.ndim == 3 else x.unsqueeze(0)
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"expected a grey or RGB image, got a tensor of shape {tuple(x.shape)}")
+    return x.expand(3, -1, -1) if x.shape[0] == 1 else x
+
+
+class SegmentationDataset(Dataset):
+    """Image/mask pairs from any source served as `{"pixel_values": FloatTensor[3, S, S], "labels": LongTensor[S,
+    S]}` through a `SegmentationTransform`.
+
+    Args:
+        load_pair: `index -> (image, mask)`; images as PIL/array/tensor, masks as PIL (mode "L"/"P": class ids, as
+            VOC's palette PNGs) or integer arrays.
+        length: number of pairs.
+        transform: the joint transform.
+        name: split name used in error messages (`"train"`, ...).
+        label_map: optional int64 lookup table applied to raw mask values (e.g. `reduce_labels`).
+
+    Every sample is checked when read: a mask whose size differs from its image's raises `ValueError` naming the
+    split and index; `check_samples` (called by the trainer before training) checks all masks up front for size and
+    for labels outside `[0, num_classes)` other than `ignore_index`, reading only the masks and image headers.
+    """
+
+    def __init__(
+        self, load_pair, length: int, transform: SegmentationTransform, name: str = "dataset", label_map=None
+    ):
+        self.load_pair, self.length, self.transform, self.name = load_pair, int(length), transform, name
+        self.label_map = None if label_map is None else torch.as_tensor(label_map, dtype=torch.int64)
+        self.ignore_index = transform.ignore_index
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _raw(self, index: int):
+        image, mask = self.load_pair(index)
+        image_size = _hw(image)
+        mask_array = np.asarray(mask)
+        if mask_array.ndim != 2:
+            raise ValueError(f"{self.name}[{index}]: the mask has shape {mask_array.shape}; expected one class id per "
+                             "pixel (H, W) (a colour-coded mask must be converted to class ids first).")  # fmt: skip
+        if mask_array.shape != image_size:
+            raise ValueError(
+                f"{self.name}[{index}]: the mask is {mask_array.shape[0]}x{mask_array.shape[1]} but the image is "
+                f"{image_size[0]}x{image_size[1]}; every mask must have its image's height and width."
+            )
+        if self.label_map is not None:
+            mask_array = self.label_map[torch.as_tensor(mask_array.astype(np.int64))].numpy()
+        return image, mask_array
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, mask = self._raw(int(index))
+        pixel_values, labels = self.transform(image, mask)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+    def check_samples(self, num_classes: int, name: str | None = None, ignore_index: int | None = None) -> None:
+        """Raise `ValueError` naming the first sample whose mask does not match its image's size or holds a label
+        outside `[0, num_classes)` other than `ignore_index`."""
+        name = name or self.name
+        ignore = self.ignore_index if ignore_index is None else ignore_index
+        for i in range(self.length):
+            try:
+                _, mask = self._raw(i)
+            except ValueError as error:
+                raise ValueError(str(error).replace(f"{self.name}[", f"{name}[", 1)) from None
+            bad = ((mask < 0) | (mask >= num_classes)) & (mask != ignore)
+            if bad.any():
+                raise ValueError(
+                    f"{name}[{i}] has mask label {int(mask[bad][0])}, outside the {num_classes} classes "
+                    f"[0, {num_classes}) of the head and not ignore_index={ignore}. Fix the masks, build the head "
+                    "with more classes, or map the value (e.g. --reduce_labels for 0 = unlabelled sets)."
+                )
+
+
+def _hw(image) -> tuple[int, int]:
+    if hasattr(image, "size") and not callable(image.size) and hasattr(image, "mode"):  # PIL: header only
+        w, h = image.size
+        return h, w
+    shape = tuple(getattr(image, "shape", np.shape(image)))
+    if isinstance(image, torch.Tensor) or (len(shape) == 3 and shape[0] in (1, 3) and shape[-1] not in (1, 3)):
+        return shape[-2], shape[-1]
+    return shape[0], shape[1]
+
+
+def _hold_out_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation_split must be in (0, 1) when the data has no validation split, got {fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(n * fraction)))
+    if k >= n:
+        raise ValueError(f"validation_split={fraction} leaves no training images out of {n}")
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def load_voc_segmentation(
+    root: str,
+    crop_size: int = 320,
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+    std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    year: str = "2012",
+    validation_split: float = 0.1,
+    seed: int = 0,
+    ignore_index: int = 255,
+) -> dict[str, SegmentationDataset]:
+    """PASCAL VOC semantic segmentation from a local copy (torchvision `VOCSegmentation`, never downloaded).
+
+    `root` holds `VOCdevkit/VOC<year>/{JPEGImages, SegmentationClass, ImageSets/Segmentation}`. VOC's `val` masks are
+    the test split here (VOC's own test masks are not public); validation, on which tau* is chosen, is a seeded
+    `validation_split` hold-out of `train`. 21 classes (`VOC_CLASSES`); the 255 object borders are ignored.
+    """
+    from PIL import Image
+    from torchvision.datasets import VOCSegmentation
+
+    def voc(image_set: str) -> VOCSegmentation:
+        try:
+            return VOCSegmentation(root, year=year, image_set=image_set, download=False)
+        except RuntimeError as error:
+            raise FileNotFoundError(
+                f"voc_root={root!r} does not hold PASCAL VOC {year} ({error}). Expected "
+                f"{root}/VOCdevkit/VOC{year}/JPEGImages, SegmentationClass and ImageSets/Segmentation/"
+                f"{image_set}.txt, as in the extracted VOCtrainval tar."
+            ) from None
+
+    train_set, test_set = voc("train"), voc("val")
+    train_idx, val_idx = _hold_out_indices(len(train_set.images), validation_split, seed)
+
+    def pairs(source: VOCSegmentation, indices):
+        indices = np.asarray(indices)
+
+        def load(i: int):
+            j = int(indices[i])
+            return Image.open(source.images[j]).convert("RGB"), Image.open(source.masks[j])
+
+        return load, len(indices)
+
+    def transform(train: bool) -> SegmentationTransform:
+        return SegmentationTransform(crop_size, mean, std, train=train, ignore_index=ignore_index)
+
+    return {
+        "train": SegmentationDataset(*pairs(train_set, train_idx), transform(True), "train"),
+        "validation": SegmentationDataset(*pairs(train_set, val_idx), transform(False), "validation"),
+        "test": SegmentationDataset(*pairs(test_set, range(len(test_set.images))), transform(False), "test"),
+    }
+
+
+def load_hf_segmentation(
+    dataset_name: str,
+    crop_size: int = 320,
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+    std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    dataset_config_name: str | None = None,
+    image_column: str | None = None,
+    mask_column: str | None = None,
+    reduce_labels: bool = False,
+    validation_split: float = 0.1,
+    seed: int = 0,
+    ignore_index: int = 255,
+    cache_dir: str | None = None,
+) -> dict[str, SegmentationDataset]:
+    """A `datasets` semantic-segmentation set: a Hub id (e.g. `scene_parse_150`, `segments/sidewalk-semantic`), a
+    local folder of data files `load_dataset` reads, or a folder written by `save_to_disk`.
+
+    The image column defaults to the first `Image` feature that is not a mask column; the mask column to the first of
+    `label`, `labels`, `mask`, `annotation`, `semantic_segmentation`, `segmentation` (an `Image` of class ids, mode
+    "L"/"P"). `reduce_labels` maps 0 (unlabelled, as in ADE20K) to `ignore_index` and every other id to id - 1.
+    Without a validation split a seeded `validation_split` of train is held out; a `test` split is kept when it has
+    masks.
+    """
+    import datasets
+
+    if any(os.path.isfile(os.path.join(dataset_name, f)) for f in ("dataset_dict.json", "state.json")):
+        raw = datasets.load_from_disk(dataset_name)  # written by save_to_disk
+        if isinstance(raw, datasets.Dataset):
+            raw = datasets.DatasetDict(train=raw)
+    else:
+        raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    if "train" not in raw:
+        raise ValueError(f"dataset {dataset_name!r} has no 'train' split; its splits are {list(raw)}")
+    features = raw["train"].features
+    if mask_column is None:
+        mask_column = next((c for c in _MASK_COLUMNS if c in features), None)
+        if mask_column is None:
+            raise ValueError(f"found no mask column (one of {_MASK_COLUMNS}); pass mask_column=... ({list(features)})")
+    elif mask_column not in features:
+        raise ValueError(f"mask_column={mask_column!r} is not a column; the columns are {list(features)}")
+    if image_column is None:
+        image_column = next(
+            (c for c, f in features.items() if isinstance(f, datasets.Image) and c != mask_column), None
+        )
+        if image_column is None:
+            raise ValueError(f"found no Image column besides the mask; pass image_column=... ({list(features)})")
+    elif image_column not in features or image_column == mask_column:
+        raise ValueError(f"image_column={image_column!r} is not an image column; the columns are {list(features)}")
+    label_map = None
+    if reduce_labels:
+        label_map = np.full(max(256, ignore_index + 1), ignore_index, dtype=np.int64)
+        label_map[1:256] = np.arange(255)
+        label_map[ignore_index] = ignore_index
+        label_map[0] = ignore_index
+
+    validation_key = next((k for k in ("validation", "valid", "val") if k in raw), None)
+    train = raw["train"]
+    if validation_key is None:
+        train_idx, val_idx = _hold_out_indices(len(train), validation_split, seed)
+        train, validation = train.select(train_idx), train.select(val_idx)
+    else:
+        validation = raw[validation_key]
+
+    def wrap(split, name: str, is_train: bool) -> SegmentationDataset:
+        split = split.select_columns([image_column, mask_column])
+
+        def load(i: int):
+            row = split[i]
+            return row[image_column], row[mask_column]
+
+        transform = SegmentationTransform(crop_size, mean, std, train=is_train, ignore_index=ignore_index)
+        return SegmentationDataset(load, len(split), transform, name, label_map=label_map)
+
+    splits = {"train": wrap(train, "train", True), "validation": wrap(validation, "validation", False)}
+    if "test" in raw and mask_column in raw["test"].column_names and raw["test"][0][mask_column] is not None:
+        splits["test"] = wrap(raw["test"], "test", False)
+    return splits
+
+
+def load_nuclei_segmentation(
+    tile_size: int = 64,
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+    std: tuple[float, ...] = (0.5, 0.5, 0.5),
+    ignore_index: int = 255,
+) -> dict[str, SegmentationDataset]:
+    """Nuclei vs background on the real fluorescence image with its hand-annotated instance mask that ships in
+    `stardist` (`stardist.data.test_image_nuclei_2d`, 512x512; `pip install stardist`).
+
+    The image is normalised to [0, 1] by its 1st/99.8th percentiles (stardist's convention) and cut into
+    `tile_size` tiles; mask = 1 on nuclei, 0 elsewhere. Split by rows of tiles so that no region is shared:
+    the bottom row is test, the row above validation, the rest train (with 64: 48/8/8 tiles).
+    """
+    try:
+        from stardist.data import test_image_nuclei_2d
+    except ImportError as error:
+        raise ImportError("the nuclei data ships in stardist: pip install stardist") from error
+    image, instances = test_image_nuclei_2d(return_mask=True)
+    image = image.astype(np.float32)
+    low, high = np.percentile(image, [1.0, 99.8])
+    image = np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0)
+    mask = (instances > 0).astype(np.int64)
+    rows, cols = image.shape[0] // tile_size, image.shape[1] // tile_size
+    if rows < 3:
+        raise ValueError(f"tile_size={tile_size} leaves {rows} rows of tiles of the 512x512 image; use <= 170.")
+    tiles = [(r, c) for r in range(rows) for c in range(cols)]
+    parts = {
+        "train": [t for t in tiles if t[0] < rows - 2],
+        "validation": [t for t in tiles if t[0] == rows - 2],
+        "test": [t for t in tiles if t[0] == rows - 1],
+    }
+
+    def wrap(name: str, chosen) -> SegmentationDataset:
+        def load(i: int):
+            r, c = chosen[i]
+            window = (slice(r * tile_size, (r + 1) * tile_size), slice(c * tile_size, (c + 1) * tile_size))
+            return torch.from_numpy(image[window]).unsqueeze(0), mask[window]
+
+        transform = SegmentationTransform(
+            tile_size, mean, std, train=name == "train", ignore_index=ignore_index, scale_range=(0.75, 1.5)
+        )
+        return SegmentationDataset(load, len(chosen), transform, name)
+
+    return {name: wrap(name, chosen) for name, chosen in parts.items()}

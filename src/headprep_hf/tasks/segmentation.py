@@ -1,9 +1,14 @@
-"""Semantic segmentation: DeepLabV3 (dilated timm ResNet + ASPP head) on the offline digits-on-canvas task.
+"""Semantic segmentation: DeepLabV3 (dilated timm ResNet + ASPP head) on the offline digit canvas task or real data.
 
 Offline default: the backbone is the MNIST-5k source model (the image-classification default's cache), the data the
 derived digit segmentation set (`headprep_hf.data.build_digit_segmentation`: mask = digit class on the strokes,
 background elsewhere, the anti-aliased rim ignored). `--model_name_or_path` takes a timm Hub id, a local folder or a
 weights file (`--model_arch`) for the backbone.
+
+Real data (one of): `--voc_root DIR` (local PASCAL VOC through torchvision's `VOCSegmentation`), `--dataset_name`
+(a `datasets` segmentation set, Hub id or local folder, with `--num_labels`), `--nuclei` (the real annotated nuclei
+image shipped in `stardist`, nuclei vs background). Images and masks are resized and cropped together
+(`SegmentationTransform`, `--crop_size`), normalised with the backbone's mean/std.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 
 from ..data import build_digit_segmentation
+from ..data.segmentation import VOC_CLASSES, load_hf_segmentation, load_nuclei_segmentation, load_voc_segmentation
 from ..metrics import argmax_logits, segmentation_metrics
 from ..models import DEFAULT_ARCH, TimmDeepLabV3, load_timm_model, pretrain_source_model
 from .base import COMMON_RECIPE_DEFAULTS, TaskInputs
@@ -40,6 +46,47 @@ class SegmentationArguments:
     source_epochs: int = field(default=10, metadata={"help": "Epochs of the MNIST-5k source pretraining."})
     toy_classes: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Digits of the toy task."})
     canvas_size: int = field(default=40, metadata={"help": "Canvas size of the offline digit segmentation task."})
+    voc_root: str | None = field(
+        default=None,
+        metadata={"help": "Local PASCAL VOC root (holding VOCdevkit/VOC<year>); VOC val is the test split."},
+    )
+    voc_year: str = field(default="2012", metadata={"help": "PASCAL VOC year under voc_root."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "`datasets` segmentation set: Hub id, local data folder or save_to_disk folder."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: first Image feature)."})
+    mask_column: str | None = field(
+        default=None, metadata={"help": "Mask column (default: label/mask/annotation...)."}
+    )
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Classes of a --dataset_name set (background included); required there."}
+    )
+    reduce_labels: bool = field(
+        default=False, metadata={"help": "Mask id 0 = unlabelled (ADE20K): map it to ignore_index and shift the rest."}
+    )
+    nuclei: bool = field(
+        default=False,
+        metadata={"help": "Use the real nuclei image + mask shipped in stardist (pip install stardist)."},
+    )
+    crop_size: int = field(default=320, metadata={"help": "Training crop / eval size of real data (nuclei: tile)."})
+    validation_split: float = field(
+        default=0.1, metadata={"help": "Held-out fraction of train for validation when the data has none."}
+    )
+
+    def __post_init__(self):
+        chosen = [n for n, v in (("voc_root", self.voc_root), ("dataset_name", self.dataset_name)) if v is not None]
+        chosen += ["nuclei"] * bool(self.nuclei)
+        if len(chosen) > 1:
+            raise ValueError(f"give at most one data source, got {chosen}; unset = the offline digit canvas task")
+        if self.dataset_name is not None and (self.num_labels is None or self.num_labels < 2):
+            raise ValueError(
+                f"--dataset_name needs --num_labels >= 2 (classes of the masks, background included), got "
+                f"{self.num_labels}"
+            )
+        if self.crop_size < 8:
+            raise ValueError(f"crop_size must be >= 8, got {self.crop_size}")
 
 
 def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
@@ -48,17 +95,35 @@ def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
     else:
         source, arch = args.model_name_or_path, args.model_arch
     classifier = load_timm_model(source, num_classes=0, arch=arch)
-    splits = build_digit_segmentation(seed=seed, classes=tuple(args.toy_classes), canvas_size=args.canvas_size)
-    num_classes = len(args.toy_classes) + 1
+    cfg = classifier.pretrained_cfg
+    norm = dict(mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+    if args.voc_root is not None:
+        splits = load_voc_segmentation(args.voc_root, args.crop_size, **norm, year=args.voc_year,
+                                       validation_split=args.validation_split, seed=seed)  # fmt: skip
+        class_names = list(VOC_CLASSES)
+    elif args.dataset_name is not None:
+        splits = load_hf_segmentation(
+            args.dataset_name, args.crop_size, **norm, dataset_config_name=args.dataset_config_name,
+            image_column=args.image_column, mask_column=args.mask_column, reduce_labels=args.reduce_labels,
+            validation_split=args.validation_split, seed=seed, cache_dir=args.cache_dir,
+        )  # fmt: skip
+        class_names = [str(i) for i in range(args.num_labels)]
+    elif args.nuclei:
+        splits = load_nuclei_segmentation(min(args.crop_size, 64), **norm)
+        class_names = ["background", "nucleus"]
+    else:
+        splits = build_digit_segmentation(seed=seed, classes=tuple(args.toy_classes), canvas_size=args.canvas_size)
+        class_names = ["background", *map(str, args.toy_classes)]
+    num_classes = len(class_names)
     set_seed(seed)  # the new head's initialisation must not depend on what ran before
-    model = TimmDeepLabV3(classifier.pretrained_cfg.get("architecture", arch), num_classes, args.output_stride)
+    model = TimmDeepLabV3(cfg.get("architecture", arch), num_classes, args.output_stride)
     model.load_backbone_state_dict(classifier.state_dict())
     return TaskInputs(
         model=model,
         train_dataset=splits["train"],
         eval_dataset=splits["validation"],
-        test_dataset=splits["test"],
+        test_dataset=splits.get("test"),
         compute_metrics=segmentation_metrics(num_classes, ignore_index=255),
-        class_names=["background", *map(str, args.toy_classes)],
+        class_names=class_names,
         preprocess_logits_for_metrics=argmax_logits,
     )

@@ -1,0 +1,200 @@
+"""Real segmentation data paths: local PASCAL VOC (torchvision VOCSegmentation), `datasets` sets, stardist's nuclei
+image; the joint image/mask transform; per-sample errors; the paper preset."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from headprep_hf.data import (
+    SegmentationTransform,
+    load_hf_segmentation,
+    load_nuclei_segmentation,
+    load_voc_segmentation,
+)
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _pair(rng: np.random.Generator, h: int, w: int, cls: int) -> tuple[Image.Image, Image.Image]:
+    """An RGB image whose red channel is bright where the mask has class `cls` (a rectangle), with a 255 border."""
+    mask = np.zeros((h, w), dtype=np.uint8)
+    r0, c0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+    mask[r0 : r0 + h // 2, c0 : c0 + w // 3] = cls
+    image = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+    image[mask == cls, 0] = 250
+    mask[r0, c0 : c0 + w // 3] = 255  # VOC marks object borders 255
+    return Image.fromarray(image), palette_png(mask)
+
+
+def palette_png(mask: np.ndarray) -> Image.Image:
+    """A palette ("P") image of class ids, as VOC ships them (256 distinct colours, so no index is merged on save)."""
+    image = Image.fromarray(mask, mode="P")
+    image.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    return image
+
+
+def make_voc(root: Path, n_train: int = 10, n_val: int = 4, seed: int = 0) -> Path:
+    """The on-disk layout of the extracted VOCtrainval tar (JPEG images, palette PNG masks, split lists)."""
+    rng = np.random.default_rng(seed)
+    base = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    names = {"train": [f"2007_{i:06d}" for i in range(n_train)], "val": [f"2008_{i:06d}" for i in range(n_val)]}
+    for split, ids in names.items():
+        for k, name in enumerate(ids):
+            image, mask = _pair(rng, 30 + 2 * k, 44 - k, 1 + k % 20)
+            image.save(base / "JPEGImages" / f"{name}.jpg", quality=95)
+            mask.save(base / "SegmentationClass" / f"{name}.png")
+        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def test_voc_loader_splits_shapes_and_joint_resize(tmp_path):
+    root = make_voc(tmp_path / "voc")
+    splits = load_voc_segmentation(str(root), crop_size=32, validation_split=0.2, seed=0)
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [8, 2, 4]
+    for dataset in splits.values():
+        item = dataset[0]
+        assert item["pixel_values"].shape == (3, 32, 32) and item["pixel_values"].dtype == torch.float32
+        assert item["labels"].shape == (32, 32) and item["labels"].dtype == torch.int64
+        assert set(item["labels"].unique().tolist()) <= {0, *range(1, 21), 255}
+    # Eval: the long side becomes 32 and the padding is ignored; palette indices (not colours) are the classes.
+    test_item = splits["test"][0]  # val image 0: 30x44 -> 22x32, padded with 10 ignored rows
+    assert (test_item["labels"][22:] == 255).all() and (test_item["labels"][:22] != 255).any()
+    assert 1 in test_item["labels"].unique().tolist()
+    # The image and the mask moved together: bright red exactly where the object class is (interior pixels).
+    red = test_item["pixel_values"][0][:22] > 1.5
+    obj = test_item["labels"][:22] == 1
+    assert (red == obj).float().mean() > 0.95
+
+
+def test_train_transform_is_joint_and_seeded():
+    rng = np.random.default_rng(1)
+    image, mask = _pair(rng, 48, 64, 3)
+    transform = SegmentationTransform(40, mean=(0.0,) * 3, std=(1.0,) * 3, train=True, scale_range=(0.8, 1.6))
+    agreements = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        x, y = transform(image, mask)
+        assert x.shape == (3, 40, 40) and y.shape == (40, 40)
+        valid = y != 255
+        agreements.append(((x[0] > 0.6) == (y == 3))[valid].float().mean().item())
+    assert min(agreements) > 0.95  # a flip or crop applied to only one of them would break this
+    torch.manual_seed(3)
+    first = transform(image, mask)
+    torch.manual_seed(3)
+    again = transform(image, mask)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_voc_bad_samples_name_the_index(tmp_path):
+    from conftest import make_config
+
+    from headprep_hf import HeadPrepTrainer
+    from headprep_hf.models import TimmDeepLabV3
+
+    with pytest.raises(FileNotFoundError, match="voc_root=.*VOCdevkit/VOC2012/JPEGImages"):
+        load_voc_segmentation(str(tmp_path / "nowhere"))
+    root = make_voc(tmp_path / "voc")
+    base = root / "VOCdevkit" / "VOC2012"
+    names = (base / "ImageSets/Segmentation/train.txt").read_text().split()
+    splits = load_voc_segmentation(str(root), crop_size=32, validation_split=0.2, seed=0)
+    model = TimmDeepLabV3("test_resnet", 21)
+    args = make_config(tmp_path, ignore_index=255, per_device_train_batch_size=4)
+
+    # A label the 21-class head does not have, in the 4th training image (after the seeded hold-out).
+    target = names[int(np.sort(np.random.default_rng(0).permutation(10)[2:])[3])]
+    mask = np.array(Image.open(base / "SegmentationClass" / f"{target}.png"))
+    mask[2, 2] = 40
+    palette_png(mask).save(base / "SegmentationClass" / f"{target}.png")
+    with pytest.raises(ValueError, match=r"train_dataset\[3\] has mask label 40, outside the 21 classes"):
+        HeadPrepTrainer(model=model, args=args, train_dataset=splits["train"]).probe_head()
+
+    palette_png(mask[:-3]).save(base / "SegmentationClass" / f"{target}.png")
+    with pytest.raises(ValueError, match=r"train_dataset\[3\]: the mask is \d+x\d+ but the image is"):
+        HeadPrepTrainer(model=model, args=args, train_dataset=splits["train"]).probe_head()
+    with pytest.raises(ValueError, match=r"train\[3\]: the mask is"):
+        splits["train"][3]
+
+
+def test_hf_segmentation_from_disk_and_from_parquet(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    pairs = [_pair(rng, 24, 28, 1 + i % 2) for i in range(12)]
+    masks = [Image.fromarray(np.array(p[1])) for p in pairs]  # mode "L": the palette indices as grey values
+    data = datasets.Dataset.from_dict({"image": [p[0] for p in pairs], "annotation": masks, "id": list(range(12))})
+    data = data.cast_column("image", datasets.Image()).cast_column("annotation", datasets.Image())
+    data.save_to_disk(str(tmp_path / "disk"))  # a Dataset: no validation split -> seeded hold-out
+    splits = load_hf_segmentation(str(tmp_path / "disk"), crop_size=16, validation_split=0.25)
+    assert [len(splits["train"]), len(splits["validation"])] == [9, 3] and "test" not in splits
+    item = splits["validation"][0]
+    assert item["pixel_values"].shape == (3, 16, 16) and set(item["labels"].unique().tolist()) <= {0, 1, 2, 255}
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    data.select(range(8)).to_parquet(str(folder / "train.parquet"))
+    data.select(range(8, 12)).to_parquet(str(folder / "validation.parquet"))
+    splits = load_hf_segmentation(str(folder), crop_size=16, reduce_labels=True)
+    assert [len(splits["train"]), len(splits["validation"])] == [8, 4]
+    raw = np.array(pairs[8][1])
+    _, reduced = splits["validation"]._raw(0)
+    assert (reduced[raw == 0] == 255).all() and (reduced[raw == 255] == 255).all()
+    assert (reduced[(raw > 0) & (raw < 255)] == raw[(raw > 0) & (raw < 255)] - 1).all()
+    with pytest.raises(ValueError, match="mask_column='segm' is not a column"):
+        load_hf_segmentation(str(folder), mask_column="segm")
+
+
+def test_nuclei_image_from_stardist():
+    pytest.importorskip("stardist", reason="optional data: pip install stardist")
+    splits = load_nuclei_segmentation(tile_size=64)
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [48, 8, 8]
+    masks = torch.stack([splits["test"][i]["labels"] for i in range(8)])
+    assert set(masks.unique().tolist()) == {0, 1}
+    assert 0.05 < (masks == 1).float().mean() < 0.6  # nuclei cover part of the field of view
+    image = splits["test"][0]["pixel_values"]
+    assert image.shape == (3, 64, 64) and torch.equal(image[0], image[1])
+
+
+def test_paper_preset_parses(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(RECIPES))
+    import semantic_segmentation as recipe
+
+    from headprep_hf.cli import parse_with_config
+
+    argv = ["--config", str(RECIPES / "configs" / "deeplabv3_voc_paper.yaml"), "--voc_root", str(tmp_path)]
+    script_args, args = parse_with_config(recipe.make_parser(), [*argv, "--output_dir", str(tmp_path / "o")])
+    assert script_args.voc_root == str(tmp_path) and script_args.model_name_or_path == "timm/resnet50.tv_in1k"
+    assert (args.hp_learning_rate, args.per_device_train_batch_size, args.optim.value) == (0.3, 16, "sgd")
+    assert args.optim_args == "momentum=0.9" and args.weight_decay == 0.0 and args.hp_lr_scheduler_type == "constant"
+    with pytest.raises(ValueError, match="at most one data source"):
+        parse_with_config(recipe.make_parser(), [*argv, "--nuclei", "true", "--output_dir", str(tmp_path / "o")])
+
+
+@pytest.mark.slow
+def test_recipe_on_local_voc_with_a_local_backbone(tmp_path, capsys):
+    import sys
+
+    import timm
+
+    sys.path.insert(0, str(RECIPES))
+    import semantic_segmentation as recipe
+
+    from headprep_hf.cli import parse_with_config
+
+    torch.manual_seed(0)
+    backbone = tmp_path / "backbone"
+    timm.models.save_for_hf(timm.create_model("test_resnet", num_classes=5), str(backbone))
+    root = make_voc(tmp_path / "voc", n_train=12, n_val=4)
+    argv = ["--voc_root", str(root), "--model_name_or_path", str(backbone), "--crop_size", "32"]
+    argv += ["--hp_epochs", "1", "--num_train_epochs", "1", "--use_cpu", "true", "--report_to", "none"]
+    argv += ["--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true", "--save_strategy", "no"]
+    argv += ["--per_device_train_batch_size", "4", "--drift_probe_samples", "8"]
+    metrics = recipe.main(*parse_with_config(recipe.make_parser(), argv))
+    assert 0.0 <= metrics["test_mean_iou"] <= 1.0 and metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
+    assert "test mIoU" in capsys.readouterr().out
