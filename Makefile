@@ -10,6 +10,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet ".[test]"
+	# The offline molecule data (CSV files only); --no-deps: its rdkit-pypi pin would replace the current RDKit.
+	$(BIN)/python -m pip install --quiet --no-deps "MoleculeACE==3.0.0"
 	touch $(STAMP)
 
 install: $(STAMP)

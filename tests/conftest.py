@@ -74,3 +74,41 @@ def eval_set():
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+# Real molecules (drugs and simple organics) for the graph tests; the scaffolds differ enough for a scaffold split.
+SMILES = [
+    "CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "CC(C)Cc1ccc(cc1)C(C)C(=O)O", "CC(=O)Nc1ccc(O)cc1",
+    "c1ccccc1", "CCO", "CCN(CC)CC", "OC(=O)CCC(=O)O", "c1ccc2ccccc2c1", "Clc1ccc(Cl)cc1", "CC(C)O", "C1CCCCC1",
+    "c1ccncc1", "O=C(O)c1ccccc1", "CCCCCCCC", "CC(=O)C", "Oc1ccccc1", "Nc1ccccc1", "c1ccc(cc1)-c1ccccc1",
+    "CN(C)C(=N)N=C(N)N", "OC1=CC=CC=C1C(=O)O", "CC12CCC3C(CCC4=CC(=O)CCC34C)C1CCC2O", "C1=CC=C(C=C1)CN",
+    "COc1ccc2[nH]cc(CCN)c2c1", "CN1CCC[C@H]1c1cccnc1", "O=C1NC(=O)C(N1)(c1ccccc1)c1ccccc1", "FC(F)(F)c1ccccc1",
+    "CC(C)(C)c1ccc(O)cc1", "c1ccc2[nH]ccc2c1", "C1CCNCC1", "OCC(O)CO", "CS(=O)C",
+]  # fmt: skip
+
+
+def graph_labels(n: int, num_tasks: int, seed: int = 0, missing: float = 0.3) -> np.ndarray:
+    """0/1 labels with a fraction `missing` set to NaN (every molecule keeps at least one label)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size=(n, num_tasks)).astype(np.float64)
+    drop = rng.random((n, num_tasks)) < missing
+    drop[:, 0] = False
+    labels[drop] = np.nan
+    return labels
+
+
+def tiny_graph_data(root, num_tasks: int = 3, seed: int = 0, name: str = "tiny-graphs"):
+    """The test molecules as an OGB dataset folder (written by the converter), loaded through OGB; returns the
+    loaded dataset and its splits."""
+    from headprep_hf.data.graphs import load_ogb_dataset, ogb_splits, write_ogb_dataset
+
+    folder = write_ogb_dataset(SMILES, graph_labels(len(SMILES), num_tasks, seed), root, name)
+    dataset = load_ogb_dataset(str(folder))
+    return dataset, ogb_splits(dataset)
+
+
+def tiny_gcn(num_tasks: int = 3, seed: int = 0):
+    from headprep_hf.models.graph import GCN
+
+    torch.manual_seed(seed)
+    return GCN(num_tasks, num_layers=2, hidden_size=16, dropout=0.0)

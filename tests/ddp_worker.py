@@ -39,6 +39,7 @@ MEASURE_SAMPLES = 37  # not divisible by the world size (2) nor by the eval batc
 MEASURE_EVAL_BATCH = 4
 MEASURE_PROBE = 29
 NUM_CLASSES = 3
+GRAPH_TASKS = 3
 IMAGE_SIZE = 16
 
 
@@ -221,11 +222,34 @@ def run_sweep(folder: str, world_size: int):
     return sweep
 
 
+def run_graph(folder: str, graph_dir: str):
+    """GCN on molecule graphs (dict batches from GraphCollator): energy of the initial state, then HP + FT."""
+    from conftest import tiny_gcn
+
+    from headprep_hf import HeadPrepTrainer
+    from headprep_hf.data.graphs import GraphCollator, load_ogb_dataset, ogb_splits
+
+    splits = ogb_splits(load_ogb_dataset(graph_dir))
+    args = _config(
+        os.path.join(folder, "out"), hp_epochs=1, num_train_epochs=1, per_device_train_batch_size=4,
+        per_device_eval_batch_size=3, hp_learning_rate=5e-2, learning_rate=1e-2, drift_probe_samples=11,
+    )  # fmt: skip
+    model = tiny_gcn(num_tasks=GRAPH_TASKS, seed=0)
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=splits["train"], data_collator=GraphCollator())
+    _save_init(folder, trainer, model)
+    start = trainer.measure_start()
+    p0 = list(trainer.dynamics["p0"])
+    trainer.train()
+    _write(folder, trainer, model, {"start": start, "start_p0": p0, "num_train": len(splits["train"])})
+    return trainer
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--scenarios", required=True, help="comma-separated: hpft, hp, measure")
     parser.add_argument("--states", default=None, help="folder with s0.safetensors and s1.safetensors")
+    parser.add_argument("--graph_data", default=None, help="OGB folder of the graph scenario")
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -240,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer = run_hp(folder, world_size)
         elif scenario == "measure":
             trainer = run_measure(folder, opts.states)
+        elif scenario == "graph":
+            trainer = run_graph(folder, opts.graph_data)
         elif scenario == "sweep":
             run_sweep(folder, world_size)
         else:

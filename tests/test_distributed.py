@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import ddp_worker as W
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,8 +29,8 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO_ROOT = WORKER.parent.parent
 TIMEOUT_S = 300
 # hp and measure first in both jobs, so the 1- and 2-rank processes run them in the same order.
-SCENARIOS_2 = "hp,measure,sweep,hpft"
-SCENARIOS_1 = "hp,measure,sweep"
+SCENARIOS_2 = "hp,measure,sweep,graph,hpft"
+SCENARIOS_1 = "hp,measure,sweep,graph"
 
 
 def _free_port() -> int:
@@ -41,6 +42,7 @@ def _free_port() -> int:
 def _launch(out: Path, nproc: int | None, scenarios: str, states: Path) -> None:
     """Run the worker with `nproc` torchrun ranks (None: a plain subprocess, no torchrun) and wait for it."""
     worker_args = [str(WORKER), "--out", str(out), "--scenarios", scenarios, "--states", str(states)]
+    worker_args += ["--graph_data", str(states / "graphs" / "ddp_graphs")]
     if nproc is None:
         cmd = [sys.executable, *worker_args]
     else:
@@ -95,8 +97,18 @@ def _make_states(folder: Path) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def states(tmp_path_factory):
+    from conftest import SMILES, graph_labels
+
+    from headprep_hf.data.graphs import load_ogb_dataset, write_ogb_dataset
+
     folder = tmp_path_factory.mktemp("states")
     s0, s1 = _make_states(folder)
+    # 25 training graphs: not divisible by the 2 ranks. Loaded once here so that OGB's processing (which writes the
+    # processed file) is done before the ranks read it.
+    split = {"train": range(25), "valid": range(25, 29), "test": range(29, 32)}
+    graphs = write_ogb_dataset(SMILES, graph_labels(32, W.GRAPH_TASKS, seed=7), folder / "graphs", "ddp-graphs",
+                               split=split)  # fmt: skip
+    load_ogb_dataset(str(graphs))
     return folder, s0, s1
 
 
@@ -283,3 +295,20 @@ def test_sweep_two_ranks_equals_one_rank(run1, run2):
     exchange = json.loads((run2 / "sweep" / "out" / "exchange.json").read_text())
     diagonal = [exchange["validation_accuracy"][i][i] for i in range(3)]
     assert diagonal == pytest.approx([r["validation"]["accuracy"] for r in two["results"]], abs=1e-6)
+
+
+# ------------------------------------------------------------------ graphs: dict batches of PyG graphs under DDP
+def test_graph_batches_under_two_ranks(run1, run2):
+    (one,), (meta1,) = _ranks(run1 / "graph", 1)
+    two, metas2 = _ranks(run2 / "graph", 2)
+    assert meta1["num_train"] == 25
+    # Energy, HP label accuracy and p0 of the same initial state: every graph counted once (25 on 2 ranks).
+    for meta in metas2:
+        assert len(meta["start_p0"]) == 25
+        for key in ("energy", "hp_train_accuracy", "p0_mean"):
+            assert meta["start"][key] == pytest.approx(meta1["start"][key], rel=1e-5), key
+        np.testing.assert_allclose(meta["start_p0"], meta1["start_p0"], rtol=1e-5, atol=1e-6)
+    # After HP + FT both ranks hold the same GCN (backbone gradients were all-reduced) and it moved.
+    init = load_file(str(run2 / "graph" / "init.safetensors"))
+    assert all(torch.equal(two[0][k], two[1][k]) for k in two[0]), "ranks differ after HP + FT"
+    assert not torch.equal(two[0]["convs.0.linear.weight"], init["convs.0.linear.weight"])

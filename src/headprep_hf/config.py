@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .losses import PROBLEM_TYPES
 from .schedules import SUPPORTED_SCHEDULES
 
 HEAD_TYPES = ("linear", "mlp")
@@ -77,6 +78,10 @@ class HeadPrepConfig(TrainingArguments):
             Per-device batch size of the measurement passes; `None` uses the larger of the train and eval sizes.
         ignore_index (`int`, defaults to `-100`):
             Label value ignored by the loss and the measurements.
+        problem_type (`str` or `None`, defaults to `None`):
+            `"single_label_classification"` (cross-entropy), `"multi_label_classification"` (binary tasks, masked BCE,
+            NaN = missing label) or `"regression"` (masked MSE); `None` takes the model's `config.problem_type` or
+            `problem_type` attribute, else single-label classification. Decides the loss, energy and label checks.
         save_prepared_head (`bool`, defaults to `True`):
             When HP ends (and its energy is measured), write the head as a prepared-head folder
             `output_dir/prepared_head` (weights, `headprep_head.json`, model card; kilobytes).
@@ -155,6 +160,13 @@ class HeadPrepConfig(TrainingArguments):
         metadata={"help": "Per-device batch size of the measurement passes; unset = max of train and eval."},
     )
     ignore_index: int = field(default=-100, metadata={"help": "Label value ignored by the loss and measurements."})
+    problem_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "single_label_classification | multi_label_classification (masked BCE, NaN = missing) | "
+            "regression (masked MSE); unset = the model's problem_type, else single-label."
+        },
+    )
 
     save_prepared_head: bool = field(
         default=True,
@@ -245,6 +257,8 @@ class HeadPrepConfig(TrainingArguments):
                 "re-initialised blocks train during HP, so the features they produce change every step and cannot be "
                 "cached. Set hp_cache_features=False (or drop reinit_modules)."
             )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {list(PROBLEM_TYPES)} or unset, got {self.problem_type!r}.")
         if self.drift_probe_samples < 1:
             raise ValueError(f"drift_probe_samples must be >= 1, got {self.drift_probe_samples}.")
         if self.measure_batch_size is not None and self.measure_batch_size < 1:

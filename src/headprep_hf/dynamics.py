@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .losses import cross_entropy_energy
+from .losses import task_energy
 from .split import extract_logits, reduce_features
 
 DRIFT_KEYS = ("sq_dist", "dot", "sq_norm", "cos")
@@ -56,13 +56,16 @@ class PassResult:
     count: torch.Tensor | None = None
 
     def summary(self) -> dict[str, float]:
-        """Means over valid positions: samples for classification, pixels for dense tasks (ignored ones excluded)."""
+        """Means over valid positions: samples for classification, pixels for dense tasks (ignored ones excluded),
+        samples with at least one present label for multi-task labels; None where a value is undefined."""
         valid = ~torch.isnan(self.energy)
         weight = (
             self.count[valid].double() if self.count is not None else torch.ones(int(valid.sum()), dtype=torch.float64)
         )
 
-        def mean(values: torch.Tensor) -> float:
+        def mean(values: torch.Tensor) -> float | None:
+            if values is None or torch.isnan(values[valid]).all():
+                return None  # undefined for the problem type (regression has no accuracy or p0)
             return ((values[valid].double() * weight).sum() / weight.sum()).item()
 
         return {"energy": mean(self.energy), "hp_train_accuracy": mean(self.correct), "p0_mean": mean(self.p_true)}
@@ -104,6 +107,7 @@ def measure(
     with_energy: bool = True,
     max_features: int = 0,
     ignore_index: int = -100,
+    problem_type: str = "single_label_classification",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     seed: int | None = None,
     raw_features: bool = False,
@@ -122,6 +126,7 @@ def measure(
         with_energy: Compute energy, p_true and correctness from the logits and `label_name`.
         max_features: Keep the features of the first `max_features` samples (0: none).
         ignore_index: Label value excluded from the energy.
+        problem_type: Decides the energy (`losses.task_energy`).
         autocast: Context manager factory for the forward (mixed precision).
         seed: Seed the RNGs for the pass (same augmented views every time); the training RNG is untouched.
         raw_features: Keep the head inputs as they are (e.g. `B, C, H, W` maps) instead of one vector per sample.
@@ -145,7 +150,7 @@ def measure(
                     outputs = call_model(model, batch)
                 to_gather = {}
                 if with_energy:
-                    stats = cross_entropy_energy(extract_logits(outputs), batch[label_name], ignore_index=ignore_index)
+                    stats = task_energy(problem_type, extract_logits(outputs), batch[label_name], ignore_index)
                     to_gather.update(stats)
                 want_features = n_features < max_features
                 if want_features:

@@ -19,15 +19,17 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .losses import task_energy
 from .sweep_schema import validate_exchange
 
 EXCHANGE_FILE = "exchange.json"
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> float:
-    predictions = logits.argmax(dim=1)
-    valid = labels != ignore_index
-    return (predictions[valid] == labels[valid]).double().mean().item()
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, problem_type: str) -> float:
+    """Accuracy over valid positions (classes), or over present labels per sample then samples (binary tasks)."""
+    stats = task_energy(problem_type, logits, labels, ignore_index)
+    valid = stats["count"] > 0
+    return ((stats["correct"][valid] * stats["count"][valid]).sum() / stats["count"][valid].sum()).item()
 
 
 def head_exchange(
@@ -76,7 +78,9 @@ def head_exchange(
     )
     trainer = HeadPrepTrainer(model=model, args=measure_args, train_dataset=train_dataset, data_collator=data_collator)
     net = trainer.accelerator.unwrap_model(trainer.model)
-    split = trainer.split
+    split, problem_type = trainer.split, trainer.problem_type
+    if problem_type == "regression":
+        raise ValueError("head exchange reports accuracies, which a regression task does not have")
     head_states = {}
     for tau, path in paths.items():
         state = load_file(str(path))
@@ -105,7 +109,7 @@ def head_exchange(
             with torch.no_grad():
                 for name, (z, labels) in features.items():
                     logits = split.head_logits(net, z.to(device), labels.to(device)).cpu()
-                    rows[name].append(round(_accuracy(logits, labels, args.ignore_index), 6))
+                    rows[name].append(round(_accuracy(logits, labels, args.ignore_index, problem_type), 6))
         train_matrix.append(rows["train"])
         eval_matrix.append(rows["validation"])
     exchange = {

@@ -106,3 +106,33 @@ def _scan_dense_shapes(dataset, name: str, label_name: str) -> None:
                     f"{name}[{i}]: the mask '{label_name}' is {mask_size[0]}x{mask_size[1]} but '{key}' is "
                     f"{shape[-2]}x{shape[-1]}; resize them together (nearest-neighbour for the mask)."
                 )
+
+
+def check_task_labels(
+    dataset, num_tasks: int | None, name: str, problem_type: str, label_name: str = "labels"
+) -> None:
+    """Multi-task labels (`multi_label_classification`, `regression`): raise `ValueError` naming the first sample
+    whose labels do not have `num_tasks` values (the head's outputs), or, for binary tasks, hold a value other than
+    0, 1 or NaN (missing); regression labels must be finite or NaN."""
+    labels = dataset_labels(dataset, label_name)
+    if labels is None or labels.size == 0:
+        return
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    labels = labels.reshape(len(labels), -1)
+    if num_tasks is not None and labels.shape[1] != num_tasks:
+        raise ValueError(
+            f"{name} has {labels.shape[1]} label(s) per sample but the model's head has {num_tasks} outputs (one per "
+            f"task); build the head with num_tasks={labels.shape[1]} or fix the label columns."
+        )
+    present = ~np.isnan(labels)
+    if problem_type == "multi_label_classification":
+        bad = present & (labels != 0) & (labels != 1)
+        what = "binary tasks take 0, 1 or NaN (missing)"
+    else:
+        bad = present & ~np.isfinite(labels)
+        what = "regression labels must be finite, or NaN for a missing value"
+    if bad.any():
+        index, task = (int(v[0]) for v in np.nonzero(bad))
+        raise ValueError(f"{name}[{index}] has label {labels[index, task]} for task {task}: {what}.")

@@ -38,8 +38,8 @@ from .config import HeadPrepConfig
 from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure
 from .feature_cache import CachedHeadProbing
 from .heads import reinitialize_module, replace_head_with_mlp
-from .labels import check_dense_shapes, check_labels
-from .losses import smoothed_cross_entropy
+from .labels import check_dense_shapes, check_labels, check_task_labels
+from .losses import resolve_problem_type, task_loss
 from .schedules import StageSchedule
 from .split import ModelCaller, ModelSplit, extract_logits, find_split
 
@@ -163,6 +163,7 @@ class HeadPrepTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.drift_dataset = drift_dataset
         self._call_model = ModelCaller(self.accelerator.unwrap_model(self.model), self.label_names)
+        self.problem_type = resolve_problem_type(args.problem_type, model)
         self._hook_handle = self.model.register_forward_pre_hook(self._hp_mode_hook)
         self.add_callback(_DynamicsCallback(self))
 
@@ -396,6 +397,8 @@ class HeadPrepTrainer(Trainer):
                 continue
             if callable(getattr(dataset, "check_samples", None)):  # the dataset checks its raw samples itself
                 dataset.check_samples(self.split.num_classes, name=name, ignore_index=self.args.ignore_index)
+            elif self.problem_type != "single_label_classification":
+                check_task_labels(dataset, self.split.num_classes, name, self.problem_type, label_name)
             else:
                 check_dense_shapes(dataset, name, label_name)
                 check_labels(dataset, self.split.num_classes, name, label_name, self.args.ignore_index)
@@ -535,11 +538,12 @@ class HeadPrepTrainer(Trainer):
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-        """The training loss of both stages (cross-entropy with `label_smoothing`, `ignore_index` honoured).
+        """The training loss of both stages for `problem_type` (cross-entropy with `ignore_index`, masked BCE or
+        masked MSE; `label_smoothing` for the classification types).
 
         Override this (rather than `compute_loss`) to change the loss for every path, cached HP included.
         """
-        return smoothed_cross_entropy(logits, labels, label_smoothing, self.args.ignore_index)
+        return task_loss(self.problem_type, logits, labels, label_smoothing, self.args.ignore_index)
 
     def _begin_ft(self) -> None:
         self._ft_started = True
@@ -591,6 +595,7 @@ class HeadPrepTrainer(Trainer):
             with_energy=with_energy,
             max_features=max_features,
             ignore_index=self.args.ignore_index,
+            problem_type=self.problem_type,
             autocast=self.autocast_smart_context_manager,
             seed=seed,
             **kwargs,
@@ -632,7 +637,7 @@ class HeadPrepTrainer(Trainer):
         self.dynamics.update(
             {
                 **summary,
-                "p0": [round(v, 6) for v in p0.tolist()],
+                "p0": [None if v != v else round(v, 6) for v in p0.tolist()],  # None: no label / regression
                 "p0_histogram": histogram(p0[~torch.isnan(p0)]),
                 "num_energy_samples": int(result.energy.shape[0]),
                 "num_probe_samples": int(z0.shape[0]),
@@ -642,8 +647,9 @@ class HeadPrepTrainer(Trainer):
             }
         )
         self.dynamics.setdefault("ft_start_step", self.state.global_step)
-        self._log_measurement({f"headprep/{k}": v for k, v in summary.items()})
-        self._log_histogram("headprep/p0", p0)
+        self._log_measurement({f"headprep/{k}": v for k, v in summary.items() if v is not None})
+        if not torch.isnan(p0).all():
+            self._log_histogram("headprep/p0", p0[~torch.isnan(p0)])
         return summary
 
     def measure_drift(self) -> dict[str, float]:

@@ -73,3 +73,58 @@ def segmentation_metrics(num_classes: int, ignore_index: int = 255):
 
 
 __all__ = ["SHIPPED_METRICS", "accuracy_metrics", "argmax_logits", "load_metric", "segmentation_metrics"]
+
+
+def _logits_and_labels(eval_prediction) -> tuple[np.ndarray, np.ndarray]:
+    logits = eval_prediction.predictions
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(eval_prediction.label_ids, dtype=np.float64).reshape(logits.shape)
+    return logits, labels
+
+
+def multitask_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """OGB `Evaluator` semantics for `rocauc`: ROC-AUC per task over its present (non-NaN) labels, averaged over the
+    tasks where both classes are present. Raises `ValueError` when no task has both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
+    y_score = np.asarray(y_score, dtype=np.float64).reshape(y_true.shape)
+    scores = []
+    for t in range(y_true.shape[1]):
+        present = ~np.isnan(y_true[:, t])
+        labels = y_true[present, t]
+        if (labels == 1).any() and (labels == 0).any():
+            scores.append(roc_auc_score(labels, y_score[present, t]))
+    if not scores:
+        raise ValueError("no task has both positive and negative labels; ROC-AUC is undefined")
+    return float(np.mean(scores))
+
+
+def multitask_rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """OGB `rmse`: per task the RMSE over its present labels, averaged over tasks with any label."""
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
+    y_pred = np.asarray(y_pred, dtype=np.float64).reshape(y_true.shape)
+    values = [
+        np.sqrt(np.mean((y_true[p, t] - y_pred[p, t]) ** 2))
+        for t in range(y_true.shape[1])
+        if (p := ~np.isnan(y_true[:, t])).any()
+    ]
+    return float(np.mean(values))
+
+
+def graph_metrics(problem_type: str = "multi_label_classification"):
+    """A `compute_metrics` for multi-task graph property prediction: `roc_auc` (binary tasks; logits are ranked,
+    so no sigmoid is needed) and the mean label `accuracy` at probability 0.5, or `rmse` (regression); NaN labels
+    are missing and skipped."""
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        logits, labels = _logits_and_labels(eval_prediction)
+        if problem_type == "regression":
+            return {"rmse": multitask_rmse(labels, logits)}
+        present = ~np.isnan(labels)
+        accuracy = float(((logits > 0) == (labels > 0.5))[present].mean())
+        return {"roc_auc": multitask_roc_auc(labels, logits), "accuracy": accuracy}
+
+    return compute_metrics

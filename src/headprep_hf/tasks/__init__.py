@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import TaskInputs
+from .graph import GRAPH_DEFAULTS, GRAPH_SWEEP_DEFAULTS, GraphArguments, load_graph
 from .image_classification import (
     IMAGE_CLASSIFICATION_DEFAULTS,
     ImageClassificationArguments,
@@ -37,6 +38,7 @@ TASKS: dict[str, Task] = {
     "segmentation": Task(
         "segmentation", SegmentationArguments, SEGMENTATION_DEFAULTS, load_segmentation, SEGMENTATION_SWEEP_DEFAULTS
     ),
+    "graph": Task("graph", GraphArguments, GRAPH_DEFAULTS, load_graph, GRAPH_SWEEP_DEFAULTS),
 }
 
 

@@ -1,0 +1,401 @@
+"""Molecule graphs in the OGB on-disk format, read by OGB's own `PygGraphPropPredDataset`, offline.
+
+* `write_ogb_dataset`: SMILES + labels -> the exact layout of an OGB graph-property dataset (`mapping/mol.csv.gz`,
+  `raw/{edge,edge-feat,node-feat,num-node-list,num-edge-list,graph-label}.csv.gz`, `split/scaffold/*.csv.gz`,
+  `RELEASE_v1.txt`), with features from `ogb.utils.smiles2graph` (the OGB encoding; PyG's `from_smiles` differs) and a
+  deterministic Bemis-Murcko scaffold split (largest scaffold groups to train, as OGB/MoleculeNet).
+  Unparsable SMILES are SKIPPED, each reported with its line number (never given another molecule's labels); the
+  skipped lines are listed in `skipped_smiles.csv`; `on_invalid="raise"` rejects the file instead.
+* `load_ogb_dataset`: OGB's loader for a real dataset (`ogbg-moltox21` under `root`) or a converted one, with the
+  two fixes it needs offline on torch >= 2.6 (PyG classes allowed for `torch.load`, `RELEASE_v1.txt` present so it
+  never prompts on stdin).
+* `GraphPropertyDataset` / `GraphCollator`: a split of it for the `transformers.Trainer` (dict batches of tensors).
+* `build_chembl_graph_tasks`: the offline default, from REAL measured affinities shipped in `MoleculeACE` (30 ChEMBL
+  targets, Ki/EC50): a multi-task source (24 targets) and a held-out downstream (6 targets), active = <= 100 nM,
+  NaN where a molecule was not measured on a target.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+OGB_META_FILE = "headprep_meta.json"
+SPLIT_NAMES = {"train": "train", "valid": "validation", "test": "test"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Converter
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def scaffold_split(smiles: Sequence[str], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict[str, list]:
+    """Deterministic Bemis-Murcko scaffold split: scaffold groups sorted by size (largest first, ties by first
+    occurrence) fill train, then valid, then test; molecules sharing a scaffold stay in one split."""
+    from rdkit import Chem
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(smiles):
+        mol = Chem.MolFromSmiles(s)
+        scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=True) if mol is not None else s
+        groups.setdefault(scaffold, []).append(i)
+    ordered = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    n = len(smiles)
+    cut_train, cut_valid = fractions[0] * n, (fractions[0] + fractions[1]) * n
+    split = {"train": [], "valid": [], "test": []}
+    for group in ordered:
+        if len(split["train"]) + len(group) <= cut_train:
+            split["train"] += group
+        elif len(split["train"]) + len(split["valid"]) + len(group) <= cut_valid:
+            split["valid"] += group
+        else:
+            split["test"] += group
+    return {k: sorted(v) for k, v in split.items()}
+
+
+def _write_csv_gz(path: Path, rows: np.ndarray, fmt: str | None = None) -> None:
+    import pandas as pd
+
+    with gzip.open(path, "wt", compresslevel=6) as f:
+        pd.DataFrame(rows).to_csv(f, header=False, index=False, float_format=fmt)
+
+
+def write_ogb_dataset(
+    smiles: Sequence[str],
+    labels: np.ndarray,
+    root: str | os.PathLike,
+    name: str,
+    task_type: str = "binary classification",
+    task_names: Sequence[str] | None = None,
+    on_invalid: str = "skip",
+    split: dict[str, Sequence[int]] | None = None,
+) -> Path:
+    """Write molecules and labels as an OGB graph-property dataset `root/<name with '-' -> '_'>`.
+
+    Args:
+        smiles: One SMILES per molecule (line i of the input = `smiles[i - 1]`).
+        labels: `(molecules, tasks)` floats; NaN = not measured. Binary tasks take 0/1.
+        root: Dataset root (as OGB's `root=`).
+        name: Dataset name, e.g. `"headprep-chembl-downstream"`.
+        task_type: `"binary classification"` (eval metric ROC-AUC) or `"regression"` (RMSE).
+        task_names: Column names of `mapping/mol.csv.gz` (default `task_0...`).
+        on_invalid: `"skip"` (default: log each unparsable SMILES with its line number, drop it WITH its labels, list
+            it in `skipped_smiles.csv`) or `"raise"` (`ValueError` naming the line).
+        split: Indices into `smiles` per `train`/`valid`/`test`; default: scaffold split of the parsed molecules.
+
+    Returns:
+        The dataset folder (pass it to `load_ogb_dataset`).
+
+    Raises:
+        ValueError: labels not `(len(smiles), tasks)`, wrong task count for `task_names`, non-binary labels for a
+            binary task, an unknown `task_type`, or an invalid SMILES with `on_invalid="raise"`.
+        FileExistsError: the folder already holds a dataset (nothing is overwritten).
+    """
+    from ..ogb_compat import import_ogb
+
+    import_ogb()
+    from ogb.utils import smiles2graph
+    from rdkit import Chem, RDLogger
+
+    if task_type not in ("binary classification", "regression"):
+        raise ValueError(f"task_type must be 'binary classification' or 'regression', got {task_type!r}")
+    if on_invalid not in ("skip", "raise"):
+        raise ValueError(f"on_invalid must be 'skip' or 'raise', got {on_invalid!r}")
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2 or labels.shape[0] != len(smiles):
+        raise ValueError(f"labels must have shape ({len(smiles)}, tasks) for {len(smiles)} SMILES, got {labels.shape}")
+    task_names = list(task_names) if task_names is not None else [f"task_{t}" for t in range(labels.shape[1])]
+    if len(task_names) != labels.shape[1]:
+        raise ValueError(f"{len(task_names)} task names for labels with {labels.shape[1]} tasks")
+    if task_type == "binary classification":
+        bad = ~np.isnan(labels) & (labels != 0) & (labels != 1)
+        if bad.any():
+            i, t = (int(v[0]) for v in np.nonzero(bad))
+            raise ValueError(
+                f"line {i + 1}: label {labels[i, t]} for task {task_names[t]!r}; binary tasks take 0/1/NaN"
+            )
+    folder = Path(root) / name.replace("-", "_")
+    if (folder / "raw").exists() or (folder / "processed").exists():
+        raise FileExistsError(f"{folder} already holds a dataset; remove it or choose another name/root")
+
+    graphs, kept, skipped = [], [], []
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        for i, s in enumerate(smiles):
+            mol = Chem.MolFromSmiles(s) if isinstance(s, str) and s else None
+            if mol is None or mol.GetNumAtoms() == 0:
+                message = f"line {i + 1}: cannot parse SMILES {s!r}"
+                if on_invalid == "raise":
+                    raise ValueError(message + " (on_invalid='raise'); fix or remove the line")
+                logger.warning("%s: skipped with its labels", message)
+                skipped.append((i + 1, s))
+                continue
+            graphs.append(smiles2graph(s))
+            kept.append(i)
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    if not graphs:
+        raise ValueError("no parsable SMILES")
+    kept_smiles = [smiles[i] for i in kept]
+    kept_labels = labels[kept]
+    if split is None:
+        split = scaffold_split(kept_smiles)
+    else:
+        position = {orig: new for new, orig in enumerate(kept)}
+        split = {k: sorted(position[i] for i in v if i in position) for k, v in split.items()}
+
+    (folder / "raw").mkdir(parents=True)
+    (folder / "mapping").mkdir()
+    (folder / "split" / "scaffold").mkdir(parents=True)
+    # OGB stores every bond once (its loader re-adds the reverse edge, add_inverse_edge=True); smiles2graph lists
+    # each bond as (i, j), (j, i), so the even positions are the stored direction.
+    edges = np.concatenate([g["edge_index"][:, 0::2].T for g in graphs]).astype(np.int64)
+    edge_feat = np.concatenate([g["edge_feat"][0::2] for g in graphs]).astype(np.int64)
+    node_feat = np.concatenate([g["node_feat"] for g in graphs]).astype(np.int64)
+    _write_csv_gz(folder / "raw" / "edge.csv.gz", edges.reshape(-1, 2))
+    _write_csv_gz(folder / "raw" / "edge-feat.csv.gz", edge_feat.reshape(-1, 3))
+    _write_csv_gz(folder / "raw" / "node-feat.csv.gz", node_feat)
+    _write_csv_gz(folder / "raw" / "num-node-list.csv.gz", np.array([g["num_nodes"] for g in graphs])[:, None])
+    num_bonds = np.array([g["edge_index"].shape[1] // 2 for g in graphs])
+    _write_csv_gz(folder / "raw" / "num-edge-list.csv.gz", num_bonds[:, None])
+    _write_csv_gz(folder / "raw" / "graph-label.csv.gz", kept_labels, fmt="%.6g")
+    import pandas as pd
+
+    mapping = pd.DataFrame(kept_labels, columns=task_names)
+    mapping["smiles"] = kept_smiles
+    mapping["mol_id"] = [f"line_{i + 1}" for i in kept]
+    with gzip.open(folder / "mapping" / "mol.csv.gz", "wt") as f:
+        mapping.to_csv(f, index=False)
+    for part in ("train", "valid", "test"):
+        _write_csv_gz(
+            folder / "split" / "scaffold" / f"{part}.csv.gz", np.asarray(split[part], dtype=np.int64)[:, None]
+        )
+    (folder / "RELEASE_v1.txt").write_text("written by headprep_hf.data.graphs.write_ogb_dataset\n")
+    if skipped:
+        pd.DataFrame(skipped, columns=["line", "smiles"]).to_csv(folder / "skipped_smiles.csv", index=False)
+    binary = task_type == "binary classification"
+    meta = {
+        "num tasks": labels.shape[1], "eval metric": "rocauc" if binary else "rmse", "download_name": folder.name,
+        "version": 1, "url": "", "add_inverse_edge": "True", "data type": "mol", "has_node_attr": "True",
+        "has_edge_attr": "True", "task type": task_type, "num classes": 2 if binary else -1, "split": "scaffold",
+        "additional node files": "None", "additional edge files": "None", "binary": "False",
+    }  # fmt: skip
+    (folder / OGB_META_FILE).write_text(json.dumps({"name": name, **meta}, indent=1))
+    return folder
+
+
+def read_smiles_and_labels(smiles_file: str, labels_file: str, num_tasks: int) -> tuple[list[str], np.ndarray]:
+    """A SMILES file (one per line, optional second column ignored; `.smi`/`.txt`) and a label CSV without header
+    (one row per molecule, `num_tasks` comma-separated values, empty or `nan` = missing).
+
+    Raises `ValueError` naming the line of a row with the wrong number of tasks or a non-numeric value, or when the
+    two files have different numbers of lines."""
+    with open(smiles_file) as f:
+        smiles = [line.split()[0] if line.strip() else "" for line in f.read().splitlines()]
+    labels = []
+    with open(labels_file) as f:
+        for number, line in enumerate(f.read().splitlines(), start=1):
+            values = line.split(",")
+            if len(values) != num_tasks:
+                raise ValueError(
+                    f"{labels_file} line {number}: {len(values)} values, expected {num_tasks} (one per task); "
+                    "a missing label is an empty field or nan"
+                )
+            try:
+                labels.append([float(v) if v.strip() else float("nan") for v in values])
+            except ValueError:
+                raise ValueError(f"{labels_file} line {number}: non-numeric label in {line!r}") from None
+    if len(labels) != len(smiles):
+        raise ValueError(f"{smiles_file} has {len(smiles)} lines but {labels_file} has {len(labels)}; one row each")
+    return smiles, np.asarray(labels, dtype=np.float64).reshape(len(labels), num_tasks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading through OGB
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_ogb_dataset(name_or_path: str, root: str | os.PathLike | None = None):
+    """OGB's `PygGraphPropPredDataset` for an official dataset name under `root` (e.g. `ogbg-moltox21`; OGB downloads
+    it when the files are missing and the network is there) or for a folder written by `write_ogb_dataset`.
+
+    Offline fixes: PyG's data classes are allowed for `torch.load(weights_only=True)` while OGB loads its processed
+    file, and an official dataset folder without `RELEASE_v1.txt` (OGB would ask on stdin whether to delete it) is a
+    clear error instead.
+    """
+    from ..ogb_compat import import_ogb
+
+    import_ogb()
+    from ogb.graphproppred import PygGraphPropPredDataset
+    from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
+    from torch_geometric.data.storage import GlobalStorage
+
+    path = Path(name_or_path)
+    if (path / OGB_META_FILE).is_file():
+        meta = json.loads((path / OGB_META_FILE).read_text())
+        name = meta.pop("name")
+        kwargs = dict(name=name, meta_dict={**meta, "dir_path": str(path)})
+    else:
+        if root is None:
+            raise ValueError(
+                f"{name_or_path!r} is neither a folder written by write_ogb_dataset nor usable without dataset_root; "
+                "pass dataset_root (the folder that holds e.g. ogbg_moltox21/)"
+            )
+        folder = Path(root) / name_or_path.replace("-", "_")
+        if folder.is_dir() and not (folder / "RELEASE_v1.txt").is_file():
+            raise FileNotFoundError(
+                f"{folder} has no RELEASE_v1.txt, so OGB would prompt on stdin to delete and re-download it. If the "
+                "files are from the current OGB release, create the empty file RELEASE_v1.txt there."
+            )
+        kwargs = dict(name=name_or_path, root=str(root))
+    with torch.serialization.safe_globals([DataEdgeAttr, DataTensorAttr, GlobalStorage]):
+        return PygGraphPropPredDataset(**kwargs)
+
+
+class GraphPropertyDataset(Dataset):
+    """A split of an OGB dataset for the Trainer: items are PyG `Data` with `y` of shape `(1, tasks)`.
+
+    Attributes:
+        labels: float numpy array `(N, tasks)` (NaN = missing), read once for the label checks.
+        num_tasks: number of tasks.
+    """
+
+    def __init__(self, ogb_dataset, indices: Sequence[int] | torch.Tensor):
+        self.dataset = ogb_dataset
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        y = ogb_dataset._data.y if hasattr(ogb_dataset, "_data") else ogb_dataset.data.y
+        self.labels = y[self.indices].double().numpy()
+        self.num_tasks = int(self.labels.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[int(self.indices[int(index)])]
+
+
+def ogb_splits(ogb_dataset) -> dict[str, GraphPropertyDataset]:
+    """`train` / `validation` / `test` from the dataset's own split (OGB's `get_idx_split`)."""
+    split = ogb_dataset.get_idx_split()
+    return {SPLIT_NAMES[k]: GraphPropertyDataset(ogb_dataset, v) for k, v in split.items()}
+
+
+class GraphCollator:
+    """PyG graphs -> `{"x", "edge_index", "edge_attr", "batch", "ptr", "labels"}` (labels float `(graphs, tasks)`,
+    NaN = missing), the batch `headprep_hf.models.GCN` takes."""
+
+    def __call__(self, graphs: list) -> dict[str, torch.Tensor]:
+        from torch_geometric.data import Batch
+
+        batch = Batch.from_data_list(graphs)
+        return {
+            "x": batch.x,
+            "edge_index": batch.edge_index,
+            "edge_attr": batch.edge_attr,
+            "batch": batch.batch,
+            "ptr": batch.ptr,
+            "labels": batch.y.reshape(len(graphs), -1).float(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The offline default: ChEMBL affinities shipped in MoleculeACE
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Held out for the downstream task (the rest pretrain the source model): six targets of 630-970 molecules.
+DOWNSTREAM_TARGETS = (
+    "CHEMBL1862_Ki", "CHEMBL1871_Ki", "CHEMBL2034_Ki", "CHEMBL2047_EC50", "CHEMBL231_Ki", "CHEMBL262_Ki",
+)  # fmt: skip
+ACTIVE_NM = 100.0
+
+
+def moleculeace_folder() -> Path:
+    """The folder of MoleculeACE's benchmark CSVs, found without importing MoleculeACE (whose import pulls in
+    packages we do not need). Install it with `pip install --no-deps MoleculeACE` (its `rdkit-pypi` pin would
+    replace a current RDKit)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("MoleculeACE")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the offline molecule data ships in MoleculeACE: pip install --no-deps MoleculeACE")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "Data" / "benchmark_data"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"MoleculeACE is installed but {folder} is missing")
+    return folder
+
+
+def chembl_activity_matrix(targets: Sequence[str], exclude: set[str] = frozenset()) -> tuple[list[str], np.ndarray]:
+    """SMILES and a `(molecules, targets)` 0/1/NaN matrix: 1 = measured Ki/EC50 <= 100 nM, 0 = measured and weaker,
+    NaN = not measured on that target. Molecules in `exclude` are left out."""
+    import pandas as pd
+
+    folder = moleculeace_folder()
+    index: dict[str, int] = {}
+    entries = []
+    for t, target in enumerate(targets):
+        table = pd.read_csv(folder / f"{target}.csv")
+        for s, value in zip(table["smiles"], table["exp_mean [nM]"]):
+            if s in exclude:
+                continue
+            i = index.setdefault(s, len(index))
+            entries.append((i, t, 1.0 if value <= ACTIVE_NM else 0.0))
+    labels = np.full((len(index), len(targets)), np.nan)
+    for i, t, v in entries:
+        labels[i, t] = v
+    return list(index), labels
+
+
+def all_chembl_targets() -> list[str]:
+    return sorted(p.stem for p in moleculeace_folder().glob("CHEMBL*.csv"))
+
+
+def build_chembl_graph_tasks(cache_dir: str | os.PathLike) -> dict[str, Path]:
+    """Convert (once, cached) the offline source and downstream tasks to OGB folders under `cache_dir/ogb`.
+
+    * `source`: the 24 targets not in `DOWNSTREAM_TARGETS`, multi-task (NaN where not measured), without the
+      downstream molecules (the paper's Sup-pcba role);
+    * `downstream`: the 6 held-out targets (the Tox21 role): binary, missing labels, scaffold split.
+
+    Returns `{"source": folder, "downstream": folder}` for `load_ogb_dataset`.
+    """
+    root = Path(cache_dir) / "ogb"
+    folders = {}
+    downstream_smiles, downstream_labels = chembl_activity_matrix(DOWNSTREAM_TARGETS)
+    source_targets = [t for t in all_chembl_targets() if t not in DOWNSTREAM_TARGETS]
+    source = lambda: chembl_activity_matrix(source_targets, set(downstream_smiles))  # noqa: E731
+    plans = {
+        "downstream": (
+            "headprep-chembl-downstream",
+            lambda: (downstream_smiles, downstream_labels),
+            DOWNSTREAM_TARGETS,
+        ),
+        "source": ("headprep-chembl-source", source, source_targets),
+    }
+    for key, (name, make, targets) in plans.items():
+        folder = root / name.replace("-", "_")
+        if not (folder / OGB_META_FILE).is_file():
+            tmp = root / f".{name}.partial"
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            smiles, labels = make()
+            written = write_ogb_dataset(smiles, labels, tmp, name, task_names=list(targets))
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(written, folder)  # a cache entry is complete or absent
+            (Path(tmp)).rmdir()
+        folders[key] = folder
+    return folders

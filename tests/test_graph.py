@@ -1,0 +1,220 @@
+"""Graphs: GCN (OGB encoders) through the trainer, masked BCE / MSE with NaN = missing, ROC-AUC with OGB semantics,
+the OGB-format converter read back by OGB's own loader, offline."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMILES, clone_state, graph_labels, make_config, tiny_gcn, tiny_graph_data
+
+from headprep_hf import HeadPrepTrainer
+from headprep_hf.data.graphs import GraphCollator, load_ogb_dataset, read_smiles_and_labels, write_ogb_dataset
+from headprep_hf.losses import masked_bce_with_logits, masked_mse, multilabel_energy, regression_energy
+
+
+def _config(tmp_path, **overrides):
+    values = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, drift_probe_samples=10)
+    return make_config(tmp_path, **{**values, **overrides})
+
+
+def _trainer(tmp_path, model, splits, **overrides):
+    from headprep_hf.metrics import graph_metrics
+
+    return HeadPrepTrainer(
+        model=model, args=_config(tmp_path, **overrides), train_dataset=splits["train"],
+        eval_dataset=splits["validation"], data_collator=GraphCollator(), compute_metrics=graph_metrics(),
+    )  # fmt: skip
+
+
+def test_hp_freezes_the_gcn_body_and_ft_moves_it(tmp_path):
+    _, splits = tiny_graph_data(tmp_path / "data")
+    model = tiny_gcn()
+    before = clone_state(model.state_dict())
+    trainer = _trainer(tmp_path, model, splits, hp_epochs=3, num_train_epochs=2, learning_rate=1e-2)
+    assert trainer.split.head_names == ["classifier"] and trainer.problem_type == "multi_label_classification"
+    trainer.probe_head()
+    after_hp = clone_state(model.state_dict())
+    body = [k for k in before if not k.startswith("classifier.")]
+    assert any(k.endswith("running_mean") for k in body)  # BatchNorm buffers are part of the check
+    assert all(torch.equal(before[k], after_hp[k]) for k in body)
+    assert not torch.equal(before["classifier.weight"], after_hp["classifier.weight"])
+    trainer.finetune()
+    moved = [k for k in body if not torch.equal(after_hp[k], model.state_dict()[k])]
+    assert "convs.0.linear.weight" in moved and "atom_encoder.atom_embedding_list.0.weight" in moved
+    assert len(trainer.dynamics["drift"]) >= 1 and trainer.dynamics["drift"][-1]["sq_dist"] > 0
+
+
+def test_masked_bce_and_energy_ignore_missing_labels():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=g, requires_grad=True)
+    labels = torch.tensor(graph_labels(6, 4, seed=1), dtype=torch.float32)
+    labels[5] = float("nan")  # a graph without any label
+    eps = 0.2
+    loss = masked_bce_with_logits(logits, labels, smoothing=eps)
+    present = ~torch.isnan(labels)
+    # Independent: per present entry -[t log s + (1 - t) log(1 - s)], t = y (1 - eps) + eps / 2.
+    s = torch.sigmoid(logits.detach().double())
+    t = labels.double() * (1 - eps) + eps / 2
+    expected = -(t * s.log() + (1 - t) * (1 - s).log())[present].mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[~present] == 0) and torch.all(logits.grad[present] != 0)
+
+    stats = multilabel_energy(logits.detach(), labels)
+    for i in range(6):
+        p = present[i]
+        if not p.any():
+            assert math.isnan(stats["energy"][i]) and stats["count"][i] == 0
+            continue
+        e = (torch.sigmoid(logits[i, p].detach()) - labels[i, p]).norm()
+        assert stats["energy"][i].item() == pytest.approx(e.item(), rel=1e-6) and stats["count"][i] == 1
+    # NaN labels never leak: changing the logits of missing entries changes neither loss nor energy.
+    moved = logits.detach().clone()
+    moved[~present] += 5.0
+    assert masked_bce_with_logits(moved, labels, eps).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert torch.allclose(multilabel_energy(moved, labels)["energy"], stats["energy"], equal_nan=True)
+
+    mse = masked_mse(logits.detach(), labels)
+    assert mse.item() == pytest.approx(((logits.detach() - labels)[present] ** 2).mean().item(), rel=1e-6)
+    reg = regression_energy(logits.detach(), labels)
+    assert reg["energy"][0].item() == pytest.approx((logits[0] - labels[0])[present[0]].norm().item(), rel=1e-6)
+
+
+def test_roc_auc_matches_the_ogb_evaluator():
+    from headprep_hf.metrics import graph_metrics, multitask_rmse
+    from headprep_hf.ogb_compat import import_ogb
+
+    import_ogb()
+    from ogb.graphproppred import Evaluator
+    from transformers import EvalPrediction
+
+    rng = np.random.default_rng(0)
+    y = graph_labels(80, 12, seed=3, missing=0.4)
+    y[:, 7] = np.where(np.isnan(y[:, 7]), np.nan, 1.0)  # a task with one class only: skipped, as OGB does
+    scores = rng.normal(size=y.shape) + 0.8 * np.nan_to_num(y)
+    ours = graph_metrics()(EvalPrediction(predictions=scores, label_ids=y))
+    expected = Evaluator("ogbg-moltox21").eval({"y_true": y, "y_pred": scores})["rocauc"]
+    assert ours["roc_auc"] == pytest.approx(expected, abs=1e-12)
+    assert multitask_rmse(y[:, :1], scores[:, :1]) == pytest.approx(
+        Evaluator("ogbg-molesol").eval({"y_true": y[:, :1], "y_pred": scores[:, :1]})["rmse"], abs=1e-12
+    )
+
+
+def test_trainer_energy_matches_an_independent_computation(tmp_path):
+    _, splits = tiny_graph_data(tmp_path / "data", seed=2)
+    model = tiny_gcn(seed=1)
+    trainer = _trainer(tmp_path, model, splits, hp_epochs=2)
+    trainer.probe_head()
+    model.eval()
+    energies, correct = [], []
+    with torch.no_grad():
+        for i in range(len(splits["train"])):
+            batch = GraphCollator()([splits["train"][i]])
+            y = batch.pop("labels")[0]
+            q = model(**batch)["logits"][0]
+            p = ~torch.isnan(y)
+            energies.append((torch.sigmoid(q[p]) - y[p]).norm().item())
+            correct.append(((q[p] > 0) == (y[p] > 0.5)).double().mean().item())
+    assert trainer.dynamics["energy"] == pytest.approx(float(np.mean(energies)), rel=1e-5)
+    assert trainer.dynamics["hp_train_accuracy"] == pytest.approx(float(np.mean(correct)), rel=1e-5)
+
+
+def test_converter_round_trips_through_the_real_ogb_loader(tmp_path):
+    from headprep_hf.ogb_compat import import_ogb
+
+    import_ogb()
+    from ogb.utils import smiles2graph
+
+    labels = graph_labels(len(SMILES), 12, seed=4)
+    # Named like the real dataset: OGB reads it through master.csv (no meta_dict), i.e. the exact official layout.
+    folder = write_ogb_dataset(SMILES, labels, tmp_path, "ogbg-moltox21")
+    assert folder.name == "ogbg_moltox21" and (folder / "RELEASE_v1.txt").is_file()
+    dataset = load_ogb_dataset("ogbg-moltox21", root=tmp_path)
+    assert len(dataset) == len(SMILES) and dataset.num_tasks == 12
+    for i, s in enumerate(SMILES):
+        graph, ref = dataset[i], smiles2graph(s)
+        assert torch.equal(graph.x, torch.from_numpy(ref["node_feat"]))
+        assert torch.equal(graph.edge_index, torch.from_numpy(ref["edge_index"]))
+        assert torch.equal(graph.edge_attr, torch.from_numpy(ref["edge_feat"]))
+        np.testing.assert_array_equal(graph.y.numpy()[0], labels[i].astype(np.float32))  # NaN stays NaN
+    split = dataset.get_idx_split()
+    parts = [set(split[k].tolist()) for k in ("train", "valid", "test")]
+    assert sum(map(len, parts)) == len(SMILES) and not (parts[0] & parts[1] or parts[0] & parts[2])
+    # A converted folder loads by path too (the meta-data travels in headprep_meta.json).
+    again = load_ogb_dataset(str(folder))
+    assert torch.equal(again[3].x, dataset[3].x)
+
+
+def test_converter_reports_bad_smiles_and_wrong_task_counts(tmp_path, caplog):
+    smiles = SMILES[:6]
+    smiles[2] = "C1CC(C"  # unparsable, line 3
+    labels = graph_labels(6, 2, seed=5)
+    with caplog.at_level("WARNING"):
+        folder = write_ogb_dataset(smiles, labels, tmp_path, "skips")
+    assert "line 3: cannot parse SMILES 'C1CC(C'" in caplog.text
+    dataset = load_ogb_dataset(str(folder))
+    assert len(dataset) == 5
+    kept = [0, 1, 3, 4, 5]  # labels stay with their molecule after the skip
+    for new, old in enumerate(kept):
+        np.testing.assert_array_equal(dataset[new].y.numpy()[0], labels[old].astype(np.float32))
+    assert (folder / "skipped_smiles.csv").read_text().splitlines()[1] == "3,C1CC(C"
+    with pytest.raises(ValueError, match="line 3: cannot parse SMILES"):
+        write_ogb_dataset(smiles, labels, tmp_path, "strict", on_invalid="raise")
+    assert not (tmp_path / "strict" / "raw").exists()
+    with pytest.raises(FileExistsError):
+        write_ogb_dataset(SMILES[:6], labels, tmp_path, "skips")
+
+    (tmp_path / "mols.smi").write_text("\n".join(SMILES[:3]) + "\n")
+    (tmp_path / "labels.csv").write_text("1,0,\n0,1\n1,,0\n")
+    with pytest.raises(ValueError, match=r"labels.csv line 2: 2 values, expected 3"):
+        read_smiles_and_labels(str(tmp_path / "mols.smi"), str(tmp_path / "labels.csv"), num_tasks=3)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        write_ogb_dataset(SMILES[:3], np.zeros((2, 3)), tmp_path, "short")
+
+
+def test_bad_graph_labels_name_the_sample(tmp_path):
+    _, splits = tiny_graph_data(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"train_dataset has 3 label\(s\) per sample but the model's head has 5"):
+        _trainer(tmp_path, tiny_gcn(num_tasks=5), splits).probe_head()
+    splits["train"].labels[4, 1] = 2.0
+    with pytest.raises(ValueError, match=r"train_dataset\[4\] has label 2.0 for task 1: binary tasks take 0, 1"):
+        _trainer(tmp_path, tiny_gcn(), splits).probe_head()
+
+
+def test_ogb_is_imported_without_its_pypi_check(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading\n"
+        "from headprep_hf.ogb_compat import import_ogb\n"
+        "import_ogb()\n"
+        "import ogb.version\n"
+        "assert ogb.version.check_outdated is None, 'ogb would query PyPI'\n"
+        "assert 'outdated' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_official_name_without_release_file_is_a_clear_error(tmp_path):
+    (tmp_path / "ogbg_molhiv").mkdir()
+    with pytest.raises(FileNotFoundError, match="no RELEASE_v1.txt, so OGB would prompt on stdin"):
+        load_ogb_dataset("ogbg-molhiv", root=tmp_path)
+
+
+def test_pretrained_gcn_round_trip_with_a_new_head(tmp_path):
+    from headprep_hf.tasks.graph import load_graph_model, save_graph_model
+
+    model = tiny_gcn(num_tasks=24)
+    save_graph_model(model, tmp_path / "src", info={"note": "test"})
+    assert json.loads((tmp_path / "src" / "config.json").read_text())["num_tasks"] == 24
+    loaded = load_graph_model(tmp_path / "src", num_tasks=6)
+    assert loaded.classifier.out_features == 6
+    src = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(value, src[key]), key
