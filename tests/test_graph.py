@@ -218,3 +218,92 @@ def test_pretrained_gcn_round_trip_with_a_new_head(tmp_path):
     for key, value in loaded.state_dict().items():
         if not key.startswith("classifier."):
             assert torch.equal(value, src[key]), key
+
+
+def test_regression_task_uses_mse_and_residual_energy(tmp_path):
+    from headprep_hf.data.graphs import ogb_splits
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(len(SMILES), 2))
+    values[rng.random(values.shape) < 0.2] = np.nan
+    values[:, 0] = np.nan_to_num(values[:, 0])
+    folder = write_ogb_dataset(SMILES, values, tmp_path, "tiny-regression", task_type="regression")
+    dataset = load_ogb_dataset(str(folder))
+    assert dataset.task_type == "regression" and dataset.eval_metric == "rmse"
+    splits = ogb_splits(dataset)
+    from headprep_hf.models.graph import GCN
+
+    torch.manual_seed(0)
+    model = GCN(2, num_layers=2, hidden_size=16, dropout=0.0, problem_type="regression")
+    trainer = HeadPrepTrainer(
+        model=model, args=_config(tmp_path, hp_epochs=1), train_dataset=splits["train"], data_collator=GraphCollator()
+    )
+    assert trainer.problem_type == "regression"
+    trainer.probe_head()
+    model.eval()
+    with torch.no_grad():
+        batch = GraphCollator()([splits["train"][i] for i in range(len(splits["train"]))])
+        y = batch.pop("labels")
+        q = model(**batch)["logits"]
+    p = ~torch.isnan(y)
+    expected = torch.stack([(q[i] - y[i])[p[i]].norm() for i in range(len(y))]).mean()
+    assert trainer.dynamics["energy"] == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer.dynamics["hp_train_accuracy"] is None and trainer.dynamics["p0_mean"] is None
+
+
+@pytest.mark.slow
+def test_graph_recipe_and_sweep_task(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from headprep_hf.cli import main as cli_main
+    from headprep_hf.cli import parse_with_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import graph_property as recipe
+
+    # The real offline path (MoleculeACE -> OGB format -> OGB loader -> source pretraining), with a tiny GCN.
+    tiny = ["--cache_dir", str(tmp_path / "cache"), "--hidden_size", "16", "--num_layers", "2", "--source_epochs", "1"]
+    tiny += ["--source_max_graphs", "400", "--use_cpu", "true", "--num_train_epochs", "1"]
+    argv = [*tiny, "--hp_epochs", "1", "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
+    argv += ["--disable_tqdm", "true", "--save_strategy", "no", "--drift_probe_samples", "64"]
+    metrics = recipe.main(*parse_with_config(recipe.make_parser(), argv))
+    assert 0.0 <= metrics["test_roc_auc"] <= 1.0 and metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
+    assert "validation roc_auc" in capsys.readouterr().out
+    out = tmp_path / "sweep"
+    sweep_argv = ["sweep", "--task", "graph", *tiny, "--sweep_taus", "0", "2", "--output_dir", str(out)]
+    assert cli_main([*sweep_argv, "--sweep_progress", "false", "--drift_probe_samples", "64"]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["selection_metric"] == "roc_auc" and sweep["complete"] and sweep["task"]["name"] == "graph"
+    energies = [r["energy"] for r in sweep["results"]]
+    assert energies[1] < energies[0]  # two HP epochs lower the energy of the random head
+
+
+def test_pretrain_recipe_then_finetune_recipe_on_a_converted_dataset(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from transformers import HfArgumentParser
+
+    from headprep_hf.cli import parse_with_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import graph_property
+    import pretrain_graph
+
+    split = {"train": range(16), "valid": range(16, 24), "test": range(24, 32)}
+    source = write_ogb_dataset(SMILES, graph_labels(len(SMILES), 5, seed=8), tmp_path, "tiny-source", split=split)
+    target = write_ogb_dataset(SMILES, graph_labels(len(SMILES), 2, seed=9), tmp_path, "tiny-target", split=split)
+    model_dir = tmp_path / "sup-tiny"
+    pre_argv = ["--output_dir", str(model_dir), "--dataset_name", str(source), "--hidden_size", "16"]
+    pre_argv += ["--num_layers", "2", "--epochs", "1", "--batch_size", "8", "--use_cpu", "true"]
+    metrics = pretrain_graph.main(*parse_with_config(HfArgumentParser(pretrain_graph.PretrainArguments), pre_argv))
+    assert "eval_roc_auc" in metrics and (model_dir / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        pretrain_graph.main(*parse_with_config(HfArgumentParser(pretrain_graph.PretrainArguments), pre_argv))
+
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", str(target), "--hp_epochs", "1"]
+    argv += ["--num_train_epochs", "1", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]
+    argv += ["--output_dir", str(tmp_path / "run"), "--save_strategy", "no", "--per_device_train_batch_size", "8"]
+    metrics = graph_property.main(*parse_with_config(graph_property.make_parser(), argv))
+    assert metrics["energy"] > 0 and "test roc_auc" in capsys.readouterr().out

@@ -39,16 +39,28 @@ SPLIT_NAMES = {"train": "train", "valid": "validation", "test": "test"}
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def scaffold_split(smiles: Sequence[str], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict[str, list]:
-    """Deterministic Bemis-Murcko scaffold split: scaffold groups sorted by size (largest first, ties by first
-    occurrence) fill train, then valid, then test; molecules sharing a scaffold stay in one split."""
-    from rdkit import Chem
+def murcko_scaffold(mol) -> str:
+    """Bemis-Murcko scaffold SMILES of an RDKit molecule (chirality kept, as OGB/MoleculeNet)."""
     from rdkit.Chem.Scaffolds import MurckoScaffold
 
+    return MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=True)
+
+
+def scaffold_split(
+    smiles: Sequence[str],
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    scaffolds: Sequence[str] | None = None,
+) -> dict[str, list]:
+    """Deterministic Bemis-Murcko scaffold split: scaffold groups sorted by size (largest first, ties by first
+    occurrence) fill train, then valid, then test; molecules sharing a scaffold stay in one split. `scaffolds`
+    (one per molecule) skips re-parsing the SMILES."""
+    if scaffolds is None:
+        from rdkit import Chem
+
+        mols = [Chem.MolFromSmiles(s) for s in smiles]
+        scaffolds = [murcko_scaffold(m) if m is not None else s for m, s in zip(mols, smiles)]
     groups: dict[str, list[int]] = {}
-    for i, s in enumerate(smiles):
-        mol = Chem.MolFromSmiles(s)
-        scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=True) if mol is not None else s
+    for i, scaffold in enumerate(scaffolds):
         groups.setdefault(scaffold, []).append(i)
     ordered = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
     n = len(smiles)
@@ -131,7 +143,7 @@ def write_ogb_dataset(
     if (folder / "raw").exists() or (folder / "processed").exists():
         raise FileExistsError(f"{folder} already holds a dataset; remove it or choose another name/root")
 
-    graphs, kept, skipped = [], [], []
+    graphs, kept, skipped, scaffolds = [], [], [], []
     RDLogger.DisableLog("rdApp.*")
     try:
         for i, s in enumerate(smiles):
@@ -145,6 +157,8 @@ def write_ogb_dataset(
                 continue
             graphs.append(smiles2graph(s))
             kept.append(i)
+            if split is None:
+                scaffolds.append(murcko_scaffold(mol))
     finally:
         RDLogger.EnableLog("rdApp.*")
     if not graphs:
@@ -152,7 +166,7 @@ def write_ogb_dataset(
     kept_smiles = [smiles[i] for i in kept]
     kept_labels = labels[kept]
     if split is None:
-        split = scaffold_split(kept_smiles)
+        split = scaffold_split(kept_smiles, scaffolds=scaffolds)
     else:
         position = {orig: new for new, orig in enumerate(kept)}
         split = {k: sorted(position[i] for i in v if i in position) for k, v in split.items()}

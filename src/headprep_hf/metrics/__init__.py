@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 SHIPPED_METRICS = tuple(sorted(p.name for p in _HERE.iterdir() if (p / f"{p.name}.py").is_file()))
 
@@ -125,6 +127,12 @@ def graph_metrics(problem_type: str = "multi_label_classification"):
             return {"rmse": multitask_rmse(labels, logits)}
         present = ~np.isnan(labels)
         accuracy = float(((logits > 0) == (labels > 0.5))[present].mean())
-        return {"roc_auc": multitask_roc_auc(labels, logits), "accuracy": accuracy}
+        try:
+            roc_auc = multitask_roc_auc(labels, logits)
+        except ValueError:
+            # Too few evaluation graphs: report NaN (and say why) rather than abort the training run.
+            logger.warning("ROC-AUC undefined on %d graphs: no task has both classes; use a larger split", len(labels))
+            roc_auc = float("nan")
+        return {"roc_auc": roc_auc, "accuracy": accuracy}
 
     return compute_metrics
