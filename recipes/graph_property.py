@@ -15,20 +15,17 @@ The paper's setting: pretrain on ogbg-molpcba with recipes/pretrain_graph.py, th
 from __future__ import annotations
 
 import sys
-import time
 
 from transformers import HfArgumentParser
 
 from headprep_hf import HeadPrepConfig
 from headprep_hf.cli import parse_with_config
-from headprep_hf.tasks.base import drift_text, train_and_evaluate
+from headprep_hf.tasks.base import drift_text, recipe_parser, train_and_evaluate
 from headprep_hf.tasks.graph import GRAPH_DEFAULTS, GraphArguments, first_metric, load_graph
 
 
 def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((GraphArguments, HeadPrepConfig))
-    parser.set_defaults(**GRAPH_DEFAULTS, output_dir=time.strftime("runs/graph_property-%Y%m%d-%H%M%S"))
-    return parser
+    return recipe_parser(GraphArguments, GRAPH_DEFAULTS, "graph_property")
 
 
 def main(script_args: GraphArguments, training_args: HeadPrepConfig) -> dict:

@@ -16,20 +16,17 @@ Settings can come from `--config file.yaml`; command-line flags override it.
 from __future__ import annotations
 
 import sys
-import time
 
 from transformers import HfArgumentParser
 
 from headprep_hf import HeadPrepConfig
 from headprep_hf.cli import parse_with_config
-from headprep_hf.tasks.base import drift_text, train_and_evaluate
+from headprep_hf.tasks.base import drift_text, recipe_parser, train_and_evaluate
 from headprep_hf.tasks.segmentation import SEGMENTATION_DEFAULTS, SegmentationArguments, load_segmentation
 
 
 def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((SegmentationArguments, HeadPrepConfig))
-    parser.set_defaults(**SEGMENTATION_DEFAULTS, output_dir=time.strftime("runs/semantic_segmentation-%Y%m%d-%H%M%S"))
-    return parser
+    return recipe_parser(SegmentationArguments, SEGMENTATION_DEFAULTS, "semantic_segmentation")
 
 
 def main(script_args: SegmentationArguments, training_args: HeadPrepConfig) -> dict:

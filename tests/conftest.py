@@ -112,3 +112,27 @@ def tiny_gcn(num_tasks: int = 3, seed: int = 0):
 
     torch.manual_seed(seed)
     return GCN(num_tasks, num_layers=2, hidden_size=16, dropout=0.0)
+
+
+def run_recipe_and_sweep(
+    recipe_name: str, task: str, tiny: list[str], tmp_path, probe_samples: int, sweep_extra: tuple[str, ...] = ()
+):
+    """End-to-end: `recipes/<recipe_name>.py`'s main() with the `tiny` settings (one HP and FT run), then
+    `headprep sweep --task <task>` over tau = 0, 2 with the same settings. Returns (recipe metrics, sweep.json)."""
+    import importlib
+    import json
+    import sys
+    from pathlib import Path
+
+    from headprep_hf.cli import main as cli_main
+    from headprep_hf.cli import parse_with_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    recipe = importlib.import_module(recipe_name)
+    quiet = ["--report_to", "none", "--disable_tqdm", "true", "--drift_probe_samples", str(probe_samples)]
+    argv = [*tiny, *quiet, "--hp_epochs", "1", "--output_dir", str(tmp_path / "run"), "--save_strategy", "no"]
+    metrics = recipe.main(*parse_with_config(recipe.make_parser(), argv))
+    out = tmp_path / "sweep"
+    sweep_argv = ["sweep", "--task", task, *tiny, *sweep_extra, "--sweep_taus", "0", "2", "--output_dir", str(out)]
+    assert cli_main([*sweep_argv, "--sweep_progress", "false", "--drift_probe_samples", str(probe_samples)]) == 0
+    return metrics, json.loads((out / "sweep.json").read_text())

@@ -28,18 +28,22 @@ def _trainer(tmp_path, model, splits, **overrides):
     )  # fmt: skip
 
 
-def test_hp_freezes_the_gcn_body_and_ft_moves_it(tmp_path):
+@pytest.mark.parametrize("head_type", ["linear", "mlp"])
+def test_hp_freezes_the_gcn_body_and_ft_moves_it(tmp_path, head_type):
     _, splits = tiny_graph_data(tmp_path / "data")
     model = tiny_gcn()
+    trainer = _trainer(tmp_path, model, splits, hp_epochs=3, num_train_epochs=2, learning_rate=1e-2,
+                       head_type=head_type, mlp_hidden_size=8)  # fmt: skip
     before = clone_state(model.state_dict())
-    trainer = _trainer(tmp_path, model, splits, hp_epochs=3, num_train_epochs=2, learning_rate=1e-2)
     assert trainer.split.head_names == ["classifier"] and trainer.problem_type == "multi_label_classification"
     trainer.probe_head()
     after_hp = clone_state(model.state_dict())
     body = [k for k in before if not k.startswith("classifier.")]
     assert any(k.endswith("running_mean") for k in body)  # BatchNorm buffers are part of the check
     assert all(torch.equal(before[k], after_hp[k]) for k in body)
-    assert not torch.equal(before["classifier.weight"], after_hp["classifier.weight"])
+    head = [k for k in before if k.startswith("classifier.")]
+    assert len(head) == (2 if head_type == "linear" else 4)  # the MLP replaces the linear head: two layers
+    assert all(not torch.equal(before[k], after_hp[k]) for k in head if k.endswith("weight"))
     trainer.finetune()
     moved = [k for k in body if not torch.equal(after_hp[k], model.state_dict()[k])]
     assert "convs.0.linear.weight" in moved and "atom_encoder.atom_embedding_list.0.weight" in moved
@@ -253,30 +257,21 @@ def test_regression_task_uses_mse_and_residual_energy(tmp_path):
 
 @pytest.mark.slow
 def test_graph_recipe_and_sweep_task(tmp_path, capsys):
-    import sys
-    from pathlib import Path
-
-    from headprep_hf.cli import main as cli_main
-    from headprep_hf.cli import parse_with_config
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    import graph_property as recipe
+    from conftest import run_recipe_and_sweep
 
     # The real offline path (MoleculeACE -> OGB format -> OGB loader -> source pretraining), with a tiny GCN.
     tiny = ["--cache_dir", str(tmp_path / "cache"), "--hidden_size", "16", "--num_layers", "2", "--source_epochs", "1"]
     tiny += ["--source_max_graphs", "400", "--use_cpu", "true", "--num_train_epochs", "1"]
-    argv = [*tiny, "--hp_epochs", "1", "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
-    argv += ["--disable_tqdm", "true", "--save_strategy", "no", "--drift_probe_samples", "64"]
-    metrics = recipe.main(*parse_with_config(recipe.make_parser(), argv))
+    metrics, sweep = run_recipe_and_sweep(
+        "graph_property", "graph", tiny, tmp_path, probe_samples=64, sweep_extra=("--sweep_exchange", "true")
+    )
     assert 0.0 <= metrics["test_roc_auc"] <= 1.0 and metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
     assert "validation roc_auc" in capsys.readouterr().out
-    out = tmp_path / "sweep"
-    sweep_argv = ["sweep", "--task", "graph", *tiny, "--sweep_taus", "0", "2", "--output_dir", str(out)]
-    assert cli_main([*sweep_argv, "--sweep_progress", "false", "--drift_probe_samples", "64"]) == 0
-    sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["selection_metric"] == "roc_auc" and sweep["complete"] and sweep["task"]["name"] == "graph"
     energies = [r["energy"] for r in sweep["results"]]
     assert energies[1] < energies[0]  # two HP epochs lower the energy of the random head
+    exchange = json.loads((tmp_path / "sweep" / "exchange.json").read_text())  # mean label accuracy per pair
+    assert exchange["taus"] == [0, 2] and all(0 <= v <= 1 for row in exchange["validation_accuracy"] for v in row)
 
 
 def test_pretrain_recipe_then_finetune_recipe_on_a_converted_dataset(tmp_path, capsys):

@@ -160,26 +160,11 @@ def test_derived_digit_masks():
 
 @pytest.mark.slow
 def test_segmentation_recipe_and_sweep_task(tmp_path, capsys):
-    import json
-    import sys
-    from pathlib import Path
+    from conftest import run_recipe_and_sweep
 
-    from headprep_hf.cli import main as cli_main
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    import semantic_segmentation as recipe
-
-    from headprep_hf.cli import parse_with_config
-
-    cache = str(tmp_path / "cache")
-    tiny = ["--source_epochs", "1", "--cache_dir", cache, "--use_cpu", "true", "--num_train_epochs", "1"]
-    argv = [*tiny, "--hp_epochs", "1", "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
-    argv += ["--disable_tqdm", "true", "--save_strategy", "no", "--drift_probe_samples", "32"]
-    metrics = recipe.main(*parse_with_config(recipe.make_parser(), argv))
+    tiny = ["--source_epochs", "1", "--cache_dir", str(tmp_path / "cache"), "--use_cpu", "true"]
+    tiny += ["--num_train_epochs", "1"]
+    metrics, sweep = run_recipe_and_sweep("semantic_segmentation", "segmentation", tiny, tmp_path, probe_samples=32)
     assert 0.0 <= metrics["validation_mean_iou"] <= 1.0 and metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
     assert "validation mIoU" in capsys.readouterr().out
-    out = tmp_path / "sweep"
-    sweep_argv = ["sweep", "--task", "segmentation", *tiny, "--sweep_taus", "0", "2", "--output_dir", str(out)]
-    assert cli_main([*sweep_argv, "--sweep_progress", "false", "--drift_probe_samples", "32"]) == 0
-    sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["selection_metric"] == "mean_iou" and sweep["complete"] and sweep["task"]["name"] == "segmentation"

@@ -71,6 +71,20 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
     return trainer, metrics
 
 
+def recipe_parser(arguments: type, defaults: dict[str, Any], run_name: str):
+    """`HfArgumentParser` over a task's arguments and `HeadPrepConfig`, with the task's recipe defaults and a new
+    `runs/<run_name>-<date>-<time>` output folder per run (a finished run is never overwritten)."""
+    import time
+
+    from transformers import HfArgumentParser
+
+    from ..config import HeadPrepConfig
+
+    parser = HfArgumentParser((arguments, HeadPrepConfig))
+    parser.set_defaults(**defaults, output_dir=time.strftime(f"runs/{run_name}-%Y%m%d-%H%M%S"))
+    return parser
+
+
 def drift_text(metrics: dict[str, float]) -> str:
     if "drift_sq_dist" not in metrics:
         return ""
