@@ -48,6 +48,9 @@ def test_resume_is_bit_identical(tmp_path, crash_at, stage):
     checkpoint = tmp_path / "crashed" / f"checkpoint-{crash_at - 1}"
     with open(checkpoint / "headprep_state.json") as f:
         recorded = json.load(f)
+    # The arguments are JSON, not a pickle: nothing in a checkpoint needs unpickling.
+    assert not list((tmp_path / "crashed").rglob("*.bin"))
+    assert json.loads((checkpoint / "training_args.json").read_text())["hp_epochs"] == 2
     assert recorded["stage"] == stage and recorded["global_step"] == crash_at - 1
     assert not (tmp_path / "crashed" / f"checkpoint-{crash_at + 1}").exists()
 

@@ -48,7 +48,7 @@ def backbone_checksum(model: nn.Module, split: ModelSplit) -> str:
     Buffers are left out on purpose: with `hp_backbone_mode="train"` HP moves BatchNorm statistics, and the head was
     still probed on these weights.
     """
-    from .sweep import state_fingerprint
+    from .fingerprint import state_fingerprint
 
     return state_fingerprint({n: p for n, p in split.backbone_parameters(model)})
 

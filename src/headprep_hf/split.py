@@ -5,7 +5,8 @@ Supported without configuration:
 * plain timm models (`get_classifier()` names the head),
 * `transformers.TimmWrapperForImageClassification` (the wrapped timm model's `get_classifier()`),
 * `transformers` `*ForImageClassification` models (the `classifier` attribute: ResNet, ViT, ConvNext, ...),
-* any module with a top-level `classifier`, `fc` or `head` submodule (torchvision's DeepLabV3: `classifier`, the ASPP
+* any module with a top-level `classifier`, `fc` or `head` submodule (`headprep_hf.models.graph.GCN`: its final
+  linear layer; torchvision's DeepLabV3: `classifier`, the ASPP
   head; its auxiliary head must be off).
 
 Anything else: pass `head_modules=[...]`. The feature `z` of the paper is the input of the first head module;

@@ -35,6 +35,7 @@ from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import HeadPrepConfig
+from .fingerprint import state_fingerprint
 from .sweep_schema import SWEEP_FORMAT_VERSION, validate_sweep
 from .trainer import HeadPrepTrainer
 from .version import __version__
@@ -204,16 +205,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
-
-
-def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, shapes, dtypes and values of a state dict (order-independent)."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def config_fingerprint(args: SweepConfig) -> str:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, has_length
 
 from .config import HeadPrepConfig
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "headprep_state.json"
 FEATURES_NAME = "headprep_state.safetensors"
 DYNAMICS_NAME = "headprep_dynamics.json"
+TRAINING_ARGS_JSON = "training_args.json"
 PREPARED_HEAD_DIR = "prepared_head"
 _STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate")
 _PLANS = ("both", "hp", "ft")
@@ -711,6 +713,17 @@ class HeadPrepTrainer(Trainer):
         super().log(renamed, start_time)
 
     # ------------------------------------------------------------------ checkpoints and outputs
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """`Trainer._save`, with the training arguments written as JSON (`training_args.json`) instead of the pickled
+        `training_args.bin`: nothing this trainer writes needs unpickling to be read (weights are safetensors)."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+        if os.path.isfile(pickled):
+            os.remove(pickled)
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as f:
+            f.write(self.args.to_json_string())
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if not self.args.should_save:
