@@ -302,3 +302,19 @@ def test_pretrain_recipe_then_finetune_recipe_on_a_converted_dataset(tmp_path, c
     argv += ["--output_dir", str(tmp_path / "run"), "--save_strategy", "no", "--per_device_train_batch_size", "8"]
     metrics = graph_property.main(*parse_with_config(graph_property.make_parser(), argv))
     assert metrics["energy"] > 0 and "test roc_auc" in capsys.readouterr().out
+
+
+def test_official_name_that_cannot_be_downloaded_is_a_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    from headprep_hf.ogb_compat import import_ogb
+
+    import_ogb()
+    import ogb.graphproppred.dataset_pyg as dataset_pyg
+
+    def offline(url):  # what urlopen raises on this machine, without waiting for the network
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(dataset_pyg, "decide_download", offline)
+    with pytest.raises(FileNotFoundError, match=r"ogbg-molhiv is not under .*ogbg_molhiv and OGB could not download"):
+        load_ogb_dataset("ogbg-molhiv", root=tmp_path)

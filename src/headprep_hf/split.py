@@ -6,8 +6,7 @@ Supported without configuration:
 * `transformers.TimmWrapperForImageClassification` (the wrapped timm model's `get_classifier()`),
 * `transformers` `*ForImageClassification` models (the `classifier` attribute: ResNet, ViT, ConvNext, ...),
 * any module with a top-level `classifier`, `fc` or `head` submodule (`headprep_hf.models.graph.GCN`: its final
-  linear layer; torchvision's DeepLabV3: `classifier`, the ASPP
-  head; its auxiliary head must be off).
+  linear layer; torchvision's DeepLabV3: `classifier`, the ASPP head; its auxiliary head must be off).
 
 Anything else: pass `head_modules=[...]`. The feature `z` of the paper is the input of the first head module;
 4-D features (`B, C, H, W`) are averaged over space, anything else is flattened per sample.

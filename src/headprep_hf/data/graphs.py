@@ -275,8 +275,18 @@ def load_ogb_dataset(name_or_path: str, root: str | os.PathLike | None = None):
                 "files are from the current OGB release, create the empty file RELEASE_v1.txt there."
             )
         kwargs = dict(name=name_or_path, root=str(root))
-    with torch.serialization.safe_globals([DataEdgeAttr, DataTensorAttr, GlobalStorage]):
-        return PygGraphPropPredDataset(**kwargs)
+    import urllib.error
+
+    try:
+        with torch.serialization.safe_globals([DataEdgeAttr, DataTensorAttr, GlobalStorage]):
+            return PygGraphPropPredDataset(**kwargs)
+    except urllib.error.URLError as error:  # urlopen wraps connection failures in URLError
+        folder = Path(kwargs.get("root", "")) / name_or_path.replace("-", "_")
+        raise FileNotFoundError(
+            f"{name_or_path} is not under {folder} and OGB could not download it ({error}). Offline, place the "
+            f"extracted OGB files there (raw/, split/, mapping/ and RELEASE_v1.txt) or convert SMILES with "
+            "write_ogb_dataset."
+        ) from None
 
 
 class GraphPropertyDataset(Dataset):
