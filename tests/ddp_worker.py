@@ -222,7 +222,7 @@ def run_sweep(folder: str, world_size: int):
     return sweep
 
 
-def run_graph(folder: str, graph_dir: str):
+def run_graph(folder: str, graph_dir: str, world_size: int):
     """GCN on molecule graphs (dict batches from GraphCollator): energy of the initial state, then HP + FT."""
     from conftest import tiny_gcn
 
@@ -234,8 +234,25 @@ def run_graph(folder: str, graph_dir: str):
         os.path.join(folder, "out"), hp_epochs=1, num_train_epochs=1, per_device_train_batch_size=4,
         per_device_eval_batch_size=3, hp_learning_rate=5e-2, learning_rate=1e-2, drift_probe_samples=11,
     )  # fmt: skip
+    # HP with a global batch of 8 over 24 graphs with missing labels: the step's mean covers every rank's labels.
+    from safetensors.torch import save_file
+
+    from headprep_hf.data.graphs import GraphPropertyDataset
+
+    train = splits["train"]
+    hp_args = _config(
+        os.path.join(folder, "hp"), hp_epochs=2, per_device_train_batch_size=8 // world_size, hp_learning_rate=0.5,
+        optim="sgd", drift_probe_samples=8,
+    )  # fmt: skip
+    hp_model = tiny_gcn(num_tasks=GRAPH_TASKS, seed=0)
+    hp_trainer = HeadPrepTrainer(model=hp_model, args=hp_args, train_dataset=GraphPropertyDataset(
+        train.dataset, train.indices[:24]), data_collator=GraphCollator())  # fmt: skip
+    hp_trainer.probe_head()
+    head = {k: v.detach().clone().contiguous() for k, v in hp_model.state_dict().items() if k.startswith("classifier")}
+    save_file(head, os.path.join(folder, f"hp_head_rank{hp_trainer.args.process_index}.safetensors"))
+
     model = tiny_gcn(num_tasks=GRAPH_TASKS, seed=0)
-    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=splits["train"], data_collator=GraphCollator())
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=train, data_collator=GraphCollator())
     _save_init(folder, trainer, model)
     start = trainer.measure_start()
     p0 = list(trainer.dynamics["p0"])
@@ -265,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         elif scenario == "measure":
             trainer = run_measure(folder, opts.states)
         elif scenario == "graph":
-            trainer = run_graph(folder, opts.graph_data)
+            trainer = run_graph(folder, opts.graph_data, world_size)
         elif scenario == "sweep":
             run_sweep(folder, world_size)
         else:

@@ -308,6 +308,12 @@ def test_graph_batches_under_two_ranks(run1, run2):
         for key in ("energy", "hp_train_accuracy", "p0_mean"):
             assert meta["start"][key] == pytest.approx(meta1["start"][key], rel=1e-5), key
         np.testing.assert_allclose(meta["start_p0"], meta1["start_p0"], rtol=1e-5, atol=1e-6)
+    # HP with missing labels, global batch 8: 2 ranks x 4 == 1 rank x 8 (the step's mean counts every rank's labels).
+    one_head = load_file(str(run1 / "graph" / "hp_head_rank0.safetensors"))
+    for rank in (0, 1):
+        two_head = load_file(str(run2 / "graph" / f"hp_head_rank{rank}.safetensors"))
+        for key, value in one_head.items():
+            torch.testing.assert_close(two_head[key], value, rtol=1e-5, atol=1e-6)
     # After HP + FT both ranks hold the same GCN (backbone gradients were all-reduced) and it moved.
     init = load_file(str(run2 / "graph" / "init.safetensors"))
     assert all(torch.equal(two[0][k], two[1][k]) for k in two[0]), "ranks differ after HP + FT"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import TrainerControl, TrainerState
 
+from .losses import count_items
 from .split import extract_logits
 
 if TYPE_CHECKING:
@@ -193,7 +194,7 @@ class CachedHeadProbing:
         trainer.is_in_train = True
         total_loss, last_logged_step = 0.0, 0
         running_loss = torch.zeros((), device=device)
-        loss_fn = trainer.loss_from_logits
+        loss_fn, problem_type = trainer.loss_from_logits, trainer.problem_type
         try:
             trainer.control = handler.on_train_begin(args, trainer.state, trainer.control)
             model.eval()
@@ -207,11 +208,15 @@ class CachedHeadProbing:
                 for start_micro in range(0, len(batches), ga):
                     window = index_tensors[start_micro : start_micro + ga]
                     trainer.control = handler.on_step_begin(args, trainer.state, trainer.control)
-                    for index in window:
+                    # As the uncached step: each micro-batch's mean weighted by its share of the step's items.
+                    labels = [cache.labels[index] for index in window]
+                    step_items = sum(count_items(problem_type, y, args.ignore_index) for y in labels).clamp(min=1)
+                    for index, y in zip(window, labels):
                         z = features[index].to(device, non_blocking=True)
-                        y = cache.labels[index].to(device, non_blocking=True)
+                        y = y.to(device, non_blocking=True)
                         logits = trainer.split.head_logits(model, z, y)
-                        loss = loss_fn(logits, y, args.hp_label_smoothing) / len(window)
+                        share = count_items(problem_type, y, args.ignore_index) / step_items.to(device)
+                        loss = loss_fn(logits, y, args.hp_label_smoothing) * share
                         loss.backward()
                         running_loss += loss.detach()
                     grad_norm = None

@@ -152,6 +152,14 @@ def resolve_problem_type(problem_type: str | None, model=None) -> str:
     return problem_type
 
 
+def count_items(problem_type: str, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """How many label entries a mean `task_loss` averages over: labels other than `ignore_index` (single-label) or
+    present (non-NaN) entries (multi-label, regression). A 0-dim int64 tensor."""
+    if problem_type == "single_label_classification":
+        return (labels != ignore_index).sum()
+    return (~torch.isnan(labels.float())).sum()
+
+
 def task_loss(
     problem_type: str, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, ignore_index: int = -100
 ) -> torch.Tensor:

@@ -40,7 +40,7 @@ from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure
 from .feature_cache import CachedHeadProbing
 from .heads import reinitialize_module, replace_head_with_mlp
 from .labels import check_dense_shapes, check_labels, check_task_labels
-from .losses import resolve_problem_type, task_loss
+from .losses import count_items, resolve_problem_type, task_loss
 from .schedules import StageSchedule
 from .split import ModelCaller, ModelSplit, extract_logits, find_split
 
@@ -537,7 +537,29 @@ class HeadPrepTrainer(Trainer):
         logits = extract_logits(self._call_model(model, inputs))
         smoothing = self.current_label_smoothing if self._in_training_step else 0.0
         loss = self.loss_from_logits(logits, labels, smoothing)
+        if self._in_training_step and num_items_in_batch is not None:
+            # The mean over this micro-batch's items, re-weighted so that the update is the mean over every item of
+            # the optimizer step (all micro-batches, all ranks; DDP averages over ranks, hence the world size).
+            local = count_items(self.problem_type, labels, self.args.ignore_index)
+            loss = loss * (local * self.accelerator.num_processes / num_items_in_batch.clamp(min=1))
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Items (valid labels: not `ignore_index`, not NaN) in an optimizer step's micro-batches, summed over ranks.
+
+        `compute_loss` scales each micro-batch's mean by it, so masked losses (ignored pixels, missing graph labels)
+        average over the step's items exactly as one process with the whole batch would, whatever the number of
+        ranks and gradient-accumulation steps; the Trainer then does not divide by the accumulation steps."""
+        name = self.label_names[0] if self.label_names else "labels"
+        if not batch_samples or not all(isinstance(b, dict) and name in b for b in batch_samples):
+            self.loss_is_scaled_for_ga = None
+            return None
+        count = sum(count_items(self.problem_type, b[name], self.args.ignore_index) for b in batch_samples)
+        count = torch.as_tensor(count, device=device).reshape(1)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count)
+        self.loss_is_scaled_for_ga = True
+        return count.sum()
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         """The training loss of both stages for `problem_type` (cross-entropy with `ignore_index`, masked BCE or
