@@ -208,15 +208,19 @@ class CachedHeadProbing:
                 for start_micro in range(0, len(batches), ga):
                     window = index_tensors[start_micro : start_micro + ga]
                     trainer.control = handler.on_step_begin(args, trainer.state, trainer.control)
-                    # As the uncached step: each micro-batch's mean weighted by its share of the step's items.
+                    # As the uncached step: each micro-batch's mean weighted by its share of the step's items (a
+                    # single micro-batch has the whole share: the factor is exactly 1, so it is skipped).
                     labels = [cache.labels[index] for index in window]
-                    step_items = sum(count_items(problem_type, y, args.ignore_index) for y in labels).clamp(min=1)
-                    for index, y in zip(window, labels):
+                    if len(window) > 1:
+                        counts = [count_items(problem_type, y, args.ignore_index) for y in labels]
+                        step_items = sum(counts).clamp(min=1)
+                    for i, (index, y) in enumerate(zip(window, labels)):
                         z = features[index].to(device, non_blocking=True)
                         y = y.to(device, non_blocking=True)
                         logits = trainer.split.head_logits(model, z, y)
-                        share = count_items(problem_type, y, args.ignore_index) / step_items.to(device)
-                        loss = loss_fn(logits, y, args.hp_label_smoothing) * share
+                        loss = loss_fn(logits, y, args.hp_label_smoothing)
+                        if len(window) > 1:
+                            loss = loss * (counts[i] / step_items).to(device)
                         loss.backward()
                         running_loss += loss.detach()
                     grad_norm = None
