@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from headprep_hf.cli import parse_with_config
-from headprep_hf.data.graphs import build_chembl_graph_tasks, load_ogb_dataset, ogb_splits
-from headprep_hf.models.source import default_cache_dir
-from headprep_hf.tasks.graph import pretrain_graph_model
+from headprep_hf.data.graphs import ogb_splits
+from headprep_hf.tasks.graph import load_graph_dataset, pretrain_graph_model
 
 
 @dataclass
@@ -45,12 +44,7 @@ def main(args: PretrainArguments) -> dict:
 
     if (Path(args.output_dir) / "model.safetensors").exists():
         raise FileExistsError(f"{args.output_dir} already holds a model; choose another --output_dir")
-    if args.dataset_name is None:
-        root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-        dataset = load_ogb_dataset(str(build_chembl_graph_tasks(root)["source"]))
-    else:
-        dataset = load_ogb_dataset(args.dataset_name, args.dataset_root)
-    problem_type = "regression" if dataset.task_type == "regression" else "multi_label_classification"
+    dataset, problem_type = load_graph_dataset(args.dataset_name, args.dataset_root, args.cache_dir, "source")
     metrics = pretrain_graph_model(
         ogb_splits(dataset), args.output_dir, problem_type, args.num_layers, args.hidden_size, args.dropout,
         args.epochs, args.learning_rate, args.batch_size, args.seed, args.use_cpu,

@@ -41,8 +41,11 @@ IMAGE_SIZE = 32
 _MEAN_STD = (0.5, 0.5, 0.5)
 
 
-def default_cache_dir() -> Path:
-    """Folder for cached source models: ``$HEADPREP_CACHE``, else ``~/.cache/headprep_hf``."""
+def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Folder for cached source models and converted data: ``cache_dir`` when given, else ``$HEADPREP_CACHE``, else
+    ``~/.cache/headprep_hf``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
     env = os.environ.get("HEADPREP_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "headprep_hf"
 
@@ -51,7 +54,7 @@ def source_model_dir(
     cache_dir: str | Path | None = None, arch: str = DEFAULT_ARCH, seed: int = 0, max_samples: int | None = None
 ) -> Path:
     """Where :func:`pretrain_source_model` keeps the model for these settings (it may not exist yet)."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = default_cache_dir(cache_dir)
     # Subset runs get their own name so a quick test never masquerades as the real source model.
     suffix = f"-n{max_samples}" if max_samples is not None else ""
     return root / f"mnist5k-{arch}-s{seed}{suffix}"

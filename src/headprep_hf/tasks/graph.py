@@ -146,16 +146,15 @@ def pretrain_chembl_source(
     max_graphs: int | None = None,
 ) -> Path:
     """The offline source GCN, pretrained once on the 24 MoleculeACE source targets and cached (`$HEADPREP_CACHE`)."""
-    from ..data.graphs import build_chembl_graph_tasks, load_ogb_dataset, ogb_splits
+    from ..data.graphs import ogb_splits
     from ..models.source import default_cache_dir
 
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = default_cache_dir(cache_dir)
     suffix = f"-n{max_graphs}" if max_graphs is not None else ""
     final = root / f"chembl24-gcn-L{num_layers}-H{hidden_size}-e{epochs}-s{seed}{suffix}"
     if (final / MODEL_WEIGHTS).is_file():
         return final
-    folders = build_chembl_graph_tasks(root)
-    splits = ogb_splits(load_ogb_dataset(str(folders["source"])))
+    splits = ogb_splits(load_graph_dataset(None, cache_dir=root, offline_part="source")[0])
     if max_graphs is not None:
         from ..data.graphs import GraphPropertyDataset
 
@@ -171,17 +170,27 @@ def pretrain_chembl_source(
     return final
 
 
-def load_graph(args: GraphArguments, seed: int) -> TaskInputs:
-    from ..data.graphs import GraphCollator, build_chembl_graph_tasks, load_ogb_dataset, ogb_splits
-    from ..metrics import graph_metrics
+def load_graph_dataset(
+    dataset_name: str | None, dataset_root: str | None = None, cache_dir=None, offline_part: str = "downstream"
+):
+    """An OGB dataset and its problem type: `dataset_name` (an OGB name under `dataset_root`, or a converted folder),
+    or unset = the offline MoleculeACE task (`offline_part` "downstream" or "source", converted once to the cache)."""
+    from ..data.graphs import build_chembl_graph_tasks, load_ogb_dataset
     from ..models.source import default_cache_dir
 
-    if args.dataset_name is None:
-        root = Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_cache_dir()
-        dataset = load_ogb_dataset(str(build_chembl_graph_tasks(root)["downstream"]))
+    if dataset_name is None:
+        dataset = load_ogb_dataset(str(build_chembl_graph_tasks(default_cache_dir(cache_dir))[offline_part]))
     else:
-        dataset = load_ogb_dataset(args.dataset_name, args.dataset_root)
+        dataset = load_ogb_dataset(dataset_name, dataset_root)
     problem_type = "regression" if dataset.task_type == "regression" else "multi_label_classification"
+    return dataset, problem_type
+
+
+def load_graph(args: GraphArguments, seed: int) -> TaskInputs:
+    from ..data.graphs import GraphCollator, ogb_splits
+    from ..metrics import graph_metrics
+
+    dataset, problem_type = load_graph_dataset(args.dataset_name, args.dataset_root, args.cache_dir)
     splits = ogb_splits(dataset)
     if args.model_name_or_path is None:
         source = pretrain_chembl_source(args.cache_dir, args.source_epochs, args.num_layers, args.hidden_size,
@@ -210,6 +219,7 @@ __all__ = [
     "GRAPH_SWEEP_DEFAULTS",
     "GraphArguments",
     "load_graph",
+    "load_graph_dataset",
     "load_graph_model",
     "pretrain_chembl_source",
     "pretrain_graph_model",
