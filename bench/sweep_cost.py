@@ -10,7 +10,8 @@ Acceptance criteria (ratios of wall times measured in the same process, the comp
   timed).
 * (b) uncached HP / cached HP wall time at tau (default 32), target >= 20: `probe_head()` with
   `hp_cache_features=False` vs `True` (`hp_cache_views=1`; the cached time includes building the cache, i.e. the
-  backbone pass over the training set). An extra line gives the ratio for `hp_cache_views=4`.
+  backbone pass over the training set, run at the default `measure_batch_size`, 4x the training batch). An
+  extra line gives the ratio for `hp_cache_views=4` (context, no target: four backbone passes).
 
 Workload: the offline toy task as the sweep loads it, `load_image_classification(ImageClassificationArguments(),
 seed=0)` (900 augmented training images, the cached MNIST-5k source model `test_resnet` with a new 3-class head),
@@ -99,7 +100,7 @@ RATIOS = (
     ("a_uncached", "a_sweep_uncached", "a_single_uncached", "seconds", TARGET_SWEEP, "<=", True),
     ("a_cached", "a_sweep_cached", "a_single_cached", "seconds", TARGET_SWEEP, "<=", False),
     ("b_views1", "b_uncached", "b_cached1", "probe_seconds", TARGET_CACHE, ">=", True),
-    ("b_views4", "b_uncached", "b_cached4", "probe_seconds", TARGET_CACHE, ">=", False),
+    ("b_views4", "b_uncached", "b_cached4", "probe_seconds", None, None, False),  # context: K backbone passes
 )
 
 
@@ -246,14 +247,14 @@ def summarize(runs: list[dict], roles: dict[str, Variant], repeats: int) -> dict
             if (roles[num].name, rep) in by and (roles[den].name, rep) in by
         ]
         med = statistics.median(values)
-        ok = med <= target if direction == "<=" else med >= target
+        ok = None if target is None else (med <= target if direction == "<=" else med >= target)
         ratios[label] = {
             "numerator": roles[num].name,
             "denominator": roles[den].name,
             "time": field_,
             "values": values,
             "median": med,
-            "target": f"{direction} {target}",
+            "target": "" if target is None else f"{direction} {target}",
             "pass": ok,
             "primary": primary,
         }
@@ -313,7 +314,7 @@ def print_report(info, setup, runs, summary, taus, tau, context) -> None:
     print(f"  grid taus {taus} (max tau {max_tau}, {len(taus)} points); (b) at tau={tau}")
     print(f"  {'':2}{'ratio':52s} {'median':>7}  {'target':>7}  {'':4}  values")
     for label, r in summary["ratios"].items():
-        verdict = "PASS" if r["pass"] else "MISS"
+        verdict = "" if r["pass"] is None else ("PASS" if r["pass"] else "MISS")
         star = "*" if r["primary"] else " "
         values = ", ".join(f"{v:.3f}" for v in r["values"])
         print(f"  {star} {LABELS[label]:51s} {r['median']:7.3f}  {r['target']:>7}  {verdict}  [{values}]")

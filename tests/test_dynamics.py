@@ -130,3 +130,64 @@ def test_drift_of_unchanged_weights_is_zero_under_augmentation(tmp_path, train_s
     assert first["sq_dist"] == 0.0 and first["cos"] == pytest.approx(1.0)
     assert second == first
     assert len(trainer.accelerator._dataloaders) == loaders  # the probe loader is reused, not rebuilt
+
+
+class CountingReads(torch.utils.data.Dataset):
+    """Counts `__getitem__` calls of a dataset."""
+
+    def __init__(self, base):
+        self.base, self.labels, self.reads = base, base.labels, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.base[i]
+
+
+def test_probe_inputs_are_read_once_per_run(tmp_path, train_set, eval_set):
+    probe = CountingReads(NoisyImages(eval_set))
+    args = make_config(tmp_path, hp_epochs=1, num_train_epochs=3)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set, drift_dataset=probe)
+    trainer.train()
+    assert len(trainer.dynamics["drift"]) == 3  # z_0 at FT start, then z_t at three epoch ends
+    assert probe.reads == len(eval_set)
+
+
+def test_probe_kept_or_re_read_gives_fixed_views_and_leaves_training_alone(tmp_path, train_set, monkeypatch):
+    """Kept in memory, or re-read by every pass (over the memory limit): z_t of unchanged weights equals z_0 either
+    way (fixed views of an augmenting probe set), and the trained weights do not depend on which."""
+    import headprep_hf.dynamics as dynamics
+
+    states = []
+    for limit in (dynamics.PROBE_MEMORY_LIMIT, 0):
+        monkeypatch.setattr(dynamics, "PROBE_MEMORY_LIMIT", limit)
+        torch.manual_seed(0)
+        args = make_config(tmp_path / str(limit), hp_epochs=1, num_train_epochs=2, drift_probe_samples=20)
+        trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=NoisyImages(train_set))
+        trainer.train()
+        assert isinstance(trainer._probe_set, dynamics.InMemoryDataset) == (limit > 0)
+        assert trainer.dynamics["drift"][-1]["sq_dist"] > 0
+        trainer.measure_start()  # z_0 := features now; the weights do not change until the next measurement
+        torch.rand(100)
+        assert trainer.measure_drift()["sq_dist"] == 0.0
+        states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_probe_in_memory_reads_seeded_views_and_keeps_the_rng(train_set):
+    from headprep_hf.dynamics import InMemoryDataset, probe_in_memory, sample_nbytes
+
+    noisy = torch.utils.data.Subset(NoisyImages(train_set), range(10))
+    torch.manual_seed(123)
+    kept = probe_in_memory(noisy, seed=7)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after)  # the caller's RNG stream did not move
+    assert isinstance(kept, InMemoryDataset) and len(kept) == 10
+    torch.manual_seed(7)
+    for i in range(10):
+        assert torch.equal(kept[i]["pixel_values"], noisy[i]["pixel_values"])
+    assert sample_nbytes(kept[0]) == 3 * 16 * 16 * 4
+    assert probe_in_memory(noisy, seed=7, limit=10 * 3 * 16 * 16 * 4 - 1) is noisy  # over the limit: not kept

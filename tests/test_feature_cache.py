@@ -126,12 +126,13 @@ def test_cache_config_errors(tmp_path, overrides, match):
 
 
 def test_cached_hp_optimizer_keeps_head_groups_and_settings(tmp_path, train_set):
-    from headprep_hf.feature_cache import _without_frozen_groups
+    from headprep_hf.feature_cache import _head_only_optimizer
 
+    # Decay 0.05 on weights, 0 on biases: two head groups with different settings stay two groups.
     args = make_config(tmp_path, hp_cache_features=True, weight_decay=0.05, adam_beta2=0.98)
     trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
     full = trainer.create_optimizer()
-    lean = _without_frozen_groups(full)
+    lean = _head_only_optimizer(full)
     assert type(lean) is type(full) and lean is not full
     head_groups = [g for g in full.param_groups if g["headprep_part"] == "head"]
     assert len(lean.param_groups) == len(head_groups) < len(full.param_groups)
@@ -139,3 +140,35 @@ def test_cached_hp_optimizer_keeps_head_groups_and_settings(tmp_path, train_set)
         assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
         assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
     assert lean.defaults["betas"] == (0.9, 0.98)
+
+
+def test_cached_hp_optimizer_merges_equal_head_groups_exactly(tmp_path, train_set):
+    """With no weight decay the head's decay and no-decay groups have equal settings: one group, same updates."""
+    from headprep_hf.feature_cache import _head_only_optimizer
+
+    args = make_config(tmp_path, hp_cache_features=True, weight_decay=0.0)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    full = trainer.create_optimizer()
+    head_groups = [g for g in full.param_groups if g["headprep_part"] == "head"]
+    assert len(head_groups) == 2
+    lean = _head_only_optimizer(full)
+    assert len(lean.param_groups) == 1
+    assert [id(p) for p in lean.param_groups[0]["params"]] == [id(p) for g in head_groups for p in g["params"]]
+
+    # The same gradients through the two groups and through the one (on copies of the head): bit-identical results.
+    kwargs = {k: full.defaults[k] for k in ("lr", "betas", "eps", "fused") if k in full.defaults}
+    start = [p.detach().clone() for p in lean.param_groups[0]["params"]]
+    results = []
+    for groups in (head_groups, lean.param_groups):
+        copies = iter([torch.nn.Parameter(t.clone()) for t in start])
+        rebuilt = [{**g, "params": [next(copies) for _ in g["params"]]} for g in groups]
+        params = [p for g in rebuilt for p in g["params"]]
+        optimizer = type(full)(rebuilt, **kwargs)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        results.append([p.detach() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert not any(torch.equal(a, b) for a, b in zip(results[0], start))

@@ -52,8 +52,9 @@ def finished(tmp_path_factory, data):
         dict(hp_cache_features=True),
         dict(head_type="mlp", hp_cache_features=True),
         dict(hp_backbone_mode="train"),  # BatchNorm statistics move in HP: the snapshot must carry them
+        dict(reinit_modules=["layer4"]),  # BatchNorm in HP modules: statistics recomputed for every snapshot
     ],
-    ids=["uncached", "cached", "mlp-cached", "backbone-train"],
+    ids=["uncached", "cached", "mlp-cached", "backbone-train", "reinit-bn"],
 )
 def test_snapshot_equals_standalone_probe_head(tmp_path, data, variant):
     result = run_sweep(tmp_path / "sweep", data, sweep_report=False, **variant)
@@ -65,7 +66,7 @@ def test_snapshot_equals_standalone_probe_head(tmp_path, data, variant):
         snapshot = load_file(str(tmp_path / "sweep" / result["hp"]["snapshots"][str(tau)]))
         assert sorted(snapshot) == sorted(standalone)
         assert any(k.startswith("fc.") for k in snapshot)
-        if variant.get("hp_backbone_mode") == "train":
+        if variant.get("hp_backbone_mode") == "train" or variant.get("reinit_modules"):
             assert any(k.endswith("running_mean") for k in snapshot)
         for key in snapshot:
             assert torch.equal(snapshot[key], standalone[key]), (tau, key)

@@ -43,6 +43,12 @@ class HeadPrepConfig(TrainingArguments):
         hp_backbone_mode (`str`, defaults to `"eval"`):
             `"eval"` keeps the frozen backbone in eval mode during HP, so BatchNorm statistics do not move.
             `"train"` lets them move, as the paper authors' research code did.
+        hp_recompute_bn_stats (`bool`, defaults to `True`):
+            At the end of HP, recompute the running statistics of the BatchNorm layers HP trains (head,
+            `reinit_modules`) for the final weights: one pass over the training set (the cached features with
+            `hp_cache_features`), cumulative average ("precise BN"). Without it, eval-mode measurements at FT start
+            (energy, HP train accuracy, p0) use a momentum average over the last HP updates, far off after few of
+            them. No effect when those modules have no BatchNorm (the default linear and MLP heads).
         hp_cache_features (`bool`, defaults to `False`):
             Cached-feature HP: run the frozen backbone once over the training set (eval mode), keep the head inputs
             in memory and train the head on them, with the same batches, optimizer, schedule and loss as uncached HP
@@ -75,7 +81,8 @@ class HeadPrepConfig(TrainingArguments):
         energy_max_samples (`int` or `None`, defaults to `None`):
             Measure the energy on the first N training samples only; `None` uses the whole training set.
         measure_batch_size (`int` or `None`, defaults to `None`):
-            Per-device batch size of the measurement passes; `None` uses the larger of the train and eval sizes.
+            Per-device batch size of the forward-only passes (energy, drift, feature cache); `None` uses the larger
+            of 4x the train batch size and the eval batch size (no activations are kept for a backward pass).
         ignore_index (`int`, defaults to `-100`):
             Label value ignored by the loss and the measurements.
         problem_type (`str` or `None`, defaults to `None`):
@@ -114,6 +121,13 @@ class HeadPrepConfig(TrainingArguments):
         metadata={
             "help": "Frozen backbone mode in HP: eval keeps BatchNorm statistics fixed, train lets them move.",
             "choices": list(BACKBONE_MODES),
+        },
+    )
+    hp_recompute_bn_stats: bool = field(
+        default=True,
+        metadata={
+            "help": "Recompute the BatchNorm statistics of the HP-trained modules for the final HP weights (one pass "
+            "over the training set); no effect without BatchNorm in the head / reinit_modules."
         },
     )
     hp_cache_features: bool = field(
@@ -157,7 +171,10 @@ class HeadPrepConfig(TrainingArguments):
     )
     measure_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Per-device batch size of the measurement passes; unset = max of train and eval."},
+        metadata={
+            "help": "Per-device batch size of the forward-only passes (energy, drift, feature cache); "
+            "unset = max(4 x train, eval)."
+        },
     )
     ignore_index: int = field(default=-100, metadata={"help": "Label value ignored by the loss and measurements."})
     problem_type: str | None = field(

@@ -97,6 +97,64 @@ def preserved_state(model: nn.Module, seed: int | None = None):
             np.random.set_state(np_state)
 
 
+PROBE_MEMORY_LIMIT = 512 * 2**20  # bytes of probe inputs kept in memory (larger probe sets are re-read every time)
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """Samples read once from a dataset, served from memory."""
+
+    def __init__(self, samples: list):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.samples[index]
+
+
+def sample_nbytes(sample) -> int:
+    """Bytes held by the tensors and arrays of a sample (dicts, sequences, objects with tensor attributes)."""
+    if isinstance(sample, torch.Tensor):
+        return sample.element_size() * sample.nelement()
+    if isinstance(sample, np.ndarray):
+        return sample.nbytes
+    if isinstance(sample, dict):
+        return sum(sample_nbytes(v) for v in sample.values())
+    if isinstance(sample, (list, tuple)):
+        return sum(sample_nbytes(v) for v in sample)
+    if hasattr(sample, "size") and hasattr(sample, "mode"):  # PIL image
+        width, height = sample.size
+        return width * height * len(sample.getbands())
+    if hasattr(sample, "__dict__"):  # e.g. a PyG Data object
+        return sum(sample_nbytes(v) for v in vars(sample).values())
+    return 0
+
+
+def probe_in_memory(dataset, seed: int | None, limit: int | None = None):
+    """`dataset`'s samples read once (RNGs seeded with `seed`, training RNG untouched), when they fit in `limit` bytes
+    (default `PROBE_MEMORY_LIMIT`, 512 MiB).
+
+    The drift is measured on the same inputs at every FT epoch; reading (decoding, augmenting) them once instead of
+    every time is most of a drift pass's cost on small backbones. With random augmentation the kept samples are one
+    fixed view per sample, the same for z_0 and every z_t. Returns `dataset` itself when it is not a sized map-style
+    dataset or when its samples would take more than `limit` bytes (estimated from the first sample).
+    """
+    if isinstance(dataset, (InMemoryDataset, torch.utils.data.IterableDataset)) or not hasattr(dataset, "__len__"):
+        return dataset
+    n = len(dataset)
+    limit = PROBE_MEMORY_LIMIT if limit is None else limit
+    if n == 0:
+        return dataset
+    samples = []
+    with preserved_state(nn.Module(), seed):
+        for i in range(n):
+            samples.append(dataset[i])
+            if i == 0 and sample_nbytes(samples[0]) * n > limit:
+                return dataset
+    return InMemoryDataset(samples)
+
+
 def measure(
     model: nn.Module,
     dataloader,

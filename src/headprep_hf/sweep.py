@@ -451,7 +451,7 @@ class TauSweep:
 
     def _save_snapshot(self, tau: int, trainer: HeadPrepTrainer) -> None:
         path = self.output_dir / "heads" / f"tau_{tau}.safetensors"
-        state = trainer.hp_state_dict()
+        state = trainer.prepared_hp_state_dict()  # as probe_head() with hp_epochs=tau leaves the head
         if self._is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")

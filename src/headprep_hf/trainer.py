@@ -35,8 +35,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, has_length
 
+from .batchnorm import recompute_statistics, restored_statistics, tracked_batchnorms
 from .config import HeadPrepConfig
-from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure
+from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure, preserved_state, probe_in_memory
 from .feature_cache import CachedHeadProbing
 from .heads import reinitialize_module, replace_head_with_mlp
 from .labels import check_dense_shapes, check_labels, check_task_labels
@@ -186,6 +187,8 @@ class HeadPrepTrainer(Trainer):
         self._in_training_step = False
         self._hp_outside_loop = False  # HP ran on cached features before the training loop (FT-only loop)
         self._probe_loader = None
+        self._probe_set = None
+        self._feature_cache = None  # set by cached HP while its head trains
         self._reset_grad_norm_window()
 
     # ------------------------------------------------------------------ public stages
@@ -212,6 +215,8 @@ class HeadPrepTrainer(Trainer):
             self._hp_outside_loop = False
             self._check_all_labels()
             metrics = self._probe_head_cached() if self.args.hp_epochs > 0 else {}
+            if self.args.hp_epochs == 0:
+                self._prepare_bn_statistics()  # (cached HP did it on its cache)
             if self.args.track_dynamics:
                 self.measure_start()
             self._write_dynamics()
@@ -219,6 +224,7 @@ class HeadPrepTrainer(Trainer):
             return TrainOutput(self.state.global_step, metrics.get("hp_loss", 0.0), metrics)
         self._hp_outside_loop = False
         output = self._run("hp", resume_from_checkpoint, **kwargs)
+        self._prepare_bn_statistics()
         if self.args.track_dynamics:
             self.measure_start()
         self._write_dynamics()
@@ -297,6 +303,62 @@ class HeadPrepTrainer(Trainer):
             from .hub import save_prepared_head
 
             save_prepared_head(self, os.path.join(self.args.output_dir, PREPARED_HEAD_DIR))
+
+    def recompute_bn_statistics(self) -> int:
+        """Recompute the running statistics of the BatchNorm layers HP trains (head, `reinit_modules`) for the
+        current weights: one pass over the training set in the HP modes (during cached HP: over the cached features),
+        cumulative average; see `headprep_hf.batchnorm`. Done at the end of HP when `hp_recompute_bn_stats`.
+
+        Returns:
+            The number of BatchNorm layers recomputed (0 when the HP modules have none).
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        hp_modules = self.split.hp_modules(model)
+        layers = tracked_batchnorms(hp_modules)
+        if not layers:
+            return 0
+        cache = self._feature_cache
+        batch_size = self._measurement_loader_batch_size()
+
+        def over_cache() -> None:  # every rank holds the whole cache: no reduction needed
+            device = next(model.parameters()).device
+            for view in cache.features:
+                for start in range(0, view.shape[0], batch_size):
+                    self.split.head_logits(model, view[start : start + batch_size].to(device))
+
+        def over_train_set() -> None:
+            loader = self._measurement_loader(self.train_dataset)
+            with preserved_state(model, seed=self.args.seed):  # seeded views; the training RNG does not move
+                for module in hp_modules:
+                    module.train()
+                for batch in loader:
+                    with self.autocast_smart_context_manager():
+                        self._call_model(model, batch)
+
+        if cache is None:
+            self._sync_buffers()
+        recompute_statistics(
+            layers,
+            hp_modules,
+            model,
+            over_cache if cache is not None else over_train_set,
+            accelerator=None if cache is not None else self.accelerator,
+        )
+        return len(layers)
+
+    def _prepare_bn_statistics(self) -> None:
+        if self.args.hp_recompute_bn_stats:
+            self.recompute_bn_statistics()
+
+    def prepared_hp_state_dict(self) -> dict[str, torch.Tensor]:
+        """`hp_state_dict()` of the head as `probe_head()` would leave it at this point: BatchNorm statistics
+        recomputed (`hp_recompute_bn_stats`). The live statistics are put back, so HP can go on (sweep snapshots)."""
+        if not self.args.hp_recompute_bn_stats:
+            return self.hp_state_dict()
+        model = self.accelerator.unwrap_model(self.model)
+        with restored_statistics(tracked_batchnorms(self.split.hp_modules(model))):
+            self.recompute_bn_statistics()
+            return self.hp_state_dict()
 
     def hp_state_dict(self) -> dict[str, torch.Tensor]:
         """Copy of everything head probing changes: the head and `reinit_modules` (parameters and buffers), plus
@@ -578,6 +640,8 @@ class HeadPrepTrainer(Trainer):
         for group in optimizer.param_groups:
             if group.get("headprep_part") == "head" and group.get("headprep_decay"):
                 group["weight_decay"] = self.args.weight_decay
+        if self._plan == "both" and not self._hp_outside_loop:
+            self._prepare_bn_statistics()  # HP just ended in this loop (cached HP did it on its cache)
         if self.args.track_dynamics:
             # The measurement iterates its own dataloader inside the training step; keep the step's sync flag.
             sync = self.accelerator.gradient_state.sync_gradients
@@ -600,12 +664,17 @@ class HeadPrepTrainer(Trainer):
         return super().evaluate(*args, **kwargs)
 
     def _measurement_loader(self, dataset):
-        # Sequential, sharded across ranks by Accelerate; a larger batch than eval's default of 8 when training
-        # uses one, because these passes only run forwards.
-        batch_size = self.args.measure_batch_size or max(
-            self.args.per_device_eval_batch_size, self.args.per_device_train_batch_size
+        # Sequential, sharded across ranks by Accelerate. These passes only run forwards without autograd, which keep
+        # a layer or two of activations alive instead of all of them: 4x the training batch fits where training
+        # fits, and large batches are what makes forward-only passes fast (CPU: 64 -> 256 costs ~35% less).
+        return self._get_dataloader(
+            dataset, "headprep", self._measurement_loader_batch_size(), sampler_fn=self._get_eval_sampler
         )
-        return self._get_dataloader(dataset, "headprep", batch_size, sampler_fn=self._get_eval_sampler)
+
+    def _measurement_loader_batch_size(self) -> int:
+        return self.args.measure_batch_size or max(
+            self.args.per_device_eval_batch_size, 4 * self.args.per_device_train_batch_size
+        )
 
     def _measure_dataset(self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, **kwargs):
         self._sync_buffers()
@@ -628,12 +697,15 @@ class HeadPrepTrainer(Trainer):
     def _measure_probe(self) -> torch.Tensor:
         """Features z of the probe set at the current weights.
 
-        The probe loader is built once per run (no new loader or workers per measurement) and every pass seeds the
-        RNGs the same way, so a probe set with random augmentation gives the same views for z_0 and every z_t.
+        The probe loader is built once per run (no new loader or workers per measurement). The probe samples are read
+        once, with the RNGs seeded, and kept in memory when they fit (`dynamics.probe_in_memory`); larger probe sets
+        are re-read by every pass with the RNGs seeded the same way. Either way a probe set with random augmentation
+        gives the same views for z_0 and every z_t.
         """
-        probe = self._probe_dataset()
         if self._probe_loader is None:
-            self._probe_loader = self._measurement_loader(probe)
+            self._probe_set = probe_in_memory(self._probe_dataset(), seed=self.args.seed)
+            self._probe_loader = self._measurement_loader(self._probe_set)
+        probe = self._probe_set
         return self._measure_dataset(probe, False, len(probe), loader=self._probe_loader, seed=self.args.seed).features
 
     def _probe_dataset(self):

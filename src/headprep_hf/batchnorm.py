@@ -1,0 +1,101 @@
+"""BatchNorm statistics of the modules head probing trains, recomputed for the prepared head ("precise BN").
+
+During HP the head (and `reinit_modules`) run in train mode, so their BatchNorm layers normalise with batch
+statistics and keep a momentum average (momentum 0.1) of them for eval mode. After few HP updates that average is far
+from the statistics of the final weights (a fresh layer starts at mean 0, variance 1; 20 updates still keep 12% of
+that), and everything measured in eval mode at FT start (energy, HP train accuracy, p0, evaluation) would describe a
+head that was never trained. `recompute_statistics` resets them and runs one pass over the data in the HP modes
+(frozen parts in eval mode, the HP modules in train mode) with a cumulative average (`momentum=None`): afterwards the
+running mean is the mean of the batch means and the running variance the mean of the (unbiased) batch variances of
+the final weights. Under several processes the ranks' averages are combined, weighted by their batch counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def tracked_batchnorms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
+    """BatchNorm layers with running statistics inside `modules` (each once, in module order)."""
+    found: dict[int, _BatchNorm] = {}
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, _BatchNorm) and sub.track_running_stats and id(sub) not in found:
+                found[id(sub)] = sub
+    return list(found.values())
+
+
+def bn_state(layers: list[_BatchNorm]) -> list[dict[str, torch.Tensor]]:
+    """Copies of the running statistics of `layers`."""
+    return [{name: getattr(bn, name).clone() for name in BN_BUFFERS} for bn in layers]
+
+
+def load_bn_state(layers: list[_BatchNorm], state: list[dict[str, torch.Tensor]]) -> None:
+    for bn, saved in zip(layers, state):
+        for name in BN_BUFFERS:
+            getattr(bn, name).copy_(saved[name])
+
+
+@torch.no_grad()
+def recompute_statistics(
+    layers: list[_BatchNorm],
+    modules_in_train_mode: list[nn.Module],
+    model: nn.Module,
+    run_batches: Callable[[], None],
+    accelerator=None,
+) -> None:
+    """Reset `layers` and recompute their running statistics over the batches `run_batches()` feeds `model`.
+
+    `model` is put in eval mode and `modules_in_train_mode` in train mode for the pass (the modes HP trains in);
+    every module's mode is restored afterwards. `run_batches` calls the model (or the head alone, on cached
+    features) on every batch of one pass; it owns the data and the RNG handling.
+    """
+    if not layers:
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [bn.momentum for bn in layers]
+    try:
+        for bn in layers:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the batches of the pass
+        model.eval()
+        for module in modules_in_train_mode:
+            module.train()
+        run_batches()
+    finally:
+        for bn, momentum in zip(layers, momenta):
+            bn.momentum = momentum
+        for module, mode in modes:
+            module.training = mode
+    if accelerator is not None and accelerator.num_processes > 1:
+        _average_over_ranks(layers, accelerator)
+
+
+def _average_over_ranks(layers: list[_BatchNorm], accelerator) -> None:
+    for bn in layers:
+        batches = bn.num_batches_tracked.to(torch.float64)
+        weighted = torch.cat([bn.running_mean.double(), bn.running_var.double()]) * batches
+        total_batches = accelerator.reduce(batches.reshape(1).to(accelerator.device), reduction="sum")
+        total = accelerator.reduce(weighted.to(accelerator.device), reduction="sum")
+        total = (total / total_batches.clamp(min=1)).to(bn.running_mean.device)
+        size = bn.running_mean.numel()
+        bn.running_mean.copy_(total[:size])
+        bn.running_var.copy_(total[size:])
+        bn.num_batches_tracked.copy_(total_batches.reshape(()).long())
+
+
+@contextlib.contextmanager
+def restored_statistics(layers: list[_BatchNorm]):
+    """Inside, `layers` may be recomputed; their running statistics are put back on exit."""
+    saved = bn_state(layers)
+    try:
+        yield
+    finally:
+        load_bn_state(layers, saved)
