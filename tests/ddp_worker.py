@@ -12,6 +12,7 @@ model state the trainer started from. Scenarios:
 * `hpft`: `trainer.train()` (HP then FT).
 * `hp`: `trainer.probe_head()` with a global batch of `HP_GLOBAL_BATCH` split over the ranks.
 * `measure`: load `--states/s0.safetensors`, `measure_start()`, load `--states/s1.safetensors`, `measure_drift()`.
+* `bn`: `probe_head()` of a head with BatchNorm (`bn_head_model`); its statistics are recomputed over all ranks.
 * `sweep`: a tau sweep (cached HP, exchange) with a global batch of `HP_GLOBAL_BATCH` split over the ranks; every rank
   writes the result it returned, rank 0 the sweep folder (`out/`).
 
@@ -41,6 +42,7 @@ MEASURE_PROBE = 29
 NUM_CLASSES = 3
 GRAPH_TASKS = 3
 IMAGE_SIZE = 16
+BN_MEASURE_BATCH = 4  # batches of the BatchNorm-statistics pass: 8 over 32 samples, 4 per rank on 2 ranks
 
 
 class TinyImages(Dataset):
@@ -63,6 +65,19 @@ class TinyImages(Dataset):
 def tiny_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model("test_resnet", num_classes=NUM_CLASSES)
+
+
+def bn_head_model(seed: int = 0) -> torch.nn.Module:
+    """test_resnet whose classifier `fc` is Linear - BatchNorm1d - ReLU - Linear."""
+    model = tiny_model(seed)
+    torch.manual_seed(seed + 1)
+    model.fc = torch.nn.Sequential(
+        torch.nn.Linear(model.num_features, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, NUM_CLASSES),
+    )
+    return model
 
 
 def _config(out_dir: str, **overrides):
@@ -153,6 +168,25 @@ def run_hp(folder: str, world_size: int):
     _save_init(folder, trainer, model)
     trainer.probe_head()
     _write(folder, trainer, model, {"hp_steps": trainer._hp_steps})
+    return trainer
+
+
+def run_bn(folder: str):
+    """HP of a head with BatchNorm: its statistics are recomputed at the end of HP over every rank's batches."""
+    from headprep_hf import HeadPrepTrainer
+
+    args = _config(
+        os.path.join(folder, "out"),
+        hp_epochs=1,
+        per_device_train_batch_size=8,
+        measure_batch_size=BN_MEASURE_BATCH,
+        hp_learning_rate=5e-2,
+        drift_probe_samples=12,
+    )
+    model = bn_head_model(seed=0)
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(HP_SAMPLES, seed=0))
+    trainer.probe_head()
+    _write(folder, trainer, model, {})
     return trainer
 
 
@@ -285,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer = run_graph(folder, opts.graph_data, world_size)
         elif scenario == "sweep":
             run_sweep(folder, world_size)
+        elif scenario == "bn":
+            trainer = run_bn(folder)
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
         trainer.accelerator.wait_for_everyone()

@@ -29,7 +29,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO_ROOT = WORKER.parent.parent
 TIMEOUT_S = 300
 # hp and measure first in both jobs, so the 1- and 2-rank processes run them in the same order.
-SCENARIOS_2 = "hp,measure,sweep,graph,hpft"
+SCENARIOS_2 = "hp,measure,sweep,graph,hpft,bn"
 SCENARIOS_1 = "hp,measure,sweep,graph"
 
 
@@ -318,3 +318,24 @@ def test_graph_batches_under_two_ranks(run1, run2):
     init = load_file(str(run2 / "graph" / "init.safetensors"))
     assert all(torch.equal(two[0][k], two[1][k]) for k in two[0]), "ranks differ after HP + FT"
     assert not torch.equal(two[0]["convs.0.linear.weight"], init["convs.0.linear.weight"])
+
+
+# ------------------------------------------------------------------ BatchNorm statistics of the prepared head
+def test_head_bn_statistics_recomputed_over_both_ranks(run2):
+    """Each rank runs its share of the statistics pass; the combined statistics are those of all 8 batches."""
+    states, _ = _ranks(run2 / "bn", 2)
+    buffers = ["fc.1.running_mean", "fc.1.running_var", "fc.1.num_batches_tracked"]
+    assert _rank_mismatches(states[0], states[1], buffers) == {}
+    assert int(states[0]["fc.1.num_batches_tracked"]) == W.HP_SAMPLES // W.BN_MEASURE_BATCH == 8
+
+    model = W.bn_head_model()
+    model.load_state_dict(states[0])
+    model.eval()
+    with torch.no_grad():
+        x = W.TinyImages(W.HP_SAMPLES, seed=0).x
+        h = model.fc[0](model.forward_head(model.forward_features(x), pre_logits=True))
+    chunks = h.split(W.BN_MEASURE_BATCH)
+    mean = torch.stack([c.mean(0) for c in chunks]).mean(0)
+    var = torch.stack([c.var(0, unbiased=True) for c in chunks]).mean(0)
+    assert torch.allclose(states[0]["fc.1.running_mean"], mean, atol=1e-5)
+    assert torch.allclose(states[0]["fc.1.running_var"], var, rtol=1e-4, atol=1e-5)
