@@ -33,6 +33,16 @@ def tiny_timm(num_classes: int = 3, seed: int = 0) -> torch.nn.Module:
     return timm.create_model("test_resnet", num_classes=num_classes)
 
 
+def bn_head_model(seed: int = 0) -> torch.nn.Module:
+    """test_resnet whose classifier `fc` is Linear - BatchNorm1d - ReLU - Linear (BatchNorm in the head)."""
+    model = tiny_timm(seed=seed)
+    torch.manual_seed(seed + 1)
+    model.fc = torch.nn.Sequential(
+        torch.nn.Linear(model.num_features, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
+    return model
+
+
 # Trainer settings of the unit tests: tiny batches, CPU, no reports or checkpoints, quiet.
 CONFIG_DEFAULTS = dict(
     hp_epochs=2,

@@ -2,18 +2,10 @@
 
 import pytest
 import torch
-from conftest import clone_state, make_config, tiny_timm
+from conftest import bn_head_model, clone_state, make_config, tiny_timm
 from torch import nn
 
 from headprep_hf import HeadPrepTrainer
-
-
-def bn_head_model(seed: int = 0) -> nn.Module:
-    """test_resnet whose classifier `fc` is Linear - BatchNorm1d - ReLU - Linear."""
-    model = tiny_timm(seed=seed)
-    torch.manual_seed(seed + 1)
-    model.fc = nn.Sequential(nn.Linear(model.num_features, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    return model
 
 
 def features(model, x):

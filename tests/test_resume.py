@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TinyImages, make_config, tiny_timm
+from conftest import TinyImages, bn_head_model, make_config, tiny_timm
 from transformers import TrainerCallback
 
 from headprep_hf import HeadPrepTrainer
@@ -19,7 +19,7 @@ class Crash(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash at step {self.at_step}")
 
 
-def _trainer(output_dir, callbacks=()):
+def _trainer(output_dir, callbacks=(), model_fn=tiny_timm):
     args = make_config(
         output_dir,
         hp_epochs=2,
@@ -33,16 +33,18 @@ def _trainer(output_dir, callbacks=()):
     )
     args.output_dir = str(output_dir)
     return HeadPrepTrainer(
-        model=tiny_timm(), args=args, train_dataset=TinyImages(24, seed=0), callbacks=list(callbacks)
+        model=model_fn(), args=args, train_dataset=TinyImages(24, seed=0), callbacks=list(callbacks)
     )
 
 
 @pytest.mark.parametrize("crash_at, stage", [(5, "hp"), (9, "ft")])  # 3 steps/epoch: HP = steps 1..6
-def test_resume_is_bit_identical(tmp_path, crash_at, stage):
-    reference = _trainer(tmp_path / "reference")
+@pytest.mark.parametrize("model_fn", [tiny_timm, bn_head_model], ids=["linear-head", "bn-head"])
+def test_resume_is_bit_identical(tmp_path, crash_at, stage, model_fn):
+    """With a BatchNorm head the statistics recomputed at the HP/FT boundary are part of what must match."""
+    reference = _trainer(tmp_path / "reference", model_fn=model_fn)
     reference.train()
 
-    crashed = _trainer(tmp_path / "crashed", callbacks=[Crash(crash_at)])
+    crashed = _trainer(tmp_path / "crashed", callbacks=[Crash(crash_at)], model_fn=model_fn)
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
     checkpoint = tmp_path / "crashed" / f"checkpoint-{crash_at - 1}"
@@ -54,7 +56,7 @@ def test_resume_is_bit_identical(tmp_path, crash_at, stage):
     assert recorded["stage"] == stage and recorded["global_step"] == crash_at - 1
     assert not (tmp_path / "crashed" / f"checkpoint-{crash_at + 1}").exists()
 
-    resumed = _trainer(tmp_path / "crashed")  # a new process would start from a new model, too
+    resumed = _trainer(tmp_path / "crashed", model_fn=model_fn)  # a new process would start from a new model
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.resumed_stage == stage
     assert resumed.state.global_step == reference.state.global_step == 12
