@@ -72,29 +72,40 @@ class PassResult:
 
 
 @contextlib.contextmanager
+def forked_rng(seed: int | None = None):
+    """Inside, torch's, Python's and NumPy's RNGs may be used freely (seeded with `seed` if given); outside, their
+    streams continue as if nothing had drawn from them."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
 def preserved_state(model: nn.Module, seed: int | None = None):
-    """Eval mode, no grad and untouched RNG streams inside; every module's train/eval flag restored after.
+    """Eval mode, no grad and untouched RNG streams inside (`forked_rng`); every module's train/eval flag restored
+    after.
 
     Forking the RNGs keeps a measurement (which may run random data augmentation) from changing the training run,
     so resumed and uninterrupted runs stay bit-identical. With `seed`, the RNGs are seeded inside, so a dataset with
     random augmentation yields the same views at every measurement (z_0 and z_t of the same inputs).
     """
     modes = [(m, m.training) for m in model.modules()]
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        if seed is not None:
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
+    with forked_rng(seed), torch.no_grad():
         model.eval()
         try:
             yield
         finally:
             for m, mode in modes:
                 m.training = mode
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 PROBE_MEMORY_LIMIT = 512 * 2**20  # bytes of probe inputs kept in memory (larger probe sets are re-read every time)
@@ -147,7 +158,7 @@ def probe_in_memory(dataset, seed: int | None, limit: int | None = None):
     if n == 0:
         return dataset
     samples = []
-    with preserved_state(nn.Module(), seed):
+    with forked_rng(seed), torch.no_grad():
         for i in range(n):
             samples.append(dataset[i])
             if i == 0 and sample_nbytes(samples[0]) * n > limit:

@@ -37,7 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_l
 
 from .batchnorm import recompute_statistics, restored_statistics, tracked_batchnorms
 from .config import HeadPrepConfig
-from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure, preserved_state, probe_in_memory
+from .dynamics import DRIFT_KEYS, drift_metrics, forked_rng, grad_norm, histogram, measure, probe_in_memory
 from .feature_cache import CachedHeadProbing
 from .heads import reinitialize_module, replace_head_with_mlp
 from .labels import check_dense_shapes, check_labels, check_task_labels
@@ -328,9 +328,7 @@ class HeadPrepTrainer(Trainer):
 
         def over_train_set() -> None:
             loader = self._measurement_loader(self.train_dataset)
-            with preserved_state(model, seed=self.args.seed):  # seeded views; the training RNG does not move
-                for module in hp_modules:
-                    module.train()
+            with forked_rng(self.args.seed):  # seeded views; the training RNG does not move
                 for batch in loader:
                     with self.autocast_smart_context_manager():
                         self._call_model(model, batch)
