@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_config, tiny_timm
+from conftest import TinyImages, make_config, tiny_timm
 
 from headprep_hf import HeadPrepTrainer, cross_entropy_energy, drift_metrics
 from headprep_hf.dynamics import histogram
@@ -191,3 +191,29 @@ def test_probe_in_memory_reads_seeded_views_and_keeps_the_rng(train_set):
         assert torch.equal(kept[i]["pixel_values"], noisy[i]["pixel_values"])
     assert sample_nbytes(kept[0]) == 3 * 16 * 16 * 4
     assert probe_in_memory(noisy, seed=7, limit=10 * 3 * 16 * 16 * 4 - 1) is noisy  # over the limit: not kept
+
+
+def test_energy_dataset_replaces_the_augmented_training_set(tmp_path, train_set):
+    """energy_dataset=the training samples without augmentation: the energy of exactly those inputs."""
+    model = tiny_timm()
+    args = make_config(tmp_path, hp_epochs=1)
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=NoisyImages(train_set), energy_dataset=train_set)
+    trainer.probe_head()
+    energy, accuracy, p_true = _energy_by_hand(model, train_set.x, train_set.labels)
+    dyn = trainer.dynamics
+    assert dyn["energy"] == pytest.approx(energy, rel=1e-5)
+    assert dyn["hp_train_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert torch.allclose(torch.tensor(dyn["p0"]), p_true, atol=1e-5)
+    # ... and not the energy of the augmented views the default would measure
+    noisy = HeadPrepTrainer(model=model, args=args, train_dataset=NoisyImages(train_set))
+    assert noisy.measure_start()["energy"] != pytest.approx(energy, rel=1e-3)
+
+
+def test_energy_dataset_labels_are_checked(tmp_path, train_set):
+    bad = TinyImages(8, seed=3)
+    bad.labels[5] = 7
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set, energy_dataset=bad
+    )
+    with pytest.raises(ValueError, match="energy_dataset"):
+        trainer.probe_head()

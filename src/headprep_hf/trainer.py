@@ -106,6 +106,9 @@ class HeadPrepTrainer(Trainer):
             are dicts with the model inputs and `labels`.
         drift_dataset: Probe set for the drift measurement; default: the first `args.drift_probe_samples`
             training samples.
+        energy_dataset: The data of the energy, HP train accuracy and p0 at FT start; default: the training set as
+            training reads it (with its augmentation). Pass the training samples with the evaluation transform to
+            measure the energy of the un-augmented training data.
         split: An explicit [`ModelSplit`]; default: found by `find_split` (or `args.head_modules`).
 
     Example:
@@ -134,6 +137,7 @@ class HeadPrepTrainer(Trainer):
         args: HeadPrepConfig | None = None,
         *trainer_args,
         drift_dataset=None,
+        energy_dataset=None,
         split: ModelSplit | None = None,
         **kwargs,
     ):
@@ -165,6 +169,7 @@ class HeadPrepTrainer(Trainer):
         super().__init__(model, args, *trainer_args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.drift_dataset = drift_dataset
+        self.energy_dataset = energy_dataset
         self._call_model = ModelCaller(self.accelerator.unwrap_model(self.model), self.label_names)
         self.problem_type = resolve_problem_type(args.problem_type, model)
         self._hook_handle = self.model.register_forward_pre_hook(self._hp_mode_hook)
@@ -449,7 +454,7 @@ class HeadPrepTrainer(Trainer):
         if self.split.num_classes is None:
             return
         label_name = self.label_names[0] if self.label_names else "labels"
-        datasets = [("train_dataset", self.train_dataset)]
+        datasets = [("train_dataset", self.train_dataset), ("energy_dataset", self.energy_dataset)]
         if isinstance(self.eval_dataset, dict):
             datasets += [(f"eval_dataset[{k!r}]", v) for k, v in self.eval_dataset.items()]
         elif self.eval_dataset is not None:
@@ -718,12 +723,12 @@ class HeadPrepTrainer(Trainer):
         Called automatically at the first FT step (and at the end of `probe_head()`); public so that a given model
         state can be measured. Updates and returns `dynamics` entries; the probe features become the new z_0.
         """
-        n_energy = len(self.train_dataset)
+        energy_set = self.energy_dataset if self.energy_dataset is not None else self.train_dataset
+        n_energy = len(energy_set)
         if self.args.energy_max_samples is not None:
             n_energy = min(n_energy, self.args.energy_max_samples)
-        energy_set = self.train_dataset
-        if n_energy < len(self.train_dataset):
-            energy_set = torch.utils.data.Subset(self.train_dataset, range(n_energy))
+        if n_energy < len(energy_set):
+            energy_set = torch.utils.data.Subset(energy_set, range(n_energy))
         result = self._measure_dataset(energy_set, with_energy=True, max_features=0)
         z0 = self._z0 = self._measure_probe()
         summary = result.summary()
