@@ -150,42 +150,36 @@ def run_hpft(folder: str):
     return trainer
 
 
-def run_hp(folder: str, world_size: int):
+def _probe(folder: str, model: torch.nn.Module, **overrides):
+    """`probe_head()` of `model` on the HP_SAMPLES training images; rank 0 saves the initial state first."""
     from headprep_hf import HeadPrepTrainer
 
-    if HP_GLOBAL_BATCH % world_size:
-        raise ValueError(f"global batch {HP_GLOBAL_BATCH} not divisible by {world_size} ranks")
-    args = _config(
-        os.path.join(folder, "out"),
-        hp_epochs=2,
-        per_device_train_batch_size=HP_GLOBAL_BATCH // world_size,
-        per_device_eval_batch_size=8,
-        hp_learning_rate=5e-2,
-        drift_probe_samples=12,
-    )
-    model = tiny_model(seed=0)
+    args = _config(os.path.join(folder, "out"), hp_learning_rate=5e-2, drift_probe_samples=12, **overrides)
     trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(HP_SAMPLES, seed=0))
     _save_init(folder, trainer, model)
     trainer.probe_head()
+    return trainer
+
+
+def run_hp(folder: str, world_size: int):
+    if HP_GLOBAL_BATCH % world_size:
+        raise ValueError(f"global batch {HP_GLOBAL_BATCH} not divisible by {world_size} ranks")
+    model = tiny_model(seed=0)
+    trainer = _probe(
+        folder,
+        model,
+        hp_epochs=2,
+        per_device_train_batch_size=HP_GLOBAL_BATCH // world_size,
+        per_device_eval_batch_size=8,
+    )
     _write(folder, trainer, model, {"hp_steps": trainer._hp_steps})
     return trainer
 
 
 def run_bn(folder: str):
     """HP of a head with BatchNorm: its statistics are recomputed at the end of HP over every rank's batches."""
-    from headprep_hf import HeadPrepTrainer
-
-    args = _config(
-        os.path.join(folder, "out"),
-        hp_epochs=1,
-        per_device_train_batch_size=8,
-        measure_batch_size=BN_MEASURE_BATCH,
-        hp_learning_rate=5e-2,
-        drift_probe_samples=12,
-    )
     model = bn_head_model(seed=0)
-    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(HP_SAMPLES, seed=0))
-    trainer.probe_head()
+    trainer = _probe(folder, model, hp_epochs=1, per_device_train_batch_size=8, measure_batch_size=BN_MEASURE_BATCH)
     _write(folder, trainer, model, {})
     return trainer
 
