@@ -174,10 +174,10 @@ def run_once(variant: Variant, opts, inputs, taus: list[int], timers: _Timers) -
             snapshot_calls: list[float] = []
             original_save = sweep._save_snapshot
 
-            def timed_save(tau, trainer):
+            def timed_save(tau, trainer, **kwargs):
                 t0 = time.perf_counter()
                 try:
-                    return original_save(tau, trainer)
+                    return original_save(tau, trainer, **kwargs)
                 finally:
                     snapshot_calls.append(time.perf_counter() - t0)
 

@@ -32,17 +32,6 @@ def tracked_batchnorms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
     return list(found.values())
 
 
-def bn_state(layers: list[_BatchNorm]) -> list[dict[str, torch.Tensor]]:
-    """Copies of the running statistics of `layers`."""
-    return [{name: getattr(bn, name).clone() for name in BN_BUFFERS} for bn in layers]
-
-
-def load_bn_state(layers: list[_BatchNorm], state: list[dict[str, torch.Tensor]]) -> None:
-    for bn, saved in zip(layers, state):
-        for name in BN_BUFFERS:
-            getattr(bn, name).copy_(saved[name])
-
-
 @torch.no_grad()
 def recompute_statistics(
     layers: list[_BatchNorm],
@@ -94,8 +83,10 @@ def _average_over_ranks(layers: list[_BatchNorm], accelerator) -> None:
 @contextlib.contextmanager
 def restored_statistics(layers: list[_BatchNorm]):
     """Inside, `layers` may be recomputed; their running statistics are put back on exit."""
-    saved = bn_state(layers)
+    saved = [{name: getattr(bn, name).clone() for name in BN_BUFFERS} for bn in layers]
     try:
         yield
     finally:
-        load_bn_state(layers, saved)
+        for bn, buffers in zip(layers, saved):
+            for name, value in buffers.items():
+                getattr(bn, name).copy_(value)

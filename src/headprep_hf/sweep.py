@@ -191,7 +191,8 @@ class _SnapshotCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         epoch = round(state.epoch or 0)
-        if epoch in self.sweep.args.sweep_taus:
+        # The last grid epoch is saved after probe_head() returns: the head is then prepared as it is.
+        if epoch in self.sweep.args.sweep_taus and epoch != self.sweep.args.sweep_taus[-1]:
             self.sweep._save_snapshot(epoch, self.trainer)
         return control
 
@@ -341,6 +342,7 @@ class TauSweep:
         if max_tau > 0:
             trainer.add_callback(_SnapshotCallback(self, trainer))
             trainer.probe_head()
+            self._save_snapshot(max_tau, trainer, prepared=True)
         trainer.accelerator.wait_for_everyone()
         runtime = time.perf_counter() - start
         missing = [t for t in self.args.sweep_taus if t not in self._snapshots]
@@ -449,9 +451,11 @@ class TauSweep:
         # The HP run neither evaluates nor measures; it needs the collator and the user's callbacks only.
         return {k: v for k, v in self.trainer_kwargs.items() if k in ("data_collator", "callbacks")}
 
-    def _save_snapshot(self, tau: int, trainer: HeadPrepTrainer) -> None:
+    def _save_snapshot(self, tau: int, trainer: HeadPrepTrainer, prepared: bool = False) -> None:
+        # Mid-HP heads get what probe_head() with hp_epochs=tau would add (BatchNorm statistics); a head after
+        # probe_head() (`prepared`) has it already.
         path = self.output_dir / "heads" / f"tau_{tau}.safetensors"
-        state = trainer.prepared_hp_state_dict()  # as probe_head() with hp_epochs=tau leaves the head
+        state = trainer.hp_state_dict() if prepared else trainer.prepared_hp_state_dict()
         if self._is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
