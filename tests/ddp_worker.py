@@ -146,7 +146,12 @@ def run_hpft(folder: str):
     _save_init(folder, trainer, model)
     trainer.train()
     wrapped = type(trainer.model_wrapped).__name__
-    _write(folder, trainer, model, {"hp_steps": trainer._hp_steps, "ft_steps": trainer._ft_steps, "wrapper": wrapped})
+    _write(
+        folder,
+        trainer,
+        model,
+        {"hp_steps": trainer.stage_plan.hp_steps, "ft_steps": trainer.stage_plan.ft_steps, "wrapper": wrapped},
+    )
     return trainer
 
 
@@ -172,7 +177,7 @@ def run_hp(folder: str, world_size: int):
         per_device_train_batch_size=HP_GLOBAL_BATCH // world_size,
         per_device_eval_batch_size=8,
     )
-    _write(folder, trainer, model, {"hp_steps": trainer._hp_steps})
+    _write(folder, trainer, model, {"hp_steps": trainer.stage_plan.hp_steps})
     return trainer
 
 
@@ -200,7 +205,7 @@ def run_measure(folder: str, states: str):
     trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(MEASURE_SAMPLES, seed=3))
     model.load_state_dict(load_file(os.path.join(states, "s0.safetensors")))
     start = trainer.measure_start()
-    z0 = trainer._z0.clone()
+    z0 = trainer.measurements.z0.clone()
     model.load_state_dict(load_file(os.path.join(states, "s1.safetensors")))
     drift = trainer.measure_drift()
     if trainer.args.process_index == 0:

@@ -22,26 +22,29 @@ def _config(tmp_path, **kwargs):
         ("ft_label_smoothing", 1.2, r"ft_label_smoothing must be in \[0, 1\)"),
         ("head_type", "transformer", r"head_type must be one of \['linear', 'mlp'\]"),
         ("hp_backbone_mode", "frozen", r"hp_backbone_mode must be one of \['eval', 'train'\]"),
-        ("hp_lr_scheduler_type", "polynomial", "hp_lr_scheduler_type must be one of"),
-        ("lr_scheduler_type", "polynomial", "lr_scheduler_type .the FT schedule. must be one of"),
+        ("hp_lr_scheduler_type", "reduce_lr_on_plateau", "hp_lr_scheduler_type must be one of"),
         ("mlp_num_layers", 1, "mlp_num_layers must be >= 2"),
         ("drift_probe_samples", 0, "drift_probe_samples must be >= 1"),
-        ("label_smoothing_factor", 0.1, "use hp_label_smoothing and ft_label_smoothing"),
+        ("label_smoothing_factor", 0.1, "label_smoothing_factor=0.1 smooths both stages"),
         ("ddp_find_unused_parameters", False, "ddp_find_unused_parameters=False cannot be used"),
         ("head_modules", [], "head_modules must be a non-empty list"),
     ],
 )
 def test_invalid_fields_name_the_field(tmp_path, field, value, message):
+    extra = {"hp_label_smoothing": 0.2} if field == "label_smoothing_factor" else {}
     with pytest.raises(ValueError, match=message):
-        _config(tmp_path, **{field: value})
+        _config(tmp_path, **{field: value}, **extra)
 
 
 def test_defaults(tmp_path):
     args = _config(tmp_path)
     assert args.hp_epochs == 4 and args.head_type == "linear" and args.reinit_modules == []
-    assert args.label_names == ["labels"]
-    assert args.remove_unused_columns is False
+    # TrainingArguments' defaults stand (the trainer resolves label names and column removal per model) ...
+    assert args.label_names is None and args.remove_unused_columns is True
+    # ... except that HP needs DDP to tolerate the frozen backbone's missing gradients.
     assert args.ddp_find_unused_parameters is True
+    assert _config(tmp_path, hp_epochs=0).ddp_find_unused_parameters is None
+    assert _config(tmp_path, hp_epochs=0, ddp_find_unused_parameters=False).ddp_find_unused_parameters is False
     assert args.hp_eta == 1.0
 
 

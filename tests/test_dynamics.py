@@ -167,7 +167,7 @@ def test_probe_kept_or_re_read_gives_fixed_views_and_leaves_training_alone(tmp_p
         args = make_config(tmp_path / str(limit), hp_epochs=1, num_train_epochs=2, drift_probe_samples=20)
         trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=NoisyImages(train_set))
         trainer.train()
-        assert isinstance(trainer._probe_set, dynamics.InMemoryDataset) == (limit > 0)
+        assert isinstance(trainer.measurements._probe_set, dynamics.InMemoryDataset) == (limit > 0)
         assert trainer.dynamics["drift"][-1]["sq_dist"] > 0
         trainer.measure_start()  # z_0 := features now; the weights do not change until the next measurement
         torch.rand(100)

@@ -131,6 +131,7 @@ def test_cached_hp_optimizer_keeps_head_groups_and_settings(tmp_path, train_set)
     # Decay 0.05 on weights, 0 on biases: two head groups with different settings stay two groups.
     args = make_config(tmp_path, hp_cache_features=True, weight_decay=0.05, adam_beta2=0.98)
     trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    trainer.stage_plan.hp_steps = 3  # as cached HP plans it: the two-stage optimizer
     full = trainer.create_optimizer()
     lean = _head_only_optimizer(full)
     assert type(lean) is type(full) and lean is not full
@@ -148,6 +149,7 @@ def test_cached_hp_optimizer_merges_equal_head_groups_exactly(tmp_path, train_se
 
     args = make_config(tmp_path, hp_cache_features=True, weight_decay=0.0)
     trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    trainer.stage_plan.hp_steps = 3  # as cached HP plans it: the two-stage optimizer
     full = trainer.create_optimizer()
     head_groups = [g for g in full.param_groups if g["headprep_part"] == "head"]
     assert len(head_groups) == 2

@@ -91,7 +91,7 @@ def test_energy_is_the_mean_over_valid_pixels(tmp_path):
     assert trainer.dynamics["energy"] == pytest.approx(energy, rel=1e-5)
     assert trainer.dynamics["hp_train_accuracy"] == pytest.approx(accuracy, rel=1e-6)
     # the drift features are the backbone output map averaged over space
-    assert trainer._z0.shape == (6, model.backbone.feature_info.channels()[-1])
+    assert trainer.measurements.z0.shape == (6, model.backbone.feature_info.channels()[-1])
 
 
 def test_cached_hp_equals_uncached_for_the_dense_head(tmp_path):

@@ -62,7 +62,7 @@ def test_train_runs_both_stages_in_one_call(tmp_path, train_set, eval_set):
     def step(model_, inputs, num_items_in_batch=None):
         loss = original(model_, inputs, num_items_in_batch)
         spy.stages.append(trainer.current_stage)
-        if trainer.state.global_step == trainer._hp_steps - 1:
+        if trainer.state.global_step == trainer.stage_plan.hp_steps - 1:
             snapshots["hp_end_backbone"] = clone_state(split.backbone_state(model))
         return loss
 
@@ -74,10 +74,14 @@ def test_train_runs_both_stages_in_one_call(tmp_path, train_set, eval_set):
     assert _changed(backbone0, split.backbone_state(model))
     optimizer_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert optimizer_params == {id(p) for p in model.parameters()}
-    # logs of the stages are apart (prefixes), including evaluation
+    # Trainer's keys stay; stage-tagged copies beside them keep the stages apart, including evaluation
     keys = {k for record in trainer.state.log_history for k in record}
     assert {"hp/loss", "ft/loss", "eval_hp/loss", "eval_ft/loss", "ft/head_grad_norm", "drift/cos"} <= keys
-    assert "loss" not in keys
+    assert {"loss", "learning_rate", "eval_loss"} <= keys
+    for record in trainer.state.log_history:
+        for stage in ("hp", "ft"):
+            if f"{stage}/loss" in record:
+                assert record[f"{stage}/loss"] == record["loss"]
     hp_steps = [r["step"] for r in trainer.state.log_history if "hp/loss" in r]
     ft_steps = [r["step"] for r in trainer.state.log_history if "ft/loss" in r]
     assert max(hp_steps) == 6 and min(ft_steps) == 7
@@ -182,9 +186,9 @@ def test_constructor_rejects_unknown_reinit_module(tmp_path, train_set):
         _trainer(tmp_path, train_set, reinit_modules=["layer4.9"])
 
 
-def test_constructor_rejects_external_optimizers(tmp_path, train_set):
+def test_constructor_rejects_external_optimizers_with_head_probing(tmp_path, train_set):
     model = tiny_timm()
-    with pytest.raises(ValueError, match="builds its own two-stage optimizer"):
+    with pytest.raises(ValueError, match="builds the two-stage optimizer and schedule"):
         HeadPrepTrainer(
             model=model,
             args=make_config(tmp_path),
@@ -243,3 +247,28 @@ def test_transformers_image_classifier_trains_in_both_stages(tmp_path, train_set
     trainer.finetune()
     assert any("running_mean" in k for k in _changed(backbone0, trainer.split.backbone_state(model)))
     assert trainer.dynamics["drift"][-1]["sq_dist"] > 0
+
+
+def test_model_init_with_head_probing_prepares_and_stages_each_new_model(tmp_path, train_set):
+    """train() builds the model anew from model_init: its head is probed with the backbone frozen, then FT trains all."""
+    models = []
+
+    def model_init():
+        models.append(tiny_timm())
+        return models[-1]
+
+    seen = {}
+
+    class Watch(HeadPrepTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.state.global_step == self.stage_plan.hp_steps - 1:  # the last HP update
+                seen["backbone"] = clone_state(self.split.backbone_state(self.model))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = Watch(model_init=model_init, args=make_config(tmp_path, hp_epochs=1), train_dataset=train_set)
+    initial = clone_state(trainer.split.backbone_state(models[-1]))
+    trainer.train()
+    assert len(models) == 2 and trainer.model is models[-1]  # one for the constructor, one for train()
+    assert _changed(initial, seen["backbone"]) == []  # the new model's backbone was frozen in HP ...
+    assert any(k.endswith("conv1.weight") for k in _changed(initial, trainer.split.backbone_state(trainer.model)))
+    assert all(p.requires_grad for p in trainer.model.parameters())  # ... and trained in FT

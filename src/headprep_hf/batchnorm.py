@@ -8,6 +8,7 @@ head that was never trained. `recompute_statistics` resets them and runs one pas
 (frozen parts in eval mode, the HP modules in train mode) with a cumulative average (`momentum=None`): afterwards the
 running mean is the mean of the batch means and the running variance the mean of the (unbiased) batch variances of
 the final weights. Under several processes the ranks' averages are combined, weighted by their batch counts.
+The HP modes themselves are `stages.Stages.hp_modes`; this module only resets and averages the statistics.
 """
 
 from __future__ import annotations
@@ -33,36 +34,24 @@ def tracked_batchnorms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
 
 
 @torch.no_grad()
-def recompute_statistics(
-    layers: list[_BatchNorm],
-    modules_in_train_mode: list[nn.Module],
-    model: nn.Module,
-    run_batches: Callable[[], None],
-    accelerator=None,
-) -> None:
-    """Reset `layers` and recompute their running statistics over the batches `run_batches()` feeds `model`.
+def recompute_statistics(layers: list[_BatchNorm], run_batches: Callable[[], None], accelerator=None) -> None:
+    """Reset `layers` and recompute their running statistics over the batches `run_batches()` feeds the model.
 
-    `model` is put in eval mode and `modules_in_train_mode` in train mode for the pass (the modes HP trains in);
-    every module's mode is restored afterwards. `run_batches` calls the model (or the head alone, on cached
-    features) on every batch of one pass; it owns the data and the RNG handling.
+    The caller puts the model in the modes HP trains in (`Stages.hp_modes`: frozen parts in eval mode, the HP modules
+    in train mode); `run_batches` calls the model (or the head alone, on cached features) on every batch of one pass
+    and owns the data and the RNG handling. With `accelerator`, the ranks' averages are combined.
     """
     if not layers:
         return
-    modes = [(m, m.training) for m in model.modules()]
     momenta = [bn.momentum for bn in layers]
     try:
         for bn in layers:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over the batches of the pass
-        model.eval()
-        for module in modules_in_train_mode:
-            module.train()
         run_batches()
     finally:
         for bn, momentum in zip(layers, momenta):
             bn.momentum = momentum
-        for module, mode in modes:
-            module.training = mode
     if accelerator is not None and accelerator.num_processes > 1:
         _average_over_ranks(layers, accelerator)
 
@@ -78,6 +67,44 @@ def _average_over_ranks(layers: list[_BatchNorm], accelerator) -> None:
         bn.running_mean.copy_(total[:size])
         bn.running_var.copy_(total[size:])
         bn.num_batches_tracked.copy_(total_batches.reshape(()).long())
+
+
+def recompute_hp_statistics(trainer, cache=None) -> int:
+    """`recompute_statistics` for the modules a [`HeadPrepTrainer`] probes, in its HP modes (`trainer.stages`): over
+    `cache` (the cached head inputs; every rank holds the whole cache, no reduction) or one seeded pass over the
+    training set (the training RNG does not move; the ranks' averages are combined). Returns the layer count."""
+    from .dynamics import forked_rng
+    from .measurements import broadcast_buffers
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    split = trainer.split
+    layers = tracked_batchnorms(split.hp_modules(model))
+    if not layers:
+        return 0
+    batch_size = trainer.measure_batch_size
+
+    def over_cache() -> None:
+        device = next(model.parameters()).device
+        for view in cache.features:
+            for start in range(0, view.shape[0], batch_size):
+                split.head_logits(model, view[start : start + batch_size].to(device))
+
+    def over_train_set() -> None:
+        loader = trainer.measurement_loader(trainer.train_dataset)
+        with forked_rng(trainer.args.seed):
+            for batch in loader:
+                with trainer.autocast_smart_context_manager():
+                    trainer.model_caller(model, batch)
+
+    if cache is None:
+        broadcast_buffers(model, trainer.accelerator)
+    with trainer.stages.hp_modes(model):
+        recompute_statistics(
+            layers,
+            over_cache if cache is not None else over_train_set,
+            None if cache is not None else trainer.accelerator,
+        )
+    return len(layers)
 
 
 @contextlib.contextmanager

@@ -104,3 +104,32 @@ def finetuned_model_card(
         sweep=sweep,
         headprep_version=__version__,
     )
+
+
+def write_finetuned_model_card(
+    trainer: HeadPrepTrainer,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tags: str | list[str] | None = None,
+    license: str | None = None,
+    sweep: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """`output_dir/README.md` of `trainer`'s finetuned model (`finetuned_model_card`); the base model defaults to the
+    timm model's `pretrained_cfg["hf_hub_id"]`."""
+    import os
+
+    if finetuned_from is None:
+        cfg = getattr(trainer.accelerator.unwrap_model(trainer.model), "pretrained_cfg", None) or {}
+        finetuned_from = cfg.get("hf_hub_id")
+    card = finetuned_model_card(
+        trainer,
+        model_name=model_name or os.path.basename(os.path.normpath(trainer.args.output_dir)),
+        base_model=finetuned_from,
+        sweep=sweep,
+        metrics=metrics,
+        tags=[tags] if isinstance(tags, str) else tags,
+        license=license,
+    )
+    os.makedirs(trainer.args.output_dir, exist_ok=True)
+    card.save(os.path.join(trainer.args.output_dir, "README.md"))

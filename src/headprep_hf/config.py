@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .losses import PROBLEM_TYPES
-from .schedules import SUPPORTED_SCHEDULES
+from .schedules import STEP_SCHEDULES
 
 HEAD_TYPES = ("linear", "mlp")
 BACKBONE_MODES = ("eval", "train")
@@ -31,15 +31,18 @@ class HeadPrepConfig(TrainingArguments):
         hp_learning_rate (`float`, defaults to `1e-2`):
             Peak learning rate of the head during HP.
         hp_lr_scheduler_type (`str`, defaults to `"constant"`):
-            Schedule of the HP learning rate, one of `"constant"`, `"constant_with_warmup"`, `"linear"`, `"cosine"`.
+            Schedule of the HP learning rate: any step-indexed `lr_scheduler_type` of transformers (`"constant"`,
+            `"linear"`, `"cosine"`, `"constant_with_warmup"`, ...), shaped by `transformers.get_scheduler`.
         hp_warmup_ratio (`float`, defaults to `0.0`):
             Fraction of the HP steps used for a linear warmup.
         hp_weight_decay (`float` or `None`, defaults to `None`):
             Weight decay of the head during HP; `None` uses `weight_decay`.
         hp_label_smoothing (`float`, defaults to `0.0`):
-            eps_HP, label smoothing during HP only (the paper's eta_HP = 1 - eps_HP), in [0, 1).
+            eps_HP, label smoothing during HP only (the paper's eta_HP = 1 - eps_HP), in [0, 1). With smoothing, the
+            stage's loss is the trainer's own (`loss_from_logits`), also for models that compute a loss.
         ft_label_smoothing (`float`, defaults to `0.0`):
-            eps_FT, label smoothing during FT, in [0, 1).
+            eps_FT, label smoothing during FT, in [0, 1). (`label_smoothing_factor` smooths both stages, as in
+            `Trainer`; it cannot be combined with these two.)
         hp_backbone_mode (`str`, defaults to `"eval"`):
             `"eval"` keeps the frozen backbone in eval mode during HP, so BatchNorm statistics do not move.
             `"train"` lets them move, as the paper authors' research code did.
@@ -88,13 +91,15 @@ class HeadPrepConfig(TrainingArguments):
         problem_type (`str` or `None`, defaults to `None`):
             `"single_label_classification"` (cross-entropy), `"multi_label_classification"` (binary tasks, masked BCE,
             NaN = missing label) or `"regression"` (masked MSE); `None` takes the model's `config.problem_type` or
-            `problem_type` attribute, else single-label classification. Decides the loss, energy and label checks.
+            `problem_type` attribute, else what the training labels show (integers: single-label, a float per
+            sample: regression, 0/1 vectors: multi-label). Decides the trainer's loss, the energy and the label
+            checks; setting it makes the trainer's loss replace a model's own loss.
         save_prepared_head (`bool`, defaults to `True`):
             When HP ends (and its energy is measured), write the head as a prepared-head folder
             `output_dir/prepared_head` (weights, `headprep_head.json`, model card; kilobytes).
         overwrite_output_dir (`bool`, defaults to `False`):
-            A new run refuses an `output_dir` that already holds checkpoints (they would be overwritten); resume
-            instead, or set this.
+            A new run refuses an `output_dir` that already holds checkpoints (they would be mixed with the new run's);
+            resume instead, or set this to get `transformers.Trainer`'s behaviour (write into it anyway).
     """
 
     # Parameters that control the head probing stage
@@ -104,7 +109,7 @@ class HeadPrepConfig(TrainingArguments):
     hp_learning_rate: float = field(default=1e-2, metadata={"help": "Peak learning rate of the head during HP."})
     hp_lr_scheduler_type: str = field(
         default="constant",
-        metadata={"help": "HP learning-rate schedule.", "choices": list(SUPPORTED_SCHEDULES)},
+        metadata={"help": "HP learning-rate schedule.", "choices": list(STEP_SCHEDULES)},
     )
     hp_warmup_ratio: float = field(
         default=0.0, metadata={"help": "Fraction of HP steps for linear warmup, in [0, 1)."}
@@ -194,16 +199,8 @@ class HeadPrepConfig(TrainingArguments):
         metadata={"help": "Let a new (not resumed) run write into an output_dir that holds checkpoints already."},
     )
 
-    # Defaults that differ from TrainingArguments: a timm model's forward takes one tensor, so the signature-based
-    # column removal would drop `pixel_values`; and the loss is ours, so labels are always under "labels".
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Remove dataset columns the model's forward does not accept."}
-    )
-
     def __post_init__(self):
         super().__post_init__()
-        if self.label_names is None:
-            self.label_names = ["labels"]
         self.reinit_modules = list(self.reinit_modules or [])
         self._validate_headprep_fields()
 
@@ -212,15 +209,9 @@ class HeadPrepConfig(TrainingArguments):
             raise ValueError(f"hp_epochs must be an integer >= 0 (0 = plain finetuning), got {self.hp_epochs!r}.")
         if self.hp_learning_rate < 0:
             raise ValueError(f"hp_learning_rate must be >= 0, got {self.hp_learning_rate}.")
-        if self.hp_lr_scheduler_type not in SUPPORTED_SCHEDULES:
+        if self.hp_lr_scheduler_type not in STEP_SCHEDULES:
             raise ValueError(
-                f"hp_lr_scheduler_type must be one of {list(SUPPORTED_SCHEDULES)}, got {self.hp_lr_scheduler_type!r}."
-            )
-        ft_schedule = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
-        if ft_schedule not in SUPPORTED_SCHEDULES:
-            raise ValueError(
-                f"lr_scheduler_type (the FT schedule) must be one of {list(SUPPORTED_SCHEDULES)} with "
-                f"HeadPrepTrainer, got {ft_schedule!r}."
+                f"hp_lr_scheduler_type must be one of {list(STEP_SCHEDULES)}, got {self.hp_lr_scheduler_type!r}."
             )
         if not 0.0 <= self.hp_warmup_ratio < 1.0:
             raise ValueError(f"hp_warmup_ratio must be in [0, 1), got {self.hp_warmup_ratio}.")
@@ -230,10 +221,11 @@ class HeadPrepConfig(TrainingArguments):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1) (0 = no smoothing), got {value}.")
-        if self.label_smoothing_factor != 0.0:
+        if self.label_smoothing_factor != 0.0 and (self.hp_label_smoothing or self.ft_label_smoothing):
             raise ValueError(
-                "label_smoothing_factor applies to the whole run; with HeadPrepConfig use hp_label_smoothing and "
-                f"ft_label_smoothing instead (got label_smoothing_factor={self.label_smoothing_factor})."
+                f"label_smoothing_factor={self.label_smoothing_factor} smooths both stages, hp_label_smoothing="
+                f"{self.hp_label_smoothing} / ft_label_smoothing={self.ft_label_smoothing} each one: set one or the "
+                "other."
             )
         if self.hp_label_smoothing < self.ft_label_smoothing:
             warnings.warn(
@@ -282,13 +274,15 @@ class HeadPrepConfig(TrainingArguments):
             raise ValueError(f"measure_batch_size must be >= 1 or unset, got {self.measure_batch_size}.")
         if self.energy_max_samples is not None and self.energy_max_samples < 1:
             raise ValueError(f"energy_max_samples must be >= 1 or unset, got {self.energy_max_samples}.")
-        if self.ddp_find_unused_parameters is False:
+        if self.hp_epochs > 0 and self.ddp_find_unused_parameters is False:
             raise ValueError(
-                "ddp_find_unused_parameters=False cannot be used with HeadPrepTrainer: during HP the frozen backbone "
+                "ddp_find_unused_parameters=False cannot be used with hp_epochs > 0: during HP the frozen backbone "
                 "gets no gradients, which DDP only tolerates with find_unused_parameters. Leave it unset."
             )
-        # The frozen backbone produces no gradients in HP; DDP must be told so (see ddp_find_unused_parameters above).
-        self.ddp_find_unused_parameters = True
+        if self.hp_epochs > 0:
+            # The frozen backbone produces no gradients in HP; DDP must be told so (see above). Without HP the
+            # Trainer's default stands.
+            self.ddp_find_unused_parameters = True
 
     @property
     def hp_eta(self) -> float:
@@ -299,3 +293,25 @@ class HeadPrepConfig(TrainingArguments):
     def ft_eta(self) -> float:
         """The paper's eta_FT = 1 - eps_FT."""
         return 1.0 - self.ft_label_smoothing
+
+
+def check_trainer_inputs(args, trainer_kwargs: dict) -> None:
+    """What `HeadPrepTrainer` refuses before building anything: other arguments than a `HeadPrepConfig`, an external
+    optimizer with HP (the trainer builds the two-stage one), and `compute_loss_func` with stage label smoothing
+    (the smoothing lives in the trainer's own loss, which `compute_loss_func` replaces)."""
+    if not isinstance(args, HeadPrepConfig):
+        raise TypeError(
+            f"args must be a HeadPrepConfig (TrainingArguments plus the HP fields), got {type(args).__name__}."
+        )
+    optimizers = trainer_kwargs.get("optimizers") or (None, None)
+    if args.hp_epochs > 0 and any(o is not None for o in optimizers):
+        raise ValueError(
+            "optimizers=(...) with hp_epochs > 0: HeadPrepTrainer builds the two-stage optimizer and schedule "
+            "itself. Pass optimizer_cls_and_kwargs or set args.optim / args.lr_scheduler_type, or use hp_epochs=0."
+        )
+    if trainer_kwargs.get("compute_loss_func") is not None and (args.hp_label_smoothing or args.ft_label_smoothing):
+        raise ValueError(
+            "compute_loss_func with hp_label_smoothing/ft_label_smoothing: the stage smoothing lives in the "
+            "trainer's own loss, which compute_loss_func replaces. Smooth inside your function "
+            "(trainer.current_label_smoothing gives the stage's value) and set both to 0."
+        )

@@ -170,7 +170,7 @@ def measure(
     model: nn.Module,
     dataloader,
     call_model: Callable,
-    feature_module: nn.Module,
+    feature_module: nn.Module | None,
     accelerator,
     label_name: str = "labels",
     with_energy: bool = True,
@@ -190,7 +190,7 @@ def measure(
         dataloader: A dataloader prepared by `accelerator` (as `Trainer.get_test_dataloader` returns); it is always
             run to the end, so that Accelerate's bookkeeping of the last (padded) batch stays right.
         call_model: `call_model(model, batch)` returns the model output.
-        feature_module: Its input is the feature `z`.
+        feature_module: Its input is the feature `z` (None when no features are kept).
         accelerator: Used to gather the per-sample values of all ranks.
         with_energy: Compute energy, p_true and correctness from the logits and `label_name`.
         max_features: Keep the features of the first `max_features` samples (0: none).

@@ -87,7 +87,7 @@ def head_exchange(
         head_states[tau] = {k: v for k, v in state.items() if split.is_head_param(k)}
 
     def head_inputs(dataset):
-        result = trainer._measure_dataset(
+        result = trainer.measurements.measure_dataset(
             dataset,
             with_energy=False,
             max_features=len(dataset),

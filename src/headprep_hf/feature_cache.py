@@ -27,6 +27,7 @@ from transformers import TrainerControl, TrainerState
 
 from .losses import count_items
 from .split import extract_logits
+from .stages import StagePlan
 
 if TYPE_CHECKING:
     from .trainer import HeadPrepTrainer
@@ -104,7 +105,9 @@ class CachedHeadProbing:
     Used by `HeadPrepTrainer.probe_head()` and `train()`; callbacks see the usual events (`on_train_begin`,
     `on_epoch_end`, `on_step_end`, `on_log`, ...) with `state.global_step` / `state.epoch` counting HP updates, so
     a callback that snapshots the head at epoch ends works for cached and uncached HP alike. No checkpoints are
-    written during cached HP (it is cheap to redo).
+    written during cached HP (it is cheap to redo). It drives the trainer through public members only: its stage plan
+    and stage mechanics (`trainer.stages`), `create_optimizer` / `create_scheduler`, `loss_from_logits`, the
+    measurement loader and pass, and the callback handler.
     """
 
     def __init__(self, trainer: HeadPrepTrainer):
@@ -133,9 +136,9 @@ class CachedHeadProbing:
 
         start = time.perf_counter()
         views, labels = [], None
-        loader = trainer._measurement_loader(trainer.train_dataset)
+        loader = trainer.measurement_loader(trainer.train_dataset)
         for k in range(self.args.hp_cache_views):
-            result = trainer._measure_dataset(
+            result = trainer.measurements.measure_dataset(
                 trainer.train_dataset,
                 with_energy=False,
                 max_features=len(trainer.train_dataset),
@@ -165,36 +168,27 @@ class CachedHeadProbing:
         start = time.perf_counter()
         model = trainer.accelerator.unwrap_model(trainer.model)
         train_dataloader = trainer.get_train_dataloader()
-        num_processes = trainer.accelerator.num_processes
-        epochs = args.hp_epochs
-        ga = args.gradient_accumulation_steps
-        micro_per_epoch = len(global_batches(train_dataloader, 0, num_processes))
-        updates_per_epoch = max(math.ceil(micro_per_epoch / ga), 1)
-        hp_steps = epochs * updates_per_epoch
+        micro_per_epoch = len(global_batches(train_dataloader, 0, trainer.accelerator.num_processes))
+        hp_steps = args.hp_epochs * max(math.ceil(micro_per_epoch / args.gradient_accumulation_steps), 1)
 
-        trainer._hp_steps, trainer._ft_steps = hp_steps, 0
+        trainer.stage_plan = StagePlan(plan="hp", hp_steps=hp_steps)
         trainer.optimizer, trainer.lr_scheduler = None, None
-        trainer._applied_stage = None
-        trainer._user_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        stages = trainer.stages
+        stages.remember_trainable(model)
         trainer.create_optimizer()
         trainer.optimizer = _head_only_optimizer(trainer.optimizer)
         trainer.create_scheduler(hp_steps, trainer.optimizer)
-        trainer._stage = "hp"
-        trainer._ft_started = False
-        trainer._set_requires_grad("hp")
+        stages.apply(model, "hp")
 
         cache = self.build_cache()
-        trainer._feature_cache = cache  # BatchNorm statistics of snapshots and of the final head use it
-        head_params = [p for p in model.parameters() if p.requires_grad]
-        device = next(iter(head_params)).device
-
+        trainer.hp_feature_cache = cache  # BatchNorm statistics of snapshots and of the final head use it
         trainer.state = TrainerState(
             max_steps=hp_steps,
-            num_train_epochs=epochs,
+            num_train_epochs=args.hp_epochs,
             logging_steps=args.logging_steps,
             eval_steps=args.eval_steps,
             save_steps=args.save_steps,
-            train_batch_size=trainer._train_batch_size,
+            train_batch_size=args.train_batch_size,
         )
         trainer.state.is_local_process_zero = trainer.is_local_process_zero()
         trainer.state.is_world_process_zero = trainer.is_world_process_zero()
@@ -203,19 +197,37 @@ class CachedHeadProbing:
         handler.model, handler.optimizer, handler.lr_scheduler = model, trainer.optimizer, trainer.lr_scheduler
         handler.train_dataloader = train_dataloader
         trainer.is_in_train = True
-        total_loss, last_logged_step = 0.0, 0
-        running_loss = torch.zeros((), device=device)
-        loss_fn, problem_type = trainer.loss_from_logits, trainer.problem_type
         try:
             trainer.control = handler.on_train_begin(args, trainer.state, trainer.control)
-            model.eval()
-            for sub in trainer.split.hp_modules(model):
-                sub.train()
-            for epoch in range(epochs):
-                features = cache.features[epoch % cache.num_views]
-                batches = global_batches(train_dataloader, epoch, num_processes)
-                index_tensors = torch.tensor(sum(batches, [])).split([len(b) for b in batches])
-                trainer.control = handler.on_epoch_begin(args, trainer.state, trainer.control)
+            total_loss = self._run_epochs(model, train_dataloader, cache)
+            if args.hp_recompute_bn_stats:
+                trainer.recompute_bn_statistics(cache)
+            runtime = time.perf_counter() - start
+            metrics = {"train_runtime": round(runtime, 4), "hp_loss": total_loss / max(hp_steps, 1)}
+            trainer.control = handler.on_train_end(args, trainer.state, trainer.control)
+        finally:
+            trainer.hp_feature_cache = None
+            trainer.is_in_train = False
+            stages.restore(model)
+            trainer.optimizer, trainer.lr_scheduler = None, None
+        return metrics
+
+    def _run_epochs(self, model, train_dataloader, cache: FeatureCache) -> float:
+        """The HP epochs on the cache, with the Trainer's callback events; returns the summed loss."""
+        trainer, args = self.trainer, self.args
+        handler, stages = trainer.callback_handler, trainer.stages
+        ga = args.gradient_accumulation_steps
+        loss_fn, problem_type = trainer.loss_from_logits, trainer.problem_type
+        head_params = [p for p in model.parameters() if p.requires_grad]
+        device = head_params[0].device
+        total_loss, last_logged_step = 0.0, 0
+        running_loss = torch.zeros((), device=device)
+        for epoch in range(args.hp_epochs):
+            features = cache.features[epoch % cache.num_views]
+            batches = global_batches(train_dataloader, epoch, trainer.accelerator.num_processes)
+            index_tensors = torch.tensor(sum(batches, [])).split([len(b) for b in batches])
+            trainer.control = handler.on_epoch_begin(args, trainer.state, trainer.control)
+            with stages.hp_modes(model):  # (an evaluation between epochs leaves the model in eval mode)
                 for start_micro in range(0, len(batches), ga):
                     window = index_tensors[start_micro : start_micro + ga]
                     trainer.control = handler.on_step_begin(args, trainer.state, trainer.control)
@@ -228,8 +240,7 @@ class CachedHeadProbing:
                     for i, (index, y) in enumerate(zip(window, labels)):
                         z = features.index_select(0, index).to(device, non_blocking=True)
                         y = y.to(device, non_blocking=True)
-                        logits = trainer.split.head_logits(model, z, y)
-                        loss = loss_fn(logits, y, args.hp_label_smoothing)
+                        loss = loss_fn(trainer.split.head_logits(model, z, y), y, args.hp_label_smoothing)
                         if len(window) > 1:
                             loss = loss * (counts[i] / step_items).to(device)
                         loss.backward()
@@ -254,19 +265,9 @@ class CachedHeadProbing:
                         trainer.log(logs)
                         running_loss, last_logged_step = torch.zeros((), device=device), trainer.state.global_step
                         trainer.control.should_log = False
-                trainer.control = handler.on_epoch_end(args, trainer.state, trainer.control)
-                if trainer.control.should_evaluate and trainer.eval_dataset is not None:
-                    trainer.evaluate()
-                    trainer.control.should_evaluate = False
-                trainer.control.should_save = False  # no checkpoints of cached HP
-            total_loss += running_loss.item()
-            trainer._prepare_bn_statistics()
-            runtime = time.perf_counter() - start
-            metrics = {"train_runtime": round(runtime, 4), "hp_loss": total_loss / max(hp_steps, 1)}
-            trainer.control = handler.on_train_end(args, trainer.state, trainer.control)
-        finally:
-            trainer._feature_cache = None
-            trainer.is_in_train = False
-            trainer._set_requires_grad("ft")
-            trainer.optimizer, trainer.lr_scheduler = None, None
-        return metrics
+            trainer.control = handler.on_epoch_end(args, trainer.state, trainer.control)
+            if trainer.control.should_evaluate and trainer.eval_dataset is not None:
+                trainer.evaluate()
+                trainer.control.should_evaluate = False
+            trainer.control.should_save = False  # no checkpoints of cached HP
+        return total_loss + running_loss.item()

@@ -36,6 +36,61 @@ if TYPE_CHECKING:
 HEAD_WEIGHTS_NAME = "head.safetensors"
 HEAD_CONFIG_NAME = "headprep_head.json"
 HEAD_FORMAT_VERSION = 1
+PREPARED_HEAD_DIR = "prepared_head"
+
+
+class PreparedHeadMixin:
+    """The [`HeadPrepTrainer`] API of the prepared head: what HP changed, its BatchNorm statistics, saving and pushing
+    it. (Mixed into the trainer; uses its `split`, `stages`, `args`, `accelerator` and `model`.)"""
+
+    def recompute_bn_statistics(self, cache=None) -> int:
+        """Recompute the running statistics of the BatchNorm layers HP trains (head, `reinit_modules`) for the
+        current weights, in the HP modes, over the training set (or `cache`, the cached head inputs; the live cache
+        while cached HP runs); see `headprep_hf.batchnorm`. Done at the end of HP when `hp_recompute_bn_stats`.
+        Returns the number of layers recomputed (0 when the HP modules have none)."""
+        from .batchnorm import recompute_hp_statistics
+
+        return recompute_hp_statistics(self, cache if cache is not None else self.hp_feature_cache)
+
+    def prepared_hp_state_dict(self) -> dict[str, torch.Tensor]:
+        """`hp_state_dict()` of the head as `probe_head()` would leave it at this point: BatchNorm statistics
+        recomputed (`hp_recompute_bn_stats`). The live statistics are put back, so HP can go on (sweep snapshots)."""
+        from .batchnorm import restored_statistics, tracked_batchnorms
+
+        if not self.args.hp_recompute_bn_stats:
+            return self.hp_state_dict()
+        model = self.accelerator.unwrap_model(self.model)
+        with restored_statistics(tracked_batchnorms(self.split.hp_modules(model))):
+            self.recompute_bn_statistics()
+            return self.hp_state_dict()
+
+    def hp_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copy of everything head probing changes: the head and `reinit_modules` (parameters and buffers), plus
+        every buffer of the model when `hp_backbone_mode="train"` (BatchNorm statistics move then). Loading it
+        (`model.load_state_dict(sd, strict=False)`) onto the pretrained model gives the model FT starts from."""
+        return self.stages.hp_state_dict(self.accelerator.unwrap_model(self.model))
+
+    def save_prepared_head(self, save_directory: str, backbone_id: str | None = None) -> str:
+        """Save the current head as a small prepared-head artifact (`head.safetensors` + `headprep_head.json`).
+
+        Call it after `probe_head()`; `load_prepared_head(model, save_directory)` attaches it to a backbone again.
+        Only the main process writes. Returns the folder.
+        """
+        if self.args.should_save:
+            save_prepared_head(self, save_directory, backbone_id=backbone_id)
+        self.accelerator.wait_for_everyone()
+        return str(save_directory)
+
+    def push_head_to_hub(self, repo_id: str, backbone_id: str | None = None, **kwargs) -> str:
+        """Upload the current head as a prepared-head repo (weights, json, card); see `hub.push_head_to_hub`."""
+        url = push_head_to_hub(self, repo_id, backbone_id=backbone_id, **kwargs) if self.args.should_save else ""
+        self.accelerator.wait_for_everyone()
+        return url
+
+    def _write_prepared_head(self) -> None:
+        # At the end of HP (after its measurements): a small artifact FT can start from elsewhere.
+        if self.args.save_prepared_head and self.args.should_save:
+            save_prepared_head(self, os.path.join(self.args.output_dir, PREPARED_HEAD_DIR))
 
 
 class BackboneMismatchWarning(UserWarning):

@@ -136,3 +136,70 @@ def check_task_labels(
     if bad.any():
         index, task = (int(v[0]) for v in np.nonzero(bad))
         raise ValueError(f"{name}[{index}] has label {labels[index, task]} for task {task}: {what}.")
+
+
+def _first_label(dataset, label_name: str) -> np.ndarray | None:
+    """The first sample's label (from a `labels`/`targets` attribute where there is one); None when unreadable."""
+    for attribute in ("labels", "targets"):
+        value = getattr(dataset, attribute, None)
+        if value is not None and not callable(value) and len(value) > 0:
+            return np.asarray(value[0])
+    if not hasattr(dataset, "__getitem__") or isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    try:
+        if len(dataset) == 0:
+            return None
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):  # reading a sample may run random augmentation
+                item = dataset[0]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+    except (TypeError, KeyError, IndexError):
+        return None
+    names = [label_name, "label", "label_ids"] if label_name == "labels" else [label_name]  # default collator's
+    value = next((item[n] for n in names if isinstance(item, dict) and item.get(n) is not None), None)
+    if value is None:
+        return None
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def infer_problem_type(dataset, label_name: str = "labels") -> str:
+    """The problem type the labels show, for models and configs that declare none: integer labels are class ids
+    (`single_label_classification`), a float per sample is `regression`, float vectors of 0/1 (NaN = missing) are
+    `multi_label_classification`, other float vectors `regression`. Unreadable labels: single-label classification."""
+    label = _first_label(dataset, label_name) if dataset is not None else None
+    if label is None or not np.issubdtype(label.dtype, np.floating):
+        return "single_label_classification"
+    if label.ndim == 0:
+        return "regression"
+    present = label[~np.isnan(label)]
+    return "multi_label_classification" if np.all((present == 0) | (present == 1)) else "regression"
+
+
+def check_trainer_datasets(trainer) -> None:
+    """Check the labels of every dataset a [`HeadPrepTrainer`] holds (train, energy, eval) against its head's class
+    count (or the model config's `num_labels`) and problem type, before any training step."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    split = trainer.find_head()
+    num_classes = (
+        split.num_classes if split is not None else getattr(getattr(model, "config", None), "num_labels", None)
+    )
+    label_name, problem_type, ignore_index = trainer.label_names[0], trainer.problem_type, trainer.args.ignore_index
+    datasets = [("train_dataset", trainer.train_dataset), ("energy_dataset", trainer.energy_dataset)]
+    if isinstance(trainer.eval_dataset, dict):
+        datasets += [(f"eval_dataset[{k!r}]", v) for k, v in trainer.eval_dataset.items()]
+    elif trainer.eval_dataset is not None:
+        datasets.append(("eval_dataset", trainer.eval_dataset))
+    for name, dataset in datasets:
+        if dataset is None:
+            continue
+        if callable(getattr(dataset, "check_samples", None)):  # the dataset checks its raw samples itself
+            if num_classes is not None:
+                dataset.check_samples(num_classes, name=name, ignore_index=ignore_index)
+        elif problem_type != "single_label_classification":
+            check_task_labels(dataset, num_classes, name, problem_type, label_name)
+        elif num_classes is not None:
+            check_dense_shapes(dataset, name, label_name)
+            check_labels(dataset, num_classes, name, label_name, ignore_index)

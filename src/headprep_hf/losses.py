@@ -97,7 +97,7 @@ def multilabel_energy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, t
     """Per-sample energy `||sigmoid(q) - y||_2` over the present labels, mean probability of the true label (p0),
     mean label accuracy at threshold 0.5, and `count` = 1 for a sample with at least one present label, else 0
     (its energy is NaN and excluded: the energy is a mean over samples)."""
-    logits = logits.float()
+    logits = logits.float().reshape(logits.shape[0], -1)
     labels, present = _present(logits, labels)
     y = torch.where(present, labels, torch.zeros_like(labels))
     probs = logits.sigmoid()
@@ -121,7 +121,7 @@ def multilabel_energy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, t
 @torch.no_grad()
 def regression_energy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample energy `||q - y||_2` over the present labels; p0 and correctness are undefined (NaN)."""
-    logits = logits.float()
+    logits = logits.float().reshape(logits.shape[0], -1)
     labels, present = _present(logits, labels)
     diff = torch.where(present, logits - torch.where(present, labels, logits), torch.zeros_like(logits))
     has_label = present.any(dim=1)
@@ -139,16 +139,16 @@ def _check_problem_type(problem_type: str) -> None:
         raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {problem_type!r}")
 
 
-def resolve_problem_type(problem_type: str | None, model=None) -> str:
-    """`problem_type` if set, else the model's (`model.config.problem_type` or `model.problem_type`), else
-    single-label classification."""
+def declared_problem_type(problem_type: str | None, model=None) -> str | None:
+    """`problem_type` if set, else what the model declares (`model.config.problem_type` or `model.problem_type`),
+    else None (nothing declared)."""
     if problem_type is None and model is not None:
         config = getattr(model, "config", None)
         problem_type = getattr(config, "problem_type", None) or getattr(model, "problem_type", None)
         if not isinstance(problem_type, str):
             problem_type = None
-    problem_type = problem_type or "single_label_classification"
-    _check_problem_type(problem_type)
+    if problem_type is not None:
+        _check_problem_type(problem_type)
     return problem_type
 
 

@@ -1,69 +1,84 @@
 """Two-stage learning-rate schedules: one `LambdaLR` whose per-group factors know the HP/FT boundary.
 
-The optimizer keeps the same parameter groups for the whole run (head first, then backbone); each group gets a
-`StageSchedule` that returns the absolute learning rate for a global step (the groups' base lr is 1.0). The
-backbone's factor is 0 during HP, so a frozen parameter can never move even if it received a gradient.
+The schedule shapes are transformers' own (`transformers.get_scheduler`, every step-indexed `lr_scheduler_type`):
+`step_factor` builds the named scheduler on a throwaway optimizer and takes its multiplier function. What is ours is
+only the composition: HP steps follow the HP schedule at `hp_learning_rate` (0 for the frozen backbone), FT steps
+restart the FT schedule at `learning_rate`. A run without HP steps uses `Trainer.create_scheduler` unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
-SUPPORTED_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_scheduler
+from transformers.trainer_utils import SchedulerType
+
+# Schedules that are a function of the step (a LambdaLR), so they can follow another stage in one run.
+STEP_SCHEDULES = tuple(
+    s.value for s in SchedulerType if s not in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)
+)
 
 
-def schedule_factor(kind: str, step: int, total: int, warmup: int) -> float:
-    """Multiplier in [0, 1] of a schedule at `step` of `total` steps with `warmup` linear warmup steps.
+def step_factor(
+    kind: str, num_steps: int, warmup_steps: int, peak_lr: float, scheduler_kwargs: dict | None = None
+) -> Callable[[int], float]:
+    """The multiplier of transformers' `kind` schedule at a step, for `num_steps` steps with `warmup_steps` of warmup.
 
-    Follows the definitions of `transformers.get_scheduler` for the same names.
+    `peak_lr` is the optimizer learning rate the schedule is built for (`cosine_with_min_lr` turns an absolute `min_lr`
+    into a rate with it).
     """
-    if kind not in SUPPORTED_SCHEDULES:
-        raise ValueError(f"Unknown schedule {kind!r}; supported: {list(SUPPORTED_SCHEDULES)}.")
-    if kind == "constant":
-        return 1.0
-    if step < warmup:
-        return float(step) / float(max(1, warmup))
-    if kind == "constant_with_warmup":
-        return 1.0
-    progress = float(step - warmup) / float(max(1, total - warmup))
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    kind = getattr(kind, "value", kind)
+    if kind not in STEP_SCHEDULES:
+        raise ValueError(
+            f"lr schedule {kind!r} is not a function of the step ({', '.join(STEP_SCHEDULES)} are) and cannot share "
+            "one run with the other stage; use hp_epochs=0, or probe_head() then finetune() (whose FT stage takes "
+            "any lr_scheduler_type)."
+        )
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak_lr if peak_lr > 0 else 1.0)
+    scheduler = get_scheduler(
+        kind,
+        dummy,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=max(num_steps, 1),
+        scheduler_specific_kwargs=dict(scheduler_kwargs or {}),
+    )
+    return scheduler.lr_lambdas[0]
 
 
-class StageSchedule:
-    """Learning rate of one parameter group as a function of the global step.
+def _stage_lr(step: int, hp_steps: int, hp_lr: float, hp_factor, ft_lr: float, ft_factor) -> float:
+    if step < hp_steps:
+        return hp_lr * hp_factor(step)
+    return ft_lr * ft_factor(step - hp_steps)
 
-    Args:
-        hp_steps: Number of HP updates; steps `< hp_steps` are HP, the rest FT.
-        ft_steps: Number of FT updates.
-        hp_lr: Peak learning rate in HP (0 for a frozen group).
-        ft_lr: Peak learning rate in FT.
-        hp_kind / ft_kind: Schedule names (see `SUPPORTED_SCHEDULES`).
-        hp_warmup / ft_warmup: Warmup steps of each stage.
+
+def stage_schedule(hp_steps: int, hp_lr: float, hp_factor, ft_lr: float, ft_factor) -> Callable[[int], float]:
+    """Learning rate of one parameter group at a global step: HP steps `< hp_steps`, then FT restarted at 0.
+
+    A `functools.partial`, not an object with attributes: `LambdaLR.load_state_dict` restores the attributes of
+    callable objects, which would bring back a resumed checkpoint's schedule length instead of the current one (the
+    Trainer's own schedules are partials too).
     """
+    return functools.partial(
+        _stage_lr, hp_steps=hp_steps, hp_lr=hp_lr, hp_factor=hp_factor, ft_lr=ft_lr, ft_factor=ft_factor
+    )
 
-    def __init__(
-        self,
-        hp_steps: int,
-        ft_steps: int,
-        hp_lr: float,
-        ft_lr: float,
-        hp_kind: str = "constant",
-        ft_kind: str = "linear",
-        hp_warmup: int = 0,
-        ft_warmup: int = 0,
-    ):
-        self.hp_steps = hp_steps
-        self.ft_steps = ft_steps
-        self.hp_lr = hp_lr
-        self.ft_lr = ft_lr
-        self.hp_kind = hp_kind
-        self.ft_kind = ft_kind
-        self.hp_warmup = hp_warmup
-        self.ft_warmup = ft_warmup
 
-    def __call__(self, step: int) -> float:
-        if step < self.hp_steps:
-            return self.hp_lr * schedule_factor(self.hp_kind, step, self.hp_steps, self.hp_warmup)
-        return self.ft_lr * schedule_factor(self.ft_kind, step - self.hp_steps, self.ft_steps, self.ft_warmup)
+def two_stage_scheduler(optimizer, args, hp_steps: int, ft_steps: int) -> LambdaLR:
+    """A `LambdaLR` over `optimizer`'s groups (base lr 1.0, `headprep_part` "head"/"backbone"): HP at
+    `hp_learning_rate` with `hp_lr_scheduler_type` for the head (0 for the backbone), then FT at `learning_rate` with
+    `lr_scheduler_type`, both shapes from `transformers.get_scheduler`."""
+    hp_factor = step_factor(
+        args.hp_lr_scheduler_type, hp_steps, math.ceil(args.hp_warmup_ratio * hp_steps), args.hp_learning_rate
+    )
+    ft_factor = step_factor(
+        args.lr_scheduler_type, ft_steps, args.get_warmup_steps(ft_steps), args.learning_rate, args.lr_scheduler_kwargs
+    )
+    lambdas = []
+    for group in optimizer.param_groups:
+        hp_lr = args.hp_learning_rate if group.get("headprep_part", "head") == "head" else 0.0
+        lambdas.append(stage_schedule(hp_steps, hp_lr, hp_factor, args.learning_rate, ft_factor))
+    return LambdaLR(optimizer, lambdas)

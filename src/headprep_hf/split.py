@@ -15,11 +15,14 @@ Anything else: pass `head_modules=[...]`. The feature `z` of the paper is the in
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 _HEAD_ATTRIBUTES = ("classifier", "fc", "head")
 
@@ -228,14 +231,17 @@ def reduce_features(z: torch.Tensor) -> torch.Tensor:
 
 
 def extract_logits(outputs) -> torch.Tensor:
-    """Logits from a model output: a tensor, a dict / `ModelOutput` with `logits`, or a tuple (first element)."""
+    """Logits from a model output: a tensor, a dict / `ModelOutput` (its `logits`, torchvision's `out`, else its first
+    tensor that is not `loss`, as `Trainer.prediction_step` orders them), or a tuple (first element)."""
     if isinstance(outputs, torch.Tensor):
         return outputs
     if isinstance(outputs, dict) or hasattr(outputs, "keys"):
-        if "logits" in outputs:
-            return outputs["logits"]
-        if "out" in outputs:  # torchvision segmentation models
-            return outputs["out"]
+        for key in ("logits", "out"):  # transformers outputs; torchvision segmentation models
+            if key in outputs:
+                return outputs[key]
+        tensors = [v for k, v in outputs.items() if k != "loss" and isinstance(v, torch.Tensor)]
+        if tensors:
+            return tensors[0]
     if isinstance(outputs, (tuple, list)):
         return outputs[0]
     raise TypeError(f"Cannot find logits in a model output of type {type(outputs).__name__}.")
@@ -245,7 +251,11 @@ class ModelCaller:
     """Calls a model with a batch dict, whatever its forward signature.
 
     HF models take keyword arguments (`pixel_values=...`); timm models take one positional tensor. The batch's
-    labels are never passed: the loss is the trainer's.
+    labels are never passed: the caller computes the loss from the logits.
+
+    Attributes:
+        positional: The forward takes one argument and no labels or `**kwargs` (timm's `forward(x)`): the one input
+            of a batch is passed positionally, whatever its key.
     """
 
     def __init__(self, model: nn.Module, label_names: list[str]):
@@ -253,6 +263,7 @@ class ModelCaller:
         params = inspect.signature(model.forward).parameters
         self.accepts_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.param_names = [n for n, p in params.items() if p.kind != inspect.Parameter.VAR_KEYWORD]
+        self.positional = not self.accepts_kwargs and len(self.param_names) == 1 and "label" not in self.param_names[0]
 
     def __call__(self, model: nn.Module, inputs: dict):
         model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
@@ -264,3 +275,37 @@ class ModelCaller:
             f"The batch has keys {sorted(model_inputs)} but the model's forward takes {self.param_names}; rename the "
             "dataset columns to the forward's argument names or return a single input tensor plus 'labels'."
         )
+
+
+class HeadFinder:
+    """A model's backbone/head split, looked for on first use and remembered (with its error when there is none).
+
+    Args:
+        model: The (unwrapped) model.
+        head_modules / reinit_modules: As for `find_split`.
+        split: An explicit split; then nothing is looked for.
+    """
+
+    def __init__(self, model: nn.Module, head_modules=None, reinit_modules=None, split: ModelSplit | None = None):
+        self.model, self.head_modules, self.reinit_modules = model, head_modules, reinit_modules
+        self.split, self.error = split, None
+        self._searched, self._warned = split is not None, False
+
+    def get(self, required: bool = False, warn: bool = False) -> ModelSplit | None:
+        """The split, or None. `required`: raise `find_split`'s error (it names candidate modules and the
+        `head_modules` fix). `warn`: log once that the head-based measurements are skipped."""
+        if not self._searched:
+            self._searched = True
+            try:
+                self.split = find_split(self.model, self.head_modules, self.reinit_modules)
+            except ValueError as error:
+                self.error = error
+        if self.split is None and required:
+            raise self.error
+        if self.split is None and warn and not self._warned:
+            self._warned = True
+            logger.warning(
+                "%s Drift and the head gradient norm are not measured; set head_modules=[...] to measure them.",
+                self.error,
+            )
+        return self.split

@@ -1,122 +1,67 @@
 """`HeadPrepTrainer`: head probing (HP) then finetuning (FT) inside one `transformers.Trainer`.
 
-How the two stages live in one training loop (and why):
-
-* The stage is a function of `state.global_step`: steps `< hp_steps` are HP, the rest FT. A checkpoint therefore
-  knows its stage, `checkpoint-N` names never collide, and resuming is exact in either stage.
-* The optimizer holds every trainable parameter for the whole run, in fixed groups (head, backbone). During HP the
-  backbone has `requires_grad=False` (no gradient, so torch optimizers skip it) and a learning rate of 0. At the
-  first FT step the optimizer state is cleared, so FT starts from a fresh optimizer, as if rebuilt.
-* The model is wrapped for DDP while everything requires grad, and frozen only afterwards: DDP then all-reduces the
-  backbone's gradients in FT. (Freezing before wrapping leaves the backbone out of DDP: the ranks drift apart
-  silently.) `ddp_find_unused_parameters` is forced on because HP leaves the backbone without gradients.
-* `Trainer.training_step` calls `model.train()` every step; a forward pre-hook puts the frozen backbone back in
-  eval mode during HP, so BatchNorm statistics do not move (unless `hp_backbone_mode="train"`).
-* At the first FT step the trainer measures the energy, HP train accuracy, p0 and the probe features z_0; during FT
-  the head's gradient norm (every update) and the feature drift (every epoch, evaluation and at the end).
-
-`probe_head()` and `finetune()` run one stage each (each its own `train()` call, with checkpoints under
-`output_dir/hp` and `output_dir/ft`); `finetune()` builds a new optimizer, scheduler and DDP wrapper.
+With `hp_epochs=0` it is a `transformers.Trainer` (the README lists the few deliberate differences). With HP, the
+stage is a function of `state.global_step` (`stages.StagePlan`), so checkpoints know their stage and resume exactly;
+the optimizer holds every parameter in fixed groups, the frozen backbone gets no gradient and a learning rate of 0
+in HP, and its optimizer state is cleared at the HP->FT boundary. The model is wrapped for DDP while everything
+requires grad and frozen afterwards, so DDP all-reduces the backbone's gradients in FT. Where each job lives:
+`stages` (trainable sets, HP modes, optimizer groups, the boundary), `measurements` (energy, drift, head gradient
+norm: a callback), `schedules`, `feature_cache` (cached HP), `hub` (the prepared head), `batchnorm`.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import math
 import os
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, has_length
+from transformers import Trainer, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, enable_full_determinism
+from transformers.utils import find_labels
 
-from .batchnorm import recompute_statistics, restored_statistics, tracked_batchnorms
-from .config import HeadPrepConfig
-from .dynamics import DRIFT_KEYS, drift_metrics, forked_rng, grad_norm, histogram, measure, probe_in_memory
+from .config import HeadPrepConfig, check_trainer_inputs
 from .feature_cache import CachedHeadProbing
 from .heads import reinitialize_module, replace_head_with_mlp
-from .labels import check_dense_shapes, check_labels, check_task_labels
-from .losses import count_items, resolve_problem_type, task_loss
-from .schedules import StageSchedule
-from .split import ModelCaller, ModelSplit, extract_logits, find_split
+from .hub import PreparedHeadMixin
+from .labels import check_trainer_datasets, infer_problem_type
+from .losses import count_items, declared_problem_type, task_loss
+from .measurements import MeasurementCallback, broadcast_buffers
+from .schedules import two_stage_scheduler
+from .split import HeadFinder, ModelCaller, ModelSplit, extract_logits
+from .stages import PLANS, StageCallback, StagePlan, Stages, resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "headprep_state.json"
-FEATURES_NAME = "headprep_state.safetensors"
-DYNAMICS_NAME = "headprep_dynamics.json"
 TRAINING_ARGS_JSON = "training_args.json"
-PREPARED_HEAD_DIR = "prepared_head"
-_STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate")
-_PLANS = ("both", "hp", "ft")
+_STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate", "head_grad_norm")
 
 
-class _DynamicsCallback(TrainerCallback):
-    """Measures drift at FT epoch ends, evaluations and the end of training; logs at the HP/FT boundary."""
-
-    def __init__(self, trainer: HeadPrepTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # One log exactly at the boundary keeps the loss of the two stages in separate records.
-        if (
-            self.trainer._plan == "both"
-            and state.global_step == self.trainer._hp_steps > 0
-            and args.logging_strategy != "no"
-        ):
-            control.should_log = True
-        return control
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.trainer._measure_drift()
-        return control
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.trainer._measure_drift()
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._measure_drift()
-        return control
-
-
-class HeadPrepTrainer(Trainer):
+class HeadPrepTrainer(PreparedHeadMixin, Trainer):
     r"""
     A [`~transformers.Trainer`] that prepares the task head before finetuning (Ren et al., ICLR 2023).
 
-    `train()` runs head probing for `args.hp_epochs` epochs (backbone frozen, BatchNorm statistics fixed) and then
-    finetunes everything for `args.num_train_epochs` epochs (or `args.max_steps` steps), measuring what the paper
-    measures into `trainer.dynamics` (also written to `output_dir/headprep_dynamics.json` and logged):
-
-    * `energy`: mean over the training set of `||e_y - softmax(q)||_2` at the start of FT (hard labels, eval mode),
-    * `hp_train_accuracy`, `p0` (true-class probability per training sample) and its histogram,
-    * `drift`: on the probe set, mean `||z_t-z_0||^2`, `z_t.z_0`, `||z_t||^2`, `cos(z_t, z_0)` during FT,
-    * `head_grad_norm`: the head's gradient norm at each logging step of FT.
+    `train()` runs head probing for `args.hp_epochs` epochs (backbone frozen, BatchNorm statistics fixed), then
+    finetunes everything for `args.num_train_epochs` epochs (or `args.max_steps` steps), and measures what the paper
+    measures into `trainer.dynamics` (`output_dir/headprep_dynamics.json`, merged into the logs): the energy
+    `||e_y - softmax(q)||_2`, HP train accuracy and p0 at the start of FT, the drift of the head's input from z_0
+    during FT and the head's gradient norm. With `hp_epochs=0` it behaves as `Trainer`; the head is only looked for
+    when HP or a head-based measurement needs it.
 
     Args:
-        model: The model with its new task head (timm model, `TimmWrapperForImageClassification`, transformers
-            `*ForImageClassification`, or any module with `head_modules` set in `args`).
-        args: A [`HeadPrepConfig`].
-        train_dataset / eval_dataset / data_collator / compute_metrics / callbacks / ...: as for `Trainer`. Batches
-            are dicts with the model inputs and `labels`.
-        drift_dataset: Probe set for the drift measurement; default: the first `args.drift_probe_samples`
-            training samples.
-        energy_dataset: The data of the energy, HP train accuracy and p0 at FT start; default: the training set as
-            training reads it (with its augmentation). Pass the training samples with the evaluation transform to
-            measure the energy of the un-augmented training data.
+        model / args / data_collator / train_dataset / ... / model_init / compute_loss_func / optimizers: as for
+            `Trainer`; `args` is a [`HeadPrepConfig`]. Models that take no labels (timm's `forward(x)`) get the
+            trainer's loss (`loss_from_logits`); models computing their own loss keep it (`uses_trainer_loss`).
+        drift_dataset: Probe set of the drift; default: the first `args.drift_probe_samples` training samples.
+        energy_dataset: Data of the energy, HP train accuracy and p0; default: the training set as training reads it.
         split: An explicit [`ModelSplit`]; default: found by `find_split` (or `args.head_modules`).
 
     Example:
 
     ```python
-    import timm
-    from headprep_hf import HeadPrepConfig, HeadPrepTrainer
-
     model = timm.create_model("resnet18", pretrained=True, num_classes=10)
     args = HeadPrepConfig(output_dir="out", hp_epochs=4, hp_learning_rate=1e-2, num_train_epochs=10,
                           learning_rate=3e-4, eval_strategy="epoch")
@@ -128,8 +73,6 @@ class HeadPrepTrainer(Trainer):
 
     _tag_names = ["headprep", "head-probing"]
     _name = "HeadPrep"
-    # Our compute_loss returns a per-batch mean; the Trainer divides it by the accumulation steps.
-    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -141,242 +84,117 @@ class HeadPrepTrainer(Trainer):
         split: ModelSplit | None = None,
         **kwargs,
     ):
-        if model is None:
-            raise ValueError(
-                "HeadPrepTrainer needs a model (model_init is not supported: the head split is per model)."
-            )
-        if args is None:
-            args = HeadPrepConfig(output_dir="tmp_trainer")
-        if not isinstance(args, HeadPrepConfig):
-            raise TypeError(f"args must be a HeadPrepConfig, got {type(args).__name__}.")
-        optimizers = kwargs.get("optimizers", (None, None))
-        if optimizers is not None and any(o is not None for o in optimizers):
-            raise ValueError(
-                "HeadPrepTrainer builds its own two-stage optimizer and schedule; pass optimizer_cls_and_kwargs "
-                "or set args.optim / args.lr_scheduler_type instead of optimizers=(...)."
-            )
-
-        # The new head is initialised here, so seed first: the same seed gives the same head.
-        from transformers import set_seed
-
-        set_seed(args.seed)
-        self.split = split or find_split(model, args.head_modules, args.reinit_modules)
-        if args.head_type == "mlp":
-            replace_head_with_mlp(model, self.split, args.mlp_hidden_size, args.mlp_num_layers)
-        for name in self.split.reinit_names:
-            reinitialize_module(model.get_submodule(name))
-
+        args = HeadPrepConfig(output_dir="tmp_trainer") if args is None else args
+        check_trainer_inputs(args, kwargs)
+        self._explicit_split, self._headprep_ready = split, False
         super().__init__(model, args, *trainer_args, **kwargs)
-        self.model_accepts_loss_kwargs = False
         self.drift_dataset = drift_dataset
         self.energy_dataset = energy_dataset
-        self._call_model = ModelCaller(self.accelerator.unwrap_model(self.model), self.label_names)
-        self.problem_type = resolve_problem_type(args.problem_type, model)
-        self._hook_handle = self.model.register_forward_pre_hook(self._hp_mode_hook)
-        self.add_callback(_DynamicsCallback(self))
-
-        self.dynamics: dict[str, Any] = {}
         self.resumed_stage: str | None = None
-        self._plan = "both"
-        self._train_calls = 0
-        self._hp_steps = 0
-        self._ft_steps = 0
+        self.stage_plan = StagePlan()
+        self.hp_feature_cache = None  # the cached head inputs while cached HP runs (BatchNorm passes use them)
+        self.measurements = MeasurementCallback(self)
         self._stage = "hp"
-        self._ft_started = False
-        self._z0: torch.Tensor | None = None
-        self._last_drift_step: int | None = None
-        self._resume_state: dict | None = None
-        self._user_requires_grad: dict[str, bool] = {}
-        self._applied_stage: str | None = None
-        self._head_params: list[nn.Parameter] = []  # set per run in _run (the head may be replaced before)
         self._in_training_step = False
-        self._hp_outside_loop = False  # HP ran on cached features before the training loop (FT-only loop)
-        self._probe_loader = None
-        self._probe_set = None
-        self._feature_cache = None  # set by cached HP while its head trains
-        self._reset_grad_norm_window()
+        self._train_calls, self._last_plain = 0, True
+        self._trial_for_dir = None
+        self._hp_hook, self._attach = None, (False, False)  # this run's (stage mechanics, HP-mode hook)
+        self._resume_plan: StagePlan | None = None
+        self._prepare_model(self.model)
+        self._headprep_ready = True
+        if not self.label_names:  # the model takes no labels: the trainer's loss reads them under "labels"
+            self.label_names = ["labels"]
+        if self.args.remove_unused_columns and self.model_caller.positional:
+            # Column removal keeps the forward's argument names; a forward(x) called positionally would lose its
+            # input. The trainer calls such models itself and passes the one input besides the labels.
+            self.args = copy.copy(self.args)
+            self.args.remove_unused_columns = False
+        if self.args.hp_epochs > 0 or self.args.track_dynamics:
+            self._add_own_callbacks()
 
-    # ------------------------------------------------------------------ public stages
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """HP for `args.hp_epochs` epochs, then FT; `resume_from_checkpoint` resumes in whichever stage it was.
+    def _add_own_callbacks(self) -> None:
+        # The stage boundary and the measurements; a plain run without measurements needs neither (Trainer's list).
+        if self.measurements not in self.callback_handler.callbacks:
+            self.add_callback(StageCallback(self, self._begin_ft, lambda: self.writes_stage_state))
+            self.add_callback(self.measurements)
 
-        With `hp_cache_features=True`, HP runs on cached features first and the training loop (and its checkpoints)
-        covers FT only; resuming such a run restarts from its last FT checkpoint without redoing HP.
-        """
-        self._hp_outside_loop = self.args.hp_cache_features and self.args.hp_epochs > 0
-        if self._hp_outside_loop and resume_from_checkpoint in (None, False):
-            self._plan = "hp"
-            self._check_all_labels()
-            self._probe_head_cached()
-        return self._run("both", resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-
-    def probe_head(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
-        """HP only: train the head (and `reinit_modules`) for `args.hp_epochs` epochs with the backbone frozen.
-
-        Afterwards `dynamics` holds the energy, HP train accuracy and p0 of the prepared head.
-        """
-        if self.args.hp_epochs == 0 or (self.args.hp_cache_features and not resume_from_checkpoint):
-            self._plan = "hp"
-            self._hp_outside_loop = False
-            self._check_all_labels()
-            metrics = self._probe_head_cached() if self.args.hp_epochs > 0 else {}
-            if self.args.hp_epochs == 0:
-                self._prepare_bn_statistics()  # (cached HP did it on its cache)
-            if self.args.track_dynamics:
-                self.measure_start()
-            self._write_dynamics()
-            self._write_prepared_head()
-            return TrainOutput(self.state.global_step, metrics.get("hp_loss", 0.0), metrics)
-        self._hp_outside_loop = False
-        output = self._run("hp", resume_from_checkpoint, **kwargs)
-        self._prepare_bn_statistics()
-        if self.args.track_dynamics:
-            self.measure_start()
-        self._write_dynamics()
-        self._write_prepared_head()
-        return output
-
-    def finetune(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
-        """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
-        self._hp_outside_loop = False
-        return self._run("ft", resume_from_checkpoint, **kwargs)
-
-    def _probe_head_cached(self) -> dict[str, float]:
-        if self._train_calls > 0:
-            self._reset_for_new_stage()
-        self._train_calls += 1
-        metrics = CachedHeadProbing(self).train()
-        self._stage = "hp"
-        self._sync_buffers()
-        return metrics
-
-    def save_prepared_head(self, save_directory: str, backbone_id: str | None = None) -> str:
-        """Save the current head as a small prepared-head artifact (`head.safetensors` + `headprep_head.json`).
-
-        Call it after `probe_head()`; `load_prepared_head(model, save_directory)` attaches it to a backbone again.
-        Only the main process writes. Returns the folder.
-        """
-        from .hub import save_prepared_head
-
-        if self.args.should_save:
-            save_prepared_head(self, save_directory, backbone_id=backbone_id)
-        self.accelerator.wait_for_everyone()
-        return str(save_directory)
-
-    def push_head_to_hub(self, repo_id: str, backbone_id: str | None = None, **kwargs) -> str:
-        """Upload the current head as a prepared-head repo (weights, json, card); see `hub.push_head_to_hub`."""
-        from .hub import push_head_to_hub
-
-        url = push_head_to_hub(self, repo_id, backbone_id=backbone_id, **kwargs) if self.args.should_save else ""
-        self.accelerator.wait_for_everyone()
-        return url
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tags: str | list[str] | None = None,
-        license: str | None = None,
-        sweep: dict | None = None,
-        metrics: dict[str, float] | None = None,
-        **kwargs,
-    ) -> None:
-        """Write `output_dir/README.md`: HP/FT settings, energy, drift, `metrics` and a sweep's tau* (`sweep`, the
-        content of a `sweep.json`). Also what `push_to_hub()` uploads."""
-        from .cards import finetuned_model_card
-
-        if not self.is_world_process_zero():
+    # ------------------------------------------------------------------ the model and its head
+    def _prepare_model(self, model: nn.Module) -> None:
+        """Head preparation for a (new) model: split, MLP head, `reinit_modules`; then reseed as the Trainer does."""
+        args = self.args
+        unwrapped = self.accelerator.unwrap_model(model)
+        self._heads = HeadFinder(unwrapped, args.head_modules, args.reinit_modules, self._explicit_split)
+        self._stages, self._problem_type = None, None
+        self._model_takes_labels = bool(find_labels(type(unwrapped)))
+        self.model_caller = ModelCaller(unwrapped, self.label_names or ["labels"])
+        needs_head = args.hp_epochs > 0 or args.head_type != "linear" or args.reinit_modules or args.head_modules
+        if not needs_head:
             return
-        if finetuned_from is None:
-            cfg = getattr(self.accelerator.unwrap_model(self.model), "pretrained_cfg", None) or {}
-            finetuned_from = cfg.get("hf_hub_id")
-        card = finetuned_model_card(
-            self,
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
-            base_model=finetuned_from,
-            sweep=sweep,
-            metrics=metrics,
-            tags=[tags] if isinstance(tags, str) else tags,
-            license=license,
-        )
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        split = self.find_head(required=True)
+        if args.head_type == "mlp":
+            set_seed(args.seed)  # the same seed gives the same head
+            replace_head_with_mlp(unwrapped, split, args.mlp_hidden_size, args.mlp_num_layers)
+        for name in split.reinit_names:
+            reinitialize_module(unwrapped.get_submodule(name))
+        if args.head_type == "mlp" or split.reinit_names:
+            enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
-    def _write_prepared_head(self) -> None:
-        # At the end of HP (after its measurements): a small artifact FT can start from elsewhere.
-        if self.args.save_prepared_head and self.args.should_save:
-            from .hub import save_prepared_head
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        if self._headprep_ready:  # train() built a new model: prepare its head, attach this run's stages to it
+            self._prepare_model(model)
+            self._attach_stages(model)
+        return model
 
-            save_prepared_head(self, os.path.join(self.args.output_dir, PREPARED_HEAD_DIR))
+    def _attach_stages(self, model: nn.Module) -> None:
+        if self._hp_hook is not None:
+            self._hp_hook.remove()
+            self._hp_hook = None
+        with_stages, with_hook = self._attach
+        if with_stages:
+            self.stages.remember_trainable(model)
+        if with_hook:
+            self._hp_hook = model.register_forward_pre_hook(self._hp_mode_hook)
 
-    def recompute_bn_statistics(self) -> int:
-        """Recompute the running statistics of the BatchNorm layers HP trains (head, `reinit_modules`) for the
-        current weights: one pass over the training set in the HP modes (during cached HP: over the cached features),
-        cumulative average; see `headprep_hf.batchnorm`. Done at the end of HP when `hp_recompute_bn_stats`.
+    def find_head(self, required: bool = False, warn: bool = False) -> ModelSplit | None:
+        """The model's backbone/head split (`find_split`, or `args.head_modules`), looked for on first use; None when
+        there is none. `required`: raise the error (it names the `head_modules` fix); `warn`: log once that the
+        head-based measurements (drift, head gradient norm) are skipped."""
+        return self._heads.get(required=required, warn=warn)
 
-        Returns:
-            The number of BatchNorm layers recomputed (0 when the HP modules have none).
-        """
-        model = self.accelerator.unwrap_model(self.model)
-        hp_modules = self.split.hp_modules(model)
-        layers = tracked_batchnorms(hp_modules)
-        if not layers:
-            return 0
-        cache = self._feature_cache
-        batch_size = self._measurement_loader_batch_size()
+    @property
+    def split(self) -> ModelSplit:
+        """The backbone/head split (raises when the model has no head `find_split` can find)."""
+        return self.find_head(required=True)
 
-        def over_cache() -> None:  # every rank holds the whole cache: no reduction needed
-            device = next(model.parameters()).device
-            for view in cache.features:
-                for start in range(0, view.shape[0], batch_size):
-                    self.split.head_logits(model, view[start : start + batch_size].to(device))
+    @property
+    def stages(self) -> Stages:
+        """The stage mechanics of this model (`headprep_hf.stages.Stages`)."""
+        if self._stages is None:
+            self._stages = Stages(self.split, self.args.hp_backbone_mode)
+        return self._stages
 
-        def over_train_set() -> None:
-            loader = self._measurement_loader(self.train_dataset)
-            with forked_rng(self.args.seed):  # seeded views; the training RNG does not move
-                for batch in loader:
-                    with self.autocast_smart_context_manager():
-                        self._call_model(model, batch)
+    @property
+    def problem_type(self) -> str:
+        """The problem type the config or the model declares, else the one the training labels show."""
+        if self._problem_type is None:
+            declared = declared_problem_type(self.args.problem_type, self.accelerator.unwrap_model(self.model))
+            self._problem_type = declared or infer_problem_type(self.train_dataset, self.label_names[0])
+        return self._problem_type
 
-        if cache is None:
-            self._sync_buffers()
-        recompute_statistics(
-            layers,
-            hp_modules,
-            model,
-            over_cache if cache is not None else over_train_set,
-            accelerator=None if cache is not None else self.accelerator,
-        )
-        return len(layers)
+    @property
+    def declares_problem_type(self) -> bool:
+        """Whether the config or the model declares the problem type (else it is read off the labels)."""
+        return declared_problem_type(self.args.problem_type, self.accelerator.unwrap_model(self.model)) is not None
 
-    def _prepare_bn_statistics(self) -> None:
-        if self.args.hp_recompute_bn_stats:
-            self.recompute_bn_statistics()
+    @property
+    def dynamics(self) -> dict[str, Any]:
+        """What was measured (`headprep_dynamics.json`)."""
+        return self.measurements.dynamics
 
-    def prepared_hp_state_dict(self) -> dict[str, torch.Tensor]:
-        """`hp_state_dict()` of the head as `probe_head()` would leave it at this point: BatchNorm statistics
-        recomputed (`hp_recompute_bn_stats`). The live statistics are put back, so HP can go on (sweep snapshots)."""
-        if not self.args.hp_recompute_bn_stats:
-            return self.hp_state_dict()
-        model = self.accelerator.unwrap_model(self.model)
-        with restored_statistics(tracked_batchnorms(self.split.hp_modules(model))):
-            self.recompute_bn_statistics()
-            return self.hp_state_dict()
-
-    def hp_state_dict(self) -> dict[str, torch.Tensor]:
-        """Copy of everything head probing changes: the head and `reinit_modules` (parameters and buffers), plus
-        every buffer of the model when `hp_backbone_mode="train"` (BatchNorm statistics move then).
-
-        Loading it (`model.load_state_dict(sd, strict=False)`) onto the pretrained model reproduces the prepared
-        model FT starts from; the sweep saves one per tau.
-        """
-        model = self.accelerator.unwrap_model(self.model)
-        buffers = {n for n, _ in model.named_buffers()} if self.args.hp_backbone_mode == "train" else set()
-        return {
-            n: t.detach().clone().cpu()
-            for n, t in model.state_dict().items()
-            if self.split.is_hp_trainable(n) or n in buffers
-        }
+    @dynamics.setter
+    def dynamics(self, value: dict[str, Any]) -> None:
+        self.measurements.dynamics = value
 
     @property
     def current_stage(self) -> str:
@@ -385,239 +203,175 @@ class HeadPrepTrainer(Trainer):
 
     @property
     def current_label_smoothing(self) -> float:
-        """Label smoothing of the current stage (for subclasses that override `compute_loss`)."""
-        return self.args.hp_label_smoothing if self._stage == "hp" else self.args.ft_label_smoothing
+        """Label smoothing of the current stage (`label_smoothing_factor` in both when the stage values are 0)."""
+        value = self.args.hp_label_smoothing if self._stage == "hp" else self.args.ft_label_smoothing
+        return value or self.args.label_smoothing_factor
 
-    # ------------------------------------------------------------------ orchestration
-    def _run(self, plan: str, resume_from_checkpoint, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if plan not in _PLANS:
-            raise ValueError(f"Unknown plan {plan!r}.")
-        self._plan = plan
-        if self._train_calls > 0:
-            self._reset_for_new_stage()
-        self._train_calls += 1
-        self._check_all_labels()
+    @property
+    def writes_stage_state(self) -> bool:
+        """Whether checkpoints and outputs get the headprep files (HP, a single stage, or measurements)."""
+        return self.args.hp_epochs > 0 or self.args.track_dynamics or self.stage_plan.plan != "both"
 
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self._get_output_dir(trial))
-            if checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True but no checkpoint in {self._get_output_dir(trial)}.")
-        elif checkpoint is False:
-            checkpoint = None
-        if checkpoint is None and not self.args.overwrite_output_dir:
-            run_dir = self._get_output_dir(trial)
-            existing = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-            if existing is not None:
-                raise ValueError(
-                    f"output_dir {run_dir} already holds checkpoints of an earlier run ({existing}); a new run would "
-                    "overwrite them. Resume it with resume_from_checkpoint=True, pick another output_dir, or set "
-                    "overwrite_output_dir=True."
-                )
+    @property
+    def has_stages(self) -> bool:
+        """Whether this run has head probing or runs a single stage (`probe_head()` / `finetune()`): then a new run
+        refuses an `output_dir` holding checkpoints. Plain runs (`hp_epochs=0`, `train()`) write as `Trainer` does."""
+        return self.args.hp_epochs > 0 or self.stage_plan.plan != "both"
 
-        self._ft_started = False
-        self._z0 = None
-        self._last_drift_step = None
-        self._resume_state = None
-        self.resumed_stage = None
-        self._reset_grad_norm_window()
-        if plan in ("both", "ft"):
-            self.dynamics.pop("drift", None)
-            self.dynamics.pop("head_grad_norm", None)
-        if checkpoint is not None:
-            self._load_headprep_state(checkpoint)
+    # ------------------------------------------------------------------ public stages
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """HP for `args.hp_epochs` epochs, then FT; `resume_from_checkpoint` resumes in whichever stage it was.
 
-        self._user_requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        self._head_params = [p for _, p in self.split.head_parameters(self.model)]
-        self._probe_loader = None  # Trainer.train() frees Accelerate's prepared loaders
-        self._applied_stage = None
-        try:
-            output = super().train(
-                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-            )
-        finally:
-            self._set_requires_grad("ft")
-            self._stage = "ft" if self._ft_started else "hp"
-        self._sync_buffers()
-        if plan != "hp":
-            self._write_dynamics()
+        With `hp_cache_features=True`, HP runs on cached features first and the training loop (and its checkpoints)
+        covers FT only; resuming such a run restarts from its last FT checkpoint without redoing HP.
+        """
+        outside = bool(self.args.hp_cache_features and self.args.hp_epochs > 0)
+        if outside and resume_from_checkpoint in (None, False):
+            self._check_all_labels()
+            self._probe_head_cached()
+        return self._run(
+            "both", resume_from_checkpoint, trial, ignore_keys_for_eval, hp_outside_loop=outside, **kwargs
+        )
+
+    def probe_head(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+        """HP only: train the head (and `reinit_modules`) for `args.hp_epochs` epochs with the backbone frozen.
+
+        Afterwards `dynamics` holds the energy, HP train accuracy and p0 of the prepared head.
+        """
+        self.find_head(required=True)
+        self._add_own_callbacks()
+        if self.args.hp_epochs == 0 or (self.args.hp_cache_features and not resume_from_checkpoint):
+            self._check_all_labels()
+            metrics = self._probe_head_cached() if self.args.hp_epochs > 0 else {}
+            self._finish_hp(recompute_bn=self.args.hp_epochs == 0)  # (cached HP recomputed on its cache)
+            return TrainOutput(self.state.global_step, metrics.get("hp_loss", 0.0), metrics)
+        output = self._run("hp", resume_from_checkpoint, **kwargs)
+        self._finish_hp(recompute_bn=True)
         return output
 
-    def _reset_for_new_stage(self) -> None:
-        # A new stage gets a new optimizer, schedule and DDP wrapper: the old wrapper was built for the previous
-        # stage's trainable set and reusing it can leave ranks out of sync.
-        self.optimizer = None
-        self.lr_scheduler = None
-        self.model_wrapped = self.model
+    def finetune(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+        """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
+        return self._run("ft", resume_from_checkpoint, **kwargs)
 
-    def _check_all_labels(self) -> None:
-        if self.split.num_classes is None:
-            return
-        label_name = self.label_names[0] if self.label_names else "labels"
-        datasets = [("train_dataset", self.train_dataset), ("energy_dataset", self.energy_dataset)]
-        if isinstance(self.eval_dataset, dict):
-            datasets += [(f"eval_dataset[{k!r}]", v) for k, v in self.eval_dataset.items()]
-        elif self.eval_dataset is not None:
-            datasets.append(("eval_dataset", self.eval_dataset))
-        for name, dataset in datasets:
-            if dataset is None:
-                continue
-            if callable(getattr(dataset, "check_samples", None)):  # the dataset checks its raw samples itself
-                dataset.check_samples(self.split.num_classes, name=name, ignore_index=self.args.ignore_index)
-            elif self.problem_type != "single_label_classification":
-                check_task_labels(dataset, self.split.num_classes, name, self.problem_type, label_name)
-            else:
-                check_dense_shapes(dataset, name, label_name)
-                check_labels(dataset, self.split.num_classes, name, label_name, self.args.ignore_index)
+    def _probe_head_cached(self) -> dict[str, float]:
+        self._new_call(plain=False)
+        metrics = CachedHeadProbing(self).train()
+        self._stage = "hp"
+        broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
+        return metrics
 
-    def set_initial_training_values(self, args, dataloader):
-        values = list(super().set_initial_training_values(args, dataloader))
-        num_train_epochs, steps_per_epoch, num_examples, _, total_batch, steps_in_epoch, max_steps = values
-        if not has_length(dataloader):
-            raise ValueError("HeadPrepTrainer counts HP in epochs and needs a training dataset with a length.")
-        hp_steps = args.hp_epochs * steps_per_epoch if self._plan != "ft" and not self._hp_outside_loop else 0
-        ft_steps = max_steps if self._plan != "hp" else 0
-        if self._resume_state is not None:
-            saved = (self._resume_state["hp_steps"], self._resume_state["ft_steps"])
-            if saved != (hp_steps, ft_steps):
-                raise ValueError(
-                    f"The checkpoint was written for {saved[0]} HP + {saved[1]} FT steps but this configuration "
-                    f"gives {hp_steps} + {ft_steps} (hp_epochs, num_train_epochs/max_steps, batch size or dataset "
-                    "differ). Resume with the settings of the interrupted run."
-                )
-        self._hp_steps, self._ft_steps = hp_steps, ft_steps
-        total = hp_steps + ft_steps
-        if total == 0:
-            raise ValueError("Nothing to train: hp_epochs and num_train_epochs/max_steps give 0 steps.")
-        num_train_epochs = math.ceil(total / steps_per_epoch)
-        num_train_samples = num_examples * total / steps_per_epoch
-        return num_train_epochs, steps_per_epoch, num_examples, num_train_samples, total_batch, steps_in_epoch, total
+    def _finish_hp(self, recompute_bn: bool) -> None:
+        # The end of HP: BatchNorm statistics of the HP modules, the start-of-FT measurements, the prepared head.
+        if recompute_bn and self.args.hp_recompute_bn_stats:
+            self.recompute_bn_statistics()
+        if self.args.track_dynamics:
+            self.measure_start()
+            self.measurements.write(self.args.output_dir)
+        self._write_prepared_head()
 
-    def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
-        # probe_head() and finetune() each restart global_step at 0: separate folders keep checkpoint names apart.
-        return run_dir if self._plan == "both" else os.path.join(run_dir, self._plan)
+    def _begin_ft(self) -> None:
+        plan = self.stage_plan
+        plan.ft_started = True
+        in_loop_hp = plan.plan == "both" and plan.hp_steps > 0
+        if in_loop_hp:
+            Stages.begin_ft(self.optimizer, self.args.weight_decay)
+        if plan.plan == "both" and self.args.hp_epochs > 0:
+            self._finish_hp(recompute_bn=in_loop_hp)
+        elif self.args.track_dynamics:
+            self.measure_start()
 
-    # ------------------------------------------------------------------ optimizer and schedule
-    def create_optimizer(self, model=None):
-        if self.optimizer is not None:
-            return self.optimizer
-        opt_model = self.model
-        decay = set(self.get_decay_parameter_names(opt_model))
-        hp_decay = self.args.weight_decay if self.args.hp_weight_decay is None else self.args.hp_weight_decay
-        groups = []
-        for part in ("head", "backbone"):
-            for with_decay in (True, False):
-                params = [
-                    p
-                    for n, p in opt_model.named_parameters()
-                    if p.requires_grad
-                    and self.split.is_hp_trainable(n) == (part == "head")
-                    and (n in decay) == with_decay
-                ]
-                if not params:
-                    continue
-                weight_decay = (hp_decay if part == "head" else self.args.weight_decay) if with_decay else 0.0
-                groups.append(
-                    {
-                        "params": params,
-                        "weight_decay": weight_decay,
-                        "lr": 1.0,  # the scheduler's factors are absolute learning rates
-                        "headprep_part": part,
-                        "headprep_decay": with_decay,
-                    }
-                )
-        if self.optimizer_cls_and_kwargs is not None:
-            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-        else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model")}
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
+    # ------------------------------------------------------------------ measurements (see MeasurementCallback)
+    def measure_start(self) -> dict[str, float]:
+        """Measure the state FT starts from, at the current weights: energy, HP train accuracy, p0 and z_0.
 
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is not None:
-            return self.lr_scheduler
-        optimizer = optimizer if optimizer is not None else self.optimizer
-        hp_steps = self._hp_steps
-        ft_steps = max(num_training_steps - hp_steps, 0)
-        ft_kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
-        lambdas = []
-        for group in optimizer.param_groups:
-            is_head = group.get("headprep_part", "head") == "head"
-            lambdas.append(
-                StageSchedule(
-                    hp_steps=hp_steps,
-                    ft_steps=ft_steps,
-                    hp_lr=self.args.hp_learning_rate if is_head else 0.0,
-                    ft_lr=self.args.learning_rate,
-                    hp_kind=self.args.hp_lr_scheduler_type,
-                    ft_kind=ft_kind,
-                    hp_warmup=math.ceil(self.args.hp_warmup_ratio * hp_steps),
-                    ft_warmup=self.args.get_warmup_steps(ft_steps),
-                )
-            )
-        self.lr_scheduler = LambdaLR(optimizer, lambdas)
-        self._created_lr_scheduler = True
-        return self.lr_scheduler
+        Called automatically at the start of FT (and at the end of `probe_head()`); public so that a given model
+        state can be measured. Updates and returns `dynamics` entries; the probe features become the new z_0.
+        """
+        summary = self.measurements.measure_start()
+        self.dynamics["ft_start_step"] = self.state.global_step
+        return summary
 
-    # ------------------------------------------------------------------ stage mechanics
-    def _set_requires_grad(self, stage: str) -> None:
-        if self._applied_stage == stage:
-            return
-        for name, param in self.model.named_parameters():
-            user_flag = self._user_requires_grad.get(name, param.requires_grad)
-            param.requires_grad_(user_flag and (stage == "ft" or self.split.is_hp_trainable(name)))
-        self._applied_stage = stage
+    def measure_drift(self) -> dict[str, float]:
+        """Drift of the probe features at the current weights from z_0 (mean `||z_t-z_0||^2`, `z_t.z_0`,
+        `||z_t||^2`, `cos(z_t, z_0)`); recorded in `dynamics["drift"]` with the step and epoch."""
+        return self.measurements.measure_drift()
 
-    def _hp_mode_hook(self, module: nn.Module, args):
-        # Runs before every forward of the root module; Trainer.training_step has just called model.train().
-        if module.training and self._stage == "hp" and self.args.hp_backbone_mode == "eval" and self.is_in_train:
-            module.eval()
-            for sub in self.split.hp_modules(module):
-                sub.train()
+    def measurement_loader(self, dataset):
+        """A sequential loader over `dataset` for forward-only passes (energy, drift, feature cache, BatchNorm),
+        sharded across ranks by Accelerate, at `measure_batch_size` (default 4x the training batch: no activations
+        are kept for a backward pass, and large batches make forward-only passes fast)."""
+        return self._get_dataloader(dataset, "headprep", self.measure_batch_size)
 
-    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-        in_hp = self.state.global_step < self._hp_steps
-        if not in_hp and not self._ft_started:
-            self._begin_ft()
-        self._stage = "hp" if in_hp else "ft"
-        self._set_requires_grad(self._stage)
-        # Smoothing applies to training losses only. (model.training cannot tell: during HP the frozen backbone, and
-        # with it the root module, is in eval mode.)
-        self._in_training_step = True
-        try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            self._in_training_step = False
-        if not in_hp and self.args.track_dynamics and self.accelerator.sync_gradients:
-            norm = grad_norm(self._head_params)
-            if norm is not None:
-                self._grad_norm_sum = self._grad_norm_sum + norm.detach()
-                self._grad_norm_count += 1
-        return loss
+    @property
+    def measure_batch_size(self) -> int:
+        return self.args.measure_batch_size or max(
+            self.args.per_device_eval_batch_size, 4 * self.args.per_device_train_batch_size
+        )
+
+    def evaluate(self, *args, **kwargs):
+        broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
+        return super().evaluate(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """`Trainer.log`, with the measurements merged in and, in runs with HP, stage-tagged copies of the loss,
+        learning rate and evaluation keys beside them (`hp/loss`, `ft/loss`, `eval_hp/accuracy`, ...)."""
+        logs = {**logs, **self.measurements.pop_logs(logs)}
+        if self.args.hp_epochs > 0 or self.stage_plan.plan != "both":
+            stage = self.stage_plan.stage_at(self.state.global_step - 1)
+            for key, value in list(logs.items()):
+                if key in _STAGE_LOG_KEYS:
+                    logs[f"{stage}/{key}"] = value
+                elif key.startswith("eval_") and "/" not in key:
+                    logs[f"eval_{stage}/{key[len('eval_') :]}"] = value
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ loss
+    def uses_trainer_loss(self, training: bool = True, stage: str | None = None) -> bool:
+        """Whether the trainer's own loss (`loss_from_logits`) computes the loss, else `Trainer.compute_loss`.
+
+        Precedence: `compute_loss_func` (the user's) > the trainer's loss when the model takes no labels, when
+        `args.problem_type` is set, or when the training stage smooths labels (`hp_label_smoothing` /
+        `ft_label_smoothing`) > the model's own loss.
+        """
+        if self.compute_loss_func is not None:
+            return False
+        if not self._model_takes_labels or self.args.problem_type is not None:
+            return True
+        stage = stage or self._stage
+        return training and (self.args.hp_label_smoothing if stage == "hp" else self.args.ft_label_smoothing) > 0
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        if not self.uses_trainer_loss(self._in_training_step):
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         labels = inputs[self.label_names[0]]
-        logits = extract_logits(self._call_model(model, inputs))
+        outputs = self.model_caller(model, inputs)
         smoothing = self.current_label_smoothing if self._in_training_step else 0.0
-        loss = self.loss_from_logits(logits, labels, smoothing)
+        loss = self.loss_from_logits(extract_logits(outputs), labels, smoothing)
         if self._in_training_step and num_items_in_batch is not None:
             # The mean over this micro-batch's items, re-weighted so that the update is the mean over every item of
             # the optimizer step (all micro-batches, all ranks; DDP averages over ranks, hence the world size).
             local = count_items(self.problem_type, labels, self.args.ignore_index)
             loss = loss * (local * self.accelerator.num_processes / num_items_in_batch.clamp(min=1))
-        return (loss, {"logits": logits}) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        if isinstance(outputs, torch.Tensor):
+            outputs = {"logits": outputs}
+        elif isinstance(outputs, (tuple, list)):
+            outputs = (loss, *outputs)  # Trainer's convention: the loss first, every model output after it
+        return loss, outputs
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """Items (valid labels: not `ignore_index`, not NaN) in an optimizer step's micro-batches, summed over ranks.
-
-        `compute_loss` scales each micro-batch's mean by it, so masked losses (ignored pixels, missing graph labels)
-        average over the step's items exactly as one process with the whole batch would, whatever the number of
-        ranks and gradient-accumulation steps; the Trainer then does not divide by the accumulation steps."""
-        name = self.label_names[0] if self.label_names else "labels"
-        if not batch_samples or not all(isinstance(b, dict) and name in b for b in batch_samples):
+        """With the trainer's loss: items (labels other than `ignore_index`, not NaN) in an optimizer step's
+        micro-batches, summed over ranks, so masked losses average over the step's items exactly as one process with
+        the whole batch would. Otherwise `Trainer`'s own count."""
+        if not self.uses_trainer_loss(True, self.stage_plan.stage_at(self.state.global_step)):
             self.loss_is_scaled_for_ga = None
+            return super()._get_num_items_in_batch(batch_samples, device)
+        name = self.label_names[0]
+        if not batch_samples or not all(isinstance(b, dict) and name in b for b in batch_samples):
+            self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the steps
             return None
         count = sum(count_items(self.problem_type, b[name], self.args.ignore_index) for b in batch_samples)
         count = torch.as_tensor(count, device=device).reshape(1)
@@ -627,249 +381,166 @@ class HeadPrepTrainer(Trainer):
         return count.sum()
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-        """The training loss of both stages for `problem_type` (cross-entropy with `ignore_index`, masked BCE or
-        masked MSE; `label_smoothing` for the classification types).
+        """The trainer's loss for `problem_type` (cross-entropy with `ignore_index`, masked BCE or masked MSE;
+        `label_smoothing` for the classification types).
 
         Override this (rather than `compute_loss`) to change the loss for every path, cached HP included.
         """
         return task_loss(self.problem_type, logits, labels, label_smoothing, self.args.ignore_index)
 
-    def _begin_ft(self) -> None:
-        self._ft_started = True
-        self.dynamics["ft_start_step"] = self.state.global_step
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        # FT starts from a fresh optimizer: no HP momentum or Adam moments carried over.
-        optimizer.state.clear()
-        for group in optimizer.param_groups:
-            if group.get("headprep_part") == "head" and group.get("headprep_decay"):
-                group["weight_decay"] = self.args.weight_decay
-        if self._plan == "both" and not self._hp_outside_loop:
-            self._prepare_bn_statistics()  # HP just ended in this loop (cached HP did it on its cache)
-        if self.args.track_dynamics:
-            # The measurement iterates its own dataloader inside the training step; keep the step's sync flag.
-            sync = self.accelerator.gradient_state.sync_gradients
-            self.measure_start()
-            self.accelerator.gradient_state._set_sync_gradients(sync)
-        if self._plan == "both":
-            self._write_prepared_head()
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        self._stage = self.stage_plan.stage_at(self.state.global_step)
+        if self._stages is not None:
+            self.stages.apply(self.model, self._stage)
+        self._in_training_step = True  # smoothing applies to training losses only
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._in_training_step = False
+        if self._stage == "ft" and self.args.track_dynamics and self.accelerator.sync_gradients:
+            self.measurements.record_head_grad()
+        return loss
 
-    # ------------------------------------------------------------------ measurements
-    def _sync_buffers(self) -> None:
-        # DDP copies rank 0's buffers only at the start of a training forward; after the last step each rank holds
-        # BatchNorm statistics updated with its own batch. Measurements, evaluation and the saved model must all
-        # see rank 0's (the ones saved), or gathered values mix two models.
-        if self.accelerator.num_processes > 1 and torch.distributed.is_initialized():
-            for buffer in self.accelerator.unwrap_model(self.model).buffers():
-                torch.distributed.broadcast(buffer.data, src=0)
-
-    def evaluate(self, *args, **kwargs):
-        self._sync_buffers()
-        return super().evaluate(*args, **kwargs)
-
-    def _measurement_loader(self, dataset):
-        # Sequential, sharded across ranks by Accelerate. These passes only run forwards without autograd, which keep
-        # a layer or two of activations alive instead of all of them: 4x the training batch fits where training
-        # fits, and large batches are what makes forward-only passes fast (CPU: 64 -> 256 costs ~35% less).
-        return self._get_dataloader(
-            dataset, "headprep", self._measurement_loader_batch_size(), sampler_fn=self._get_eval_sampler
+    # ------------------------------------------------------------------ optimizer and schedule
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.stage_plan.hp_steps == 0:
+            return super().create_optimizer(model)
+        hp_decay = self.args.weight_decay if self.args.hp_weight_decay is None else self.args.hp_weight_decay
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups = self.stages.param_groups(self.model, decay, hp_decay, self.args.weight_decay)
+        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+            self.args, self.model
         )
+        optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model")}
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
-    def _measurement_loader_batch_size(self) -> int:
-        return self.args.measure_batch_size or max(
-            self.args.per_device_eval_batch_size, 4 * self.args.per_device_train_batch_size
-        )
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is not None or self.stage_plan.hp_steps == 0:
+            return super().create_scheduler(num_training_steps, optimizer)
+        hp_steps = self.stage_plan.hp_steps
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        self.lr_scheduler = two_stage_scheduler(optimizer, self.args, hp_steps, max(num_training_steps - hp_steps, 0))
+        return self.lr_scheduler
 
-    def _measure_dataset(self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, **kwargs):
-        self._sync_buffers()
-        return measure(
-            self.accelerator.unwrap_model(self.model),
-            loader if loader is not None else self._measurement_loader(dataset),
-            self._call_model,
-            self.split.feature_module(self.accelerator.unwrap_model(self.model)),
-            self.accelerator,
-            label_name=self.label_names[0],
-            with_energy=with_energy,
-            max_features=max_features,
-            ignore_index=self.args.ignore_index,
-            problem_type=self.problem_type,
-            autocast=self.autocast_smart_context_manager,
-            seed=seed,
-            **kwargs,
-        )
-
-    def _measure_probe(self) -> torch.Tensor:
-        """Features z of the probe set at the current weights.
-
-        The probe loader is built once per run (no new loader or workers per measurement). The probe samples are read
-        once, with the RNGs seeded, and kept in memory when they fit (`dynamics.probe_in_memory`); larger probe sets
-        are re-read by every pass with the RNGs seeded the same way. Either way a probe set with random augmentation
-        gives the same views for z_0 and every z_t.
-        """
-        if self._probe_loader is None:
-            self._probe_set = probe_in_memory(self._probe_dataset(), seed=self.args.seed)
-            self._probe_loader = self._measurement_loader(self._probe_set)
-        probe = self._probe_set
-        return self._measure_dataset(probe, False, len(probe), loader=self._probe_loader, seed=self.args.seed).features
-
-    def _probe_dataset(self):
-        if self.drift_dataset is not None:
-            return self.drift_dataset
-        n = min(self.args.drift_probe_samples, len(self.train_dataset))
-        return torch.utils.data.Subset(self.train_dataset, range(n))
-
-    def measure_start(self) -> dict[str, float]:
-        """Measure the state FT starts from, at the current weights: energy, HP train accuracy, p0 and z_0.
-
-        Called automatically at the first FT step (and at the end of `probe_head()`); public so that a given model
-        state can be measured. Updates and returns `dynamics` entries; the probe features become the new z_0.
-        """
-        energy_set = self.energy_dataset if self.energy_dataset is not None else self.train_dataset
-        n_energy = len(energy_set)
-        if self.args.energy_max_samples is not None:
-            n_energy = min(n_energy, self.args.energy_max_samples)
-        if n_energy < len(energy_set):
-            energy_set = torch.utils.data.Subset(energy_set, range(n_energy))
-        result = self._measure_dataset(energy_set, with_energy=True, max_features=0)
-        z0 = self._z0 = self._measure_probe()
-        summary = result.summary()
-        p0 = result.p_true
-        self.dynamics.update(
-            {
-                **summary,
-                "p0": [None if v != v else round(v, 6) for v in p0.tolist()],  # None: no label / regression
-                "p0_histogram": histogram(p0[~torch.isnan(p0)]),
-                "num_energy_samples": int(result.energy.shape[0]),
-                "num_probe_samples": int(z0.shape[0]),
-                "hp_epochs": self.args.hp_epochs,
-                "hp_label_smoothing": self.args.hp_label_smoothing,
-                "ft_label_smoothing": self.args.ft_label_smoothing,
-            }
-        )
-        self.dynamics.setdefault("ft_start_step", self.state.global_step)
-        self._log_measurement({f"headprep/{k}": v for k, v in summary.items() if v is not None})
-        if not torch.isnan(p0).all():
-            self._log_histogram("headprep/p0", p0[~torch.isnan(p0)])
-        return summary
-
-    def measure_drift(self) -> dict[str, float]:
-        """Drift of the probe features at the current weights from z_0 (mean `||z_t-z_0||^2`, `z_t.z_0`,
-        `||z_t||^2`, `cos(z_t, z_0)`); recorded in `dynamics["drift"]` with the step and epoch."""
-        if self._z0 is None:
-            raise RuntimeError("No z_0 yet: call measure_start() (or run HP / start FT) before measure_drift().")
-        zt = self._measure_probe()
-        metrics = drift_metrics(self._z0, zt)
-        self.dynamics.setdefault("drift", []).append(
-            {"step": self.state.global_step, "epoch": self.state.epoch, **metrics}
-        )
-        self._log_measurement({f"drift/{k}": metrics[k] for k in DRIFT_KEYS})
-        return metrics
-
-    def _measure_drift(self) -> None:
-        if not (self.args.track_dynamics and self._ft_started and self._z0 is not None and self.is_in_train):
-            return
-        step = self.state.global_step
-        if step == self._last_drift_step or step == self.dynamics.get("ft_start_step"):
-            return
-        self._last_drift_step = step
-        self.measure_drift()
-
-    def _log_measurement(self, values: dict[str, float]) -> None:
-        # Trainer.log only works once training state exists; probe_head() with hp_epochs=0 has none.
-        if self.state is not None and self.is_in_train:
-            self.log(dict(values))
-
-    def _log_histogram(self, tag: str, values: torch.Tensor) -> None:
-        from transformers.integrations import TensorBoardCallback
-
-        for callback in self.callback_handler.callbacks:
-            writer = getattr(callback, "tb_writer", None)
-            if isinstance(callback, TensorBoardCallback) and writer is not None:
-                writer.add_histogram(tag, values[~torch.isnan(values)].numpy(), self.state.global_step)
-
-    def _reset_grad_norm_window(self) -> None:
-        self._grad_norm_sum: torch.Tensor | float = 0.0
-        self._grad_norm_count = 0
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        stage = "ft" if self._ft_started else "hp"
-        if "loss" in logs and stage == "ft" and self._grad_norm_count > 0:
-            value = float(self._grad_norm_sum / self._grad_norm_count)
-            logs = {**logs, "head_grad_norm": value}
-            self.dynamics.setdefault("head_grad_norm", []).append(
-                {"step": self.state.global_step, "epoch": self.state.epoch, "value": value}
-            )
-            self._reset_grad_norm_window()
-        renamed = {}
-        for key, value in logs.items():
-            if key in _STAGE_LOG_KEYS or key == "head_grad_norm":
-                renamed[f"{stage}/{key}"] = value
-            elif key.startswith("eval_"):
-                renamed[f"eval_{stage}/{key[len('eval_') :]}"] = value
-            else:
-                renamed[key] = value
-        super().log(renamed, start_time)
-
-    # ------------------------------------------------------------------ checkpoints and outputs
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """`Trainer._save`, with the training arguments written as JSON (`training_args.json`) instead of the pickled
-        `training_args.bin`: nothing this trainer writes needs unpickling to be read (weights are safetensors)."""
-        super()._save(output_dir, state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
-        if os.path.isfile(pickled):
-            os.remove(pickled)
-        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as f:
-            f.write(self.args.to_json_string())
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        state = {
-            "stage": "ft" if self._ft_started else "hp",
-            "plan": self._plan,
-            "global_step": self.state.global_step,
-            "hp_steps": self._hp_steps,
-            "ft_steps": self._ft_steps,
-            "last_drift_step": self._last_drift_step,
-            "dynamics": self.dynamics,
-        }
-        _write_json(os.path.join(folder, STATE_NAME), state)
-        if self._z0 is not None:
-            save_file({"z0": self._z0.contiguous()}, os.path.join(folder, FEATURES_NAME))
-
-    def _load_headprep_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"{checkpoint} has no {STATE_NAME}: it was not written by HeadPrepTrainer.")
-        with open(path) as f:
-            state = json.load(f)
-        if state["plan"] != self._plan:
-            method = {"both": "train", "hp": "probe_head", "ft": "finetune"}
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        plan = self.stage_plan
+        num_train_epochs, steps_per_epoch, num_examples, _, total_batch, steps_in_epoch, max_steps = values
+        hp_steps = args.hp_epochs * steps_per_epoch if plan.plan != "ft" and not plan.hp_outside_loop else 0
+        if self._resume_plan is not None and plan.plan != "ft" and self._resume_plan.hp_steps != hp_steps:
             raise ValueError(
-                f"{checkpoint} was written by {method[state['plan']]}(); resume it with "
-                f"{method[state['plan']]}(resume_from_checkpoint=...), not {method[self._plan]}()."
+                f"The checkpoint was written with {self._resume_plan.hp_steps} HP steps but this configuration gives "
+                f"{hp_steps} (hp_epochs, batch size or dataset differ). Resume with the HP settings of the "
+                "interrupted run."
             )
-        self._resume_state = state
-        self.dynamics = state["dynamics"]
-        self._ft_started = state["stage"] == "ft"
-        self._stage = state["stage"]
-        self._last_drift_step = state.get("last_drift_step")
-        features = os.path.join(checkpoint, FEATURES_NAME)
-        if os.path.isfile(features):
-            self._z0 = load_file(features)["z0"]
-        self.resumed_stage = state["stage"]
-        logger.info("Resuming %s in stage %s at step %d.", checkpoint, state["stage"], state["global_step"])
+        plan.hp_steps, plan.ft_steps = hp_steps, (max_steps if plan.plan != "hp" else 0)
+        if hp_steps == 0 and plan.plan != "hp":
+            return values  # no HP in this loop: exactly the Trainer's plan
+        total = hp_steps + plan.ft_steps
+        if total == 0:
+            raise ValueError("Nothing to train: hp_epochs and num_train_epochs/max_steps give 0 steps.")
+        num_train_epochs = math.ceil(total / steps_per_epoch)
+        num_train_samples = num_examples * total / steps_per_epoch
+        return num_train_epochs, steps_per_epoch, num_examples, num_train_samples, total_batch, steps_in_epoch, total
 
-    def _write_dynamics(self) -> None:
-        if self.args.should_save:
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            _write_json(os.path.join(self.args.output_dir, DYNAMICS_NAME), self.dynamics)
+    # ------------------------------------------------------------------ orchestration
+    def _new_call(self, plain: bool) -> None:
+        # A new stage gets a new optimizer, schedule and DDP wrapper: the old wrapper was built for the previous
+        # stage's trainable set and reusing it can leave ranks out of sync. Repeated plain runs keep Trainer's reuse.
+        if self._train_calls > 0 and not (plain and self._last_plain):
+            self.optimizer, self.lr_scheduler, self.model_wrapped = None, None, self.model
+        self._train_calls += 1
+        self._last_plain = plain
 
+    def _run(
+        self, plan: str, resume_from_checkpoint, trial=None, ignore_keys_for_eval=None, hp_outside_loop=False, **kwargs
+    ):
+        if plan not in PLANS:
+            raise ValueError(f"Unknown plan {plan!r}.")
+        plain = plan == "both" and self.args.hp_epochs == 0
+        if not plain or self.args.track_dynamics:
+            self._add_own_callbacks()
+        self._new_call(plain and not hp_outside_loop)
+        self.stage_plan = StagePlan(plan=plan, hp_outside_loop=hp_outside_loop)
+        self._trial_for_dir = trial
+        self._check_all_labels()
+        refuse = self.has_stages and not self.args.overwrite_output_dir
+        checkpoint = resume_checkpoint(self._get_output_dir(trial), resume_from_checkpoint, refuse)
+        self.measurements.start_run(plan)
+        self.resumed_stage = self._resume_plan = None
+        if checkpoint is not None and os.path.isdir(checkpoint):
+            self._load_stage_state(checkpoint, plan)
+        self._attach = (not plain, not plain and plan != "ft" and not hp_outside_loop)
+        self._attach_stages(self.model)
+        self._stage = "ft" if plain or plan == "ft" else "hp"
+        try:
+            output = super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+        finally:
+            if self._stages is not None:
+                self.stages.restore(self.model)
+            self._attach = (False, False)
+            self._attach_stages(self.model)  # (removes the hook)
+            self._stage = "ft" if self.stage_plan.ft_started else "hp"
+        broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
+        if plan != "hp" and self.args.track_dynamics:
+            self.measurements.write(self.args.output_dir)
+        return output
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    def _load_stage_state(self, checkpoint: str, plan: str) -> None:
+        saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs)
+        self.stage_plan.ft_started = saved.ft_started
+        if not self.measurements.load(checkpoint) and self.args.track_dynamics and saved.ft_started:
+            logger.warning("%s holds no measurement state: energy and drift are not measured in this run.", checkpoint)
+        self.resumed_stage = "ft" if saved.ft_started else "hp"
+
+    def checkpoint_dir(self) -> str:
+        """The folder of the checkpoint the Trainer writes at the current step."""
+        return os.path.join(
+            self._get_output_dir(self._trial_for_dir), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        # probe_head() and finetune() each restart global_step at 0: separate folders keep checkpoint names apart.
+        return run_dir if self.stage_plan.plan == "both" else os.path.join(run_dir, self.stage_plan.plan)
+
+    def _check_all_labels(self) -> None:
+        # Labels are checked when the trainer's loss or a declared problem type says what they must be; a model
+        # computing its own loss gets its labels as they are (as with Trainer).
+        if self.compute_loss_func is None and (self.uses_trainer_loss() or self.declares_problem_type):
+            check_trainer_datasets(self)
+
+    def _hp_mode_hook(self, module: nn.Module, args):
+        # Before every forward of the root module; Trainer.training_step has just called model.train().
+        if module.training and self._stage == "hp" and self.is_in_train:
+            self.stages.set_hp_modes(module)
+
+    # ------------------------------------------------------------------ outputs
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus the training arguments as JSON (`training_args.json`) beside Trainer's
+        `training_args.bin`, so they can be read without unpickling."""
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and os.path.isdir(output_dir):
+            with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as f:
+                f.write(self.args.to_json_string())
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tags=None,
+        license: str | None = None,
+        sweep: dict | None = None,
+        metrics: dict | None = None,
+        **kwargs,
+    ):
+        """Write `output_dir/README.md`: HP/FT settings, energy, drift, `metrics` and a sweep's tau* (`sweep`, the
+        content of a `sweep.json`). Also what `push_to_hub()` uploads."""
+        from .cards import write_finetuned_model_card
+
+        if self.is_world_process_zero():
+            write_finetuned_model_card(self, model_name, finetuned_from, tags, license, sweep, metrics)

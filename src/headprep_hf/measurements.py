@@ -1,0 +1,306 @@
+"""`MeasurementCallback`: what the paper measures during a [`HeadPrepTrainer`] run, as a `TrainerCallback`.
+
+* At the start of FT: energy, HP train accuracy, p0 (logits and labels only) and the probe features z_0 (the head's
+  input). The trainer asks for it at the HP->FT boundary (or before the first step when the run has no HP).
+* During FT: the drift of the probe features from z_0 at every epoch end, evaluation and the end of training, and the
+  head's gradient norm at every update (summed on the device, read at logging steps).
+* Values are merged into the trainer's next log record (as trl merges its extra metrics in `log()`), never logged as
+  records of their own, so `state.log_history` keeps the Trainer's record layout.
+* `on_save` writes the measurement state into the checkpoint; `load` restores it on resume.
+
+Measurements that need the head (drift, head gradient norm) are skipped, with one warning naming the fix, when the
+model has no head the split can find.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure, probe_in_memory
+from .files import write_json
+
+if TYPE_CHECKING:
+    from .trainer import HeadPrepTrainer
+
+logger = logging.getLogger(__name__)
+
+MEASUREMENTS_NAME = "headprep_measurements.json"
+FEATURES_NAME = "headprep_measurements.safetensors"
+DYNAMICS_NAME = "headprep_dynamics.json"
+
+
+def broadcast_buffers(model: torch.nn.Module, accelerator) -> None:
+    """Rank 0's buffers on every rank.
+
+    DDP copies rank 0's buffers only at the start of a training forward; after the last step each rank holds BatchNorm
+    statistics updated with its own batch. Measurements, evaluation and the saved model must all see rank 0's (the ones
+    saved), or gathered values mix two models.
+    """
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+class MeasurementCallback(TrainerCallback):
+    """Energy, HP train accuracy and p0 at FT start, drift and head gradient norm during FT (`trainer.dynamics`).
+
+    Args:
+        trainer: The [`HeadPrepTrainer`] it measures (its model, data, accelerator and public helpers).
+    """
+
+    def __init__(self, trainer: HeadPrepTrainer):
+        self.trainer = trainer
+        self.dynamics: dict[str, Any] = {}
+        self.z0: torch.Tensor | None = None
+        self.last_drift_step: int | None = None
+        self.pending: dict[str, float] = {}
+        self._probe_loader = None
+        self._probe_set = None
+        self._grad_sum: torch.Tensor | float = 0.0
+        self._grad_count = 0
+        self._head_params: list[torch.nn.Parameter] | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ run lifecycle (called by the trainer)
+    def start_run(self, plan: str) -> None:
+        """A new `train()` call: no z_0 yet; FT runs start new drift and head-gradient records."""
+        self.z0, self.last_drift_step, self.pending = None, None, {}
+        self._probe_loader = self._probe_set = None  # Trainer.train() frees Accelerate's prepared loaders
+        self._grad_sum, self._grad_count = 0.0, 0
+        if plan in ("both", "ft"):
+            self.dynamics.pop("drift", None)
+            self.dynamics.pop("head_grad_norm", None)
+
+    def save(self, folder: str) -> None:
+        """The measurement state into checkpoint `folder`."""
+        # Values not logged yet and the open head-gradient window travel too: the resumed run logs what the
+        # uninterrupted one would have.
+        state = {
+            "dynamics": self.dynamics,
+            "last_drift_step": self.last_drift_step,
+            "pending": self.pending,
+            "grad_window": [float(self._grad_sum), self._grad_count],
+        }
+        write_json(os.path.join(folder, MEASUREMENTS_NAME), state)
+        if self.z0 is not None:
+            save_file({"z0": self.z0.contiguous()}, os.path.join(folder, FEATURES_NAME))
+
+    def load(self, folder: str) -> bool:
+        """Restore the state saved in checkpoint `folder`; False when it holds none (e.g. a `Trainer` checkpoint)."""
+        path = os.path.join(folder, MEASUREMENTS_NAME)
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            state = json.load(f)
+        self.dynamics = state["dynamics"]
+        self.last_drift_step = state.get("last_drift_step")
+        self.pending = state.get("pending", {})
+        total, count = state.get("grad_window", [0.0, 0])
+        self._grad_sum, self._grad_count = (torch.tensor(total, dtype=torch.float32) if count else 0.0), count
+        features = os.path.join(folder, FEATURES_NAME)
+        self.z0 = load_file(features)["z0"] if os.path.isfile(features) else None
+        return True
+
+    def write(self, output_dir: str) -> None:
+        """`output_dir/headprep_dynamics.json` (main process; nothing when nothing was measured)."""
+        if self.dynamics and self.trainer.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            write_json(os.path.join(output_dir, DYNAMICS_NAME), self.dynamics)
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._head_params = None  # looked up again for this run's model (model_init may have built a new one)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._maybe_drift()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._maybe_drift()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._maybe_drift()
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save and self.trainer.args.track_dynamics:
+            folder = self.trainer.checkpoint_dir()
+            if os.path.isdir(folder):
+                self.save(folder)
+
+    # ------------------------------------------------------------------ measurements
+    def measure_dataset(self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, **kwargs):
+        """One forward-only pass of the model over `dataset` (see `dynamics.measure`); every rank takes part."""
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        broadcast_buffers(model, trainer.accelerator)
+        split = trainer.find_head() if max_features > 0 else None
+        return measure(
+            model,
+            loader if loader is not None else trainer.measurement_loader(dataset),
+            trainer.model_caller,
+            split.feature_module(model) if split is not None else None,
+            trainer.accelerator,
+            label_name=trainer.label_names[0] if trainer.label_names else "labels",
+            with_energy=with_energy,
+            max_features=max_features,
+            ignore_index=trainer.args.ignore_index,
+            problem_type=trainer.problem_type if with_energy else "single_label_classification",
+            autocast=trainer.autocast_smart_context_manager,
+            seed=seed,
+            **kwargs,
+        )
+
+    def measure_start(self) -> dict[str, float]:
+        """Energy, HP train accuracy and p0 of the training set (or `energy_dataset`) and z_0 of the probe set, at the
+        current weights; updates `dynamics` and returns the summary."""
+        trainer, args = self.trainer, self.trainer.args
+        summary: dict[str, Any] = {}
+        result = self._energy_pass() if self._can_measure_energy() else None
+        if result is not None:
+            summary = result.summary()
+            p0 = result.p_true
+            self.dynamics.update(
+                {
+                    **summary,
+                    "p0": [None if v != v else round(v, 6) for v in p0.tolist()],  # None: no label / regression
+                    "p0_histogram": histogram(p0[~torch.isnan(p0)]),
+                    "num_energy_samples": int(result.energy.shape[0]),
+                    "problem_type": trainer.problem_type,
+                }
+            )
+            self.pending.update({f"headprep/{k}": v for k, v in summary.items() if v is not None})
+            if not torch.isnan(p0).all():
+                self._histogram("headprep/p0", p0[~torch.isnan(p0)])
+        self.z0 = self._probe() if self._head_or_warn() is not None else None
+        self.dynamics.update(
+            {
+                "hp_epochs": args.hp_epochs,
+                "hp_label_smoothing": args.hp_label_smoothing,
+                "ft_label_smoothing": args.ft_label_smoothing,
+            }
+        )
+        if self.z0 is not None:
+            self.dynamics["num_probe_samples"] = int(self.z0.shape[0])
+        self.dynamics.setdefault("ft_start_step", trainer.state.global_step)
+        return summary
+
+    def measure_drift(self) -> dict[str, float]:
+        """Drift of the probe features at the current weights from z_0, recorded in `dynamics["drift"]`."""
+        if self.z0 is None:
+            raise RuntimeError("No z_0 yet: call measure_start() (or run HP / start FT) before measure_drift().")
+        metrics = drift_metrics(self.z0, self._probe())
+        state = self.trainer.state
+        self.dynamics.setdefault("drift", []).append({"step": state.global_step, "epoch": state.epoch, **metrics})
+        self.pending.update({f"drift/{k}": metrics[k] for k in DRIFT_KEYS})
+        return metrics
+
+    def record_head_grad(self) -> None:
+        """Add the head's current gradient norm to the window read at the next logging step (no host sync)."""
+        if self._head_params is None:
+            split = self.trainer.find_head()
+            self._head_params = [p for _, p in split.head_parameters(self.trainer.model)] if split is not None else []
+        norm = grad_norm(self._head_params)
+        if norm is not None:
+            self._grad_sum = self._grad_sum + norm.detach()
+            self._grad_count += 1
+
+    def pop_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """The values to merge into a log record: pending measurements, and the head gradient norm of the window on
+        a training-loss record."""
+        extra, self.pending = self.pending, {}
+        if "loss" in logs and self._grad_count > 0:
+            value = float(self._grad_sum / self._grad_count)
+            extra["head_grad_norm"] = value
+            state = self.trainer.state
+            self.dynamics.setdefault("head_grad_norm", []).append(
+                {"step": state.global_step, "epoch": state.epoch, "value": value}
+            )
+            self._grad_sum, self._grad_count = 0.0, 0
+        return extra
+
+    # ------------------------------------------------------------------ helpers
+    def _maybe_drift(self) -> None:
+        trainer = self.trainer
+        if not (trainer.args.track_dynamics and trainer.stage_plan.ft_started and self.z0 is not None):
+            return
+        step = trainer.state.global_step
+        if not trainer.is_in_train or step in (self.last_drift_step, self.dynamics.get("ft_start_step")):
+            return
+        self.last_drift_step = step
+        self.measure_drift()
+
+    def _energy_pass(self):
+        trainer, args = self.trainer, self.trainer.args
+        energy_set = trainer.energy_dataset if trainer.energy_dataset is not None else trainer.train_dataset
+        if args.energy_max_samples is not None and args.energy_max_samples < len(energy_set):
+            energy_set = torch.utils.data.Subset(energy_set, range(args.energy_max_samples))
+        try:
+            # Seeded: the same views whenever it runs (so the energy is a function of the weights alone).
+            return self.measure_dataset(energy_set, with_energy=True, max_features=0, seed=args.seed)
+        except (RuntimeError, ValueError, IndexError) as error:
+            if trainer.declares_problem_type:
+                raise
+            # The problem type was read off the labels, and these outputs do not fit it (e.g. a causal LM's shifted
+            # token logits): measuring is not worth failing the user's training for.
+            self._warn_once(
+                "energy",
+                f"Energy, HP accuracy and p0 were not measured: the outputs do not fit the problem type "
+                f"{trainer.problem_type!r} read off the labels ({error}). Set problem_type to measure them.",
+            )
+            return None
+
+    def _can_measure_energy(self) -> bool:
+        names = self.trainer.label_names
+        if names and len(names) == 1:
+            return True
+        self._warn_once("labels", f"Energy, HP accuracy and p0 need one label column; the model has {names}: skipped.")
+        return False
+
+    def _head_or_warn(self):
+        return self.trainer.find_head(warn=True)
+
+    def _probe(self) -> torch.Tensor:
+        # The probe loader is built once per run; the probe samples are read once with the RNGs seeded and kept in
+        # memory when they fit (`probe_in_memory`), so z_0 and every z_t see the same (augmented) views.
+        if self._probe_loader is None:
+            self._probe_set = probe_in_memory(self._probe_dataset(), seed=self.trainer.args.seed)
+            self._probe_loader = self.trainer.measurement_loader(self._probe_set)
+        probe = self._probe_set
+        return self.measure_dataset(
+            probe, False, len(probe), loader=self._probe_loader, seed=self.trainer.args.seed
+        ).features
+
+    def _probe_dataset(self):
+        trainer = self.trainer
+        if trainer.drift_dataset is not None:
+            return trainer.drift_dataset
+        wanted, available = trainer.args.drift_probe_samples, len(trainer.train_dataset)
+        default = {f.name: f.default for f in dataclasses.fields(trainer.args)}["drift_probe_samples"]
+        if wanted > available and wanted != default:  # (the default asks for "up to 256", not for 256)
+            self._warn_once(
+                "probe",
+                f"drift_probe_samples={wanted} is larger than the training set ({available} samples): the drift is "
+                f"measured on all {available}.",
+            )
+        return torch.utils.data.Subset(trainer.train_dataset, range(min(wanted, available)))
+
+    def _histogram(self, tag: str, values: torch.Tensor) -> None:
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in self.trainer.callback_handler.callbacks:
+            writer = getattr(callback, "tb_writer", None)
+            if isinstance(callback, TensorBoardCallback) and writer is not None:
+                writer.add_histogram(tag, values.numpy(), self.trainer.state.global_step)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=3)

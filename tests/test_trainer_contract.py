@@ -1,0 +1,422 @@
+"""The Trainer contract: with hp_epochs=0, HeadPrepTrainer does what transformers.Trainer does.
+
+Every case runs the plain `Trainer` and `HeadPrepTrainer` on the same model, data and arguments and compares their
+results: weights (bit-identical where the work is identical), losses, `log_history` keys, checkpoint files and
+predictions. The models are tiny and built here; each case takes about a second.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import SchedulerType
+
+from headprep_hf import HeadPrepConfig, HeadPrepTrainer
+from headprep_hf.schedules import STEP_SCHEDULES
+
+# Measurement keys the trainer adds to log records (beside Trainer's, never instead of them).
+MEASUREMENT_PREFIXES = ("headprep/", "drift/", "head_grad_norm")
+
+
+class XYData(torch.utils.data.Dataset):
+    """`{"input_x", "labels"}` samples: float features, integer classes (or float targets with `regression`)."""
+
+    def __init__(self, n=40, dim=4, num_classes=3, regression=False, seed=0, ignore_every=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        if regression:
+            self.y = (self.x @ torch.arange(1.0, dim + 1) / dim + 0.1 * torch.randn(n, generator=g)).tolist()
+        else:
+            self.y = torch.randint(0, num_classes, (n,), generator=g).tolist()
+            if ignore_every:
+                self.y = [-100 if i % ignore_every == 0 else y for i, y in enumerate(self.y)]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_x": self.x[i], "labels": self.y[i]}
+
+
+class RootRegressor(nn.Module):
+    """Parameters on the root module (no head module at all); its own MSE loss, plus an auxiliary term."""
+
+    def __init__(self, dim=4, aux_weight=0.0, two_outputs=False, as_dict=True, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(dim) * 0.1)
+        self.b = nn.Parameter(torch.zeros(()))
+        self.aux_weight, self.two_outputs, self.as_dict = aux_weight, two_outputs, as_dict
+
+    def forward(self, input_x, labels=None):
+        y = input_x @ self.w + self.b
+        second = 2.0 * y
+        loss = None
+        if labels is not None:
+            loss = F.mse_loss(y, labels.float()) + self.aux_weight * self.w.pow(2).sum()
+        if self.as_dict:
+            out = {"loss": loss, "prediction": y} if loss is not None else {"prediction": y}
+            if self.two_outputs:
+                out["second"] = second
+            return out
+        outputs = (y, second) if self.two_outputs else (y,)
+        return (loss, *outputs) if loss is not None else outputs
+
+
+class FcClassifier(nn.Module):
+    """A classifier with an `fc` head computing its own cross-entropy (ignore_index -100)."""
+
+    def __init__(self, dim=4, num_classes=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Linear(dim, 16), nn.ReLU())
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, input_x, labels=None):
+        logits = self.fc(self.body(input_x))
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": F.cross_entropy(logits, labels, ignore_index=-100), "logits": logits}
+
+
+class FcLogitsOnly(FcClassifier):
+    """The same network without a loss: `forward(x)` returns logits only (like a timm model)."""
+
+    def forward(self, input_x):
+        return self.fc(self.body(input_x))
+
+
+COMMON = dict(
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=8,
+    num_train_epochs=2,
+    learning_rate=0.05,
+    use_cpu=True,
+    report_to="none",
+    logging_steps=1,
+    save_strategy="no",
+    disable_tqdm=True,
+    seed=0,
+)
+
+
+def _args(cls, tmp_path, name, **overrides):
+    extra = {"hp_epochs": 0} if cls is HeadPrepConfig else {}
+    return cls(output_dir=str(tmp_path / name), **{**COMMON, **extra, **overrides})
+
+
+def _pair(
+    tmp_path,
+    make_model,
+    train=None,
+    args=None,
+    headprep_args=None,
+    optimizers_fn=None,
+    callbacks_fn=None,
+    **trainer_kwargs,
+):
+    """Train the plain Trainer and HeadPrepTrainer(hp_epochs=0) on the same inputs; returns both trainers.
+
+    `optimizers_fn(model)` builds the `optimizers=(...)` pair and `callbacks_fn()` the callbacks of each trainer."""
+    train = train if train is not None else XYData()
+    runs = []
+    for trainer_cls, args_cls, name in (
+        (Trainer, TrainingArguments, "plain"),
+        (HeadPrepTrainer, HeadPrepConfig, "ours"),
+    ):
+        extra = (headprep_args or {}) if trainer_cls is HeadPrepTrainer else {}
+        model = None if "model_init" in trainer_kwargs else make_model()
+        kwargs = dict(trainer_kwargs, optimizers=optimizers_fn(model)) if optimizers_fn else dict(trainer_kwargs)
+        if callbacks_fn is not None:
+            kwargs["callbacks"] = callbacks_fn()
+        args_ = _args(args_cls, tmp_path, name, **(args or {}), **extra)
+        trainer = trainer_cls(model=model, args=args_, train_dataset=train, **kwargs)
+        trainer.train()
+        runs.append(trainer)
+    return runs
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert different == []
+
+
+def _assert_same_logs(plain: Trainer, ours: HeadPrepTrainer, exact: bool = True) -> None:
+    """Same records, same Trainer keys and values; ours may add measurement keys only."""
+    assert len(plain.state.log_history) == len(ours.state.log_history)
+    for p, o in zip(plain.state.log_history, ours.state.log_history):
+        extra = set(o) - set(p)
+        assert all(k.startswith(MEASUREMENT_PREFIXES) for k in extra), extra
+        assert set(p) <= set(o)
+        for key, value in p.items():
+            if key.endswith(("runtime", "per_second")) or key == "total_flos":
+                continue
+            assert o[key] == value if exact else o[key] == pytest.approx(value, rel=1e-5), key
+
+
+# ---------------------------------------------------------------------------------------------- model families
+@pytest.mark.parametrize("track_dynamics", [False, True])
+def test_model_without_head_module_trains_as_with_trainer(tmp_path, track_dynamics):
+    """Parameters on the root module: nothing needs a head at hp_epochs=0, so nothing looks for one first."""
+    plain, ours = _pair(
+        tmp_path, RootRegressor, XYData(regression=True), headprep_args={"track_dynamics": track_dynamics}
+    )
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    if track_dynamics:  # energy needs logits and labels only; drift (the head's input) is skipped
+        assert ours.dynamics["problem_type"] == "regression" and ours.dynamics["energy"] > 0
+        assert "drift" not in ours.dynamics
+    else:
+        assert ours.dynamics == {} and not os.path.exists(tmp_path / "ours" / "headprep_dynamics.json")
+    assert not os.path.exists(tmp_path / "ours" / "prepared_head")
+
+
+@pytest.mark.parametrize("hp_epochs", [0, 1])
+def test_trainers_argument_errors_come_before_the_head_search(tmp_path, hp_epochs):
+    """The same invalid arguments give Trainer's error, even where HP would then fail to find a head."""
+    errors = []
+    for trainer_cls, args_cls in ((Trainer, TrainingArguments), (HeadPrepTrainer, HeadPrepConfig)):
+        extra = {"hp_epochs": hp_epochs} if args_cls is HeadPrepConfig else {}
+        args = _args(args_cls, tmp_path, "x", eval_strategy="epoch", **extra)  # no eval_dataset given
+        with pytest.raises(ValueError) as error:
+            trainer_cls(model=RootRegressor(), args=args, train_dataset=XYData(regression=True))
+        errors.append(str(error.value))
+    assert errors[0] == errors[1] and "eval_dataset" in errors[0]
+
+
+def test_head_probing_without_a_head_names_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="Set head_modules=\\[...\\] in HeadPrepConfig"):
+        HeadPrepTrainer(
+            model=RootRegressor(), args=_args(HeadPrepConfig, tmp_path, "b", hp_epochs=1), train_dataset=XYData()
+        )
+
+
+def test_float_labels_with_declared_regression_use_the_trainers_masked_mse(tmp_path):
+    """`problem_type="regression"`: float labels are accepted and the trainer's masked MSE equals the model's MSE."""
+    data = XYData(regression=True)
+    plain, ours = _pair(tmp_path, RootRegressor, data, headprep_args={"problem_type": "regression"})
+    assert ours.uses_trainer_loss()
+    for a, b in zip(plain.model.parameters(), ours.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    _assert_same_logs(plain, ours, exact=False)
+
+
+def test_auxiliary_loss_term_of_the_model_is_kept(tmp_path):
+    plain, ours = _pair(tmp_path, lambda: RootRegressor(aux_weight=0.5), XYData(regression=True))
+    assert not ours.uses_trainer_loss()
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+
+
+def test_compute_loss_func_is_used(tmp_path):
+    calls = []
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        calls.append(num_items_in_batch)
+        return (outputs["prediction"] - labels).abs().mean()
+
+    plain, ours = _pair(tmp_path, RootRegressor, XYData(regression=True), compute_loss_func=loss_func)
+    assert len(calls) == 2 * 10  # both trainers, 5 steps x 2 epochs each
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_fc_classifier_with_own_loss_ignore_index_and_uneven_accumulation(tmp_path, accumulation):
+    """40 samples, batch 8: 5 micro-batches, accumulation 3 gives uneven steps (3 + 2); every 4th label ignored."""
+    data = XYData(ignore_every=4)
+    plain, ours = _pair(tmp_path, FcClassifier, data, args={"gradient_accumulation_steps": accumulation})
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert ours.find_head().head_names == ["fc"]  # found when the measurements asked for it
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_trainers_loss_for_a_logits_only_model_matches_exact_item_averaging(tmp_path, accumulation):
+    """A model without a loss gets the trainer's cross-entropy, averaged over the valid labels of the whole step;
+    the plain Trainer does the same with a model whose loss is the sum over `num_items_in_batch`."""
+
+    class SumLoss(FcClassifier):
+        def forward(self, input_x, labels=None, num_items_in_batch=None):
+            logits = self.fc(self.body(input_x))
+            if labels is None:
+                return {"logits": logits}
+            loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / num_items_in_batch
+            return {"loss": loss, "logits": logits}
+
+    data = XYData(ignore_every=4)
+    args = {"gradient_accumulation_steps": accumulation, "average_tokens_across_devices": False}
+    plain = Trainer(model=SumLoss(), args=_args(TrainingArguments, tmp_path, "plain", **args), train_dataset=data)
+    plain.model_accepts_loss_kwargs = True
+    plain.train()
+    ours = HeadPrepTrainer(
+        model=FcLogitsOnly(), args=_args(HeadPrepConfig, tmp_path, "ours", **args), train_dataset=data
+    )
+    assert ours.uses_trainer_loss() and ours.label_names == ["labels"]
+    ours.train()
+    for a, b in zip(plain.model.parameters(), ours.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+@pytest.mark.parametrize("as_dict", [True, False], ids=["dict-without-logits", "tuple"])
+def test_predict_returns_every_model_output(tmp_path, as_dict):
+    data = XYData(n=20, regression=True)
+    plain, ours = _pair(tmp_path, lambda: RootRegressor(two_outputs=True, as_dict=as_dict), data)
+    p, o = plain.predict(data), ours.predict(data)
+    assert isinstance(o.predictions, tuple) and len(o.predictions) == len(p.predictions) == 2
+    for a, b in zip(p.predictions, o.predictions):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(p.label_ids, o.label_ids)
+    assert p.metrics["test_loss"] == o.metrics["test_loss"]
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def test_model_init_and_external_optimizers(tmp_path):
+    plain, ours = _pair(tmp_path, FcClassifier, model_init=lambda: FcClassifier())
+    _same_weights(plain.model, ours.model)
+
+    def optimizers(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+
+    plain, ours = _pair(tmp_path, FcClassifier, optimizers_fn=optimizers)
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+
+
+SCHEDULER_KWARGS = {
+    "cosine_with_min_lr": {"min_lr_rate": 0.1},
+    "cosine_warmup_with_min_lr": {"min_lr_rate": 0.1},
+    "warmup_stable_decay": {"num_decay_steps": 3},
+    "reduce_lr_on_plateau": {},
+}
+
+
+@pytest.mark.parametrize("schedule", [s.value for s in SchedulerType])
+def test_every_lr_scheduler_type_gives_trainers_learning_rates(tmp_path, schedule):
+    args = {
+        "lr_scheduler_type": schedule,
+        "warmup_steps": 2,
+        "lr_scheduler_kwargs": SCHEDULER_KWARGS.get(schedule, {}),
+    }
+    if schedule in ("reduce_lr_on_plateau", "greedy"):  # stepped with the evaluation metric
+        args.update(eval_strategy="epoch")
+        plain, ours = _pair(tmp_path, FcClassifier, args=args, eval_dataset=XYData(n=16, seed=1))
+    else:
+        plain, ours = _pair(tmp_path, FcClassifier, args=args)
+    rates = [[r["learning_rate"] for r in t.state.log_history if "learning_rate" in r] for t in (plain, ours)]
+    assert rates[0] == rates[1] and len(rates[0]) == 10
+    _same_weights(plain.model, ours.model)
+
+
+@pytest.mark.parametrize("schedule", STEP_SCHEDULES)
+def test_with_head_probing_the_ft_stage_follows_trainers_schedule(tmp_path, schedule):
+    """Every step-indexed schedule also works after HP: FT restarts it and its rates are Trainer's, step for step."""
+    args = {
+        "lr_scheduler_type": schedule,
+        "warmup_steps": 2,
+        "lr_scheduler_kwargs": SCHEDULER_KWARGS.get(schedule, {}),
+    }
+    plain = Trainer(model=FcClassifier(), args=_args(TrainingArguments, tmp_path, "p", **args), train_dataset=XYData())
+    plain.train()
+    ours = HeadPrepTrainer(
+        model=FcClassifier(), args=_args(HeadPrepConfig, tmp_path, "o", hp_epochs=1, **args), train_dataset=XYData()
+    )
+    ours.train()
+    expected = [r["learning_rate"] for r in plain.state.log_history if "learning_rate" in r]
+    assert [r["ft/learning_rate"] for r in ours.state.log_history if "ft/learning_rate" in r] == expected
+    assert [r["hp/learning_rate"] for r in ours.state.log_history if "hp/learning_rate" in r] == [1e-2] * 5
+
+
+def test_label_smoothing_factor_and_find_unused_parameters_are_accepted(tmp_path):
+    from transformers import PretrainedConfig
+
+    class Configured(FcClassifier):  # Trainer's label smoother reads model.config
+        def __init__(self):
+            super().__init__()
+            self.config = PretrainedConfig()
+
+    args = {"label_smoothing_factor": 0.1, "ddp_find_unused_parameters": False}
+    plain, ours = _pair(tmp_path, Configured, args=args)
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+
+
+def test_default_arguments_are_trainers(tmp_path):
+    ours = HeadPrepTrainer(model=FcClassifier(), args=_args(HeadPrepConfig, tmp_path, "o"), train_dataset=XYData())
+    plain = Trainer(model=FcClassifier(), args=_args(TrainingArguments, tmp_path, "p"), train_dataset=XYData())
+    assert ours.label_names == plain.label_names == ["labels"]
+    assert ours.args.remove_unused_columns is plain.args.remove_unused_columns is True
+    assert ours.args.ddp_find_unused_parameters is plain.args.ddp_find_unused_parameters is None
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoints_hold_trainers_files_and_resume_from_a_plain_trainer_checkpoint(tmp_path):
+    save = {"save_strategy": "steps", "save_steps": 3}
+    reference = Trainer(
+        model=FcClassifier(), args=_args(TrainingArguments, tmp_path, "ref", **save), train_dataset=XYData()
+    )
+    reference.train()
+
+    class Stop(TrainerCallback):  # ends the plain run after step 6, with checkpoint-6 written
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                control.should_training_stop = True
+
+    interrupted = Trainer(
+        model=FcClassifier(),
+        args=_args(TrainingArguments, tmp_path, "run", **save),
+        train_dataset=XYData(),
+        callbacks=[Stop()],
+    )
+    interrupted.train()
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    plain_files = set(os.listdir(checkpoint))
+    assert "training_args.bin" in plain_files
+
+    resumed = HeadPrepTrainer(
+        model=FcClassifier(seed=5), args=_args(HeadPrepConfig, tmp_path, "run", **save), train_dataset=XYData()
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    _same_weights(reference.model, resumed.model)
+    assert resumed.state.global_step == reference.state.global_step == 10
+    ours_files = set(os.listdir(tmp_path / "run" / "checkpoint-9"))
+    assert plain_files <= ours_files  # Trainer's files, plus ours beside them
+    assert all(f.startswith(("headprep_", "training_args.json")) for f in ours_files - plain_files)
+
+    with pytest.raises(ValueError, match="Can't find a valid checkpoint at"):
+        HeadPrepTrainer(model=FcClassifier(), args=_args(HeadPrepConfig, tmp_path, "x"), train_dataset=XYData()).train(
+            resume_from_checkpoint=str(tmp_path / "missing")
+        )
+
+
+def test_load_best_model_at_end_and_early_stopping(tmp_path):
+    evaluation = XYData(n=16, seed=1)
+    args = dict(
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        num_train_epochs=6,
+    )
+    plain, ours = _pair(
+        tmp_path,
+        FcClassifier,
+        args=args,
+        eval_dataset=evaluation,
+        callbacks_fn=lambda: [EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=0.05)],
+    )
+    assert plain.state.global_step == ours.state.global_step < 30  # stopped early, at the same step
+    assert os.path.basename(plain.state.best_model_checkpoint) == os.path.basename(ours.state.best_model_checkpoint)
+    _same_weights(plain.model, ours.model)

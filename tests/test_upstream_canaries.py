@@ -1,0 +1,91 @@
+"""Canaries: the `transformers.Trainer` internals HeadPrepTrainer still overrides or calls, pinned.
+
+Each test fails loudly when the installed transformers changes what the trainer relies on, naming the override to
+revisit, instead of letting training go silently wrong (e.g. losses divided by the accumulation steps twice).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerState
+from transformers.utils import find_labels
+
+from headprep_hf.schedules import stage_schedule
+
+
+def _params(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_loss_scaling_switch_is_read_by_training_step():
+    # HeadPrepTrainer sets `loss_is_scaled_for_ga` per optimizer step (its loss is scaled over the step's items);
+    # releases before 5.19 ignore it and would divide by the accumulation steps a second time.
+    assert Trainer.loss_is_scaled_for_ga is None
+    assert "self.loss_is_scaled_for_ga" in inspect.getsource(Trainer.training_step)
+
+
+def test_num_items_override_is_called_once_per_optimizer_step():
+    # Override: HeadPrepTrainer._get_num_items_in_batch (items of the step's micro-batches, summed over ranks).
+    assert _params(Trainer._get_num_items_in_batch) == ["self", "batch_samples", "device"]
+    assert "self._get_num_items_in_batch(batch_samples, device)" in inspect.getsource(Trainer.get_batch_samples)
+    assert "self.get_batch_samples(epoch_iterator, num_batches" in inspect.getsource(Trainer._run_epoch)
+
+
+def test_output_dir_override_decides_where_checkpoints_go():
+    # Override: HeadPrepTrainer._get_output_dir (probe_head() and finetune() checkpoint into output_dir/hp, /ft).
+    assert _params(Trainer._get_output_dir) == ["self", "trial"]
+    assert "self._get_output_dir(trial=trial)" in inspect.getsource(Trainer._save_checkpoint)
+
+
+def test_initial_training_values_are_seven_in_this_order(tmp_path):
+    # Override: HeadPrepTrainer.set_initial_training_values adds the HP steps to the plan Trainer computes.
+    assert _params(Trainer.set_initial_training_values) == ["self", "args", "dataloader"]
+    source = inspect.getsource(Trainer._inner_training_loop).replace(" ", "").replace("\n", "")
+    expected = (
+        "num_train_epochs,num_update_steps_per_epoch,num_examples,num_train_samples,total_train_batch_size,"
+        "steps_in_epoch,max_steps,)=self.set_initial_training_values(args,train_dataloader)"
+    )
+    assert expected in source
+
+
+def test_dataloader_builder_signature():
+    # Called by HeadPrepTrainer.measurement_loader: Trainer's loader (column removal, workers, Accelerate sharding).
+    assert _params(Trainer._get_dataloader)[:4] == ["self", "dataset", "description", "batch_size"]
+    assert "sampler_fn" in _params(Trainer._get_dataloader)
+
+
+def test_model_init_goes_through_call_model_init():
+    # Override: HeadPrepTrainer.call_model_init prepares the head of every model model_init builds.
+    assert "self.call_model_init(trial)" in inspect.getsource(Trainer.train)
+
+
+def test_state_and_callback_fields_reset_at_the_stage_boundary():
+    # StageCallback resets best-model tracking and EarlyStoppingCallback's patience when FT begins.
+    state = TrainerState()
+    assert all(hasattr(state, name) for name in ("best_metric", "best_global_step", "best_model_checkpoint"))
+    assert EarlyStoppingCallback(early_stopping_patience=2).early_stopping_patience_counter == 0
+
+
+def test_labels_are_found_from_the_forward_signature():
+    class WithLabels(torch.nn.Module):
+        def forward(self, x, labels=None):
+            return x
+
+    class Positional(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    assert find_labels(WithLabels) == ["labels"] and find_labels(Positional) == []
+
+
+def test_lambda_lr_does_not_restore_the_attributes_of_partials():
+    # The two-stage schedule's lambdas are partials so that a resumed run keeps its own schedule length
+    # (LambdaLR.load_state_dict restores the __dict__ of callable objects).
+    schedule = stage_schedule(2, 0.1, lambda s: 1.0, 0.01, lambda s: 0.5)
+    assert not isinstance(schedule, types.FunctionType) and schedule.__dict__ == {}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule])
+    assert scheduler.state_dict()["lr_lambdas"] == [{}]
