@@ -250,7 +250,7 @@ def test_transformers_image_classifier_trains_in_both_stages(tmp_path, train_set
 
 
 def test_model_init_with_head_probing_prepares_and_stages_each_new_model(tmp_path, train_set):
-    """train() builds the model anew from model_init: its head is probed with the backbone frozen, then FT trains all."""
+    """train() builds the model anew from model_init: its head is probed with the backbone frozen, FT trains all."""
     models = []
 
     def model_init():

@@ -98,8 +98,10 @@ class HeadPrepConfig(TrainingArguments):
             When HP ends (and its energy is measured), write the head as a prepared-head folder
             `output_dir/prepared_head` (weights, `headprep_head.json`, model card; kilobytes).
         overwrite_output_dir (`bool`, defaults to `False`):
-            A new run refuses an `output_dir` that already holds checkpoints (they would be mixed with the new run's);
-            resume instead, or set this to get `transformers.Trainer`'s behaviour (write into it anyway).
+            A new run with head probing (`hp_epochs > 0`, `probe_head()`, `finetune()`) refuses an `output_dir` that
+            already holds checkpoints (they would mix with the new run's, and a later resume could pick the wrong
+            stage); resume instead, or set this to get `transformers.Trainer`'s behaviour. Plain runs write as
+            `Trainer` does.
     """
 
     # Parameters that control the head probing stage
@@ -196,7 +198,7 @@ class HeadPrepConfig(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Let a new (not resumed) run write into an output_dir that holds checkpoints already."},
+        metadata={"help": "Let a new (not resumed) HP run write into an output_dir that holds checkpoints already."},
     )
 
     def __post_init__(self):

@@ -6,7 +6,8 @@
   head's gradient norm at every update (summed on the device, read at logging steps).
 * Values are merged into the trainer's next log record (as trl merges its extra metrics in `log()`), never logged as
   records of their own, so `state.log_history` keeps the Trainer's record layout.
-* `on_save` writes the measurement state into the checkpoint; `load` restores it on resume.
+* `save` writes the measurement state into a checkpoint (the trainer calls it before the checkpoint is committed,
+  see `checkpoints`); `load` restores it on resume.
 
 Measurements that need the head (drift, head gradient norm) are skipped, with one warning naming the fix, when the
 model has no head the split can find.
@@ -128,12 +129,6 @@ class MeasurementCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._maybe_drift()
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save and self.trainer.args.track_dynamics:
-            folder = self.trainer.checkpoint_dir()
-            if os.path.isdir(folder):
-                self.save(folder)
 
     # ------------------------------------------------------------------ measurements
     def measure_dataset(self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, **kwargs):

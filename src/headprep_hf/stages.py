@@ -6,6 +6,7 @@
   in train mode), the optimizer groups (head/backbone x decay/no-decay) and what happens at the HP->FT boundary.
   The trainer, cached HP (`feature_cache`) and the BatchNorm statistics pass (`batchnorm`) all use it; nothing else
   re-implements it.
+* `StageCallback` does the HP->FT boundary inside the training loop and keeps early stopping to FT.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import EarlyStoppingCallback, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .files import write_json
 from .split import ModelSplit
@@ -91,38 +91,17 @@ class StagePlan:
         return saved
 
 
-def resume_checkpoint(run_dir: str, resume_from_checkpoint, refuse_existing: bool) -> str | None:
-    """The checkpoint a `train()` call resumes: `True` is the latest in `run_dir` (Trainer's error when there is none),
-    a path is itself, `None`/`False` none; then, with `refuse_existing`, a `run_dir` that already holds checkpoints of
-    an earlier run is refused (a new run would mix its checkpoints with them)."""
-    existing = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    if resume_from_checkpoint is True:
-        if existing is None:
-            raise ValueError(f"No valid checkpoint found in output directory ({run_dir})")
-        return existing
-    if resume_from_checkpoint not in (None, False):
-        return resume_from_checkpoint
-    if refuse_existing and existing is not None:
-        raise ValueError(
-            f"output_dir {run_dir} already holds checkpoints of an earlier run ({existing}); a new run would mix its "
-            "checkpoints with them. Resume it with resume_from_checkpoint=True, pick another output_dir, or set "
-            "overwrite_output_dir=True."
-        )
-    return None
-
-
 class StageCallback(TrainerCallback):
-    """The HP->FT boundary (before the first FT update), early stopping in FT only, the stage plan in checkpoints.
+    """The HP->FT boundary (before the first FT update) and early stopping in FT only.
 
     Args:
-        trainer: The [`HeadPrepTrainer`] (its `stage_plan`, `callback_handler`, `checkpoint_dir()`).
+        trainer: The [`HeadPrepTrainer`] (its `stage_plan` and `callback_handler`).
         begin_ft: Called once at the start of FT: after the last HP update, or before the first update of a run
             without HP in its loop.
-        save_plan: Whether checkpoints get the plan (`headprep_state.json`).
     """
 
-    def __init__(self, trainer, begin_ft, save_plan):
-        self.trainer, self.begin_ft, self.save_plan = trainer, begin_ft, save_plan
+    def __init__(self, trainer, begin_ft):
+        self.trainer, self.begin_ft = trainer, begin_ft
 
     def on_train_begin(self, args, state, control, **kwargs):
         plan = self.trainer.stage_plan
@@ -148,11 +127,6 @@ class StageCallback(TrainerCallback):
             stoppers = [c for c in self.trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)]
             if any(c.early_stopping_patience_counter >= c.early_stopping_patience for c in stoppers):
                 control.should_training_stop = False
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = self.trainer.checkpoint_dir()
-        if args.should_save and self.save_plan() and os.path.isdir(folder):
-            self.trainer.stage_plan.save(folder)
 
 
 class Stages:

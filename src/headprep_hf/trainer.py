@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, enable_full_determinism
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, enable_full_determinism, rotate_checkpoints
 from transformers.utils import find_labels
 
+from .checkpoints import begin_write, commit, resume_checkpoint, verify
 from .config import HeadPrepConfig, check_trainer_inputs
 from .feature_cache import CachedHeadProbing
 from .heads import reinitialize_module, replace_head_with_mlp
@@ -32,7 +33,7 @@ from .losses import count_items, declared_problem_type, task_loss
 from .measurements import MeasurementCallback, broadcast_buffers
 from .schedules import two_stage_scheduler
 from .split import HeadFinder, ModelCaller, ModelSplit, extract_logits
-from .stages import PLANS, StageCallback, StagePlan, Stages, resume_checkpoint
+from .stages import PLANS, StageCallback, StagePlan, Stages
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
     def _add_own_callbacks(self) -> None:
         # The stage boundary and the measurements; a plain run without measurements needs neither (Trainer's list).
         if self.measurements not in self.callback_handler.callbacks:
-            self.add_callback(StageCallback(self, self._begin_ft, lambda: self.writes_stage_state))
+            self.add_callback(StageCallback(self, self._begin_ft))
             self.add_callback(self.measurements)
 
     # ------------------------------------------------------------------ the model and its head
@@ -470,6 +471,7 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = None
         if checkpoint is not None and os.path.isdir(checkpoint):
+            verify(checkpoint, self._required_checkpoint_files())
             self._load_stage_state(checkpoint, plan)
         self._attach = (not plain, not plain and plan != "ft" and not hp_outside_loop)
         self._attach_stages(self.model)
@@ -495,6 +497,39 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         if not self.measurements.load(checkpoint) and self.args.track_dynamics and saved.ft_started:
             logger.warning("%s holds no measurement state: energy and drift are not measured in this run.", checkpoint)
         self.resumed_stage = "ft" if saved.ft_started else "hp"
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, made atomic (see `headprep_hf.checkpoints`): the folder is marked before the
+        first file, the stage plan and measurement state are written beside Trainer's files, then the checkpoint is
+        committed (manifest of sizes and sha256, written last) and only then are old checkpoints rotated out."""
+        if not self.writes_stage_state:
+            return super()._save_checkpoint(model, trial)
+        folder = self.checkpoint_dir()
+        if self.args.should_save:
+            begin_write(folder)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation waits for the commit
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written
+        if self.args.should_save:
+            self.stage_plan.save(folder)
+            if self.args.track_dynamics:
+                self.measurements.save(folder)
+            commit(folder)
+            rotate_checkpoints(self._get_output_dir(trial), limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def _required_checkpoint_files(self) -> tuple:
+        # What resuming reads (checked against the checkpoint's manifest before anything is loaded).
+        required = [("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"), "trainer_state.json"]
+        if not self.args.save_only_model:
+            required += ["optimizer.pt", "scheduler.pt"]
+        if self.writes_stage_state:
+            required.append("headprep_state.json")
+        if self.args.track_dynamics:
+            required.append("headprep_measurements.json")
+        return tuple(required)
 
     def checkpoint_dir(self) -> str:
         """The folder of the checkpoint the Trainer writes at the current step."""

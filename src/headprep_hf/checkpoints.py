@@ -1,0 +1,206 @@
+"""Atomic, verified checkpoints: a checkpoint counts only once it is complete, and is checked before it is resumed.
+
+`transformers.Trainer` writes `checkpoint-N` in place, file by file. Around that, [`HeadPrepTrainer`] marks a
+checkpoint being written (`.headprep_writing`, created before the first file), and commits it when every file is
+written (its own files included): each file is fsynced, then `headprep_manifest.json` (name, size and sha256 of every
+file) is written through a temporary file and a rename, and the mark is removed. So a folder is
+
+* complete: a manifest and no mark;
+* torn: the mark is there (the process died while writing it), or it has no manifest while a sibling has one;
+* foreign: neither, and no sibling has a manifest (written by `transformers.Trainer`): Trainer's rules apply.
+
+Resuming with `resume_from_checkpoint=True` takes the latest complete checkpoint and warns about each torn one it
+skips; an explicit path is verified against its manifest before any state is loaded, and a torn, missing or damaged
+file raises a `CheckpointError` naming the file, the folder and the checkpoint to resume from instead. Checkpoint
+rotation (`save_total_limit`) runs after the commit, so it never deletes the last complete checkpoint first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+
+from .files import write_json
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "headprep_manifest.json"
+WRITING_NAME = ".headprep_writing"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed; the message names the folder, the file and what to do."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(folder: str) -> list[str]:
+    names = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel not in (MANIFEST_NAME, WRITING_NAME) and not rel.endswith(".tmp"):
+                names.append(rel)
+    return sorted(names)
+
+
+def begin_write(folder: str) -> None:
+    """Mark `folder` as being written (a leftover of a killed attempt at the same step is removed first)."""
+    if os.path.isdir(folder) and status(folder) != "complete":
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)
+    manifest = os.path.join(folder, MANIFEST_NAME)
+    with open(os.path.join(folder, WRITING_NAME), "w") as f:
+        f.write("a checkpoint is being written here; without headprep_manifest.json it is incomplete\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(manifest):  # rewriting a complete checkpoint: it is not complete until committed again
+        os.remove(manifest)
+    _fsync(folder)
+
+
+def commit(folder: str) -> dict:
+    """Make `folder` complete: fsync every file, write the manifest atomically, remove the mark. Returns it."""
+    entries = {}
+    for rel in _files(folder):
+        path = os.path.join(folder, rel)
+        _fsync(path)
+        entries[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    manifest = {"format_version": 1, "files": entries}
+    path = os.path.join(folder, MANIFEST_NAME)
+    write_json(path, manifest)
+    _fsync(path)
+    os.remove(os.path.join(folder, WRITING_NAME))
+    _fsync(folder)
+    return manifest
+
+
+def status(folder: str) -> str:
+    """`"complete"`, `"torn"` (being written or killed while written) or `"unmarked"` (no manifest, no mark)."""
+    if os.path.exists(os.path.join(folder, WRITING_NAME)):
+        return "torn"
+    return "complete" if os.path.isfile(os.path.join(folder, MANIFEST_NAME)) else "unmarked"
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    """The `checkpoint-N` folders of `run_dir`, newest (highest N) first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(run_dir) if (m := _CHECKPOINT.match(name))]
+    return [
+        os.path.join(run_dir, name)
+        for _, name in sorted(found, reverse=True)
+        if os.path.isdir(os.path.join(run_dir, name))
+    ]
+
+
+def _resumable(folder: str, any_complete: bool) -> bool:
+    state = status(folder)
+    return state == "complete" or (state == "unmarked" and not any_complete)
+
+
+def latest_resumable(run_dir: str) -> str | None:
+    """The newest checkpoint of `run_dir` that can be resumed: the newest complete one (each newer torn one is skipped
+    with a warning naming it), or, where no checkpoint has a manifest (written by `Trainer`), the newest one."""
+    found = checkpoints(run_dir)
+    any_complete = any(status(c) == "complete" for c in found)
+    for folder in found:
+        if _resumable(folder, any_complete):
+            return folder
+        logger.warning("Skipping %s: it is incomplete (the run was killed while writing it).", folder)
+    return None
+
+
+def _previous(folder: str) -> str:
+    run_dir, name = os.path.split(os.path.normpath(folder))
+    step = int(_CHECKPOINT.match(name).group(1)) if _CHECKPOINT.match(name) else None
+    found = checkpoints(run_dir)
+    any_complete = any(status(c) == "complete" for c in found)
+    for candidate in found:
+        candidate_step = int(_CHECKPOINT.match(os.path.basename(candidate)).group(1))
+        if (step is None or candidate_step < step) and _resumable(candidate, any_complete):
+            return f"resume from the previous complete checkpoint {candidate}"
+    return "no earlier complete checkpoint exists: start the run again (without resume_from_checkpoint)"
+
+
+def verify(folder: str, required: tuple[str | tuple[str, ...], ...] = ()) -> None:
+    """Check checkpoint `folder` before anything is loaded from it.
+
+    A complete checkpoint: every file of its manifest is present with its size and sha256, and every entry of
+    `required` (a name, or a tuple of alternatives) is in the manifest. A torn one is refused. An unmarked one
+    (written by `transformers.Trainer`) passes as Trainer would take it. Raises `CheckpointError` naming the folder,
+    the file and the checkpoint to use instead.
+    """
+    if not os.path.isdir(folder):
+        return  # Trainer's own error ("Can't find a valid checkpoint at ...") follows
+    state = status(folder)
+    siblings = checkpoints(os.path.dirname(os.path.normpath(folder)))
+    if state == "torn" or (state == "unmarked" and any(status(c) == "complete" for c in siblings)):
+        raise CheckpointError(
+            f"{folder} is incomplete: the run was killed while writing it (no {MANIFEST_NAME}). {_previous(folder)}."
+        )
+    if state == "unmarked":
+        return
+    path = os.path.join(folder, MANIFEST_NAME)
+    try:
+        with open(path) as f:
+            entries = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} is unreadable ({error}); {_previous(folder)}.") from error
+    for rel, expected in entries.items():
+        file = os.path.join(folder, rel)
+        if not os.path.isfile(file):
+            problem = "is missing"
+        elif os.path.getsize(file) != expected["size"]:
+            problem = f"has {os.path.getsize(file)} bytes instead of {expected['size']} (truncated or changed)"
+        elif _sha256(file) != expected["sha256"]:
+            problem = "does not match its checksum (damaged or changed)"
+        else:
+            continue
+        raise CheckpointError(f"{file} {problem}: checkpoint {folder} cannot be resumed; {_previous(folder)}.")
+    for names in required:
+        names = (names,) if isinstance(names, str) else tuple(names)
+        if not any(name in entries for name in names):
+            raise CheckpointError(
+                f"{folder} has no {' or '.join(names)}, which resuming it needs; {_previous(folder)}."
+            )
+
+
+def resume_checkpoint(run_dir: str, resume_from_checkpoint, refuse_existing: bool) -> str | None:
+    """The checkpoint a `train()` call resumes: `True` is the latest resumable one in `run_dir` (Trainer's error when
+    there is none), a path is itself, `None`/`False` none; then, with `refuse_existing`, a `run_dir` that already
+    holds checkpoints of an earlier run is refused (a new run would mix its checkpoints with them)."""
+    if resume_from_checkpoint is True:
+        found = latest_resumable(run_dir)
+        if found is None:
+            raise ValueError(f"No valid checkpoint found in output directory ({run_dir})")
+        return found
+    if resume_from_checkpoint not in (None, False):
+        return str(resume_from_checkpoint)
+    existing = checkpoints(run_dir)
+    if refuse_existing and existing:
+        raise ValueError(
+            f"output_dir {run_dir} already holds checkpoints of an earlier run ({existing[0]}); a new run would mix "
+            "its checkpoints with them. Resume it with resume_from_checkpoint=True, pick another output_dir, or set "
+            "overwrite_output_dir=True."
+        )
+    return None

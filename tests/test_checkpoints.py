@@ -1,0 +1,115 @@
+"""Atomic, verified checkpoints: killed writes never resume, damaged files are named, rotation waits for the commit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from headprep_hf.checkpoints import MANIFEST_NAME, WRITING_NAME, CheckpointError, latest_resumable, status
+
+sys.path.insert(0, str(Path(__file__).parent))
+import kill_worker  # noqa: E402
+
+WORKER = Path(__file__).parent / "kill_worker.py"
+
+
+def _run(output_dir: Path, resume=None) -> kill_worker.HeadPrepTrainer:
+    trainer = kill_worker.trainer_for(str(output_dir))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    trainer = _run(tmp_path_factory.mktemp("reference") / "out")
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}, trainer.dynamics
+
+
+def _same(reference_state, model) -> list[str]:
+    state = model.state_dict()
+    return [k for k in reference_state if not torch.equal(reference_state[k], state[k])]
+
+
+def test_checkpoints_are_committed_and_rotated_after_the_commit(tmp_path, reference):
+    trainer = _run(tmp_path / "out")
+    found = sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
+    assert found == ["checkpoint-12"]  # save_total_limit=1: the older ones were rotated out after each commit
+    folder = tmp_path / "out" / "checkpoint-12"
+    assert status(str(folder)) == "complete" and not (folder / WRITING_NAME).exists()
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    for name in (
+        "model.safetensors",
+        "optimizer.pt",
+        "trainer_state.json",
+        "headprep_state.json",
+        "headprep_measurements.json",
+        "headprep_measurements.safetensors",
+        "training_args.bin",
+    ):
+        assert manifest[name]["size"] == (folder / name).stat().st_size
+    assert _same(reference[0], trainer.model) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "step, phase, resumed_from",
+    [(4, "model-torn", 2), *[(8, phase, 6) for phase in kill_worker.PHASES[:-1]], (8, "committed", 8)],
+)
+def test_killed_checkpoint_write_resumes_bit_identical_from_the_last_complete_one(
+    tmp_path, reference, step, phase, resumed_from, caplog
+):
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, str(WORKER), str(out), str(step), phase], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    torn = out / f"checkpoint-{step}"
+    assert torn.is_dir() and status(str(torn)) == ("complete" if phase == "committed" else "torn")
+    assert latest_resumable(str(out)) == str(out / f"checkpoint-{resumed_from}")
+    if phase != "committed":
+        with pytest.raises(CheckpointError, match=rf"checkpoint-{step} is incomplete.*checkpoint-{resumed_from}"):
+            kill_worker.trainer_for(str(out)).train(resume_from_checkpoint=str(torn))
+    with caplog.at_level("WARNING"):
+        resumed = _run(out, resume=True)
+    if phase != "committed":
+        assert f"Skipping {torn}" in caplog.text
+    assert resumed.resumed_stage == ("hp" if resumed_from < 6 else "ft")
+    assert _same(reference[0], resumed.model) == []
+    assert resumed.dynamics["drift"] == reference[1]["drift"]
+
+
+@pytest.mark.parametrize(
+    "damage, file",
+    [
+        ("truncate", "model.safetensors"),
+        ("delete", "optimizer.pt"),
+        ("garbage", "headprep_state.json"),
+        ("truncate", "headprep_measurements.safetensors"),
+        ("garbage", MANIFEST_NAME),
+    ],
+)
+def test_damaged_or_missing_checkpoint_file_is_named_before_anything_is_loaded(tmp_path, damage, file):
+    trainer = kill_worker.trainer_for(str(tmp_path / "out"))
+    trainer.args.save_total_limit = None  # keep every checkpoint: the error names the previous one
+    trainer.train()
+    folder = tmp_path / "out" / "checkpoint-10"
+    path = folder / file
+    if damage == "delete":
+        path.unlink()
+    elif damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    else:
+        path.write_text("{ not json")
+    fresh = kill_worker.trainer_for(str(tmp_path / "out"))
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(CheckpointError) as error:
+        fresh.train(resume_from_checkpoint=str(folder))
+    message = str(error.value)
+    assert str(path) in message and message.endswith(
+        f"resume from the previous complete checkpoint {folder.parent}/checkpoint-8."
+    )
+    assert _same(before, fresh.model) == []  # nothing was loaded
