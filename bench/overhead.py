@@ -9,7 +9,13 @@ Three sides, run in rotating order (plain, headprep, headprep-nomeasure, then he
 * ``plain``: a minimal `Trainer` subclass, cross-entropy on `model(pixel_values)`.
 * ``headprep``: `HeadPrepTrainer.finetune()` with `track_dynamics=True` (energy pass over the whole training set at
   FT start, drift on the probe set at each epoch end, head grad norm every update).
-* ``headprep_nomeasure``: the same with `track_dynamics=False` (the trainer's own overhead only).
+* ``headprep_nomeasure``: the same with `track_dynamics=False` (the trainer's own overhead, non-finite guard on).
+* ``headprep_noguard``: also `on_nonfinite="ignore"`: nomeasure / noguard is the cost of the non-finite guard (it
+  checks losses and gradient norms on the device and reads the flag at logging steps only).
+
+After the throughput runs, `checkpoint_costs` times one checkpoint of the same model written by `Trainer` and by
+`HeadPrepTrainer` (atomic: write mark, manifest with sha256, fsync), and the verification of a checkpoint before
+resuming against `Trainer`'s own loading of it.
 
 Each run is timed with `time.perf_counter()` around the train call only (trainer construction is timed separately).
 Inside the headprep runs `measure_start` (the one-time start-of-FT energy pass) and `measure_drift` (per epoch) are
@@ -48,7 +54,7 @@ from transformers import Trainer, TrainingArguments
 
 from headprep_hf import HeadPrepConfig, HeadPrepTrainer
 
-SIDES = ("plain", "headprep", "headprep_nomeasure")
+SIDES = ("plain", "headprep", "headprep_nomeasure", "headprep_noguard")
 NUM_CLASSES = 3
 
 
@@ -168,13 +174,14 @@ def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -
                 **common_args(opts, out, epochs),
                 hp_epochs=0,
                 track_dynamics=(side == "headprep"),
+                on_nonfinite="ignore" if side == "headprep_noguard" else None,
                 drift_probe_samples=opts.drift_probe_samples,
                 energy_max_samples=opts.energy_max_samples,
             )
             trainer = HeadPrepTrainer(model=model, args=config, train_dataset=data)
             timers = {
                 "measure_start": _Timer(trainer, "measure_start"),
-                "measure_drift": _Timer(trainer, "measure_drift"),
+                "measure_drift": _Timer(trainer.measurements, "measure_drift"),
             }
             train = trainer.finetune
         build_s = time.perf_counter() - t0
@@ -334,6 +341,9 @@ def print_report(info, setup, runs, summary, epochs, n_train):
         f"target >= {s['target']}  -> {verdict}"
     )
     print(f"  ratio headprep-nomeasure/plain:                     {s['ratio_headprep_nomeasure_vs_plain']:.3f}")
+    guard = s["median_samples_per_s"]["headprep_nomeasure"] / s["median_samples_per_s"]["headprep_noguard"]
+    paired_guard = s["ratio_paired_median"]["headprep_nomeasure"] / s["ratio_paired_median"]["headprep_noguard"]
+    print(f"  non-finite guard: nomeasure/noguard {guard:.3f} (paired {paired_guard:.3f})")
     print(
         f"  time inside measure_start + measure_drift: {100 * s['measurement_share_of_headprep_run']:.1f}% of a "
         f"headprep run -> ratio {s['ratio_if_trainer_matched_plain']:.3f} if the rest cost what plain costs "
@@ -366,6 +376,54 @@ def print_report(info, setup, runs, summary, epochs, n_train):
         "  epochs for the energy pass to amortise to 0.97: "
         + (f"{be:.1f}" if be is not None else "never (the steady ratio alone is below 0.97)")
     )
+
+
+def checkpoint_costs(opts, data, state, repeats: int) -> dict[str, Any]:
+    """Seconds per checkpoint of Trainer's write vs the atomic one, and of verifying it vs Trainer loading it."""
+    from headprep_hf.checkpoints import verify
+
+    transformers.set_seed(opts.seed)
+    kinds = ("trainer_save", "atomic_save", "verify", "trainer_load")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as out:
+        config = HeadPrepConfig(**common_args(opts, out, 1), hp_epochs=0, max_steps=2)
+        trainer = HeadPrepTrainer(model=fresh_model(state), args=config, train_dataset=data)
+        trainer.finetune()  # an optimizer with state, the FT stage plan
+        for rep in range(repeats):
+            for save in ("trainer_save", "atomic_save")[:: 1 if rep % 2 == 0 else -1]:
+                trainer.state.global_step = 1000 + 2 * rep + (save == "atomic_save")
+                t0 = time.perf_counter()
+                if save == "trainer_save":
+                    Trainer._save_checkpoint(trainer, trainer.model, None)  # the parent's, not atomic
+                else:
+                    trainer._save_checkpoint(trainer.model, None)
+                    folder = trainer.checkpoint_dir()
+                times[save].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            verify(folder, trainer._required_checkpoint_files())
+            times["verify"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            trainer._load_from_checkpoint(folder)
+            trainer._load_optimizer_and_scheduler(folder)
+            times["trainer_load"].append(time.perf_counter() - t0)
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    med = {k: median(v) for k, v in times.items()}
+    result = {
+        "median_seconds": med,
+        "checkpoint_bytes": size,
+        "ratio_atomic_save_vs_trainer_save": med["atomic_save"] / med["trainer_save"],
+        "ratio_verify_vs_trainer_load": med["verify"] / med["trainer_load"],
+    }
+    print(f"\n== checkpoints ({size / 2**20:.1f} MiB, median of {repeats}) ==")
+    print(
+        f"  Trainer save {med['trainer_save']:.4f} s, atomic save {med['atomic_save']:.4f} s "
+        f"-> ratio {result['ratio_atomic_save_vs_trainer_save']:.2f}"
+    )
+    print(
+        f"  verify before resuming {med['verify']:.4f} s vs Trainer loading it {med['trainer_load']:.4f} s "
+        f"-> ratio {result['ratio_verify_vs_trainer_load']:.2f}"
+    )
+    return result
 
 
 def print_profile(profiler: cProfile.Profile, seconds: float) -> None:
@@ -420,6 +478,9 @@ def parse_args(argv=None):
     p.add_argument("--no_warmup", action="store_true", help="skip the untimed 1-epoch warm-up run of each side")
     p.add_argument("--profile", action="store_true", help="also cProfile one extra headprep run")
     p.add_argument("--json", type=str, default=None, metavar="OUT.json", help="write all results to this file")
+    p.add_argument(
+        "--checkpoint_repeats", type=int, default=5, help="repetitions of the checkpoint save/verify timing (0: skip)"
+    )
     return p.parse_args(argv)
 
 
@@ -478,6 +539,8 @@ def main(argv=None) -> int:
     info["loadavg_after"] = os.getloadavg()
     print_report(info, setup, runs, summary, opts.epochs, n_train)
 
+    checkpoints = checkpoint_costs(opts, data, state, opts.checkpoint_repeats) if opts.checkpoint_repeats else None
+
     if opts.profile:
         r = run_once("headprep", opts, data, state, opts.epochs, profile=True)
         print_profile(r.pop("_profiler"), r["seconds"])
@@ -490,6 +553,7 @@ def main(argv=None) -> int:
             "setup": setup,
             "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
             "summary": {**summary, "projected_ratio": {str(k): v for k, v in summary["projected_ratio"].items()}},
+            "checkpoints": checkpoints,
             "total_seconds": total,
         }
         write_json(opts.json, payload)

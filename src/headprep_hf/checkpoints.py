@@ -156,7 +156,7 @@ def verify(folder: str, required: tuple[str | tuple[str, ...], ...] = ()) -> Non
     siblings = checkpoints(os.path.dirname(os.path.normpath(folder)))
     if state == "torn" or (state == "unmarked" and any(status(c) == "complete" for c in siblings)):
         raise CheckpointError(
-            f"{folder} is incomplete: the run was killed while writing it (no {MANIFEST_NAME}). {_previous(folder)}."
+            f"{folder} is incomplete: the run was killed while writing it (no {MANIFEST_NAME}); {_previous(folder)}."
         )
     if state == "unmarked":
         return

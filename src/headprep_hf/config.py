@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .guard import POLICIES
 from .losses import PROBLEM_TYPES
 from .schedules import STEP_SCHEDULES
 
@@ -94,6 +95,12 @@ class HeadPrepConfig(TrainingArguments):
             `problem_type` attribute, else what the training labels show (integers: single-label, a float per
             sample: regression, 0/1 vectors: multi-label). Decides the trainer's loss, the energy and the label
             checks; setting it makes the trainer's loss replace a model's own loss.
+        on_nonfinite (`str` or `None`, defaults to `None`):
+            What a NaN or inf loss or gradient does: `"raise"` stops training with an error naming the stage, step and
+            samples (checked on the device, read at logging/evaluation/save steps: no synchronisation per step), and
+            nothing non-finite is saved; `"skip"` drops the update (one synchronisation per step) and counts it in
+            `dynamics["skipped_updates"]`; `"ignore"` is `Trainer`'s behaviour. Unset: `"raise"` for runs with head
+            probing (`hp_epochs > 0`, `probe_head()`, `finetune()`), `"ignore"` for plain runs.
         save_prepared_head (`bool`, defaults to `True`):
             When HP ends (and its energy is measured), write the head as a prepared-head folder
             `output_dir/prepared_head` (weights, `headprep_head.json`, model card; kilobytes).
@@ -192,6 +199,14 @@ class HeadPrepConfig(TrainingArguments):
         },
     )
 
+    on_nonfinite: str | None = field(
+        default=None,
+        metadata={
+            "help": "A NaN/inf loss or gradient: raise (stop, nothing non-finite saved), skip (drop the update, "
+            "count it) or ignore (Trainer's behaviour); unset = raise with head probing, ignore without.",
+            "choices": ["raise", "skip", "ignore"],
+        },
+    )
     save_prepared_head: bool = field(
         default=True,
         metadata={"help": "Write output_dir/prepared_head (head weights, json, card) when HP ends."},
@@ -268,6 +283,8 @@ class HeadPrepConfig(TrainingArguments):
                 "re-initialised blocks train during HP, so the features they produce change every step and cannot be "
                 "cached. Set hp_cache_features=False (or drop reinit_modules)."
             )
+        if self.on_nonfinite is not None and self.on_nonfinite not in POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {list(POLICIES)} or unset, got {self.on_nonfinite!r}.")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {list(PROBLEM_TYPES)} or unset, got {self.problem_type!r}.")
         if self.drift_probe_samples < 1:

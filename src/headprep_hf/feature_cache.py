@@ -245,9 +245,12 @@ class CachedHeadProbing:
                             loss = loss * (counts[i] / step_items).to(device)
                         loss.backward()
                         running_loss += loss.detach()
+                        if trainer.guard.active:
+                            trainer.guard.record_loss(loss, trainer.state.global_step)
                     grad_norm = None
                     if args.max_grad_norm is not None and args.max_grad_norm > 0:
                         grad_norm = torch.nn.utils.clip_grad_norm_(head_params, args.max_grad_norm)
+                    trainer.control = handler.on_pre_optimizer_step(args, trainer.state, trainer.control)
                     trainer.optimizer.step()
                     learning_rate = trainer.lr_scheduler.get_last_lr()[0]  # the rate of this step, as Trainer logs
                     trainer.lr_scheduler.step()

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .cards import prepared_head_card
+from .guard import check_finite
 from .heads import replace_head_with_mlp
 from .split import ModelSplit, find_split
 from .version import __version__
@@ -169,6 +170,7 @@ def save_prepared_head(
     """Write `head.safetensors`, `headprep_head.json` and a README.md model card for the trainer's current head
     into `save_directory` (see `write_prepared_head`). Returns the folder."""
     state = trainer.hp_state_dict()
+    check_finite(state, f"the prepared head {save_directory}")
     config = prepared_head_config(trainer, backbone_id=backbone_id, tau=tau)
     return write_prepared_head(save_directory, state, config, repo_id=repo_id)
 

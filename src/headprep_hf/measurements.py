@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -160,7 +161,7 @@ class MeasurementCallback(TrainerCallback):
         summary: dict[str, Any] = {}
         result = self._energy_pass() if self._can_measure_energy() else None
         if result is not None:
-            summary = result.summary()
+            summary = self._finite_summary(result)
             p0 = result.p_true
             self.dynamics.update(
                 {
@@ -192,6 +193,9 @@ class MeasurementCallback(TrainerCallback):
         if self.z0 is None:
             raise RuntimeError("No z_0 yet: call measure_start() (or run HP / start FT) before measure_drift().")
         metrics = drift_metrics(self.z0, self._probe())
+        if not all(math.isfinite(v) for v in metrics.values()):
+            self._note_nonfinite(f"drift at step {self.trainer.state.global_step}: the probe features are NaN/inf")
+            metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
         state = self.trainer.state
         self.dynamics.setdefault("drift", []).append({"step": state.global_step, "epoch": state.epoch, **metrics})
         self.pending.update({f"drift/{k}": metrics[k] for k in DRIFT_KEYS})
@@ -231,6 +235,23 @@ class MeasurementCallback(TrainerCallback):
             return
         self.last_drift_step = step
         self.measure_drift()
+
+    def _finite_summary(self, result) -> dict:
+        # NaN energy also marks samples without a label (excluded by the summary); a NaN where labels exist means the
+        # outputs were not finite: recorded as null with the reason, never as a silent NaN or a silently smaller mean.
+        bad = (torch.isnan(result.energy) & (result.count > 0)) | torch.isinf(result.energy)
+        if not bool(bad.any()):
+            return result.summary()
+        indices = torch.nonzero(bad).flatten().tolist()
+        self._note_nonfinite(
+            f"energy at step {self.trainer.state.global_step}: the outputs on {len(indices)} training sample(s) "
+            f"are NaN/inf (samples {indices[:8]})"
+        )
+        return {"energy": None, "hp_train_accuracy": None, "p0_mean": None}
+
+    def _note_nonfinite(self, message: str) -> None:
+        self.dynamics.setdefault("nonfinite", []).append(message)
+        logger.warning("Not finite: %s; recorded as null.", message)
 
     def _energy_pass(self):
         trainer, args = self.trainer, self.trainer.args

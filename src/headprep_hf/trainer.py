@@ -26,6 +26,7 @@ from transformers.utils import find_labels
 from .checkpoints import begin_write, commit, resume_checkpoint, verify
 from .config import HeadPrepConfig, check_trainer_inputs
 from .feature_cache import CachedHeadProbing
+from .guard import NonFiniteGuard, check_finite
 from .heads import reinitialize_module, replace_head_with_mlp
 from .hub import PreparedHeadMixin
 from .labels import check_trainer_datasets, infer_problem_type
@@ -95,6 +96,7 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         self.stage_plan = StagePlan()
         self.hp_feature_cache = None  # the cached head inputs while cached HP runs (BatchNorm passes use them)
         self.measurements = MeasurementCallback(self)
+        self.guard = NonFiniteGuard(self)
         self._stage = "hp"
         self._in_training_step = False
         self._train_calls, self._last_plain = 0, True
@@ -112,6 +114,12 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
             self.args.remove_unused_columns = False
         if self.args.hp_epochs > 0 or self.args.track_dynamics:
             self._add_own_callbacks()
+
+    def _start_guard(self) -> None:
+        policy = self.args.on_nonfinite or ("raise" if self.has_stages else "ignore")
+        self.guard.reset(policy)
+        if self.guard.active and self.guard not in self.callback_handler.callbacks:
+            self.add_callback(self.guard)
 
     def _add_own_callbacks(self) -> None:
         # The stage boundary and the measurements; a plain run without measurements needs neither (Trainer's list).
@@ -256,6 +264,8 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
 
     def _probe_head_cached(self) -> dict[str, float]:
         self._new_call(plain=False)
+        self.stage_plan = StagePlan(plan="hp")
+        self._start_guard()
         metrics = CachedHeadProbing(self).train()
         self._stage = "hp"
         broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
@@ -398,6 +408,8 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._in_training_step = False
+        if self.guard.active:
+            self.guard.record_loss(loss, self.state.global_step)
         if self._stage == "ft" and self.args.track_dynamics and self.accelerator.sync_gradients:
             self.measurements.record_head_grad()
         return loss
@@ -464,6 +476,7 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
             self._add_own_callbacks()
         self._new_call(plain and not hp_outside_loop)
         self.stage_plan = StagePlan(plan=plan, hp_outside_loop=hp_outside_loop)
+        self._start_guard()
         self._trial_for_dir = trial
         self._check_all_labels()
         refuse = self.has_stages and not self.args.overwrite_output_dir
@@ -487,6 +500,8 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
             self._attach_stages(self.model)  # (removes the hook)
             self._stage = "ft" if self.stage_plan.ft_started else "hp"
         broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
+        if self.guard.skipped:
+            self.dynamics["skipped_updates"] = self.dynamics.get("skipped_updates", []) + self.guard.skipped
         if plan != "hp" and self.args.track_dynamics:
             self.measurements.write(self.args.output_dir)
         return output
@@ -502,9 +517,12 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         """`Trainer._save_checkpoint`, made atomic (see `headprep_hf.checkpoints`): the folder is marked before the
         first file, the stage plan and measurement state are written beside Trainer's files, then the checkpoint is
         committed (manifest of sizes and sha256, written last) and only then are old checkpoints rotated out."""
+        folder = self.checkpoint_dir()
+        if self.guard.active:  # nothing non-finite becomes a checkpoint; the last good one stays
+            self.guard.check()
+            check_finite(self.accelerator.unwrap_model(self.model).state_dict(), f"checkpoint {folder}")
         if not self.writes_stage_state:
             return super()._save_checkpoint(model, trial)
-        folder = self.checkpoint_dir()
         if self.args.should_save:
             begin_write(folder)
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation waits for the commit
@@ -557,8 +575,10 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, plus the training arguments as JSON (`training_args.json`) beside Trainer's
         `training_args.bin`, so they can be read without unpickling."""
-        super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.guard.active and not _internal_call:
+            check_finite(self.accelerator.unwrap_model(self.model).state_dict(), f"the model in {output_dir}")
+        super().save_model(output_dir, _internal_call)
         if self.args.should_save and os.path.isdir(output_dir):
             with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as f:
                 f.write(self.args.to_json_string())

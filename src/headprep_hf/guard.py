@@ -1,0 +1,169 @@
+"""The non-finite guard: a NaN or inf loss or gradient stops the run (or skips the update), and nothing non-finite is
+saved.
+
+Checking every update on the host would add a device synchronisation per step. Instead the loss of every micro-batch
+and the gradient norm of every update are checked on the device, into a flag and the first bad step, and the flag is
+read only where the Trainer synchronises anyway or something is about to be written: at logging, evaluation and save
+steps, epoch ends and the end of training. The run stops there with a `NonFiniteError` naming the stage, the first bad
+step and the training samples of that step (with the ones holding non-finite inputs), before any checkpoint, prepared
+head or model is written; the last good checkpoint stays. `on_nonfinite="skip"` instead drops an update whose
+gradient is not finite (its gradients are discarded before the optimizer step) and counts it; deciding that before the
+step costs one synchronisation per update, as AMP's gradient scaler does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from .trainer import HeadPrepTrainer
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("raise", "skip", "ignore")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient stopped being finite; the message names the stage, step, samples and what to do."""
+
+
+def nonfinite_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `state` holding a NaN or inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write `what` when a tensor of `state` is not finite (`NonFiniteError` naming the tensors)."""
+    bad = nonfinite_keys(state)
+    if bad:
+        raise NonFiniteError(
+            f"Not writing {what}: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:5])}). Training "
+            "diverged; resume from the last checkpoint with a lower learning rate, or fix the data."
+        )
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Watches the losses and gradients of a [`HeadPrepTrainer`] run on the device (see the module docstring)."""
+
+    def __init__(self, trainer: HeadPrepTrainer, policy: str = "ignore"):
+        self.trainer = trainer
+        self.reset(policy)
+
+    def reset(self, policy: str) -> None:
+        """A new run under `policy` (`"raise"`, `"skip"` or `"ignore"`)."""
+        self.policy = policy
+        self.skipped: list[int] = []
+        self._bad: torch.Tensor | None = None
+        self._first: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.policy != "ignore"
+
+    def record_loss(self, loss: torch.Tensor, step: int) -> None:
+        """Note a micro-batch's loss of update `step` (on the device, no synchronisation)."""
+        self._note(~torch.isfinite(loss.detach()).all(), step)
+
+    def _note(self, bad: torch.Tensor, step: int) -> None:
+        if self._bad is None:
+            self._bad = torch.zeros((), dtype=torch.bool, device=bad.device)
+            self._first = torch.full((), -1, dtype=torch.long, device=bad.device)
+        self._first = torch.where(bad & ~self._bad, torch.full_like(self._first, step), self._first)
+        self._bad = self._bad | bad
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.active:
+            return
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
+        if self.policy != "skip":
+            self._note(bad, state.global_step)
+        elif bool(bad):  # one synchronisation per update, the price of deciding before the step
+            for param in self.trainer.model.parameters():
+                param.grad = None  # torch optimizers leave parameters without a gradient untouched
+            self.skipped.append(state.global_step + 1)
+            self._bad = self._first = None  # the skipped update's losses do not count either
+            logger.warning(
+                "Skipped update %d: its gradient is not finite (%d skipped so far).",
+                state.global_step + 1,
+                len(self.skipped),
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (
+            control.should_log
+            or control.should_save
+            or control.should_evaluate
+            or state.global_step >= state.max_steps
+        ):
+            self.check()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.check()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.check()
+
+    def check(self) -> None:
+        """Raise `NonFiniteError` when a loss or gradient was not finite since the start (one synchronisation)."""
+        if not self.active:
+            return
+        if self.policy == "skip":
+            self._bad = self._first = None  # losses of updates that were applied are finite when their gradients are
+            return
+        if self._bad is None or not bool(self._bad):
+            return
+        step = int(self._first)
+        raise NonFiniteError(self._message(step))
+
+    def _message(self, step: int) -> str:
+        trainer = self.trainer
+        stage = "HP" if trainer.stage_plan.stage_at(step) == "hp" else "FT"
+        samples, holders = self._samples_of(step)
+        where = (
+            f" The update used training samples {samples[:16]}{' ...' if len(samples) > 16 else ''}."
+            if samples
+            else ""
+        )
+        if holders:
+            where += f" Non-finite input values in: {'; '.join(holders[:8])}."
+        return (
+            f"The loss or gradient became NaN/inf at update {step + 1} ({stage}).{where} Training stopped before "
+            "anything non-finite was written; the last good checkpoint is kept. Fix the data, lower the learning rate "
+            "(or raise gradient clipping), or set on_nonfinite='skip' to drop such updates."
+        )
+
+    def _samples_of(self, step: int) -> tuple[list[int], list[str]]:
+        """The training samples of update `step` (from the trainer's seeded batch order) and those with non-finite
+        input values (`index: key`). Empty when the order cannot be rebuilt (iterable datasets)."""
+        from .feature_cache import global_batches
+
+        trainer = self.trainer
+        try:
+            loader = trainer.get_train_dataloader()
+            per_epoch = len(global_batches(loader, 0, trainer.accelerator.num_processes))
+            ga = trainer.args.gradient_accumulation_steps
+            updates = max(math.ceil(per_epoch / ga), 1)
+            epoch, update = divmod(step, updates)  # the loop's epochs run on through both stages
+            batches = global_batches(loader, epoch, trainer.accelerator.num_processes)[update * ga : (update + 1) * ga]
+        except (TypeError, AttributeError, ValueError):
+            return [], []
+        samples = sorted(i for batch in batches for i in batch)
+        holders = []
+        for index in samples:
+            item = trainer.train_dataset[index]
+            for key, value in item.items() if isinstance(item, dict) else []:
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_floating_point()
+                    and not bool(torch.isfinite(value).all())
+                ):
+                    holders.append(f"sample {index} '{key}'")
+        return samples, holders

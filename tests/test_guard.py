@@ -1,0 +1,95 @@
+"""The non-finite guard: NaN/inf inputs or logits stop the run with a named cause; nothing non-finite is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyImages, make_config, tiny_timm
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from headprep_hf import HeadPrepTrainer
+from headprep_hf.guard import NonFiniteError
+
+
+class NaNLogitsAt(TrainerCallback):
+    """Makes the model's logits NaN during update `step` (a forward hook on the head)."""
+
+    def __init__(self, model, step):
+        self.step, self.on = step, False
+        model.fc.register_forward_hook(lambda module, args, out: out * float("nan") if self.on else out)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.on = state.global_step == self.step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.on = False
+
+
+def _nonfinite_files(folder) -> list[str]:
+    bad = []
+    for path in folder.rglob("*.safetensors"):
+        bad += [
+            f"{path}:{k}" for k, v in load_file(path).items() if v.is_floating_point() and not torch.isfinite(v).all()
+        ]
+    return bad
+
+
+def _trainer(tmp_path, train=None, **overrides):
+    args = make_config(tmp_path, **{"save_strategy": "steps", "save_steps": 2, **overrides})
+    return HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train or TinyImages(48, seed=0))
+
+
+def test_inf_input_stops_head_probing_naming_the_sample(tmp_path):
+    data = TinyImages(48, seed=0)
+    data.x[5, 0, 3, 3] = float("inf")
+    trainer = _trainer(tmp_path, data)
+    with pytest.raises(NonFiniteError, match=r"\(HP\).*sample 5 'pixel_values'") as error:
+        trainer.train()
+    assert "5" in str(error.value).split("training samples")[1]
+    out = tmp_path / "out"
+    assert _nonfinite_files(out) == [] and not (out / "prepared_head").exists()
+
+
+@pytest.mark.parametrize("step, stage", [(3, "HP"), (8, "FT")])  # 3 updates per epoch, 2 HP epochs
+def test_nan_logits_stop_the_run_before_anything_non_finite_is_written(tmp_path, step, stage):
+    trainer = _trainer(tmp_path)
+    trainer.add_callback(NaNLogitsAt(trainer.model, step))
+    with pytest.raises(NonFiniteError, match=rf"update {step + 1} \({stage}\)"):
+        trainer.train()
+    out = tmp_path / "out"
+    assert _nonfinite_files(out) == []
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert saved and max(saved) <= step  # the last good checkpoint stays; none after the bad update
+    with pytest.raises(NonFiniteError, match="Not writing the model"):
+        trainer.save_model()
+
+
+def test_skip_policy_drops_the_update_and_counts_it(tmp_path):
+    trainer = _trainer(tmp_path, on_nonfinite="skip")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.add_callback(NaNLogitsAt(trainer.model, 8))
+    trainer.train()
+    assert trainer.dynamics["skipped_updates"] == [9]
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    trainer.save_model()
+    assert _nonfinite_files(tmp_path / "out") == []
+
+
+def test_plain_runs_keep_trainers_behaviour_unless_asked(tmp_path):
+    trainer = _trainer(tmp_path, hp_epochs=0, save_strategy="no")
+    trainer.add_callback(NaNLogitsAt(trainer.model, 1))
+    trainer.train()  # Trainer carries on (logging_nan_inf_filter); the guard is off by default without HP
+    guarded = _trainer(tmp_path / "g", hp_epochs=0, save_strategy="no", on_nonfinite="raise")
+    guarded.add_callback(NaNLogitsAt(guarded.model, 1))
+    with pytest.raises(NonFiniteError, match=r"update 2 \(FT\)"):
+        guarded.train()
+
+
+def test_non_finite_energy_is_recorded_as_null_with_the_reason(tmp_path):
+    trainer = _trainer(tmp_path, save_strategy="no")
+    trainer.model.fc.register_forward_hook(lambda module, args, out: out * float("nan"))
+    summary = trainer.measure_start()
+    assert summary["energy"] is None and trainer.dynamics["energy"] is None
+    assert "outputs on 48 training sample(s) are NaN/inf" in trainer.dynamics["nonfinite"][0]
