@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import CONFIG_DEFAULTS, TinyImages, clone_state, tiny_timm
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from headprep_hf import HeadPrepConfig, HeadPrepTrainer, SweepConfig, TauSweep, load_sweep, merge_sweeps
 from headprep_hf.exchange import head_exchange
@@ -28,10 +29,13 @@ def data():
     return TinyImages(48, seed=0), TinyImages(24, seed=1), TinyImages(24, seed=2)
 
 
-def run_sweep(path, data, model=None, **overrides):
+def run_sweep(path, data, model=None, callbacks=None, **overrides):
     train, val, test = data
     model = model if model is not None else tiny_timm()
-    sweep = TauSweep(model, sweep_config(path, **overrides), train, val, test, compute_metrics=accuracy_metrics())
+    kwargs = {"callbacks": callbacks} if callbacks else {}
+    sweep = TauSweep(
+        model, sweep_config(path, **overrides), train, val, test, compute_metrics=accuracy_metrics(), **kwargs
+    )
     return sweep.run()
 
 
@@ -158,10 +162,60 @@ def test_interrupted_sweep_reuses_finished_jobs(tmp_path, data):
     assert (path / "tau_0" / "model.safetensors").stat().st_mtime_ns == kept  # reused, not rerun
     assert second["results"] == first["results"][:2] + [second["results"][2]]
     assert second["results"][2]["energy"] == pytest.approx(first["results"][2]["energy"], rel=1e-6)
-    # a different sweep in the same folder is refused instead of mixed in
+    # a different sweep in the same folder is refused instead of mixed in, before anything is touched
     os.remove(path / "sweep.json")
-    with pytest.raises(ValueError, match="different sweep"):
+    before = tree_hash(path)
+    with pytest.raises(ValueError, match="belongs to another sweep"):
         run_sweep(path, data, learning_rate=5e-4, sweep_report=False)
+    assert tree_hash(path) == before
+
+
+def tree_hash(folder) -> dict[str, str]:
+    """Every file under `folder` with its content hash (what a refused run must leave exactly as it was)."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt(TrainerCallback):
+    """Interrupts the sweep at update `step` of the HP run (`job` 0) or of the `job`-th FT job, once."""
+
+    def __init__(self, job, step):
+        self.job, self.step, self.runs, self.fired = job, step, -1, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.runs = 0 if args.output_dir.endswith("hp") else self.runs + 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.fired and self.runs == self.job and state.global_step == self.step:
+            self.fired = True
+            raise _Interrupt  # (before this step's checkpoint: checkpoint-2 exists at step 3)
+
+
+@pytest.mark.parametrize("job, step", [(0, 4), (1, 3), (2, 3)], ids=["during-HP", "first-FT-job", "second-FT-job"])
+def test_rerun_with_other_settings_is_refused_before_any_file_changes(tmp_path, data, job, step):
+    """A sweep interrupted in HP (snapshots partly written), in its first FT job (a checkpoint, no result) or in the
+    second (one finished job): a rerun with another learning rate changes nothing; the same settings continue it."""
+    path = tmp_path / "s"
+    settings = dict(sweep_report=False, save_strategy="steps", save_steps=2)
+    with pytest.raises(_Interrupt):
+        run_sweep(path, data, callbacks=[_StopAt(job, step)], **settings)
+    before = tree_hash(path)
+    assert before  # something was written before the interruption
+    with pytest.raises(ValueError, match="belongs to another sweep.*nothing was changed"):
+        run_sweep(path, data, learning_rate=5e-4, **settings)
+    assert tree_hash(path) == before
+    continued = run_sweep(path, data, **settings)
+    reference = run_sweep(tmp_path / "reference", data, **settings)
+    assert [r["validation"] for r in continued["results"]] == [r["validation"] for r in reference["results"]]
 
 
 def test_shards_merge_into_the_full_sweep(tmp_path, data):

@@ -244,6 +244,24 @@ def _resolve(repo_id_or_path: str | os.PathLike, revision: str | None = None) ->
     )
 
 
+_REQUIRED_HEAD_KEYS = ("head_modules", "feature_dim", "num_labels", "backbone")
+
+
+def _read_head_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error}); save the prepared head again.") from error
+    missing = [k for k in _REQUIRED_HEAD_KEYS if k not in config]
+    if not missing and not isinstance(config.get("backbone"), dict):
+        missing = ["backbone"]
+    elif not missing:
+        missing = [f"backbone.{k}" for k in ("id", "checksum") if k not in config["backbone"]]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a complete prepared-head config.")
+    return config
+
+
 def load_prepared_head(
     model: nn.Module, repo_id_or_path: str | os.PathLike, strict: bool = False, revision: str | None = None
 ) -> dict[str, Any]:
@@ -263,7 +281,7 @@ def load_prepared_head(
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: {folder} is not a prepared head (see save_prepared_head).")
-    config = json.loads(config_path.read_text())
+    config = _read_head_config(config_path)
     split = find_split(model, config["head_modules"], config.get("reinit_modules") or [])
     want_dim, want_labels = config["feature_dim"], config["num_labels"]
     have_dim = feature_dim(model, split)
@@ -289,7 +307,13 @@ def load_prepared_head(
         warnings.warn(message, BackboneMismatchWarning, stacklevel=2)
     if config.get("head_type") == "mlp" and len(_head_linears(model, split)) == 1:
         replace_head_with_mlp(model, split, config["mlp_hidden_size"], config["mlp_num_layers"])
-    state = load_file(str(weights_path))
+    try:
+        state = load_file(str(weights_path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types; nothing was executed
+        raise ValueError(
+            f"{weights_path} is not a readable safetensors file ({error}): a prepared head stores its weights as "
+            "safetensors only (a pickle is never loaded). Save it again with save_prepared_head()."
+        ) from error
     model_state = model.state_dict()
     unknown = sorted(set(state) - set(model_state))
     wrong_shape = sorted(k for k in state if k in model_state and model_state[k].shape != state[k].shape)

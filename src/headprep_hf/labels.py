@@ -203,3 +203,53 @@ def check_trainer_datasets(trainer) -> None:
         elif num_classes is not None:
             check_dense_shapes(dataset, name, label_name)
             check_labels(dataset, num_classes, name, label_name, ignore_index)
+
+
+def _named_datasets(trainer) -> list[tuple[str, object]]:
+    named = [("train_dataset", trainer.train_dataset), ("energy_dataset", trainer.energy_dataset)]
+    named.append(("drift_dataset", getattr(trainer, "drift_dataset", None)))
+    if isinstance(trainer.eval_dataset, dict):
+        named += [(f"eval_dataset[{k!r}]", v) for k, v in trainer.eval_dataset.items()]
+    else:
+        named.append(("eval_dataset", trainer.eval_dataset))
+    return [(n, d) for n, d in named if d is not None]
+
+
+def check_not_empty(trainer) -> None:
+    """Raise `ValueError` naming the first of the trainer's datasets that has no sample."""
+    for name, dataset in _named_datasets(trainer):
+        if hasattr(dataset, "__len__") and not isinstance(dataset, torch.utils.data.IterableDataset):
+            if len(dataset) == 0:
+                raise ValueError(
+                    f"{name} is empty (0 samples): check the data folder, split or filters that built it."
+                )
+
+
+def _shapes(item) -> dict[str, tuple]:
+    if not isinstance(item, dict):
+        return {}
+    return {k: tuple(v.shape) for k, v in item.items() if hasattr(v, "shape") and len(getattr(v, "shape", ())) > 0}
+
+
+def shape_mismatch_error(dataset, name: str, error: Exception) -> Exception:
+    """For a batch that could not be stacked: a `ValueError` naming the first sample of `dataset` whose tensor shapes
+    differ from sample 0's (read only now, on the error path), or `error` itself when none is found."""
+    if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+        return error
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):  # reading samples runs their augmentation
+            first = _shapes(dataset[0])
+            for i in range(1, min(len(dataset), _MAX_ITERATED)):
+                shapes = _shapes(dataset[i])
+                for key, shape in shapes.items():
+                    if key in first and shape != first[key]:
+                        return ValueError(
+                            f"{name}[{i}] has '{key}' of shape {shape} but {name}[0] has {first[key]}: samples of "
+                            "one batch must have the same shape. Resize them to one size in the dataset's transform "
+                            "(or pass a data_collator that pads)."
+                        )
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return error

@@ -40,6 +40,7 @@ class StagePlan:
             before the loop, `hp_outside_loop`).
         ft_started: FT has begun (the boundary work is done: BatchNorm statistics, fresh optimizer, measurements).
         hp_outside_loop: HP ran on cached features before the training loop, which then covers FT only.
+        tag: Who may resume the run's checkpoints (`HeadPrepTrainer.run_tag`, e.g. a sweep's fingerprint).
     """
 
     plan: str = "both"
@@ -47,6 +48,7 @@ class StagePlan:
     ft_steps: int = 0
     ft_started: bool = False
     hp_outside_loop: bool = False
+    tag: str | None = None
 
     def stage_at(self, step: int) -> str:
         """The stage of update number `step` (0-based)."""
@@ -71,7 +73,7 @@ class StagePlan:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
-    def for_resume(cls, checkpoint: str, plan: str, hp_epochs: int) -> StagePlan:
+    def for_resume(cls, checkpoint: str, plan: str, hp_epochs: int, tag: str | None = None) -> StagePlan:
         """The plan to resume checkpoint `checkpoint` with, in a run of `plan`; a `ValueError` naming the method to
         use when the checkpoint belongs to another one. A checkpoint without a plan (written by `Trainer`, or without
         HP) resumes as FT that has begun, which only a run without HP can do."""
@@ -83,6 +85,11 @@ class StagePlan:
                     "transformers.Trainer). Resume it with hp_epochs=0 or with finetune()."
                 )
             return cls(plan=plan, ft_started=True)
+        if saved.tag != tag:
+            raise ValueError(
+                f"{checkpoint} was written by a run with other settings (tag {saved.tag}, this run {tag}); resuming "
+                "it would mix the two. Use another output_dir, or rerun with the settings that wrote it."
+            )
         if saved.plan != plan:
             raise ValueError(
                 f"{checkpoint} was written by {saved.method}(); resume it with {saved.method}("

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PrinterCallback, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
+from .checkpoints import latest_resumable
 from .config import HeadPrepConfig
 from .fingerprint import state_fingerprint
 from .sweep_schema import SWEEP_FORMAT_VERSION, validate_sweep
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
 RESULT_FILE = "sweep_result.json"
+JOB_FILE = "sweep_job.json"  # an FT job folder's owner: the sweep fingerprint, written before the job starts
 DEFAULT_TAUS = (0, 1, 2, 4, 8, 16, 32)
 # Settings that change what a sweep computes; shards must agree on all of them to be merged.
 _FINGERPRINT_FIELDS = (
@@ -78,6 +80,12 @@ _FINGERPRINT_FIELDS = (
     "gradient_accumulation_steps",
     "drift_probe_samples",
     "energy_max_samples",
+    "measure_batch_size",
+    "hp_recompute_bn_stats",
+    "lr_scheduler_kwargs",
+    "label_smoothing_factor",
+    "problem_type",
+    "ignore_index",
     "sweep_taus",
     "sweep_metric",
 )
@@ -208,6 +216,20 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _fingerprint_tag(fingerprint: dict | None) -> str | None:
+    """One string for a sweep fingerprint (stored in snapshot metadata and checkpoints)."""
+    if fingerprint is None:
+        return None
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is unreadable ({error}); delete it or use another output_dir.") from error
+
+
 def config_fingerprint(args: SweepConfig) -> str:
     values = {}
     for name in _FINGERPRINT_FIELDS:
@@ -274,6 +296,8 @@ class TauSweep:
     def run(self) -> dict[str, Any]:
         """Run the sweep (or this shard of it); returns the content written to `output_dir/sweep.json`."""
         self._check_output_dir()
+        self._fingerprint = self.fingerprint()
+        self._check_owner()  # before anything is written: a folder of another sweep is refused untouched
         self.output_dir.mkdir(parents=True, exist_ok=True)
         hp_info = self.probe()
         results = []
@@ -331,11 +355,8 @@ class TauSweep:
                 **self._hp_trainer_kwargs(),
             )
         )
-        self._fingerprint = {
-            "taus": list(self.args.sweep_taus),
-            "model": state_fingerprint(trainer.accelerator.unwrap_model(trainer.model).state_dict()),
-            "config": config_fingerprint(self.args),
-        }
+        if self._fingerprint is None:
+            self._fingerprint = self.fingerprint()
         start = time.perf_counter()
         if 0 in self.args.sweep_taus:
             self._save_snapshot(0, trainer)
@@ -355,6 +376,46 @@ class TauSweep:
             "snapshots": {str(t): os.path.relpath(p, self.output_dir) for t, p in self._snapshots.items()},
         }
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What a sweep's folders must share: the grid, the pretrained model (with its new head, before HP) and the
+        settings that change results."""
+        return {
+            "taus": list(self.args.sweep_taus),
+            "model": state_fingerprint(self._pristine.state_dict()),
+            "config": config_fingerprint(self.args),
+        }
+
+    def _check_owner(self) -> None:
+        """Refuse (before any file is written) an output_dir whose head snapshots or FT job folders belong to a sweep
+        with another fingerprint: resuming or reusing them would mix two sweeps' settings."""
+        mine = _fingerprint_tag(self._fingerprint)
+        for path in sorted((self.output_dir / "heads").glob("tau_*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    theirs = (f.metadata() or {}).get("sweep_fingerprint")
+            except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+                raise ValueError(
+                    f"{path} is not a readable head snapshot ({error}); delete it or use another output_dir."
+                ) from error
+            if theirs != mine:
+                raise ValueError(self._foreign(path))
+        for job in sorted(self.output_dir.glob("tau_*")):
+            if not job.is_dir():
+                continue
+            theirs = None
+            for name in (RESULT_FILE, JOB_FILE):
+                if (job / name).is_file():
+                    theirs = _fingerprint_tag(_read_json(job / name).get("fingerprint"))
+                    break
+            if theirs != mine:
+                raise ValueError(self._foreign(job))
+
+    def _foreign(self, path) -> str:
+        return (
+            f"{path} belongs to another sweep (other model, grid or settings) or to none; nothing was changed. Use "
+            "another output_dir, or rerun with that sweep's settings to continue it."
+        )
+
     def finetune_from(self, tau: int) -> dict[str, Any]:
         """FT job for one tau: fresh pretrained model + the head snapshot, `finetune()`, validation/test metrics."""
         job_dir = self.output_dir / f"tau_{tau}"
@@ -368,6 +429,9 @@ class TauSweep:
                 f"{job_dir} holds an FT job of a different sweep (other model, grid or settings); use another "
                 "output_dir or delete it."
             )
+        if self._is_main:  # the folder's owner, written before anything else in it
+            job_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(job_dir / JOB_FILE, {"fingerprint": self._fingerprint})
         job_args = dataclasses.replace(self.args, output_dir=str(job_dir), hp_epochs=tau)
         trainer = self._quiet(
             HeadPrepTrainer(
@@ -379,6 +443,7 @@ class TauSweep:
                 **self.trainer_kwargs,
             )
         )
+        trainer.run_tag = _fingerprint_tag(self._fingerprint)  # its checkpoints resume only in this sweep
         snapshot = load_file(self._snapshots[tau])
         missing, unexpected = trainer.accelerator.unwrap_model(trainer.model).load_state_dict(snapshot, strict=False)
         if unexpected:
@@ -388,7 +453,7 @@ class TauSweep:
             from .hub import prepared_head_config
 
             head_config = prepared_head_config(trainer, tau=tau)  # before FT: the pretrained backbone's checksum
-        checkpoint = get_last_checkpoint(str(job_dir / "ft")) if (job_dir / "ft").is_dir() else None
+        checkpoint = latest_resumable(str(job_dir / "ft"))  # (complete checkpoints only; torn ones are skipped)
         output = trainer.finetune(resume_from_checkpoint=checkpoint)
         if head_config is not None and trainer.args.should_save:
             from .hub import write_prepared_head
@@ -459,7 +524,8 @@ class TauSweep:
         if self._is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"tau": str(tau)})
+            metadata = {"tau": str(tau), "sweep_fingerprint": _fingerprint_tag(self._fingerprint)}
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
             os.replace(tmp, path)
         self._snapshots[tau] = str(path)
 

@@ -29,7 +29,7 @@ from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
 from .heads import reinitialize_module, replace_head_with_mlp
 from .hub import PreparedHeadMixin
-from .labels import check_trainer_datasets, infer_problem_type
+from .labels import check_not_empty, check_trainer_datasets, infer_problem_type, shape_mismatch_error
 from .losses import count_items, declared_problem_type, task_loss
 from .measurements import MeasurementCallback, broadcast_buffers
 from .schedules import two_stage_scheduler
@@ -93,6 +93,7 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         self.drift_dataset = drift_dataset
         self.energy_dataset = energy_dataset
         self.resumed_stage: str | None = None
+        self.run_tag: str | None = None  # recorded in checkpoints; resuming needs the same (a sweep's fingerprint)
         self.stage_plan = StagePlan()
         self.hp_feature_cache = None  # the cached head inputs while cached HP runs (BatchNorm passes use them)
         self.measurements = MeasurementCallback(self)
@@ -475,7 +476,7 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         if not plain or self.args.track_dynamics:
             self._add_own_callbacks()
         self._new_call(plain and not hp_outside_loop)
-        self.stage_plan = StagePlan(plan=plan, hp_outside_loop=hp_outside_loop)
+        self.stage_plan = StagePlan(plan=plan, hp_outside_loop=hp_outside_loop, tag=self.run_tag)
         self._start_guard()
         self._trial_for_dir = trial
         self._check_all_labels()
@@ -493,6 +494,13 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
             output = super().train(
                 resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
             )
+        except RuntimeError as error:  # a batch that could not be stacked: name the sample
+            named = error
+            if "stack expects each tensor to be equal size" in str(error):
+                named = shape_mismatch_error(self.train_dataset, "train_dataset", error)
+            if named is error:
+                raise
+            raise named from error
         finally:
             if self._stages is not None:
                 self.stages.restore(self.model)
@@ -507,7 +515,7 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         return output
 
     def _load_stage_state(self, checkpoint: str, plan: str) -> None:
-        saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs)
+        saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)
         self.stage_plan.ft_started = saved.ft_started
         if not self.measurements.load(checkpoint) and self.args.track_dynamics and saved.ft_started:
             logger.warning("%s holds no measurement state: energy and drift are not measured in this run.", checkpoint)
@@ -561,8 +569,9 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         return run_dir if self.stage_plan.plan == "both" else os.path.join(run_dir, self.stage_plan.plan)
 
     def _check_all_labels(self) -> None:
-        # Labels are checked when the trainer's loss or a declared problem type says what they must be; a model
-        # computing its own loss gets its labels as they are (as with Trainer).
+        # Empty datasets are named. Labels are checked when the trainer's loss or a declared problem type says what
+        # they must be; a model computing its own loss gets its labels as they are (as with Trainer).
+        check_not_empty(self)
         if self.compute_loss_func is None and (self.uses_trainer_loss() or self.declares_problem_type):
             check_trainer_datasets(self)
 

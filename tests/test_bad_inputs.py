@@ -1,0 +1,63 @@
+"""Bad inputs end in errors that name the dataset, sample, file or key, and the fix."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import TinyImages, make_config, tiny_timm
+
+from headprep_hf import HeadPrepTrainer, load_prepared_head
+
+
+def _trainer(tmp_path, train, **overrides):
+    return HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **overrides), train_dataset=train)
+
+
+def test_empty_training_set_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"train_dataset is empty \(0 samples\)"):
+        _trainer(tmp_path, torch.utils.data.Subset(TinyImages(8), [])).train()
+
+
+def test_sample_of_another_shape_is_named_by_index(tmp_path):
+    class OneOdd(TinyImages):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            if i == 5:
+                item["pixel_values"] = torch.zeros(3, 20, 20)
+            return item
+
+    with pytest.raises(ValueError, match=r"train_dataset\[5\] has 'pixel_values' of shape \(3, 20, 20\) but "):
+        _trainer(tmp_path, OneOdd(48), hp_epochs=1).train()
+
+
+def test_probe_larger_than_the_training_set_warns_with_both_numbers(tmp_path):
+    with pytest.warns(UserWarning, match=r"drift_probe_samples=100 is larger than the training set \(48 samples\)"):
+        _trainer(tmp_path, TinyImages(48), hp_epochs=1, drift_probe_samples=100).train()
+
+
+@pytest.fixture
+def prepared_head(tmp_path):
+    trainer = _trainer(tmp_path, TinyImages(48), hp_epochs=1)
+    trainer.probe_head()
+    return trainer.save_prepared_head(str(tmp_path / "head"))
+
+
+def test_prepared_head_weights_that_are_a_pickle_are_named_and_not_loaded(tmp_path, prepared_head):
+    weights = f"{prepared_head}/head.safetensors"
+    with open(weights, "wb") as f:
+        pickle.dump({"fc.weight": torch.zeros(3, 96)}, f)
+    with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file"):
+        load_prepared_head(tiny_timm(), prepared_head)
+
+
+@pytest.mark.parametrize("key", ["feature_dim", "backbone"])
+def test_prepared_head_config_with_a_missing_key_names_file_and_key(tmp_path, prepared_head, key):
+    path = f"{prepared_head}/headprep_head.json"
+    config = json.loads(open(path).read())
+    del config[key]
+    open(path, "w").write(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{path} lacks {key}"):
+        load_prepared_head(tiny_timm(), prepared_head)
