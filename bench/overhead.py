@@ -380,7 +380,7 @@ def print_report(info, setup, runs, summary, epochs, n_train):
 
 def checkpoint_costs(opts, data, state, repeats: int) -> dict[str, Any]:
     """Seconds per checkpoint of Trainer's write vs the atomic one, and of verifying it vs Trainer loading it."""
-    from headprep_hf.checkpoints import verify
+    from headprep_hf.checkpoints import required_files, verify
 
     transformers.set_seed(opts.seed)
     kinds = ("trainer_save", "atomic_save", "verify", "trainer_load")
@@ -400,7 +400,7 @@ def checkpoint_costs(opts, data, state, repeats: int) -> dict[str, Any]:
                     folder = trainer.checkpoint_dir()
                 times[save].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            verify(folder, trainer._required_checkpoint_files())
+            verify(folder, required_files(trainer.args, True))
             times["verify"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             trainer._load_from_checkpoint(folder)

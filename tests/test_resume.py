@@ -89,3 +89,18 @@ def test_new_run_refuses_to_overwrite_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
     second.args.overwrite_output_dir = True
     second.train()
+
+
+def test_new_run_refuses_to_overwrite_an_earlier_runs_results(tmp_path):
+    """No checkpoints, but an earlier run's prepared head and measurements: a new HP run leaves them untouched."""
+    args = make_config(tmp_path, hp_epochs=1)
+    HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(24, seed=0)).train()
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert (out / "prepared_head").is_dir() and (out / "headprep_dynamics.json").is_file()
+    again = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=1), train_dataset=TinyImages(24))
+    with pytest.raises(ValueError, match="holds results of an earlier run.*prepared_head"):
+        again.train()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    again.args.overwrite_output_dir = True
+    again.train()

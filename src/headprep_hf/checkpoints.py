@@ -204,3 +204,16 @@ def resume_checkpoint(run_dir: str, resume_from_checkpoint, refuse_existing: boo
             "overwrite_output_dir=True."
         )
     return None
+
+
+def required_files(args, writes_stage_state: bool) -> tuple:
+    """What resuming a [`HeadPrepTrainer`] checkpoint reads, for `verify`: the model, `trainer_state.json`, the
+    optimizer and scheduler (unless `save_only_model`), the stage plan and the measurement state where written."""
+    required = [("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"), "trainer_state.json"]
+    if not args.save_only_model:
+        required += ["optimizer.pt", "scheduler.pt"]
+    if writes_stage_state:
+        required.append("headprep_state.json")
+    if args.track_dynamics:
+        required.append("headprep_measurements.json")
+    return tuple(required)

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .files import read_safetensors
 from .losses import task_energy
 from .sweep_schema import validate_exchange
 
@@ -83,7 +83,7 @@ def head_exchange(
         raise ValueError("head exchange reports accuracies, which a regression task does not have")
     head_states = {}
     for tau, path in paths.items():
-        state = load_file(str(path))
+        state = read_safetensors(path)
         head_states[tau] = {k: v for k, v in state.items() if split.is_head_param(k)}
 
     def head_inputs(dataset):
@@ -101,7 +101,7 @@ def head_exchange(
     train_matrix, eval_matrix = [], []
     disable = not trainer.is_world_process_zero() or not getattr(args, "sweep_progress", True)
     for tau_i in tqdm(taus, desc="head exchange", unit="backbone", disable=disable):
-        net.load_state_dict(load_file(str(paths[tau_i])))
+        net.load_state_dict(read_safetensors(paths[tau_i]))
         features = {"train": head_inputs(train_dataset), "validation": head_inputs(eval_dataset)}
         rows = {"train": [], "validation": []}
         for tau_j in taus:

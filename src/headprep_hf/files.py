@@ -13,3 +13,23 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
     os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """The JSON content of `path`; a `ValueError` naming the file when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{os.fspath(path)} is missing or not readable JSON ({error}).") from error
+
+
+def read_safetensors(path: str | os.PathLike) -> dict:
+    """The tensors of safetensors file `path`; a `ValueError` naming the file when it is missing or damaged (a file of
+    another format, e.g. a pickle, is refused, never executed)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.fspath(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{os.fspath(path)} is missing or not a readable safetensors file ({error}).") from error

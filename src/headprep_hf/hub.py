@@ -41,8 +41,9 @@ PREPARED_HEAD_DIR = "prepared_head"
 
 
 class PreparedHeadMixin:
-    """The [`HeadPrepTrainer`] API of the prepared head: what HP changed, its BatchNorm statistics, saving and pushing
-    it. (Mixed into the trainer; uses its `split`, `stages`, `args`, `accelerator` and `model`.)"""
+    """The [`HeadPrepTrainer`] API of the prepared head and the cards: what HP changed, its BatchNorm statistics,
+    saving and pushing it, the finetuned model's card. (Mixed into the trainer; uses its `split`, `stages`, `args`,
+    `accelerator` and `model`.)"""
 
     def recompute_bn_statistics(self, cache=None) -> int:
         """Recompute the running statistics of the BatchNorm layers HP trains (head, `reinit_modules`) for the
@@ -88,10 +89,29 @@ class PreparedHeadMixin:
         self.accelerator.wait_for_everyone()
         return url
 
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tags=None,
+        license: str | None = None,
+        sweep: dict | None = None,
+        metrics: dict | None = None,
+        **kwargs,
+    ):
+        """Write `output_dir/README.md`: HP/FT settings, energy, drift, `metrics` and a sweep's tau* (`sweep`, the
+        content of a `sweep.json`). Also what `push_to_hub()` uploads."""
+        from .cards import write_finetuned_model_card
+
+        if self.is_world_process_zero():
+            write_finetuned_model_card(self, model_name, finetuned_from, tags, license, sweep, metrics)
+
     def _write_prepared_head(self) -> None:
         # At the end of HP (after its measurements): a small artifact FT can start from elsewhere.
         if self.args.save_prepared_head and self.args.should_save:
-            save_prepared_head(self, os.path.join(self.args.output_dir, PREPARED_HEAD_DIR))
+            folder = os.path.join(self.args.output_dir, PREPARED_HEAD_DIR)
+            save_prepared_head(self, folder)
+            self.written_outputs.add(os.path.abspath(folder))
 
 
 class BackboneMismatchWarning(UserWarning):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .split import extract_logits
+
 
 def smoothed_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, ignore_index: int = -100
@@ -182,3 +184,74 @@ def task_energy(
     if problem_type == "regression":
         return regression_energy(logits, labels)
     return cross_entropy_energy(logits, labels, ignore_index=ignore_index)
+
+
+class TrainerLossMixin:
+    """The loss of a [`HeadPrepTrainer`] (mixed into it): which loss a step uses (`uses_trainer_loss`), the trainer's
+    own loss with stage label smoothing (`loss_from_logits`), and the exact average over the valid items of an
+    optimizer step (all micro-batches and ranks). Uses the trainer's public `model_takes_labels`, `current_stage`,
+    `current_label_smoothing`, `in_training_step`, `problem_type`, `model_caller` and `stage_plan`."""
+
+    def uses_trainer_loss(self, training: bool = True, stage: str | None = None) -> bool:
+        """Whether the trainer's own loss (`loss_from_logits`) computes the loss, else `Trainer.compute_loss`.
+
+        Precedence: `compute_loss_func` (the user's) > the trainer's loss when the model takes no labels, when
+        `args.problem_type` is set, or when the training stage smooths labels (`hp_label_smoothing` /
+        `ft_label_smoothing`) > the model's own loss.
+        """
+        if self.compute_loss_func is not None:
+            return False
+        if not self.model_takes_labels or self.args.problem_type is not None:
+            return True
+        stage = stage or self.current_stage
+        return training and (self.args.hp_label_smoothing if stage == "hp" else self.args.ft_label_smoothing) > 0
+
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None
+    ):
+        if not self.uses_trainer_loss(self.in_training_step):
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        labels = inputs[self.label_names[0]]
+        outputs = self.model_caller(model, inputs)
+        smoothing = self.current_label_smoothing if self.in_training_step else 0.0
+        loss = self.loss_from_logits(extract_logits(outputs), labels, smoothing)
+        if self.in_training_step and num_items_in_batch is not None:
+            # The mean over this micro-batch's items, re-weighted so that the update is the mean over every item of
+            # the optimizer step (all micro-batches, all ranks; DDP averages over ranks, hence the world size).
+            local = count_items(self.problem_type, labels, self.args.ignore_index)
+            loss = loss * (local * self.accelerator.num_processes / num_items_in_batch.clamp(min=1))
+        if not return_outputs:
+            return loss
+        if isinstance(outputs, torch.Tensor):
+            outputs = {"logits": outputs}
+        elif isinstance(outputs, (tuple, list)):
+            outputs = (loss, *outputs)  # Trainer's convention: the loss first, every model output after it
+        return loss, outputs
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """With the trainer's loss: items (labels other than `ignore_index`, not NaN) in an optimizer step's
+        micro-batches, summed over ranks, so masked losses average over the step's items exactly as one process with
+        the whole batch would. Otherwise `Trainer`'s own count."""
+        if not self.uses_trainer_loss(True, self.stage_plan.stage_at(self.state.global_step)):
+            self.loss_is_scaled_for_ga = None
+            return super()._get_num_items_in_batch(batch_samples, device)
+        name = self.label_names[0]
+        if not batch_samples or not all(isinstance(b, dict) and name in b for b in batch_samples):
+            self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the steps
+            return None
+        count = sum(count_items(self.problem_type, b[name], self.args.ignore_index) for b in batch_samples)
+        count = torch.as_tensor(count, device=device).reshape(1)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count)
+        self.loss_is_scaled_for_ga = True
+        return count.sum()
+
+    def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """The trainer's loss for `problem_type` (cross-entropy with `ignore_index`, masked BCE or masked MSE;
+        `label_smoothing` for the classification types).
+
+        Override this (rather than `compute_loss`) to change the loss for every path, cached HP included.
+        """
+        return task_loss(self.problem_type, logits, labels, label_smoothing, self.args.ignore_index)

@@ -16,7 +16,6 @@ model has no head the split can find.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -24,11 +23,11 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure, probe_in_memory
-from .files import write_json
+from .files import read_json, read_safetensors, write_json
 
 if TYPE_CHECKING:
     from .trainer import HeadPrepTrainer
@@ -101,22 +100,23 @@ class MeasurementCallback(TrainerCallback):
         path = os.path.join(folder, MEASUREMENTS_NAME)
         if not os.path.isfile(path):
             return False
-        with open(path) as f:
-            state = json.load(f)
+        state = read_json(path)
         self.dynamics = state["dynamics"]
         self.last_drift_step = state.get("last_drift_step")
         self.pending = state.get("pending", {})
         total, count = state.get("grad_window", [0.0, 0])
         self._grad_sum, self._grad_count = (torch.tensor(total, dtype=torch.float32) if count else 0.0), count
         features = os.path.join(folder, FEATURES_NAME)
-        self.z0 = load_file(features)["z0"] if os.path.isfile(features) else None
+        self.z0 = read_safetensors(features)["z0"] if os.path.isfile(features) else None
         return True
 
     def write(self, output_dir: str) -> None:
         """`output_dir/headprep_dynamics.json` (main process; nothing when nothing was measured)."""
         if self.dynamics and self.trainer.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            write_json(os.path.join(output_dir, DYNAMICS_NAME), self.dynamics)
+            path = os.path.join(output_dir, DYNAMICS_NAME)
+            write_json(path, self.dynamics)
+            self.trainer.written_outputs.add(os.path.abspath(path))
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, **kwargs):

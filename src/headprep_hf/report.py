@@ -20,13 +20,13 @@ including from a shard that holds part of the grid.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
+from .files import read_json
 from .sweep_schema import validate_exchange, validate_sweep
 
 SWEEP_FILE = "sweep.json"
@@ -71,12 +71,12 @@ def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | N
         raise FileNotFoundError(
             f"{sweep_path} not found: a report needs the sweep.json written by `headprep sweep` in the sweep folder."
         )
-    data = json.loads(sweep_path.read_text())
+    data = read_json(sweep_path)
     validate_sweep(data)
     exchange = None
     exchange_path = sweep_dir / EXCHANGE_FILE
     if exchange_path.is_file():
-        exchange = json.loads(exchange_path.read_text())
+        exchange = read_json(exchange_path)
         validate_exchange(exchange)
 
     import matplotlib

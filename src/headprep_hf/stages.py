@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 from transformers import EarlyStoppingCallback, TrainerCallback
 
-from .files import write_json
+from .files import read_json, write_json
 from .split import ModelSplit
 
 STATE_NAME = "headprep_state.json"
@@ -67,8 +66,7 @@ class StagePlan:
         path = os.path.join(folder, STATE_NAME)
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            data = json.load(f)
+        data = read_json(path)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import PrinterCallback, TrainerCallback
 
 from .checkpoints import latest_resumable
 from .config import HeadPrepConfig
+from .files import read_json, read_safetensors
 from .fingerprint import state_fingerprint
 from .sweep_schema import SWEEP_FORMAT_VERSION, validate_sweep
 from .trainer import HeadPrepTrainer
@@ -421,7 +422,7 @@ class TauSweep:
         job_dir = self.output_dir / f"tau_{tau}"
         done = job_dir / RESULT_FILE
         if done.is_file():
-            previous = json.loads(done.read_text())
+            previous = read_json(done)
             if previous.get("fingerprint") == self._fingerprint:
                 logger.info("tau=%d: reusing the finished FT job in %s.", tau, job_dir)
                 return previous["result"]
@@ -432,7 +433,8 @@ class TauSweep:
         if self._is_main:  # the folder's owner, written before anything else in it
             job_dir.mkdir(parents=True, exist_ok=True)
             _write_json(job_dir / JOB_FILE, {"fingerprint": self._fingerprint})
-        job_args = dataclasses.replace(self.args, output_dir=str(job_dir), hp_epochs=tau)
+        # The job folder is this sweep's (checked against the fingerprint): outputs of a killed attempt are replaced.
+        job_args = dataclasses.replace(self.args, output_dir=str(job_dir), hp_epochs=tau, overwrite_output_dir=True)
         trainer = self._quiet(
             HeadPrepTrainer(
                 model=self._pristine_copy(),
@@ -444,7 +446,7 @@ class TauSweep:
             )
         )
         trainer.run_tag = _fingerprint_tag(self._fingerprint)  # its checkpoints resume only in this sweep
-        snapshot = load_file(self._snapshots[tau])
+        snapshot = read_safetensors(self._snapshots[tau])
         missing, unexpected = trainer.accelerator.unwrap_model(trainer.model).load_state_dict(snapshot, strict=False)
         if unexpected:
             raise ValueError(f"The head snapshot {self._snapshots[tau]} has keys the model lacks: {unexpected[:5]}.")
@@ -628,7 +630,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a sweep folder (it is written by `headprep sweep`).")
-    data = json.loads(path.read_text())
+    data = read_json(path)
     validate_sweep(data)
     return data
 

@@ -23,17 +23,17 @@ from transformers import Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, enable_full_determinism, rotate_checkpoints
 from transformers.utils import find_labels
 
-from .checkpoints import begin_write, commit, resume_checkpoint, verify
+from .checkpoints import begin_write, commit, required_files, resume_checkpoint, verify
 from .config import HeadPrepConfig, check_trainer_inputs
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
 from .heads import reinitialize_module, replace_head_with_mlp
-from .hub import PreparedHeadMixin
+from .hub import PREPARED_HEAD_DIR, PreparedHeadMixin
 from .labels import check_not_empty, check_trainer_datasets, infer_problem_type, shape_mismatch_error
-from .losses import count_items, declared_problem_type, task_loss
-from .measurements import MeasurementCallback, broadcast_buffers
+from .losses import TrainerLossMixin, declared_problem_type
+from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
 from .schedules import two_stage_scheduler
-from .split import HeadFinder, ModelCaller, ModelSplit, extract_logits
+from .split import HeadFinder, ModelCaller, ModelSplit
 from .stages import PLANS, StageCallback, StagePlan, Stages
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ TRAINING_ARGS_JSON = "training_args.json"
 _STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate", "head_grad_norm")
 
 
-class HeadPrepTrainer(PreparedHeadMixin, Trainer):
+class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     r"""
     A [`~transformers.Trainer`] that prepares the task head before finetuning (Ren et al., ICLR 2023).
 
@@ -96,10 +96,11 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         self.run_tag: str | None = None  # recorded in checkpoints; resuming needs the same (a sweep's fingerprint)
         self.stage_plan = StagePlan()
         self.hp_feature_cache = None  # the cached head inputs while cached HP runs (BatchNorm passes use them)
+        self.written_outputs: set[str] = set()  # outputs this trainer wrote (a later stage may replace them)
         self.measurements = MeasurementCallback(self)
         self.guard = NonFiniteGuard(self)
         self._stage = "hp"
-        self._in_training_step = False
+        self.in_training_step = False  # a training step runs: its loss is smoothed and item-weighted
         self._train_calls, self._last_plain = 0, True
         self._trial_for_dir = None
         self._hp_hook, self._attach = None, (False, False)  # this run's (stage mechanics, HP-mode hook)
@@ -135,7 +136,7 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         self._heads = HeadFinder(unwrapped, args.head_modules, args.reinit_modules, self._explicit_split)
         self._stages, self._problem_type = None, None
-        self._model_takes_labels = bool(find_labels(type(unwrapped)))
+        self.model_takes_labels = bool(find_labels(type(unwrapped)))
         self.model_caller = ModelCaller(unwrapped, self.label_names or ["labels"])
         needs_head = args.hp_epochs > 0 or args.head_type != "linear" or args.reinit_modules or args.head_modules
         if not needs_head:
@@ -251,6 +252,7 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         self.find_head(required=True)
         self._add_own_callbacks()
         if self.args.hp_epochs == 0 or (self.args.hp_cache_features and not resume_from_checkpoint):
+            self._refuse_earlier_outputs()
             self._check_all_labels()
             metrics = self._probe_head_cached() if self.args.hp_epochs > 0 else {}
             self._finish_hp(recompute_bn=self.args.hp_epochs == 0)  # (cached HP recomputed on its cache)
@@ -337,78 +339,15 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
                     logs[f"eval_{stage}/{key[len('eval_') :]}"] = value
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ loss
-    def uses_trainer_loss(self, training: bool = True, stage: str | None = None) -> bool:
-        """Whether the trainer's own loss (`loss_from_logits`) computes the loss, else `Trainer.compute_loss`.
-
-        Precedence: `compute_loss_func` (the user's) > the trainer's loss when the model takes no labels, when
-        `args.problem_type` is set, or when the training stage smooths labels (`hp_label_smoothing` /
-        `ft_label_smoothing`) > the model's own loss.
-        """
-        if self.compute_loss_func is not None:
-            return False
-        if not self._model_takes_labels or self.args.problem_type is not None:
-            return True
-        stage = stage or self._stage
-        return training and (self.args.hp_label_smoothing if stage == "hp" else self.args.ft_label_smoothing) > 0
-
-    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
-        if not self.uses_trainer_loss(self._in_training_step):
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        labels = inputs[self.label_names[0]]
-        outputs = self.model_caller(model, inputs)
-        smoothing = self.current_label_smoothing if self._in_training_step else 0.0
-        loss = self.loss_from_logits(extract_logits(outputs), labels, smoothing)
-        if self._in_training_step and num_items_in_batch is not None:
-            # The mean over this micro-batch's items, re-weighted so that the update is the mean over every item of
-            # the optimizer step (all micro-batches, all ranks; DDP averages over ranks, hence the world size).
-            local = count_items(self.problem_type, labels, self.args.ignore_index)
-            loss = loss * (local * self.accelerator.num_processes / num_items_in_batch.clamp(min=1))
-        if not return_outputs:
-            return loss
-        if isinstance(outputs, torch.Tensor):
-            outputs = {"logits": outputs}
-        elif isinstance(outputs, (tuple, list)):
-            outputs = (loss, *outputs)  # Trainer's convention: the loss first, every model output after it
-        return loss, outputs
-
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """With the trainer's loss: items (labels other than `ignore_index`, not NaN) in an optimizer step's
-        micro-batches, summed over ranks, so masked losses average over the step's items exactly as one process with
-        the whole batch would. Otherwise `Trainer`'s own count."""
-        if not self.uses_trainer_loss(True, self.stage_plan.stage_at(self.state.global_step)):
-            self.loss_is_scaled_for_ga = None
-            return super()._get_num_items_in_batch(batch_samples, device)
-        name = self.label_names[0]
-        if not batch_samples or not all(isinstance(b, dict) and name in b for b in batch_samples):
-            self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the steps
-            return None
-        count = sum(count_items(self.problem_type, b[name], self.args.ignore_index) for b in batch_samples)
-        count = torch.as_tensor(count, device=device).reshape(1)
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.gather(count)
-        self.loss_is_scaled_for_ga = True
-        return count.sum()
-
-    def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-        """The trainer's loss for `problem_type` (cross-entropy with `ignore_index`, masked BCE or masked MSE;
-        `label_smoothing` for the classification types).
-
-        Override this (rather than `compute_loss`) to change the loss for every path, cached HP included.
-        """
-        return task_loss(self.problem_type, logits, labels, label_smoothing, self.args.ignore_index)
-
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         self._stage = self.stage_plan.stage_at(self.state.global_step)
         if self._stages is not None:
             self.stages.apply(self.model, self._stage)
-        self._in_training_step = True  # smoothing applies to training losses only
+        self.in_training_step = True  # smoothing applies to training losses only
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
-            self._in_training_step = False
+            self.in_training_step = False
         if self.guard.active:
             self.guard.record_loss(loss, self.state.global_step)
         if self._stage == "ft" and self.args.track_dynamics and self.accelerator.sync_gradients:
@@ -482,10 +421,12 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         self._check_all_labels()
         refuse = self.has_stages and not self.args.overwrite_output_dir
         checkpoint = resume_checkpoint(self._get_output_dir(trial), resume_from_checkpoint, refuse)
+        if checkpoint is None:
+            self._refuse_earlier_outputs()
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = None
         if checkpoint is not None and os.path.isdir(checkpoint):
-            verify(checkpoint, self._required_checkpoint_files())
+            verify(checkpoint, required_files(self.args, self.writes_stage_state))
             self._load_stage_state(checkpoint, plan)
         self._attach = (not plain, not plain and plan != "ft" and not hp_outside_loop)
         self._attach_stages(self.model)
@@ -513,6 +454,20 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         if plan != "hp" and self.args.track_dynamics:
             self.measurements.write(self.args.output_dir)
         return output
+
+    def _refuse_earlier_outputs(self) -> None:
+        # A new run with HP would overwrite an earlier run's prepared head and measurements (not this trainer's own,
+        # e.g. probe_head()'s before finetune()).
+        if not self.has_stages or self.args.overwrite_output_dir or not self.args.should_save:
+            return
+        names = (PREPARED_HEAD_DIR, DYNAMICS_NAME)
+        paths = [os.path.join(self.args.output_dir, name) for name in names]
+        earlier = [p for p in paths if os.path.exists(p) and os.path.abspath(p) not in self.written_outputs]
+        if earlier:
+            raise ValueError(
+                f"output_dir {self.args.output_dir} holds results of an earlier run ({', '.join(earlier)}); a new run "
+                "would overwrite them. Pick another output_dir, or set overwrite_output_dir=True to replace them."
+            )
 
     def _load_stage_state(self, checkpoint: str, plan: str) -> None:
         saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)
@@ -545,17 +500,6 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
                 self.measurements.save(folder)
             commit(folder)
             rotate_checkpoints(self._get_output_dir(trial), limit, self.state.best_model_checkpoint, use_mtime=True)
-
-    def _required_checkpoint_files(self) -> tuple:
-        # What resuming reads (checked against the checkpoint's manifest before anything is loaded).
-        required = [("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"), "trainer_state.json"]
-        if not self.args.save_only_model:
-            required += ["optimizer.pt", "scheduler.pt"]
-        if self.writes_stage_state:
-            required.append("headprep_state.json")
-        if self.args.track_dynamics:
-            required.append("headprep_measurements.json")
-        return tuple(required)
 
     def checkpoint_dir(self) -> str:
         """The folder of the checkpoint the Trainer writes at the current step."""
@@ -591,20 +535,3 @@ class HeadPrepTrainer(PreparedHeadMixin, Trainer):
         if self.args.should_save and os.path.isdir(output_dir):
             with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as f:
                 f.write(self.args.to_json_string())
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tags=None,
-        license: str | None = None,
-        sweep: dict | None = None,
-        metrics: dict | None = None,
-        **kwargs,
-    ):
-        """Write `output_dir/README.md`: HP/FT settings, energy, drift, `metrics` and a sweep's tau* (`sweep`, the
-        content of a `sweep.json`). Also what `push_to_hub()` uploads."""
-        from .cards import write_finetuned_model_card
-
-        if self.is_world_process_zero():
-            write_finetuned_model_card(self, model_name, finetuned_from, tags, license, sweep, metrics)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..files import read_json
+
 logger = logging.getLogger(__name__)
 
 OGB_META_FILE = "headprep_meta.json"
@@ -259,7 +261,7 @@ def load_ogb_dataset(name_or_path: str, root: str | os.PathLike | None = None):
 
     path = Path(name_or_path)
     if (path / OGB_META_FILE).is_file():
-        meta = json.loads((path / OGB_META_FILE).read_text())
+        meta = read_json(path / OGB_META_FILE)
         name = meta.pop("name")
         kwargs = dict(name=name, meta_dict={**meta, "dir_path": str(path)})
     else:

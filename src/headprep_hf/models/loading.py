@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -13,6 +12,8 @@ import timm
 import torch.nn as nn
 from safetensors import safe_open
 from timm.models import load_state_dict
+
+from ..files import read_json
 
 __all__ = ["load_timm_model"]
 
@@ -91,7 +92,7 @@ def load_timm_model(name_or_path: str, num_classes: int, arch: str | None = None
 def _from_folder(path: Path, num_classes: int, arch: str | None, pretrained: bool, kwargs: dict) -> nn.Module:
     config_file = path / "config.json"
     if config_file.is_file():
-        saved_arch = json.loads(config_file.read_text()).get("architecture")
+        saved_arch = read_json(config_file).get("architecture")
         if arch is not None and saved_arch is not None and arch.split(".")[0] != saved_arch.split(".")[0]:
             raise ValueError(
                 f"model_arch={arch!r} contradicts architecture={saved_arch!r} in {config_file}; drop --model_arch"

@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from headprep_hf.data.mnist import build_pretrain_dataset
 
+from ..files import read_json
+
 __all__ = [
     "DEFAULT_ARCH",
     "INFO_FILE",
@@ -238,7 +240,7 @@ def _publish(tmp_dir: Path, final_dir: Path, replace: bool) -> None:
 
 def _warn_if_settings_differ(folder: Path, settings: dict[str, Any]) -> None:
     try:
-        saved = json.loads((folder / INFO_FILE).read_text())
+        saved = read_json(folder / INFO_FILE)
     except (OSError, ValueError):
         return
     differing = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}

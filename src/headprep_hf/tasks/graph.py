@@ -17,9 +17,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import set_seed
 
+from ..files import read_json, read_safetensors
 from .base import COMMON_RECIPE_DEFAULTS, TaskInputs
 
 GRAPH_DEFAULTS = dict(
@@ -74,7 +75,7 @@ def load_graph_model(folder: str | os.PathLike, num_tasks: int | None = None, pr
     folder = Path(folder)
     if not (folder / MODEL_CONFIG).is_file() or not (folder / MODEL_WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder} must hold {MODEL_CONFIG} and {MODEL_WEIGHTS} (see save_graph_model)")
-    config = json.loads((folder / MODEL_CONFIG).read_text())
+    config = read_json(folder / MODEL_CONFIG)
     config.pop("info", None)
     saved_tasks = config["num_tasks"]
     if num_tasks is not None:
@@ -82,7 +83,7 @@ def load_graph_model(folder: str | os.PathLike, num_tasks: int | None = None, pr
     if problem_type is not None:
         config["problem_type"] = problem_type
     model = GCN(**config)
-    state = load_file(str(folder / MODEL_WEIGHTS))
+    state = read_safetensors(folder / MODEL_WEIGHTS)
     if config["num_tasks"] != saved_tasks:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
