@@ -182,6 +182,10 @@ def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -
             timers = {
                 "measure_start": _Timer(trainer, "measure_start"),
                 "measure_drift": _Timer(trainer.measurements, "measure_drift"),
+                # the guard's per-step work (device-side checks; the flag is read at logging steps)
+                "guard_loss": _Timer(trainer.guard, "record_loss"),
+                "guard_grad": _Timer(trainer.guard, "on_pre_optimizer_step"),
+                "guard_check": _Timer(trainer.guard, "check"),
             }
             train = trainer.finetune
         build_s = time.perf_counter() - t0
@@ -341,6 +345,14 @@ def print_report(info, setup, runs, summary, epochs, n_train):
         f"target >= {s['target']}  -> {verdict}"
     )
     print(f"  ratio headprep-nomeasure/plain:                     {s['ratio_headprep_nomeasure_vs_plain']:.3f}")
+    guard_share = median(
+        [
+            (r["guard_loss_seconds"] + r["guard_grad_seconds"] + r["guard_check_seconds"]) / r["seconds"]
+            for r in runs
+            if r["side"] == "headprep_nomeasure"
+        ]
+    )
+    print(f"  time inside the guard (record_loss, gradient check, flag reads): {100 * guard_share:.2f}% of a run")
     guard = s["median_samples_per_s"]["headprep_nomeasure"] / s["median_samples_per_s"]["headprep_noguard"]
     paired_guard = s["ratio_paired_median"]["headprep_nomeasure"] / s["ratio_paired_median"]["headprep_noguard"]
     print(f"  non-finite guard: nomeasure/noguard {guard:.3f} (paired {paired_guard:.3f})")

@@ -239,6 +239,27 @@ def test_fc_classifier_with_own_loss_ignore_index_and_uneven_accumulation(tmp_pa
     assert ours.find_head().head_names == ["fc"]  # found when the measurements asked for it
 
 
+def test_stage_smoothing_uses_the_trainers_loss_in_that_stage_only(tmp_path):
+    """A model with its own loss and hp_label_smoothing: HP steps take the trainer's smoothed cross-entropy, FT steps
+    (no FT smoothing) the model's own loss; evaluation is never smoothed."""
+    seen = []
+
+    class Recorder(HeadPrepTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.in_training_step:
+                seen.append((self.current_stage, self.uses_trainer_loss()))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    args = _args(HeadPrepConfig, tmp_path, "o", hp_epochs=1, num_train_epochs=1, hp_label_smoothing=0.2)
+    trainer = Recorder(model=FcClassifier(), args=args, train_dataset=XYData())
+    trainer.train()
+    assert seen == [("hp", True)] * 5 + [("ft", False)] * 5
+    batch = {"input_x": XYData().x[:8], "labels": torch.tensor(XYData().y[:8])}
+    with torch.no_grad():
+        expected = F.cross_entropy(trainer.model(batch["input_x"])["logits"], batch["labels"])
+    assert trainer.compute_loss(trainer.model.eval(), batch).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("accumulation", [1, 3])
 def test_trainers_loss_for_a_logits_only_model_matches_exact_item_averaging(tmp_path, accumulation):
     """A model without a loss gets the trainer's cross-entropy, averaged over the valid labels of the whole step;

@@ -217,3 +217,16 @@ def required_files(args, writes_stage_state: bool) -> tuple:
     if args.track_dynamics:
         required.append("headprep_measurements.json")
     return tuple(required)
+
+
+def refuse_earlier_outputs(output_dir: str, names: tuple[str, ...], own: set[str]) -> None:
+    """Refuse a new run into `output_dir` when it holds outputs `names` of an earlier run (those in `own`, written by
+    the same trainer, are its to replace): they would be overwritten."""
+    earlier = [
+        p for p in (os.path.join(output_dir, n) for n in names) if os.path.exists(p) and os.path.abspath(p) not in own
+    ]
+    if earlier:
+        raise ValueError(
+            f"output_dir {output_dir} holds results of an earlier run ({', '.join(earlier)}); a new run would "
+            "overwrite them. Pick another output_dir, or set overwrite_output_dir=True to replace them."
+        )

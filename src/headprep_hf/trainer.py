@@ -23,7 +23,7 @@ from transformers import Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, enable_full_determinism, rotate_checkpoints
 from transformers.utils import find_labels
 
-from .checkpoints import begin_write, commit, required_files, resume_checkpoint, verify
+from .checkpoints import begin_write, commit, refuse_earlier_outputs, required_files, resume_checkpoint, verify
 from .config import HeadPrepConfig, check_trainer_inputs
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
@@ -456,18 +456,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         return output
 
     def _refuse_earlier_outputs(self) -> None:
-        # A new run with HP would overwrite an earlier run's prepared head and measurements (not this trainer's own,
-        # e.g. probe_head()'s before finetune()).
-        if not self.has_stages or self.args.overwrite_output_dir or not self.args.should_save:
-            return
-        names = (PREPARED_HEAD_DIR, DYNAMICS_NAME)
-        paths = [os.path.join(self.args.output_dir, name) for name in names]
-        earlier = [p for p in paths if os.path.exists(p) and os.path.abspath(p) not in self.written_outputs]
-        if earlier:
-            raise ValueError(
-                f"output_dir {self.args.output_dir} holds results of an earlier run ({', '.join(earlier)}); a new run "
-                "would overwrite them. Pick another output_dir, or set overwrite_output_dir=True to replace them."
-            )
+        # (not this trainer's own outputs, e.g. probe_head()'s before finetune())
+        if self.has_stages and not self.args.overwrite_output_dir and self.args.should_save:
+            refuse_earlier_outputs(self.args.output_dir, (PREPARED_HEAD_DIR, DYNAMICS_NAME), self.written_outputs)
 
     def _load_stage_state(self, checkpoint: str, plan: str) -> None:
         saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)
