@@ -129,7 +129,7 @@ def test_cached_sweep_snapshots_carry_recomputed_statistics(tmp_path, train_set,
         standalone = bn_head_model()
         config = HeadPrepConfig(**common, output_dir=str(tmp_path / f"hp{tau}"), hp_epochs=tau)
         HeadPrepTrainer(model=standalone, args=config, train_dataset=train_set).probe_head()
-        snapshot = load_file(str(tmp_path / "sweep" / result["hp"]["snapshots"][str(tau)]))
+        snapshot = load_file(str(tmp_path / "sweep" / result["hp"]["seeds"]["0"]["snapshots"][str(tau)]))
         assert int(snapshot["fc.1.num_batches_tracked"]) == 5
         for key, value in snapshot.items():
             assert torch.equal(value, standalone.state_dict()[key]), (tau, key)

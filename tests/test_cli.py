@@ -24,6 +24,7 @@ PLOTS = {
 def tiny(cache_dir, *extra):
     return [
         "--sweep_taus", "0", "1", "3",
+        "--sweep_seeds", "0", "1",
         "--num_train_epochs", "1",
         "--source_epochs", "1",
         "--cache_dir", str(cache_dir),
@@ -69,7 +70,9 @@ def test_console_command_sweep_exchange_report(tmp_path):
     exchange = json.loads((out / "exchange.json").read_text())
     validate_exchange(exchange)
     diagonal = [exchange["validation_accuracy"][i][i] for i in range(3)]
-    assert diagonal == pytest.approx([r["validation"]["accuracy"] for r in sweep["results"]], abs=1e-6)
+    first_seed = [r["validation"]["accuracy"] for r in sweep["results"] if r["seed"] == 0]  # the first seed's jobs
+    assert exchange["seed"] == 0 and diagonal == pytest.approx(first_seed, abs=1e-6)
+    assert sweep["seeds"] == [0, 1] and "mean +- standard deviation over 2 seeds" in proc.stdout
     assert (out / "plots" / "exchange_heatmap.png").is_file()
 
     (out / "plots" / "p0_histograms.png").unlink()

@@ -275,7 +275,8 @@ def test_sweep_two_ranks_equals_one_rank(run1, run2):
 
     def without_timings(sweep):
         sweep = json.loads(json.dumps(sweep))
-        sweep["hp"].pop("runtime")
+        for record in sweep["hp"]["seeds"].values():
+            record.pop("runtime")
         for entry in sweep["results"]:
             entry.pop("train_runtime")
         return sweep
@@ -288,8 +289,8 @@ def test_sweep_two_ranks_equals_one_rank(run1, run2):
         assert a["energy"] == pytest.approx(b["energy"], rel=1e-5)
         assert a["hp_train_accuracy"] == pytest.approx(b["hp_train_accuracy"], abs=1e-9)
     for tau in (1, 2):  # cached HP: the same global batches give the same head
-        h1 = load_file(str(run1 / "sweep" / "out" / "heads" / f"tau_{tau}.safetensors"))
-        h2 = load_file(str(run2 / "sweep" / "out" / "heads" / f"tau_{tau}.safetensors"))
+        h1 = load_file(str(run1 / "sweep" / "out" / "heads" / "seed_0" / f"tau_{tau}.safetensors"))
+        h2 = load_file(str(run2 / "sweep" / "out" / "heads" / "seed_0" / f"tau_{tau}.safetensors"))
         for key in h1:
             torch.testing.assert_close(h2[key], h1[key], rtol=1e-5, atol=1e-6)
     exchange = json.loads((run2 / "sweep" / "out" / "exchange.json").read_text())

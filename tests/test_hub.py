@@ -152,13 +152,15 @@ def test_sweep_writes_prepared_heads_on_request(tmp_path, train_set, eval_set):
     result = TauSweep(tiny_timm(), args, train_set, eval_set).run()
     x = torch.stack([train_set[i]["pixel_values"] for i in range(4)])
     for entry in result["results"]:
-        folder = tmp_path / "sweep" / "heads" / f"tau_{entry['tau']}"
+        folder = tmp_path / "sweep" / "heads" / f"seed_{entry['seed']}" / f"tau_{entry['tau']}"
         model = tiny_timm()
         config = load_prepared_head(model, folder, strict=True)  # probed on exactly this backbone
         assert config["tau"] == entry["tau"] and config["energy"] == entry["energy"]
         # the attached head gives the logits of the sweep's snapshot on the pretrained backbone
         reference = tiny_timm()
-        snapshot = load_file(str(tmp_path / "sweep" / "heads" / f"tau_{entry['tau']}.safetensors"))
+        snapshot = load_file(
+            str(tmp_path / "sweep" / "heads" / f"seed_{entry['seed']}" / f"tau_{entry['tau']}.safetensors")
+        )
         reference.load_state_dict(snapshot, strict=False)
         assert torch.equal(_logits(model, x), _logits(reference, x))
 

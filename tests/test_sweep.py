@@ -67,7 +67,7 @@ def test_snapshot_equals_standalone_probe_head(tmp_path, data, variant):
         trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=data[0])
         trainer.probe_head()
         standalone = trainer.hp_state_dict()
-        snapshot = load_file(str(tmp_path / "sweep" / result["hp"]["snapshots"][str(tau)]))
+        snapshot = load_file(str(tmp_path / "sweep" / result["hp"]["seeds"]["0"]["snapshots"][str(tau)]))
         assert sorted(snapshot) == sorted(standalone)
         assert any(k.startswith("fc.") for k in snapshot)
         if variant.get("hp_backbone_mode") == "train" or variant.get("reinit_modules"):
@@ -144,22 +144,23 @@ def test_report_and_exchange_of_a_finished_sweep(finished, data):
     assert again["validation_accuracy"] == exchange["validation_accuracy"]
 
 
-def test_finished_sweep_is_not_overwritten(finished, data):
+def test_rerunning_a_finished_sweep_reuses_it(finished, data):
     path, result, model, before = finished
     content = (path / "sweep.json").read_bytes()
-    with pytest.raises(ValueError, match="finished sweep"):
-        run_sweep(path, data)
+    kept = (path / "tau_0" / "seed_0" / "model.safetensors").stat().st_mtime_ns
+    assert run_sweep(path, data, sweep_exchange=True) == result  # nothing reran: the same sweep.json
     assert (path / "sweep.json").read_bytes() == content
+    assert (path / "tau_0" / "seed_0" / "model.safetensors").stat().st_mtime_ns == kept
 
 
 def test_interrupted_sweep_reuses_finished_jobs(tmp_path, data):
     path = tmp_path / "s"
     first = run_sweep(path, data, sweep_report=False)
     os.remove(path / "sweep.json")  # as if interrupted before the end ...
-    os.remove(path / "tau_4" / "sweep_result.json")  # ... during the last FT job
-    kept = (path / "tau_0" / "model.safetensors").stat().st_mtime_ns
+    os.remove(path / "tau_4" / "seed_0" / "sweep_result.json")  # ... during the last FT job
+    kept = (path / "tau_0" / "seed_0" / "model.safetensors").stat().st_mtime_ns
     second = run_sweep(path, data, sweep_report=False)
-    assert (path / "tau_0" / "model.safetensors").stat().st_mtime_ns == kept  # reused, not rerun
+    assert (path / "tau_0" / "seed_0" / "model.safetensors").stat().st_mtime_ns == kept  # reused, not rerun
     assert second["results"] == first["results"][:2] + [second["results"][2]]
     assert second["results"][2]["energy"] == pytest.approx(first["results"][2]["energy"], rel=1e-6)
     # a different sweep in the same folder is refused instead of mixed in, before anything is touched

@@ -45,7 +45,7 @@ def head_exchange(
 
     Args:
         model: A model of the sweep's architecture with its task head (e.g. the pretrained model); its weights are
-            replaced by those of the finetuned models in `sweep_dir/tau_N/model.safetensors`.
+            replaced by those of the finetuned models in the sweep's job folders (of its first seed).
         sweep_dir: A finished sweep folder (`sweep.json` with every tau).
         train_dataset / eval_dataset: The sweep's training and validation sets. Augmented training samples are drawn
             with the same seed for every backbone.
@@ -65,7 +65,10 @@ def head_exchange(
         raise ValueError(
             f"{sweep_dir} holds part of a sweep (a shard); merge the shards first (headprep sweep --merge)."
         )
-    results = {r["tau"]: r for r in sweep["results"]}
+    first_seed = (sweep.get("seeds") or [None])[0]  # a replicated sweep: the matrix of its first seed
+    results = {r["tau"]: r for r in sweep["results"] if r.get("seed") == first_seed}
+    if first_seed is not None:
+        args = dataclasses.replace(args, seed=first_seed)
     taus = list(sweep["taus"])
     paths = {t: sweep_dir / results[t]["output_dir"] / "model.safetensors" for t in taus}
     missing = [str(p) for p in paths.values() if not p.is_file()]
@@ -114,6 +117,7 @@ def head_exchange(
         eval_matrix.append(rows["validation"])
     exchange = {
         "taus": taus,
+        "seed": first_seed,
         "rows": "backbone",
         "columns": "head",
         "train_accuracy": train_matrix,

@@ -73,3 +73,13 @@ def reinitialize_module(module: nn.Module) -> None:
             reset = getattr(sub, "reset_parameters", None)
             if callable(reset):
                 reset()
+
+
+def reinitialize_head(model: nn.Module, split: ModelSplit, seed: int) -> None:
+    """Draw the head's parameters anew from `seed` (`reinitialize_module` on each head module), leaving the global
+    RNG streams as they were: the replicate seeds of a sweep each start from their own head."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for name in split.head_names:
+            reinitialize_module(model.get_submodule(name))

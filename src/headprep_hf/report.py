@@ -71,8 +71,11 @@ def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | N
         raise FileNotFoundError(
             f"{sweep_path} not found: a report needs the sweep.json written by `headprep sweep` in the sweep folder."
         )
+    from .sweep import upgrade_sweep
+
     data = read_json(sweep_path)
     validate_sweep(data)
+    data = upgrade_sweep(data)  # format 1 (one seed) is drawn as a replicated sweep with n = 1
     exchange = None
     exchange_path = sweep_dir / EXCHANGE_FILE
     if exchange_path.is_file():
@@ -140,7 +143,7 @@ def _number(value: Any) -> float | None:
 
 
 def _points(data: dict[str, Any], get) -> tuple[list[int], list[float]]:
-    """Taus and values `get(result)` over the results sorted by tau, skipping missing values."""
+    """Taus and values `get(result)` over the results (every seed) sorted by tau, skipping missing values."""
     taus, values = [], []
     for result in _results(data):
         value = _number(get(result))
@@ -148,6 +151,32 @@ def _points(data: dict[str, Any], get) -> tuple[list[int], list[float]]:
             taus.append(result["tau"])
             values.append(value)
     return taus, values
+
+
+def _means(data: dict[str, Any], get) -> tuple[list[int], list[float], list[float]]:
+    """Taus, means and standard deviations (0 for one seed) of `get(per_tau row)` (a statistics record)."""
+    taus, means, stds = [], [], []
+    for row in sorted(data["per_tau"], key=lambda r: r["tau"]):
+        stats = get(row)
+        if stats is not None and _number(stats["mean"]) is not None:
+            taus.append(row["tau"])
+            means.append(stats["mean"])
+            stds.append(stats["std"] or 0.0)
+    return taus, means, stds
+
+
+def _plot_replicated(ax, data, get_stats, get_value, fmt: str, color: str, label: str) -> list:
+    """Means over seeds with error bars (standard deviation) and, for several seeds, each seed as a faint point."""
+    taus, means, stds = _means(data, get_stats)
+    if not taus:
+        return []
+    several = len(data.get("seeds") or []) > 1
+    if several:
+        seed_taus, values = _points(data, get_value)
+        ax.plot(seed_taus, values, ".", color=color, alpha=0.35, zorder=1)
+        label += f" (mean +- sd, {len(data['seeds'])} seeds)"
+    container = ax.errorbar(taus, means, yerr=stds if several else None, fmt=fmt, color=color, label=label, capsize=3)
+    return [container.lines[0]]
 
 
 def _tau_axis(ax, data: dict[str, Any], label: bool = True) -> None:
@@ -206,14 +235,19 @@ def _plot_metric_vs_tau(ax, data: dict[str, Any]) -> None:
         data (`dict`):
             The content of `sweep.json`.
     """
+    from .sweep import upgrade_sweep
+
+    data = upgrade_sweep(data)
     metric = data["selection_metric"]
     _tau_axis(ax, data)
-    val_taus, val_values = _points(data, lambda r: r["validation"].get(metric))
-    if val_taus:
-        ax.plot(val_taus, val_values, "o-", color="C0", label=f"validation {metric}")
-    test_taus, test_values = _points(data, lambda r: (r["test"] or {}).get(metric))
-    if test_taus:
-        ax.plot(test_taus, test_values, "s--", color="C1", label=f"test {metric}")
+    _plot_replicated(
+        ax, data, lambda r: r["validation"], lambda r: r["validation"].get(metric), "o-", "C0", f"validation {metric}"
+    )
+    _plot_replicated(
+        ax, data, lambda r: r["test"], lambda r: (r["test"] or {}).get(metric), "s--", "C1", f"test {metric}"
+    )
+    val_taus, val_values, _ = _means(data, lambda r: r["validation"])
+    test_taus = _means(data, lambda r: r["test"])[0]
     tau_star = data["tau_star"]
     if tau_star is not None:
         label = rf"$\tau^*$ = {tau_star}"
@@ -245,17 +279,31 @@ def _figure_metric_vs_tau(plt, data: dict[str, Any]):
 def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     _tau_axis(ax, data)
-    taus, accuracy = _points(data, lambda r: r["hp_train_accuracy"])
-    lines = ax.plot(taus, accuracy, "o-", color="C0", label="HP train accuracy")
-    ax.set_ylabel("HP train accuracy", color="C0")
-    ax.tick_params(axis="y", labelcolor="C0")
-    right = ax.twinx()
-    taus, energy = _points(data, lambda r: r["energy"])
-    lines += right.plot(taus, energy, "s--", color="C1", label=_ENERGY)
-    right.set_ylabel(f"{_ENERGY} at the start of FT", color="C1")
-    right.tick_params(axis="y", labelcolor="C1")
-    ax.legend(lines, [line.get_label() for line in lines], loc="center right")
-    ax.set_title(f"Head after {_TAU} HP epochs: train accuracy and energy")
+    has_accuracy = bool(_means(data, lambda r: r["hp_train_accuracy"])[0])  # (regression: none)
+    energy_ax = ax
+    lines = []
+    if has_accuracy:
+        lines = _plot_replicated(
+            ax,
+            data,
+            lambda r: r["hp_train_accuracy"],
+            lambda r: r["hp_train_accuracy"],
+            "o-",
+            "C0",
+            "HP train accuracy",
+        )
+        ax.set_ylabel("HP train accuracy", color="C0")
+        ax.tick_params(axis="y", labelcolor="C0")
+        energy_ax = ax.twinx()
+    lines += _plot_replicated(energy_ax, data, lambda r: r["energy"], lambda r: r["energy"], "s--", "C1", _ENERGY)
+    energy_ax.set_ylabel(f"{_ENERGY} at the start of FT", color="C1")
+    energy_ax.tick_params(axis="y", labelcolor="C1")
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize="small")
+    else:
+        _no_data(ax, "no energy stored")
+    what = "train accuracy and energy" if has_accuracy else "energy (no accuracy: regression)"
+    ax.set_title(f"Head after {_TAU} HP epochs: {what}")
     return fig
 
 
@@ -263,10 +311,16 @@ def _figure_drift(plt, data: dict[str, Any]):
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.4), layout="constrained")
     for ax, (key, symbol, description) in zip(axes.flat, _DRIFT_PANELS):
         _tau_axis(ax, data, label=ax in axes[1])
-        taus, values = _points(data, lambda r, key=key: (r["drift"] or {}).get(key))
-        if taus:
-            ax.plot(taus, values, "o-", color="C2")
-        else:
+        drawn = _plot_replicated(
+            ax,
+            data,
+            lambda r, key=key: (r["drift"] or {}).get(key),
+            lambda r, key=key: (r["drift"] or {}).get(key),
+            "o-",
+            "C2",
+            symbol,
+        )
+        if not drawn:
             _no_data(ax, "no drift stored")
         ax.set_ylabel(symbol)
         ax.set_title(f"{symbol}: {description}", fontsize="medium")
@@ -277,7 +331,7 @@ def _figure_drift(plt, data: dict[str, Any]):
 def _figure_p0_histograms(plt, data: dict[str, Any]):
     import numpy as np
 
-    results = _results(data)
+    results = _pooled_p0(data)
     n = max(len(results), 1)
     ncols = n if n <= 4 else math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
@@ -294,12 +348,13 @@ def _figure_p0_histograms(plt, data: dict[str, Any]):
         counts = np.asarray(result["p0_histogram"]["counts"], dtype=float)
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", edgecolor="white", linewidth=0.5)
         ax.axvline(result["p0_mean"], color="C3", linestyle="--", linewidth=1)
-        ax.set_title(f"{_TAU} = {result['tau']}, energy {result['energy']:.3g}", fontsize="medium")
+        seeds = f", {result['n']} seeds" if result["n"] > 1 else ""
+        ax.set_title(f"{_TAU} = {result['tau']}, energy {result['energy']:.3g}{seeds}", fontsize="medium")
     axes[0, 0].set_xlim(0, 1)
     for ax in axes[:, 0]:
         ax.set_ylabel("training samples")
     if not results:
-        _no_data(axes[0, 0], "no result stored")
+        _no_data(axes[0, 0], "no p0 stored (regression has none)")
     for i, ax in enumerate(axes.flat):
         if results and i >= len(results):  # empty cell of the last row: label the panel above instead
             ax.set_visible(False)
@@ -309,6 +364,29 @@ def _figure_p0_histograms(plt, data: dict[str, Any]):
             ax.set_xlabel(r"$p_0(y \mid x)$")
     fig.suptitle(r"True-class probability $p_0(y \mid x)$ at the start of FT (dashed line: mean)")
     return fig
+
+
+def _pooled_p0(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per tau: the p0 histograms of its seeds summed, the mean p0 and energy over seeds (taus without p0 left out)."""
+    pooled = []
+    for tau in sorted({r["tau"] for r in data["results"]}):
+        group = [
+            r for r in data["results"] if r["tau"] == tau and r.get("p0_histogram") and r.get("p0_mean") is not None
+        ]
+        if not group:
+            continue
+        counts = [sum(c) for c in zip(*(r["p0_histogram"]["counts"] for r in group))]
+        energies = [r["energy"] for r in group if r["energy"] is not None]
+        pooled.append(
+            {
+                "tau": tau,
+                "n": len(group),
+                "p0_histogram": {"edges": group[0]["p0_histogram"]["edges"], "counts": counts},
+                "p0_mean": sum(r["p0_mean"] for r in group) / len(group),
+                "energy": sum(energies) / len(energies) if energies else float("nan"),
+            }
+        )
+    return pooled
 
 
 def _plain_log_formatter_class():
@@ -327,22 +405,27 @@ def _figure_head_grad_norm(plt, data: dict[str, Any]):
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     results = [r for r in _results(data) if r["head_grad_norm"]]
+    taus = sorted({r["tau"] for r in results})
     cmap = mpl.colormaps["viridis"]
-    all_values = []
-    for i, result in enumerate(results):
+    all_values, labelled = [], set()
+    for result in results:  # every seed of a tau in the tau's colour; the first labelled
         points = sorted(result["head_grad_norm"], key=lambda p: p["step"])
         steps = [p["step"] for p in points]
         values = [p["value"] for p in points]
         all_values += values
-        color = cmap(i / max(len(results) - 1, 1) * 0.9)
-        ax.plot(steps, values, "-", color=color, label=f"{_TAU} = {result['tau']}", linewidth=1.5)
+        color = cmap(taus.index(result["tau"]) / max(len(taus) - 1, 1) * 0.9)
+        label = None if result["tau"] in labelled else f"{_TAU} = {result['tau']}"
+        labelled.add(result["tau"])
+        ax.plot(
+            steps, values, "-", color=color, label=label, linewidth=1.5 if label else 0.8, alpha=1 if label else 0.5
+        )
     if all_values and all(v > 0 for v in all_values):
         ax.set_yscale("log")
         plain_log_formatter = _plain_log_formatter_class()
         ax.yaxis.set_major_formatter(plain_log_formatter(labelOnlyBase=False))
         ax.yaxis.set_minor_formatter(plain_log_formatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     if results:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", ncols=2 if len(results) > 12 else 1)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", ncols=2 if len(taus) > 12 else 1)
     else:
         _no_data(ax, "no head gradient norm stored")
     ax.set_xlabel("FT step")
@@ -381,5 +464,6 @@ def _figure_exchange(plt, exchange: dict[str, Any]):
                 color = "black" if values[i, j] > middle else "white"
                 ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", color=color, fontsize=fontsize)
         fig.colorbar(image, ax=ax, shrink=0.85, label=title)
-    fig.suptitle(r"Head exchange: backbone from $\tau_i$ with head from $\tau_j$")
+    seed = f" (seed {exchange['seed']})" if exchange.get("seed") is not None else ""
+    fig.suptitle(r"Head exchange: backbone from $\tau_i$ with head from $\tau_j$" + seed)
     return fig

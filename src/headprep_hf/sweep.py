@@ -38,6 +38,9 @@ from .checkpoints import latest_resumable
 from .config import HeadPrepConfig
 from .files import read_json, read_safetensors
 from .fingerprint import state_fingerprint
+from .heads import reinitialize_head
+from .replicates import describe, lower_is_better, paired_difference, verdict
+from .split import find_split
 from .sweep_schema import SWEEP_FORMAT_VERSION, validate_sweep
 from .trainer import HeadPrepTrainer
 from .version import __version__
@@ -50,7 +53,6 @@ JOB_FILE = "sweep_job.json"  # an FT job folder's owner: the sweep fingerprint, 
 DEFAULT_TAUS = (0, 1, 2, 4, 8, 16, 32)
 # Settings that change what a sweep computes; shards must agree on all of them to be merged.
 _FINGERPRINT_FIELDS = (
-    "seed",
     "data_seed",
     "hp_learning_rate",
     "hp_lr_scheduler_type",
@@ -132,12 +134,20 @@ class SweepConfig(HeadPrepConfig):
     Parameters:
         sweep_taus (`list[int]`, defaults to `[0, 1, 2, 4, 8, 16, 32]`):
             The grid of HP epochs, sorted ascending, no duplicates.
+        sweep_seeds (`list[int]` or `None`, defaults to `None`):
+            Replicates: one HP run per seed and one FT job per (tau, seed), each seed drawing the head's
+            initialisation (the head's own `reset_parameters`, seeded), the data order and the augmentation. The
+            sweep reports the mean, standard deviation and 95% t-interval over seeds per tau, picks tau* by the best
+            mean validation metric and compares it with tau = 0 and the largest tau, paired over seeds. Unset: one
+            run with `seed` and the model's head as given (no uncertainty).
         sweep_metric (`str`, defaults to `"accuracy"`):
             Validation metric (a key of `compute_metrics`' result, or `"loss"`) that picks tau*.
         sweep_greater_is_better (`bool` or `None`, defaults to `None`):
-            Direction of `sweep_metric`; `None`: lower is better for names ending in "loss", higher otherwise.
+            Direction of `sweep_metric`; `None`: lower is better for losses and errors (names ending in "loss",
+            "rmse", "mse", "mae", "error"), higher otherwise.
         sweep_shard (`str` or `None`, defaults to `None`):
-            `"i/n"` (0-based): run only the FT jobs at grid positions `p % n == i` (every shard runs the cheap HP).
+            `"i/n"` (0-based): run only the FT jobs at positions `p % n == i` of the (tau, seed) grid (each shard runs
+            the cheap HP of its seeds).
         sweep_exchange (`bool`, defaults to `False`):
             Also compute the head-exchange matrix (paper Fig. 3) after a complete sweep.
         sweep_report (`bool`, defaults to `True`):
@@ -151,6 +161,14 @@ class SweepConfig(HeadPrepConfig):
 
     sweep_taus: list[int] = field(
         default_factory=lambda: list(DEFAULT_TAUS), metadata={"help": "Grid of HP epochs tau (sorted, unique)."}
+    )
+    sweep_seeds: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Replicates: one HP run per seed and one FT job per (tau, seed); a seed draws the head's "
+            "initialisation, the data order and the augmentation. Unset: one run with `seed` and the model's head "
+            "as given. The list may grow between runs: only the new jobs run."
+        },
     )
     sweep_metric: str = field(default="accuracy", metadata={"help": "Validation metric that picks tau*."})
     sweep_greater_is_better: bool | None = field(
@@ -170,6 +188,15 @@ class SweepConfig(HeadPrepConfig):
     def __post_init__(self):
         super().__post_init__()
         self.sweep_taus = validate_taus(self.sweep_taus)
+        if self.sweep_seeds is not None:
+            seeds = list(self.sweep_seeds)
+            if (
+                not seeds
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds)
+                or len(set(seeds)) != len(seeds)
+            ):
+                raise ValueError(f"sweep_seeds must be distinct integers (e.g. 42 43 44), got {self.sweep_seeds!r}.")
+            self.sweep_seeds = seeds
         if self.sweep_shard is not None:
             parse_shard(self.sweep_shard)
         if self.hp_lr_scheduler_type != "constant" or self.hp_warmup_ratio != 0:
@@ -185,24 +212,37 @@ class SweepConfig(HeadPrepConfig):
     def selection_greater_is_better(self) -> bool:
         if self.sweep_greater_is_better is not None:
             return self.sweep_greater_is_better
-        return not self.sweep_metric.endswith("loss")
+        return not lower_is_better(self.sweep_metric)
+
+    @property
+    def seeds(self) -> list[int]:
+        """The sweep's seeds (`sweep_seeds`, or `[seed]`)."""
+        return list(self.sweep_seeds) if self.sweep_seeds is not None else [self.seed]
+
+    def jobs(self) -> list[tuple[int, int]]:
+        """Every FT job of the grid as `(tau, seed)`, by tau then seed."""
+        return [(tau, seed) for tau in self.sweep_taus for seed in self.seeds]
+
+    def shard_jobs(self) -> list[tuple[int, int]]:
+        """This shard's FT jobs: grid positions `p % n == i` of `jobs()` (all of them without `sweep_shard`)."""
+        if self.sweep_shard is None:
+            return self.jobs()
+        index, count = parse_shard(self.sweep_shard)
+        return [job for p, job in enumerate(self.jobs()) if p % count == index]
 
     def shard_taus(self) -> list[int]:
-        if self.sweep_shard is None:
-            return list(self.sweep_taus)
-        index, count = parse_shard(self.sweep_shard)
-        return [tau for p, tau in enumerate(self.sweep_taus) if p % count == index]
+        return sorted({tau for tau, _ in self.shard_jobs()})
 
 
 class _SnapshotCallback(TrainerCallback):
-    def __init__(self, sweep: TauSweep, trainer: HeadPrepTrainer):
-        self.sweep, self.trainer = sweep, trainer
+    def __init__(self, sweep: TauSweep, trainer: HeadPrepTrainer, seed: int):
+        self.sweep, self.trainer, self.seed = sweep, trainer, seed
 
     def on_epoch_end(self, args, state, control, **kwargs):
         epoch = round(state.epoch or 0)
         # The last grid epoch is saved after probe_head() returns: the head is then prepared as it is.
         if epoch in self.sweep.args.sweep_taus and epoch != self.sweep.args.sweep_taus[-1]:
-            self.sweep._save_snapshot(epoch, self.trainer)
+            self.sweep._save_snapshot(epoch, self.seed, self.trainer)
         return control
 
 
@@ -290,26 +330,40 @@ class TauSweep:
         self.trainer_kwargs = trainer_kwargs
         self.output_dir = Path(args.output_dir)
         self._pristine = copy.deepcopy(model).cpu()
-        self._snapshots: dict[int, str] = {}
+        self._snapshots: dict[tuple[int, int], str] = {}
         self._fingerprint: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public
     def run(self) -> dict[str, Any]:
-        """Run the sweep (or this shard of it); returns the content written to `output_dir/sweep.json`."""
-        self._check_output_dir()
+        """Run the sweep (or this shard of it); returns the content written to `output_dir/sweep.json`.
+
+        A folder holding this sweep already (same fingerprint) is continued: finished FT jobs are reused, unfinished
+        ones resume, and seeds added to `sweep_seeds` run only their own jobs."""
         self._fingerprint = self.fingerprint()
+        self._check_output_dir()
         self._check_owner()  # before anything is written: a folder of another sweep is refused untouched
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        hp_info = self.probe()
+        jobs = self.args.shard_jobs()
+        hp_info = {"cached_features": bool(self.args.hp_cache_features), "cache_views": int(self.args.hp_cache_views)}
+        hp_info["seeds"] = {}
         results = []
-        taus = self.args.shard_taus()
-        progress = self._progress(taus)
-        for tau in taus:
-            progress.set_description(f"FT from tau={tau}")
-            result = self.finetune_from(tau)
-            results.append(result)
-            progress.set_postfix({self.args.sweep_metric: result["validation"].get(self.args.sweep_metric)})
-            progress.update(1)
+        progress = self._progress(len(jobs))
+        for seed in self.args.seeds:
+            seed_jobs = [tau for tau, s in jobs if s == seed]
+            if not seed_jobs:
+                continue
+            todo = [tau for tau in seed_jobs if self._finished(tau, seed) is None]
+            if todo:
+                progress.set_description(f"HP (seed {seed})")
+                hp_info["seeds"][str(seed)] = self.probe(seed)
+            else:  # every job of this seed is finished: no HP needed, its record and snapshots stay as they are
+                hp_info["seeds"][str(seed)] = self._previous_hp(seed)
+            for tau in seed_jobs:
+                progress.set_description(f"FT tau={tau} seed={seed}")
+                result = self.finetune_from(tau, seed)
+                results.append(result)
+                progress.set_postfix({self.args.sweep_metric: result["validation"].get(self.args.sweep_metric)})
+                progress.update(1)
         progress.close()
         sweep = self._assemble(results, hp_info)
         if self._is_main:
@@ -334,13 +388,15 @@ class TauSweep:
             write_report(self.output_dir)
         return sweep
 
-    def probe(self) -> dict[str, Any]:
-        """The one HP run to the largest tau, saving the head after every grid epoch; returns the `hp` record."""
+    def probe(self, seed: int | None = None) -> dict[str, Any]:
+        """The one HP run of `seed` to the largest tau, saving the head after every grid epoch; returns its record."""
+        seed = self.args.seeds[0] if seed is None else seed
         max_tau = self.args.sweep_taus[-1]
         hp_args = dataclasses.replace(
             self.args,
             output_dir=str(self.output_dir / "hp"),
             hp_epochs=max_tau,
+            seed=seed,
             eval_strategy="no",
             save_strategy="no",
             load_best_model_at_end=False,
@@ -350,7 +406,7 @@ class TauSweep:
         )
         trainer = self._quiet(
             HeadPrepTrainer(
-                model=self._pristine_copy(),
+                model=self._model_for(seed),
                 args=hp_args,
                 train_dataset=self.train_dataset,
                 **self._hp_trainer_kwargs(),
@@ -360,37 +416,41 @@ class TauSweep:
             self._fingerprint = self.fingerprint()
         start = time.perf_counter()
         if 0 in self.args.sweep_taus:
-            self._save_snapshot(0, trainer)
+            self._save_snapshot(0, seed, trainer)
         if max_tau > 0:
-            trainer.add_callback(_SnapshotCallback(self, trainer))
+            trainer.add_callback(_SnapshotCallback(self, trainer, seed))
             trainer.probe_head()
-            self._save_snapshot(max_tau, trainer, prepared=True)
+            self._save_snapshot(max_tau, seed, trainer, prepared=True)
         trainer.accelerator.wait_for_everyone()
         runtime = time.perf_counter() - start
-        missing = [t for t in self.args.sweep_taus if t not in self._snapshots]
+        missing = [t for t in self.args.sweep_taus if (t, seed) not in self._snapshots]
         if missing:
             raise RuntimeError(f"HP did not reach the grid epochs {missing}; no snapshot was saved for them.")
         return {
-            "cached_features": bool(self.args.hp_cache_features),
-            "cache_views": int(self.args.hp_cache_views),
             "runtime": round(runtime, 4),
-            "snapshots": {str(t): os.path.relpath(p, self.output_dir) for t, p in self._snapshots.items()},
+            "snapshots": {
+                str(t): os.path.relpath(self._snapshots[(t, seed)], self.output_dir) for t in self.args.sweep_taus
+            },
         }
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a sweep's folders must share: the grid, the pretrained model (with its new head, before HP) and the
-        settings that change results."""
+        """What a sweep's folders must share: the grid, the pretrained model (with its new head, before HP), whether
+        seeds re-draw the head, and the settings that change results (not the seeds: each job records its own)."""
         return {
             "taus": list(self.args.sweep_taus),
             "model": state_fingerprint(self._pristine.state_dict()),
             "config": config_fingerprint(self.args),
+            "seeded_heads": self.args.sweep_seeds is not None,
         }
 
     def _check_owner(self) -> None:
-        """Refuse (before any file is written) an output_dir whose head snapshots or FT job folders belong to a sweep
-        with another fingerprint: resuming or reusing them would mix two sweeps' settings."""
+        """Refuse (before any file is written) an output_dir whose sweep file, head snapshots or FT job folders belong
+        to a sweep with another fingerprint: resuming or reusing them would mix two sweeps' settings."""
         mine = _fingerprint_tag(self._fingerprint)
-        for path in sorted((self.output_dir / "heads").glob("tau_*.safetensors")):
+        if (self.output_dir / SWEEP_FILE).is_file():
+            if _fingerprint_tag(_read_json(self.output_dir / SWEEP_FILE).get("fingerprint")) != mine:
+                raise ValueError(self._foreign(self.output_dir / SWEEP_FILE))
+        for path in sorted((self.output_dir / "heads").rglob("tau_*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
                     theirs = (f.metadata() or {}).get("sweep_fingerprint")
@@ -400,16 +460,18 @@ class TauSweep:
                 ) from error
             if theirs != mine:
                 raise ValueError(self._foreign(path))
-        for job in sorted(self.output_dir.glob("tau_*")):
-            if not job.is_dir():
-                continue
-            theirs = None
-            for name in (RESULT_FILE, JOB_FILE):
-                if (job / name).is_file():
-                    theirs = _fingerprint_tag(_read_json(job / name).get("fingerprint"))
-                    break
-            if theirs != mine:
-                raise ValueError(self._foreign(job))
+        for tau_dir in sorted(self.output_dir.glob("tau_*")):
+            jobs = [j for j in tau_dir.glob("seed_*") if j.is_dir()] if tau_dir.is_dir() else []
+            if not jobs:
+                raise ValueError(self._foreign(tau_dir))
+            for job in jobs:
+                theirs = None
+                for name in (RESULT_FILE, JOB_FILE):
+                    if (job / name).is_file():
+                        theirs = _fingerprint_tag(_read_json(job / name).get("fingerprint"))
+                        break
+                if theirs != mine:
+                    raise ValueError(self._foreign(job))
 
     def _foreign(self, path) -> str:
         return (
@@ -417,27 +479,47 @@ class TauSweep:
             "another output_dir, or rerun with that sweep's settings to continue it."
         )
 
-    def finetune_from(self, tau: int) -> dict[str, Any]:
-        """FT job for one tau: fresh pretrained model + the head snapshot, `finetune()`, validation/test metrics."""
-        job_dir = self.output_dir / f"tau_{tau}"
-        done = job_dir / RESULT_FILE
-        if done.is_file():
-            previous = read_json(done)
-            if previous.get("fingerprint") == self._fingerprint:
-                logger.info("tau=%d: reusing the finished FT job in %s.", tau, job_dir)
-                return previous["result"]
-            raise ValueError(
-                f"{job_dir} holds an FT job of a different sweep (other model, grid or settings); use another "
-                "output_dir or delete it."
-            )
+    def _previous_hp(self, seed: int) -> dict[str, Any]:
+        """The HP record of `seed` from this sweep's earlier `sweep.json` (or one rebuilt from its snapshot files)."""
+        path = self.output_dir / SWEEP_FILE
+        if path.is_file():
+            record = (_read_json(path).get("hp") or {}).get("seeds", {}).get(str(seed))
+            if record is not None:
+                return record
+        snapshots = {str(t): self._heads_dir(seed) / f"tau_{t}.safetensors" for t in self.args.sweep_taus}
+        existing = {t: os.path.relpath(p, self.output_dir) for t, p in snapshots.items() if p.is_file()}
+        return {"runtime": None, "snapshots": existing}
+
+    def _job_dir(self, tau: int, seed: int) -> Path:
+        return self.output_dir / f"tau_{tau}" / f"seed_{seed}"
+
+    def _finished(self, tau: int, seed: int) -> dict | None:
+        """The result of a finished FT job of this sweep, or None."""
+        done = self._job_dir(tau, seed) / RESULT_FILE
+        if not done.is_file():
+            return None
+        previous = read_json(done)
+        return previous["result"] if previous.get("fingerprint") == self._fingerprint else None
+
+    def finetune_from(self, tau: int, seed: int | None = None) -> dict[str, Any]:
+        """FT job for one (tau, seed): fresh pretrained model + the head snapshot, `finetune()`, validation/test
+        metrics. A finished job of this sweep is reused."""
+        seed = self.args.seeds[0] if seed is None else seed
+        job_dir = self._job_dir(tau, seed)
+        finished = self._finished(tau, seed)
+        if finished is not None:
+            logger.info("tau=%d seed=%d: reusing the finished FT job in %s.", tau, seed, job_dir)
+            return finished
         if self._is_main:  # the folder's owner, written before anything else in it
             job_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(job_dir / JOB_FILE, {"fingerprint": self._fingerprint})
+            _write_json(job_dir / JOB_FILE, {"fingerprint": self._fingerprint, "seed": seed})
         # The job folder is this sweep's (checked against the fingerprint): outputs of a killed attempt are replaced.
-        job_args = dataclasses.replace(self.args, output_dir=str(job_dir), hp_epochs=tau, overwrite_output_dir=True)
+        job_args = dataclasses.replace(
+            self.args, output_dir=str(job_dir), hp_epochs=tau, seed=seed, overwrite_output_dir=True
+        )
         trainer = self._quiet(
             HeadPrepTrainer(
-                model=self._pristine_copy(),
+                model=self._model_for(seed),
                 args=job_args,
                 train_dataset=self.train_dataset,
                 eval_dataset=self.eval_dataset,
@@ -446,10 +528,11 @@ class TauSweep:
             )
         )
         trainer.run_tag = _fingerprint_tag(self._fingerprint)  # its checkpoints resume only in this sweep
-        snapshot = read_safetensors(self._snapshots[tau])
+        snapshot_path = self._snapshots[(tau, seed)]
+        snapshot = read_safetensors(snapshot_path)
         missing, unexpected = trainer.accelerator.unwrap_model(trainer.model).load_state_dict(snapshot, strict=False)
         if unexpected:
-            raise ValueError(f"The head snapshot {self._snapshots[tau]} has keys the model lacks: {unexpected[:5]}.")
+            raise ValueError(f"The head snapshot {snapshot_path} has keys the model lacks: {unexpected[:5]}.")
         head_config = None
         if self.args.sweep_prepared_heads:
             from .hub import prepared_head_config
@@ -463,7 +546,7 @@ class TauSweep:
             head_config.update(
                 energy=trainer.dynamics["energy"], hp_train_accuracy=trainer.dynamics["hp_train_accuracy"]
             )
-            write_prepared_head(self.output_dir / "heads" / f"tau_{tau}", snapshot, head_config)
+            write_prepared_head(self._heads_dir(seed) / f"tau_{tau}", snapshot, head_config)
         trainer.save_model()
         validation = _strip(trainer.evaluate(), "eval_")
         metric = self.args.sweep_metric
@@ -479,10 +562,11 @@ class TauSweep:
         drift = dyn.get("drift") or []
         result = {
             "tau": tau,
-            "hp_train_accuracy": dyn["hp_train_accuracy"],
-            "energy": dyn["energy"],
-            "p0_mean": dyn["p0_mean"],
-            "p0_histogram": dyn["p0_histogram"],
+            "seed": seed,
+            "hp_train_accuracy": dyn.get("hp_train_accuracy"),
+            "energy": dyn.get("energy"),
+            "p0_mean": dyn.get("p0_mean"),
+            "p0_histogram": dyn.get("p0_histogram") if dyn.get("p0_mean") is not None else None,
             "drift": drift[-1] if drift else None,
             "validation": validation,
             "test": test,
@@ -491,7 +575,7 @@ class TauSweep:
             "train_runtime": round(float(output.metrics.get("train_runtime", 0.0)), 4),
         }
         if trainer.args.should_save:
-            _write_json(done, {"fingerprint": self._fingerprint, "result": result})
+            _write_json(job_dir / RESULT_FILE, {"fingerprint": self._fingerprint, "result": result})
         return result
 
     # ------------------------------------------------------------------ helpers
@@ -505,7 +589,7 @@ class TauSweep:
         return self.args.process_index == 0
 
     def _quiet(self, trainer: HeadPrepTrainer) -> HeadPrepTrainer:
-        # With disable_tqdm the Trainer prints every log line; in a sweep the progress bar over taus replaces that
+        # With disable_tqdm the Trainer prints every log line; in a sweep the progress bar over jobs replaces that
         # (the logs still reach report_to and sweep.json).
         if self.args.disable_tqdm:
             trainer.remove_callback(PrinterCallback)
@@ -514,36 +598,46 @@ class TauSweep:
     def _pristine_copy(self) -> torch.nn.Module:
         return copy.deepcopy(self._pristine)
 
+    def _model_for(self, seed: int) -> torch.nn.Module:
+        """A fresh copy of the pretrained model; with `sweep_seeds`, its head re-drawn from `seed` (the head's own
+        `reset_parameters`, seeded), so the seed decides the head's initialisation."""
+        model = self._pristine_copy()
+        if self.args.sweep_seeds is not None:
+            reinitialize_head(model, find_split(model, self.args.head_modules), seed)
+        return model
+
     def _hp_trainer_kwargs(self) -> dict[str, Any]:
         # The HP run neither evaluates nor measures; it needs the collator and the user's callbacks only.
         return {k: v for k, v in self.trainer_kwargs.items() if k in ("data_collator", "callbacks")}
 
-    def _save_snapshot(self, tau: int, trainer: HeadPrepTrainer, prepared: bool = False) -> None:
+    def _heads_dir(self, seed: int) -> Path:
+        return self.output_dir / "heads" / f"seed_{seed}"
+
+    def _save_snapshot(self, tau: int, seed: int, trainer: HeadPrepTrainer, prepared: bool = False) -> None:
         # Mid-HP heads get what probe_head() with hp_epochs=tau would add (BatchNorm statistics); a head after
         # probe_head() (`prepared`) has it already.
-        path = self.output_dir / "heads" / f"tau_{tau}.safetensors"
+        path = self._heads_dir(seed) / f"tau_{tau}.safetensors"
         state = trainer.hp_state_dict() if prepared else trainer.prepared_hp_state_dict()
         if self._is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            metadata = {"tau": str(tau), "sweep_fingerprint": _fingerprint_tag(self._fingerprint)}
+            tag = _fingerprint_tag(self._fingerprint)
+            metadata = {"tau": str(tau), "seed": str(seed), "sweep_fingerprint": tag}
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
             os.replace(tmp, path)
-        self._snapshots[tau] = str(path)
+        self._snapshots[(tau, seed)] = str(path)
 
     def _check_output_dir(self) -> None:
-        path = self.output_dir / SWEEP_FILE
-        if path.exists() and not self.args.overwrite_output_dir:
-            raise ValueError(
-                f"{path} already exists: {self.output_dir} holds a finished sweep. Pick another output_dir or set "
-                "overwrite_output_dir=True (finished FT jobs of the same sweep are then reused, not rerun)."
-            )
+        # A finished sweep of the same fingerprint is continued (more seeds; finished jobs reused); another is refused
+        # by _check_owner. overwrite_output_dir=True starts it again from scratch in the same folder.
+        if self.args.overwrite_output_dir and (self.output_dir / SWEEP_FILE).is_file():
+            os.remove(self.output_dir / SWEEP_FILE)
 
-    def _progress(self, taus: list[int]):
+    def _progress(self, total: int):
         from tqdm.auto import tqdm
 
         return tqdm(
-            total=len(taus), desc="tau sweep", unit="tau", disable=not (self.args.sweep_progress and self._is_main)
+            total=total, desc="tau sweep", unit="job", disable=not (self.args.sweep_progress and self._is_main)
         )
 
     def _assemble(self, results: list[dict], hp_info: dict) -> dict[str, Any]:
@@ -554,6 +648,7 @@ class TauSweep:
         return assemble_sweep(
             results=results,
             taus=self.args.sweep_taus,
+            seeds=self.args.seeds,
             metric=self.args.sweep_metric,
             greater_is_better=self.args.selection_greater_is_better,
             hp=hp_info,
@@ -565,15 +660,59 @@ class TauSweep:
 
 
 def _settings(args: SweepConfig) -> dict[str, Any]:
-    keys = [k for k in _FINGERPRINT_FIELDS if k not in ("sweep_taus",)]
+    keys = ["seed", "sweep_seeds", *(k for k in _FINGERPRINT_FIELDS if k not in ("sweep_taus",))]
     return {k: getattr(getattr(args, k, None), "value", getattr(args, k, None)) for k in keys}
 
 
-def select_tau_star(results: list[dict], metric: str, greater_is_better: bool) -> int:
-    """tau with the best validation `metric` (ties: the smallest tau)."""
+def select_tau_star(per_tau: list[dict], greater_is_better: bool) -> int:
+    """tau with the best mean validation metric (`per_tau` rows of `assemble_sweep`; ties: the smallest tau)."""
     sign = 1.0 if greater_is_better else -1.0
-    best = max(sorted(results, key=lambda r: r["tau"]), key=lambda r: sign * r["validation"][metric])
-    return best["tau"]
+    rows = [r for r in sorted(per_tau, key=lambda r: r["tau"]) if r["validation"] is not None]
+    return max(rows, key=lambda r: sign * r["validation"]["mean"])["tau"]
+
+
+_DRIFT_KEYS = ("sq_dist", "dot", "sq_norm", "cos")
+
+
+def summarize_taus(results: list[dict], taus: list[int], metric: str) -> list[dict]:
+    """Per tau: `describe` (n, mean, std, 95% t-interval, values) over its seeds of the validation and test metric,
+    energy, HP train accuracy, p0 mean and the four drift metrics at the end of FT (null where nothing is defined)."""
+    rows = []
+    for tau in taus:
+        group = sorted((r for r in results if r["tau"] == tau), key=lambda r: r.get("seed") or 0)
+        if not group:
+            continue
+        tests = [(r["test"] or {}).get(metric) for r in group]
+        rows.append(
+            {
+                "tau": tau,
+                "seeds": [r.get("seed") for r in group],
+                "validation": describe([r["validation"].get(metric) for r in group]),
+                "test": describe(tests) if any(t is not None for t in tests) else None,
+                "energy": describe([r["energy"] for r in group]),
+                "hp_train_accuracy": describe([r["hp_train_accuracy"] for r in group]),
+                "p0_mean": describe([r["p0_mean"] for r in group]),
+                "drift": {k: describe([(r["drift"] or {}).get(k) for r in group]) for k in _DRIFT_KEYS},
+            }
+        )
+    return rows
+
+
+def compare_taus(results: list[dict], tau_a: int, tau_b: int, metric: str, greater_is_better: bool) -> dict | None:
+    """tau_a against tau_b on the validation and test `metric`, paired over the seeds both ran, with the verdict."""
+    if tau_a == tau_b:
+        return None
+
+    def by_seed(tau, part):
+        return {r.get("seed"): ((r[part] or {}).get(metric)) for r in results if r["tau"] == tau}
+
+    out = {"tau": tau_a, "against": tau_b}
+    for part in ("validation", "test"):
+        difference = paired_difference(by_seed(tau_a, part), by_seed(tau_b, part))
+        out[part] = difference
+        if difference is not None:
+            out[f"{part}_verdict"] = verdict(tau_a, tau_b, difference, f"{part} {metric}", greater_is_better)
+    return out
 
 
 def assemble_sweep(
@@ -587,28 +726,46 @@ def assemble_sweep(
     task: dict | None = None,
     settings: dict | None = None,
     merged_from: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Build (and validate) the `sweep.json` content from per-tau results."""
-    results = sorted(results, key=lambda r: r["tau"])
-    complete = [r["tau"] for r in results] == list(taus)
-    tau_star = select_tau_star(results, metric, greater_is_better) if complete else None
-    by_tau = {r["tau"]: r for r in results}
+    """Build (and validate) the `sweep.json` content from the per-(tau, seed) results."""
+    results = sorted(results, key=lambda r: (r["tau"], r.get("seed") or 0))
+    seeds = list(seeds) if seeds is not None else sorted({r.get("seed") for r in results if r.get("seed") is not None})
+    done = {(r["tau"], r.get("seed")) for r in results}
+    complete = all((t, s) in done for t in taus for s in seeds) if seeds else {r["tau"] for r in results} == set(taus)
+    per_tau = summarize_taus(results, taus, metric)
+    tau_star = select_tau_star(per_tau, greater_is_better) if complete else None
+    by_tau = {row["tau"]: row for row in per_tau}
 
     def row(tau):
         if tau not in by_tau:
             return None
-        r = by_tau[tau]
-        return {"tau": tau, "validation": r["validation"].get(metric), "test": (r["test"] or {}).get(metric)}
+        stats = by_tau[tau]
+        return {
+            "tau": tau,
+            "validation": stats["validation"]["mean"] if stats["validation"] else None,
+            "test": stats["test"]["mean"] if stats["test"] else None,
+            "n": stats["validation"]["n"] if stats["validation"] else 0,
+        }
 
+    comparisons = {}
+    if tau_star is not None:
+        comparisons = {
+            "vs_first": compare_taus(results, tau_star, taus[0], metric, greater_is_better),
+            "vs_last": compare_taus(results, tau_star, taus[-1], metric, greater_is_better),
+        }
     sweep = {
         "format_version": SWEEP_FORMAT_VERSION,
         "headprep_version": __version__,
         "taus": list(taus),
+        "seeds": seeds,
         "selection_metric": metric,
         "greater_is_better": greater_is_better,
         "tau_star": tau_star,
         "complete": complete,
         "results": results,
+        "per_tau": per_tau,
+        "comparisons": comparisons,
         "summary": {
             "HP0-FT": row(taus[0]) if taus[0] == 0 else None,
             "HPmax-FT": row(taus[-1]),
@@ -626,13 +783,22 @@ def assemble_sweep(
     return sweep
 
 
+def upgrade_sweep(data: dict[str, Any]) -> dict[str, Any]:
+    """A `sweep.json` of format 1 (one seed, no statistics) in the layout of format 2 (the reports read that)."""
+    if data.get("format_version", 1) >= 2:
+        return data
+    results = [{**r, "seed": None} for r in data["results"]]
+    per_tau = summarize_taus(results, data["taus"], data["selection_metric"])
+    return {**data, "format_version": 2, "seeds": [], "results": results, "per_tau": per_tau, "comparisons": {}}
+
+
 def load_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a sweep folder (it is written by `headprep sweep`).")
     data = read_json(path)
     validate_sweep(data)
-    return data
+    return upgrade_sweep(data)
 
 
 def merge_sweeps(
@@ -641,7 +807,8 @@ def merge_sweeps(
     """Merge the `sweep.json` of shards of one sweep into `output_dir/sweep.json` (FT job paths made relative to it).
 
     Raises `ValueError` when the shards come from different sweeps (grid, model or settings differ), when two of them
-    hold the same tau, or when `output_dir/sweep.json` exists and `overwrite` is False. Nothing is written then.
+    hold the same (tau, seed) job, or when `output_dir/sweep.json` exists and `overwrite` is False. Nothing is written
+    then.
     """
     if not sweep_dirs:
         raise ValueError("Nothing to merge: give the shard folders.")
@@ -651,70 +818,101 @@ def merge_sweeps(
         raise ValueError(f"{target} already exists; merge into another folder or pass --overwrite_output_dir.")
     sweeps = [(Path(d), load_sweep(d)) for d in sweep_dirs]
     first_dir, first = sweeps[0]
-    results: dict[int, dict] = {}
+    results: dict[tuple, dict] = {}
+    hp = {k: v for k, v in first["hp"].items() if k != "seeds"}
+    hp["seeds"] = {}
+    seeds: set = set()
     for path, sweep in sweeps:
-        for key in ("taus", "model", "config"):
-            if sweep["fingerprint"][key] != first["fingerprint"][key]:
-                what = {"taus": "grid of taus", "model": "model (weights or head)", "config": "settings"}[key]
-                raise ValueError(f"Cannot merge {path} with {first_dir}: their {what} differ; they are not one sweep.")
+        for key in ("taus", "model", "config", "seeded_heads"):
+            if sweep["fingerprint"].get(key) != first["fingerprint"].get(key):
+                what = {"taus": "grid of taus", "model": "model (weights or head)", "config": "settings"}
+                raise ValueError(
+                    f"Cannot merge {path} with {first_dir}: their {what.get(key, key)} differ; they are not one sweep."
+                )
         if sweep["selection_metric"] != first["selection_metric"]:
             raise ValueError(f"Cannot merge {path} with {first_dir}: different selection metrics.")
+        seeds |= set(sweep.get("seeds") or [])
+        for seed, record in (sweep["hp"].get("seeds") or {}).items():
+            hp["seeds"].setdefault(
+                seed,
+                {
+                    **record,
+                    "snapshots": {t: os.path.relpath(path / p, output_dir) for t, p in record["snapshots"].items()},
+                },
+            )
         for result in sweep["results"]:
-            if result["tau"] in results:
+            key = (result["tau"], result.get("seed"))
+            if key in results:
                 raise ValueError(
-                    f"tau={result['tau']} is in more than one shard ({path} and another); merge each once."
+                    f"tau={key[0]} seed={key[1]} is in more than one shard ({path} and another); merge each once."
                 )
             merged = dict(result)
             merged["output_dir"] = os.path.relpath(path / result["output_dir"], output_dir)
-            results[result["tau"]] = merged
+            results[key] = merged
     merged = assemble_sweep(
         results=list(results.values()),
         taus=first["taus"],
+        seeds=sorted(seeds),
         metric=first["selection_metric"],
         greater_is_better=first["greater_is_better"],
-        hp=first["hp"],
+        hp=hp,
         fingerprint=first["fingerprint"],
         shard=None,
         task=first.get("task"),
         settings=first.get("settings"),
         merged_from=[str(p) for p, _ in sweeps],
     )
-    merged["hp"] = dict(first["hp"])
-    merged["hp"]["snapshots"] = {
-        t: os.path.relpath(first_dir / p, output_dir) for t, p in first["hp"].get("snapshots", {}).items()
-    }
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(target, merged)
     return merged
 
 
+def _mean_std(stats: dict | None, width: int) -> str:
+    if stats is None:
+        return f"{'-':>{width}}"
+    text = f"{stats['mean']:.4f}" + (f" +- {stats['std']:.4f}" if stats["std"] is not None else "")
+    return f"{text:>{width}}"
+
+
 def format_table(sweep: dict[str, Any]) -> str:
-    """The sweep as a text table: tau, energy, HP train accuracy, FT validation (and test) metric; tau* marked."""
+    """The sweep as a text table: per tau the mean (+- standard deviation over seeds) of the energy, HP train
+    accuracy and FT validation (and test) metric, tau* marked; then tau* and its paired comparisons."""
+    sweep = upgrade_sweep(sweep)
     metric = sweep["selection_metric"]
-    has_test = any(r.get("test") for r in sweep["results"])
-    header = f"{'tau':>5}  {'energy':>8}  {'HP-acc':>7}  {'FT-val ' + metric:>16}" + (
-        f"  {'test ' + metric:>14}" if has_test else ""
+    rows = sweep["per_tau"]
+    n_seeds = max((row["validation"]["n"] for row in rows if row["validation"]), default=0)
+    has_test = any(row["test"] for row in rows)
+    width = 18 if n_seeds > 1 else 8
+    header = f"{'tau':>5}  {'energy':>{width}}  {'HP-acc':>{width}}  {'FT-val ' + metric:>{width}}" + (
+        f"  {'test ' + metric:>{width}}" if has_test else ""
     )
     lines = [header, "-" * len(header)]
-    for r in sweep["results"]:
-        star = " *" if r["tau"] == sweep["tau_star"] else ""
-        line = f"{r['tau']:>5}  {r['energy']:>8.4f}  {r['hp_train_accuracy']:>7.4f}  {r['validation'][metric]:>16.4f}"
-        if has_test:
-            value = (r.get("test") or {}).get(metric)
-            line += f"  {value:>14.4f}" if value is not None else f"  {'-':>14}"
-        lines.append(line + star)
-    if sweep["tau_star"] is not None:
-        lines.append(f"tau* = {sweep['tau_star']} (best validation {metric})")
-        summary = sweep["summary"]
-        parts = [
-            f"{name} {row['test'] if row['test'] is not None else row['validation']:.4f}"
-            for name, row in summary.items()
-            if row is not None
-        ]
-        kind = "test" if has_test else "validation"
-        lines.append(f"{kind} {metric}: " + "  ".join(parts))
-    else:
-        lines.append(
-            f"tau* not chosen: this shard holds taus {[r['tau'] for r in sweep['results']]} of {sweep['taus']}"
+    for row in rows:
+        star = " *" if row["tau"] == sweep["tau_star"] else ""
+        line = f"{row['tau']:>5}  " + "  ".join(
+            _mean_std(row[key], width) for key in ("energy", "hp_train_accuracy", "validation")
         )
+        if has_test:
+            line += "  " + _mean_std(row["test"], width)
+        lines.append(line + star)
+    if n_seeds > 1:
+        lines.append(f"(mean +- standard deviation over {n_seeds} seeds: {sweep['seeds']})")
+    if sweep["tau_star"] is None:
+        done = sorted({r["tau"] for r in sweep["results"]})
+        lines.append(f"tau* not chosen: this shard holds taus {done} of {sweep['taus']}")
+        return "\n".join(lines)
+    lines.append(f"tau* = {sweep['tau_star']} (best {'mean ' if n_seeds > 1 else ''}validation {metric})")
+    parts = []
+    for name, row in sweep["summary"].items():
+        if row is not None:
+            value = row["test"] if row["test"] is not None else row["validation"]
+            parts.append(f"{name} {value:.4f}")
+    lines.append(f"{'test' if has_test else 'validation'} {metric}: " + "  ".join(parts))
+    if n_seeds < 2:
+        lines.append("one seed: no uncertainty available (sweep_seeds=[...] replicates the sweep).")
+        return "\n".join(lines)
+    for comparison in (sweep.get("comparisons") or {}).values():
+        if comparison is not None:
+            part = "test" if comparison.get("test_verdict") else "validation"
+            lines.append(comparison.get(f"{part}_verdict", ""))
     return "\n".join(lines)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SWEEP_FORMAT_VERSION = 1
+SWEEP_FORMAT_VERSION = 2  # 1: one seed, no statistics (still read: `sweep.upgrade_sweep`)
 
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 
@@ -86,9 +86,9 @@ _SUMMARY_ROW = {
     },
 }
 
-SWEEP_SCHEMA: dict[str, Any] = {
+SWEEP_SCHEMA_V1: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "headprep_hf tau sweep (sweep.json)",
+    "title": "headprep_hf tau sweep (sweep.json), format 1",
     "type": "object",
     "required": [
         "format_version",
@@ -104,7 +104,7 @@ SWEEP_SCHEMA: dict[str, Any] = {
         "shard",
     ],
     "properties": {
-        "format_version": {"const": SWEEP_FORMAT_VERSION},
+        "format_version": {"const": 1},
         "headprep_version": {"type": "string"},
         "taus": {
             "type": "array",
@@ -169,6 +169,138 @@ SWEEP_SCHEMA: dict[str, Any] = {
     },
 }
 
+_STATS = {
+    "anyOf": [
+        {
+            "type": "object",
+            "description": "Over the seeds: n, mean, sample standard deviation (n-1), two-sided 95% Student-t "
+            "interval of the mean, and the values themselves (std and ci95 null for one value).",
+            "required": ["n", "mean", "std", "ci95", "values"],
+            "properties": {
+                "n": {"type": "integer", "minimum": 1},
+                "mean": {"type": "number"},
+                "std": _NUMBER_OR_NULL,
+                "ci95": {"anyOf": [{"type": "array", "items": {"type": "number"}, "minItems": 2}, {"type": "null"}]},
+                "values": {"type": "array", "items": {"type": "number"}},
+                "seeds": {"type": "array"},
+            },
+        },
+        {"type": "null"},
+    ]
+}
+
+_JOB_RESULT = {
+    **_TAU_RESULT,
+    "description": "One FT job: finetuning from the head snapshot after tau HP epochs of one seed.",
+    "required": [*_TAU_RESULT["required"], "seed"],
+    "properties": {
+        **_TAU_RESULT["properties"],
+        "seed": {"type": ["integer", "null"], "description": "null: a format-1 sweep (the model's head as given)"},
+        "hp_train_accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "energy": {"type": ["number", "null"], "minimum": 0},
+        "p0_mean": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "p0_histogram": {"anyOf": [_HISTOGRAM, {"type": "null"}]},
+    },
+}
+
+_PER_TAU = {
+    "type": "object",
+    "required": ["tau", "seeds", "validation", "test", "energy", "hp_train_accuracy", "p0_mean", "drift"],
+    "properties": {
+        "tau": {"type": "integer", "minimum": 0},
+        "seeds": {"type": "array"},
+        "validation": _STATS,
+        "test": _STATS,
+        "energy": _STATS,
+        "hp_train_accuracy": _STATS,
+        "p0_mean": _STATS,
+        "drift": {"type": "object", "additionalProperties": _STATS},
+    },
+}
+
+_COMPARISON = {
+    "anyOf": [
+        {
+            "type": "object",
+            "description": "tau against `against`: the paired differences over seeds (tau - against) of the "
+            "validation and test metric, and a verdict sentence for each.",
+            "required": ["tau", "against", "validation", "test"],
+            "properties": {
+                "tau": {"type": "integer"},
+                "against": {"type": "integer"},
+                "validation": _STATS,
+                "test": _STATS,
+                "validation_verdict": {"type": "string"},
+                "test_verdict": {"type": "string"},
+            },
+        },
+        {"type": "null"},
+    ]
+}
+
+_SUMMARY_ROW_V2 = {
+    **_SUMMARY_ROW,
+    "properties": {**_SUMMARY_ROW["properties"], "n": {"type": "integer", "minimum": 0}},
+}
+
+SWEEP_SCHEMA: dict[str, Any] = {
+    **SWEEP_SCHEMA_V1,
+    "title": "headprep_hf tau sweep (sweep.json), format 2: replicated over seeds",
+    "required": [*SWEEP_SCHEMA_V1["required"], "seeds", "per_tau", "comparisons"],
+    "properties": {
+        **SWEEP_SCHEMA_V1["properties"],
+        "format_version": {"const": SWEEP_FORMAT_VERSION},
+        "seeds": {"type": "array", "items": {"type": "integer"}, "description": "The seeds of the grid."},
+        "tau_star": {
+            "type": ["integer", "null"],
+            "description": "best mean validation metric over seeds; null when only part of the grid ran.",
+        },
+        "results": {"type": "array", "items": _JOB_RESULT, "description": "One entry per finished (tau, seed)."},
+        "per_tau": {"type": "array", "items": _PER_TAU, "description": "Statistics over the seeds of each tau."},
+        "comparisons": {
+            "type": "object",
+            "description": "tau* against the first (usually 0) and the last tau of the grid, paired over seeds.",
+            "properties": {"vs_first": _COMPARISON, "vs_last": _COMPARISON},
+        },
+        "summary": {
+            "type": "object",
+            "description": "Paper Table 1 columns (means over seeds): HP0-FT, HPmax-FT, HPtau*-FT.",
+            "properties": {
+                "HP0-FT": {"anyOf": [_SUMMARY_ROW_V2, {"type": "null"}]},
+                "HPmax-FT": {"anyOf": [_SUMMARY_ROW_V2, {"type": "null"}]},
+                "HPtau*-FT": {"anyOf": [_SUMMARY_ROW_V2, {"type": "null"}]},
+            },
+        },
+        "hp": {
+            "type": "object",
+            "description": "The HP runs (one per seed) that produced the head snapshots.",
+            "required": ["cached_features", "seeds"],
+            "properties": {
+                "cached_features": {"type": "boolean"},
+                "cache_views": {"type": "integer", "minimum": 1},
+                "seeds": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["runtime", "snapshots"],
+                        "properties": {
+                            "runtime": _NUMBER_OR_NULL,
+                            "snapshots": {"type": "object", "additionalProperties": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+        },
+        "fingerprint": {
+            **SWEEP_SCHEMA_V1["properties"]["fingerprint"],
+            "properties": {
+                **SWEEP_SCHEMA_V1["properties"]["fingerprint"]["properties"],
+                "seeded_heads": {"type": "boolean"},
+            },
+        },
+    },
+}
+
 EXCHANGE_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "headprep_hf head exchange (exchange.json)",
@@ -176,6 +308,7 @@ EXCHANGE_SCHEMA: dict[str, Any] = {
     "required": ["taus", "train_accuracy", "validation_accuracy"],
     "properties": {
         "taus": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        "seed": {"type": ["integer", "null"], "description": "the seed whose FT jobs the matrix pairs (the first)"},
         "rows": {"const": "backbone"},
         "columns": {"const": "head"},
         "train_accuracy": {
@@ -192,7 +325,7 @@ def validate_sweep(data: dict) -> None:
     """Raise `jsonschema.ValidationError` unless `data` is a valid `sweep.json`."""
     import jsonschema
 
-    jsonschema.validate(data, SWEEP_SCHEMA)
+    jsonschema.validate(data, SWEEP_SCHEMA_V1 if data.get("format_version") == 1 else SWEEP_SCHEMA)
 
 
 def validate_exchange(data: dict) -> None:

@@ -16,6 +16,7 @@ from .base import TaskInputs
 from .graph import GRAPH_DEFAULTS, GRAPH_SWEEP_DEFAULTS, GraphArguments, load_graph
 from .image_classification import (
     IMAGE_CLASSIFICATION_DEFAULTS,
+    IMAGE_CLASSIFICATION_SWEEP_DEFAULTS,
     ImageClassificationArguments,
     load_image_classification,
 )
@@ -33,7 +34,11 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "image_classification": Task(
-        "image_classification", ImageClassificationArguments, IMAGE_CLASSIFICATION_DEFAULTS, load_image_classification
+        "image_classification",
+        ImageClassificationArguments,
+        IMAGE_CLASSIFICATION_DEFAULTS,
+        load_image_classification,
+        IMAGE_CLASSIFICATION_SWEEP_DEFAULTS,
     ),
     "segmentation": Task(
         "segmentation", SegmentationArguments, SEGMENTATION_DEFAULTS, load_segmentation, SEGMENTATION_SWEEP_DEFAULTS

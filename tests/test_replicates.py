@@ -1,0 +1,150 @@
+"""Replicated sweeps: per-seed jobs equal single-seed sweeps, statistics equal numpy/scipy, seeds can be added,
+and regression sweeps run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIG_DEFAULTS, TinyImages, tiny_timm
+from safetensors.torch import load_file
+from scipy import stats
+from torch import nn
+
+from headprep_hf import SweepConfig, TauSweep
+from headprep_hf.metrics import accuracy_metrics, graph_metrics
+from headprep_hf.replicates import describe, paired_difference, verdict
+from headprep_hf.sweep import format_table, upgrade_sweep
+from headprep_hf.sweep_schema import validate_sweep
+
+COMMON = {k: v for k, v in CONFIG_DEFAULTS.items() if k != "hp_epochs"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return TinyImages(48, seed=0), TinyImages(24, seed=1), TinyImages(24, seed=2)
+
+
+def _sweep(path, data, seeds, model_fn=tiny_timm, metrics=None, **overrides):
+    values = {**COMMON, "output_dir": str(path), "sweep_taus": [0, 2], "sweep_seeds": seeds, "sweep_progress": False}
+    values.update({"sweep_report": False, **overrides})
+    train, val, test = data
+    return TauSweep(model_fn(), SweepConfig(**values), train, val, test, compute_metrics=metrics or accuracy_metrics())
+
+
+def test_statistics_equal_numpy_and_scipy():
+    values = [0.91, 0.95, 0.88, 0.93]
+    got = describe(values)
+    mean, std = np.mean(values), np.std(values, ddof=1)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=std / np.sqrt(len(values)))
+    assert got["n"] == 4 and got["mean"] == pytest.approx(mean) and got["std"] == pytest.approx(std)
+    assert got["ci95"] == pytest.approx([low, high])
+    one = describe([0.5, None])
+    assert one["n"] == 1 and one["std"] is None and one["ci95"] is None
+    difference = paired_difference({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.8, 1: 0.8, 2: 0.5, 3: 0.1})
+    assert difference["seeds"] == [0, 1, 2] and difference["mean"] == pytest.approx(np.mean([0.1, 0.0, 0.2]))
+    assert "beats tau = 0 by" in verdict(4, 0, describe([0.02, 0.03, 0.025]), "accuracy", True)
+    assert "is worse than" in verdict(4, 0, describe([0.02, 0.03, 0.025]), "loss", False)
+    assert "not distinguishable from tau = 0 at 3 seeds" in verdict(4, 0, describe([0.02, -0.03, 0.01]), "acc", True)
+    assert "no uncertainty available" in verdict(4, 0, describe([0.02]), "accuracy", True)
+
+
+def test_two_seed_sweep_equals_two_single_seed_sweeps_and_its_statistics(tmp_path, data):
+    both = _sweep(tmp_path / "both", data, [3, 7]).run()
+    singles = {seed: _sweep(tmp_path / f"s{seed}", data, [seed]).run() for seed in (3, 7)}
+    for entry in both["results"]:
+        single = next(r for r in singles[entry["seed"]]["results"] if r["tau"] == entry["tau"])
+        assert {k: v for k, v in entry.items() if k != "train_runtime"} == {
+            k: v for k, v in single.items() if k != "train_runtime"
+        }
+        a = load_file(str(tmp_path / "both" / entry["output_dir"] / "model.safetensors"))
+        b = load_file(str(tmp_path / f"s{entry['seed']}" / single["output_dir"] / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # the seeds draw different heads: the tau = 0 jobs start from different energies
+    energies = [r["energy"] for r in both["results"] if r["tau"] == 0]
+    assert energies[0] != energies[1]
+    # per-tau statistics are those of numpy/scipy over the per-seed values
+    for row in both["per_tau"]:
+        values = [r["validation"]["accuracy"] for r in both["results"] if r["tau"] == row["tau"]]
+        mean, std = np.mean(values), np.std(values, ddof=1)
+        half = stats.t.ppf(0.975, 1) * std / np.sqrt(2)
+        assert row["validation"]["mean"] == pytest.approx(mean) and row["validation"]["std"] == pytest.approx(std)
+        assert row["validation"]["ci95"] == pytest.approx([mean - half, mean + half])
+        assert row["energy"]["values"] == [r["energy"] for r in both["results"] if r["tau"] == row["tau"]]
+    best = max(both["per_tau"], key=lambda r: (r["validation"]["mean"], -r["tau"]))
+    assert both["tau_star"] == best["tau"] and both["seeds"] == [3, 7]
+    validate_sweep(json.loads((tmp_path / "both" / "sweep.json").read_text()))
+    table = format_table(both)
+    assert "+-" in table and "over 2 seeds" in table and f"tau* = {both['tau_star']}" in table
+
+
+def test_adding_a_seed_runs_only_the_new_jobs(tmp_path, data):
+    first = _sweep(tmp_path / "s", data, [3]).run()
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*.safetensors")}
+    grown = _sweep(tmp_path / "s", data, [3, 7]).run()
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # seed 3's snapshots and models untouched
+    assert [r for r in grown["results"] if r["seed"] == 3] == first["results"]
+    assert sorted((r["tau"], r["seed"]) for r in grown["results"]) == [(0, 3), (0, 7), (2, 3), (2, 7)]
+    assert grown["complete"] and grown["comparisons"]["vs_first"] is not None
+
+
+def test_format_1_sweep_files_still_load():
+    old = {
+        "format_version": 1,
+        "taus": [0, 2],
+        "selection_metric": "accuracy",
+        "greater_is_better": True,
+        "tau_star": 2,
+        "results": [
+            {"tau": t, "energy": e, "hp_train_accuracy": a, "p0_mean": 0.5, "validation": {"accuracy": v},
+             "test": None, "drift": None, "head_grad_norm": [], "p0_histogram": {"edges": [0, 1], "counts": [4]},
+             "output_dir": "x"}
+            for t, e, a, v in ((0, 0.8, 0.3, 0.9), (2, 0.2, 0.9, 0.95))
+        ],
+        "summary": {"HP0-FT": None, "HPmax-FT": None, "HPtau*-FT": None},
+    }  # fmt: skip
+    upgraded = upgrade_sweep(old)
+    assert [row["validation"]["mean"] for row in upgraded["per_tau"]] == [0.9, 0.95]
+    assert "one seed: no uncertainty available" in format_table(old)
+
+
+class LinearNet(nn.Module):
+    """The paper's linear setting: a linear backbone and a linear head (`fc`), float targets."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.fc(self.backbone(x))
+
+
+class Linear(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.1 * torch.randn(n, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i : i + 1]}
+
+
+def test_regression_sweep_picks_tau_star_by_rmse_and_draws_its_plots(tmp_path):
+    data = (Linear(48, 0), Linear(24, 1), Linear(24, 2))
+    sweep = _sweep(
+        tmp_path / "r", data, [0, 1], model_fn=LinearNet, metrics=graph_metrics("regression"),
+        problem_type="regression", sweep_metric="rmse", sweep_report=True, hp_learning_rate=0.05,
+    ).run()  # fmt: skip
+    assert sweep["greater_is_better"] is False and sweep["complete"]
+    best = min(sweep["per_tau"], key=lambda r: (r["validation"]["mean"], r["tau"]))
+    assert sweep["tau_star"] == best["tau"]
+    assert all(r["hp_train_accuracy"] is None and r["p0_mean"] is None and r["energy"] > 0 for r in sweep["results"])
+    plots = sorted(p.name for p in (tmp_path / "r" / "plots").iterdir())
+    assert "hp_accuracy_energy_vs_tau.png" in plots and "ft_metric_vs_tau.png" in plots
