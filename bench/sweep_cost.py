@@ -174,10 +174,10 @@ def run_once(variant: Variant, opts, inputs, taus: list[int], timers: _Timers) -
             snapshot_calls: list[float] = []
             original_save = sweep._save_snapshot
 
-            def timed_save(tau, trainer, **kwargs):
+            def timed_save(tau, seed, trainer, **kwargs):
                 t0 = time.perf_counter()
                 try:
-                    return original_save(tau, trainer, **kwargs)
+                    return original_save(tau, seed, trainer, **kwargs)
                 finally:
                     snapshot_calls.append(time.perf_counter() - t0)
 
@@ -219,6 +219,80 @@ def run_once(variant: Variant, opts, inputs, taus: list[int], timers: _Timers) -
     result["_head"] = head
     gc.collect()
     return result
+
+
+def seed_cost(opts, inputs, taus: list[int], cache: bool) -> dict[str, Any]:
+    """HP cost of an S-seed sweep (its S HP runs with snapshots, as `TauSweep.run` does them) / S standalone HP runs
+    to the largest tau, alternated; median of the per-repetition ratios."""
+    seeds = list(range(opts.seed, opts.seed + opts.seeds))
+    variant = Variant("single", cache, 1, taus[-1])
+    ratios = []
+    for rep in range(opts.repeats):
+        times = {}
+        for kind in ("sweep", "single")[:: 1 if rep % 2 == 0 else -1]:
+            with tempfile.TemporaryDirectory(prefix="bench_seeds_") as out:
+                t0 = time.perf_counter()
+                if kind == "sweep":
+                    args = SweepConfig(
+                        **config_kwargs(opts, out, variant), sweep_taus=taus, sweep_seeds=seeds, sweep_progress=False
+                    )
+                    sweep = TauSweep(copy.deepcopy(inputs.model), args, inputs.train_dataset, inputs.eval_dataset)
+                    sweep._fingerprint = sweep.fingerprint()
+                    for seed in seeds:
+                        sweep.probe(seed)
+                else:
+                    for seed in seeds:
+                        folder = os.path.join(out, f"seed_{seed}")
+                        args = HeadPrepConfig(
+                            **{**config_kwargs(opts, folder, variant), "seed": seed}, hp_epochs=taus[-1]
+                        )
+                        trainer = HeadPrepTrainer(
+                            model=copy.deepcopy(inputs.model), args=args, train_dataset=inputs.train_dataset
+                        )
+                        trainer.remove_callback(PrinterCallback)
+                        trainer.probe_head()
+                times[kind] = time.perf_counter() - t0
+        ratios.append(times["sweep"] / times["single"])
+        print(
+            f"  {len(seeds)}-seed HP ({'cached' if cache else 'uncached'}): sweep {times['sweep']:.2f} s, "
+            f"{len(seeds)} x one HP run {times['single']:.2f} s",
+            flush=True,
+        )
+    result = {"seeds": len(seeds), "ratio_median": statistics.median(ratios), "ratios": ratios}
+    print(
+        f"(a') HP of a {len(seeds)}-seed sweep / ({len(seeds)} x one HP run to tau={taus[-1]}), "
+        f"{'cached' if cache else 'uncached'}: {result['ratio_median']:.3f} (target <= 1.2)"
+    )
+    return result
+
+
+def cached_energy_saving(opts, inputs) -> dict[str, Any]:
+    """Seconds of the start-of-FT energy measurement of one FT job: the backbone pass over the training set vs the
+    head alone on the head inputs cached HP kept (what a cached sweep's FT jobs now do); median of 5."""
+    from headprep_hf.feature_cache import CachedHeadProbing
+
+    with tempfile.TemporaryDirectory(prefix="bench_energy_") as out:
+        variant = Variant("single", True, 1, 1)
+        args = HeadPrepConfig(**{**config_kwargs(opts, out, variant), "track_dynamics": True}, hp_epochs=1)
+        trainer = HeadPrepTrainer(model=copy.deepcopy(inputs.model), args=args, train_dataset=inputs.train_dataset)
+        trainer.keep_head_inputs = True
+        CachedHeadProbing(trainer).train()
+        kept = trainer.measurements.head_inputs
+        times: dict[str, list[float]] = {"backbone pass": [], "cached head inputs": []}
+        for rep in range(5):
+            for source in list(times)[:: 1 if rep % 2 == 0 else -1]:
+                trainer.measurements.head_inputs = kept if source == "cached head inputs" else None
+                t0 = time.perf_counter()
+                trainer.measurements.measure_start()
+                times[source].append(time.perf_counter() - t0)
+                assert trainer.dynamics["energy_source"] == source
+    med = {k: statistics.median(v) for k, v in times.items()}
+    saved = med["backbone pass"] - med["cached head inputs"]
+    print(
+        f"FT job start (energy, HP accuracy, p0 and z_0 of the probe): backbone pass {med['backbone pass']:.3f} s, "
+        f"from cached head inputs {med['cached head inputs']:.3f} s -> {saved:.3f} s saved per FT job"
+    )
+    return {"median_seconds": med, "saved_seconds_per_job": saved}
 
 
 def head_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -387,6 +461,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for all runs (default: torch's)")
     p.add_argument("--no_warmup", action="store_true", help="skip the untimed short warm-up runs")
     p.add_argument("--json", type=str, default=None, metavar="PATH", help="write all raw times and ratios here")
+    p.add_argument("--seeds", type=int, default=3, help="S of the S-seed HP cost (default 3; 1: skip)")
     opts = p.parse_args(argv)
     if opts.repeats is None:
         opts.repeats = 1 if opts.quick else 3
@@ -475,6 +550,9 @@ def main(argv=None) -> int:
     summary = summarize(runs, roles, opts.repeats)
     info["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print_report(info, setup, runs, summary, taus, tau, context)
+    if opts.seeds > 1:
+        summary["seeds"] = {cache: seed_cost(opts, inputs, taus, cache) for cache in (False, True)}
+    summary["cached_energy"] = cached_energy_saving(opts, inputs)
     total = time.perf_counter() - t_start
     print(f"\nload average after: {info['loadavg_after']}; total wall time: {total:.1f} s")
 

@@ -148,3 +148,34 @@ def test_regression_sweep_picks_tau_star_by_rmse_and_draws_its_plots(tmp_path):
     assert all(r["hp_train_accuracy"] is None and r["p0_mean"] is None and r["energy"] > 0 for r in sweep["results"])
     plots = sorted(p.name for p in (tmp_path / "r" / "plots").iterdir())
     assert "hp_accuracy_energy_vs_tau.png" in plots and "ft_metric_vs_tau.png" in plots
+
+
+def test_cached_sweep_takes_the_ft_energy_from_the_cache_exactly(tmp_path, data, monkeypatch):
+    """No FT job of a cached sweep runs a backbone pass for its energy; the values equal the backbone pass's."""
+    from headprep_hf import HeadPrepConfig, HeadPrepTrainer
+    from headprep_hf.measurements import MeasurementCallback
+
+    passes = []
+    original = MeasurementCallback._energy_pass
+    monkeypatch.setattr(MeasurementCallback, "_energy_pass", lambda self: passes.append(1) or original(self))
+    sweep = _sweep(tmp_path / "c", data, [5], hp_cache_features=True).run()
+    assert passes == [] and len(sweep["results"]) == 2
+    monkeypatch.setattr(MeasurementCallback, "_energy_pass", original)
+    for entry in sweep["results"]:
+        dynamics = json.loads((tmp_path / "c" / entry["output_dir"] / "headprep_dynamics.json").read_text())
+        assert dynamics["energy_source"] == "cached head inputs"
+        # the reference: the same prepared model measured with the backbone pass
+        model = tiny_timm()
+        from headprep_hf.heads import reinitialize_head
+        from headprep_hf.split import find_split
+
+        reinitialize_head(model, find_split(model), 5)
+        snapshot = load_file(str(tmp_path / "c" / "heads" / "seed_5" / f"tau_{entry['tau']}.safetensors"))
+        model.load_state_dict(snapshot, strict=False)
+        args = HeadPrepConfig(**{**COMMON, "output_dir": str(tmp_path / "ref"), "hp_epochs": 0, "seed": 5})
+        reference = HeadPrepTrainer(model=model, args=args, train_dataset=data[0])
+        measured = reference.measure_start()
+        assert reference.dynamics["energy_source"] == "backbone pass"
+        assert entry["energy"] == pytest.approx(measured["energy"], rel=1e-6)
+        assert entry["hp_train_accuracy"] == pytest.approx(measured["hp_train_accuracy"], rel=1e-6)
+        assert entry["p0_mean"] == pytest.approx(measured["p0_mean"], rel=1e-6)

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from .losses import count_items
+from .measurements import HeadInputs
 from .split import extract_logits
 from .stages import StagePlan
 
@@ -182,6 +183,10 @@ class CachedHeadProbing:
 
         cache = self.build_cache()
         trainer.hp_feature_cache = cache  # BatchNorm statistics of snapshots and of the final head use it
+        if trainer.keep_head_inputs:  # view 0 is what the start-of-FT energy pass reads (same seed, batch, order)
+            trainer.measurements.head_inputs = HeadInputs(
+                cache.features[0], cache.labels, args.seed, trainer.measure_batch_size, args.dataloader_num_workers
+            )
         trainer.state = TrainerState(
             max_steps=hp_steps,
             num_train_epochs=args.hp_epochs,

@@ -1,7 +1,9 @@
 """`MeasurementCallback`: what the paper measures during a [`HeadPrepTrainer`] run, as a `TrainerCallback`.
 
 * At the start of FT: energy, HP train accuracy, p0 (logits and labels only) and the probe features z_0 (the head's
-  input). The trainer asks for it at the HP->FT boundary (or before the first step when the run has no HP).
+  input). The trainer asks for it at the HP->FT boundary (or before the first step when the run has no HP). Where
+  cached HP already holds the head inputs of exactly the views the energy pass would read, the head alone runs on
+  them (`head_inputs`; `dynamics["energy_source"]` says which path ran).
 * During FT: the drift of the probe features from z_0 at every epoch end, evaluation and the end of training, and the
   head's gradient norm at every update (summed on the device, read at logging steps).
 * Values are merged into the trainer's next log record (as trl merges its extra metrics in `log()`), never logged as
@@ -20,14 +22,25 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from .dynamics import DRIFT_KEYS, drift_metrics, grad_norm, histogram, measure, probe_in_memory
+from .dynamics import (
+    DRIFT_KEYS,
+    PassResult,
+    drift_metrics,
+    grad_norm,
+    histogram,
+    measure,
+    preserved_state,
+    probe_in_memory,
+)
 from .files import read_json, read_safetensors, write_json
+from .losses import task_energy
 
 if TYPE_CHECKING:
     from .trainer import HeadPrepTrainer
@@ -37,6 +50,17 @@ logger = logging.getLogger(__name__)
 MEASUREMENTS_NAME = "headprep_measurements.json"
 FEATURES_NAME = "headprep_measurements.safetensors"
 DYNAMICS_NAME = "headprep_dynamics.json"
+
+
+@dataclass
+class HeadInputs:
+    """The head inputs of the whole training set as cached HP read them (view 0), with what decides that view."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    seed: int
+    batch_size: int
+    num_workers: int
 
 
 def broadcast_buffers(model: torch.nn.Module, accelerator) -> None:
@@ -69,6 +93,7 @@ class MeasurementCallback(TrainerCallback):
         self._grad_sum: torch.Tensor | float = 0.0
         self._grad_count = 0
         self._head_params: list[torch.nn.Parameter] | None = None
+        self.head_inputs: HeadInputs | None = None  # cached by HP (a cached sweep hands them to its FT jobs)
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ run lifecycle (called by the trainer)
@@ -159,7 +184,11 @@ class MeasurementCallback(TrainerCallback):
         current weights; updates `dynamics` and returns the summary."""
         trainer, args = self.trainer, self.trainer.args
         summary: dict[str, Any] = {}
-        result = self._energy_pass() if self._can_measure_energy() else None
+        result = None
+        if self._can_measure_energy():
+            result = self._energy_from_head_inputs()
+            self.dynamics["energy_source"] = "cached head inputs" if result is not None else "backbone pass"
+            result = result if result is not None else self._energy_pass()
         if result is not None:
             summary = self._finite_summary(result)
             p0 = result.p_true
@@ -252,6 +281,36 @@ class MeasurementCallback(TrainerCallback):
     def _note_nonfinite(self, message: str) -> None:
         self.dynamics.setdefault("nonfinite", []).append(message)
         logger.warning("Not finite: %s; recorded as null.", message)
+
+    def _energy_from_head_inputs(self):
+        """The energy pass from head inputs cached by HP (`head_inputs`), when they are exactly what the backbone
+        pass would give: the same view of the same samples (seed, batch size and loader workers of the pass), the
+        frozen backbone in eval mode, the whole training set; None otherwise (the backbone pass runs)."""
+        inputs, trainer, args = self.head_inputs, self.trainer, self.trainer.args
+        if inputs is None or trainer.energy_dataset is not None or trainer.find_head() is None:
+            return None
+        n = len(trainer.train_dataset)
+        same_view = (inputs.seed, inputs.batch_size, inputs.num_workers) == (
+            args.seed,
+            trainer.measure_batch_size,
+            args.dataloader_num_workers,
+        )
+        whole = args.energy_max_samples is None or args.energy_max_samples >= n
+        if not (same_view and whole and inputs.features.shape[0] == n and args.hp_backbone_mode == "eval"):
+            return None
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        split, device = trainer.find_head(), next(model.parameters()).device
+        parts: dict[str, list[torch.Tensor]] = {}
+        with preserved_state(model):
+            for start in range(0, n, inputs.batch_size):
+                z = inputs.features[start : start + inputs.batch_size].to(device)
+                labels = inputs.labels[start : start + inputs.batch_size].to(device)
+                with trainer.autocast_smart_context_manager():
+                    logits = split.head_logits(model, z, labels)
+                stats = task_energy(trainer.problem_type, logits, labels, args.ignore_index)
+                for key, value in stats.items():
+                    parts.setdefault(key, []).append(value.detach().cpu())
+        return PassResult(**{key: torch.cat(values) for key, values in parts.items()})
 
     def _energy_pass(self):
         trainer, args = self.trainer, self.trainer.args

@@ -331,6 +331,7 @@ class TauSweep:
         self.output_dir = Path(args.output_dir)
         self._pristine = copy.deepcopy(model).cpu()
         self._snapshots: dict[tuple[int, int], str] = {}
+        self._head_inputs: dict[int, Any] = {}
         self._fingerprint: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public
@@ -414,6 +415,7 @@ class TauSweep:
         )
         if self._fingerprint is None:
             self._fingerprint = self.fingerprint()
+        trainer.keep_head_inputs = bool(self.args.hp_cache_features)  # the FT jobs' energy from the cache
         start = time.perf_counter()
         if 0 in self.args.sweep_taus:
             self._save_snapshot(0, seed, trainer)
@@ -423,6 +425,7 @@ class TauSweep:
             self._save_snapshot(max_tau, seed, trainer, prepared=True)
         trainer.accelerator.wait_for_everyone()
         runtime = time.perf_counter() - start
+        self._head_inputs[seed] = trainer.measurements.head_inputs
         missing = [t for t in self.args.sweep_taus if (t, seed) not in self._snapshots]
         if missing:
             raise RuntimeError(f"HP did not reach the grid epochs {missing}; no snapshot was saved for them.")
@@ -528,6 +531,9 @@ class TauSweep:
             )
         )
         trainer.run_tag = _fingerprint_tag(self._fingerprint)  # its checkpoints resume only in this sweep
+        # Cached HP read the training set through the frozen backbone already: the start-of-FT energy, HP accuracy
+        # and p0 come from those head inputs where they are the views the energy pass would read (see measurements).
+        trainer.measurements.head_inputs = self._head_inputs.get(seed)
         snapshot_path = self._snapshots[(tau, seed)]
         snapshot = read_safetensors(snapshot_path)
         missing, unexpected = trainer.accelerator.unwrap_model(trainer.model).load_state_dict(snapshot, strict=False)

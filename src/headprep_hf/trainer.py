@@ -97,6 +97,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.stage_plan = StagePlan()
         self.hp_feature_cache = None  # the cached head inputs while cached HP runs (BatchNorm passes use them)
         self.written_outputs: set[str] = set()  # outputs this trainer wrote (a later stage may replace them)
+        self.keep_head_inputs = False  # cached HP keeps its head inputs for the start-of-FT energy (`head_inputs`)
         self.measurements = MeasurementCallback(self)
         self.guard = NonFiniteGuard(self)
         self._stage = "hp"
