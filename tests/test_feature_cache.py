@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TinyImages, clone_state, make_config, tiny_timm
+from transformers import PretrainedConfig
 
 from headprep_hf import HeadPrepTrainer
 from headprep_hf.feature_cache import CachedHeadProbing, global_batches
@@ -11,15 +12,20 @@ from headprep_hf.feature_cache import CachedHeadProbing, global_batches
 
 def _probe(tmp_path, name, train_set, **overrides):
     args = make_config(tmp_path / name, hp_epochs=3, **overrides)
-    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    model = tiny_timm()
+    model.config = PretrainedConfig()  # Trainer reads model.config when label_smoothing_factor is set
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=train_set)
     trainer.probe_head()
     return trainer
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_cached_head_equals_uncached_head(tmp_path, accumulation):
+@pytest.mark.parametrize(
+    "accumulation, smoothing",
+    [(1, {"hp_label_smoothing": 0.2}), (2, {"hp_label_smoothing": 0.2}), (1, {"label_smoothing_factor": 0.2})],
+)
+def test_cached_head_equals_uncached_head(tmp_path, accumulation, smoothing):
     train_set = TinyImages(50, seed=0)  # 50 / 16: a partial last batch every epoch
-    common = dict(gradient_accumulation_steps=accumulation, hp_label_smoothing=0.2, max_grad_norm=0.5)
+    common = dict(gradient_accumulation_steps=accumulation, max_grad_norm=0.5, **smoothing)
     uncached = _probe(tmp_path, "u", train_set, **common)
     cached = _probe(tmp_path, "c", train_set, hp_cache_features=True, **common)
     a, b = uncached.hp_state_dict(), cached.hp_state_dict()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import TinyImages, make_config, tiny_timm
@@ -70,7 +72,8 @@ def test_skip_policy_drops_the_update_and_counts_it(tmp_path):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.add_callback(NaNLogitsAt(trainer.model, 8))
     trainer.train()
-    assert trainer.dynamics["skipped_updates"] == [9]
+    assert trainer.dynamics["skipped_updates"] == [{"stage": "ft", "update": 9}]
+    assert all(math.isfinite(p["value"]) for p in trainer.dynamics["head_grad_norm"])  # the skipped norm left out
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     trainer.save_model()

@@ -51,6 +51,16 @@ def test_statistics_equal_numpy_and_scipy():
     assert "no uncertainty available" in verdict(4, 0, describe([0.02]), "accuracy", True)
 
 
+def test_tau_star_never_rests_on_fewer_seeds():
+    from headprep_hf.sweep import select_tau_star
+
+    rows = [
+        {"tau": 0, "seeds": [1, 2, 3], "validation": describe([0.90, 0.91, 0.92])},
+        {"tau": 2, "seeds": [1, 2, 3], "validation": describe([0.99, None, 0.98])},  # one seed diverged
+    ]
+    assert select_tau_star(rows, greater_is_better=True) == 0
+
+
 def test_two_seed_sweep_equals_two_single_seed_sweeps_and_its_statistics(tmp_path, data):
     both = _sweep(tmp_path / "both", data, [3, 7]).run()
     singles = {seed: _sweep(tmp_path / f"s{seed}", data, [seed]).run() for seed in (3, 7)}

@@ -358,6 +358,18 @@ def test_with_head_probing_the_ft_stage_follows_trainers_schedule(tmp_path, sche
     assert [r["hp/learning_rate"] for r in ours.state.log_history if "hp/learning_rate" in r] == [1e-2] * 5
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_probe_head_takes_any_ft_schedule(tmp_path, cached):
+    """HP alone never reaches the FT schedule: one that cannot follow HP in a loop is fine for probe_head()."""
+    args = _args(
+        HeadPrepConfig, tmp_path, "p", hp_epochs=1, lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="epoch"
+    )
+    args.hp_cache_features = cached
+    trainer = HeadPrepTrainer(model=FcLogitsOnly(), args=args, train_dataset=XYData(), eval_dataset=XYData(8, seed=1))
+    trainer.probe_head()
+    assert trainer.state.global_step == 5
+
+
 def test_label_smoothing_factor_and_find_unused_parameters_are_accepted(tmp_path):
     from transformers import PretrainedConfig
 

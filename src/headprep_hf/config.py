@@ -314,13 +314,19 @@ class HeadPrepConfig(TrainingArguments):
         return 1.0 - self.ft_label_smoothing
 
 
-def check_trainer_inputs(args, trainer_kwargs: dict) -> None:
+def check_trainer_inputs(args, trainer_kwargs: dict, model=None) -> None:
     """What `HeadPrepTrainer` refuses before building anything: other arguments than a `HeadPrepConfig`, an external
     optimizer with HP (the trainer builds the two-stage one), and `compute_loss_func` with stage label smoothing
     (the smoothing lives in the trainer's own loss, which `compute_loss_func` replaces)."""
     if not isinstance(args, HeadPrepConfig):
         raise TypeError(
             f"args must be a HeadPrepConfig (TrainingArguments plus the HP fields), got {type(args).__name__}."
+        )
+    if args.label_smoothing_factor and model is not None and not hasattr(model, "config"):
+        raise ValueError(
+            f"label_smoothing_factor={args.label_smoothing_factor}: transformers.Trainer reads model.config for it, "
+            f"which {type(model).__name__} has not. Set hp_label_smoothing and ft_label_smoothing instead (the same "
+            "value in both smooths the whole run)."
         )
     optimizers = trainer_kwargs.get("optimizers") or (None, None)
     if args.hp_epochs > 0 and any(o is not None for o in optimizers):

@@ -223,6 +223,7 @@ class CachedHeadProbing:
         handler, stages = trainer.callback_handler, trainer.stages
         ga = args.gradient_accumulation_steps
         loss_fn, problem_type = trainer.loss_from_logits, trainer.problem_type
+        hp_smoothing = args.hp_label_smoothing or args.label_smoothing_factor  # as the uncached HP step smooths
         head_params = [p for p in model.parameters() if p.requires_grad]
         device = head_params[0].device
         total_loss, last_logged_step = 0.0, 0
@@ -245,7 +246,7 @@ class CachedHeadProbing:
                     for i, (index, y) in enumerate(zip(window, labels)):
                         z = features.index_select(0, index).to(device, non_blocking=True)
                         y = y.to(device, non_blocking=True)
-                        loss = loss_fn(trainer.split.head_logits(model, z, y), y, args.hp_label_smoothing)
+                        loss = loss_fn(trainer.split.head_logits(model, z, y), y, hp_smoothing)
                         if len(window) > 1:
                             loss = loss * (counts[i] / step_items).to(device)
                         loss.backward()

@@ -65,9 +65,16 @@ class NonFiniteGuard(TrainerCallback):
     def active(self) -> bool:
         return self.policy != "ignore"
 
+    @property
+    def watches_steps(self) -> bool:
+        # Under fp16 mixed precision the gradient scaler owns overflow: it skips such steps and lowers its scale, so
+        # a non-finite scaled loss or gradient is routine there. The guard then checks what is written only.
+        return self.active and getattr(self.trainer.accelerator, "scaler", None) is None
+
     def record_loss(self, loss: torch.Tensor, step: int) -> None:
         """Note a micro-batch's loss of update `step` (on the device, no synchronisation)."""
-        self._note(~torch.isfinite(loss.detach()).all(), step)
+        if self.watches_steps:
+            self._note(~torch.isfinite(loss.detach()).all(), step)
 
     def _note(self, bad: torch.Tensor, step: int) -> None:
         if self._bad is None:
@@ -77,7 +84,7 @@ class NonFiniteGuard(TrainerCallback):
         self._bad = self._bad | bad
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if not self.active:
+        if not self.watches_steps:
             return
         grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
         if not grads:
@@ -89,6 +96,10 @@ class NonFiniteGuard(TrainerCallback):
             for param in self.trainer.model.parameters():
                 param.grad = None  # torch optimizers leave parameters without a gradient untouched
             self.skipped.append(state.global_step + 1)
+            stage = self.trainer.stage_plan.stage_at(state.global_step)
+            self.trainer.dynamics.setdefault("skipped_updates", []).append(
+                {"stage": stage, "update": state.global_step + 1}
+            )
             self._bad = self._first = None  # the skipped update's losses do not count either
             logger.warning(
                 "Skipped update %d: its gradient is not finite (%d skipped so far).",
@@ -118,9 +129,15 @@ class NonFiniteGuard(TrainerCallback):
         if self.policy == "skip":
             self._bad = self._first = None  # losses of updates that were applied are finite when their gradients are
             return
-        if self._bad is None or not bool(self._bad):
+        accelerator = self.trainer.accelerator
+        bad = self._bad if self._bad is not None else torch.zeros((), dtype=torch.bool, device=accelerator.device)
+        if accelerator.num_processes > 1:  # every rank stops together (a rank's local loss may be the only bad one)
+            bad = accelerator.reduce(bad.to(accelerator.device).int().reshape(1), reduction="sum").reshape(()) > 0
+        if not bool(bad):
             return
-        step = int(self._first)
+        step = (
+            int(self._first) if self._first is not None and int(self._first) >= 0 else self.trainer.state.global_step
+        )
         raise NonFiniteError(self._message(step))
 
     def _message(self, step: int) -> str:

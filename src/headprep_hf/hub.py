@@ -78,6 +78,7 @@ class PreparedHeadMixin:
         Call it after `probe_head()`; `load_prepared_head(model, save_directory)` attaches it to a backbone again.
         Only the main process writes. Returns the folder.
         """
+        check_finite(self.hp_state_dict(), f"the prepared head {save_directory}")  # on every rank: all raise
         if self.args.should_save:
             save_prepared_head(self, save_directory, backbone_id=backbone_id)
         self.accelerator.wait_for_everyone()
@@ -108,8 +109,10 @@ class PreparedHeadMixin:
 
     def _write_prepared_head(self) -> None:
         # At the end of HP (after its measurements): a small artifact FT can start from elsewhere.
+        folder = os.path.join(self.args.output_dir, PREPARED_HEAD_DIR)
+        if self.args.save_prepared_head:
+            check_finite(self.hp_state_dict(), f"the prepared head {folder}")  # on every rank: all raise
         if self.args.save_prepared_head and self.args.should_save:
-            folder = os.path.join(self.args.output_dir, PREPARED_HEAD_DIR)
             save_prepared_head(self, folder)
             self.written_outputs.add(os.path.abspath(folder))
 
@@ -171,7 +174,7 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
         "tau": args.hp_epochs if tau is None else tau,
         "hp_learning_rate": args.hp_learning_rate,
         "hp_lr_scheduler_type": args.hp_lr_scheduler_type,
-        "hp_label_smoothing": args.hp_label_smoothing,
+        "hp_label_smoothing": args.hp_label_smoothing or args.label_smoothing_factor,
         "hp_backbone_mode": args.hp_backbone_mode,
         "hp_cache_features": args.hp_cache_features,
         "seed": args.seed,

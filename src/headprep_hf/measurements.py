@@ -92,6 +92,7 @@ class MeasurementCallback(TrainerCallback):
         self._probe_set = None
         self._grad_sum: torch.Tensor | float = 0.0
         self._grad_count = 0
+        self._grad_finite: torch.Tensor | float = 0.0
         self._head_params: list[torch.nn.Parameter] | None = None
         self.head_inputs: HeadInputs | None = None  # cached by HP (a cached sweep hands them to its FT jobs)
         self._warned: set[str] = set()
@@ -101,7 +102,7 @@ class MeasurementCallback(TrainerCallback):
         """A new `train()` call: no z_0 yet; FT runs start new drift and head-gradient records."""
         self.z0, self.last_drift_step, self.pending = None, None, {}
         self._probe_loader = self._probe_set = None  # Trainer.train() frees Accelerate's prepared loaders
-        self._grad_sum, self._grad_count = 0.0, 0
+        self._grad_sum, self._grad_count, self._grad_finite = 0.0, 0, 0.0
         if plan in ("both", "ft"):
             self.dynamics.pop("drift", None)
             self.dynamics.pop("head_grad_norm", None)
@@ -114,7 +115,7 @@ class MeasurementCallback(TrainerCallback):
             "dynamics": self.dynamics,
             "last_drift_step": self.last_drift_step,
             "pending": self.pending,
-            "grad_window": [float(self._grad_sum), self._grad_count],
+            "grad_window": [float(self._grad_sum), self._grad_count, float(self._grad_finite)],
         }
         write_json(os.path.join(folder, MEASUREMENTS_NAME), state)
         if self.z0 is not None:
@@ -129,8 +130,11 @@ class MeasurementCallback(TrainerCallback):
         self.dynamics = state["dynamics"]
         self.last_drift_step = state.get("last_drift_step")
         self.pending = state.get("pending", {})
-        total, count = state.get("grad_window", [0.0, 0])
-        self._grad_sum, self._grad_count = (torch.tensor(total, dtype=torch.float32) if count else 0.0), count
+        window = list(state.get("grad_window") or [0.0, 0])
+        total, count = window[0], window[1]
+        finite = window[2] if len(window) > 2 else float(count)
+        self._grad_sum = torch.tensor(total, dtype=torch.float32) if count else 0.0
+        self._grad_count, self._grad_finite = count, (torch.tensor(finite, dtype=torch.float32) if count else 0.0)
         features = os.path.join(folder, FEATURES_NAME)
         self.z0 = read_safetensors(features)["z0"] if os.path.isfile(features) else None
         return True
@@ -208,8 +212,8 @@ class MeasurementCallback(TrainerCallback):
         self.dynamics.update(
             {
                 "hp_epochs": args.hp_epochs,
-                "hp_label_smoothing": args.hp_label_smoothing,
-                "ft_label_smoothing": args.ft_label_smoothing,
+                "hp_label_smoothing": args.hp_label_smoothing or args.label_smoothing_factor,
+                "ft_label_smoothing": args.ft_label_smoothing or args.label_smoothing_factor,
             }
         )
         if self.z0 is not None:
@@ -237,21 +241,24 @@ class MeasurementCallback(TrainerCallback):
             self._head_params = [p for _, p in split.head_parameters(self.trainer.model)] if split is not None else []
         norm = grad_norm(self._head_params)
         if norm is not None:
-            self._grad_sum = self._grad_sum + norm.detach()
+            # Device-side: a non-finite norm (an update the guard's skip policy drops) adds 0 and counts 0.
+            finite = torch.isfinite(norm)
+            self._grad_sum = self._grad_sum + torch.where(finite, norm.detach(), torch.zeros_like(norm))
+            self._grad_finite = self._grad_finite + finite.to(norm.dtype)
             self._grad_count += 1
 
     def pop_logs(self, logs: dict[str, float]) -> dict[str, float]:
         """The values to merge into a log record: pending measurements, and the head gradient norm of the window on
         a training-loss record."""
         extra, self.pending = self.pending, {}
-        if "loss" in logs and self._grad_count > 0:
-            value = float(self._grad_sum / self._grad_count)
+        if "loss" in logs and self._grad_count > 0 and float(self._grad_finite) > 0:
+            value = float(self._grad_sum / self._grad_finite)
             extra["head_grad_norm"] = value
             state = self.trainer.state
             self.dynamics.setdefault("head_grad_norm", []).append(
                 {"step": state.global_step, "epoch": state.epoch, "value": value}
             )
-            self._grad_sum, self._grad_count = 0.0, 0
+            self._grad_sum, self._grad_count, self._grad_finite = 0.0, 0, 0.0
         return extra
 
     # ------------------------------------------------------------------ helpers
@@ -321,7 +328,11 @@ class MeasurementCallback(TrainerCallback):
             # Seeded: the same views whenever it runs (so the energy is a function of the weights alone).
             return self.measure_dataset(energy_set, with_energy=True, max_features=0, seed=args.seed)
         except (RuntimeError, ValueError, IndexError) as error:
-            if trainer.declares_problem_type:
+            if (
+                trainer.declares_problem_type
+                or isinstance(error, torch.OutOfMemoryError)
+                or (trainer.accelerator.num_processes > 1 and isinstance(error, RuntimeError))
+            ):
                 raise
             # The problem type was read off the labels, and these outputs do not fit it (e.g. a causal LM's shifted
             # token logits): measuring is not worth failing the user's training for.

@@ -49,6 +49,10 @@ def step_factor(
     return scheduler.lr_lambdas[0]
 
 
+def _no_steps(step: int) -> float:
+    return 0.0
+
+
 def _stage_lr(step: int, hp_steps: int, hp_lr: float, hp_factor, ft_lr: float, ft_factor) -> float:
     if step < hp_steps:
         return hp_lr * hp_factor(step)
@@ -74,9 +78,16 @@ def two_stage_scheduler(optimizer, args, hp_steps: int, ft_steps: int) -> Lambda
     hp_factor = step_factor(
         args.hp_lr_scheduler_type, hp_steps, math.ceil(args.hp_warmup_ratio * hp_steps), args.hp_learning_rate
     )
-    ft_factor = step_factor(
-        args.lr_scheduler_type, ft_steps, args.get_warmup_steps(ft_steps), args.learning_rate, args.lr_scheduler_kwargs
-    )
+    if ft_steps > 0:
+        ft_factor = step_factor(
+            args.lr_scheduler_type,
+            ft_steps,
+            args.get_warmup_steps(ft_steps),
+            args.learning_rate,
+            args.lr_scheduler_kwargs,
+        )
+    else:  # an HP-only loop (probe_head(), cached HP): the FT schedule never applies, whatever its kind
+        ft_factor = _no_steps
     lambdas = []
     for group in optimizer.param_groups:
         hp_lr = args.hp_learning_rate if group.get("headprep_part", "head") == "head" else 0.0

@@ -38,6 +38,7 @@ from .checkpoints import latest_resumable
 from .config import HeadPrepConfig
 from .files import read_json, read_safetensors
 from .fingerprint import state_fingerprint
+from .guard import check_finite
 from .heads import reinitialize_head
 from .replicates import describe, lower_is_better, paired_difference, verdict
 from .split import find_split
@@ -80,7 +81,13 @@ _FINGERPRINT_FIELDS = (
     "adam_epsilon",
     "max_grad_norm",
     "per_device_train_batch_size",
+    "per_device_eval_batch_size",
     "gradient_accumulation_steps",
+    "dataloader_drop_last",
+    "fp16",
+    "bf16",
+    "load_best_model_at_end",
+    "metric_for_best_model",
     "drift_probe_samples",
     "energy_max_samples",
     "measure_batch_size",
@@ -342,7 +349,8 @@ class TauSweep:
         ones resume, and seeds added to `sweep_seeds` run only their own jobs."""
         self._fingerprint = self.fingerprint()
         self._check_output_dir()
-        self._check_owner()  # before anything is written: a folder of another sweep is refused untouched
+        if not self.args.overwrite_output_dir:
+            self._check_owner()  # before anything is written: a folder of another sweep is refused untouched
         self.output_dir.mkdir(parents=True, exist_ok=True)
         jobs = self.args.shard_jobs()
         hp_info = {"cached_features": bool(self.args.hp_cache_features), "cache_views": int(self.args.hp_cache_views)}
@@ -425,7 +433,10 @@ class TauSweep:
             self._save_snapshot(max_tau, seed, trainer, prepared=True)
         trainer.accelerator.wait_for_everyone()
         runtime = time.perf_counter() - start
-        self._head_inputs[seed] = trainer.measurements.head_inputs
+        kept = trainer.measurements.head_inputs
+        if kept is not None:  # view 0 alone (not the whole stack of cached views), for this seed's FT jobs
+            kept = dataclasses.replace(kept, features=kept.features.clone())
+        self._head_inputs = {seed: kept}
         missing = [t for t in self.args.sweep_taus if (t, seed) not in self._snapshots]
         if missing:
             raise RuntimeError(f"HP did not reach the grid epochs {missing}; no snapshot was saved for them.")
@@ -499,7 +510,7 @@ class TauSweep:
     def _finished(self, tau: int, seed: int) -> dict | None:
         """The result of a finished FT job of this sweep, or None."""
         done = self._job_dir(tau, seed) / RESULT_FILE
-        if not done.is_file():
+        if self.args.overwrite_output_dir or not done.is_file():
             return None
         previous = read_json(done)
         return previous["result"] if previous.get("fingerprint") == self._fingerprint else None
@@ -550,7 +561,7 @@ class TauSweep:
             from .hub import write_prepared_head
 
             head_config.update(
-                energy=trainer.dynamics["energy"], hp_train_accuracy=trainer.dynamics["hp_train_accuracy"]
+                energy=trainer.dynamics.get("energy"), hp_train_accuracy=trainer.dynamics.get("hp_train_accuracy")
             )
             write_prepared_head(self._heads_dir(seed) / f"tau_{tau}", snapshot, head_config)
         trainer.save_model()
@@ -624,6 +635,7 @@ class TauSweep:
         # probe_head() (`prepared`) has it already.
         path = self._heads_dir(seed) / f"tau_{tau}.safetensors"
         state = trainer.hp_state_dict() if prepared else trainer.prepared_hp_state_dict()
+        check_finite(state, f"the head snapshot {path}")  # a diverged HP epoch never becomes a snapshot
         if self._is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
@@ -636,8 +648,9 @@ class TauSweep:
     def _check_output_dir(self) -> None:
         # A finished sweep of the same fingerprint is continued (more seeds; finished jobs reused); another is refused
         # by _check_owner. overwrite_output_dir=True starts it again from scratch in the same folder.
-        if self.args.overwrite_output_dir and (self.output_dir / SWEEP_FILE).is_file():
+        if self.args.overwrite_output_dir and self._is_main and (self.output_dir / SWEEP_FILE).is_file():
             os.remove(self.output_dir / SWEEP_FILE)
+        self._barrier()
 
     def _progress(self, total: int):
         from tqdm.auto import tqdm
@@ -671,10 +684,18 @@ def _settings(args: SweepConfig) -> dict[str, Any]:
 
 
 def select_tau_star(per_tau: list[dict], greater_is_better: bool) -> int:
-    """tau with the best mean validation metric (`per_tau` rows of `assemble_sweep`; ties: the smallest tau)."""
+    """tau with the best mean validation metric (`per_tau` rows of `assemble_sweep`; ties: the smallest tau). A tau
+    whose metric is missing for some seed (e.g. a diverged job, not finite) ranks last: its mean over the remaining
+    seeds would flatter it."""
     sign = 1.0 if greater_is_better else -1.0
-    rows = [r for r in sorted(per_tau, key=lambda r: r["tau"]) if r["validation"] is not None]
-    return max(rows, key=lambda r: sign * r["validation"]["mean"])["tau"]
+    rows = sorted(per_tau, key=lambda r: r["tau"])
+    n_full = max(len(r["seeds"]) for r in rows)
+
+    def score(row):
+        stats = row["validation"]
+        return sign * stats["mean"] if stats is not None and stats["n"] == n_full else float("-inf")
+
+    return max(rows, key=score)["tau"]
 
 
 _DRIFT_KEYS = ("sq_dist", "dot", "sq_norm", "cos")

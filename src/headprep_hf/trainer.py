@@ -87,7 +87,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         **kwargs,
     ):
         args = HeadPrepConfig(output_dir="tmp_trainer") if args is None else args
-        check_trainer_inputs(args, kwargs)
+        check_trainer_inputs(args, kwargs, model)
         self._explicit_split, self._headprep_ready = split, False
         super().__init__(model, args, *trainer_args, **kwargs)
         self.drift_dataset = drift_dataset
@@ -285,6 +285,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._write_prepared_head()
 
     def _begin_ft(self) -> None:
+        self.guard.check()  # a diverged HP is named as such before its head is measured or written
         plan = self.stage_plan
         plan.ft_started = True
         in_loop_hp = plan.plan == "both" and plan.hp_steps > 0
@@ -450,8 +451,6 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self._attach_stages(self.model)  # (removes the hook)
             self._stage = "ft" if self.stage_plan.ft_started else "hp"
         broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
-        if self.guard.skipped:
-            self.dynamics["skipped_updates"] = self.dynamics.get("skipped_updates", []) + self.guard.skipped
         if plan != "hp" and self.args.track_dynamics:
             self.measurements.write(self.args.output_dir)
         return output
@@ -480,6 +479,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             return super()._save_checkpoint(model, trial)
         if self.args.should_save:
             begin_write(folder)
+        self.accelerator.wait_for_everyone()  # the mark (and a torn leftover removed) before any rank writes
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation waits for the commit
         try:
             super()._save_checkpoint(model, trial)
