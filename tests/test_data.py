@@ -9,10 +9,12 @@ from PIL import Image
 
 from headprep_hf.data import (
     DigitImageDataset,
+    build_image_transforms,
     build_pretrain_dataset,
     build_toy_downstream,
     load_image_classification_dataset,
     load_mnist5k,
+    resolve_image_data_config,
 )
 
 
@@ -131,15 +133,16 @@ def _write_image_folder(root, classes=("cat", "dog"), per_class=4, seed=0):
     return root
 
 
+_CONFIG16 = resolve_image_data_config({}, image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
 def _load(tmp_path, **overrides):
     args = dict(
         dataset_name=None,
         train_dir=str(tmp_path / "train"),
         validation_dir=None,
-        image_size=16,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        augment_train=True,
+        train_transform=build_image_transforms(_CONFIG16, is_training=True),
+        eval_transform=build_image_transforms(_CONFIG16, is_training=False),
         validation_split=0.25,
         seed=0,
         cache_dir=str(tmp_path / "hf_cache"),
@@ -157,7 +160,7 @@ def test_image_folder_splits_off_stratified_validation(tmp_path):
     for ds in splits.values():
         assert ds.labels.dtype == np.int64
         item = ds[0]
-        assert item["pixel_values"].shape == (3, 16, 16) and item["pixel_values"].dtype == torch.float32
+        assert item["pixel_values"].shape == (3, 16, 16) and item["pixel_values"].dtype == torch.uint8
         assert item["labels"] == ds.labels[0]
     again, _ = _load(tmp_path)
     assert np.array_equal(again["validation"].labels, splits["validation"].labels)
@@ -191,6 +194,27 @@ def test_image_folder_errors_name_the_fix(tmp_path):
         _load(tmp_path, image_column="pic")
     with pytest.raises(ValueError, match="validation_split"):
         _load(tmp_path, validation_split=0.0)
+    with pytest.raises(ValueError, match="test_dir only applies with train_dir"):
+        _load(tmp_path, train_dir=None, dataset_name="cifar10", test_dir=str(tmp_path / "train"))
+    with pytest.raises(ValueError, match="max_train_samples=0 must be a positive"):
+        _load(tmp_path, max_train_samples=0)
+
+
+def test_image_folder_test_dir_and_sample_limits(tmp_path):
+    _write_image_folder(tmp_path / "train", per_class=6)
+    _write_image_folder(tmp_path / "val", per_class=3, seed=1)
+    _write_image_folder(tmp_path / "test", per_class=2, seed=2)
+    splits, _ = _load(
+        tmp_path,
+        validation_dir=str(tmp_path / "val"),
+        test_dir=str(tmp_path / "test"),
+        max_train_samples=5,
+        max_eval_samples=3,
+    )
+    assert [len(splits[k]) for k in ("train", "train_eval", "validation", "test")] == [5, 5, 3, 3]
+    # train_eval: the same samples as train, read through the eval transform (deterministic, no augmentation).
+    assert np.array_equal(splits["train_eval"].labels, splits["train"].labels)
+    assert torch.equal(splits["train_eval"][0]["pixel_values"], splits["train_eval"][0]["pixel_values"])
 
 
 def test_plain_label_columns_get_one_encoding_across_splits():

@@ -95,6 +95,55 @@ def test_recipe_with_config_file_local_model_and_imagefolder(tmp_path):
     assert dynamics["num_energy_samples"] == 24
 
 
+def _image_folders(root, classes=("cat", "dog"), sizes=(("train", 12), ("val", 4), ("test", 4)), side=40):
+    rng = np.random.default_rng(0)
+    for split, n in sizes:
+        for label in classes:
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (side, side + 8, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+
+
+@pytest.mark.slow
+def test_recipe_runs_a_transformers_image_model_folder(tmp_path):
+    # A transformers image classifier saved with its image processor (other classes than the task's).
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessor
+
+    folder = tmp_path / "convnext"
+    config = ConvNextConfig(
+        num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=5, image_size=32
+    )
+    ConvNextForImageClassification(config).save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(folder)
+    _image_folders(tmp_path)
+    out = tmp_path / "run"
+    metrics = _run_in_process(
+        [
+            *TINY,
+            "--model_name_or_path",
+            str(folder),
+            "--train_dir",
+            str(tmp_path / "train"),
+            "--validation_dir",
+            str(tmp_path / "val"),
+            "--test_dir",
+            str(tmp_path / "test"),
+            "--max_train_samples",
+            "16",
+            "--per_device_train_batch_size",
+            "8",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    assert "test_accuracy" in metrics and metrics["energy"] > 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["id2label"] == {"0": "cat", "1": "dog"}
+    assert (out / "preprocessor_config.json").is_file()  # the image processor travels with the model
+    assert json.loads((out / "headprep_dynamics.json").read_text())["num_energy_samples"] == 16
+
+
 def test_config_file_with_unknown_setting_is_rejected(tmp_path):
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"hp_epoch": 3}))

@@ -89,3 +89,17 @@ def test_lambda_lr_does_not_restore_the_attributes_of_partials():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule])
     assert scheduler.state_dict()["lr_lambdas"] == [{}]
+
+
+def test_persistent_loader_keeps_its_iterator_where_release_workers_stops_it():
+    # Used by: headprep_hf.trainer.shutdown_persistent_workers (HeadPrepTrainer.release_workers).
+    import torch.utils.data as data
+
+    loader = data.DataLoader(list(range(8)), batch_size=4, num_workers=1, persistent_workers=True)
+    assert [batch.tolist() for batch in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert isinstance(loader._iterator, data.dataloader._MultiProcessingDataLoaderIter)
+    workers = list(loader._iterator._workers)
+    loader._iterator._shutdown_workers()
+    assert not any(w.is_alive() for w in workers)
+    # Trainer keeps persistent evaluation loaders here (release_workers stops them after an evaluation).
+    assert "self._eval_dataloaders[dataloader_key] = dataloader" in inspect.getsource(Trainer._get_dataloader)

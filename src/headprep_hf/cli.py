@@ -85,6 +85,7 @@ def sweep_main(argv: list[str]) -> dict:
     """`headprep sweep ...`: run a sweep (or a shard), or merge shards with `--merge DIR...`."""
     from .sweep import TauSweep, format_table, merge_sweeps
     from .tasks import get_task, task_record
+    from .tasks.base import resolve_loader_settings
 
     if "--merge" in argv:
         parser = argparse.ArgumentParser(prog="headprep sweep --merge")
@@ -105,6 +106,7 @@ def sweep_main(argv: list[str]) -> dict:
     task = get_task(task_name)
     task_args, args = parse_with_config(sweep_parser(task_name), argv)
     inputs = task.load(task_args, args.seed)
+    resolve_loader_settings(args, inputs)
     sweep = TauSweep(
         inputs.model,
         args,
@@ -113,6 +115,7 @@ def sweep_main(argv: list[str]) -> dict:
         test_dataset=inputs.test_dataset,
         compute_metrics=inputs.compute_metrics,
         task=task_record(task, task_args),
+        exchange_train_dataset=inputs.train_eval_dataset,
         data_collator=inputs.data_collator,
         preprocess_logits_for_metrics=inputs.preprocess_logits_for_metrics,
     )
@@ -128,6 +131,7 @@ def exchange_main(argv: list[str]) -> dict:
     from .exchange import head_exchange
     from .sweep import SweepConfig, load_sweep
     from .tasks import load_task_from_record
+    from .tasks.base import resolve_loader_settings
 
     parser = argparse.ArgumentParser(prog="headprep exchange", description=exchange_main.__doc__)
     parser.add_argument("sweep_dir")
@@ -148,8 +152,15 @@ def exchange_main(argv: list[str]) -> dict:
         **settings,
     )
     inputs = load_task_from_record(sweep["task"], args.seed)
+    resolve_loader_settings(args, inputs)
     exchange = head_exchange(
-        inputs.model, ns.sweep_dir, inputs.train_dataset, inputs.eval_dataset, args, data_collator=inputs.data_collator
+        inputs.model,
+        ns.sweep_dir,
+        inputs.train_dataset,
+        inputs.eval_dataset,
+        args,
+        data_collator=inputs.data_collator,
+        measure_train_dataset=inputs.train_eval_dataset,
     )
     if ns.report == "true":
         from .report import write_report

@@ -40,6 +40,7 @@ def head_exchange(
     args,
     data_collator=None,
     output_file: str | os.PathLike | None = None,
+    measure_train_dataset=None,
 ) -> dict[str, Any]:
     """Train/validation accuracy of every (backbone from FT at tau_i, head from FT at tau_j) pair of a sweep.
 
@@ -51,6 +52,9 @@ def head_exchange(
             with the same seed for every backbone.
         args: The sweep's [`HeadPrepConfig`] / [`SweepConfig`] (head split, batch size, seed).
         output_file: Where to write the matrix; default `sweep_dir/exchange.json`.
+        measure_train_dataset: The training set through the eval transform (no augmentation); the train accuracy is
+            measured on it when given, else on `train_dataset` as training reads it. `train_views` in the result
+            says which.
 
     Returns:
         `{"taus", "rows": "backbone", "columns": "head", "train_accuracy", "validation_accuracy"}`, where
@@ -100,12 +104,13 @@ def head_exchange(
         )
         return result.features, result.labels
 
+    train_views = measure_train_dataset if measure_train_dataset is not None else train_dataset
     device = next(net.parameters()).device
     train_matrix, eval_matrix = [], []
     disable = not trainer.is_world_process_zero() or not getattr(args, "sweep_progress", True)
     for tau_i in tqdm(taus, desc="head exchange", unit="backbone", disable=disable):
         net.load_state_dict(read_safetensors(paths[tau_i]))
-        features = {"train": head_inputs(train_dataset), "validation": head_inputs(eval_dataset)}
+        features = {"train": head_inputs(train_views), "validation": head_inputs(eval_dataset)}
         rows = {"train": [], "validation": []}
         for tau_j in taus:
             net.load_state_dict(head_states[tau_j], strict=False)
@@ -120,6 +125,7 @@ def head_exchange(
         "seed": first_seed,
         "rows": "backbone",
         "columns": "head",
+        "train_views": "eval transform" if measure_train_dataset is not None else "as training reads them",
         "train_accuracy": train_matrix,
         "validation_accuracy": eval_matrix,
     }

@@ -442,7 +442,11 @@ def _figure_exchange(plt, exchange: dict[str, Any]):
     n = len(taus)
     side = max(3.2, 0.55 * n + 1.6)
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.6, side + 0.6), layout="constrained")
-    panels = (("train_accuracy", "train accuracy"), ("validation_accuracy", "validation accuracy"))
+    views = exchange.get("train_views")
+    train_title = f"train accuracy ({'eval transform' if views == 'eval transform' else 'augmented views'})"
+    if views is None:
+        train_title = "train accuracy"
+    panels = (("train_accuracy", train_title), ("validation_accuracy", "validation accuracy"))
     for ax, (key, title) in zip(axes, panels):
         rows = exchange[key]
         if len(rows) != n or any(len(row) != n for row in rows):

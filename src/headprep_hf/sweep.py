@@ -298,6 +298,8 @@ class TauSweep:
         compute_metrics: As for `Trainer`; must produce `args.sweep_metric` (unless it is "loss").
         task: Optional `{"name": ..., "args": {...}}` recorded in `sweep.json` so that `headprep exchange` can rebuild
             the data and model from the command line.
+        exchange_train_dataset: The training set through the eval transform; the head exchange measures its train
+            accuracy there (no augmentation) when given.
         **trainer_kwargs: Passed to every [`HeadPrepTrainer`] (data_collator, callbacks, drift_dataset, ...).
 
     Example:
@@ -321,6 +323,7 @@ class TauSweep:
         test_dataset=None,
         compute_metrics=None,
         task: dict[str, Any] | None = None,
+        exchange_train_dataset=None,
         **trainer_kwargs,
     ):
         if not isinstance(args, SweepConfig):
@@ -334,6 +337,7 @@ class TauSweep:
         self.test_dataset = test_dataset
         self.compute_metrics = compute_metrics
         self.task = task
+        self.exchange_train_dataset = exchange_train_dataset
         self.trainer_kwargs = trainer_kwargs
         self.output_dir = Path(args.output_dir)
         self._pristine = copy.deepcopy(model).cpu()
@@ -389,6 +393,7 @@ class TauSweep:
                 self.eval_dataset,
                 self.args,
                 data_collator=self.trainer_kwargs.get("data_collator"),
+                measure_train_dataset=self.exchange_train_dataset,
             )
             self._barrier()
         if self.args.sweep_report and self._is_main:

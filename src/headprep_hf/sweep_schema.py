@@ -311,6 +311,10 @@ EXCHANGE_SCHEMA: dict[str, Any] = {
         "seed": {"type": ["integer", "null"], "description": "the seed whose FT jobs the matrix pairs (the first)"},
         "rows": {"const": "backbone"},
         "columns": {"const": "head"},
+        "train_views": {
+            "enum": ["eval transform", "as training reads them"],
+            "description": "which views of the training set train_accuracy was measured on",
+        },
         "train_accuracy": {
             "type": "array",
             "description": "[i][j]: backbone finetuned from tau_i with the head finetuned from tau_j.",

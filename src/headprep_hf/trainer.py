@@ -25,6 +25,7 @@ from transformers.utils import find_labels
 
 from .checkpoints import begin_write, commit, refuse_earlier_outputs, required_files, resume_checkpoint, verify
 from .config import HeadPrepConfig, check_trainer_inputs
+from .dynamics import InMemoryDataset
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
 from .heads import reinitialize_module, replace_head_with_mlp
@@ -40,6 +41,17 @@ logger = logging.getLogger(__name__)
 
 TRAINING_ARGS_JSON = "training_args.json"
 _STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate", "head_grad_norm")
+
+
+def shutdown_persistent_workers(loader) -> None:
+    """Stop the workers of a DataLoader with `persistent_workers=True` now (torch keeps its live iterator in
+    `loader._iterator`; pinned by `tests/test_upstream_canaries.py`); its next iteration starts new workers."""
+    # Accelerate's prepared loader wraps the torch DataLoader (`base_dataloader`), which holds the iterator.
+    for holder in (loader, getattr(loader, "base_dataloader", None)):
+        iterator = getattr(holder, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            holder._iterator = None
 
 
 class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
@@ -103,6 +115,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._stage = "hp"
         self.in_training_step = False  # a training step runs: its loss is smoothed and item-weighted
         self._train_calls, self._last_plain = 0, True
+        self._worker_loaders: list = []  # training loaders of this trainer's runs (their workers end with the run)
+        self._training = False
         self._trial_for_dir = None
         self._hp_hook, self._attach = None, (False, False)  # this run's (stage mechanics, HP-mode hook)
         self._resume_plan: StagePlan | None = None
@@ -315,8 +329,21 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def measurement_loader(self, dataset):
         """A sequential loader over `dataset` for forward-only passes (energy, drift, feature cache, BatchNorm),
         sharded across ranks by Accelerate, at `measure_batch_size` (default 4x the training batch: no activations
-        are kept for a backward pass, and large batches make forward-only passes fast)."""
-        return self._get_dataloader(dataset, "headprep", self.measure_batch_size)
+        are kept for a backward pass, and large batches make forward-only passes fast).
+
+        Its workers are never persistent: each pass is read once, and persistent measurement workers of a finished
+        run were found to hold their shutdown for seconds per worker when garbage-collected later (30 s at the start
+        of the next trainer's `train()` with 2 workers on a JPEG folder). Samples already in memory (the drift probe,
+        cached head inputs) are served by the main process: worker processes would only copy them through pipes."""
+        args = self.args
+        saved = args.dataloader_num_workers, args.dataloader_persistent_workers, args.dataloader_prefetch_factor
+        try:
+            if isinstance(dataset, InMemoryDataset):
+                args.dataloader_num_workers, args.dataloader_prefetch_factor = 0, None
+            args.dataloader_persistent_workers = False
+            return self._get_dataloader(dataset, "headprep", self.measure_batch_size)
+        finally:
+            args.dataloader_num_workers, args.dataloader_persistent_workers, args.dataloader_prefetch_factor = saved
 
     @property
     def measure_batch_size(self) -> int:
@@ -326,7 +353,31 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     def evaluate(self, *args, **kwargs):
         broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
-        return super().evaluate(*args, **kwargs)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            if not self._training:  # during training the persistent evaluation workers serve every evaluation
+                self.release_workers()
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        self._worker_loaders.append(loader)
+        return loader
+
+    def release_workers(self) -> None:
+        """Shut down the worker processes that persistent loaders of this trainer keep alive (the training loader and
+        Trainer's cached evaluation loaders); a later pass starts new ones. Called at the end of every training call
+        and of every evaluation outside training.
+
+        Why: a trainer sits in reference cycles, so its loaders are freed by the garbage collector, which finalizes
+        the loader's queues before the iterator that would stop its workers; each worker then times out (5 s). On a
+        JPEG folder with 8 workers this added about 2 minutes to the next trainer's start, on every FT job of a sweep.
+        Shut down explicitly, right after the run, the same workers stop in well under a second.
+        """
+        loaders = [*self._worker_loaders, *getattr(self, "_eval_dataloaders", {}).values()]
+        self._worker_loaders.clear()
+        for loader in loaders:
+            shutdown_persistent_workers(loader)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """`Trainer.log`, with the measurements merged in and, in runs with HP, stage-tagged copies of the loss,
@@ -433,6 +484,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._attach = (not plain, not plain and plan != "ft" and not hp_outside_loop)
         self._attach_stages(self.model)
         self._stage = "ft" if plain or plan == "ft" else "hp"
+        self._training = True
         try:
             output = super().train(
                 resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
@@ -445,6 +497,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 raise
             raise named from error
         finally:
+            self._training = False
+            self.release_workers()
             if self._stages is not None:
                 self.stages.restore(self.model)
             self._attach = (False, False)

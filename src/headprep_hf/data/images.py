@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2 as T
 
 __all__ = [
     "HFImageClassificationDataset",
     "build_image_transforms",
+    "image_processor_data_config",
     "load_image_classification_dataset",
+    "resolve_image_data_config",
 ]
 
 _VALIDATION_NAMES = ("validation", "valid", "val")
@@ -73,24 +74,127 @@ class HFImageClassificationDataset(Dataset):
         return {"pixel_values": item["pixel_values"], "labels": int(item["labels"])}
 
 
-def build_image_transforms(
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment: bool,
-    crop_pct: float = DEFAULT_CROP_PCT,
-) -> T.Compose:
-    """Returns the train (``augment=True``) or eval transform from a PIL image to a normalized tensor.
+def resolve_image_data_config(
+    model_or_config: Any,
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """The model's data config (timm `resolve_model_data_config`: input size, interpolation, crop_pct, crop_mode,
+    mean/std from its `pretrained_cfg`), with each given value overriding it, as timm's train.py flags do.
 
-    Train: RandomResizedCrop + horizontal flip. Eval: resize the short side to
-    ``image_size / crop_pct`` and center-crop ``image_size``, the usual timm/ImageNet protocol.
+    `model_or_config`: a timm model, or a data config dict (e.g. `image_processor_data_config(processor)` of a
+    transformers model); what neither says falls back to the ImageNet defaults of timm's train.py.
     """
-    if augment:
-        spatial = [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
+    from timm.data import resolve_model_data_config
+
+    if isinstance(model_or_config, dict):
+        config = dict(model_or_config)
+    elif hasattr(model_or_config, "pretrained_cfg"):
+        config = dict(resolve_model_data_config(model_or_config))
     else:
-        spatial = [T.Resize(int(round(image_size / crop_pct)), antialias=True), T.CenterCrop(image_size)]
-    return T.Compose(
-        [T.ToImage(), *spatial, T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
+        config = {}
+    config.setdefault("input_size", (3, 224, 224))
+    config.setdefault("interpolation", "bilinear")
+    config.setdefault("mean", (0.485, 0.456, 0.406))
+    config.setdefault("std", (0.229, 0.224, 0.225))
+    config.setdefault("crop_pct", DEFAULT_CROP_PCT)
+    config.setdefault("crop_mode", "center")
+    if image_size is not None:
+        if image_size <= 0:
+            raise ValueError(f"image_size={image_size} must be a positive number of pixels")
+        config["input_size"] = (config["input_size"][0], image_size, image_size)
+    if crop_pct is not None:
+        if not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]: the eval crop's share of the resized image")
+        config["crop_pct"] = crop_pct
+    if interpolation is not None:
+        config["interpolation"] = interpolation
+    if mean is not None:
+        config["mean"] = tuple(mean)
+    if std is not None:
+        config["std"] = tuple(std)
+    return config
+
+
+def image_processor_data_config(processor: Any) -> dict[str, Any]:
+    """A timm-style data config from a transformers image processor (size, crop, resample, mean/std), so that
+    transformers image models go through the same transforms and on-device normalisation as timm models.
+
+    The processor resizes the short side to `size["shortest_edge"]` (or to `size["height"] x size["width"]`) and,
+    with `do_center_crop`, crops `crop_size`; the equivalent timm config is `input_size` = the crop and `crop_pct` =
+    crop / resize (1.0 without a crop).
+    """
+    from PIL import Image
+
+    size = getattr(processor, "size", None) or {}
+    crop = getattr(processor, "crop_size", None) or {}
+    resize = size.get("shortest_edge") or size.get("height") or 224
+    if getattr(processor, "do_center_crop", False) and crop:
+        side = crop.get("height") or crop.get("shortest_edge") or resize
+    else:
+        side = resize
+    if getattr(processor, "crop_pct", None) is not None:  # ConvNext: resize to side / crop_pct, then crop
+        crop_pct = float(processor.crop_pct)
+    else:
+        crop_pct = min(1.0, side / resize)
+    resample = getattr(processor, "resample", None)
+    interpolation = {
+        Image.Resampling.BICUBIC: "bicubic",
+        Image.Resampling.NEAREST: "nearest",
+        Image.Resampling.LANCZOS: "lanczos",
+    }.get(resample, "bilinear")
+    return {
+        "input_size": (3, int(side), int(side)),
+        "interpolation": interpolation,
+        "mean": tuple(float(v) for v in (getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))),
+        "std": tuple(float(v) for v in (getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))),
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+    }
+
+
+def build_image_transforms(
+    data_config: dict[str, Any],
+    is_training: bool,
+    no_aug: bool = False,
+    scale: Sequence[float] | None = None,
+    ratio: Sequence[float] | None = None,
+    hflip: float = 0.5,
+    color_jitter: float = 0.4,
+    normalize: bool = False,
+):
+    """The train or eval transform from a PIL image, built by timm's `create_transform` from a data config.
+
+    Train: RandomResizedCrop(`scale`, `ratio`) + horizontal flip (`hflip`) + color jitter, timm's train.py defaults;
+    `no_aug`: resize to the input size only. Eval: resize to `input_size / crop_pct`, center crop (timm's eval
+    protocol with the model's own crop_pct and interpolation).
+
+    With `normalize=False` (the recipes' default) the transform ends in a uint8 tensor `[3, H, W]`; the model
+    normalises it on its device (`attach_input_normalization`). `normalize=True` gives timm's float pipeline.
+    """
+    from timm.data import create_transform
+
+    if scale is not None and (len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0):
+        raise ValueError(f"scale={list(scale)} must be two fractions 0 < min <= max <= 1 of the image area")
+    if not 0.0 <= hflip <= 1.0:
+        raise ValueError(f"hflip={hflip} is a probability; give a value in [0, 1]")
+    return create_transform(
+        input_size=data_config["input_size"],
+        is_training=is_training,
+        no_aug=no_aug,
+        scale=tuple(scale) if scale is not None else None,
+        ratio=tuple(ratio) if ratio is not None else None,
+        hflip=hflip,
+        color_jitter=color_jitter,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        crop_pct=data_config.get("crop_pct"),
+        crop_mode=data_config.get("crop_mode"),
+        normalize=normalize,
     )
 
 
@@ -98,44 +202,44 @@ def load_image_classification_dataset(
     dataset_name: str | None,
     train_dir: str | None,
     validation_dir: str | None,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment_train: bool,
+    train_transform: Callable[[Any], torch.Tensor],
+    eval_transform: Callable[[Any], torch.Tensor],
     label_column: str | None = None,
     image_column: str | None = None,
     validation_split: float = 0.1,
     seed: int = 0,
     dataset_config_name: str | None = None,
     cache_dir: str | None = None,
-    crop_pct: float = DEFAULT_CROP_PCT,
+    test_dir: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
 ) -> tuple[dict[str, HFImageClassificationDataset], list[str]]:
     """Loads an image-classification dataset from the Hub or from local class folders.
 
     Exactly one source must be given: ``dataset_name`` (a Hub dataset id, loaded with
     ``datasets.load_dataset``) or ``train_dir`` (an ``imagefolder`` tree ``train_dir/<class>/<image>``,
-    optionally with ``validation_dir`` laid out the same way). When there is no validation split,
+    optionally with ``validation_dir`` and ``test_dir`` laid out the same way). When there is no validation split,
     a stratified ``validation_split`` fraction of train is held out with ``seed``.
 
-    Every returned dataset yields ``{"pixel_values": FloatTensor[3, image_size, image_size],
-    "labels": int}`` and exposes all labels as the numpy array ``.labels`` (column access such
-    as ``ds["label"]`` is not supported).
+    Every returned dataset yields ``{"pixel_values": transform(image), "labels": int}`` (the recipes' transforms end
+    in uint8 ``[3, H, W]``, see `build_image_transforms`) and exposes all labels as the numpy array ``.labels``
+    (column access such as ``ds["label"]`` is not supported). ``splits["train_eval"]`` is the training set through
+    the eval transform, for measurements that must not see augmentation.
 
     Args:
         dataset_name: Hub dataset id, e.g. ``"cifar10"``; needs network access or a warm cache.
         train_dir: local folder with one sub-folder of images per class.
         validation_dir: local validation folder with the same class sub-folders.
-        image_size: output height and width.
-        mean: per-channel normalization mean (use the backbone's ``pretrained_cfg``).
-        std: per-channel normalization std.
-        augment_train: RandomResizedCrop + flip on train; otherwise train uses the eval transform.
+        train_transform / eval_transform: from an RGB PIL image to a tensor (`build_image_transforms`).
         label_column: label column; default: first ``ClassLabel`` feature, else ``label``/``labels``.
         image_column: image column; default: first ``Image`` feature.
         validation_split: fraction of train held out when no validation split exists.
         seed: seed for that hold-out.
         dataset_config_name: configuration name of a Hub dataset.
         cache_dir: ``datasets`` cache folder.
-        crop_pct: eval center-crop fraction.
+        test_dir: local test folder with the same class sub-folders (with ``train_dir``).
+        max_train_samples / max_eval_samples: keep the first N training / validation and test samples (after the
+            hold-out), as the HF examples do, for quick runs.
 
     Returns:
         ``(splits, class_names)`` where ``splits`` has ``"train"`` and ``"validation"`` (and
@@ -152,16 +256,16 @@ def load_image_classification_dataset(
             f"got dataset_name={dataset_name!r}, train_dir={train_dir!r}"
         )
     if dataset_name is not None:
-        if validation_dir is not None:
-            raise ValueError("validation_dir only applies with train_dir; drop it or load both from local folders")
+        for name, folder in (("validation_dir", validation_dir), ("test_dir", test_dir)):
+            if folder is not None:
+                raise ValueError(f"{name} only applies with train_dir; drop it or load every split from local folders")
         raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
     else:
-        for name, folder in (("train_dir", train_dir), ("validation_dir", validation_dir)):
+        folders = {"train": train_dir, "validation": validation_dir, "test": test_dir}
+        for split, folder in folders.items():
             if folder is not None and not os.path.isdir(folder):
-                raise ValueError(f"{name}={folder!r} is not a folder")
-        data_files = {"train": os.path.join(train_dir, "**")}
-        if validation_dir is not None:
-            data_files["validation"] = os.path.join(validation_dir, "**")
+                raise ValueError(f"{split}_dir={folder!r} is not a folder")
+        data_files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder is not None}
         raw = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
 
     if "train" not in raw:
@@ -186,15 +290,24 @@ def load_image_classification_dataset(
             )
         train, validation = _hold_out(train, validation_split, seed, label_column)
 
-    train_tf = build_image_transforms(image_size, mean, std, augment=augment_train, crop_pct=crop_pct)
-    eval_tf = build_image_transforms(image_size, mean, std, augment=False, crop_pct=crop_pct)
+    for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name}={value} must be a positive number of samples (or unset for all)")
 
-    def wrap(split: Any, transform: T.Compose) -> HFImageClassificationDataset:
+    def first(split: Any, limit: int | None) -> Any:
+        return split.select(range(min(limit, len(split)))) if limit is not None else split
+
+    def wrap(split: Any, transform: Callable) -> HFImageClassificationDataset:
         return HFImageClassificationDataset(split, image_column, label_column, transform, class_names)
 
-    splits = {"train": wrap(train, train_tf), "validation": wrap(validation, eval_tf)}
+    train = first(train, max_train_samples)
+    splits = {
+        "train": wrap(train, train_transform),
+        "train_eval": wrap(train, eval_transform),
+        "validation": wrap(first(validation, max_eval_samples), eval_transform),
+    }
     if "test" in raw:
-        splits["test"] = wrap(raw["test"], eval_tf)
+        splits["test"] = wrap(first(raw["test"], max_eval_samples), eval_transform)
     return splits, class_names
 
 

@@ -15,7 +15,7 @@ from timm.models import load_state_dict
 
 from ..files import read_json
 
-__all__ = ["load_timm_model"]
+__all__ = ["is_transformers_folder", "load_timm_model", "load_transformers_image_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,4 +161,29 @@ def _looks_like_path(name: str) -> bool:
         or name.endswith(_WEIGHT_SUFFIXES)
         or name.endswith(".json")
         or (name.count("/") > 1 and "@" not in name)
+    )
+
+
+def is_transformers_folder(path: str) -> bool:
+    """A local folder saved by transformers (`config.json` with a `model_type`), not by timm's `save_for_hf`."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    config = read_json(config_file)
+    return "model_type" in config and "architecture" not in config
+
+
+def load_transformers_image_model(path: str, class_names: list[str]) -> nn.Module:
+    """A transformers image classifier from a local folder, with a new head for `class_names` (`id2label` and
+    `label2id` set, so the saved model names its classes). A folder of a bare backbone (no classification head) gets
+    `AutoModelForImageClassification`'s head for its architecture."""
+    from transformers import AutoModelForImageClassification
+
+    id2label = {i: name for i, name in enumerate(class_names)}
+    return AutoModelForImageClassification.from_pretrained(
+        path,
+        num_labels=len(class_names),
+        id2label=id2label,
+        label2id={name: i for i, name in id2label.items()},
+        ignore_mismatched_sizes=True,  # the folder's own head (other classes) is replaced, as in the HF example
     )

@@ -21,6 +21,15 @@ class TaskInputs:
     class_names: list[str] = field(default_factory=list)
     data_collator: Callable | None = None
     preprocess_logits_for_metrics: Callable | None = None
+    # The training set through the eval transform (no augmentation), for measurements that must not see
+    # augmentation (the exchange's train accuracy); None where training reads no augmented views.
+    train_eval_dataset: Any = None
+    # Saved beside the model by `save_model` (a transformers image processor), as Trainer's `processing_class`.
+    processing_class: Any = None
+    # The data config the transforms were built from (input size, interpolation, crop_pct, mean/std).
+    data_config: dict[str, Any] | None = None
+    # Images are decoded and augmented on access (files): worth loader worker processes.
+    decodes_files: bool = False
 
 
 # Trainer settings shared by the recipes of every task (each task adds its own on top).
@@ -34,8 +43,42 @@ COMMON_RECIPE_DEFAULTS = dict(
     save_total_limit=1,
     logging_steps=5,
     report_to="tensorboard",
-    dataloader_num_workers=0,
+    # -1: decided by `resolve_loader_settings` once the data is known (workers for images read from files,
+    # none for in-memory tensors).
+    dataloader_num_workers=-1,
+    # No host synchronisation per step: batches are copied to the GPU without blocking (from pinned memory), and
+    # Trainer's per-step NaN/inf check of the logged loss (a sync every step) gives way to the non-finite guard, which
+    # checks losses on the device and reads the result at logging steps.
+    accelerator_config={"non_blocking": True},
+    logging_nan_inf_filter=False,
 )
+
+
+def resolve_loader_settings(training_args, inputs: TaskInputs):
+    """Replaces the recipes' `dataloader_num_workers=-1` ("auto") by min(8, cores) persistent workers when the data is
+    decoded from files, and by 0 (the main process) for in-memory tensors, where workers only add start-up time.
+    A number the user gave is kept. Returns `training_args`, changed in place."""
+    if training_args.dataloader_num_workers == -1:
+        workers = default_num_workers() if inputs.decodes_files else 0
+        training_args.dataloader_num_workers = workers
+        if workers > 0:
+            training_args.dataloader_persistent_workers = True
+    if not training_args.dataloader_pin_memory and getattr(training_args.accelerator_config, "non_blocking", False):
+        training_args.accelerator_config.non_blocking = False  # nothing is pinned (CPU): no gain, only a warning
+    if training_args.dataloader_num_workers < -1:
+        raise ValueError(
+            f"dataloader_num_workers={training_args.dataloader_num_workers}: give a number of worker processes "
+            "(0 = load in the main process) or -1 for the recipe's choice"
+        )
+    return training_args
+
+
+def default_num_workers() -> int:
+    """Loader workers of the real-data recipes: min(8, the cores this process may use)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores)
 
 
 def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str, float]]:
@@ -46,6 +89,7 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
     """
     from ..trainer import HeadPrepTrainer
 
+    resolve_loader_settings(training_args, inputs)
     trainer = HeadPrepTrainer(
         model=inputs.model,
         args=training_args,
@@ -54,6 +98,7 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
         compute_metrics=inputs.compute_metrics,
         data_collator=inputs.data_collator,
         preprocess_logits_for_metrics=inputs.preprocess_logits_for_metrics,
+        processing_class=inputs.processing_class,
     )
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume in ("true", "True", "last") else resume)

@@ -3,15 +3,23 @@ on the offline toy task (digits 0/1/2 with rotation and zoom), a `datasets` data
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 
+import torch
 from transformers import set_seed
 
 from ..data import build_toy_downstream, load_image_classification_dataset
+from ..data.device_inputs import attach_input_normalization
+from ..data.images import build_image_transforms, image_processor_data_config, resolve_image_data_config
 from ..metrics import accuracy_metrics
 from ..models import load_timm_model, pretrain_source_model
+from ..models.loading import is_transformers_folder, load_transformers_image_model
 from .base import COMMON_RECIPE_DEFAULTS, TaskInputs
+
+logger = logging.getLogger(__name__)
 
 # Trainer settings of the image-classification recipes for the offline toy task (the config's own defaults are
 # task-neutral). `output_dir` is a new folder per run: a finished run's checkpoints and results are never overwritten.
@@ -45,40 +53,62 @@ class ImageClassificationArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Cache for the source model and datasets."})
     source_epochs: int = field(default=10, metadata={"help": "Epochs of the MNIST-5k source pretraining."})
     toy_classes: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Digits of the toy task."})
+    test_dir: str | None = field(default=None, metadata={"help": "Local test image folder (with --train_dir)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation/test samples."})
+    # The data config: the model's own (timm pretrained_cfg, or the transformers image processor); each flag
+    # overrides one value, named as in timm's train.py.
+    image_size: int | None = field(default=None, metadata={"help": "Input size (default: the model's data config)."})
+    crop_pct: float | None = field(default=None, metadata={"help": "Eval center-crop share (default: the model's)."})
+    interpolation: str | None = field(
+        default=None, metadata={"help": "Resize interpolation: bilinear, bicubic, ... (default: the model's)."}
+    )
+    scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0], metadata={"help": "RandomResizedCrop area range of training images."}
+    )
+    hflip: float = field(default=0.5, metadata={"help": "Horizontal-flip probability of training images."})
+    color_jitter: float = field(default=0.4, metadata={"help": "Color-jitter strength of training images (0: none)."})
+    no_aug: bool = field(default=False, metadata={"help": "Train on resized images without augmentation."})
+    channels_last: bool = field(
+        default=True, metadata={"help": "channels_last memory format (convolutional backbones, real data)."}
+    )
 
 
 def load_image_classification(args: ImageClassificationArguments, seed: int) -> TaskInputs:
-    """Model with a new head for the task's classes, the splits and an offline accuracy metric."""
+    """Model with a new head for the task's classes, the splits and an offline accuracy metric.
+
+    Real data goes through the model's own data config (`resolve_image_data_config` for timm models, the image
+    processor for transformers models) and timm's `create_transform`; the transforms end in uint8 and the model
+    normalises on its device (`attach_input_normalization`). The offline toy task keeps its in-memory float tensors.
+    """
     real_data = args.dataset_name is not None or args.train_dir is not None
+    if not real_data:
+        for name in ("test_dir", "max_train_samples", "max_eval_samples", "image_size", "crop_pct", "interpolation"):
+            if getattr(args, name) is not None:
+                raise ValueError(
+                    f"--{name} applies to real data (--train_dir or --dataset_name); the offline toy task has fixed "
+                    "in-memory splits. Drop it or give the data."
+                )
     if args.model_name_or_path is None:
         source = pretrain_source_model(cache_dir=args.cache_dir, epochs=args.source_epochs)
     else:
         source = args.model_name_or_path
     if not real_data:
         splits = build_toy_downstream(seed=seed, classes=tuple(args.toy_classes))
-        class_names = [str(c) for c in args.toy_classes]
+        class_names, extra = [str(c) for c in args.toy_classes], {}
     else:
-        probe = load_timm_model(str(source), num_classes=0, arch=args.model_arch)
-        cfg = probe.pretrained_cfg
-        splits, class_names = load_image_classification_dataset(
-            args.dataset_name,
-            args.train_dir,
-            args.validation_dir,
-            image_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
-            mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-            std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-            augment_train=True,
-            label_column=args.label_column,
-            image_column=args.image_column,
-            validation_split=args.validation_split,
-            seed=seed,
-            dataset_config_name=args.dataset_config_name,
-            cache_dir=args.cache_dir,
-        )
+        splits, class_names, extra = _load_real_images(args, str(source), seed)
     # The new head's initialisation must not depend on what ran before (e.g. whether the source model was just
     # pretrained or loaded from the cache): shards of one sweep need the same initial head.
     set_seed(seed)
-    model = load_timm_model(str(source), len(class_names), arch=args.model_arch)
+    if is_transformers_folder(str(source)):
+        model = load_transformers_image_model(str(source), class_names)
+    else:
+        model = load_timm_model(str(source), len(class_names), arch=args.model_arch)
+    if real_data:
+        config = extra["data_config"]
+        channels_last = args.channels_last and _is_convolutional(model)
+        attach_input_normalization(model, config["mean"], config["std"], channels_last=channels_last)
     return TaskInputs(
         model=model,
         train_dataset=splits["train"],
@@ -86,4 +116,58 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
         test_dataset=splits.get("test"),
         compute_metrics=accuracy_metrics(),
         class_names=class_names,
+        **extra,
+    )
+
+
+def _load_real_images(args: ImageClassificationArguments, source: str, seed: int):
+    """Splits, class names and the TaskInputs extras of a Hub dataset or image folders, through the model's data
+    config (a timm model's, or a transformers folder's image processor)."""
+    processor = None
+    if is_transformers_folder(source):
+        from transformers import AutoImageProcessor
+
+        if _has_processor(source):
+            processor = AutoImageProcessor.from_pretrained(source)
+        base = image_processor_data_config(processor) if processor is not None else {}
+    else:
+        base = load_timm_model(source, num_classes=0, arch=args.model_arch)
+    data_config = resolve_image_data_config(base, args.image_size, args.crop_pct, args.interpolation)
+    transform_args = dict(no_aug=args.no_aug, scale=args.scale, hflip=args.hflip, color_jitter=args.color_jitter)
+    train_tf = build_image_transforms(data_config, is_training=True, **transform_args)
+    eval_tf = build_image_transforms(data_config, is_training=False)
+    logger.info("data config %s\ntrain transform %s\neval transform %s", data_config, train_tf, eval_tf)
+    splits, class_names = load_image_classification_dataset(
+        args.dataset_name,
+        args.train_dir,
+        args.validation_dir,
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        label_column=args.label_column,
+        image_column=args.image_column,
+        validation_split=args.validation_split,
+        seed=seed,
+        dataset_config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        test_dir=args.test_dir,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+    )
+    extra = dict(
+        train_eval_dataset=splits["train_eval"],
+        processing_class=processor,
+        data_config=data_config,
+        decodes_files=True,
+    )
+    return splits, class_names, extra
+
+
+def _has_processor(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "preprocessor_config.json"))
+
+
+def _is_convolutional(model) -> bool:
+    """channels_last pays off for convolutions; a transformer backbone gains nothing from it."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) for m in model.modules()) and not any(
+        isinstance(m, torch.nn.MultiheadAttention) or type(m).__name__.endswith("Attention") for m in model.modules()
     )

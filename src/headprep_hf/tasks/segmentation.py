@@ -126,4 +126,5 @@ def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
         compute_metrics=segmentation_metrics(num_classes, ignore_index=255),
         class_names=class_names,
         preprocess_logits_for_metrics=argmax_logits,
+        decodes_files=args.voc_root is not None or args.dataset_name is not None,  # loader workers decode them
     )

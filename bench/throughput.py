@@ -1,0 +1,456 @@
+"""Training throughput of the image recipe's default pipeline: HeadPrepTrainer against the raw timm loop.
+
+Four sides, alternated in one process (the order rotates every repeat), each on a fresh copy of the same seeded
+weights, the same data, batch size and optimizer (AdamW, fused on CUDA):
+
+* ``raw_timm``: the plain loop of timm's train.py: uint8 batch to the device, normalised there (timm's prefetcher
+  arithmetic), channels_last, autocast, cross-entropy, backward, optimizer step. No gradient clipping, no logging.
+* ``trainer``: a plain `transformers.Trainer` (cross-entropy on `model(pixel_values)`) with the recipe's loader and
+  training settings.
+* ``headprep_ft``: `HeadPrepTrainer.finetune()` with every measurement on (start-of-FT energy pass, drift on the
+  probe set at each epoch end, head gradient norm every update) and the non-finite guard.
+* ``headprep_hp``: `HeadPrepTrainer.probe_head()` without the feature cache (the uncached HP stage).
+
+Data, each with the recipe's DEFAULT pipeline (`headprep_hf.data.build_image_transforms` from the model's data
+config: RandomResizedCrop + flip + color jitter, uint8 out, normalised on the device by
+`attach_input_normalization`; loader workers as `resolve_loader_settings` picks them):
+
+* ``jpeg``: a folder of real JPEG files made from the photographs that ship with scikit-learn
+  (`sklearn.datasets.load_sample_images`: random crops, sizes and flips), read through `datasets`' imagefolder;
+  decoded and augmented in min(8, cores) persistent worker processes with pinned memory.
+* ``memory``: uint8 tensors already at the input size, in memory (no decoding; the main process loads them).
+
+Throughput is measured in the steady state: from the end of step `--warmup` to the end of the last step (one device
+synchronisation at each end), so worker start-up and the one-time start-of-FT energy pass are outside it; drift
+passes at epoch ends fall inside it. The wall time of the whole call is reported beside it. The loader alone is timed
+too (images/s, and per worker). On CUDA, one extra short run of `trainer` and `headprep_ft` counts the host
+synchronisations per step (`torch.cuda.set_sync_debug_mode`).
+
+Presets (`--device` picks; every value can be overridden; `--steps` counts the measured updates, after `--warmup`
+updates for in-memory data and at least 4 x workers for JPEG, see `plan`):
+
+* cpu: resnet10t at 64 px, batch 32, 12 measured steps, 3 repeats: runs anywhere in a few minutes.
+* cuda: resnet50 at 224 px, bf16 autocast, channels_last, batch 256, 24 measured steps, 3 repeats.
+
+Usage::
+
+    python bench/throughput.py                      # CPU preset
+    python bench/throughput.py --device cuda --json throughput_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from _common import machine_info, write_json
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+from headprep_hf import HeadPrepConfig, HeadPrepTrainer
+from headprep_hf.data import (
+    attach_input_normalization,
+    build_image_transforms,
+    load_image_classification_dataset,
+    normalize_uint8,
+    resolve_image_data_config,
+)
+from headprep_hf.tasks.base import COMMON_RECIPE_DEFAULTS, default_num_workers
+
+SIDES = ("raw_timm", "trainer", "headprep_ft", "headprep_hp")
+PRESETS = {
+    "cpu": dict(arch="resnet10t", image_size=64, batch_size=32, steps=12, warmup=3, repeats=3, bf16=False),
+    "cuda": dict(arch="resnet50", image_size=224, batch_size=256, steps=24, warmup=6, repeats=3, bf16=True),
+}
+NUM_CLASSES = 10
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def _write_jpegs(job: tuple[str, int, int, int]) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    folder, start, count, seed = job
+    photos = [Image.fromarray(p) for p in load_sample_images().images]  # 427 x 640 RGB photographs
+    rng = random.Random(seed)
+    for i in range(start, start + count):
+        photo = photos[i % len(photos)]
+        w, h = rng.randint(200, 427), rng.randint(200, 427)
+        x, y = rng.randint(0, photo.width - w), rng.randint(0, photo.height - h)
+        image = photo.crop((x, y, x + w, y + h))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        side = rng.randint(256, 400)
+        image = image.resize((side, int(side * h / w)))
+        label = i % NUM_CLASSES
+        image.save(os.path.join(folder, f"class_{label}", f"{i}.jpg"), quality=90)
+
+
+def make_jpeg_folder(root: Path, n: int, workers: int) -> Path:
+    """`n` JPEG files (256-400 px wide crops of scikit-learn's sample photographs) in NUM_CLASSES class folders."""
+    for label in range(NUM_CLASSES):
+        (root / f"class_{label}").mkdir(parents=True, exist_ok=True)
+    chunk = -(-n // workers)
+    jobs = [(str(root), s, min(chunk, n - s), s) for s in range(0, n, chunk)]
+    with Pool(workers) as pool:
+        pool.map(_write_jpegs, jobs)
+    return root
+
+
+class MemoryImages(torch.utils.data.Dataset):
+    """uint8 images at the input size, in memory, as the recipe's transforms would hand them over."""
+
+    def __init__(self, n: int, size: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+        self.labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": int(self.labels[i])}
+
+
+def plan(opts, data_name: str) -> argparse.Namespace:
+    """The run settings of one data source: `steps` = warm-up + the measured updates. Loader workers fill a buffer of
+    `prefetch_factor` (2) batches each while the first updates run (cudnn autotuning on a GPU); the JPEG runs warm up
+    until that buffer has been drained twice, so the measured updates see the loader's steady rate, not the buffer."""
+    warmup = opts.warmup if data_name == "memory" else max(opts.warmup, 2 * 2 * opts.workers)
+    return argparse.Namespace(**{**vars(opts), "warmup": warmup, "steps": warmup + opts.steps})
+
+
+def build_datasets(opts, data_config: dict, tmp: Path) -> dict[str, Any]:
+    n = plan(opts, "jpeg").steps * opts.batch_size
+    t = time.perf_counter()
+    make_jpeg_folder(tmp / "train", n, max(1, os.cpu_count() or 1))
+    make_jpeg_folder(tmp / "val", NUM_CLASSES * 2, 1)
+    made = time.perf_counter() - t
+    splits, _ = load_image_classification_dataset(
+        None,
+        str(tmp / "train"),
+        str(tmp / "val"),
+        train_transform=build_image_transforms(data_config, is_training=True),
+        eval_transform=build_image_transforms(data_config, is_training=False),
+        cache_dir=str(tmp / "hf_cache"),
+    )
+    print(f"jpeg folder: {n} files made in {made:.1f} s, indexed in {time.perf_counter() - t - made:.1f} s")
+    n_memory = plan(opts, "memory").steps * opts.batch_size
+    return {"jpeg": splits["train"], "memory": MemoryImages(n_memory, data_config["input_size"][-1])}
+
+
+# ---------------------------------------------------------------------------------------------------- the sides
+class PlainTrainer(Trainer):
+    """A plain Trainer on a timm model: cross-entropy on `model(pixel_values)` (timm takes one positional tensor)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(inputs["pixel_values"])
+        loss = F.cross_entropy(logits, inputs["labels"].long())
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+class Clock:
+    """Steady-state clock: starts after step `warmup`, stops at the end; one device sync at each end."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup = device, warmup
+        self.t0 = self.t1 = None
+        self.steps = 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step(self, step: int) -> None:
+        self.steps = step
+        if step == self.warmup:
+            self._sync()
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self._sync()
+        self.t1 = time.perf_counter()
+
+
+class ClockCallback(TrainerCallback):
+    def __init__(self, clock: Clock):
+        self.clock = clock
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.clock.step(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.clock.stop()
+
+
+def _loader_settings(opts, data_name: str) -> dict[str, Any]:
+    # The recipe's rule (`resolve_loader_settings`): workers for files, none for in-memory tensors.
+    workers = opts.workers if data_name == "jpeg" else 0
+    return dict(
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        dataloader_pin_memory=True,
+    )
+
+
+def _training_args(opts, data_name: str, output_dir: str, cls=TrainingArguments, **extra):
+    return cls(
+        output_dir=output_dir,
+        per_device_train_batch_size=opts.batch_size,
+        learning_rate=1e-3,
+        max_steps=opts.steps if cls is TrainingArguments else -1,
+        num_train_epochs=1,
+        bf16=opts.bf16,
+        use_cpu=opts.device == "cpu",
+        optim="adamw_torch_fused" if opts.device == "cuda" else "adamw_torch",
+        lr_scheduler_type="constant",
+        logging_steps=5,
+        # The recipe's settings (COMMON_RECIPE_DEFAULTS): no host sync per step.
+        logging_nan_inf_filter=COMMON_RECIPE_DEFAULTS["logging_nan_inf_filter"],
+        accelerator_config={**COMMON_RECIPE_DEFAULTS["accelerator_config"], "non_blocking": opts.device == "cuda"},
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        **_loader_settings(opts, data_name),
+        **extra,
+    )
+
+
+def run_raw(opts, model, dataset, data_name, data_config) -> dict[str, float]:
+    device = torch.device(opts.device)
+    model = model.to(device).train()
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # timm's train.py converts the model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    settings = _loader_settings(opts, data_name)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=opts.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=settings["dataloader_num_workers"],
+        persistent_workers=settings["dataloader_persistent_workers"],
+        pin_memory=device.type == "cuda",
+        collate_fn=default_data_collator,
+    )
+    shape = (1, 3, 1, 1)
+    mean = torch.tensor(data_config["mean"], device=device).view(shape)
+    std = torch.tensor(data_config["std"], device=device).view(shape)
+    clock = Clock(device, opts.warmup)
+    start = time.perf_counter()
+    step = 0
+    while step < opts.steps:
+        for batch in loader:
+            x = batch["pixel_values"].to(device, non_blocking=True)
+            y = batch["labels"].to(device, non_blocking=True)
+            x = normalize_uint8(x, mean, std, channels_last=opts.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            clock.step(step)
+            if step == opts.steps:
+                break
+    clock.stop()
+    return _result(opts, clock, time.perf_counter() - start)
+
+
+def _prepare(model, data_config, opts):
+    return attach_input_normalization(model, data_config["mean"], data_config["std"], channels_last=opts.channels_last)
+
+
+def run_trainer(opts, model, dataset, data_name, data_config, tmp, sync_debug=False) -> dict[str, float]:
+    # remove_unused_columns=False: timm's forward(x) names no `pixel_values`, which Trainer would drop.
+    args = _training_args(opts, data_name, str(tmp / "trainer"), remove_unused_columns=False)
+    clock = Clock(torch.device(opts.device), opts.warmup)
+    trainer = PlainTrainer(
+        model=_prepare(model, data_config, opts), args=args, train_dataset=dataset, callbacks=[ClockCallback(clock)]
+    )
+    return _timed(opts, clock, trainer.train, sync_debug)
+
+
+def run_headprep(opts, model, dataset, data_name, data_config, tmp, stage, sync_debug=False) -> dict[str, float]:
+    args = _training_args(
+        opts,
+        data_name,
+        str(tmp / f"headprep_{stage}"),
+        cls=HeadPrepConfig,
+        hp_epochs=1,
+        hp_learning_rate=1e-2,
+        hp_cache_features=False,
+        track_dynamics=True,
+        drift_probe_samples=min(256, len(dataset)),
+        overwrite_output_dir=True,
+        save_total_limit=None,
+    )
+    clock = Clock(torch.device(opts.device), opts.warmup)
+    trainer = HeadPrepTrainer(
+        model=_prepare(model, data_config, opts), args=args, train_dataset=dataset, callbacks=[ClockCallback(clock)]
+    )
+    return _timed(opts, clock, trainer.finetune if stage == "ft" else trainer.probe_head, sync_debug)
+
+
+def _timed(opts, clock, train, sync_debug: bool) -> dict[str, float]:
+    if not sync_debug:
+        start = time.perf_counter()
+        train()
+        return _result(opts, clock, time.perf_counter() - start)
+    # Count the synchronising CUDA calls per step in the steady state (warnings from torch's sync debug mode).
+    counts = {"syncs": 0}
+    original = clock.step
+
+    def step(n: int) -> None:
+        original(n)
+        if n == opts.warmup:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    clock.step = step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            train()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    counts["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+    steps = max(1, clock.steps - opts.warmup)
+    return {"syncs_per_step": counts["syncs"] / steps, "steps": steps}
+
+
+def _result(opts, clock: Clock, wall: float) -> dict[str, float]:
+    steady_steps = clock.steps - opts.warmup
+    samples_per_s = steady_steps * opts.batch_size / (clock.t1 - clock.t0)
+    return {"samples_per_s": samples_per_s, "wall_s": wall, "steps": clock.steps}
+
+
+def time_loader(opts, dataset) -> dict[str, float]:
+    """The JPEG loader alone: images/s over one pass after the first batch, and per worker."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=opts.batch_size,
+        shuffle=True,
+        num_workers=opts.workers,
+        pin_memory=opts.device == "cuda",
+        collate_fn=default_data_collator,
+    )
+    it = iter(loader)
+    next(it)
+    start, n = time.perf_counter(), 0
+    for batch in it:
+        n += len(batch["labels"])
+    rate = n / (time.perf_counter() - start)
+    return {"images_per_s": rate, "workers": opts.workers, "images_per_s_per_worker": rate / max(1, opts.workers)}
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    for key in ("arch",):
+        parser.add_argument(f"--{key}")
+    for key in ("image_size", "batch_size", "steps", "warmup", "repeats", "workers"):
+        parser.add_argument(f"--{key}", type=int)
+    parser.add_argument("--data", nargs="+", choices=["jpeg", "memory"], default=["jpeg", "memory"])
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--json", help="Write the raw results here.")
+    opts = parser.parse_args(argv)
+    for key, value in PRESETS[opts.device].items():
+        if getattr(opts, key, None) is None:
+            setattr(opts, key, value)
+    if opts.workers is None:
+        opts.workers = default_num_workers()
+    opts.channels_last = True  # the recipe's default for convolutional backbones
+    if opts.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    print(
+        f"{opts.device}: {opts.arch} at {opts.image_size} px, batch {opts.batch_size}, {opts.steps} measured steps "
+        f"after {plan(opts, 'memory').warmup} (memory) / {plan(opts, 'jpeg').warmup} (jpeg) warm-up steps, "
+        f"bf16={opts.bf16}, channels_last, {opts.workers} loader workers for JPEG"
+    )
+
+    torch.manual_seed(0)
+    base = timm.create_model(opts.arch, pretrained=False, num_classes=NUM_CLASSES)
+    data_config = resolve_image_data_config(base, image_size=opts.image_size)
+    print(f"data config {data_config}")
+    results: dict[str, dict[str, list[dict]]] = {d: {s: [] for s in opts.sides} for d in opts.data}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        datasets = build_datasets(opts, data_config, tmp)
+        loader = time_loader(opts, datasets["jpeg"]) if "jpeg" in opts.data else None
+        if loader:
+            print(
+                f"loader alone: {loader['images_per_s']:.0f} img/s, {loader['images_per_s_per_worker']:.0f} per worker"
+            )
+        runners = {
+            "raw_timm": lambda m, d, n, o: run_raw(o, m, d, n, data_config),
+            "trainer": lambda m, d, n, o: run_trainer(o, m, d, n, data_config, tmp),
+            "headprep_ft": lambda m, d, n, o: run_headprep(o, m, d, n, data_config, tmp, "ft"),
+            "headprep_hp": lambda m, d, n, o: run_headprep(o, m, d, n, data_config, tmp, "hp"),
+        }
+        for rep in range(opts.repeats):
+            order = opts.sides[rep % len(opts.sides) :] + opts.sides[: rep % len(opts.sides)]
+            for data_name in opts.data:
+                for side in order:
+                    result = runners[side](copy.deepcopy(base), datasets[data_name], data_name, plan(opts, data_name))
+                    results[data_name][side].append(result)
+                    print(
+                        f"rep {rep} {data_name:6s} {side:12s} {result['samples_per_s']:8.1f} samples/s "
+                        f"(whole call {result['wall_s']:.1f} s)",
+                        flush=True,
+                    )
+                    gc.collect()  # shut the run's loader workers down here, outside the next run's clock
+        syncs = {}
+        if opts.device == "cuda" and "memory" in opts.data:
+            for side, run in (
+                ("trainer", lambda: run_trainer(plan(opts, "memory"), copy.deepcopy(base), datasets["memory"],
+                                                "memory", data_config, tmp, sync_debug=True)),
+                ("headprep_ft", lambda: run_headprep(plan(opts, "memory"), copy.deepcopy(base), datasets["memory"],
+                                                     "memory", data_config, tmp, "ft", sync_debug=True)),
+            ):  # fmt: skip
+                syncs[side] = run()
+                print(f"host syncs per step, {side}: {syncs[side]['syncs_per_step']:.2f}")
+
+    summary = {}
+    print(f"\nmedian samples/s over {opts.repeats} repeats; ratios to raw_timm")
+    for data_name, sides in results.items():
+        medians = {s: statistics.median(r["samples_per_s"] for r in runs) for s, runs in sides.items() if runs}
+        ref = medians.get("raw_timm")
+        summary[data_name] = {
+            s: {"median_samples_per_s": m, "ratio_to_raw_timm": (m / ref if ref else None)} for s, m in medians.items()
+        }
+        for s, m in medians.items():
+            ratio = f"{m / ref:.3f}" if ref else "-"
+            print(f"  {data_name:6s} {s:12s} {m:9.1f}   x{ratio}")
+    device_name = torch.cuda.get_device_name() if opts.device == "cuda" else machine_info()["processor"]
+    payload = {
+        "machine": {**machine_info(), "device": device_name},
+        "settings": {k: v for k, v in vars(opts).items() if k != "json"},
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        "loader": loader,
+        "syncs": syncs,
+        "runs": results,
+        "summary": summary,
+    }
+    if opts.json:
+        write_json(opts.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

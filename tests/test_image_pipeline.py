@@ -1,0 +1,244 @@
+"""The image recipe's data pipeline: the model's own data config through timm, uint8 loading, normalisation on the
+model's device in one hook that every pass goes through."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+from headprep_hf.data import (
+    attach_input_normalization,
+    build_image_transforms,
+    image_processor_data_config,
+    input_normalization,
+    resolve_image_data_config,
+)
+
+A1_LIKE = dict(crop_pct=0.95, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _a1_like_model():
+    """resnet18.a1_in1k's data config (crop 0.95, bicubic) on a small net, built offline."""
+    return timm.create_model("resnet18", pretrained=False, num_classes=3, pretrained_cfg_overlay=A1_LIKE)
+
+
+def _image(seed=0, size=(40, 52)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8))
+
+
+def _seed(seed):
+    random.seed(seed)  # timm's RandomResizedCrop and flip draw from `random`, ColorJitter from torch
+    torch.manual_seed(seed)
+
+
+def _float_of(transform_uint8, image, mean, std, seed=0):
+    _seed(seed)
+    x = transform_uint8(image)
+    assert x.dtype == torch.uint8
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def test_data_config_is_the_models_own_and_each_flag_overrides_one_value():
+    model = _a1_like_model()
+    config = resolve_image_data_config(model)
+    assert config["crop_pct"] == 0.95 and config["interpolation"] == "bicubic"
+    assert config["input_size"] == (3, 224, 224)
+    changed = resolve_image_data_config(model, image_size=32, crop_pct=1.0, interpolation="bilinear")
+    assert changed["input_size"] == (3, 32, 32) and changed["crop_pct"] == 1.0
+    assert changed["interpolation"] == "bilinear" and changed["mean"] == config["mean"]
+    with pytest.raises(ValueError, match="crop_pct=1.5"):
+        resolve_image_data_config(model, crop_pct=1.5)
+    with pytest.raises(ValueError, match="image_size=0"):
+        resolve_image_data_config(model, image_size=0)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {},
+        {"no_aug": True},
+        {"scale": (0.5, 1.0)},
+        {"hflip": 0.0},
+        {"color_jitter": 0.0},
+        {"scale": (0.2, 0.9), "hflip": 1.0, "color_jitter": 0.1},
+    ],
+)
+def test_transforms_equal_timms_create_transform_for_the_models_config(flags):
+    config = resolve_image_data_config(_a1_like_model(), image_size=32)
+    image = _image()
+    ours_train = build_image_transforms(config, is_training=True, **flags)
+    timm_train = create_transform(**config, is_training=True, **flags)  # timm's float pipeline, normalised
+    _seed(3)
+    expected = timm_train(image)
+    assert torch.allclose(_float_of(ours_train, image, config["mean"], config["std"], seed=3), expected, atol=1e-6)
+    ours_eval, timm_eval = build_image_transforms(config, is_training=False), create_transform(**config)
+    assert torch.allclose(_float_of(ours_eval, image, config["mean"], config["std"]), timm_eval(image), atol=1e-6)
+    # The eval transform is the model's: resize the short side to floor(32 / 0.95) = 33 px bicubic, crop 32.
+    assert "bicubic" in repr(ours_eval) and "size=33," in repr(ours_eval)
+
+
+def test_bad_augmentation_flags_name_the_fix():
+    config = resolve_image_data_config({})
+    with pytest.raises(ValueError, match=r"scale=\[0.5, 0.2\]"):
+        build_image_transforms(config, is_training=True, scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="hflip=2"):
+        build_image_transforms(config, is_training=True, hflip=2)
+
+
+def test_processor_config_matches_the_processors_own_preprocessing():
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    config = image_processor_data_config(processor)
+    assert config["input_size"] == (3, 32, 32) and config["crop_pct"] == 1.0
+    image = _image(size=(32, 32))
+    ours = _float_of(build_image_transforms(config, is_training=False), image, config["mean"], config["std"])
+    theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_the_batch_that_reaches_the_model_equals_the_float_pipelines():
+    model = _a1_like_model().eval()
+    config = resolve_image_data_config(model, image_size=32)
+    uint8_tf, float_tf = build_image_transforms(config, is_training=False), create_transform(**config)
+    images = [_image(seed) for seed in range(4)]
+    uint8_batch = torch.stack([uint8_tf(im) for im in images])
+    float_batch = torch.stack([float_tf(im) for im in images])
+    seen = []
+    model.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        reference = model(float_batch)
+        attach_input_normalization(model, config["mean"], config["std"], channels_last=True)
+        out = model(uint8_batch)
+    assert seen[1].dtype == torch.float32 and seen[1].is_contiguous(memory_format=torch.channels_last)
+    assert (seen[1] - float_batch).abs().max() <= 1e-6
+    assert torch.allclose(out, reference, atol=1e-5)
+    # A float batch passes untouched; the state dict (what is saved) holds no normalisation buffers.
+    with torch.no_grad():
+        assert torch.equal(model(float_batch), out) or torch.allclose(model(float_batch), out, atol=1e-5)
+    assert not any("headprep_input" in k for k in model.state_dict())
+    assert input_normalization(model)["mean"] == pytest.approx(list(config["mean"]))
+    # A deep copy (what a sweep's jobs start from) normalises the same way; attaching again replaces, never stacks.
+    import copy
+
+    twin = attach_input_normalization(copy.deepcopy(model), config["mean"], config["std"])
+    with torch.no_grad():
+        assert torch.allclose(twin(uint8_batch), out, atol=1e-5)
+    assert len(twin._forward_pre_hooks) == 1 and len(model._forward_pre_hooks) == 1
+
+
+def test_normalisation_takes_the_transformers_keyword_input():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    model = ViTForImageClassification(
+        ViTConfig(
+            image_size=16,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            num_labels=3,
+        )
+    ).eval()
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = model(pixel_values=(x.float() / 255 - 0.5) / 0.5).logits
+        attach_input_normalization(model, [0.5] * 3, [0.5] * 3)
+        out = model(pixel_values=x).logits
+    assert torch.allclose(out, reference, atol=1e-6)
+
+
+class _Uint8Images(torch.utils.data.Dataset):
+    """uint8 images (as the recipes' loaders yield them) with image-dependent labels."""
+
+    def __init__(self, n=48, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+        self.x = torch.randint(0, 200, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+        for c in range(3):
+            self.x[self.labels == c, c] += 55
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": int(self.labels[i])}
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_every_pass_sees_the_same_normalised_inputs_as_training(tmp_path, cached):
+    from conftest import bn_head_model, make_config
+
+    from headprep_hf import HeadPrepTrainer
+
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    train, val = _Uint8Images(48, seed=0), _Uint8Images(16, seed=1)
+    expected = {}
+    for name, data in (("train", train), ("validation", val)):
+        expected[name] = (data.x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+            1, 3, 1, 1
+        )
+    reference = torch.cat([expected["train"], expected["validation"]]).flatten(1)
+    model = attach_input_normalization(bn_head_model(), mean, std)
+    stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    stem.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().flatten(1).clone()))
+    args = make_config(tmp_path, hp_cache_features=cached, eval_strategy="epoch", hp_recompute_bn_stats=True)
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+    trainer.train()
+    rows = torch.cat(seen)
+    assert rows.dtype == torch.float32
+    # Every row any pass fed the backbone (HP or its feature cache, the BatchNorm pass, the energy and drift passes,
+    # FT, evaluation) is a normalised training or validation image, to float32 rounding.
+    nearest = torch.cdist(rows, reference, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert nearest.max() <= 1e-4
+    dyn = trainer.dynamics
+    # More rows than training and evaluation read: the measurement passes went through the same hook.
+    steps_rows = 48 * (args.num_train_epochs + (0 if cached else args.hp_epochs))
+    assert len(rows) > steps_rows + 16 * (args.num_train_epochs + args.hp_epochs)
+    assert dyn["energy"] is not None and dyn["drift"]
+
+
+def test_persistent_workers_end_with_the_run_and_the_evaluation(tmp_path):
+    import gc
+    import multiprocessing
+    import time
+
+    from conftest import make_config, tiny_timm
+
+    from headprep_hf import HeadPrepTrainer
+
+    before = set(multiprocessing.active_children())
+    args = make_config(
+        tmp_path, dataloader_num_workers=2, dataloader_persistent_workers=True, eval_strategy="epoch", hp_epochs=1
+    )
+    trainer = HeadPrepTrainer(
+        model=attach_input_normalization(tiny_timm(), (0.5,) * 3, (0.25,) * 3),
+        args=args,
+        train_dataset=_Uint8Images(48),
+        eval_dataset=_Uint8Images(16, seed=1),
+    )
+    trainer.train()
+    assert set(multiprocessing.active_children()) <= before  # training and evaluation workers have stopped
+    trainer.evaluate()
+    assert set(multiprocessing.active_children()) <= before
+    del trainer
+    start = time.perf_counter()
+    gc.collect()
+    assert time.perf_counter() - start < 2.0  # nothing left to time out in the collector (was 5 s per worker)
+
+
+def test_real_data_flags_on_the_toy_task_are_refused_before_any_work():
+    from headprep_hf.tasks.image_classification import ImageClassificationArguments, load_image_classification
+
+    with pytest.raises(ValueError, match="--image_size applies to real data"):
+        load_image_classification(ImageClassificationArguments(image_size=32, cache_dir="/nonexistent"), seed=0)
