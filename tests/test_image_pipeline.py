@@ -242,3 +242,50 @@ def test_real_data_flags_on_the_toy_task_are_refused_before_any_work():
 
     with pytest.raises(ValueError, match="--image_size applies to real data"):
         load_image_classification(ImageClassificationArguments(image_size=32, cache_dir="/nonexistent"), seed=0)
+
+
+def test_torch_compile_traces_each_stage_once(tmp_path):
+    # `--torch_compile` through HP and FT with uint8 inputs normalised by the model's hook: dynamo traces the model
+    # once for HP and once more at the switch to FT (other trainable parameters and modes), never per step. The
+    # `eager` backend makes dynamo trace and count exactly as with inductor, without compiling kernels.
+    import torch._dynamo
+    from conftest import make_config, tiny_timm
+    from torch._dynamo.utils import counters
+    from transformers import TrainerCallback
+
+    from headprep_hf import HeadPrepTrainer
+
+    class Graphs(TrainerCallback):
+        def __init__(self):
+            self.per_step = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.per_step.append(counters["stats"]["unique_graphs"])
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = Graphs()
+    args = make_config(
+        tmp_path,
+        hp_epochs=2,
+        num_train_epochs=2,
+        torch_compile=True,
+        torch_compile_backend="eager",
+        eval_strategy="epoch",
+    )
+    model = attach_input_normalization(tiny_timm(), (0.3, 0.4, 0.5), (0.2, 0.25, 0.3))
+    trainer = HeadPrepTrainer(
+        model=model,
+        args=args,
+        train_dataset=_Uint8Images(48),
+        eval_dataset=_Uint8Images(16, seed=1),
+        callbacks=[graphs],
+    )
+    trainer.train()
+    steps_per_epoch = 3
+    hp, ft = graphs.per_step[: 2 * steps_per_epoch], graphs.per_step[2 * steps_per_epoch :]
+    assert len(ft) == 2 * steps_per_epoch and hp[0] >= 1
+    assert len(set(hp)) == 1 and len(set(ft)) == 1  # nothing traced again within a stage
+    assert ft[0] - hp[0] <= 1  # the switch to FT: at most one more graph
+    assert counters["stats"]["calls_captured"] > 0 and trainer.dynamics["energy"] is not None
+    torch._dynamo.reset()

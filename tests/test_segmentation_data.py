@@ -90,6 +90,31 @@ def test_train_transform_is_joint_and_seeded():
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_transform_normalised_on_the_model_matches_the_float_pipeline(train):
+    from headprep_hf.data import attach_input_normalization
+
+    rng = np.random.default_rng(2)
+    image, mask = _pair(rng, 37, 53, 3)  # odd sizes: resize, pad and (train) crop all happen
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    as_float = SegmentationTransform(40, mean, std, train=train, scale_range=(0.5, 1.5))
+    as_uint8 = SegmentationTransform(40, mean, std, train=train, scale_range=(0.5, 1.5), normalize=False)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        x_float, y_float = as_float(image, mask)
+        torch.manual_seed(seed)
+        x_uint8, y_uint8 = as_uint8(image, mask)
+        assert x_uint8.dtype == torch.uint8 and torch.equal(y_uint8, y_float)  # the same geometry, the same mask
+        seen = []
+        model = attach_input_normalization(torch.nn.Identity(), mean, std, input_name=None)
+        model.register_forward_hook(lambda module, args, output: seen.append(output))
+        model(x_uint8.unsqueeze(0))
+        # uint8 rounding of the resized pixels (and of the mean colour of the padding): < 1/255 before normalising
+        assert (seen[0][0] - x_float).abs().max() <= 1.0 / 255 / min(std)
+    with pytest.raises(ValueError, match="uint8 loading takes 8-bit images"):
+        as_uint8(torch.rand(3, 20, 20), mask)
+
+
 def test_voc_bad_samples_name_the_index(tmp_path):
     from conftest import make_config
 

@@ -112,6 +112,10 @@ class SegmentationTransform:
     Images are resized bilinearly (antialiased), masks with nearest neighbour; padding is 0 after normalisation (the
     mean colour) for the image and `ignore_index` for the mask, so padded pixels never count. Grey images are
     repeated to three channels. Randomness comes from torch's global RNG (seeded per worker by the DataLoader).
+
+    `normalize=False` (the recipes' real-data loaders): 8-bit images stay uint8 through resize, pad (with the mean
+    colour in 8 bits) and crop, and the model normalises them on its device (`attach_input_normalization`); the
+    result differs from the float pipeline by the uint8 rounding of the resize only (< 1/255 before normalisation).
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class SegmentationTransform:
         ignore_index: int = 255,
         scale_range: tuple[float, float] = (0.5, 2.0),
         hflip: bool = True,
+        normalize: bool = True,
     ):
         if size < 1:
             raise ValueError(f"crop size must be >= 1, got {size}")
@@ -131,13 +136,14 @@ class SegmentationTransform:
         self.size, self.train, self.ignore_index = int(size), train, ignore_index
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.scale_range, self.hflip = scale_range, hflip
+        self.scale_range, self.hflip, self.normalize = scale_range, hflip, normalize
+        self.fill_uint8 = [round(float(m) * 255) for m in mean]  # the mean colour, padded in 8 bits
 
     def __call__(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
-        x = _image_tensor(image)
+        x = _image_tensor(image) if self.normalize else _image_uint8(image)
         y = torch.from_numpy(np.array(mask, dtype=np.int64)).unsqueeze(0)
         h, w = x.shape[-2:]
         if self.train:
@@ -149,10 +155,11 @@ class SegmentationTransform:
         new_h, new_w = max(1, round(h * factor)), max(1, round(w * factor))
         x = TF.resize(x, [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
         y = TF.resize(y, [new_h, new_w], interpolation=InterpolationMode.NEAREST)
-        x = (x - self.mean) / self.std
+        if self.normalize:
+            x = (x - self.mean) / self.std
         pad_h, pad_w = max(self.size - new_h, 0), max(self.size - new_w, 0)
         if pad_h or pad_w:  # [left, top, right, bottom]
-            x = TF.pad(x, [0, 0, pad_w, pad_h], fill=0.0)
+            x = TF.pad(x, [0, 0, pad_w, pad_h], fill=0.0 if self.normalize else self.fill_uint8)
             y = TF.pad(y, [0, 0, pad_w, pad_h], fill=self.ignore_index)
         if self.train:
             top = int(torch.randint(0, x.shape[-2] - self.size + 1, ()))
@@ -164,6 +171,23 @@ class SegmentationTransform:
             if self.hflip and bool(torch.rand(()) < 0.5):
                 x, y = x.flip(-1), y.flip(-1)
         return x.contiguous(), y[0].contiguous()
+
+
+def _image_uint8(image) -> torch.Tensor:
+    """PIL image, uint8 numpy array (H, W[, C]) or uint8 tensor (C, H, W) -> uint8 tensor (3, H, W)."""
+    if isinstance(image, torch.Tensor):
+        x = image
+    else:
+        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        x = torch.from_numpy(np.ascontiguousarray(array))
+        x = x.permute(2, 0, 1) if x.ndim == 3 else x.unsqueeze(0)
+    if x.dtype != torch.uint8:
+        raise ValueError(
+            f"uint8 loading takes 8-bit images, got {x.dtype}: load this data with normalize=True (float pipeline)"
+        )
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image of shape (H, W), (H, W, 3) or (C, H, W), got {tuple(x.shape)}")
+    return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 
 def _image_tensor(image) -> torch.Tensor:
@@ -277,6 +301,7 @@ def load_voc_segmentation(
     validation_split: float = 0.1,
     seed: int = 0,
     ignore_index: int = 255,
+    normalize: bool = True,
 ) -> dict[str, SegmentationDataset]:
     """PASCAL VOC semantic segmentation from a local copy (torchvision `VOCSegmentation`, never downloaded).
 
@@ -310,7 +335,7 @@ def load_voc_segmentation(
         return load, len(indices)
 
     def transform(train: bool) -> SegmentationTransform:
-        return SegmentationTransform(crop_size, mean, std, train=train, ignore_index=ignore_index)
+        return SegmentationTransform(crop_size, mean, std, train=train, ignore_index=ignore_index, normalize=normalize)
 
     return {
         "train": SegmentationDataset(*pairs(train_set, train_idx), transform(True), "train"),
@@ -332,6 +357,7 @@ def load_hf_segmentation(
     seed: int = 0,
     ignore_index: int = 255,
     cache_dir: str | None = None,
+    normalize: bool = True,
 ) -> dict[str, SegmentationDataset]:
     """A `datasets` semantic-segmentation set: a Hub id (e.g. `scene_parse_150`, `segments/sidewalk-semantic`), a
     local folder of data files `load_dataset` reads, or a folder written by `save_to_disk`.
@@ -389,7 +415,9 @@ def load_hf_segmentation(
             row = split[i]
             return row[image_column], row[mask_column]
 
-        transform = SegmentationTransform(crop_size, mean, std, train=is_train, ignore_index=ignore_index)
+        transform = SegmentationTransform(
+            crop_size, mean, std, train=is_train, ignore_index=ignore_index, normalize=normalize
+        )
         return SegmentationDataset(load, len(split), transform, name, label_map=label_map)
 
     splits = {"train": wrap(train, "train", True), "validation": wrap(validation, "validation", False)}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 
 from ..data import build_digit_segmentation
+from ..data.device_inputs import attach_input_normalization
 from ..data.segmentation import VOC_CLASSES, load_hf_segmentation, load_nuclei_segmentation, load_voc_segmentation
 from ..metrics import argmax_logits, segmentation_metrics
 from ..models import DEFAULT_ARCH, TimmDeepLabV3, load_timm_model, pretrain_source_model
@@ -99,13 +100,13 @@ def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
     norm = dict(mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
     if args.voc_root is not None:
         splits = load_voc_segmentation(args.voc_root, args.crop_size, **norm, year=args.voc_year,
-                                       validation_split=args.validation_split, seed=seed)  # fmt: skip
+                                       validation_split=args.validation_split, seed=seed, normalize=False)  # fmt: skip
         class_names = list(VOC_CLASSES)
     elif args.dataset_name is not None:
         splits = load_hf_segmentation(
             args.dataset_name, args.crop_size, **norm, dataset_config_name=args.dataset_config_name,
             image_column=args.image_column, mask_column=args.mask_column, reduce_labels=args.reduce_labels,
-            validation_split=args.validation_split, seed=seed, cache_dir=args.cache_dir,
+            validation_split=args.validation_split, seed=seed, cache_dir=args.cache_dir, normalize=False,
         )  # fmt: skip
         class_names = [str(i) for i in range(args.num_labels)]
     elif args.nuclei:
@@ -118,6 +119,9 @@ def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
     set_seed(seed)  # the new head's initialisation must not depend on what ran before
     model = TimmDeepLabV3(cfg.get("architecture", arch), num_classes, args.output_stride)
     model.load_backbone_state_dict(classifier.state_dict())
+    files = args.voc_root is not None or args.dataset_name is not None
+    if files:  # real images load as uint8 (normalize=False above); the model normalises them on its device
+        attach_input_normalization(model, norm["mean"], norm["std"], channels_last=True)
     return TaskInputs(
         model=model,
         train_dataset=splits["train"],
@@ -126,5 +130,5 @@ def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
         compute_metrics=segmentation_metrics(num_classes, ignore_index=255),
         class_names=class_names,
         preprocess_logits_for_metrics=argmax_logits,
-        decodes_files=args.voc_root is not None or args.dataset_name is not None,  # loader workers decode them
+        decodes_files=files,  # loader workers decode them
     )
