@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,58 @@ def test_bad_sweep_arguments_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="sweep_shard"):
         main(["sweep", "--sweep_shard", "3/2", "--output_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def _exit_message(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hp_epoch", "3"], "unrecognized arguments: --hp_epoch 3"),  # a prefix is not taken for --hp_epochs
+        (["--hp_epcohs", "3"], "unrecognized arguments: --hp_epcohs 3"),  # argparse's one-line error
+        (["--do_train", "false"], "--do_train is not used here"),
+        (["--do_eval"], "--do_eval is not used here"),
+        (["--hp_epochs", "3"], "use --sweep_taus|set the grid with --sweep_taus"),  # the grid decides
+    ],
+)
+def test_the_sweep_command_rejects_what_it_would_ignore(tmp_path, capsys, argv, message):
+    code, err = _exit_message(capsys, ["sweep", *argv, "--output_dir", str(tmp_path / "x")])
+    assert code == 2 and re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_recipe_flags_config_forms_and_resume_without_value(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import image_classification as recipe
+
+    from headprep_hf.cli import parse_with_config
+
+    config = tmp_path / "s.yaml"
+    config.write_text("hp_epochs: 7\n")
+    for form in (["--config", str(config)], [f"--config={config}"]):
+        _, args = parse_with_config(recipe.make_parser(), [*form, "--output_dir", str(tmp_path / "o")])
+        assert args.hp_epochs == 7
+    _, args = parse_with_config(
+        recipe.make_parser(), ["--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint"]
+    )
+    assert args.resume_from_checkpoint == "last"
+    config.write_text("do_predict: true\n")
+    with pytest.raises(SystemExit):
+        parse_with_config(recipe.make_parser(), ["--config", str(config)])
+    assert "do_predict is not used here" in capsys.readouterr().err
+
+
+def test_sweep_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for flag in ("--config", "--task", "--merge", "--sweep_taus", "--hp_learning_rate"):
+        assert flag in out
 
 
 @pytest.mark.slow

@@ -36,10 +36,43 @@ SWEEP_DEFAULTS = dict(
 )
 
 
-def parse_with_config(parser: HfArgumentParser, argv: list[str]):
-    """`parser.parse_args_into_dataclasses(argv)`, where `--config FILE` (.json/.yaml) supplies defaults that flags
-    on the command line override. Unknown keys in the file are an error naming them."""
-    argv = list(argv)
+# Flags of TrainingArguments that the recipes and the sweep do not read: refused with what does the job instead.
+IGNORED_FLAGS = {
+    "--do_train": "the recipes always train (HP, then FT); to skip training, evaluate a saved model instead",
+    "--do_eval": "the recipes always evaluate on the validation split (and on test when there is one)",
+    "--do_predict": "the recipes always evaluate on the test split when there is one",
+}
+SWEEP_IGNORED_FLAGS = {
+    "--hp_epochs": "a sweep runs one HP per seed to the largest tau of its grid; set the grid with --sweep_taus",
+}
+
+
+def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[str, str] | None = None):
+    """`parser.parse_args_into_dataclasses(argv)`, where `--config FILE` or `--config=FILE` (.json/.yaml) supplies
+    defaults that flags on the command line override. Unknown keys in the file are an error naming them.
+
+    Strict, so that nothing given is silently ignored: no abbreviated flags (`--hp_epoch` is not `--hp_epochs`), an
+    unknown flag ends in argparse's one-line error, flags the command does not read (`ignored`, default
+    `IGNORED_FLAGS`) are refused with what to use instead, and `--resume_from_checkpoint` without a value means the
+    latest checkpoint (`last`)."""
+    parser.allow_abbrev = False
+    if not any("--config" in action.option_strings for action in parser._actions):
+        parser.add_argument(
+            "--config",
+            default=argparse.SUPPRESS,  # read before parsing; listed here for --help
+            metavar="FILE",
+            help="Settings from a .yaml or .json file (keys: any flag below); flags on the command line override it.",
+        )
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    ignored = IGNORED_FLAGS if ignored is None else ignored
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in ignored:
+            parser.error(f"{flag} is not used here: {ignored[flag]}")
+    for i, arg in enumerate(argv):
+        if arg == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "last")
+            break
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -52,8 +85,14 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str]):
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"{path}: unknown settings {unknown}")
+        for key in values:
+            if f"--{key}" in ignored:
+                parser.error(f"{path}: {key} is not used here: {ignored[f'--{key}']}")
         parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    return tuple(parsed)
 
 
 def _pop_option(argv: list[str], name: str, default: str | None = None) -> tuple[str | None, list[str]]:
@@ -78,6 +117,13 @@ def sweep_parser(task_name: str) -> HfArgumentParser:
     defaults = {**task.defaults, **SWEEP_DEFAULTS, **task.sweep_defaults}
     defaults["output_dir"] = time.strftime("runs/sweep-%Y%m%d-%H%M%S")
     parser.set_defaults(**defaults)
+    # Read before parsing (`_pop_option`, the merge parser); listed here so that --help shows them.
+    parser.add_argument(
+        "--task", default=argparse.SUPPRESS, help="image_classification (default), segmentation or graph."
+    )
+    parser.add_argument(
+        "--merge", nargs="+", default=argparse.SUPPRESS, metavar="DIR", help="Merge these shard folders instead."
+    )
     return parser
 
 
@@ -104,7 +150,7 @@ def sweep_main(argv: list[str]) -> dict:
 
     task_name, argv = _pop_option(argv, "--task", "image_classification")
     task = get_task(task_name)
-    task_args, args = parse_with_config(sweep_parser(task_name), argv)
+    task_args, args = parse_with_config(sweep_parser(task_name), argv, {**IGNORED_FLAGS, **SWEEP_IGNORED_FLAGS})
     inputs = task.load(task_args, args.seed)
     resolve_loader_settings(args, inputs)
     sweep = TauSweep(
