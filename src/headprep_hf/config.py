@@ -80,10 +80,21 @@ class HeadPrepConfig(TrainingArguments):
         track_dynamics (`bool`, defaults to `True`):
             Measure energy, HP train accuracy and p0 at the start of FT, feature drift during FT and the head's
             gradient norm.
-        drift_probe_samples (`int`, defaults to `256`):
+        drift_probe_samples (`int` or `None`, defaults to `None`):
             Drift is measured on the first N training samples (or on the `drift_dataset` given to the trainer).
+            `None`: `min(256, max(64, n // 16))` of the `n` training samples (all of them when fewer), so that the
+            per-epoch drift pass stays about 1-2% of a training epoch on small sets (a forward-only pass over n/16
+            samples) while the mean over at least 64 samples keeps the statistic (`measurements.default_probe_size`).
         energy_max_samples (`int` or `None`, defaults to `None`):
             Measure the energy on the first N training samples only; `None` uses the whole training set.
+        energy_from_hp_epoch (`bool`, defaults to `True`):
+            Measure the start-of-FT energy, HP train accuracy and p0 on the head inputs of the last (uncached) HP
+            epoch, by a pass of the head alone, instead of a separate pass of the model over the training set. Exact:
+            the backbone is frozen in eval mode during HP, so these are the head inputs a separate pass over the same
+            views would compute. Used only where that holds (one process, eval-mode backbone, no `reinit_modules`,
+            no `torch_compile`, whole training set read in the last HP epoch, inputs under 1 GiB); otherwise the
+            separate pass runs. `headprep_dynamics.json` says which (`energy_source`); `p0` is then in the order the
+            last HP epoch read the samples (`p0_order`).
         measure_batch_size (`int` or `None`, defaults to `None`):
             Per-device batch size of the forward-only passes (energy, drift, feature cache); `None` uses the larger
             of 4x the train batch size and the eval batch size (no activations are kept for a backward pass).
@@ -177,11 +188,22 @@ class HeadPrepConfig(TrainingArguments):
     track_dynamics: bool = field(
         default=True, metadata={"help": "Measure energy, p0, feature drift and the head gradient norm."}
     )
-    drift_probe_samples: int = field(
-        default=256, metadata={"help": "Drift is measured on the first N training samples (or the drift_dataset)."}
+    drift_probe_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drift is measured on the first N training samples (or the drift_dataset); "
+            "unset = min(256, max(64, N_train // 16))."
+        },
     )
     energy_max_samples: int | None = field(
         default=None, metadata={"help": "Measure energy on the first N training samples only; unset = all."}
+    )
+    energy_from_hp_epoch: bool = field(
+        default=True,
+        metadata={
+            "help": "Start-of-FT energy from the last uncached HP epoch's head inputs (head-only pass) where exact; "
+            "false = always a separate pass over the training set."
+        },
     )
     measure_batch_size: int | None = field(
         default=None,
@@ -287,7 +309,7 @@ class HeadPrepConfig(TrainingArguments):
             raise ValueError(f"on_nonfinite must be one of {list(POLICIES)} or unset, got {self.on_nonfinite!r}.")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {list(PROBLEM_TYPES)} or unset, got {self.problem_type!r}.")
-        if self.drift_probe_samples < 1:
+        if self.drift_probe_samples is not None and self.drift_probe_samples < 1:
             raise ValueError(f"drift_probe_samples must be >= 1, got {self.drift_probe_samples}.")
         if self.measure_batch_size is not None and self.measure_batch_size < 1:
             raise ValueError(f"measure_batch_size must be >= 1 or unset, got {self.measure_batch_size}.")

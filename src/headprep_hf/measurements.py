@@ -2,8 +2,10 @@
 
 * At the start of FT: energy, HP train accuracy, p0 (logits and labels only) and the probe features z_0 (the head's
   input). The trainer asks for it at the HP->FT boundary (or before the first step when the run has no HP). Where
-  cached HP already holds the head inputs of exactly the views the energy pass would read, the head alone runs on
-  them (`head_inputs`; `dynamics["energy_source"]` says which path ran).
+  the head inputs of the training set are already at hand, the head alone runs on them instead of a pass of the
+  model over the training set: cached HP's (`head_inputs`, exactly the views the energy pass would read), or those
+  the last uncached HP epoch passed to the head (`HPEpochInputs`: the backbone is frozen in eval mode during HP, so
+  they are what a pass over the same views computes). `dynamics["energy_source"]` says which path ran.
 * During FT: the drift of the probe features from z_0 at every epoch end, evaluation and the end of training, and the
   head's gradient norm at every update (summed on the device, read at logging steps).
 * Values are merged into the trainer's next log record (as trl merges its extra metrics in `log()`), never logged as
@@ -17,7 +19,6 @@ model has no head the split can find.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
+from transformers.trainer_utils import has_length
 
 from .dynamics import (
     DRIFT_KEYS,
@@ -63,6 +65,67 @@ class HeadInputs:
     num_workers: int
 
 
+KEPT_INPUTS_MAX_BYTES = 2**30  # head inputs of one HP epoch kept for the energy (on their device) at most
+
+
+class HPEpochInputs:
+    """The head inputs and labels of the training micro-batches of one uncached HP epoch, kept where they were
+    computed (no copy, no host sync), for the start-of-FT energy.
+
+    A forward pre-hook on the first head module takes its input while `active` (the trainer sets it around its
+    training step only, so evaluation passes are not recorded); `record(labels)` pairs it with the step's labels.
+    Past `max_bytes` everything is dropped and `complete()` answers False (the separate pass runs instead).
+    """
+
+    def __init__(self, feature_module: torch.nn.Module, max_bytes: int = KEPT_INPUTS_MAX_BYTES):
+        self.features: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.num_samples, self.nbytes, self.max_bytes = 0, 0, max_bytes
+        self.dropped: str | None = None  # why nothing usable is kept
+        self.active = False
+        self._pending: torch.Tensor | None = None
+        self._handle = feature_module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        if self.active and self._pending is None:  # the first head call of the step's forward
+            self._pending = (args[0] if args else next(iter(kwargs.values()))).detach()
+
+    def record(self, labels) -> None:
+        z, self._pending = self._pending, None
+        if self.dropped is not None:
+            return
+        if z is None or not isinstance(labels, torch.Tensor) or labels.shape[:1] != z.shape[:1]:
+            self._drop("a training step's head input and labels could not be paired")
+            return
+        self.nbytes += z.numel() * z.element_size()
+        if self.nbytes > self.max_bytes:
+            self._drop(f"the head inputs of an epoch exceed {self.max_bytes / 2**20:.0f} MiB")
+            return
+        self.features.append(z)
+        self.labels.append(labels.detach())
+        self.num_samples += z.shape[0]
+
+    def _drop(self, reason: str) -> None:
+        self.dropped, self.features, self.labels = reason, [], []
+
+    def close(self) -> None:
+        self._handle.remove()
+        self.active, self._pending = False, None
+
+
+def default_probe_size(num_train: int) -> int:
+    """The drift probe's default size for a training set of `num_train` samples: `min(256, max(64, n // 16))`.
+
+    The drift pass is forward-only over the probe at every epoch end, so its cost per epoch is about
+    `probe / (3 n)` of a training epoch (a forward-only sample costs about a third of a training one, less at the
+    larger measurement batch): n // 16 keeps it near 1-2% on any set, where the former fixed 256 cost 4.4% per epoch on
+    the 900-image toy set. The statistics are means over the probe (`||z_t-z_0||^2`, `z_t.z_0`, `||z_t||^2`, cos);
+    at least 64 samples keep their standard error small against the differences the paper reads (tau = 0 vs
+    tau > 0), and beyond 256 the mean is already tight: large sets keep the previous 256.
+    """
+    return min(num_train, 256, max(64, num_train // 16))
+
+
 def broadcast_buffers(model: torch.nn.Module, accelerator) -> None:
     """Rank 0's buffers on every rank.
 
@@ -95,6 +158,7 @@ class MeasurementCallback(TrainerCallback):
         self._grad_finite: torch.Tensor | float = 0.0
         self._head_params: list[torch.nn.Parameter] | None = None
         self.head_inputs: HeadInputs | None = None  # cached by HP (a cached sweep hands them to its FT jobs)
+        self.hp_epoch_inputs: HPEpochInputs | None = None  # the last uncached HP epoch's head inputs
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ run lifecycle (called by the trainer)
@@ -102,6 +166,7 @@ class MeasurementCallback(TrainerCallback):
         """A new `train()` call: no z_0 yet; FT runs start new drift and head-gradient records."""
         self.z0, self.last_drift_step, self.pending = None, None, {}
         self._probe_loader = self._probe_set = None  # Trainer.train() frees Accelerate's prepared loaders
+        self.drop_hp_epoch_inputs()
         self._grad_sum, self._grad_count, self._grad_finite = 0.0, 0, 0.0
         if plan in ("both", "ft"):
             self.dynamics.pop("drift", None)
@@ -190,9 +255,15 @@ class MeasurementCallback(TrainerCallback):
         summary: dict[str, Any] = {}
         result = None
         if self._can_measure_energy():
+            source, order = "cached head inputs", "dataset"
             result = self._energy_from_head_inputs()
-            self.dynamics["energy_source"] = "cached head inputs" if result is not None else "backbone pass"
-            result = result if result is not None else self._energy_pass()
+            if result is None:
+                source, order = "last HP epoch's head inputs", "last HP epoch"
+                result = self._energy_from_hp_epoch()
+            if result is None:
+                source, order = "backbone pass", "dataset"
+                result = self._energy_pass()
+            self.dynamics["energy_source"], self.dynamics["p0_order"] = source, order
         if result is not None:
             summary = self._finite_summary(result)
             p0 = result.p_true
@@ -219,6 +290,7 @@ class MeasurementCallback(TrainerCallback):
         if self.z0 is not None:
             self.dynamics["num_probe_samples"] = int(self.z0.shape[0])
         self.dynamics.setdefault("ft_start_step", trainer.state.global_step)
+        self.drop_hp_epoch_inputs()
         return summary
 
     def measure_drift(self) -> dict[str, float]:
@@ -260,6 +332,74 @@ class MeasurementCallback(TrainerCallback):
             )
             self._grad_sum, self._grad_count, self._grad_finite = 0.0, 0, 0.0
         return extra
+
+    # ------------------------------------------------------------------ the last uncached HP epoch's head inputs
+    def hp_epoch_recorder(self) -> HPEpochInputs | None:
+        """The recorder of this training step's head input, or None. Called by the trainer before each training
+        step: opens the recorder at the first step of the last in-loop HP epoch when the start-of-FT energy can be
+        computed exactly from what that epoch passes to the head (see `HeadPrepConfig.energy_from_hp_epoch`)."""
+        trainer = self.trainer
+        plan, step = trainer.stage_plan, trainer.state.global_step
+        per_epoch = trainer.hp_steps_per_epoch
+        if not (plan.plan != "ft" and per_epoch and plan.hp_steps - per_epoch <= step < plan.hp_steps):
+            return None
+        if self.hp_epoch_inputs is None and step == plan.hp_steps - per_epoch and self._hp_epoch_usable():
+            split = trainer.find_head()
+            self.hp_epoch_inputs = HPEpochInputs(split.feature_module(trainer.accelerator.unwrap_model(trainer.model)))
+        return self.hp_epoch_inputs
+
+    def drop_hp_epoch_inputs(self) -> None:
+        if self.hp_epoch_inputs is not None:
+            self.hp_epoch_inputs.close()
+            self.hp_epoch_inputs = None
+
+    def _hp_epoch_usable(self) -> bool:
+        trainer, args = self.trainer, self.trainer.args
+        if not (args.track_dynamics and args.energy_from_hp_epoch) or trainer.energy_dataset is not None:
+            return False
+        if trainer.accelerator.num_processes > 1 or args.torch_compile or args.reinit_modules:
+            return False  # (each rank sees a shard; hooks under compile recompile; reinit blocks move z in HP)
+        if args.hp_backbone_mode != "eval" or not has_length(trainer.train_dataset):
+            return False
+        if args.energy_max_samples is not None and args.energy_max_samples < len(trainer.train_dataset):
+            return False
+        split = trainer.find_head()
+        return split is not None and len(split.head_names) == 1 and len(trainer.label_names or []) == 1
+
+    def _energy_from_hp_epoch(self):
+        """The energy pass from the head inputs the last uncached HP epoch kept, when that epoch passed every training
+        sample to the head exactly once (none dropped by `dataloader_drop_last`, no resume inside the epoch); None
+        otherwise."""
+        kept, trainer = self.hp_epoch_inputs, self.trainer
+        if kept is None or kept.dropped is not None or kept.num_samples != len(trainer.train_dataset):
+            if kept is not None:
+                logger.info(
+                    "Energy by a separate pass: the last HP epoch's head inputs are not usable (%s).",
+                    kept.dropped or f"{kept.num_samples} of {len(trainer.train_dataset)} samples were recorded",
+                )
+            return None
+        return self._head_only_pass(kept.features, kept.labels)
+
+    def _head_only_pass(self, features, labels) -> PassResult:
+        """Energy, p_true and correctness of the head alone (eval mode) on its inputs, in chunks of
+        `measure_batch_size` (`features`/`labels`: one tensor, or the per-step lists)."""
+        trainer, args = self.trainer, self.trainer.args
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        split, device = trainer.find_head(), next(model.parameters()).device
+        if isinstance(features, torch.Tensor):
+            size = trainer.measure_batch_size
+            features = [features[i : i + size] for i in range(0, features.shape[0], size)]
+            labels = [labels[i : i + size] for i in range(0, labels.shape[0], size)]
+        parts: dict[str, list[torch.Tensor]] = {}
+        with preserved_state(model):
+            for z, y in zip(features, labels):
+                z, y = z.to(device), y.to(device)
+                with trainer.autocast_smart_context_manager():
+                    logits = split.head_logits(model, z, y)
+                stats = task_energy(trainer.problem_type, logits, y, args.ignore_index)
+                for key, value in stats.items():
+                    parts.setdefault(key, []).append(value.detach().cpu())
+        return PassResult(**{key: torch.cat(values) for key, values in parts.items()})
 
     # ------------------------------------------------------------------ helpers
     def _maybe_drift(self) -> None:
@@ -305,19 +445,7 @@ class MeasurementCallback(TrainerCallback):
         whole = args.energy_max_samples is None or args.energy_max_samples >= n
         if not (same_view and whole and inputs.features.shape[0] == n and args.hp_backbone_mode == "eval"):
             return None
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        split, device = trainer.find_head(), next(model.parameters()).device
-        parts: dict[str, list[torch.Tensor]] = {}
-        with preserved_state(model):
-            for start in range(0, n, inputs.batch_size):
-                z = inputs.features[start : start + inputs.batch_size].to(device)
-                labels = inputs.labels[start : start + inputs.batch_size].to(device)
-                with trainer.autocast_smart_context_manager():
-                    logits = split.head_logits(model, z, labels)
-                stats = task_energy(trainer.problem_type, logits, labels, args.ignore_index)
-                for key, value in stats.items():
-                    parts.setdefault(key, []).append(value.detach().cpu())
-        return PassResult(**{key: torch.cat(values) for key, values in parts.items()})
+        return self._head_only_pass(inputs.features, inputs.labels)
 
     def _energy_pass(self):
         trainer, args = self.trainer, self.trainer.args
@@ -369,8 +497,9 @@ class MeasurementCallback(TrainerCallback):
         if trainer.drift_dataset is not None:
             return trainer.drift_dataset
         wanted, available = trainer.args.drift_probe_samples, len(trainer.train_dataset)
-        default = {f.name: f.default for f in dataclasses.fields(trainer.args)}["drift_probe_samples"]
-        if wanted > available and wanted != default:  # (the default asks for "up to 256", not for 256)
+        if wanted is None:
+            wanted = default_probe_size(available)
+        elif wanted > available:
             self._warn_once(
                 "probe",
                 f"drift_probe_samples={wanted} is larger than the training set ({available} samples): the drift is "

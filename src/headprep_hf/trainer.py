@@ -120,6 +120,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._trial_for_dir = None
         self._hp_hook, self._attach = None, (False, False)  # this run's (stage mechanics, HP-mode hook)
         self._resume_plan: StagePlan | None = None
+        self.hp_steps_per_epoch = 0  # updates per epoch of this run's in-loop HP (0: none)
         self._prepare_model(self.model)
         self._headprep_ready = True
         if not self.label_names:  # the model takes no labels: the trainer's loss reads them under "labels"
@@ -334,16 +335,23 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         Its workers are never persistent: each pass is read once, and persistent measurement workers of a finished
         run were found to hold their shutdown for seconds per worker when garbage-collected later (30 s at the start
         of the next trainer's `train()` with 2 workers on a JPEG folder). Samples already in memory (the drift probe,
-        cached head inputs) are served by the main process: worker processes would only copy them through pipes."""
+        cached head inputs) are served by the main process: worker processes would only copy them through pipes.
+        It never drops a last partial batch, whatever `dataloader_drop_last` says."""
         args = self.args
-        saved = args.dataloader_num_workers, args.dataloader_persistent_workers, args.dataloader_prefetch_factor
+        names = ("dataloader_num_workers", "dataloader_persistent_workers", "dataloader_prefetch_factor")
+        names += ("dataloader_drop_last",)
+        saved = {name: getattr(args, name) for name in names}
         try:
             if isinstance(dataset, InMemoryDataset):
                 args.dataloader_num_workers, args.dataloader_prefetch_factor = 0, None
             args.dataloader_persistent_workers = False
+            # Every sample is measured: `dataloader_drop_last` is for training batches (Trainer's evaluation loaders
+            # drop too; a measurement that silently skipped the last batch would describe another set).
+            args.dataloader_drop_last = False
             return self._get_dataloader(dataset, "headprep", self.measure_batch_size)
         finally:
-            args.dataloader_num_workers, args.dataloader_persistent_workers, args.dataloader_prefetch_factor = saved
+            for name, value in saved.items():
+                setattr(args, name, value)
 
     @property
     def measure_batch_size(self) -> int:
@@ -396,11 +404,20 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._stage = self.stage_plan.stage_at(self.state.global_step)
         if self._stages is not None:
             self.stages.apply(self.model, self._stage)
+        # The last HP epoch's head inputs give the start-of-FT energy (see MeasurementCallback.hp_epoch_recorder).
+        recorder = self.measurements.hp_epoch_recorder() if self._stage == "hp" else None
+        labels = inputs.get(self.label_names[0]) if recorder is not None and isinstance(inputs, dict) else None
         self.in_training_step = True  # smoothing applies to training losses only
+        if recorder is not None:
+            recorder.active = True
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self.in_training_step = False
+            if recorder is not None:
+                recorder.active = False
+        if recorder is not None:
+            recorder.record(labels)
         if self.guard.active:
             self.guard.record_loss(loss, self.state.global_step)
         if self._stage == "ft" and self.args.track_dynamics and self.accelerator.sync_gradients:
@@ -441,6 +458,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 "interrupted run."
             )
         plan.hp_steps, plan.ft_steps = hp_steps, (max_steps if plan.plan != "hp" else 0)
+        self.hp_steps_per_epoch = steps_per_epoch if hp_steps else 0
         if hp_steps == 0 and plan.plan != "hp":
             return values  # no HP in this loop: exactly the Trainer's plan
         total = hp_steps + plan.ft_steps
