@@ -1,14 +1,21 @@
 """Throughput overhead of the HeadPrep FT stage vs a plain `transformers.Trainer`.
 
 Acceptance criterion: samples/s of the FT stage with all measurements on, vs a plain `transformers.Trainer` on the
-same model and data, alternated in one run; target ratio >= 0.97.
+same model and data, alternated in one run; targets: >= 0.95 on the default toy run, >= 0.97 on the 4,500-image
+10-epoch row.
+
+By default (`--hp_epochs 1`) the headprep sides run `train()`: one uncached HP epoch, then the FT stage, and the
+timed part is the FT stage alone (from the HP->FT boundary to the end of `train()`, so the start-of-FT measurements
+are inside it). That is how the toolkit is used, and it lets the start-of-FT energy come from the head inputs the
+last HP epoch kept (`energy_from_hp_epoch`) instead of a pass over the training set. `--hp_epochs 0` times
+`finetune()` from a random head (no HP: the energy needs its own pass), as earlier versions of this script did.
 
 Three sides, run in rotating order (plain, headprep, headprep-nomeasure, then headprep, headprep-nomeasure, plain,
 ...), each run on a fresh copy of the same seeded weights, the same data, batch size, optimizer, lr and schedule:
 
 * ``plain``: a minimal `Trainer` subclass, cross-entropy on `model(pixel_values)`.
-* ``headprep``: `HeadPrepTrainer.finetune()` with `track_dynamics=True` (energy pass over the whole training set at
-  FT start, drift on the probe set at each epoch end, head grad norm every update).
+* ``headprep``: the FT stage of `HeadPrepTrainer.train()` with `track_dynamics=True` (energy, HP accuracy and p0 at FT
+  start, drift on the probe set at each epoch end, head grad norm every update).
 * ``headprep_nomeasure``: the same with `track_dynamics=False` (the trainer's own overhead, non-finite guard on).
 * ``headprep_noguard``: also `on_nonfinite="ignore"`: nomeasure / noguard is the cost of the non-finite guard (it
   checks losses and gradient norms on the device and reads the flag at logging steps only).
@@ -94,6 +101,12 @@ def build_data(train_samples: int | None, synthetic: bool, seed: int):
     return train, name
 
 
+def probe_size(opts, n_train: int) -> int:
+    from headprep_hf.measurements import default_probe_size
+
+    return min(opts.drift_probe_samples, n_train) if opts.drift_probe_samples else default_probe_size(n_train)
+
+
 def build_base_state(model_source: str, seed: int) -> tuple[dict[str, torch.Tensor], str]:
     """Initial weights shared by every run: the cached MNIST source model if present, else a seeded test_resnet."""
     if model_source in ("auto", "cached"):
@@ -157,13 +170,25 @@ class _Timer:
         setattr(obj, name, wrapped)
 
 
+class _Boundary(transformers.TrainerCallback):
+    """Records `time.perf_counter()` at the end of the last HP update, before the trainer's own boundary work (it is
+    put first in the callback list, so the start-of-FT measurements fall inside the timed FT stage)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.time = trainer, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.time is None and state.global_step == self.trainer.stage_plan.hp_steps:
+            self.time = time.perf_counter()
+
+
 def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -> dict[str, Any]:
     """One FT run of `side`; returns timings. Everything is re-seeded identically for every run."""
     transformers.set_seed(opts.seed)
     model = fresh_model(state)
     with tempfile.TemporaryDirectory(prefix=f"bench_{side}_") as out:
         t0 = time.perf_counter()
-        timers = {}
+        timers, boundary = {}, None
         if side == "plain":
             trainer = PlainTrainer(
                 model=model, args=TrainingArguments(**common_args(opts, out, epochs)), train_dataset=data
@@ -172,7 +197,8 @@ def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -
         else:
             config = HeadPrepConfig(
                 **common_args(opts, out, epochs),
-                hp_epochs=0,
+                hp_epochs=opts.hp_epochs,
+                hp_cache_features=False,
                 track_dynamics=(side == "headprep"),
                 on_nonfinite="ignore" if side == "headprep_noguard" else None,
                 drift_probe_samples=opts.drift_probe_samples,
@@ -188,6 +214,10 @@ def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -
                 "guard_check": _Timer(trainer.guard, "check"),
             }
             train = trainer.finetune
+            if opts.hp_epochs > 0:
+                boundary = _Boundary(trainer)
+                trainer.callback_handler.callbacks.insert(0, boundary)
+                train = trainer.train
         build_s = time.perf_counter() - t0
 
         profiler = cProfile.Profile() if profile else None
@@ -197,8 +227,14 @@ def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -
         output = train()
         if profiler is not None:
             profiler.disable()
-        seconds = time.perf_counter() - t0
+        end = time.perf_counter()
+        seconds = end - t0
         cpu_seconds = time.process_time() - c0
+        hp_seconds = 0.0
+        if boundary is not None:  # the FT stage alone
+            hp_seconds = boundary.time - t0
+            seconds = end - boundary.time
+            cpu_seconds = cpu_seconds * seconds / (end - t0)  # (process time is not read at the boundary: prorated)
 
     samples = len(data) * epochs
     result = {
@@ -208,6 +244,7 @@ def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -
         "samples_per_s": samples / seconds,
         "cpu_seconds": cpu_seconds,
         "build_seconds": build_s,
+        "hp_seconds": hp_seconds,
         "global_step": output.global_step,
         "train_loss": float(output.training_loss),
     }
@@ -220,6 +257,7 @@ def run_once(side: str, opts, data, state, epochs: int, profile: bool = False) -
         result["num_energy_samples"] = dyn.get("num_energy_samples")
         result["num_probe_samples"] = dyn.get("num_probe_samples")
         result["num_drift_records"] = len(dyn.get("drift", []))
+        result["energy_source"] = dyn.get("energy_source")
     if profiler is not None:
         result["_profiler"] = profiler
     return result
@@ -269,7 +307,7 @@ def summarize(runs: list[dict], n_train: int, epochs: int) -> dict[str, Any]:
         return (e * plain_epoch) / (e * (plain_epoch + drift_per_call) + start_s)
 
     # Epochs needed for the start pass to amortise to the target (only if the steady ratio clears it).
-    target = 0.97
+    target = 0.97 if n_train >= 4500 else 0.95  # the issue's two targets: 4,500-image row, default toy run
     gap = plain_epoch / target - (plain_epoch + drift_per_call)
     break_even = start_s / gap if gap > 0 else None
     return {
@@ -286,6 +324,7 @@ def summarize(runs: list[dict], n_train: int, epochs: int) -> dict[str, Any]:
         "ratio_if_trainer_matched_plain": 1.0 - share,
         "energy_pass_seconds": start_s,
         "num_energy_samples": hp[0].get("num_energy_samples"),
+        "energy_source": hp[0].get("energy_source"),
         "num_probe_samples": hp[0].get("num_probe_samples"),
         "energy_pass_in_plain_epochs": start_s / plain_epoch,
         "drift_seconds_per_epoch": drift_per_call,
@@ -363,7 +402,8 @@ def print_report(info, setup, runs, summary, epochs, n_train):
     )
     print("\n== fixed vs steady cost ==")
     print(
-        f"  energy pass at FT start (measure_start, {s['num_energy_samples']} samples): "
+        f"  start-of-FT measurements (measure_start: energy of {s['num_energy_samples']} samples by "
+        f"{s['energy_source']}, z_0 of the probe): "
         f"{s['energy_pass_seconds']:.2f} s "
         f"= {s['energy_pass_in_plain_epochs']:.2f} plain epochs (one-time)"
     )
@@ -385,8 +425,8 @@ def print_report(info, setup, runs, summary, epochs, n_train):
     print(f"  projected ratio by FT epochs E = E*plain_epoch / (E*(plain_epoch + drift) + energy_pass):\n    {proj}")
     be = s["epochs_to_reach_0.97"]
     print(
-        "  epochs for the energy pass to amortise to 0.97: "
-        + (f"{be:.1f}" if be is not None else "never (the steady ratio alone is below 0.97)")
+        f"  epochs for the start-of-FT measurements to amortise to {s['target']}: "
+        + (f"{be:.1f}" if be is not None else f"never (the steady ratio alone is below {s['target']})")
     )
 
 
@@ -469,7 +509,16 @@ def parse_args(argv=None):
         help="use the first N training samples (default: the whole toy train split, ~900)",
     )
     p.add_argument(
-        "--drift_probe_samples", type=int, default=256, help="HeadPrepConfig.drift_probe_samples (default 256)"
+        "--drift_probe_samples",
+        type=int,
+        default=None,
+        help="HeadPrepConfig.drift_probe_samples (default: unset, the config's rule min(256, max(64, n // 16)))",
+    )
+    p.add_argument(
+        "--hp_epochs",
+        type=int,
+        default=1,
+        help="uncached HP epochs before the timed FT stage of the headprep sides (default 1; 0: finetune() alone)",
     )
     p.add_argument(
         "--energy_max_samples",
@@ -517,9 +566,13 @@ def main(argv=None) -> int:
         "repeats_per_side": opts.repeats,
         "optimizer": f"adamw_torch lr={opts.lr}, linear schedule, no warmup, wd=0",
         "torch_threads": torch.get_num_threads(),
-        "headprep": "finetune() only (hp_epochs=0), track_dynamics=True: energy on "
-        f"{opts.energy_max_samples or 'all'} train samples at FT start, drift on "
-        f"{min(opts.drift_probe_samples, n_train)} probe samples per epoch, head grad norm per update",
+        "headprep": (
+            f"FT stage of train() after {opts.hp_epochs} uncached HP epoch(s)"
+            if opts.hp_epochs
+            else "finetune() only (hp_epochs=0)"
+        )
+        + f", track_dynamics=True: energy on {opts.energy_max_samples or 'all'} train samples at FT start, drift on "
+        f"{probe_size(opts, n_train)} probe samples per epoch, head grad norm per update",
     }
     info = machine_info()
     if info["loadavg_1_5_15"] and info["loadavg_1_5_15"][0] > 0.5 * (info["cpu_count"] or 1):
