@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 SWEEP_DEFAULTS = dict(
     output_dir=None,  # set per run: runs/sweep-<time>
@@ -92,7 +92,19 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    for args in parsed:
+        if isinstance(args, TrainingArguments) and args.output_dir == parser.get_default("output_dir"):
+            _agree_on_output_dir(args)
     return tuple(parsed)
+
+
+def _agree_on_output_dir(args: TrainingArguments) -> None:
+    """The default `output_dir` of the recipes and the sweep is stamped with the time each process read it; the
+    ranks of one launch could straddle a second and write two folders. They take rank 0's."""
+    if args.world_size > 1:
+        from accelerate.utils import broadcast_object_list
+
+        args.output_dir = broadcast_object_list([args.output_dir], from_process=0)[0]
 
 
 def _pop_option(argv: list[str], name: str, default: str | None = None) -> tuple[str | None, list[str]]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .guard import POLICIES
+from .launch import check_launch
 from .losses import PROBLEM_TYPES
 from .schedules import STEP_SCHEDULES
 
@@ -316,12 +317,14 @@ class HeadPrepConfig(TrainingArguments):
 
 def check_trainer_inputs(args, trainer_kwargs: dict, model=None) -> None:
     """What `HeadPrepTrainer` refuses before building anything: other arguments than a `HeadPrepConfig`, an external
-    optimizer with HP (the trainer builds the two-stage one), and `compute_loss_func` with stage label smoothing
-    (the smoothing lives in the trainer's own loss, which `compute_loss_func` replaces)."""
+    optimizer with HP (the trainer builds the two-stage one), `compute_loss_func` with stage label smoothing
+    (the smoothing lives in the trainer's own loss, which `compute_loss_func` replaces), and a multi-process launch
+    whose processes would each train alone (`launch.check_launch`)."""
     if not isinstance(args, HeadPrepConfig):
         raise TypeError(
             f"args must be a HeadPrepConfig (TrainingArguments plus the HP fields), got {type(args).__name__}."
         )
+    check_launch(args)
     if args.label_smoothing_factor and model is not None and not hasattr(model, "config"):
         raise ValueError(
             f"label_smoothing_factor={args.label_smoothing_factor}: transformers.Trainer reads model.config for it, "
