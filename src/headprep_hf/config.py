@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from .guard import POLICIES
 from .launch import check_launch
 from .losses import PROBLEM_TYPES
-from .schedules import STEP_SCHEDULES
+from .schedules import HP_SCHEDULES
 
 HEAD_TYPES = ("linear", "mlp")
 BACKBONE_MODES = ("eval", "train")
@@ -33,8 +33,9 @@ class HeadPrepConfig(TrainingArguments):
         hp_learning_rate (`float`, defaults to `1e-2`):
             Peak learning rate of the head during HP.
         hp_lr_scheduler_type (`str`, defaults to `"constant"`):
-            Schedule of the HP learning rate: any step-indexed `lr_scheduler_type` of transformers (`"constant"`,
-            `"linear"`, `"cosine"`, `"constant_with_warmup"`, ...), shaped by `transformers.get_scheduler`.
+            Schedule of the HP learning rate: a step-indexed `lr_scheduler_type` of transformers that needs no
+            `lr_scheduler_kwargs` (`"constant"`, `"linear"`, `"cosine"`, `"constant_with_warmup"`, ...), listed in
+            `schedules.HP_SCHEDULES` and shaped by `transformers.get_scheduler`.
         hp_warmup_ratio (`float`, defaults to `0.0`):
             Fraction of the HP steps used for a linear warmup.
         hp_weight_decay (`float` or `None`, defaults to `None`):
@@ -119,7 +120,7 @@ class HeadPrepConfig(TrainingArguments):
     hp_learning_rate: float = field(default=1e-2, metadata={"help": "Peak learning rate of the head during HP."})
     hp_lr_scheduler_type: str = field(
         default="constant",
-        metadata={"help": "HP learning-rate schedule.", "choices": list(STEP_SCHEDULES)},
+        metadata={"help": "HP learning-rate schedule.", "choices": list(HP_SCHEDULES)},
     )
     hp_warmup_ratio: float = field(
         default=0.0, metadata={"help": "Fraction of HP steps for linear warmup, in [0, 1)."}
@@ -227,9 +228,10 @@ class HeadPrepConfig(TrainingArguments):
             raise ValueError(f"hp_epochs must be an integer >= 0 (0 = plain finetuning), got {self.hp_epochs!r}.")
         if self.hp_learning_rate < 0:
             raise ValueError(f"hp_learning_rate must be >= 0, got {self.hp_learning_rate}.")
-        if self.hp_lr_scheduler_type not in STEP_SCHEDULES:
+        if self.hp_lr_scheduler_type not in HP_SCHEDULES:
             raise ValueError(
-                f"hp_lr_scheduler_type must be one of {list(STEP_SCHEDULES)}, got {self.hp_lr_scheduler_type!r}."
+                f"hp_lr_scheduler_type must be one of {list(HP_SCHEDULES)}, got {self.hp_lr_scheduler_type!r} (the "
+                "other schedules are not functions of the step, or need lr_scheduler_kwargs, which HP has none of)."
             )
         if not 0.0 <= self.hp_warmup_ratio < 1.0:
             raise ValueError(f"hp_warmup_ratio must be in [0, 1), got {self.hp_warmup_ratio}.")
