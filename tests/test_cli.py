@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from headprep_hf.cli import main
 from headprep_hf.sweep_schema import validate_exchange, validate_sweep
@@ -150,3 +151,98 @@ def test_sweep_recipe_shards_and_merge(tmp_path, capsys):
     assert merged["complete"] and merged["tau_star"] in (0, 1, 3)
     assert "tau* =" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "m" / "plots").iterdir()} == PLOTS
+
+
+# ------------------------------------------------------------------ --help: groups, most important first
+TRAINING_TITLE = "transformers TrainingArguments (the finetuning stage)"
+RECIPE_TITLES = ["task and data", "model", "head probing (HP)", "task head", "measurements and outputs"]
+
+
+def _help_text(capsys, parse) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _check_help(out: str, parser, titles: list[str]) -> None:
+    assert re.findall(r"^(\S.*):$", out, flags=re.M) == ["options", *titles]
+    start = {title: out.index(f"\n{title}:\n") for title in ["options", *titles]}
+    bounds = dict(zip(start, [*list(start.values())[1:], len(out)]))
+
+    def group_of(flag: str) -> str:
+        (at,) = [m.start() for m in re.finditer(rf"^  {re.escape(flag)}\b", out, flags=re.M)]
+        return next(title for title in start if start[title] < at < bounds[title])
+
+    assert group_of("--config") == "options"
+    assert group_of("--model_name_or_path") == "model"
+    assert group_of("--hp_epochs") == group_of("--hp_learning_rate") == "head probing (HP)"
+    assert group_of("--head_type") == "task head" and group_of("--drift_probe_samples") == "measurements and outputs"
+    assert group_of("--learning_rate") == group_of("--lr_scheduler_type") == TRAINING_TITLE
+    for action in parser._actions:  # every option of the command is listed, once
+        assert len(re.findall(rf"^  {re.escape(action.option_strings[0])}\b", out, flags=re.M)) == 1, action
+
+
+@pytest.mark.parametrize("recipe", ["image_classification", "semantic_segmentation", "graph_property"])
+def test_recipe_help_lists_every_flag_in_groups_most_important_first(capsys, recipe):
+    import importlib
+
+    from headprep_hf.cli import parse_with_config
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    parser = importlib.import_module(recipe).make_parser()
+    out = _help_text(capsys, lambda argv: parse_with_config(parser, argv))
+    _check_help(out, parser, [*RECIPE_TITLES, TRAINING_TITLE])
+    assert out.index("--hp_epochs") < out.index("--num_train_epochs")  # HP before the inherited flags
+
+
+@pytest.mark.parametrize("task", ["image_classification", "segmentation", "graph"])
+def test_sweep_help_lists_every_flag_in_groups_most_important_first(capsys, task):
+    from headprep_hf.cli import parse_with_config, sweep_parser
+
+    out = _help_text(capsys, lambda argv: main(["sweep", "--task", task, *argv]))
+    parser = sweep_parser(task)
+    parse_with_config(parser, ["--output_dir", "unused"])  # adds --config and the groups, as the command does
+    _check_help(out, parser, [*RECIPE_TITLES, "tau sweep", TRAINING_TITLE])
+    assert out.startswith("usage: headprep sweep [--config FILE]")
+    for flag in ("--task", "--merge", "--config"):
+        assert re.search(rf"^  {flag}\b", out, flags=re.M)
+
+
+def test_listed_schedule_choices_are_the_working_ones(tmp_path):
+    """lr_scheduler_type lists transformers' 12 schedules: each trains as in Trainer (tests/test_trainer_contract.py;
+    after HP the 10 step-indexed ones, and reduce_lr_on_plateau/greedy with hp_epochs=0 or finetune()).
+    hp_lr_scheduler_type lists the step-indexed ones that need no lr_scheduler_kwargs: each gives transformers' HP
+    learning rates; the 3 left out fail in get_scheduler without kwargs."""
+    from transformers import get_scheduler
+    from transformers.trainer_utils import SchedulerType
+
+    from headprep_hf import HeadPrepConfig
+    from headprep_hf.cli import sweep_parser
+    from headprep_hf.schedules import HP_SCHEDULES, STEP_SCHEDULES, two_stage_scheduler
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import image_classification as recipe
+
+    actions = {a.dest: a for a in sweep_parser("image_classification")._actions}
+    assert actions["lr_scheduler_type"].choices == [s.value for s in SchedulerType]
+    assert actions["hp_lr_scheduler_type"].choices == ["constant"]  # SweepConfig refuses the others
+    recipe_actions = {a.dest: a for a in recipe.make_parser()._actions}
+    assert recipe_actions["lr_scheduler_type"].choices == [s.value for s in SchedulerType]
+    assert recipe_actions["hp_lr_scheduler_type"].choices == list(HP_SCHEDULES)
+    for schedule in sorted(set(STEP_SCHEDULES) - set(HP_SCHEDULES)):
+        with pytest.raises((ValueError, TypeError)):
+            get_scheduler(schedule, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1, 10)
+        with pytest.raises(ValueError, match="hp_lr_scheduler_type must be one of"):
+            HeadPrepConfig(output_dir=str(tmp_path), hp_lr_scheduler_type=schedule)
+    for schedule in HP_SCHEDULES:  # HP's schedule (what probe_head/train step): 6 HP steps, 2 of warmup
+        args = HeadPrepConfig(
+            output_dir=str(tmp_path), hp_lr_scheduler_type=schedule, hp_warmup_ratio=0.3, use_cpu=True
+        )
+        head = torch.nn.Parameter(torch.zeros(1))
+        scheduler = two_stage_scheduler(torch.optim.SGD([head], lr=1.0), args, hp_steps=6, ft_steps=0)
+        reference = get_scheduler(schedule, torch.optim.SGD([head], lr=args.hp_learning_rate), 2, 6)
+        for _ in range(6):
+            assert scheduler.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0]), schedule
+            scheduler.optimizer.step(), reference.optimizer.step()
+            scheduler.step(), reference.step()

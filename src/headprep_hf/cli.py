@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 SWEEP_DEFAULTS = dict(
     output_dir=None,  # set per run: runs/sweep-<time>
@@ -47,6 +47,70 @@ SWEEP_IGNORED_FLAGS = {
 }
 
 
+# `--help` groups, most important first; TrainingArguments' own flags (the FT stage) come last.
+MODEL_FIELDS = (
+    "model_name_or_path", "model_arch", "output_stride", "num_layers", "hidden_size", "dropout", "source_epochs",
+    "source_max_graphs", "channels_last",
+)  # fmt: skip
+HEAD_FIELDS = ("head_type", "mlp_hidden_size", "mlp_num_layers", "head_modules", "reinit_modules")
+HELP_GROUPS = (
+    "task and data",
+    "model",
+    "head probing (HP)",
+    "task head",
+    "measurements and outputs",
+    "tau sweep",
+    "transformers TrainingArguments (the finetuning stage)",
+)
+
+
+def _help_group(
+    dest: str, script_fields: set[str], headprep_fields: set[str], training_fields: set[str]
+) -> str | None:
+    if dest in script_fields:
+        return HELP_GROUPS[1] if dest in MODEL_FIELDS else HELP_GROUPS[0]
+    if dest.startswith("sweep_"):
+        return HELP_GROUPS[5]
+    if dest in headprep_fields:
+        if dest.startswith("hp_") or dest == "ft_label_smoothing":
+            return HELP_GROUPS[2]
+        return HELP_GROUPS[3] if dest in HEAD_FIELDS else HELP_GROUPS[4]
+    return HELP_GROUPS[6] if dest in training_fields else None
+
+
+def group_help(parser: HfArgumentParser) -> None:
+    """Sort the parser's flags into `HELP_GROUPS` for `--help` (HfArgumentParser puts every field of a dataclass
+    without `_argument_group_name` into one "options" group; HeadPrepConfig is one dataclass with TrainingArguments').
+    Parsing is unchanged: argparse's groups only order the help. Flags of no group (-h, --config, --task, --merge)
+    stay first, under "options"."""
+    import dataclasses
+
+    from .config import HeadPrepConfig
+
+    training_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    headprep_fields = {f.name for f in dataclasses.fields(HeadPrepConfig)} - training_fields
+    script_fields = {
+        f.name
+        for dtype in parser.dataclass_types
+        if not issubclass(dtype, TrainingArguments)
+        for f in dataclasses.fields(dtype)
+    }
+    groups = {}
+    for action in list(parser._actions):
+        title = _help_group(action.dest, script_fields, headprep_fields, training_fields)
+        if title is None:
+            continue
+        for container in parser._action_groups:
+            if action in container._group_actions:
+                container._group_actions.remove(action)
+        groups.setdefault(title, []).append(action)
+    for title in HELP_GROUPS:
+        if title in groups:
+            parser.add_argument_group(title)._group_actions.extend(groups[title])
+    if parser.usage is None:  # argparse's usage would list every flag (150 lines) before the first group
+        parser.usage = "%(prog)s [--config FILE] [--flag VALUE ...]"
+
+
 def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[str, str] | None = None):
     """`parser.parse_args_into_dataclasses(argv)`, where `--config FILE` or `--config=FILE` (.json/.yaml) supplies
     defaults that flags on the command line override. Unknown keys in the file are an error naming them.
@@ -63,6 +127,8 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
             metavar="FILE",
             help="Settings from a .yaml or .json file (keys: any flag below); flags on the command line override it.",
         )
+    if not any(group.title in HELP_GROUPS for group in parser._action_groups):
+        group_help(parser)
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     ignored = IGNORED_FLAGS if ignored is None else ignored
     for arg in argv:
@@ -92,7 +158,19 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    for args in parsed:
+        if isinstance(args, TrainingArguments) and args.output_dir == parser.get_default("output_dir"):
+            _agree_on_output_dir(args)
     return tuple(parsed)
+
+
+def _agree_on_output_dir(args: TrainingArguments) -> None:
+    """The default `output_dir` of the recipes and the sweep is stamped with the time each process read it; the
+    ranks of one launch could straddle a second and write two folders. They take rank 0's."""
+    if args.world_size > 1:
+        from accelerate.utils import broadcast_object_list
+
+        args.output_dir = broadcast_object_list([args.output_dir], from_process=0)[0]
 
 
 def _pop_option(argv: list[str], name: str, default: str | None = None) -> tuple[str | None, list[str]]:
@@ -113,10 +191,14 @@ def sweep_parser(task_name: str) -> HfArgumentParser:
     from .tasks import get_task
 
     task = get_task(task_name)
-    parser = HfArgumentParser((task.arguments, SweepConfig))
+    parser = HfArgumentParser((task.arguments, SweepConfig), prog="headprep sweep")
     defaults = {**task.defaults, **SWEEP_DEFAULTS, **task.sweep_defaults}
     defaults["output_dir"] = time.strftime("runs/sweep-%Y%m%d-%H%M%S")
     parser.set_defaults(**defaults)
+    for action in parser._actions:
+        if action.dest == "hp_lr_scheduler_type":  # SweepConfig refuses others: list only the one that works
+            action.choices = ["constant"]
+            action.help = "A sweep's HP is constant (the head saved at each tau comes from one HP run)."
     # Read before parsing (`_pop_option`, the merge parser); listed here so that --help shows them.
     parser.add_argument(
         "--task", default=argparse.SUPPRESS, help="image_classification (default), segmentation or graph."

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .guard import POLICIES
+from .launch import check_launch
 from .losses import PROBLEM_TYPES
-from .schedules import STEP_SCHEDULES
+from .schedules import HP_SCHEDULES
 
 HEAD_TYPES = ("linear", "mlp")
 BACKBONE_MODES = ("eval", "train")
@@ -32,8 +33,9 @@ class HeadPrepConfig(TrainingArguments):
         hp_learning_rate (`float`, defaults to `1e-2`):
             Peak learning rate of the head during HP.
         hp_lr_scheduler_type (`str`, defaults to `"constant"`):
-            Schedule of the HP learning rate: any step-indexed `lr_scheduler_type` of transformers (`"constant"`,
-            `"linear"`, `"cosine"`, `"constant_with_warmup"`, ...), shaped by `transformers.get_scheduler`.
+            Schedule of the HP learning rate: a step-indexed `lr_scheduler_type` of transformers that needs no
+            `lr_scheduler_kwargs` (`"constant"`, `"linear"`, `"cosine"`, `"constant_with_warmup"`, ...), listed in
+            `schedules.HP_SCHEDULES` and shaped by `transformers.get_scheduler`.
         hp_warmup_ratio (`float`, defaults to `0.0`):
             Fraction of the HP steps used for a linear warmup.
         hp_weight_decay (`float` or `None`, defaults to `None`):
@@ -129,7 +131,7 @@ class HeadPrepConfig(TrainingArguments):
     hp_learning_rate: float = field(default=1e-2, metadata={"help": "Peak learning rate of the head during HP."})
     hp_lr_scheduler_type: str = field(
         default="constant",
-        metadata={"help": "HP learning-rate schedule.", "choices": list(STEP_SCHEDULES)},
+        metadata={"help": "HP learning-rate schedule.", "choices": list(HP_SCHEDULES)},
     )
     hp_warmup_ratio: float = field(
         default=0.0, metadata={"help": "Fraction of HP steps for linear warmup, in [0, 1)."}
@@ -248,9 +250,10 @@ class HeadPrepConfig(TrainingArguments):
             raise ValueError(f"hp_epochs must be an integer >= 0 (0 = plain finetuning), got {self.hp_epochs!r}.")
         if self.hp_learning_rate < 0:
             raise ValueError(f"hp_learning_rate must be >= 0, got {self.hp_learning_rate}.")
-        if self.hp_lr_scheduler_type not in STEP_SCHEDULES:
+        if self.hp_lr_scheduler_type not in HP_SCHEDULES:
             raise ValueError(
-                f"hp_lr_scheduler_type must be one of {list(STEP_SCHEDULES)}, got {self.hp_lr_scheduler_type!r}."
+                f"hp_lr_scheduler_type must be one of {list(HP_SCHEDULES)}, got {self.hp_lr_scheduler_type!r} (the "
+                "other schedules are not functions of the step, or need lr_scheduler_kwargs, which HP has none of)."
             )
         if not 0.0 <= self.hp_warmup_ratio < 1.0:
             raise ValueError(f"hp_warmup_ratio must be in [0, 1), got {self.hp_warmup_ratio}.")
@@ -338,12 +341,14 @@ class HeadPrepConfig(TrainingArguments):
 
 def check_trainer_inputs(args, trainer_kwargs: dict, model=None) -> None:
     """What `HeadPrepTrainer` refuses before building anything: other arguments than a `HeadPrepConfig`, an external
-    optimizer with HP (the trainer builds the two-stage one), and `compute_loss_func` with stage label smoothing
-    (the smoothing lives in the trainer's own loss, which `compute_loss_func` replaces)."""
+    optimizer with HP (the trainer builds the two-stage one), `compute_loss_func` with stage label smoothing
+    (the smoothing lives in the trainer's own loss, which `compute_loss_func` replaces), and a multi-process launch
+    whose processes would each train alone (`launch.check_launch`)."""
     if not isinstance(args, HeadPrepConfig):
         raise TypeError(
             f"args must be a HeadPrepConfig (TrainingArguments plus the HP fields), got {type(args).__name__}."
         )
+    check_launch(args)
     if args.label_smoothing_factor and model is not None and not hasattr(model, "config"):
         raise ValueError(
             f"label_smoothing_factor={args.label_smoothing_factor}: transformers.Trainer reads model.config for it, "

@@ -21,6 +21,12 @@ from transformers.trainer_utils import SchedulerType
 STEP_SCHEDULES = tuple(
     s.value for s in SchedulerType if s not in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)
 )
+# The HP schedules: those of them that need no `lr_scheduler_kwargs` (`cosine_with_min_lr` and
+# `cosine_warmup_with_min_lr` need `min_lr`/`min_lr_rate`, `warmup_stable_decay` needs `num_decay_steps`; HP has no
+# kwargs field, and `get_scheduler` raises without them).
+HP_SCHEDULES = tuple(
+    s for s in STEP_SCHEDULES if s not in ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+)
 
 
 def step_factor(
