@@ -453,3 +453,64 @@ def test_load_best_model_at_end_and_early_stopping(tmp_path):
     assert plain.state.global_step == ours.state.global_step < 30  # stopped early, at the same step
     assert os.path.basename(plain.state.best_model_checkpoint) == os.path.basename(ours.state.best_model_checkpoint)
     _same_weights(plain.model, ours.model)
+
+
+# ---------------------------------------------------------------------------------------------- subclasses, data
+def _entropy_penalized_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """A subclass's own `compute_loss` (a per-micro-batch mean; it calls the model itself)."""
+    logits = model(inputs["input_x"])
+    logits = logits["logits"] if isinstance(logits, dict) else logits
+    log_p = logits.log_softmax(-1)
+    loss = F.cross_entropy(logits, inputs["labels"]) + 0.1 * (log_p.exp() * log_p).sum(-1).mean()
+    return (loss, {"logits": logits}) if return_outputs else loss
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("model_cls", [FcLogitsOnly, FcClassifier], ids=["logits-only", "own-loss"])
+def test_compute_loss_override_is_averaged_over_accumulation_as_with_trainer(tmp_path, accumulation, model_cls):
+    """A subclass overriding `compute_loss` owns the loss: Trainer divides its micro-batch mean by the accumulation
+    steps, for a model without labels (where the trainer's own loss would otherwise be in charge) too."""
+    runs = []
+    for base, args_cls, name in ((Trainer, TrainingArguments, "plain"), (HeadPrepTrainer, HeadPrepConfig, "ours")):
+        cls = type(f"Custom{base.__name__}", (base,), {"compute_loss": _entropy_penalized_loss})
+        args = _args(
+            args_cls,
+            tmp_path,
+            name,
+            per_device_train_batch_size=8 // accumulation,
+            gradient_accumulation_steps=accumulation,
+            max_grad_norm=0.0,  # (clipping would hide a wrongly scaled gradient)
+            remove_unused_columns=False,
+        )
+        trainer = cls(model=model_cls(), args=args, train_dataset=XYData())
+        trainer.train()
+        runs.append(trainer)
+    plain, ours = runs
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+
+
+class XYPairs(XYData):
+    """The same samples as `(x, y)` tuples."""
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _collate_pairs(batch):
+    return {"input_x": torch.stack([x for x, _ in batch]), "labels": torch.tensor([y for _, y in batch])}
+
+
+def test_tuple_dataset_with_a_collator_trains_as_with_trainer(tmp_path):
+    plain, ours = _pair(tmp_path, FcClassifier, XYPairs(), data_collator=_collate_pairs)
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+
+
+def test_tuple_dataset_with_the_default_collator_is_refused_where_trainer_fails_later(tmp_path):
+    plain = Trainer(model=FcClassifier(), args=_args(TrainingArguments, tmp_path, "plain"), train_dataset=XYPairs())
+    with pytest.raises(TypeError, match="vars"):
+        plain.train()
+    ours = HeadPrepTrainer(model=FcClassifier(), args=_args(HeadPrepConfig, tmp_path, "o"), train_dataset=XYPairs())
+    with pytest.raises(ValueError, match=r"train_dataset\[0\] is a tuple \(Tensor, int\).*'input_x': <model input>"):
+        ours.train()

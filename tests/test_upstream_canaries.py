@@ -21,10 +21,21 @@ def _params(function) -> list[str]:
 
 
 def test_loss_scaling_switch_is_read_by_training_step():
-    # HeadPrepTrainer sets `loss_is_scaled_for_ga` per optimizer step (its loss is scaled over the step's items);
-    # releases before 5.19 ignore it and would divide by the accumulation steps a second time.
+    # HeadPrepTrainer's compute_loss sets `loss_is_scaled_for_ga` for the loss it makes (scaled over the step's items)
+    # and `_get_num_items_in_batch` restores the class's value for a subclass's own compute_loss; releases before 5.19
+    # ignore it and would divide by the accumulation steps a second time. Read after compute_loss returns.
     assert Trainer.loss_is_scaled_for_ga is None
-    assert "self.loss_is_scaled_for_ga" in inspect.getsource(Trainer.training_step)
+    source = inspect.getsource(Trainer.training_step)
+    assert "self.loss_is_scaled_for_ga" in source
+    assert source.index("self.compute_loss(") < source.index("self.loss_is_scaled_for_ga")
+
+
+def test_prediction_step_reads_non_dict_outputs_as_loss_then_predictions():
+    # headprep_hf.losses._checked_compute_loss refuses outputs returned as a bare tensor by a subclass's compute_loss
+    # because prediction_step slices them as (loss, *predictions); if this changes, revisit that check.
+    source = inspect.getsource(Trainer.prediction_step)
+    assert "self.compute_loss(" in source and "return_outputs=True" in source
+    assert "logits = outputs[1:]" in source
 
 
 def test_num_items_override_is_called_once_per_optimizer_step():

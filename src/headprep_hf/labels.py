@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -138,12 +139,8 @@ def check_task_labels(
         raise ValueError(f"{name}[{index}] has label {labels[index, task]} for task {task}: {what}.")
 
 
-def _first_label(dataset, label_name: str) -> np.ndarray | None:
-    """The first sample's label (from a `labels`/`targets` attribute where there is one); None when unreadable."""
-    for attribute in ("labels", "targets"):
-        value = getattr(dataset, attribute, None)
-        if value is not None and not callable(value) and len(value) > 0:
-            return np.asarray(value[0])
+def _first_item(dataset):
+    """`dataset[0]` of a map-style dataset, read with every RNG left as it was; None when there is none."""
     if not hasattr(dataset, "__getitem__") or isinstance(dataset, torch.utils.data.IterableDataset):
         return None
     try:
@@ -152,11 +149,22 @@ def _first_label(dataset, label_name: str) -> np.ndarray | None:
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):  # reading a sample may run random augmentation
-                item = dataset[0]
+                return dataset[0]
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
     except (TypeError, KeyError, IndexError):
+        return None
+
+
+def _first_label(dataset, label_name: str) -> np.ndarray | None:
+    """The first sample's label (from a `labels`/`targets` attribute where there is one); None when unreadable."""
+    for attribute in ("labels", "targets"):
+        value = getattr(dataset, attribute, None)
+        if value is not None and not callable(value) and len(value) > 0:
+            return np.asarray(value[0])
+    item = _first_item(dataset)
+    if item is None:
         return None
     names = [label_name, "label", "label_ids"] if label_name == "labels" else [label_name]  # default collator's
     value = next((item[n] for n in names if isinstance(item, dict) and item.get(n) is not None), None)
@@ -223,6 +231,43 @@ def check_not_empty(trainer) -> None:
                 raise ValueError(
                     f"{name} is empty (0 samples): check the data folder, split or filters that built it."
                 )
+
+
+def check_item_format(trainer) -> None:
+    """Refuse, before training, datasets whose items Trainer's default collator cannot batch.
+
+    `transformers.default_data_collator` (and `DataCollatorWithPadding`) batch dicts key by key; an item that is
+    neither a mapping nor an object with attributes, e.g. an `(image, label)` tuple from a torchvision dataset, fails
+    in the first batch with `vars() argument must have __dict__ attribute`. Here it fails up front with the format
+    expected and the fix. Refused rather than converted: the item format is Trainer's contract (the same dataset works
+    with both), and a tuple does not say under which name the model takes its input. Datasets served through a
+    collator of the user's own are not looked at: that collator may take any item.
+    """
+    from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
+
+    collator = trainer.data_collator
+    if not (collator is default_data_collator or isinstance(collator, (DefaultDataCollator, DataCollatorWithPadding))):
+        return
+    for name, dataset in _named_datasets(trainer):
+        if isinstance(getattr(dataset, "column_names", None), list):
+            continue  # a datasets.Dataset: its items are dicts
+        item = _first_item(dataset)
+        if item is None or isinstance(item, Mapping) or hasattr(item, "__dict__"):
+            continue
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        caller = trainer.model_caller
+        input_name = getattr(model, "main_input_name", None)
+        if not isinstance(input_name, str):
+            input_name = caller.param_names[0] if caller.param_names and not caller.positional else "pixel_values"
+        label = trainer.label_names[0] if trainer.label_names else "labels"
+        kinds = ", ".join(type(v).__name__ for v in item) if isinstance(item, (tuple, list)) else ""
+        raise ValueError(
+            f"{name}[0] is a {type(item).__name__}{f' ({kinds})' if kinds else ''}, but the default data collator "
+            f"batches dicts: each item must be {{'{input_name}': <model input>, '{label}': <target>}} (the model's "
+            f"input name and '{label}'). Return such a dict from the dataset's __getitem__, or pass a collator that "
+            f"builds it from (input, target) pairs, e.g. data_collator=lambda batch: {{'{input_name}': "
+            f"torch.stack([x for x, _ in batch]), '{label}': torch.tensor([y for _, y in batch])}}."
+        )
 
 
 def _shapes(item) -> dict[str, tuple]:

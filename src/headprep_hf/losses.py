@@ -12,10 +12,15 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from .split import extract_logits
+
+logger = logging.getLogger(__name__)
 
 
 def smoothed_cross_entropy(
@@ -186,22 +191,77 @@ def task_energy(
     return cross_entropy_energy(logits, labels, ignore_index=ignore_index)
 
 
+def _checked_compute_loss(compute_loss):
+    """Wrap a subclass's `compute_loss` so that two mistakes Trainer only reports far away are named where they
+    happen (the call and its result are otherwise untouched):
+
+    * outputs returned as a bare tensor: `Trainer.prediction_step` reads a tensor or tuple as `(loss, *outputs)`, so
+      it would drop the first row of the logits of every batch and fail later with a prediction-count mismatch;
+    * a model called by keyword (`model(pixel_values=x)`) when its forward takes one positional tensor (timm): the
+      `TypeError` is raised again with `self.model_caller` named as the fix.
+    """
+
+    @functools.wraps(compute_loss)
+    def checked(self, *args, **kwargs):
+        try:
+            result = compute_loss(self, *args, **kwargs)
+        except TypeError as error:
+            caller = getattr(self, "model_caller", None)
+            if "unexpected keyword argument" in str(error) and caller is not None and caller.positional:
+                raise TypeError(
+                    f"{error}. In {type(self).__name__}.compute_loss: this model's forward takes one positional "
+                    "tensor (as timm models do); call it with `self.model_caller(model, inputs)`, which passes the "
+                    "batch's input positionally or by name as the forward takes it (never the labels)."
+                ) from error
+            raise
+        # (model, inputs, return_outputs, num_items_in_batch), as Trainer passes them
+        return_outputs = kwargs.get("return_outputs", args[2] if len(args) > 2 else False)
+        if return_outputs:
+            name = f"{type(self).__name__}.compute_loss(return_outputs=True)"
+            fix = 'Return `(loss, {"logits": logits})` (or the model\'s ModelOutput) instead.'
+            if not (isinstance(result, (tuple, list)) and len(result) == 2):
+                raise TypeError(f"{name} must return a pair (loss, outputs), got {type(result).__name__}. {fix}")
+            if isinstance(result[1], torch.Tensor):
+                raise TypeError(
+                    f"{name} returned its outputs as a bare tensor; Trainer.prediction_step reads a tensor as "
+                    "(loss, *predictions) and would drop the first row of every batch's logits (a prediction-count "
+                    f"mismatch later, in compute_metrics). {fix}"
+                )
+        return result
+
+    checked._headprep_checked = True
+    return checked
+
+
 class TrainerLossMixin:
     """The loss of a [`HeadPrepTrainer`] (mixed into it): which loss a step uses (`uses_trainer_loss`), the trainer's
     own loss with stage label smoothing (`loss_from_logits`), and the exact average over the valid items of an
     optimizer step (all micro-batches and ranks). Uses the trainer's public `model_takes_labels`, `current_stage`,
-    `current_label_smoothing`, `in_training_step`, `problem_type`, `model_caller` and `stage_plan`."""
+    `current_label_smoothing`, `in_training_step`, `problem_type`, `model_caller` and `stage_plan`.
+
+    A subclass that overrides `compute_loss` gets it wrapped by `_checked_compute_loss` (clear errors for outputs
+    returned as a bare tensor and for a timm model called by keyword); the returned values are not changed.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Checked where the result is made, so the error names the method whatever path asked for the outputs
+        # (prediction_step, or a user's own evaluation loop).
+        own = cls.__dict__.get("compute_loss")
+        if own is not None and callable(own) and not getattr(own, "_headprep_checked", False):
+            cls.compute_loss = _checked_compute_loss(own)
 
     def uses_trainer_loss(self, training: bool = True, stage: str | None = None) -> bool:
         """Whether the trainer's own loss (`loss_from_logits`) computes the loss, else `Trainer.compute_loss`.
 
         Precedence: `compute_loss_func` (the user's) > the trainer's loss when the model takes no labels, when
-        `args.problem_type` is set, or when the training stage smooths labels (`hp_label_smoothing` /
-        `ft_label_smoothing`) > the model's own loss.
+        `args.problem_type` is set, when a subclass overrides `loss_from_logits` (it asks for its loss), or when the
+        training stage smooths labels (`hp_label_smoothing` / `ft_label_smoothing`) > the model's own loss.
         """
         if self.compute_loss_func is not None:
             return False
-        if not self.model_takes_labels or self.args.problem_type is not None:
+        overridden = type(self).loss_from_logits is not TrainerLossMixin.loss_from_logits
+        if not self.model_takes_labels or self.args.problem_type is not None or overridden:
             return True
         stage = stage or self.current_stage
         return training and (self.args.hp_label_smoothing if stage == "hp" else self.args.ft_label_smoothing) > 0
@@ -217,11 +277,15 @@ class TrainerLossMixin:
         outputs = self.model_caller(model, inputs)
         smoothing = self.current_label_smoothing if self.in_training_step else 0.0
         loss = self.loss_from_logits(extract_logits(outputs), labels, smoothing)
-        if self.in_training_step and num_items_in_batch is not None:
-            # The mean over this micro-batch's items, re-weighted so that the update is the mean over every item of
-            # the optimizer step (all micro-batches, all ranks; DDP averages over ranks, hence the world size).
-            local = count_items(self.problem_type, labels, self.args.ignore_index)
-            loss = loss * (local * self.accelerator.num_processes / num_items_in_batch.clamp(min=1))
+        if self.in_training_step:
+            if num_items_in_batch is not None:
+                # The mean over this micro-batch's items, re-weighted so that the update is the mean over every item
+                # of the optimizer step (all micro-batches, all ranks; DDP averages over ranks, hence world size).
+                local = count_items(self.problem_type, labels, self.args.ignore_index)
+                loss = loss * (local * self.accelerator.num_processes / num_items_in_batch.clamp(min=1))
+            # Said here, where the loss is made: a subclass's compute_loss that does not call this one keeps the
+            # value `_get_num_items_in_batch` restored (its class's, Trainer's rule by default).
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if not return_outputs:
             return loss
         if isinstance(outputs, torch.Tensor):
@@ -233,20 +297,40 @@ class TrainerLossMixin:
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """With the trainer's loss: items (labels other than `ignore_index`, not NaN) in an optimizer step's
         micro-batches, summed over ranks, so masked losses average over the step's items exactly as one process with
-        the whole batch would. Otherwise `Trainer`'s own count."""
+        the whole batch would. Otherwise `Trainer`'s own count.
+
+        `loss_is_scaled_for_ga` goes back to the class's value here (None: Trainer's rule; a subclass computing its
+        own loss may set it, as Trainer documents); the trainer's own `compute_loss` sets it for the loss it makes.
+        """
+        self.loss_is_scaled_for_ga = type(self).loss_is_scaled_for_ga
         if not self.uses_trainer_loss(True, self.stage_plan.stage_at(self.state.global_step)):
-            self.loss_is_scaled_for_ga = None
             return super()._get_num_items_in_batch(batch_samples, device)
         name = self.label_names[0]
         if not batch_samples or not all(isinstance(b, dict) and name in b for b in batch_samples):
-            self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the steps
-            return None
+            return None  # the trainer's loss is then a per-micro-batch mean: the Trainer divides by the steps
         count = sum(count_items(self.problem_type, b[name], self.args.ignore_index) for b in batch_samples)
         count = torch.as_tensor(count, device=device).reshape(1)
         if self.accelerator.num_processes > 1:
             count = self.accelerator.gather(count)
-        self.loss_is_scaled_for_ga = True
         return count.sum()
+
+    def warn_if_cached_hp_bypasses_the_loss(self) -> None:
+        """Cached HP (`hp_cache_features`) trains the head on cached features with `loss_from_logits`: log that a
+        `compute_loss` override or a `compute_loss_func` is not used in HP (FT uses it)."""
+        custom = [
+            f"{type(self).__name__}.compute_loss"
+            if type(self).compute_loss is not TrainerLossMixin.compute_loss
+            else "",
+            "compute_loss_func" if self.compute_loss_func is not None else "",
+        ]
+        custom = [c for c in custom if c]
+        if custom:
+            logger.warning(
+                "hp_cache_features=True: head probing trains the head on cached features with loss_from_logits; %s "
+                "is not called in HP (it is in FT). Override loss_from_logits to change the HP loss, or set "
+                "hp_cache_features=False.",
+                " and ".join(custom),
+            )
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         """The trainer's loss for `problem_type` (cross-entropy with `ignore_index`, masked BCE or masked MSE;

@@ -30,7 +30,13 @@ from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
 from .heads import reinitialize_module, replace_head_with_mlp
 from .hub import PREPARED_HEAD_DIR, PreparedHeadMixin
-from .labels import check_not_empty, check_trainer_datasets, infer_problem_type, shape_mismatch_error
+from .labels import (
+    check_item_format,
+    check_not_empty,
+    check_trainer_datasets,
+    infer_problem_type,
+    shape_mismatch_error,
+)
 from .losses import TrainerLossMixin, declared_problem_type
 from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
 from .schedules import two_stage_scheduler
@@ -285,6 +291,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._new_call(plain=False)
         self.stage_plan = StagePlan(plan="hp")
         self._start_guard()
+        self.warn_if_cached_hp_bypasses_the_loss()
         metrics = CachedHeadProbing(self).train()
         self._stage = "hp"
         broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
@@ -580,6 +587,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         # Empty datasets are named. Labels are checked when the trainer's loss or a declared problem type says what
         # they must be; a model computing its own loss gets its labels as they are (as with Trainer).
         check_not_empty(self)
+        check_item_format(self)
         if self.compute_loss_func is None and (self.uses_trainer_loss() or self.declares_problem_type):
             check_trainer_datasets(self)
 
