@@ -163,11 +163,11 @@ def pipeline_tag_of(model: nn.Module) -> str | None:
 def _library_name(model: nn.Module) -> str:
     from transformers import PreTrainedModel
 
-    from .export import is_timm_model
+    from .export import timm_rebuildable
 
     if isinstance(model, PreTrainedModel):
         return "transformers"
-    if is_timm_model(model):
+    if timm_rebuildable(model):
         return "timm"  # the folder is a timm save_for_hf folder: the Hub shows timm's loading snippet
     return "headprep_hf"
 

@@ -36,6 +36,7 @@ __all__ = [
     "prepared_head_record",
     "set_data_config",
     "set_label_names",
+    "timm_rebuildable",
     "write_timm_config",
 ]
 
@@ -62,6 +63,14 @@ def is_timm_model(model: nn.Module) -> bool:
         and hasattr(model, "num_classes")
         and callable(getattr(model, "reset_classifier", None))
     )
+
+
+def timm_rebuildable(model: nn.Module) -> bool:
+    """A timm model that `timm.create_model` rebuilds from its config: no `MLPHead` (`head_type="mlp"`) replaced
+    its classifier, which is not part of any timm architecture."""
+    from .heads import MLPHead
+
+    return is_timm_model(model) and not any(isinstance(m, MLPHead) for m in model.modules())
 
 
 def _default_transformers_labels(id2label: dict) -> bool:
@@ -151,16 +160,18 @@ def write_timm_config(model: nn.Module, save_directory: str | os.PathLike) -> st
     """
     from timm.models._hub import save_config_for_hf
 
-    from .heads import MLPHead
-
-    if any(isinstance(m, MLPHead) for m in model.modules()):
+    if not is_timm_model(model):
+        raise ValueError(f"write_timm_config needs a timm model (timm.create_model), got {type(model).__name__}.")
+    if not timm_rebuildable(model):
         logger.warning(
             "Not writing timm's config.json into %s: the MLP head (head_type='mlp') is not part of the timm "
-            "architecture %s, so timm.create_model could not rebuild the model from it. Load the weights with "
-            "load_timm_model(..., arch=%r) after replace_head_with_mlp, or save the prepared head instead.",
+            "architecture %s, so timm.create_model could not rebuild the model from it. To load the weights, build "
+            "timm.create_model(%r, num_classes=%d), call headprep_hf.replace_head_with_mlp on it with the run's "
+            "mlp_hidden_size/mlp_num_layers, then load_state_dict(model.safetensors).",
             save_directory,
             model.pretrained_cfg.get("architecture"),
             model.pretrained_cfg.get("architecture"),
+            model.num_classes,
         )
         return None
     names = model_label_names(model)
