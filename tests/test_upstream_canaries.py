@@ -114,3 +114,30 @@ def test_persistent_loader_keeps_its_iterator_where_release_workers_stops_it():
     assert not any(w.is_alive() for w in workers)
     # Trainer keeps persistent evaluation loaders here (release_workers stops them after an evaluation).
     assert "self._eval_dataloaders[dataloader_key] = dataloader" in inspect.getsource(Trainer._get_dataloader)
+
+
+def test_timm_config_writer_is_the_one_save_for_hf_uses(tmp_path):
+    # headprep_hf.export.write_timm_config calls timm.models._hub.save_config_for_hf (the config half of
+    # save_for_hf) beside the Trainer's weights: its folder must hold exactly the config save_for_hf writes.
+    import json
+
+    import timm
+    from timm.models._hub import save_config_for_hf
+
+    from headprep_hf.export import set_data_config, set_label_names, write_timm_config
+
+    assert _params(save_config_for_hf)[:5] == ["model", "config_path", "model_config", "model_args", "data_config"]
+    model = timm.create_model("test_resnet", num_classes=2)
+    set_label_names(model, ["a", "b"])
+    data_config = dict(input_size=(3, 32, 32), interpolation="bicubic", mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    set_data_config(model, {**data_config, "crop_pct": 0.9, "crop_mode": "center"})
+    write_timm_config(model, tmp_path)
+    timm.models.save_for_hf(
+        model,
+        str(tmp_path / "timm"),
+        model_config={"label_names": ["a", "b"]},
+        data_config={**data_config, "crop_pct": 0.9, "crop_mode": "center"},
+        safe_serialization=True,
+    )
+    ours = json.loads((tmp_path / "config.json").read_text())
+    assert ours == json.loads((tmp_path / "timm" / "config.json").read_text())

@@ -1,19 +1,26 @@
 """Model cards (README.md) for prepared heads and finetuned models, rendered from the Jinja templates in
-`model_cards/` (shipped inside the package) with `huggingface_hub.ModelCard.from_template`."""
+`model_cards/` (shipped inside the package) with `huggingface_hub.ModelCard.from_template`; the Hub metadata is a
+`huggingface_hub.ModelCardData` (library, pipeline tag, license, datasets, base model, tags, and the evaluation
+results as `EvalResult`s, which huggingface_hub writes as the model-index)."""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
 
+from .export import model_label_names
 from .version import __version__
 
 if TYPE_CHECKING:
     from .trainer import HeadPrepTrainer
 
 TAGS = ["headprep_hf", "head-probing", "finetuning"]
+# "owner/name": what a Hub repo id looks like (a local path or a bare name is not one).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def template_path(name: str) -> str:
@@ -52,6 +59,151 @@ def prepared_head_card(config: dict[str, Any], repo_id: str | None = None) -> Mo
     )
 
 
+# Trainer bookkeeping the results table and the model-index leave out: not a property of the model.
+_NOISE_SUFFIXES = ("runtime", "samples_per_second", "steps_per_second", "epoch", "total_flos")
+# Keys shown in the card's training-dynamics table (not evaluation results).
+_DYNAMICS_KEYS = ("energy", "hp_train_accuracy", "drift_sq_dist", "drift_cos")
+# `datasets`' packaged loaders (a local folder's type in the model-index), not datasets on the Hub.
+_PACKAGED_LOADERS = ("imagefolder", "audiofolder", "videofolder", "csv", "json", "parquet", "text", "arrow")
+# Pretty task names of the pipeline tags our tasks use (the model-index's task.name).
+_TASK_NAMES = {
+    "image-classification": "Image Classification",
+    "image-segmentation": "Image Segmentation",
+    "graph-ml": "Graph Machine Learning",
+}
+# Metric-name prefixes of `Trainer.evaluate` results, and the dataset split each one reports on.
+_SPLIT_PREFIXES = {"validation_": "validation", "eval_": "validation", "test_": "test"}
+
+
+def is_noise_metric(name: str) -> bool:
+    """Run bookkeeping (runtime, samples/steps per second, epoch, FLOs): kept out of cards."""
+    return name == "epoch" or name.endswith(tuple(f"_{s}" for s in _NOISE_SUFFIXES)) or name in _NOISE_SUFFIXES
+
+
+def _split_metric(name: str) -> tuple[str, str] | None:
+    for prefix, split in _SPLIT_PREFIXES.items():
+        if name.startswith(prefix):
+            return split, name[len(prefix) :]
+    return None
+
+
+def eval_results(
+    metrics: dict[str, Any],
+    task_type: str | None,
+    dataset_type: str | None,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+) -> list[EvalResult]:
+    """`huggingface_hub.EvalResult`s (the card's model-index) of the `validation_*`/`eval_*`/`test_*` entries of
+    `metrics`, losses and run bookkeeping left out (as transformers' cards keep only metrics to the model-index).
+    Empty without a task type and a dataset: the Hub rejects partial model-index entries."""
+    if not task_type or not dataset_type:
+        return []
+    results = []
+    for name, value in metrics.items():
+        parsed = _split_metric(name)
+        if parsed is None or is_noise_metric(name) or not isinstance(value, (int, float)):
+            continue
+        split, metric = parsed
+        if metric == "loss" or metric.endswith("_loss"):
+            continue
+        results.append(
+            EvalResult(
+                task_type=task_type,
+                task_name=_TASK_NAMES.get(task_type),
+                dataset_type=dataset_type,
+                dataset_name=dataset_name or dataset_type,
+                dataset_config=dataset_config,
+                dataset_split=split,
+                metric_type=metric,
+                metric_value=round(float(value), 4),
+                metric_name=f"{split} {metric}",
+            )
+        )
+    return results
+
+
+def _first_pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    # The model's own timm pretrained_cfg, or its backbone's (a segmentation model around a timm backbone).
+    for module in model.modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("architecture"):
+            return cfg
+    return {}
+
+
+def base_model_id(model: nn.Module) -> str | None:
+    """The Hub id of the model `model` was finetuned from, where it says so: a timm `pretrained_cfg["hf_hub_id"]`
+    (the model's or its backbone's), or a transformers config's `_name_or_path` when that is a Hub id, not a local
+    folder. None otherwise (the Hub validates `base_model` against its repos)."""
+    import os
+
+    hub_id = _first_pretrained_cfg(model).get("hf_hub_id")
+    if hub_id:
+        return str(hub_id)
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name and _HUB_ID.match(str(name)) and not os.path.exists(str(name)):
+        return str(name)
+    return None
+
+
+def pipeline_tag_of(model: nn.Module) -> str | None:
+    """The Hub pipeline tag a model's kind implies: a timm classifier or a transformers `*ForImageClassification`
+    is an image classifier; `*ForSemanticSegmentation` segments images. None when its kind does not say."""
+    from .export import is_timm_model
+
+    name = type(model).__name__
+    if is_timm_model(model) or name.endswith("ForImageClassification"):
+        return "image-classification"
+    if name.endswith(("ForSemanticSegmentation", "DeepLabV3")):
+        return "image-segmentation"
+    return None
+
+
+def _library_name(model: nn.Module) -> str:
+    from transformers import PreTrainedModel
+
+    from .export import timm_rebuildable
+
+    if isinstance(model, PreTrainedModel):
+        return "transformers"
+    if timm_rebuildable(model):
+        return "timm"  # the folder is a timm save_for_hf folder: the Hub shows timm's loading snippet
+    return "headprep_hf"
+
+
+def head_probing_record(trainer: HeadPrepTrainer) -> dict[str, Any]:
+    """The head probing the finetuned model went through: this trainer's own HP (`hp_epochs` > 0 outside
+    `finetune()`), else the prepared head loaded onto the model (`load_prepared_head` remembered its tau and
+    settings), else none (tau 0). Keys: tau, hp_learning_rate, hp_lr_scheduler_type, hp_label_smoothing, source."""
+    from .export import prepared_head_record
+
+    args = trainer.args
+    own = args.hp_epochs > 0 and trainer.stage_plan.plan != "ft"
+    loaded = prepared_head_record(trainer.accelerator.unwrap_model(trainer.model))
+    if not own and loaded is not None:
+        return {
+            "tau": loaded.get("tau"),
+            "hp_learning_rate": loaded.get("hp_learning_rate"),
+            "hp_lr_scheduler_type": loaded.get("hp_lr_scheduler_type"),
+            "hp_label_smoothing": loaded.get("hp_label_smoothing"),
+            "source": loaded.get("source"),
+        }
+    return {
+        "tau": args.hp_epochs if own else 0,
+        "hp_learning_rate": args.hp_learning_rate,
+        "hp_lr_scheduler_type": args.hp_lr_scheduler_type,
+        "hp_label_smoothing": args.hp_label_smoothing,
+        "source": None,
+    }
+
+
+def _first(value: str | list[str] | None) -> str | None:
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value
+
+
 def finetuned_model_card(
     trainer: HeadPrepTrainer,
     model_name: str | None = None,
@@ -60,33 +212,59 @@ def finetuned_model_card(
     metrics: dict[str, float] | None = None,
     tags: list[str] | None = None,
     license: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+    language: str | list[str] | None = None,
 ) -> ModelCard:
-    """Card of a model finetuned by `trainer`: HP/FT settings, energy, drift, metrics and the sweep's tau*."""
+    """Card of a model finetuned by `trainer`: Hub metadata (`huggingface_hub.ModelCardData`: library, pipeline tag,
+    license, datasets, base model, tags, the model-index of `metrics`) and the HP/FT settings, energy, drift, metrics
+    and the sweep's tau*.
+
+    The dataset arguments are `Trainer.create_model_card`'s: `tasks` the pipeline tag (default: what the model's kind
+    implies), `dataset_tags` the dataset ids (a Hub id, or a loader name such as `imagefolder`; Hub ids go to the
+    `datasets` metadata), `dataset` their pretty names, `dataset_args` the dataset configs. `metrics` entries named
+    `validation_*`/`eval_*`/`test_*` become model-index results once a task and a dataset are known.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
     args = trainer.args
     dyn = trainer.dynamics
     drift = (dyn.get("drift") or [{}])[-1]
+    hp = head_probing_record(trainer)
+    pipeline_tag = _first(tasks) or pipeline_tag_of(model)
+    dataset_type, dataset_name = _first(dataset_tags), _first(dataset)
+    model_name = model_name or "finetuned-model"
+    shown = {k: v for k, v in (metrics or {}).items() if not is_noise_metric(k) and k not in _DYNAMICS_KEYS}
+    results = eval_results(shown, pipeline_tag, dataset_type, dataset_name, _first(dataset_args))
+    hub_datasets = [d for d in _as_list(dataset_tags) if d not in _PACKAGED_LOADERS]
     extra = {}
     if sweep is not None and sweep.get("tau_star") is not None:
         extra["headprep_tau_star"] = sweep["tau_star"]
     card_data = ModelCardData(
-        library_name="headprep_hf",
-        tags=[*TAGS, *(tags or [])],
+        library_name=_library_name(model),
+        pipeline_tag=pipeline_tag,
+        license=license or _first_pretrained_cfg(model).get("license"),
+        datasets=hub_datasets or None,
         base_model=base_model,
-        license=license,
+        language=language,
+        tags=[*TAGS, *([pipeline_tag] if pipeline_tag else []), *(tags or [])],
         model_name=model_name,
-        headprep_tau=args.hp_epochs,
+        eval_results=results or None,
+        headprep_tau=hp["tau"],
         headprep_energy=dyn.get("energy"),
         **extra,
     )
     return ModelCard.from_template(
         card_data,
         template_path=template_path("finetuned_model"),
-        model_name=model_name or "Finetuned model",
+        model_name=model_name,
         base_model=base_model,
-        tau=args.hp_epochs,
-        hp_learning_rate=args.hp_learning_rate,
-        hp_lr_scheduler_type=args.hp_lr_scheduler_type,
-        hp_label_smoothing=args.hp_label_smoothing,
+        tau=hp["tau"],
+        hp_source=hp["source"],
+        hp_learning_rate=hp["hp_learning_rate"],
+        hp_lr_scheduler_type=hp["hp_lr_scheduler_type"],
+        hp_label_smoothing=hp["hp_label_smoothing"],
         head_type=args.head_type,
         reinit_modules=list(args.reinit_modules),
         num_train_epochs=args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
@@ -100,36 +278,29 @@ def finetuned_model_card(
         hp_train_accuracy_text=_fmt(dyn.get("hp_train_accuracy")),
         drift_sq_dist_text=_fmt(drift.get("sq_dist")),
         drift_cos_text=_fmt(drift.get("cos")),
-        metrics={k: round(v, 4) if isinstance(v, float) else v for k, v in (metrics or {}).items()},
+        metrics={k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()},
+        dataset_name=dataset_name or dataset_type,
+        label_names=model_label_names(model),
         sweep=sweep,
         headprep_version=__version__,
     )
 
 
-def write_finetuned_model_card(
-    trainer: HeadPrepTrainer,
-    model_name: str | None = None,
-    finetuned_from: str | None = None,
-    tags: str | list[str] | None = None,
-    license: str | None = None,
-    sweep: dict[str, Any] | None = None,
-    metrics: dict[str, float] | None = None,
-) -> None:
-    """`output_dir/README.md` of `trainer`'s finetuned model (`finetuned_model_card`); the base model defaults to the
-    timm model's `pretrained_cfg["hf_hub_id"]`."""
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def write_finetuned_model_card(trainer: HeadPrepTrainer, finetuned_from: str | None = None, **kwargs) -> None:
+    """`output_dir/README.md` of `trainer`'s finetuned model (`finetuned_model_card`, `kwargs` passed on); the base
+    model defaults to what the model says it came from (`base_model_id`), the model name to the output folder's."""
     import os
 
-    if finetuned_from is None:
-        cfg = getattr(trainer.accelerator.unwrap_model(trainer.model), "pretrained_cfg", None) or {}
-        finetuned_from = cfg.get("hf_hub_id")
-    card = finetuned_model_card(
-        trainer,
-        model_name=model_name or os.path.basename(os.path.normpath(trainer.args.output_dir)),
-        base_model=finetuned_from,
-        sweep=sweep,
-        metrics=metrics,
-        tags=[tags] if isinstance(tags, str) else tags,
-        license=license,
-    )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    kwargs["model_name"] = kwargs.get("model_name") or os.path.basename(os.path.normpath(trainer.args.output_dir))
+    if isinstance(kwargs.get("tags"), str):
+        kwargs["tags"] = [kwargs["tags"]]
+    card = finetuned_model_card(trainer, base_model=finetuned_from or base_model_id(model), **kwargs)
     os.makedirs(trainer.args.output_dir, exist_ok=True)
     card.save(os.path.join(trainer.args.output_dir, "README.md"))

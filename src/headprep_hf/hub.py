@@ -5,11 +5,13 @@ A prepared-head folder holds
 * `head.safetensors`: everything HP changed (`HeadPrepTrainer.hp_state_dict()`: the head, `reinit_modules`, and
   all buffers when `hp_backbone_mode="train"`), keyed by the model's own parameter names;
 * `headprep_head.json`: what is needed to re-attach and reproduce it: head modules and type (MLP size), feature
-  dimension, number and names of labels, the backbone's identifier and checksum, tau, HP settings, energy and HP
-  train accuracy, package version.
+  dimension, number and names of labels (`id2label`, when the model names its classes: the recipes record the data's
+  class names on it), the backbone's identifier and checksum, tau, HP settings, energy and HP train accuracy, package
+  version.
 
 `load_prepared_head(model, path)` attaches it to a backbone (building the MLP head first when needed) after checking
-the feature dimension and label count (errors) and the backbone checksum (a warning, an error with `strict=True`).
+the feature dimension, label count and class names (errors) and the backbone checksum (a warning, an error with
+`strict=True`); it gives the model the head's class names and remembers the head's tau for the finetuned model's card.
 Weights are safetensors only; nothing is unpickled and no code is executed.
 """
 
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .cards import prepared_head_card
+from .export import model_label_names, record_prepared_head, set_label_names
 from .guard import check_finite
 from .heads import replace_head_with_mlp
 from .split import ModelSplit, find_split
@@ -92,20 +95,42 @@ class PreparedHeadMixin:
 
     def create_model_card(
         self,
+        language: str | list[str] | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
         model_name: str | None = None,
         finetuned_from: str | None = None,
-        tags=None,
-        license: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
         sweep: dict | None = None,
         metrics: dict | None = None,
         **kwargs,
     ):
-        """Write `output_dir/README.md`: HP/FT settings, energy, drift, `metrics` and a sweep's tau* (`sweep`, the
-        content of a `sweep.json`). Also what `push_to_hub()` uploads."""
+        """Write `output_dir/README.md` (`Trainer.create_model_card`'s arguments, plus `metrics` and a sweep's
+        `sweep.json` content): Hub metadata with the model-index of `metrics` (`validation_*`/`eval_*`/`test_*`
+        entries, given `tasks` and `dataset_tags`), the HP/FT settings (tau of this run's HP, or of the prepared
+        head `load_prepared_head` attached), energy, drift and tau*. The base model defaults to the one the model
+        names (timm `hf_hub_id`, transformers `_name_or_path`), the license to its `pretrained_cfg`'s. Also what
+        `push_to_hub()` uploads."""
         from .cards import write_finetuned_model_card
 
         if self.is_world_process_zero():
-            write_finetuned_model_card(self, model_name, finetuned_from, tags, license, sweep, metrics)
+            write_finetuned_model_card(
+                self,
+                finetuned_from=finetuned_from,
+                model_name=model_name,
+                tags=tags,
+                license=license,
+                sweep=sweep,
+                metrics=metrics,
+                tasks=tasks,
+                dataset_tags=dataset_tags,
+                dataset=dataset,
+                dataset_args=dataset_args,
+                language=language,
+            )
 
     def _write_prepared_head(self) -> None:
         # At the end of HP (after its measurements): a small artifact FT can start from elsewhere.
@@ -143,11 +168,10 @@ def feature_dim(model: nn.Module, split: ModelSplit) -> int | None:
 
 
 def _label_names(model: nn.Module) -> dict[str, str] | None:
-    config = getattr(model, "config", None)
-    id2label = getattr(config, "id2label", None)
-    if id2label:
-        return {str(k): str(v) for k, v in id2label.items()}
-    return None
+    # Where the model's library keeps them (transformers `id2label`, timm `pretrained_cfg["label_names"]`); the task
+    # loaders record the data's class names there (`headprep_hf.export.set_label_names`).
+    names = model_label_names(model)
+    return {str(i): name for i, name in enumerate(names)} if names else None
 
 
 def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = None, tau: int | None = None) -> dict:
@@ -296,7 +320,8 @@ def load_prepared_head(
     `head_type="linear"` there: the MLP is already in place).
 
     Raises:
-        ValueError: the feature dimension or the number of labels differ, or the weights do not fit the model; with
+        ValueError: the feature dimension, the number of labels or the class names (where both name them) differ,
+            or the weights do not fit the model; with
             `strict=True` also when the backbone checksum differs (otherwise a `BackboneMismatchWarning`).
     """
     folder = _resolve(repo_id_or_path, revision)
@@ -317,6 +342,14 @@ def load_prepared_head(
         raise ValueError(
             f"The prepared head in {folder} predicts {want_labels} labels but the model's head has "
             f"{split.num_classes}: build the model with num_classes={want_labels}."
+        )
+    head_names = _id2label_list(config.get("id2label"), folder)
+    model_names = model_label_names(model)
+    if head_names is not None and model_names is not None and head_names != model_names:
+        raise ValueError(
+            f"The prepared head in {folder} was probed for the classes {head_names} (in label order) but the model "
+            f"names its classes {model_names}: label i must mean the same class in both. Build the model and the "
+            "data with the head's class order, or probe a head for these classes."
         )
     checksum = backbone_checksum(model, split)
     if checksum != config["backbone"]["checksum"]:
@@ -347,4 +380,21 @@ def load_prepared_head(
         )
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
+    if head_names is not None and model_names is None:
+        set_label_names(model, head_names)  # the finetuned model (and its saved config) names the classes
+    record_prepared_head(model, config, source=str(repo_id_or_path))  # the finetuned model's card reports its tau
     return config
+
+
+def _id2label_list(id2label: dict[str, str] | None, folder: Path) -> list[str] | None:
+    if not id2label:
+        return None
+    try:
+        keys = sorted(id2label, key=int)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{folder / HEAD_CONFIG_NAME}: id2label keys must be label numbers, got {list(id2label)}."
+        ) from error
+    if [int(k) for k in keys] != list(range(len(keys))):
+        raise ValueError(f"{folder / HEAD_CONFIG_NAME}: id2label must name labels 0..n-1, got keys {keys}.")
+    return [str(id2label[k]) for k in keys]

@@ -26,6 +26,7 @@ from transformers.utils import find_labels
 from .checkpoints import begin_write, commit, refuse_earlier_outputs, required_files, resume_checkpoint, verify
 from .config import HeadPrepConfig, check_trainer_inputs
 from .dynamics import InMemoryDataset
+from .export import is_timm_model, write_timm_config
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
 from .heads import reinitialize_module, replace_head_with_mlp
@@ -599,11 +600,17 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     # ------------------------------------------------------------------ outputs
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, plus the training arguments as JSON (`training_args.json`) beside Trainer's
-        `training_args.bin`, so they can be read without unpickling."""
+        `training_args.bin`, so they can be read without unpickling, and, for a timm model, timm's `config.json`
+        (architecture, `num_classes`, `label_names`, the data config): the folder then loads with
+        `timm.create_model("local-dir:<folder>")` (`headprep_hf.export.write_timm_config`). The weights stay the
+        Trainer's `model.safetensors`; transformers models describe themselves through `save_pretrained`."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
         if self.guard.active and not _internal_call:
-            check_finite(self.accelerator.unwrap_model(self.model).state_dict(), f"the model in {output_dir}")
+            check_finite(model.state_dict(), f"the model in {output_dir}")
         super().save_model(output_dir, _internal_call)
         if self.args.should_save and os.path.isdir(output_dir):
             with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as f:
                 f.write(self.args.to_json_string())
+            if is_timm_model(model):
+                write_timm_config(model, output_dir)

@@ -30,6 +30,9 @@ class TaskInputs:
     data_config: dict[str, Any] | None = None
     # Images are decoded and augmented on access (files): worth loader worker processes.
     decodes_files: bool = False
+    # What the data says for the finetuned model's card: `Trainer.create_model_card`'s `tasks` (pipeline tag),
+    # `dataset_tags` (dataset id: Hub id, or `imagefolder` for local folders), `dataset` (pretty name), `dataset_args`.
+    card: dict[str, Any] = field(default_factory=dict)
 
 
 # Trainer settings shared by the recipes of every task (each task adds its own on top).
@@ -83,7 +86,9 @@ def default_num_workers() -> int:
 
 def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str, float]]:
     """What the single-run recipes do: HP + FT (`train()`, resumable with `--resume_from_checkpoint last`), save the
-    model and its card, evaluate on validation (and test), collect energy and final drift into `final_results.json`.
+    model (a timm model with timm's `config.json`: it loads back with `timm.create_model("local-dir:<output_dir>")`)
+    and its card (Hub metadata and model-index from the task's `card` entries), evaluate on validation (and test),
+    collect energy and final drift into `final_results.json`.
 
     Returns the trainer and the metrics (`validation_*`, `test_*`, `energy`, `hp_train_accuracy`, `drift_*`).
     """
@@ -112,7 +117,7 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
         metrics.update({f"drift_{k}": v for k, v in dyn["drift"][-1].items() if k not in ("step", "epoch")})
     trainer.log_metrics("final", metrics)
     trainer.save_metrics("final", metrics)
-    trainer.create_model_card(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    trainer.create_model_card(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))}, **inputs.card)
     return trainer, metrics
 
 

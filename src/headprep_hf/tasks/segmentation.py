@@ -20,6 +20,7 @@ from transformers import set_seed
 from ..data import build_digit_segmentation
 from ..data.device_inputs import attach_input_normalization
 from ..data.segmentation import VOC_CLASSES, load_hf_segmentation, load_nuclei_segmentation, load_voc_segmentation
+from ..export import set_label_names
 from ..metrics import argmax_logits, segmentation_metrics
 from ..models import DEFAULT_ARCH, TimmDeepLabV3, load_timm_model, pretrain_source_model
 from .base import COMMON_RECIPE_DEFAULTS, TaskInputs
@@ -122,7 +123,17 @@ def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
     files = args.voc_root is not None or args.dataset_name is not None
     if files:  # real images load as uint8 (normalize=False above); the model normalises them on its device
         attach_input_normalization(model, norm["mean"], norm["std"], channels_last=True)
+    set_label_names(model, class_names)  # prepared heads name the classes
+    if args.voc_root is not None:
+        card = {"dataset_tags": "voc", "dataset": f"PASCAL VOC {args.voc_year}"}
+    elif args.dataset_name is not None:
+        card = {"dataset_tags": args.dataset_name, "dataset": args.dataset_name}
+        if args.dataset_config_name is not None:
+            card["dataset_args"] = args.dataset_config_name
+    else:
+        card = {}
     return TaskInputs(
+        card={"tasks": "image-segmentation", **card},
         model=model,
         train_dataset=splits["train"],
         eval_dataset=splits["validation"],

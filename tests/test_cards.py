@@ -1,0 +1,207 @@
+"""Self-describing outputs and Hub-valid cards: a finetuned timm folder loads back with timm alone (classes, data
+config, weights), prepared heads name their classes, and the finetuned model's card metadata parses with
+huggingface_hub's own parser into the model-index it should hold."""
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import make_config, tiny_timm
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from PIL import Image
+from timm.data import resolve_model_data_config
+
+from headprep_hf import HeadPrepTrainer, load_prepared_head
+from headprep_hf.data.images import resolve_image_data_config
+from headprep_hf.export import model_label_names, set_data_config, set_label_names, write_timm_config
+from headprep_hf.heads import replace_head_with_mlp
+from headprep_hf.hub import HEAD_CONFIG_NAME
+from headprep_hf.models import load_timm_model
+
+NAMES = ["cat", "dog", "fox"]
+DATA_CONFIG = dict(
+    input_size=(3, 24, 24), interpolation="bicubic", mean=(0.3, 0.4, 0.5), std=(0.2, 0.25, 0.3), crop_pct=0.8
+)
+
+
+def _logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _data_config_of(model) -> dict:
+    got = resolve_model_data_config(model)
+    return {k: tuple(got[k]) if k in ("input_size", "mean", "std") else got[k] for k in DATA_CONFIG}
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A timm model trained through HP + FT with named classes and a data config, saved by the trainer."""
+    from conftest import TinyImages
+
+    tmp = tmp_path_factory.mktemp("ft")
+    torch.manual_seed(0)
+    model = tiny_timm()
+    set_label_names(model, NAMES)
+    set_data_config(model, resolve_image_data_config(model, 24, 0.8, "bicubic", (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)))
+    args = make_config(tmp, hp_epochs=1, num_train_epochs=1)
+    trainer = HeadPrepTrainer(
+        model=model, args=args, train_dataset=TinyImages(32), eval_dataset=TinyImages(16, seed=1)
+    )
+    trainer.train()
+    trainer.save_model()
+    return trainer, tmp / "out"
+
+
+def test_finetuned_timm_folder_round_trips_through_timm_and_our_loader(finetuned):
+    trainer, folder = finetuned
+    trained = trainer.accelerator.unwrap_model(trainer.model).cpu()
+    x = torch.randn(4, 3, 24, 24)
+    expected = _logits(trained, x)
+
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["architecture"] == "test_resnet" and saved["num_classes"] == 3 and saved["label_names"] == NAMES
+    assert not (folder / "pytorch_model.bin").exists()  # weights once, as safetensors (the Trainer's file)
+
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)  # timm alone, nothing else given
+    assert loaded.num_classes == 3 and list(loaded.pretrained_cfg["label_names"]) == NAMES
+    assert _data_config_of(loaded) == DATA_CONFIG
+    trained_state, loaded_state = trained.state_dict(), loaded.state_dict()
+    assert trained_state.keys() == loaded_state.keys()
+    assert all(torch.equal(trained_state[k], loaded_state[k]) for k in trained_state)
+    assert torch.equal(_logits(loaded, x), expected)
+
+    # The recipes' loader (no --model_arch) and the data config they resolve from the folder.
+    ours = load_timm_model(str(folder), num_classes=3)
+    assert torch.equal(_logits(ours, x), expected) and model_label_names(ours) == NAMES
+    headless = load_timm_model(str(folder), num_classes=0)  # what the image recipe reads the data config from
+    resolved = resolve_image_data_config(headless)
+    assert {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in resolved.items() if k in DATA_CONFIG} == (
+        DATA_CONFIG
+    )
+    # A new head of another size drops the old names (they named the old classifier).
+    assert model_label_names(load_timm_model(str(folder), num_classes=5)) is None
+
+
+def test_an_mlp_head_gets_no_timm_config(tmp_path, caplog):
+    model = tiny_timm()
+    replace_head_with_mlp(model, HeadPrepTrainer(model=model, args=make_config(tmp_path)).split, 8, 2)
+    assert write_timm_config(model, tmp_path) is None
+    assert not (tmp_path / "config.json").exists() and "MLP head" in caplog.text
+
+
+def _class_folders(root, classes=("cat", "dog"), n=4):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in classes:
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (28, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_prepared_head_records_class_folder_names(tmp_path):
+    from headprep_hf.tasks.image_classification import ImageClassificationArguments, load_image_classification
+
+    source = tmp_path / "source"
+    timm.models.save_for_hf(tiny_timm(), str(source), safe_serialization=True)
+    _class_folders(tmp_path)
+    task_args = ImageClassificationArguments(
+        model_name_or_path=str(source),
+        train_dir=str(tmp_path / "train"),
+        validation_dir=str(tmp_path / "val"),
+        image_size=32,
+    )
+    inputs = load_image_classification(task_args, seed=0)
+    args = make_config(tmp_path, hp_epochs=1, per_device_train_batch_size=4, drift_probe_samples=8)
+    trainer = HeadPrepTrainer(model=inputs.model, args=args, train_dataset=inputs.train_dataset)
+    trainer.probe_head()
+    head = tmp_path / "out" / "prepared_head"
+    assert json.loads((head / HEAD_CONFIG_NAME).read_text())["id2label"] == {"0": "cat", "1": "dog"}
+
+    fresh = load_timm_model(str(source), num_classes=2)
+    config = load_prepared_head(fresh, head, strict=True)
+    assert config["id2label"] == {"0": "cat", "1": "dog"} and model_label_names(fresh) == ["cat", "dog"]
+    swapped = load_timm_model(str(source), num_classes=2)
+    set_label_names(swapped, ["dog", "cat"])  # the same classes in another label order: rows would be swapped
+    with pytest.raises(ValueError, match="label i must mean the same class"):
+        load_prepared_head(swapped, head)
+
+
+METRICS = {
+    "validation_accuracy": 0.8125,
+    "validation_loss": 0.51,
+    "validation_runtime": 1.2,
+    "validation_samples_per_second": 99.0,
+    "validation_steps_per_second": 3.0,
+    "test_accuracy": 0.75,
+    "test_runtime": 1.1,
+    "epoch": 1.0,
+    "energy": 0.4,
+}
+
+
+def _front_matter(card_path) -> dict:
+    return ModelCard(card_path.read_text()).data.to_dict()  # huggingface_hub's own parser of the YAML header
+
+
+def test_card_metadata_and_model_index(finetuned):
+    trainer, folder = finetuned
+    trainer.create_model_card(
+        model_name="tiny-pets",
+        metrics=METRICS,
+        tasks="image-classification",
+        dataset_tags="imagefolder",
+        dataset="local image folder pets",
+    )
+    text = (folder / "README.md").read_text()
+    data = _front_matter(folder / "README.md")
+    assert data["pipeline_tag"] == "image-classification" and data["library_name"] == "timm"
+    assert data["license"] == "apache-2.0"  # the base model's pretrained_cfg license, none given
+    assert data["base_model"] == "timm/test_resnet.r160_in1k"  # from the model's pretrained_cfg, none given
+    assert "datasets" not in data  # a local folder is no Hub dataset
+    assert {"headprep_hf", "image-classification"} <= set(data["tags"])
+    name, results = model_index_to_eval_results(data["model-index"])
+    assert name == "tiny-pets"
+    got = {(r.dataset_split, r.metric_type): r for r in results}
+    assert set(got) == {("validation", "accuracy"), ("test", "accuracy")}  # no loss, no runtime
+    assert got["validation", "accuracy"].metric_value == 0.8125 and got["test", "accuracy"].metric_value == 0.75
+    for result in results:
+        assert result.task_type == "image-classification" and result.dataset_type == "imagefolder"
+        assert result.dataset_name == "local image folder pets"
+    assert "runtime" not in text and "per_second" not in text and "| epoch |" not in text
+    assert "| validation_accuracy | 0.8125 |" in text and "| validation_loss | 0.51 |" in text
+    assert "Classes: cat, dog, fox." in text
+
+
+def test_card_of_a_hub_dataset_lists_it(finetuned):
+    trainer, folder = finetuned
+    trainer.create_model_card(
+        metrics={"test_accuracy": 0.5}, dataset_tags="cifar10", dataset="CIFAR-10", license="mit", tags="extra"
+    )
+    data = _front_matter(folder / "README.md")
+    assert data["datasets"] == ["cifar10"] and data["license"] == "mit" and "extra" in data["tags"]
+    assert data["pipeline_tag"] == "image-classification"  # a timm classifier, no tasks given
+    _, (result,) = model_index_to_eval_results(data["model-index"])
+    assert (result.dataset_type, result.dataset_name, result.metric_type) == ("cifar10", "CIFAR-10", "accuracy")
+
+
+def test_tau_of_a_loaded_prepared_head_is_carried_into_the_finetuned_card(tmp_path, train_set):
+    prober = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path / "hp", hp_epochs=2), train_dataset=train_set
+    )
+    prober.probe_head()
+    head = prober.save_prepared_head(str(tmp_path / "head"))
+    model = tiny_timm()
+    load_prepared_head(model, head)
+    trainer = HeadPrepTrainer(model=model, args=make_config(tmp_path, hp_epochs=0), train_dataset=train_set)
+    trainer.finetune()
+    trainer.create_model_card()
+    card = ModelCard((tmp_path / "out" / "README.md").read_text())
+    assert card.data.to_dict()["headprep_tau"] == 2
+    assert "tau = 2 epochs" in card.text and "| HP | epochs (tau) | 2 |" in card.text
+    assert f"loaded as a prepared head from `{head}`" in card.text
