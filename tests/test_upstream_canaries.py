@@ -141,3 +141,26 @@ def test_timm_config_writer_is_the_one_save_for_hf_uses(tmp_path):
     )
     ours = json.loads((tmp_path / "config.json").read_text())
     assert ours == json.loads((tmp_path / "timm" / "config.json").read_text())
+
+
+def test_progress_callback_draws_training_bar_and_counts_from_current_step():
+    # Used by: headprep_hf.progress (the HP and FT bars). ProgressCallback draws `training_bar` at the start of
+    # training, adds `state.global_step - current_step` to it at each step end and closes it at the end; the stage
+    # bars relabel it, or replace it and set `current_step` where the new bar starts counting.
+    import io
+
+    from tqdm.auto import tqdm
+    from transformers import ProgressCallback
+
+    callback, state = ProgressCallback(), TrainerState(max_steps=5)
+    state.is_world_process_zero = True
+    callback.on_train_begin(None, state, None)
+    assert callback.current_step == 0 and callback.training_bar.total == 5
+    callback.training_bar.close()
+    replacement = tqdm(total=3, file=io.StringIO())
+    callback.training_bar, callback.current_step = replacement, 2
+    state.global_step = 3
+    callback.on_step_end(None, state, None)
+    assert replacement.n == 1 and callback.current_step == 3
+    callback.on_train_end(None, state, None)
+    assert callback.training_bar is None and replacement.disable  # (tqdm marks a closed bar disabled)

@@ -75,6 +75,7 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
     training set (the training RNG does not move; the ranks' averages are combined). Returns the layer count."""
     from .dynamics import forked_rng
     from .measurements import broadcast_buffers
+    from .progress import pass_bar
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     split = trainer.split
@@ -92,7 +93,7 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
     def over_train_set() -> None:
         loader = trainer.measurement_loader(trainer.train_dataset)
         with forked_rng(trainer.args.seed):
-            for batch in loader:
+            for batch in pass_bar(trainer, loader, "BatchNorm statistics"):
                 with trainer.autocast_smart_context_manager():
                     trainer.model_caller(model, batch)
 

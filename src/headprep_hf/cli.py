@@ -32,7 +32,9 @@ SWEEP_DEFAULTS = dict(
     eval_strategy="no",  # tau* uses the validation metric at the end of FT
     save_strategy="no",
     report_to="none",
-    disable_tqdm=True,
+    # Bars: over the FT jobs, the HP run, each FT job and the passes; the jobs' log records are not printed (sweep.json
+    # holds them). `--disable_tqdm true` turns every bar off.
+    disable_tqdm=False,
 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,6 +182,7 @@ def measure(
     raw_features: bool = False,
     keep_labels: bool = False,
     check_first_batch: Callable[[torch.Tensor, object], None] | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
 ) -> PassResult:
     """One pass of `model` (eval mode, no grad) over `dataloader`.
 
@@ -201,6 +202,7 @@ def measure(
         raw_features: Keep the head inputs as they are (e.g. `B, C, H, W` maps) instead of one vector per sample.
         keep_labels: Also return the labels (`PassResult.labels`), gathered like the rest.
         check_first_batch: Called as `check_first_batch(z, outputs)` on the first batch (features kept only).
+        progress: Wraps the dataloader in a progress bar (`progress.pass_bar`).
     """
     captured: list[torch.Tensor] = []
 
@@ -213,7 +215,7 @@ def measure(
     n_features = 0
     try:
         with preserved_state(model, seed):
-            for batch in dataloader:
+            for batch in progress(dataloader) if progress is not None else dataloader:
                 captured.clear()
                 with autocast():
                     outputs = call_model(model, batch)

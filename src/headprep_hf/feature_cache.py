@@ -138,7 +138,8 @@ class CachedHeadProbing:
         start = time.perf_counter()
         views, labels = [], None
         loader = trainer.measurement_loader(trainer.train_dataset)
-        for k in range(self.args.hp_cache_views):
+        num_views = self.args.hp_cache_views
+        for k in range(num_views):
             result = trainer.measurements.measure_dataset(
                 trainer.train_dataset,
                 with_energy=False,
@@ -148,6 +149,7 @@ class CachedHeadProbing:
                 raw_features=True,
                 keep_labels=True,
                 check_first_batch=check if k == 0 else None,
+                desc="feature cache" + (f" (view {k + 1}/{num_views})" if num_views > 1 else ""),
             )
             views.append(result.features)
             labels = result.labels

@@ -43,6 +43,7 @@ from .dynamics import (
 )
 from .files import read_json, read_safetensors, write_json
 from .losses import task_energy
+from .progress import pass_bar
 
 if TYPE_CHECKING:
     from .trainer import HeadPrepTrainer
@@ -226,8 +227,11 @@ class MeasurementCallback(TrainerCallback):
         self._maybe_drift()
 
     # ------------------------------------------------------------------ measurements
-    def measure_dataset(self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, **kwargs):
-        """One forward-only pass of the model over `dataset` (see `dynamics.measure`); every rank takes part."""
+    def measure_dataset(
+        self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, desc=None, **kwargs
+    ):
+        """One forward-only pass of the model over `dataset` (see `dynamics.measure`), in a progress bar named `desc`;
+        every rank takes part."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         broadcast_buffers(model, trainer.accelerator)
@@ -245,6 +249,7 @@ class MeasurementCallback(TrainerCallback):
             problem_type=trainer.problem_type if with_energy else "single_label_classification",
             autocast=trainer.autocast_smart_context_manager,
             seed=seed,
+            progress=(lambda batches: pass_bar(trainer, batches, desc)) if desc else None,
             **kwargs,
         )
 
@@ -454,7 +459,7 @@ class MeasurementCallback(TrainerCallback):
             energy_set = torch.utils.data.Subset(energy_set, range(args.energy_max_samples))
         try:
             # Seeded: the same views whenever it runs (so the energy is a function of the weights alone).
-            return self.measure_dataset(energy_set, with_energy=True, max_features=0, seed=args.seed)
+            return self.measure_dataset(energy_set, with_energy=True, max_features=0, seed=args.seed, desc="energy")
         except (RuntimeError, ValueError, IndexError) as error:
             if (
                 trainer.declares_problem_type
@@ -489,7 +494,7 @@ class MeasurementCallback(TrainerCallback):
             self._probe_loader = self.trainer.measurement_loader(self._probe_set)
         probe = self._probe_set
         return self.measure_dataset(
-            probe, False, len(probe), loader=self._probe_loader, seed=self.trainer.args.seed
+            probe, False, len(probe), loader=self._probe_loader, seed=self.trainer.args.seed, desc="drift probe"
         ).features
 
     def _probe_dataset(self):

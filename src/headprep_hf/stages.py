@@ -6,7 +6,8 @@
   in train mode), the optimizer groups (head/backbone x decay/no-decay) and what happens at the HP->FT boundary.
   The trainer, cached HP (`feature_cache`) and the BatchNorm statistics pass (`batchnorm`) all use it; nothing else
   re-implements it.
-* `StageCallback` does the HP->FT boundary inside the training loop and keeps early stopping to FT.
+* `StageCallback` does the HP->FT boundary inside the training loop (with the stage's progress bar, `progress`) and
+  keeps early stopping to FT.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from .files import read_json, write_json
+from .progress import finish_stage_bar, new_stage_bar, restart_stage_clock, start_stage_bar
 from .split import ModelSplit
 
 STATE_NAME = "headprep_state.json"
@@ -97,7 +99,8 @@ class StagePlan:
 
 
 class StageCallback(TrainerCallback):
-    """The HP->FT boundary (before the first FT update) and early stopping in FT only.
+    """The HP->FT boundary (before the first FT update), the stage labels of the progress bar (`HP`, then a new `FT`
+    bar at the boundary) and early stopping in FT only.
 
     Args:
         trainer: The [`HeadPrepTrainer`] (its `stage_plan` and `callback_handler`).
@@ -110,13 +113,17 @@ class StageCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         plan = self.trainer.stage_plan
+        start_stage_bar(self.trainer, state)
         if plan.plan != "hp" and plan.hp_steps == 0 and not plan.ft_started:
             self.begin_ft()
+            restart_stage_clock(self.trainer)  # the FT bar's rate and ETA count FT updates, not the passes before
 
     def on_step_end(self, args, state, control, **kwargs):
         plan = self.trainer.stage_plan
         if plan.plan != "hp" and 0 < plan.hp_steps == state.global_step and not plan.ft_started:
+            finish_stage_bar(self.trainer, state)  # the HP bar ends before the boundary's passes and line
             self.begin_ft()
+            new_stage_bar(self.trainer, "ft", plan.ft_steps, state.global_step)
             # Best model and early stopping look at FT (and its starting point, the prepared model) only.
             state.best_metric = state.best_global_step = state.best_model_checkpoint = None
             for callback in self.trainer.callback_handler.callbacks:

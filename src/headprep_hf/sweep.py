@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.utils import logging as hf_logging
 
 from .checkpoints import latest_resumable
 from .config import HeadPrepConfig
@@ -40,6 +41,7 @@ from .files import read_json, read_safetensors
 from .fingerprint import state_fingerprint
 from .guard import check_finite
 from .heads import reinitialize_head
+from .progress import QuietProgressCallback
 from .replicates import describe, lower_is_better, paired_difference, verdict
 from .split import find_split
 from .sweep_schema import SWEEP_FORMAT_VERSION, validate_sweep
@@ -160,7 +162,9 @@ class SweepConfig(HeadPrepConfig):
         sweep_report (`bool`, defaults to `True`):
             Write the PNG plots into `output_dir/plots` at the end.
         sweep_progress (`bool`, defaults to `True`):
-            Show a progress bar over the FT jobs (independent of `disable_tqdm`, which controls the Trainer's bars).
+            Show the bar over the FT jobs (its rate and ETA count FT jobs only, not HP). `disable_tqdm=True` turns off
+            every bar, this one included; `sweep_progress=False` this one only (the HP bar, each FT job's bar and the
+            passes' bars follow `disable_tqdm`).
         sweep_prepared_heads (`bool`, defaults to `False`):
             Also write every head snapshot as a prepared-head folder `heads/tau_N/` (see `load_prepared_head`), with
             the energy and HP train accuracy its FT job measured.
@@ -184,7 +188,9 @@ class SweepConfig(HeadPrepConfig):
     sweep_shard: str | None = field(default=None, metadata={"help": "'i/n': run only every n-th FT job (0-based)."})
     sweep_exchange: bool = field(default=False, metadata={"help": "Compute the head-exchange matrix (Fig. 3)."})
     sweep_report: bool = field(default=True, metadata={"help": "Write the PNG plots at the end."})
-    sweep_progress: bool = field(default=True, metadata={"help": "Progress bar over the FT jobs."})
+    sweep_progress: bool = field(
+        default=True, metadata={"help": "Progress bar over the FT jobs (off with disable_tqdm too)."}
+    )
     sweep_prepared_heads: bool = field(
         default=False,
         metadata={
@@ -360,23 +366,27 @@ class TauSweep:
         hp_info = {"cached_features": bool(self.args.hp_cache_features), "cache_views": int(self.args.hp_cache_views)}
         hp_info["seeds"] = {}
         results = []
-        progress = self._progress(len(jobs))
+        finished = {job for job in jobs if self._finished(*job) is not None}
+        progress = self._progress(len(jobs), len(finished))
+        last: dict[str, Any] = {}  # the last job's validation metric, beside what runs now
         for seed in self.args.seeds:
             seed_jobs = [tau for tau, s in jobs if s == seed]
             if not seed_jobs:
                 continue
-            todo = [tau for tau in seed_jobs if self._finished(tau, seed) is None]
-            if todo:
-                progress.set_description(f"HP (seed {seed})")
+            if any((tau, seed) not in finished for tau in seed_jobs):
+                progress.set_postfix({"running": f"HP seed={seed}", **last})
                 hp_info["seeds"][str(seed)] = self.probe(seed)
+                progress.unpause()  # the bar's clock (rate, ETA) counts FT jobs only: HP is not a job
             else:  # every job of this seed is finished: no HP needed, its record and snapshots stay as they are
                 hp_info["seeds"][str(seed)] = self._previous_hp(seed)
             for tau in seed_jobs:
-                progress.set_description(f"FT tau={tau} seed={seed}")
+                progress.set_postfix({"running": f"FT tau={tau} seed={seed}", **last})
                 result = self.finetune_from(tau, seed)
                 results.append(result)
-                progress.set_postfix({self.args.sweep_metric: result["validation"].get(self.args.sweep_metric)})
-                progress.update(1)
+                last = {self.args.sweep_metric: result["validation"].get(self.args.sweep_metric)}
+                if (tau, seed) not in finished:  # (reused jobs are counted from the start, `initial`)
+                    progress.set_postfix(last, refresh=False)
+                    progress.update(1)
         progress.close()
         sweep = self._assemble(results, hp_info)
         if self._is_main:
@@ -426,6 +436,7 @@ class TauSweep:
                 **self._hp_trainer_kwargs(),
             )
         )
+        trainer.progress_label = f"seed={seed}"
         if self._fingerprint is None:
             self._fingerprint = self.fingerprint()
         trainer.keep_head_inputs = bool(self.args.hp_cache_features)  # the FT jobs' energy from the cache
@@ -547,6 +558,7 @@ class TauSweep:
             )
         )
         trainer.run_tag = _fingerprint_tag(self._fingerprint)  # its checkpoints resume only in this sweep
+        trainer.progress_label = f"tau={tau} seed={seed}"
         # Cached HP read the training set through the frozen backbone already: the start-of-FT energy, HP accuracy
         # and p0 come from those head inputs where they are the views the energy pass would read (see measurements).
         trainer.measurements.head_inputs = self._head_inputs.get(seed)
@@ -611,10 +623,15 @@ class TauSweep:
         return self.args.process_index == 0
 
     def _quiet(self, trainer: HeadPrepTrainer) -> HeadPrepTrainer:
-        # With disable_tqdm the Trainer prints every log line; in a sweep the progress bar over jobs replaces that
-        # (the logs still reach report_to and sweep.json).
+        # The Trainer prints every log record (PrinterCallback with disable_tqdm, above its bar otherwise); in a sweep
+        # the bar over jobs shows each job's result instead (the logs still reach report_to and sweep.json). The
+        # job's own bars stay.
         if self.args.disable_tqdm:
             trainer.remove_callback(PrinterCallback)
+        callbacks = trainer.callback_handler.callbacks
+        for i, callback in enumerate(callbacks):
+            if type(callback) is ProgressCallback:  # in place: it draws its bar before the stage callback labels it
+                callbacks[i] = QuietProgressCallback()
         return trainer
 
     def _pristine_copy(self) -> torch.nn.Module:
@@ -657,11 +674,17 @@ class TauSweep:
             os.remove(self.output_dir / SWEEP_FILE)
         self._barrier()
 
-    def _progress(self, total: int):
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=total, desc="tau sweep", unit="job", disable=not (self.args.sweep_progress and self._is_main)
+    def _progress(self, total: int, done: int):
+        # Every update is drawn (`mininterval=0`: a few updates, seconds apart), so that `unpause()` after HP
+        # restarts the clock from the end of the last FT job exactly. Reused jobs are `initial`: not in the rate.
+        return hf_logging.tqdm(
+            total=total,
+            initial=done,
+            desc="tau sweep",
+            unit="job",
+            mininterval=0,
+            dynamic_ncols=True,
+            disable=not (self.args.sweep_progress and not self.args.disable_tqdm and self._is_main),
         )
 
     def _assemble(self, results: list[dict], hp_info: dict) -> dict[str, Any]:

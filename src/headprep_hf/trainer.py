@@ -40,6 +40,7 @@ from .labels import (
 )
 from .losses import TrainerLossMixin, declared_problem_type
 from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
+from .progress import announce, format_values
 from .schedules import two_stage_scheduler
 from .split import HeadFinder, ModelCaller, ModelSplit
 from .stages import PLANS, StageCallback, StagePlan, Stages
@@ -113,6 +114,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.energy_dataset = energy_dataset
         self.resumed_stage: str | None = None
         self.run_tag: str | None = None  # recorded in checkpoints; resuming needs the same (a sweep's fingerprint)
+        self.progress_label: str | None = None  # after HP/FT in the progress bars (a sweep's "tau=2 seed=42")
         self.stage_plan = StagePlan()
         self.hp_feature_cache = None  # the cached head inputs while cached HP runs (BatchNorm passes use them)
         self.written_outputs: set[str] = set()  # outputs this trainer wrote (a later stage may replace them)
@@ -318,6 +320,20 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self._finish_hp(recompute_bn=in_loop_hp)
         elif self.args.track_dynamics:
             self.measure_start()
+        if plan.plan == "ft" or self.args.hp_epochs > 0:  # (a run without HP prints what Trainer prints)
+            self._announce_ft_start()
+
+    def _announce_ft_start(self) -> None:
+        # One line where the Trainer's log records appear at default settings (above the progress bars).
+        step = self.state.global_step  # (0 when HP ran outside this loop: cached HP, probe_head(), a loaded head)
+        message = f"HP -> FT{f' at step {step}' if step else ''}: "
+        if self.args.track_dynamics and "energy" in self.dynamics:
+            names = {"energy": "energy", "hp_train_accuracy": "HP train accuracy"}
+            message += format_values({label: self.dynamics.get(key) for key, label in names.items()})
+        else:
+            why = "see the warning above" if self.args.track_dynamics else "track_dynamics=False"
+            message += f"energy and HP train accuracy not measured ({why})"
+        announce(self, message)
 
     # ------------------------------------------------------------------ measurements (see MeasurementCallback)
     def measure_start(self) -> dict[str, float]:
