@@ -152,7 +152,7 @@ def test_probe_inputs_are_read_once_per_run(tmp_path, train_set, eval_set):
     trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set, drift_dataset=probe)
     trainer.train()
     assert len(trainer.dynamics["drift"]) == 3  # z_0 at FT start, then z_t at three epoch ends
-    assert probe.reads == len(eval_set)
+    assert probe.reads == len(eval_set) + 1  # (+1: item 0, read once at train start to check the item format)
 
 
 def test_probe_kept_or_re_read_gives_fixed_views_and_leaves_training_alone(tmp_path, train_set, monkeypatch):
