@@ -65,7 +65,8 @@ def _trainer(tmp_path, model=None, n=32, **overrides):
 
 
 def test_train_draws_an_hp_bar_then_an_ft_bar_and_the_passes(tmp_path, capsys):
-    trainer = _trainer(tmp_path, model=bn_head_model())  # BatchNorm in the head: the statistics pass runs
+    # BatchNorm in the head: the statistics pass runs; the energy by its own pass (not the last HP epoch's inputs).
+    trainer = _trainer(tmp_path, model=bn_head_model(), energy_from_hp_epoch=False)
     trainer.train()
     out, err = capsys.readouterr()
     states = bar_states(err)
