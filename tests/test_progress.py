@@ -10,7 +10,7 @@ import re
 import time
 
 import pytest
-from conftest import TinyImages, bn_head_model, make_config, tiny_timm
+from conftest import CONFIG_DEFAULTS, TinyImages, bn_head_model, make_config, tiny_timm
 from transformers.utils import logging as hf_logging
 
 from headprep_hf import HeadPrepTrainer, SweepConfig, TauSweep
@@ -140,25 +140,10 @@ class SlowHP(TauSweep):
 
 
 def _sweep_config(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "sweep"),
-        sweep_taus=[0, 2],
-        hp_cache_features=True,
-        num_train_epochs=1,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=16,
-        learning_rate=1e-3,
-        hp_learning_rate=5e-2,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        dataloader_num_workers=0,
-        drift_probe_samples=8,
-        sweep_report=False,
-        seed=0,
-    )
-    return SweepConfig(**{**values, **overrides})
+    # The unit-test settings (conftest), as a sweep: taus 0 and 2 on cached HP, no report.
+    values = {k: v for k, v in CONFIG_DEFAULTS.items() if k not in ("hp_epochs", "disable_tqdm")}
+    values.update(output_dir=str(tmp_path / "sweep"), sweep_taus=[0, 2], hp_cache_features=True, drift_probe_samples=8)
+    return SweepConfig(**{**values, "sweep_report": False, **overrides})
 
 
 @pytest.mark.slow  # end to end: HP and two FT jobs (about 15 s)
