@@ -105,6 +105,29 @@ def test_processor_config_matches_the_processors_own_preprocessing():
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.parametrize("flags", [dict(image_size=48), dict(image_size=40, interpolation="bicubic")])
+def test_processor_saved_with_the_model_is_set_to_the_runs_data_config(tmp_path, flags):
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    from headprep_hf.data.images import image_processor_for_data_config
+
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    config = resolve_image_data_config(image_processor_data_config(processor), **flags)
+    updated = image_processor_for_data_config(processor, config)
+    updated.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    image = _image(size=(64, 64))
+    # The saved processor preprocesses as this run's eval transform did (not as the source's 32-px processor).
+    ours = _float_of(build_image_transforms(config, is_training=False), image, config["mean"], config["std"])
+    theirs = loaded(image, return_tensors="pt")["pixel_values"][0]
+    assert theirs.shape == ours.shape == (3, flags["image_size"], flags["image_size"])
+    assert (ours - theirs).abs().max() < 0.05  # (PIL vs torchvision resize kernels differ slightly)
+    assert processor.size["height"] == 32  # the source's processor is not changed
+    # A crop ViTImageProcessor cannot express: no processor rather than one describing other inputs.
+    cropped = resolve_image_data_config(image_processor_data_config(processor), image_size=40, crop_pct=0.9)
+    assert image_processor_for_data_config(processor, cropped) is None
+
+
 def test_the_batch_that_reaches_the_model_equals_the_float_pipelines():
     model = _a1_like_model().eval()
     config = resolve_image_data_config(model, image_size=32)

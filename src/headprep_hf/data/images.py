@@ -156,6 +156,51 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
     }
 
 
+_PIL_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Image.Resampling values
+
+
+def same_data_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two data configs give the same preprocessing (size, crop, interpolation, mean/std)."""
+    close = lambda x, y: all(abs(float(u) - float(v)) < 1e-6 for u, v in zip(x, y))  # noqa: E731
+    return (
+        tuple(a["input_size"]) == tuple(b["input_size"])
+        and a["interpolation"] == b["interpolation"]
+        and close(a["mean"], b["mean"])
+        and close(a["std"], b["std"])
+        and abs(float(a["crop_pct"]) - float(b["crop_pct"])) < 1e-6
+    )
+
+
+def image_processor_for_data_config(processor: Any, data_config: dict[str, Any]) -> Any | None:
+    """`processor` set to the data config a run used (`--image_size`, `--crop_pct`, `--interpolation` change it), so
+    the processor saved with the finetuned model describes its inputs; None when this processor class cannot express
+    it (the caller then saves none rather than one that describes other inputs).
+
+    The inverse of `image_processor_data_config`, in the processor's own fields: `size` (`shortest_edge`, or
+    `height`/`width`), `crop_size`/`do_center_crop` or ConvNext's `crop_pct`, `resample`, `image_mean`/`image_std`;
+    the result is checked by reading it back with `image_processor_data_config`.
+    """
+    import copy
+
+    if same_data_config(image_processor_data_config(processor), data_config):
+        return processor
+    new = copy.deepcopy(processor)
+    side, crop_pct = int(data_config["input_size"][-1]), float(data_config["crop_pct"])
+    size = getattr(new, "size", None) or {}
+    by_edge = size.get("shortest_edge") is not None
+    if getattr(new, "crop_pct", None) is not None:  # ConvNext: resize to side / crop_pct, then crop side
+        new.size, new.crop_pct = {"shortest_edge": side}, crop_pct
+    elif hasattr(new, "do_center_crop") and (crop_pct < 1.0 or getattr(new, "do_center_crop", False)):
+        resize = max(side, round(side / crop_pct))
+        new.size = {"shortest_edge": resize} if by_edge else {"height": resize, "width": resize}
+        new.crop_size, new.do_center_crop = {"height": side, "width": side}, True
+    else:
+        new.size = {"shortest_edge": side} if by_edge else {"height": side, "width": side}
+    new.resample = _PIL_RESAMPLE.get(data_config["interpolation"], 2)
+    new.image_mean, new.image_std = list(data_config["mean"]), list(data_config["std"])
+    return new if same_data_config(image_processor_data_config(new), data_config) else None
+
+
 def build_image_transforms(
     data_config: dict[str, Any],
     is_training: bool,

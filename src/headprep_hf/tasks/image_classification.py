@@ -178,6 +178,8 @@ def _load_real_images(args: ImageClassificationArguments, source: str, seed: int
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
     )
+    if processor is not None:  # the processor saved with the model describes the inputs this run used
+        processor = _processor_for_run(processor, data_config)
     extra = dict(
         train_eval_dataset=splits["train_eval"],
         processing_class=processor,
@@ -185,6 +187,22 @@ def _load_real_images(args: ImageClassificationArguments, source: str, seed: int
         decodes_files=True,
     )
     return splits, class_names, extra
+
+
+def _processor_for_run(processor, data_config):
+    from ..data.images import image_processor_for_data_config
+
+    updated = image_processor_for_data_config(processor, data_config)
+    if updated is None:
+        logger.warning(
+            "The image processor (%s) cannot express the data config this run used (%s): none is saved with the "
+            "finetuned model, rather than one that describes other inputs. Preprocess its inputs with this config.",
+            type(processor).__name__,
+            data_config,
+        )
+    elif updated is not processor:
+        logger.info("Image processor set to this run's data config: %s", updated)
+    return updated
 
 
 def _has_processor(folder: str) -> bool:
