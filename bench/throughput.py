@@ -295,8 +295,7 @@ def run_headprep(opts, model, dataset, data_name, data_config, tmp, stage, sync_
         hp_epochs=1,
         hp_learning_rate=1e-2,
         hp_cache_features=False,
-        track_dynamics=True,
-        drift_probe_samples=min(256, len(dataset)),
+        track_dynamics=True,  # drift probe at its default size (min(256, max(64, n // 16)) training samples)
         overwrite_output_dir=True,
         save_total_limit=None,
     )
@@ -427,16 +426,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"host syncs per step, {side}: {syncs[side]['syncs_per_step']:.2f}")
 
     summary = {}
-    print(f"\nmedian samples/s over {opts.repeats} repeats; ratios to raw_timm")
+    print(
+        f"\nmedian samples/s over {opts.repeats} repeats [range]; ratio of medians to raw_timm; and the median of "
+        "the per-repeat ratios (each side against the raw loop of the same repeat, which ran next to it)"
+    )
     for data_name, sides in results.items():
         medians = {s: statistics.median(r["samples_per_s"] for r in runs) for s, runs in sides.items() if runs}
         ref = medians.get("raw_timm")
-        summary[data_name] = {
-            s: {"median_samples_per_s": m, "ratio_to_raw_timm": (m / ref if ref else None)} for s, m in medians.items()
-        }
+        summary[data_name] = {}
         for s, m in medians.items():
+            rates = [r["samples_per_s"] for r in sides[s]]
+            raw = [r["samples_per_s"] for r in sides.get("raw_timm", [])]
+            paired = statistics.median(a / b for a, b in zip(rates, raw)) if raw else None
+            summary[data_name][s] = {
+                "median_samples_per_s": m,
+                "range": [min(rates), max(rates)],
+                "ratio_to_raw_timm": (m / ref if ref else None),
+                "paired_ratio_to_raw_timm": paired,
+            }
             ratio = f"{m / ref:.3f}" if ref else "-"
-            print(f"  {data_name:6s} {s:12s} {m:9.1f}   x{ratio}")
+            pair = f"{paired:.3f}" if paired is not None else "-"
+            print(f"  {data_name:6s} {s:12s} {m:9.1f} [{min(rates):.1f}-{max(rates):.1f}]   x{ratio}   paired x{pair}")
     device_name = torch.cuda.get_device_name() if opts.device == "cuda" else machine_info()["processor"]
     payload = {
         "machine": {**machine_info(), "device": device_name},

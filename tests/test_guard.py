@@ -67,6 +67,34 @@ def test_nan_logits_stop_the_run_before_anything_non_finite_is_written(tmp_path,
         trainer.save_model()
 
 
+class InfGradientAt(TrainerCallback):
+    """Makes one backbone gradient inf during update `step` while the loss stays finite (a tensor hook)."""
+
+    def __init__(self, model, step):
+        self.step, self.on = step, False
+        next(model.conv1.parameters()).register_hook(lambda grad: grad * float("inf") if self.on else grad)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.on = state.global_step == self.step
+
+
+def test_an_inf_gradient_under_a_finite_loss_is_caught_from_trainers_own_gradient_norm(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, save_strategy="no")
+    trainer.add_callback(InfGradientAt(trainer.model, 7))  # FT: 3 updates per epoch after 2 HP epochs
+    own_norms = []
+    original = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: own_norms.append(1) or original(*a, **k))
+    received = []
+    note = trainer.guard.note_grad_norm
+    trainer.guard.note_grad_norm = lambda norm: received.append(float(norm)) or note(norm)
+    with pytest.raises(NonFiniteError, match=r"update 8 \(FT\)"):
+        trainer.train()
+    # The guard read the norm Trainer computed for every update and computed none itself (the patched function is the
+    # module attribute the guard calls; Trainer's clipping goes through torch.nn.utils.clip_grad_norm_).
+    assert len(received) == 8 and received[-1] == math.inf and all(math.isfinite(v) for v in received[:-1])
+    assert own_norms == []
+
+
 def test_skip_policy_drops_the_update_and_counts_it(tmp_path):
     trainer = _trainer(tmp_path, on_nonfinite="skip")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

@@ -169,8 +169,10 @@ def test_sweep_bars_hp_each_ft_job_and_the_jobs_clock(tmp_path, capsys):
 
 @pytest.mark.slow  # end to end: HP and two FT jobs
 def test_sweep_with_disable_tqdm_draws_no_bar(tmp_path, capsys):
-    config = _sweep_config(tmp_path, sweep_taus=[0, 1], disable_tqdm=True)
-    assert config.sweep_progress  # (the sweep's own bar is on, but disable_tqdm turns every bar off)
+    config = _sweep_config(tmp_path, sweep_taus=[0, 1], disable_tqdm=True, sweep_exchange=True)
+    assert (
+        config.sweep_progress
+    )  # (the sweep's own and the head exchange's bars are on, but disable_tqdm turns every bar off)
     TauSweep(
         tiny_timm(), config, TinyImages(32, seed=0), TinyImages(16, seed=1), compute_metrics=accuracy_metrics()
     ).run()

@@ -62,6 +62,16 @@ def test_initial_training_values_are_seven_in_this_order(tmp_path):
     assert expected in source
 
 
+def test_grad_norm_of_every_update_goes_through_get_grad_norm_before_the_pre_optimizer_callback():
+    # Override: HeadPrepTrainer._get_grad_norm hands Trainer's per-update gradient norm to the non-finite guard, which
+    # otherwise computes its own (tests/test_guard.py checks that it does not).
+    assert _params(Trainer._get_grad_norm) == ["self", "model", "grad_norm"]
+    source = inspect.getsource(Trainer._inner_training_loop) + inspect.getsource(Trainer._run_epoch)
+    source = source.replace(" ", "")
+    call, callback = "grad_norm=self._get_grad_norm(model,grad_norm=grad_norm)", "on_pre_optimizer_step("
+    assert call in source and source.index(call) < source.index(callback)
+
+
 def test_dataloader_builder_signature():
     # Called by HeadPrepTrainer.measurement_loader: Trainer's loader (column removal, workers, Accelerate sharding).
     assert _params(Trainer._get_dataloader)[:4] == ["self", "dataset", "description", "batch_size"]

@@ -107,7 +107,9 @@ def head_exchange(
     train_views = measure_train_dataset if measure_train_dataset is not None else train_dataset
     device = next(net.parameters()).device
     train_matrix, eval_matrix = [], []
-    disable = not trainer.is_world_process_zero() or not getattr(args, "sweep_progress", True)
+    disable = (
+        not trainer.is_world_process_zero() or not getattr(args, "sweep_progress", True) or trainer.args.disable_tqdm
+    )
     for tau_i in tqdm(taus, desc="head exchange", unit="backbone", disable=disable):
         net.load_state_dict(read_safetensors(paths[tau_i]))
         features = {"train": head_inputs(train_views), "validation": head_inputs(eval_dataset)}

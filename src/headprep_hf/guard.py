@@ -60,6 +60,7 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped: list[int] = []
         self._bad: torch.Tensor | None = None
         self._first: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | float | None = None
 
     @property
     def active(self) -> bool:
@@ -83,13 +84,27 @@ class NonFiniteGuard(TrainerCallback):
         self._first = torch.where(bad & ~self._bad, torch.full_like(self._first, step), self._first)
         self._bad = self._bad | bad
 
+    def note_grad_norm(self, norm: torch.Tensor | float | None) -> None:
+        """The gradient norm Trainer computed for this update (for clipping and logging), read by the next
+        `on_pre_optimizer_step` instead of a second norm over every gradient."""
+        self._grad_norm = norm
+
+    def _update_grad_norm(self) -> torch.Tensor | None:
+        norm, self._grad_norm = self._grad_norm, None
+        if norm is not None:
+            # (a float under DeepSpeed, whose engine already read it)
+            return torch.as_tensor(norm, device=self.trainer.accelerator.device)
+        # No norm from Trainer (a release that does not compute one every update): compute it.
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if not self.watches_steps:
             return
-        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
-        if not grads:
+        norm = self._update_grad_norm()
+        if norm is None:
             return
-        bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
+        bad = ~torch.isfinite(norm)
         if self.policy != "skip":
             self._note(bad, state.global_step)
         elif bool(bad):  # one synchronisation per update, the price of deciding before the step
