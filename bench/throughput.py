@@ -20,6 +20,12 @@ config: RandomResizedCrop + flip + color jitter, uint8 out, normalised on the de
   decoded and augmented in min(8, cores) persistent worker processes with pinned memory.
 * ``memory``: uint8 tensors already at the input size, in memory (no decoding; the main process loads them).
 
+`--task segmentation` runs the same four sides on the segmentation recipe's model and pipeline: DeepLabV3
+(`TimmDeepLabV3`: dilated ResNet at output stride 8 with the ASPP head, 21 classes, per-pixel cross-entropy ignoring
+255) over a PASCAL VOC 2012 layout of JPEG photographs with class-id masks (made from the same photographs: brightness
+bands as classes, 255 between them) read by `load_voc_segmentation` (uint8: random scale in [0.5, 2], pad, crop,
+flip; normalised on the device), and over uint8 tensors with masks in memory.
+
 Throughput is measured in the steady state: from the end of step `--warmup` to the end of the last step (one device
 synchronisation at each end), so worker start-up and the one-time start-of-FT energy pass are outside it; drift
 passes at epoch ends fall inside it. The wall time of the whole call is reported beside it. The loader alone is timed
@@ -29,13 +35,16 @@ synchronisations per step (`torch.cuda.set_sync_debug_mode`).
 Presets (`--device` picks; every value can be overridden; `--steps` counts the measured updates, after `--warmup`
 updates for in-memory data and at least 4 x workers for JPEG, see `plan`):
 
-* cpu: resnet10t at 64 px, batch 32, 12 measured steps, 3 repeats: runs anywhere in a few minutes.
-* cuda: resnet50 at 224 px, bf16 autocast, channels_last, batch 256, 24 measured steps, 3 repeats.
+* cpu: resnet10t at 64 px, batch 32, 12 measured steps, 3 repeats: runs anywhere in a few minutes;
+  segmentation: DeepLabV3 on resnet10t, 64 px crops, batch 8, 8 measured steps.
+* cuda: resnet50 at 224 px, bf16 autocast, channels_last, batch 256, 24 measured steps, 3 repeats;
+  segmentation: DeepLabV3 on resnet50, 513 px crops (the paper's), bf16, batch 16, 12 measured steps.
 
 Usage::
 
     python bench/throughput.py                      # CPU preset
     python bench/throughput.py --device cuda --json throughput_gpu.json
+    python bench/throughput.py --device cuda --task segmentation --json throughput_gpu_seg.json
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import math
 import os
 import random
 import statistics
@@ -54,6 +64,7 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -68,14 +79,28 @@ from headprep_hf.data import (
     normalize_uint8,
     resolve_image_data_config,
 )
+from headprep_hf.models import TimmDeepLabV3
 from headprep_hf.tasks.base import COMMON_RECIPE_DEFAULTS, default_num_workers
 
 SIDES = ("raw_timm", "trainer", "headprep_ft", "headprep_hp")
 PRESETS = {
-    "cpu": dict(arch="resnet10t", image_size=64, batch_size=32, steps=12, warmup=3, repeats=3, bf16=False),
-    "cuda": dict(arch="resnet50", image_size=224, batch_size=256, steps=24, warmup=6, repeats=3, bf16=True),
+    ("cpu", "classification"): dict(
+        arch="resnet10t", image_size=64, batch_size=32, steps=12, warmup=3, repeats=3, bf16=False
+    ),
+    ("cuda", "classification"): dict(
+        arch="resnet50", image_size=224, batch_size=256, steps=24, warmup=6, repeats=3, bf16=True
+    ),
+    # DeepLabV3 (dilated ResNet, output stride 8, ASPP head: the recipe's `TimmDeepLabV3`), crops as the paper's 513.
+    ("cpu", "segmentation"): dict(
+        arch="resnet10t", image_size=64, batch_size=8, steps=8, warmup=3, repeats=3, bf16=False
+    ),
+    ("cuda", "segmentation"): dict(
+        arch="resnet50", image_size=513, batch_size=16, steps=12, warmup=4, repeats=3, bf16=True
+    ),
 }
 NUM_CLASSES = 10
+SEGMENTATION_CLASSES = 21  # PASCAL VOC's
+IGNORE_INDEX = 255
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -99,6 +124,50 @@ def _write_jpegs(job: tuple[str, int, int, int]) -> None:
         image.save(os.path.join(folder, f"class_{label}", f"{i}.jpg"), quality=90)
 
 
+def _write_voc_pairs(job: tuple[str, int, int, int]) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    folder, start, count, seed = job
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    rng = random.Random(seed)
+    voc = Path(folder) / "VOCdevkit" / "VOC2012"
+    for i in range(start, start + count):
+        photo = photos[i % len(photos)]
+        w, h = rng.randint(300, 427), rng.randint(300, 427)
+        x, y = rng.randint(0, photo.width - w), rng.randint(0, photo.height - h)
+        image = photo.crop((x, y, x + w, y + h))
+        side = rng.randint(400, 500)  # VOC images are about 500 px on the long side
+        image = image.resize((side, int(side * h / w)))
+        # Class ids from brightness bands (a VOC-like palette PNG of ids), with a 255 border between bands.
+        grey = np.asarray(image.convert("L"), dtype=np.int64)
+        ids = (grey * SEGMENTATION_CLASSES // 256).astype(np.uint8)
+        border = np.zeros_like(ids, dtype=bool)
+        border[1:, :] |= ids[1:, :] != ids[:-1, :]
+        border[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+        ids[border] = IGNORE_INDEX
+        name = f"{i:06d}"
+        image.save(voc / "JPEGImages" / f"{name}.jpg", quality=90)
+        Image.fromarray(ids).save(voc / "SegmentationClass" / f"{name}.png")
+
+
+def make_voc_folder(root: Path, n: int, workers: int) -> Path:
+    """A PASCAL VOC 2012 layout (`VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation}`) of `n`
+    JPEG photographs (400-500 px crops of scikit-learn's sample photographs) with class-id masks, all in `train.txt`
+    (and the first 2 in `val.txt`), for the recipe's `load_voc_segmentation`."""
+    voc = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    chunk = -(-n // workers)
+    jobs = [(str(root), s, min(chunk, n - s), s) for s in range(0, n, chunk)]
+    with Pool(workers) as pool:
+        pool.map(_write_voc_pairs, jobs)
+    names = [f"{i:06d}" for i in range(n)]
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(names) + "\n")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(names[:2]) + "\n")
+    return root
+
+
 def make_jpeg_folder(root: Path, n: int, workers: int) -> Path:
     """`n` JPEG files (256-400 px wide crops of scikit-learn's sample photographs) in NUM_CLASSES class folders."""
     for label in range(NUM_CLASSES):
@@ -111,18 +180,24 @@ def make_jpeg_folder(root: Path, n: int, workers: int) -> Path:
 
 
 class MemoryImages(torch.utils.data.Dataset):
-    """uint8 images at the input size, in memory, as the recipe's transforms would hand them over."""
+    """uint8 images at the input size, in memory, as the recipe's transforms would hand them over; with `masks`, a
+    class-id mask per image (segmentation) instead of one label."""
 
-    def __init__(self, n: int, size: int, seed: int = 0):
+    def __init__(self, n: int, size: int, seed: int = 0, masks: bool = False):
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-        self.labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        if masks:  # horizontal bands of classes, as the JPEG folder's brightness bands
+            rows = torch.randint(0, SEGMENTATION_CLASSES, (n, size, 1), generator=g)
+            self.labels = rows.expand(n, size, size).contiguous()
+        else:
+            self.labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self.x[i], "labels": int(self.labels[i])}
+        label = self.labels[i] if self.labels.dim() > 1 else int(self.labels[i])
+        return {"pixel_values": self.x[i], "labels": label}
 
 
 def plan(opts, data_name: str) -> argparse.Namespace:
@@ -134,6 +209,8 @@ def plan(opts, data_name: str) -> argparse.Namespace:
 
 
 def build_datasets(opts, data_config: dict, tmp: Path) -> dict[str, Any]:
+    if opts.task == "segmentation":
+        return build_segmentation_datasets(opts, data_config, tmp)
     n = plan(opts, "jpeg").steps * opts.batch_size
     t = time.perf_counter()
     make_jpeg_folder(tmp / "train", n, max(1, os.cpu_count() or 1))
@@ -152,14 +229,43 @@ def build_datasets(opts, data_config: dict, tmp: Path) -> dict[str, Any]:
     return {"jpeg": splits["train"], "memory": MemoryImages(n_memory, data_config["input_size"][-1])}
 
 
+def build_segmentation_datasets(opts, data_config: dict, tmp: Path) -> dict[str, Any]:
+    """The segmentation recipe's real-data pipeline over a VOC-layout folder (`load_voc_segmentation`, uint8 out:
+    resize by a random scale in [0.5, 2], pad, random crop, flip; the model normalises on its device), and uint8
+    tensors with masks in memory."""
+    from headprep_hf.data.segmentation import load_voc_segmentation
+
+    crop = data_config["input_size"][-1]
+    # load_voc_segmentation holds 10% of train out for validation: write enough for the run's batches.
+    n = math.ceil(plan(opts, "jpeg").steps * opts.batch_size / 0.9) + 1
+    t = time.perf_counter()
+    make_voc_folder(tmp / "voc", n, max(1, os.cpu_count() or 1))
+    made = time.perf_counter() - t
+    splits = load_voc_segmentation(
+        str(tmp / "voc"), crop, data_config["mean"], data_config["std"], normalize=False, seed=0
+    )
+    print(f"VOC-layout folder: {n} JPEG + mask pairs made in {made:.1f} s ({len(splits['train'])} for training)")
+    n_memory = plan(opts, "memory").steps * opts.batch_size
+    return {"jpeg": splits["train"], "memory": MemoryImages(n_memory, crop, masks=True)}
+
+
 # ---------------------------------------------------------------------------------------------------- the sides
+def task_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier's logits, or per pixel of a segmentation model's `{"out": logits}` (255 ignored,
+    as the segmentation recipe's `ignore_index`)."""
+    if isinstance(outputs, dict):
+        return F.cross_entropy(outputs["out"], labels.long(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(outputs, labels.long())
+
+
 class PlainTrainer(Trainer):
-    """A plain Trainer on a timm model: cross-entropy on `model(pixel_values)` (timm takes one positional tensor)."""
+    """A plain Trainer on a timm model (or the recipe's DeepLabV3): cross-entropy on `model(pixel_values)` (timm takes
+    one positional tensor)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = model(inputs["pixel_values"])
-        loss = F.cross_entropy(logits, inputs["labels"].long())
-        return (loss, {"logits": logits}) if return_outputs else loss
+        outputs = model(inputs["pixel_values"])
+        loss = task_loss(outputs, inputs["labels"])
+        return (loss, outputs if isinstance(outputs, dict) else {"logits": outputs}) if return_outputs else loss
 
 
 class Clock:
@@ -203,6 +309,9 @@ def _loader_settings(opts, data_name: str) -> dict[str, Any]:
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
         dataloader_pin_memory=True,
+        # As the raw loop (timm's train.py and torchvision's segmentation references drop it): a last batch of one
+        # sample cannot train DeepLabV3's ASPP pooling BatchNorm.
+        dataloader_drop_last=True,
     )
 
 
@@ -260,7 +369,7 @@ def run_raw(opts, model, dataset, data_name, data_config) -> dict[str, float]:
             y = batch["labels"].to(device, non_blocking=True)
             x = normalize_uint8(x, mean, std, channels_last=opts.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
-                loss = F.cross_entropy(model(x), y)
+                loss = task_loss(model(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -296,6 +405,7 @@ def run_headprep(opts, model, dataset, data_name, data_config, tmp, stage, sync_
         hp_learning_rate=1e-2,
         hp_cache_features=False,
         track_dynamics=True,  # drift probe at its default size (min(256, max(64, n // 16)) training samples)
+        ignore_index=IGNORE_INDEX,
         overwrite_output_dir=True,
         save_total_limit=None,
     )
@@ -361,6 +471,13 @@ def time_loader(opts, dataset) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--task",
+        choices=["classification", "segmentation"],
+        default="classification",
+        help="classification: a timm classifier on a JPEG class folder; segmentation: the recipe's DeepLabV3 on a "
+        "VOC-layout folder of JPEG + mask pairs",
+    )
     for key in ("arch",):
         parser.add_argument(f"--{key}")
     for key in ("image_size", "batch_size", "steps", "warmup", "repeats", "workers"):
@@ -369,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--json", help="Write the raw results here.")
     opts = parser.parse_args(argv)
-    for key, value in PRESETS[opts.device].items():
+    for key, value in PRESETS[opts.device, opts.task].items():
         if getattr(opts, key, None) is None:
             setattr(opts, key, value)
     if opts.workers is None:
@@ -377,15 +494,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts.channels_last = True  # the recipe's default for convolutional backbones
     if opts.device == "cuda":
         torch.backends.cudnn.benchmark = True
+    model_name = opts.arch if opts.task == "classification" else f"DeepLabV3 ({opts.arch}, output stride 8)"
     print(
-        f"{opts.device}: {opts.arch} at {opts.image_size} px, batch {opts.batch_size}, {opts.steps} measured steps "
+        f"{opts.device} {opts.task}: {model_name} at {opts.image_size} px, batch {opts.batch_size}, "
+        f"{opts.steps} measured steps "
         f"after {plan(opts, 'memory').warmup} (memory) / {plan(opts, 'jpeg').warmup} (jpeg) warm-up steps, "
         f"bf16={opts.bf16}, channels_last, {opts.workers} loader workers for JPEG"
     )
 
     torch.manual_seed(0)
-    base = timm.create_model(opts.arch, pretrained=False, num_classes=NUM_CLASSES)
-    data_config = resolve_image_data_config(base, image_size=opts.image_size)
+    if opts.task == "segmentation":
+        base = TimmDeepLabV3(opts.arch, SEGMENTATION_CLASSES, output_stride=8)
+        cfg = base.backbone.pretrained_cfg  # the recipe's rule: the backbone's mean/std, the crop as input size
+        data_config = dict(
+            mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), input_size=(3, opts.image_size, opts.image_size)
+        )
+    else:
+        base = timm.create_model(opts.arch, pretrained=False, num_classes=NUM_CLASSES)
+        data_config = resolve_image_data_config(base, image_size=opts.image_size)
     print(f"data config {data_config}")
     results: dict[str, dict[str, list[dict]]] = {d: {s: [] for s in opts.sides} for d in opts.data}
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -7,7 +7,8 @@ import pickle
 
 import pytest
 import torch
-from conftest import TinyImages, make_config, tiny_timm
+from conftest import TinyImages, bn_head_model, make_config, tiny_timm
+from transformers import Trainer, TrainingArguments
 
 from headprep_hf import HeadPrepTrainer, load_prepared_head
 
@@ -31,6 +32,27 @@ def test_sample_of_another_shape_is_named_by_index(tmp_path):
 
     with pytest.raises(ValueError, match=r"train_dataset\[5\] has 'pixel_values' of shape \(3, 20, 20\) but "):
         _trainer(tmp_path, OneOdd(48), hp_epochs=1).train()
+
+
+class _PlainTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(inputs["pixel_values"])
+        loss = torch.nn.functional.cross_entropy(logits, inputs["labels"])
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def test_a_last_batch_of_one_sample_at_a_batchnorm_layer_names_the_remainder_and_the_fix(tmp_path):
+    # 9 samples in batches of 4: the last batch holds one, and the head's BatchNorm1d cannot train on it.
+    def run(cls, args):
+        cls(model=bn_head_model(), args=args, train_dataset=TinyImages(9)).train()
+
+    settings = dict(hp_epochs=0, per_device_train_batch_size=4, track_dynamics=False, remove_unused_columns=False)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # what Trainer says
+        run(_PlainTrainer, TrainingArguments(output_dir=str(tmp_path / "plain"), use_cpu=True, report_to="none",
+                                             per_device_train_batch_size=4, remove_unused_columns=False))  # fmt: skip
+    with pytest.raises(ValueError, match=r"9 training samples leave 1 for the last batch of 4.*dataloader_drop_last"):
+        run(HeadPrepTrainer, make_config(tmp_path, **settings))
+    run(HeadPrepTrainer, make_config(tmp_path / "fixed", **settings, dataloader_drop_last=True))  # the fix works
 
 
 def test_probe_larger_than_the_training_set_warns_with_both_numbers(tmp_path):

@@ -298,3 +298,23 @@ def shape_mismatch_error(dataset, name: str, error: Exception) -> Exception:
         random.setstate(py_state)
         np.random.set_state(np_state)
     return error
+
+
+def single_sample_batch_error(trainer, error: Exception) -> Exception:
+    """For BatchNorm's "Expected more than 1 value per channel when training": a `ValueError` saying that a training
+    batch of one sample reached a BatchNorm layer in training mode (the last batch of an epoch when the training set
+    size leaves a remainder of 1), with the fixes; `error` itself for any other error."""
+    if "Expected more than 1 value per channel when training" not in str(error):
+        return error
+    args = trainer.args
+    batch = args.per_device_train_batch_size * max(args.world_size, 1)
+    try:
+        n = len(trainer.train_dataset)
+    except TypeError:
+        n = None
+    remainder = f" ({n} training samples leave {n % batch} for the last batch of {batch})" if n else ""
+    return ValueError(
+        f"A training batch of 1 sample reached a BatchNorm layer in training mode{remainder}: BatchNorm cannot "
+        "normalise over one value per channel (e.g. DeepLabV3's ASPP pooling branch). Set dataloader_drop_last=True "
+        "(as torchvision's segmentation references do), or pick a batch size that leaves no single sample."
+    )

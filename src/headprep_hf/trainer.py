@@ -37,6 +37,7 @@ from .labels import (
     check_trainer_datasets,
     infer_problem_type,
     shape_mismatch_error,
+    single_sample_batch_error,
 )
 from .losses import TrainerLossMixin, declared_problem_type
 from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
@@ -540,10 +541,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             output = super().train(
                 resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
             )
-        except RuntimeError as error:  # a batch that could not be stacked: name the sample
+        except (RuntimeError, ValueError) as error:  # a batch that could not be stacked, or of one sample: say why
             named = error
             if "stack expects each tensor to be equal size" in str(error):
                 named = shape_mismatch_error(self.train_dataset, "train_dataset", error)
+            elif isinstance(error, ValueError):
+                named = single_sample_batch_error(self, error)
             if named is error:
                 raise
             raise named from error

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of issue 15 as ONE prepared device run (at most 8.5 minutes: each part has its own time limit;
+# the `device` tool's `run` gives at most 10 minutes per command and 15 per session, the machine's start included):
+#
+#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=590)
+#
+# The device image has torch, torchvision, accelerate, timm and transformers, but maybe not the versions this
+# project pins; wheels in .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`, then `pip download` as the
+# device README says, for Python 3.12) are installed into /tmp/site first. Results land in $OUT (or ./gpu_results):
+# the JSON of each run and the whole log. Each part has its own time limit so that one slow part cannot eat the rest.
+set -uo pipefail
+OUT="${OUT:-gpu_results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers, timm; print(torch.__version__, transformers.__version__, timm.__version__)"
+    # 1. ResNet-50 at 224 px, bf16: (c)/(a) on in-memory uint8 and on the JPEG folder (the default pipeline).
+    timeout 300 python3 bench/throughput.py --device cuda --json "$OUT/classification.json"
+    # 2. DeepLabV3 (ResNet-50, output stride 8) at 513 px, bf16, in memory then the VOC-layout JPEG folder.
+    timeout 200 python3 bench/throughput.py --device cuda --task segmentation --repeats 2 \
+        --json "$OUT/segmentation.json"
+} 2>&1 | tee "$OUT/gpu.log"

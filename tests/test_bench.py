@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end at tiny sizes (a GPU lease is not spent on a crash) and report every side."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    yield
+    for name in ("throughput", "_common"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.slow  # JPEG folders, worker processes and 16 short training runs (about 30 s)
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_throughput_runs_every_side_on_both_data_sources(bench_modules, tmp_path, task):
+    import throughput
+
+    tiny = ["--device", "cpu", "--task", task, "--arch", "test_resnet", "--image_size", "32", "--batch_size", "4"]
+    tiny += ["--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "1", "--json", str(tmp_path / "t.json")]
+    payload = throughput.main(tiny)
+    for data in ("jpeg", "memory"):
+        sides = payload["summary"][data]
+        assert set(sides) == set(throughput.SIDES)
+        for side, result in sides.items():
+            assert result["median_samples_per_s"] > 0 and math.isfinite(result["ratio_to_raw_timm"]), (data, side)
+        assert sides["raw_timm"]["ratio_to_raw_timm"] == 1.0
+    assert payload["loader"]["images_per_s"] > 0 and (tmp_path / "t.json").is_file()
+    assert payload["settings"]["task"] == task
