@@ -33,5 +33,6 @@ def test_throughput_runs_every_side_on_both_data_sources(bench_modules, tmp_path
         for side, result in sides.items():
             assert result["median_samples_per_s"] > 0 and math.isfinite(result["ratio_to_raw_timm"]), (data, side)
         assert sides["raw_timm"]["ratio_to_raw_timm"] == 1.0
+        assert 0 < sides["headprep_ft"]["drift_share_of_window"] < 1  # the epoch-end drift pass, timed in the window
     assert payload["loader"]["images_per_s"] > 0 and (tmp_path / "t.json").is_file()
     assert payload["settings"]["task"] == task

@@ -178,8 +178,10 @@ def _image_uint8(image) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         x = image
     else:
-        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-        x = torch.from_numpy(np.ascontiguousarray(array))
+        array = np.ascontiguousarray(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image))
+        if not array.flags.writeable:  # (PIL's array interface is read-only; torch warns on such memory)
+            array = array.copy()
+        x = torch.from_numpy(array)
         x = x.permute(2, 0, 1) if x.ndim == 3 else x.unsqueeze(0)
     if x.dtype != torch.uint8:
         raise ValueError(
