@@ -256,6 +256,20 @@ def test_regression_task_uses_mse_and_residual_energy(tmp_path):
 
 
 @pytest.mark.slow
+def test_offline_source_sample_converts_only_what_it_names(tmp_path):
+    from headprep_hf.data.graphs import DOWNSTREAM_TARGETS, build_chembl_graph_tasks
+
+    folders = build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60)
+    assert list(folders) == ["source"] and folders["source"].name == "headprep_chembl_source_sub60"
+    assert not (tmp_path / "ogb" / "headprep_chembl_downstream").exists()  # not asked for, not converted
+    dataset = load_ogb_dataset(str(folders["source"]))
+    assert len(dataset) == 60 and dataset.num_tasks == 30 - len(DOWNSTREAM_TARGETS)
+    again = build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60)  # cached: the same folder
+    assert again == folders
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['pretraining'\]"):
+        build_chembl_graph_tasks(tmp_path, ["pretraining"])
+
+
 def test_graph_recipe_and_sweep_task(tmp_path, capsys):
     from conftest import run_recipe_and_sweep
 

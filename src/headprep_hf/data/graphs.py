@@ -388,29 +388,47 @@ def all_chembl_targets() -> list[str]:
     return sorted(p.stem for p in moleculeace_folder().glob("CHEMBL*.csv"))
 
 
-def build_chembl_graph_tasks(cache_dir: str | os.PathLike) -> dict[str, Path]:
+def build_chembl_graph_tasks(
+    cache_dir: str | os.PathLike, parts: Sequence[str] = ("downstream", "source"), source_molecules: int | None = None
+) -> dict[str, Path]:
     """Convert (once, cached) the offline source and downstream tasks to OGB folders under `cache_dir/ogb`.
 
     * `source`: the 24 targets not in `DOWNSTREAM_TARGETS`, multi-task (NaN where not measured), without the
       downstream molecules (the paper's Sup-pcba role);
     * `downstream`: the 6 held-out targets (the Tox21 role): binary, missing labels, scaffold split.
 
-    Returns `{"source": folder, "downstream": folder}` for `load_ogb_dataset`.
+    Args:
+        parts: Which of the two to convert (a conversion is the costly part: about 30k source molecules).
+        source_molecules: Convert only a seeded random sample of this many source molecules (its own folder,
+            `headprep_chembl_source_sub<N>`, with its own scaffold split), for quick source pretraining.
+
+    Returns `{part: folder}` for `load_ogb_dataset`.
     """
     root = Path(cache_dir) / "ogb"
     folders = {}
     downstream_smiles, downstream_labels = chembl_activity_matrix(DOWNSTREAM_TARGETS)
     source_targets = [t for t in all_chembl_targets() if t not in DOWNSTREAM_TARGETS]
-    source = lambda: chembl_activity_matrix(source_targets, set(downstream_smiles))  # noqa: E731
+
+    def source():
+        smiles, labels = chembl_activity_matrix(source_targets, set(downstream_smiles))
+        if source_molecules is None or source_molecules >= len(smiles):
+            return smiles, labels
+        keep = np.sort(np.random.default_rng(0).choice(len(smiles), size=source_molecules, replace=False))
+        return [smiles[i] for i in keep], labels[keep]
+
+    sub = "" if source_molecules is None else f"-sub{source_molecules}"
     plans = {
         "downstream": (
             "headprep-chembl-downstream",
             lambda: (downstream_smiles, downstream_labels),
             DOWNSTREAM_TARGETS,
         ),
-        "source": ("headprep-chembl-source", source, source_targets),
+        "source": (f"headprep-chembl-source{sub}", source, source_targets),
     }
-    for key, (name, make, targets) in plans.items():
+    unknown = sorted(set(parts) - set(plans))
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}: choose from {sorted(plans)}")
+    for key, (name, make, targets) in ((k, plans[k]) for k in parts):
         folder = root / name.replace("-", "_")
         if not (folder / OGB_META_FILE).is_file():
             tmp = root / f".{name}.partial"

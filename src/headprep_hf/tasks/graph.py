@@ -11,6 +11,7 @@ where a molecule was not measured; the paper's "Sup-pcba" role) and cached; the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -55,7 +56,11 @@ class GraphArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Cache for the converted data and source model."})
     source_epochs: int = field(default=3, metadata={"help": "Epochs of the offline source pretraining."})
     source_max_graphs: int | None = field(
-        default=None, metadata={"help": "Pretrain the offline source on its first N training graphs (quick tests)."}
+        default=None,
+        metadata={
+            "help": "Pretrain the offline source on N training graphs only, from a seeded sample of the source "
+            "molecules that is all that gets converted (quick tests)."
+        },
     )
 
 
@@ -151,11 +156,15 @@ def pretrain_chembl_source(
     from ..models.source import default_cache_dir
 
     root = default_cache_dir(cache_dir)
-    suffix = f"-n{max_graphs}" if max_graphs is not None else ""
+    # With max_graphs, only a sample of the source molecules is converted (the full conversion of about 30k molecules
+    # takes minutes): enough that its scaffold split's training part (about 80%) holds max_graphs graphs.
+    molecules = None if max_graphs is None else math.ceil(max_graphs / 0.75) + 16
+    suffix = f"-sub{max_graphs}" if max_graphs is not None else ""
     final = root / f"chembl24-gcn-L{num_layers}-H{hidden_size}-e{epochs}-s{seed}{suffix}"
     if (final / MODEL_WEIGHTS).is_file():
         return final
-    splits = ogb_splits(load_graph_dataset(None, cache_dir=root, offline_part="source")[0])
+    source = load_graph_dataset(None, cache_dir=root, offline_part="source", source_molecules=molecules)[0]
+    splits = ogb_splits(source)
     if max_graphs is not None:
         from ..data.graphs import GraphPropertyDataset
 
@@ -172,15 +181,21 @@ def pretrain_chembl_source(
 
 
 def load_graph_dataset(
-    dataset_name: str | None, dataset_root: str | None = None, cache_dir=None, offline_part: str = "downstream"
+    dataset_name: str | None,
+    dataset_root: str | None = None,
+    cache_dir=None,
+    offline_part: str = "downstream",
+    source_molecules: int | None = None,
 ):
     """An OGB dataset and its problem type: `dataset_name` (an OGB name under `dataset_root`, or a converted folder),
-    or unset = the offline MoleculeACE task (`offline_part` "downstream" or "source", converted once to the cache)."""
+    or unset = the offline MoleculeACE task (`offline_part` "downstream" or "source", converted once to the cache;
+    `source_molecules`: a seeded sample of that many source molecules, see `build_chembl_graph_tasks`)."""
     from ..data.graphs import build_chembl_graph_tasks, load_ogb_dataset
     from ..models.source import default_cache_dir
 
     if dataset_name is None:
-        dataset = load_ogb_dataset(str(build_chembl_graph_tasks(default_cache_dir(cache_dir))[offline_part]))
+        folders = build_chembl_graph_tasks(default_cache_dir(cache_dir), [offline_part], source_molecules)
+        dataset = load_ogb_dataset(str(folders[offline_part]))
     else:
         dataset = load_ogb_dataset(dataset_name, dataset_root)
     problem_type = "regression" if dataset.task_type == "regression" else "multi_label_classification"
