@@ -211,6 +211,10 @@ def plan(opts, data_name: str) -> argparse.Namespace:
 def build_datasets(opts, data_config: dict, tmp: Path) -> dict[str, Any]:
     if opts.task == "segmentation":
         return build_segmentation_datasets(opts, data_config, tmp)
+    n_memory = plan(opts, "memory").steps * opts.batch_size
+    memory = MemoryImages(n_memory, data_config["input_size"][-1])
+    if "jpeg" not in opts.data:
+        return {"memory": memory}
     n = plan(opts, "jpeg").steps * opts.batch_size
     t = time.perf_counter()
     make_jpeg_folder(tmp / "train", n, max(1, os.cpu_count() or 1))
@@ -225,8 +229,7 @@ def build_datasets(opts, data_config: dict, tmp: Path) -> dict[str, Any]:
         cache_dir=str(tmp / "hf_cache"),
     )
     print(f"jpeg folder: {n} files made in {made:.1f} s, indexed in {time.perf_counter() - t - made:.1f} s")
-    n_memory = plan(opts, "memory").steps * opts.batch_size
-    return {"jpeg": splits["train"], "memory": MemoryImages(n_memory, data_config["input_size"][-1])}
+    return {"jpeg": splits["train"], "memory": memory}
 
 
 def build_segmentation_datasets(opts, data_config: dict, tmp: Path) -> dict[str, Any]:
@@ -236,6 +239,10 @@ def build_segmentation_datasets(opts, data_config: dict, tmp: Path) -> dict[str,
     from headprep_hf.data.segmentation import load_voc_segmentation
 
     crop = data_config["input_size"][-1]
+    n_memory = plan(opts, "memory").steps * opts.batch_size
+    memory = MemoryImages(n_memory, crop, masks=True)
+    if "jpeg" not in opts.data:
+        return {"memory": memory}
     # load_voc_segmentation holds 10% of train out for validation: write enough for the run's batches.
     n = math.ceil(plan(opts, "jpeg").steps * opts.batch_size / 0.9) + 1
     t = time.perf_counter()
@@ -245,8 +252,7 @@ def build_segmentation_datasets(opts, data_config: dict, tmp: Path) -> dict[str,
         str(tmp / "voc"), crop, data_config["mean"], data_config["std"], normalize=False, seed=0
     )
     print(f"VOC-layout folder: {n} JPEG + mask pairs made in {made:.1f} s ({len(splits['train'])} for training)")
-    n_memory = plan(opts, "memory").steps * opts.batch_size
-    return {"jpeg": splits["train"], "memory": MemoryImages(n_memory, crop, masks=True)}
+    return {"jpeg": splits["train"], "memory": memory}
 
 
 # ---------------------------------------------------------------------------------------------------- the sides
@@ -566,6 +572,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         flush=True,
                     )
                     gc.collect()  # shut the run's loader workers down here, outside the next run's clock
+            if opts.json:  # what is measured so far survives a time limit that stops the later repeats
+                summary = summarize(results, datasets, echo=False)
+                write_json(opts.json, payload(opts, data_config, loader, {}, results, summary, rep + 1))
         syncs = {}
         if opts.device == "cuda" and "memory" in opts.data:
             for side, run in (
@@ -577,10 +586,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 syncs[side] = run()
                 print(f"host syncs per step, {side}: {syncs[side]['syncs_per_step']:.2f}")
 
+    summary = summarize(results, datasets, echo=True)
+    result = payload(opts, data_config, loader, syncs, results, summary, opts.repeats)
+    if opts.json:
+        write_json(opts.json, result)
+    return result
+
+
+def summarize(results: dict, datasets: dict, echo: bool) -> dict[str, Any]:
+    """Medians, ranges, ratios to the raw loop (of medians, and the median of per-repeat ratios) and the drift pass's
+    share of (c)'s window; printed when `echo`."""
+    say = print if echo else (lambda *a, **k: None)
     summary = {}
-    print(
-        f"\nmedian samples/s over {opts.repeats} repeats [range]; ratio of medians to raw_timm; and the median of "
-        "the per-repeat ratios (each side against the raw loop of the same repeat, which ran next to it)"
+    repeats = max(len(runs) for sides in results.values() for runs in sides.values())
+    say(
+        f"\nmedian samples/s over {repeats} repeats [range]; ratio of "
+        "medians to raw_timm; and the median of the per-repeat ratios (each side against the raw loop of the same "
+        "repeat, which ran next to it)"
     )
     for data_name, sides in results.items():
         medians = {s: statistics.median(r["samples_per_s"] for r in runs) for s, runs in sides.items() if runs}
@@ -598,31 +620,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             ratio = f"{m / ref:.3f}" if ref else "-"
             pair = f"{paired:.3f}" if paired is not None else "-"
-            print(f"  {data_name:6s} {s:12s} {m:9.1f} [{min(rates):.1f}-{max(rates):.1f}]   x{ratio}   paired x{pair}")
+            say(f"  {data_name:6s} {s:12s} {m:9.1f} [{min(rates):.1f}-{max(rates):.1f}]   x{ratio}   paired x{pair}")
             shares = [r["drift_share_of_window"] for r in sides[s] if "drift_share_of_window" in r]
             if s == "headprep_ft" and shares:
                 share = statistics.median(shares)
                 without = statistics.median(r["samples_per_s_without_drift"] for r in sides[s])
                 probe, n = sides[s][0].get("drift_probe_samples"), len(datasets[data_name])
                 summary[data_name][s].update(drift_share_of_window=share, samples_per_s_without_drift=without)
-                print(
+                say(
                     f"  {'':6s} {'':12s} of which the epoch-end drift pass ({probe} probe samples, {n} training "
                     f"samples): {100 * share:.1f}% of the window; without it {without:.1f} samples/s"
                     + (f" = x{without / ref:.3f}" if ref else "")
                 )
+    return summary
+
+
+def payload(opts, data_config, loader, syncs, results, summary, repeats_done: int) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name() if opts.device == "cuda" else machine_info()["processor"]
-    payload = {
+    return {
         "machine": {**machine_info(), "device": device_name},
         "settings": {k: v for k, v in vars(opts).items() if k != "json"},
+        "repeats_done": repeats_done,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "loader": loader,
         "syncs": syncs,
         "runs": results,
         "summary": summary,
     }
-    if opts.json:
-        write_json(opts.json, payload)
-    return payload
 
 
 if __name__ == "__main__":

@@ -35,4 +35,19 @@ def test_throughput_runs_every_side_on_both_data_sources(bench_modules, tmp_path
         assert sides["raw_timm"]["ratio_to_raw_timm"] == 1.0
         assert 0 < sides["headprep_ft"]["drift_share_of_window"] < 1  # the epoch-end drift pass, timed in the window
     assert payload["loader"]["images_per_s"] > 0 and (tmp_path / "t.json").is_file()
-    assert payload["settings"]["task"] == task
+    assert payload["settings"]["task"] == task and payload["repeats_done"] == 1
+
+
+@pytest.mark.slow
+def test_throughput_runs_one_data_source_alone_and_keeps_each_repeat(bench_modules, tmp_path):
+    import json
+
+    import throughput
+
+    tiny = ["--device", "cpu", "--arch", "test_resnet", "--image_size", "32", "--batch_size", "4", "--steps", "2"]
+    tiny += ["--warmup", "1", "--repeats", "2", "--data", "memory", "--sides", "raw_timm", "trainer"]
+    payload = throughput.main(tiny + ["--json", str(tmp_path / "m.json")])
+    assert set(payload["summary"]) == {"memory"} and payload["loader"] is None
+    assert [len(payload["runs"]["memory"][s]) for s in ("raw_timm", "trainer")] == [2, 2]
+    written = json.loads((tmp_path / "m.json").read_text())  # rewritten after each repeat, complete at the end
+    assert written["repeats_done"] == 2 and written["summary"] == json.loads(json.dumps(payload["summary"]))
