@@ -3,12 +3,14 @@
 # the `device` tool's `run` gives at most 10 minutes per command and 15 per session, the machine's start included):
 #
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=590)
+#   run(command="bash bench/gpu.sh classification", ...)   # one task only (classification | segmentation)
 #
 # The device image has torch, torchvision, accelerate, timm and transformers, but maybe not the versions this
 # project pins; wheels in .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`, then `pip download` as the
 # device README says, for Python 3.12) are installed into /tmp/site first. Results land in $OUT (or ./gpu_results):
 # the JSON of each run and the whole log. Each part has its own time limit so that one slow part cannot eat the rest.
 set -uo pipefail
+TASKS="${*:-classification segmentation}"
 OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,8 +26,12 @@ fi
     #    workers), 2 repeats. Each writes its JSON after every repeat, so a part stopped by its limit keeps what ran.
     part() { local limit=$1; shift; local t=$SECONDS; timeout "$limit" python3 bench/throughput.py --device cuda "$@"; \
              echo "== part done: rc $?, $((SECONDS - t)) s of $limit"; }
-    part 170 --data memory --repeats 5 --json "$OUT/classification_memory.json"
-    part 150 --data jpeg --repeats 2 --json "$OUT/classification_jpeg.json"
+    if [[ " $TASKS " == *" classification "* ]]; then
+        part 160 --data memory --repeats 5 --json "$OUT/classification_memory.json"
+        part 190 --data jpeg --repeats 2 --json "$OUT/classification_jpeg.json"
+    fi
     # 3. DeepLabV3 (ResNet-50, output stride 8) at 513 px, bf16, in memory and over the VOC-layout JPEG folder.
-    part 200 --task segmentation --repeats 2 --json "$OUT/segmentation.json"
+    if [[ " $TASKS " == *" segmentation "* ]]; then
+        part 200 --task segmentation --repeats 2 --json "$OUT/segmentation.json"
+    fi
 } 2>&1 | tee "$OUT/gpu.log"

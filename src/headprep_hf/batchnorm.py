@@ -88,13 +88,14 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
         device = next(model.parameters()).device
         for view in cache.features:
             for start in range(0, view.shape[0], batch_size):
-                split.head_logits(model, view[start : start + batch_size].to(device))
+                with trainer.measurement_autocast():
+                    split.head_logits(model, view[start : start + batch_size].to(device))
 
     def over_train_set() -> None:
         loader = trainer.measurement_loader(trainer.train_dataset)
         with forked_rng(trainer.args.seed):
             for batch in pass_bar(trainer, loader, "BatchNorm statistics"):
-                with trainer.autocast_smart_context_manager():
+                with trainer.measurement_autocast():
                     trainer.model_caller(model, batch)
 
     if cache is None:

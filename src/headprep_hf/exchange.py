@@ -116,7 +116,7 @@ def head_exchange(
         rows = {"train": [], "validation": []}
         for tau_j in taus:
             net.load_state_dict(head_states[tau_j], strict=False)
-            with torch.no_grad():
+            with torch.no_grad(), trainer.measurement_autocast():
                 for name, (z, labels) in features.items():
                     logits = split.head_logits(net, z.to(device), labels.to(device)).cpu()
                     rows[name].append(round(_accuracy(logits, labels, args.ignore_index, problem_type), 6))

@@ -123,7 +123,7 @@ class CachedHeadProbing:
         split.head_module(model)  # fails early, with the reason, when the head is several modules
 
         def check(z: torch.Tensor, outputs) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), trainer.measurement_autocast():
                 expected = extract_logits(outputs).float()
                 size = tuple(expected.shape[-2:]) if expected.dim() == 4 else None
                 got = split.head_logits(model, z, size=size).float()
@@ -248,7 +248,9 @@ class CachedHeadProbing:
                     for i, (index, y) in enumerate(zip(window, labels)):
                         z = features.index_select(0, index).to(device, non_blocking=True)
                         y = y.to(device, non_blocking=True)
-                        loss = loss_fn(trainer.split.head_logits(model, z, y), y, hp_smoothing)
+                        with trainer.measurement_autocast():  # as the uncached step's forward
+                            logits = trainer.split.head_logits(model, z, y)
+                        loss = loss_fn(logits, y, hp_smoothing)
                         if len(window) > 1:
                             loss = loss * (counts[i] / step_items).to(device)
                         loss.backward()

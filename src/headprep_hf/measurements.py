@@ -247,7 +247,7 @@ class MeasurementCallback(TrainerCallback):
             max_features=max_features,
             ignore_index=trainer.args.ignore_index,
             problem_type=trainer.problem_type if with_energy else "single_label_classification",
-            autocast=trainer.autocast_smart_context_manager,
+            autocast=trainer.measurement_autocast,
             seed=seed,
             progress=(lambda batches: pass_bar(trainer, batches, desc)) if desc else None,
             **kwargs,
@@ -399,7 +399,7 @@ class MeasurementCallback(TrainerCallback):
         with preserved_state(model):
             for z, y in zip(features, labels):
                 z, y = z.to(device), y.to(device)
-                with trainer.autocast_smart_context_manager():
+                with trainer.measurement_autocast():
                     logits = split.head_logits(model, z, y)
                 stats = task_energy(trainer.problem_type, logits, y, args.ignore_index)
                 for key, value in stats.items():

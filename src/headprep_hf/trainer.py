@@ -352,6 +352,19 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         `||z_t||^2`, `cos(z_t, z_0)`); recorded in `dynamics["drift"]` with the step and epoch."""
         return self.measurements.measure_drift()
 
+    def measurement_autocast(self):
+        """The mixed-precision context of training's forward, for the passes the trainer runs itself: energy, drift,
+        BatchNorm statistics, the feature cache, cached HP and the head alone on its inputs (kept HP inputs, head
+        exchange).
+
+        Accelerate applies bf16/fp16 autocast by wrapping `model.forward` when it prepares the model (so transformers
+        5's `autocast_smart_context_manager` is a no-op), which leaves two paths outside it: a head module called
+        directly (bf16 head inputs kept from a training forward would meet float32 weights), and a pass before
+        `train()` prepares the model (the feature cache would be computed, and the head trained on it, in float32
+        while the uncached stage runs in bf16). This is Accelerate's own context (`Accelerator.autocast`), the one its
+        wrapper uses, so every pass runs in training's precision; without mixed precision it does nothing."""
+        return self.accelerator.autocast()
+
     def measurement_loader(self, dataset):
         """A sequential loader over `dataset` for forward-only passes (energy, drift, feature cache, BatchNorm),
         sharded across ranks by Accelerate, at `measure_batch_size` (default 4x the training batch: no activations

@@ -1,0 +1,94 @@
+"""bf16 mixed precision (the recipes' GPU default) through every pass the trainer runs itself, on the CPU.
+
+Accelerate applies autocast by wrapping `model.forward` when `train()` prepares the model; transformers 5's
+`autocast_smart_context_manager` does nothing. The trainer's own passes must run in training's precision anyway: the
+head called alone on bf16 inputs kept from a training forward (it crashed on an H100 with "mat1 and mat2 must have the
+same dtype"), and the feature cache, computed before `train()` prepares the model (it was float32 while uncached HP
+trained in bf16). CPU autocast runs the same code paths in bf16, so these run here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TinyImages, bn_head_model, make_config, tiny_timm
+from test_segmentation import TinySegmentation, tiny_deeplab
+from test_segmentation import _config as segmentation_config
+
+from headprep_hf import HeadPrepTrainer, SweepConfig, TauSweep
+from headprep_hf.feature_cache import CachedHeadProbing
+from headprep_hf.metrics import accuracy_metrics
+
+
+def _bf16_representable(t: torch.Tensor) -> bool:
+    return torch.equal(t, t.bfloat16().float())
+
+
+def _probe(tmp_path, name: str, **overrides) -> HeadPrepTrainer:
+    args = make_config(tmp_path / name, bf16=True, hp_epochs=2, **overrides)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(40, seed=0))
+    trainer.probe_head()
+    return trainer
+
+
+def test_energy_from_kept_bf16_head_inputs_equals_the_separate_pass(tmp_path):
+    kept = _probe(tmp_path, "kept")
+    passed = _probe(tmp_path, "pass", energy_from_hp_epoch=False)
+    assert kept.dynamics["energy_source"] == "last HP epoch's head inputs"
+    assert passed.dynamics["energy_source"] == "backbone pass"
+    for key in ("energy", "hp_train_accuracy", "p0_mean"):
+        assert kept.dynamics[key] == pytest.approx(passed.dynamics[key], rel=1e-6, abs=1e-7), key
+    assert sorted(kept.dynamics["p0"]) == pytest.approx(sorted(passed.dynamics["p0"]), abs=1e-6)
+
+
+def test_feature_cache_is_computed_in_the_training_precision(tmp_path):
+    # Built before train() prepares the model, so outside Accelerate's autocast wrapper unless the trainer enters it.
+    args = make_config(tmp_path / "c", bf16=True, hp_epochs=2, hp_cache_features=True)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(40, seed=0))
+    cache = CachedHeadProbing(trainer).build_cache()
+    assert _bf16_representable(cache.features)  # the pooled output of a bf16 backbone (float32: almost never)
+    fp32 = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path / "f", hp_epochs=2, hp_cache_features=True),
+        train_dataset=TinyImages(40, seed=0),
+    )  # fmt: skip
+    reference = CachedHeadProbing(fp32).build_cache().features
+    assert not _bf16_representable(reference)  # the check above can fail
+    torch.testing.assert_close(cache.features, reference, rtol=0.05, atol=0.05)  # the same features, rounded
+
+
+def test_cached_and_uncached_hp_agree_under_bf16(tmp_path):
+    uncached = _probe(tmp_path, "u")
+    cached = _probe(tmp_path, "c", hp_cache_features=True)
+    a, b = uncached.hp_state_dict(), cached.hp_state_dict()
+    for key in a:  # both trained in bf16 (the backbone ran at different batch sizes: bf16 tolerance)
+        torch.testing.assert_close(b[key], a[key], rtol=0.02, atol=0.02)
+    assert cached.dynamics["energy"] == pytest.approx(uncached.dynamics["energy"], rel=0.02)
+
+
+def test_segmentation_hp_and_ft_under_bf16(tmp_path):
+    train = TinySegmentation(12)
+    args = segmentation_config(tmp_path, bf16=True, hp_epochs=2, num_train_epochs=1)
+    trainer = HeadPrepTrainer(model=tiny_deeplab(), args=args, train_dataset=train)
+    trainer.train()
+    assert math.isfinite(trainer.dynamics["energy"]) and trainer.dynamics["drift"]
+    assert all(math.isfinite(v) for v in trainer.dynamics["drift"][-1].values() if isinstance(v, float))
+
+
+@pytest.mark.slow  # a sweep: cached HP, BatchNorm in the head (statistics over the cache), two FT jobs, exchange
+def test_bf16_sweep_with_a_batchnorm_head_and_the_exchange(tmp_path):
+    values = make_config(tmp_path).to_dict()
+    keep = ("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate", "hp_learning_rate", "seed")
+    config = SweepConfig(
+        output_dir=str(tmp_path / "sweep"), **{k: values[k] for k in keep}, use_cpu=True, report_to="none",
+        save_strategy="no", bf16=True, sweep_taus=[0, 2], hp_cache_features=True, drift_probe_samples=8,
+        sweep_exchange=True, sweep_report=False, disable_tqdm=True,
+    )  # fmt: skip
+    TauSweep(
+        bn_head_model(), config, TinyImages(32, seed=0), TinyImages(16, seed=1), compute_metrics=accuracy_metrics()
+    ).run()
+    exchange = json.loads((tmp_path / "sweep" / "exchange.json").read_text())
+    values = [v for row in exchange["validation_accuracy"] + exchange["train_accuracy"] for v in row]
+    assert len(values) == 8 and all(0.0 <= v <= 1.0 for v in values)
