@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+import transformers.training_args
 from conftest import TinyImages, bn_head_model, make_config, tiny_timm
 from test_segmentation import TinySegmentation, tiny_deeplab
 from test_segmentation import _config as segmentation_config
@@ -21,6 +22,7 @@ from test_segmentation import _config as segmentation_config
 from headprep_hf import HeadPrepTrainer, SweepConfig, TauSweep
 from headprep_hf.feature_cache import CachedHeadProbing
 from headprep_hf.metrics import accuracy_metrics
+from headprep_hf.tasks import base
 
 
 def _bf16_representable(t: torch.Tensor) -> bool:
@@ -92,3 +94,31 @@ def test_bf16_sweep_with_a_batchnorm_head_and_the_exchange(tmp_path):
     exchange = json.loads((tmp_path / "sweep" / "exchange.json").read_text())
     values = [v for row in exchange["validation_accuracy"] + exchange["train_accuracy"] for v in row]
     assert len(values) == 8 and all(0.0 <= v <= 1.0 for v in values)
+
+
+def _parse(argv):
+    import image_classification
+
+    return image_classification.parse_args(image_classification.make_parser(), argv)[1]
+
+
+@pytest.fixture
+def recipes_path(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "recipes"))
+
+
+def test_recipe_decides_bf16_where_the_device_supports_it(recipes_path, monkeypatch, tmp_path):
+    out = ["--output_dir", str(tmp_path / "o")]
+    on_cpu = _parse(out)
+    assert on_cpu.bf16 is False and on_cpu.mixed_precision == "no"  # this machine: no CUDA
+    # As on an A100/H100: ours and transformers' check (which refuses bf16 without a GPU) say yes; nothing trains.
+    monkeypatch.setattr(base, "cuda_supports_bf16", lambda: True)
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+    gpu = _parse(out)
+    assert gpu.bf16 is True and gpu.mixed_precision == "bf16"  # what Accelerate reads
+    assert _parse(out + ["--bf16", "false"]).mixed_precision == "no"  # the user decides
+    assert _parse(out + ["--use_cpu", "true"]).bf16 is False
+    monkeypatch.setattr(base, "cuda_supports_bf16", lambda: False)  # e.g. a V100
+    assert _parse(out).bf16 is False

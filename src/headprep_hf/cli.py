@@ -131,6 +131,12 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
         )
     if not any(group.title in HELP_GROUPS for group in parser._action_groups):
         group_help(parser)
+    for action in parser._actions:
+        if action.dest == "bf16" and action.default is None and "recipe decides" not in (action.help or ""):
+            action.help = (
+                "bf16 mixed precision. Unset (None): the recipe decides, bf16 on a CUDA GPU that supports it (Ampere "
+                "or newer) unless --fp16, off on the CPU; --bf16 true/false decides instead."
+            )
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     ignored = IGNORED_FLAGS if ignored is None else ignored
     for arg in argv:
@@ -160,6 +166,9 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    from .tasks.base import resolve_mixed_precision
+
+    parsed = [resolve_mixed_precision(a) if isinstance(a, TrainingArguments) else a for a in parsed]
     for args in parsed:
         if isinstance(args, TrainingArguments) and args.output_dir == parser.get_default("output_dir"):
             _agree_on_output_dir(args)

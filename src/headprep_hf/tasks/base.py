@@ -76,6 +76,26 @@ def resolve_loader_settings(training_args, inputs: TaskInputs):
     return training_args
 
 
+def resolve_mixed_precision(training_args):
+    """The image recipes' `bf16=None` ("the recipe decides"): bf16 autocast on a CUDA device that supports it (Ampere
+    or newer), unless fp16 is asked for or the run is on the CPU; no mixed precision elsewhere. `--bf16 true/false`
+    decides instead. Returns `training_args`, or a copy with `bf16` set (a copy, because TrainingArguments derives its
+    `mixed_precision` from `bf16` when it is constructed)."""
+    if training_args.bf16 is not None:
+        return training_args
+    import dataclasses
+
+    on = not training_args.use_cpu and not training_args.fp16 and cuda_supports_bf16()
+    return dataclasses.replace(training_args, bf16=on)
+
+
+def cuda_supports_bf16() -> bool:
+    """Whether this process sees a CUDA device with bf16 arithmetic (compute capability 8.0 or newer)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def default_num_workers() -> int:
     """Loader workers of the real-data recipes: min(8, the cores this process may use)."""
     import os

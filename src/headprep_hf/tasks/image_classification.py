@@ -30,6 +30,7 @@ IMAGE_CLASSIFICATION_DEFAULTS = dict(
     num_train_epochs=6,
     per_device_train_batch_size=64,
     per_device_eval_batch_size=256,
+    bf16=None,  # the recipe decides: bf16 autocast on a CUDA GPU that supports it (`resolve_mixed_precision`)
 )
 # The main job replicates the sweep over three seeds: tau* and the paper's trends are claims about expectations.
 IMAGE_CLASSIFICATION_SWEEP_DEFAULTS = dict(sweep_seeds=[42, 43, 44])

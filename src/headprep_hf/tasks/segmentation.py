@@ -32,6 +32,7 @@ SEGMENTATION_DEFAULTS = dict(
     per_device_eval_batch_size=64,
     ignore_index=255,
     drift_probe_samples=128,
+    bf16=None,  # the recipe decides: bf16 autocast on a CUDA GPU that supports it (`resolve_mixed_precision`)
 )
 SEGMENTATION_SWEEP_DEFAULTS = dict(sweep_metric="mean_iou")
 
