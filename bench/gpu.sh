@@ -4,6 +4,7 @@
 #
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=590)
 #   run(command="bash bench/gpu.sh classification", ...)   # one task only (classification | segmentation)
+#   run(command="bash bench/gpu.sh syncs", ...)   # raw loop against Trainer at logging_steps 5 and 1000, both tasks
 #
 # The device image has torch, torchvision, accelerate, timm and transformers, but maybe not the versions this
 # project pins; wheels in .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`, then `pip download` as the
@@ -33,5 +34,15 @@ fi
     # 3. DeepLabV3 (ResNet-50, output stride 8) at 513 px, bf16, in memory and over the VOC-layout JPEG folder.
     if [[ " $TASKS " == *" segmentation "* ]]; then
         part 200 --task segmentation --repeats 2 --json "$OUT/segmentation.json"
+    fi
+    # 4. What plain Trainer's gap to the raw loop is made of: its logging steps read the loss and gradient norm from
+    #    the device (a host synchronisation that drains the GPU's queue); at logging_steps 1000 the window has none.
+    if [[ " $TASKS " == *" syncs "* ]]; then
+        for steps in 5 1000; do
+            part 100 --data memory --sides raw_timm trainer --repeats 5 --logging_steps $steps \
+                --json "$OUT/syncs_classification_$steps.json"
+            part 120 --task segmentation --data memory --sides raw_timm trainer --repeats 3 --logging_steps $steps \
+                --json "$OUT/syncs_segmentation_$steps.json"
+        done
     fi
 } 2>&1 | tee "$OUT/gpu.log"

@@ -332,7 +332,7 @@ def _training_args(opts, data_name: str, output_dir: str, cls=TrainingArguments,
         use_cpu=opts.device == "cpu",
         optim="adamw_torch_fused" if opts.device == "cuda" else "adamw_torch",
         lr_scheduler_type="constant",
-        logging_steps=5,
+        logging_steps=opts.logging_steps,
         # The recipe's settings (COMMON_RECIPE_DEFAULTS): no host sync per step.
         logging_nan_inf_filter=COMMON_RECIPE_DEFAULTS["logging_nan_inf_filter"],
         accelerator_config={**COMMON_RECIPE_DEFAULTS["accelerator_config"], "non_blocking": opts.device == "cuda"},
@@ -516,6 +516,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.add_argument(f"--{key}", type=int)
     parser.add_argument("--data", nargs="+", choices=["jpeg", "memory"], default=["jpeg", "memory"])
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=COMMON_RECIPE_DEFAULTS["logging_steps"],
+        help="Trainer sides: log (and read the loss and gradient norm from the device) every N updates; the recipes' "
+        "value by default. A large N shows what the logging steps' host synchronisations cost.",
+    )
     parser.add_argument("--json", help="Write the raw results here.")
     opts = parser.parse_args(argv)
     for key, value in PRESETS[opts.device, opts.task].items():
@@ -583,6 +590,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ("headprep_ft", lambda: run_headprep(plan(opts, "memory"), copy.deepcopy(base), datasets["memory"],
                                                      "memory", data_config, tmp, "ft", sync_debug=True)),
             ):  # fmt: skip
+                if side not in opts.sides:
+                    continue
                 syncs[side] = run()
                 print(f"host syncs per step, {side}: {syncs[side]['syncs_per_step']:.2f}")
 

@@ -205,3 +205,25 @@ def test_tau_of_a_loaded_prepared_head_is_carried_into_the_finetuned_card(tmp_pa
     assert card.data.to_dict()["headprep_tau"] == 2
     assert "tau = 2 epochs" in card.text and "| HP | epochs (tau) | 2 |" in card.text
     assert f"loaded as a prepared head from `{head}`" in card.text
+
+
+def test_weights_from_a_file_or_a_random_init_name_no_hub_base_model(tmp_path):
+    from safetensors.torch import save_file
+
+    from headprep_hf.cards import base_model_id
+    from headprep_hf.hub import prepared_head_config
+
+    source = tiny_timm()
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    from_file = load_timm_model(str(tmp_path / "w.safetensors"), 3, arch="test_resnet")
+    random_init = load_timm_model("test_resnet", 3, pretrained=False)
+    # timm keeps the architecture's default Hub weights in both configs, though neither loaded them.
+    assert from_file.pretrained_cfg["file"] == str(tmp_path / "w.safetensors")
+    assert base_model_id(source) == "timm/test_resnet.r160_in1k"  # built directly: timm's config cannot tell
+    assert base_model_id(from_file) is None and base_model_id(random_init) is None
+    assert random_init.default_cfg["hf_hub_id"] is None
+    trainer = HeadPrepTrainer(model=from_file, args=make_config(tmp_path, hp_epochs=1), train_dataset=None)
+    assert prepared_head_config(trainer)["backbone"]["id"] == "test_resnet"
+    trainer.save_model(str(tmp_path / "out"))
+    trainer.create_model_card(model_name="from-file", metrics={"validation_accuracy": 0.5})
+    assert "base_model" not in _front_matter(tmp_path / "out" / "README.md")

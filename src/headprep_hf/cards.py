@@ -123,6 +123,14 @@ def eval_results(
     return results
 
 
+def hub_weights_id(cfg: dict[str, Any]) -> str | None:
+    """The Hub repo a timm `pretrained_cfg` says the weights came from; None where they came from a local file
+    (timm loads `file` before `hf_hub_id`) or it names none."""
+    if cfg.get("file") or not cfg.get("hf_hub_id"):
+        return None
+    return str(cfg["hf_hub_id"])
+
+
 def _first_pretrained_cfg(model: nn.Module) -> dict[str, Any]:
     # The model's own timm pretrained_cfg, or its backbone's (a segmentation model around a timm backbone).
     for module in model.modules():
@@ -135,12 +143,17 @@ def _first_pretrained_cfg(model: nn.Module) -> dict[str, Any]:
 def base_model_id(model: nn.Module) -> str | None:
     """The Hub id of the model `model` was finetuned from, where it says so: a timm `pretrained_cfg["hf_hub_id"]`
     (the model's or its backbone's), or a transformers config's `_name_or_path` when that is a Hub id, not a local
-    folder. None otherwise (the Hub validates `base_model` against its repos)."""
+    folder. None otherwise (the Hub validates `base_model` against its repos).
+
+    A timm model whose weights came from a local file (`pretrained_cfg["file"]`, as `load_timm_model` loads a weights
+    file) keeps its architecture's default `hf_hub_id` in its config although none of those weights were loaded: it
+    names no Hub model. `load_timm_model(..., pretrained=False)` clears `hf_hub_id`; a model built directly with
+    `timm.create_model(..., pretrained=False)` cannot be told apart from its config: pass `finetuned_from=`."""
     import os
 
-    hub_id = _first_pretrained_cfg(model).get("hf_hub_id")
+    hub_id = hub_weights_id(_first_pretrained_cfg(model))
     if hub_id:
-        return str(hub_id)
+        return hub_id
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
     if name and _HUB_ID.match(str(name)) and not os.path.exists(str(name)):
         return str(name)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .cards import prepared_head_card
+from .cards import hub_weights_id, prepared_head_card
 from .export import model_label_names, record_prepared_head, set_label_names
 from .guard import check_finite
 from .heads import replace_head_with_mlp
@@ -182,7 +182,7 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
     dyn = trainer.dynamics
     if backbone_id is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        backbone_id = cfg.get("hf_hub_id") or cfg.get("architecture") or type(model).__name__
+        backbone_id = hub_weights_id(cfg) or cfg.get("architecture") or type(model).__name__
     return {
         "format_version": HEAD_FORMAT_VERSION,
         "headprep_version": __version__,

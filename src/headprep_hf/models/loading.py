@@ -58,7 +58,15 @@ def load_timm_model(name_or_path: str, num_classes: int, arch: str | None = None
     for reserved in ("pretrained_cfg_overlay", "num_classes"):
         if reserved in kwargs:
             raise ValueError(f"load_timm_model sets {reserved} itself; do not pass it in kwargs")
-    name = str(name_or_path)
+    model = _create(str(name_or_path), num_classes, arch, pretrained, kwargs)
+    if not pretrained and getattr(model, "pretrained_cfg", None):
+        # timm keeps the architecture's default `hf_hub_id` in a randomly initialised model's config; no weights came
+        # from there, so model cards and prepared heads must not name it (`headprep_hf.cards.base_model_id`).
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "hf_hub_id": None}
+    return model
+
+
+def _create(name: str, num_classes: int, arch: str | None, pretrained: bool, kwargs: dict) -> nn.Module:
 
     if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
