@@ -67,7 +67,7 @@ def load_timm_model(name_or_path: str, num_classes: int, arch: str | None = None
 
 
 def _create(name: str, num_classes: int, arch: str | None, pretrained: bool, kwargs: dict) -> nn.Module:
-    # `name` resolved as `load_timm_model` documents: hub/local-dir prefixes, a folder, a file, an architecture, a Hub id.
+    # `name` resolved as `load_timm_model` documents: prefixes, a folder, a file, an architecture, a Hub id.
     if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
 
