@@ -239,6 +239,16 @@ def test_fc_classifier_with_own_loss_ignore_index_and_uneven_accumulation(tmp_pa
     assert ours.find_head().head_names == ["fc"]  # found when the measurements asked for it
 
 
+def test_bf16_training_with_every_measurement_is_trainers(tmp_path):
+    """bf16 autocast (the image recipes' GPU default, CPU autocast here): the measurement passes run inside
+    `measurement_autocast` at the start of FT and every epoch end, and leave weights and logs as Trainer's."""
+    plain, ours = _pair(tmp_path, FcClassifier, XYData(ignore_every=4), args={"bf16": True})
+    assert ours.args.mixed_precision == plain.args.mixed_precision == "bf16"
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert ours.dynamics["energy"] > 0 and len(ours.dynamics["drift"]) == 2  # the passes ran, in bf16
+
+
 def test_stage_smoothing_uses_the_trainers_loss_in_that_stage_only(tmp_path):
     """A model with its own loss and hp_label_smoothing: HP steps take the trainer's smoothed cross-entropy, FT steps
     (no FT smoothing) the model's own loss; evaluation is never smoothed."""

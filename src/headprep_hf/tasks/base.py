@@ -90,7 +90,11 @@ def resolve_mixed_precision(training_args):
 
 
 def cuda_supports_bf16() -> bool:
-    """Whether this process sees a CUDA device with bf16 arithmetic (compute capability 8.0 or newer)."""
+    """Whether this process sees a CUDA device with bf16 arithmetic (compute capability 8.0 or newer).
+
+    Not transformers' `is_torch_bf16_gpu_available`, which TrainingArguments validates with: that also answers yes
+    for Apple MPS on macOS 14, where bf16 is emulated in float32 on M1/M2 (slower, not faster), and for other
+    accelerators this default has not been measured on. Turning bf16 on by default is for CUDA only."""
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
