@@ -158,6 +158,63 @@ def test_the_batch_that_reaches_the_model_equals_the_float_pipelines():
     assert len(twin._forward_pre_hooks) == 1 and len(model._forward_pre_hooks) == 1
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def test_channels_last_converts_the_weights_as_timm_and_state_dicts_stay_saveable(tmp_path):
+    import copy
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Trainer, TrainingArguments
+
+    model = attach_input_normalization(_a1_like_model(), (0.5,) * 3, (0.25,) * 3, channels_last=True)
+    kernels = {n: p for n, p in model.named_parameters() if p.dim() == 4 and p.shape[-1] > 1}
+    assert kernels and all(_channels_last(p) for p in kernels.values())  # as timm's train.py's model.to(...)
+    # What is saved is contiguous and equal; the parameters keep their memory and their identity.
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    assert all(torch.equal(state[n], p) for n, p in kernels.items())
+    assert all(model.state_dict(keep_vars=True)[n] is p for n, p in kernels.items())
+    assert all(_channels_last(p) for p in kernels.values())
+    save_file(state, str(tmp_path / "own.safetensors"))  # raised "non contiguous tensor" before the hook
+    # A plain transformers.Trainer saves the model (a timm model: its `_save` calls safetensors' save_file).
+    args = TrainingArguments(str(tmp_path / "run"), report_to="none", use_cpu=True)
+    Trainer(model=model, args=args).save_model(str(tmp_path / "saved"))
+    saved = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    assert all(torch.equal(saved[n], p) for n, p in kernels.items())
+    # Loading copies into the channels_last parameters; a sub-module's own state dict is contiguous too.
+    twin = attach_input_normalization(copy.deepcopy(model), (0.5,) * 3, (0.25,) * 3, channels_last=True)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    twin.load_state_dict(saved)
+    assert all(_channels_last(p) and torch.equal(p, kernels[n]) for n, p in twin.named_parameters() if n in kernels)
+    assert all(t.is_contiguous() for t in twin.layer1.state_dict().values())
+    # Converting a copy again does not stack a second hook.
+    assert all(len(m._state_dict_hooks) == len(o._state_dict_hooks) for m, o in zip(twin.modules(), model.modules()))
+    assert max(len(m._state_dict_hooks) for m in twin.modules()) == 1
+
+
+def test_channels_last_runs_through_the_whole_deeplabv3_head():
+    """DeepLabV3's ASPP pooling branch is a 1x1 map: with contiguous weights its convolution and upsampling came out
+    contiguous, the concatenation with them too, and the rest of the head (projection, 3x3 convolution, classifier,
+    upsampled logits) ran in the contiguous format."""
+    from headprep_hf.models import TimmDeepLabV3
+
+    torch.manual_seed(0)
+    model = attach_input_normalization(TimmDeepLabV3("resnet10t", 5), (0.5,) * 3, (0.25,) * 3, channels_last=True)
+    outputs = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, i, o, name=name: outputs.append((name, o)))
+    out = model(torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8))["out"]
+    spatial = [(name, o) for name, o in outputs if o.shape[-1] * o.shape[-2] > 1]
+    assert len(spatial) > 10 and any(name.startswith("classifier") for name, _ in spatial)
+    assert [name for name, o in spatial if not _channels_last(o)] == []
+    assert _channels_last(out)
+
+
 def test_normalisation_takes_the_transformers_keyword_input():
     from transformers import ViTConfig, ViTForImageClassification
 

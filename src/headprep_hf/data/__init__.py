@@ -1,6 +1,11 @@
 """Datasets: the offline MNIST tasks (classification, derived segmentation) and real-data loaders."""
 
-from headprep_hf.data.device_inputs import attach_input_normalization, input_normalization, normalize_uint8
+from headprep_hf.data.device_inputs import (
+    attach_input_normalization,
+    input_normalization,
+    normalize_uint8,
+    to_channels_last,
+)
 from headprep_hf.data.images import (
     HFImageClassificationDataset,
     build_image_transforms,
@@ -45,6 +50,7 @@ __all__ = [
     "load_image_classification_dataset",
     "load_mnist5k",
     "normalize_uint8",
+    "to_channels_last",
     "resolve_image_data_config",
     "load_nuclei_segmentation",
     "load_voc_segmentation",
