@@ -138,11 +138,25 @@ def test_console_command_sweep_exchange_report(tmp_path):
 def test_sweep_recipe_shards_and_merge(tmp_path, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     recipe = [sys.executable, str(ROOT / "recipes" / "sweep_tau.py")]
-    for index in (0, 1):
-        args = tiny(tmp_path / "cache", "--sweep_shard", f"{index}/2", "--output_dir", str(tmp_path / f"s{index}"))
-        proc = subprocess.run([*recipe, *args], capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "tau* not chosen" in proc.stdout
+    # One seed: 3 jobs over 2 shards. Shard 0 through the recipe script, shard 1 through the console command in this
+    # process (the same entry point; the console command's own subprocess run is the test above).
+    shard = [
+        tiny(
+            tmp_path / "cache",
+            "--sweep_seeds",
+            "0",
+            "--sweep_shard",
+            f"{i}/2",
+            "--output_dir",
+            str(tmp_path / f"s{i}"),
+        )
+        for i in (0, 1)
+    ]
+    proc = subprocess.run([*recipe, *shard[0]], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tau* not chosen" in proc.stdout
+    assert main(["sweep", *shard[1]]) == 0
+    assert "tau* not chosen" in capsys.readouterr().out
     assert (
         main(["sweep", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--output_dir", str(tmp_path / "m")])
         == 0
