@@ -5,6 +5,10 @@
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=590)
 #   run(command="bash bench/gpu.sh classification", ...)   # one task only (classification | segmentation)
 #   run(command="bash bench/gpu.sh syncs", ...)   # raw loop against Trainer at logging_steps 5 and 1000, both tasks
+#   run(command="bash bench/gpu.sh profile", ...)   # where each side's update time goes, both tasks (about 4 min)
+#
+# A 15-minute lease: first `bash bench/gpu.sh profile classification` (timeout_s=590), then
+# `bash bench/gpu.sh segmentation` (timeout_s=240).
 #
 # The device image has torch, torchvision, accelerate, timm and transformers, but maybe not the versions this
 # project pins; wheels in .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`, then `pip download` as the
@@ -27,6 +31,14 @@ fi
     #    workers), 2 repeats. Each writes its JSON after every repeat, so a part stopped by its limit keeps what ran.
     part() { local limit=$1; shift; local t=$SECONDS; timeout "$limit" python3 bench/throughput.py --device cuda "$@"; \
              echo "== part done: rc $?, $((SECONDS - t)) s of $limit"; }
+    # 0. Where the time of an update goes: the raw loop, Trainer and HeadPrepTrainer's FT stage under torch.profiler
+    #    over the measured updates in memory; per update the device's busy time and the kernels that differ from the
+    #    raw loop's (layout transposes, copies, norms), for both tasks.
+    if [[ " $TASKS " == *" profile "* ]]; then
+        part 120 --data memory --sides raw_timm trainer headprep_ft --profile 6 --json "$OUT/profile_classification.json"
+        part 120 --task segmentation --data memory --sides raw_timm trainer headprep_ft --profile 6 \
+            --json "$OUT/profile_segmentation.json"
+    fi
     if [[ " $TASKS " == *" classification "* ]]; then
         part 160 --data memory --repeats 5 --json "$OUT/classification_memory.json"
         part 190 --data jpeg --repeats 2 --json "$OUT/classification_jpeg.json"

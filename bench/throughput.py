@@ -275,12 +275,19 @@ class PlainTrainer(Trainer):
 
 
 class Clock:
-    """Steady-state clock: starts after step `warmup`, stops at the end; one device sync at each end."""
+    """Steady-state clock: starts after step `warmup`, stops at the end; one device sync at each end.
+
+    With `Clock.profile_activities` set (`--profile`), a `torch.profiler` records the same window; the last one is
+    left in `Clock.last_profile`."""
+
+    profile_activities: list | None = None
+    last_profile = None
 
     def __init__(self, device: torch.device, warmup: int):
         self.device, self.warmup = device, warmup
         self.t0 = self.t1 = None
         self.steps = 0
+        self.profiler = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -290,11 +297,17 @@ class Clock:
         self.steps = step
         if step == self.warmup:
             self._sync()
+            if self.profile_activities is not None:
+                self.profiler = torch.profiler.profile(activities=self.profile_activities)
+                self.profiler.start()
             self.t0 = time.perf_counter()
 
     def stop(self) -> None:
         self._sync()
         self.t1 = time.perf_counter()
+        if self.profiler is not None:
+            self.profiler.stop()
+            Clock.last_profile, self.profiler = self.profiler, None
 
 
 class ClockCallback(TrainerCallback):
@@ -523,6 +536,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="Trainer sides: log (and read the loss and gradient norm from the device) every N updates; the recipes' "
         "value by default. A large N shows what the logging steps' host synchronisations cost.",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Instead of timing repeats: run each side once over N measured updates under torch.profiler and print, "
+        "per update, the wall time, the time inside operators (device kernels on CUDA, main-thread operators on the "
+        "CPU) and the operators (CUDA: kernels) whose time differs most from the raw loop's.",
+    )
     parser.add_argument("--json", help="Write the raw results here.")
     opts = parser.parse_args(argv)
     for key, value in PRESETS[opts.device, opts.task].items():
@@ -552,6 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = timm.create_model(opts.arch, pretrained=False, num_classes=NUM_CLASSES)
         data_config = resolve_image_data_config(base, image_size=opts.image_size)
     print(f"data config {data_config}")
+    if opts.profile:
+        opts.steps, opts.repeats = opts.profile, 0
     results: dict[str, dict[str, list[dict]]] = {d: {s: [] for s in opts.sides} for d in opts.data}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -582,6 +606,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if opts.json:  # what is measured so far survives a time limit that stops the later repeats
                 summary = summarize(results, datasets, echo=False)
                 write_json(opts.json, payload(opts, data_config, loader, {}, results, summary, rep + 1))
+        if opts.profile:
+            profiles = profile_sides(opts, base, datasets, runners)
+            result = {**payload(opts, data_config, loader, {}, results, {}, 0), "profile": profiles}
+            if opts.json:
+                write_json(opts.json, result)
+            return result
         syncs = {}
         if opts.device == "cuda" and "memory" in opts.data:
             for side, run in (
@@ -600,6 +630,93 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if opts.json:
         write_json(opts.json, result)
     return result
+
+
+def profile_sides(opts, base, datasets, runners) -> dict[str, Any]:
+    """`--profile N`: each side once per data source with the profiler over its N measured updates (the same window
+    the clock times); per update, where the time goes and how each side differs from the raw loop."""
+    from torch.profiler import ProfilerActivity
+
+    cuda = opts.device == "cuda"
+    Clock.profile_activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    profiles: dict[str, Any] = {}
+    try:
+        for data_name in opts.data:
+            profiles[data_name] = {}
+            for side in opts.sides:
+                Clock.last_profile = None
+                run = runners[side](copy.deepcopy(base), datasets[data_name], data_name, plan(opts, data_name))
+                gc.collect()
+                updates = run["steps"] - plan(opts, data_name).warmup
+                window = updates * opts.batch_size / run["samples_per_s"]
+                try:
+                    profiles[data_name][side] = profile_summary(Clock.last_profile, updates, window, cuda)
+                except Exception as error:  # keep the profiler's own table: a device run is not to be wasted
+                    table = Clock.last_profile.key_averages().table(sort_by="self_device_time_total", row_limit=40)
+                    profiles[data_name][side] = {"error": repr(error), "table": table}
+                    print(f"{data_name} {side}: {error!r}\n{table}")
+            print_profiles(data_name, profiles[data_name])
+    finally:
+        Clock.profile_activities = None
+    return profiles
+
+
+def profile_summary(prof, updates: int, window_s: float, cuda: bool) -> dict[str, Any]:
+    """Per update: the window's wall time, the time inside operators, and each operator's time and calls. On CUDA the
+    entries are the device's kernels and copies (their sum is the device's busy time; the rest of the wall time the
+    device waited); on the CPU the main thread's operators by self time."""
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+
+    def collect(keep, micros_of) -> dict[str, dict[str, float]]:
+        found = {}
+        for event in events:
+            micros = micros_of(event) if keep(event) else 0
+            if micros > 0:
+                found[event.key] = {"ms_per_update": micros / 1e3 / updates, "calls_per_update": event.count / updates}
+        return found
+
+    if cuda:
+        device_time = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731
+        ops = collect(lambda e: e.device_type == DeviceType.CUDA, device_time)
+        if not ops:  # (a profiler that lists no kernels on their own: the device time of the operators that ran them)
+            ops = collect(lambda e: True, device_time)
+    else:
+        ops = collect(lambda e: True, lambda e: e.self_cpu_time_total)
+    busy = sum(op["ms_per_update"] for op in ops.values())
+    wall = 1e3 * window_s / updates
+    return {"updates": updates, "wall_ms_per_update": wall, "busy_ms_per_update": busy, "busy_share": busy / wall,
+            "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["ms_per_update"]))}  # fmt: skip
+
+
+def profile_differences(side: dict, raw: dict, top: int = 12) -> list[dict[str, Any]]:
+    """The operators whose time per update differs most between `side` and the raw loop, largest first."""
+    names = set(side["ops"]) | set(raw["ops"])
+    zero = {"ms_per_update": 0.0, "calls_per_update": 0.0}
+    rows = []
+    for name in names:
+        a, b = raw["ops"].get(name, zero), side["ops"].get(name, zero)
+        rows.append({"op": name, "ms_per_update": b["ms_per_update"] - a["ms_per_update"],
+                     "calls_per_update": b["calls_per_update"] - a["calls_per_update"]})  # fmt: skip
+    return sorted(rows, key=lambda r: -abs(r["ms_per_update"]))[:top]
+
+
+def print_profiles(data_name: str, sides: dict[str, dict]) -> None:
+    sides = {side: p for side, p in sides.items() if "ops" in p}
+    raw = sides.get("raw_timm")
+    for side, p in sides.items():
+        print(
+            f"\n{data_name} {side}: {p['wall_ms_per_update']:.1f} ms per update, {p['busy_ms_per_update']:.1f} ms "
+            f"inside operators ({100 * p['busy_share']:.0f}%); the largest:"
+        )
+        for name, op in list(p["ops"].items())[:8]:
+            print(f"  {op['ms_per_update']:8.2f} ms  {op['calls_per_update']:6.1f} calls  {name[:100]}")
+        if raw is not None and side != "raw_timm":
+            p["differences_from_raw_timm"] = profile_differences(p, raw)
+            print("  differences from raw_timm, per update:")
+            for row in p["differences_from_raw_timm"]:
+                print(f"  {row['ms_per_update']:+8.2f} ms  {row['calls_per_update']:+6.1f} calls  {row['op'][:100]}")
 
 
 def summarize(results: dict, datasets: dict, echo: bool) -> dict[str, Any]:

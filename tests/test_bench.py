@@ -52,3 +52,38 @@ def test_throughput_runs_one_data_source_alone_and_keeps_each_repeat(bench_modul
     assert [len(payload["runs"]["memory"][s]) for s in ("raw_timm", "trainer")] == [2, 2]
     written = json.loads((tmp_path / "m.json").read_text())  # rewritten after each repeat, complete at the end
     assert written["repeats_done"] == 2 and written["summary"] == json.loads(json.dumps(payload["summary"]))
+
+
+@pytest.mark.slow
+def test_throughput_profile_finds_what_trainer_does_and_the_raw_loop_does_not(bench_modules, tmp_path):
+    """`--profile`, the device check prepared for a GPU lease, run on the CPU: per update, where the time goes, and the
+    operators that differ. Trainer clips gradients (`max_grad_norm=1.0`) and the raw loop does not: the gradient norm's
+    operators must show up on Trainer's side only."""
+    import json
+
+    import throughput
+
+    tiny = ["--device", "cpu", "--arch", "test_resnet", "--image_size", "32", "--batch_size", "4", "--warmup", "1"]
+    tiny += [
+        "--data",
+        "memory",
+        "--sides",
+        "raw_timm",
+        "trainer",
+        "--profile",
+        "3",
+        "--json",
+        str(tmp_path / "p.json"),
+    ]
+    payload = throughput.main(tiny)
+    raw, trainer = (payload["profile"]["memory"][side] for side in ("raw_timm", "trainer"))
+    for side in (raw, trainer):
+        assert side["updates"] == 3 and side["wall_ms_per_update"] > 0
+        assert 0 < side["busy_ms_per_update"] <= 1.05 * side["wall_ms_per_update"]
+        assert side["ops"]["aten::convolution_backward"]["calls_per_update"] == pytest.approx(
+            raw["ops"]["aten::convolution_backward"]["calls_per_update"]
+        )  # the same model, the same backward
+    assert trainer["ops"]["aten::linalg_vector_norm"]["calls_per_update"] >= 1
+    assert "aten::linalg_vector_norm" not in raw["ops"]
+    assert {row["op"] for row in trainer["differences_from_raw_timm"]}  # printed and kept
+    assert json.loads((tmp_path / "p.json").read_text())["profile"]["memory"]["trainer"]["updates"] == 3
