@@ -369,3 +369,59 @@ def test_torch_compile_traces_each_stage_once(tmp_path):
     assert ft[0] - hp[0] <= 1  # the switch to FT: at most one more graph
     assert counters["stats"]["calls_captured"] > 0 and trainer.dynamics["energy"] is not None
     torch._dynamo.reset()
+
+
+def test_a_seed_draws_the_same_head_whatever_the_weights_layout():
+    """torch's init functions fill memory in order: without care, a channels_last head re-drawn from a seed (a sweep's
+    replicate seeds, `reinit_modules`) would get other values than the contiguous one."""
+    from headprep_hf.data import to_channels_last
+    from headprep_hf.heads import reinitialize_module
+
+    plain, converted = _a1_like_model(), to_channels_last(_a1_like_model())
+    for model in (plain, converted):
+        torch.manual_seed(3)
+        reinitialize_module(model.layer4)
+    assert all(torch.equal(a, b) for a, b in zip(plain.layer4.parameters(), converted.layer4.parameters()))
+    assert _channels_last(converted.layer4[0].conv1.weight)  # and the layout is kept
+
+
+@pytest.mark.parametrize("contiguous_state", [True, False])
+def test_resumed_optimizer_state_takes_the_weights_layout(tmp_path, contiguous_state):
+    """A checkpoint written with contiguous weights, resumed into channels_last ones (an earlier version, or
+    `--channels_last` switched): fused AdamW on the CPU walks memory in order and would pair the wrong elements."""
+    import copy
+
+    from conftest import make_config, tiny_timm
+
+    from headprep_hf import HeadPrepTrainer
+    from headprep_hf.data import to_channels_last
+
+    def optimizer_of(model, optim):
+        args = make_config(tmp_path, hp_epochs=0, optim=optim, learning_rate=0.1)
+        return HeadPrepTrainer(model=model, args=args).create_optimizer()
+
+    def step(model, optimizer, seed):  # the same gradients on every copy: Adam's steps are then comparable
+        g = torch.Generator().manual_seed(seed)
+        for param in model.parameters():
+            param.grad = torch.empty_like(param).copy_(torch.randn(param.shape, generator=g))
+        optimizer.step()
+
+    model = to_channels_last(tiny_timm())
+    state = optimizer_of(model, "adamw_torch_fused")  # the state a run wrote: Adam's moments after two updates
+    step(model, state, 0)
+    step(model, state, 1)
+    saved = copy.deepcopy(state.state_dict())
+    if contiguous_state:  # as a checkpoint of contiguous weights holds it
+        for entry in saved["state"].values():
+            entry.update({k: v.contiguous() for k, v in entry.items() if v.dim() == 4})
+    fused_model, reference_model = copy.deepcopy(model), copy.deepcopy(model)
+    fused, reference = optimizer_of(fused_model, "adamw_torch_fused"), optimizer_of(reference_model, "adamw_torch")
+    fused.load_state_dict(copy.deepcopy(saved))  # (a loaded optimizer may keep the given tensors and step them)
+    reference.load_state_dict(copy.deepcopy(saved))
+    reference.param_groups[0]["fused"] = reference.param_groups[1]["fused"] = None  # for-loop: right in any layout
+    for param in fused_model.parameters():
+        assert all(v.stride() == param.stride() for v in fused.state[param].values() if v.shape == param.shape)
+    step(fused_model, fused, 2)
+    step(reference_model, reference, 2)
+    for a, b in zip(fused_model.parameters(), reference_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -50,29 +52,50 @@ def replace_head_with_mlp(model: nn.Module, split: ModelSplit, hidden_size: int 
     raise ValueError(f"head_type='mlp' needs a linear layer in the head {split.head_names}; none found.")
 
 
+@contextmanager
+def _drawn_contiguous(module: nn.Module):
+    """Within: `module`'s own parameters in the contiguous layout; afterwards back in their own (e.g. channels_last,
+    `to_channels_last`). torch's init functions fill a tensor in memory order, so a channels_last weight would get
+    other values from the same seed than a contiguous one: a sweep's replicate heads would depend on the layout."""
+    kept = [(p, p.stride()) for p in module.parameters(recurse=False) if not p.is_contiguous()]
+    for p, _ in kept:
+        p.data = p.data.contiguous()
+    try:
+        yield
+    finally:
+        for p, stride in kept:
+            p.data = torch.empty_strided(p.shape, stride, dtype=p.dtype, device=p.device).copy_(p.data)
+
+
 @torch.no_grad()
 def reinitialize_module(module: nn.Module) -> None:
     """Re-initialise every layer of `module` as a freshly built ResNet does.
 
     Convolutions get Kaiming-normal (fan_out, ReLU) weights and zero biases, normalisation layers unit weight, zero
-    bias and reset running statistics, other layers their own `reset_parameters()`.
+    bias and reset running statistics, other layers their own `reset_parameters()`. The values a seed gives do not
+    depend on the weights' memory layout.
     """
     for sub in module.modules():
-        if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nn.init.kaiming_normal_(sub.weight, mode="fan_out", nonlinearity="relu")
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-        elif isinstance(sub, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
-            if getattr(sub, "weight", None) is not None:
-                nn.init.ones_(sub.weight)
-            if getattr(sub, "bias", None) is not None:
-                nn.init.zeros_(sub.bias)
-            if hasattr(sub, "reset_running_stats") and getattr(sub, "track_running_stats", False):
-                sub.reset_running_stats()
-        elif not list(sub.children()):
-            reset = getattr(sub, "reset_parameters", None)
-            if callable(reset):
-                reset()
+        with _drawn_contiguous(sub):
+            _reinitialize_layer(sub)
+
+
+def _reinitialize_layer(sub: nn.Module) -> None:
+    if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        nn.init.kaiming_normal_(sub.weight, mode="fan_out", nonlinearity="relu")
+        if sub.bias is not None:
+            nn.init.zeros_(sub.bias)
+    elif isinstance(sub, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        if getattr(sub, "weight", None) is not None:
+            nn.init.ones_(sub.weight)
+        if getattr(sub, "bias", None) is not None:
+            nn.init.zeros_(sub.bias)
+        if hasattr(sub, "reset_running_stats") and getattr(sub, "track_running_stats", False):
+            sub.reset_running_stats()
+    elif not list(sub.children()):
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
 
 
 def reinitialize_head(model: nn.Module, split: ModelSplit, seed: int) -> None:

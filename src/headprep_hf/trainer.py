@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -61,6 +62,35 @@ def shutdown_persistent_workers(loader) -> None:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
             holder._iterator = None
+
+
+_LAYOUT_HOOKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def state_follows_param_layout(optimizer):
+    """Makes `optimizer.load_state_dict` (a resume) give each per-parameter state tensor its parameter's memory layout.
+
+    torch keeps the layout the state was saved with. A checkpoint written with contiguous weights and resumed into
+    channels_last ones (`to_channels_last`: an earlier version, or `--channels_last` switched) then hands fused AdamW
+    `exp_avg` tensors of another layout than the weights: on CUDA it refuses them, on the CPU it silently pairs the
+    wrong elements. Returns `optimizer`.
+    """
+    inner = optimizer
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # accelerate's AcceleratedOptimizer
+        inner = inner.optimizer
+    if isinstance(inner, torch.optim.Optimizer) and inner not in _LAYOUT_HOOKED:
+        inner.register_load_state_dict_post_hook(_state_in_param_layout)
+        _LAYOUT_HOOKED.add(inner)
+    return optimizer
+
+
+def _state_in_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
@@ -474,7 +504,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     # ------------------------------------------------------------------ optimizer and schedule
     def create_optimizer(self, model=None):
         if self.optimizer is not None or self.stage_plan.hp_steps == 0:
-            return super().create_optimizer(model)
+            return state_follows_param_layout(super().create_optimizer(model))
         hp_decay = self.args.weight_decay if self.args.hp_weight_decay is None else self.args.hp_weight_decay
         decay = set(self.get_decay_parameter_names(self.model))
         groups = self.stages.param_groups(self.model, decay, hp_decay, self.args.weight_decay)
@@ -483,7 +513,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         )
         optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model")}
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
+        return state_follows_param_layout(self.optimizer)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is not None or self.stage_plan.hp_steps == 0:

@@ -72,7 +72,11 @@ class ImageClassificationArguments:
     color_jitter: float = field(default=0.4, metadata={"help": "Color-jitter strength of training images (0: none)."})
     no_aug: bool = field(default=False, metadata={"help": "Train on resized images without augmentation."})
     channels_last: bool = field(
-        default=True, metadata={"help": "channels_last memory format (convolutional backbones, real data)."}
+        default=True,
+        metadata={
+            "help": "channels_last memory format for the input and the weights (convolutional backbones, real data; "
+            "off for FSDP2)."
+        },
     )
 
 

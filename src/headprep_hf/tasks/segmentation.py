@@ -45,6 +45,10 @@ class SegmentationArguments:
     )
     model_arch: str | None = field(default=None, metadata={"help": "timm architecture of a bare weights file."})
     output_stride: int = field(default=8, metadata={"help": "Backbone output stride (8 as in the paper, or 16)."})
+    channels_last: bool = field(
+        default=True,
+        metadata={"help": "channels_last memory format for the input and the weights (real data; off for FSDP2)."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache for the source model."})
     source_epochs: int = field(default=10, metadata={"help": "Epochs of the MNIST-5k source pretraining."})
     toy_classes: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Digits of the toy task."})
@@ -123,7 +127,7 @@ def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
     model.load_backbone_state_dict(classifier.state_dict())
     files = args.voc_root is not None or args.dataset_name is not None
     if files:  # real images load as uint8 (normalize=False above); the model normalises them on its device
-        attach_input_normalization(model, norm["mean"], norm["std"], channels_last=True)
+        attach_input_normalization(model, norm["mean"], norm["std"], channels_last=args.channels_last)
     set_label_names(model, class_names)  # prepared heads name the classes
     if args.voc_root is not None:
         card = {"dataset_tags": "voc", "dataset": f"PASCAL VOC {args.voc_year}"}
