@@ -524,3 +524,51 @@ def test_tuple_dataset_with_the_default_collator_is_refused_where_trainer_fails_
     ours = HeadPrepTrainer(model=FcClassifier(), args=_args(HeadPrepConfig, tmp_path, "o"), train_dataset=XYPairs())
     with pytest.raises(ValueError, match=r"train_dataset\[0\] is a tuple \(Tensor, int\).*'input_x': <model input>"):
         ours.train()
+
+
+class ConvClassifier(nn.Module):
+    """A small convolutional classifier with an `fc` head and its own cross-entropy, for channels_last runs."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, input_x, labels=None):
+        logits = self.fc(self.body(input_x.view(-1, 3, 4, 4)))
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_channels_last_model_trains_saves_and_resumes_as_with_trainer(tmp_path):
+    """`to_channels_last` weights (the recipes' default) under hp_epochs=0, with the optimizer-state layout hook that
+    `create_optimizer` registers: the same weights and logs as plain Trainer, and a resume from a checkpoint the plain
+    Trainer wrote (same layout: the hook leaves the state as loaded) ends where the uninterrupted plain run ends."""
+    from headprep_hf.data import to_channels_last
+
+    def make_model(seed=0):
+        return to_channels_last(ConvClassifier(seed))
+
+    data = XYData(dim=48)
+    plain, ours = _pair(tmp_path, make_model, train=data, headprep_args={"track_dynamics": False})
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+
+    save = {"save_strategy": "steps", "save_steps": 3}
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 6
+
+    Trainer(
+        model=make_model(),
+        args=_args(TrainingArguments, tmp_path, "run", **save),
+        train_dataset=data,
+        callbacks=[Stop()],
+    ).train()
+    resumed = HeadPrepTrainer(
+        model=make_model(seed=5), args=_args(HeadPrepConfig, tmp_path, "run", **save), train_dataset=data
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    _same_weights(plain.model, resumed.model)
+    assert resumed.model.body[0].weight.is_contiguous(memory_format=torch.channels_last)
