@@ -113,3 +113,26 @@ def test_damaged_or_missing_checkpoint_file_is_named_before_anything_is_loaded(t
         f"resume from the previous complete checkpoint {folder.parent}/checkpoint-8."
     )
     assert _same(before, fresh.model) == []  # nothing was loaded
+
+
+def test_hub_upload_of_a_checkpoint_waits_for_its_commit(tmp_path, monkeypatch):
+    """`hub_strategy="checkpoint"`: Trainer uploads each checkpoint folder (`_push_from_checkpoint`, a private method:
+    this test is also its canary). The upload must see the committed folder, with the stage plan and no write mark,
+    and happen before the rotation removes older checkpoints."""
+    seen = []
+
+    def record(self, folder):
+        names = sorted(p.name for p in Path(folder).iterdir())
+        seen.append((Path(folder).name, status(folder), names, len(list(Path(folder).parent.glob("checkpoint-*")))))
+
+    monkeypatch.setattr(kill_worker.HeadPrepTrainer, "init_hf_repo", lambda self, token=None: None)  # no Hub here
+    monkeypatch.setattr(kill_worker.HeadPrepTrainer, "_push_from_checkpoint", record)
+    trainer = kill_worker.trainer_for(str(tmp_path / "out"))
+    trainer.args.push_to_hub, trainer.args.hub_strategy = True, "checkpoint"
+    trainer.train()
+    assert [s[0] for s in seen] == [f"checkpoint-{step}" for step in (2, 4, 6, 8, 10, 12)]
+    for name, state, names, _present in seen:
+        assert state == "complete" and WRITING_NAME not in names, name
+        assert {MANIFEST_NAME, "headprep_state.json", "headprep_measurements.json"} <= set(names), name
+    assert all(present == 2 for *_, present in seen[1:])  # save_total_limit=1: the older one is rotated out after
+    assert trainer.args.push_to_hub  # (switched off only inside Trainer's save)

@@ -104,3 +104,50 @@ def test_new_run_refuses_to_overwrite_an_earlier_runs_results(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     again.args.overwrite_output_dir = True
     again.train()
+
+
+def test_resume_from_an_epochs_last_update_keeps_every_drift_record(tmp_path):
+    """With save_strategy="steps", a checkpoint at an epoch's last update is written before `on_epoch_end` measures
+    that epoch's drift: it is measured before the checkpoint instead, so the resumed run has every drift record."""
+
+    def trainer(output_dir, callbacks=()):
+        t = _trainer(output_dir, callbacks)
+        t.args.save_steps = 3  # 3 updates per epoch: every checkpoint ends an epoch
+        return t
+
+    reference = trainer(tmp_path / "reference")
+    reference.train()
+    crashed = trainer(tmp_path / "crashed", callbacks=[Crash(10)])
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    resumed = trainer(tmp_path / "crashed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "crashed" / "checkpoint-9"))
+    assert [d["step"] for d in reference.dynamics["drift"]] == [9, 12]
+    assert resumed.dynamics["drift"] == reference.dynamics["drift"]
+    drift_logs = [
+        [
+            {k: v for k, v in r.items() if k.startswith("drift/") or k == "step"}
+            for r in t.state.log_history
+            if "drift/cos" in r
+        ]
+        for t in (reference, resumed)
+    ]
+    assert drift_logs[0] == drift_logs[1] and len(drift_logs[0]) == 2
+
+
+def test_a_checkpoint_written_without_measurements_resumes_with_them_on(tmp_path, caplog):
+    """A run with track_dynamics=False resumed with the default: the checkpoint (committed, manifest checked) holds
+    no measurement state, which is not damage; the run resumes bit-identical and says what it cannot measure."""
+    reference = _trainer(tmp_path / "reference")
+    reference.args.track_dynamics = False
+    reference.train()
+    crashed = _trainer(tmp_path / "crashed", callbacks=[Crash(9)])
+    crashed.args.track_dynamics = False
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    resumed = _trainer(tmp_path / "crashed")  # track_dynamics=True
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "crashed" / "checkpoint-8"))
+    assert "holds no measurement state (written with track_dynamics=False" in caplog.text
+    ref_state, res_state = reference.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in ref_state if not torch.equal(ref_state[k], res_state[k])] == []

@@ -572,3 +572,114 @@ def test_channels_last_model_trains_saves_and_resumes_as_with_trainer(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
     _same_weights(plain.model, resumed.model)
     assert resumed.model.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------- returned metrics and data
+def test_train_and_evaluate_return_trainers_metrics(tmp_path):
+    """`Trainer.log` edits the record its caller returns (adds "epoch", the printing callbacks drop "total_flos"):
+    `train()`'s and `evaluate()`'s metrics, `save_metrics` files and `on_evaluate`'s metrics are Trainer's, without the
+    measurement keys added to the log record."""
+    evaluated = {}
+
+    class Seen(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            evaluated.setdefault(type(kwargs["model"]).__name__ + str(id(self)), []).append(sorted(metrics))
+
+    results = []
+    for trainer_cls, args_cls, name in (
+        (Trainer, TrainingArguments, "plain"),
+        (HeadPrepTrainer, HeadPrepConfig, "ours"),
+    ):
+        args = _args(args_cls, tmp_path, name, eval_strategy="epoch", num_train_epochs=1)
+        trainer = trainer_cls(
+            model=FcClassifier(),
+            args=args,
+            train_dataset=XYData(),
+            eval_dataset=XYData(10, seed=3),
+            callbacks=[Seen()],
+        )
+        trained, metrics = trainer.train().metrics, trainer.evaluate()
+        trainer.save_metrics("eval", metrics)
+        saved = (tmp_path / name / "eval_results.json").read_text()
+        results.append((trained, metrics, saved))
+    (plain_train, plain_eval, _), (our_train, our_eval, our_saved) = results
+    timing = ("runtime", "per_second")
+    assert sorted(plain_train) == sorted(our_train) and "epoch" in our_train and "total_flos" not in our_train
+    assert {k: v for k, v in plain_train.items() if not k.endswith(timing)} == {
+        k: v for k, v in our_train.items() if not k.endswith(timing)
+    }
+    assert sorted(plain_eval) == sorted(our_eval) and our_eval["eval_loss"] == plain_eval["eval_loss"]
+    assert '"epoch": 1.0' in our_saved
+    plain_seen, our_seen = evaluated.values()
+    assert plain_seen == our_seen and all("epoch" in keys for keys in our_seen)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, n=40):
+        self.data = XYData(n)
+
+    def __iter__(self):
+        return (self.data[i] for i in range(len(self.data)))
+
+
+def test_iterable_dataset_trains_as_with_trainer_and_skips_what_needs_a_length(tmp_path):
+    """An IterableDataset (Trainer runs it for max_steps): the same weights and logs; energy and drift, which take
+    their samples from the training set, are skipped with a warning naming `energy_dataset`/`drift_dataset`."""
+    with pytest.warns(UserWarning) as caught:
+        plain, ours = _pair(tmp_path, FcClassifier, train=_Stream(), args={"max_steps": 7})
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "energy_dataset=" in messages and "drift_dataset=" in messages
+    assert "energy" not in ours.dynamics and "drift" not in ours.dynamics
+    assert ours.dynamics["head_grad_norm"]  # the head gradient needs no pass over the data
+
+
+def test_head_probing_on_an_iterable_dataset_names_the_fix(tmp_path):
+    args = _args(HeadPrepConfig, tmp_path, "hp", hp_epochs=1, max_steps=7)
+    trainer = HeadPrepTrainer(model=FcClassifier(), args=args, train_dataset=_Stream())
+    with pytest.raises(ValueError, match=r"hp_epochs=1 counts epochs.*no length.*hp_epochs=0"):
+        trainer.train()
+
+
+class ModuleDictHeads(nn.Module):
+    """Multi-task style: the heads sit in a `ModuleDict` named `head`, which is never called itself."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(4, 16)
+        self.head = nn.ModuleDict({"cls": nn.Linear(16, 3), "aux": nn.Linear(16, 1)})
+
+    def forward(self, input_x, labels=None):
+        logits = self.head["cls"](torch.relu(self.body(input_x)))
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class LeftoverFc(FcClassifier):
+    """An `fc` left from the pretrained model; the forward uses `out` instead."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed=seed)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, input_x, labels=None):
+        logits = self.out(self.body(input_x))
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize("model_cls", [ModuleDictHeads, LeftoverFc])
+def test_a_guessed_head_the_forward_does_not_call_trains_as_with_trainer(tmp_path, model_cls):
+    with pytest.warns(UserWarning, match=r"did not call the head.*head_modules=\[...\]"):
+        plain, ours = _pair(tmp_path, model_cls)
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert ours.dynamics["energy"] > 0 and "drift" not in ours.dynamics
+    # The head gradient norm is over the guessed head's parameters that got a gradient: `head["cls"]`, or none.
+    assert ("head_grad_norm" in ours.dynamics) == (model_cls is ModuleDictHeads)
+
+
+def test_a_named_head_the_forward_does_not_call_is_an_error_naming_it(tmp_path):
+    args = _args(HeadPrepConfig, tmp_path, "named", head_modules=["fc"])
+    with pytest.raises(RuntimeError, match=r"did not call the head \['fc'\].*head_modules=\[...\].*track_dynamics"):
+        HeadPrepTrainer(model=LeftoverFc(), args=args, train_dataset=XYData()).train()

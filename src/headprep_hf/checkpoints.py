@@ -208,14 +208,14 @@ def resume_checkpoint(run_dir: str, resume_from_checkpoint, refuse_existing: boo
 
 def required_files(args, writes_stage_state: bool) -> tuple:
     """What resuming a [`HeadPrepTrainer`] checkpoint reads, for `verify`: the model, `trainer_state.json`, the
-    optimizer and scheduler (unless `save_only_model`), the stage plan and the measurement state where written."""
+    optimizer and scheduler (unless `save_only_model`) and the stage plan where written. The measurement state is
+    not required: a checkpoint written with `track_dynamics=False` has none, and one that lost it is caught by the
+    manifest; resuming without it measures what it can (see `HeadPrepTrainer._load_stage_state`)."""
     required = [("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"), "trainer_state.json"]
     if not args.save_only_model:
         required += ["optimizer.pt", "scheduler.pt"]
     if writes_stage_state:
         required.append("headprep_state.json")
-    if args.track_dynamics:
-        required.append("headprep_measurements.json")
     return tuple(required)
 
 

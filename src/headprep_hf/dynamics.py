@@ -166,6 +166,11 @@ def probe_in_memory(dataset, seed: int | None, limit: int | None = None):
     return InMemoryDataset(samples)
 
 
+class FeatureModuleNotCalled(RuntimeError):
+    """The model's forward did not call the module whose input is read as the features (e.g. a leftover `fc` that
+    the forward no longer uses, or heads kept in a `ModuleDict`)."""
+
+
 def measure(
     model: nn.Module,
     dataloader,
@@ -226,7 +231,7 @@ def measure(
                 want_features = n_features < max_features
                 if want_features:
                     if not captured:
-                        raise RuntimeError("The feature module was not called during the forward pass.")
+                        raise FeatureModuleNotCalled("The feature module was not called during the forward pass.")
                     if check_first_batch is not None and n_features == 0:
                         check_first_batch(captured[0], outputs)
                     z = captured[0] if raw_features else reduce_features(captured[0])

@@ -33,6 +33,7 @@ from transformers.trainer_utils import has_length
 
 from .dynamics import (
     DRIFT_KEYS,
+    FeatureModuleNotCalled,
     PassResult,
     drift_metrics,
     grad_norm,
@@ -236,22 +237,29 @@ class MeasurementCallback(TrainerCallback):
         model = trainer.accelerator.unwrap_model(trainer.model)
         broadcast_buffers(model, trainer.accelerator)
         split = trainer.find_head() if max_features > 0 else None
-        return measure(
-            model,
-            loader if loader is not None else trainer.measurement_loader(dataset),
-            trainer.model_caller,
-            split.feature_module(model) if split is not None else None,
-            trainer.accelerator,
-            label_name=trainer.label_names[0] if trainer.label_names else "labels",
-            with_energy=with_energy,
-            max_features=max_features,
-            ignore_index=trainer.args.ignore_index,
-            problem_type=trainer.problem_type if with_energy else "single_label_classification",
-            autocast=trainer.measurement_autocast,
-            seed=seed,
-            progress=(lambda batches: pass_bar(trainer, batches, desc)) if desc else None,
-            **kwargs,
-        )
+        try:
+            return measure(
+                model,
+                loader if loader is not None else trainer.measurement_loader(dataset),
+                trainer.model_caller,
+                split.feature_module(model) if split is not None else None,
+                trainer.accelerator,
+                label_name=trainer.label_names[0] if trainer.label_names else "labels",
+                with_energy=with_energy,
+                max_features=max_features,
+                ignore_index=trainer.args.ignore_index,
+                problem_type=trainer.problem_type if with_energy else "single_label_classification",
+                autocast=trainer.measurement_autocast,
+                seed=seed,
+                progress=(lambda batches: pass_bar(trainer, batches, desc)) if desc else None,
+                **kwargs,
+            )
+        except FeatureModuleNotCalled as error:
+            raise FeatureModuleNotCalled(
+                f"The model's forward did not call the head {split.head_names}, so the features it takes could not "
+                f"be read: set head_modules=[...] to the module(s) the forward applies to the features last, or "
+                f"track_dynamics=False."
+            ) from error
 
     def measure_start(self) -> dict[str, float]:
         """Energy, HP train accuracy and p0 of the training set (or `energy_dataset`) and z_0 of the probe set, at the
@@ -284,7 +292,7 @@ class MeasurementCallback(TrainerCallback):
             self.pending.update({f"headprep/{k}": v for k, v in summary.items() if v is not None})
             if not torch.isnan(p0).all():
                 self._histogram("headprep/p0", p0[~torch.isnan(p0)])
-        self.z0 = self._probe() if self._head_or_warn() is not None else None
+        self.z0 = self._start_probe()
         self.dynamics.update(
             {
                 "hp_epochs": args.hp_epochs,
@@ -407,6 +415,15 @@ class MeasurementCallback(TrainerCallback):
         return PassResult(**{key: torch.cat(values) for key, values in parts.items()})
 
     # ------------------------------------------------------------------ helpers
+    def before_checkpoint(self) -> None:
+        """Called before a checkpoint's measurement state is written. A checkpoint at an epoch's last update (or the
+        run's) with `save_strategy="steps"` is written before `on_epoch_end` (or `on_train_end`) measures that step's
+        drift, so a run resumed from it would never measure it: measured now instead, on the same weights (the later
+        event then skips the step), so the checkpoint holds every drift record of the uninterrupted run."""
+        state = self.trainer.state
+        if (state.epoch is not None and float(state.epoch).is_integer()) or state.global_step >= state.max_steps:
+            self._maybe_drift()
+
     def _maybe_drift(self) -> None:
         trainer = self.trainer
         if not (trainer.args.track_dynamics and trainer.stage_plan.ft_started and self.z0 is not None):
@@ -477,7 +494,15 @@ class MeasurementCallback(TrainerCallback):
             return None
 
     def _can_measure_energy(self) -> bool:
-        names = self.trainer.label_names
+        trainer = self.trainer
+        if trainer.energy_dataset is None and not has_length(trainer.train_dataset):
+            self._warn_once(
+                "energy_unsized",
+                "Energy, HP accuracy and p0 are not measured: the training set has no length (an IterableDataset), "
+                "so there is no pass over it; pass energy_dataset=... (a dataset with a length) to measure them.",
+            )
+            return False
+        names = trainer.label_names
         if names and len(names) == 1:
             return True
         self._warn_once("labels", f"Energy, HP accuracy and p0 need one label column; the model has {names}: skipped.")
@@ -485,6 +510,29 @@ class MeasurementCallback(TrainerCallback):
 
     def _head_or_warn(self):
         return self.trainer.find_head(warn=True)
+
+    def _start_probe(self) -> torch.Tensor | None:
+        """z_0, or None (with one warning) where drift cannot be measured: no head found, no probe to draw from a
+        training set without a length, or a guessed head that the forward does not call in a run without HP (such a
+        model trains as with `Trainer`)."""
+        trainer = self.trainer
+        if self._head_or_warn() is None:
+            return None
+        if trainer.drift_dataset is None and not has_length(trainer.train_dataset):
+            self._warn_once(
+                "probe_unsized",
+                "Drift is not measured: its probe samples are taken from the training set, which has no length "
+                "(an IterableDataset); pass drift_dataset=... (a dataset with a length) to measure it.",
+            )
+            return None
+        try:
+            return self._probe()
+        except FeatureModuleNotCalled as error:
+            guessed = trainer.args.head_modules is None and trainer._explicit_split is None
+            if not guessed or trainer.args.hp_epochs > 0:
+                raise
+            self._warn_once("head_not_called", f"{error} Drift is not measured.")
+            return None
 
     def _probe(self) -> torch.Tensor:
         # The probe loader is built once per run; the probe samples are read once with the RNGs seeded and kept in

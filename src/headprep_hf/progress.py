@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import has_length
 from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _plain(plan) -> bool:
 
 def pass_bar(trainer, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
     """`iterable` in a transient progress bar named `desc` (none with `disable_tqdm`, none off the main process)."""
-    if total is None and hasattr(iterable, "__len__"):
+    if total is None and has_length(iterable):  # (a loader over an IterableDataset has `__len__` that raises)
         total = len(iterable)
     disable = trainer.args.disable_tqdm or not trainer.is_world_process_zero()
     return hf_logging.tqdm(

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, enable_full_determinism, rotate_checkpoints
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    TrainOutput,
+    enable_full_determinism,
+    has_length,
+    rotate_checkpoints,
+)
 from transformers.utils import find_labels
 
 from .checkpoints import begin_write, commit, refuse_earlier_outputs, required_files, resume_checkpoint, verify
@@ -458,15 +464,22 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """`Trainer.log`, with the measurements merged in and, in runs with HP, stage-tagged copies of the loss,
         learning rate and evaluation keys beside them (`hp/loss`, `ft/loss`, `eval_hp/accuracy`, ...)."""
-        logs = {**logs, **self.measurements.pop_logs(logs)}
+        record = {**logs, **self.measurements.pop_logs(logs)}
         if self.args.hp_epochs > 0 or self.stage_plan.plan != "both":
             stage = self.stage_plan.stage_at(self.state.global_step - 1)
-            for key, value in list(logs.items()):
+            for key, value in list(record.items()):
                 if key in _STAGE_LOG_KEYS:
-                    logs[f"{stage}/{key}"] = value
+                    record[f"{stage}/{key}"] = value
                 elif key.startswith("eval_") and "/" not in key:
-                    logs[f"eval_{stage}/{key[len('eval_') :]}"] = value
-        super().log(logs, start_time)
+                    record[f"eval_{stage}/{key[len('eval_') :]}"] = value
+        ours = record.keys() - logs.keys()
+        super().log(record, start_time)
+        # `Trainer.log` edits the record in place (adds "epoch"; the printing callbacks drop "total_flos"), and its
+        # callers return that dict (`train()`'s and `evaluate()`'s metrics): the caller's dict gets those edits, as
+        # with Trainer, and not the keys added here for the log alone.
+        for key in [key for key in logs if key not in record]:
+            del logs[key]
+        logs.update({key: value for key, value in record.items() if key not in ours})
 
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         self._stage = self.stage_plan.stage_at(self.state.global_step)
@@ -528,6 +541,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         plan = self.stage_plan
         num_train_epochs, steps_per_epoch, num_examples, _, total_batch, steps_in_epoch, max_steps = values
         hp_steps = args.hp_epochs * steps_per_epoch if plan.plan != "ft" and not plan.hp_outside_loop else 0
+        if hp_steps and not has_length(dataloader):
+            raise ValueError(
+                f"hp_epochs={args.hp_epochs} counts epochs of the training set, but it has no length (an "
+                "IterableDataset, which Trainer runs for max_steps): HP cannot tell where an epoch ends. Pass a "
+                "dataset with a length, or set hp_epochs=0 to finetune without head probing."
+            )
         if self._resume_plan is not None and plan.plan != "ft" and self._resume_plan.hp_steps != hp_steps:
             raise ValueError(
                 f"The checkpoint was written with {self._resume_plan.hp_steps} HP steps but this configuration gives "
@@ -615,7 +634,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)
         self.stage_plan.ft_started = saved.ft_started
         if not self.measurements.load(checkpoint) and self.args.track_dynamics and saved.ft_started:
-            logger.warning("%s holds no measurement state: energy and drift are not measured in this run.", checkpoint)
+            logger.warning(
+                "%s holds no measurement state (written with track_dynamics=False, or by transformers.Trainer): "
+                "energy and drift are not measured in this run.",
+                checkpoint,
+            )
         self.resumed_stage = "ft" if saved.ft_started else "hp"
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -628,20 +651,28 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             check_finite(self.accelerator.unwrap_model(self.model).state_dict(), f"checkpoint {folder}")
         if not self.writes_stage_state:
             return super()._save_checkpoint(model, trial)
+        if self.args.track_dynamics:
+            self.measurements.before_checkpoint()
         if self.args.should_save:
             begin_write(folder)
         self.accelerator.wait_for_everyone()  # the mark (and a torn leftover removed) before any rank writes
-        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation waits for the commit
+        # Rotation and the Hub upload (`hub_strategy="checkpoint"`/`"all_checkpoints"`) wait for the commit: an
+        # upload started inside Trainer's save would send the folder with its write mark and without the stage plan.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        push, self.args.push_to_hub = self.args.push_to_hub, False
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self.args.save_total_limit = limit
+            self.args.save_total_limit, self.args.push_to_hub = limit, push
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written
         if self.args.should_save:
             self.stage_plan.save(folder)
             if self.args.track_dynamics:
                 self.measurements.save(folder)
             commit(folder)
+        if push:
+            self._push_from_checkpoint(folder)  # (as Trainer: every rank calls it, the main process uploads)
+        if self.args.should_save:
             rotate_checkpoints(self._get_output_dir(trial), limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def checkpoint_dir(self) -> str:
