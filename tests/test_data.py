@@ -230,3 +230,95 @@ def test_plain_label_columns_get_one_encoding_across_splits():
     assert class_names == ["cat", "dog", "owl"]
     assert encoded["train"]["species"] == [2, 0, 2] and encoded["validation"]["species"] == [1, 0]
     assert isinstance(encoded["validation"].features["species"], datasets.ClassLabel)
+
+
+def test_sample_limits_draw_every_class_of_a_class_sorted_folder_as_the_hf_example(tmp_path):
+    import datasets
+
+    classes = ("ant", "bee", "cat", "dog")
+    _write_image_folder(tmp_path / "train", classes=classes, per_class=10)
+    _write_image_folder(tmp_path / "val", classes=classes, per_class=10, seed=1)
+    limits = dict(validation_dir=str(tmp_path / "val"), max_train_samples=12, max_eval_samples=12)
+    splits, class_names = _load(tmp_path, **limits)
+    assert class_names == list(classes)
+    for name in ("train", "validation"):
+        assert len(splits[name]) == 12 and set(splits[name].labels.tolist()) == {0, 1, 2, 3}
+    # The subset of HF's run_image_classification.py: shuffle(seed=seed).select(range(max_train_samples)).
+    raw = datasets.load_dataset(
+        "imagefolder", data_files={"train": str(tmp_path / "train" / "**")}, cache_dir=str(tmp_path / "hf_cache")
+    )
+    assert splits["train"].labels.tolist() == raw["train"].shuffle(seed=0).select(range(12))["label"]
+    again, _ = _load(tmp_path, **limits)
+    assert np.array_equal(again["train"].labels, splits["train"].labels)
+    assert all(
+        torch.equal(again["validation"][i]["pixel_values"], splits["validation"][i]["pixel_values"]) for i in range(12)
+    )
+
+
+def test_split_folders_at_different_depths_name_the_layout_to_fix(tmp_path):
+    _write_image_folder(tmp_path / "train")
+    _write_image_folder(tmp_path / "extra" / "val", seed=1)
+    # datasets' imagefolder then infers no labels at all; "pass label_column=... (one of [])" is no way out.
+    with pytest.raises(ValueError, match=r"<dir>/<class>/<file>.*same depth") as error:
+        _load(tmp_path, validation_dir=str(tmp_path / "extra" / "val"))
+    assert str(tmp_path / "extra" / "val") in str(error.value) and "train_dir" in str(error.value)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "a.png")
+    with pytest.raises(ValueError, match=r"gave no class labels: every image must sit at <dir>/<class>/<file>"):
+        _load(tmp_path, train_dir=str(flat))
+
+
+def test_16_bit_images_keep_their_top_8_bits(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "b").mkdir(parents=True)
+    Image.fromarray(ramp).save(tmp_path / "train" / "a" / "grey16.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "train" / "b" / "grey8.png")
+    assert Image.open(tmp_path / "train" / "a" / "grey16.png").mode == "I;16"
+    config = resolve_image_data_config({}, image_size=16, crop_pct=1.0)
+    tf = build_image_transforms(config, is_training=False)
+    splits, _ = _load(tmp_path, train_transform=tf, eval_transform=tf, validation_split=0.5)
+    items = [ds[0] for ds in (splits["train"], splits["validation"])]
+    sixteen, eight = sorted(items, key=lambda item: item["labels"])
+    # As the same picture saved in 8 bits (Pillow's convert("RGB") would clip every value above 255 to 255).
+    assert torch.equal(sixteen["pixel_values"], eight["pixel_values"])
+    assert sixteen["pixel_values"][0, 0].tolist() == (ramp[0] >> 8).tolist()
+
+
+def test_images_without_a_fixed_range_are_refused_naming_the_file(tmp_path):
+    from headprep_hf.data.images import to_rgb
+
+    with pytest.raises(ValueError, match="image mode 'F'.*convert the image files to 8-bit"):
+        to_rgb(Image.fromarray(np.zeros((4, 4), np.float32)))
+    _write_image_folder(tmp_path / "train", per_class=2)
+    Image.fromarray(np.full((20, 24), 70000, np.int32), mode="I").save(tmp_path / "train" / "dog" / "wide.tif")
+    splits, _ = _load(tmp_path, validation_split=0.5)
+    messages = []
+    for name in ("train", "validation"):
+        for i in range(len(splits[name])):
+            try:
+                splits[name][i]
+            except ValueError as error:
+                messages.append(str(error))
+    assert len(messages) == 1 and "wide.tif" in messages[0] and "image mode 'I'" in messages[0]
+
+
+def test_a_truncated_image_names_split_index_file_and_fix_also_from_a_worker(tmp_path):
+    _write_image_folder(tmp_path / "train", per_class=2)
+    _write_image_folder(tmp_path / "val", per_class=2, seed=1)
+    for path in (tmp_path / "val" / "dog").iterdir():
+        path.unlink()
+    for k in range(2):  # JPEGs: Pillow opens a truncated one and fails while decoding it
+        Image.fromarray(np.full((20, 24, 3), 100 * k, np.uint8)).save(tmp_path / "val" / "dog" / f"{k}.jpg")
+    bad = tmp_path / "val" / "dog" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    splits, _ = _load(tmp_path, validation_dir=str(tmp_path / "val"))
+    validation = splits["validation"]
+    index = 3  # imagefolder orders the files: cat/0, cat/1, dog/0, dog/1
+    assert validation.labels.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"validation\[3\] \(.*1\.jpg\).*truncated.*remove it .* or re-save it"):
+        validation[index]
+    loader = torch.utils.data.DataLoader(validation, batch_size=4, num_workers=1)
+    with pytest.raises(ValueError, match=r"validation\[3\] \(.*1\.jpg\)"):
+        next(iter(loader))

@@ -425,3 +425,87 @@ def test_resumed_optimizer_state_takes_the_weights_layout(tmp_path, contiguous_s
     step(reference_model, reference, 2)
     for a, b in zip(fused_model.parameters(), reference_model.parameters()):
         assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+
+
+def _two_blocks(size=(40, 80)):
+    """A non-square image (80 wide, 40 high) whose left quarter is white and right quarter green: a warp and a
+    short-side resize + center crop give visibly different pictures, and PIL's and torchvision's resizes agree on it
+    to float rounding (on noise they differ by one 8-bit level)."""
+    pixels = np.zeros((*size, 3), dtype=np.uint8)
+    pixels[:, : size[1] // 4] = 255
+    pixels[:, -size[1] // 4 :, 1] = 255
+    return Image.fromarray(pixels)
+
+
+_PROCESSORS = {  # transformers' own preprocessing: size {height, width} warps; ConvNext warps from 384 px on
+    "vit": ("ViTImageProcessor", dict(size={"height": 32, "width": 32}), "squash"),
+    "deit": (
+        "DeiTImageProcessor",
+        dict(size={"height": 36, "width": 36}, crop_size={"height": 32, "width": 32}),
+        "squash",
+    ),
+    "convnext384": ("ConvNextImageProcessor", dict(size={"shortest_edge": 384}, crop_pct=0.875), "squash"),
+    "convnext224": ("ConvNextImageProcessor", dict(size={"shortest_edge": 224}, crop_pct=0.875), "center"),
+}
+
+
+def _processor(tmp_path, kind):
+    """The processor as the recipe gets it: `AutoImageProcessor` on a local folder (transformers 5: torchvision)."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    class_name, kwargs, _ = _PROCESSORS[kind]
+    getattr(transformers, class_name)(**kwargs).save_pretrained(tmp_path)
+    return AutoImageProcessor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kind", list(_PROCESSORS))
+def test_eval_transform_reproduces_warping_and_cropping_processors_on_a_non_square_image(tmp_path, kind):
+    from headprep_hf.data.images import image_processor_for_data_config
+
+    processor = _processor(tmp_path, kind)
+    config = resolve_image_data_config(image_processor_data_config(processor))
+    assert config["crop_mode"] == _PROCESSORS[kind][2]
+    image = _two_blocks()
+    ours = build_image_transforms(config, is_training=False, normalize=True)(image)
+    theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+    # Read back unchanged: the processor saved with the model is the source's own.
+    assert image_processor_for_data_config(processor, config) is processor
+
+
+@pytest.mark.parametrize("kind, image_size", [("vit", 48), ("deit", 40), ("convnext384", 416), ("convnext224", 40)])
+def test_processor_set_to_a_new_size_keeps_its_resize_mode_and_size_keys(tmp_path, kind, image_size):
+    from transformers import AutoImageProcessor
+
+    from headprep_hf.data.images import image_processor_for_data_config
+
+    processor = _processor(tmp_path / "source", kind)
+    config = resolve_image_data_config(image_processor_data_config(processor), image_size=image_size)
+    updated = image_processor_for_data_config(processor, config)
+    assert set(k for k, v in dict(updated.size).items() if v) == set(k for k, v in dict(processor.size).items() if v)
+    updated.save_pretrained(tmp_path / "saved")
+    loaded = AutoImageProcessor.from_pretrained(tmp_path / "saved")
+    image = _two_blocks()
+    ours = build_image_transforms(config, is_training=False, normalize=True)(image)
+    theirs = loaded(image, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape == (3, image_size, image_size) and (ours - theirs).abs().max() < 1e-5
+
+
+def test_a_processor_cannot_take_the_other_resize_mode():
+    from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+    from headprep_hf.data.images import image_processor_for_data_config, same_data_config
+
+    vit = ViTImageProcessor(size={"height": 32, "width": 32})
+    squash = resolve_image_data_config(image_processor_data_config(vit))
+    center = dict(squash, crop_mode="center")
+    assert not same_data_config(squash, center) and same_data_config(center, {**center, "crop_mode": None})
+    assert image_processor_for_data_config(vit, center) is None  # ViT warps; it cannot resize the short side
+    # ConvNext below 384 px crops; from 384 px on it warps without a crop, so neither size takes the other's mode.
+    convnext = ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875)
+    at_384 = resolve_image_data_config(image_processor_data_config(convnext), image_size=384)
+    assert image_processor_for_data_config(convnext, at_384) is None
+    convnext384 = ConvNextImageProcessor(size={"shortest_edge": 384}, crop_pct=0.875)
+    at_224 = resolve_image_data_config(image_processor_data_config(convnext384), image_size=224)
+    assert image_processor_for_data_config(convnext384, at_224) is None

@@ -221,3 +221,78 @@ def test_recipe_on_local_voc_with_a_local_backbone(tmp_path, capsys):
     metrics = recipe.main(*parse_with_config(recipe.make_parser(), argv))
     assert 0.0 <= metrics["test_mean_iou"] <= 1.0 and metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
     assert "test mIoU" in capsys.readouterr().out
+
+
+def test_16_bit_images_keep_their_top_8_bits_on_both_paths():
+    from headprep_hf.data.segmentation import SegmentationDataset
+
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
+    mask = np.zeros((32, 32), np.uint8)
+    eight = Image.fromarray((ramp >> 8).astype(np.uint8))
+    for normalize in (False, True):
+        transform = SegmentationTransform(32, train=False, normalize=normalize)
+        dataset = SegmentationDataset(lambda i: (Image.fromarray(ramp), mask), 1, transform, "train")
+        assert Image.fromarray(ramp).mode == "I;16"
+        # As the same picture in 8 bits (Pillow's convert("RGB") would clip every value above 255 to 255).
+        assert torch.equal(dataset[0]["pixel_values"], transform(eight, mask)[0])
+    # A uint16 array on the float path uses its full range, as torchvision's to_dtype(scale=True) does.
+    from torchvision.transforms.v2 import functional as TF
+
+    transform = SegmentationTransform(32, mean=(0.0,) * 3, std=(1.0,) * 3, train=False)
+    expected = TF.to_dtype(torch.from_numpy(ramp.astype(np.int32)).to(torch.uint16)[None], torch.float32, scale=True)
+    assert torch.allclose(transform(ramp, mask)[0][0], expected[0], atol=1e-6)
+    with pytest.raises(ValueError, match="dtype int32 has no fixed intensity range"):
+        transform(ramp.astype(np.int32), mask)
+    dataset = SegmentationDataset(lambda i: (Image.fromarray(ramp.astype(np.int32), "I"), mask), 2, transform, "test")
+    with pytest.raises(ValueError, match=r"test\[1\]: image mode 'I'.*convert the image files to 8-bit"):
+        dataset[1]
+
+
+def test_reduce_labels_on_a_mask_value_beyond_its_map_names_the_sample(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    pairs = [_pair(rng, 24, 28, 1) for _ in range(4)]
+    masks = [np.array(p[1]).astype(np.int32) for p in pairs]
+    masks[3][0, 0] = 300  # an id a 256-entry reduce_labels map cannot take (a 16-bit mask)
+    data = datasets.Dataset.from_dict(
+        {"image": [p[0] for p in pairs], "annotation": [Image.fromarray(m, "I") for m in masks]}
+    )
+    data = data.cast_column("image", datasets.Image()).cast_column("annotation", datasets.Image())
+    data.save_to_disk(str(tmp_path / "disk"))
+    splits = load_hf_segmentation(str(tmp_path / "disk"), crop_size=16, reduce_labels=True, validation_split=0.25)
+    train = splits["train"]
+    bad = next(i for i in range(len(train)) if (np.asarray(train.load_pair(i)[1]) == 300).any())
+    with pytest.raises(ValueError, match=rf"train\[{bad}\] has mask value 300, outside the label map.*Fix the masks"):
+        train[bad]
+    with pytest.raises(ValueError, match=rf"train_dataset\[{bad}\] has mask value 300"):
+        train.check_samples(150, name="train_dataset")
+
+
+def test_a_truncated_voc_image_names_the_sample_and_file_also_from_a_worker(tmp_path):
+    root = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+    base = root / "VOCdevkit" / "VOC2012"
+    bad = base / "JPEGImages" / "2008_000001.jpg"  # the second of VOC's val: test[1] here
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    splits = load_voc_segmentation(str(root), crop_size=16, validation_split=0.25, normalize=False)
+    with pytest.raises(ValueError, match=r"test\[1\]: .*2008_000001\.jpg.*truncated.*remove it .* or re-save it"):
+        splits["test"][1]
+    loader = torch.utils.data.DataLoader(splits["test"], batch_size=2, num_workers=1)
+    with pytest.raises(ValueError, match=r"test\[1\]: .*2008_000001\.jpg"):
+        next(iter(loader))
+
+
+def test_a_transformers_model_folder_is_refused_as_a_segmentation_backbone(tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from headprep_hf.tasks.segmentation import SegmentationArguments, load_segmentation
+
+    folder = tmp_path / "hf_resnet"
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(
+        folder
+    )
+    args = SegmentationArguments(model_name_or_path=str(folder))
+    with pytest.raises(
+        ValueError, match=r"hf_resnet' is a transformers model folder.*needs a timm backbone.*--model_arch"
+    ):
+        load_segmentation(args, seed=0)

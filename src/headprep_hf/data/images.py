@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,11 +17,33 @@ __all__ = [
     "image_processor_data_config",
     "load_image_classification_dataset",
     "resolve_image_data_config",
+    "to_rgb",
 ]
 
 _VALIDATION_NAMES = ("validation", "valid", "val")
 _LABEL_NAMES = ("label", "labels")
 DEFAULT_CROP_PCT = 0.875
+_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Any) -> Any:
+    """An RGB PIL image from any PIL image, with 16-bit grey images ("I;16*", as 16-bit PNGs load) scaled to 8 bits.
+
+    Pillow's own ``convert("RGB")`` clips 16-bit values at 255 instead of rescaling them, so such images come out
+    nearly white; here they keep their top 8 bits (``value >> 8``). Modes "I" (32-bit integers) and "F" (floats) have
+    no fixed range to scale from and are refused.
+    """
+    from PIL import Image
+
+    if image.mode in _16_BIT_MODES:
+        grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("I", "F"):
+        raise ValueError(
+            f"image mode {image.mode!r} (32-bit {'integer' if image.mode == 'I' else 'float'} pixels) has no fixed "
+            "range to scale to 8 bits; convert the image files to 8-bit (or 16-bit) grey or RGB first"
+        )
+    return image.convert("RGB")
 
 
 class HFImageClassificationDataset(Dataset):
@@ -35,6 +58,10 @@ class HFImageClassificationDataset(Dataset):
         labels: int64 numpy array of every item's label, for validation without decoding images.
         class_names: names of the classes, indexed by label.
         hf_dataset: the transformed ``datasets.Dataset``.
+        name: the split's name in error messages (``"train"``, ...).
+
+    An image that cannot be decoded (truncated, corrupt, an unsupported mode) raises ``ValueError`` naming the split,
+    the index and, when the data has one, the image's file.
     """
 
     def __init__(
@@ -44,6 +71,7 @@ class HFImageClassificationDataset(Dataset):
         label_column: str,
         transform: Callable[[Any], torch.Tensor],
         class_names: Sequence[str],
+        name: str = "dataset",
     ) -> None:
         """Initializes the wrapper.
 
@@ -53,14 +81,16 @@ class HFImageClassificationDataset(Dataset):
             label_column: name of the label column (values ``0..len(class_names)-1``).
             transform: torchvision transform from an RGB PIL image to a tensor.
             class_names: class names indexed by label.
+            name: the split's name in error messages.
         """
         # Reading one column does not decode images, so this stays cheap on large datasets.
         self.labels = np.asarray(hf_dataset[label_column], dtype=np.int64)
         self.class_names = list(class_names)
+        self.name, self.image_column, self._source = name, image_column, hf_dataset
 
         def batch_transform(batch: dict[str, list]) -> dict[str, list]:
             return {
-                "pixel_values": [transform(image.convert("RGB")) for image in batch[image_column]],
+                "pixel_values": [transform(to_rgb(image)) for image in batch[image_column]],
                 "labels": batch[label_column],
             }
 
@@ -70,8 +100,41 @@ class HFImageClassificationDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        item = self.hf_dataset[int(index)]
+        try:
+            item = self.hf_dataset[int(index)]
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's decode errors (UnidentifiedImageError: OSError)
+            raise unreadable_image_error(
+                f"{self.name}[{index}]", error, image_file(self._source, index, self.image_column)
+            ) from error
         return {"pixel_values": item["pixel_values"], "labels": int(item["labels"])}
+
+
+def image_file(hf_dataset: Any, index: int, column: str) -> str | None:
+    """The file behind row ``index``'s image in a ``datasets.Dataset``, or None when it came as bytes only.
+
+    Reads the row without decoding it (``datasets.Image(decode=False)``), so it works when decoding fails.
+    """
+    import datasets
+
+    try:
+        row = hf_dataset.select([int(index)]).cast_column(column, datasets.Image(decode=False))[0][column]
+    except Exception:  # only used to enrich an error message: never hide the original error behind a new one
+        return None
+    return row.get("path") if isinstance(row, dict) else None
+
+
+def unreadable_image_error(sample: str, error: BaseException, path: str | None = None) -> ValueError:
+    """The ``ValueError`` for a sample whose image could not be read: names the sample, the file and the fix.
+
+    One string argument, so it survives the pickling of a ``DataLoader`` worker's exception.
+    """
+    where = f" ({path})" if path else ""
+    if isinstance(error, ValueError):  # a readable file we refuse (e.g. its mode), with its own fix in the message
+        return ValueError(f"{sample}{where}: {error}")
+    return ValueError(
+        f"{sample}{where}: the image could not be decoded ({type(error).__name__}: {error}). The file is truncated "
+        "or corrupt: remove it from the data or re-save it as a valid image (e.g. PNG or JPEG)."
+    )
 
 
 def resolve_image_data_config(
@@ -123,14 +186,17 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
     """A timm-style data config from a transformers image processor (size, crop, resample, mean/std), so that
     transformers image models go through the same transforms and on-device normalisation as timm models.
 
-    The processor resizes the short side to `size["shortest_edge"]` (or to `size["height"] x size["width"]`) and,
-    with `do_center_crop`, crops `crop_size`; the equivalent timm config is `input_size` = the crop and `crop_pct` =
-    crop / resize (1.0 without a crop).
+    The processor resizes the short side to `size["shortest_edge"]` (timm's `crop_mode="center"`) or warps the image
+    to `size["height"] x size["width"]` (ViT, DeiT, BEiT: timm's `crop_mode="squash"`) and, with `do_center_crop`,
+    crops `crop_size`; the equivalent timm config is `input_size` = the crop and `crop_pct` = crop / resize (1.0
+    without a crop). ConvNext resizes the short side to `shortest_edge / crop_pct` and crops `shortest_edge` below 384
+    px, and warps to `shortest_edge` without a crop from 384 px on (squash, crop_pct 1.0).
     """
     from PIL import Image
 
     size = getattr(processor, "size", None) or {}
     crop = getattr(processor, "crop_size", None) or {}
+    crop_mode = "center" if size.get("shortest_edge") else "squash"
     resize = size.get("shortest_edge") or size.get("height") or 224
     if getattr(processor, "do_center_crop", False) and crop:
         side = crop.get("height") or crop.get("shortest_edge") or resize
@@ -138,8 +204,10 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
         side = resize
     if getattr(processor, "crop_pct", None) is not None:  # ConvNext: resize to side / crop_pct, then crop
         crop_pct = float(processor.crop_pct)
+        if side >= 384:  # (transformers' ConvNextImageProcessor.resize: "warping (no cropping)" from 384 px on)
+            crop_pct, crop_mode = 1.0, "squash"
     else:
-        crop_pct = min(1.0, side / resize)
+        crop_pct = _crop_pct(side, resize)
     resample = getattr(processor, "resample", None)
     interpolation = {
         Image.Resampling.BICUBIC: "bicubic",
@@ -152,15 +220,24 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
         "mean": tuple(float(v) for v in (getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))),
         "std": tuple(float(v) for v in (getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))),
         "crop_pct": crop_pct,
-        "crop_mode": "center",
+        "crop_mode": crop_mode,
     }
+
+
+def _crop_pct(side: int, resize: int) -> float:
+    """`side / resize`, nudged down where needed so that timm's `floor(side / crop_pct)` gives back `resize`
+    (e.g. 9 / (9 / 14) is 13.999... in floating point)."""
+    crop_pct = min(1.0, side / resize)
+    if side < resize and math.floor(side / crop_pct) < resize:
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    return crop_pct
 
 
 _PIL_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Image.Resampling values
 
 
 def same_data_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two data configs give the same preprocessing (size, crop, interpolation, mean/std)."""
+    """Whether two data configs give the same preprocessing (size, crop, crop mode, interpolation, mean/std)."""
     close = lambda x, y: all(abs(float(u) - float(v)) < 1e-6 for u, v in zip(x, y))  # noqa: E731
     return (
         tuple(a["input_size"]) == tuple(b["input_size"])
@@ -168,6 +245,7 @@ def same_data_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
         and close(a["mean"], b["mean"])
         and close(a["std"], b["std"])
         and abs(float(a["crop_pct"]) - float(b["crop_pct"])) < 1e-6
+        and (a.get("crop_mode") or "center") == (b.get("crop_mode") or "center")
     )
 
 
@@ -177,8 +255,9 @@ def image_processor_for_data_config(processor: Any, data_config: dict[str, Any])
     it (the caller then saves none rather than one that describes other inputs).
 
     The inverse of `image_processor_data_config`, in the processor's own fields: `size` (`shortest_edge`, or
-    `height`/`width`), `crop_size`/`do_center_crop` or ConvNext's `crop_pct`, `resample`, `image_mean`/`image_std`;
-    the result is checked by reading it back with `image_processor_data_config`.
+    `height`/`width`, as the processor had it), `crop_size`/`do_center_crop` or ConvNext's `crop_pct`, `resample`,
+    `image_mean`/`image_std`; the result is checked by reading it back with `image_processor_data_config` (so e.g. a
+    `height`/`width` processor, which warps, cannot express `crop_mode="center"`, nor ConvNext at 384 px a crop).
     """
     import copy
 
@@ -191,7 +270,7 @@ def image_processor_for_data_config(processor: Any, data_config: dict[str, Any])
     if getattr(new, "crop_pct", None) is not None:  # ConvNext: resize to side / crop_pct, then crop side
         new.size, new.crop_pct = {"shortest_edge": side}, crop_pct
     elif hasattr(new, "do_center_crop") and (crop_pct < 1.0 or getattr(new, "do_center_crop", False)):
-        resize = max(side, round(side / crop_pct))
+        resize = max(side, math.floor(side / crop_pct))  # as timm's eval transform
         new.size = {"shortest_edge": resize} if by_edge else {"height": resize, "width": resize}
         new.crop_size, new.do_center_crop = {"height": side, "width": side}, True
     else:
@@ -215,7 +294,8 @@ def build_image_transforms(
 
     Train: RandomResizedCrop(`scale`, `ratio`) + horizontal flip (`hflip`) + color jitter, timm's train.py defaults;
     `no_aug`: resize to the input size only. Eval: resize to `input_size / crop_pct`, center crop (timm's eval
-    protocol with the model's own crop_pct and interpolation).
+    protocol with the model's own crop_pct and interpolation); the short side with `crop_mode="center"`, both sides
+    (a warp, as ViT's image processor) with `crop_mode="squash"`.
 
     With `normalize=False` (the recipes' default) the transform ends in a uint8 tensor `[3, H, W]`; the model
     normalises it on its device (`attach_input_normalization`). `normalize=True` gives timm's float pipeline.
@@ -279,12 +359,13 @@ def load_image_classification_dataset(
         label_column: label column; default: first ``ClassLabel`` feature, else ``label``/``labels``.
         image_column: image column; default: first ``Image`` feature.
         validation_split: fraction of train held out when no validation split exists.
-        seed: seed for that hold-out.
+        seed: seed for that hold-out and for the ``max_*_samples`` subsets.
         dataset_config_name: configuration name of a Hub dataset.
         cache_dir: ``datasets`` cache folder.
         test_dir: local test folder with the same class sub-folders (with ``train_dir``).
-        max_train_samples / max_eval_samples: keep the first N training / validation and test samples (after the
-            hold-out), as the HF examples do, for quick runs.
+        max_train_samples / max_eval_samples: keep N training / validation and test samples (after the hold-out),
+            drawn at random with ``seed`` as the HF examples do (``shuffle(seed).select(range(N))``), for quick runs;
+            the first N of a class-sorted folder would hold only its first classes.
 
     Returns:
         ``(splits, class_names)`` where ``splits`` has ``"train"`` and ``"validation"`` (and
@@ -317,7 +398,19 @@ def load_image_classification_dataset(
         raise ValueError(f"dataset {dataset_name or train_dir!r} has no 'train' split; its splits are {list(raw)}")
     features = raw["train"].features
     image_column = _find_image_column(features, image_column)
-    label_column = _find_label_column(features, label_column, image_column)
+    try:
+        label_column = _find_label_column(features, label_column, image_column)
+    except ValueError:
+        if dataset_name is not None or label_column is not None:
+            raise
+        # imagefolder infers the labels from the folder names only when every file sits one level below its split
+        # folder and all split folders have the same depth; otherwise it silently yields no label column.
+        given = {f"{split}_dir": folder for split, folder in folders.items() if folder is not None}
+        raise ValueError(
+            f"the image folders {given} gave no class labels: every image must sit at <dir>/<class>/<file> (one "
+            "sub-folder per class, no images directly in a split folder), and the split folders must have the same "
+            "depth (e.g. data/train and data/val, not data/train and data/extra/val); move the folders to match"
+        ) from None
     if not isinstance(features[image_column], datasets.Image):
         # A column of file paths or bytes; datasets decodes it once told it holds images.
         raw = raw.cast_column(image_column, datasets.Image())
@@ -340,19 +433,21 @@ def load_image_classification_dataset(
             raise ValueError(f"{name}={value} must be a positive number of samples (or unset for all)")
 
     def first(split: Any, limit: int | None) -> Any:
-        return split.select(range(min(limit, len(split)))) if limit is not None else split
+        if limit is None or limit >= len(split):
+            return split
+        return split.shuffle(seed=seed).select(range(limit))  # as HF's run_image_classification.py
 
-    def wrap(split: Any, transform: Callable) -> HFImageClassificationDataset:
-        return HFImageClassificationDataset(split, image_column, label_column, transform, class_names)
+    def wrap(split: Any, transform: Callable, name: str) -> HFImageClassificationDataset:
+        return HFImageClassificationDataset(split, image_column, label_column, transform, class_names, name)
 
     train = first(train, max_train_samples)
     splits = {
-        "train": wrap(train, train_transform),
-        "train_eval": wrap(train, eval_transform),
-        "validation": wrap(first(validation, max_eval_samples), eval_transform),
+        "train": wrap(train, train_transform, "train"),
+        "train_eval": wrap(train, eval_transform, "train"),  # the train samples: errors name them as such
+        "validation": wrap(first(validation, max_eval_samples), eval_transform, "validation"),
     }
     if "test" in raw:
-        splits["test"] = wrap(first(raw["test"], max_eval_samples), eval_transform)
+        splits["test"] = wrap(first(raw["test"], max_eval_samples), eval_transform, "test")
     return splits, class_names
 
 

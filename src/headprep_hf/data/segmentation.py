@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .images import image_file, to_rgb, unreadable_image_error
 from .mnist import _stratified_split, load_mnist5k
 
 
@@ -174,11 +175,12 @@ class SegmentationTransform:
 
 
 def _image_uint8(image) -> torch.Tensor:
-    """PIL image, uint8 numpy array (H, W[, C]) or uint8 tensor (C, H, W) -> uint8 tensor (3, H, W)."""
+    """PIL image (16-bit grey scaled to 8 bits by `to_rgb`), uint8 numpy array (H, W[, C]) or uint8 tensor (C, H, W)
+    -> uint8 tensor (3, H, W)."""
     if isinstance(image, torch.Tensor):
         x = image
     else:
-        array = np.ascontiguousarray(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image))
+        array = np.ascontiguousarray(np.asarray(to_rgb(image) if hasattr(image, "convert") else image))
         if not array.flags.writeable:  # (PIL's array interface is read-only; torch warns on such memory)
             array = array.copy()
         x = torch.from_numpy(array)
@@ -193,14 +195,24 @@ def _image_uint8(image) -> torch.Tensor:
 
 
 def _image_tensor(image) -> torch.Tensor:
-    """PIL image, numpy array (H, W[, C]) or tensor (C, H, W) -> float tensor (3, H, W) in [0, 1]."""
+    """PIL image (16-bit grey scaled to 8 bits by `to_rgb`), numpy array (H, W[, C]: uint8, uint16 or float in
+    [0, 1]) or tensor (C, H, W) -> float tensor (3, H, W) in [0, 1]."""
     if isinstance(image, torch.Tensor):
         x = image.float()
     else:
-        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        array = np.asarray(to_rgb(image) if hasattr(image, "convert") else image)
         x = torch.from_numpy(np.array(array, dtype=np.float32))
-        if array.dtype == np.uint8:
-            x = x / 255.0
+        if array.dtype.kind == "u" and array.dtype.itemsize <= 2:
+            # 8- and 16-bit images (16-bit PNG/TIFF data) use their type's full range, as torchvision's
+            # `to_dtype(scale=True)` and skimage's `img_as_float` read them.
+            x = x / float(np.iinfo(array.dtype).max)
+        elif np.issubdtype(array.dtype, np.integer):
+            # Wider or signed integers have no conventional intensity range (a 32-bit array may hold 12- or 16-bit
+            # data, or labels): scaling by the type's maximum would silently make the image black, so refuse it.
+            raise ValueError(
+                f"an image array of dtype {array.dtype} has no fixed intensity range; give uint8 or uint16 arrays, "
+                "or floats in [0, 1]"
+            )
         x = x.permute(2, 0, 1) if x.ndim == 3 else x.unsqueeze(0)
     if x.ndim != 3 or x.shape[0] not in (1, 3):
         raise ValueError(f"expected a grey or RGB image, got a tensor of shape {tuple(x.shape)}")
@@ -219,9 +231,11 @@ class SegmentationDataset(Dataset):
         name: split name used in error messages (`"train"`, ...).
         label_map: optional int64 lookup table applied to raw mask values (e.g. `reduce_labels`).
 
-    Every sample is checked when read: a mask whose size differs from its image's raises `ValueError` naming the
-    split and index; `check_samples` (called by the trainer before training) checks all masks up front for size and
-    for labels outside `[0, num_classes)` other than `ignore_index`, reading only the masks and image headers.
+    Every sample is checked when read: a mask whose size differs from its image's, a mask value outside `label_map`
+    or an image or mask that cannot be decoded raises `ValueError` naming the split and index (and the file, where
+    `load_pair`'s error names it); `check_samples` (called by the trainer before training) checks all masks up front
+    for size and for labels outside `[0, num_classes)` other than `ignore_index`, reading only the masks and image
+    headers.
     """
 
     def __init__(
@@ -235,9 +249,12 @@ class SegmentationDataset(Dataset):
         return self.length
 
     def _raw(self, index: int):
-        image, mask = self.load_pair(index)
-        image_size = _hw(image)
-        mask_array = np.asarray(mask)
+        try:
+            image, mask = self.load_pair(index)
+            image_size = _hw(image)
+            mask_array = np.asarray(mask)  # decodes a lazily opened PIL mask
+        except (OSError, SyntaxError) as error:  # PIL's decode errors (UnidentifiedImageError: OSError)
+            raise unreadable_image_error(f"{self.name}[{index}]", error) from error
         if mask_array.ndim != 2:
             raise ValueError(f"{self.name}[{index}]: the mask has shape {mask_array.shape}; expected one class id per "
                              "pixel (H, W) (a colour-coded mask must be converted to class ids first).")  # fmt: skip
@@ -247,12 +264,23 @@ class SegmentationDataset(Dataset):
                 f"{image_size[0]}x{image_size[1]}; every mask must have its image's height and width."
             )
         if self.label_map is not None:
-            mask_array = self.label_map[torch.as_tensor(mask_array.astype(np.int64))].numpy()
+            mask_array = mask_array.astype(np.int64)
+            outside = (mask_array < 0) | (mask_array >= len(self.label_map))
+            if outside.any():
+                raise ValueError(
+                    f"{self.name}[{index}] has mask value {int(mask_array[outside][0])}, outside the label map "
+                    f"(reduce_labels) of mask values 0..{len(self.label_map) - 1}. Fix the masks (8-bit class ids, "
+                    "0 = unlabelled) or drop --reduce_labels and map the values yourself."
+                )
+            mask_array = self.label_map[torch.as_tensor(mask_array)].numpy()
         return image, mask_array
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, mask = self._raw(int(index))
-        pixel_values, labels = self.transform(image, mask)
+        try:
+            pixel_values, labels = self.transform(image, mask)  # decodes a lazily opened PIL image
+        except (OSError, SyntaxError, ValueError) as error:  # (ValueError: an image mode or dtype it cannot take)
+            raise unreadable_image_error(f"{self.name}[{index}]", error) from error
         return {"pixel_values": pixel_values, "labels": labels}
 
     def check_samples(self, num_classes: int, name: str | None = None, ignore_index: int | None = None) -> None:
@@ -314,6 +342,14 @@ def load_voc_segmentation(
     from PIL import Image
     from torchvision.datasets import VOCSegmentation
 
+    def _open(path: str) -> Image.Image:
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, SyntaxError) as error:  # so that the sample's error names the file
+            raise OSError(f"{path}: {error}") from error
+        return image
+
     def voc(image_set: str) -> VOCSegmentation:
         try:
             return VOCSegmentation(root, year=year, image_set=image_set, download=False)
@@ -332,7 +368,7 @@ def load_voc_segmentation(
 
         def load(i: int):
             j = int(indices[i])
-            return Image.open(source.images[j]).convert("RGB"), Image.open(source.masks[j])
+            return to_rgb(_open(source.images[j])), _open(source.masks[j])
 
         return load, len(indices)
 
@@ -414,7 +450,15 @@ def load_hf_segmentation(
         split = split.select_columns([image_column, mask_column])
 
         def load(i: int):
-            row = split[i]
+            try:
+                row = split[i]
+                for value in (row[image_column], row[mask_column]):
+                    if hasattr(value, "load"):
+                        value.load()  # decode here, where the files are known
+            except (OSError, SyntaxError) as error:
+                files = [image_file(split, i, column) for column in (image_column, mask_column)]
+                named = ", ".join(f for f in files if f)
+                raise OSError(f"{named}: {error}" if named else str(error)) from error
             return row[image_column], row[mask_column]
 
         transform = SegmentationTransform(

@@ -100,6 +100,14 @@ def _create(name: str, num_classes: int, arch: str | None, pretrained: bool, kwa
 def _from_folder(path: Path, num_classes: int, arch: str | None, pretrained: bool, kwargs: dict) -> nn.Module:
     config_file = path / "config.json"
     if config_file.is_file():
+        if is_transformers_folder(str(path)):
+            # timm's local-dir loader would fail on it with a bare KeyError: 'architecture'.
+            raise ValueError(
+                f"model_name_or_path={str(path)!r} is a transformers model folder (its config.json has a model_type "
+                "and no timm architecture); this needs a timm backbone (segmentation takes timm backbones only): "
+                "pass a timm Hub id such as 'timm/resnet50.a1_in1k', a folder saved with timm.models.save_for_hf, "
+                "or a weights file plus --model_arch"
+            )
         saved_arch = read_json(config_file).get("architecture")
         if arch is not None and saved_arch is not None and arch.split(".")[0] != saved_arch.split(".")[0]:
             raise ValueError(
