@@ -56,8 +56,12 @@ class ImageClassificationArguments:
     source_epochs: int = field(default=10, metadata={"help": "Epochs of the MNIST-5k source pretraining."})
     toy_classes: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Digits of the toy task."})
     test_dir: str | None = field(default=None, metadata={"help": "Local test image folder (with --train_dir)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training samples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation/test samples."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep N training samples, drawn at random with --seed (as the HF examples)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep N validation/test samples, drawn at random with --seed."}
+    )
     # The data config: the model's own (timm pretrained_cfg, or the transformers image processor); each flag
     # overrides one value, named as in timm's train.py.
     image_size: int | None = field(default=None, metadata={"help": "Input size (default: the model's data config)."})
