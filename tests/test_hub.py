@@ -209,3 +209,37 @@ def test_prepared_head_is_written_when_hp_ends(tmp_path, train_set, stage):
     )
     off.probe_head()
     assert not (tmp_path / "off" / "out" / "prepared_head").exists()
+
+
+def test_a_head_probed_on_other_inputs_is_named(tmp_path, train_set):
+    """`inputs` in headprep_head.json (the data config a recipe recorded, or the attached normalisation): loading onto
+    a model set up for other inputs warns (strict: raises) naming each setting; same or unrecorded inputs do not."""
+    import warnings
+
+    from headprep_hf.data import attach_input_normalization
+    from headprep_hf.export import set_data_config
+
+    config = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    config = {**config, "crop_pct": 0.95, "crop_mode": "center"}
+    model = tiny_timm()
+    set_data_config(model, config)
+    trainer = HeadPrepTrainer(model=model, args=make_config(tmp_path), train_dataset=train_set)
+    trainer.probe_head()
+    folder = trainer.save_prepared_head(str(tmp_path / "head"))
+    assert json.loads((tmp_path / "head" / HEAD_CONFIG_NAME).read_text())["inputs"]["input_size"] == [3, 32, 32]
+
+    other = tiny_timm()
+    set_data_config(other, {**config, "input_size": (3, 48, 48), "crop_pct": 1.0})
+    with pytest.warns(BackboneMismatchWarning, match=r"input_size: \[3, 32, 32\] there, \[3, 48, 48\] here"):
+        load_prepared_head(other, folder)
+    with pytest.raises(ValueError, match="crop_pct: 0.95 there, 1.0 here.*strict=False"):
+        load_prepared_head(other, folder, strict=True)
+    same = tiny_timm()
+    set_data_config(same, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_prepared_head(same, folder)  # the same inputs
+        load_prepared_head(tiny_timm(), folder)  # a model that records none: nothing to compare
+    normalized = attach_input_normalization(tiny_timm(), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    with pytest.warns(BackboneMismatchWarning, match="mean: "):
+        load_prepared_head(normalized, folder)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .cards import hub_weights_id, prepared_head_card
-from .export import model_label_names, record_prepared_head, set_label_names
+from .export import model_data_config, model_label_names, record_prepared_head, set_label_names
 from .guard import check_finite
 from .heads import replace_head_with_mlp
 from .split import ModelSplit, find_split
@@ -143,7 +143,8 @@ class PreparedHeadMixin:
 
 
 class BackboneMismatchWarning(UserWarning):
-    """The prepared head was probed on other backbone weights than the ones it is loaded onto."""
+    """The prepared head was probed on other backbone weights, or on inputs prepared otherwise, than the model it is
+    loaded onto has."""
 
 
 def backbone_checksum(model: nn.Module, split: ModelSplit) -> str:
@@ -195,6 +196,7 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
         "num_labels": split.num_classes,
         "id2label": _label_names(model),
         "backbone": {"id": backbone_id, "checksum": backbone_checksum(model, split)},
+        "inputs": model_inputs(model),
         "tau": args.hp_epochs if tau is None else tau,
         "hp_learning_rate": args.hp_learning_rate,
         "hp_lr_scheduler_type": args.hp_lr_scheduler_type,
@@ -294,6 +296,33 @@ def _resolve(repo_id_or_path: str | os.PathLike, revision: str | None = None) ->
 _REQUIRED_HEAD_KEYS = ("head_modules", "feature_dim", "num_labels", "backbone")
 
 
+def model_inputs(model: nn.Module) -> dict[str, Any] | None:
+    """How `model`'s inputs are prepared, where the model says: the data config a recipe recorded (`set_data_config`:
+    input size, interpolation, crop, mean/std), else the normalisation `attach_input_normalization` put on it; None
+    when neither (then nothing is checked). JSON-ready (lists, floats)."""
+    from .data.device_inputs import input_normalization
+
+    config = model_data_config(model) or input_normalization(model)
+    if not config:
+        return None
+    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in config.items()}
+
+
+def _input_differences(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> list[str]:
+    """The keys both input descriptions give with different values (floats compared to 1e-6)."""
+    if not theirs or not ours:
+        return []
+
+    def same(a, b) -> bool:
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return abs(float(a) - float(b)) < 1e-6
+        return a == b
+
+    return [k for k in sorted(theirs.keys() & ours.keys()) if not same(theirs[k], ours[k])]
+
+
 def _read_head_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
@@ -322,7 +351,9 @@ def load_prepared_head(
     Raises:
         ValueError: the feature dimension, the number of labels or the class names (where both name them) differ,
             or the weights do not fit the model; with
-            `strict=True` also when the backbone checksum differs (otherwise a `BackboneMismatchWarning`).
+            `strict=True` also when the backbone checksum differs or the head was probed on inputs prepared
+            otherwise (`inputs` in `headprep_head.json`: input size, crop, interpolation, mean/std; where both the
+            head and the model record them), otherwise a `BackboneMismatchWarning`.
     """
     folder = _resolve(repo_id_or_path, revision)
     config_path, weights_path = folder / HEAD_CONFIG_NAME, folder / HEAD_WEIGHTS_NAME
@@ -357,6 +388,17 @@ def load_prepared_head(
             f"The prepared head in {folder} was probed on other backbone weights ({config['backbone']['id']}, "
             f"checksum {config['backbone']['checksum'][:12]}...) than this model's ({checksum[:12]}...); its energy "
             "and accuracy do not hold for this backbone."
+        )
+        if strict:
+            raise ValueError(message + " Pass strict=False to load it anyway.")
+        warnings.warn(message, BackboneMismatchWarning, stacklevel=2)
+    differ = _input_differences(config.get("inputs"), model_inputs(model))
+    if differ:
+        message = (
+            f"The prepared head in {folder} was probed on inputs prepared otherwise than this model's ("
+            + "; ".join(f"{k}: {config['inputs'][k]} there, {model_inputs(model)[k]} here" for k in differ)
+            + "); its energy and accuracy do not hold for these inputs. Use the head's data settings (e.g. "
+            "--image_size, --crop_pct, the same model's normalisation), or probe a head for these."
         )
         if strict:
             raise ValueError(message + " Pass strict=False to load it anyway.")
