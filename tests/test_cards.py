@@ -227,3 +227,26 @@ def test_weights_from_a_file_or_a_random_init_name_no_hub_base_model(tmp_path):
     trainer.save_model(str(tmp_path / "out"))
     trainer.create_model_card(model_name="from-file", metrics={"validation_accuracy": 0.5})
     assert "base_model" not in _front_matter(tmp_path / "out" / "README.md")
+
+
+def test_toy_task_with_a_model_of_other_normalisation_says_so(tmp_path):
+    """The offline toy digits are normalised with mean = std = 0.5 (the shipped source model's); a timm model
+    pretrained with ImageNet's normalisation gets one warning naming both, a model of the toy's own none."""
+    import warnings
+
+    from headprep_hf.tasks.image_classification import (
+        ImageClassificationArguments,
+        _warn_if_toy_normalisation_differs,
+        load_image_classification,
+    )
+
+    imagenet = tiny_timm()
+    imagenet.pretrained_cfg = {**imagenet.pretrained_cfg, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    timm.models.save_for_hf(imagenet, str(tmp_path / "imagenet"), safe_serialization=True)
+    with pytest.warns(UserWarning, match=r"mean = std = 0.5.*mean \(0.485, 0.456, 0.406\).*--train_dir"):
+        load_image_classification(
+            ImageClassificationArguments(model_name_or_path=str(tmp_path / "imagenet"), toy_classes=[0, 1]), 0
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _warn_if_toy_normalisation_differs(tiny_timm())  # (the test models' config: mean = std = 0.5)

@@ -118,6 +118,8 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
     # The saved model names its classes and the data config it was trained with (timm's config.json, the
     # transformers config's id2label); prepared heads record the class names too.
     set_label_names(model, class_names)
+    if not real_data and args.model_name_or_path is not None:
+        _warn_if_toy_normalisation_differs(model)
     if real_data:
         config = extra["data_config"]
         set_data_config(model, config)
@@ -133,6 +135,26 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
         card=_card_entries(args),
         **extra,
     )
+
+
+def _warn_if_toy_normalisation_differs(model) -> None:
+    """The offline toy task's digits are normalised with mean = std = 0.5 (the shipped source model's config); a
+    model pretrained with another normalisation (e.g. ImageNet's) then sees inputs on another scale than it learned:
+    said once, with the fix."""
+    import warnings
+
+    if not hasattr(model, "pretrained_cfg"):  # (a transformers model's normalisation is its image processor's)
+        return
+    config = resolve_image_data_config(model)
+    mean, std = config["mean"], config["std"]
+    if any(abs(float(v) - 0.5) > 1e-6 for v in (*mean, *std)):
+        warnings.warn(
+            f"The offline toy task's images are normalised with mean = std = 0.5, but this model was pretrained with "
+            f"mean {tuple(mean)} and std {tuple(std)}: it sees inputs on another scale than it learned. For a fair "
+            "run of this model give real images (--train_dir or --dataset_name), which use its own normalisation.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _card_entries(args: ImageClassificationArguments) -> dict:
