@@ -74,6 +74,44 @@ def test_the_sweep_command_rejects_what_it_would_ignore(tmp_path, capsys, argv, 
     assert "Traceback" not in err and not (tmp_path / "x").exists()
 
 
+def _shard_folder(folder, tau, index):
+    """A hand-made shard folder of the grid [0, 2] (one seed) holding the job at `tau`."""
+    from headprep_hf.sweep import assemble_sweep
+
+    result = {
+        "tau": tau, "seed": 1, "hp_train_accuracy": 0.5, "energy": 1.0, "p0_mean": 0.5,
+        "p0_histogram": {"edges": [0, 0.5, 1], "counts": [1, 1]}, "drift": None,
+        "validation": {"accuracy": 0.5 + tau / 10}, "test": None, "head_grad_norm": [],
+        "output_dir": f"tau_{tau}/seed_1",
+    }  # fmt: skip
+    sweep = assemble_sweep(
+        results=[result],
+        taus=[0, 2],
+        seeds=[1],
+        metric="accuracy",
+        greater_is_better=True,
+        hp={"cached_features": False, "seeds": {}},
+        fingerprint={"taus": [0, 2], "model": "m", "config": "c", "seeded_heads": True},
+        shard={"index": index, "count": 2},
+    )
+    folder.mkdir()
+    (folder / "sweep.json").write_text(json.dumps(sweep))
+    return str(folder)
+
+
+def test_merge_flag_forms(tmp_path, capsys):
+    a, b = _shard_folder(tmp_path / "a", 0, 0), _shard_folder(tmp_path / "b", 2, 1)
+    out = str(tmp_path / "m")
+    assert main(["sweep", f"--merge={a}", b, "--output_dir", out, "--sweep_report", "false"]) == 0
+    assert json.loads((tmp_path / "m" / "sweep.json").read_text())["merged_from"] == [a, b]
+    assert "tau* = 2" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="already exists"):
+        main(["sweep", "--merge", a, b, "--output_dir", out, "--overwrite_output_dir", "false"])
+    for flag in (["--overwrite_output_dir", "true"], ["--overwrite_output_dir"]):  # as every bool flag of the sweep
+        assert main(["sweep", "--merge", a, b, "--output_dir", out, *flag, "--sweep_report", "false"]) == 0
+    assert not (tmp_path / "m" / "plots").exists()
+
+
 def test_recipe_flags_config_forms_and_resume_without_value(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "recipes"))
     import image_classification as recipe

@@ -189,3 +189,90 @@ def test_cached_sweep_takes_the_ft_energy_from_the_cache_exactly(tmp_path, data,
         assert entry["energy"] == pytest.approx(measured["energy"], rel=1e-6)
         assert entry["hp_train_accuracy"] == pytest.approx(measured["hp_train_accuracy"], rel=1e-6)
         assert entry["p0_mean"] == pytest.approx(measured["p0_mean"], rel=1e-6)
+
+
+def _job(tau, seed, value, metric="accuracy"):
+    """A hand-made FT job result (what `TauSweep.finetune_from` returns) with validation `metric` = `value`."""
+    return {
+        "tau": tau, "seed": seed, "hp_train_accuracy": 0.5, "energy": 1.0, "p0_mean": 0.5,
+        "p0_histogram": {"edges": [0, 0.5, 1], "counts": [1, 1]}, "drift": None, "validation": {metric: value},
+        "test": None, "head_grad_norm": [], "output_dir": f"tau_{tau}/seed_{seed}",
+    }  # fmt: skip
+
+
+def _assemble(jobs, seeds, metric="accuracy", greater_is_better=True, taus=(0, 2, 4)):
+    from headprep_hf.sweep import assemble_sweep
+
+    return assemble_sweep(
+        results=jobs,
+        taus=list(taus),
+        seeds=seeds,
+        metric=metric,
+        greater_is_better=greater_is_better,
+        hp={"cached_features": False, "seeds": {}},
+        fingerprint={"taus": list(taus), "model": "m", "config": "c", "seeded_heads": True},
+        shard=None,
+    )
+
+
+def test_equal_means_in_another_seed_order_are_a_tie_for_the_smallest_tau():
+    # 0.7 + 0.6 + 0.8 and 0.8 + 0.7 + 0.6 differ in the last bit when summed left to right
+    values = {0: (0.7, 0.6, 0.8), 2: (0.8, 0.7, 0.6), 4: (0.5, 0.5, 0.5)}
+    jobs = [_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)]
+    sweep = _assemble(jobs, [1, 2, 3])
+    assert sweep["per_tau"][0]["validation"]["mean"] == sweep["per_tau"][1]["validation"]["mean"]
+    assert sweep["tau_star"] == 0 and sweep["tau_star_note"] is None
+    values = {0: (0.3, 0.2, 0.1), 2: (0.1, 0.2, 0.3), 4: (0.0, 0.0, 0.0)}
+    jobs = [_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)]
+    assert _assemble(jobs, [1, 2, 3])["tau_star"] == 0
+
+
+def test_tau_star_when_every_tau_lost_a_seed_to_nan():
+    nan = float("nan")
+    values = {0: (nan, 0.5, 0.5), 2: (0.9, nan, 0.9), 4: (0.95, 0.95, nan)}
+    jobs = [_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)]
+    sweep = _assemble(jobs, [1, 2, 3])
+    assert sweep["tau_star"] == 4  # the best mean among the taus with the most (2) finite seeds, not taus[0]
+    assert "finite for 2 of 3 seeds" in sweep["tau_star_note"]
+    assert "finite for 2 of 3 seeds" in format_table(sweep)
+    # a tau with fewer finite seeds than the others is left out, and the note names it
+    values = {0: (0.5, 0.5, 0.5), 2: (0.9, nan, nan), 4: (0.6, 0.6, 0.6)}
+    jobs = [_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)]
+    sweep = _assemble(jobs, [1, 2, 3])
+    assert sweep["tau_star"] == 4 and "left out: tau = 2 (1 of 3)" in sweep["tau_star_note"]
+
+
+def test_a_metric_nan_at_every_tau_gives_no_tau_star_and_strict_json():
+    nan = float("nan")
+    sweep = _assemble([_job(t, 1, nan, "roc_auc") for t in (0, 2, 4)], [1], metric="roc_auc")
+    assert sweep["complete"] and sweep["tau_star"] is None
+    assert "roc_auc" in sweep["tau_star_note"] and "every tau" in sweep["tau_star_note"]
+    assert sweep["summary"]["HPtau*-FT"] is None and sweep["summary"]["HP0-FT"]["validation"] is None
+    table = format_table(sweep)  # no crash on the null means
+    assert "tau* not chosen" in table and "roc_auc" in table
+    validate_sweep(sweep)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in sweep.json"))
+
+    assert strict(json.dumps(sweep))["results"][0]["validation"]["roc_auc"] is None
+    # a NaN seed is in neither the paired statistics nor their seeds
+    values = {0: (nan, 0.5, 0.5), 2: (0.9, 0.9, 0.9), 4: (0.95, 0.96, 0.97)}
+    sweep = _assemble([_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)], [1, 2, 3])
+    strict(json.dumps(sweep))
+    difference = sweep["comparisons"]["vs_first"]["validation"]
+    assert difference["n"] == 2 and difference["seeds"] == [2, 3]
+    difference = paired_difference({1: nan, 2: 0.9, 3: 0.8}, {1: 0.5, 2: 0.5, 3: float("inf")})
+    assert difference["n"] == 1 and difference["seeds"] == [2]
+
+
+def test_a_guessed_metric_direction_is_logged_once(tmp_path, caplog):
+    import logging
+
+    values = {**COMMON, "output_dir": str(tmp_path), "sweep_metric": "guessed_rmse"}
+    with caplog.at_level(logging.INFO, logger="headprep_hf.replicates"):
+        assert SweepConfig(**values).selection_greater_is_better is False
+        assert SweepConfig(**values).selection_greater_is_better is False
+        assert SweepConfig(**values, sweep_greater_is_better=True).selection_greater_is_better is True
+    logged = [r.getMessage() for r in caplog.records if "guessed_rmse" in r.getMessage()]
+    assert len(logged) == 1 and "lower is better, guessed from its name" in logged[0]

@@ -283,3 +283,64 @@ def test_dense_grid_leaves_crowded_ticks_unlabelled():
         assert all(text in ("", str(tau)) for text, tau in zip(labels, taus))
     finally:
         plt.close(fig)
+
+
+def _replicated(jobs, seeds, taus=(0, 2)) -> dict:
+    """A format-2 `sweep.json` of hand-made FT jobs `[(tau, seed)]` (validation accuracy 0.9 + tau/100)."""
+    from headprep_hf.sweep import assemble_sweep
+
+    results = []
+    for tau, seed in jobs:
+        result = make_result(tau)
+        result.update(seed=seed, validation={"accuracy": 0.9 + tau / 100}, output_dir=f"tau_{tau}/seed_{seed}")
+        results.append(result)
+    return assemble_sweep(
+        results=results,
+        taus=list(taus),
+        seeds=seeds,
+        metric="accuracy",
+        greater_is_better=True,
+        hp={"cached_features": False, "seeds": {}},
+        fingerprint={"taus": list(taus), "model": "m", "config": "c", "seeded_heads": True},
+        shard={"index": 0, "count": 2},
+    )
+
+
+def test_part_of_the_jobs_is_said_and_n_per_point_given():
+    from headprep_hf.sweep import format_table
+
+    # a shard of a replicated sweep: every tau, but one of the two seeds each
+    data = _replicated([(0, 1), (2, 1)], seeds=[1, 2])
+    assert "results for 2 of 4 (tau, seed) jobs" in format_table(data)
+    fig, ax = plt.subplots()
+    try:
+        _plot_metric_vs_tau(ax, data)
+        assert "results for 2 of 4" in ax.get_title()
+        assert ax.get_legend_handles_labels()[1][:2] == [
+            "validation accuracy (one seed per point)",
+            "test accuracy (one seed per point)",
+        ]
+    finally:
+        plt.close(fig)
+    data = _replicated([(0, 1), (0, 2), (2, 1)], seeds=[1, 2])
+    fig, ax = plt.subplots()
+    try:
+        _plot_metric_vs_tau(ax, data)
+        assert "results for 3 of 4" in ax.get_title()
+        assert ax.get_legend_handles_labels()[1][0] == "validation accuracy (mean +- sd, n = 1-2 seeds per point)"
+    finally:
+        plt.close(fig)
+
+
+def test_exchange_of_another_sweep_is_skipped(tmp_path):
+    from headprep_hf.sweep import _fingerprint_tag
+
+    sweep = make_sweep()
+    write_json(tmp_path / "sweep.json", sweep)
+    write_json(
+        tmp_path / "exchange.json", {**make_exchange(), "sweep_fingerprint": _fingerprint_tag(sweep["fingerprint"])}
+    )
+    assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES + ["exchange_heatmap.png"])
+    # the folder now holds another sweep (e.g. rerun with overwrite_output_dir by an earlier version)
+    write_json(tmp_path / "sweep.json", {**sweep, "fingerprint": {**sweep["fingerprint"], "config": "other"}})
+    assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES)  # the earlier heatmap is removed too

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from headprep_hf import HeadPrepConfig, HeadPrepTrainer, SweepConfig, TauSweep, load_sweep, merge_sweeps
 from headprep_hf.exchange import head_exchange
 from headprep_hf.metrics import accuracy_metrics
-from headprep_hf.sweep import format_table, parse_shard, validate_taus
+from headprep_hf.sweep import _fingerprint_tag, format_table, parse_shard, validate_taus
 from headprep_hf.sweep_schema import validate_exchange, validate_sweep
 
 COMMON = {k: v for k, v in CONFIG_DEFAULTS.items() if k != "hp_epochs"}  # the sweep sets tau per job
@@ -136,6 +136,7 @@ def test_report_and_exchange_of_a_finished_sweep(finished, data):
     )
     exchange = json.loads((path / "exchange.json").read_text())
     validate_exchange(exchange)
+    assert exchange["sweep_fingerprint"] == _fingerprint_tag(result["fingerprint"])  # the sweep it was measured for
     # the diagonal is each finetuned model itself: its validation accuracy as the trainer evaluated it
     for i, entry in enumerate(result["results"]):
         assert exchange["validation_accuracy"][i][i] == pytest.approx(entry["validation"]["accuracy"], abs=1e-6)
@@ -272,3 +273,167 @@ def test_shard_selection_and_schedule_check(tmp_path):
 def test_unknown_selection_metric_is_reported(tmp_path, data):
     with pytest.raises(ValueError, match="sweep_metric 'f1'"):
         run_sweep(tmp_path, data, sweep_metric="f1", sweep_taus=[0])
+
+
+# ------------------------------------------------------------------ fingerprint: data, task and settings
+class _Undecodable(torch.utils.data.Dataset):
+    """A generic dataset (no `.labels`): the fingerprint may ask its length, never an item."""
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, i):
+        raise AssertionError("the fingerprint read an item")
+
+
+def test_fingerprint_describes_the_data_without_reading_items(tmp_path):
+    from headprep_hf.sweep import describe_data
+
+    a, same, other = TinyImages(24, seed=1), TinyImages(24, seed=1), TinyImages(24, seed=9)
+    assert describe_data(validation=a) == describe_data(validation=same)
+    assert describe_data(validation=a) != describe_data(validation=other)  # same length, other labels
+    assert describe_data(train=_Undecodable(), test=None) == {"train": {"length": 7, "labels": None}, "test": None}
+    subset = torch.utils.data.Subset(a, [0, 2, 4])
+    assert (
+        describe_data(s=subset)["s"]["labels"] != describe_data(s=torch.utils.data.Subset(a, [1, 2, 4]))["s"]["labels"]
+    )
+
+    def fingerprint(task, val=a):
+        return TauSweep(tiny_timm(), sweep_config(tmp_path), _Undecodable(), val, task=task).fingerprint()
+
+    task = {"name": "image_classification", "args": {"max_train_samples": 100, "cache_dir": "/a"}}
+    assert fingerprint(task) == fingerprint({**task, "args": {**task["args"], "cache_dir": "/b"}})  # where, not what
+    assert fingerprint(task) != fingerprint({**task, "args": {**task["args"], "max_train_samples": 5000}})
+    assert fingerprint(task) != fingerprint(None)
+    assert fingerprint(task) != fingerprint(task, val=other)
+
+
+def test_rerun_on_other_data_is_refused_before_any_file_changes(tmp_path, data):
+    path = tmp_path / "s"
+    run_sweep(path, data, sweep_taus=[0], sweep_report=False)
+    before = tree_hash(path)
+    train, val, test = data
+    for other in ((train, TinyImages(24, seed=9), test), (TinyImages(32, seed=7), val, test)):
+        with pytest.raises(
+            ValueError, match="belongs to another sweep.*data.*earlier headprep_hf version.*nothing was changed"
+        ):
+            run_sweep(path, other, sweep_taus=[0], sweep_report=False)
+        assert tree_hash(path) == before
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (dict(greater_is_better=True), dict(greater_is_better=False)),
+        (dict(), dict(eval_strategy="steps", save_strategy="steps", eval_steps=1, save_steps=1)),
+        (dict(eval_strategy="steps", save_strategy="steps", eval_steps=1, save_steps=1),
+         dict(eval_strategy="steps", save_strategy="steps", eval_steps=2, save_steps=2)),
+        (dict(on_nonfinite="skip"), dict(on_nonfinite="ignore")),
+        (dict(optim_args=None), dict(optim_args="amsgrad=True")),
+        (dict(track_dynamics=True), dict(track_dynamics=False)),
+        (dict(sweep_greater_is_better=None), dict(sweep_greater_is_better=False)),
+    ],
+    ids=["greater_is_better", "strategy", "steps", "on_nonfinite", "optim_args", "track_dynamics", "sweep_direction"],
+)  # fmt: skip
+def test_settings_that_change_results_are_fingerprinted(tmp_path, a, b):
+    from headprep_hf.sweep import config_fingerprint
+
+    base = dict(load_best_model_at_end=True, metric_for_best_model="accuracy", eval_strategy="epoch")
+    base["save_strategy"] = "epoch"
+    first = config_fingerprint(sweep_config(tmp_path, **{**base, **a}))
+    assert first != config_fingerprint(sweep_config(tmp_path, **{**base, **b}))
+    # machine-dependent settings do not keep the shards of two machines apart
+    assert first == config_fingerprint(sweep_config(tmp_path, **{**base, **a}, dataloader_num_workers=3))
+
+
+def test_the_number_of_processes_is_fingerprinted(tmp_path, monkeypatch):
+    from headprep_hf.sweep import _settings, config_fingerprint
+
+    args = sweep_config(tmp_path)
+    one = config_fingerprint(args)
+    monkeypatch.setattr(SweepConfig, "world_size", property(lambda self: 2))
+    assert config_fingerprint(args) != one
+    assert "world_size" not in _settings(args)  # (settings rebuild a SweepConfig: its fields only)
+
+
+def _shard(folder, jobs, index, count=2, task=None, greater_is_better=True, fingerprint=None):
+    """A hand-made shard folder `folder/sweep.json` holding `jobs` = [(tau, seed, validation accuracy)]."""
+    from headprep_hf.sweep import assemble_sweep
+
+    results = [
+        {
+            "tau": t, "seed": s, "hp_train_accuracy": 0.5, "energy": 1.0, "p0_mean": 0.5,
+            "p0_histogram": {"edges": [0, 0.5, 1], "counts": [1, 1]}, "drift": None,
+            "validation": {"accuracy": v}, "test": None, "head_grad_norm": [], "output_dir": f"tau_{t}/seed_{s}",
+        }
+        for t, s, v in jobs
+    ]  # fmt: skip
+    sweep = assemble_sweep(
+        results=results,
+        taus=[0, 2, 4],
+        seeds=[1],
+        metric="accuracy",
+        greater_is_better=greater_is_better,
+        hp={"cached_features": False, "seeds": {}},
+        fingerprint=fingerprint or {"taus": [0, 2, 4], "model": "m", "config": "c", "seeded_heads": True},
+        shard={"index": index, "count": count},
+        task=task,
+    )
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps(sweep))
+    return folder
+
+
+def test_merge_refuses_shards_of_other_tasks_or_directions(tmp_path):
+    task = {"name": "image_classification", "args": {"max_train_samples": 100, "hflip": True, "cache_dir": "/a"}}
+    a = _shard(tmp_path / "a", [(0, 1, 0.5), (4, 1, 0.9)], 0, task=task)
+    other_task = {**task, "args": {**task["args"], "max_train_samples": 5000, "hflip": False}}
+    b = _shard(tmp_path / "b", [(2, 1, 0.95)], 1, task=other_task)
+    with pytest.raises(ValueError, match=r"task records differ in \['hflip', 'max_train_samples'\]") as error:
+        merge_sweeps([a, b], tmp_path / "m")
+    assert str(a / "sweep.json") in str(error.value) and str(b / "sweep.json") in str(error.value)
+    c = _shard(tmp_path / "c", [(2, 1, 0.95)], 1, task=task, greater_is_better=False)
+    for order in ([a, c], [c, a]):  # (the first shard's direction no longer decides tau*)
+        with pytest.raises(ValueError, match="sweep_greater_is_better"):
+            merge_sweeps(order, tmp_path / "m")
+    d = _shard(tmp_path / "d", [(2, 1, 0.95)], 1, task={**task, "args": {**task["args"], "cache_dir": "/b"}})
+    merged = merge_sweeps([a, d], tmp_path / "m")  # (another machine's cache folder: the same data)
+    assert merged["complete"] and merged["tau_star"] == 2
+    assert not (tmp_path / "m" / "exchange.json").exists()
+
+
+def test_invalid_or_newer_shard_files_are_named(tmp_path):
+    import jsonschema
+
+    a = _shard(tmp_path / "a", [(0, 1, 0.5)], 0, count=3)
+    b = _shard(tmp_path / "b", [(2, 1, 0.5)], 1, count=3)
+    damaged = json.loads((b / "sweep.json").read_text())
+    damaged["results"][0]["energy"] = -1.0
+    (b / "sweep.json").write_text(json.dumps(damaged))
+    with pytest.raises(jsonschema.ValidationError, match="not a valid sweep.json") as error:
+        merge_sweeps([a, b], tmp_path / "m")
+    assert str(error.value).startswith(str(b / "sweep.json"))
+    newer = json.loads((a / "sweep.json").read_text())
+    newer["format_version"] = 3
+    (a / "sweep.json").write_text(json.dumps(newer))
+    with pytest.raises(jsonschema.ValidationError, match="written by a newer headprep_hf") as error:
+        load_sweep(a)
+    assert str(error.value).startswith(str(a / "sweep.json"))
+    assert not (tmp_path / "m").exists()
+
+
+def test_overwrite_removes_the_earlier_sweeps_artefacts_only(tmp_path, data):
+    path = tmp_path / "s"
+    run_sweep(path, data, sweep_taus=[0, 1], sweep_report=False)
+    (path / "exchange.json").write_text("{}")  # the earlier sweep's exchange and report ...
+    (path / "plots").mkdir()
+    (path / "plots" / "exchange_heatmap.png").write_bytes(b"old")
+    (path / "plots" / "mine.png").write_bytes(b"user")  # ... and the user's own files
+    (path / "notes.txt").write_text("user")
+    first = run_sweep(path, data, sweep_taus=[0, 2], sweep_report=False, overwrite_output_dir=True)
+    assert sorted(p.name for p in path.glob("tau_*")) == ["tau_0", "tau_2"]
+    assert sorted(p.name for p in (path / "heads" / "seed_0").iterdir()) == ["tau_0.safetensors", "tau_2.safetensors"]
+    assert not (path / "exchange.json").exists() and not (path / "plots" / "exchange_heatmap.png").exists()
+    assert (path / "plots" / "mine.png").read_bytes() == b"user" and (path / "notes.txt").read_text() == "user"
+    # the new sweep continues (here: every job reused) instead of being refused for the old one's leftovers
+    assert run_sweep(path, data, sweep_taus=[0, 2], sweep_report=False) == first

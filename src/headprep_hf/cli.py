@@ -226,15 +226,22 @@ def sweep_main(argv: list[str]) -> dict:
     from .tasks import get_task, task_record
     from .tasks.base import resolve_loader_settings
 
-    if "--merge" in argv:
-        parser = argparse.ArgumentParser(prog="headprep sweep --merge")
+    if any(arg == "--merge" or arg.startswith("--merge=") for arg in argv):
+        from transformers.hf_argparser import string_to_bool
+
+        # `--merge=A B`: argparse gives an `=` value alone to a nargs="+" flag; split it so that B follows too
+        argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--merge=") else [arg])]
+        parser = argparse.ArgumentParser(prog="headprep sweep --merge", allow_abbrev=False)
         parser.add_argument("--merge", nargs="+", required=True, metavar="DIR", help="Shard folders to merge.")
         parser.add_argument("--output_dir", required=True, help="Folder of the merged sweep.json.")
-        parser.add_argument("--overwrite_output_dir", action="store_true")
-        parser.add_argument("--sweep_report", default="true", choices=["true", "false"])
+        # bool flags as `headprep sweep` takes them: `--flag`, `--flag true`, `--flag false`
+        parser.add_argument(
+            "--overwrite_output_dir", type=string_to_bool, nargs="?", const=True, default=False, metavar="{true,false}"
+        )
+        parser.add_argument("--sweep_report", type=string_to_bool, nargs="?", const=True, default=True)
         ns = parser.parse_args(argv)
         merged = merge_sweeps(ns.merge, ns.output_dir, overwrite=ns.overwrite_output_dir)
-        if ns.sweep_report == "true":
+        if ns.sweep_report:
             from .report import write_report
 
             write_report(ns.output_dir)

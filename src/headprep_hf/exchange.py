@@ -57,10 +57,12 @@ def head_exchange(
             says which.
 
     Returns:
-        `{"taus", "rows": "backbone", "columns": "head", "train_accuracy", "validation_accuracy"}`, where
+        `{"taus", "seed", "sweep_fingerprint", "rows": "backbone", "columns": "head", "train_views",
+        "train_accuracy", "validation_accuracy"}` (`sweep_fingerprint`: the sweep it was measured for; a report of
+        another sweep in the folder skips it), where
         `train_accuracy[i][j]` uses backbone tau_i and head tau_j (the diagonal is each finetuned model itself).
     """
-    from .sweep import load_sweep
+    from .sweep import _fingerprint_tag, load_sweep
     from .trainer import HeadPrepTrainer
 
     sweep_dir = Path(sweep_dir)
@@ -125,6 +127,7 @@ def head_exchange(
     exchange = {
         "taus": taus,
         "seed": first_seed,
+        "sweep_fingerprint": _fingerprint_tag(sweep.get("fingerprint")),
         "rows": "backbone",
         "columns": "head",
         "train_views": "eval transform" if measure_train_dataset is not None else "as training reads them",

@@ -9,13 +9,20 @@ t-interval of the mean difference. The verdict says "beats" or "is worse than" o
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 from scipy import stats as scipy_stats
 
+logger = logging.getLogger(__name__)
+
 CONFIDENCE = 0.95
+# Two means closer than this (relative) are a tie: the same values summed in another seed order may differ in the
+# last bit, which must not decide tau*.
+TIE_REL_TOL = 1e-12
 _LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error")
+_LOGGED_DIRECTIONS: set[str] = set()
 
 
 def lower_is_better(metric: str) -> bool:
@@ -23,23 +30,48 @@ def lower_is_better(metric: str) -> bool:
     return metric.lower().endswith(_LOWER_IS_BETTER)
 
 
+def infer_greater_is_better(metric: str) -> bool:
+    """The direction of `metric` guessed from its name (see `lower_is_better`), logged once per metric so that a
+    wrong guess is visible (set `sweep_greater_is_better` to decide it instead)."""
+    greater = not lower_is_better(metric)
+    if metric not in _LOGGED_DIRECTIONS:
+        _LOGGED_DIRECTIONS.add(metric)
+        logger.info(
+            "sweep_metric %r: %s is better, guessed from its name (set sweep_greater_is_better to decide).",
+            metric,
+            "higher" if greater else "lower",
+        )
+    return greater
+
+
+def is_tie(a: float, b: float) -> bool:
+    """Whether two means are equal up to float rounding (`TIE_REL_TOL`)."""
+    return math.isclose(a, b, rel_tol=TIE_REL_TOL, abs_tol=0.0)
+
+
 def describe(values: Sequence[float | None]) -> dict | None:
     """`{n, mean, std, ci95, values}` of the non-null `values` (std and ci95 null below two values); None if none."""
-    present = [float(v) for v in values if v is not None and math.isfinite(v)]
+    present = [float(v) for v in values if _finite(v)]
     if not present:
         return None
     n = len(present)
-    mean = sum(present) / n
+    # fsum: correctly rounded, so the same values in another order give the same mean (a tie stays a tie)
+    mean = math.fsum(present) / n
     if n < 2:
         return {"n": n, "mean": mean, "std": None, "ci95": None, "values": present}
-    std = math.sqrt(sum((v - mean) ** 2 for v in present) / (n - 1))
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in present) / (n - 1))
     half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": present}
 
 
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def paired_difference(a: dict[int, float | None], b: dict[int, float | None]) -> dict | None:
-    """Statistics of `a[seed] - b[seed]` over the seeds both have (see `describe`), with the seeds used."""
-    seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
+    """Statistics of `a[seed] - b[seed]` over the seeds both have a finite value for (see `describe`), with the seeds
+    used (a seed whose value is missing or NaN on either side is in neither `n` nor `seeds`)."""
+    seeds = sorted(s for s in a if s in b and _finite(a[s]) and _finite(b[s]))
     result = describe([a[s] - b[s] for s in seeds])
     if result is not None:
         result["seeds"] = seeds

@@ -10,16 +10,18 @@ ICLR 2023). `write_report` turns the stored measurements into PNG figures:
   `cos(z_t, z_0)`) against tau.
 * `p0_histograms.png`: histogram of the true-class probability `p_0` at the start of FT, one panel per tau.
 * `head_grad_norm.png`: head gradient norm during FT against the FT step, one line per tau.
-* `exchange_heatmap.png` (only with `exchange.json`): train and validation accuracy of a backbone finetuned from
-  tau_i combined with a head finetuned from tau_j.
+* `exchange_heatmap.png` (only with an `exchange.json` of this sweep): train and validation accuracy of a backbone
+  finetuned from tau_i combined with a head finetuned from tau_j.
 
 Only the data stored in the files is plotted (nothing is recomputed), so a report can be drawn on any machine,
-including from a shard that holds part of the grid.
+including from a shard that holds part of the grid (the metric figure's title then says how many of the (tau, seed)
+jobs it shows).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import secrets
@@ -27,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from .files import read_json
-from .sweep_schema import validate_exchange, validate_sweep
+from .sweep_schema import validate_exchange_file, validate_sweep_file
+
+logger = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
 EXCHANGE_FILE = "exchange.json"
@@ -58,7 +62,9 @@ def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | N
     Returns:
         `list[pathlib.Path]`: The written files, in this order: `ft_metric_vs_tau.png`,
         `hp_accuracy_energy_vs_tau.png`, `drift_vs_tau.png`, `p0_histograms.png`, `head_grad_norm.png`, then
-        `exchange_heatmap.png` when `exchange.json` exists.
+        `exchange_heatmap.png` when `exchange.json` exists and was measured for this sweep (its `sweep_fingerprint`);
+        one of another sweep (e.g. left by an earlier version's `overwrite_output_dir=True`) is skipped with a
+        warning, and an earlier `exchange_heatmap.png` in `output_dir` is removed then.
 
     Raises:
         `FileNotFoundError`: `sweep_dir/sweep.json` does not exist.
@@ -71,16 +77,26 @@ def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | N
         raise FileNotFoundError(
             f"{sweep_path} not found: a report needs the sweep.json written by `headprep sweep` in the sweep folder."
         )
-    from .sweep import upgrade_sweep
+    from .sweep import _fingerprint_tag, upgrade_sweep
 
     data = read_json(sweep_path)
-    validate_sweep(data)
+    validate_sweep_file(data, sweep_path)
     data = upgrade_sweep(data)  # format 1 (one seed) is drawn as a replicated sweep with n = 1
     exchange = None
     exchange_path = sweep_dir / EXCHANGE_FILE
     if exchange_path.is_file():
         exchange = read_json(exchange_path)
-        validate_exchange(exchange)
+        validate_exchange_file(exchange, exchange_path)
+        theirs = exchange.get("sweep_fingerprint")
+        if theirs is not None and theirs != _fingerprint_tag(data.get("fingerprint")):
+            logger.warning(
+                "%s was measured for another sweep than %s (its sweep_fingerprint differs): no exchange_heatmap.png. "
+                "Run `headprep exchange %s` to measure this sweep's head exchange.",
+                exchange_path,
+                sweep_path,
+                sweep_dir,
+            )
+            exchange = None
 
     import matplotlib
 
@@ -99,6 +115,8 @@ def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | N
     ]
     if exchange is not None:
         figures.append(("exchange_heatmap.png", lambda plt, data: _figure_exchange(plt, exchange)))
+    elif (output_dir / "exchange_heatmap.png").is_file():  # an earlier report's, of an exchange that is not this one
+        os.remove(output_dir / "exchange_heatmap.png")
     written = []
     for name, draw in figures:
         before = set(plt.get_fignums())
@@ -165,8 +183,27 @@ def _means(data: dict[str, Any], get) -> tuple[list[int], list[float], list[floa
     return taus, means, stds
 
 
+def _seed_counts(data: dict[str, Any], get) -> list[int]:
+    """The number of seeds `n` behind each plotted mean of `get(per_tau row)`."""
+    counts = []
+    for row in data["per_tau"]:
+        stats = get(row)
+        if stats is not None and _number(stats["mean"]) is not None:
+            counts.append(int(stats["n"]))
+    return counts
+
+
+def _partial_note(data: dict[str, Any]) -> str:
+    """`results for X of Y (tau, seed) jobs` when the file holds part of the grid's jobs, else an empty string."""
+    from .sweep import job_counts
+
+    done, total = job_counts(data)
+    return f"results for {done} of {total} ({_TAU}, seed) jobs" if done < total else ""
+
+
 def _plot_replicated(ax, data, get_stats, get_value, fmt: str, color: str, label: str) -> list:
-    """Means over seeds with error bars (standard deviation) and, for several seeds, each seed as a faint point."""
+    """Means over seeds with error bars (standard deviation) and, for several seeds, each seed as a faint point; the
+    label gives the number of seeds per point (a range where points rest on different numbers, e.g. a shard)."""
     taus, means, stds = _means(data, get_stats)
     if not taus:
         return []
@@ -174,7 +211,10 @@ def _plot_replicated(ax, data, get_stats, get_value, fmt: str, color: str, label
     if several:
         seed_taus, values = _points(data, get_value)
         ax.plot(seed_taus, values, ".", color=color, alpha=0.35, zorder=1)
-        label += f" (mean +- sd, {len(data['seeds'])} seeds)"
+        counts = _seed_counts(data, get_stats)
+        low, high = min(counts), max(counts)
+        n = f"{low}" if low == high else f"{low}-{high}"
+        label += f" (mean +- sd, n = {n} seeds per point)" if high > 1 else " (one seed per point)"
     container = ax.errorbar(taus, means, yerr=stds if several else None, fmt=fmt, color=color, label=label, capsize=3)
     return [container.lines[0]]
 
@@ -262,9 +302,9 @@ def _plot_metric_vs_tau(ax, data: dict[str, Any]) -> None:
     direction = "higher" if data["greater_is_better"] else "lower"
     ax.set_ylabel(f"FT {metric} ({direction} is better)")
     title = f"FT {metric} after HP for {_TAU} epochs"
-    done = {r["tau"] for r in data["results"]}
-    if not set(data["taus"]) <= done:
-        title += f"\n(results for {len(done & set(data['taus']))} of the {len(data['taus'])} taus of the grid)"
+    partial = _partial_note(data)
+    if partial:
+        title += f"\n({partial})"
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best")
@@ -303,7 +343,8 @@ def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
     else:
         _no_data(ax, "no energy stored")
     what = "train accuracy and energy" if has_accuracy else "energy (no accuracy: regression)"
-    ax.set_title(f"Head after {_TAU} HP epochs: {what}")
+    partial = _partial_note(data)
+    ax.set_title(f"Head after {_TAU} HP epochs: {what}" + (f"\n({partial})" if partial else ""))
     return fig
 
 
@@ -324,7 +365,9 @@ def _figure_drift(plt, data: dict[str, Any]):
             _no_data(ax, "no drift stored")
         ax.set_ylabel(symbol)
         ax.set_title(f"{symbol}: {description}", fontsize="medium")
-    fig.suptitle(f"Feature drift at the end of FT against {_TAU} (mean over the probe set)")
+    title = f"Feature drift at the end of FT against {_TAU} (mean over the probe set)"
+    partial = _partial_note(data)
+    fig.suptitle(title + (f"\n({partial})" if partial else ""))
     return fig
 
 
@@ -409,7 +452,7 @@ def _figure_head_grad_norm(plt, data: dict[str, Any]):
     cmap = mpl.colormaps["viridis"]
     all_values, labelled = [], set()
     for result in results:  # every seed of a tau in the tau's colour; the first labelled
-        points = sorted(result["head_grad_norm"], key=lambda p: p["step"])
+        points = sorted((p for p in result["head_grad_norm"] if p["value"] is not None), key=lambda p: p["step"])
         steps = [p["step"] for p in points]
         values = [p["value"] for p in points]
         all_values += values

@@ -22,13 +22,16 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -42,9 +45,9 @@ from .fingerprint import state_fingerprint
 from .guard import check_finite
 from .heads import reinitialize_head
 from .progress import QuietProgressCallback
-from .replicates import describe, lower_is_better, paired_difference, verdict
+from .replicates import describe, infer_greater_is_better, is_tie, paired_difference, verdict
 from .split import find_split
-from .sweep_schema import SWEEP_FORMAT_VERSION, validate_sweep
+from .sweep_schema import SWEEP_FORMAT_VERSION, validate_sweep, validate_sweep_file
 from .trainer import HeadPrepTrainer
 from .version import __version__
 
@@ -53,8 +56,18 @@ logger = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 RESULT_FILE = "sweep_result.json"
 JOB_FILE = "sweep_job.json"  # an FT job folder's owner: the sweep fingerprint, written before the job starts
+EXCHANGE_FILE = "exchange.json"
+PLOT_FILES = (  # what `report.write_report` draws into plots/
+    "ft_metric_vs_tau.png",
+    "hp_accuracy_energy_vs_tau.png",
+    "drift_vs_tau.png",
+    "p0_histograms.png",
+    "head_grad_norm.png",
+    "exchange_heatmap.png",
+)
 DEFAULT_TAUS = (0, 1, 2, 4, 8, 16, 32)
-# Settings that change what a sweep computes; shards must agree on all of them to be merged.
+# Settings that change what a sweep computes; shards must agree on all of them to be merged. An inclusion list:
+# machine-dependent settings (dataloader_num_workers, logging) must not keep shards of two machines apart.
 _FINGERPRINT_FIELDS = (
     "data_seed",
     "hp_learning_rate",
@@ -90,6 +103,15 @@ _FINGERPRINT_FIELDS = (
     "bf16",
     "load_best_model_at_end",
     "metric_for_best_model",
+    "greater_is_better",  # with eval/save strategy and steps: which checkpoint load_best_model_at_end keeps
+    "eval_strategy",
+    "eval_steps",
+    "save_strategy",
+    "save_steps",
+    "optim_args",
+    "on_nonfinite",  # skip/ignore change which updates are applied
+    "track_dynamics",  # whether energy, p0 and drift are measured and recorded
+    "world_size",  # the number of processes: the effective batch size
     "drift_probe_samples",
     "energy_max_samples",
     "measure_batch_size",
@@ -100,7 +122,11 @@ _FINGERPRINT_FIELDS = (
     "ignore_index",
     "sweep_taus",
     "sweep_metric",
+    "sweep_greater_is_better",
 )
+# Task arguments that say where files lie on this machine, not what the data is: left out of the fingerprint and of
+# the shards' comparison (the data description covers the sets themselves).
+_TASK_MACHINE_KEYS = ("cache_dir",)
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -225,7 +251,7 @@ class SweepConfig(HeadPrepConfig):
     def selection_greater_is_better(self) -> bool:
         if self.sweep_greater_is_better is not None:
             return self.sweep_greater_is_better
-        return not lower_is_better(self.sweep_metric)
+        return infer_greater_is_better(self.sweep_metric)
 
     @property
     def seeds(self) -> list[int]:
@@ -264,9 +290,20 @@ def _strip(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix) and k[len(prefix) :] not in skip}
 
 
+def _finite_or_null(value):
+    """`value` with every NaN/inf float replaced by None (JSON has no NaN: strict parsers refuse a bare `NaN`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(json.dumps(_finite_or_null(data), indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 
@@ -290,6 +327,61 @@ def config_fingerprint(args: SweepConfig) -> str:
         value = getattr(args, name, None)
         values[name] = getattr(value, "value", value)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _task_args(task: dict | None) -> dict | None:
+    """The task record without the arguments that only say where files lie on this machine (`_TASK_MACHINE_KEYS`)."""
+    if task is None:
+        return None
+    args = {k: v for k, v in (task.get("args") or {}).items() if k not in _TASK_MACHINE_KEYS}
+    return {"name": task.get("name"), "args": args}
+
+
+def task_fingerprint(task: dict | None) -> str | None:
+    """sha256 of the task record (`{"name", "args"}`: the command line's data and model settings), or None."""
+    if task is None:
+        return None
+    return hashlib.sha256(json.dumps(_task_args(task), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _labels_of(dataset):
+    """The labels a dataset exposes without decoding items (a `.labels` array, also through a `Subset`), or None."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = _labels_of(dataset.dataset)
+        return None if labels is None else labels[np.asarray(dataset.indices, dtype=np.int64)]
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    if not isinstance(labels, np.ndarray) or labels.dtype == object:  # (object arrays hash as pointers)
+        return None
+    return labels
+
+
+def describe_data(**datasets) -> dict[str, dict | None]:
+    """A cheap description of each dataset for the sweep fingerprint: `{"length", "labels"}`, `labels` the sha256 of
+    its label array where the dataset exposes one without decoding (a `.labels` numpy array or tensor), else null.
+
+    Items are never read: decoding images is slow and training items are augmented (random), so they would make the
+    fingerprint slow and unstable. A dataset of the same length without a `.labels` array is not told apart from
+    another one; the task record (`task`) covers the command line's data settings."""
+    out: dict[str, dict | None] = {}
+    for name, dataset in datasets.items():
+        if dataset is None:
+            out[name] = None
+            continue
+        try:
+            length = len(dataset)
+        except TypeError:  # an iterable dataset
+            length = None
+        digest = None
+        labels = _labels_of(dataset)
+        if labels is not None:
+            labels = np.ascontiguousarray(labels)
+            h = hashlib.sha256(f"{labels.dtype.str}{labels.shape}".encode())
+            h.update(labels.tobytes())
+            digest = h.hexdigest()
+        out[name] = {"length": length, "labels": digest}
+    return out
 
 
 class TauSweep:
@@ -465,12 +557,16 @@ class TauSweep:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a sweep's folders must share: the grid, the pretrained model (with its new head, before HP), whether
-        seeds re-draw the head, and the settings that change results (not the seeds: each job records its own)."""
+        seeds re-draw the head, the settings that change results (not the seeds: each job records its own), the task
+        record (the command line's data settings, e.g. `max_train_samples`) and a description of the train,
+        validation and test sets (`describe_data`: lengths and label hashes, no item is read)."""
         return {
             "taus": list(self.args.sweep_taus),
             "model": state_fingerprint(self._pristine.state_dict()),
             "config": config_fingerprint(self.args),
             "seeded_heads": self.args.sweep_seeds is not None,
+            "task": task_fingerprint(self.task),
+            "data": describe_data(train=self.train_dataset, validation=self.eval_dataset, test=self.test_dataset),
         }
 
     def _check_owner(self) -> None:
@@ -505,8 +601,9 @@ class TauSweep:
 
     def _foreign(self, path) -> str:
         return (
-            f"{path} belongs to another sweep (other model, grid or settings) or to none; nothing was changed. Use "
-            "another output_dir, or rerun with that sweep's settings to continue it."
+            f"{path} belongs to another sweep (other model, grid, settings or data), to none, or to one written by an "
+            "earlier headprep_hf version; nothing was changed. Use another output_dir, rerun with that sweep's "
+            "settings to continue it, or pass overwrite_output_dir=True to start again in this folder."
         )
 
     def _previous_hp(self, seed: int) -> dict[str, Any]:
@@ -670,9 +767,39 @@ class TauSweep:
     def _check_output_dir(self) -> None:
         # A finished sweep of the same fingerprint is continued (more seeds; finished jobs reused); another is refused
         # by _check_owner. overwrite_output_dir=True starts it again from scratch in the same folder.
-        if self.args.overwrite_output_dir and self._is_main and (self.output_dir / SWEEP_FILE).is_file():
-            os.remove(self.output_dir / SWEEP_FILE)
+        if self.args.overwrite_output_dir and self._is_main:
+            self._remove_sweep_artefacts()
         self._barrier()
+
+    def _remove_sweep_artefacts(self) -> None:
+        """Remove what a sweep writes into its output_dir (sweep.json, exchange.json, heads/, the tau_N job folders,
+        the report's PNGs in plots/), so that leftovers of the earlier sweep (other grid or seeds) neither mix into
+        the new one nor refuse its continuation. Anything else in the folder is left as it is."""
+        out = self.output_dir
+        if not out.is_dir():
+            return
+        removed = []
+        for name in (SWEEP_FILE, EXCHANGE_FILE):
+            if (out / name).is_file():
+                os.remove(out / name)
+                removed.append(name)
+        if (out / "heads").is_dir():
+            shutil.rmtree(out / "heads")
+            removed.append("heads/")
+        for path in sorted(out.glob("tau_*")):
+            if path.is_dir() and re.fullmatch(r"tau_\d+", path.name):
+                shutil.rmtree(path)
+                removed.append(f"{path.name}/")
+        plots = [out / "plots" / name for name in PLOT_FILES if (out / "plots" / name).is_file()]
+        for path in plots:
+            os.remove(path)
+            removed.append(f"plots/{path.name}")
+        if plots and not any((out / "plots").iterdir()):
+            os.rmdir(out / "plots")
+        if removed:
+            logger.warning(
+                "overwrite_output_dir=True: removed the earlier sweep's %s from %s.", ", ".join(removed), out
+            )
 
     def _progress(self, total: int, done: int):
         # Every update is drawn (`mininterval=0`: a few updates, seconds apart), so that `unpause()` after HP
@@ -707,23 +834,57 @@ class TauSweep:
 
 
 def _settings(args: SweepConfig) -> dict[str, Any]:
-    keys = ["seed", "sweep_seeds", *(k for k in _FINGERPRINT_FIELDS if k not in ("sweep_taus",))]
+    # Only the config's own fields (`headprep exchange` rebuilds a SweepConfig from them): not world_size, a property.
+    fields = {f.name for f in dataclasses.fields(args) if f.init}
+    keys = ["seed", "sweep_seeds", *(k for k in _FINGERPRINT_FIELDS if k not in ("sweep_taus",) and k in fields)]
     return {k: getattr(getattr(args, k, None), "value", getattr(args, k, None)) for k in keys}
 
 
-def select_tau_star(per_tau: list[dict], greater_is_better: bool) -> int:
-    """tau with the best mean validation metric (`per_tau` rows of `assemble_sweep`; ties: the smallest tau). A tau
-    whose metric is missing for some seed (e.g. a diverged job, not finite) ranks last: its mean over the remaining
-    seeds would flatter it."""
-    sign = 1.0 if greater_is_better else -1.0
+def choose_tau_star(
+    per_tau: list[dict], greater_is_better: bool, metric: str = "metric", n_seeds: int | None = None
+) -> tuple[int | None, str | None]:
+    """`(tau*, note)`: the tau with the best mean validation metric among the taus with the most seeds of a finite
+    value (`per_tau` rows of `assemble_sweep`; means equal up to float rounding are a tie: the smallest tau wins).
+
+    A tau that lost a seed to a missing or non-finite (NaN, inf) metric, e.g. a diverged job, ranks behind the taus
+    that have more: its mean over the remaining seeds would flatter it. When every tau lost one, the taus with the
+    largest count compete and `note` says so; when no tau has a finite value, tau* is None and `note` says why. `note`
+    is None when every tau has every seed (`n_seeds`, default: the most seeds any row ran)."""
     rows = sorted(per_tau, key=lambda r: r["tau"])
-    n_full = max(len(r["seeds"]) for r in rows)
+    if not rows:
+        return None, f"tau* not chosen: no FT job has a validation {metric}."
+    n_seeds = n_seeds if n_seeds is not None else max(len(r["seeds"]) for r in rows)
+    counts = {r["tau"]: (r["validation"]["n"] if r["validation"] is not None else 0) for r in rows}
+    n_best = max(counts.values())
+    if n_best == 0:
+        return None, (
+            f"tau* not chosen: the validation {metric} is missing or not finite (NaN/inf) at every tau; check that "
+            f"compute_metrics can compute {metric} on the validation set (e.g. both classes present for roc_auc), or "
+            "pick another sweep_metric."
+        )
+    sign = 1.0 if greater_is_better else -1.0
+    best = None
+    for row in rows:
+        if counts[row["tau"]] != n_best:
+            continue
+        score = sign * row["validation"]["mean"]
+        if best is None or (score > best[1] and not is_tie(score, best[1])):
+            best = (row["tau"], score)
+    note = None
+    short = {t: n for t, n in counts.items() if n < n_seeds}
+    if short:
+        left_out = [f"tau = {t} ({n} of {n_seeds})" for t, n in short.items() if n < n_best]
+        note = (
+            f"tau* chosen among the taus whose validation {metric} is finite for {n_best} of {n_seeds} seeds"
+            + (f"; left out: {', '.join(left_out)}" if left_out else "")
+            + " (missing or NaN/inf values, e.g. diverged jobs)."
+        )
+    return best[0], note
 
-    def score(row):
-        stats = row["validation"]
-        return sign * stats["mean"] if stats is not None and stats["n"] == n_full else float("-inf")
 
-    return max(rows, key=score)["tau"]
+def select_tau_star(per_tau: list[dict], greater_is_better: bool) -> int | None:
+    """tau* of `choose_tau_star` (None when no tau has a finite validation metric)."""
+    return choose_tau_star(per_tau, greater_is_better)[0]
 
 
 _DRIFT_KEYS = ("sq_dist", "dot", "sq_norm", "cos")
@@ -783,13 +944,17 @@ def assemble_sweep(
     merged_from: list[str] | None = None,
     seeds: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Build (and validate) the `sweep.json` content from the per-(tau, seed) results."""
-    results = sorted(results, key=lambda r: (r["tau"], r.get("seed") or 0))
+    """Build (and validate) the `sweep.json` content from the per-(tau, seed) results (NaN/inf values become null)."""
+    results = _finite_or_null(sorted(results, key=lambda r: (r["tau"], r.get("seed") or 0)))
     seeds = list(seeds) if seeds is not None else sorted({r.get("seed") for r in results if r.get("seed") is not None})
     done = {(r["tau"], r.get("seed")) for r in results}
     complete = all((t, s) in done for t in taus for s in seeds) if seeds else {r["tau"] for r in results} == set(taus)
     per_tau = summarize_taus(results, taus, metric)
-    tau_star = select_tau_star(per_tau, greater_is_better) if complete else None
+    tau_star, tau_star_note = None, None
+    if complete:
+        tau_star, tau_star_note = choose_tau_star(per_tau, greater_is_better, metric, n_seeds=max(len(seeds), 1))
+        if tau_star_note is not None:
+            logger.warning(tau_star_note)
     by_tau = {row["tau"]: row for row in per_tau}
 
     def row(tau):
@@ -817,6 +982,7 @@ def assemble_sweep(
         "selection_metric": metric,
         "greater_is_better": greater_is_better,
         "tau_star": tau_star,
+        "tau_star_note": tau_star_note,
         "complete": complete,
         "results": results,
         "per_tau": per_tau,
@@ -834,6 +1000,7 @@ def assemble_sweep(
     }
     if merged_from is not None:
         sweep["merged_from"] = merged_from
+    sweep = _finite_or_null(sweep)
     validate_sweep(sweep)
     return sweep
 
@@ -852,8 +1019,45 @@ def load_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a sweep folder (it is written by `headprep sweep`).")
     data = read_json(path)
-    validate_sweep(data)
+    validate_sweep_file(data, path)
     return upgrade_sweep(data)
+
+
+def _check_same_sweep(first_file: Path, first: dict, other_file: Path, other: dict) -> None:
+    """Raise a `ValueError` naming both files and what differs unless two shards are parts of one sweep."""
+    cannot = f"Cannot merge {other_file} with {first_file}"
+    rerun = "they are not one sweep; rerun the shards with the same settings, or merge only the shards of one sweep."
+    mine, theirs = _task_args(first.get("task")), _task_args(other.get("task"))
+    if mine != theirs:
+        if mine is None or theirs is None:
+            keys = ["task (recorded in one file only)"]
+        else:
+            keys = ["name"] if mine["name"] != theirs["name"] else []
+            keys += sorted(
+                k for k in set(mine["args"]) | set(theirs["args"]) if mine["args"].get(k) != theirs["args"].get(k)
+            )
+        raise ValueError(f"{cannot}: their task records differ in {keys} (the data or model settings); {rerun}")
+    if other["selection_metric"] != first["selection_metric"]:
+        raise ValueError(
+            f"{cannot}: their selection metrics (sweep_metric) differ: {other['selection_metric']!r} and "
+            f"{first['selection_metric']!r}; {rerun}"
+        )
+    if other["greater_is_better"] != first["greater_is_better"]:
+        raise ValueError(
+            f"{cannot}: their direction of sweep_metric {first['selection_metric']!r} (sweep_greater_is_better) "
+            f"differs: {other['greater_is_better']} and {first['greater_is_better']}; {rerun}"
+        )
+    what = {
+        "taus": "grid of taus",
+        "model": "model (weights or head)",
+        "config": "settings",
+        "seeded_heads": "seeded heads (sweep_seeds set or not)",
+        "task": "task records",
+        "data": "data (lengths or labels of the train/validation/test sets)",
+    }
+    for key in what:
+        if other["fingerprint"].get(key) != first["fingerprint"].get(key):
+            raise ValueError(f"{cannot}: their {what[key]} differ; {rerun}")
 
 
 def merge_sweeps(
@@ -861,9 +1065,9 @@ def merge_sweeps(
 ) -> dict[str, Any]:
     """Merge the `sweep.json` of shards of one sweep into `output_dir/sweep.json` (FT job paths made relative to it).
 
-    Raises `ValueError` when the shards come from different sweeps (grid, model or settings differ), when two of them
-    hold the same (tau, seed) job, or when `output_dir/sweep.json` exists and `overwrite` is False. Nothing is written
-    then.
+    Raises `ValueError` when the shards come from different sweeps (grid, model, settings, task, data, selection
+    metric or its direction differ), when two of them hold the same (tau, seed) job, or when `output_dir/sweep.json`
+    exists and `overwrite` is False. Nothing is written then.
     """
     if not sweep_dirs:
         raise ValueError("Nothing to merge: give the shard folders.")
@@ -878,14 +1082,7 @@ def merge_sweeps(
     hp["seeds"] = {}
     seeds: set = set()
     for path, sweep in sweeps:
-        for key in ("taus", "model", "config", "seeded_heads"):
-            if sweep["fingerprint"].get(key) != first["fingerprint"].get(key):
-                what = {"taus": "grid of taus", "model": "model (weights or head)", "config": "settings"}
-                raise ValueError(
-                    f"Cannot merge {path} with {first_dir}: their {what.get(key, key)} differ; they are not one sweep."
-                )
-        if sweep["selection_metric"] != first["selection_metric"]:
-            raise ValueError(f"Cannot merge {path} with {first_dir}: different selection metrics.")
+        _check_same_sweep(first_dir / SWEEP_FILE, first, path / SWEEP_FILE, sweep)
         seeds |= set(sweep.get("seeds") or [])
         for seed, record in (sweep["hp"].get("seeds") or {}).items():
             hp["seeds"].setdefault(
@@ -913,13 +1110,24 @@ def merge_sweeps(
         hp=hp,
         fingerprint=first["fingerprint"],
         shard=None,
-        task=first.get("task"),
+        task=first.get("task"),  # (every shard's task record is the same, up to where files lie on its machine)
         settings=first.get("settings"),
         merged_from=[str(p) for p, _ in sweeps],
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(target, merged)
     return merged
+
+
+def job_counts(sweep: dict[str, Any]) -> tuple[int, int]:
+    """`(done, total)`: the (tau, seed) jobs of the grid that have a result, and all of them (format 1: one per
+    tau)."""
+    taus = set(sweep["taus"])
+    seeds = sweep.get("seeds") or [None]
+    done = {(r["tau"], r.get("seed")) for r in sweep["results"] if r["tau"] in taus}
+    if not sweep.get("seeds"):
+        done = {(tau, None) for tau, _ in done}
+    return len(done), len(taus) * len(seeds)
 
 
 def _mean_std(stats: dict | None, width: int) -> str:
@@ -952,16 +1160,26 @@ def format_table(sweep: dict[str, Any]) -> str:
         lines.append(line + star)
     if n_seeds > 1:
         lines.append(f"(mean +- standard deviation over {n_seeds} seeds: {sweep['seeds']})")
+    done, total = job_counts(sweep)
+    if done < total:
+        taus = sorted({r["tau"] for r in sweep["results"]})
+        lines.append(
+            f"tau* not chosen: results for {done} of {total} (tau, seed) jobs (taus {taus} of {sweep['taus']}), part "
+            "of the sweep (a shard); merge the shards (headprep sweep --merge) to choose it."
+        )
+    note = sweep.get("tau_star_note")
     if sweep["tau_star"] is None:
-        done = sorted({r["tau"] for r in sweep["results"]})
-        lines.append(f"tau* not chosen: this shard holds taus {done} of {sweep['taus']}")
+        if done == total:
+            lines.append(note or "tau* not chosen.")
         return "\n".join(lines)
     lines.append(f"tau* = {sweep['tau_star']} (best {'mean ' if n_seeds > 1 else ''}validation {metric})")
+    if note:
+        lines.append(note)
     parts = []
     for name, row in sweep["summary"].items():
         if row is not None:
-            value = row["test"] if row["test"] is not None else row["validation"]
-            parts.append(f"{name} {value:.4f}")
+            value = row["test"] if has_test else row["validation"]
+            parts.append(f"{name} {value:.4f}" if value is not None else f"{name} -")
     lines.append(f"{'test' if has_test else 'validation'} {metric}: " + "  ".join(parts))
     if n_seeds < 2:
         lines.append("one seed: no uncertainty available (sweep_seeds=[...] replicates the sweep).")

@@ -1,6 +1,8 @@
 """JSON schemas of the files a tau sweep writes: `sweep.json` and `exchange.json` (documented in the README).
 
-`validate_sweep(data)` / `validate_exchange(data)` raise `jsonschema.ValidationError` naming the offending path.
+`validate_sweep(data)` / `validate_exchange(data)` raise `jsonschema.ValidationError` naming the offending path;
+`validate_sweep_file(data, path)` / `validate_exchange_file(data, path)` also name the file (and say when it was
+written by a newer headprep_hf). NaN/inf values are written as null.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ _METRICS = {
 
 _DRIFT = {
     "type": "object",
-    "description": "Feature drift at the end of FT on the probe set (means over samples).",
+    "description": "Feature drift at the end of FT on the probe set (means over samples; null: not finite).",
     "required": ["sq_dist", "dot", "sq_norm", "cos", "step"],
     "properties": {
-        "sq_dist": {"type": "number", "description": "mean ||z_t - z_0||^2"},
-        "dot": {"type": "number", "description": "mean z_t . z_0"},
-        "sq_norm": {"type": "number", "description": "mean ||z_t||^2"},
-        "cos": {"type": "number", "description": "mean cos(z_t, z_0)"},
+        "sq_dist": {"type": ["number", "null"], "description": "mean ||z_t - z_0||^2"},
+        "dot": {"type": ["number", "null"], "description": "mean z_t . z_0"},
+        "sq_norm": {"type": ["number", "null"], "description": "mean ||z_t||^2"},
+        "cos": {"type": ["number", "null"], "description": "mean cos(z_t, z_0)"},
         "step": {"type": "integer", "minimum": 0},
         "epoch": _NUMBER_OR_NULL,
     },
@@ -43,7 +45,7 @@ _HISTOGRAM = {
 _CURVE_POINT = {
     "type": "object",
     "required": ["step", "value"],
-    "properties": {"step": {"type": "integer"}, "epoch": _NUMBER_OR_NULL, "value": {"type": "number"}},
+    "properties": {"step": {"type": "integer"}, "epoch": _NUMBER_OR_NULL, "value": _NUMBER_OR_NULL},
 }
 
 _TAU_RESULT = {
@@ -253,7 +255,13 @@ SWEEP_SCHEMA: dict[str, Any] = {
         "seeds": {"type": "array", "items": {"type": "integer"}, "description": "The seeds of the grid."},
         "tau_star": {
             "type": ["integer", "null"],
-            "description": "best mean validation metric over seeds; null when only part of the grid ran.",
+            "description": "best mean validation metric over seeds; null when only part of the grid ran, or when no "
+            "tau has a finite validation metric (tau_star_note says why).",
+        },
+        "tau_star_note": {
+            "type": ["string", "null"],
+            "description": "Why tau* is null in a complete sweep, or that it was chosen among the taus with the most "
+            "seeds of a finite validation metric; null otherwise.",
         },
         "results": {"type": "array", "items": _JOB_RESULT, "description": "One entry per finished (tau, seed)."},
         "per_tau": {"type": "array", "items": _PER_TAU, "description": "Statistics over the seeds of each tau."},
@@ -296,6 +304,24 @@ SWEEP_SCHEMA: dict[str, Any] = {
             "properties": {
                 **SWEEP_SCHEMA_V1["properties"]["fingerprint"]["properties"],
                 "seeded_heads": {"type": "boolean"},
+                "task": {"type": ["string", "null"], "description": "sha256 of the task record (null: none)"},
+                "data": {
+                    "type": "object",
+                    "description": "Per set (train, validation, test): its length and the sha256 of its label array "
+                    "where the dataset exposes one (null otherwise); null for a set not given.",
+                    "additionalProperties": {
+                        "anyOf": [
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "length": {"type": ["integer", "null"]},
+                                    "labels": {"type": ["string", "null"]},
+                                },
+                            },
+                            {"type": "null"},
+                        ]
+                    },
+                },
             },
         },
     },
@@ -309,6 +335,10 @@ EXCHANGE_SCHEMA: dict[str, Any] = {
     "properties": {
         "taus": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
         "seed": {"type": ["integer", "null"], "description": "the seed whose FT jobs the matrix pairs (the first)"},
+        "sweep_fingerprint": {
+            "type": ["string", "null"],
+            "description": "sha256 of the sweep.json fingerprint it was measured for (a report skips it otherwise)",
+        },
         "rows": {"const": "backbone"},
         "columns": {"const": "head"},
         "train_views": {
@@ -330,6 +360,43 @@ def validate_sweep(data: dict) -> None:
     import jsonschema
 
     jsonschema.validate(data, SWEEP_SCHEMA_V1 if data.get("format_version") == 1 else SWEEP_SCHEMA)
+
+
+def validate_sweep_file(data: dict, path) -> None:
+    """`validate_sweep` of the file `path`: the error names the file, and a format newer than this version reads says
+    it was written by a newer headprep_hf."""
+    import jsonschema
+
+    from .version import __version__
+
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SWEEP_FORMAT_VERSION:
+        raise jsonschema.ValidationError(
+            f"{path} has format_version {version}, written by a newer headprep_hf; headprep_hf {__version__} reads "
+            f"formats 1 to {SWEEP_FORMAT_VERSION}. Upgrade headprep_hf to read it."
+        )
+    try:
+        validate_sweep(data)
+    except jsonschema.ValidationError as error:
+        error.message = (
+            f"{path} is not a valid sweep.json ({error.message}); it was edited or damaged: rerun the sweep (or "
+            "this shard) into a fresh output_dir to rewrite it."
+        )
+        raise
+
+
+def validate_exchange_file(data: dict, path) -> None:
+    """`validate_exchange` of the file `path`: the error names the file."""
+    import jsonschema
+
+    try:
+        validate_exchange(data)
+    except jsonschema.ValidationError as error:
+        error.message = (
+            f"{path} is not a valid exchange.json ({error.message}); delete it and rerun `headprep exchange` on the "
+            "sweep folder to rewrite it."
+        )
+        raise
 
 
 def validate_exchange(data: dict) -> None:
