@@ -155,7 +155,7 @@ class SegmentationTransform:
             factor = self.size / max(h, w)
         new_h, new_w = max(1, round(h * factor)), max(1, round(w * factor))
         x = TF.resize(x, [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        y = TF.resize(y, [new_h, new_w], interpolation=InterpolationMode.NEAREST)
+        y = TF.resize(y, [new_h, new_w], interpolation=InterpolationMode.NEAREST_EXACT)
         if self.normalize:
             x = (x - self.mean) / self.std
         pad_h, pad_w = max(self.size - new_h, 0), max(self.size - new_w, 0)
