@@ -320,3 +320,18 @@ def test_resized_masks_stay_aligned_with_their_images(size):
             index = index[:, None] if axis == 0 else index[None, :]
             shifts.append(float((labels * index).sum() / labels.sum() - (picture * index).sum() / picture.sum()))
     assert abs(np.mean(shifts)) < 0.1, np.mean(shifts)
+
+
+def test_uint8_tensor_images_are_scaled_on_the_float_path():
+    """A `load_pair` that returns uint8 tensors: the float pipeline reads them in [0, 1], as the uint8 pipeline does
+    (before, 0..255 went through the normalisation unscaled)."""
+    from headprep_hf.data.segmentation import SegmentationTransform
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 24, 32), dtype=np.uint8)
+    mask = rng.integers(0, 3, (24, 32))
+    from_tensor, _ = SegmentationTransform(16, train=False, normalize=True)(torch.from_numpy(pixels), mask)
+    from_array, _ = SegmentationTransform(16, train=False, normalize=True)(pixels.transpose(1, 2, 0), mask)
+    assert torch.allclose(from_tensor, from_array, atol=1e-6)
+    with pytest.raises(ValueError, match="int32 has no fixed intensity range"):
+        SegmentationTransform(16, train=False, normalize=True)(torch.from_numpy(pixels.astype(np.int32)), mask)

@@ -196,9 +196,17 @@ def _image_uint8(image) -> torch.Tensor:
 
 def _image_tensor(image) -> torch.Tensor:
     """PIL image (16-bit grey scaled to 8 bits by `to_rgb`), numpy array (H, W[, C]: uint8, uint16 or float in
-    [0, 1]) or tensor (C, H, W) -> float tensor (3, H, W) in [0, 1]."""
+    [0, 1]) or tensor (C, H, W: uint8, or float in [0, 1]) -> float tensor (3, H, W) in [0, 1]."""
     if isinstance(image, torch.Tensor):
-        x = image.float()
+        if image.dtype == torch.uint8:  # (as the uint8 path and torchvision's to_dtype(scale=True) read it)
+            x = image.float() / 255.0
+        elif image.is_floating_point():
+            x = image.float()
+        else:
+            raise ValueError(
+                f"an image tensor of dtype {image.dtype} has no fixed intensity range; give uint8 tensors, or floats "
+                "in [0, 1]"
+            )
     else:
         array = np.asarray(to_rgb(image) if hasattr(image, "convert") else image)
         x = torch.from_numpy(np.array(array, dtype=np.float32))
