@@ -437,3 +437,23 @@ def test_overwrite_removes_the_earlier_sweeps_artefacts_only(tmp_path, data):
     assert (path / "plots" / "mine.png").read_bytes() == b"user" and (path / "notes.txt").read_text() == "user"
     # the new sweep continues (here: every job reused) instead of being refused for the old one's leftovers
     assert run_sweep(path, data, sweep_taus=[0, 2], sweep_report=False) == first
+
+
+def test_settings_and_task_arguments_that_do_not_change_results_keep_one_sweep(tmp_path):
+    """Checkpoint frequency without load_best_model_at_end (saving draws no random numbers), the metric direction set
+    to what its name implies, and where the data lie on a machine (another mount point, a relative spelling, the
+    weights' memory layout) leave the fingerprint as it is; another data folder name does not."""
+    from headprep_hf.sweep import config_fingerprint, task_fingerprint
+
+    plain = config_fingerprint(sweep_config(tmp_path))
+    assert plain == config_fingerprint(sweep_config(tmp_path, save_strategy="steps", save_steps=7))
+    assert plain == config_fingerprint(sweep_config(tmp_path, sweep_greater_is_better=True))  # accuracy: greater
+
+    def task(**args):
+        return {"name": "image_classification", "args": {"max_train_samples": 100, **args}}
+
+    here = task(train_dir="/data/flowers/train", validation_dir="data/flowers/val", channels_last=True)
+    there = task(train_dir="/mnt/disk2/flowers/train/", validation_dir="./val", channels_last=False)
+    assert task_fingerprint(here) == task_fingerprint(there)
+    assert task_fingerprint(here) != task_fingerprint(task(train_dir="/data/birds/test", validation_dir="val"))
+    assert task_fingerprint(here) != task_fingerprint({**here, "args": {**here["args"], "max_train_samples": 200}})

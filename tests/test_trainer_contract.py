@@ -635,11 +635,13 @@ def test_iterable_dataset_trains_as_with_trainer_and_skips_what_needs_a_length(t
     assert ours.dynamics["head_grad_norm"]  # the head gradient needs no pass over the data
 
 
-def test_head_probing_on_an_iterable_dataset_names_the_fix(tmp_path):
-    args = _args(HeadPrepConfig, tmp_path, "hp", hp_epochs=1, max_steps=7)
-    trainer = HeadPrepTrainer(model=FcClassifier(), args=args, train_dataset=_Stream())
-    with pytest.raises(ValueError, match=r"hp_epochs=1 counts epochs.*no length.*hp_epochs=0"):
-        trainer.train()
+@pytest.mark.parametrize("cached", [False, True])
+def test_head_probing_on_an_iterable_dataset_names_the_fix(tmp_path, cached):
+    args = _args(HeadPrepConfig, tmp_path, "hp", hp_epochs=1, max_steps=7, hp_cache_features=cached)
+    for run in ("train", "probe_head"):
+        trainer = HeadPrepTrainer(model=FcClassifier(), args=args, train_dataset=_Stream())
+        with pytest.raises(ValueError, match=r"hp_epochs=1 counts epochs.*no length.*hp_epochs=0"):
+            getattr(trainer, run)()
 
 
 class ModuleDictHeads(nn.Module):

@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.trainer_utils import has_length
 from transformers.utils import logging as hf_logging
 
 from .checkpoints import latest_resumable
@@ -126,7 +127,11 @@ _FINGERPRINT_FIELDS = (
 )
 # Task arguments that say where files lie on this machine, not what the data is: left out of the fingerprint and of
 # the shards' comparison (the data description covers the sets themselves).
-_TASK_MACHINE_KEYS = ("cache_dir",)
+_TASK_MACHINE_KEYS = ("cache_dir", "channels_last")  # (channels_last: the weights' memory layout, not the data)
+# Task arguments that point at data or a model on this machine: compared by their last path component only (the same
+# folder as ./data/train, data/train or /mnt/x/data/train; another machine's mount point), while the data description
+# (lengths, label hashes) and the model fingerprint cover what they point at.
+_TASK_PATH_KEYS = ("train_dir", "validation_dir", "test_dir", "voc_root", "dataset_root", "model_name_or_path")
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -326,14 +331,24 @@ def config_fingerprint(args: SweepConfig) -> str:
     for name in _FINGERPRINT_FIELDS:
         value = getattr(args, name, None)
         values[name] = getattr(value, "value", value)
+    # The direction tau* is chosen in, as resolved (setting it to what the metric's name implies changes nothing).
+    values["sweep_greater_is_better"] = args.selection_greater_is_better
+    # How often checkpoints are written changes results only through the checkpoint load_best_model_at_end keeps
+    # (saving draws no random numbers): otherwise a rerun that adds save_strategy to be resumable is the same sweep.
+    if not (args.load_best_model_at_end or getattr(args.save_strategy, "value", args.save_strategy) == "best"):
+        values["save_strategy"] = values["save_steps"] = None
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _task_args(task: dict | None) -> dict | None:
-    """The task record without the arguments that only say where files lie on this machine (`_TASK_MACHINE_KEYS`)."""
+    """The task record without the arguments that only say where files lie on this machine (`_TASK_MACHINE_KEYS`),
+    and with data and model paths cut to their last component (`_TASK_PATH_KEYS`)."""
     if task is None:
         return None
     args = {k: v for k, v in (task.get("args") or {}).items() if k not in _TASK_MACHINE_KEYS}
+    for key in _TASK_PATH_KEYS:
+        if isinstance(args.get(key), str):
+            args[key] = os.path.basename(os.path.normpath(args[key]))
     return {"name": task.get("name"), "args": args}
 
 
@@ -369,10 +384,7 @@ def describe_data(**datasets) -> dict[str, dict | None]:
         if dataset is None:
             out[name] = None
             continue
-        try:
-            length = len(dataset)
-        except TypeError:  # an iterable dataset
-            length = None
+        length = len(dataset) if has_length(dataset) else None  # (None: an iterable dataset)
         digest = None
         labels = _labels_of(dataset)
         if labels is not None:

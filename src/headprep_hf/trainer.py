@@ -327,7 +327,16 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
         return self._run("ft", resume_from_checkpoint, **kwargs)
 
+    def _refuse_unsized_hp(self) -> None:
+        raise ValueError(
+            f"hp_epochs={self.args.hp_epochs} counts epochs of the training set, but it has no length (an "
+            "IterableDataset, which Trainer runs for max_steps): HP cannot tell where an epoch ends. Pass a "
+            "dataset with a length, or set hp_epochs=0 to finetune without head probing."
+        )
+
     def _probe_head_cached(self) -> dict[str, float]:
+        if not has_length(self.train_dataset):
+            self._refuse_unsized_hp()
         self._new_call(plain=False)
         self.stage_plan = StagePlan(plan="hp")
         self._start_guard()
@@ -542,11 +551,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         num_train_epochs, steps_per_epoch, num_examples, _, total_batch, steps_in_epoch, max_steps = values
         hp_steps = args.hp_epochs * steps_per_epoch if plan.plan != "ft" and not plan.hp_outside_loop else 0
         if hp_steps and not has_length(dataloader):
-            raise ValueError(
-                f"hp_epochs={args.hp_epochs} counts epochs of the training set, but it has no length (an "
-                "IterableDataset, which Trainer runs for max_steps): HP cannot tell where an epoch ends. Pass a "
-                "dataset with a length, or set hp_epochs=0 to finetune without head probing."
-            )
+            self._refuse_unsized_hp()
         if self._resume_plan is not None and plan.plan != "ft" and self._resume_plan.hp_steps != hp_steps:
             raise ValueError(
                 f"The checkpoint was written with {self._resume_plan.hp_steps} HP steps but this configuration gives "
