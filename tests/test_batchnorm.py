@@ -133,3 +133,17 @@ def test_cached_sweep_snapshots_carry_recomputed_statistics(tmp_path, train_set,
         assert int(snapshot["fc.1.num_batches_tracked"]) == 5
         for key, value in snapshot.items():
             assert torch.equal(value, standalone.state_dict()[key]), (tau, key)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "cached"])
+def test_a_last_batch_of_one_sample_is_left_out_of_the_recompute(tmp_path, train_set, cache):
+    """48 samples at measure_batch_size 47: the pass's last batch holds one sample, which a train-mode BatchNorm1d
+    cannot normalise (it raised "Expected more than 1 value per channel"); the statistics are those of the first 47."""
+    model = bn_head_model()
+    args = make_config(tmp_path, hp_epochs=1, measure_batch_size=47, hp_cache_features=cache)
+    HeadPrepTrainer(model=model, args=args, train_dataset=train_set).probe_head()
+    bn = model.fc[1]
+    mean, var, _ = stats_by_hand(model, train_set.x[:47], 47)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, var, rtol=1e-4, atol=1e-5)
+    assert int(bn.num_batches_tracked) == 1

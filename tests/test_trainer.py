@@ -272,3 +272,21 @@ def test_model_init_with_head_probing_prepares_and_stages_each_new_model(tmp_pat
     assert _changed(initial, seen["backbone"]) == []  # the new model's backbone was frozen in HP ...
     assert any(k.endswith("conv1.weight") for k in _changed(initial, trainer.split.backbone_state(trainer.model)))
     assert all(p.requires_grad for p in trainer.model.parameters())  # ... and trained in FT
+
+
+def test_reinit_refuses_parameters_it_cannot_redraw(tmp_path):
+    """A module's own parameters (ConvNeXt's layer-scale gamma, a leaf without `reset_parameters`) have no known
+    initialisation: re-initialising the block would leave them pretrained, so it is refused by name."""
+    import timm
+
+    from headprep_hf.heads import reinitialize_module
+
+    block = timm.create_model("convnext_atto", pretrained=False).stages[3].blocks[0]
+    with pytest.raises(ValueError, match=r"Cannot re-initialise \['gamma'\] of ConvNeXtBlock.*layer-scale"):
+        reinitialize_module(block)
+    resnet_block = timm.create_model("resnet10t", pretrained=False).layer4
+    with torch.no_grad():
+        for p in resnet_block.parameters():
+            p.fill_(7.0)  # as if pretrained
+    reinitialize_module(resnet_block)  # convolutions and BatchNorms only: every parameter re-drawn
+    assert [n for n, p in resnet_block.named_parameters() if bool((p == 7.0).all())] == []

@@ -7,6 +7,7 @@ predictions. The models are tiny and built here; each case takes about a second.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -685,3 +686,24 @@ def test_a_named_head_the_forward_does_not_call_is_an_error_naming_it(tmp_path):
     args = _args(HeadPrepConfig, tmp_path, "named", head_modules=["fc"])
     with pytest.raises(RuntimeError, match=r"did not call the head \['fc'\].*head_modules=\[...\].*track_dynamics"):
         HeadPrepTrainer(model=LeftoverFc(), args=args, train_dataset=XYData()).train()
+
+
+def test_a_batch_whose_labels_are_all_ignored_adds_nothing_and_stops_nothing(tmp_path):
+    """The trainer's cross-entropy (used for logits-only models and in smoothing stages) over a batch whose labels
+    are all `ignore_index`: 0 with zero gradients (torch's mean is 0/0 = NaN), so the non-finite guard of an HP run
+    does not take it for divergence."""
+    from headprep_hf import smoothed_cross_entropy
+
+    logits = torch.randn(4, 3, requires_grad=True)
+    for smoothing in (0.0, 0.1):
+        loss = smoothed_cross_entropy(logits, torch.full((4,), -100), smoothing)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits.grad))
+        partial = torch.tensor([1, -100, 2, -100])
+        expected = F.cross_entropy(logits, partial, ignore_index=-100, label_smoothing=smoothing)
+        assert torch.equal(smoothed_cross_entropy(logits, partial, smoothing), expected)
+    data = XYData(16, ignore_every=4)  # samples 0, 4, 8, 12 unlabelled: batches of one hold nothing to learn
+    args = _args(HeadPrepConfig, tmp_path, "hp", hp_epochs=1, per_device_train_batch_size=1, num_train_epochs=1)
+    trainer = HeadPrepTrainer(model=FcLogitsOnly(), args=args, train_dataset=data)
+    trainer.train()  # on_nonfinite="raise" in runs with HP
+    assert all(math.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)

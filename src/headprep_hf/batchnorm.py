@@ -84,17 +84,29 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
         return 0
     batch_size = trainer.measure_batch_size
 
+    # A last batch of one sample is left out of the pass: a train-mode BatchNorm over one value per channel
+    # (BatchNorm1d, a 1x1 pooling branch) cannot take it, and in this average of batch statistics it would weigh as
+    # much as a full batch.
     def over_cache() -> None:
         device = next(model.parameters()).device
         for view in cache.features:
             for start in range(0, view.shape[0], batch_size):
+                chunk = view[start : start + batch_size]
+                if chunk.shape[0] == 1 and view.shape[0] > 1:
+                    continue
                 with trainer.measurement_autocast():
-                    split.head_logits(model, view[start : start + batch_size].to(device))
+                    split.head_logits(model, chunk.to(device))
+
+    def one_sample(batch) -> bool:
+        labels = batch.get(trainer.label_names[0]) if isinstance(batch, dict) and trainer.label_names else None
+        return isinstance(labels, torch.Tensor) and labels.dim() > 0 and labels.shape[0] == 1
 
     def over_train_set() -> None:
         loader = trainer.measurement_loader(trainer.train_dataset)
         with forked_rng(trainer.args.seed):
-            for batch in pass_bar(trainer, loader, "BatchNorm statistics"):
+            for index, batch in enumerate(pass_bar(trainer, loader, "BatchNorm statistics")):
+                if index > 0 and one_sample(batch):
+                    continue
                 with trainer.measurement_autocast():
                     trainer.model_caller(model, batch)
 

@@ -75,12 +75,22 @@ def reinitialize_module(module: nn.Module) -> None:
     bias and reset running statistics, other layers their own `reset_parameters()`. The values a seed gives do not
     depend on the weights' memory layout.
     """
-    for sub in module.modules():
+    for name, sub in module.named_modules():
         with _drawn_contiguous(sub):
-            _reinitialize_layer(sub)
+            if not _reinitialize_layer(sub) and any(True for _ in sub.parameters(recurse=False)):
+                own = [f"{name}.{p}" if name else p for p, _ in sub.named_parameters(recurse=False)]
+                raise ValueError(
+                    f"Cannot re-initialise {own} of {type(sub).__name__}: they belong to the module itself, not to a "
+                    "convolution, normalisation or linear layer, and headprep_hf does not know how this model draws "
+                    "them (e.g. ConvNeXt's layer-scale gamma); left pretrained, the block would be half "
+                    "re-initialised. Re-initialise such modules yourself, or choose modules without parameters of "
+                    "their own."
+                )
 
 
-def _reinitialize_layer(sub: nn.Module) -> None:
+def _reinitialize_layer(sub: nn.Module) -> bool:
+    """Re-draw `sub`'s own parameters; False when it has a way for none of them (a container, or a leaf without
+    `reset_parameters`)."""
     if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         nn.init.kaiming_normal_(sub.weight, mode="fan_out", nonlinearity="relu")
         if sub.bias is not None:
@@ -92,10 +102,12 @@ def _reinitialize_layer(sub: nn.Module) -> None:
             nn.init.zeros_(sub.bias)
         if hasattr(sub, "reset_running_stats") and getattr(sub, "track_running_stats", False):
             sub.reset_running_stats()
-    elif not list(sub.children()):
+    else:
         reset = getattr(sub, "reset_parameters", None)
-        if callable(reset):
-            reset()
+        if list(sub.children()) or not callable(reset):
+            return False
+        reset()
+    return True
 
 
 def reinitialize_head(model: nn.Module, split: ModelSplit, seed: int) -> None:

@@ -26,8 +26,13 @@ logger = logging.getLogger(__name__)
 def smoothed_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, ignore_index: int = -100
 ) -> torch.Tensor:
-    """Mean cross-entropy against `(1 - smoothing) * e_y + smoothing / C`, ignoring `ignore_index` labels."""
-    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, label_smoothing=float(smoothing))
+    """Mean cross-entropy against `(1 - smoothing) * e_y + smoothing / C`, ignoring `ignore_index` labels; 0 (with
+    zero gradients) when every label is ignored, as the masked BCE and MSE give."""
+    labels = labels.long()
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=float(smoothing))
+    # torch's mean over no labels is 0/0 = NaN, which the non-finite guard would take for divergence (e.g. a crop that
+    # is all 255, an unlabelled sample in a batch of one). Decided on the device: no host synchronisation.
+    return torch.where((labels != ignore_index).any(), loss, logits.sum() * 0.0)
 
 
 def _flatten(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
