@@ -207,6 +207,17 @@ def test_tau_of_a_loaded_prepared_head_is_carried_into_the_finetuned_card(tmp_pa
     assert f"loaded as a prepared head from `{head}`" in card.text
 
 
+def test_probe_head_then_finetune_on_one_trainer_carries_its_tau_into_the_card(tmp_path, train_set):
+    """README's "one stage at a time": `probe_head()` then `finetune()` on one trainer is HP for tau epochs (the
+    card said tau = 0: the finetune() call alone does no HP)."""
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=2), train_dataset=train_set)
+    trainer.probe_head()
+    trainer.finetune()
+    trainer.create_model_card()
+    card = ModelCard((tmp_path / "out" / "README.md").read_text())
+    assert card.data.to_dict()["headprep_tau"] == 2 and "| HP | epochs (tau) | 2 |" in card.text
+
+
 def test_weights_from_a_file_or_a_random_init_name_no_hub_base_model(tmp_path):
     from safetensors.torch import save_file
 
@@ -250,3 +261,25 @@ def test_toy_task_with_a_model_of_other_normalisation_says_so(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         _warn_if_toy_normalisation_differs(tiny_timm())  # (the test models' config: mean = std = 0.5)
+
+
+def test_a_transformers_model_with_an_mlp_head_is_not_advertised_as_transformers_loadable(tmp_path, caplog):
+    """`save_pretrained`'s config.json describes the architecture's linear classifier: `from_pretrained` would load
+    the folder with a random one in place of the MLP head. The save warns, and the card's library is headprep_hf."""
+    from conftest import TinyImages
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    config.num_labels = 3
+    model = ViTForImageClassification(config)
+    args = make_config(tmp_path, hp_epochs=1, max_steps=2, head_type="mlp")
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(16))
+    trainer.train()
+    with caplog.at_level("WARNING"):
+        trainer.save_model()
+    assert "from_pretrained" in caplog.text and "random" in caplog.text
+    trainer.create_model_card()
+    assert ModelCard((tmp_path / "out" / "README.md").read_text()).data.library_name == "headprep_hf"

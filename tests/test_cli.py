@@ -127,6 +127,15 @@ def test_recipe_flags_config_forms_and_resume_without_value(tmp_path, capsys):
         recipe.make_parser(), ["--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint"]
     )
     assert args.resume_from_checkpoint == "last"
+    for text in ("", "# only a comment\n"):  # an empty YAML file sets nothing
+        config.write_text(text)
+        _, args = parse_with_config(recipe.make_parser(), ["--config", str(config), "--output_dir", str(tmp_path)])
+        assert args.hp_epochs == recipe.make_parser().parse_args_into_dataclasses(["--output_dir", "x"])[1].hp_epochs
+    for text, message in (("- 1\n- 2\n", "expected a mapping"), ("task: segmentation\n", "unknown settings")):
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            parse_with_config(recipe.make_parser(), ["--config", str(config)])
+        assert message in capsys.readouterr().err
     config.write_text("do_predict: true\n")
     with pytest.raises(SystemExit):
         parse_with_config(recipe.make_parser(), ["--config", str(config)])
@@ -289,12 +298,13 @@ def test_listed_schedule_choices_are_the_working_ones(tmp_path):
         with pytest.raises(ValueError, match="hp_lr_scheduler_type must be one of"):
             HeadPrepConfig(output_dir=str(tmp_path), hp_lr_scheduler_type=schedule)
     for schedule in HP_SCHEDULES:  # HP's schedule (what probe_head/train step): 6 HP steps, 2 of warmup
+        warmup = 0.0 if schedule == "constant" else 0.3  # (constant takes no warmup: refused, see test_config.py)
         args = HeadPrepConfig(
-            output_dir=str(tmp_path), hp_lr_scheduler_type=schedule, hp_warmup_ratio=0.3, use_cpu=True
+            output_dir=str(tmp_path), hp_lr_scheduler_type=schedule, hp_warmup_ratio=warmup, use_cpu=True
         )
         head = torch.nn.Parameter(torch.zeros(1))
         scheduler = two_stage_scheduler(torch.optim.SGD([head], lr=1.0), args, hp_steps=6, ft_steps=0)
-        reference = get_scheduler(schedule, torch.optim.SGD([head], lr=args.hp_learning_rate), 2, 6)
+        reference = get_scheduler(schedule, torch.optim.SGD([head], lr=args.hp_learning_rate), 2 if warmup else 0, 6)
         for _ in range(6):
             assert scheduler.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0]), schedule
             scheduler.optimizer.step(), reference.optimizer.step()

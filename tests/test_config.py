@@ -28,6 +28,7 @@ def _config(tmp_path, **kwargs):
         ("label_smoothing_factor", 0.1, "label_smoothing_factor=0.1 smooths both stages"),
         ("ddp_find_unused_parameters", False, "ddp_find_unused_parameters=False cannot be used"),
         ("head_modules", [], "head_modules must be a non-empty list"),
+        ("hp_warmup_ratio", 0.2, "hp_warmup_ratio=0.2 has no effect with hp_lr_scheduler_type='constant'"),
     ],
 )
 def test_invalid_fields_name_the_field(tmp_path, field, value, message):
@@ -91,3 +92,9 @@ def test_help_exits_zero():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--hp_epochs" in result.stdout and "--drift_probe_samples" in result.stdout
+
+
+def test_one_module_name_as_a_string_is_a_list_of_one(tmp_path):
+    """A YAML scalar or keyword `reinit_modules: layer4.2` names one module, not eight one-letter ones."""
+    args = _config(tmp_path, head_modules="fc", reinit_modules="layer4.2")
+    assert args.head_modules == ["fc"] and args.reinit_modules == ["layer4.2"]

@@ -1,6 +1,7 @@
 """Prepared heads: save after HP, attach to a fresh backbone, and the mismatch checks."""
 
 import json
+import os
 
 import pytest
 import timm
@@ -66,6 +67,16 @@ def test_mismatches(tmp_path, train_set):
         load_prepared_head(tiny_timm(seed=1), folder, strict=True)
     with pytest.raises(FileNotFoundError, match="not a prepared head"):
         load_prepared_head(tiny_timm(), tmp_path)
+    # a mistyped local folder is named as such, not sent to the Hub as a repo id
+    (tmp_path / "runs").mkdir()
+    for missing in (tmp_path / "runs" / "typo" / "prepared_head", "runs/prepared_head"):
+        with pytest.raises(FileNotFoundError, match="not a prepared-head folder \\(no such folder\\)"):
+            cwd = os.getcwd()
+            os.chdir(tmp_path)
+            try:
+                load_prepared_head(tiny_timm(), missing)
+            finally:
+                os.chdir(cwd)
 
 
 def test_prepared_head_card_parses(tmp_path, train_set):
@@ -78,6 +89,13 @@ def test_prepared_head_card_parses(tmp_path, train_set):
     assert card.data.to_dict()["headprep_energy"] == pytest.approx(trainer.dynamics["energy"])
     assert f"{trainer.dynamics['energy']:.4f}" in card.text and "HP epochs (tau) | 2" in card.text
     assert "| HP label smoothing (eps_HP) | 0.1 |" in card.text
+    # A Hub backbone: base_model, and a "Use" snippet timm runs as written ("hf-hub:" prefix; a bare id is refused)
+    from headprep_hf.cards import prepared_head_card
+
+    config = json.loads((tmp_path / "head" / HEAD_CONFIG_NAME).read_text())
+    hub = prepared_head_card({**config, "backbone": {**config["backbone"], "id": "timm/resnet18.a1_in1k"}})
+    assert hub.data.base_model == "timm/resnet18.a1_in1k"
+    assert 'timm.create_model("hf-hub:timm/resnet18.a1_in1k", pretrained=True' in hub.text
 
 
 def test_push_head_to_hub_uploads_exactly_the_artifact(tmp_path, train_set, monkeypatch):

@@ -50,6 +50,7 @@ def test_default_recipe_in_process(tmp_path, capsys):
     metrics = _run_in_process([*TINY, "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")])
     assert 0.0 <= metrics["validation_accuracy"] <= 1.0 and "test_accuracy" in metrics
     assert metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
+    assert "validation_" not in metrics  # (evaluate()'s "epoch" is not a metric: it became an unnamed one)
     assert "validation accuracy" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and (out / "headprep_dynamics.json").is_file()
     assert json.loads((out / "final_results.json").read_text())["energy"] == metrics["energy"]

@@ -5,6 +5,7 @@ results as `EvalResult`s, which huggingface_hub writes as the model-index)."""
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -38,10 +39,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def prepared_head_card(config: dict[str, Any], repo_id: str | None = None) -> ModelCard:
     """Card of a prepared head from its `headprep_head.json` content."""
     labels = list((config.get("id2label") or {}).values())
+    backbone = str(config["backbone"]["id"])
+    on_hub = bool(_HUB_ID.match(backbone)) and not os.path.exists(backbone)
     card_data = ModelCardData(
         library_name="headprep_hf",
         tags=[*TAGS, "prepared-head", f"tau-{config['tau']}"],
-        base_model=config["backbone"]["id"] if "/" in str(config["backbone"]["id"]) else None,
+        base_model=backbone if on_hub else None,
         headprep_tau=config["tau"],
         headprep_energy=config.get("energy"),
         headprep_hp_train_accuracy=config.get("hp_train_accuracy"),
@@ -49,7 +52,8 @@ def prepared_head_card(config: dict[str, Any], repo_id: str | None = None) -> Mo
     return ModelCard.from_template(
         card_data,
         template_path=template_path("prepared_head"),
-        backbone_id=config["backbone"]["id"],
+        # timm's create_model takes a Hub repo as "hf-hub:owner/name" (a bare "owner/name" is refused)
+        backbone_id=f"hf-hub:{backbone}" if on_hub else backbone,
         backbone_checksum=config["backbone"]["checksum"],
         repo_id=repo_id or "path/to/this/head",
         labels=labels,
@@ -179,7 +183,10 @@ def _library_name(model: nn.Module) -> str:
     from .export import timm_rebuildable
 
     if isinstance(model, PreTrainedModel):
-        return "transformers"
+        from .heads import MLPHead
+
+        # (an MLP head is not in the architecture's config: transformers would load the folder with a random head)
+        return "headprep_hf" if any(isinstance(m, MLPHead) for m in model.modules()) else "transformers"
     if timm_rebuildable(model):
         return "timm"  # the folder is a timm save_for_hf folder: the Hub shows timm's loading snippet
     return "headprep_hf"
@@ -192,7 +199,7 @@ def head_probing_record(trainer: HeadPrepTrainer) -> dict[str, Any]:
     from .export import prepared_head_record
 
     args = trainer.args
-    own = args.hp_epochs > 0 and trainer.stage_plan.plan != "ft"
+    own = args.hp_epochs > 0 and (trainer.stage_plan.plan != "ft" or trainer.hp_done)
     loaded = prepared_head_record(trainer.accelerator.unwrap_model(trainer.model))
     if not own and loaded is not None:
         return {
@@ -285,7 +292,7 @@ def finetuned_model_card(
         lr_scheduler_type=getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
         ft_label_smoothing=args.ft_label_smoothing,
         optim=getattr(args.optim, "value", args.optim),
-        batch_size=args.per_device_train_batch_size * max(args.world_size, 1),
+        batch_size=args.per_device_train_batch_size * max(args.world_size, 1) * args.gradient_accumulation_steps,
         seed=args.seed,
         energy_text=_fmt(dyn.get("energy")),
         hp_train_accuracy_text=_fmt(dyn.get("hp_train_accuracy")),

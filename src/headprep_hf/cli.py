@@ -155,7 +155,11 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
         del argv[i : i + 2]
         with open(path) as f:
             values = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
-        known = {a.dest for a in parser._actions}
+        values = {} if values is None else values  # (an empty or all-comment YAML file)
+        if not isinstance(values, dict):
+            parser.error(f"{path}: expected a mapping of setting: value at its top level, got {type(values).__name__}")
+        # The command's settings; not the command line's own options (--config, --task, --merge, --help).
+        known = {a.dest for a in parser._actions} - {"help", "config", "task", "merge"}
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"{path}: unknown settings {unknown}")

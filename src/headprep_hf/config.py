@@ -242,6 +242,11 @@ class HeadPrepConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        # One module name as a string (a YAML scalar, a keyword): a list of one, not a list of its characters.
+        if isinstance(self.head_modules, str):
+            self.head_modules = [self.head_modules]
+        if isinstance(self.reinit_modules, str):
+            self.reinit_modules = [self.reinit_modules]
         self.reinit_modules = list(self.reinit_modules or [])
         self._validate_headprep_fields()
 
@@ -257,6 +262,18 @@ class HeadPrepConfig(TrainingArguments):
             )
         if not 0.0 <= self.hp_warmup_ratio < 1.0:
             raise ValueError(f"hp_warmup_ratio must be in [0, 1), got {self.hp_warmup_ratio}.")
+        if self.hp_warmup_ratio > 0 and str(
+            getattr(self.hp_lr_scheduler_type, "value", self.hp_lr_scheduler_type)
+        ) in (
+            "constant",
+            "reduce_lr_on_plateau",
+        ):
+            raise ValueError(
+                f"hp_warmup_ratio={self.hp_warmup_ratio} has no effect with hp_lr_scheduler_type="
+                f"{getattr(self.hp_lr_scheduler_type, 'value', self.hp_lr_scheduler_type)!r} (transformers' "
+                "get_scheduler ignores warmup for it); set hp_lr_scheduler_type='constant_with_warmup' (or another "
+                "schedule with warmup), or hp_warmup_ratio=0."
+            )
         if self.hp_weight_decay is not None and self.hp_weight_decay < 0:
             raise ValueError(f"hp_weight_decay must be >= 0 or unset, got {self.hp_weight_decay}.")
         for name in ("hp_label_smoothing", "ft_label_smoothing"):

@@ -282,8 +282,14 @@ def _resolve(repo_id_or_path: str | os.PathLike, revision: str | None = None) ->
     path = Path(repo_id_or_path)
     if path.is_dir():
         return path
-    if path.exists() or str(repo_id_or_path).startswith((".", "/")):
-        raise FileNotFoundError(f"{repo_id_or_path} is not a prepared-head folder.")
+    name = str(repo_id_or_path)
+    local = path.exists() or name.startswith((".", "/")) or name.count("/") != 1 or path.parent.is_dir()
+    if local:  # (a path, or "owner/name" whose owner is a folder here: not sent to the Hub as a repo id)
+        why = "it is not a folder" if path.exists() else "no such folder"
+        raise FileNotFoundError(
+            f"{repo_id_or_path} is not a prepared-head folder ({why}); give the folder save_prepared_head wrote, or "
+            "a Hub repo id 'owner/name'."
+        )
     from huggingface_hub import snapshot_download
 
     return Path(

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, set_seed
+from transformers import PreTrainedModel, Trainer, set_seed
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     TrainOutput,
@@ -36,7 +36,7 @@ from .dynamics import InMemoryDataset
 from .export import is_timm_model, write_timm_config
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
-from .heads import reinitialize_module, replace_head_with_mlp
+from .heads import MLPHead, reinitialize_module, replace_head_with_mlp
 from .hub import PREPARED_HEAD_DIR, PreparedHeadMixin
 from .labels import (
     check_item_format,
@@ -150,6 +150,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.drift_dataset = drift_dataset
         self.energy_dataset = energy_dataset
         self.resumed_stage: str | None = None
+        self.hp_done = False  # HP ran to its end on this trainer (`probe_head()` or `train()`): the card's tau
         self.run_tag: str | None = None  # recorded in checkpoints; resuming needs the same (a sweep's fingerprint)
         self.progress_label: str | None = None  # after HP/FT in the progress bars (a sweep's "tau=2 seed=42")
         self.stage_plan = StagePlan()
@@ -348,6 +349,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     def _finish_hp(self, recompute_bn: bool) -> None:
         # The end of HP: BatchNorm statistics of the HP modules, the start-of-FT measurements, the prepared head.
+        self.hp_done = self.args.hp_epochs > 0
         if recompute_bn and self.args.hp_recompute_bn_stats:
             self.recompute_bn_statistics()
         if self.args.track_dynamics:
@@ -721,3 +723,14 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 f.write(self.args.to_json_string())
             if is_timm_model(model):
                 write_timm_config(model, output_dir)
+            elif isinstance(model, PreTrainedModel) and any(isinstance(m, MLPHead) for m in model.modules()):
+                # save_pretrained's config.json describes the architecture's own (linear) classifier: from_pretrained
+                # would load the folder with a random classifier in place of the trained MLP head, without an error.
+                logger.warning(
+                    "%s holds a transformers model whose classifier was replaced by an MLP head (head_type='mlp'): "
+                    "AutoModel...from_pretrained(%r) would build a linear classifier and leave it random. Load the "
+                    "weights into a model rebuilt with headprep_hf.heads.replace_head_with_mlp, or use head_type="
+                    "'linear' for a folder that transformers loads as it is.",
+                    output_dir,
+                    output_dir,
+                )

@@ -132,7 +132,8 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume in ("true", "True", "last") else resume)
     trainer.save_model()
-    metrics = {f"validation_{k[len('eval_') :]}": v for k, v in trainer.evaluate().items()}
+    evaluated = trainer.evaluate()  # (its "epoch" key is not a validation metric)
+    metrics = {f"validation_{k[len('eval_') :]}": v for k, v in evaluated.items() if k.startswith("eval_")}
     if inputs.test_dataset is not None:
         metrics.update(trainer.evaluate(inputs.test_dataset, metric_key_prefix="test"))
     dyn = trainer.dynamics
