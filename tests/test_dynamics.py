@@ -167,13 +167,45 @@ def test_probe_kept_or_re_read_gives_fixed_views_and_leaves_training_alone(tmp_p
         args = make_config(tmp_path / str(limit), hp_epochs=1, num_train_epochs=2, drift_probe_samples=20)
         trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=NoisyImages(train_set))
         trainer.train()
-        assert isinstance(trainer.measurements._probe_set, dynamics.InMemoryDataset) == (limit > 0)
+        assert isinstance(trainer.measurements._probe_loader, dynamics.ReplayedBatches) == (limit > 0)
         assert trainer.dynamics["drift"][-1]["sq_dist"] > 0
         trainer.measure_start()  # z_0 := features now; the weights do not change until the next measurement
         torch.rand(100)
         assert trainer.measure_drift()["sq_dist"] == 0.0
         states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_kept_probe_batches_are_collated_once_and_replayed_exactly(tmp_path, monkeypatch):
+    """A kept probe's batches are collated once per run and replayed at every drift pass (one process): its samples
+    are read once, not once per pass, and every drift value equals the one re-reading them through the loader gives.
+    """
+    import headprep_hf.dynamics as dynamics
+    import headprep_hf.measurements as measurements
+
+    reads = {"n": 0}
+    get = dynamics.InMemoryDataset.__getitem__
+
+    def counted(self, index):
+        reads["n"] += 1
+        return get(self, index)
+
+    monkeypatch.setattr(dynamics.InMemoryDataset, "__getitem__", counted)
+    drift = {}
+    for replay in (True, False):
+        if not replay:
+            monkeypatch.setattr(measurements, "ReplayedBatches", lambda loader, **kwargs: loader)
+        reads["n"] = 0
+        torch.manual_seed(0)
+        args = make_config(tmp_path / str(replay), hp_epochs=1, num_train_epochs=3, drift_probe_samples=20)
+        # 40 samples at batch 16: the training loader ends on a short batch (Accelerate keeps its remainder)
+        trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=NoisyImages(TinyImages(40, seed=0)))
+        trainer.train()
+        drift[replay] = trainer.dynamics["drift"]
+        assert len(drift[replay]) == 3 and drift[replay][-1]["sq_dist"] > 0
+        assert trainer.dynamics["num_probe_samples"] == trainer.measurements.z0.shape[0] == 20
+        assert reads["n"] == (20 if replay else 20 * 4)  # z_0 and three epoch ends
+    assert drift[True] == drift[False]
 
 
 def test_probe_in_memory_reads_seeded_views_and_keeps_the_rng(train_set):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from accelerate.utils import recursively_apply, send_to_device
 from torch import nn
 
 from .losses import task_energy
@@ -122,6 +123,42 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return self.samples[index]
+
+
+class ReplayedBatches:
+    """The batches of a fixed, in-memory probe set, collated once and replayed at every drift pass.
+
+    The drift pass runs at every FT epoch end over the same samples (`probe_in_memory`). Reading them through the
+    DataLoader each time collates, pins and copies the same batches again: on ResNet-50 at 224 px with the default
+    256-sample probe that host work took longer than the forward itself (H100: a 40 ms pass, 16 ms of it kernels;
+    `bench/throughput.py`). Here the batches the prepared loader yields are read once (RNGs seeded with `seed`, as a
+    pass reads them, so a random collator gives the same batches) and kept on the host, pinned with `pin`, without
+    the `drop_keys` (the label columns: the forward never gets them, see `ModelCaller`). Each pass sends them to
+    `device` as Accelerate's loader does (`send_to_device`). One process only: with several, the loader's sharding and
+    `gather_for_metrics`'s bookkeeping of the padded last batch are needed, and the loader is used as it is.
+    """
+
+    def __init__(self, loader, seed: int | None, drop_keys, device, pin: bool = False, non_blocking: bool = False):
+        self.device, self.non_blocking = device, non_blocking and pin
+        drop = set(drop_keys or ())
+        with forked_rng(seed):
+            self.batches = [self._to_host(batch, drop, pin) for batch in loader]
+
+    @staticmethod
+    def _to_host(batch, drop: set, pin: bool):
+        if isinstance(batch, Mapping):  # (a graph `Batch` object goes whole: its labels are an attribute)
+            batch = {k: v for k, v in batch.items() if k not in drop}
+        batch = send_to_device(batch, "cpu")
+        if pin:
+            batch = recursively_apply(lambda t: t.pin_memory(), batch, error_on_other_type=False)
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield send_to_device(batch, self.device, non_blocking=self.non_blocking)
 
 
 def sample_nbytes(sample) -> int:
@@ -240,7 +277,11 @@ def measure(
                     to_gather["labels"] = batch[label_name]
                 if not to_gather:
                     continue
-                gathered = accelerator.gather_for_metrics(to_gather)
+                # (Replayed batches are one process's: nothing to gather, and `gather_for_metrics` would cut them to
+                # the remainder of whichever prepared loader last ended, which it reads from Accelerate's state.)
+                gathered = (
+                    to_gather if isinstance(dataloader, ReplayedBatches) else accelerator.gather_for_metrics(to_gather)
+                )
                 for key, value in gathered.items():
                     values[key].append(value.detach().cpu())
                 if want_features:

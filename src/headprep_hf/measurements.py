@@ -34,7 +34,9 @@ from transformers.trainer_utils import has_length
 from .dynamics import (
     DRIFT_KEYS,
     FeatureModuleNotCalled,
+    InMemoryDataset,
     PassResult,
+    ReplayedBatches,
     drift_metrics,
     grad_norm,
     histogram,
@@ -154,7 +156,7 @@ class MeasurementCallback(TrainerCallback):
         self.last_drift_step: int | None = None
         self.pending: dict[str, float] = {}
         self._probe_loader = None
-        self._probe_set = None
+        self._probe_size = 0
         self._grad_sum: torch.Tensor | float = 0.0
         self._grad_count = 0
         self._grad_finite: torch.Tensor | float = 0.0
@@ -167,7 +169,7 @@ class MeasurementCallback(TrainerCallback):
     def start_run(self, plan: str) -> None:
         """A new `train()` call: no z_0 yet; FT runs start new drift and head-gradient records."""
         self.z0, self.last_drift_step, self.pending = None, None, {}
-        self._probe_loader = self._probe_set = None  # Trainer.train() frees Accelerate's prepared loaders
+        self._probe_loader = None  # Trainer.train() frees Accelerate's prepared loaders
         self.drop_hp_epoch_inputs()
         self._grad_sum, self._grad_count, self._grad_finite = 0.0, 0, 0.0
         if plan in ("both", "ft"):
@@ -536,13 +538,31 @@ class MeasurementCallback(TrainerCallback):
 
     def _probe(self) -> torch.Tensor:
         # The probe loader is built once per run; the probe samples are read once with the RNGs seeded and kept in
-        # memory when they fit (`probe_in_memory`), so z_0 and every z_t see the same (augmented) views.
+        # memory when they fit (`probe_in_memory`), so z_0 and every z_t see the same (augmented) views. In one
+        # process their batches are also collated once and replayed (`ReplayedBatches`): the same batches, without
+        # the per-pass collating and pinning.
+        trainer = self.trainer
         if self._probe_loader is None:
-            self._probe_set = probe_in_memory(self._probe_dataset(), seed=self.trainer.args.seed)
-            self._probe_loader = self.trainer.measurement_loader(self._probe_set)
-        probe = self._probe_set
+            probe_set = probe_in_memory(self._probe_dataset(), seed=trainer.args.seed)
+            self._probe_size = len(probe_set)
+            self._probe_loader = trainer.measurement_loader(probe_set)
+            if isinstance(probe_set, InMemoryDataset) and trainer.accelerator.num_processes == 1:
+                device = trainer.accelerator.device
+                self._probe_loader = ReplayedBatches(
+                    self._probe_loader,
+                    seed=trainer.args.seed,
+                    drop_keys=trainer.label_names,
+                    device=device,
+                    pin=trainer.args.dataloader_pin_memory and device.type == "cuda",
+                    non_blocking=bool(getattr(trainer.accelerator, "non_blocking", False)),
+                )
         return self.measure_dataset(
-            probe, False, len(probe), loader=self._probe_loader, seed=self.trainer.args.seed, desc="drift probe"
+            None,
+            False,
+            self._probe_size,
+            loader=self._probe_loader,
+            seed=trainer.args.seed,
+            desc="drift probe",
         ).features
 
     def _probe_dataset(self):
