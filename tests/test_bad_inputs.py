@@ -83,3 +83,31 @@ def test_prepared_head_config_with_a_missing_key_names_file_and_key(tmp_path, pr
     open(path, "w").write(json.dumps(config))
     with pytest.raises(ValueError, match=rf"{path} lacks {key}"):
         load_prepared_head(tiny_timm(), prepared_head)
+
+
+@pytest.mark.parametrize("with_array", [True, False])
+def test_problem_type_is_inferred_from_every_label_not_the_first(with_array):
+    """A multi-target regression whose first row is 0/1 was taken for multi-label classification (then its label
+    check named a 0.5 label as invalid for "binary tasks"); the labels are now all looked at, as array or item by
+    item."""
+    import numpy as np
+
+    from headprep_hf.labels import infer_problem_type
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = np.asarray(rows, dtype=np.float32)
+            if with_array:
+                self.labels = self.rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return {"x": torch.zeros(2), "labels": torch.from_numpy(self.rows[i])}
+
+    nan = float("nan")
+    assert infer_problem_type(Rows([[0, 1], [1, nan], [0, 0]])) == "multi_label_classification"
+    assert infer_problem_type(Rows([[0, 1], [0.5, 2.5]])) == "regression"
+    assert infer_problem_type(Rows([[0.5, 1], [0, 1]])) == "regression"
+    assert infer_problem_type(Rows([[1.5], [2.0]])) == "regression"

@@ -176,14 +176,28 @@ def _first_label(dataset, label_name: str) -> np.ndarray | None:
 def infer_problem_type(dataset, label_name: str = "labels") -> str:
     """The problem type the labels show, for models and configs that declare none: integer labels are class ids
     (`single_label_classification`), a float per sample is `regression`, float vectors of 0/1 (NaN = missing) are
-    `multi_label_classification`, other float vectors `regression`. Unreadable labels: single-label classification."""
+    `multi_label_classification`, other float vectors `regression`. Unreadable labels: single-label classification.
+
+    The first sample decides the kind; 0/1 vectors are then checked over every label where they can be read
+    (`dataset_labels`, the scan the label checks make anyway): a multi-target regression whose first row happens to
+    be 0/1 is regression."""
     label = _first_label(dataset, label_name) if dataset is not None else None
     if label is None or not np.issubdtype(label.dtype, np.floating):
         return "single_label_classification"
     if label.ndim == 0:
         return "regression"
-    present = label[~np.isnan(label)]
-    return "multi_label_classification" if np.all((present == 0) | (present == 1)) else "regression"
+    if not _binary(label):
+        return "regression"
+    labels = dataset_labels(dataset, label_name)
+    if labels is not None and np.issubdtype(np.asarray(labels).dtype, np.number) and not _binary(labels):
+        return "regression"
+    return "multi_label_classification"
+
+
+def _binary(values) -> bool:
+    values = np.asarray(values, dtype=np.float64)
+    present = values[~np.isnan(values)]
+    return bool(np.all((present == 0) | (present == 1)))
 
 
 def check_trainer_datasets(trainer) -> None:
