@@ -70,6 +70,13 @@ def clone_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in tensors.items()}
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache folder for the recipe tests that only need the 1-epoch MNIST-5k source model (about 7 s to build on
+    the CI machine): the first builds it, the others load it. Tests about building the cache keep their own."""
+    return tmp_path_factory.mktemp("shared_cache")
+
+
 @pytest.fixture
 def train_set():
     return TinyImages(48, seed=0)

@@ -152,13 +152,13 @@ def test_sweep_help_lists_every_option(capsys):
 
 
 @pytest.mark.slow
-def test_console_command_sweep_exchange_report(tmp_path):
+def test_console_command_sweep_exchange_report(tmp_path, shared_cache):
     out = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         str(Path(sys.executable).with_name("headprep")),
         "sweep",
-        *tiny(tmp_path / "cache", "--output_dir", str(out)),
+        *tiny(shared_cache, "--output_dir", str(out)),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -183,14 +183,14 @@ def test_console_command_sweep_exchange_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_recipe_shards_and_merge(tmp_path, capsys):
+def test_sweep_recipe_shards_and_merge(tmp_path, capsys, shared_cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     recipe = [sys.executable, str(ROOT / "recipes" / "sweep_tau.py")]
     # One seed: 3 jobs over 2 shards. Shard 0 through the recipe script, shard 1 through the console command in this
     # process (the same entry point; the console command's own subprocess run is the test above).
     shard = [
         tiny(
-            tmp_path / "cache",
+            shared_cache,
             "--sweep_seeds",
             "0",
             "--sweep_shard",

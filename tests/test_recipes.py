@@ -159,8 +159,8 @@ def test_recipe_help_exits_zero():
 
 
 @pytest.mark.slow
-def test_accelerate_launch(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HEADPREP_CACHE=str(tmp_path / "cache"))
+def test_accelerate_launch(tmp_path, shared_cache):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HEADPREP_CACHE=str(shared_cache))
     command = [
         sys.executable,
         "-m",

@@ -159,10 +159,10 @@ def test_derived_digit_masks():
 
 
 @pytest.mark.slow
-def test_segmentation_recipe_and_sweep_task(tmp_path, capsys):
+def test_segmentation_recipe_and_sweep_task(tmp_path, capsys, shared_cache):
     from conftest import run_recipe_and_sweep
 
-    tiny = ["--source_epochs", "1", "--cache_dir", str(tmp_path / "cache"), "--use_cpu", "true"]
+    tiny = ["--source_epochs", "1", "--cache_dir", str(shared_cache), "--use_cpu", "true"]
     tiny += ["--num_train_epochs", "1", "--toy_classes", "0", "1", "--canvas_size", "32"]  # 2 digits on 32 px: quick
     metrics, sweep = run_recipe_and_sweep("semantic_segmentation", "segmentation", tiny, tmp_path, probe_samples=32)
     assert 0.0 <= metrics["validation_mean_iou"] <= 1.0 and metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
