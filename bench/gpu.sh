@@ -7,8 +7,8 @@
 #   run(command="bash bench/gpu.sh syncs", ...)   # raw loop against Trainer at logging_steps 5 and 1000, both tasks
 #   run(command="bash bench/gpu.sh profile", ...)   # where each side's update time goes, both tasks (about 4 min)
 #
-# A 15-minute lease: first `bash bench/gpu.sh profile classification` (timeout_s=590), then
-# `bash bench/gpu.sh segmentation` (timeout_s=240).
+# A 15-minute lease: `bash bench/gpu.sh classification segmentation` (timeout_s=590: about 6 minutes on an H100,
+# the machine's start not counted); `profile` and `syncs` are for a second lease.
 #
 # The device image has torch, torchvision, accelerate, timm and transformers, but maybe not the versions this
 # project pins; wheels in .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`, then `pip download` as the
@@ -25,10 +25,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python3 -c "import torch, transformers, timm; print(torch.__version__, transformers.__version__, timm.__version__)"
+    python3 -c "import torch, transformers, timm, accelerate as a; \
+                print(torch.__version__, transformers.__version__, timm.__version__, a.__version__)"
     # 1. ResNet-50 at 224 px, bf16: (c)/(a) on in-memory uint8 (the issue's acceptance 3), 5 repeats, then the host
     #    synchronisations per update; 2. the same over the JPEG folder (the default pipeline; loader-bound on 8
-    #    workers), 2 repeats. Each writes its JSON after every repeat, so a part stopped by its limit keeps what ran.
+    #    workers), sides (a)-(c), 3 repeats. Each writes its JSON after every repeat, so a part stopped by its limit
+    #    keeps what ran.
     part() { local limit=$1; shift; local t=$SECONDS; timeout "$limit" python3 bench/throughput.py --device cuda "$@"; \
              echo "== part done: rc $?, $((SECONDS - t)) s of $limit"; }
     # 0. Where the time of an update goes: the raw loop, Trainer and HeadPrepTrainer's FT stage under torch.profiler
@@ -40,8 +42,10 @@ fi
             --json "$OUT/profile_segmentation.json"
     fi
     if [[ " $TASKS " == *" classification "* ]]; then
-        part 160 --data memory --repeats 5 --json "$OUT/classification_memory.json"
-        part 190 --data jpeg --repeats 2 --json "$OUT/classification_jpeg.json"
+        # (c) with its measurements off too: what the measurements cost beside the trainer's own update.
+        part 170 --data memory --sides raw_timm trainer headprep_ft headprep_ft_off headprep_hp --repeats 5 \
+            --json "$OUT/classification_memory.json"
+        part 170 --data jpeg --sides raw_timm trainer headprep_ft --repeats 3 --json "$OUT/classification_jpeg.json"
     fi
     # 3. DeepLabV3 (ResNet-50, output stride 8) at 513 px, bf16, in memory and over the VOC-layout JPEG folder.
     if [[ " $TASKS " == *" segmentation "* ]]; then

@@ -83,6 +83,9 @@ from headprep_hf.models import TimmDeepLabV3
 from headprep_hf.tasks.base import COMMON_RECIPE_DEFAULTS, default_num_workers
 
 SIDES = ("raw_timm", "trainer", "headprep_ft", "headprep_hp")
+# Not run by default: (c) with its measurements off (`track_dynamics=False`), which separates what the measurements
+# cost from what the trainer's own update costs.
+EXTRA_SIDES = ("headprep_ft_off",)
 PRESETS = {
     ("cpu", "classification"): dict(
         arch="resnet10t", image_size=64, batch_size=32, steps=12, warmup=3, repeats=3, bf16=False
@@ -288,6 +291,7 @@ class Clock:
         self.t0 = self.t1 = None
         self.steps = 0
         self.profiler = None
+        self.marks: list[float] = []  # host time at each measured update's end (no sync: where the host waited)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -301,6 +305,8 @@ class Clock:
                 self.profiler = torch.profiler.profile(activities=self.profile_activities)
                 self.profiler.start()
             self.t0 = time.perf_counter()
+        elif self.t0 is not None and self.t1 is None:
+            self.marks.append(time.perf_counter())
 
     def stop(self) -> None:
         self._sync()
@@ -414,7 +420,9 @@ def run_trainer(opts, model, dataset, data_name, data_config, tmp, sync_debug=Fa
     return _timed(opts, clock, trainer.train, sync_debug)
 
 
-def run_headprep(opts, model, dataset, data_name, data_config, tmp, stage, sync_debug=False) -> dict[str, float]:
+def run_headprep(
+    opts, model, dataset, data_name, data_config, tmp, stage, sync_debug=False, measure=True
+) -> dict[str, float]:
     args = _training_args(
         opts,
         data_name,
@@ -423,7 +431,7 @@ def run_headprep(opts, model, dataset, data_name, data_config, tmp, stage, sync_
         hp_epochs=1,
         hp_learning_rate=1e-2,
         hp_cache_features=False,
-        track_dynamics=True,  # drift probe at its default size (min(256, max(64, n // 16)) training samples)
+        track_dynamics=measure,  # drift probe at its default size (min(256, max(64, n // 16)) training samples)
         ignore_index=IGNORE_INDEX,
         overwrite_output_dir=True,
         save_total_limit=None,
@@ -490,7 +498,23 @@ def _timed(opts, clock, train, sync_debug: bool) -> dict[str, float]:
 def _result(opts, clock: Clock, wall: float) -> dict[str, float]:
     steady_steps = clock.steps - opts.warmup
     samples_per_s = steady_steps * opts.batch_size / (clock.t1 - clock.t0)
-    return {"samples_per_s": samples_per_s, "wall_s": wall, "steps": clock.steps}
+    # Host time between consecutive update ends (the last one to the clock's stop holds the run's end: the epoch-end
+    # passes). Without a sync these show where the host waited: evenly spread, or one long stall.
+    marks = [clock.t0, *clock.marks, clock.t1]
+    step_ms = [round(1e3 * (b - a), 2) for a, b in zip(marks, marks[1:])]
+    return {"samples_per_s": samples_per_s, "wall_s": wall, "steps": clock.steps, "step_ms": step_ms}
+
+
+def describe_steps(step_ms: list[float]) -> str:
+    """The host intervals of one run in a few numbers: median, the slowest (with its position) and the last."""
+    if len(step_ms) < 2:
+        return ""
+    body = step_ms[:-1]
+    slow = max(range(len(body)), key=body.__getitem__)
+    return (
+        f"; host ms per update: median {statistics.median(body):.1f}, slowest {body[slow]:.1f} (#{slow + 1}), "
+        f"last + end {step_ms[-1]:.1f}"
+    )
 
 
 def time_loader(opts, dataset) -> dict[str, float]:
@@ -528,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in ("image_size", "batch_size", "steps", "warmup", "repeats", "workers"):
         parser.add_argument(f"--{key}", type=int)
     parser.add_argument("--data", nargs="+", choices=["jpeg", "memory"], default=["jpeg", "memory"])
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--sides", nargs="+", choices=SIDES + EXTRA_SIDES, default=list(SIDES))
     parser.add_argument(
         "--logging_steps",
         type=int,
@@ -590,6 +614,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "trainer": lambda m, d, n, o: run_trainer(o, m, d, n, data_config, tmp),
             "headprep_ft": lambda m, d, n, o: run_headprep(o, m, d, n, data_config, tmp, "ft"),
             "headprep_hp": lambda m, d, n, o: run_headprep(o, m, d, n, data_config, tmp, "hp"),
+            "headprep_ft_off": lambda m, d, n, o: run_headprep(o, m, d, n, data_config, tmp, "ft", measure=False),
         }
         for rep in range(opts.repeats):
             order = opts.sides[rep % len(opts.sides) :] + opts.sides[: rep % len(opts.sides)]
@@ -598,8 +623,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     result = runners[side](copy.deepcopy(base), datasets[data_name], data_name, plan(opts, data_name))
                     results[data_name][side].append(result)
                     print(
-                        f"rep {rep} {data_name:6s} {side:12s} {result['samples_per_s']:8.1f} samples/s "
-                        f"(whole call {result['wall_s']:.1f} s)",
+                        f"rep {rep} {data_name:6s} {side:15s} {result['samples_per_s']:8.1f} samples/s "
+                        f"(whole call {result['wall_s']:.1f} s{describe_steps(result.get('step_ms', []))})",
                         flush=True,
                     )
                     gc.collect()  # shut the run's loader workers down here, outside the next run's clock
@@ -746,7 +771,7 @@ def summarize(results: dict, datasets: dict, echo: bool) -> dict[str, Any]:
             }
             ratio = f"{m / ref:.3f}" if ref else "-"
             pair = f"{paired:.3f}" if paired is not None else "-"
-            say(f"  {data_name:6s} {s:12s} {m:9.1f} [{min(rates):.1f}-{max(rates):.1f}]   x{ratio}   paired x{pair}")
+            say(f"  {data_name:6s} {s:15s} {m:9.1f} [{min(rates):.1f}-{max(rates):.1f}]   x{ratio}   paired x{pair}")
             shares = [r["drift_share_of_window"] for r in sides[s] if "drift_share_of_window" in r]
             if s == "headprep_ft" and shares:
                 share = statistics.median(shares)
