@@ -87,12 +87,12 @@ def test_prepared_head_config_with_a_missing_key_names_file_and_key(tmp_path, pr
 
 @pytest.mark.parametrize("with_array", [True, False])
 def test_problem_type_is_inferred_from_every_label_not_the_first(with_array):
-    """A multi-target regression whose first row is 0/1 was taken for multi-label classification (then its label
-    check named a 0.5 label as invalid for "binary tasks"); the labels are now all looked at, as array or item by
-    item."""
+    """A multi-target regression whose first row is 0/1 was taken for multi-label classification, and its label check
+    then refused a 0.5 label for "binary tasks". Labels held as an array are now all looked at; read item by item
+    (the label check's own scan), the check names the fix."""
     import numpy as np
 
-    from headprep_hf.labels import infer_problem_type
+    from headprep_hf.labels import check_task_labels, infer_problem_type
 
     class Rows(torch.utils.data.Dataset):
         def __init__(self, rows):
@@ -108,6 +108,41 @@ def test_problem_type_is_inferred_from_every_label_not_the_first(with_array):
 
     nan = float("nan")
     assert infer_problem_type(Rows([[0, 1], [1, nan], [0, 0]])) == "multi_label_classification"
-    assert infer_problem_type(Rows([[0, 1], [0.5, 2.5]])) == "regression"
     assert infer_problem_type(Rows([[0.5, 1], [0, 1]])) == "regression"
     assert infer_problem_type(Rows([[1.5], [2.0]])) == "regression"
+    regression = Rows([[0, 1], [0.5, 2.5]])
+    if with_array:
+        assert infer_problem_type(regression) == "regression"
+    else:
+        assert infer_problem_type(regression) == "multi_label_classification"
+        with pytest.raises(ValueError, match=r'train_dataset\[1\] has label 0.5 .*problem_type="regression"'):
+            check_task_labels(regression, 2, "train_dataset", "multi_label_classification")
+
+
+@pytest.mark.parametrize("problem_type", ["single_label_classification", "multi_label_classification"])
+def test_label_checks_leave_the_training_rngs_alone(tmp_path, problem_type):
+    """The label checks read every sample of a dataset without a label array; an augmenting `__getitem__` then drew
+    from torch's, Python's and NumPy's RNGs, so checking the labels changed the training run."""
+    import random
+
+    import numpy as np
+
+    from headprep_hf.labels import check_trainer_datasets
+
+    multi = problem_type == "multi_label_classification"
+
+    class Augmenting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            x = torch.randn(3, 16, 16) + random.random() + float(np.random.rand())
+            label = torch.tensor([float(i % 2), 1.0, 0.0]) if multi else i % 3
+            return {"pixel_values": x, "labels": label}
+
+    args = make_config(tmp_path, hp_epochs=1, problem_type=problem_type)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=Augmenting())
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    check_trainer_datasets(trainer)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1] and np.array_equal(np.random.get_state()[1], states[2])

@@ -167,9 +167,10 @@ def test_probe_kept_or_re_read_gives_fixed_views_and_leaves_training_alone(tmp_p
         args = make_config(tmp_path / str(limit), hp_epochs=1, num_train_epochs=2, drift_probe_samples=20)
         trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=NoisyImages(train_set))
         trainer.train()
-        assert isinstance(trainer.measurements._probe_loader, dynamics.ReplayedBatches) == (limit > 0)
+        assert trainer.measurements._probe_loader is None  # not held after the run
         assert trainer.dynamics["drift"][-1]["sq_dist"] > 0
         trainer.measure_start()  # z_0 := features now; the weights do not change until the next measurement
+        assert isinstance(trainer.measurements._probe_loader, dynamics.ReplayedBatches) == (limit > 0)
         torch.rand(100)
         assert trainer.measure_drift()["sq_dist"] == 0.0
         states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
@@ -206,6 +207,26 @@ def test_kept_probe_batches_are_collated_once_and_replayed_exactly(tmp_path, mon
         assert trainer.dynamics["num_probe_samples"] == trainer.measurements.z0.shape[0] == 20
         assert reads["n"] == (20 if replay else 20 * 4)  # z_0 and three epoch ends
     assert drift[True] == drift[False]
+
+
+def test_replayed_probe_batches_are_fresh_for_a_forward_that_changes_its_input(tmp_path, train_set):
+    """A forward may change its input in place (legal under no_grad); on the CPU the replay must then hand it fresh
+    tensors, as the loader's collate did, or the next pass sees shifted inputs."""
+
+    class InPlace(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.m = model
+
+        def forward(self, pixel_values):
+            pixel_values.sub_(0.1)
+            return self.m(pixel_values)
+
+    args = make_config(tmp_path, hp_epochs=0, head_modules=["m.fc"])
+    trainer = HeadPrepTrainer(model=InPlace(tiny_timm()), args=args, train_dataset=train_set)
+    trainer.measure_start()
+    assert type(trainer.measurements._probe_loader).__name__ == "ReplayedBatches"
+    assert [trainer.measure_drift()["sq_dist"] for _ in range(2)] == [0.0, 0.0]  # unchanged weights
 
 
 def test_probe_in_memory_reads_seeded_views_and_keeps_the_rng(train_set):

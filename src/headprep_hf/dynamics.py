@@ -157,8 +157,12 @@ class ReplayedBatches:
         return len(self.batches)
 
     def __iter__(self):
+        on_host = torch.device(self.device).type == "cpu"
         for batch in self.batches:
-            yield send_to_device(batch, self.device, non_blocking=self.non_blocking)
+            if on_host:  # fresh tensors, as the loader's collate gave: a forward may change its input in place
+                yield recursively_apply(torch.Tensor.clone, batch, error_on_other_type=False)
+            else:
+                yield send_to_device(batch, self.device, non_blocking=self.non_blocking)
 
 
 def sample_nbytes(sample) -> int:

@@ -3,6 +3,7 @@ with a device-side assert or a silently wrong loss."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Mapping
@@ -16,15 +17,16 @@ _LABEL_COLUMNS = ("labels", "label")
 _MAX_ITERATED = 200_000
 
 
-def dataset_labels(dataset, label_name: str = "labels") -> np.ndarray | None:
+def dataset_labels(dataset, label_name: str = "labels", read_items: bool = True) -> np.ndarray | None:
     """All labels of a map-style dataset as one array, read cheaply where the dataset allows.
 
     Looks for a `labels`/`targets` attribute, a `datasets.Dataset` label column, a `torch.utils.data.Subset` of
-    either, and otherwise reads `dataset[i][label_name]` for every sample. Returns None for datasets without a
-    length (iterable datasets) or too large to scan item by item.
+    either, and otherwise reads `dataset[i][label_name]` for every sample (with the RNGs left as they were), unless
+    `read_items=False`. Returns None for datasets without a length (iterable datasets) or too large to scan item by
+    item.
     """
     if isinstance(dataset, torch.utils.data.Subset):
-        inner = dataset_labels(dataset.dataset, label_name)
+        inner = dataset_labels(dataset.dataset, label_name, read_items)
         return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
     for attribute in ("labels", "targets"):
         value = getattr(dataset, attribute, None)
@@ -37,17 +39,18 @@ def dataset_labels(dataset, label_name: str = "labels") -> np.ndarray | None:
                 # A transform (set_transform) may need other columns; read the raw column without it.
                 plain = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
                 return np.asarray(list(plain[column]))
-    if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+    if not read_items or not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
         return None
     if len(dataset) > _MAX_ITERATED:
         logger.warning("Not scanning the labels of a dataset of %d items one by one.", len(dataset))
         return None
     labels = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if not isinstance(item, dict) or label_name not in item:
-            return None
-        labels.append(np.asarray(item[label_name]))
+    with _rngs_untouched():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            if not isinstance(item, dict) or label_name not in item:
+                return None
+            labels.append(np.asarray(item[label_name]))
     return np.stack(labels) if labels else np.zeros(0, dtype=np.int64)
 
 
@@ -130,13 +133,29 @@ def check_task_labels(
     present = ~np.isnan(labels)
     if problem_type == "multi_label_classification":
         bad = present & (labels != 0) & (labels != 1)
-        what = "binary tasks take 0, 1 or NaN (missing)"
+        what = (
+            "binary tasks take 0, 1 or NaN (missing); if these are regression targets, set "
+            'problem_type="regression" in HeadPrepConfig'
+        )
     else:
         bad = present & ~np.isfinite(labels)
         what = "regression labels must be finite, or NaN for a missing value"
     if bad.any():
         index, task = (int(v[0]) for v in np.nonzero(bad))
         raise ValueError(f"{name}[{index}] has label {labels[index, task]} for task {task}: {what}.")
+
+
+@contextlib.contextmanager
+def _rngs_untouched():
+    """Reading samples may run random augmentation: torch's (CPU), Python's and NumPy's RNGs continue after this
+    block as if nothing had drawn from them, so checking the labels does not change the training run."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _first_item(dataset):
@@ -146,13 +165,8 @@ def _first_item(dataset):
     try:
         if len(dataset) == 0:
             return None
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):  # reading a sample may run random augmentation
-                return dataset[0]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        with _rngs_untouched():
+            return dataset[0]
     except (TypeError, KeyError, IndexError):
         return None
 
@@ -178,9 +192,10 @@ def infer_problem_type(dataset, label_name: str = "labels") -> str:
     (`single_label_classification`), a float per sample is `regression`, float vectors of 0/1 (NaN = missing) are
     `multi_label_classification`, other float vectors `regression`. Unreadable labels: single-label classification.
 
-    The first sample decides the kind; 0/1 vectors are then checked over every label where they can be read
-    (`dataset_labels`, the scan the label checks make anyway): a multi-target regression whose first row happens to
-    be 0/1 is regression."""
+    The first sample decides the kind; 0/1 vectors are then checked over every label where the dataset holds them
+    as an array or column (no item is read here: the label check that follows scans items once): a multi-target
+    regression whose first row happens to be 0/1 is regression. Read item by item, such labels are refused by that
+    check, whose message names `problem_type="regression"`."""
     label = _first_label(dataset, label_name) if dataset is not None else None
     if label is None or not np.issubdtype(label.dtype, np.floating):
         return "single_label_classification"
@@ -188,7 +203,7 @@ def infer_problem_type(dataset, label_name: str = "labels") -> str:
         return "regression"
     if not _binary(label):
         return "regression"
-    labels = dataset_labels(dataset, label_name)
+    labels = dataset_labels(dataset, label_name, read_items=False)
     if labels is not None and np.issubdtype(np.asarray(labels).dtype, np.number) and not _binary(labels):
         return "regression"
     return "multi_label_classification"

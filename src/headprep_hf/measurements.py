@@ -228,6 +228,7 @@ class MeasurementCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._maybe_drift()
+        self._probe_loader = None  # the probe's (pinned) batches are not held after the run; rebuilt when needed
 
     # ------------------------------------------------------------------ measurements
     def measure_dataset(
@@ -543,19 +544,22 @@ class MeasurementCallback(TrainerCallback):
         # the per-pass collating and pinning.
         trainer = self.trainer
         if self._probe_loader is None:
-            probe_set = probe_in_memory(self._probe_dataset(), seed=trainer.args.seed)
+            source = self._probe_dataset()
+            probe_set = probe_in_memory(source, seed=trainer.args.seed)
             self._probe_size = len(probe_set)
-            self._probe_loader = trainer.measurement_loader(probe_set)
+            loader = self._probe_loader = trainer.measurement_loader(probe_set)
             if isinstance(probe_set, InMemoryDataset) and trainer.accelerator.num_processes == 1:
                 device = trainer.accelerator.device
                 self._probe_loader = ReplayedBatches(
-                    self._probe_loader,
+                    loader,
                     seed=trainer.args.seed,
                     drop_keys=trainer.label_names,
                     device=device,
                     pin=trainer.args.dataloader_pin_memory and device.type == "cuda",
                     non_blocking=bool(getattr(trainer.accelerator, "non_blocking", False)),
                 )
+                if self._probe_loader is not loader and probe_set is not source:
+                    probe_set.samples = []  # ours, and replayed: one copy of the probe (Accelerate keeps the loader)
         return self.measure_dataset(
             None,
             False,
