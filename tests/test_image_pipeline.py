@@ -444,6 +444,13 @@ _PROCESSORS = {  # transformers' own preprocessing: size {height, width} warps; 
         dict(size={"height": 36, "width": 36}, crop_size={"height": 32, "width": 32}),
         "squash",
     ),
+    # Non-square warps: timm's input_size (3, h, w), one crop share for both sides
+    "vit_wide": ("ViTImageProcessor", dict(size={"height": 32, "width": 48}), "squash"),
+    "deit_wide": (
+        "DeiTImageProcessor",
+        dict(size={"height": 36, "width": 54}, crop_size={"height": 32, "width": 48}),
+        "squash",
+    ),
     "convnext384": ("ConvNextImageProcessor", dict(size={"shortest_edge": 384}, crop_pct=0.875), "squash"),
     "convnext224": ("ConvNextImageProcessor", dict(size={"shortest_edge": 224}, crop_pct=0.875), "center"),
 }
@@ -474,7 +481,10 @@ def test_eval_transform_reproduces_warping_and_cropping_processors_on_a_non_squa
     assert image_processor_for_data_config(processor, config) is processor
 
 
-@pytest.mark.parametrize("kind, image_size", [("vit", 48), ("deit", 40), ("convnext384", 416), ("convnext224", 40)])
+@pytest.mark.parametrize(
+    "kind, image_size",
+    [("vit", 48), ("deit", 40), ("convnext384", 416), ("convnext224", 40), ("vit_wide", 40), ("deit_wide", 40)],
+)
 def test_processor_set_to_a_new_size_keeps_its_resize_mode_and_size_keys(tmp_path, kind, image_size):
     from transformers import AutoImageProcessor
 
@@ -490,6 +500,26 @@ def test_processor_set_to_a_new_size_keeps_its_resize_mode_and_size_keys(tmp_pat
     ours = build_image_transforms(config, is_training=False, normalize=True)(image)
     theirs = loaded(image, return_tensors="pt")["pixel_values"][0]
     assert ours.shape == theirs.shape == (3, image_size, image_size) and (ours - theirs).abs().max() < 1e-5
+
+
+def test_a_non_square_warp_is_read_as_timms_non_square_input_size_or_named(tmp_path):
+    """A processor warping to height != width was read by its height only: a 32x48 ViT input came out 32x32."""
+    import transformers
+
+    from headprep_hf.data.images import image_processor_for_data_config
+
+    wide = image_processor_data_config(_processor(tmp_path / "vit", "vit_wide"))
+    assert wide["input_size"] == (3, 32, 48) and wide["crop_pct"] == 1.0 and wide["crop_mode"] == "squash"
+    deit = image_processor_data_config(_processor(tmp_path / "deit", "deit_wide"))
+    assert deit["input_size"] == (3, 32, 48) and deit["crop_pct"] == pytest.approx(32 / 36)
+    # Crops of two different shares cannot be one timm crop_pct: the square reading stays, and says so.
+    odd = transformers.DeiTImageProcessor(size={"height": 36, "width": 54}, crop_size={"height": 32, "width": 32})
+    with pytest.warns(UserWarning, match="warps to 36x54 and crops 32x32.*--image_size"):
+        config = image_processor_data_config(odd)
+    assert config["input_size"] == (3, 32, 32)
+    # A shortest-edge processor cannot describe a non-square run: nothing is saved rather than a wrong processor.
+    square = _processor(tmp_path / "convnext", "convnext224")
+    assert image_processor_for_data_config(square, {**image_processor_data_config(square), **wide}) is None
 
 
 def test_a_processor_cannot_take_the_other_resize_mode():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -208,6 +209,10 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
             crop_pct, crop_mode = 1.0, "squash"
     else:
         crop_pct = _crop_pct(side, resize)
+    input_size = (3, int(side), int(side))
+    height, width = size.get("height"), size.get("width")
+    if crop_mode == "squash" and height and width and height != width:  # a warp to a non-square size
+        input_size, crop_pct = _non_square(processor, int(height), int(width), crop, input_size, crop_pct)
     resample = getattr(processor, "resample", None)
     interpolation = {
         Image.Resampling.BICUBIC: "bicubic",
@@ -215,13 +220,33 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
         Image.Resampling.LANCZOS: "lanczos",
     }.get(resample, "bilinear")
     return {
-        "input_size": (3, int(side), int(side)),
+        "input_size": input_size,
         "interpolation": interpolation,
         "mean": tuple(float(v) for v in (getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))),
         "std": tuple(float(v) for v in (getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))),
         "crop_pct": crop_pct,
         "crop_mode": crop_mode,
     }
+
+
+def _non_square(processor, height: int, width: int, crop: dict, square: tuple, square_crop_pct: float):
+    """`input_size` and `crop_pct` of a processor that warps to `height x width` (and may crop `crop_size`): timm's
+    transforms take `input_size = (3, h, w)` and one crop share for both sides. Where one share cannot give both
+    resize sides back, the square reading by height stays, with a warning naming the fix."""
+    if getattr(processor, "do_center_crop", False) and crop:
+        crop_h, crop_w = int(crop.get("height") or height), int(crop.get("width") or width)
+    else:
+        crop_h, crop_w = height, width
+    for share in (_crop_pct(crop_h, height), _crop_pct(crop_w, width)):
+        if math.floor(crop_h / share) == height and math.floor(crop_w / share) == width:
+            return (3, crop_h, crop_w), share
+    warnings.warn(
+        f"The image processor warps to {height}x{width} and crops {crop_h}x{crop_w}: timm's transforms take one crop "
+        f"share for both sides, so the images are prepared at {square[1]}x{square[2]} instead; pass --image_size "
+        "(and --crop_pct) to choose the size.",
+        stacklevel=3,
+    )
+    return square, square_crop_pct
 
 
 def _crop_pct(side: int, resize: int) -> float:
@@ -264,17 +289,18 @@ def image_processor_for_data_config(processor: Any, data_config: dict[str, Any])
     if same_data_config(image_processor_data_config(processor), data_config):
         return processor
     new = copy.deepcopy(processor)
-    side, crop_pct = int(data_config["input_size"][-1]), float(data_config["crop_pct"])
+    height, side = int(data_config["input_size"][-2]), int(data_config["input_size"][-1])  # (side: the width)
+    crop_pct = float(data_config["crop_pct"])
     size = getattr(new, "size", None) or {}
-    by_edge = size.get("shortest_edge") is not None
+    by_edge = size.get("shortest_edge") is not None  # (a non-square input size cannot be read back from these)
     if getattr(new, "crop_pct", None) is not None:  # ConvNext: resize to side / crop_pct, then crop side
         new.size, new.crop_pct = {"shortest_edge": side}, crop_pct
     elif hasattr(new, "do_center_crop") and (crop_pct < 1.0 or getattr(new, "do_center_crop", False)):
-        resize = max(side, math.floor(side / crop_pct))  # as timm's eval transform
-        new.size = {"shortest_edge": resize} if by_edge else {"height": resize, "width": resize}
-        new.crop_size, new.do_center_crop = {"height": side, "width": side}, True
+        resize_h, resize = (max(v, math.floor(v / crop_pct)) for v in (height, side))  # as timm's eval transform
+        new.size = {"shortest_edge": resize} if by_edge else {"height": resize_h, "width": resize}
+        new.crop_size, new.do_center_crop = {"height": height, "width": side}, True
     else:
-        new.size = {"shortest_edge": side} if by_edge else {"height": side, "width": side}
+        new.size = {"shortest_edge": side} if by_edge else {"height": height, "width": side}
     new.resample = _PIL_RESAMPLE.get(data_config["interpolation"], 2)
     new.image_mean, new.image_std = list(data_config["mean"]), list(data_config["std"])
     return new if same_data_config(image_processor_data_config(new), data_config) else None
