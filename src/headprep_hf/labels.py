@@ -3,13 +3,13 @@ with a device-side assert or a silently wrong loss."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 from collections.abc import Mapping
 
 import numpy as np
 import torch
+
+from .dynamics import forked_rng
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def dataset_labels(dataset, label_name: str = "labels", read_items: bool = True)
         logger.warning("Not scanning the labels of a dataset of %d items one by one.", len(dataset))
         return None
     labels = []
-    with _rngs_untouched():
+    with forked_rng():  # reading samples may run random augmentation
         for i in range(len(dataset)):
             item = dataset[i]
             if not isinstance(item, dict) or label_name not in item:
@@ -86,14 +86,8 @@ def check_dense_shapes(dataset, name: str, label_name: str = "labels") -> None:
         return
     if len(dataset) > _MAX_ITERATED:
         return
-    # Reading samples runs their random augmentation: keep the training RNG streams untouched.
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            _scan_dense_shapes(dataset, name, label_name)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    with forked_rng():  # reading samples runs their random augmentation: the training RNG streams stay untouched
+        _scan_dense_shapes(dataset, name, label_name)
 
 
 def _scan_dense_shapes(dataset, name: str, label_name: str) -> None:
@@ -145,19 +139,6 @@ def check_task_labels(
         raise ValueError(f"{name}[{index}] has label {labels[index, task]} for task {task}: {what}.")
 
 
-@contextlib.contextmanager
-def _rngs_untouched():
-    """Reading samples may run random augmentation: torch's (CPU), Python's and NumPy's RNGs continue after this
-    block as if nothing had drawn from them, so checking the labels does not change the training run."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
 def _first_item(dataset):
     """`dataset[0]` of a map-style dataset, read with every RNG left as it was; None when there is none."""
     if not hasattr(dataset, "__getitem__") or isinstance(dataset, torch.utils.data.IterableDataset):
@@ -165,7 +146,7 @@ def _first_item(dataset):
     try:
         if len(dataset) == 0:
             return None
-        with _rngs_untouched():
+        with forked_rng():  # reading samples may run random augmentation
             return dataset[0]
     except (TypeError, KeyError, IndexError):
         return None
@@ -310,22 +291,17 @@ def shape_mismatch_error(dataset, name: str, error: Exception) -> Exception:
     differ from sample 0's (read only now, on the error path), or `error` itself when none is found."""
     if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
         return error
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):  # reading samples runs their augmentation
-            first = _shapes(dataset[0])
-            for i in range(1, min(len(dataset), _MAX_ITERATED)):
-                shapes = _shapes(dataset[i])
-                for key, shape in shapes.items():
-                    if key in first and shape != first[key]:
-                        return ValueError(
-                            f"{name}[{i}] has '{key}' of shape {shape} but {name}[0] has {first[key]}: samples of "
-                            "one batch must have the same shape. Resize them to one size in the dataset's transform "
-                            "(or pass a data_collator that pads)."
-                        )
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    with forked_rng():  # reading samples runs their augmentation
+        first = _shapes(dataset[0])
+        for i in range(1, min(len(dataset), _MAX_ITERATED)):
+            shapes = _shapes(dataset[i])
+            for key, shape in shapes.items():
+                if key in first and shape != first[key]:
+                    return ValueError(
+                        f"{name}[{i}] has '{key}' of shape {shape} but {name}[0] has {first[key]}: samples of "
+                        "one batch must have the same shape. Resize them to one size in the dataset's transform "
+                        "(or pass a data_collator that pads)."
+                    )
     return error
 
 
