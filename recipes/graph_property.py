@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 
 from headprep_hf import HeadPrepConfig
 from headprep_hf.cli import parse_with_config
-from headprep_hf.tasks.base import drift_text, recipe_parser, train_and_evaluate
+from headprep_hf.tasks.base import recipe_parser, summary_text, train_and_evaluate
 from headprep_hf.tasks.graph import GRAPH_DEFAULTS, GraphArguments, first_metric, load_graph
 
 
@@ -33,13 +33,9 @@ def main(script_args: GraphArguments, training_args: HeadPrepConfig) -> dict:
     trainer, metrics = train_and_evaluate(inputs, training_args)
     name = first_metric(trainer.problem_type)
     if trainer.is_world_process_zero():
-        accuracy = metrics["hp_train_accuracy"]
-        print(
-            f"tau={training_args.hp_epochs}  validation {name} {metrics[f'validation_{name}']:.4f}  "
-            f"test {name} {metrics[f'test_{name}']:.4f}  energy {metrics['energy']:.4f}"
-            + (f"  HP train label accuracy {accuracy:.4f}" if accuracy is not None else "")
-            + drift_text(metrics)
-        )
+        entries = [(f"validation {name}", f"validation_{name}"), (f"test {name}", f"test_{name}")]
+        entries += [("energy", "energy"), ("HP train label accuracy", "hp_train_accuracy")]
+        print(summary_text(training_args, metrics, entries))
     return metrics
 
 

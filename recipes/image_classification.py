@@ -27,7 +27,7 @@ from transformers import HfArgumentParser
 
 from headprep_hf import HeadPrepConfig
 from headprep_hf.cli import parse_with_config
-from headprep_hf.tasks.base import drift_text, train_and_evaluate
+from headprep_hf.tasks.base import summary_text, train_and_evaluate
 from headprep_hf.tasks.image_classification import (
     IMAGE_CLASSIFICATION_DEFAULTS,
     ImageClassificationArguments,
@@ -52,12 +52,9 @@ def main(script_args: ScriptArguments, training_args: HeadPrepConfig) -> dict:
     inputs = load_image_classification(script_args, training_args.seed)
     trainer, metrics = train_and_evaluate(inputs, training_args)
     if trainer.is_world_process_zero():
-        print(
-            f"tau={training_args.hp_epochs}  validation accuracy {metrics['validation_accuracy']:.4f}"
-            + (f"  test accuracy {metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else "")
-            + f"  energy {metrics['energy']:.4f}  HP train accuracy {metrics['hp_train_accuracy']:.4f}"
-            + drift_text(metrics)
-        )
+        entries = [("validation accuracy", "validation_accuracy"), ("test accuracy", "test_accuracy")]
+        entries += [("energy", "energy"), ("HP train accuracy", "hp_train_accuracy")]
+        print(summary_text(training_args, metrics, entries))
     return metrics
 
 

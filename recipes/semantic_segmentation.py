@@ -21,7 +21,7 @@ from transformers import HfArgumentParser
 
 from headprep_hf import HeadPrepConfig
 from headprep_hf.cli import parse_with_config
-from headprep_hf.tasks.base import drift_text, recipe_parser, train_and_evaluate
+from headprep_hf.tasks.base import recipe_parser, summary_text, train_and_evaluate
 from headprep_hf.tasks.segmentation import SEGMENTATION_DEFAULTS, SegmentationArguments, load_segmentation
 
 
@@ -34,11 +34,8 @@ def main(script_args: SegmentationArguments, training_args: HeadPrepConfig) -> d
     trainer, metrics = train_and_evaluate(inputs, training_args)
     metrics["hp_train_pixel_accuracy"] = metrics["hp_train_accuracy"]
     if trainer.is_world_process_zero():
-        print(
-            f"tau={training_args.hp_epochs}  validation mIoU {metrics['validation_mean_iou']:.4f}  "
-            f"test mIoU {metrics['test_mean_iou']:.4f}  energy {metrics['energy']:.4f}  "
-            f"HP train pixel accuracy {metrics['hp_train_accuracy']:.4f}" + drift_text(metrics)
-        )
+        entries = [("validation mIoU", "validation_mean_iou"), ("test mIoU", "test_mean_iou"), ("energy", "energy")]
+        print(summary_text(training_args, metrics, entries + [("HP train pixel accuracy", "hp_train_accuracy")]))
     return metrics
 
 

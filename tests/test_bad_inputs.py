@@ -55,6 +55,59 @@ def test_a_last_batch_of_one_sample_at_a_batchnorm_layer_names_the_remainder_and
     run(HeadPrepTrainer, make_config(tmp_path / "fixed", **settings, dataloader_drop_last=True))  # the fix works
 
 
+def test_evaluation_under_drop_last_reports_the_samples_it_leaves_out(tmp_path, caplog):
+    # Trainer applies dataloader_drop_last to evaluation too: 9 validation samples in batches of 4 are scored on 8.
+    # The evaluation stays Trainer's (same samples); the trainer says how many are left out, once per set.
+    class Counting(TinyImages):
+        def __getitem__(self, i):
+            seen.add(i)
+            return super().__getitem__(i)
+
+    seen: set[int] = set()
+    args = make_config(tmp_path, hp_epochs=0, track_dynamics=False, dataloader_drop_last=True,
+                       per_device_eval_batch_size=4)  # fmt: skip
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, eval_dataset=Counting(9))
+    with caplog.at_level("WARNING", logger="headprep_hf"):
+        trainer.evaluate()
+        trainer.evaluate()
+    assert len(seen) == 8  # as Trainer does
+    warnings = [r.getMessage() for r in caplog.records if "not evaluated" in r.getMessage()]
+    assert len(warnings) == 1 and "the last 1 of the 9 samples of eval_dataset" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="headprep_hf"):
+        trainer.evaluate(TinyImages(8))  # divisible: nothing left out, nothing said
+    assert not [r for r in caplog.records if "not evaluated" in r.getMessage()]
+
+
+def test_a_bad_test_label_stops_the_recipe_before_training(tmp_path):
+    # The recipes evaluate their test split after training: its labels are checked before the first step, as the
+    # training and validation sets are (it failed with torch's IndexError after the whole run, results unwritten).
+    from headprep_hf.tasks.base import TaskInputs, train_and_evaluate
+
+    test = TinyImages(10, seed=2)
+    test.labels[7] = 5
+    inputs = TaskInputs(model=tiny_timm(), train_dataset=TinyImages(16), eval_dataset=TinyImages(8, seed=1),
+                        test_dataset=test)  # fmt: skip
+    args = make_config(tmp_path, hp_epochs=1, num_train_epochs=1, dataloader_num_workers=0)
+    with pytest.raises(ValueError, match=r"test_dataset\[7\] has label 5, outside the 3 classes"):
+        train_and_evaluate(inputs, args)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing trained or written
+
+
+def test_a_recipe_run_without_measurements_or_test_split_finishes_its_summary(tmp_path, capsys):
+    # energy and hp_train_accuracy are None without measurements: the final log and the one-line summary skip them
+    # (both failed on formatting None, after the whole run).
+    from headprep_hf.tasks.base import TaskInputs, summary_text, train_and_evaluate
+
+    inputs = TaskInputs(model=tiny_timm(), train_dataset=TinyImages(16), eval_dataset=TinyImages(8, seed=1))
+    args = make_config(tmp_path, hp_epochs=1, num_train_epochs=1, track_dynamics=False, dataloader_num_workers=0)
+    _, metrics = train_and_evaluate(inputs, args)
+    assert metrics["energy"] is None and "test_loss" not in metrics
+    assert json.loads((tmp_path / "out" / "final_results.json").read_text())["energy"] is None
+    entries = [("validation loss", "validation_loss"), ("test loss", "test_loss"), ("energy", "energy")]
+    assert summary_text(args, metrics, entries) == f"tau=1  validation loss {metrics['validation_loss']:.4f}"
+
+
 def test_probe_larger_than_the_training_set_warns_with_both_numbers(tmp_path):
     with pytest.warns(UserWarning, match=r"drift_probe_samples=100 is larger than the training set \(48 samples\)"):
         _trainer(tmp_path, TinyImages(48), hp_epochs=1, drift_probe_samples=100).train()

@@ -240,6 +240,21 @@ def test_weights_from_a_file_or_a_random_init_name_no_hub_base_model(tmp_path):
     assert "base_model" not in _front_matter(tmp_path / "out" / "README.md")
 
 
+def test_a_segmentation_backbone_from_a_file_names_no_hub_base_model(tmp_path):
+    # TimmDeepLabV3 built its backbone with the architecture's default config: the segmentation recipe's card named
+    # `timm/test_resnet.r160_in1k` as the base model of a backbone whose weights came from a local file.
+    from safetensors.torch import save_file
+
+    from headprep_hf.cards import base_model_id
+    from headprep_hf.tasks.segmentation import SegmentationArguments, load_segmentation
+
+    save_file(tiny_timm().state_dict(), str(tmp_path / "w.safetensors"))
+    args = SegmentationArguments(model_name_or_path=str(tmp_path / "w.safetensors"), model_arch="test_resnet")
+    model = load_segmentation(args, seed=0).model
+    assert base_model_id(model) is None
+    assert model.backbone.pretrained_cfg["file"] == str(tmp_path / "w.safetensors")
+
+
 def test_toy_task_with_a_model_of_other_normalisation_says_so(tmp_path):
     """The offline toy digits are normalised with mean = std = 0.5 (the shipped source model's); a timm model
     pretrained with ImageNet's normalisation gets one warning naming both, a model of the toy's own none."""

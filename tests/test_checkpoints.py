@@ -136,3 +136,66 @@ def test_hub_upload_of_a_checkpoint_waits_for_its_commit(tmp_path, monkeypatch):
         assert {MANIFEST_NAME, "headprep_state.json", "headprep_measurements.json"} <= set(names), name
     assert all(present == 2 for *_, present in seen[1:])  # save_total_limit=1: the older one is rotated out after
     assert trainer.args.push_to_hub  # (switched off only inside Trainer's save)
+
+
+def _damage_one_value(path: Path, key: str) -> None:
+    """Add 100 to the first float of tensor `key` in a safetensors file (same size: only the checksum tells)."""
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    start = 8 + header_len + json.loads(raw[8 : 8 + header_len])[key]["data_offsets"][0]
+    raw[start : start + 4] = struct.pack("<f", struct.unpack("<f", raw[start : start + 4])[0] + 100.0)
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_best_checkpoint_is_not_loaded_at_the_end(tmp_path):
+    # load_best_model_at_end loaded the best checkpoint's weights unchecked: a file damaged after its commit (same
+    # size) became the final model without a word. It is verified against its manifest first.
+    from conftest import TinyImages, make_config, tiny_timm
+    from transformers import TrainerCallback
+
+    from headprep_hf import HeadPrepTrainer
+
+    class Damage(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps:
+                _damage_one_value(Path(state.best_model_checkpoint) / "model.safetensors", "fc.weight")
+
+    args = make_config(tmp_path, hp_epochs=1, num_train_epochs=2, per_device_train_batch_size=8, eval_strategy="steps",
+                       eval_steps=3, save_strategy="steps", save_steps=3, load_best_model_at_end=True,
+                       track_dynamics=False)  # fmt: skip
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(24), eval_dataset=TinyImages(16),
+                              callbacks=[Damage()])  # fmt: skip
+    match = r"model.safetensors does not match its checksum.*cannot be loaded as the best model; the model of the last"
+    with pytest.raises(CheckpointError, match=match):
+        trainer.train()
+
+
+def test_a_checkpoint_of_another_model_is_named_before_it_is_loaded(tmp_path):
+    # A checkpoint written with head_type="mlp", resumed into a linear-head model: Trainer loaded it non-strictly and
+    # failed with "AttributeError: 'ResNet' object has no attribute '_keys_to_ignore_on_save'".
+    from conftest import TinyImages, make_config, tiny_timm
+
+    from headprep_hf import HeadPrepTrainer
+
+    settings = dict(hp_epochs=1, per_device_train_batch_size=8, save_strategy="steps", save_steps=3,
+                    track_dynamics=False)  # fmt: skip
+    args = make_config(tmp_path, head_type="mlp", mlp_hidden_size=8, max_steps=6, **settings)
+    HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(24)).train()
+    linear = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, max_steps=9, **settings),
+                             train_dataset=TinyImages(24))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"checkpoint-9/model.safetensors holds the weights of another model: "
+                       r"tensors 2 missing \(fc.bias, fc.weight\); 4 not in the model \(fc.0.bias"):  # fmt: skip
+        linear.train(resume_from_checkpoint=True)
+
+
+def test_an_empty_checkpoint_folder_is_not_taken_for_a_trainer_checkpoint(tmp_path):
+    # A kill between creating checkpoint-N and writing its mark left an empty folder, which resuming took for a
+    # checkpoint of transformers.Trainer ("resume it with hp_epochs=0"): it is incomplete.
+    run = tmp_path / "out"
+    (run / "checkpoint-3").mkdir(parents=True)
+    assert status(str(run / "checkpoint-3")) == "torn" and latest_resumable(str(run)) is None
+    (run / "checkpoint-2").mkdir()
+    (run / "checkpoint-2" / "trainer_state.json").write_text("{}")  # a Trainer checkpoint (no manifest anywhere)
+    assert latest_resumable(str(run)) == str(run / "checkpoint-2")

@@ -66,6 +66,10 @@ def _exit_message(capsys, argv):
         (["--do_train", "false"], "--do_train is not used here"),
         (["--do_eval"], "--do_eval is not used here"),
         (["--hp_epochs", "3"], "use --sweep_taus|set the grid with --sweep_taus"),  # the grid decides
+        # argparse takes --hp-epochs for --hp_epochs: the dash spelling was accepted and then ignored by the sweep
+        (["--hp-epochs", "3"], "--hp-epochs is not used here.*sweep_taus"),
+        (["--do-train"], "--do-train is not used here"),
+        (["--config", "a.yaml", "--config", "b.yaml"], "--config is given more than once"),
     ],
 )
 def test_the_sweep_command_rejects_what_it_would_ignore(tmp_path, capsys, argv, message):
@@ -236,13 +240,19 @@ def _check_help(out: str, parser, titles: list[str]) -> None:
         (at,) = [m.start() for m in re.finditer(rf"^  {re.escape(flag)}\b", out, flags=re.M)]
         return next(title for title in start if start[title] < at < bounds[title])
 
+    from headprep_hf.cli import IGNORED_FLAGS, SWEEP_IGNORED_FLAGS
+
+    refused = {**IGNORED_FLAGS, **(SWEEP_IGNORED_FLAGS if "headprep sweep" in out else {})}
     assert group_of("--config") == "options"
     assert group_of("--model_name_or_path") == "model"
-    assert group_of("--hp_epochs") == group_of("--hp_learning_rate") == "head probing (HP)"
+    assert group_of("--hp_learning_rate") == "head probing (HP)"
+    if "--hp_epochs" not in refused:
+        assert group_of("--hp_epochs") == "head probing (HP)"
     assert group_of("--head_type") == "task head" and group_of("--drift_probe_samples") == "measurements and outputs"
     assert group_of("--learning_rate") == group_of("--lr_scheduler_type") == TRAINING_TITLE
-    for action in parser._actions:  # every option of the command is listed, once
-        assert len(re.findall(rf"^  {re.escape(action.option_strings[0])}\b", out, flags=re.M)) == 1, action
+    for action in parser._actions:  # every option of the command is listed once; the refused ones not at all
+        listed = len(re.findall(rf"^  {re.escape(action.option_strings[0])}\b", out, flags=re.M))
+        assert listed == (0 if action.option_strings[0] in refused else 1), action
 
 
 @pytest.mark.parametrize("recipe", ["image_classification", "semantic_segmentation", "graph_property"])
@@ -309,3 +319,39 @@ def test_listed_schedule_choices_are_the_working_ones(tmp_path):
             assert scheduler.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0]), schedule
             scheduler.optimizer.step(), reference.optimizer.step()
             scheduler.step(), reference.step()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("hp_label_smoothing: [0.1]\n", "hp_label_smoothing: expected a number, got \\[0.1\\]"),
+        ("sweep_taus: 4\n", r"sweep_taus: expected a list, e.g. \[4\], got 4"),
+        ("hp_learning_rate: [1, 2]\n", "hp_learning_rate: expected a number"),
+        ("sweep_taus: [0, 1.5]\n", "sweep_taus: expected whole numbers"),
+    ],
+)
+def test_a_config_file_value_of_the_wrong_kind_names_the_setting(tmp_path, capsys, content, message):
+    # argparse converts string defaults only: a file's list where one number goes reached the config as it was and
+    # failed with a bare TypeError ("'<=' not supported between instances of 'float' and 'list'").
+    config = tmp_path / "c.yaml"
+    config.write_text(content)
+    code, err = _exit_message(capsys, ["sweep", "--config", str(config), "--output_dir", str(tmp_path / "x")])
+    assert code == 2 and re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_a_config_file_sets_bools_dicts_and_lists_as_before(tmp_path):
+    # The value check must not refuse what the dataclasses take: a bool defaulting to True (whose `--no_x` action
+    # shares its dest and takes no value), a dict setting, a list for report_to.
+    from headprep_hf.cli import parse_with_config, sweep_parser
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "track_dynamics: false\nchannels_last: false\nlr_scheduler_kwargs: {min_lr: 1.0e-6}\nreport_to: [none]\n"
+        "sweep_taus: [0, 2]\nhp_learning_rate: 1\n"
+    )
+    task, args = parse_with_config(sweep_parser("image_classification"), ["--config", str(config), "--output_dir",
+                                   str(tmp_path / "x")])  # fmt: skip
+    assert args.track_dynamics is False and task.channels_last is False
+    assert args.lr_scheduler_kwargs == {"min_lr": 1e-6} and args.report_to == []  # ("none": no integration)
+    assert args.sweep_taus == [0, 2] and args.hp_learning_rate == 1

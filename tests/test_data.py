@@ -322,3 +322,38 @@ def test_a_truncated_image_names_split_index_file_and_fix_also_from_a_worker(tmp
     loader = torch.utils.data.DataLoader(validation, batch_size=4, num_workers=1)
     with pytest.raises(ValueError, match=r"validation\[3\] \(.*1\.jpg\)"):
         next(iter(loader))
+
+
+def test_a_class_folder_only_a_test_or_validation_folder_has_is_named(tmp_path):
+    # imagefolder takes the class names of every split's folders together: `test/ant` (or a typo such as `val/Dog`)
+    # silently became a head output without a training image, and every such test image an error.
+    _write_image_folder(tmp_path / "train", classes=("cat", "dog", "zebra"))
+    _write_image_folder(tmp_path / "test", classes=("ant", "dog"), per_class=2)
+    with pytest.raises(ValueError, match=r"test_dir='.*test' has class folder\(s\) \['ant'\] that train_dir=.*"
+                       r"\(its classes: \['cat', 'dog', 'zebra'\]\)"):  # fmt: skip
+        _load(tmp_path, test_dir=str(tmp_path / "test"))
+    _write_image_folder(tmp_path / "val", classes=("Dog",), per_class=2)
+    with pytest.raises(ValueError, match=r"validation_dir='.*val' has class folder\(s\) \['Dog'\]"):
+        _load(tmp_path, validation_dir=str(tmp_path / "val"))
+
+
+def test_a_dataset_test_split_without_labels_is_left_out_with_a_warning(tmp_path):
+    # Hub test splits whose labels are withheld hold -1 (imagenet-1k's): the run crashed with torch's IndexError when
+    # it evaluated them, after training, with the validation results unwritten.
+    import datasets
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+
+    def split(labels):
+        images = [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in labels]
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    split([0, 1] * 4).to_parquet(str(folder / "train.parquet"))
+    split([0, 1]).to_parquet(str(folder / "validation.parquet"))
+    split([-1, -1, -1]).to_parquet(str(folder / "test.parquet"))
+    with pytest.warns(UserWarning, match="test split of '.*hub_like' has no labels"):
+        splits, _ = _load(tmp_path, train_dir=None, dataset_name=str(folder))
+    assert "test" not in splits and len(splits["validation"]) == 2

@@ -270,3 +270,42 @@ def test_energy_dataset_labels_are_checked(tmp_path, train_set):
     )
     with pytest.raises(ValueError, match="energy_dataset"):
         trainer.probe_head()
+
+
+def test_forked_rng_draws_the_seeded_streams_inside_and_leaves_every_stream_alone_outside():
+    # The measurement passes run inside `forked_rng(seed)`: inside, the streams a seeded run would draw (CPU torch,
+    # Python, NumPy: same views at every drift pass); outside, each stream continues as if nothing had drawn.
+    import random
+
+    import numpy as np
+
+    from headprep_hf.dynamics import forked_rng
+
+    def draws():
+        return torch.rand(3), random.random(), np.random.rand()
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected_outside = draws()
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    expected_inside = draws()
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    with forked_rng(seed=1):
+        inside = draws()
+    outside = draws()
+    assert torch.equal(inside[0], expected_inside[0]) and inside[1:] == expected_inside[1:]
+    assert torch.equal(outside[0], expected_outside[0]) and outside[1:] == expected_outside[1:]
+
+
+def test_forked_rng_seeds_no_generator_it_does_not_restore(monkeypatch):
+    # `torch.manual_seed` inside the fork also reseeded every CUDA device (queued for when CUDA starts, where it had
+    # not), MPS and XPU, while the fork restored the current CUDA device only: a seeded measurement pass reset those
+    # streams to `seed` for the rest of training.
+    from headprep_hf.dynamics import forked_rng
+
+    calls = []
+    for module in (torch.cuda, torch.xpu):
+        monkeypatch.setattr(module, "manual_seed_all", lambda seed, name=module.__name__: calls.append(name))
+    with forked_rng(seed=3):
+        pass
+    assert calls == []

@@ -119,3 +119,61 @@ def test_default_probe_size_is_used_and_explicit_value_kept(tmp_path):
         trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=data)
         trainer.measure_start()
         assert trainer.dynamics["num_probe_samples"] == expected
+
+
+class _InplaceHeadNet(torch.nn.Module):
+    """A backbone and a head whose first op works in place on its input (torchvision EfficientNet's classifier is
+    `Sequential(Dropout(p, inplace=True), Linear)`; MobileNetV3's starts with `Hardswish(inplace=True)` after a
+    Linear)."""
+
+    def __init__(self, first: torch.nn.Module):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
+        self.classifier = torch.nn.Sequential(first, torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@pytest.mark.parametrize("first", ["dropout", "hardswish"])
+def test_a_head_changing_its_input_in_place_leaves_the_kept_inputs_alone(tmp_path, first):
+    # The kept head inputs (energy, drift probe z, feature cache) were the head's input tensor itself: an in-place
+    # first op turned them into its output (dropped-out and rescaled in training mode, hardswish'd in eval mode).
+    # Reference: the head input and the energy computed here in plain torch at the same weights.
+    op = torch.nn.Dropout(0.5, inplace=True) if first == "dropout" else torch.nn.Hardswish(inplace=True)
+    data = TinyImages(40, seed=0)
+    args = make_config(tmp_path, hp_epochs=2, num_train_epochs=1, head_modules=["classifier"])
+    trainer = HeadPrepTrainer(model=_InplaceHeadNet(op), args=args, train_dataset=data)
+    trainer.probe_head()  # (ends with the start-of-FT measurements)
+    assert trainer.dynamics["energy_source"] == "last HP epoch's head inputs"
+    model = trainer.model.eval()
+    x = torch.stack([data[i]["pixel_values"] for i in range(len(data))])
+    with torch.no_grad():
+        z = model.features(x)
+        p = torch.softmax(model.classifier(z.clone()), dim=-1)
+    e_y = torch.nn.functional.one_hot(torch.as_tensor(data.labels), 3).float()
+    assert trainer.dynamics["energy"] == pytest.approx(float((e_y - p).norm(dim=1).mean()), rel=1e-5)
+    probe = trainer.measurements._probe()  # the probe's z: the head's input, not the head's first output
+    assert torch.allclose(probe, z[: len(probe)], atol=1e-6)
+
+
+def test_a_sampler_drawing_with_replacement_gets_the_separate_pass(tmp_path):
+    # The kept inputs were trusted when their count equalled the training set's: a class-balancing sampler drawing
+    # with replacement passes that count with repeated and missing samples (energy 0.5361 instead of 0.5351).
+    class Balanced(HeadPrepTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            n = len(self.train_dataset)
+            return torch.utils.data.WeightedRandomSampler(torch.ones(n), n, replacement=True)
+
+    def run(name, **overrides):
+        args = make_config(tmp_path / name, hp_epochs=2, num_train_epochs=1, **overrides)
+        trainer = Balanced(model=tiny_timm(), args=args, train_dataset=TinyImages(48))
+        trainer.probe_head()
+        return trainer.dynamics
+
+    kept, passed = run("default"), run("pass", energy_from_hp_epoch=False)
+    assert kept["energy_source"] == passed["energy_source"] == "backbone pass"
+    assert kept["energy"] == passed["energy"] and kept["hp_train_accuracy"] == passed["hp_train_accuracy"]

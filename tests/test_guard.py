@@ -124,3 +124,35 @@ def test_non_finite_energy_is_recorded_as_null_with_the_reason(tmp_path):
     summary = trainer.measure_start()
     assert summary["energy"] is None and trainer.dynamics["energy"] is None
     assert "outputs on 48 training sample(s) are NaN/inf" in trainer.dynamics["nonfinite"][0]
+
+
+def test_skip_policy_puts_back_the_running_statistics_the_dropped_update_changed(tmp_path):
+    # A NaN input makes the forward's BatchNorm statistics NaN before the gradient says the update is dropped: "skip"
+    # discarded the gradients only, so the run ended with 30 NaN buffers (and its next checkpoint was refused).
+    model = tiny_timm()
+    state = {"on": False}
+
+    def nan_input(module, args):
+        return (args[0] * float("nan"),) if state["on"] else None
+
+    model.register_forward_pre_hook(nan_input)
+
+    class At(TrainerCallback):
+        def on_step_begin(self, args, state_, control, **kwargs):
+            state["on"] = state_.global_step == 8
+            if state["on"]:
+                state["before"] = {k: v.clone() for k, v in model.named_buffers()}
+
+        def on_step_end(self, args, state_, control, **kwargs):
+            if state["on"]:
+                state["after"] = {k: v.clone() for k, v in model.named_buffers()}
+            state["on"] = False
+
+    args = make_config(tmp_path, on_nonfinite="skip", save_strategy="steps", save_steps=3)
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(48, seed=0), callbacks=[At()])
+    trainer.train()
+    assert trainer.dynamics["skipped_updates"] == [{"stage": "ft", "update": 9}]
+    assert state["before"].keys() == state["after"].keys() and len(state["before"]) > 10
+    assert all(torch.equal(state["before"][k], state["after"][k]) for k in state["before"])
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert _nonfinite_files(tmp_path / "out") == []

@@ -96,6 +96,13 @@ def test_prepared_head_card_parses(tmp_path, train_set):
     hub = prepared_head_card({**config, "backbone": {**config["backbone"], "id": "timm/resnet18.a1_in1k"}})
     assert hub.data.base_model == "timm/resnet18.a1_in1k"
     assert 'timm.create_model("hf-hub:timm/resnet18.a1_in1k", pretrained=True' in hub.text
+    # A backbone not on the Hub (weights from a local file, a graph network: its architecture or class name): the
+    # snippet said to build it with timm's pretrained Hub weights, whose checksum is not the probed-on one.
+    local = prepared_head_card({**config, "backbone": {**config["backbone"], "id": "GCN"}})
+    assert local.data.base_model is None
+    assert "pretrained=True" not in local.text and "import timm" not in local.text
+    checksum = config["backbone"]["checksum"][:12]
+    assert f"model = ...  # the GCN whose weights this head was probed on (checksum {checksum}" in local.text
 
 
 def test_push_head_to_hub_uploads_exactly_the_artifact(tmp_path, train_set, monkeypatch):
@@ -261,3 +268,47 @@ def test_a_head_probed_on_other_inputs_is_named(tmp_path, train_set):
     normalized = attach_input_normalization(tiny_timm(), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     with pytest.warns(BackboneMismatchWarning, match="mean: "):
         load_prepared_head(normalized, folder)
+
+
+@pytest.mark.parametrize("damage", ["nan", "missing"])
+def test_a_prepared_head_with_nan_or_missing_tensors_is_not_loaded(tmp_path, train_set, damage):
+    # Loading checked unknown keys and shapes only: a head holding NaN went into the model, and a head file without
+    # fc.weight left the model's random fc.weight in place, both without a word.
+    from safetensors.torch import save_file
+
+    _, folder = _probed(tmp_path, train_set)
+    path = os.path.join(folder, HEAD_WEIGHTS_NAME)
+    state = {k: v.clone() for k, v in load_file(path).items()}
+    if damage == "nan":
+        state["fc.weight"][0, 0] = float("nan")
+    else:
+        del state["fc.weight"]
+    save_file(state, path)
+    model = tiny_timm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = r"holds NaN or inf values \(fc.weight\)" if damage == "nan" else r"head tensors it lacks \['fc.weight'\]"
+    with pytest.raises(ValueError, match=message):
+        load_prepared_head(model, folder)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
+
+
+def test_push_to_hub_refuses_non_finite_weights(tmp_path, train_set, monkeypatch):
+    # save_model refused NaN weights, but Trainer.push_to_hub saves through save_model(_internal_call=True), which
+    # skipped the check: NaN weights were written to output_dir and uploaded.
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    from headprep_hf.guard import NonFiniteError
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: uploads.append(kwargs))
+    args = make_config(tmp_path, num_train_epochs=1, hub_model_id="user/ft")
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set)
+    trainer.train()
+    with torch.no_grad():
+        trainer.model.fc.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="hold NaN or inf values"):
+        trainer.push_to_hub()
+    assert not uploads and not os.path.exists(os.path.join(args.output_dir, "model.safetensors"))

@@ -91,6 +91,11 @@ def test_bad_augmentation_flags_name_the_fix():
         build_image_transforms(config, is_training=True, scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="hflip=2"):
         build_image_transforms(config, is_training=True, hflip=2)
+    # (timm's own error for these was a bare KeyError, and 'random' failed only at the eval transform)
+    with pytest.raises(ValueError, match=r"interpolation='cubic' is not a resampling mode; give one of bilinear"):
+        resolve_image_data_config({}, interpolation="cubic")
+    with pytest.raises(ValueError, match="'random' is timm's --train-interpolation choice"):
+        resolve_image_data_config({}, interpolation="random")
 
 
 def test_processor_config_matches_the_processors_own_preprocessing():
@@ -103,6 +108,33 @@ def test_processor_config_matches_the_processors_own_preprocessing():
     ours = _float_of(build_image_transforms(config, is_training=False), image, config["mean"], config["std"])
     theirs = processor(image, return_tensors="pt")["pixel_values"][0]
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+_REPRODUCED = ["ViT", "DeiT", "Beit", "CLIP", "ConvNext", "PoolFormer", "MobileNetV2", "Segformer", "Siglip"]
+_NOT_REPRODUCED = {  # what each processor does beyond resize, crop, 1/255 and mean/std
+    "MobileViT": "flips the channel order",  # (BGR, and no normalisation)
+    "EfficientNet": "",  # include_top divides by the std twice; its default include_top=True (named when set)
+    "Levit": "",  # resizes the short side to 256/224 of the crop
+    "Perceiver": r"shape \(3, 224, 224\), the recipe's \(3, 256, 256\)",  # crops 256, then resizes to 224
+}
+
+
+@pytest.mark.parametrize("family", _REPRODUCED + list(_NOT_REPRODUCED))
+def test_a_processor_the_recipe_cannot_reproduce_is_refused_by_name(family):
+    # The recipe reads a processor's size, crop, resample and mean/std into timm's transforms; a processor doing more
+    # (MobileViT, EfficientNet, LeViT, Perceiver at their defaults) trained on other inputs than its own, silently.
+    # The recipe now compares the two on a test image; the processors it reproduces pass (by 1e-4 or less).
+    import transformers
+
+    from headprep_hf.data.images import check_processor_reproduced
+
+    processor = getattr(transformers, f"{family}ImageProcessor")()
+    config = resolve_image_data_config(image_processor_data_config(processor))
+    if family in _REPRODUCED:
+        check_processor_reproduced(processor, config)
+        return
+    with pytest.raises(ValueError, match=rf"image processor \({family}ImageProcessor\).*{_NOT_REPRODUCED[family]}"):
+        check_processor_reproduced(processor, config)
 
 
 @pytest.mark.parametrize("flags", [dict(image_size=48), dict(image_size=40, interpolation="bicubic")])
@@ -123,9 +155,13 @@ def test_processor_saved_with_the_model_is_set_to_the_runs_data_config(tmp_path,
     assert theirs.shape == ours.shape == (3, flags["image_size"], flags["image_size"])
     assert (ours - theirs).abs().max() < 0.05  # (PIL vs torchvision resize kernels differ slightly)
     assert processor.size["height"] == 32  # the source's processor is not changed
-    # A crop ViTImageProcessor cannot express: no processor rather than one describing other inputs.
+    # A crop: warp to floor(40 / 0.9) = 44, crop 40, which ViTImageProcessor expresses with do_center_crop (until
+    # crop shares were compared by the sizes they give, 40 / 44 = 0.909 read back against 0.9 refused it).
     cropped = resolve_image_data_config(image_processor_data_config(processor), image_size=40, crop_pct=0.9)
-    assert image_processor_for_data_config(processor, cropped) is None
+    with_crop = image_processor_for_data_config(processor, cropped)
+    assert with_crop.size["height"] == 44 and with_crop.crop_size["height"] == 40 and with_crop.do_center_crop
+    ours = _float_of(build_image_transforms(cropped, is_training=False), image, cropped["mean"], cropped["std"])
+    assert (ours - with_crop(image, return_tensors="pt")["pixel_values"][0]).abs().max() < 0.05
 
 
 def test_the_batch_that_reaches_the_model_equals_the_float_pipelines():
@@ -311,10 +347,75 @@ def test_persistent_workers_end_with_the_run_and_the_evaluation(tmp_path):
     assert set(multiprocessing.active_children()) <= before  # training and evaluation workers have stopped
     trainer.evaluate()
     assert set(multiprocessing.active_children()) <= before
+    trainer.predict(_Uint8Images(12, seed=2))  # (its workers outlived it, 5 s per worker in the collector)
+    assert set(multiprocessing.active_children()) <= before
     del trainer
     start = time.perf_counter()
     gc.collect()
     assert time.perf_counter() - start < 2.0  # nothing left to time out in the collector (was 5 s per worker)
+
+
+@pytest.mark.parametrize("order", ["validation_first", "test_first"])
+def test_evaluating_another_dataset_with_persistent_workers_evaluates_that_dataset(tmp_path, order):
+    # Trainer caches persistent evaluation loaders under "eval" for any dataset passed as an object: after
+    # `evaluate()`, `evaluate(test_set)` returned the validation metrics as test_* (the recipes and the sweep evaluate
+    # their test split this way, with persistent workers on file data). Reference: the same evaluations without
+    # persistent workers, where Trainer builds a loader per call.
+    import multiprocessing
+
+    from conftest import make_config, tiny_timm
+
+    from headprep_hf import HeadPrepTrainer
+
+    def evaluations(persistent):
+        args = make_config(
+            tmp_path / str(persistent),
+            hp_epochs=0,
+            track_dynamics=False,
+            dataloader_num_workers=1,
+            dataloader_persistent_workers=persistent,
+        )
+        torch.manual_seed(0)
+        model = attach_input_normalization(tiny_timm(), (0.5,) * 3, (0.25,) * 3)
+        trainer = HeadPrepTrainer(model=model, args=args, eval_dataset=_Uint8Images(16, seed=1))
+        test = _Uint8Images(12, seed=2)
+        if order == "validation_first":
+            out = [trainer.evaluate()["eval_loss"], trainer.evaluate(test, metric_key_prefix="test")["test_loss"]]
+        else:
+            out = [trainer.evaluate(test, metric_key_prefix="test")["test_loss"], trainer.evaluate()["eval_loss"]]
+        return out + [trainer.evaluate()["eval_loss"]]
+
+    before = set(multiprocessing.active_children())
+    expected = evaluations(persistent=False)
+    assert len({round(v, 6) for v in expected}) == 2  # the two sets give different losses
+    assert evaluations(persistent=True) == pytest.approx(expected, abs=1e-6)
+    assert set(multiprocessing.active_children()) <= before  # the test set's own loader stopped its workers too
+
+
+def test_evaluating_another_dataset_during_training_leaves_no_workers_behind(tmp_path):
+    # The test set's loader is read once: its workers are not persistent, so a callback evaluating it at every epoch
+    # end does not add a set of worker processes per evaluation until train() returns.
+    import multiprocessing
+
+    from conftest import make_config, tiny_timm
+    from transformers import TrainerCallback
+
+    from headprep_hf import HeadPrepTrainer
+
+    before, alive = set(multiprocessing.active_children()), []
+
+    class EvaluateTest(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            trainer.evaluate(_Uint8Images(12, seed=2), metric_key_prefix="test")
+            alive.append(len(set(multiprocessing.active_children()) - before))
+
+    args = make_config(tmp_path, hp_epochs=0, num_train_epochs=3, track_dynamics=False, dataloader_num_workers=1,
+                       dataloader_persistent_workers=True)  # fmt: skip
+    model = attach_input_normalization(tiny_timm(), (0.5,) * 3, (0.25,) * 3)
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=_Uint8Images(32), callbacks=[EvaluateTest()])
+    trainer.train()
+    assert alive == [1, 1, 1]  # the training loader's persistent worker only
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_real_data_flags_on_the_toy_task_are_refused_before_any_work():
@@ -500,6 +601,33 @@ def test_processor_set_to_a_new_size_keeps_its_resize_mode_and_size_keys(tmp_pat
     ours = build_image_transforms(config, is_training=False, normalize=True)(image)
     theirs = loaded(image, return_tensors="pt")["pixel_values"][0]
     assert ours.shape == theirs.shape == (3, image_size, image_size) and (ours - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "family, flags",
+    [("DeiT", dict(image_size=128)), ("DeiT", dict(image_size=288)), ("Beit", dict(crop_pct=0.9)),
+     ("CLIP", dict(crop_pct=0.95))],
+)  # fmt: skip
+def test_a_processor_is_saved_where_it_prepares_the_runs_images(tmp_path, family, flags):
+    # The crop shares were compared as numbers: DeiT at 128 px resizes to floor(128 / 0.875) = 146, which a processor
+    # reads back as 128 / 146 = 0.8767, so none was saved ("cannot express") though it prepares the same images.
+    import transformers
+    from transformers import AutoImageProcessor
+
+    from headprep_hf.data.images import _smooth_test_image, image_processor_for_data_config
+
+    processor = getattr(transformers, f"{family}ImageProcessor")()
+    config = resolve_image_data_config(image_processor_data_config(processor), **flags)
+    updated = image_processor_for_data_config(processor, config)
+    assert updated is not None
+    updated.save_pretrained(tmp_path / "saved")
+    loaded = AutoImageProcessor.from_pretrained(tmp_path / "saved")
+    image = _smooth_test_image()
+    ours = build_image_transforms(config, is_training=False, normalize=True)(image)
+    theirs = loaded(image, return_tensors="pt")["pixel_values"][0]
+    # (CLIP's crop is one pixel off where the leftover is odd: transformers floors half of it, torchvision rounds;
+    # on this slowly varying image that is 0.015 on average, a wrong resize 0.15)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().mean() < 0.02
 
 
 def test_a_non_square_warp_is_read_as_timms_non_square_input_size_or_named(tmp_path):

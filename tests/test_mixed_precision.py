@@ -122,3 +122,38 @@ def test_recipe_decides_bf16_where_the_device_supports_it(recipes_path, monkeypa
     assert _parse(out + ["--use_cpu", "true"]).bf16 is False
     monkeypatch.setattr(base, "cuda_supports_bf16", lambda: False)  # e.g. a V100
     assert _parse(out).bf16 is False
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_head_gradient_norm_is_the_unscaled_one_under_a_gradient_scaler(tmp_path, max_grad_norm):
+    # fp16 on a GPU: Accelerate's GradScaler multiplies the loss, so the gradients stay scaled until Trainer unscales
+    # them for its gradient norm; the head gradient norm, read after the backward (before clipping, like Trainer's
+    # `grad_norm`), was 1024 times the true one here. Simulated on the CPU with torch's CPU GradScaler on the
+    # accelerator (the object and calls Accelerate uses on a GPU; fp16 autocast on the CPU). Reference: the norm of
+    # the head's gradients where the optimizer reads them (Trainer has unscaled them by then), divided by the
+    # clipping factor torch's `clip_grad_norm_` applied (from Trainer's logged pre-clipping `grad_norm`).
+    from transformers import TrainerCallback
+
+    class HeadGradients(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer, self.norms = trainer, {}
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads = [p.grad for name, p in self.trainer.model.named_parameters() if name.startswith("fc.")]
+            self.norms[state.global_step + 1] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    args = make_config(tmp_path, fp16=True, max_grad_norm=max_grad_norm, num_train_epochs=2)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(48))
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer.accelerator.native_amp = True
+    reference = HeadGradients(trainer)
+    trainer.add_callback(reference)
+    trainer.train()
+    total = {r["step"]: r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r}
+    expected = []
+    for record in trainer.dynamics["head_grad_norm"]:  # (logging every update: one record per FT update)
+        step = record["step"]
+        clip = min(1.0, max_grad_norm / (total[step] + 1e-6)) if max_grad_norm > 0 else 1.0
+        expected.append(reference.norms[step] / clip)
+    assert len(expected) == 6 and (max_grad_norm == 0 or any(total[s] > max_grad_norm for s in total))
+    assert [r["value"] for r in trainer.dynamics["head_grad_norm"]] == pytest.approx(expected, rel=1e-5)

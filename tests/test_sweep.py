@@ -332,8 +332,12 @@ def test_rerun_on_other_data_is_refused_before_any_file_changes(tmp_path, data):
         (dict(optim_args=None), dict(optim_args="amsgrad=True")),
         (dict(track_dynamics=True), dict(track_dynamics=False)),
         (dict(sweep_greater_is_better=None), dict(sweep_greater_is_better=False)),
+        (dict(), dict(train_sampling_strategy="sequential")),
+        (dict(), dict(bf16_full_eval=True)),
+        (dict(), dict(eval_delay=2)),
     ],
-    ids=["greater_is_better", "strategy", "steps", "on_nonfinite", "optim_args", "track_dynamics", "sweep_direction"],
+    ids=["greater_is_better", "strategy", "steps", "on_nonfinite", "optim_args", "track_dynamics", "sweep_direction",
+         "sampling", "half_eval", "eval_delay"],
 )  # fmt: skip
 def test_settings_that_change_results_are_fingerprinted(tmp_path, a, b):
     from headprep_hf.sweep import config_fingerprint
@@ -344,6 +348,24 @@ def test_settings_that_change_results_are_fingerprinted(tmp_path, a, b):
     assert first != config_fingerprint(sweep_config(tmp_path, **{**base, **b}))
     # machine-dependent settings do not keep the shards of two machines apart
     assert first == config_fingerprint(sweep_config(tmp_path, **{**base, **a}, dataloader_num_workers=3))
+
+
+def test_settings_added_to_the_fingerprint_later_keep_the_fingerprint_of_their_defaults(tmp_path):
+    # train_sampling_strategy, half-precision evaluation, torch_compile, ... joined the fingerprint after sweeps
+    # were written: at their defaults they leave it as it was, so an earlier sweep's folder is still continued.
+    import hashlib
+
+    from headprep_hf.sweep import _FINGERPRINT_FIELDS, _FINGERPRINT_FIELDS_IF_SET, config_fingerprint
+
+    args = sweep_config(tmp_path)
+    values = {name: getattr(getattr(args, name, None), "value", getattr(args, name, None)) for name in
+              _FINGERPRINT_FIELDS}  # fmt: skip
+    values["sweep_greater_is_better"] = args.selection_greater_is_better
+    values["save_strategy"] = values["save_steps"] = None
+    earlier = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+    assert config_fingerprint(args) == earlier
+    for name, default in _FINGERPRINT_FIELDS_IF_SET.items():
+        assert getattr(args, name) == default, name
 
 
 def test_the_number_of_processes_is_fingerprinted(tmp_path, monkeypatch):
@@ -457,3 +479,13 @@ def test_settings_and_task_arguments_that_do_not_change_results_keep_one_sweep(t
     assert task_fingerprint(here) == task_fingerprint(there)
     assert task_fingerprint(here) != task_fingerprint(task(train_dir="/data/birds/test", validation_dir="val"))
     assert task_fingerprint(here) != task_fingerprint({**here, "args": {**here["args"], "max_train_samples": 200}})
+
+
+def test_sweep_metric_takes_the_eval_prefix_as_metric_for_best_model_does(tmp_path):
+    # "eval_accuracy" (metric_for_best_model's spelling) failed after HP and the first FT job, and the folder then
+    # refused the corrected rerun as another sweep's.
+    from headprep_hf.sweep import config_fingerprint
+
+    prefixed = sweep_config(tmp_path, sweep_metric="eval_accuracy")
+    assert prefixed.sweep_metric == "accuracy"
+    assert config_fingerprint(prefixed) == config_fingerprint(sweep_config(tmp_path, sweep_metric="accuracy"))

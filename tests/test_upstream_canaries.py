@@ -73,9 +73,15 @@ def test_grad_norm_of_every_update_goes_through_get_grad_norm_before_the_pre_opt
 
 
 def test_dataloader_builder_signature():
-    # Called by HeadPrepTrainer.measurement_loader: Trainer's loader (column removal, workers, Accelerate sharding).
+    # Called by HeadPrepTrainer.measurement_loader: Trainer's loader (column removal, workers, Accelerate sharding),
+    # and by HeadPrepTrainer.get_eval_dataloader with Trainer's evaluation sampler, for a dataset passed as an object
+    # under persistent workers, which Trainer caches under "eval" whatever the dataset.
     assert _params(Trainer._get_dataloader)[:4] == ["self", "dataset", "description", "batch_size"]
     assert "sampler_fn" in _params(Trainer._get_dataloader)
+    assert _params(Trainer._get_eval_sampler)[:2] == ["self", "eval_dataset"]
+    assert 'dataloader_key = eval_dataset if isinstance(eval_dataset, str) else "eval"' in inspect.getsource(
+        Trainer.get_eval_dataloader
+    )
 
 
 def test_model_init_goes_through_call_model_init():
@@ -174,3 +180,17 @@ def test_progress_callback_draws_training_bar_and_counts_from_current_step():
     assert replacement.n == 1 and callback.current_step == 3
     callback.on_train_end(None, state, None)
     assert callback.training_bar is None and replacement.disable  # (tqdm marks a closed bar disabled)
+
+
+def test_grad_scaler_keeps_its_scale_as_a_tensor():
+    # Used by: headprep_hf.measurements.MeasurementCallback.record_head_grad (the head gradient norm under fp16 is
+    # divided by the scale on the device; `get_scale()` reads it on the host).
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))
+    assert isinstance(scaler._scale, torch.Tensor) and float(scaler._scale) == scaler.get_scale() == 1024.0
+
+
+def test_the_best_model_is_loaded_through_load_best_model():
+    # Overridden by HeadPrepTrainer._load_best_model (verifies the best checkpoint against its manifest first).
+    assert "self._load_best_model()" in inspect.getsource(Trainer._finalize_training)
+    assert _params(Trainer._load_best_model) == ["self"]

@@ -49,10 +49,22 @@ def prepared_head_card(config: dict[str, Any], repo_id: str | None = None) -> Mo
         headprep_energy=config.get("energy"),
         headprep_hp_train_accuracy=config.get("hp_train_accuracy"),
     )
+    if on_hub:  # timm's create_model takes a Hub repo as "hf-hub:owner/name" (a bare "owner/name" is refused)
+        model_import = "import timm\n"
+        model_line = (
+            f'model = timm.create_model("hf-hub:{backbone}", pretrained=True, num_classes={config.get("num_labels")})'
+        )
+    else:  # weights from a local file, or a model that is not timm's: the card cannot say how to build it
+        model_import = ""
+        model_line = (
+            f"model = ...  # the {backbone} whose weights this head was probed on (checksum "
+            f"{str(config['backbone']['checksum'])[:12]}...), with num_classes={config.get('num_labels')}"
+        )
     return ModelCard.from_template(
         card_data,
         template_path=template_path("prepared_head"),
-        # timm's create_model takes a Hub repo as "hf-hub:owner/name" (a bare "owner/name" is refused)
+        model_import=model_import,
+        model_line=model_line,
         backbone_id=f"hf-hub:{backbone}" if on_hub else backbone,
         backbone_checksum=config["backbone"]["checksum"],
         repo_id=repo_id or "path/to/this/head",

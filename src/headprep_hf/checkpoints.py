@@ -98,6 +98,9 @@ def status(folder: str) -> str:
     """`"complete"`, `"torn"` (being written or killed while written) or `"unmarked"` (no manifest, no mark)."""
     if os.path.exists(os.path.join(folder, WRITING_NAME)):
         return "torn"
+    with os.scandir(folder) as entries:
+        if next(entries, None) is None:  # created, then killed before its mark: nothing in it to resume
+            return "torn"
     return "complete" if os.path.isfile(os.path.join(folder, MANIFEST_NAME)) else "unmarked"
 
 
@@ -142,21 +145,25 @@ def _previous(folder: str) -> str:
     return "no earlier complete checkpoint exists: start the run again (without resume_from_checkpoint)"
 
 
-def verify(folder: str, required: tuple[str | tuple[str, ...], ...] = ()) -> None:
+def verify(
+    folder: str, required: tuple[str | tuple[str, ...], ...] = (), use: str = "resumed", fix: str | None = None
+) -> None:
     """Check checkpoint `folder` before anything is loaded from it.
 
     A complete checkpoint: every file of its manifest is present with its size and sha256, and every entry of
     `required` (a name, or a tuple of alternatives) is in the manifest. A torn one is refused. An unmarked one
     (written by `transformers.Trainer`) passes as Trainer would take it. Raises `CheckpointError` naming the folder,
-    the file and the checkpoint to use instead.
+    the file and what to do: `fix`, or by default the checkpoint to resume from instead (`use` says what the
+    checkpoint was to be: "resumed", "loaded as the best model", ...).
     """
     if not os.path.isdir(folder):
         return  # Trainer's own error ("Can't find a valid checkpoint at ...") follows
     state = status(folder)
     siblings = checkpoints(os.path.dirname(os.path.normpath(folder)))
+    fix = fix or _previous(folder)
     if state == "torn" or (state == "unmarked" and any(status(c) == "complete" for c in siblings)):
         raise CheckpointError(
-            f"{folder} is incomplete: the run was killed while writing it (no {MANIFEST_NAME}); {_previous(folder)}."
+            f"{folder} is incomplete: the run was killed while writing it (no {MANIFEST_NAME}); {fix}."
         )
     if state == "unmarked":
         return
@@ -165,7 +172,7 @@ def verify(folder: str, required: tuple[str | tuple[str, ...], ...] = ()) -> Non
         with open(path) as f:
             entries = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path} is unreadable ({error}); {_previous(folder)}.") from error
+        raise CheckpointError(f"{path} is unreadable ({error}); {fix}.") from error
     for rel, expected in entries.items():
         file = os.path.join(folder, rel)
         if not os.path.isfile(file):
@@ -176,13 +183,46 @@ def verify(folder: str, required: tuple[str | tuple[str, ...], ...] = ()) -> Non
             problem = "does not match its checksum (damaged or changed)"
         else:
             continue
-        raise CheckpointError(f"{file} {problem}: checkpoint {folder} cannot be resumed; {_previous(folder)}.")
+        raise CheckpointError(f"{file} {problem}: checkpoint {folder} cannot be {use}; {fix}.")
     for names in required:
         names = (names,) if isinstance(names, str) else tuple(names)
         if not any(name in entries for name in names):
-            raise CheckpointError(
-                f"{folder} has no {' or '.join(names)}, which resuming it needs; {_previous(folder)}."
-            )
+            raise CheckpointError(f"{folder} has no {' or '.join(names)}, which is needed for it to be {use}; {fix}.")
+
+
+def check_weights_fit(folder: str, model) -> None:
+    """Refuse a checkpoint whose `model.safetensors` holds the weights of another model (other tensor names or shapes:
+    another `head_type`, `num_classes`, `reinit_modules` or architecture), naming the differences, before Trainer
+    loads it. (For a model that is not a transformers `PreTrainedModel`, Trainer loads such weights non-strictly and
+    then fails in its warning code with `AttributeError: ... '_keys_to_ignore_on_save'`.) Sharded or `.bin` weights are
+    left to Trainer."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(path):
+        return
+    plain = lambda name: name.replace("_orig_mod.", "")  # noqa: E731 - (a model saved or resumed under torch.compile)
+    expected = {plain(name): tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    with safe_open(path, framework="pt") as f:
+        saved = {plain(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    shapes = [
+        f"{name} {saved[name]} in the checkpoint, {expected[name]} in the model"
+        for name in sorted(expected.keys() & saved.keys())
+        if saved[name] != expected[name]
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [
+        f"{len(items)} {what} ({', '.join(items[:4])}{', ...' if len(items) > 4 else ''})"
+        for what, items in (("missing", missing), ("not in the model", unexpected), ("of another shape", shapes))
+        if items
+    ]
+    raise CheckpointError(
+        f"{path} holds the weights of another model: tensors {'; '.join(parts)}. Resume with the model and settings "
+        "it was written with (head_type, num_classes, reinit_modules, architecture), or start the new run in another "
+        "output_dir."
+    )
 
 
 def resume_checkpoint(run_dir: str, resume_from_checkpoint, refuse_existing: bool) -> str | None:

@@ -113,6 +113,11 @@ def group_help(parser: HfArgumentParser) -> None:
         parser.usage = "%(prog)s [--config FILE] [--flag VALUE ...]"
 
 
+def _underscored(flag: str) -> str:
+    """`--hp-epochs` as `--hp_epochs` (argparse, through HfArgumentParser, accepts both spellings of a flag)."""
+    return "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
+
+
 def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[str, str] | None = None):
     """`parser.parse_args_into_dataclasses(argv)`, where `--config FILE` or `--config=FILE` (.json/.yaml) supplies
     defaults that flags on the command line override. Unknown keys in the file are an error naming them.
@@ -139,14 +144,19 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
             )
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     ignored = IGNORED_FLAGS if ignored is None else ignored
+    for action in parser._actions:  # (refused flags are not offered by --help either)
+        if any(_underscored(option) in ignored for option in action.option_strings):
+            action.help = argparse.SUPPRESS
     for arg in argv:
-        flag = arg.split("=", 1)[0]
+        flag = _underscored(arg.split("=", 1)[0])  # (HfArgumentParser takes --hp-epochs for --hp_epochs too)
         if flag in ignored:
-            parser.error(f"{flag} is not used here: {ignored[flag]}")
+            parser.error(f"{arg.split('=', 1)[0]} is not used here: {ignored[flag]}")
     for i, arg in enumerate(argv):
-        if arg == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if _underscored(arg) == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "last")
             break
+    if argv.count("--config") > 1:
+        parser.error("--config is given more than once: give one file (flags on the command line override it)")
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -163,9 +173,16 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"{path}: unknown settings {unknown}")
-        for key in values:
+        actions = {}
+        for action in parser._actions:  # (a `--no_x` action shares its dest with `--x`: keep the one taking values)
+            if action.dest not in actions or actions[action.dest].nargs == 0:
+                actions[action.dest] = action
+        for key, value in values.items():
             if f"--{key}" in ignored:
                 parser.error(f"{path}: {key} is not used here: {ignored[f'--{key}']}")
+            problem = _config_value_problem(actions[key], value)
+            if problem:
+                parser.error(f"{path}: {key}: {problem}")
         parser.set_defaults(**values)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
@@ -177,6 +194,26 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
         if isinstance(args, TrainingArguments) and args.output_dir == parser.get_default("output_dir"):
             _agree_on_output_dir(args)
     return tuple(parsed)
+
+
+def _config_value_problem(action: argparse.Action, value) -> str | None:
+    """What is wrong with a config file's `value` for `action`, or None. argparse converts string defaults only, so a
+    file's list where one number goes (or a number where a list goes) reached the dataclass as it was and failed
+    there with a bare TypeError naming no setting. Only numbers and lists are checked: bools, dicts and settings that
+    take several kinds (`report_to`, `lr_scheduler_kwargs`, `accelerator_config`) pass as the dataclass takes them."""
+    if value is None or isinstance(value, str):
+        return None  # (strings are parsed as on the command line)
+    many = action.nargs in ("+", "*")
+    if many and not isinstance(value, list):
+        return f"expected a list, e.g. [{value!r}], got {value!r}"
+    if action.type not in (int, float) or action.nargs not in (None, "?", "+", "*"):
+        return None
+    for item in value if many else [value]:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            return f"expected {'numbers' if many else 'a number'}, got {value!r}"
+        if action.type is int and isinstance(item, float) and not item.is_integer():
+            return f"expected {'whole numbers' if many else 'a whole number'}, got {value!r}"
+    return None
 
 
 def _agree_on_output_dir(args: TrainingArguments) -> None:

@@ -72,15 +72,32 @@ class PassResult:
         return {"energy": mean(self.energy), "hp_train_accuracy": mean(self.correct), "p0_mean": mean(self.p_true)}
 
 
+def _device_rngs() -> tuple[str, list[int] | None]:
+    """The accelerator whose RNG state `forked_rng` keeps, and its devices: CUDA's current device once CUDA runs
+    (none before: it holds no state yet), or every device of an MPS or XPU backend (`fork_rng`'s None)."""
+    if torch.cuda.is_available():
+        return "cuda", [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    for kind in ("mps", "xpu"):
+        module = getattr(torch, kind, None)
+        if module is not None and module.is_available():
+            return kind, None
+    return "cuda", []
+
+
 @contextlib.contextmanager
 def forked_rng(seed: int | None = None):
     """Inside, torch's, Python's and NumPy's RNGs may be used freely (seeded with `seed` if given); outside, their
     streams continue as if nothing had drawn from them."""
     py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+    kind, devices = _device_rngs()
+    with torch.random.fork_rng(devices=devices, device_type=kind):
         if seed is not None:
-            torch.manual_seed(seed)
+            # Only the generators forked here: `torch.manual_seed` would also reseed every other device (the other
+            # GPUs of single-process DataParallel, MPS and XPU when the fork kept CUDA's), and queue a seeding of
+            # CUDA for when it starts, outside the fork.
+            torch.default_generator.manual_seed(seed)
+            if devices is None or devices:
+                getattr(torch, kind).manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
         try:
@@ -251,9 +268,13 @@ def measure(
         progress: Wraps the dataloader in a progress bar (`progress.pass_bar`).
     """
     captured: list[torch.Tensor] = []
+    wanted = [False]
 
     def hook(_module, args, kwargs=None):
-        captured.append(args[0] if args else next(iter(kwargs.values())))
+        if wanted[0] and not captured:  # the first head call of the batch: its input is z
+            # A copy: a head whose first op works in place (`Dropout(inplace=True)`, `Hardswish(inplace=True)`)
+            # would otherwise turn the kept z into its own output.
+            captured.append((args[0] if args else next(iter(kwargs.values()))).detach().clone())
 
     handle = feature_module.register_forward_pre_hook(hook) if max_features > 0 else None
     keys = ("energy", "p_true", "correct", "count", "features", "labels")
@@ -263,13 +284,13 @@ def measure(
         with preserved_state(model, seed):
             for batch in progress(dataloader) if progress is not None else dataloader:
                 captured.clear()
+                want_features = wanted[0] = n_features < max_features
                 with autocast():
                     outputs = call_model(model, batch)
                 to_gather = {}
                 if with_energy:
                     stats = task_energy(problem_type, extract_logits(outputs), batch[label_name], ignore_index)
                     to_gather.update(stats)
-                want_features = n_features < max_features
                 if want_features:
                     if not captured:
                         raise FeatureModuleNotCalled("The feature module was not called during the forward pass.")

@@ -7,8 +7,9 @@ read only where the Trainer synchronises anyway or something is about to be writ
 steps, epoch ends and the end of training. The run stops there with a `NonFiniteError` naming the stage, the first bad
 step and the training samples of that step (with the ones holding non-finite inputs), before any checkpoint, prepared
 head or model is written; the last good checkpoint stays. `on_nonfinite="skip"` instead drops an update whose
-gradient is not finite (its gradients are discarded before the optimizer step) and counts it; deciding that before the
-step costs one synchronisation per update, as AMP's gradient scaler does.
+gradient is not finite (its gradients are discarded before the optimizer step, and the running statistics its forward
+passes changed are put back) and counts it; deciding that before the step costs one synchronisation per update, as
+AMP's gradient scaler does.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class NonFiniteGuard(TrainerCallback):
         self._bad: torch.Tensor | None = None
         self._first: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | float | None = None
+        self._running_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, copy) at the update's start
 
     @property
     def active(self) -> bool:
@@ -98,6 +100,18 @@ class NonFiniteGuard(TrainerCallback):
         grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Under "skip", the running statistics (BatchNorm's) as this update finds them: its forward passes update
+        # them before the gradient says whether the update is dropped, and a non-finite input makes them NaN.
+        if self.policy == "skip" and self.watches_steps:
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            self._running_stats = [
+                (buffer, buffer.detach().clone())
+                for module in model.modules()
+                if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats
+                for buffer in module.buffers(recurse=False)
+            ]
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if not self.watches_steps:
             return
@@ -110,6 +124,9 @@ class NonFiniteGuard(TrainerCallback):
         elif bool(bad):  # one synchronisation per update, the price of deciding before the step
             for param in self.trainer.model.parameters():
                 param.grad = None  # torch optimizers leave parameters without a gradient untouched
+            with torch.no_grad():  # and the running statistics as they were before the update's forward passes
+                for buffer, saved in self._running_stats:
+                    buffer.copy_(saved)
             self.skipped.append(state.global_step + 1)
             stage = self.trainer.stage_plan.stage_at(state.global_step)
             self.trainer.dynamics.setdefault("skipped_updates", []).append(

@@ -29,7 +29,7 @@ from torch import nn
 
 from .cards import hub_weights_id, prepared_head_card
 from .export import model_data_config, model_label_names, record_prepared_head, set_label_names
-from .guard import check_finite
+from .guard import check_finite, nonfinite_keys
 from .heads import replace_head_with_mlp
 from .split import ModelSplit, find_split
 from .version import __version__
@@ -421,10 +421,18 @@ def load_prepared_head(
     model_state = model.state_dict()
     unknown = sorted(set(state) - set(model_state))
     wrong_shape = sorted(k for k in state if k in model_state and model_state[k].shape != state[k].shape)
-    if unknown or wrong_shape:
+    in_head = lambda key: any(key == name or key.startswith(name + ".") for name in split.head_names)  # noqa: E731
+    missing = sorted(k for k in model_state if in_head(k) and k not in state)  # (it would stay as initialised)
+    if unknown or wrong_shape or missing:
         raise ValueError(
             f"The prepared head in {folder} does not fit the model: unknown keys {unknown[:5]}, shape mismatches "
-            f"{wrong_shape[:5]}."
+            f"{wrong_shape[:5]}, head tensors it lacks {missing[:5]}."
+        )
+    bad = nonfinite_keys(state)
+    if bad:
+        raise ValueError(
+            f"The prepared head in {folder} holds NaN or inf values ({', '.join(bad[:5])}): it is not loaded. Probe "
+            "the head again (the run that wrote it diverged, or the file was changed)."
         )
     with torch.no_grad():
         model.load_state_dict(state, strict=False)

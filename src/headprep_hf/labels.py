@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -196,9 +197,10 @@ def _binary(values) -> bool:
     return bool(np.all((present == 0) | (present == 1)))
 
 
-def check_trainer_datasets(trainer) -> None:
-    """Check the labels of every dataset a [`HeadPrepTrainer`] holds (train, energy, eval) against its head's class
-    count (or the model config's `num_labels`) and problem type, before any training step."""
+def check_trainer_datasets(trainer, only: dict[str, Any] | None = None) -> None:
+    """Check the labels of every dataset a [`HeadPrepTrainer`] holds (train, energy, eval), or of the datasets of
+    `only` by name (e.g. a test split evaluated after training), against its head's class count (or the model
+    config's `num_labels`) and problem type, before any training step."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     split = trainer.find_head()
     num_classes = (
@@ -210,6 +212,8 @@ def check_trainer_datasets(trainer) -> None:
         datasets += [(f"eval_dataset[{k!r}]", v) for k, v in trainer.eval_dataset.items()]
     elif trainer.eval_dataset is not None:
         datasets.append(("eval_dataset", trainer.eval_dataset))
+    if only is not None:
+        datasets = list(only.items())
     for name, dataset in datasets:
         if dataset is None:
             continue
@@ -320,6 +324,8 @@ def single_sample_batch_error(trainer, error: Exception) -> Exception:
     remainder = f" ({n} training samples leave {n % batch} for the last batch of {batch})" if n else ""
     return ValueError(
         f"A training batch of 1 sample reached a BatchNorm layer in training mode{remainder}: BatchNorm cannot "
-        "normalise over one value per channel (e.g. DeepLabV3's ASPP pooling branch). Set dataloader_drop_last=True "
-        "(as torchvision's segmentation references do), or pick a batch size that leaves no single sample."
+        "normalise over one value per channel (e.g. DeepLabV3's ASPP pooling branch). Pick a "
+        "per_device_train_batch_size that leaves no single sample, or set dataloader_drop_last=True (as torchvision's "
+        "segmentation references do; transformers' Trainer then also drops the last partial batch of every "
+        "evaluation, which the trainer reports)."
     )

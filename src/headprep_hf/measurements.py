@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import has_length
 
 from .dynamics import (
@@ -92,7 +92,8 @@ class HPEpochInputs:
 
     def _hook(self, _module, args, kwargs):
         if self.active and self._pending is None:  # the first head call of the step's forward
-            self._pending = (args[0] if args else next(iter(kwargs.values()))).detach()
+            # (a copy: a head whose first op works in place, e.g. `Dropout(inplace=True)`, would change it)
+            self._pending = (args[0] if args else next(iter(kwargs.values()))).detach().clone()
 
     def record(self, labels) -> None:
         z, self._pending = self._pending, None
@@ -140,6 +141,21 @@ def broadcast_buffers(model: torch.nn.Module, accelerator) -> None:
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
+
+
+def _reads_each_sample_once(trainer) -> bool:
+    """Whether an epoch of the trainer's training loader reads every sample exactly once, which the energy from the
+    last HP epoch's head inputs needs (the sample count alone would accept a sampler drawing with replacement, e.g. a
+    class-balancing `WeightedRandomSampler`): Trainer's own samplers (random, sequential, grouped by length), not a
+    subclass's `_get_train_sampler` or `get_train_dataloader`."""
+    from .trainer import HeadPrepTrainer
+
+    cls = type(trainer)
+    return (
+        getattr(trainer.args, "train_sampling_strategy", "random") in ("random", "sequential", "group_by_length")
+        and cls._get_train_sampler is Trainer._get_train_sampler
+        and cls.get_train_dataloader is HeadPrepTrainer.get_train_dataloader
+    )
 
 
 class MeasurementCallback(TrainerCallback):
@@ -328,6 +344,13 @@ class MeasurementCallback(TrainerCallback):
             split = self.trainer.find_head()
             self._head_params = [p for _, p in split.head_parameters(self.trainer.model)] if split is not None else []
         norm = grad_norm(self._head_params)
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+        if norm is not None and scale is not None:
+            # fp16: read right after the backward (before clipping, as Trainer's `grad_norm`), the gradients are still
+            # multiplied by the GradScaler's scale (its `_scale` tensor, pinned by tests/test_upstream_canaries.py;
+            # `get_scale()` would read it on the host: a synchronisation per update). A power of two: exact.
+            norm = norm / scale.to(norm.device)
         if norm is not None:
             # Device-side: a non-finite norm (an update the guard's skip policy drops) adds 0 and counts 0.
             finite = torch.isfinite(norm)
@@ -378,6 +401,8 @@ class MeasurementCallback(TrainerCallback):
         if args.hp_backbone_mode != "eval" or not has_length(trainer.train_dataset):
             return False
         if args.energy_max_samples is not None and args.energy_max_samples < len(trainer.train_dataset):
+            return False
+        if not _reads_each_sample_once(trainer):
             return False
         split = trainer.find_head()
         return split is not None and len(split.head_names) == 1 and len(trainer.label_names or []) == 1

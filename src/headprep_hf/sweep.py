@@ -125,6 +125,19 @@ _FINGERPRINT_FIELDS = (
     "sweep_metric",
     "sweep_greater_is_better",
 )
+# Settings that change what a sweep computes, added to the fingerprint after sweeps were written with the defaults:
+# counted only where set to another value than the default given here, so that a folder of an earlier version (all
+# defaults) keeps its fingerprint. The data order of both stages, half-precision evaluation, compiled kernels, a batch
+# size found at run time, and which checkpoint `load_best_model_at_end` may keep.
+_FINGERPRINT_FIELDS_IF_SET = {
+    "train_sampling_strategy": "random",
+    "bf16_full_eval": False,
+    "fp16_full_eval": False,
+    "full_determinism": False,
+    "torch_compile": False,
+    "auto_find_batch_size": False,
+    "eval_delay": 0,
+}
 # Task arguments that say where files lie on this machine, not what the data is: left out of the fingerprint and of
 # the shards' comparison (the data description covers the sets themselves).
 _TASK_MACHINE_KEYS = ("cache_dir", "channels_last")  # (channels_last: the weights' memory layout, not the data)
@@ -181,7 +194,8 @@ class SweepConfig(HeadPrepConfig):
             mean validation metric and compares it with tau = 0 and the largest tau, paired over seeds. Unset: one
             run with `seed` and the model's head as given (no uncertainty).
         sweep_metric (`str`, defaults to `"accuracy"`):
-            Validation metric (a key of `compute_metrics`' result, or `"loss"`) that picks tau*.
+            Validation metric (a key of `compute_metrics`' result, or `"loss"`) that picks tau*; `"eval_accuracy"`,
+            as `metric_for_best_model` is also spelled, is read as `"accuracy"`.
         sweep_greater_is_better (`bool` or `None`, defaults to `None`):
             Direction of `sweep_metric`; `None`: lower is better for losses and errors (names ending in "loss",
             "rmse", "mse", "mae", "error"), higher otherwise.
@@ -197,7 +211,7 @@ class SweepConfig(HeadPrepConfig):
             every bar, this one included; `sweep_progress=False` this one only (the HP bar, each FT job's bar and the
             passes' bars follow `disable_tqdm`).
         sweep_prepared_heads (`bool`, defaults to `False`):
-            Also write every head snapshot as a prepared-head folder `heads/tau_N/` (see `load_prepared_head`), with
+            Also write every head snapshot as a prepared-head folder `heads/seed_S/tau_N/` (`load_prepared_head`), with
             the energy and HP train accuracy its FT job measured.
     """
 
@@ -214,7 +228,8 @@ class SweepConfig(HeadPrepConfig):
     )
     sweep_metric: str = field(default="accuracy", metadata={"help": "Validation metric that picks tau*."})
     sweep_greater_is_better: bool | None = field(
-        default=None, metadata={"help": "Direction of sweep_metric; unset: lower is better for *loss."}
+        default=None,
+        metadata={"help": "Direction of sweep_metric; unset: lower is better for *loss, *rmse, *mse, *mae, *error."},
     )
     sweep_shard: str | None = field(default=None, metadata={"help": "'i/n': run only every n-th FT job (0-based)."})
     sweep_exchange: bool = field(default=False, metadata={"help": "Compute the head-exchange matrix (Fig. 3)."})
@@ -225,7 +240,7 @@ class SweepConfig(HeadPrepConfig):
     sweep_prepared_heads: bool = field(
         default=False,
         metadata={
-            "help": "Also write each head snapshot as a prepared-head folder heads/tau_N/ (weights, json, card)."
+            "help": "Also write each head snapshot as a prepared-head folder heads/seed_S/tau_N/ (weights, json, card)"
         },
     )
 
@@ -251,6 +266,8 @@ class SweepConfig(HeadPrepConfig):
             )
         if not self.sweep_metric:
             raise ValueError("sweep_metric must name a validation metric, e.g. 'accuracy'.")
+        if self.sweep_metric.startswith("eval_"):  # as metric_for_best_model is spelled (Trainer adds "eval_")
+            self.sweep_metric = self.sweep_metric[len("eval_") :]
 
     @property
     def selection_greater_is_better(self) -> bool:
@@ -331,6 +348,10 @@ def config_fingerprint(args: SweepConfig) -> str:
     for name in _FINGERPRINT_FIELDS:
         value = getattr(args, name, None)
         values[name] = getattr(value, "value", value)
+    for name, default in _FINGERPRINT_FIELDS_IF_SET.items():
+        value = getattr(args, name, default)
+        if getattr(value, "value", value) != default:
+            values[name] = getattr(value, "value", value)
     # The direction tau* is chosen in, as resolved (setting it to what the metric's name implies changes nothing).
     values["sweep_greater_is_better"] = args.selection_greater_is_better
     # How often checkpoints are written changes results only through the checkpoint load_best_model_at_end keeps
@@ -445,6 +466,7 @@ class TauSweep:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.test_dataset = test_dataset
+        self._test_labels_checked = False
         self.compute_metrics = compute_metrics
         self.task = task
         self.exchange_train_dataset = exchange_train_dataset
@@ -543,6 +565,9 @@ class TauSweep:
         trainer.progress_label = f"seed={seed}"
         if self._fingerprint is None:
             self._fingerprint = self.fingerprint()
+        if not self._test_labels_checked:  # before the first training step, not when the first FT job evaluates it
+            trainer.check_labels_of(test_dataset=self.test_dataset)
+            self._test_labels_checked = True
         trainer.keep_head_inputs = bool(self.args.hp_cache_features)  # the FT jobs' energy from the cache
         start = time.perf_counter()
         if 0 in self.args.sweep_taus:
@@ -848,7 +873,8 @@ class TauSweep:
 def _settings(args: SweepConfig) -> dict[str, Any]:
     # Only the config's own fields (`headprep exchange` rebuilds a SweepConfig from them): not world_size, a property.
     fields = {f.name for f in dataclasses.fields(args) if f.init}
-    keys = ["seed", "sweep_seeds", *(k for k in _FINGERPRINT_FIELDS if k not in ("sweep_taus",) and k in fields)]
+    names = (*_FINGERPRINT_FIELDS, *_FINGERPRINT_FIELDS_IF_SET)
+    keys = ["seed", "sweep_seeds", *(k for k in names if k not in ("sweep_taus",) and k in fields)]
     return {k: getattr(getattr(args, k, None), "value", getattr(args, k, None)) for k in keys}
 
 

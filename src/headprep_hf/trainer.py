@@ -30,7 +30,15 @@ from transformers.trainer_utils import (
 )
 from transformers.utils import find_labels
 
-from .checkpoints import begin_write, commit, refuse_earlier_outputs, required_files, resume_checkpoint, verify
+from .checkpoints import (
+    begin_write,
+    check_weights_fit,
+    commit,
+    refuse_earlier_outputs,
+    required_files,
+    resume_checkpoint,
+    verify,
+)
 from .config import HeadPrepConfig, check_trainer_inputs
 from .dynamics import InMemoryDataset
 from .export import is_timm_model, write_timm_config
@@ -164,6 +172,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._train_calls, self._last_plain = 0, True
         self._worker_loaders: list = []  # training loaders of this trainer's runs (their workers end with the run)
         self._training = False
+        self._warned_drops: set[int] = set()  # evaluated sets whose dropped last batch was reported
+        self._checked_finite = False  # a checkpoint's weights were just checked (its save_model need not again)
         self._trial_for_dir = None
         self._hp_hook, self._attach = None, (False, False)  # this run's (stage mechanics, HP-mode hook)
         self._resume_plan: StagePlan | None = None
@@ -444,13 +454,71 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self.args.per_device_eval_batch_size, 4 * self.args.per_device_train_batch_size
         )
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
         broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
+        self._warn_dropped_eval_samples(eval_dataset)
         try:
-            return super().evaluate(*args, **kwargs)
+            return super().evaluate(eval_dataset, *args, **kwargs)
         finally:
             if not self._training:  # during training the persistent evaluation workers serve every evaluation
                 self.release_workers()
+
+    def _warn_dropped_eval_samples(self, eval_dataset) -> None:
+        """`dataloader_drop_last=True` (e.g. set against a training batch of one sample reaching BatchNorm) also drops
+        the last partial batch of every evaluation in `Trainer`: say so once per evaluated set, with the count."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if not self.args.dataloader_drop_last or isinstance(dataset, dict) or dataset is None:
+            return  # (a dict is evaluated set by set, through this method again)
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            return  # (Trainer's loader drops nothing of an iterable set)
+        name = dataset if isinstance(dataset, str) else "eval_dataset" if dataset is self.eval_dataset else "dataset"
+        dataset = self.eval_dataset[dataset] if isinstance(dataset, str) else dataset
+        batch = self.args.eval_batch_size * max(self.accelerator.num_processes, 1)
+        try:
+            n = len(dataset)
+        except TypeError:
+            return
+        if n % batch and id(dataset) not in self._warned_drops:
+            self._warned_drops.add(id(dataset))
+            logger.warning(
+                "dataloader_drop_last=True also applies to evaluation in transformers' Trainer: the last %d of the %d "
+                "samples of %s are not evaluated (batches of %d). Pick a per_device_eval_batch_size that divides %d, "
+                "or set dataloader_drop_last=False.",
+                n % batch, n, name, batch, n,
+            )  # fmt: skip
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """`Trainer.get_eval_dataloader`, except for a dataset passed as an object under
+        `dataloader_persistent_workers=True` (`evaluate(test_set)`, or a dict of datasets given to `evaluate`).
+
+        Trainer caches its persistent evaluation loaders under the dataset's name, and under `"eval"` for every
+        dataset passed as an object: once `eval_dataset` was evaluated, `evaluate(test_set)` got the cached
+        validation loader back and reported the validation metrics as `test_*` (and the reverse when the test set
+        came first). Such a dataset gets a loader of its own here, read once and not cached, so its workers are not
+        persistent: they stop when the evaluation has read it. `eval_dataset` itself and datasets named by key keep
+        Trainer's cached loaders.
+        """
+        if (
+            self.args.dataloader_persistent_workers
+            and eval_dataset is not None
+            and not isinstance(eval_dataset, str)
+            and eval_dataset is not self.eval_dataset
+        ):
+            return self._single_use_loader(eval_dataset, "Evaluation")
+        return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        """`Trainer.get_test_dataloader`, with workers that stop when `predict()` has read the set: Trainer builds a
+        new loader for every call, and its persistent workers outlived it (5 s per worker when the garbage collector
+        reached them)."""
+        return self._single_use_loader(test_dataset, "test")
+
+    def _single_use_loader(self, dataset, description: str):
+        persistent, self.args.dataloader_persistent_workers = self.args.dataloader_persistent_workers, False
+        try:
+            return self._get_dataloader(dataset, description, self.args.eval_batch_size, self._get_eval_sampler)
+        finally:
+            self.args.dataloader_persistent_workers = persistent
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
@@ -601,6 +669,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.resumed_stage = self._resume_plan = None
         if checkpoint is not None and os.path.isdir(checkpoint):
             verify(checkpoint, required_files(self.args, self.writes_stage_state))
+            unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if not isinstance(unwrapped, PreTrainedModel):  # (transformers models: Trainer's own loading decides)
+                check_weights_fit(checkpoint, unwrapped)
             self._load_stage_state(checkpoint, plan)
         self._attach = (not plain, not plain and plan != "ft" and not hp_outside_loop)
         self._attach_stages(self.model)
@@ -656,6 +727,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if self.guard.active:  # nothing non-finite becomes a checkpoint; the last good one stays
             self.guard.check()
             check_finite(self.accelerator.unwrap_model(self.model).state_dict(), f"checkpoint {folder}")
+        self._checked_finite = True  # (Trainer's save_model inside need not check the same weights again)
+        try:
+            self._write_checkpoint(model, trial, folder)
+        finally:
+            self._checked_finite = False
+
+    def _write_checkpoint(self, model, trial, folder: str) -> None:
         if not self.writes_stage_state:
             return super()._save_checkpoint(model, trial)
         if self.args.track_dynamics:
@@ -682,6 +760,19 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if self.args.should_save:
             rotate_checkpoints(self._get_output_dir(trial), limit, self.state.best_model_checkpoint, use_mtime=True)
 
+    def _load_best_model(self) -> None:
+        # Override (pinned by tests/test_upstream_canaries.py): `load_best_model_at_end` loads the best checkpoint's
+        # weights; they are checked against the checkpoint's manifest first (Trainer loads them unchecked: a damaged
+        # file became the final model without a word).
+        best = self.state.best_model_checkpoint
+        verify(  # (the manifest only: DeepSpeed ZeRO-3, FSDP sharded and PEFT checkpoints hold other weight files)
+            best,
+            use="loaded as the best model",
+            fix="the model of the last update is kept (save it with trainer.save_model()); the damaged checkpoint "
+            "stays for inspection",
+        )
+        super()._load_best_model()
+
     def checkpoint_dir(self) -> str:
         """The folder of the checkpoint the Trainer writes at the current step."""
         return os.path.join(
@@ -701,6 +792,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if self.compute_loss_func is None and (self.uses_trainer_loss() or self.declares_problem_type):
             check_trainer_datasets(self)
 
+    def check_labels_of(self, **datasets) -> None:
+        """Check datasets that will be evaluated after training (`test_dataset=...`) as `train()` checks its own, so
+        that a bad label stops the run before training rather than after it (the error names the keyword)."""
+        if self.compute_loss_func is None and (self.uses_trainer_loss() or self.declares_problem_type):
+            check_trainer_datasets(self, {name: d for name, d in datasets.items() if d is not None})
+
     def _hp_mode_hook(self, module: nn.Module, args):
         # Before every forward of the root module; Trainer.training_step has just called model.train().
         if module.training and self._stage == "hp" and self.is_in_train:
@@ -715,7 +812,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         Trainer's `model.safetensors`; transformers models describe themselves through `save_pretrained`."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        if self.guard.active and not _internal_call:
+        if self.guard.active and not self._checked_finite:  # (also Trainer's internal calls: `push_to_hub`)
             check_finite(model.state_dict(), f"the model in {output_dir}")
         super().save_model(output_dir, _internal_call)
         if self.args.should_save and os.path.isdir(output_dir):

@@ -138,6 +138,10 @@ def unreadable_image_error(sample: str, error: BaseException, path: str | None =
     )
 
 
+# The resampling modes timm's transforms take by name (`timm.data.transforms.str_to_interp_mode`).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+
 def resolve_image_data_config(
     model_or_config: Any,
     image_size: int | None = None,
@@ -175,6 +179,12 @@ def resolve_image_data_config(
             raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]: the eval crop's share of the resized image")
         config["crop_pct"] = crop_pct
     if interpolation is not None:
+        if interpolation not in INTERPOLATIONS:
+            hint = " ('random' is timm's --train-interpolation choice; one mode serves training and evaluation here)"
+            raise ValueError(
+                f"interpolation={interpolation!r} is not a resampling mode; give one of {', '.join(INTERPOLATIONS)}"
+                + (hint if interpolation == "random" else "")
+            )
         config["interpolation"] = interpolation
     if mean is not None:
         config["mean"] = tuple(mean)
@@ -229,6 +239,62 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
     }
 
 
+# Mean absolute difference (in normalised units) between a processor's own output and the transform read from it,
+# on `_smooth_test_image`: PIL against torchvision resizing gives 1e-4 or less, a one-pixel crop offset (torchvision
+# rounds half the leftover, transformers floors it) 0.015-0.03; a wrong resize (LeViT's 256/224: 0.15), the channel
+# order or the normalisation (0.4-0.55) more.
+_PROCESSOR_TOLERANCE = 0.05
+
+
+def _smooth_test_image():
+    """A non-square RGB test image whose channels differ and vary slowly (so a one-pixel shift changes little)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:233, 0:301].astype(np.float64)
+    channels = (x / 300, y / 232, 0.5 + 0.4 * np.sin(x / 47) * np.cos(y / 39))
+    return Image.fromarray((np.stack(channels, axis=-1) * 255).round().astype(np.uint8))
+
+
+def check_processor_reproduced(processor: Any, data_config: dict[str, Any]) -> None:
+    """Raise `ValueError` when the transform built from `data_config` (read from `processor` by
+    `image_processor_data_config`) does not give what the processor itself gives the model.
+
+    The recipe prepares images with timm's transforms and normalises them on the device; a processor that does more
+    than resize, crop, rescale by 1/255 and normalise (MobileViT's BGR channel order without normalisation,
+    EfficientNet's `include_top` second division by the std, LeViT's resize to 256/224 of the crop, Perceiver's crop
+    before the resize) would otherwise train the model on other inputs than it was pretrained on, without a word.
+    Both are run on one test image and compared."""
+    image = _smooth_test_image()
+    try:
+        theirs = processor(images=image, return_tensors="pt")["pixel_values"][0].float()
+    except Exception as error:  # (e.g. a missing optional backend): said, not silently taken as reproduced
+        warnings.warn(
+            f"The image processor ({type(processor).__name__}) could not run on a test image ({error!r}), so whether "
+            "the recipe's transforms reproduce it is not checked; they follow its size, crop, resample and mean/std.",
+            stacklevel=2,
+        )
+        return
+    ours = build_image_transforms(data_config, is_training=False, normalize=True)(image)
+    difference = float((ours - theirs).abs().mean()) if ours.shape == theirs.shape else float("inf")
+    if difference <= _PROCESSOR_TOLERANCE:
+        return
+    known = {
+        "do_flip_channel_order": "flips the channel order (BGR)",
+        "include_top": "divides by the std a second time (include_top)",
+    }
+    why = [text for name, text in known.items() if getattr(processor, name, False)]
+    if getattr(processor, "do_normalize", True) is False:
+        why.append("does not normalise (do_normalize=False)")
+    shape = "" if ours.shape == theirs.shape else f" (shape {tuple(theirs.shape)}, the recipe's {tuple(ours.shape)})"
+    raise ValueError(
+        f"The model's image processor ({type(processor).__name__}) prepares images in a way the recipe's pipeline "
+        f"(timm transforms: resize, crop, 1/255, mean/std) does not reproduce{': it ' + ', '.join(why) if why else ''}"
+        f"; on a test image the two differ by {difference:.3f} on average{shape}. Finetuning on those inputs would "
+        "not be the model's own preprocessing. Use a timm model or a transformers model whose processor only "
+        "resizes, crops and normalises, or prepare the data yourself and use HeadPrepTrainer directly."
+    )
+
+
 def _non_square(processor, height: int, width: int, crop: dict, square: tuple, square_crop_pct: float):
     """`input_size` and `crop_pct` of a processor that warps to `height x width` (and may crop `crop_size`): timm's
     transforms take `input_size = (3, h, w)` and one crop share for both sides. Where one share cannot give both
@@ -261,15 +327,22 @@ def _crop_pct(side: int, resize: int) -> float:
 _PIL_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Image.Resampling values
 
 
+def _eval_resize(config: dict[str, Any]) -> tuple[int, ...]:
+    """The size timm's eval transform resizes to before its crop: `floor(side / crop_pct)` for each side."""
+    return tuple(math.floor(int(side) / float(config["crop_pct"])) for side in config["input_size"][-2:])
+
+
 def same_data_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two data configs give the same preprocessing (size, crop, crop mode, interpolation, mean/std)."""
+    """Whether two data configs give the same preprocessing (size, resize before the crop, crop mode, interpolation,
+    mean/std). The crop shares are compared by the sizes they give: a processor's share is read back as crop /
+    resize (128 / 146 = 0.8767 for timm's 0.875 at 128 px), which prepares the same images."""
     close = lambda x, y: all(abs(float(u) - float(v)) < 1e-6 for u, v in zip(x, y))  # noqa: E731
     return (
         tuple(a["input_size"]) == tuple(b["input_size"])
         and a["interpolation"] == b["interpolation"]
         and close(a["mean"], b["mean"])
         and close(a["std"], b["std"])
-        and abs(float(a["crop_pct"]) - float(b["crop_pct"])) < 1e-6
+        and _eval_resize(a) == _eval_resize(b)
         and (a.get("crop_mode") or "center") == (b.get("crop_mode") or "center")
     )
 
@@ -441,6 +514,8 @@ def load_image_classification_dataset(
         # A column of file paths or bytes; datasets decodes it once told it holds images.
         raw = raw.cast_column(image_column, datasets.Image())
     raw, class_names = _encode_labels(raw, label_column)
+    if dataset_name is None:
+        _check_split_classes(raw, label_column, class_names, folders)
 
     validation_key = next((name for name in _VALIDATION_NAMES if name in raw), None)
     train = raw["train"]
@@ -472,9 +547,40 @@ def load_image_classification_dataset(
         "train_eval": wrap(train, eval_transform, "train"),  # the train samples: errors name them as such
         "validation": wrap(first(validation, max_eval_samples), eval_transform, "validation"),
     }
-    if "test" in raw:
+    if "test" in raw and _has_labels(raw["test"], label_column):
         splits["test"] = wrap(first(raw["test"], max_eval_samples), eval_transform, "test")
+    elif "test" in raw:
+        warnings.warn(
+            f"The test split of {dataset_name!r} has no labels (every {label_column!r} is -1, as in Hub test splits "
+            "whose labels are withheld): it is not evaluated.",
+            stacklevel=2,
+        )
     return splits, class_names
+
+
+def _has_labels(split: Any, label_column: str) -> bool:
+    """False for a split whose every label is -1 or missing (`datasets`' mark of a withheld label)."""
+    labels = split[label_column]
+    return not labels or any(label is not None and label >= 0 for label in labels)
+
+
+def _check_split_classes(raw: Any, label_column: str, class_names: list[str], folders: dict[str, Any]) -> None:
+    """Local image folders: `imagefolder` takes the class names of every split's sub-folders together, so a class
+    folder that only a validation or test folder has (a typo such as `val/Dog`, a class left out of train) would
+    silently become a head output without a training image. Refused, naming the folders."""
+    trained = set(np.unique(np.asarray(raw["train"][label_column])).tolist())
+    for split in raw:
+        if split == "train":
+            continue
+        extra = sorted(set(np.unique(np.asarray(raw[split][label_column])).tolist()) - trained)
+        if extra:
+            where = f"{split}_dir={folders.get(split)!r}" if folders.get(split) else f"the {split!r} split"
+            raise ValueError(
+                f"{where} has class folder(s) {[class_names[i] for i in extra]} that train_dir="
+                f"{folders.get('train')!r} does not have (its classes: {sorted(class_names[i] for i in trained)}): "
+                "each would become a class without a training image. Rename the folders to match train_dir's, or "
+                "remove them."
+            )
 
 
 def _find_image_column(features: Any, requested: str | None) -> str:

@@ -129,6 +129,7 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
         preprocess_logits_for_metrics=inputs.preprocess_logits_for_metrics,
         processing_class=inputs.processing_class,
     )
+    trainer.check_labels_of(test_dataset=inputs.test_dataset)  # not only after training, when it is evaluated
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume in ("true", "True", "last") else resume)
     trainer.save_model()
@@ -140,7 +141,7 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
     metrics.update({"energy": dyn.get("energy"), "hp_train_accuracy": dyn.get("hp_train_accuracy")})
     if dyn.get("drift"):
         metrics.update({f"drift_{k}": v for k, v in dyn["drift"][-1].items() if k not in ("step", "epoch")})
-    trainer.log_metrics("final", metrics)
+    trainer.log_metrics("final", {k: v for k, v in metrics.items() if v is not None})  # (None: not measured)
     trainer.save_metrics("final", metrics)
     trainer.create_model_card(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))}, **inputs.card)
     return trainer, metrics
@@ -158,6 +159,14 @@ def recipe_parser(arguments: type, defaults: dict[str, Any], run_name: str):
     parser = HfArgumentParser((arguments, HeadPrepConfig))
     parser.set_defaults(**defaults, output_dir=time.strftime(f"runs/{run_name}-%Y%m%d-%H%M%S"))
     return parser
+
+
+def summary_text(training_args, metrics: dict[str, Any], entries: list[tuple[str, str]]) -> str:
+    """The recipes' one-line summary: `label value` for each `(label, metric key)` whose value is there (a split
+    without a test set, or a run without measurements, leaves some out), then the final drift."""
+    parts = [f"tau={training_args.hp_epochs}"]
+    parts += [f"{label} {metrics[key]:.4f}" for label, key in entries if metrics.get(key) is not None]
+    return "  ".join(parts) + drift_text(metrics)
 
 
 def drift_text(metrics: dict[str, float]) -> str:

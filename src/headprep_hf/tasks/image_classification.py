@@ -13,7 +13,12 @@ from transformers import set_seed
 
 from ..data import build_toy_downstream, load_image_classification_dataset
 from ..data.device_inputs import attach_input_normalization
-from ..data.images import build_image_transforms, image_processor_data_config, resolve_image_data_config
+from ..data.images import (
+    build_image_transforms,
+    check_processor_reproduced,
+    image_processor_data_config,
+    resolve_image_data_config,
+)
 from ..export import set_data_config, set_label_names
 from ..metrics import accuracy_metrics
 from ..models import load_timm_model, pretrain_source_model
@@ -186,6 +191,8 @@ def _load_real_images(args: ImageClassificationArguments, source: str, seed: int
         if _has_processor(source):
             processor = AutoImageProcessor.from_pretrained(source)
         base = image_processor_data_config(processor) if processor is not None else {}
+        if processor is not None:
+            check_processor_reproduced(processor, resolve_image_data_config(base))
     else:
         base = load_timm_model(source, num_classes=0, arch=args.model_arch)
     data_config = resolve_image_data_config(base, args.image_size, args.crop_pct, args.interpolation)

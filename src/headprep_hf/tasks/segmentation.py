@@ -125,6 +125,9 @@ def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
     set_seed(seed)  # the new head's initialisation must not depend on what ran before
     model = TimmDeepLabV3(cfg.get("architecture", arch), num_classes, args.output_stride)
     model.load_backbone_state_dict(classifier.state_dict())
+    # The weights' own config (`load_timm_model` keeps a Hub id only for Hub weights): the backbone was built with
+    # its architecture's default tag, which the card would otherwise name as the base model.
+    model.backbone.pretrained_cfg = dict(cfg)
     files = args.voc_root is not None or args.dataset_name is not None
     if files:  # real images load as uint8 (normalize=False above); the model normalises them on its device
         attach_input_normalization(model, norm["mean"], norm["std"], channels_last=args.channels_last)
