@@ -11,6 +11,7 @@ norm: a callback), `schedules`, `feature_cache` (cached HP), `hub` (the prepared
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -432,21 +433,25 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         of the next trainer's `train()` with 2 workers on a JPEG folder). Samples already in memory (the drift probe,
         cached head inputs) are served by the main process: worker processes would only copy them through pipes.
         It never drops a last partial batch, whatever `dataloader_drop_last` says."""
-        args = self.args
-        names = ("dataloader_num_workers", "dataloader_persistent_workers", "dataloader_prefetch_factor")
-        names += ("dataloader_drop_last",)
-        saved = {name: getattr(args, name) for name in names}
-        try:
-            if isinstance(dataset, InMemoryDataset):
-                args.dataloader_num_workers, args.dataloader_prefetch_factor = 0, None
-            args.dataloader_persistent_workers = False
-            # Every sample is measured: `dataloader_drop_last` is for training batches (Trainer's evaluation loaders
-            # drop too; a measurement that silently skipped the last batch would describe another set).
-            args.dataloader_drop_last = False
+        # Every sample is measured: `dataloader_drop_last` is for training batches (Trainer's evaluation loaders drop
+        # too; a measurement that silently skipped the last batch would describe another set).
+        settings = dict(dataloader_persistent_workers=False, dataloader_drop_last=False)
+        if isinstance(dataset, InMemoryDataset):
+            settings.update(dataloader_num_workers=0, dataloader_prefetch_factor=None)
+        with self._loader_settings(**settings):
             return self._get_dataloader(dataset, "headprep", self.measure_batch_size)
+
+    @contextlib.contextmanager
+    def _loader_settings(self, **settings):
+        """`args` with these `dataloader_*` values while a loader is built by Trainer's `_get_dataloader`."""
+        saved = {name: getattr(self.args, name) for name in settings}
+        try:
+            for name, value in settings.items():
+                setattr(self.args, name, value)
+            yield
         finally:
             for name, value in saved.items():
-                setattr(args, name, value)
+                setattr(self.args, name, value)
 
     @property
     def measure_batch_size(self) -> int:
@@ -514,11 +519,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         return self._single_use_loader(test_dataset, "test")
 
     def _single_use_loader(self, dataset, description: str):
-        persistent, self.args.dataloader_persistent_workers = self.args.dataloader_persistent_workers, False
-        try:
+        with self._loader_settings(dataloader_persistent_workers=False):
             return self._get_dataloader(dataset, description, self.args.eval_batch_size, self._get_eval_sampler)
-        finally:
-            self.args.dataloader_persistent_workers = persistent
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
@@ -789,14 +791,18 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         # they must be; a model computing its own loss gets its labels as they are (as with Trainer).
         check_not_empty(self)
         check_item_format(self)
-        if self.compute_loss_func is None and (self.uses_trainer_loss() or self.declares_problem_type):
+        if self._checks_labels:
             check_trainer_datasets(self)
 
     def check_labels_of(self, **datasets) -> None:
         """Check datasets that will be evaluated after training (`test_dataset=...`) as `train()` checks its own, so
         that a bad label stops the run before training rather than after it (the error names the keyword)."""
-        if self.compute_loss_func is None and (self.uses_trainer_loss() or self.declares_problem_type):
+        if self._checks_labels:
             check_trainer_datasets(self, {name: d for name, d in datasets.items() if d is not None})
+
+    @property
+    def _checks_labels(self) -> bool:
+        return self.compute_loss_func is None and (self.uses_trainer_loss() or self.declares_problem_type)
 
     def _hp_mode_hook(self, module: nn.Module, args):
         # Before every forward of the root module; Trainer.training_step has just called model.train().
