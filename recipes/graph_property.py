@@ -2,11 +2,13 @@
 
 Offline default (no arguments): the source GCN (5 layers, hidden 300) is pretrained multi-task on 24 ChEMBL targets
 shipped in MoleculeACE (cached on the first run), then HP + FT on 6 held-out targets (binary, missing labels, scaffold
-split), read through OGB's PygGraphPropPredDataset; prints validation/test ROC-AUC, energy and drift:
+split), read through OGB's PygGraphPropPredDataset; prints validation/test ROC-AUC (the dataset's OGB metric: average
+precision for ogbg-molpcba/molmuv, RMSE for regression), energy, HP train label accuracy (the mean over training
+graphs of each graph's label accuracy) and drift:
 
     python recipes/graph_property.py
     accelerate launch recipes/graph_property.py --hp_epochs 8 --output_dir runs/graph8
-    headprep sweep --task graph                      # the tau sweep (tau* by validation ROC-AUC)
+    headprep sweep --task graph                      # the tau sweep (tau* by the dataset's validation metric)
 
 The paper's setting: pretrain on ogbg-molpcba with recipes/pretrain_graph.py, then
     python recipes/graph_property.py --dataset_name ogbg-moltox21 --dataset_root DIR --model_name_or_path SUP_PCBA
@@ -21,7 +23,7 @@ from transformers import HfArgumentParser
 from headprep_hf import HeadPrepConfig
 from headprep_hf.cli import parse_with_config
 from headprep_hf.tasks.base import recipe_parser, summary_text, train_and_evaluate
-from headprep_hf.tasks.graph import GRAPH_DEFAULTS, GraphArguments, first_metric, load_graph
+from headprep_hf.tasks.graph import GRAPH_DEFAULTS, GraphArguments, load_graph
 
 
 def make_parser() -> HfArgumentParser:
@@ -31,7 +33,7 @@ def make_parser() -> HfArgumentParser:
 def main(script_args: GraphArguments, training_args: HeadPrepConfig) -> dict:
     inputs = load_graph(script_args, training_args.seed)
     trainer, metrics = train_and_evaluate(inputs, training_args)
-    name = first_metric(trainer.problem_type)
+    name = inputs.selection_metric  # the dataset's own metric (OGB's eval_metric)
     if trainer.is_world_process_zero():
         entries = [(f"validation {name}", f"validation_{name}"), (f"test {name}", f"test_{name}")]
         entries += [("energy", "energy"), ("HP train label accuracy", "hp_train_accuracy")]

@@ -14,6 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from headprep_hf.cli import parse_with_config
@@ -44,6 +45,7 @@ def main(args: PretrainArguments) -> dict:
 
     if (Path(args.output_dir) / "model.safetensors").exists():
         raise FileExistsError(f"{args.output_dir} already holds a model; choose another --output_dir")
+    PartialState(cpu=args.use_cpu)  # the launch's processes: the main one converts the data first
     dataset, problem_type = load_graph_dataset(args.dataset_name, args.dataset_root, args.cache_dir, "source")
     metrics = pretrain_graph_model(
         ogb_splits(dataset), args.output_dir, problem_type, args.num_layers, args.hidden_size, args.dropout,

@@ -298,3 +298,59 @@ def test_a_transformers_model_with_an_mlp_head_is_not_advertised_as_transformers
     assert "from_pretrained" in caplog.text and "random" in caplog.text
     trainer.create_model_card()
     assert ModelCard((tmp_path / "out" / "README.md").read_text()).data.library_name == "headprep_hf"
+
+
+def test_card_reports_the_label_smoothing_factor_both_stages_used(tmp_path):
+    # label_smoothing_factor smooths both stages (the trainer's fallback, recorded as 0.2 in headprep_dynamics.json
+    # and headprep_head.json), but the card said eps_HP = eps_FT = 0.
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    config.num_labels = 3
+    vit = ViTForImageClassification(config)  # (label_smoothing_factor needs a model with a config: transformers')
+    trainer = HeadPrepTrainer(model=vit, args=make_config(tmp_path, label_smoothing_factor=0.2))
+    trainer.create_model_card()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "| HP | label smoothing (eps_HP) | 0.2 |" in text and "| FT | label smoothing (eps_FT) | 0.2 |" in text
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_label_smoothing=0.1))
+    trainer.create_model_card()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "| HP | label smoothing (eps_HP) | 0.1 |" in text and "| FT | label smoothing (eps_FT) | 0.0 |" in text
+
+
+@pytest.mark.parametrize("where", ["existing folder", "absolute path", "relative path"])
+def test_a_local_dataset_path_is_named_by_its_folder_not_as_a_hub_dataset(finetuned, tmp_path, where):
+    # `--dataset_name /data/my_seg_set` became the card's `datasets:` entry and the model-index dataset type.
+    trainer, folder = finetuned
+    (tmp_path / "my_seg_set").mkdir()
+    path = {
+        "existing folder": str(tmp_path / "my_seg_set"),
+        "absolute path": "/data/elsewhere/my_seg_set/",
+        "relative path": "./data/my_seg_set",
+    }[where]
+    trainer.create_model_card(
+        metrics={"validation_accuracy": 0.5}, tasks="image-segmentation", dataset_tags=path, dataset=path
+    )
+    data = _front_matter(folder / "README.md")
+    assert "datasets" not in data
+    _, (result,) = model_index_to_eval_results(data["model-index"])
+    assert (result.dataset_type, result.dataset_name) == ("my_seg_set", "my_seg_set")
+    assert path not in (folder / "README.md").read_text()
+    # a Hub id, with or without an owner, stays one
+    trainer.create_model_card(metrics={"validation_accuracy": 0.5}, dataset_tags="scene_parse_150")
+    assert _front_matter(folder / "README.md")["datasets"] == ["scene_parse_150"]
+    trainer.create_model_card(metrics={"validation_accuracy": 0.5}, dataset_tags="owner/segments")
+    assert _front_matter(folder / "README.md")["datasets"] == ["owner/segments"]
+
+
+def test_drift_measurements_are_not_listed_as_results(finetuned):
+    # train_and_evaluate's metrics hold every drift statistic; drift_dot and drift_sq_norm showed up in "Results".
+    trainer, folder = finetuned
+    drift = {"drift_sq_dist": 1.5, "drift_dot": 2.5, "drift_sq_norm": 3.5, "drift_cos": 0.5, "energy": 0.25}
+    trainer.create_model_card(metrics={"validation_accuracy": 0.75, **drift})
+    text = (folder / "README.md").read_text()
+    results = text[text.index("## Results") :]
+    assert "| validation_accuracy | 0.75 |" in results
+    assert not any(f"| {name} |" in results for name in drift)

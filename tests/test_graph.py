@@ -155,20 +155,27 @@ def test_converter_reports_bad_smiles_and_wrong_task_counts(tmp_path, caplog):
     smiles = SMILES[:6]
     smiles[2] = "C1CC(C"  # unparsable, line 3
     labels = graph_labels(6, 2, seed=5)
+    split = {"train": [0, 1, 2, 3], "valid": [4], "test": [5]}  # (5 molecules: a scaffold split leaves one empty)
     with caplog.at_level("WARNING"):
-        folder = write_ogb_dataset(smiles, labels, tmp_path, "skips")
+        folder = write_ogb_dataset(smiles, labels, tmp_path, "skips", split=split)
     assert "line 3: cannot parse SMILES 'C1CC(C'" in caplog.text
+    assert "indices of skipped SMILES dropped from it: train [2]" in caplog.text
     dataset = load_ogb_dataset(str(folder))
     assert len(dataset) == 5
     kept = [0, 1, 3, 4, 5]  # labels stay with their molecule after the skip
     for new, old in enumerate(kept):
         np.testing.assert_array_equal(dataset[new].y.numpy()[0], labels[old].astype(np.float32))
     assert (folder / "skipped_smiles.csv").read_text().splitlines()[1] == "3,C1CC(C"
+    assert load_ogb_dataset(str(folder)).get_idx_split()["train"].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="line 3: cannot parse SMILES"):
         write_ogb_dataset(smiles, labels, tmp_path, "strict", on_invalid="raise")
     assert not (tmp_path / "strict" / "raw").exists()
     with pytest.raises(FileExistsError):
-        write_ogb_dataset(SMILES[:6], labels, tmp_path, "skips")
+        write_ogb_dataset(SMILES[:6], labels, tmp_path, "skips", split=split)
+    with pytest.raises(ValueError, match=r"split: valid holds only skipped \(unparsable\) SMILES"):
+        write_ogb_dataset(
+            smiles, labels, tmp_path, "skips-only", split={"train": [0, 1, 3], "valid": [2], "test": [4, 5]}
+        )
 
     (tmp_path / "mols.smi").write_text("\n".join(SMILES[:3]) + "\n")
     (tmp_path / "labels.csv").write_text("1,0,\n0,1\n1,,0\n")
@@ -351,3 +358,270 @@ def test_missing_labels_average_over_the_whole_step(tmp_path):
     for key, value in heads["b8"].items():
         torch.testing.assert_close(heads["b4x2"][key], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(heads["b4x2-cached"][key], value, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The task loader: a new seeded head, the dataset's own metric, multi-process safety
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _saved_gcn(folder, num_tasks, problem_type="multi_label_classification", seed=0):
+    """A tiny GCN saved as a pretrained source, its head set to values no initialisation gives (a 'trained' head)."""
+    from headprep_hf.models.graph import GCN
+    from headprep_hf.tasks.graph import save_graph_model
+
+    torch.manual_seed(seed)
+    model = GCN(num_tasks, num_layers=2, hidden_size=16, dropout=0.0, problem_type=problem_type)
+    with torch.no_grad():
+        model.classifier.weight.fill_(0.123)
+        model.classifier.bias.fill_(4.0)
+    save_graph_model(model, folder)
+    return model
+
+
+def _with_eval_metric(folder, metric: str):
+    """Declare another OGB `eval metric` in a converted folder's meta-data (as master.csv does for ogbg-molpcba)."""
+    meta_file = folder / "headprep_meta.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "eval metric": metric}))
+    return folder
+
+
+def test_task_loader_builds_a_new_seeded_head_even_with_the_source_task_count(tmp_path):
+    """ogbg-molhiv -> ogbg-molbbbp (1 task each): HP must start from a new head seeded by `seed`, never from the
+    source task's trained head, whatever the problem type; the backbone is the saved one."""
+    from transformers import set_seed
+
+    from headprep_hf.models.graph import GCN
+    from headprep_hf.tasks.graph import GraphArguments, load_graph, load_graph_model
+
+    source = _saved_gcn(tmp_path / "src", num_tasks=1)
+    saved = clone_state(source.state_dict())
+    binary = write_ogb_dataset(SMILES, graph_labels(len(SMILES), 1, seed=1), tmp_path, "one-task")
+    values = np.random.default_rng(0).normal(size=len(SMILES))
+    regression = write_ogb_dataset(SMILES, values, tmp_path, "one-target", task_type="regression")
+    for folder, problem_type in ((binary, "multi_label_classification"), (regression, "regression")):
+        heads = []
+        for seed in (0, 1):
+            args = GraphArguments(model_name_or_path=str(tmp_path / "src"), dataset_name=str(folder))
+            model = load_graph(args, seed).model
+            set_seed(seed)
+            fresh = GCN(1, num_layers=2, hidden_size=16, dropout=0.0, problem_type=problem_type)
+            assert model.problem_type == problem_type
+            for key, value in model.state_dict().items():
+                expected = fresh.state_dict()[key] if key.startswith("classifier.") else saved[key]
+                assert torch.equal(value, expected), (folder.name, seed, key)
+            heads.append(model.classifier.weight.detach().clone())
+        assert not torch.equal(heads[0], heads[1])  # the seed decides the head
+    # Other callers keep the saved head unless they ask for a new one.
+    assert torch.equal(load_graph_model(tmp_path / "src", num_tasks=1).classifier.bias, saved["classifier.bias"])
+    renewed = load_graph_model(tmp_path / "src", num_tasks=1, new_head=True)
+    assert not torch.equal(renewed.classifier.bias, saved["classifier.bias"])
+
+
+def test_task_selection_metric_follows_the_dataset_eval_metric(tmp_path, capsys, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from headprep_hf.cli import parse_with_config
+    from headprep_hf.tasks.graph import GraphArguments, load_graph
+
+    _saved_gcn(tmp_path / "src", num_tasks=2)
+    rocauc = write_ogb_dataset(SMILES, graph_labels(len(SMILES), 2, seed=1), tmp_path, "rocauc")
+    ap = _with_eval_metric(write_ogb_dataset(SMILES, graph_labels(len(SMILES), 2, seed=1), tmp_path, "ap"), "ap")
+    values = np.random.default_rng(0).normal(size=(len(SMILES), 2))
+    rmse = write_ogb_dataset(SMILES, values, tmp_path, "rmse", task_type="regression")
+    for folder, metric in ((rocauc, "roc_auc"), (ap, "ap"), (rmse, "rmse")):
+        inputs = load_graph(GraphArguments(model_name_or_path=str(tmp_path / "src"), dataset_name=str(folder)), 0)
+        assert inputs.selection_metric == metric
+        labels = inputs.eval_dataset.labels
+        scores = np.random.default_rng(1).normal(size=labels.shape)
+        from transformers import EvalPrediction
+
+        assert metric in inputs.compute_metrics(EvalPrediction(predictions=scores, label_ids=labels))
+
+    # The recipe's summary reports the dataset's metric (training replaced: the summary is what is tested here).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import graph_property
+
+    class Finished:
+        problem_type = "multi_label_classification"
+
+        def is_world_process_zero(self):
+            return True
+
+    metrics = {"validation_ap": 0.61, "test_ap": 0.52, "validation_roc_auc": 0.7, "energy": 0.3}
+    monkeypatch.setattr(graph_property, "train_and_evaluate", lambda inputs, args: (Finished(), metrics))
+    argv = ["--model_name_or_path", str(tmp_path / "src"), "--dataset_name", str(ap), "--output_dir", str(tmp_path)]
+    graph_property.main(*parse_with_config(graph_property.make_parser(), argv + ["--use_cpu", "true"]))
+    assert "validation ap 0.6100  test ap 0.5200" in capsys.readouterr().out
+
+
+def test_average_precision_matches_the_ogb_evaluator():
+    from transformers import EvalPrediction
+
+    from headprep_hf.metrics import graph_metrics
+    from headprep_hf.ogb_compat import import_ogb
+
+    import_ogb()
+    from ogb.graphproppred import Evaluator
+
+    rng = np.random.default_rng(2)
+    y = graph_labels(90, 128, seed=6, missing=0.5)  # ogbg-molpcba's 128 tasks (its Evaluator checks the count)
+    y[:, 4] = np.where(np.isnan(y[:, 4]), np.nan, 0.0)  # no positive: skipped, as OGB does
+    scores = rng.normal(size=y.shape) + 0.7 * np.nan_to_num(y)
+    ours = graph_metrics()(EvalPrediction(predictions=scores, label_ids=y))
+    expected = Evaluator("ogbg-molpcba").eval({"y_true": y, "y_pred": scores})
+    assert Evaluator("ogbg-molpcba").eval_metric == "ap" and ours["ap"] == pytest.approx(expected["ap"], abs=1e-12)
+    assert ours["roc_auc"] != pytest.approx(ours["ap"], abs=1e-3)
+
+
+@pytest.fixture
+def fake_sweep(monkeypatch):
+    """`headprep sweep` up to the sweep itself: records the sweep_metric the sweep would run with."""
+    import headprep_hf.sweep
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, model, args, *positional, **keywords):
+            seen.append(args.sweep_metric)
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(headprep_hf.sweep, "TauSweep", Recorder)
+    monkeypatch.setattr(headprep_hf.sweep, "format_table", lambda result: "")
+    return seen
+
+
+def test_graph_sweep_selects_by_the_dataset_metric_unless_told(tmp_path, fake_sweep, caplog):
+    from headprep_hf.cli import sweep_main
+
+    _saved_gcn(tmp_path / "src", num_tasks=2, problem_type="regression")
+    values = np.random.default_rng(0).normal(size=(len(SMILES), 2))
+    regression = write_ogb_dataset(SMILES, values, tmp_path, "tiny-regression", task_type="regression")
+    ap = _with_eval_metric(write_ogb_dataset(SMILES, graph_labels(len(SMILES), 2), tmp_path, "tiny-ap"), "ap")
+    (tmp_path / "loss.yaml").write_text("sweep_metric: loss\n")
+    base = ["--task", "graph", "--model_name_or_path", str(tmp_path / "src"), "--use_cpu", "true"]
+    base += ["--output_dir", str(tmp_path / "sweep"), "--disable_tqdm", "true"]
+    cases = [
+        (regression, [], "rmse"),
+        (ap, [], "ap"),
+        (regression, ["--sweep_metric", "loss"], "loss"),
+        (regression, ["--sweep-metric", "loss"], "loss"),
+        (regression, ["--sweep_metric=eval_loss"], "loss"),
+        (regression, ["--config", str(tmp_path / "loss.yaml")], "loss"),
+        (ap, ["--sweep_metric", "roc_auc"], "roc_auc"),  # an explicit value equal to the task default is kept too
+    ]
+    with caplog.at_level("INFO", logger="headprep_hf.cli"):
+        for folder, extra, _ in cases:
+            sweep_main([*base, "--dataset_name", str(folder), *extra])
+    assert fake_sweep == [metric for _, _, metric in cases]
+    assert "sweep_metric 'rmse': the metric of the data" in caplog.text
+
+
+def test_graph_sweep_on_a_regression_dataset_runs_to_the_end(tmp_path):
+    from headprep_hf.cli import sweep_main
+
+    _saved_gcn(tmp_path / "src", num_tasks=2, problem_type="regression")
+    values = np.random.default_rng(0).normal(size=(len(SMILES), 2))
+    folder = write_ogb_dataset(SMILES, values, tmp_path, "tiny-regression", task_type="regression")
+    argv = ["--task", "graph", "--dataset_name", str(folder), "--model_name_or_path", str(tmp_path / "src")]
+    argv += ["--use_cpu", "true", "--num_train_epochs", "1", "--sweep_taus", "0", "1", "--disable_tqdm", "true"]
+    argv += ["--output_dir", str(tmp_path / "sweep"), "--drift_probe_samples", "8", "--sweep_report", "false"]
+    argv += ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32"]
+    result = sweep_main(argv)
+    assert result["selection_metric"] == "rmse" and result["complete"] and result["tau_star"] in (0, 1)
+
+
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        (
+            {"train": range(0, 24), "valid": range(20, 28), "test": range(28, 32)},
+            r"train and valid share 4 .*\[20, 21",
+        ),
+        ({"train": range(24), "valid": range(24, 28), "test": range(28, 40)}, r"'test'\]: 8 .*out of range.*\[32, 33"),
+        ({"train": range(24), "test": range(24, 32)}, r"keys must be exactly .*missing \['valid'\]"),
+        ({"train": range(24), "valid": [], "test": range(24, 32)}, r"split\['valid'\] is empty"),
+        ({"train": [0, 1.5], "valid": [2], "test": [3]}, r"'train'\]: .*not integers: \[1\.5\]"),
+        ({"train": [0, 0, 1], "valid": [2], "test": [3]}, r"'train'\]: indices listed more than once: \[0\]"),
+    ],
+)
+def test_explicit_split_is_checked_before_anything_is_written(tmp_path, split, message):
+    with pytest.raises(ValueError, match=message):
+        write_ogb_dataset(SMILES, graph_labels(len(SMILES), 2), tmp_path, "bad-split", split=split)
+    assert not (tmp_path / "bad_split").exists()
+    good = {"train": range(24), "valid": range(24, 28), "test": range(28, 32)}
+    write_ogb_dataset(SMILES, graph_labels(len(SMILES), 2), tmp_path, "bad-split", split=good)  # the rerun works
+
+
+def test_empty_scaffold_split_is_refused_before_writing(tmp_path):
+    acyclic = ["C" * k for k in range(2, 14)] + ["CCO", "CCN", "CC(C)O", "CCCl", "CC(=O)C", "CCOC", "CC(C)C"]
+    acyclic += ["CCCO", "CCCN", "OCCO", "NCCN", "CC(=O)O", "CCC(=O)O"]
+    smiles = acyclic + ["c1ccccc1", "C1CCCCC1", "c1ccncc1", "C1CCNCC1", "c1ccc2ccccc2c1"]
+    with pytest.raises(ValueError, match=r"test is empty \(train 5, valid 25, test 0 of 30\).*25 molecules.*split="):
+        write_ogb_dataset(smiles, graph_labels(len(smiles), 2), tmp_path, "acyclic")
+    assert not (tmp_path / "acyclic").exists()
+    # five molecules of five scaffolds: no group dominates, the set is too small for 80/10/10 (said so)
+    with pytest.raises(ValueError, match=r"valid is empty .*5 molecules are too few for whole scaffold groups"):
+        write_ogb_dataset(smiles[-5:], graph_labels(5, 2), tmp_path, "few")
+
+
+def test_smiles_file_may_be_comma_tab_or_space_separated(tmp_path):
+    (tmp_path / "labels.csv").write_text("1,0\n0,1\n1,\n")
+    for name, separator in (("mols.csv", ","), ("mols.tsv", "\t"), ("mols.smi", " ")):
+        (tmp_path / name).write_text("".join(f"{s}{separator}mol{i}\n" for i, s in enumerate(SMILES[:3])))
+        smiles, labels = read_smiles_and_labels(str(tmp_path / name), str(tmp_path / "labels.csv"), 2)
+        assert smiles == SMILES[:3] and labels.shape == (3, 2), name
+    (tmp_path / "ids.csv").write_text("mol0;x\nmol1;y\n")
+    with pytest.raises(ValueError, match=r"no parsable SMILES among 2 .*line 1: 'mol0;x'.*first field"):
+        write_ogb_dataset(["mol0;x", "mol1;y"], np.zeros((2, 1)), tmp_path, "ids")
+
+
+def test_offline_source_pretrains_on_every_rank_with_use_cpu_after_the_main_process_converted(tmp_path, monkeypatch):
+    """Multi-process launches on an empty cache: the conversion (and OGB's processing) runs on the main process
+    first, the others read its result; the source pretraining gets the run's use_cpu (2 CPU ranks train together)."""
+    import contextlib
+
+    from accelerate import PartialState
+
+    import headprep_hf.data.graphs as graphs
+    import headprep_hf.tasks.graph as graph_task
+
+    make_config(tmp_path, use_cpu=True)  # the process state the recipe's training arguments set up
+    events = []
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        events.append("first:enter")
+        yield
+        events.append("first:exit")
+
+    monkeypatch.setattr(PartialState, "main_process_first", main_process_first)
+    dataset, _ = tiny_graph_data(tmp_path / "data", num_tasks=2)
+
+    def build_chembl_graph_tasks(cache_dir, parts, source_molecules=None):
+        events.append(f"convert:{parts[0]}")
+        return {parts[0]: tmp_path / "data" / "tiny_graphs"}
+
+    def load_ogb_dataset(name_or_path, root=None):
+        events.append("load")
+        return dataset
+
+    def pretrain_graph_model(splits, output_dir, *positional, use_cpu=False, **keywords):
+        events.append(f"pretrain:use_cpu={use_cpu}")
+        _saved_gcn(output_dir, num_tasks=2)
+
+    monkeypatch.setattr(graphs, "build_chembl_graph_tasks", build_chembl_graph_tasks)
+    monkeypatch.setattr(graphs, "load_ogb_dataset", load_ogb_dataset)
+    monkeypatch.setattr(graph_task, "pretrain_graph_model", pretrain_graph_model)
+    args = graph_task.GraphArguments(cache_dir=str(tmp_path / "cache"), num_layers=2, hidden_size=16)
+    inputs = graph_task.load_graph(args, seed=0)
+    assert events == [
+        "first:enter", "convert:downstream", "load", "first:exit",
+        "first:enter", "convert:source", "load", "first:exit",
+        "pretrain:use_cpu=True",
+    ]  # fmt: skip
+    assert inputs.model.classifier.out_features == 2
+    assert len(list((tmp_path / "cache").glob("chembl24-gcn-*"))) == 1 and not list((tmp_path / "cache").glob(".p*"))

@@ -20,6 +20,21 @@ def _probed(tmp_path, train_set, **overrides):
     return trainer, folder
 
 
+def _rewrite_weights(folder, state) -> None:
+    """Replace the head's weights by `state` and record their sha256 in its json (a consistent, damaged pair)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    path = os.path.join(folder, HEAD_WEIGHTS_NAME)
+    save_file(state, path)
+    config_path = os.path.join(folder, HEAD_CONFIG_NAME)
+    config = json.loads(open(config_path).read())
+    config["weights_sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+
+
 def _logits(model, x):
     model.eval()
     with torch.no_grad():
@@ -274,8 +289,6 @@ def test_a_head_probed_on_other_inputs_is_named(tmp_path, train_set):
 def test_a_prepared_head_with_nan_or_missing_tensors_is_not_loaded(tmp_path, train_set, damage):
     # Loading checked unknown keys and shapes only: a head holding NaN went into the model, and a head file without
     # fc.weight left the model's random fc.weight in place, both without a word.
-    from safetensors.torch import save_file
-
     _, folder = _probed(tmp_path, train_set)
     path = os.path.join(folder, HEAD_WEIGHTS_NAME)
     state = {k: v.clone() for k, v in load_file(path).items()}
@@ -283,7 +296,7 @@ def test_a_prepared_head_with_nan_or_missing_tensors_is_not_loaded(tmp_path, tra
         state["fc.weight"][0, 0] = float("nan")
     else:
         del state["fc.weight"]
-    save_file(state, path)
+    _rewrite_weights(folder, state)  # (a consistent pair: the json records these weights' sha256)
     model = tiny_timm()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     message = r"holds NaN or inf values \(fc.weight\)" if damage == "nan" else r"head tensors it lacks \['fc.weight'\]"
@@ -312,3 +325,199 @@ def test_push_to_hub_refuses_non_finite_weights(tmp_path, train_set, monkeypatch
     with pytest.raises(NonFiniteError, match="hold NaN or inf values"):
         trainer.push_to_hub()
     assert not uploads and not os.path.exists(os.path.join(args.output_dir, "model.safetensors"))
+
+
+def test_an_interrupted_save_leaves_no_loadable_mix_of_two_heads(tmp_path, train_set, monkeypatch):
+    # A save killed between its renames left the new head.safetensors beside the previous headprep_head.json (another
+    # tau, energy, checksum), and load_prepared_head(strict=True) loaded the mix without a word.
+    import warnings
+
+    from headprep_hf import hub
+
+    trainer, folder = _probed(tmp_path, train_set, hp_epochs=1)
+    trainer.args.hp_epochs = 2
+    trainer.probe_head()  # (a second head on the same trainer, written into the same folder)
+    real_replace, renamed = os.replace, []
+
+    def killed_after_the_weights(src, dst):
+        if renamed:
+            raise KeyboardInterrupt  # the process dies after the first rename
+        renamed.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(hub.os, "replace", killed_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_prepared_head(folder)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "head" / HEAD_CONFIG_NAME).read_text())["tau"] == 1  # the old json stayed
+    with pytest.raises(ValueError, match=r"head\.safetensors .* is not the file .*headprep_head\.json describes"):
+        load_prepared_head(tiny_timm(), folder, strict=True)
+    # A json written before the sha256 was recorded still loads, with a warning that it cannot be checked.
+    trainer.save_prepared_head(folder)
+    config = json.loads((tmp_path / "head" / HEAD_CONFIG_NAME).read_text())
+    del config["weights_sha256"]
+    (tmp_path / "head" / HEAD_CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="records no weights_sha256"):
+        assert load_prepared_head(tiny_timm(), folder, strict=True)["tau"] == 2
+    trainer.save_prepared_head(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_prepared_head(tiny_timm(), folder, strict=True)  # a complete save: no warning
+
+
+def test_a_prepared_head_cannot_be_saved_or_pushed_after_ft_started(tmp_path, train_set, monkeypatch):
+    # After train(), save_prepared_head() wrote the finetuned head as "prepared head, tau=2" with the HP-end energy.
+    from huggingface_hub import HfApi
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: uploads.append(kwargs))
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set)
+    trainer.train()
+    boundary = os.path.join(trainer.args.output_dir, "prepared_head")
+    with pytest.raises(ValueError, match=f"after FT started.*{boundary} holds the head saved at the HP/FT boundary"):
+        trainer.save_prepared_head(str(tmp_path / "late"))
+    with pytest.raises(ValueError, match="push_head_to_hub\\(\\) after FT started"):
+        trainer.push_head_to_hub("user/head")
+    assert not (tmp_path / "late").exists() and not uploads
+    # probe_head() then finetune() on one trainer: refused after finetune(), the boundary folder named
+    two = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path / "two"), train_dataset=train_set)
+    two.probe_head()
+    two.save_prepared_head(str(tmp_path / "in_time"))  # before FT: fine
+    two.finetune()
+    with pytest.raises(ValueError, match="after FT started"):
+        two.save_prepared_head(str(tmp_path / "late2"))
+    # a run without HP has no prepared head, which the error says (not "set save_prepared_head=True", already set)
+    plain = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path / "plain", hp_epochs=0), train_dataset=train_set
+    )
+    plain.train()
+    with pytest.raises(ValueError, match="this run had no HP stage"):
+        plain.save_prepared_head(str(tmp_path / "late3"))
+
+
+def test_backbone_id_of_transformers_and_segmentation_models_is_their_hub_id(tmp_path, train_set):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from headprep_hf.hub import prepared_head_config
+    from headprep_hf.models import TimmDeepLabV3
+
+    config = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    config.num_labels = 3
+    config._name_or_path = "google/vit-base-patch16-224"  # what from_pretrained records
+    vit = HeadPrepTrainer(model=ViTForImageClassification(config), args=make_config(tmp_path / "vit"))
+    assert prepared_head_config(vit)["backbone"]["id"] == "google/vit-base-patch16-224"
+    seg = HeadPrepTrainer(model=TimmDeepLabV3("test_resnet", 3), args=make_config(tmp_path / "seg"))
+    assert prepared_head_config(seg)["backbone"]["id"] == "timm/test_resnet.r160_in1k"  # its timm backbone's
+
+
+def test_a_refused_mlp_head_leaves_the_model_as_it_was(tmp_path, train_set):
+    # The model's linear head was replaced by a random MLP before the weights were read and refused.
+    trainer, folder = _probed(tmp_path, train_set, head_type="mlp")
+    state = {k: v.clone() for k, v in load_file(os.path.join(folder, HEAD_WEIGHTS_NAME)).items()}
+    nan = {**state, "fc.0.bias": torch.full_like(state["fc.0.bias"], float("nan"))}
+    wrong = {**state, "fc.2.weight": torch.zeros(3, 7)}
+    for damaged, message in ((nan, "NaN or inf"), (wrong, r"shape mismatches \['fc.2.weight'\]")):
+        _rewrite_weights(folder, damaged)
+        model = tiny_timm()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=message):
+            load_prepared_head(model, folder)
+        assert isinstance(model.fc, torch.nn.Linear)
+        assert before.keys() == model.state_dict().keys()
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _rewrite_weights(folder, state)  # the intact head still loads and builds the MLP
+    model = tiny_timm()
+    load_prepared_head(model, folder)
+    x = torch.stack([train_set[i]["pixel_values"] for i in range(4)])
+    assert torch.equal(_logits(model, x), _logits(trainer.model, x))
+
+
+@pytest.mark.parametrize("key", ["mlp_hidden_size", "mlp_num_layers"])
+def test_a_damaged_mlp_config_names_file_and_key(tmp_path, train_set, key):
+    # A missing or null MLP size gave a bare KeyError / TypeError from inside torch.
+    _, folder = _probed(tmp_path, train_set, head_type="mlp")
+    path = tmp_path / "head" / HEAD_CONFIG_NAME
+    config = json.loads(path.read_text())
+    for damaged, said in (({k: v for k, v in config.items() if k != key}, "missing"), ({**config, key: None}, "None")):
+        path.write_text(json.dumps(damaged))
+        model = tiny_timm()
+        with pytest.raises(ValueError, match=f"{path}: {key} is {said}; an MLP prepared head .* save the prepared"):
+            load_prepared_head(model, folder)
+        assert isinstance(model.fc, torch.nn.Linear)
+
+
+def test_loading_onto_a_compiled_model_goes_to_the_module_it_wraps(tmp_path, train_set):
+    # torch.compile's wrapper hides the head under `_orig_mod`: loading failed with "head_modules ['fc'] are not
+    # modules of OptimizedModule". (PEFT models are refused with the advice to load before wrapping.)
+    trainer, folder = _probed(tmp_path, train_set)
+    model = tiny_timm()
+    compiled = torch.compile(model)  # (not run: the parameters are the wrapped module's)
+    assert load_prepared_head(compiled, folder, strict=True)["tau"] == 2
+    assert torch.equal(model.fc.weight, trainer.model.fc.weight.cpu())
+
+    class FakePeftModel(torch.nn.Module):  # what PEFT's PeftModel looks like to the loader (peft is not required)
+        peft_config = {"default": None}
+
+        def __init__(self, base):
+            super().__init__()
+            self.base_model = base
+
+        def get_base_model(self):
+            return self.base_model
+
+    with pytest.raises(ValueError, match=r"PEFT model .* load_prepared_head\(model, head\); model = get_peft_model"):
+        load_prepared_head(FakePeftModel(tiny_timm()), folder)
+
+
+def test_recipe_push_uploads_the_card_with_its_results(tmp_path, monkeypatch):
+    # train_and_evaluate called save_model() before evaluating: with push_to_hub, Trainer.save_model pushed right
+    # there with a card without results, datasets or model-index; the full card was written afterwards, locally only.
+    from types import SimpleNamespace
+
+    from conftest import TinyImages
+    from huggingface_hub import HfApi, ModelCard
+
+    from headprep_hf.metrics import accuracy_metrics
+    from headprep_hf.tasks.base import TaskInputs, train_and_evaluate
+
+    uploads = []
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        uploads.append((repo_id, ModelCard.load(os.path.join(folder_path, "README.md"))))
+        return SimpleNamespace(commit_url="https://huggingface.co/user/ft/commit/0")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    inputs = TaskInputs(
+        model=tiny_timm(),
+        train_dataset=TinyImages(32),
+        eval_dataset=TinyImages(16, seed=1),
+        test_dataset=TinyImages(16, seed=2),
+        compute_metrics=accuracy_metrics(),
+        card={"tasks": "image-classification", "dataset_tags": "cifar10", "dataset": "CIFAR-10"},
+    )
+    args = make_config(tmp_path, hp_epochs=1, push_to_hub=True, hub_model_id="user/ft")
+    _, metrics = train_and_evaluate(inputs, args)
+    assert len(uploads) == 1  # once, at the end
+    repo_id, card = uploads[0]
+    data = card.data.to_dict()
+    assert repo_id == "user/ft" and data["datasets"] == ["cifar10"] and "model-index" in data
+    assert f"| test_accuracy | {round(metrics['test_accuracy'], 4)} |" in card.text
+    # Trainer.push_to_hub() with no arguments: the card reports the last evaluation (as Trainer's own card does)
+    uploads.clear()
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(),
+        args=make_config(tmp_path / "plain", hub_model_id="user/ft2"),
+        train_dataset=TinyImages(32),
+        eval_dataset=TinyImages(16, seed=1),
+        compute_metrics=accuracy_metrics(),
+    )
+    trainer.train()
+    evaluated = trainer.evaluate()
+    trainer.push_to_hub()
+    ((_, card),) = uploads
+    assert f"| eval_accuracy | {round(evaluated['eval_accuracy'], 4)} |" in card.text
+    assert "eval_ft/" not in card.text and "eval_runtime" not in card.text

@@ -164,6 +164,31 @@ def test_processor_saved_with_the_model_is_set_to_the_runs_data_config(tmp_path,
     assert (ours - with_crop(image, return_tensors="pt")["pixel_values"][0]).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("resample", ["BOX", "HAMMING", "LANCZOS", "NEAREST"])
+def test_a_processors_resampling_filter_is_read_and_saved_as_its_own(tmp_path, resample):
+    # Only bicubic, nearest and lanczos were read from a processor: BOX and HAMMING became bilinear, and a run with
+    # --interpolation box or hamming saved a processor saying bilinear (both filters are timm's and PIL's too).
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from headprep_hf.data.images import image_processor_for_data_config
+
+    processor = ViTImageProcessor(size={"height": 40, "width": 40}, resample=Image.Resampling[resample])
+    config = resolve_image_data_config(image_processor_data_config(processor))
+    assert config["interpolation"] == resample.lower()  # (timm's eval transform then resizes with that filter)
+    bilinear = ViTImageProcessor(size={"height": 40, "width": 40})
+    changed = resolve_image_data_config(image_processor_data_config(bilinear), interpolation=resample.lower())
+    saved = image_processor_for_data_config(bilinear, changed)
+    saved.save_pretrained(tmp_path)
+    assert ViTImageProcessor.from_pretrained(tmp_path).resample == Image.Resampling[resample]
+    with pytest.raises(ValueError, match=r"resample=17 is not a PIL resampling filter"):
+        image_processor_data_config(ViTImageProcessor(resample=17))
+    from torchvision.transforms import InterpolationMode  # (transformers' fast processors take one)
+
+    mode = getattr(InterpolationMode, resample)
+    assert image_processor_data_config(ViTImageProcessor(resample=mode))["interpolation"] == resample.lower()
+
+
 def test_the_batch_that_reaches_the_model_equals_the_float_pipelines():
     model = _a1_like_model().eval()
     config = resolve_image_data_config(model, image_size=32)

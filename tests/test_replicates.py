@@ -276,3 +276,43 @@ def test_a_guessed_metric_direction_is_logged_once(tmp_path, caplog):
         assert SweepConfig(**values, sweep_greater_is_better=True).selection_greater_is_better is True
     logged = [r.getMessage() for r in caplog.records if "guessed_rmse" in r.getMessage()]
     assert len(logged) == 1 and "lower is better, guessed from its name" in logged[0]
+
+
+def test_verdicts_read_shares_in_points_and_other_metrics_in_their_own_units():
+    # Every metric whose name is not a loss or an error was read as a share: a perplexity 0.52 lower printed as
+    # "51.67 points", and a clear RMSE difference of 0.0039 (interval width 0.0005) as "0.00 +- 0.00".
+    def verdict_of(values, metric, greater_is_better):
+        jobs = [_job(t, s, v, metric) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)]
+        sweep = _assemble(jobs, [1, 2, 3], metric=metric, greater_is_better=greater_is_better)
+        return sweep["comparisons"]["vs_first"]["validation_verdict"]
+
+    perplexity = verdict_of({0: (12.1, 12.6, 12.4), 2: (11.5, 12.1, 11.9), 4: (13, 13, 13)}, "perplexity", False)
+    assert "beats tau = 0 by 0.533 +- " in perplexity and "points" not in perplexity
+    rmse = verdict_of({0: (0.0131, 0.0133, 0.0129), 2: (0.0092, 0.0093, 0.0091), 4: (0.02,) * 3}, "rmse", False)
+    assert "beats tau = 0 by 0.0039 +- 0.000" in rmse
+    psnr = verdict_of({0: (20.0, 21.0, 22.0), 2: (20.5, 21.4, 22.6), 4: (1.0,) * 3}, "psnr", True)
+    assert "by 0.5 +- " in psnr and "points" not in psnr
+    accuracy = verdict_of({0: (0.60, 0.62, 0.61), 2: (0.70, 0.73, 0.71), 4: (0.5,) * 3}, "accuracy", True)
+    assert "beats tau = 0 by 10.33 +- " in accuracy and "points of validation accuracy" in accuracy
+
+
+def test_each_statistic_names_the_seeds_of_its_values():
+    # A seed whose value is NaN was dropped from `values` while the row's `seeds` listed every seed: read by
+    # position, seed 2 got seed 3's value.
+    nan = float("nan")
+    values = {0: (0.6, nan, 0.9), 2: (0.7, 0.8, 0.9), 4: (0.5, 0.5, 0.5)}
+    sweep = _assemble([_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)], [1, 2, 3])
+    row = sweep["per_tau"][0]
+    assert row["seeds"] == [1, 2, 3]
+    assert row["validation"]["seeds"] == [1, 3] and row["validation"]["values"] == [0.6, 0.9]
+    assert row["energy"]["seeds"] == [1, 2, 3]
+    validate_sweep(sweep)
+
+
+def test_a_replicated_sweep_with_one_finite_seed_is_not_told_to_run_seeds():
+    nan = float("nan")
+    values = {0: (0.6, nan, nan), 2: (nan, 0.8, nan), 4: (nan, nan, 0.5)}
+    table = format_table(_assemble([_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)],
+                                   [1, 2, 3]))  # fmt: skip
+    assert "at most one of the 3 seeds has a finite validation accuracy" in table
+    assert "one seed: no uncertainty available (sweep_seeds" not in table

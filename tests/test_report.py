@@ -344,3 +344,25 @@ def test_exchange_of_another_sweep_is_skipped(tmp_path):
     # the folder now holds another sweep (e.g. rerun with overwrite_output_dir by an earlier version)
     write_json(tmp_path / "sweep.json", {**sweep, "fingerprint": {**sweep["fingerprint"], "config": "other"}})
     assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES)  # the earlier heatmap is removed too
+
+
+def test_the_accuracy_and_energy_legend_names_both_curves():
+    # The legend read "_nolegend_" twice: it took the label of the errorbar's data line, not of the errorbar.
+    from headprep_hf.report import _figure_hp_accuracy_energy
+    from headprep_hf.sweep import upgrade_sweep
+
+    fig = _figure_hp_accuracy_energy(plt, upgrade_sweep(make_sweep()))
+    try:
+        texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert texts[0].startswith("HP train accuracy") and texts[1].startswith(r"energy $\|e_y - p_0\|_2$")
+    finally:
+        plt.close(fig)
+    regression = make_sweep()
+    for result in regression["results"]:  # (regression stores no accuracy or p0; its energy is ||q - y||)
+        result.update(hp_train_accuracy=None, p0_mean=None, p0_histogram=None)
+    fig = _figure_hp_accuracy_energy(plt, upgrade_sweep(regression))
+    try:
+        assert fig.axes[0].get_ylabel() == r"energy $\|q - y\|_2$ at the start of FT"
+        assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [r"energy $\|q - y\|_2$"]
+    finally:
+        plt.close(fig)

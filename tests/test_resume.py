@@ -104,6 +104,16 @@ def test_new_run_refuses_to_overwrite_an_earlier_runs_results(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     again.args.overwrite_output_dir = True
     again.train()
+    # A new run that writes no prepared head (nor measurements) left the earlier run's beside its own model, where
+    # they passed for this run's (and were uploaded with it): overwrite_output_dir moves them aside (not deleted: the
+    # new run's model may have been loaded from that prepared head).
+    args = make_config(tmp_path, hp_epochs=2, overwrite_output_dir=True, save_prepared_head=False,
+                       track_dynamics=False)  # fmt: skip
+    HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(24)).train()
+    assert not (out / "prepared_head").exists() and not (out / "headprep_dynamics.json").exists()
+    asides = sorted(out.glob("prepared_head.replaced-*"))  # (those of the first run, then of `again`)
+    assert len(asides) == 2 and all((a / "head.safetensors").is_file() for a in asides)
+    assert len(list(out.glob("headprep_dynamics.json.replaced-*"))) == 2
 
 
 def test_resume_from_an_epochs_last_update_keeps_every_drift_record(tmp_path):

@@ -335,3 +335,47 @@ def test_uint8_tensor_images_are_scaled_on_the_float_path():
     assert torch.allclose(from_tensor, from_array, atol=1e-6)
     with pytest.raises(ValueError, match="int32 has no fixed intensity range"):
         SegmentationTransform(16, train=False, normalize=True)(torch.from_numpy(pixels.astype(np.int32)), mask)
+
+
+def test_the_sweep_fingerprint_tells_two_mask_sets_of_one_length_apart():
+    # A segmentation set has no label array: the sweep described it by its length only, so a sweep folder continued
+    # with corrected masks (same number of pairs) reused the results computed on the old ones.
+    from headprep_hf.data.segmentation import SegmentationDataset
+    from headprep_hf.sweep import describe_data
+
+    image = Image.fromarray(np.zeros((12, 16, 3), dtype=np.uint8))
+    masks = [np.zeros((12, 16), dtype=np.uint8), np.ones((12, 16), dtype=np.uint8)]
+    corrected = [masks[0], np.full((12, 16), 2, dtype=np.uint8)]
+
+    def dataset(pairs):
+        return SegmentationDataset(lambda i: (image, Image.fromarray(pairs[i])), 2, SegmentationTransform(8), "train")
+
+    before, again, after = (describe_data(train=dataset(p))["train"] for p in (masks, list(masks), corrected))
+    assert before == again and before["labels"] is not None
+    assert after["labels"] != before["labels"] and after["length"] == before["length"] == 2
+
+
+def test_the_mask_digest_of_voc_and_datasets_sets_reads_the_masks_alone(tmp_path):
+    # The digest read each pair, decoding every image of every split once per sweep start (about 17 s on VOC); the
+    # VOC and `datasets` loaders now give the masks alone, with the same values as the pairs (reduce_labels applied).
+    import datasets
+
+    from headprep_hf.data.segmentation import SegmentationDataset
+
+    def by_pairs(dataset):
+        return SegmentationDataset(dataset.load_pair, len(dataset), dataset.transform, label_map=dataset.label_map)
+
+    voc = load_voc_segmentation(str(make_voc(tmp_path / "voc")), crop_size=16, validation_split=0.2)
+    rng = np.random.default_rng(0)
+    pairs = [_pair(rng, 24, 28, 1 + i % 2) for i in range(8)]
+    data = datasets.Dataset.from_dict({"image": [p[0] for p in pairs], "annotation": [p[1] for p in pairs]})
+    data.cast_column("image", datasets.Image()).cast_column("annotation", datasets.Image()).save_to_disk(
+        str(tmp_path / "disk")
+    )
+    hf = load_hf_segmentation(str(tmp_path / "disk"), crop_size=16, reduce_labels=True, validation_split=0.25)
+    for dataset in (*voc.values(), *hf.values()):
+        assert dataset.load_mask is not None
+        assert dataset.label_digest() == by_pairs(dataset).label_digest()
+    for image in (tmp_path / "voc").rglob("*.jpg"):
+        image.write_bytes(b"not a JPEG")  # a digest that decoded images would fail now
+    assert all(isinstance(d.label_digest(), str) for d in voc.values())

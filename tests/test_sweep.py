@@ -236,7 +236,7 @@ def test_shards_merge_into_the_full_sweep(tmp_path, data):
     # bad merges: nothing is written
     with pytest.raises(ValueError, match="already exists"):
         merge_sweeps([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
-    with pytest.raises(ValueError, match="more than one shard"):
+    with pytest.raises(ValueError, match="in two shards"):
         merge_sweeps([tmp_path / "a", tmp_path / "full"], tmp_path / "dup")
     other = run_sweep(tmp_path / "other", data, hp_cache_features=True, sweep_taus=[0, 2], sweep_report=False)
     assert other["complete"]
@@ -378,7 +378,26 @@ def test_the_number_of_processes_is_fingerprinted(tmp_path, monkeypatch):
     assert "world_size" not in _settings(args)  # (settings rebuild a SweepConfig: its fields only)
 
 
-def _shard(folder, jobs, index, count=2, task=None, greater_is_better=True, fingerprint=None):
+def test_gpus_of_dataparallel_count_in_the_batch_as_processes_do(tmp_path, monkeypatch):
+    # One process on several GPUs (Trainer's DataParallel) trains with per_device x GPUs per batch
+    # (args.train_batch_size); the fingerprint, the card's batch size and the BatchNorm remainder read only the
+    # processes (world_size), so two GPU counts shared one fingerprint.
+    from types import SimpleNamespace
+
+    from headprep_hf.labels import single_sample_batch_error
+    from headprep_hf.sweep import config_fingerprint
+
+    args = sweep_config(tmp_path, per_device_train_batch_size=4)
+    one = config_fingerprint(args)
+    monkeypatch.setattr(SweepConfig, "n_gpu", property(lambda self: 2))
+    assert args.train_batch_size == 8  # (Trainer's own property)
+    assert config_fingerprint(args) != one
+    trainer = SimpleNamespace(args=args, train_dataset=list(range(17)))
+    error = single_sample_batch_error(trainer, RuntimeError("Expected more than 1 value per channel when training"))
+    assert "17 training samples leave 1 for the last batch of 8" in str(error)
+
+
+def _shard(folder, jobs, index, count=2, task=None, greater_is_better=True, fingerprint=None, seeds=(1,)):
     """A hand-made shard folder `folder/sweep.json` holding `jobs` = [(tau, seed, validation accuracy)]."""
     from headprep_hf.sweep import assemble_sweep
 
@@ -393,7 +412,7 @@ def _shard(folder, jobs, index, count=2, task=None, greater_is_better=True, fing
     sweep = assemble_sweep(
         results=results,
         taus=[0, 2, 4],
-        seeds=[1],
+        seeds=list(seeds),
         metric="accuracy",
         greater_is_better=greater_is_better,
         hp={"cached_features": False, "seeds": {}},
@@ -404,6 +423,21 @@ def _shard(folder, jobs, index, count=2, task=None, greater_is_better=True, fing
     folder.mkdir(parents=True)
     (folder / "sweep.json").write_text(json.dumps(sweep))
     return folder
+
+
+def test_merge_keeps_the_seed_order_and_names_both_shards_of_a_job_twice(tmp_path):
+    # The merge sorted the seeds, so `headprep exchange` (which pairs the first seed's jobs) took seed 5 of a merged
+    # sweep and seed 7 of the same sweep run unsharded; a job in two shards named one folder and "another".
+    jobs = [(t, s, 0.5 + t / 10) for t in (0, 2, 4) for s in (7, 5)]
+    a = _shard(tmp_path / "a", jobs[::2], 0, seeds=(7, 5))
+    b = _shard(tmp_path / "b", jobs[1::2], 1, seeds=(7, 5))
+    assert merge_sweeps([a, b], tmp_path / "m")["seeds"] == [7, 5]
+    stale = _shard(tmp_path / "stale", [(0, 7, 0.5)], 1, seeds=(7,))  # (run before seed 5 was added)
+    with pytest.raises(ValueError, match="in two shards") as error:
+        merge_sweeps([a, stale], tmp_path / "m2")
+    message = str(error.value)
+    assert str(a) in message and str(stale) in message and "[7, 5] in" in message and "[7] in" in message
+    assert "before seeds were added" in message and not (tmp_path / "m2").exists()
 
 
 def test_merge_refuses_shards_of_other_tasks_or_directions(tmp_path):
@@ -489,3 +523,27 @@ def test_sweep_metric_takes_the_eval_prefix_as_metric_for_best_model_does(tmp_pa
     prefixed = sweep_config(tmp_path, sweep_metric="eval_accuracy")
     assert prefixed.sweep_metric == "accuracy"
     assert config_fingerprint(prefixed) == config_fingerprint(sweep_config(tmp_path, sweep_metric="accuracy"))
+
+
+def test_rerun_asking_for_prepared_heads_names_the_reused_jobs_that_have_none(tmp_path, data):
+    # A finished sweep rerun with sweep_prepared_heads=True reused every FT job and wrote no prepared head, silently.
+    import warnings
+
+    path = tmp_path / "sweep"
+    first = run_sweep(path, data, sweep_taus=[0, 2], sweep_report=False)
+    with pytest.warns(UserWarning) as caught:
+        again = run_sweep(path, data, sweep_taus=[0, 2], sweep_report=False, sweep_prepared_heads=True)
+    assert again == first  # (the jobs are reused)
+    named = [str(w.message) for w in caught if "sweep_prepared_heads=True" in str(w.message)]
+    assert len(named) == 2
+    for tau, message in zip((0, 2), named):
+        assert f"tau={tau} seed=0" in message and str(path / "heads" / "seed_0" / f"tau_{tau}") in message
+        assert "overwrite_output_dir=True" in message
+    assert not (path / "heads" / "seed_0" / "tau_0").exists()
+    # a sweep that wrote its prepared heads is reused without a word about them
+    heads = tmp_path / "heads_sweep"
+    run_sweep(heads, data, sweep_taus=[0], sweep_report=False, sweep_prepared_heads=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_sweep(heads, data, sweep_taus=[0], sweep_report=False, sweep_prepared_heads=True)
+    assert not [w for w in caught if "sweep_prepared_heads" in str(w.message)]

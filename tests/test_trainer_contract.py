@@ -707,3 +707,43 @@ def test_a_batch_whose_labels_are_all_ignored_adds_nothing_and_stops_nothing(tmp
     trainer = HeadPrepTrainer(model=FcLogitsOnly(), args=args, train_dataset=data)
     trainer.train()  # on_nonfinite="raise" in runs with HP
     assert all(math.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)
+
+
+class DataOrderRecorder(FcClassifier):
+    """An `FcClassifier` with state that grows as it trains (a buffer of the first feature of every training
+    sample), loaded at any size by its own `load_state_dict` (transformers' `test_resume_batch_order` model)."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed=seed)
+        self.register_buffer("seen", torch.zeros(0))
+
+    def forward(self, input_x, labels=None):
+        if self.training:
+            self.seen = torch.cat([self.seen, input_x[:, 0].detach()])
+        return super().forward(input_x, labels)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.seen = state_dict["seen"].clone()
+        return super().load_state_dict(state_dict, strict, assign)
+
+
+@pytest.mark.parametrize("track_dynamics", [True, False])
+def test_a_buffer_that_grows_resumes_as_with_trainer(tmp_path, track_dynamics):
+    # The check that a checkpoint holds this model's weights compared every tensor's shape, buffers too: the model's
+    # own checkpoint was refused ("data_order (12,) in the checkpoint, (0,) in the model"), which Trainer resumes.
+    save = {"save_strategy": "steps", "save_steps": 3}
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 6
+
+    reference = Trainer(
+        model=DataOrderRecorder(), args=_args(TrainingArguments, tmp_path, "plain", **save), train_dataset=XYData()
+    )
+    reference.train()
+    ours = _args(HeadPrepConfig, tmp_path, "ours", **save, track_dynamics=track_dynamics)
+    HeadPrepTrainer(model=DataOrderRecorder(), args=ours, train_dataset=XYData(), callbacks=[Stop()]).train()
+    resumed = HeadPrepTrainer(model=DataOrderRecorder(seed=5), args=ours, train_dataset=XYData())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "ours" / "checkpoint-6"))
+    assert resumed.model.seen.shape == reference.model.seen.shape == (80,)
+    _same_weights(reference.model, resumed.model)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 TAGS = ["headprep_hf", "head-probing", "finetuning"]
 # "owner/name": what a Hub repo id looks like (a local path or a bare name is not one).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A Hub dataset id: "owner/name", or a canonical dataset's bare "name" (cifar10, mnist).
+_HUB_DATASET_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
 
 def template_path(name: str) -> str:
@@ -77,8 +79,9 @@ def prepared_head_card(config: dict[str, Any], repo_id: str | None = None) -> Mo
 
 # Trainer bookkeeping the results table and the model-index leave out: not a property of the model.
 _NOISE_SUFFIXES = ("runtime", "samples_per_second", "steps_per_second", "epoch", "total_flos")
-# Keys shown in the card's training-dynamics table (not evaluation results).
-_DYNAMICS_KEYS = ("energy", "hp_train_accuracy", "drift_sq_dist", "drift_cos")
+# Measurements of the training dynamics (`train_and_evaluate`'s `energy`, `drift_*`): the card's training-dynamics
+# table shows some, none is an evaluation result.
+_DYNAMICS_KEYS = ("energy", "hp_train_accuracy", "p0_mean", "drift_sq_dist", "drift_dot", "drift_sq_norm", "drift_cos")
 # `datasets`' packaged loaders (a local folder's type in the model-index), not datasets on the Hub.
 _PACKAGED_LOADERS = ("imagefolder", "audiofolder", "videofolder", "csv", "json", "parquet", "text", "arrow")
 # Pretty task names of the pipeline tags our tasks use (the model-index's task.name).
@@ -137,6 +140,35 @@ def eval_results(
             )
         )
     return results
+
+
+def last_evaluation_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The metrics of the last evaluation of each split in a Trainer's `state.log_history` (the last record with
+    `eval_*` keys, and the last with `test_*` keys), as transformers' own card takes its results from the last
+    evaluation (`modelcard.parse_log_history`). The stage-tagged copies (`eval_ft/accuracy`) are left out."""
+    metrics: dict[str, float] = {}
+    for prefix in ("eval_", "test_"):
+        for record in reversed(log_history):
+            found = {k: v for k, v in record.items() if k.startswith(prefix) and "/" not in k}
+            if found:
+                metrics.update(found)
+                break
+    return metrics
+
+
+def _is_hub_dataset(tag: str) -> bool:
+    # A Hub dataset id ("owner/name", or a canonical "name" such as cifar10), as `base_model_id` tells a Hub model id
+    # from a local folder: a local path (a folder here, or written as a path) names no Hub dataset.
+    return bool(_HUB_DATASET_ID.match(tag)) and not os.path.exists(tag) and tag not in _PACKAGED_LOADERS
+
+
+def _dataset_of(tag: str | None, name: str | None) -> tuple[str | None, str | None]:
+    """(model-index dataset type, dataset name) of a `dataset_tags` entry and its pretty name: a local data folder
+    (`--dataset_name /data/my_set`) is named by its basename, in both, not by its path."""
+    if tag is None or tag in _PACKAGED_LOADERS or _is_hub_dataset(tag):
+        return tag, name
+    local = os.path.basename(os.path.normpath(tag)) or tag
+    return local, local if name in (None, tag) else name
 
 
 def hub_weights_id(cfg: dict[str, Any]) -> str | None:
@@ -225,7 +257,7 @@ def head_probing_record(trainer: HeadPrepTrainer) -> dict[str, Any]:
         "tau": args.hp_epochs if own else 0,
         "hp_learning_rate": args.hp_learning_rate,
         "hp_lr_scheduler_type": args.hp_lr_scheduler_type,
-        "hp_label_smoothing": args.hp_label_smoothing,
+        "hp_label_smoothing": args.hp_label_smoothing or args.label_smoothing_factor,  # (the trainer's fallback)
         "source": None,
     }
 
@@ -255,9 +287,10 @@ def finetuned_model_card(
     and the sweep's tau*.
 
     The dataset arguments are `Trainer.create_model_card`'s: `tasks` the pipeline tag (default: what the model's kind
-    implies), `dataset_tags` the dataset ids (a Hub id, or a loader name such as `imagefolder`; Hub ids go to the
-    `datasets` metadata), `dataset` their pretty names, `dataset_args` the dataset configs. `metrics` entries named
-    `validation_*`/`eval_*`/`test_*` become model-index results once a task and a dataset are known.
+    implies), `dataset_tags` the dataset ids (a Hub id, a loader name such as `imagefolder`, or a local data folder,
+    named by its basename; only Hub ids go to the `datasets` metadata), `dataset` their pretty names, `dataset_args`
+    the dataset configs. `metrics` entries named `validation_*`/`eval_*`/`test_*` become model-index results once a
+    task and a dataset are known.
     """
     model = trainer.accelerator.unwrap_model(trainer.model)
     args = trainer.args
@@ -265,11 +298,11 @@ def finetuned_model_card(
     drift = (dyn.get("drift") or [{}])[-1]
     hp = head_probing_record(trainer)
     pipeline_tag = _first(tasks) or pipeline_tag_of(model)
-    dataset_type, dataset_name = _first(dataset_tags), _first(dataset)
+    dataset_type, dataset_name = _dataset_of(_first(dataset_tags), _first(dataset))
     model_name = model_name or "finetuned-model"
     shown = {k: v for k, v in (metrics or {}).items() if not is_noise_metric(k) and k not in _DYNAMICS_KEYS}
     results = eval_results(shown, pipeline_tag, dataset_type, dataset_name, _first(dataset_args))
-    hub_datasets = [d for d in _as_list(dataset_tags) if d not in _PACKAGED_LOADERS]
+    hub_datasets = [d for d in _as_list(dataset_tags) if _is_hub_dataset(d)]
     extra = {}
     if sweep is not None and sweep.get("tau_star") is not None:
         extra["headprep_tau_star"] = sweep["tau_star"]
@@ -302,9 +335,9 @@ def finetuned_model_card(
         num_train_epochs=args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
         learning_rate=args.learning_rate,
         lr_scheduler_type=getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
-        ft_label_smoothing=args.ft_label_smoothing,
+        ft_label_smoothing=args.ft_label_smoothing or args.label_smoothing_factor,
         optim=getattr(args.optim, "value", args.optim),
-        batch_size=args.per_device_train_batch_size * max(args.world_size, 1) * args.gradient_accumulation_steps,
+        batch_size=args.train_batch_size * max(args.world_size, 1) * args.gradient_accumulation_steps,  # (as Trainer)
         seed=args.seed,
         energy_text=_fmt(dyn.get("energy")),
         hp_train_accuracy_text=_fmt(dyn.get("hp_train_accuracy")),

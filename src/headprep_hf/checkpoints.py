@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import time
 
 from .files import write_json
 
@@ -195,7 +196,10 @@ def check_weights_fit(folder: str, model) -> None:
     another `head_type`, `num_classes`, `reinit_modules` or architecture), naming the differences, before Trainer
     loads it. (For a model that is not a transformers `PreTrainedModel`, Trainer loads such weights non-strictly and
     then fails in its warning code with `AttributeError: ... '_keys_to_ignore_on_save'`.) Sharded or `.bin` weights are
-    left to Trainer."""
+    left to Trainer.
+
+    Names are compared for every tensor, shapes for parameters only: a buffer may be state whose size changes as the
+    model runs (a record of the data order, a queue), which the model's own `load_state_dict` takes at any size."""
     from safetensors import safe_open
 
     path = os.path.join(folder, "model.safetensors")
@@ -203,12 +207,13 @@ def check_weights_fit(folder: str, model) -> None:
         return
     plain = lambda name: name.replace("_orig_mod.", "")  # noqa: E731 - (a model saved or resumed under torch.compile)
     expected = {plain(name): tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    parameters = {plain(name) for name, _ in model.named_parameters()}
     with safe_open(path, framework="pt") as f:
         saved = {plain(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
     shapes = [
         f"{name} {saved[name]} in the checkpoint, {expected[name]} in the model"
-        for name in sorted(expected.keys() & saved.keys())
+        for name in sorted(expected.keys() & saved.keys() & parameters)
         if saved[name] != expected[name]
     ]
     if not (missing or unexpected or shapes):
@@ -259,12 +264,24 @@ def required_files(args, writes_stage_state: bool) -> tuple:
     return tuple(required)
 
 
-def refuse_earlier_outputs(output_dir: str, names: tuple[str, ...], own: set[str]) -> None:
+def refuse_earlier_outputs(output_dir: str, names: tuple[str, ...], own: set[str], overwrite: bool = False) -> None:
     """Refuse a new run into `output_dir` when it holds outputs `names` of an earlier run (those in `own`, written by
-    the same trainer, are its to replace): they would be overwritten."""
+    the same trainer, are its to replace): they would be overwritten. With `overwrite`, move them aside instead
+    (`<name>.replaced-<time>`, logged), so that none is left in place beside the new run's outputs where the new run
+    writes no such file (e.g. `save_prepared_head=False`: an earlier run's `prepared_head/` would pass for this run's),
+    and nothing is lost (e.g. the prepared head the new run's model was loaded from)."""
     earlier = [
         p for p in (os.path.join(output_dir, n) for n in names) if os.path.exists(p) and os.path.abspath(p) not in own
     ]
+    if earlier and overwrite:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path in earlier:
+            aside, n = f"{path}.replaced-{stamp}", 1
+            while os.path.exists(aside):
+                aside, n = f"{path}.replaced-{stamp}-{n}", n + 1
+            os.replace(path, aside)
+            logger.warning("overwrite_output_dir=True: moved %s of an earlier run to %s.", path, aside)
+        return
     if earlier:
         raise ValueError(
             f"output_dir {output_dir} holds results of an earlier run ({', '.join(earlier)}); a new run would "

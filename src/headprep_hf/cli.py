@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -261,6 +262,19 @@ def sweep_parser(task_name: str) -> HfArgumentParser:
     return parser
 
 
+def _setting_given(argv: list[str], name: str) -> bool:
+    """Whether the command line sets `name`: as a flag in any spelling argparse takes (`--sweep_metric x`,
+    `--sweep-metric x`, `--sweep_metric=x`) or as a key of its `--config` file."""
+    if any(_underscored(arg.split("=", 1)[0]) == f"--{name}" for arg in argv):
+        return True
+    path, _ = _pop_option(argv, "--config")
+    if path is None:
+        return False
+    with open(path) as f:  # (parse_with_config has read it: it exists and holds a mapping)
+        values = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+    return isinstance(values, dict) and name in values
+
+
 def sweep_main(argv: list[str]) -> dict:
     """`headprep sweep ...`: run a sweep (or a shard), or merge shards with `--merge DIR...`."""
     from .sweep import TauSweep, format_table, merge_sweeps
@@ -293,6 +307,12 @@ def sweep_main(argv: list[str]) -> dict:
     task = get_task(task_name)
     task_args, args = parse_with_config(sweep_parser(task_name), argv, {**IGNORED_FLAGS, **SWEEP_IGNORED_FLAGS})
     inputs = task.load(task_args, args.seed)
+    if inputs.selection_metric is not None and not _setting_given(argv, "sweep_metric"):
+        # The data's own metric (a graph dataset's OGB eval_metric: ROC-AUC, AP or RMSE) over the task's default.
+        args.sweep_metric = inputs.selection_metric
+        logging.getLogger(__name__).warning(
+            "sweep_metric %r: the metric of the data (set --sweep_metric to choose another)", args.sweep_metric
+        )
     resolve_loader_settings(args, inputs)
     sweep = TauSweep(
         inputs.model,

@@ -7,16 +7,18 @@ A prepared-head folder holds
 * `headprep_head.json`: what is needed to re-attach and reproduce it: head modules and type (MLP size), feature
   dimension, number and names of labels (`id2label`, when the model names its classes: the recipes record the data's
   class names on it), the backbone's identifier and checksum, tau, HP settings, energy and HP train accuracy, package
-  version.
+  version, and the sha256 of `head.safetensors` (`weights_sha256`), so the two files are only loaded as a pair.
 
 `load_prepared_head(model, path)` attaches it to a backbone (building the MLP head first when needed) after checking
-the feature dimension, label count and class names (errors) and the backbone checksum (a warning, an error with
-`strict=True`); it gives the model the head's class names and remembers the head's tau for the finetuned model's card.
-Weights are safetensors only; nothing is unpickled and no code is executed.
+that the two files belong together, the feature dimension, label count and class names (errors) and the backbone
+checksum (a warning, an error with `strict=True`); it gives the model the head's class names and remembers the
+head's tau for the finetuned model's card. Weights are safetensors only; nothing is unpickled and no code is executed.
+A head is saved or pushed only before FT starts (afterwards it is a finetuned head).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -27,11 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .cards import hub_weights_id, prepared_head_card
+from .cards import _first_pretrained_cfg, base_model_id, prepared_head_card
 from .export import model_data_config, model_label_names, record_prepared_head, set_label_names
 from .guard import check_finite, nonfinite_keys
 from .heads import replace_head_with_mlp
-from .split import ModelSplit, find_split
+from .split import ModelSplit, find_split, last_linear
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -78,9 +80,12 @@ class PreparedHeadMixin:
     def save_prepared_head(self, save_directory: str, backbone_id: str | None = None) -> str:
         """Save the current head as a small prepared-head artifact (`head.safetensors` + `headprep_head.json`).
 
-        Call it after `probe_head()`; `load_prepared_head(model, save_directory)` attaches it to a backbone again.
-        Only the main process writes. Returns the folder.
+        Call it after `probe_head()` (before FT starts: afterwards the head is a finetuned one, and this raises a
+        `ValueError`; `output_dir/prepared_head` holds the head saved at the HP/FT boundary).
+        `load_prepared_head(model, save_directory)` attaches it to a backbone again. Only the main process writes.
+        Returns the folder.
         """
+        refuse_after_ft(self, "save_prepared_head()")
         check_finite(self.hp_state_dict(), f"the prepared head {save_directory}")  # on every rank: all raise
         if self.args.should_save:
             save_prepared_head(self, save_directory, backbone_id=backbone_id)
@@ -88,7 +93,9 @@ class PreparedHeadMixin:
         return str(save_directory)
 
     def push_head_to_hub(self, repo_id: str, backbone_id: str | None = None, **kwargs) -> str:
-        """Upload the current head as a prepared-head repo (weights, json, card); see `hub.push_head_to_hub`."""
+        """Upload the current head as a prepared-head repo (weights, json, card); see `hub.push_head_to_hub`. Before FT
+        starts only, as `save_prepared_head`."""
+        refuse_after_ft(self, "push_head_to_hub()")  # (on every rank: all raise)
         url = push_head_to_hub(self, repo_id, backbone_id=backbone_id, **kwargs) if self.args.should_save else ""
         self.accelerator.wait_for_everyone()
         return url
@@ -112,10 +119,13 @@ class PreparedHeadMixin:
         `sweep.json` content): Hub metadata with the model-index of `metrics` (`validation_*`/`eval_*`/`test_*`
         entries, given `tasks` and `dataset_tags`), the HP/FT settings (tau of this run's HP, or of the prepared
         head `load_prepared_head` attached), energy, drift and tau*. The base model defaults to the one the model
-        names (timm `hf_hub_id`, transformers `_name_or_path`), the license to its `pretrained_cfg`'s. Also what
-        `push_to_hub()` uploads."""
-        from .cards import write_finetuned_model_card
+        names (timm `hf_hub_id`, transformers `_name_or_path`), the license to its `pretrained_cfg`'s, `metrics` to
+        the last evaluation of each split in `state.log_history` (as Trainer's own card). Also what `push_to_hub()`
+        uploads: `push_to_hub(**these arguments)` passes them here."""
+        from .cards import last_evaluation_metrics, write_finetuned_model_card
 
+        if metrics is None:  # (`Trainer.push_to_hub()` passes none: the card still reports the last evaluation)
+            metrics = last_evaluation_metrics(self.state.log_history) or None
         if self.is_world_process_zero():
             write_finetuned_model_card(
                 self,
@@ -138,7 +148,7 @@ class PreparedHeadMixin:
         if self.args.save_prepared_head:
             check_finite(self.hp_state_dict(), f"the prepared head {folder}")  # on every rank: all raise
         if self.args.save_prepared_head and self.args.should_save:
-            save_prepared_head(self, folder)
+            _save_prepared_head(self, folder)  # (at the boundary: FT is marked as started, no FT update ran)
             self.written_outputs.add(os.path.abspath(folder))
 
 
@@ -181,9 +191,8 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
     model = trainer.accelerator.unwrap_model(trainer.model)
     split = trainer.split
     dyn = trainer.dynamics
-    if backbone_id is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        backbone_id = hub_weights_id(cfg) or cfg.get("architecture") or type(model).__name__
+    if backbone_id is None:  # (the Hub id the finetuned model's card names as base model, where there is one)
+        backbone_id = base_model_id(model) or _first_pretrained_cfg(model).get("architecture") or type(model).__name__
     return {
         "format_version": HEAD_FORMAT_VERSION,
         "headprep_version": __version__,
@@ -209,6 +218,32 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
     }
 
 
+def refuse_after_ft(trainer: HeadPrepTrainer, what: str) -> None:
+    """Raise a `ValueError` when FT has started on `trainer`: its head is then a finetuned one (on a finetuned
+    backbone), not the prepared head the json would describe (tau, HP-end energy, the pretrained backbone's checksum).
+    """
+    plan = trainer.stage_plan
+    # FT began (the boundary work ran), or a training loop ran updates past its HP steps (a plain run, hp_epochs=0,
+    # whose loop marks no boundary without measurements). probe_head() alone leaves both false.
+    ft_updates = plan.plan != "hp" and trainer.state.global_step > plan.hp_steps
+    if not (plan.ft_started or ft_updates):
+        return
+    folder = os.path.join(trainer.args.output_dir, PREPARED_HEAD_DIR)
+    if os.path.isfile(os.path.join(folder, HEAD_CONFIG_NAME)):
+        where = f"{folder} holds the head saved at the HP/FT boundary: load or upload that folder"
+    elif plan.plan == "ft" or trainer.args.hp_epochs == 0:
+        where = "this run had no HP stage (finetune() alone, or hp_epochs=0), so it has no prepared head to save"
+    elif not trainer.args.save_prepared_head:
+        where = f"no head was saved at the HP/FT boundary (save_prepared_head=True writes it to {folder})"
+    else:
+        where = f"no head was saved at the HP/FT boundary ({folder} does not exist)"
+    raise ValueError(
+        f"{what} after FT started: the model's head is now finetuned, not the prepared head of tau="
+        f"{trainer.args.hp_epochs} (and the backbone is no longer the pretrained one). {where}; or call {what} after "
+        "probe_head() and before finetune()/train()'s FT."
+    )
+
+
 def save_prepared_head(
     trainer: HeadPrepTrainer,
     save_directory: str | os.PathLike,
@@ -217,7 +252,19 @@ def save_prepared_head(
     repo_id: str | None = None,
 ) -> Path:
     """Write `head.safetensors`, `headprep_head.json` and a README.md model card for the trainer's current head
-    into `save_directory` (see `write_prepared_head`). Returns the folder."""
+    into `save_directory` (see `write_prepared_head`). A `ValueError` once FT has started (`refuse_after_ft`).
+    Returns the folder."""
+    refuse_after_ft(trainer, "save_prepared_head()")
+    return _save_prepared_head(trainer, save_directory, backbone_id=backbone_id, tau=tau, repo_id=repo_id)
+
+
+def _save_prepared_head(
+    trainer: HeadPrepTrainer,
+    save_directory: str | os.PathLike,
+    backbone_id: str | None = None,
+    tau: int | None = None,
+    repo_id: str | None = None,
+) -> Path:
     state = trainer.hp_state_dict()
     check_finite(state, f"the prepared head {save_directory}")
     config = prepared_head_config(trainer, backbone_id=backbone_id, tau=tau)
@@ -232,8 +279,10 @@ def write_prepared_head(
 ) -> Path:
     """Write a prepared-head folder from its weights and `headprep_head.json` content (and render its card).
 
-    Every file is written under a temporary name and renamed into place, so an interrupted save never leaves a
-    half-written head behind. Returns the folder.
+    Every file is written under a temporary name and renamed into place, so no file is ever half-written. The
+    renames are one by one: a save interrupted between them can leave the new `head.safetensors` beside the previous
+    `headprep_head.json`. The json records the sha256 of the weights it belongs to (`weights_sha256`), and
+    `load_prepared_head` refuses a pair that does not match. Returns the folder.
     """
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -242,12 +291,17 @@ def write_prepared_head(
     card_tmp = folder / "README.md.tmp"
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(weights_tmp), metadata={"format": "pt", "headprep_version": __version__})
+    config = {**config, "weights_sha256": _sha256(weights_tmp)}
     config_tmp.write_text(json.dumps(config, indent=2))
     prepared_head_card(config, repo_id=repo_id).save(str(card_tmp))
     os.replace(weights_tmp, folder / HEAD_WEIGHTS_NAME)
     os.replace(config_tmp, folder / HEAD_CONFIG_NAME)
     os.replace(card_tmp, folder / "README.md")
     return folder
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # (a head: kilobytes to a few megabytes)
 
 
 def push_head_to_hub(
@@ -262,15 +316,17 @@ def push_head_to_hub(
     """Upload the trainer's current head (weights, `headprep_head.json`, README.md card) to the Hub repo `repo_id`.
 
     This is the one place headprep_hf talks to the network (through `huggingface_hub.HfApi`: `create_repo` and
-    `upload_folder`); nothing else in the package does, at import time or later. Returns the commit URL.
+    `upload_folder`); nothing else in the package does, at import time or later. A `ValueError` once FT has started
+    (`refuse_after_ft`). Returns the commit URL.
     """
     import tempfile
 
     from huggingface_hub import HfApi
 
+    refuse_after_ft(trainer, "push_head_to_hub()")
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
-        save_prepared_head(trainer, tmp, backbone_id=backbone_id, repo_id=repo_id)
+        _save_prepared_head(trainer, tmp, backbone_id=backbone_id, repo_id=repo_id)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, repo_type="model"
@@ -341,7 +397,32 @@ def _read_head_config(path: Path) -> dict[str, Any]:
         missing = [f"backbone.{k}" for k in ("id", "checksum") if k not in config["backbone"]]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a complete prepared-head config.")
+    if config.get("head_type") == "mlp":  # (the MLP is rebuilt from these before its weights are loaded)
+        for key, least in (("mlp_hidden_size", 1), ("mlp_num_layers", 2)):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(
+                    f"{path}: {key} is {'missing' if key not in config else repr(value)}; an MLP "
+                    f"prepared head (head_type 'mlp') needs an integer >= {least} there. The file is damaged: save "
+                    "the prepared head again, or restore the value the probing run used (its mlp_hidden_size/"
+                    "mlp_num_layers)."
+                )
     return config
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    # A torch.compile'd model shares its parameters with the module it wraps (`_orig_mod`): the head goes there.
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        model = model._orig_mod
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        # PEFT renames the layers it wraps (`base_layer`, `modules_to_save`): neither the head's keys nor the
+        # backbone checksum are those of the model the head was probed on.
+        raise ValueError(
+            f"load_prepared_head got a PEFT model ({type(model).__name__}): its layers are renamed by the adapters, "
+            "so the head's tensors and the backbone checksum cannot be matched. Load the prepared head onto the base "
+            "model first, then wrap it: load_prepared_head(model, head); model = get_peft_model(model, config)."
+        )
+    return model
 
 
 def load_prepared_head(
@@ -352,21 +433,34 @@ def load_prepared_head(
     The model must have the architecture the head was probed on, with a task head of the same kind (a model built
     with `num_classes=num_labels`; an MLP head is built here when the prepared head is one). Afterwards
     `HeadPrepTrainer(model, HeadPrepConfig(head_type="linear", ...)).finetune()` starts FT from it (keep
-    `head_type="linear"` there: the MLP is already in place).
+    `head_type="linear"` there: the MLP is already in place). A `torch.compile`d model gets the head in the module it
+    wraps; a PEFT model is refused (load the head first, then wrap). Nothing in the model changes unless the head
+    loads.
 
     Raises:
-        ValueError: the feature dimension, the number of labels or the class names (where both name them) differ,
-            or the weights do not fit the model; with
+        ValueError: `head.safetensors` is not the file `headprep_head.json` records (`weights_sha256`: two saves
+            mixed), the json lacks a key or an MLP size, the feature dimension, the number of labels or the class
+            names (where both name them) differ, or the weights do not fit the model or are not finite; with
             `strict=True` also when the backbone checksum differs or the head was probed on inputs prepared
             otherwise (`inputs` in `headprep_head.json`: input size, crop, interpolation, mean/std; where both the
-            head and the model record them), otherwise a `BackboneMismatchWarning`.
+            head and the model record them), otherwise a `BackboneMismatchWarning`. A json without `weights_sha256`
+            (written before it was recorded) loads with a `UserWarning`.
     """
+    model = _unwrapped(model)
     folder = _resolve(repo_id_or_path, revision)
     config_path, weights_path = folder / HEAD_CONFIG_NAME, folder / HEAD_WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: {folder} is not a prepared head (see save_prepared_head).")
     config = _read_head_config(config_path)
+    try:
+        state = load_file(str(weights_path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types; nothing was executed
+        raise ValueError(
+            f"{weights_path} is not a readable safetensors file ({error}): a prepared head stores its weights as "
+            "safetensors only (a pickle is never loaded). Save it again with save_prepared_head()."
+        ) from error
+    _check_pair(config, config_path, weights_path)
     split = find_split(model, config["head_modules"], config.get("reinit_modules") or [])
     want_dim, want_labels = config["feature_dim"], config["num_labels"]
     have_dim = feature_dim(model, split)
@@ -409,20 +503,14 @@ def load_prepared_head(
         if strict:
             raise ValueError(message + " Pass strict=False to load it anyway.")
         warnings.warn(message, BackboneMismatchWarning, stacklevel=2)
-    if config.get("head_type") == "mlp" and len(_head_linears(model, split)) == 1:
-        replace_head_with_mlp(model, split, config["mlp_hidden_size"], config["mlp_num_layers"])
-    try:
-        state = load_file(str(weights_path))
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types; nothing was executed
-        raise ValueError(
-            f"{weights_path} is not a readable safetensors file ({error}): a prepared head stores its weights as "
-            "safetensors only (a pickle is never loaded). Save it again with save_prepared_head()."
-        ) from error
-    model_state = model.state_dict()
-    unknown = sorted(set(state) - set(model_state))
-    wrong_shape = sorted(k for k in state if k in model_state and model_state[k].shape != state[k].shape)
+    build_mlp = config.get("head_type") == "mlp" and len(_head_linears(model, split)) == 1
+    # Everything is checked against the shapes the model will have (the MLP, when it is built here) before the model
+    # is changed: a refused head leaves the caller's model as it was.
+    model_shapes = _shapes_after_mlp(model, split, config) if build_mlp else _shapes(model)
+    unknown = sorted(set(state) - set(model_shapes))
+    wrong_shape = sorted(k for k in state if k in model_shapes and model_shapes[k] != state[k].shape)
     in_head = lambda key: any(key == name or key.startswith(name + ".") for name in split.head_names)  # noqa: E731
-    missing = sorted(k for k in model_state if in_head(k) and k not in state)  # (it would stay as initialised)
+    missing = sorted(k for k in model_shapes if in_head(k) and k not in state)  # (it would stay as initialised)
     if unknown or wrong_shape or missing:
         raise ValueError(
             f"The prepared head in {folder} does not fit the model: unknown keys {unknown[:5]}, shape mismatches "
@@ -434,12 +522,59 @@ def load_prepared_head(
             f"The prepared head in {folder} holds NaN or inf values ({', '.join(bad[:5])}): it is not loaded. Probe "
             "the head again (the run that wrote it diverged, or the file was changed)."
         )
+    if build_mlp:
+        replace_head_with_mlp(model, split, config["mlp_hidden_size"], config["mlp_num_layers"])
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
     if head_names is not None and model_names is None:
         set_label_names(model, head_names)  # the finetuned model (and its saved config) names the classes
     record_prepared_head(model, config, source=str(repo_id_or_path))  # the finetuned model's card reports its tau
     return config
+
+
+def _check_pair(config: dict[str, Any], config_path: Path, weights_path: Path) -> None:
+    """`headprep_head.json` must describe this `head.safetensors` (a save interrupted between its renames leaves new
+    weights beside the previous json)."""
+    recorded = config.get("weights_sha256")
+    if recorded is None:
+        warnings.warn(
+            f"{config_path} records no weights_sha256 (written by headprep_hf before {__version__}, or edited): "
+            f"whether it belongs to {weights_path} cannot be checked. Save the prepared head again to record it.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    actual = _sha256(weights_path)
+    if actual != recorded:
+        raise ValueError(
+            f"{weights_path} (sha256 {actual[:12]}...) is not the file {config_path} describes (weights_sha256 "
+            f"{str(recorded)[:12]}...): the two come from different saves (one interrupted between its renames, or a "
+            "file replaced). Neither tau nor energy can be trusted for these weights: save the prepared head again."
+        )
+
+
+def _shapes(model: nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _shapes_after_mlp(model: nn.Module, split: ModelSplit, config: dict[str, Any]) -> dict[str, torch.Size]:
+    """The state-dict shapes `model` has once `replace_head_with_mlp` replaced its head's last linear layer, without
+    changing it (the MLP is built on the meta device)."""
+    from .heads import MLPHead
+
+    shapes = _shapes(model)
+    for head_name in reversed(split.head_names):
+        found = last_linear(model.get_submodule(head_name))
+        if found is None:
+            continue
+        rel_name, linear = found
+        name = f"{head_name}.{rel_name}" if rel_name else head_name
+        with torch.device("meta"):
+            mlp = MLPHead(linear.in_features, linear.out_features, config["mlp_hidden_size"], config["mlp_num_layers"])
+        shapes = {k: v for k, v in shapes.items() if not k.startswith(name + ".")}
+        shapes.update({f"{name}.{k}": v.shape for k, v in mlp.state_dict().items()})
+        return shapes
+    return shapes
 
 
 def _id2label_list(id2label: dict[str, str] | None, folder: Path) -> list[str] | None:

@@ -316,7 +316,7 @@ def single_sample_batch_error(trainer, error: Exception) -> Exception:
     if "Expected more than 1 value per channel when training" not in str(error):
         return error
     args = trainer.args
-    batch = args.per_device_train_batch_size * max(args.world_size, 1)
+    batch = args.train_batch_size * max(args.world_size, 1)  # (train_batch_size: per device x GPUs of DataParallel)
     try:
         n = len(trainer.train_dataset)
     except TypeError:

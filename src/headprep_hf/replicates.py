@@ -49,12 +49,19 @@ def is_tie(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=TIE_REL_TOL, abs_tol=0.0)
 
 
-def describe(values: Sequence[float | None]) -> dict | None:
-    """`{n, mean, std, ci95, values}` of the non-null `values` (std and ci95 null below two values); None if none."""
+def describe(values: Sequence[float | None], seeds: Sequence | None = None) -> dict | None:
+    """`{n, mean, std, ci95, values}` of the finite `values` (std and ci95 null below two values); None if none.
+
+    With `seeds` (one per value), also `seeds`: those of the values kept, so that `values[i]` belongs to `seeds[i]`
+    where a missing or non-finite value was left out."""
     present = [float(v) for v in values if _finite(v)]
     if not present:
         return None
     n = len(present)
+    if seeds is not None:
+        result = describe(present)
+        result["seeds"] = [seed for seed, v in zip(seeds, values, strict=True) if _finite(v)]
+        return result
     # fsum: correctly rounded, so the same values in another order give the same mean (a tie stays a tie)
     mean = math.fsum(present) / n
     if n < 2:
@@ -78,30 +85,36 @@ def paired_difference(a: dict[int, float | None], b: dict[int, float | None]) ->
     return result
 
 
-def _scale(metric: str) -> tuple[float, str]:
-    # Accuracy-like metrics (in [0, 1]) read as percentage points; losses and errors in their own units.
-    return (1.0, "") if lower_is_better(metric) else (100.0, " points")
+def _units(fraction: bool):
+    """`(format, unit)` of a difference: a metric that is a fraction (accuracy, IoU, ROC-AUC: every value in [0, 1]
+    and higher is better) in percentage points with two decimals; any other (losses, RMSE, perplexity, PSNR) in its
+    own units with three significant digits, so that a small but clear difference does not print as 0.00."""
+    if fraction:
+        return (lambda x, sign="": f"{100 * x:{sign}.2f}"), " points"
+    return (lambda x, sign="": f"{x:{sign}.3g}"), ""
 
 
-def verdict(tau_a: int, tau_b: int, difference: dict | None, metric: str, greater_is_better: bool) -> str:
+def verdict(
+    tau_a: int, tau_b: int, difference: dict | None, metric: str, greater_is_better: bool, fraction: bool = False
+) -> str:
     """One sentence: does tau_a beat tau_b on `metric` beyond seed noise (the 95% interval of the paired difference
-    `a - b` excludes 0)?"""
+    `a - b` excludes 0)? `fraction`: the metric is a share in [0, 1] (see `_units`)."""
     if difference is None:
         return f"tau = {tau_a} vs tau = {tau_b}: no paired seeds to compare."
     n = difference["n"]
-    scale, unit = _scale(metric)
+    fmt, unit = _units(fraction)
     if n < 2:
         return (
-            f"tau = {tau_a} vs tau = {tau_b}: {scale * difference['mean']:+.2f}{unit} of {metric} with one seed; no "
-            "uncertainty available (run more seeds: sweep_seeds=[...])."
+            f"tau = {tau_a} vs tau = {tau_b}: {fmt(difference['mean'], '+')}{unit} of {metric} from one seed with a "
+            "finite value on both sides; no uncertainty available (replicate with sweep_seeds=[...]; a seed whose "
+            "value is missing or not finite on either side is left out)."
         )
     low, high = difference["ci95"]
     better = difference["mean"] > 0 if greater_is_better else difference["mean"] < 0
-    half = scale * (high - low) / 2
-    size = f"{scale * abs(difference['mean']):.2f} +- {half:.2f}{unit} of {metric} ({n} seeds, 95% t-interval)"
+    size = f"{fmt(abs(difference['mean']))} +- {fmt((high - low) / 2)}{unit} of {metric} ({n} seeds, 95% t-interval)"
     if low > 0 or high < 0:
         return f"tau* = {tau_a} {'beats' if better else 'is worse than'} tau = {tau_b} by {size}."
     return (
         f"tau* = {tau_a} is not distinguishable from tau = {tau_b} at {n} seeds: difference "
-        f"{scale * difference['mean']:+.2f}{unit}, 95% interval [{scale * low:+.2f}, {scale * high:+.2f}]."
+        f"{fmt(difference['mean'], '+')}{unit}, 95% interval [{fmt(low, '+')}, {fmt(high, '+')}]."
     )

@@ -5,7 +5,8 @@ after each tau and picks tau* on the validation set (Ren et al., "How to prepare
 ICLR 2023). `write_report` turns the stored measurements into PNG figures:
 
 * `ft_metric_vs_tau.png`: FT validation selection metric (and test, when stored) against tau, tau* marked.
-* `hp_accuracy_energy_vs_tau.png`: HP train accuracy and energy `||e_y - p_0||` at the start of FT against tau.
+* `hp_accuracy_energy_vs_tau.png`: HP train accuracy and energy `||e_y - p_0||` (regression: `||q - y||`) at the
+  start of FT against tau.
 * `drift_vs_tau.png`: feature drift at the end of FT (`||z_t - z_0||^2`, `z_t . z_0`, `||z_t||^2`,
   `cos(z_t, z_0)`) against tau.
 * `p0_histograms.png`: histogram of the true-class probability `p_0` at the start of FT, one panel per tau.
@@ -45,6 +46,7 @@ _DRIFT_PANELS = (
 )
 _TAU = r"$\tau$"
 _ENERGY = r"energy $\|e_y - p_0\|_2$"
+_REGRESSION_ENERGY = r"energy $\|q - y\|_2$"  # (regression: the head's output q against the target y)
 
 
 def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -216,7 +218,7 @@ def _plot_replicated(ax, data, get_stats, get_value, fmt: str, color: str, label
         n = f"{low}" if low == high else f"{low}-{high}"
         label += f" (mean +- sd, n = {n} seeds per point)" if high > 1 else " (one seed per point)"
     container = ax.errorbar(taus, means, yerr=stds if several else None, fmt=fmt, color=color, label=label, capsize=3)
-    return [container.lines[0]]
+    return [container]  # (the label is the container's; its data line's is "_nolegend_")
 
 
 def _tau_axis(ax, data: dict[str, Any], label: bool = True) -> None:
@@ -335,8 +337,9 @@ def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
         ax.set_ylabel("HP train accuracy", color="C0")
         ax.tick_params(axis="y", labelcolor="C0")
         energy_ax = ax.twinx()
-    lines += _plot_replicated(energy_ax, data, lambda r: r["energy"], lambda r: r["energy"], "s--", "C1", _ENERGY)
-    energy_ax.set_ylabel(f"{_ENERGY} at the start of FT", color="C1")
+    energy = _ENERGY if has_accuracy else _REGRESSION_ENERGY  # (only regression stores no HP accuracy)
+    lines += _plot_replicated(energy_ax, data, lambda r: r["energy"], lambda r: r["energy"], "s--", "C1", energy)
+    energy_ax.set_ylabel(f"{energy} at the start of FT", color="C1")
     energy_ax.tick_params(axis="y", labelcolor="C1")
     if lines:
         ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize="small")

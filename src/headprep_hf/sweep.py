@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,9 @@ class SweepConfig(HeadPrepConfig):
             passes' bars follow `disable_tqdm`).
         sweep_prepared_heads (`bool`, defaults to `False`):
             Also write every head snapshot as a prepared-head folder `heads/seed_S/tau_N/` (`load_prepared_head`), with
-            the energy and HP train accuracy its FT job measured.
+            the energy and HP train accuracy its FT job measured. Written when the FT job runs: a rerun that reuses
+            finished jobs writes none for them (it warns; rerun with `overwrite_output_dir=True` or another
+            `output_dir` to get them).
     """
 
     sweep_taus: list[int] = field(
@@ -352,6 +355,9 @@ def config_fingerprint(args: SweepConfig) -> str:
         value = getattr(args, name, default)
         if getattr(value, "value", value) != default:
             values[name] = getattr(value, "value", value)
+    # DataParallel (one process, several GPUs) multiplies the batch as world_size does; counted only then, as above.
+    if getattr(args, "n_gpu", 0) > 1:
+        values["n_gpu"] = args.n_gpu
     # The direction tau* is chosen in, as resolved (setting it to what the metric's name implies changes nothing).
     values["sweep_greater_is_better"] = args.selection_greater_is_better
     # How often checkpoints are written changes results only through the checkpoint load_best_model_at_end keeps
@@ -395,10 +401,11 @@ def _labels_of(dataset):
 
 def describe_data(**datasets) -> dict[str, dict | None]:
     """A cheap description of each dataset for the sweep fingerprint: `{"length", "labels"}`, `labels` the sha256 of
-    its label array where the dataset exposes one without decoding (a `.labels` numpy array or tensor), else null.
+    its label array where the dataset exposes one without decoding (a `.labels` numpy array or tensor), or of its
+    dense labels where it hashes them itself (`label_digest()`: a segmentation set's masks), else null.
 
-    Items are never read: decoding images is slow and training items are augmented (random), so they would make the
-    fingerprint slow and unstable. A dataset of the same length without a `.labels` array is not told apart from
+    Images are never read: decoding them is slow and training items are augmented (random), so they would make the
+    fingerprint slow and unstable. A dataset of the same length without labels to hash is not told apart from
     another one; the task record (`task`) covers the command line's data settings."""
     out: dict[str, dict | None] = {}
     for name, dataset in datasets.items():
@@ -408,7 +415,9 @@ def describe_data(**datasets) -> dict[str, dict | None]:
         length = len(dataset) if has_length(dataset) else None  # (None: an iterable dataset)
         digest = None
         labels = _labels_of(dataset)
-        if labels is not None:
+        if labels is None and callable(getattr(dataset, "label_digest", None)):
+            digest = dataset.label_digest()
+        elif labels is not None:
             labels = np.ascontiguousarray(labels)
             h = hashlib.sha256(f"{labels.dtype.str}{labels.shape}".encode())
             h.update(labels.tobytes())
@@ -596,7 +605,7 @@ class TauSweep:
         """What a sweep's folders must share: the grid, the pretrained model (with its new head, before HP), whether
         seeds re-draw the head, the settings that change results (not the seeds: each job records its own), the task
         record (the command line's data settings, e.g. `max_train_samples`) and a description of the train,
-        validation and test sets (`describe_data`: lengths and label hashes, no item is read)."""
+        validation and test sets (`describe_data`: lengths and label hashes, no image is read)."""
         return {
             "taus": list(self.args.sweep_taus),
             "model": state_fingerprint(self._pristine.state_dict()),
@@ -673,6 +682,17 @@ class TauSweep:
         finished = self._finished(tau, seed)
         if finished is not None:
             logger.info("tau=%d seed=%d: reusing the finished FT job in %s.", tau, seed, job_dir)
+            head_dir = self._heads_dir(seed) / f"tau_{tau}"
+            if self.args.sweep_prepared_heads and self._is_main and not (head_dir / "headprep_head.json").is_file():
+                # (the prepared head is written by the FT job, before FT: a reused job writes none)
+                warnings.warn(
+                    f"tau={tau} seed={seed}: sweep_prepared_heads=True, but the finished FT job in {job_dir} is "
+                    f"reused and no prepared head is written to {head_dir} (the run that finished the job wrote "
+                    "none). Rerun with overwrite_output_dir=True (every job runs again) or another output_dir to get "
+                    f"it; the head snapshot {head_dir}.safetensors holds its weights.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return finished
         if self._is_main:  # the folder's owner, written before anything else in it
             job_dir.mkdir(parents=True, exist_ok=True)
@@ -937,16 +957,17 @@ def summarize_taus(results: list[dict], taus: list[int], metric: str) -> list[di
         if not group:
             continue
         tests = [(r["test"] or {}).get(metric) for r in group]
+        seeds = [r.get("seed") for r in group]  # (each statistic's `seeds`: those of its finite values, in order)
         rows.append(
             {
                 "tau": tau,
-                "seeds": [r.get("seed") for r in group],
-                "validation": describe([r["validation"].get(metric) for r in group]),
-                "test": describe(tests) if any(t is not None for t in tests) else None,
-                "energy": describe([r["energy"] for r in group]),
-                "hp_train_accuracy": describe([r["hp_train_accuracy"] for r in group]),
-                "p0_mean": describe([r["p0_mean"] for r in group]),
-                "drift": {k: describe([(r["drift"] or {}).get(k) for r in group]) for k in _DRIFT_KEYS},
+                "seeds": seeds,
+                "validation": describe([r["validation"].get(metric) for r in group], seeds),
+                "test": describe(tests, seeds) if any(t is not None for t in tests) else None,
+                "energy": describe([r["energy"] for r in group], seeds),
+                "hp_train_accuracy": describe([r["hp_train_accuracy"] for r in group], seeds),
+                "p0_mean": describe([r["p0_mean"] for r in group], seeds),
+                "drift": {k: describe([(r["drift"] or {}).get(k) for r in group], seeds) for k in _DRIFT_KEYS},
             }
         )
     return rows
@@ -962,10 +983,14 @@ def compare_taus(results: list[dict], tau_a: int, tau_b: int, metric: str, great
 
     out = {"tau": tau_a, "against": tau_b}
     for part in ("validation", "test"):
-        difference = paired_difference(by_seed(tau_a, part), by_seed(tau_b, part))
+        a, b = by_seed(tau_a, part), by_seed(tau_b, part)
+        difference = paired_difference(a, b)
         out[part] = difference
         if difference is not None:
-            out[f"{part}_verdict"] = verdict(tau_a, tau_b, difference, f"{part} {metric}", greater_is_better)
+            # A share (accuracy, IoU) reads in percentage points; what else the metric is, in its own units.
+            values = [v for v in (*a.values(), *b.values()) if v is not None and math.isfinite(v)]
+            fraction = greater_is_better and all(0.0 <= v <= 1.0 for v in values)
+            out[f"{part}_verdict"] = verdict(tau_a, tau_b, difference, f"{part} {metric}", greater_is_better, fraction)
     return out
 
 
@@ -1118,10 +1143,11 @@ def merge_sweeps(
     results: dict[tuple, dict] = {}
     hp = {k: v for k, v in first["hp"].items() if k != "seeds"}
     hp["seeds"] = {}
-    seeds: set = set()
+    seeds: dict = {}  # (in the order the shards list them: the first seed is the one `headprep exchange` pairs)
+    origin: dict[tuple, tuple[Path, dict]] = {}
     for path, sweep in sweeps:
         _check_same_sweep(first_dir / SWEEP_FILE, first, path / SWEEP_FILE, sweep)
-        seeds |= set(sweep.get("seeds") or [])
+        seeds.update(dict.fromkeys(sweep.get("seeds") or []))
         for seed, record in (sweep["hp"].get("seeds") or {}).items():
             hp["seeds"].setdefault(
                 seed,
@@ -1133,16 +1159,26 @@ def merge_sweeps(
         for result in sweep["results"]:
             key = (result["tau"], result.get("seed"))
             if key in results:
+                other_path, other = origin[key]
+                stale = ""
+                if other.get("seeds") != sweep.get("seeds"):  # (job positions shift when seeds are added)
+                    stale = (
+                        f" Their seeds differ ({other.get('seeds')} in {other_path}, {sweep.get('seeds')} in {path}): "
+                        "one of them ran before seeds were added to sweep_seeds. Rerun that shard with the current "
+                        "sweep_seeds (finished jobs are reused), then merge again."
+                    )
                 raise ValueError(
-                    f"tau={key[0]} seed={key[1]} is in more than one shard ({path} and another); merge each once."
+                    f"tau={key[0]} seed={key[1]} is in two shards, {other_path} and {path}; each (tau, seed) job must "
+                    f"come from one shard.{stale or ' Merge each shard folder once.'}"
                 )
+            origin[key] = (path, sweep)
             merged = dict(result)
             merged["output_dir"] = os.path.relpath(path / result["output_dir"], output_dir)
             results[key] = merged
     merged = assemble_sweep(
         results=list(results.values()),
         taus=first["taus"],
-        seeds=sorted(seeds),
+        seeds=list(seeds),
         metric=first["selection_metric"],
         greater_is_better=first["greater_is_better"],
         hp=hp,
@@ -1220,7 +1256,13 @@ def format_table(sweep: dict[str, Any]) -> str:
             parts.append(f"{name} {value:.4f}" if value is not None else f"{name} -")
     lines.append(f"{'test' if has_test else 'validation'} {metric}: " + "  ".join(parts))
     if n_seeds < 2:
-        lines.append("one seed: no uncertainty available (sweep_seeds=[...] replicates the sweep).")
+        if len(sweep.get("seeds") or []) > 1:  # (seeds ran, but at most one has a finite value at any tau)
+            lines.append(
+                f"at most one of the {len(sweep['seeds'])} seeds has a finite validation {metric} at any tau: no "
+                "uncertainty available (the notes above say which values are missing or not finite)."
+            )
+        else:
+            lines.append("one seed: no uncertainty available (sweep_seeds=[...] replicates the sweep).")
         return "\n".join(lines)
     for comparison in (sweep.get("comparisons") or {}).values():
         if comparison is not None:

@@ -707,8 +707,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     def _refuse_earlier_outputs(self) -> None:
         # (not this trainer's own outputs, e.g. probe_head()'s before finetune())
-        if self.has_stages and not self.args.overwrite_output_dir and self.args.should_save:
-            refuse_earlier_outputs(self.args.output_dir, (PREPARED_HEAD_DIR, DYNAMICS_NAME), self.written_outputs)
+        if self.has_stages and self.args.should_save:
+            refuse_earlier_outputs(
+                self.args.output_dir,
+                (PREPARED_HEAD_DIR, DYNAMICS_NAME),
+                self.written_outputs,
+                overwrite=self.args.overwrite_output_dir,
+            )
 
     def _load_stage_state(self, checkpoint: str, plan: str) -> None:
         saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)

@@ -21,7 +21,9 @@ import gzip
 import json
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +80,47 @@ def scaffold_split(
     return {k: sorted(v) for k, v in split.items()}
 
 
+def check_split(split: Mapping[str, Sequence[int]], num_molecules: int) -> dict[str, list[int]]:
+    """An explicit split of `num_molecules` as sorted lists, or a `ValueError` naming what is wrong with it: keys
+    other than exactly `train`/`valid`/`test`, an empty part, indices that are not integers, repeated or out of range,
+    or an index in two parts (a molecule's labels would leak from training into evaluation)."""
+    parts = tuple(SPLIT_NAMES)
+    if not isinstance(split, Mapping) or set(split) != set(parts):
+        given = sorted(map(str, split)) if isinstance(split, Mapping) else type(split).__name__
+        missing = sorted(set(parts) - set(split)) if isinstance(split, Mapping) else list(parts)
+        unknown = sorted(map(str, set(split) - set(parts))) if isinstance(split, Mapping) else []
+        raise ValueError(f"split keys must be exactly {list(parts)} (OGB's names), got {given}: missing {missing}, "
+                         f"unknown {unknown}")  # fmt: skip
+    checked = {}
+    for part in parts:
+        raw = split[part]
+        values = np.asarray(raw)
+        if values.size == 0:
+            raise ValueError(f"split[{part!r}] is empty: every part needs at least one molecule")
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            listed = raw.tolist() if hasattr(raw, "tolist") else list(raw)
+            bad = [v for v in listed if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+            raise ValueError(f"split[{part!r}]: indices must be integers (positions in smiles), these are not "
+                             f"integers: {bad[:5] or listed[:5]}")  # fmt: skip
+        repeated = sorted(int(v) for v, count in Counter(values.tolist()).items() if count > 1)
+        if repeated:
+            raise ValueError(f"split[{part!r}]: indices listed more than once: {repeated[:5]}")
+        outside = sorted(int(v) for v in values if not 0 <= v < num_molecules)
+        if outside:
+            raise ValueError(f"split[{part!r}]: {len(outside)} indices out of range for {num_molecules} SMILES "
+                             f"(0..{num_molecules - 1}): {outside[:5]}")  # fmt: skip
+        checked[part] = sorted(int(v) for v in values)
+    for i, a in enumerate(parts):
+        for b in parts[i + 1 :]:
+            shared = sorted(set(checked[a]) & set(checked[b]))
+            if shared:
+                raise ValueError(
+                    f"split: {a} and {b} share {len(shared)} indices (first: {shared[:5]}); a molecule in two parts "
+                    "leaks its labels into the evaluation: give each index to one part"
+                )
+    return checked
+
+
 def _write_csv_gz(path: Path, rows: np.ndarray, fmt: str | None = None) -> None:
     import pandas as pd
 
@@ -106,14 +149,17 @@ def write_ogb_dataset(
         task_names: Column names of `mapping/mol.csv.gz` (default `task_0...`).
         on_invalid: `"skip"` (default: log each unparsable SMILES with its line number, drop it WITH its labels, list
             it in `skipped_smiles.csv`) or `"raise"` (`ValueError` naming the line).
-        split: Indices into `smiles` per `train`/`valid`/`test`; default: scaffold split of the parsed molecules.
+        split: Indices into `smiles` per `train`/`valid`/`test` (disjoint, none empty); indices of skipped SMILES
+            are dropped with a warning naming them. Default: scaffold split of the parsed molecules.
 
     Returns:
         The dataset folder (pass it to `load_ogb_dataset`).
 
     Raises:
         ValueError: labels not `(len(smiles), tasks)`, wrong task count for `task_names`, non-binary labels for a
-            binary task, an unknown `task_type`, or an invalid SMILES with `on_invalid="raise"`.
+            binary task, an unknown `task_type`, an invalid SMILES with `on_invalid="raise"`, no parsable SMILES, an
+            invalid `split` (see `check_split`), or a split part left empty (a scaffold split where one scaffold
+            dominates: pass `split=`). Nothing is written then.
         FileExistsError: the folder already holds a dataset (nothing is overwritten).
     """
     from ..ogb_compat import import_ogb
@@ -141,6 +187,8 @@ def write_ogb_dataset(
             raise ValueError(
                 f"line {i + 1}: label {labels[i, t]} for task {task_names[t]!r}; binary tasks take 0/1/NaN"
             )
+    if split is not None:
+        split = check_split(split, len(smiles))
     folder = Path(root) / name.replace("-", "_")
     if (folder / "raw").exists() or (folder / "processed").exists():
         raise FileExistsError(f"{folder} already holds a dataset; remove it or choose another name/root")
@@ -164,14 +212,44 @@ def write_ogb_dataset(
     finally:
         RDLogger.EnableLog("rdApp.*")
     if not graphs:
-        raise ValueError("no parsable SMILES")
+        first = ", ".join(f"line {i + 1}: {s!r}" for i, s in enumerate(smiles[:3]))
+        raise ValueError(
+            f"no parsable SMILES among {len(smiles)} entries for {name!r} (RDKit's Chem.MolFromSmiles failed on each; "
+            f"{first}): give one SMILES per molecule; read_smiles_and_labels takes the first field of each line "
+            "(separated by whitespace, a comma or a tab)"
+        )
     kept_smiles = [smiles[i] for i in kept]
     kept_labels = labels[kept]
     if split is None:
         split = scaffold_split(kept_smiles, scaffolds=scaffolds)
+        sizes = {k: len(v) for k, v in split.items()}
+        empty = [k for k, v in sizes.items() if v == 0]
+        if empty:
+            scaffold, size = Counter(scaffolds).most_common(1)[0]
+            share = 0.1 * len(kept)  # (molecules in the valid and test shares)
+            if share >= 1 and size > share:  # (a group larger than those shares took their room)
+                why = (f"its largest scaffold group ({scaffold!r}{'' if scaffold else ': acyclic molecules'}) holds "
+                       f"{size} molecules, and whole groups fill train, then valid, then test")  # fmt: skip
+            else:
+                why = (f"{len(kept)} molecules are too few for whole scaffold groups to fill 80% train, 10% valid and "
+                       "10% test")  # fmt: skip
+            raise ValueError(
+                f"scaffold split: {' and '.join(empty)} is empty (train {sizes['train']}, valid {sizes['valid']}, "
+                f"test {sizes['test']} of {len(kept)}): {why}; OGB cannot read an empty split file. Pass "
+                "write_ogb_dataset(..., split={'train': [...], 'valid': [...], 'test': [...]}) with indices into "
+                "smiles"
+            )
     else:
         position = {orig: new for new, orig in enumerate(kept)}
-        split = {k: sorted(position[i] for i in v if i in position) for k, v in split.items()}
+        dropped = {k: [i for i in v if i not in position] for k, v in split.items()}
+        if any(dropped.values()):
+            logger.warning("split: indices of skipped SMILES dropped from it: %s",
+                           ", ".join(f"{k} {v}" for k, v in dropped.items() if v))  # fmt: skip
+        split = {k: [position[i] for i in v if i in position] for k, v in split.items()}
+        empty = [k for k, v in split.items() if not v]
+        if empty:
+            raise ValueError(f"split: {' and '.join(empty)} holds only skipped (unparsable) SMILES: {dropped}; "
+                             "fix those lines or give the part other molecules")  # fmt: skip
 
     (folder / "raw").mkdir(parents=True)
     (folder / "mapping").mkdir()
@@ -214,13 +292,15 @@ def write_ogb_dataset(
 
 
 def read_smiles_and_labels(smiles_file: str, labels_file: str, num_tasks: int) -> tuple[list[str], np.ndarray]:
-    """A SMILES file (one per line, optional second column ignored; `.smi`/`.txt`) and a label CSV without header
-    (one row per molecule, `num_tasks` comma-separated values, empty or `nan` = missing).
+    """A SMILES file (one molecule per line: the SMILES is the first field, further fields separated by whitespace, a
+    comma or a tab are ignored: `.smi`/`.txt`/`.csv`/`.tsv` without header) and a label CSV without header (one row
+    per molecule, `num_tasks` comma-separated values, empty or `nan` = missing).
 
     Raises `ValueError` naming the line of a row with the wrong number of tasks or a non-numeric value, or when the
     two files have different numbers of lines."""
     with open(smiles_file) as f:
-        smiles = [line.split()[0] if line.strip() else "" for line in f.read().splitlines()]
+        # (SMILES hold no whitespace, commas or tabs; a quoted CSV field loses its quotes)
+        smiles = [re.split(r"[\s,]+", line.strip(), maxsplit=1)[0].strip("\"'") for line in f.read().splitlines()]
     labels = []
     with open(labels_file) as f:
         for number, line in enumerate(f.read().splitlines(), start=1):

@@ -203,8 +203,6 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
     without a crop). ConvNext resizes the short side to `shortest_edge / crop_pct` and crops `shortest_edge` below 384
     px, and warps to `shortest_edge` without a crop from 384 px on (squash, crop_pct 1.0).
     """
-    from PIL import Image
-
     size = getattr(processor, "size", None) or {}
     crop = getattr(processor, "crop_size", None) or {}
     crop_mode = "center" if size.get("shortest_edge") else "squash"
@@ -223,15 +221,9 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
     height, width = size.get("height"), size.get("width")
     if crop_mode == "squash" and height and width and height != width:  # a warp to a non-square size
         input_size, crop_pct = _non_square(processor, int(height), int(width), crop, input_size, crop_pct)
-    resample = getattr(processor, "resample", None)
-    interpolation = {
-        Image.Resampling.BICUBIC: "bicubic",
-        Image.Resampling.NEAREST: "nearest",
-        Image.Resampling.LANCZOS: "lanczos",
-    }.get(resample, "bilinear")
     return {
         "input_size": input_size,
-        "interpolation": interpolation,
+        "interpolation": _interpolation_of(getattr(processor, "resample", None)),
         "mean": tuple(float(v) for v in (getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))),
         "std": tuple(float(v) for v in (getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))),
         "crop_pct": crop_pct,
@@ -324,7 +316,26 @@ def _crop_pct(side: int, resize: int) -> float:
     return crop_pct
 
 
-_PIL_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Image.Resampling values
+def _interpolation_of(resample: Any) -> str:
+    """timm's interpolation name of a processor's PIL `resample` filter (timm names PIL's six filters as PIL does,
+    lower-cased: box and hamming too); bilinear, transformers' default, where the processor sets none."""
+    from PIL import Image
+
+    if resample is None:
+        return "bilinear"
+    if isinstance(getattr(resample, "value", None), str):  # a torchvision InterpolationMode (fast processors take one)
+        return resample.value
+    try:
+        return Image.Resampling(int(resample)).name.lower()
+    except (TypeError, ValueError):
+        raise ValueError(f"The image processor's resample={resample!r} is not a PIL resampling filter.") from None
+
+
+def _resample_of(interpolation: str) -> int:
+    """The PIL resampling filter of timm's interpolation name (the inverse of `_interpolation_of`)."""
+    from PIL import Image
+
+    return int(Image.Resampling[interpolation.upper()])
 
 
 def _eval_resize(config: dict[str, Any]) -> tuple[int, ...]:
@@ -374,7 +385,7 @@ def image_processor_for_data_config(processor: Any, data_config: dict[str, Any])
         new.crop_size, new.do_center_crop = {"height": height, "width": side}, True
     else:
         new.size = {"shortest_edge": side} if by_edge else {"height": height, "width": side}
-    new.resample = _PIL_RESAMPLE.get(data_config["interpolation"], 2)
+    new.resample = _resample_of(data_config["interpolation"])
     new.image_mean, new.image_std = list(data_config["mean"]), list(data_config["std"])
     return new if same_data_config(image_processor_data_config(new), data_config) else None
 

@@ -238,6 +238,8 @@ class SegmentationDataset(Dataset):
         transform: the joint transform.
         name: split name used in error messages (`"train"`, ...).
         label_map: optional int64 lookup table applied to raw mask values (e.g. `reduce_labels`).
+        load_mask: optional `index -> mask` that reads the mask alone (its file or column), for `label_digest`;
+            without it `load_pair` is used, decoding the image too.
 
     Every sample is checked when read: a mask whose size differs from its image's, a mask value outside `label_map`
     or an image or mask that cannot be decoded raises `ValueError` naming the split and index (and the file, where
@@ -247,9 +249,16 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(
-        self, load_pair, length: int, transform: SegmentationTransform, name: str = "dataset", label_map=None
+        self,
+        load_pair,
+        length: int,
+        transform: SegmentationTransform,
+        name: str = "dataset",
+        label_map=None,
+        load_mask=None,
     ):
         self.load_pair, self.length, self.transform, self.name = load_pair, int(length), transform, name
+        self.load_mask = load_mask
         self.label_map = None if label_map is None else torch.as_tensor(label_map, dtype=torch.int64)
         self.ignore_index = transform.ignore_index
 
@@ -271,17 +280,21 @@ class SegmentationDataset(Dataset):
                 f"{self.name}[{index}]: the mask is {mask_array.shape[0]}x{mask_array.shape[1]} but the image is "
                 f"{image_size[0]}x{image_size[1]}; every mask must have its image's height and width."
             )
-        if self.label_map is not None:
-            mask_array = mask_array.astype(np.int64)
-            outside = (mask_array < 0) | (mask_array >= len(self.label_map))
-            if outside.any():
-                raise ValueError(
-                    f"{self.name}[{index}] has mask value {int(mask_array[outside][0])}, outside the label map "
-                    f"(reduce_labels) of mask values 0..{len(self.label_map) - 1}. Fix the masks (8-bit class ids, "
-                    "0 = unlabelled) or drop --reduce_labels and map the values yourself."
-                )
-            mask_array = self.label_map[torch.as_tensor(mask_array)].numpy()
-        return image, mask_array
+        return image, self._mapped(index, mask_array)
+
+    def _mapped(self, index: int, mask_array: np.ndarray) -> np.ndarray:
+        """The mask's values through `label_map` (unchanged without one)."""
+        if self.label_map is None:
+            return mask_array
+        mask_array = mask_array.astype(np.int64)
+        outside = (mask_array < 0) | (mask_array >= len(self.label_map))
+        if outside.any():
+            raise ValueError(
+                f"{self.name}[{index}] has mask value {int(mask_array[outside][0])}, outside the label map "
+                f"(reduce_labels) of mask values 0..{len(self.label_map) - 1}. Fix the masks (8-bit class ids, "
+                "0 = unlabelled) or drop --reduce_labels and map the values yourself."
+            )
+        return self.label_map[torch.as_tensor(mask_array)].numpy()
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, mask = self._raw(int(index))
@@ -290,6 +303,26 @@ class SegmentationDataset(Dataset):
         except (OSError, SyntaxError, ValueError) as error:  # (ValueError: an image mode or dtype it cannot take)
             raise unreadable_image_error(f"{self.name}[{index}]", error) from error
         return {"pixel_values": pixel_values, "labels": labels}
+
+    def label_digest(self) -> str:
+        """sha256 of every mask as the model gets its class ids (after `label_map`, before the joint transform), in
+        order: what the sweep fingerprint records for this set in place of a label array (the masks alone where the
+        set has `load_mask`, as the VOC and `datasets` loaders give it)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for i in range(self.length):
+            if self.load_mask is None:
+                mask = self._raw(i)[1]
+            else:
+                try:
+                    mask = self._mapped(i, np.asarray(self.load_mask(i)))
+                except (OSError, SyntaxError) as error:
+                    raise unreadable_image_error(f"{self.name}[{i}]", error) from error
+            mask = np.ascontiguousarray(mask, dtype=np.int64)
+            digest.update(f"{mask.shape}".encode())
+            digest.update(mask.tobytes())
+        return digest.hexdigest()
 
     def check_samples(self, num_classes: int, name: str | None = None, ignore_index: int | None = None) -> None:
         """Raise `ValueError` naming the first sample whose mask does not match its image's size or holds a label
@@ -378,15 +411,19 @@ def load_voc_segmentation(
             j = int(indices[i])
             return to_rgb(_open(source.images[j])), _open(source.masks[j])
 
-        return load, len(indices)
+        return load, len(indices), (lambda i: _open(source.masks[int(indices[i])]))
 
     def transform(train: bool) -> SegmentationTransform:
         return SegmentationTransform(crop_size, mean, std, train=train, ignore_index=ignore_index, normalize=normalize)
 
+    def dataset(source, indices, name: str) -> SegmentationDataset:
+        load, length, load_mask = pairs(source, indices)
+        return SegmentationDataset(load, length, transform(name == "train"), name, load_mask=load_mask)
+
     return {
-        "train": SegmentationDataset(*pairs(train_set, train_idx), transform(True), "train"),
-        "validation": SegmentationDataset(*pairs(train_set, val_idx), transform(False), "validation"),
-        "test": SegmentationDataset(*pairs(test_set, range(len(test_set.images))), transform(False), "test"),
+        "train": dataset(train_set, train_idx, "train"),
+        "validation": dataset(train_set, val_idx, "validation"),
+        "test": dataset(test_set, range(len(test_set.images)), "test"),
     }
 
 
@@ -469,10 +506,19 @@ def load_hf_segmentation(
                 raise OSError(f"{named}: {error}" if named else str(error)) from error
             return row[image_column], row[mask_column]
 
+        masks = split.select_columns([mask_column])
+
+        def load_mask(i: int):
+            try:
+                return masks[i][mask_column]
+            except (OSError, SyntaxError) as error:
+                named = image_file(masks, i, mask_column)
+                raise OSError(f"{named}: {error}" if named else str(error)) from error
+
         transform = SegmentationTransform(
             crop_size, mean, std, train=is_train, ignore_index=ignore_index, normalize=normalize
         )
-        return SegmentationDataset(load, len(split), transform, name, label_map=label_map)
+        return SegmentationDataset(load, len(split), transform, name, label_map=label_map, load_mask=load_mask)
 
     splits = {"train": wrap(train, "train", True), "validation": wrap(validation, "validation", False)}
     if "test" in raw and mask_column in raw["test"].column_names and raw["test"][0][mask_column] is not None:

@@ -104,6 +104,25 @@ def multitask_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+def multitask_average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """OGB `Evaluator` semantics for `ap` (ogbg-molpcba, ogbg-molmuv): sklearn's `average_precision_score` per task
+    over its present (non-NaN) labels, averaged over the tasks where both classes are present. Raises `ValueError`
+    when no task has both classes."""
+    from sklearn.metrics import average_precision_score
+
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
+    y_score = np.asarray(y_score, dtype=np.float64).reshape(y_true.shape)
+    scores = []
+    for t in range(y_true.shape[1]):
+        present = ~np.isnan(y_true[:, t])
+        labels = y_true[present, t]
+        if (labels == 1).any() and (labels == 0).any():
+            scores.append(average_precision_score(labels, y_score[present, t]))
+    if not scores:
+        raise ValueError("no task has both positive and negative labels; average precision is undefined")
+    return float(np.mean(scores))
+
+
 def multitask_rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """OGB `rmse`: per task the RMSE over its present labels, averaged over tasks with any label."""
     y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
@@ -117,9 +136,9 @@ def multitask_rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def graph_metrics(problem_type: str = "multi_label_classification"):
-    """A `compute_metrics` for multi-task graph property prediction: `roc_auc` (binary tasks; logits are ranked,
-    so no sigmoid is needed) and the mean label `accuracy` at probability 0.5, or `rmse` (regression); NaN labels
-    are missing and skipped."""
+    """A `compute_metrics` for multi-task graph property prediction: `roc_auc` and `ap` (average precision; OGB's
+    `rocauc` and `ap`, binary tasks; logits are ranked, so no sigmoid is needed) and `accuracy` (at probability 0.5,
+    over all present labels of the split), or `rmse` (regression); NaN labels are missing and skipped."""
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
         logits, labels = _logits_and_labels(eval_prediction)
@@ -127,12 +146,18 @@ def graph_metrics(problem_type: str = "multi_label_classification"):
             return {"rmse": multitask_rmse(labels, logits)}
         present = ~np.isnan(labels)
         accuracy = float(((logits > 0) == (labels > 0.5))[present].mean())
-        try:
-            roc_auc = multitask_roc_auc(labels, logits)
-        except ValueError:
-            # Too few evaluation graphs: report NaN (and say why) rather than abort the training run.
-            logger.warning("ROC-AUC undefined on %d graphs: no task has both classes; use a larger split", len(labels))
-            roc_auc = float("nan")
-        return {"roc_auc": roc_auc, "accuracy": accuracy}
+        metrics = {}
+        for key, name, metric in (
+            ("roc_auc", "ROC-AUC", multitask_roc_auc),
+            ("ap", "AP", multitask_average_precision),
+        ):
+            try:
+                metrics[key] = metric(labels, logits)
+            except ValueError:
+                # Too few evaluation graphs: report NaN (and say why) rather than abort the training run.
+                logger.warning("%s undefined on %d graphs: no task has both classes; use a larger split", name,
+                               len(labels))  # fmt: skip
+                metrics[key] = float("nan")
+        return {**metrics, "accuracy": accuracy}
 
     return compute_metrics

@@ -33,6 +33,9 @@ class TaskInputs:
     # What the data says for the finetuned model's card: `Trainer.create_model_card`'s `tasks` (pipeline tag),
     # `dataset_tags` (dataset id: Hub id, or `imagefolder` for local folders), `dataset` (pretty name), `dataset_args`.
     card: dict[str, Any] = field(default_factory=dict)
+    # The metric this data is judged by (a key of `compute_metrics`' output, e.g. OGB's `eval_metric` of a graph
+    # dataset): `headprep sweep` picks tau* by it unless --sweep_metric is given. None: the task's sweep default.
+    selection_metric: str | None = None
 
 
 # Trainer settings shared by the recipes of every task (each task adds its own on top).
@@ -112,7 +115,8 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
     """What the single-run recipes do: HP + FT (`train()`, resumable with `--resume_from_checkpoint last`), save the
     model (a timm model with timm's `config.json`: it loads back with `timm.create_model("local-dir:<output_dir>")`)
     and its card (Hub metadata and model-index from the task's `card` entries), evaluate on validation (and test),
-    collect energy and final drift into `final_results.json`.
+    collect energy and final drift into `final_results.json`. With `push_to_hub`, the final folder is uploaded at the
+    end, with that card.
 
     Returns the trainer and the metrics (`validation_*`, `test_*`, `energy`, `hp_train_accuracy`, `drift_*`).
     """
@@ -132,7 +136,8 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
     trainer.check_labels_of(test_dataset=inputs.test_dataset)  # not only after training, when it is evaluated
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume in ("true", "True", "last") else resume)
-    trainer.save_model()
+    # (`_internal_call`: Trainer.save_model would push here, with a card that has no results or dataset yet)
+    trainer.save_model(_internal_call=True)
     evaluated = trainer.evaluate()  # (its "epoch" key is not a validation metric)
     metrics = {f"validation_{k[len('eval_') :]}": v for k, v in evaluated.items() if k.startswith("eval_")}
     if inputs.test_dataset is not None:
@@ -143,7 +148,11 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
         metrics.update({f"drift_{k}": v for k, v in dyn["drift"][-1].items() if k not in ("step", "epoch")})
     trainer.log_metrics("final", {k: v for k, v in metrics.items() if v is not None})  # (None: not measured)
     trainer.save_metrics("final", metrics)
-    trainer.create_model_card(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))}, **inputs.card)
+    card = dict(inputs.card, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)  # (writes the card through create_model_card, then uploads the folder)
+    else:
+        trainer.create_model_card(**card)
     return trainer, metrics
 
 

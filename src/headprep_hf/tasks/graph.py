@@ -10,7 +10,9 @@ where a molecule was not measured; the paper's "Sup-pcba" role) and cached; the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,9 +36,15 @@ GRAPH_DEFAULTS = dict(
     drift_probe_samples=256,
     logging_steps=20,
 )
+# tau* by ROC-AUC, the offline default's metric; `headprep sweep` replaces it by the dataset's own metric
+# (`TaskInputs.selection_metric`) unless --sweep_metric is given.
 GRAPH_SWEEP_DEFAULTS = dict(sweep_metric="roc_auc")
+# OGB's `eval_metric` of a dataset -> the key `graph_metrics` reports it under.
+OGB_METRICS = {"rocauc": "roc_auc", "ap": "ap", "rmse": "rmse"}
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,9 +80,21 @@ def save_graph_model(model, folder: str | os.PathLike, info: dict | None = None)
     (folder / MODEL_CONFIG).write_text(json.dumps({**model.config_dict, "info": info or {}}, indent=1))
 
 
-def load_graph_model(folder: str | os.PathLike, num_tasks: int | None = None, problem_type: str | None = None):
-    """A GCN from `folder`; with `num_tasks` different from the saved head, a new head (the rest of the weights
-    loaded strictly). Raises `FileNotFoundError` / `ValueError` naming what is missing or mismatched."""
+def load_graph_model(
+    folder: str | os.PathLike, num_tasks: int | None = None, problem_type: str | None = None, new_head: bool = False
+):
+    """A GCN from `folder`: the saved backbone, loaded strictly, and the saved head, or a new head (initialised from
+    the current RNG state, so `set_seed` decides it) when `new_head` is true or `num_tasks` differs from the saved
+    head's. Raises `FileNotFoundError` / `ValueError` naming what is missing or mismatched.
+
+    Args:
+        folder: A folder written by `save_graph_model` (`config.json` + `model.safetensors`).
+        num_tasks: Outputs of the head; unset = the saved count.
+        problem_type: The model's problem type; unset = the saved one.
+        new_head: Always build a new head. Head probing needs one: the task loader (`load_graph`) asks for it, so a
+            source with as many tasks as the downstream task (ogbg-molhiv -> ogbg-molbbbp) does not hand its trained
+            head to the new task.
+    """
     from ..models.graph import GCN
 
     folder = Path(folder)
@@ -89,10 +109,11 @@ def load_graph_model(folder: str | os.PathLike, num_tasks: int | None = None, pr
         config["problem_type"] = problem_type
     model = GCN(**config)
     state = read_safetensors(folder / MODEL_WEIGHTS)
-    if config["num_tasks"] != saved_tasks:
+    new_head = new_head or config["num_tasks"] != saved_tasks
+    if new_head:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k.startswith("classifier.") and config["num_tasks"] != saved_tasks)]
+    missing = [k for k in missing if not (k.startswith("classifier.") and new_head)]
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match the GCN config: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}")  # fmt: skip
@@ -138,7 +159,9 @@ def pretrain_graph_model(
         )  # fmt: skip
         trainer.train()
         metrics = trainer.evaluate()
-    save_graph_model(model, output_dir, info={"validation": metrics, "epochs": epochs, "seed": seed})
+        if trainer.is_world_process_zero():  # (after DDP training every process holds the same weights)
+            save_graph_model(model, output_dir, info={"validation": metrics, "epochs": epochs, "seed": seed})
+        trainer.accelerator.wait_for_everyone()
     return metrics
 
 
@@ -150,8 +173,13 @@ def pretrain_chembl_source(
     dropout: float = 0.5,
     seed: int = 0,
     max_graphs: int | None = None,
+    use_cpu: bool = False,
 ) -> Path:
-    """The offline source GCN, pretrained once on the 24 MoleculeACE source targets and cached (`$HEADPREP_CACHE`)."""
+    """The offline source GCN, pretrained once on the 24 MoleculeACE source targets and cached (`$HEADPREP_CACHE`).
+
+    Under a multi-process launch every process calls it: the main process converts the source data first (the others
+    then read its folder, see `load_graph_dataset`), all of them pretrain together (`use_cpu`: as the run's training
+    arguments, so that CPU ranks train as one DDP run), and the main process publishes the cache entry."""
     from ..data.graphs import ogb_splits
     from ..models.source import default_cache_dir
 
@@ -170,14 +198,36 @@ def pretrain_chembl_source(
 
         train = splits["train"]
         splits["train"] = GraphPropertyDataset(train.dataset, train.indices[:max_graphs])
+    root.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+    state = _process_state()
     try:
+        # Every process trains (not main process first: the main process's DDP collectives would wait for the others
+        # while they wait at the barrier); the main process saves into its `partial` and publishes it.
         pretrain_graph_model(splits, partial, "multi_label_classification", num_layers, hidden_size, dropout,
-                             epochs, seed=seed)  # fmt: skip
-        os.replace(partial, final)  # the cache holds a finished model or nothing
+                             epochs, seed=seed, use_cpu=use_cpu)  # fmt: skip
+        if (state is None or state.is_main_process) and not (final / MODEL_WEIGHTS).is_file():
+            os.replace(partial, final)  # the cache holds a finished model or nothing
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    if state is not None:
+        state.wait_for_everyone()  # no process reads the entry before the main process has published it
     return final
+
+
+def _process_state():
+    """accelerate's process state, as the run's training arguments set it up (one state shared by every
+    `PartialState()`), or None where none is set up yet (a Python caller without training arguments: one process)."""
+    from accelerate import PartialState
+
+    return PartialState() if PartialState._shared_state else None
+
+
+def _main_process_first():
+    """Run the block on the main process first, then on the others (accelerate's `main_process_first`: one process
+    converts the data and lets OGB write its processed file, the others read them), or plainly in one process."""
+    state = _process_state()
+    return state.main_process_first() if state is not None else contextlib.nullcontext()
 
 
 def load_graph_dataset(
@@ -189,15 +239,20 @@ def load_graph_dataset(
 ):
     """An OGB dataset and its problem type: `dataset_name` (an OGB name under `dataset_root`, or a converted folder),
     or unset = the offline MoleculeACE task (`offline_part` "downstream" or "source", converted once to the cache;
-    `source_molecules`: a seeded sample of that many source molecules, see `build_chembl_graph_tasks`)."""
+    `source_molecules`: a seeded sample of that many source molecules, see `build_chembl_graph_tasks`).
+
+    Under a multi-process launch (once the training arguments have set up accelerate's state) the main process
+    converts the data and lets OGB write its processed file first; the others then read them (several processes
+    converting into one folder at once fail)."""
     from ..data.graphs import build_chembl_graph_tasks, load_ogb_dataset
     from ..models.source import default_cache_dir
 
-    if dataset_name is None:
-        folders = build_chembl_graph_tasks(default_cache_dir(cache_dir), [offline_part], source_molecules)
-        dataset = load_ogb_dataset(str(folders[offline_part]))
-    else:
-        dataset = load_ogb_dataset(dataset_name, dataset_root)
+    with _main_process_first():
+        if dataset_name is None:
+            folders = build_chembl_graph_tasks(default_cache_dir(cache_dir), [offline_part], source_molecules)
+            dataset = load_ogb_dataset(str(folders[offline_part]))
+        else:
+            dataset = load_ogb_dataset(dataset_name, dataset_root)
     problem_type = "regression" if dataset.task_type == "regression" else "multi_label_classification"
     return dataset, problem_type
 
@@ -209,12 +264,17 @@ def load_graph(args: GraphArguments, seed: int) -> TaskInputs:
     dataset, problem_type = load_graph_dataset(args.dataset_name, args.dataset_root, args.cache_dir)
     splits = ogb_splits(dataset)
     if args.model_name_or_path is None:
-        source = pretrain_chembl_source(args.cache_dir, args.source_epochs, args.num_layers, args.hidden_size,
-                                        args.dropout, max_graphs=args.source_max_graphs)  # fmt: skip
+        state = _process_state()  # the device the run's training arguments chose
+        source = pretrain_chembl_source(
+            args.cache_dir, args.source_epochs, args.num_layers, args.hidden_size, args.dropout,
+            max_graphs=args.source_max_graphs, use_cpu=state is not None and state.device.type == "cpu",
+        )  # fmt: skip
     else:
         source = args.model_name_or_path
     set_seed(seed)  # the new head's initialisation must not depend on what ran before
-    model = load_graph_model(source, num_tasks=dataset.num_tasks, problem_type=problem_type)
+    # Always a new head: HP trains a new task head, even where the source has as many tasks (a trained head of the
+    # source task would otherwise be kept, whatever the seed).
+    model = load_graph_model(source, num_tasks=dataset.num_tasks, problem_type=problem_type, new_head=True)
     return TaskInputs(
         model=model,
         train_dataset=splits["train"],
@@ -224,11 +284,24 @@ def load_graph(args: GraphArguments, seed: int) -> TaskInputs:
         class_names=[f"task_{t}" for t in range(dataset.num_tasks)],
         data_collator=GraphCollator(),
         card=dict(tasks="graph-ml", **({} if args.dataset_name is None else dict(dataset_tags=args.dataset_name))),
+        selection_metric=selection_metric(dataset.eval_metric, problem_type),
     )
 
 
 def first_metric(problem_type: str) -> str:
+    """The metric of a problem type where the dataset names none: RMSE for regression, else ROC-AUC."""
     return "rmse" if problem_type == "regression" else "roc_auc"
+
+
+def selection_metric(eval_metric: str | None, problem_type: str) -> str:
+    """The `graph_metrics` key of OGB's `eval_metric` (`rocauc` -> `roc_auc`, `ap` -> `ap`, `rmse` -> `rmse`): the
+    metric the dataset is judged by (ogbg-molpcba and ogbg-molmuv by average precision)."""
+    if eval_metric in OGB_METRICS:
+        return OGB_METRICS[eval_metric]
+    fallback = first_metric(problem_type)
+    logger.warning("OGB eval metric %r is not computed here (only %s); reporting %s instead", eval_metric,
+                   sorted(OGB_METRICS), fallback)  # fmt: skip
+    return fallback
 
 
 __all__ = [
@@ -241,4 +314,5 @@ __all__ = [
     "pretrain_chembl_source",
     "pretrain_graph_model",
     "save_graph_model",
+    "selection_metric",
 ]
