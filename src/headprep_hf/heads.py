@@ -33,23 +33,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def mlp_head_target(model: nn.Module, split: ModelSplit) -> tuple[str, nn.Linear]:
+    """The linear layer `replace_head_with_mlp` replaces, with its full name: the last linear layer of the last head
+    module that has one. `ValueError` when no head module has one."""
+    for head_name in reversed(split.head_names):
+        found = last_linear(model.get_submodule(head_name))
+        if found is not None:
+            rel_name, linear = found
+            return (f"{head_name}.{rel_name}" if rel_name else head_name), linear
+    raise ValueError(f"head_type='mlp' needs a linear layer in the head {split.head_names}; none found.")
+
+
 def replace_head_with_mlp(model: nn.Module, split: ModelSplit, hidden_size: int = 256, num_layers: int = 2) -> str:
     """Replace the last linear layer of the head by an `MLPHead` with the same input and output sizes.
 
     Returns:
         The name of the replaced module.
     """
-    for head_name in reversed(split.head_names):
-        found = last_linear(model.get_submodule(head_name))
-        if found is None:
-            continue
-        rel_name, linear = found
-        full_name = f"{head_name}.{rel_name}" if rel_name else head_name
-        mlp = MLPHead(linear.in_features, linear.out_features, hidden_size, num_layers)
-        mlp.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        _set_submodule(model, full_name, mlp)
-        return full_name
-    raise ValueError(f"head_type='mlp' needs a linear layer in the head {split.head_names}; none found.")
+    full_name, linear = mlp_head_target(model, split)
+    mlp = MLPHead(linear.in_features, linear.out_features, hidden_size, num_layers)
+    mlp.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    _set_submodule(model, full_name, mlp)
+    return full_name
 
 
 @contextmanager

@@ -32,8 +32,8 @@ from torch import nn
 from .cards import _first_pretrained_cfg, base_model_id, prepared_head_card
 from .export import model_data_config, model_label_names, record_prepared_head, set_label_names
 from .guard import check_finite, nonfinite_keys
-from .heads import replace_head_with_mlp
-from .split import ModelSplit, find_split, last_linear
+from .heads import MLPHead, mlp_head_target, replace_head_with_mlp
+from .split import ModelSplit, find_split
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -560,20 +560,11 @@ def _shapes(model: nn.Module) -> dict[str, torch.Size]:
 def _shapes_after_mlp(model: nn.Module, split: ModelSplit, config: dict[str, Any]) -> dict[str, torch.Size]:
     """The state-dict shapes `model` has once `replace_head_with_mlp` replaced its head's last linear layer, without
     changing it (the MLP is built on the meta device)."""
-    from .heads import MLPHead
-
-    shapes = _shapes(model)
-    for head_name in reversed(split.head_names):
-        found = last_linear(model.get_submodule(head_name))
-        if found is None:
-            continue
-        rel_name, linear = found
-        name = f"{head_name}.{rel_name}" if rel_name else head_name
-        with torch.device("meta"):
-            mlp = MLPHead(linear.in_features, linear.out_features, config["mlp_hidden_size"], config["mlp_num_layers"])
-        shapes = {k: v for k, v in shapes.items() if not k.startswith(name + ".")}
-        shapes.update({f"{name}.{k}": v.shape for k, v in mlp.state_dict().items()})
-        return shapes
+    name, linear = mlp_head_target(model, split)
+    with torch.device("meta"):
+        mlp = MLPHead(linear.in_features, linear.out_features, config["mlp_hidden_size"], config["mlp_num_layers"])
+    shapes = {k: v for k, v in _shapes(model).items() if not k.startswith(name + ".")}
+    shapes.update({f"{name}.{k}": v.shape for k, v in mlp.state_dict().items()})
     return shapes
 
 

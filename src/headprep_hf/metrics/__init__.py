@@ -86,11 +86,9 @@ def _logits_and_labels(eval_prediction) -> tuple[np.ndarray, np.ndarray]:
     return logits, labels
 
 
-def multitask_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """OGB `Evaluator` semantics for `rocauc`: ROC-AUC per task over its present (non-NaN) labels, averaged over the
-    tasks where both classes are present. Raises `ValueError` when no task has both classes."""
-    from sklearn.metrics import roc_auc_score
-
+def _per_task_mean(score, y_true: np.ndarray, y_score: np.ndarray, name: str) -> float:
+    """OGB `Evaluator` semantics of its binary metrics: `score(labels, scores)` per task over its present (non-NaN)
+    labels, averaged over the tasks where both classes are present; `ValueError` naming `name` when none has both."""
     y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
     y_score = np.asarray(y_score, dtype=np.float64).reshape(y_true.shape)
     scores = []
@@ -98,10 +96,18 @@ def multitask_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
         present = ~np.isnan(y_true[:, t])
         labels = y_true[present, t]
         if (labels == 1).any() and (labels == 0).any():
-            scores.append(roc_auc_score(labels, y_score[present, t]))
+            scores.append(score(labels, y_score[present, t]))
     if not scores:
-        raise ValueError("no task has both positive and negative labels; ROC-AUC is undefined")
+        raise ValueError(f"no task has both positive and negative labels; {name} is undefined")
     return float(np.mean(scores))
+
+
+def multitask_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """OGB `Evaluator` semantics for `rocauc`: ROC-AUC per task over its present (non-NaN) labels, averaged over the
+    tasks where both classes are present. Raises `ValueError` when no task has both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    return _per_task_mean(roc_auc_score, y_true, y_score, "ROC-AUC")
 
 
 def multitask_average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
@@ -110,17 +116,7 @@ def multitask_average_precision(y_true: np.ndarray, y_score: np.ndarray) -> floa
     when no task has both classes."""
     from sklearn.metrics import average_precision_score
 
-    y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
-    y_score = np.asarray(y_score, dtype=np.float64).reshape(y_true.shape)
-    scores = []
-    for t in range(y_true.shape[1]):
-        present = ~np.isnan(y_true[:, t])
-        labels = y_true[present, t]
-        if (labels == 1).any() and (labels == 0).any():
-            scores.append(average_precision_score(labels, y_score[present, t]))
-    if not scores:
-        raise ValueError("no task has both positive and negative labels; average precision is undefined")
-    return float(np.mean(scores))
+    return _per_task_mean(average_precision_score, y_true, y_score, "average precision")
 
 
 def multitask_rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
