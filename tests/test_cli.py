@@ -313,7 +313,8 @@ def test_listed_schedule_choices_are_the_working_ones(tmp_path):
             output_dir=str(tmp_path), hp_lr_scheduler_type=schedule, hp_warmup_ratio=warmup, use_cpu=True
         )
         head = torch.nn.Parameter(torch.zeros(1))
-        scheduler = two_stage_scheduler(torch.optim.SGD([head], lr=1.0), args, hp_steps=6, ft_steps=0)
+        group = {"params": [head], "headprep_part": "head"}  # (as the trainer's groups: `Stages.param_groups`)
+        scheduler = two_stage_scheduler(torch.optim.SGD([group], lr=1.0), args, hp_steps=6, ft_steps=0)
         reference = get_scheduler(schedule, torch.optim.SGD([head], lr=args.hp_learning_rate), 2 if warmup else 0, 6)
         for _ in range(6):
             assert scheduler.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0]), schedule
@@ -355,3 +356,20 @@ def test_a_config_file_sets_bools_dicts_and_lists_as_before(tmp_path):
     assert args.track_dynamics is False and task.channels_last is False
     assert args.lr_scheduler_kwargs == {"min_lr": 1e-6} and args.report_to == []  # ("none": no integration)
     assert args.sweep_taus == [0, 2] and args.hp_learning_rate == 1
+
+
+def test_the_paper_voc_config_serves_the_sweep_and_a_sweep_refuses_resume_from_checkpoint(tmp_path, capsys):
+    # README and the file say `headprep sweep --task segmentation --config recipes/configs/deeplabv3_voc_paper.yaml`;
+    # the sweep refused the file for its recipe setting hp_epochs. It is now left out with a warning (the command
+    # line still refuses --hp_epochs). --resume_from_checkpoint was accepted by the sweep and ignored.
+    from headprep_hf.cli import SWEEP_DROPPED_CONFIG_KEYS, SWEEP_IGNORED_FLAGS, parse_with_config, sweep_parser
+
+    paper = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "deeplabv3_voc_paper.yaml"
+    argv = ["--config", str(paper), "--voc_root", str(tmp_path / "voc"), "--output_dir", str(tmp_path / "x")]
+    with pytest.warns(UserWarning, match="hp_epochs=16 is left out here"):
+        task, args = parse_with_config(sweep_parser("segmentation"), argv, SWEEP_IGNORED_FLAGS,
+                                       SWEEP_DROPPED_CONFIG_KEYS)  # fmt: skip
+    assert args.hp_learning_rate == 0.3 and task.crop_size == 320
+    for flags in (["--resume_from_checkpoint"], ["--resume-from-checkpoint", "last"]):
+        code, err = _exit_message(capsys, ["sweep", *flags, "--output_dir", str(tmp_path / "y")])
+        assert code == 2 and "a sweep resumes on its own" in err and not (tmp_path / "y").exists()

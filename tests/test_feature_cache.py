@@ -180,3 +180,25 @@ def test_cached_hp_optimizer_merges_equal_head_groups_exactly(tmp_path, train_se
         results.append([p.detach() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert not any(torch.equal(a, b) for a, b in zip(results[0], start))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(logging_steps=0.1), dict(logging_strategy="epoch"),
+     dict(logging_steps=4, eval_strategy="steps", eval_steps=0.5), dict(logging_steps=100, eval_strategy="steps",
+                                                                        eval_steps=2)],
+    ids=["log-ratio", "log-epoch", "eval-ratio", "eval-steps"],
+)  # fmt: skip
+def test_cached_hp_logs_and_evaluates_at_the_steps_uncached_hp_does(tmp_path, settings):
+    # Cached HP kept a fractional logging/eval_steps as a raw float (0.1: no log at all), never logged with
+    # logging_strategy="epoch", and evaluated with eval_strategy="steps" only at epoch ends.
+    seen = {}
+    for cached in (False, True):
+        args = make_config(tmp_path / str(cached), hp_epochs=3, hp_cache_features=cached, track_dynamics=False,
+                           **settings)  # fmt: skip
+        trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(48),
+                                  eval_dataset=TinyImages(16, seed=1))  # fmt: skip
+        trainer.probe_head()
+        history = trainer.state.log_history
+        seen[cached] = ([r["step"] for r in history if "loss" in r], [r["step"] for r in history if "eval_loss" in r])
+    assert seen[True] == seen[False] and (seen[False][0] or seen[False][1])

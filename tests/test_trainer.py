@@ -290,3 +290,64 @@ def test_reinit_refuses_parameters_it_cannot_redraw(tmp_path):
             p.fill_(7.0)  # as if pretrained
     reinitialize_module(resnet_block)  # convolutions and BatchNorms only: every parameter re-drawn
     assert [n for n, p in resnet_block.named_parameters() if bool((p == 7.0).all())] == []
+
+
+def test_the_lr_of_optimizer_cls_and_kwargs_is_the_ft_peak_with_head_probing(tmp_path):
+    # Trainer (and hp_epochs=0) takes the kwargs' lr as the base rate the schedule scales; with HP the FT stage
+    # trained at args.learning_rate instead, silently (0.001 for the 0.5 asked for).
+    rates = {}
+    for hp in (0, 1):
+        args = make_config(tmp_path / str(hp), hp_epochs=hp, track_dynamics=False, learning_rate=1e-3,
+                           lr_scheduler_type="linear")  # fmt: skip
+        sgd = (torch.optim.SGD, {"lr": 0.5, "momentum": 0.9})
+        trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(48),
+                                  optimizer_cls_and_kwargs=sgd)  # fmt: skip
+        trainer.train()
+        key = "ft/learning_rate" if hp else "learning_rate"
+        rates[hp] = [r[key] for r in trainer.state.log_history if key in r]
+    assert rates[0] == pytest.approx([0.5, 1 / 3, 1 / 6]) and rates[1] == pytest.approx(rates[0])
+
+
+def test_an_overridden_create_optimizer_with_its_own_rates_is_refused_with_head_probing(tmp_path):
+    # Its groups carry their own lr: the two-stage schedule multiplied it by the stage's rate (FT at lr^2, HP 1000x
+    # too low). Refused with the ways out; without HP any optimizer trains, as with Trainer.
+    class Own(HeadPrepTrainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.args.learning_rate)
+            return self.optimizer
+
+    args = make_config(tmp_path / "hp", hp_epochs=1, track_dynamics=False)
+    with pytest.raises(ValueError, match=r"groups \[0\] have no 'headprep_part'.*stages.param_groups.*hp_epochs=0"):
+        Own(model=tiny_timm(), args=args, train_dataset=TinyImages(32)).train()
+    Own(model=tiny_timm(), args=make_config(tmp_path / "plain", hp_epochs=0), train_dataset=TinyImages(32)).train()
+
+
+def test_an_early_stopping_callback_added_later_is_held_back_during_hp_too(tmp_path):
+    # Given to the constructor, it is held back during HP; added with add_callback() (Trainer's documented way), it
+    # ran after the stage callback's veto and ended the run inside HP: FT never ran, and train() returned normally.
+    from transformers import EarlyStoppingCallback
+
+    args = make_config(tmp_path, hp_epochs=4, num_train_epochs=2, track_dynamics=False, eval_strategy="epoch",
+                       save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="loss")  # fmt: skip
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(48),
+                              eval_dataset=TinyImages(16, seed=1))  # fmt: skip
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=1, early_stopping_threshold=10.0))
+    trainer.train()
+    assert trainer.stage_plan.ft_started and trainer.state.global_step > trainer.stage_plan.hp_steps == 12
+
+
+def test_resuming_with_hp_cache_features_switched_names_that_setting(tmp_path):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    settings = dict(hp_epochs=2, save_strategy="steps", save_steps=3, track_dynamics=False)
+    HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48),
+                    callbacks=[Stop()]).train()  # fmt: skip
+    cached = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_cache_features=True, **settings),
+                             train_dataset=TinyImages(48))  # fmt: skip
+    with pytest.raises(ValueError, match="written without hp_cache_features; resume with the same setting"):
+        cached.train(resume_from_checkpoint=True)

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -47,7 +48,13 @@ IGNORED_FLAGS = {
 }
 SWEEP_IGNORED_FLAGS = {
     "--hp_epochs": "a sweep runs one HP per seed to the largest tau of its grid; set the grid with --sweep_taus",
+    "--resume_from_checkpoint": "a sweep resumes on its own: rerun it into the same --output_dir (finished jobs are "
+    "reused, an unfinished one resumes from its last checkpoint when save_strategy wrote one)",
 }
+# Settings a recipe's config file may hold that the sweep does not read: dropped from a `--config` file with a
+# warning (one file serves the recipe and the sweep, e.g. recipes/configs/deeplabv3_voc_paper.yaml); on the command
+# line they are refused (SWEEP_IGNORED_FLAGS).
+SWEEP_DROPPED_CONFIG_KEYS = ("hp_epochs", "resume_from_checkpoint")
 
 
 # `--help` groups, most important first; TrainingArguments' own flags (the FT stage) come last.
@@ -119,14 +126,20 @@ def _underscored(flag: str) -> str:
     return "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
 
 
-def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[str, str] | None = None):
+def parse_with_config(
+    parser: HfArgumentParser,
+    argv: list[str],
+    ignored: dict[str, str] | None = None,
+    dropped_in_config: tuple[str, ...] = (),
+):
     """`parser.parse_args_into_dataclasses(argv)`, where `--config FILE` or `--config=FILE` (.json/.yaml) supplies
     defaults that flags on the command line override. Unknown keys in the file are an error naming them.
 
     Strict, so that nothing given is silently ignored: no abbreviated flags (`--hp_epoch` is not `--hp_epochs`), an
     unknown flag ends in argparse's one-line error, flags the command does not read (`ignored`, default
     `IGNORED_FLAGS`) are refused with what to use instead, and `--resume_from_checkpoint` without a value means the
-    latest checkpoint (`last`)."""
+    latest checkpoint (`last`). Keys of `dropped_in_config` in the config file are left out with a warning (a file
+    shared with a command that reads them)."""
     parser.allow_abbrev = False
     if not any("--config" in action.option_strings for action in parser._actions):
         parser.add_argument(
@@ -178,6 +191,11 @@ def parse_with_config(parser: HfArgumentParser, argv: list[str], ignored: dict[s
         for action in parser._actions:  # (a `--no_x` action shares its dest with `--x`: keep the one taking values)
             if action.dest not in actions or actions[action.dest].nargs == 0:
                 actions[action.dest] = action
+        for key in [k for k in values if k in dropped_in_config]:
+            warnings.warn(
+                f"{path}: {key}={values.pop(key)!r} is left out here ({ignored.get(f'--{key}', 'not read')}).",
+                stacklevel=2,
+            )
         for key, value in values.items():
             if f"--{key}" in ignored:
                 parser.error(f"{path}: {key} is not used here: {ignored[f'--{key}']}")
@@ -305,7 +323,9 @@ def sweep_main(argv: list[str]) -> dict:
 
     task_name, argv = _pop_option(argv, "--task", "image_classification")
     task = get_task(task_name)
-    task_args, args = parse_with_config(sweep_parser(task_name), argv, {**IGNORED_FLAGS, **SWEEP_IGNORED_FLAGS})
+    task_args, args = parse_with_config(
+        sweep_parser(task_name), argv, {**IGNORED_FLAGS, **SWEEP_IGNORED_FLAGS}, SWEEP_DROPPED_CONFIG_KEYS
+    )
     inputs = task.load(task_args, args.seed)
     if inputs.selection_metric is not None and not _setting_given(argv, "sweep_metric"):
         # The data's own metric (a graph dataset's OGB eval_metric: ROC-AUC, AP or RMSE) over the task's default.

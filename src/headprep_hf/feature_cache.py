@@ -197,6 +197,7 @@ class CachedHeadProbing:
             save_steps=args.save_steps,
             train_batch_size=args.train_batch_size,
         )
+        trainer.state.compute_steps(args, hp_steps)  # (fractional logging/eval/save steps: shares of the HP steps)
         trainer.state.is_local_process_zero = trainer.is_local_process_zero()
         trainer.state.is_world_process_zero = trainer.is_world_process_zero()
         trainer.control = TrainerControl()
@@ -250,7 +251,8 @@ class CachedHeadProbing:
                         y = y.to(device, non_blocking=True)
                         with trainer.measurement_autocast():  # as the uncached step's forward
                             logits = trainer.split.head_logits(model, z, y)
-                        loss = loss_fn(logits, y, hp_smoothing)
+                        # float32, as Accelerate's autocast wrapper returns the model's outputs to the uncached loss
+                        loss = loss_fn(logits.float(), y, hp_smoothing)
                         if len(window) > 1:
                             loss = loss * (counts[i] / step_items).to(device)
                         loss.backward()
@@ -269,18 +271,32 @@ class CachedHeadProbing:
                     trainer.state.global_step += 1
                     trainer.state.epoch = epoch + (start_micro + len(window)) / len(batches)
                     trainer.control = handler.on_step_end(args, trainer.state, trainer.control)
-                    if trainer.control.should_log and args.logging_strategy != "no":
-                        steps = trainer.state.global_step - last_logged_step
-                        total_loss += running_loss.item()
-                        logs = {"loss": running_loss.item() / steps, "learning_rate": learning_rate}
-                        if grad_norm is not None:
-                            logs["grad_norm"] = grad_norm.item()
-                        trainer.log(logs)
-                        running_loss, last_logged_step = torch.zeros((), device=device), trainer.state.global_step
-                        trainer.control.should_log = False
+                    total_loss, running_loss, last_logged_step = self._log_and_evaluate(
+                        total_loss, running_loss, last_logged_step, learning_rate, grad_norm
+                    )
             trainer.control = handler.on_epoch_end(args, trainer.state, trainer.control)
-            if trainer.control.should_evaluate and trainer.eval_dataset is not None:
-                trainer.evaluate()
-                trainer.control.should_evaluate = False
+            total_loss, running_loss, last_logged_step = self._log_and_evaluate(
+                total_loss, running_loss, last_logged_step, learning_rate, grad_norm
+            )
             trainer.control.should_save = False  # no checkpoints of cached HP
         return total_loss + running_loss.item()
+
+    def _log_and_evaluate(self, total_loss: float, running_loss, last_logged_step: int, learning_rate, grad_norm):
+        """What the control asks for after a step or an epoch, as Trainer's loop does after each: a log record of the
+        loss since the last one (with the step's learning rate and gradient norm), then an evaluation. Returns the
+        updated loss sums and the last logged step."""
+        trainer, args = self.trainer, self.args
+        control = trainer.control
+        steps = trainer.state.global_step - last_logged_step
+        if control.should_log and args.logging_strategy != "no" and steps > 0:
+            total_loss += running_loss.item()
+            logs = {"loss": running_loss.item() / steps, "learning_rate": learning_rate}
+            if grad_norm is not None:
+                logs["grad_norm"] = grad_norm.item()
+            trainer.log(logs)
+            running_loss, last_logged_step = torch.zeros((), device=running_loss.device), trainer.state.global_step
+        control.should_log = False
+        if control.should_evaluate and trainer.eval_dataset is not None:
+            trainer.evaluate()
+        control.should_evaluate = False
+        return total_loss, running_loss, last_logged_step

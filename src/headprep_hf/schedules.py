@@ -77,10 +77,26 @@ def stage_schedule(hp_steps: int, hp_lr: float, hp_factor, ft_lr: float, ft_fact
     )
 
 
-def two_stage_scheduler(optimizer, args, hp_steps: int, ft_steps: int) -> LambdaLR:
+def two_stage_scheduler(
+    optimizer, args, hp_steps: int, ft_steps: int, ft_learning_rate: float | None = None
+) -> LambdaLR:
     """A `LambdaLR` over `optimizer`'s groups (base lr 1.0, `headprep_part` "head"/"backbone"): HP at
-    `hp_learning_rate` with `hp_lr_scheduler_type` for the head (0 for the backbone), then FT at `learning_rate` with
-    `lr_scheduler_type`, both shapes from `transformers.get_scheduler`."""
+    `hp_learning_rate` with `hp_lr_scheduler_type` for the head (0 for the backbone), then FT at `ft_learning_rate`
+    (default `learning_rate`; the `lr` of `optimizer_cls_and_kwargs`, as Trainer takes it) with `lr_scheduler_type`,
+    both shapes from `transformers.get_scheduler`.
+
+    Raises `ValueError` for groups the trainer did not build (no `headprep_part`, e.g. an overridden
+    `create_optimizer` with its own learning rates): their rates would be multiplied by the stage's."""
+    foreign = [i for i, group in enumerate(optimizer.param_groups) if "headprep_part" not in group]
+    if foreign:
+        raise ValueError(
+            f"With head probing the optimizer's parameter groups must be the trainer's (groups {foreign} have no "
+            "'headprep_part'; an overridden create_optimizer?): the two-stage schedule sets each group's rate as a "
+            "factor of base rate 1.0, so a group's own lr would be multiplied by the stage's. Build the groups with "
+            "self.stages.param_groups(...) (each at lr 1.0), pass the optimizer class and settings as "
+            "optimizer_cls_and_kwargs, or train with hp_epochs=0, which takes any optimizer as Trainer does."
+        )
+    ft_learning_rate = args.learning_rate if ft_learning_rate is None else ft_learning_rate
     hp_factor = step_factor(
         args.hp_lr_scheduler_type, hp_steps, math.ceil(args.hp_warmup_ratio * hp_steps), args.hp_learning_rate
     )
@@ -89,13 +105,13 @@ def two_stage_scheduler(optimizer, args, hp_steps: int, ft_steps: int) -> Lambda
             args.lr_scheduler_type,
             ft_steps,
             args.get_warmup_steps(ft_steps),
-            args.learning_rate,
+            ft_learning_rate,
             args.lr_scheduler_kwargs,
         )
     else:  # an HP-only loop (probe_head(), cached HP): the FT schedule never applies, whatever its kind
         ft_factor = _no_steps
     lambdas = []
     for group in optimizer.param_groups:
-        hp_lr = args.hp_learning_rate if group.get("headprep_part", "head") == "head" else 0.0
-        lambdas.append(stage_schedule(hp_steps, hp_lr, hp_factor, args.learning_rate, ft_factor))
+        hp_lr = args.hp_learning_rate if group["headprep_part"] == "head" else 0.0
+        lambdas.append(stage_schedule(hp_steps, hp_lr, hp_factor, ft_learning_rate, ft_factor))
     return LambdaLR(optimizer, lambdas)

@@ -1261,6 +1261,8 @@ def format_table(sweep: dict[str, Any]) -> str:
                 f"at most one of the {len(sweep['seeds'])} seeds has a finite validation {metric} at any tau: no "
                 "uncertainty available (the notes above say which values are missing or not finite)."
             )
+        elif sweep.get("seeds"):  # (sweep_seeds named one seed)
+            lines.append(f"one seed (sweep_seeds={sweep['seeds']}): no uncertainty available; give two or more seeds.")
         else:
             lines.append("one seed: no uncertainty available (sweep_seeds=[...] replicates the sweep).")
         return "\n".join(lines)

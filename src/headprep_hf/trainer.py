@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, set_seed
+from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, set_seed
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     TrainOutput,
@@ -196,6 +196,20 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.guard.reset(policy)
         if self.guard.active and self.guard not in self.callback_handler.callbacks:
             self.add_callback(self.guard)
+
+    def add_callback(self, callback):
+        """Trainer's `add_callback`; an `EarlyStoppingCallback` added after the trainer was built is put before the
+        trainer's own callbacks (stage, measurements, guard: their order kept), as one given to the constructor is, so
+        that the stage callback still holds back early stopping during HP (it reads the stopper's decision in
+        `on_evaluate`, after the stopper)."""
+        super().add_callback(callback)
+        if isinstance(callback, EarlyStoppingCallback) or callback is EarlyStoppingCallback:
+            callbacks = self.callback_handler.callbacks
+            mine = (getattr(self, "measurements", None), getattr(self, "guard", None))
+            own = [c for c in callbacks if isinstance(c, StageCallback) or any(c is m for m in mine)]
+            for c in own:
+                callbacks.remove(c)
+            callbacks.extend(own)
 
     def _add_own_callbacks(self) -> None:
         # The stage boundary and the measurements; a plain run without measurements needs neither (Trainer's list).
@@ -606,6 +620,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self.args, self.model
         )
         optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model")}
+        # The FT peak rate: the `lr` of optimizer_cls_and_kwargs where given (Trainer's base rate then), else
+        # learning_rate; each group is at 1.0 and the two-stage schedule sets the rate.
+        self._ft_learning_rate = optimizer_kwargs.get("lr", self.args.learning_rate)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return state_follows_param_layout(self.optimizer)
 
@@ -614,8 +631,21 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             return super().create_scheduler(num_training_steps, optimizer)
         hp_steps = self.stage_plan.hp_steps
         optimizer = optimizer if optimizer is not None else self.optimizer
-        self.lr_scheduler = two_stage_scheduler(optimizer, self.args, hp_steps, max(num_training_steps - hp_steps, 0))
+        self.lr_scheduler = two_stage_scheduler(
+            optimizer,
+            self.args,
+            hp_steps,
+            max(num_training_steps - hp_steps, 0),
+            ft_learning_rate=getattr(self, "_ft_learning_rate", None),
+        )
         return self.lr_scheduler
+
+    def _hp_mismatch_cause(self) -> str:
+        """What to check when a checkpoint's HP step count differs from this configuration's."""
+        if self._resume_plan.hp_outside_loop != self.stage_plan.hp_outside_loop:
+            written = "with" if self._resume_plan.hp_outside_loop else "without"
+            return f"the checkpoint was written {written} hp_cache_features; resume with the same setting"
+        return "hp_epochs, batch size or dataset differ"
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -627,8 +657,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if self._resume_plan is not None and plan.plan != "ft" and self._resume_plan.hp_steps != hp_steps:
             raise ValueError(
                 f"The checkpoint was written with {self._resume_plan.hp_steps} HP steps but this configuration gives "
-                f"{hp_steps} (hp_epochs, batch size or dataset differ). Resume with the HP settings of the "
-                "interrupted run."
+                f"{hp_steps} ({self._hp_mismatch_cause()}). Resume with the HP settings of the interrupted run."
             )
         plan.hp_steps, plan.ft_steps = hp_steps, (max_steps if plan.plan != "hp" else 0)
         self.hp_steps_per_epoch = steps_per_epoch if hp_steps else 0
