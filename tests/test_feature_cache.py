@@ -202,3 +202,19 @@ def test_cached_hp_logs_and_evaluates_at_the_steps_uncached_hp_does(tmp_path, se
         history = trainer.state.log_history
         seen[cached] = ([r["step"] for r in history if "loss" in r], [r["step"] for r in history if "eval_loss" in r])
     assert seen[True] == seen[False] and (seen[False][0] or seen[False][1])
+
+
+def test_cached_hp_trains_the_head_in_train_mode_after_an_evaluation_within_an_epoch(tmp_path):
+    # An evaluation at a step inside an epoch left the model in eval mode: the head's BatchNorm then normalised with
+    # its running statistics (and did not update them) for the rest of the epoch.
+    from conftest import bn_head_model
+
+    model = bn_head_model()
+    modes = []
+    model.fc[1].register_forward_pre_hook(lambda m, i: modes.append(m.training) if torch.is_grad_enabled() else None)
+    args = make_config(tmp_path, hp_cache_features=True, eval_strategy="steps", eval_steps=1, hp_epochs=2,
+                       per_device_train_batch_size=8)  # fmt: skip
+    HeadPrepTrainer(
+        model=model, args=args, train_dataset=TinyImages(48), eval_dataset=TinyImages(16, seed=1)
+    ).probe_head()
+    assert modes == [True] * 12

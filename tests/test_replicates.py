@@ -320,4 +320,4 @@ def test_a_replicated_sweep_with_one_finite_seed_is_not_told_to_run_seeds():
 
 def test_a_sweep_of_one_named_seed_is_told_to_give_two_or_more():
     table = format_table(_assemble([_job(t, 42, 0.5 + t / 10) for t in (0, 2, 4)], [42]))
-    assert "one seed (sweep_seeds=[42]): no uncertainty available; give two or more seeds." in table
+    assert "one seed (42): no uncertainty available (sweep_seeds with two or more seeds replicates it)." in table

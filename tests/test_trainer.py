@@ -351,3 +351,20 @@ def test_resuming_with_hp_cache_features_switched_names_that_setting(tmp_path):
                              train_dataset=TinyImages(48))  # fmt: skip
     with pytest.raises(ValueError, match="written without hp_cache_features; resume with the same setting"):
         cached.train(resume_from_checkpoint=True)
+
+
+def test_a_stopper_added_later_moves_alone_and_a_subclass_passed_as_a_class_too(tmp_path):
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Mine(TrainerCallback):
+        pass
+
+    class MyStopper(EarlyStoppingCallback):
+        pass
+
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path), train_dataset=TinyImages(16))
+    trainer.add_callback(Mine())
+    trainer.add_callback(MyStopper)
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    # the stopper runs before the stage callback; the user's other callback keeps its place after the trainer's
+    assert names[-4:] == ["MyStopper", "StageCallback", "MeasurementCallback", "Mine"]

@@ -298,5 +298,6 @@ class CachedHeadProbing:
         control.should_log = False
         if control.should_evaluate and trainer.eval_dataset is not None:
             trainer.evaluate()
+            trainer.stages.set_hp_modes(trainer.model, force=True)  # (evaluate() left the model in eval mode)
         control.should_evaluate = False
         return total_loss, running_loss, last_logged_step

@@ -1261,10 +1261,11 @@ def format_table(sweep: dict[str, Any]) -> str:
                 f"at most one of the {len(sweep['seeds'])} seeds has a finite validation {metric} at any tau: no "
                 "uncertainty available (the notes above say which values are missing or not finite)."
             )
-        elif sweep.get("seeds"):  # (sweep_seeds named one seed)
-            lines.append(f"one seed (sweep_seeds={sweep['seeds']}): no uncertainty available; give two or more seeds.")
         else:
-            lines.append("one seed: no uncertainty available (sweep_seeds=[...] replicates the sweep).")
+            seed = f" ({sweep['seeds'][0]})" if sweep.get("seeds") else ""
+            lines.append(
+                f"one seed{seed}: no uncertainty available (sweep_seeds with two or more seeds replicates it)."
+            )
         return "\n".join(lines)
     for comparison in (sweep.get("comparisons") or {}).values():
         if comparison is not None:

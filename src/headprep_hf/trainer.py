@@ -198,18 +198,20 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self.add_callback(self.guard)
 
     def add_callback(self, callback):
-        """Trainer's `add_callback`; an `EarlyStoppingCallback` added after the trainer was built is put before the
-        trainer's own callbacks (stage, measurements, guard: their order kept), as one given to the constructor is, so
+        """Trainer's `add_callback`; an `EarlyStoppingCallback` (or subclass) added after the trainer was built is put
+        just before the trainer's own callbacks (stage, measurements, guard), as one given to the constructor is, so
         that the stage callback still holds back early stopping during HP (it reads the stopper's decision in
         `on_evaluate`, after the stopper)."""
         super().add_callback(callback)
-        if isinstance(callback, EarlyStoppingCallback) or callback is EarlyStoppingCallback:
+        stopper_class = callback if isinstance(callback, type) else type(callback)
+        if issubclass(stopper_class, EarlyStoppingCallback):
             callbacks = self.callback_handler.callbacks
             mine = (getattr(self, "measurements", None), getattr(self, "guard", None))
-            own = [c for c in callbacks if isinstance(c, StageCallback) or any(c is m for m in mine)]
-            for c in own:
-                callbacks.remove(c)
-            callbacks.extend(own)
+            first_own = next(
+                (i for i, c in enumerate(callbacks) if isinstance(c, StageCallback) or any(c is m for m in mine)), None
+            )
+            if first_own is not None:  # (the stopper alone moves: every other callback keeps its place)
+                callbacks.insert(first_own, callbacks.pop())
 
     def _add_own_callbacks(self) -> None:
         # The stage boundary and the measurements; a plain run without measurements needs neither (Trainer's list).
