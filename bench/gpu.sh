@@ -11,9 +11,15 @@
 # the machine's start not counted); `profile` and `syncs` are for a second lease.
 #
 # The device image has torch, torchvision, accelerate, timm and transformers, but maybe not the versions this
-# project pins; wheels in .whl/ (ignored by git: `echo /.whl/ >> .git/info/exclude`, then `pip download` as the
-# device README says, for Python 3.12) are installed into /tmp/site first. Results land in $OUT (or ./gpu_results):
-# the JSON of each run and the whole log. Each part has its own time limit so that one slow part cannot eat the rest.
+# project pins, and no `datasets` (the JPEG parts read the folder through it). Wheels in .whl/ (ignored by git:
+# `echo /.whl/ >> .git/info/exclude`) are installed into /tmp/site first; on 2026-11-27 (H200 image: transformers
+# 5.17, no datasets) these were needed, fetched for Python 3.12 as the device README says:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 timm==1.0.31 datasets==5.2.0 dill==0.4.1 \
+#       multiprocess==0.70.19
+# A missing package stops the script before any part runs (a lease is not spent on a part that cannot start).
+# Results land in $OUT (or ./gpu_results): the JSON of each run and the whole log. Each part has its own time limit
+# so that one slow part cannot eat the rest.
 set -uo pipefail
 TASKS="${*:-classification segmentation}"
 OUT="${OUT:-gpu_results}"
@@ -23,6 +29,25 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+python3 - <<'PY' || exit 3
+import importlib, sys
+try:
+    from packaging.version import Version
+except ImportError:
+    sys.exit("bench/gpu.sh: carry a wheel in .whl/ for: packaging (see the comment at the top)")
+missing = []
+for name, least in [("torch", None), ("timm", "1.0.15"), ("transformers", "5.19"), ("accelerate", "1.0"),
+                    ("datasets", "3.0")]:
+    try:
+        module = importlib.import_module(name)
+    except ImportError as err:
+        missing.append(f"{name} (not importable: {err})")
+        continue
+    if least and Version(module.__version__) < Version(least):
+        missing.append(f"{name} {module.__version__} (headprep_hf needs >= {least})")
+if missing:
+    sys.exit("bench/gpu.sh: carry wheels in .whl/ for: " + "; ".join(missing) + " (see the comment at the top)")
+PY
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers, timm, accelerate as a; \
