@@ -1,0 +1,128 @@
+"""The README's code examples, run as written: "Use it in your code", "Prepared heads" and "The tau sweep".
+
+A newcomer copies these first, so they are read from README.md and executed here; a renamed argument, a missing
+import or pseudo-code in them fails this test. Two things are substituted, because neither exists offline: the
+datasets the examples leave to the reader (`train`, `val`, `test`: tiny seeded image sets with 10 classes) and the
+Hub weights of `resnet50.a1_in1k` (timm's tiny `test_resnet` with the same `num_classes`, built when the example asks
+for the pretrained model; the test checks it asks with `pretrained=True`). (The "Subclassing" examples are run by
+tests/test_subclassing.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import TinyImages
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+HUB_MODEL = "resnet50.a1_in1k"
+
+
+def readme_code(heading: str) -> str:
+    """The one ```python block of the README section `heading` (e.g. "## Use it in your code"), preceded by as many
+    blank lines as come before it in README.md, so that a traceback names the README's own line."""
+    text = README.read_text()
+    start = text.index(f"\n{heading}\n")
+    end = re.compile(r"\n#{2,3} ").search(text, start + 1).start()
+    blocks = list(re.finditer(r"```python\n(.*?)```", text[start:end], flags=re.S))
+    assert len(blocks) == 1, f"the test expects one code block in README's {heading!r}; update both together"
+    return "\n" * text[: start + blocks[0].start(1)].count("\n") + blocks[0].group(1)
+
+
+@pytest.fixture
+def offline_hub_model(monkeypatch):
+    """timm.create_model with the README's Hub model replaced by the tiny test_resnet (seeded); records the calls."""
+    real, calls = timm.create_model, []
+
+    def create_model(name, pretrained=False, **kwargs):
+        calls.append((name, pretrained))
+        if name == HUB_MODEL:
+            torch.manual_seed(0)
+            return real("test_resnet", pretrained=False, **kwargs)
+        return real(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    return calls
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples write to relative folders ("out", "heads/...", "runs/...")
+    return {
+        "train": TinyImages(32, num_classes=10, seed=0),
+        "val": TinyImages(20, num_classes=10, seed=1),
+        "test": TinyImages(20, num_classes=10, seed=2),
+    }
+
+
+def _head(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.fc.state_dict().items()}
+
+
+def test_use_it_in_your_code_runs_as_written(data, offline_hub_model, tmp_path):
+    code = readme_code("## Use it in your code")
+    namespace = dict(data)
+    exec(compile(code, str(README), "exec"), namespace)
+
+    assert offline_hub_model == [(HUB_MODEL, True)]
+    trainer = namespace["trainer"]
+    args = trainer.args
+    assert (args.hp_epochs, args.num_train_epochs, args.hp_label_smoothing, args.head_type) == (4, 10, 0.1, "linear")
+    # HP then FT ran: the dynamics file holds the start-of-FT energy the trainer reports, and FT moved the backbone.
+    written = json.loads((tmp_path / "out" / "headprep_dynamics.json").read_text())
+    energy = trainer.dynamics["energy"]
+    assert energy is not None and energy == pytest.approx(written["energy"])
+    assert (tmp_path / "out" / "prepared_head" / "head.safetensors").is_file()
+    fresh = timm.create_model(HUB_MODEL, pretrained=True, num_classes=10)
+    moved = [
+        n
+        for n, p in trainer.model.named_parameters()
+        if not n.startswith("fc.") and not torch.equal(p.detach().cpu(), fresh.state_dict()[n])
+    ]
+    assert moved, "FT did not change the backbone"
+
+
+def test_prepared_heads_example_runs_as_written(data, offline_hub_model, tmp_path):
+    # The section continues "Use it in your code": a trainer built as there (not yet trained) probes the head.
+    setup = readme_code("## Use it in your code").split("trainer.train()")[0]
+    namespace = dict(data)
+    exec(compile(setup, str(README), "exec"), namespace)
+    exec(compile(readme_code("### Prepared heads"), str(README), "exec"), namespace)
+
+    folder = tmp_path / "heads" / "resnet50-cifar10-tau4"
+    assert {"head.safetensors", "headprep_head.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    assert json.loads((folder / "headprep_head.json").read_text())["tau"] == 4
+    # The saved head is the probed one: loading it into a fresh model gives the probing trainer's head exactly.
+    probed = _head(namespace["trainer"].model)
+    from headprep_hf import load_prepared_head
+
+    fresh = timm.create_model(HUB_MODEL, pretrained=True, num_classes=10)
+    before = _head(fresh)
+    load_prepared_head(fresh, str(folder))
+    loaded = _head(fresh)
+    assert all(torch.equal(loaded[k], probed[k].cpu()) for k in probed)
+    assert not all(torch.equal(before[k], probed[k].cpu()) for k in probed)
+    # and the example's FT-only run started from it and trained (its output folder holds the run's dynamics)
+    assert json.loads((tmp_path / "ft" / "headprep_dynamics.json").read_text())["hp_epochs"] == 0
+
+
+@pytest.mark.slow  # 21 FT jobs (7 taus x 3 seeds) and the head exchange: about 15 s on 2 cores
+def test_tau_sweep_example_runs_as_written(data, offline_hub_model, tmp_path):
+    namespace = {**data, "model": timm.create_model(HUB_MODEL, pretrained=True, num_classes=10)}
+    exec(compile(readme_code("## The tau sweep"), str(README), "exec"), namespace)
+
+    result = namespace["result"]
+    written = json.loads((tmp_path / "runs" / "my_sweep" / "sweep.json").read_text())
+    assert result["tau_star"] in [0, 1, 2, 4, 8, 16, 32]
+    assert written["tau_star"] == result["tau_star"]
+    assert written["seeds"] == [42, 43, 44] and written["complete"]
+    assert {(r["tau"], r["seed"]) for r in written["results"]} == {
+        (tau, seed) for tau in [0, 1, 2, 4, 8, 16, 32] for seed in [42, 43, 44]
+    }
+    assert written["hp"]["cached_features"] and written["hp"]["cache_views"] == 4
+    assert (tmp_path / "runs" / "my_sweep" / "exchange.json").is_file()
+    assert any((tmp_path / "runs" / "my_sweep" / "plots").glob("*.png"))
