@@ -9,8 +9,10 @@ tests/test_subclassing.py.)"""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,83 @@ def test_tau_sweep_example_runs_as_written(data, offline_hub_model, tmp_path):
     assert written["hp"]["cached_features"] and written["hp"]["cache_views"] == 4
     assert (tmp_path / "runs" / "my_sweep" / "exchange.json").is_file()
     assert any((tmp_path / "runs" / "my_sweep" / "plots").glob("*.png"))
+
+
+# The commands of the README's shell blocks and of the recipes' docstrings, parsed (not run) by the parser each
+# command would use: a renamed or removed flag, or a value the flag refuses, fails here with the command's line.
+ROOT = README.parent
+RECIPE_DIR = ROOT / "recipes"
+
+
+def _commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of each `python recipes/...`, `accelerate launch ... recipes/...`, `torchrun ... recipes/...` and
+    `headprep sweep ...` command in README.md's ```bash blocks and in the recipes' docstrings."""
+    import shlex
+
+    sources = []
+    text = README.read_text()
+    for block in re.finditer(r"```bash\n(.*?)```", text, flags=re.S):
+        sources.append((f"README.md:{text[: block.start()].count(chr(10)) + 2}", block.group(1)))
+    for recipe in sorted(RECIPE_DIR.glob("*.py")):
+        docstring = ast.get_docstring(ast.parse(recipe.read_text()))
+        if docstring:
+            sources.append((f"recipes/{recipe.name} docstring", docstring))
+    commands = []
+    for where, body in sources:
+        for line in re.sub(r"\\\n\s*", " ", body).splitlines():  # join continued lines
+            if not re.match(r"\s*(python recipes/|accelerate launch|torchrun|headprep sweep)", line):
+                continue  # prose, other commands
+            words = shlex.split(line, comments=True)
+            if words[:2] == ["headprep", "sweep"] and "--merge" not in words:
+                commands.append((where, words))
+            elif any(w.startswith("recipes/") and w.endswith(".py") for w in words):
+                commands.append((where, words))
+    return commands
+
+
+def _parse(words: list[str]):
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    from headprep_hf.cli import (
+        IGNORED_FLAGS,
+        SWEEP_DROPPED_CONFIG_KEYS,
+        SWEEP_IGNORED_FLAGS,
+        _pop_option,
+        parse_with_config,
+        sweep_parser,
+    )
+
+    if words[:2] == ["headprep", "sweep"]:
+        script, argv = "sweep", words[2:]
+    else:
+        i = next(i for i, w in enumerate(words) if w.startswith("recipes/") and w.endswith(".py"))
+        script, argv = Path(words[i]).stem, words[i + 1 :]
+    argv = [w for w in argv if w != "..."]  # "..." stands for the reader's own flags
+    if script in ("sweep", "sweep_tau"):
+        task, argv = _pop_option(argv, "--task", "image_classification")
+        ignored = {**IGNORED_FLAGS, **SWEEP_IGNORED_FLAGS}
+        return parse_with_config(sweep_parser(task), argv, ignored, SWEEP_DROPPED_CONFIG_KEYS)
+    spec = spec_from_file_location(f"_readme_recipe_{script}", RECIPE_DIR / f"{script}.py")
+    module = sys.modules[spec.name] = module_from_spec(spec)  # (a recipe's own dataclasses look their module up)
+    spec.loader.exec_module(module)
+    if script == "pretrain_graph":
+        from transformers import HfArgumentParser
+
+        return parse_with_config(HfArgumentParser(module.PretrainArguments), argv)
+    return parse_with_config(module.make_parser(), argv)
+
+
+def test_readme_and_recipe_commands_parse(monkeypatch):
+    monkeypatch.chdir(ROOT)  # (--config recipes/configs/... is relative to the repository)
+    commands = _commands()
+    assert len(commands) >= 20, commands  # the extraction found the commands (not an empty loop)
+    for where, words in commands:
+        try:
+            parsed = _parse(words)
+        except SystemExit as err:  # argparse's error: its message went to stderr
+            pytest.fail(f"{where}: `{' '.join(words)}` does not parse (exit {err.code})")
+        given = {w.split("=", 1)[0].lstrip("-").replace("-", "_") for w in words if w.startswith("--")}
+        values = {k for part in parsed for k in vars(part)}
+        launcher = {"multi_gpu", "num_processes", "nproc_per_node", "num_machines", "machine_rank",
+                    "main_process_ip", "main_process_port", "config", "task"}  # fmt: skip
+        assert given - launcher <= values, (where, sorted(given - launcher - values))
