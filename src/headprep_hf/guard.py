@@ -183,10 +183,19 @@ class NonFiniteGuard(TrainerCallback):
         )
         if holders:
             where += f" Non-finite input values in: {'; '.join(holders[:8])}."
+        hint = ""
+        if not holders and trainer.args.bf16 and trainer.args.device.type == "cpu" and torch.backends.mkldnn.enabled:
+            # A known torch issue, not the run's data or settings (README "Real images", bf16): seen with torch
+            # 2.14.1 on an AVX512-BF16 CPU, finite in a process's first training and inf/NaN in the next ones.
+            hint = (
+                " Under bf16 on the CPU this can also be torch's oneDNN bf16 kernels (seen with torch 2.14.1 on "
+                "AVX512-BF16 CPUs from the second training in one process): set torch.backends.mkldnn.enabled = "
+                "False before training, or train with bf16=False on the CPU."
+            )
         return (
             f"The loss or gradient became NaN/inf at update {step + 1} ({stage}).{where} Training stopped before "
             "anything non-finite was written; the last good checkpoint is kept. Fix the data, lower the learning rate "
-            "(or raise gradient clipping), or set on_nonfinite='skip' to drop such updates."
+            f"(or raise gradient clipping), or set on_nonfinite='skip' to drop such updates.{hint}"
         )
 
     def _samples_of(self, step: int) -> tuple[list[int], list[str]]:
