@@ -106,11 +106,15 @@ def make_sweep(taus=TAUS, result_taus=None, tau_star=2, shard=None) -> dict:
 
 
 def make_exchange(taus=TAUS) -> dict:
+    """An `exchange.json` measured for `make_sweep(taus)` (its sweep_fingerprint)."""
+    from headprep_hf.sweep import _fingerprint_tag
+
     n = len(taus)
     train = [[0.99 - 0.02 * abs(i - j) for j in range(n)] for i in range(n)]
     validation = [[0.95 - 0.03 * abs(i - j) - 0.01 * i for j in range(n)] for i in range(n)]
     return {
         "taus": list(taus),
+        "sweep_fingerprint": _fingerprint_tag(make_sweep(taus)["fingerprint"]),
         "rows": "backbone",
         "columns": "head",
         "train_accuracy": train,
@@ -346,6 +350,44 @@ def test_exchange_of_another_sweep_is_skipped(tmp_path):
     assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES)  # the earlier heatmap is removed too
 
 
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (lambda e: e.pop("sweep_fingerprint"), "it records no sweep_fingerprint"),  # written before the field
+        (
+            lambda e: e.update(taus=[0, 8, 16], train_accuracy=[[0.5] * 3] * 3, validation_accuracy=[[0.5] * 3] * 3),
+            "its taus",
+        ),  # fmt: skip
+    ],
+)
+def test_an_exchange_not_known_to_be_this_sweeps_is_skipped(tmp_path, caplog, change, why):
+    # An exchange.json without a fingerprint (an earlier version's, left by overwrite_output_dir) was drawn as this
+    # sweep's, even with other taus.
+    write_json(tmp_path / "sweep.json", make_sweep())
+    exchange = make_exchange()
+    change(exchange)
+    write_json(tmp_path / "exchange.json", exchange)
+    with caplog.at_level("WARNING"):
+        assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES)
+    assert why in caplog.text and "headprep exchange" in caplog.text
+
+
+def test_exchange_of_another_seed_is_skipped_and_null_cells_are_drawn(tmp_path, caplog):
+    from headprep_hf.sweep import _fingerprint_tag
+
+    sweep = _replicated([(0, 3), (0, 4), (2, 3), (2, 4)], seeds=[3, 4])
+    write_json(tmp_path / "sweep.json", sweep)
+    exchange = {**make_exchange(taus=(0, 2)), "seed": 7, "sweep_fingerprint": _fingerprint_tag(sweep["fingerprint"])}
+    write_json(tmp_path / "exchange.json", exchange)
+    with caplog.at_level("WARNING"):
+        assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES)
+    assert "its seed 7 is not among the sweep's seeds [3, 4]" in caplog.text
+    exchange["seed"] = 3
+    exchange["validation_accuracy"][0][1] = None  # a set without a valid label: null in exchange.json
+    write_json(tmp_path / "exchange.json", exchange)
+    assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES + ["exchange_heatmap.png"])
+
+
 def test_the_accuracy_and_energy_legend_names_both_curves():
     # The legend read "_nolegend_" twice: it took the label of the errorbar's data line, not of the errorbar.
     from headprep_hf.report import _figure_hp_accuracy_energy
@@ -364,5 +406,19 @@ def test_the_accuracy_and_energy_legend_names_both_curves():
     try:
         assert fig.axes[0].get_ylabel() == r"energy $\|q - y\|_2$ at the start of FT"
         assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [r"energy $\|q - y\|_2$"]
+    finally:
+        plt.close(fig)
+
+
+def test_a_sweep_without_measurements_is_not_called_regression():
+    from headprep_hf.report import _figure_hp_accuracy_energy
+    from headprep_hf.sweep import upgrade_sweep
+
+    data = make_sweep()
+    for result in data["results"]:
+        result.update(hp_train_accuracy=None, energy=None)  # track_dynamics=False
+    fig = _figure_hp_accuracy_energy(plt, upgrade_sweep(data))
+    try:
+        assert "not measured (track_dynamics=False)" in fig.axes[0].get_title()
     finally:
         plt.close(fig)

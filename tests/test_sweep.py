@@ -547,3 +547,48 @@ def test_rerun_asking_for_prepared_heads_names_the_reused_jobs_that_have_none(tm
         warnings.simplefilter("always")
         run_sweep(heads, data, sweep_taus=[0], sweep_report=False, sweep_prepared_heads=True)
     assert not [w for w in caught if "sweep_prepared_heads" in str(w.message)]
+
+
+def test_the_exchange_runs_heads_in_eval_mode_and_a_measurement_batch_at_a_time(tmp_path, data):
+    # The head of each pair ran in the mode of the model passed in: a fresh model is in train mode, so a head with
+    # BatchNorm (DeepLabV3's ASPP too) used batch statistics and its Dropout dropped units; the diagonal was then not
+    # the finetuned model's own validation accuracy (0.833 against 0.75). And the head took a whole set at once.
+    from conftest import bn_head_model
+
+    model = bn_head_model()
+    assert model.training
+    sizes = []
+    model.fc.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    result = run_sweep(tmp_path, data, model=model, sweep_taus=[0, 2], sweep_exchange=True, measure_batch_size=16)
+    exchange = json.loads((tmp_path / "exchange.json").read_text())
+    for i, entry in enumerate(result["results"]):
+        assert exchange["validation_accuracy"][i][i] == pytest.approx(entry["validation"]["accuracy"], abs=1e-6)
+    assert sizes and max(sizes) <= 16
+
+
+def test_the_exchange_of_a_set_without_a_valid_label_is_null():
+    from types import SimpleNamespace
+
+    from headprep_hf.exchange import _head_accuracy
+
+    split = SimpleNamespace(head_logits=lambda net, z, labels: net(z))
+    net, z = torch.nn.Linear(4, 3), torch.randn(10, 4)
+    ignored = torch.full((10,), -100)
+    assert _head_accuracy(split, net, z, ignored, 4, "cpu", -100, "single_label_classification") is None
+    labels = torch.randint(0, 3, (10,))
+    whole = (net(z).argmax(-1) == labels).float().mean().item()
+    assert _head_accuracy(split, net, z, labels, 3, "cpu", -100, "single_label_classification") == round(whole, 6)
+
+
+def test_a_regression_sweep_refuses_the_exchange_before_anything_runs(tmp_path):
+    # It failed after the whole sweep had run, and the report was never drawn.
+    from test_replicates import Linear, LinearNet, _sweep
+
+    from headprep_hf.metrics import graph_metrics
+
+    data = (Linear(48, 0), Linear(24, 1), Linear(24, 2))
+    sweep = _sweep(tmp_path / "s", data, [0], model_fn=LinearNet, metrics=graph_metrics("regression"),
+                   problem_type="regression", sweep_metric="rmse", sweep_exchange=True)  # fmt: skip
+    with pytest.raises(ValueError, match="sweep_exchange=False"):
+        sweep.run()
+    assert not (tmp_path / "s").exists()

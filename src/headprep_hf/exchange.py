@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .dynamics import preserved_state
 from .files import read_safetensors
 from .losses import task_energy
 from .sweep_schema import validate_exchange
@@ -25,11 +26,25 @@ from .sweep_schema import validate_exchange
 EXCHANGE_FILE = "exchange.json"
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, problem_type: str) -> float:
-    """Accuracy over valid positions (classes), or over present labels per sample then samples (binary tasks)."""
+def _correct_and_count(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, problem_type: str
+) -> tuple[float, float]:
+    """Correct predictions and valid positions (classes), or present labels (binary tasks), of one chunk: the
+    accuracy of a set is the sum of its chunks' correct over the sum of their counts."""
     stats = task_energy(problem_type, logits, labels, ignore_index)
     valid = stats["count"] > 0
-    return ((stats["correct"][valid] * stats["count"][valid]).sum() / stats["count"][valid].sum()).item()
+    return float((stats["correct"][valid] * stats["count"][valid]).sum()), float(stats["count"][valid].sum())
+
+
+def _head_accuracy(split, net, z, labels, chunk: int, device, ignore_index: int, problem_type: str) -> float | None:
+    """The head's accuracy on kept head inputs, applied `chunk` samples at a time (the measurement batch: the whole
+    set at once could exceed the device's memory); None when the set has no valid label (0/0)."""
+    correct = count = 0.0
+    for start in range(0, len(z), chunk):
+        logits = split.head_logits(net, z[start : start + chunk].to(device), labels[start : start + chunk].to(device))
+        c, n = _correct_and_count(logits.float().cpu(), labels[start : start + chunk], ignore_index, problem_type)
+        correct, count = correct + c, count + n
+    return round(correct / count, 6) if count > 0 else None
 
 
 def head_exchange(
@@ -89,7 +104,10 @@ def head_exchange(
     net = trainer.accelerator.unwrap_model(trainer.model)
     split, problem_type = trainer.split, trainer.problem_type
     if problem_type == "regression":
-        raise ValueError("head exchange reports accuracies, which a regression task does not have")
+        raise ValueError(
+            "The head exchange reports accuracies, which a regression task (problem_type='regression') does not "
+            "have: run the sweep with sweep_exchange=False."
+        )
     head_states = {}
     for tau, path in paths.items():
         state = read_safetensors(path)
@@ -112,16 +130,20 @@ def head_exchange(
     disable = (
         not trainer.is_world_process_zero() or not getattr(args, "sweep_progress", True) or trainer.args.disable_tqdm
     )
+    chunk = trainer.measure_batch_size
     for tau_i in tqdm(taus, desc="head exchange", unit="backbone", disable=disable):
         net.load_state_dict(read_safetensors(paths[tau_i]))
         features = {"train": head_inputs(train_views), "validation": head_inputs(eval_dataset)}
         rows = {"train": [], "validation": []}
         for tau_j in taus:
             net.load_state_dict(head_states[tau_j], strict=False)
-            with torch.no_grad(), trainer.measurement_autocast():
+            # Eval mode, as the backbone pass and every evaluation: a head with BatchNorm or Dropout (DeepLabV3's
+            # ASPP) in train mode would use batch statistics and drop units (the caller's modes are restored).
+            with preserved_state(net), trainer.measurement_autocast():
                 for name, (z, labels) in features.items():
-                    logits = split.head_logits(net, z.to(device), labels.to(device)).cpu()
-                    rows[name].append(round(_accuracy(logits, labels, args.ignore_index, problem_type), 6))
+                    rows[name].append(
+                        _head_accuracy(split, net, z, labels, chunk, device, args.ignore_index, problem_type)
+                    )
         train_matrix.append(rows["train"])
         eval_matrix.append(rows["validation"])
     exchange = {
@@ -140,6 +162,6 @@ def head_exchange(
     if trainer.is_world_process_zero():
         target = Path(output_file) if output_file is not None else sweep_dir / EXCHANGE_FILE
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(exchange, indent=2))
+        tmp.write_text(json.dumps(exchange, indent=2, allow_nan=False))  # (no valid label: null, not NaN)
         os.replace(tmp, target)
     return exchange

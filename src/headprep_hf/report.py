@@ -89,13 +89,21 @@ def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | N
     if exchange_path.is_file():
         exchange = read_json(exchange_path)
         validate_exchange_file(exchange, exchange_path)
-        theirs = exchange.get("sweep_fingerprint")
-        if theirs is not None and theirs != _fingerprint_tag(data.get("fingerprint")):
+        theirs, ours = exchange.get("sweep_fingerprint"), _fingerprint_tag(data.get("fingerprint"))
+        why = None
+        if theirs != ours and ours is not None:  # (a file without one predates the field: not known to be this one's)
+            why = "its sweep_fingerprint differs" if theirs is not None else "it records no sweep_fingerprint"
+        elif list(exchange["taus"]) != list(data["taus"]):
+            why = f"its taus {exchange['taus']} are not the sweep's {data['taus']}"
+        elif data.get("seeds") and exchange.get("seed") not in data["seeds"]:
+            why = f"its seed {exchange.get('seed')} is not among the sweep's seeds {data['seeds']}"
+        if why:
             logger.warning(
-                "%s was measured for another sweep than %s (its sweep_fingerprint differs): no exchange_heatmap.png. "
+                "%s was measured for another sweep than %s (%s): no exchange_heatmap.png. "
                 "Run `headprep exchange %s` to measure this sweep's head exchange.",
                 exchange_path,
                 sweep_path,
+                why,
                 sweep_dir,
             )
             exchange = None
@@ -322,6 +330,7 @@ def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     _tau_axis(ax, data)
     has_accuracy = bool(_means(data, lambda r: r["hp_train_accuracy"])[0])  # (regression: none)
+    has_energy = bool(_means(data, lambda r: r["energy"])[0])  # (track_dynamics=False: neither)
     energy_ax = ax
     lines = []
     if has_accuracy:
@@ -337,7 +346,7 @@ def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
         ax.set_ylabel("HP train accuracy", color="C0")
         ax.tick_params(axis="y", labelcolor="C0")
         energy_ax = ax.twinx()
-    energy = _ENERGY if has_accuracy else _REGRESSION_ENERGY  # (only regression stores no HP accuracy)
+    energy = _REGRESSION_ENERGY if has_energy and not has_accuracy else _ENERGY  # (regression: energy, no accuracy)
     lines += _plot_replicated(energy_ax, data, lambda r: r["energy"], lambda r: r["energy"], "s--", "C1", energy)
     energy_ax.set_ylabel(f"{energy} at the start of FT", color="C1")
     energy_ax.tick_params(axis="y", labelcolor="C1")
@@ -345,7 +354,9 @@ def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
         ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize="small")
     else:
         _no_data(ax, "no energy stored")
-    what = "train accuracy and energy" if has_accuracy else "energy (no accuracy: regression)"
+    what = "train accuracy and energy"
+    if not has_accuracy:
+        what = "energy (no accuracy: regression)" if has_energy else "not measured (track_dynamics=False)"
     partial = _partial_note(data)
     ax.set_title(f"Head after {_TAU} HP epochs: {what}" + (f"\n({partial})" if partial else ""))
     return fig
@@ -489,9 +500,9 @@ def _figure_exchange(plt, exchange: dict[str, Any]):
     side = max(3.2, 0.55 * n + 1.6)
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.6, side + 0.6), layout="constrained")
     views = exchange.get("train_views")
-    train_title = f"train accuracy ({'eval transform' if views == 'eval transform' else 'augmented views'})"
-    if views is None:
-        train_title = "train accuracy"
+    # "as training reads them": augmented where the training set augments (not every set does: graphs never)
+    train_title = {"eval transform": "train accuracy (eval transform)", "as training reads them": (
+        "train accuracy (as training reads the set)")}.get(views, "train accuracy")  # fmt: skip
     panels = (("train_accuracy", train_title), ("validation_accuracy", "validation accuracy"))
     for ax, (key, title) in zip(axes, panels):
         rows = exchange[key]
@@ -512,7 +523,8 @@ def _figure_exchange(plt, exchange: dict[str, Any]):
         for i in range(n):
             for j in range(n):
                 color = "black" if values[i, j] > middle else "white"
-                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", color=color, fontsize=fontsize)
+                text = f"{values[i, j]:.2f}" if np.isfinite(values[i, j]) else "n/a"  # (null: no valid label)
+                ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
         fig.colorbar(image, ax=ax, shrink=0.85, label=title)
     seed = f" (seed {exchange['seed']})" if exchange.get("seed") is not None else ""
     fig.suptitle(r"Head exchange: backbone from $\tau_i$ with head from $\tau_j$" + seed)

@@ -486,12 +486,28 @@ class TauSweep:
         self._head_inputs: dict[int, Any] = {}
         self._fingerprint: dict[str, Any] | None = None
 
+    def _check_exchange_possible(self) -> None:
+        """`sweep_exchange=True` on a regression task is refused before any job runs (the exchange reports
+        accuracies; it used to fail after the whole sweep, and the report was not drawn)."""
+        from .labels import infer_problem_type
+        from .losses import declared_problem_type
+
+        label_name = (self.args.label_names or ["labels"])[0]
+        problem = declared_problem_type(self.args.problem_type, self.model)
+        if (problem or infer_problem_type(self.train_dataset, label_name)) == "regression":
+            raise ValueError(
+                "sweep_exchange=True: the head exchange reports accuracies, which a regression task "
+                "(problem_type='regression') does not have. Set sweep_exchange=False (--sweep_exchange false)."
+            )
+
     # ------------------------------------------------------------------ public
     def run(self) -> dict[str, Any]:
         """Run the sweep (or this shard of it); returns the content written to `output_dir/sweep.json`.
 
         A folder holding this sweep already (same fingerprint) is continued: finished FT jobs are reused, unfinished
         ones resume, and seeds added to `sweep_seeds` run only their own jobs."""
+        if self.args.sweep_exchange:
+            self._check_exchange_possible()
         self._fingerprint = self.fingerprint()
         self._check_output_dir()
         if not self.args.overwrite_output_dir:

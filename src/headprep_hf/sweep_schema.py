@@ -348,9 +348,9 @@ EXCHANGE_SCHEMA: dict[str, Any] = {
         "train_accuracy": {
             "type": "array",
             "description": "[i][j]: backbone finetuned from tau_i with the head finetuned from tau_j.",
-            "items": {"type": "array", "items": {"type": "number"}},
+            "items": {"type": "array", "items": {"type": ["number", "null"]}},
         },
-        "validation_accuracy": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        "validation_accuracy": {"type": "array", "items": {"type": "array", "items": {"type": ["number", "null"]}}},
     },
 }
 
