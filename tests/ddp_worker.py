@@ -189,6 +189,46 @@ def run_bn(folder: str):
     return trainer
 
 
+def run_bnpad(folder: str):
+    """The BatchNorm-statistics pass over MEASURE_SAMPLES (37) samples at BN_MEASURE_BATCH (4): 10 batches, the last
+    of one sample (left out). Two ranks take 5 batches each, and Accelerate used to refill the last one with samples
+    from the start, which were then counted twice."""
+    model = bn_head_model(seed=0)
+    args = _config(os.path.join(folder, "out"), hp_epochs=1, per_device_train_batch_size=8, hp_learning_rate=5e-2,
+                   measure_batch_size=BN_MEASURE_BATCH, drift_probe_samples=12)  # fmt: skip
+    from headprep_hf import HeadPrepTrainer
+
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(MEASURE_SAMPLES, seed=0))
+    trainer.probe_head()
+    _write(folder, trainer, model, {})
+    return trainer
+
+
+def run_cachedeval(folder: str):
+    """train() with cached HP and an evaluation each epoch: HP's evaluation ran before FT's training loop and left
+    the model marked prepared, so FT ran without DistributedDataParallel (each rank trained its own copy)."""
+    from headprep_hf import HeadPrepTrainer
+
+    args = _config(
+        os.path.join(folder, "out"),
+        hp_epochs=1,
+        num_train_epochs=1,
+        per_device_train_batch_size=HPFT_BATCH_PER_DEVICE,
+        per_device_eval_batch_size=HPFT_BATCH_PER_DEVICE,
+        hp_learning_rate=5e-2,
+        learning_rate=1e-2,
+        hp_cache_features=True,
+        eval_strategy="epoch",
+        drift_probe_samples=12,
+    )
+    model = tiny_model(seed=0)
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(HPFT_SAMPLES, seed=0),
+                              eval_dataset=TinyImages(12, seed=1))  # fmt: skip
+    trainer.train()
+    _write(folder, trainer, model, {"wrapper": type(trainer.model_wrapped).__name__})
+    return trainer
+
+
 def run_measure(folder: str, states: str):
     from safetensors.torch import load_file
 
@@ -320,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
             run_sweep(folder, world_size)
         elif scenario == "bn":
             trainer = run_bn(folder)
+        elif scenario == "bnpad":
+            trainer = run_bnpad(folder)
+        elif scenario == "cachedeval":
+            trainer = run_cachedeval(folder)
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
         trainer.accelerator.wait_for_everyone()

@@ -29,8 +29,8 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO_ROOT = WORKER.parent.parent
 TIMEOUT_S = 300
 # hp and measure first in both jobs, so the 1- and 2-rank processes run them in the same order.
-SCENARIOS_2 = "hp,measure,sweep,graph,hpft,bn"
-SCENARIOS_1 = "hp,measure,sweep,graph"
+SCENARIOS_2 = "hp,measure,sweep,graph,hpft,bn,bnpad,cachedeval"
+SCENARIOS_1 = "hp,measure,sweep,graph,bnpad"
 
 
 def _free_port() -> int:
@@ -340,3 +340,31 @@ def test_head_bn_statistics_recomputed_over_both_ranks(run2):
     var = torch.stack([c.var(0, unbiased=True) for c in chunks]).mean(0)
     assert torch.allclose(states[0]["fc.1.running_mean"], mean, atol=1e-5)
     assert torch.allclose(states[0]["fc.1.running_var"], var, rtol=1e-4, atol=1e-5)
+
+
+def test_head_bn_statistics_count_no_padding_sample_twice(run1, run2):
+    """37 samples at 4: the two ranks' batches together are one process's 9 (the last, of one sample, left out);
+    the samples Accelerate repeats to even out the ranks' batch counts are not counted."""
+    one, _ = _ranks(run1 / "bnpad", 1)
+    two, _ = _ranks(run2 / "bnpad", 2)
+    buffers = ["fc.1.running_mean", "fc.1.running_var", "fc.1.num_batches_tracked"]
+    assert _rank_mismatches(two[0], two[1], buffers) == {}
+    assert int(two[0]["fc.1.num_batches_tracked"]) == int(one[0]["fc.1.num_batches_tracked"]) == 9
+    model = W.bn_head_model()
+    model.load_state_dict(two[0])
+    model.eval()
+    with torch.no_grad():
+        x = W.TinyImages(W.MEASURE_SAMPLES, seed=0).x[:36]
+        h = model.fc[0](model.forward_head(model.forward_features(x), pre_logits=True))
+    chunks = h.split(W.BN_MEASURE_BATCH)
+    mean = torch.stack([c.mean(0) for c in chunks]).mean(0)
+    var = torch.stack([c.var(0, unbiased=True) for c in chunks]).mean(0)
+    assert torch.allclose(two[0]["fc.1.running_mean"], mean, atol=1e-5)
+    assert torch.allclose(two[0]["fc.1.running_var"], var, rtol=1e-4, atol=1e-5)
+
+
+def test_an_evaluation_before_fts_loop_leaves_ft_distributed(run2):
+    """Cached HP evaluates before FT's training loop; FT must still run under DistributedDataParallel (ranks equal)."""
+    states, metas = _ranks(run2 / "cachedeval", 2)
+    assert [m["wrapper"] for m in metas] == ["DistributedDataParallel"] * 2
+    assert _rank_mismatches(states[0], states[1], [k for k in states[0] if "num_batches" not in k]) == {}

@@ -194,3 +194,33 @@ def test_the_best_model_is_loaded_through_load_best_model():
     # Overridden by HeadPrepTrainer._load_best_model (verifies the best checkpoint against its manifest first).
     assert "self._load_best_model()" in inspect.getsource(Trainer._finalize_training)
     assert _params(Trainer._load_best_model) == ["self"]
+
+
+def test_an_evaluation_mode_prepare_marks_the_bare_model_prepared():
+    # HeadPrepTrainer._unmark_evaluation_prepared_model undoes this before training (else `prepare` returns the model
+    # without its DDP wrapper): accelerate's private `_is_accelerate_prepared` mark and `_models` list.
+    from accelerate import Accelerator
+
+    accelerator, model = Accelerator(cpu=True), torch.nn.Linear(2, 2)
+    assert accelerator.prepare_model(model, evaluation_mode=True) is model
+    assert model._is_accelerate_prepared is True and model in accelerator._models
+    source = inspect.getsource(Accelerator.prepare_model)
+    assert 'getattr(model, "_is_accelerate_prepared", False)' in source
+    source = inspect.getsource(Trainer.evaluation_loop)
+    assert "evaluation_mode=True" in source
+
+
+def test_sharded_batches_without_padding_are_the_sequential_batches():
+    # The BatchNorm-statistics pass sets `even_batches = False` on the measurement loader's sharded batch sampler:
+    # the ranks' batches together must then be the sequential batches, each once (37 samples at 4 on 2 ranks).
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    batches = BatchSampler(SequentialSampler(range(37)), 4, drop_last=False)
+    ranks = [list(BatchSamplerShard(batches, 2, rank, even_batches=True)) for rank in (0, 1)]
+    assert ranks[1][-1] == [36, 0, 1, 2]  # the padding the pass must not count
+    for rank in (0, 1):
+        shard = BatchSamplerShard(batches, 2, rank)
+        shard.even_batches = False
+        ranks[rank] = list(shard)
+    assert sorted(ranks[0] + ranks[1]) == sorted(list(batches))

@@ -14,7 +14,7 @@ The HP modes themselves are `stages.Stages.hp_modes`; this module only resets an
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -98,14 +98,23 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
                     split.head_logits(model, chunk.to(device))
 
     def one_sample(batch) -> bool:
-        labels = batch.get(trainer.label_names[0]) if isinstance(batch, dict) and trainer.label_names else None
+        labels = batch.get(trainer.label_names[0]) if isinstance(batch, Mapping) and trainer.label_names else None
         return isinstance(labels, torch.Tensor) and labels.dim() > 0 and labels.shape[0] == 1
 
     def over_train_set() -> None:
         loader = trainer.measurement_loader(trainer.train_dataset)
+        # Several processes: Accelerate gives rank r the batches r, r + W, ... of the sequential batches and, to keep
+        # the ranks' batch counts even, refills the last ones with samples from the start. Those repeats would
+        # count twice here (each rank averages its own batches; nothing is gathered), so the loader pads nothing:
+        # the ranks' batches together are then exactly the batches one process takes (`even_batches` is
+        # Accelerate's public switch of its sharded batch sampler, as `Accelerator.join_uneven_inputs` sets it).
+        world = trainer.accelerator.num_processes
+        if world > 1 and hasattr(getattr(loader, "batch_sampler", None), "even_batches"):
+            loader.batch_sampler.even_batches = False
+        rank = trainer.accelerator.process_index if world > 1 else 0
         with forked_rng(trainer.args.seed):
             for index, batch in enumerate(pass_bar(trainer, loader, "BatchNorm statistics")):
-                if index > 0 and one_sample(batch):
+                if index * world + rank > 0 and one_sample(batch):  # (the position among all ranks' batches)
                     continue
                 with trainer.measurement_autocast():
                     trainer.model_caller(model, batch)

@@ -17,9 +17,11 @@ import logging
 import math
 import os
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, set_seed
 from transformers.trainer_utils import (
@@ -63,6 +65,22 @@ from .split import HeadFinder, ModelCaller, ModelSplit
 from .stages import PLANS, StageCallback, StagePlan, Stages
 
 logger = logging.getLogger(__name__)
+# Accelerate's distributed types whose `prepare` wraps the model in DistributedDataParallel.
+DDP_TYPES = tuple(
+    getattr(DistributedType, name)
+    for name in (
+        "MULTI_GPU",
+        "MULTI_CPU",
+        "MULTI_XPU",
+        "MULTI_NPU",
+        "MULTI_MLU",
+        "MULTI_SDAA",
+        "MULTI_MUSA",
+        "MULTI_HPU",
+        "MULTI_NEURON",
+    )  # fmt: skip
+    if hasattr(DistributedType, name)
+)
 
 TRAINING_ARGS_JSON = "training_args.json"
 _STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate", "head_grad_norm")
@@ -584,7 +602,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self.stages.apply(self.model, self._stage)
         # The last HP epoch's head inputs give the start-of-FT energy (see MeasurementCallback.hp_epoch_recorder).
         recorder = self.measurements.hp_epoch_recorder() if self._stage == "hp" else None
-        labels = inputs.get(self.label_names[0]) if recorder is not None and isinstance(inputs, dict) else None
+        # (Mapping: tokenizer collators return a BatchEncoding, a UserDict)
+        labels = inputs.get(self.label_names[0]) if recorder is not None and isinstance(inputs, Mapping) else None
         self.in_training_step = True  # smoothing applies to training losses only
         if recorder is not None:
             recorder.active = True
@@ -709,6 +728,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._attach = (not plain, not plain and plan != "ft" and not hp_outside_loop)
         self._attach_stages(self.model)
         self._stage = "ft" if plain or plan == "ft" else "hp"
+        self._unmark_evaluation_prepared_model()
         self._training = True
         try:
             output = super().train(
@@ -735,6 +755,23 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if plan != "hp" and self.args.track_dynamics:
             self.measurements.write(self.args.output_dir)
         return output
+
+    def _unmark_evaluation_prepared_model(self) -> None:
+        """Let `train()` wrap the model for DDP again after an evaluation that ran before it.
+
+        Trainer's evaluation loop prepares a model that no training prepared yet with
+        `accelerator.prepare_model(model, evaluation_mode=True)`, which returns it unwrapped but marks it
+        `_is_accelerate_prepared`; the `prepare` at the start of training then returns it as it is, without the
+        DistributedDataParallel wrapper: gradients are never averaged across processes, every rank trains its own
+        copy, and rank 0 saves a model trained on its shard alone. `evaluate()` before `train()` does this to a plain
+        `Trainer` too (transformers 5.24 with accelerate 1.15); cached HP evaluates before FT's training loop by
+        itself (`eval_strategy`), so every such multi-process run was hit. Upgrade hazard (accelerate's private
+        `_is_accelerate_prepared` and `_models`): tests/test_upstream_canaries.py checks both."""
+        model, accelerator = self.model, self.accelerator
+        ddp = accelerator.num_processes > 1 and accelerator.distributed_type in DDP_TYPES
+        if ddp and self.model_wrapped is model and getattr(model, "_is_accelerate_prepared", False):
+            model._is_accelerate_prepared = False
+            accelerator._models = [m for m in accelerator._models if m is not model]
 
     def _refuse_earlier_outputs(self) -> None:
         # (not this trainer's own outputs, e.g. probe_head()'s before finetune())
