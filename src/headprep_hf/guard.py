@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -217,7 +218,7 @@ class NonFiniteGuard(TrainerCallback):
         holders = []
         for index in samples:
             item = trainer.train_dataset[index]
-            for key, value in item.items() if isinstance(item, dict) else []:
+            for key, value in item.items() if isinstance(item, Mapping) else []:
                 if (
                     isinstance(value, torch.Tensor)
                     and value.is_floating_point()
