@@ -272,6 +272,24 @@ def test_energy_dataset_labels_are_checked(tmp_path, train_set):
         trainer.probe_head()
 
 
+def test_an_unreadable_sample_in_the_energy_pass_is_raised_not_taken_for_a_problem_type_mismatch(tmp_path, train_set):
+    # The pass caught IndexError/ValueError from anywhere and warned that "the outputs do not fit the problem type":
+    # a damaged sample went unnamed, and under several processes the rank that skipped the pass left the others'
+    # collective calls out of step. Only the energy's own failure on the outputs is caught now.
+    class Unreadable(TinyImages):
+        def __getitem__(self, i):
+            if i == 5:
+                raise IndexError("sample 5 is unreadable")  # e.g. a damaged file
+            return super().__getitem__(i)
+
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path, hp_epochs=1), train_dataset=train_set,
+        energy_dataset=Unreadable(8, seed=3),
+    )  # fmt: skip
+    with pytest.raises(IndexError, match="sample 5 is unreadable"):
+        trainer.probe_head()
+
+
 def test_forked_rng_draws_the_seeded_streams_inside_and_leaves_every_stream_alone_outside():
     # The measurement passes run inside `forked_rng(seed)`: inside, the streams a seeded run would draw (CPU torch,
     # Python, NumPy: same views at every drift pass); outside, each stream continues as if nothing had drawn.

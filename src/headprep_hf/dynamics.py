@@ -18,7 +18,7 @@ from accelerate.utils import recursively_apply, send_to_device
 from torch import nn
 
 from .losses import task_energy
-from .split import extract_logits, reduce_features
+from .split import extract_logits, first_linear, reduce_features
 
 DRIFT_KEYS = ("sq_dist", "dot", "sq_norm", "cos")
 
@@ -188,7 +188,7 @@ def sample_nbytes(sample) -> int:
         return sample.element_size() * sample.nelement()
     if isinstance(sample, np.ndarray):
         return sample.nbytes
-    if isinstance(sample, dict):
+    if isinstance(sample, Mapping):  # (a tokenizer's BatchEncoding is a UserDict, not a dict)
         return sum(sample_nbytes(v) for v in sample.values())
     if isinstance(sample, (list, tuple)):
         return sum(sample_nbytes(v) for v in sample)
@@ -229,6 +229,12 @@ class FeatureModuleNotCalled(RuntimeError):
     the forward no longer uses, or heads kept in a `ModuleDict`)."""
 
 
+class OutputsDoNotFitLabels(ValueError):
+    """The energy could not be computed from the model's outputs and the batch's labels (`losses.task_energy` failed
+    on them; the original error is the cause). Errors of the pass itself (reading the data, the forward) are raised
+    as they are."""
+
+
 def measure(
     model: nn.Module,
     dataloader,
@@ -262,7 +268,10 @@ def measure(
         problem_type: Decides the energy (`losses.task_energy`).
         autocast: Context manager factory for the forward (mixed precision).
         seed: Seed the RNGs for the pass (same augmented views every time); the training RNG is untouched.
-        raw_features: Keep the head inputs as they are (e.g. `B, C, H, W` maps) instead of one vector per sample.
+        raw_features: Keep the head inputs as they are (e.g. `B, C, H, W` maps) instead of one vector per sample
+            (`split.reduce_features`, with the batch's `attention_mask` for sequences; for a head that reduces a
+            sequence to one vector per sample itself, e.g. transformers' `RobertaClassificationHead`, the input of
+            its first linear layer: the vector its classifier uses).
         keep_labels: Also return the labels (`PassResult.labels`), gathered like the rest.
         check_first_batch: Called as `check_first_batch(z, outputs)` on the first batch (features kept only).
         progress: Wraps the dataloader in a progress bar (`progress.pass_bar`).
@@ -276,7 +285,20 @@ def measure(
             # would otherwise turn the kept z into its own output.
             captured.append((args[0] if args else next(iter(kwargs.values()))).detach().clone())
 
+    # A head given a sequence (`B, T, H`) may itself reduce it to one vector per sample before its first linear layer
+    # (transformers' `*ClassificationHead` reads the first token): that vector is what the classifier uses, so it is z.
+    inner: list[torch.Tensor] = []
+
+    def inner_hook(_module, args):
+        sequence = captured and captured[0].dim() == 3  # (the head's pre-hook ran first: only sequences need it)
+        if sequence and not inner and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+            inner.append(args[0].detach().clone())
+
     handle = feature_module.register_forward_pre_hook(hook) if max_features > 0 else None
+    linear = first_linear(feature_module) if max_features > 0 and not raw_features else None
+    inner_handle = (
+        linear.register_forward_pre_hook(inner_hook) if linear is not None and linear is not feature_module else None
+    )
     keys = ("energy", "p_true", "correct", "count", "features", "labels")
     values: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     n_features = 0
@@ -284,19 +306,32 @@ def measure(
         with preserved_state(model, seed):
             for batch in progress(dataloader) if progress is not None else dataloader:
                 captured.clear()
+                inner.clear()
                 want_features = wanted[0] = n_features < max_features
                 with autocast():
                     outputs = call_model(model, batch)
                 to_gather = {}
                 if with_energy:
-                    stats = task_energy(problem_type, extract_logits(outputs), batch[label_name], ignore_index)
+                    try:
+                        stats = task_energy(problem_type, extract_logits(outputs), batch[label_name], ignore_index)
+                    except (RuntimeError, ValueError, IndexError) as error:
+                        if isinstance(error, torch.OutOfMemoryError):
+                            raise
+                        raise OutputsDoNotFitLabels(str(error)) from error
                     to_gather.update(stats)
                 if want_features:
                     if not captured:
                         raise FeatureModuleNotCalled("The feature module was not called during the forward pass.")
                     if check_first_batch is not None and n_features == 0:
                         check_first_batch(captured[0], outputs)
-                    z = captured[0] if raw_features else reduce_features(captured[0])
+                    z = captured[0]
+                    if raw_features:
+                        pass
+                    elif z.dim() == 3 and inner and inner[0].shape[0] == z.shape[0]:
+                        z = inner[0]
+                    else:
+                        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                        z = reduce_features(z, mask)
                     to_gather["features"] = z.float()
                 if keep_labels:
                     to_gather["labels"] = batch[label_name]
@@ -312,11 +347,20 @@ def measure(
                 if want_features:
                     n_features += gathered["features"].shape[0]
     finally:
-        if handle is not None:
-            handle.remove()
+        for h in (handle, inner_handle):
+            if h is not None:
+                h.remove()
     result = PassResult()
     for key, chunks in values.items():
         if chunks:
+            if key == "features" and len({tuple(c.shape[1:]) for c in chunks}) > 1:
+                # (raw head inputs, kept for cached HP or the head exchange: one tensor per set)
+                raise ValueError(
+                    f"The head inputs differ in shape between batches ({sorted({tuple(c.shape[1:]) for c in chunks})}"
+                    ", e.g. sequences padded to each batch's longest): they cannot be kept as one tensor (cached HP, "
+                    "head exchange). Pad every sequence to one length (the collator's padding='max_length'), or "
+                    "set hp_cache_features=False."
+                )
             tensor = torch.cat(chunks)
             setattr(result, key, tensor[:max_features] if key == "features" else tensor)
     return result

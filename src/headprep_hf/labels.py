@@ -32,14 +32,14 @@ def dataset_labels(dataset, label_name: str = "labels", read_items: bool = True)
     for attribute in ("labels", "targets"):
         value = getattr(dataset, attribute, None)
         if value is not None and not callable(value):
-            return np.asarray(value)
+            return _as_array(value)
     column_names = getattr(dataset, "column_names", None)
     if isinstance(column_names, list):
         for column in (label_name, *_LABEL_COLUMNS):
             if column in column_names:
                 # A transform (set_transform) may need other columns; read the raw column without it.
                 plain = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
-                return np.asarray(list(plain[column]))
+                return _as_array(list(plain[column]))
     if not read_items or not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
         return None
     if len(dataset) > _MAX_ITERATED:
@@ -49,10 +49,42 @@ def dataset_labels(dataset, label_name: str = "labels", read_items: bool = True)
     with forked_rng():  # reading samples may run random augmentation
         for i in range(len(dataset)):
             item = dataset[i]
-            if not isinstance(item, dict) or label_name not in item:
+            if not isinstance(item, Mapping) or label_name not in item:
                 return None
             labels.append(np.asarray(item[label_name]))
-    return np.stack(labels) if labels else np.zeros(0, dtype=np.int64)
+    return _as_array(labels) if labels else np.zeros(0, dtype=np.int64)
+
+
+def _as_array(values) -> np.ndarray:
+    """`values` as one array; per-sample label arrays of different shapes (the token labels of sequences of different
+    lengths) as a 1-D object array holding one array per sample (`is_ragged`)."""
+    try:
+        array = np.asarray(values)
+        if array.dtype != object or array.ndim != 1:
+            return array
+    except ValueError:  # numpy >= 1.24 refuses ragged nested sequences
+        pass
+    array = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        array[i] = np.asarray(value)
+    return array
+
+
+def is_ragged(labels: np.ndarray) -> bool:
+    """Whether `labels` (from `dataset_labels`) hold per-sample arrays of different shapes."""
+    return labels.dtype == object and labels.ndim == 1 and len({np.shape(v) for v in labels}) > 1
+
+
+def _padded(labels: np.ndarray, fill: int) -> np.ndarray:
+    """Ragged per-sample labels flattened per sample and padded with `fill` to one length (`n, longest`); returned as
+    they are when a sample's labels are not numbers (the caller's dtype check names them)."""
+    rows = [np.ravel(row) for row in labels]
+    if not all(np.issubdtype(row.dtype, np.number) or row.dtype == bool for row in rows):
+        return labels
+    out = np.full((len(rows), max(len(row) for row in rows)), fill, dtype=np.result_type(*rows, np.int64))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
 
 
 def check_labels(dataset, num_classes: int, name: str, label_name: str = "labels", ignore_index: int = -100) -> None:
@@ -63,6 +95,8 @@ def check_labels(dataset, num_classes: int, name: str, label_name: str = "labels
     labels = dataset_labels(dataset, label_name)
     if labels is None or labels.size == 0:
         return
+    if is_ragged(labels):  # token labels of sequences of different lengths: the padding is ignored
+        labels = _padded(labels, ignore_index)
     if not np.issubdtype(labels.dtype, np.integer):
         if np.issubdtype(labels.dtype, np.floating) and np.all(np.isnan(labels) | (labels == np.round(labels))):
             labels = np.nan_to_num(labels, nan=ignore_index).astype(np.int64)
@@ -93,7 +127,7 @@ def check_dense_shapes(dataset, name: str, label_name: str = "labels") -> None:
 
 def _scan_dense_shapes(dataset, name: str, label_name: str) -> None:
     first = dataset[0]
-    if not isinstance(first, dict) or label_name not in first or np.ndim(first[label_name]) < 2:
+    if not isinstance(first, Mapping) or label_name not in first or np.ndim(first[label_name]) < 2:
         return
     for i in range(len(dataset)):
         item = first if i == 0 else dataset[i]
@@ -116,6 +150,14 @@ def check_task_labels(
     labels = dataset_labels(dataset, label_name)
     if labels is None or labels.size == 0:
         return
+    if is_ragged(labels):
+        sizes = sorted({int(np.size(row)) for row in labels})
+        raise ValueError(
+            f"{name} has label sequences of different lengths ({sizes[0]} to {sizes[-1]} values per sample), but "
+            f"problem_type={problem_type!r} needs the same number of labels per sample, one per output of the head"
+            f"{f' ({num_tasks})' if num_tasks is not None else ''}. Per-token class ids (token classification) are "
+            "problem_type='single_label_classification', with ignore_index (-100) marking the tokens to skip."
+        )
     labels = np.asarray(labels, dtype=np.float64)
     if labels.ndim == 1:
         labels = labels[:, None]
@@ -163,7 +205,7 @@ def _first_label(dataset, label_name: str) -> np.ndarray | None:
     if item is None:
         return None
     names = [label_name, "label", "label_ids"] if label_name == "labels" else [label_name]  # default collator's
-    value = next((item[n] for n in names if isinstance(item, dict) and item.get(n) is not None), None)
+    value = next((item[n] for n in names if isinstance(item, Mapping) and item.get(n) is not None), None)
     if value is None:
         return None
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -285,7 +327,7 @@ def check_item_format(trainer) -> None:
 
 
 def _shapes(item) -> dict[str, tuple]:
-    if not isinstance(item, dict):
+    if not isinstance(item, Mapping):
         return {}
     return {k: tuple(v.shape) for k, v in item.items() if hasattr(v, "shape") and len(getattr(v, "shape", ())) > 0}
 

@@ -1,7 +1,9 @@
 """Losses with per-stage label smoothing, and the per-sample energy `||dL/dq||_2` of the paper, per problem type.
 
-* `single_label_classification`: logits `(N, C)` or `(N, C, *spatial)`, labels `(N,)` or `(N, *spatial)`; positions
-  whose label equals `ignore_index` are excluded from the loss and the energy. Energy `||e_y - softmax(q)||_2`.
+* `single_label_classification`: logits `(N, C)` or `(N, C, *spatial)`, labels `(N,)` or `(N, *spatial)`; or per-token
+  logits `(N, T, C)` with labels `(N, T)` (transformers' token classification: class axis last; read so whenever the
+  labels have the logits' first two sizes, also when `T == C`); positions whose label equals `ignore_index` are
+  excluded from the loss and the energy. Energy `||e_y - softmax(q)||_2`, per sample the mean over its valid positions.
 * `multi_label_classification`: logits and labels `(N, T)` (T binary tasks, labels 0/1, NaN = not measured); missing
   labels are excluded from the loss, the energy and the metrics. Smoothed targets `y (1 - eps) + eps / 2`. Energy
   `||sigmoid(q) - y||_2` over the sample's present labels (the gradient of the summed BCE).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +32,28 @@ def smoothed_cross_entropy(
     """Mean cross-entropy against `(1 - smoothing) * e_y + smoothing / C`, ignoring `ignore_index` labels; 0 (with
     zero gradients) when every label is ignored, as the masked BCE and MSE give."""
     labels = labels.long()
+    if class_axis_last(logits, labels):  # as transformers' token classification models compute their loss
+        logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=float(smoothing))
     # torch's mean over no labels is 0/0 = NaN, which the non-finite guard would take for divergence (e.g. a crop that
     # is all 255, an unlabelled sample in a batch of one). Decided on the device: no host synchronisation.
     return torch.where((labels != ignore_index).any(), loss, logits.sum() * 0.0)
 
 
+def class_axis_last(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether `logits` are per-token `(N, T, C)` for `labels` `(N, T)` (class axis last, as transformers' token
+    classification models return them) rather than dense `(N, C, L)` for labels `(N, L)`."""
+    return logits.dim() == 3 and labels.dim() == 2 and tuple(labels.shape) == tuple(logits.shape[:2])
+
+
 def _flatten(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(positions, C) logits, (positions,) labels and the sample index of each position."""
     n, c = logits.shape[:2]
-    if logits.dim() > 2:
+    if class_axis_last(logits, labels):
+        c = logits.shape[-1]
+        flat_logits = logits.reshape(-1, c)
+        sample = torch.arange(n, device=logits.device).repeat_interleave(logits.shape[1])
+    elif logits.dim() > 2:
         per_sample = logits[0, 0].numel()
         flat_logits = logits.reshape(n, c, -1).transpose(1, 2).reshape(-1, c)
         sample = torch.arange(n, device=logits.device).repeat_interleave(per_sample)
@@ -311,7 +326,8 @@ class TrainerLossMixin:
         if not self.uses_trainer_loss(True, self.stage_plan.stage_at(self.state.global_step)):
             return super()._get_num_items_in_batch(batch_samples, device)
         name = self.label_names[0]
-        if not batch_samples or not all(isinstance(b, dict) and name in b for b in batch_samples):
+        # (Mapping: tokenizer collators return a BatchEncoding, a UserDict)
+        if not batch_samples or not all(isinstance(b, Mapping) and name in b for b in batch_samples):
             return None  # the trainer's loss is then a per-micro-batch mean: the Trainer divides by the steps
         count = sum(count_items(self.problem_type, b[name], self.args.ignore_index) for b in batch_samples)
         count = torch.as_tensor(count, device=device).reshape(1)

@@ -35,6 +35,7 @@ from .dynamics import (
     DRIFT_KEYS,
     FeatureModuleNotCalled,
     InMemoryDataset,
+    OutputsDoNotFitLabels,
     PassResult,
     ReplayedBatches,
     drift_metrics,
@@ -47,6 +48,7 @@ from .dynamics import (
 from .files import read_json, read_safetensors, write_json
 from .losses import task_energy
 from .progress import pass_bar
+from .split import extract_logits
 
 if TYPE_CHECKING:
     from .trainer import HeadPrepTrainer
@@ -78,25 +80,44 @@ class HPEpochInputs:
 
     A forward pre-hook on the first head module takes its input while `active` (the trainer sets it around its
     training step only, so evaluation passes are not recorded); `record(labels)` pairs it with the step's labels.
-    Past `max_bytes` everything is dropped and `complete()` answers False (the separate pass runs instead).
+    With `model`, a forward hook on it also keeps the shape of the logits the whole model returned (`logit_shapes`):
+    the head alone must give that shape for its logits to be the model's (not so when the model computes more after
+    its head, e.g. GPT-2 picking each sequence's last token after `score`). Past `max_bytes` everything is dropped
+    (`dropped` says why) and the separate pass runs instead.
     """
 
-    def __init__(self, feature_module: torch.nn.Module, max_bytes: int = KEPT_INPUTS_MAX_BYTES):
+    def __init__(
+        self,
+        feature_module: torch.nn.Module,
+        max_bytes: int = KEPT_INPUTS_MAX_BYTES,
+        model: torch.nn.Module | None = None,
+    ):
         self.features: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        self.logit_shapes: list[tuple[int, ...] | None] | None = [] if model is not None else None
         self.num_samples, self.nbytes, self.max_bytes = 0, 0, max_bytes
         self.dropped: str | None = None  # why nothing usable is kept
         self.active = False
         self._pending: torch.Tensor | None = None
+        self._pending_shape: tuple[int, ...] | None = None
         self._handle = feature_module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._model_handle = model.register_forward_hook(self._output_hook) if model is not None else None
 
     def _hook(self, _module, args, kwargs):
         if self.active and self._pending is None:  # the first head call of the step's forward
             # (a copy: a head whose first op works in place, e.g. `Dropout(inplace=True)`, would change it)
             self._pending = (args[0] if args else next(iter(kwargs.values()))).detach().clone()
 
+    def _output_hook(self, _module, _args, output):
+        if self.active and self._pending_shape is None:
+            try:
+                self._pending_shape = tuple(extract_logits(output).shape)
+            except (TypeError, KeyError, AttributeError, IndexError):
+                self._pending_shape = ()  # no logits found: never equal to the head's, so the separate pass runs
+
     def record(self, labels) -> None:
         z, self._pending = self._pending, None
+        shape, self._pending_shape = self._pending_shape, None
         if self.dropped is not None:
             return
         if z is None or not isinstance(labels, torch.Tensor) or labels.shape[:1] != z.shape[:1]:
@@ -108,14 +129,20 @@ class HPEpochInputs:
             return
         self.features.append(z)
         self.labels.append(labels.detach())
+        if self.logit_shapes is not None:
+            self.logit_shapes.append(shape)
         self.num_samples += z.shape[0]
 
     def _drop(self, reason: str) -> None:
         self.dropped, self.features, self.labels = reason, [], []
+        if self.logit_shapes is not None:
+            self.logit_shapes = []
 
     def close(self) -> None:
         self._handle.remove()
-        self.active, self._pending = False, None
+        if self._model_handle is not None:
+            self._model_handle.remove()
+        self.active, self._pending, self._pending_shape = False, None, None
 
 
 def default_probe_size(num_train: int) -> int:
@@ -383,8 +410,8 @@ class MeasurementCallback(TrainerCallback):
         if not (plan.plan != "ft" and per_epoch and plan.hp_steps - per_epoch <= step < plan.hp_steps):
             return None
         if self.hp_epoch_inputs is None and step == plan.hp_steps - per_epoch and self._hp_epoch_usable():
-            split = trainer.find_head()
-            self.hp_epoch_inputs = HPEpochInputs(split.feature_module(trainer.accelerator.unwrap_model(trainer.model)))
+            split, model = trainer.find_head(), trainer.accelerator.unwrap_model(trainer.model)
+            self.hp_epoch_inputs = HPEpochInputs(split.feature_module(model), model=model)
         return self.hp_epoch_inputs
 
     def drop_hp_epoch_inputs(self) -> None:
@@ -419,11 +446,27 @@ class MeasurementCallback(TrainerCallback):
                     kept.dropped or f"{kept.num_samples} of {len(trainer.train_dataset)} samples were recorded",
                 )
             return None
-        return self._head_only_pass(kept.features, kept.labels)
+        try:
+            result = self._head_only_pass(kept.features, kept.labels, kept.logit_shapes)
+        except (RuntimeError, ValueError, IndexError) as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            # The head alone on its inputs is a shortcut; where it does not run, the pass over the model decides.
+            logger.info("Energy by a separate pass: the head alone did not run on its kept inputs (%s).", error)
+            return None
+        if result is None:
+            logger.info(
+                "Energy by a separate pass: the head %s alone does not give the logits the model returns (the model "
+                "computes more after it).",
+                trainer.find_head().head_names,
+            )
+        return result
 
-    def _head_only_pass(self, features, labels) -> PassResult:
+    def _head_only_pass(self, features, labels, logit_shapes=None) -> PassResult | None:
         """Energy, p_true and correctness of the head alone (eval mode) on its inputs, in chunks of
-        `measure_batch_size` (`features`/`labels`: one tensor, or the per-step lists)."""
+        `measure_batch_size` (`features`/`labels`: one tensor, or the per-step lists). With `logit_shapes` (one per
+        step, the shape of the logits the whole model returned), None as soon as the head's logits differ in
+        shape."""
         trainer, args = self.trainer, self.trainer.args
         model = trainer.accelerator.unwrap_model(trainer.model)
         split, device = trainer.find_head(), next(model.parameters()).device
@@ -432,11 +475,14 @@ class MeasurementCallback(TrainerCallback):
             features = [features[i : i + size] for i in range(0, features.shape[0], size)]
             labels = [labels[i : i + size] for i in range(0, labels.shape[0], size)]
         parts: dict[str, list[torch.Tensor]] = {}
+        shapes = logit_shapes if logit_shapes is not None else [None] * len(features)
         with preserved_state(model):
-            for z, y in zip(features, labels):
+            for z, y, shape in zip(features, labels, shapes):
                 z, y = z.to(device), y.to(device)
                 with trainer.measurement_autocast():
                     logits = split.head_logits(model, z, y)
+                if logit_shapes is not None and tuple(logits.shape) != shape:
+                    return None
                 stats = task_energy(trainer.problem_type, logits, y, args.ignore_index)
                 for key, value in stats.items():
                     parts.setdefault(key, []).append(value.detach().cpu())
@@ -505,19 +551,19 @@ class MeasurementCallback(TrainerCallback):
         try:
             # Seeded: the same views whenever it runs (so the energy is a function of the weights alone).
             return self.measure_dataset(energy_set, with_energy=True, max_features=0, seed=args.seed, desc="energy")
-        except (RuntimeError, ValueError, IndexError) as error:
-            if (
-                trainer.declares_problem_type
-                or isinstance(error, torch.OutOfMemoryError)
-                or (trainer.accelerator.num_processes > 1 and isinstance(error, RuntimeError))
-            ):
-                raise
+        except OutputsDoNotFitLabels as error:
+            # Raised as it came where the problem type was declared, and with several processes: a rank that skipped
+            # the measurement while another went on would leave the ranks' collective calls out of step. (An error
+            # reading the data or in the forward is not caught at all: it is no reason to skip a measurement.)
+            if trainer.declares_problem_type or trainer.accelerator.num_processes > 1:
+                raise error.__cause__ from None
             # The problem type was read off the labels, and these outputs do not fit it (e.g. a causal LM's shifted
             # token logits): measuring is not worth failing the user's training for.
             self._warn_once(
                 "energy",
                 f"Energy, HP accuracy and p0 were not measured: the outputs do not fit the problem type "
-                f"{trainer.problem_type!r} read off the labels ({error}). Set problem_type to measure them.",
+                f"{trainer.problem_type!r} read off the labels ({error}). If another problem type fits these outputs "
+                "and labels, set problem_type to measure them.",
             )
             return None
 

@@ -8,8 +8,14 @@ Supported without configuration:
 * any module with a top-level `classifier`, `fc` or `head` submodule (`headprep_hf.models.graph.GCN`: its final
   linear layer; torchvision's DeepLabV3: `classifier`, the ASPP head; its auxiliary head must be off).
 
-Anything else: pass `head_modules=[...]`. The feature `z` of the paper is the input of the first head module;
-4-D features (`B, C, H, W`) are averaged over space, anything else is flattened per sample.
+A top-level `pre_classifier` (DistilBERT and the other transformers models that put a newly initialised dense layer
+before their `classifier`) is part of the head: `["pre_classifier", "classifier"]`.
+
+Anything else: pass `head_modules=[...]`. The feature `z` of the paper is the input of the first head module, one
+vector per sample for the drift (`reduce_features`): 4-D features (`B, C, H, W`) are averaged over space; sequences
+(`B, T, H`) are averaged over their valid positions (the batch's `attention_mask`), unless the head itself reduces
+them to one vector per sample (transformers' `*ClassificationHead`, which reads the first token): then that vector,
+the input of the head's first linear layer, is z; anything else is flattened per sample.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _HEAD_ATTRIBUTES = ("classifier", "fc", "head")
+# The dense layer some transformers models apply between the pooled features and `classifier` (DistilBERT; the
+# multiple-choice models of YOSO, MRA, Nystromformer): newly initialised with the classifier when a base checkpoint is
+# loaded, so it trains in HP with it.
+_PRE_CLASSIFIER = "pre_classifier"
 
 
 @dataclass
@@ -189,6 +199,9 @@ def find_split(
                 f"candidate module names: {_candidates(model)}."
             )
         head_names = [name]
+        pre = getattr(model, _PRE_CLASSIFIER, None)
+        if name == "classifier" and isinstance(pre, nn.Module) and _has_params(pre):
+            head_names = [_PRE_CLASSIFIER, name]
 
     reinit_names = list(reinit_modules or [])
     missing = [n for n in reinit_names if n not in module_names]
@@ -223,11 +236,26 @@ def _num_classes(model: nn.Module, split: ModelSplit) -> int | None:
     return None
 
 
-def reduce_features(z: torch.Tensor) -> torch.Tensor:
-    """Per-sample feature vector: spatial mean of 4-D maps, flatten otherwise."""
+def reduce_features(z: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample feature vector: spatial mean of 4-D maps (`B, C, H, W`), mean over the valid positions of
+    sequences (`B, T, H`; `attention_mask` `(B, T)`, non-zero = valid; without one, every position), flatten
+    otherwise.
+
+    A sequence is never flattened: its padded length changes from batch to batch, and padding is not a feature.
+    """
     if z.dim() == 4:
         return z.mean(dim=(2, 3))
+    if z.dim() == 3:
+        if isinstance(attention_mask, torch.Tensor) and tuple(attention_mask.shape) == tuple(z.shape[:2]):
+            weight = (attention_mask != 0).to(z.dtype).unsqueeze(-1)
+            return (z * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+        return z.mean(dim=1)
     return z.reshape(z.shape[0], -1)
+
+
+def first_linear(module: nn.Module) -> nn.Linear | None:
+    """The first `nn.Linear` registered in `module` (itself included)."""
+    return next((sub for sub in module.modules() if isinstance(sub, nn.Linear)), None)
 
 
 def extract_logits(outputs) -> torch.Tensor:

@@ -1,0 +1,477 @@
+"""Text models (transformers BERT, RoBERTa, DistilBERT, GPT-2) with tokenizer collators: variable padded lengths,
+per-token heads and labels, `BatchEncoding` batches.
+
+Each case compares with plain `transformers.Trainer` on the same model and data, or with the value computed in plain
+torch from the model's own outputs. Tiny models built from configs (no network); a few seconds each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
+
+from headprep_hf import HeadPrepConfig, HeadPrepTrainer, cross_entropy_energy, smoothed_cross_entropy
+from headprep_hf.split import find_split
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def tokenizer(pad_id: int = 0) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over t0..t99, built in memory: only its padding is used (the data are token ids)."""
+    vocab = {f"t{i}": i for i in range(100)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=f"t{pad_id}", unk_token="t1")
+
+
+class Rows(torch.utils.data.Dataset):
+    """Token-id sequences of lengths 3..11 (so padded lengths differ between batches) with a class per sequence
+    (`token_labels=False`) or per token (the first token's label -100, as for a [CLS] token)."""
+
+    def __init__(self, n=24, num_labels=3, token_labels=False, seed=0, label_kind="int"):
+        rng = np.random.RandomState(seed)
+        self.rows = []
+        for _ in range(n):
+            length = int(rng.randint(3, 12))
+            row = {"input_ids": [int(t) for t in rng.randint(2, 100, size=length)], "attention_mask": [1] * length}
+            if token_labels:
+                labels = [int(v) for v in rng.randint(num_labels, size=length)]
+                labels[0] = -100
+                row["labels"] = labels
+            elif label_kind == "multi":
+                row["labels"] = [float(v) for v in rng.randint(0, 2, size=num_labels)]
+            else:
+                row["labels"] = int(rng.randint(num_labels))
+            self.rows.append(row)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return dict(self.rows[i])
+
+
+def bert(cls=BertForSequenceClassification, num_labels=3, problem_type=None):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        problem_type=problem_type,
+    )
+    return cls(config)
+
+
+def roberta():
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=70,
+        pad_token_id=1,
+        num_labels=3,
+    )
+    return RobertaForSequenceClassification(config)
+
+
+def distilbert():
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=3
+    )
+    return DistilBertForSequenceClassification(config)
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=3, pad_token_id=0)
+    config.bos_token_id = config.eos_token_id = None  # (GPT-2's defaults are outside this tiny vocabulary)
+    return GPT2ForSequenceClassification(config)
+
+
+def arguments(tmp_path, name="out", **overrides) -> dict:
+    return {
+        "output_dir": str(tmp_path / name),
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "num_train_epochs": 1,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "seed": 0,
+        **overrides,
+    }
+
+
+def _run_both(tmp_path, make_model, train_set, collator, **overrides):
+    """Plain Trainer and HeadPrepTrainer (hp_epochs=0, measurements on) on the same model and data."""
+    results = {}
+    for name, trainer_cls, args_cls in (
+        ("trainer", Trainer, TrainingArguments),
+        ("headprep", HeadPrepTrainer, lambda **kw: HeadPrepConfig(hp_epochs=0, **kw)),
+    ):
+        trainer = trainer_cls(
+            model=make_model(),
+            args=args_cls(**arguments(tmp_path, name, **overrides)),
+            train_dataset=train_set,
+            data_collator=collator,
+        )
+        trainer.train()
+        losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+        results[name] = (losses, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, trainer)
+    return results
+
+
+def _assert_same_training(results):
+    (losses, weights, _), (hp_losses, hp_weights, _) = results["trainer"], results["headprep"]
+    assert losses and hp_losses == losses
+    assert all(torch.equal(weights[k], hp_weights[k]) for k in weights)
+
+
+def _one(collator, item):
+    """One sample as its own batch (no padding at all): what the model computes for it alone."""
+    return collator([item])
+
+
+# ---------------------------------------------------------------------------------------------- 1, 2: drift features
+
+
+def test_token_classification_with_a_padding_collator_trains_as_trainer(tmp_path):
+    # Batches of the measurement passes (16) and of training (4) are padded to different lengths: the drift features
+    # must not depend on the padded length (they were the flattened (T*H) head inputs, which could not be stacked).
+    collator = DataCollatorForTokenClassification(tokenizer())
+    results = _run_both(tmp_path, lambda: bert(BertForTokenClassification), Rows(token_labels=True), collator)
+    _assert_same_training(results)
+    dynamics = results["headprep"][2].dynamics
+    assert dynamics["num_probe_samples"] == 24 and dynamics["drift"]
+
+
+def test_sequence_features_are_the_mean_over_valid_tokens(tmp_path):
+    # z of a per-token head: per sample, the mean of the head's inputs over the tokens the attention mask keeps,
+    # the same whatever padding the sample got in its batch.
+    data = Rows(token_labels=True)
+    collator = DataCollatorForTokenClassification(tokenizer())
+    trainer = HeadPrepTrainer(
+        model=bert(BertForTokenClassification),
+        args=HeadPrepConfig(hp_epochs=0, measure_batch_size=5, **arguments(tmp_path)),
+        train_dataset=data,
+        data_collator=collator,
+    )
+    trainer.measure_start()
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = torch.stack(
+            [
+                model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state[0].mean(0)
+                for b in (_one(collator, data[i]) for i in range(len(data)))
+            ]
+        )
+    torch.testing.assert_close(trainer.measurements.z0, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_roberta_drift_feature_is_the_first_token_vector_its_head_uses(tmp_path):
+    # RobertaClassificationHead gets the whole sequence and classifies its first (<s>) token: that vector is z,
+    # not the sequence (padding included). Training batches of one sample: measurement batches mix lengths.
+    data, collator = Rows(), DataCollatorWithPadding(tokenizer(pad_id=1))
+    results = _run_both(tmp_path, roberta, data, collator, per_device_train_batch_size=1, max_steps=6)
+    _assert_same_training(results)
+
+    trainer = HeadPrepTrainer(
+        model=roberta(),
+        args=HeadPrepConfig(hp_epochs=0, **arguments(tmp_path)),
+        train_dataset=data,
+        data_collator=collator,
+    )
+    trainer.measure_start()
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = torch.cat(
+            [
+                model.roberta(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state[:, 0]
+                for b in (_one(collator, data[i]) for i in range(len(data)))
+            ]
+        )
+    torch.testing.assert_close(trainer.measurements.z0, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- 3: per-token energy
+
+
+def _token_energy_by_hand(model, data, collator):
+    """Energy, accuracy and p0 over every labelled token (the mean over valid positions, as for dense labels),
+    softmax over the classes (last axis), each sample alone (no padding)."""
+    energy, correct, p_true = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for i in range(len(data)):
+            batch = _one(collator, data[i])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
+            labels = batch["labels"][0]
+            valid = labels != -100
+            p = logits[valid].softmax(-1)
+            one_hot = F.one_hot(labels[valid], logits.shape[-1]).float()
+            energy += (one_hot - p).norm(dim=-1).tolist()
+            correct += (p.argmax(-1) == labels[valid]).float().tolist()
+            p_true += p.gather(1, labels[valid][:, None]).squeeze(1).tolist()
+    return float(np.mean(energy)), float(np.mean(correct)), float(np.mean(p_true))
+
+
+def test_token_energy_uses_the_class_axis_even_when_length_equals_classes(tmp_path):
+    # Padded to 16 tokens with 16 classes: (B, T, C) logits look like dense (B, C, L) ones; the softmax was taken
+    # over the tokens. A confident head makes the two readings differ clearly.
+    data = Rows(num_labels=16, token_labels=True)
+    collator = DataCollatorForTokenClassification(tokenizer(), padding="max_length", max_length=16)
+    trainer = HeadPrepTrainer(
+        model=bert(BertForTokenClassification, num_labels=16),
+        args=HeadPrepConfig(hp_epochs=0, **arguments(tmp_path)),
+        train_dataset=data,
+        data_collator=collator,
+    )
+    with torch.no_grad():
+        trainer.model.classifier.weight.mul_(30.0)
+    summary = trainer.measure_start()
+    energy, accuracy, p0 = _token_energy_by_hand(trainer.model, data, DataCollatorForTokenClassification(tokenizer()))
+    assert summary["energy"] == pytest.approx(energy, abs=1e-6)
+    assert summary["hp_train_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert summary["p0_mean"] == pytest.approx(p0, abs=1e-6)
+
+
+def test_token_loss_and_energy_functions_read_the_class_axis_last():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 4, generator=g) * 5  # T == C: the shape alone does not tell the axes apart
+    labels = torch.tensor([[0, 3, -100, 1], [2, -100, -100, 0]])
+    flat, flat_labels = logits.reshape(-1, 4), labels.reshape(-1)
+    for smoothing in (0.0, 0.1):
+        expected = F.cross_entropy(flat, flat_labels, ignore_index=-100, label_smoothing=smoothing)
+        torch.testing.assert_close(smoothed_cross_entropy(logits, labels, smoothing), expected)
+    stats = cross_entropy_energy(logits, labels)
+    valid = flat_labels != -100
+    p = flat[valid].softmax(-1)
+    per_token = (F.one_hot(flat_labels[valid], 4).float() - p).norm(dim=-1)
+    owner = torch.arange(2).repeat_interleave(4)[valid]
+    for i in range(2):
+        assert stats["energy"][i].item() == pytest.approx(per_token[owner == i].mean().item(), abs=1e-6)
+    assert stats["count"].tolist() == [3.0, 2.0]
+
+
+def test_declared_problem_type_trains_token_classification_as_trainer(tmp_path):
+    # problem_type set: the trainer's own loss on (B, T, C) logits and the label check of per-token labels of
+    # different lengths (both failed); the loss is the model's own (cross-entropy over the labelled tokens).
+    collator = DataCollatorForTokenClassification(tokenizer())
+    data = Rows(token_labels=True)
+    results = {}
+    for name, trainer_cls, args in (
+        ("trainer", Trainer, TrainingArguments(**arguments(tmp_path, "trainer"))),
+        (
+            "headprep",
+            HeadPrepTrainer,
+            HeadPrepConfig(hp_epochs=0, problem_type="single_label_classification", **arguments(tmp_path)),
+        ),
+    ):
+        trainer = trainer_cls(
+            model=bert(BertForTokenClassification), args=args, train_dataset=data, data_collator=collator
+        )
+        trainer.train()
+        results[name] = ([r["loss"] for r in trainer.state.log_history if "loss" in r], trainer.model.state_dict())
+    (losses, weights), (hp_losses, hp_weights) = results["trainer"], results["headprep"]
+    assert hp_losses == pytest.approx(losses, rel=1e-6)
+    assert all(torch.allclose(weights[k], hp_weights[k], atol=1e-6) for k in weights)
+
+
+def test_per_token_labels_of_different_lengths_are_checked():
+    datasets = pytest.importorskip("datasets")
+    from headprep_hf.labels import check_labels, check_task_labels
+
+    rows = Rows(token_labels=True).rows
+    column = datasets.Dataset.from_list(rows)
+    check_labels(column, 3, "train_dataset")  # ragged, every label in range: accepted
+    check_labels(Rows(token_labels=True), 3, "train_dataset")  # read item by item
+    bad = [dict(r) for r in rows]
+    bad[5]["labels"] = [*bad[5]["labels"][:-1], 7]
+    with pytest.raises(ValueError, match=r"train_dataset\[5\] has label 7, outside the 3 classes"):
+        check_labels(datasets.Dataset.from_list(bad), 3, "train_dataset")
+    # Per-token labels cannot be multi-task labels: refused with the problem type that fits.
+    floats = datasets.Dataset.from_dict({"labels": [[0.0, 1.0], [1.0], [0.0, 0.0, 1.0]]})
+    with pytest.raises(ValueError, match=r"different lengths .*'single_label_classification'"):
+        check_task_labels(floats, 2, "train_dataset", "multi_label_classification")
+
+
+# ---------------------------------------------------------------------------------------------- 4: energy after HP
+
+
+def test_token_energy_from_the_last_hp_epoch_matches_plain_torch(tmp_path):
+    data = Rows(token_labels=True)
+    collator = DataCollatorForTokenClassification(tokenizer())
+    trainer = HeadPrepTrainer(
+        model=bert(BertForTokenClassification),
+        args=HeadPrepConfig(hp_epochs=1, hp_learning_rate=3e-2, **arguments(tmp_path)),
+        train_dataset=data,
+        data_collator=collator,
+    )
+    trainer.probe_head()
+    dynamics = trainer.dynamics
+    assert dynamics["energy_source"] == "last HP epoch's head inputs"
+    energy, accuracy, p0 = _token_energy_by_hand(trainer.model, data, collator)
+    assert dynamics["energy"] == pytest.approx(energy, abs=1e-6)
+    assert dynamics["hp_train_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert dynamics["p0_mean"] == pytest.approx(p0, abs=1e-6)
+
+
+def test_head_that_the_model_pools_after_falls_back_to_the_model_pass(tmp_path):
+    # GPT-2's `score` runs on every token and the model keeps each sequence's last one after it: the head alone does
+    # not give the model's logits, so the energy comes from the pass over the model. Dynamic padding: the drift
+    # features are the mean over each sequence's tokens (`score`'s inputs).
+    data, collator = Rows(), DataCollatorWithPadding(tokenizer())
+    trainer = HeadPrepTrainer(
+        model=gpt2(),
+        args=HeadPrepConfig(
+            hp_epochs=1,
+            hp_learning_rate=3e-2,
+            head_modules=["score"],
+            **arguments(tmp_path, per_device_train_batch_size=1),
+        ),
+        train_dataset=data,
+        data_collator=collator,
+    )
+    trainer.probe_head()
+    dynamics, model = trainer.dynamics, trainer.model.eval()
+    assert dynamics["energy_source"] == "backbone pass"
+    energy, correct, features = [], [], []
+    with torch.no_grad():
+        for i in range(len(data)):
+            batch = _one(collator, data[i])
+            out = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+            )
+            p = out.logits[0].softmax(-1)
+            label = int(batch["labels"][0])
+            energy.append((F.one_hot(torch.tensor(label), 3).float() - p).norm().item())
+            correct.append(float(p.argmax().item() == label))
+            features.append(out.hidden_states[-1][0].mean(0))
+    assert dynamics["energy"] == pytest.approx(float(np.mean(energy)), abs=1e-6)
+    assert dynamics["hp_train_accuracy"] == pytest.approx(float(np.mean(correct)), abs=1e-6)
+    torch.testing.assert_close(trainer.measurements.z0, torch.stack(features), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- 5: BatchEncoding
+
+
+def _first_update(tmp_path, name, batch_size, accumulation, data, collator):
+    model = bert(num_labels=3, problem_type="multi_label_classification")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # one batch of 4 and two of 2 see the same computation
+    before = model.classifier.weight.detach().clone()
+    args = HeadPrepConfig(
+        hp_epochs=0,
+        track_dynamics=False,
+        problem_type="multi_label_classification",
+        max_steps=1,
+        optim="sgd",
+        **arguments(
+            tmp_path,
+            name,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=1.0,
+        ),
+    )
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    trainer.train()
+    return trainer.model.classifier.weight.detach() - before
+
+
+def test_batch_encoding_micro_batches_average_over_every_item_of_the_step(tmp_path):
+    # DataCollatorWithPadding returns a BatchEncoding (a UserDict): the count of present labels over the step's
+    # micro-batches must still be made, or the update is a mean of micro-batch means. Samples have 3 or 1 present
+    # labels, so the two differ.
+    data = Rows(n=8, label_kind="multi")
+    for i, row in enumerate(data.rows):
+        if i % 2:
+            row["labels"] = [row["labels"][0], float("nan"), float("nan")]
+    collator = DataCollatorWithPadding(tokenizer())
+    whole = _first_update(tmp_path, "whole", 4, 1, data, collator)
+    accumulated = _first_update(tmp_path, "accumulated", 2, 2, data, collator)
+    assert whole.abs().max() > 1e-3
+    torch.testing.assert_close(accumulated, whole, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- 6: pre_classifier
+
+
+def test_distilbert_pre_classifier_is_part_of_the_head_and_trains_in_hp(tmp_path):
+    assert find_split(bert()).head_names == ["classifier"]  # detection of other models unchanged
+    assert find_split(roberta()).head_names == ["classifier"]
+    model = distilbert()
+    assert find_split(model).head_names == ["pre_classifier", "classifier"]
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer = HeadPrepTrainer(
+        model=model,
+        args=HeadPrepConfig(hp_epochs=1, hp_learning_rate=1e-2, **arguments(tmp_path)),
+        train_dataset=Rows(),
+        data_collator=DataCollatorWithPadding(tokenizer()),
+    )
+    trainer.probe_head()
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    head = {k for k in before if k.startswith(("pre_classifier.", "classifier."))}
+    assert changed == head
+    # z is pre_classifier's input, the first token's vector
+    with torch.no_grad():
+        batch = DataCollatorWithPadding(tokenizer())([Rows()[0]])
+        hidden = (
+            trainer.model.eval()
+            .distilbert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            .last_hidden_state
+        )
+    torch.testing.assert_close(trainer.measurements.z0[0], hidden[0, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_cached_hp_of_sequences_padded_per_batch_names_the_fix(tmp_path):
+    # Cached HP keeps the raw head inputs as one tensor: sequences padded per batch cannot be, and the error says so
+    # (it was torch.cat's size mismatch); padded to one length they are cached and HP runs.
+    data = Rows(token_labels=True)
+    for collator, works in (
+        (DataCollatorForTokenClassification(tokenizer()), False),
+        (DataCollatorForTokenClassification(tokenizer(), padding="max_length", max_length=16), True),
+    ):
+        trainer = HeadPrepTrainer(
+            model=bert(BertForTokenClassification),
+            args=HeadPrepConfig(hp_epochs=1, hp_cache_features=True, **arguments(tmp_path)),
+            train_dataset=data,
+            data_collator=collator,
+        )
+        if works:
+            trainer.probe_head()
+            assert trainer.dynamics["energy"] is not None
+        else:
+            with pytest.raises(ValueError, match=r"differ in shape between batches.*padding='max_length'"):
+                trainer.probe_head()
