@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 
@@ -368,3 +369,70 @@ def test_a_stopper_added_later_moves_alone_and_a_subclass_passed_as_a_class_too(
     names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
     # the stopper runs before the stage callback; the user's other callback keeps its place after the trainer's
     assert names[-4:] == ["MyStopper", "StageCallback", "MeasurementCallback", "Mine"]
+
+
+def test_another_callbacks_stop_during_hp_is_kept_when_a_stopper_is_out_of_patience(tmp_path):
+    # Holding back early stopping in HP cleared any stop request once a stopper had run out of patience, so a time
+    # budget's stop at step 2 was cancelled and the run went on into FT.
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Budget(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    args = make_config(tmp_path, hp_epochs=2, track_dynamics=False, eval_strategy="steps", eval_steps=1,
+                       save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                       metric_for_best_model="loss")  # fmt: skip
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(48),
+                              eval_dataset=TinyImages(16, seed=1),
+                              callbacks=[Budget(), EarlyStoppingCallback(early_stopping_patience=1,
+                                                                         early_stopping_threshold=10.0)])  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(auto_find_batch_size=True), "auto_find_batch_size=True cannot be used with hp_epochs > 0"),
+        (
+            dict(
+                gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"use_reentrant": True},
+                reinit_modules=["layer4"],
+            ),
+            "Leave use_reentrant unset",
+        ),  # fmt: skip
+    ],
+)
+def test_settings_that_break_the_two_stages_are_refused(tmp_path, settings, message):
+    # auto_find_batch_size's retry restarted Trainer's loop without the two-stage plan (HP steps at FT rates, the
+    # backbone at 0); reentrant checkpointing gave the re-initialised block no gradient in HP.
+    with pytest.warns(FutureWarning) if "gradient_checkpointing" in settings else contextlib.nullcontext():
+        with pytest.raises(ValueError, match=message):
+            make_config(tmp_path, hp_epochs=1, **settings)
+    make_config(tmp_path, hp_epochs=0, **settings)  # (without HP: Trainer's behaviour)
+
+
+def test_activation_checkpointing_on_a_timm_model_names_timms_switch(tmp_path):
+    # Trainer failed later with "AttributeError: 'ResNet' object has no attribute 'gradient_checkpointing_enable'".
+    with pytest.raises(ValueError, match=r"model\.set_grad_checkpointing\(True\)"):
+        HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, activation_checkpointing=True),
+                        train_dataset=TinyImages(16))  # fmt: skip
+
+
+def test_a_save_only_model_checkpoint_is_not_resumed_with_hp(tmp_path):
+    # Without scheduler.pt the two-stage schedule restarted from HP in the middle of the run (FT at HP rates).
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 4
+
+    settings = dict(hp_epochs=1, save_strategy="steps", save_steps=4, save_only_model=True, track_dynamics=False)
+    HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48),
+                    callbacks=[Stop()]).train()  # fmt: skip
+    again = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48))
+    with pytest.raises(ValueError, match="checkpoint-4 holds no scheduler state.*save_only_model"):
+        again.train(resume_from_checkpoint=True)

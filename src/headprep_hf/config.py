@@ -340,6 +340,21 @@ class HeadPrepConfig(TrainingArguments):
                 "ddp_find_unused_parameters=False cannot be used with hp_epochs > 0: during HP the frozen backbone "
                 "gets no gradients, which DDP only tolerates with find_unused_parameters. Leave it unset."
             )
+        if self.hp_epochs > 0 and self.auto_find_batch_size:
+            raise ValueError(
+                "auto_find_batch_size=True cannot be used with hp_epochs > 0: Trainer's retry at a smaller batch "
+                "restarts its loop without the two-stage plan (the schedule kept the first attempt's HP length, and "
+                "an attempt that failed in FT ran HP again). Set per_device_train_batch_size (and "
+                "gradient_accumulation_steps) to what fits, or use hp_epochs=0."
+            )
+        reentrant = (self.activation_checkpointing_kwargs or {}).get("use_reentrant")
+        if self.hp_epochs > 0 and self.activation_checkpointing and self.reinit_modules and reentrant:
+            raise ValueError(
+                "activation_checkpointing_kwargs={'use_reentrant': True} (gradient_checkpointing_kwargs) with "
+                "reinit_modules: reentrant checkpointing "
+                "gives no gradients to a checkpointed block whose inputs come from the frozen backbone, so the "
+                "re-initialised modules would not train in HP. Leave use_reentrant unset (non-reentrant)."
+            )
         if self.hp_epochs > 0:
             # The frozen backbone produces no gradients in HP; DDP must be told so (see above). Without HP the
             # Trainer's default stands.
@@ -371,6 +386,19 @@ def check_trainer_inputs(args, trainer_kwargs: dict, model=None) -> None:
             f"label_smoothing_factor={args.label_smoothing_factor}: transformers.Trainer reads model.config for it, "
             f"which {type(model).__name__} has not. Set hp_label_smoothing and ft_label_smoothing instead (the same "
             "value in both smooths the whole run)."
+        )
+    switches = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+    if args.activation_checkpointing and model is not None and not any(hasattr(model, s) for s in switches):
+        # (Trainer fails later with an AttributeError naming neither the setting nor the fix)
+        how = (
+            "Call model.set_grad_checkpointing(True) (timm's switch)"
+            if hasattr(model, "set_grad_checkpointing")
+            else "Turn checkpointing on in the model yourself"
+        )
+        raise ValueError(
+            f"activation_checkpointing=True (gradient_checkpointing): Trainer turns it on through "
+            f"model.activation_checkpointing_enable(), which {type(model).__name__} has not (transformers models "
+            f"have it). {how} and leave the setting off."
         )
     optimizers = trainer_kwargs.get("optimizers") or (None, None)
     if args.hp_epochs > 0 and any(o is not None for o in optimizers):

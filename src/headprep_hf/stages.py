@@ -98,6 +98,16 @@ class StagePlan:
         return saved
 
 
+class StopRequestGate(TrainerCallback):
+    """Notes, in `on_evaluate`, whether training was asked to stop before the early stoppers that follow it ran."""
+
+    def __init__(self):
+        self.stop_before = False
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.stop_before = bool(control.should_training_stop)
+
+
 class StageCallback(TrainerCallback):
     """The HP->FT boundary (before the first FT update), the stage labels of the progress bar (`HP`, then a new `FT`
     bar at the boundary) and early stopping in FT only.
@@ -110,6 +120,7 @@ class StageCallback(TrainerCallback):
 
     def __init__(self, trainer, begin_ft):
         self.trainer, self.begin_ft = trainer, begin_ft
+        self.gate = StopRequestGate()  # (the trainer puts it just before the early stoppers, this after them)
 
     def on_train_begin(self, args, state, control, **kwargs):
         plan = self.trainer.stage_plan
@@ -133,9 +144,11 @@ class StageCallback(TrainerCallback):
                 control.should_log = True  # one log exactly at the boundary keeps the stages' losses apart
 
     def on_evaluate(self, args, state, control, **kwargs):
-        # Early stopping acts in FT only: during HP the head's metric plateaus by design.
+        # Early stopping acts in FT only: during HP the head's metric plateaus by design. A stop asked for before the
+        # stoppers ran (the gate saw it: another callback's, e.g. a time budget) is not theirs and stays.
         plan = self.trainer.stage_plan
-        if plan.hp_steps > 0 and not plan.ft_started and control.should_training_stop:
+        stop = control.should_training_stop and not self.gate.stop_before
+        if plan.hp_steps > 0 and not plan.ft_started and stop:
             stoppers = [c for c in self.trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)]
             if any(c.early_stopping_patience_counter >= c.early_stopping_patience for c in stoppers):
                 control.should_training_stop = False

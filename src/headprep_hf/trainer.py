@@ -234,7 +234,16 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def _add_own_callbacks(self) -> None:
         # The stage boundary and the measurements; a plain run without measurements needs neither (Trainer's list).
         if self.measurements not in self.callback_handler.callbacks:
-            self.add_callback(StageCallback(self, self._begin_ft))
+            stage = StageCallback(self, self._begin_ft)
+            callbacks = self.callback_handler.callbacks
+            # The early stoppers sit between the gate and the stage callback, which holds back their stop in HP: the
+            # gate tells it whether another callback had asked to stop before them (the stoppers alone move).
+            stoppers = [c for c in callbacks if isinstance(c, EarlyStoppingCallback)]
+            for stopper in stoppers:
+                callbacks.remove(stopper)
+            self.add_callback(stage.gate)
+            callbacks.extend(stoppers)
+            self.add_callback(stage)
             self.add_callback(self.measurements)
 
     # ------------------------------------------------------------------ the model and its head
@@ -720,6 +729,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = None
         if checkpoint is not None and os.path.isdir(checkpoint):
+            if self.args.hp_epochs > 0 and not os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
+                # (Trainer restarts its schedule from step 0 there; the two-stage schedule would restart in HP)
+                raise ValueError(
+                    f"{checkpoint} holds no scheduler state (written with save_only_model=True), and a run with HP "
+                    "cannot resume without it: the two-stage schedule would restart from HP in the middle of the run. "
+                    "Resume from a checkpoint written without save_only_model, or start a new run from its weights."
+                )
             verify(checkpoint, required_files(self.args, self.writes_stage_state))
             unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             if not isinstance(unwrapped, PreTrainedModel):  # (transformers models: Trainer's own loading decides)
