@@ -161,3 +161,39 @@ def test_a_checkpoint_written_without_measurements_resumes_with_them_on(tmp_path
     assert "holds no measurement state (written with track_dynamics=False" in caplog.text
     ref_state, res_state = reference.model.state_dict(), resumed.model.state_dict()
     assert [k for k in ref_state if not torch.equal(ref_state[k], res_state[k])] == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(learning_rate=5e-3),
+        dict(hp_learning_rate=0.2),
+        dict(lr_scheduler_type="cosine"),
+        dict(seed=1),
+        dict(ft_label_smoothing=0.1),
+        dict(weight_decay=0.1),
+        dict(optim="sgd"),
+    ],  # fmt: skip
+)
+def test_a_resume_with_a_changed_setting_is_refused_naming_it(tmp_path, change):
+    # Only the HP step count was compared: a resume with another learning rate, schedule, seed, smoothing or optimizer
+    # went on with the new setting from the checkpoint's step (FT at 0.0033 where the run had 0.00067), silently.
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 4
+
+    settings = dict(hp_epochs=1, num_train_epochs=2, save_strategy="steps", save_steps=4, track_dynamics=False)
+    HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48),
+                    callbacks=[Stop()]).train()  # fmt: skip
+    changed = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings, **change),
+                              train_dataset=TinyImages(48))  # fmt: skip
+    (key,) = change
+    with pytest.raises(ValueError, match=rf"checkpoint-4 was written with other settings than this run's \({key}: "):
+        changed.train(resume_from_checkpoint=True)
+    # the same settings resume; evaluation and logging settings may change
+    same = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings, logging_steps=3),
+                           train_dataset=TinyImages(48))  # fmt: skip
+    same.train(resume_from_checkpoint=True)
+    assert same.state.global_step == 9

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
@@ -83,6 +84,18 @@ DDP_TYPES = tuple(
 )
 
 TRAINING_ARGS_JSON = "training_args.json"
+# Settings a run with stages cannot change between a checkpoint and its resume: each changes what the rest of the run
+# computes (schedule, data order, head, losses, which updates apply), and the resumed run would mix the two silently.
+# Logging, evaluation, saving and loader settings may change.
+RESUME_SETTINGS = (
+    "seed", "data_seed", "hp_epochs", "hp_learning_rate", "hp_lr_scheduler_type", "hp_warmup_ratio", "hp_weight_decay",
+    "hp_label_smoothing", "ft_label_smoothing", "label_smoothing_factor", "hp_backbone_mode", "hp_cache_features",
+    "hp_cache_views", "hp_recompute_bn_stats", "head_type", "mlp_hidden_size", "mlp_num_layers", "head_modules",
+    "reinit_modules", "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "lr_scheduler_kwargs",
+    "warmup_steps", "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "dataloader_drop_last", "fp16", "bf16",
+    "on_nonfinite", "problem_type", "ignore_index",
+)  # fmt: skip
 _STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate", "head_grad_norm")
 
 
@@ -196,6 +209,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._trial_for_dir = None
         self._hp_hook, self._attach = None, (False, False)  # this run's (stage mechanics, HP-mode hook)
         self._resume_plan: StagePlan | None = None
+        self._resume_dir: str | None = None
         self.hp_steps_per_epoch = 0  # updates per epoch of this run's in-loop HP (0: none)
         self._prepare_model(self.model)
         self._headprep_ready = True
@@ -689,6 +703,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 f"The checkpoint was written with {self._resume_plan.hp_steps} HP steps but this configuration gives "
                 f"{hp_steps} ({self._hp_mismatch_cause()}). Resume with the HP settings of the interrupted run."
             )
+        if self._resume_dir is not None and self.has_stages:  # (after the checks above, whose messages say more)
+            self._refuse_changed_settings(self._resume_dir)  # (plain runs resume as Trainer does)
         plan.hp_steps, plan.ft_steps = hp_steps, (max_steps if plan.plan != "hp" else 0)
         self.hp_steps_per_epoch = steps_per_epoch if hp_steps else 0
         if hp_steps == 0 and plan.plan != "hp":
@@ -727,7 +743,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if checkpoint is None:
             self._refuse_earlier_outputs()
         self.measurements.start_run(plan)
-        self.resumed_stage = self._resume_plan = None
+        self.resumed_stage = self._resume_plan = self._resume_dir = None
         if checkpoint is not None and os.path.isdir(checkpoint):
             if self.args.hp_epochs > 0 and not os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
                 # (Trainer restarts its schedule from step 0 there; the two-stage schedule would restart in HP)
@@ -741,6 +757,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             if not isinstance(unwrapped, PreTrainedModel):  # (transformers models: Trainer's own loading decides)
                 check_weights_fit(checkpoint, unwrapped)
             self._load_stage_state(checkpoint, plan)
+            self._resume_dir = checkpoint
         self._attach = (not plain, not plain and plan != "ft" and not hp_outside_loop)
         self._attach_stages(self.model)
         self._stage = "ft" if plain or plan == "ft" else "hp"
@@ -771,6 +788,27 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if plan != "hp" and self.args.track_dynamics:
             self.measurements.write(self.args.output_dir)
         return output
+
+    def _refuse_changed_settings(self, checkpoint: str) -> None:
+        """Refuse to resume `checkpoint` when its `training_args.json` differs from this run's in `RESUME_SETTINGS`
+        (a checkpoint without the file, written by another tool, is not compared)."""
+        path = os.path.join(checkpoint, TRAINING_ARGS_JSON)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            written = json.load(f)
+        current = json.loads(self.args.to_json_string())
+        changed = [
+            f"{key}: {written[key]!r} -> {current[key]!r}"
+            for key in RESUME_SETTINGS
+            if key in written and key in current and written[key] != current[key]
+        ]
+        if changed:
+            raise ValueError(
+                f"{checkpoint} was written with other settings than this run's ({'; '.join(changed)}): resuming would "
+                "mix the two runs. Resume with the checkpoint's settings (its training_args.json), or start a new run "
+                "(another output_dir, or overwrite_output_dir=True)."
+            )
 
     def _unmark_evaluation_prepared_model(self) -> None:
         """Let `train()` wrap the model for DDP again after an evaluation that ran before it.
