@@ -197,3 +197,31 @@ def test_a_resume_with_a_changed_setting_is_refused_naming_it(tmp_path, change):
                            train_dataset=TinyImages(48))  # fmt: skip
     same.train(resume_from_checkpoint=True)
     assert same.state.global_step == 9
+
+
+def test_a_fresh_trainer_resuming_finetune_after_probe_head_keeps_the_cards_tau(tmp_path):
+    # The card of the resumed run said tau = 0: that HP had run was known only to the trainer that ran it.
+    from transformers import TrainerCallback
+
+    from headprep_hf.cards import head_probing_record
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    settings = dict(hp_epochs=2, num_train_epochs=1, save_strategy="steps", save_steps=2, track_dynamics=False)
+    first = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48))
+    first.probe_head()
+    first.add_callback(Stop())
+    first.finetune()
+    resumed = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48))
+    resumed.finetune(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3 and head_probing_record(resumed)["tau"] == 2
+    # a finetune() without probe_head() before it stays at tau 0 after its resume too
+    alone = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path / "alone", **settings),
+                            train_dataset=TinyImages(48), callbacks=[Stop()])  # fmt: skip
+    alone.finetune()
+    again = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path / "alone", **settings),
+                            train_dataset=TinyImages(48))  # fmt: skip
+    again.finetune(resume_from_checkpoint=True)
+    assert head_probing_record(again)["tau"] == 0

@@ -42,6 +42,8 @@ class StagePlan:
         ft_started: FT has begun (the boundary work is done: BatchNorm statistics, fresh optimizer, measurements).
         hp_outside_loop: HP ran on cached features before the training loop, which then covers FT only.
         tag: Who may resume the run's checkpoints (`HeadPrepTrainer.run_tag`, e.g. a sweep's fingerprint).
+        hp_done: The trainer's own HP ran before this loop (`probe_head()` then `finetune()`): a fresh trainer that
+            resumes the FT checkpoint restores it (`HeadPrepTrainer.hp_done`, the model card's tau).
     """
 
     plan: str = "both"
@@ -50,6 +52,7 @@ class StagePlan:
     ft_started: bool = False
     hp_outside_loop: bool = False
     tag: str | None = None
+    hp_done: bool = False
 
     def stage_at(self, step: int) -> str:
         """The stage of update number `step` (0-based)."""

@@ -734,7 +734,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if not plain or self.args.track_dynamics:
             self._add_own_callbacks()
         self._new_call(plain and not hp_outside_loop)
-        self.stage_plan = StagePlan(plan=plan, hp_outside_loop=hp_outside_loop, tag=self.run_tag)
+        self.stage_plan = StagePlan(plan=plan, hp_outside_loop=hp_outside_loop, tag=self.run_tag, hp_done=self.hp_done)
         self._start_guard()
         self._trial_for_dir = trial
         self._check_all_labels()
@@ -840,6 +840,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def _load_stage_state(self, checkpoint: str, plan: str) -> None:
         saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)
         self.stage_plan.ft_started = saved.ft_started
+        if saved.hp_done and plan == "ft":  # (probe_head() ran on the trainer that wrote it: the card's tau)
+            self.hp_done = self.stage_plan.hp_done = True
         if not self.measurements.load(checkpoint) and self.args.track_dynamics and saved.ft_started:
             logger.warning(
                 "%s holds no measurement state (written with track_dynamics=False, or by transformers.Trainer): "
