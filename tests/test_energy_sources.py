@@ -177,3 +177,19 @@ def test_a_sampler_drawing_with_replacement_gets_the_separate_pass(tmp_path):
     kept, passed = run("default"), run("pass", energy_from_hp_epoch=False)
     assert kept["energy_source"] == passed["energy_source"] == "backbone pass"
     assert kept["energy"] == passed["energy"] and kept["hp_train_accuracy"] == passed["hp_train_accuracy"]
+
+
+def test_a_non_finite_energy_from_the_last_hp_epoch_names_the_dataset_index(tmp_path):
+    # The note named the sample's position in the last HP epoch's order (3) as if it were its index (20).
+    class InfImages(TinyImages):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.x[20, 0, 0, 0] = float("inf")
+
+    args = make_config(tmp_path, hp_epochs=2, on_nonfinite="skip")
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=InfImages(24, seed=0))
+    trainer.train()
+    assert trainer.dynamics["energy_source"] == "last HP epoch's head inputs"
+    assert trainer.dynamics["nonfinite"] == [
+        "energy at step 4: the outputs on 1 training sample(s) are NaN/inf (samples [20])"
+    ]

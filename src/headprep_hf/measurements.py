@@ -508,16 +508,31 @@ class MeasurementCallback(TrainerCallback):
         self.last_drift_step = step
         self.measure_drift()
 
+    def _last_hp_epoch_indices(self, positions: list[int]) -> tuple[list[int], str]:
+        """The dataset indices of `positions` in the order the last HP epoch read the training set (the trainer's
+        seeded batch order, rebuilt as the guard does), and what they are; the positions where it cannot be rebuilt."""
+        from .feature_cache import global_batches
+
+        trainer = self.trainer
+        try:
+            loader = trainer.get_train_dataloader()
+            order = [i for batch in global_batches(loader, trainer.args.hp_epochs - 1) for i in batch]
+            return [order[p] for p in positions], "samples"
+        except (TypeError, AttributeError, ValueError, IndexError):
+            return positions, "positions in the last HP epoch's order"
+
     def _finite_summary(self, result) -> dict:
         # NaN energy also marks samples without a label (excluded by the summary); a NaN where labels exist means the
         # outputs were not finite: recorded as null with the reason, never as a silent NaN or a silently smaller mean.
         bad = (torch.isnan(result.energy) & (result.count > 0)) | torch.isinf(result.energy)
         if not bool(bad.any()):
             return result.summary()
-        indices = torch.nonzero(bad).flatten().tolist()
+        indices, what = torch.nonzero(bad).flatten().tolist(), "samples"
+        if self.dynamics.get("p0_order") == "last HP epoch":  # positions in that epoch's order, not dataset indices
+            indices, what = self._last_hp_epoch_indices(indices)
         self._note_nonfinite(
             f"energy at step {self.trainer.state.global_step}: the outputs on {len(indices)} training sample(s) "
-            f"are NaN/inf (samples {indices[:8]})"
+            f"are NaN/inf ({what} {indices[:8]})"
         )
         return {"energy": None, "hp_train_accuracy": None, "p0_mean": None}
 
