@@ -373,3 +373,16 @@ def test_the_paper_voc_config_serves_the_sweep_and_a_sweep_refuses_resume_from_c
     for flags in (["--resume_from_checkpoint"], ["--resume-from-checkpoint", "last"]):
         code, err = _exit_message(capsys, ["sweep", *flags, "--output_dir", str(tmp_path / "y")])
         assert code == 2 and "a sweep resumes on its own" in err and not (tmp_path / "y").exists()
+
+
+def test_exchange_of_part_of_a_sweep_is_refused_before_the_task_is_loaded(tmp_path, monkeypatch):
+    # It loaded the task's data and model (possibly pretraining a source model) before head_exchange refused.
+    from test_report import make_sweep, write_json
+
+    import headprep_hf.tasks as tasks
+
+    write_json(tmp_path / "sweep.json", {**make_sweep(result_taus=[0, 1]), "task": {"name": "image_classification",
+                                                                                  "args": {}}})  # fmt: skip
+    monkeypatch.setattr(tasks, "load_task_from_record", lambda *a, **k: pytest.fail("the task was loaded"))
+    with pytest.raises(SystemExit, match="holds part of a sweep"):
+        main(["exchange", str(tmp_path)])

@@ -436,3 +436,17 @@ def test_a_save_only_model_checkpoint_is_not_resumed_with_hp(tmp_path):
     again = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48))
     with pytest.raises(ValueError, match="checkpoint-4 holds no scheduler state.*save_only_model"):
         again.train(resume_from_checkpoint=True)
+
+
+def test_a_train_stopped_during_hp_says_that_ft_did_not_run(tmp_path, caplog):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=2, track_dynamics=False),
+                              train_dataset=TinyImages(48), callbacks=[Stop()])  # fmt: skip
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "Training stopped during HP, at update 2 of 6" in caplog.text and "FT did not run" in caplog.text

@@ -370,6 +370,11 @@ def exchange_main(argv: list[str]) -> dict:
             f"{ns.sweep_dir}/sweep.json records no task (the sweep was run from Python): call "
             "headprep_hf.exchange.head_exchange(model, sweep_dir, train, val, args) instead."
         )
+    if not sweep.get("complete"):  # (before the task's data and model are loaded, which may take minutes)
+        raise SystemExit(
+            f"{ns.sweep_dir} holds part of a sweep (a shard, or an unfinished sweep): merge the shards first "
+            "(headprep sweep --merge), or finish the sweep by running it again."
+        )
     settings = {k: v for k, v in sweep["settings"].items() if v is not None}
     args = SweepConfig(
         output_dir=os.path.join(ns.sweep_dir, "exchange"),

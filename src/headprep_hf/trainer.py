@@ -785,6 +785,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self._attach_stages(self.model)  # (removes the hook)
             self._stage = "ft" if self.stage_plan.ft_started else "hp"
         broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
+        if plan == "both" and self.stage_plan.hp_steps > 0 and not self.stage_plan.ft_started:
+            logger.warning(
+                "Training stopped during HP, at update %d of %d (a callback asked to stop): FT "
+                "did not run, and no start-of-FT measurements or prepared head were written.",
+                self.state.global_step,
+                self.stage_plan.hp_steps,
+            )
         if plan != "hp" and self.args.track_dynamics:
             self.measurements.write(self.args.output_dir)
         return output
