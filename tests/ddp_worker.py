@@ -128,10 +128,9 @@ def _save_init(folder: str, trainer, model) -> None:
         save_file(_state(model), os.path.join(folder, "init.safetensors"))
 
 
-def run_hpft(folder: str):
-    from headprep_hf import HeadPrepTrainer
-
-    args = _config(
+def _hpft_config(folder: str, **overrides):
+    """One HP epoch then one FT epoch of HPFT_SAMPLES images at HPFT_BATCH_PER_DEVICE per rank."""
+    return _config(
         os.path.join(folder, "out"),
         hp_epochs=1,
         num_train_epochs=1,
@@ -140,7 +139,14 @@ def run_hpft(folder: str):
         hp_learning_rate=5e-2,
         learning_rate=1e-2,
         drift_probe_samples=12,
+        **overrides,
     )
+
+
+def run_hpft(folder: str):
+    from headprep_hf import HeadPrepTrainer
+
+    args = _hpft_config(folder)
     model = tiny_model(seed=0)
     trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(HPFT_SAMPLES, seed=0))
     _save_init(folder, trainer, model)
@@ -209,18 +215,7 @@ def run_cachedeval(folder: str):
     the model marked prepared, so FT ran without DistributedDataParallel (each rank trained its own copy)."""
     from headprep_hf import HeadPrepTrainer
 
-    args = _config(
-        os.path.join(folder, "out"),
-        hp_epochs=1,
-        num_train_epochs=1,
-        per_device_train_batch_size=HPFT_BATCH_PER_DEVICE,
-        per_device_eval_batch_size=HPFT_BATCH_PER_DEVICE,
-        hp_learning_rate=5e-2,
-        learning_rate=1e-2,
-        hp_cache_features=True,
-        eval_strategy="epoch",
-        drift_probe_samples=12,
-    )
+    args = _hpft_config(folder, hp_cache_features=True, eval_strategy="epoch")
     model = tiny_model(seed=0)
     trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(HPFT_SAMPLES, seed=0),
                               eval_dataset=TinyImages(12, seed=1))  # fmt: skip

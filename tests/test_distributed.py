@@ -329,17 +329,22 @@ def test_head_bn_statistics_recomputed_over_both_ranks(run2):
     assert _rank_mismatches(states[0], states[1], buffers) == {}
     assert int(states[0]["fc.1.num_batches_tracked"]) == W.HP_SAMPLES // W.BN_MEASURE_BATCH == 8
 
+    _assert_bn_statistics_of_batches(states[0], W.TinyImages(W.HP_SAMPLES, seed=0).x)
+
+
+def _assert_bn_statistics_of_batches(state: dict, x: torch.Tensor) -> None:
+    """The head BatchNorm's running statistics in `state` are the mean of its batch statistics over `x` in batches of
+    BN_MEASURE_BATCH, computed here from the head's first layer."""
     model = W.bn_head_model()
-    model.load_state_dict(states[0])
+    model.load_state_dict(state)
     model.eval()
     with torch.no_grad():
-        x = W.TinyImages(W.HP_SAMPLES, seed=0).x
         h = model.fc[0](model.forward_head(model.forward_features(x), pre_logits=True))
     chunks = h.split(W.BN_MEASURE_BATCH)
     mean = torch.stack([c.mean(0) for c in chunks]).mean(0)
     var = torch.stack([c.var(0, unbiased=True) for c in chunks]).mean(0)
-    assert torch.allclose(states[0]["fc.1.running_mean"], mean, atol=1e-5)
-    assert torch.allclose(states[0]["fc.1.running_var"], var, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(state["fc.1.running_mean"], mean, atol=1e-5)
+    assert torch.allclose(state["fc.1.running_var"], var, rtol=1e-4, atol=1e-5)
 
 
 def test_head_bn_statistics_count_no_padding_sample_twice(run1, run2):
@@ -350,17 +355,7 @@ def test_head_bn_statistics_count_no_padding_sample_twice(run1, run2):
     buffers = ["fc.1.running_mean", "fc.1.running_var", "fc.1.num_batches_tracked"]
     assert _rank_mismatches(two[0], two[1], buffers) == {}
     assert int(two[0]["fc.1.num_batches_tracked"]) == int(one[0]["fc.1.num_batches_tracked"]) == 9
-    model = W.bn_head_model()
-    model.load_state_dict(two[0])
-    model.eval()
-    with torch.no_grad():
-        x = W.TinyImages(W.MEASURE_SAMPLES, seed=0).x[:36]
-        h = model.fc[0](model.forward_head(model.forward_features(x), pre_logits=True))
-    chunks = h.split(W.BN_MEASURE_BATCH)
-    mean = torch.stack([c.mean(0) for c in chunks]).mean(0)
-    var = torch.stack([c.var(0, unbiased=True) for c in chunks]).mean(0)
-    assert torch.allclose(two[0]["fc.1.running_mean"], mean, atol=1e-5)
-    assert torch.allclose(two[0]["fc.1.running_var"], var, rtol=1e-4, atol=1e-5)
+    _assert_bn_statistics_of_batches(two[0], W.TinyImages(W.MEASURE_SAMPLES, seed=0).x[:36])
 
 
 def test_an_evaluation_before_fts_loop_leaves_ft_distributed(run2):
