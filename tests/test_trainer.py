@@ -415,11 +415,15 @@ def test_settings_that_break_the_two_stages_are_refused(tmp_path, settings, mess
     make_config(tmp_path, hp_epochs=0, **settings)  # (without HP: Trainer's behaviour)
 
 
-def test_activation_checkpointing_on_a_timm_model_names_timms_switch(tmp_path):
-    # Trainer failed later with "AttributeError: 'ResNet' object has no attribute 'gradient_checkpointing_enable'".
+@pytest.mark.parametrize("hp_epochs", [0, 1])
+def test_activation_checkpointing_on_a_timm_model_names_timms_switch(tmp_path, hp_epochs):
+    # Trainer failed in train() with "AttributeError: 'ResNet' object has no attribute
+    # 'gradient_checkpointing_enable'". Refused when training starts: evaluation alone works, as with Trainer.
+    args = make_config(tmp_path, activation_checkpointing=True, hp_epochs=hp_epochs)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(16))
+    trainer.evaluate(TinyImages(16))
     with pytest.raises(ValueError, match=r"model\.set_grad_checkpointing\(True\)"):
-        HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, activation_checkpointing=True),
-                        train_dataset=TinyImages(16))  # fmt: skip
+        trainer.train()
 
 
 def test_a_save_only_model_checkpoint_is_not_resumed_with_hp(tmp_path):
@@ -436,6 +440,14 @@ def test_a_save_only_model_checkpoint_is_not_resumed_with_hp(tmp_path):
     again = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48))
     with pytest.raises(ValueError, match="checkpoint-4 holds no scheduler state.*save_only_model"):
         again.train(resume_from_checkpoint=True)
+    # a loop without HP (finetune(), a sweep's FT job) restarts a plain schedule, as Trainer does: it resumes
+    ft_dir, ft_settings = tmp_path / "ft", {**settings, "num_train_epochs": 2}
+    HeadPrepTrainer(model=tiny_timm(), args=make_config(ft_dir, **ft_settings), train_dataset=TinyImages(48),
+                    callbacks=[Stop()]).finetune()  # fmt: skip
+    assert (ft_dir / "out" / "ft" / "checkpoint-4").is_dir()  # (one-stage calls with HP settings write to ft/)
+    ft = HeadPrepTrainer(model=tiny_timm(), args=make_config(ft_dir, **ft_settings), train_dataset=TinyImages(48))
+    ft.finetune(resume_from_checkpoint=True)
+    assert ft.state.global_step == 6
 
 
 def test_a_train_stopped_during_hp_says_that_ft_did_not_run(tmp_path, caplog):
@@ -450,3 +462,20 @@ def test_a_train_stopped_during_hp_says_that_ft_did_not_run(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         trainer.train()
     assert "Training stopped during HP, at update 2 of 6" in caplog.text and "FT did not run" in caplog.text
+
+
+def test_the_stage_callbacks_keep_the_order_of_the_users_callbacks(tmp_path):
+    # Moving the early stoppers behind the user's other callbacks (so that the gate could sit before them) changed
+    # what a callback given after a stopper saw, in plain runs too.
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Observer(TrainerCallback):
+        pass
+
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=0), train_dataset=TinyImages(16),
+                              callbacks=[EarlyStoppingCallback(), Observer()])  # fmt: skip
+    trainer._add_own_callbacks()
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    user = [n for n in names if n in ("EarlyStoppingCallback", "Observer")]
+    assert user == ["EarlyStoppingCallback", "Observer"]
+    assert names.index("StopRequestGate") == names.index("EarlyStoppingCallback") - 1

@@ -387,19 +387,6 @@ def check_trainer_inputs(args, trainer_kwargs: dict, model=None) -> None:
             f"which {type(model).__name__} has not. Set hp_label_smoothing and ft_label_smoothing instead (the same "
             "value in both smooths the whole run)."
         )
-    switches = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
-    if args.activation_checkpointing and model is not None and not any(hasattr(model, s) for s in switches):
-        # (Trainer fails later with an AttributeError naming neither the setting nor the fix)
-        how = (
-            "Call model.set_grad_checkpointing(True) (timm's switch)"
-            if hasattr(model, "set_grad_checkpointing")
-            else "Turn checkpointing on in the model yourself"
-        )
-        raise ValueError(
-            f"activation_checkpointing=True (gradient_checkpointing): Trainer turns it on through "
-            f"model.activation_checkpointing_enable(), which {type(model).__name__} has not (transformers models "
-            f"have it). {how} and leave the setting off."
-        )
     optimizers = trainer_kwargs.get("optimizers") or (None, None)
     if args.hp_epochs > 0 and any(o is not None for o in optimizers):
         raise ValueError(
@@ -411,4 +398,22 @@ def check_trainer_inputs(args, trainer_kwargs: dict, model=None) -> None:
             "compute_loss_func with hp_label_smoothing/ft_label_smoothing: the stage smoothing lives in the "
             "trainer's own loss, which compute_loss_func replaces. Smooth inside your function "
             "(trainer.current_label_smoothing gives the stage's value) and set both to 0."
+        )
+
+
+def check_activation_checkpointing(args, model) -> None:
+    """Before training: `activation_checkpointing=True` with a model Trainer cannot switch it on for (a timm model)
+    is refused naming the model's own switch. (Trainer fails in `train()` with an `AttributeError` naming neither
+    the setting nor the fix; evaluation alone is unaffected, as with Trainer.)"""
+    switches = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+    if args.activation_checkpointing and not any(hasattr(model, s) for s in switches):
+        how = (
+            "Call model.set_grad_checkpointing(True) (timm's switch)"
+            if hasattr(model, "set_grad_checkpointing")
+            else "Turn checkpointing on in the model yourself"
+        )
+        raise ValueError(
+            f"activation_checkpointing=True (gradient_checkpointing): Trainer turns it on through "
+            f"model.activation_checkpointing_enable(), which {type(model).__name__} has not (transformers models "
+            f"have it). {how} and leave the setting off."
         )

@@ -43,7 +43,7 @@ from .checkpoints import (
     resume_checkpoint,
     verify,
 )
-from .config import HeadPrepConfig, check_trainer_inputs
+from .config import HeadPrepConfig, check_activation_checkpointing, check_trainer_inputs
 from .dynamics import InMemoryDataset
 from .export import is_timm_model, write_timm_config
 from .feature_cache import CachedHeadProbing
@@ -250,13 +250,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if self.measurements not in self.callback_handler.callbacks:
             stage = StageCallback(self, self._begin_ft)
             callbacks = self.callback_handler.callbacks
-            # The early stoppers sit between the gate and the stage callback, which holds back their stop in HP: the
-            # gate tells it whether another callback had asked to stop before them (the stoppers alone move).
-            stoppers = [c for c in callbacks if isinstance(c, EarlyStoppingCallback)]
-            for stopper in stoppers:
-                callbacks.remove(stopper)
-            self.add_callback(stage.gate)
-            callbacks.extend(stoppers)
+            # The stage callback, after every callback given to the constructor, holds back the early stoppers' stop
+            # in HP; the gate, just before the first stopper, tells it whether another callback had asked to stop
+            # before them (a stop asked for there is kept). Nothing moves: every callback keeps Trainer's order.
+            first = next((i for i, c in enumerate(callbacks) if isinstance(c, EarlyStoppingCallback)), len(callbacks))
+            callbacks.insert(first, stage.gate)
             self.add_callback(stage)
             self.add_callback(self.measurements)
 
@@ -368,6 +366,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         covers FT only; resuming such a run restarts from its last FT checkpoint without redoing HP.
         """
         outside = bool(self.args.hp_cache_features and self.args.hp_epochs > 0)
+        check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))  # (before cached HP)
         if outside and resume_from_checkpoint in (None, False):
             self._check_all_labels()
             self._probe_head_cached()
@@ -381,6 +380,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         Afterwards `dynamics` holds the energy, HP train accuracy and p0 of the prepared head.
         """
         self.find_head(required=True)
+        check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
         self._add_own_callbacks()
         if self.args.hp_epochs == 0 or (self.args.hp_cache_features and not resume_from_checkpoint):
             self._refuse_earlier_outputs()
@@ -731,6 +731,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if plan not in PLANS:
             raise ValueError(f"Unknown plan {plan!r}.")
         plain = plan == "both" and self.args.hp_epochs == 0
+        check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
         if not plain or self.args.track_dynamics:
             self._add_own_callbacks()
         self._new_call(plain and not hp_outside_loop)
@@ -745,14 +746,17 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = self._resume_dir = None
         if checkpoint is not None and os.path.isdir(checkpoint):
-            if self.args.hp_epochs > 0 and not os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
-                # (Trainer restarts its schedule from step 0 there; the two-stage schedule would restart in HP)
+            verify(checkpoint, required_files(self.args, self.writes_stage_state))
+            in_loop_hp = self.args.hp_epochs > 0 and plan != "ft" and not hp_outside_loop
+            if in_loop_hp and not os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
+                # (Trainer restarts its schedule from step 0 there; the two-stage schedule would restart in HP. A loop
+                # without HP, finetune()'s or after cached HP, restarts a plain schedule, as Trainer's does.)
                 raise ValueError(
                     f"{checkpoint} holds no scheduler state (written with save_only_model=True), and a run with HP "
-                    "cannot resume without it: the two-stage schedule would restart from HP in the middle of the run. "
-                    "Resume from a checkpoint written without save_only_model, or start a new run from its weights."
+                    "in its loop cannot resume without it: the two-stage schedule would restart from HP in the middle "
+                    "of the run. Resume from a checkpoint written without save_only_model, or start a new run from "
+                    "its weights."
                 )
-            verify(checkpoint, required_files(self.args, self.writes_stage_state))
             unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             if not isinstance(unwrapped, PreTrainedModel):  # (transformers models: Trainer's own loading decides)
                 check_weights_fit(checkpoint, unwrapped)
