@@ -199,3 +199,28 @@ def test_an_empty_checkpoint_folder_is_not_taken_for_a_trainer_checkpoint(tmp_pa
     (run / "checkpoint-2").mkdir()
     (run / "checkpoint-2" / "trainer_state.json").write_text("{}")  # a Trainer checkpoint (no manifest anywhere)
     assert latest_resumable(str(run)) == str(run / "checkpoint-2")
+
+
+def test_a_checkpoint_whose_manifest_was_removed_is_not_resumed_unverified(tmp_path, caplog):
+    # A lone checkpoint that had lost its manifest but kept headprep_state.json was loaded without any check (a
+    # truncated model then failed with safetensors' raw error); one beside complete checkpoints was called "killed
+    # while writing it" even when another tool wrote it.
+    out = tmp_path / "out"
+    first = kill_worker.trainer_for(str(out))
+    first.args.save_total_limit = None  # keep every checkpoint
+    first.train()
+    found = sorted((p for p in out.glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
+    newest, previous = found[-1], found[-2]
+    (newest / MANIFEST_NAME).unlink()
+    with pytest.raises(CheckpointError, match=rf"{newest.name} holds headprep_hf's headprep_state.json but no "
+                       rf"{MANIFEST_NAME}.*cannot be verified; resume from the previous complete checkpoint "
+                       rf".*{previous.name}"):  # fmt: skip
+        kill_worker.trainer_for(str(out)).train(resume_from_checkpoint=str(newest))
+    with caplog.at_level("WARNING"):
+        assert latest_resumable(str(out)) == str(previous)
+    assert f"Skipping {newest}: it holds headprep_hf's" in caplog.text
+    # a folder another tool wrote beside the run's complete checkpoints is named as possibly that
+    (newest / "headprep_state.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"{newest.name} has no {MANIFEST_NAME}, unlike the run's other "
+                       r"checkpoints: the run was killed while writing it, or another tool"):  # fmt: skip
+        kill_worker.trainer_for(str(out)).train(resume_from_checkpoint=str(newest))

@@ -26,6 +26,7 @@ import shutil
 import time
 
 from .files import write_json
+from .stages import STATE_NAME as STAGE_STATE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +118,23 @@ def checkpoints(run_dir: str) -> list[str]:
     ]
 
 
-def _resumable(folder: str, any_complete: bool) -> bool:
+def _not_resumable(folder: str, any_complete: bool) -> str | None:
+    """Why checkpoint `folder` cannot be resumed (in a run folder with complete checkpoints or not), or None."""
     state = status(folder)
-    return state == "complete" or (state == "unmarked" and not any_complete)
+    if state == "torn":
+        return f"is incomplete: the run was killed while writing it (no {MANIFEST_NAME})"
+    if state == "unmarked" and os.path.isfile(os.path.join(folder, STAGE_STATE_NAME)):
+        # headprep_hf commits every checkpoint it writes with a manifest, written last: this one's was removed
+        return (
+            f"holds headprep_hf's {STAGE_STATE_NAME} but no {MANIFEST_NAME} (headprep_hf writes one with every "
+            "checkpoint: it was removed), so its files cannot be verified"
+        )
+    if state == "unmarked" and any_complete:
+        return (
+            f"has no {MANIFEST_NAME}, unlike the run's other checkpoints: the run was killed while writing it, "
+            "or another tool (transformers.Trainer) wrote it"
+        )
+    return None
 
 
 def latest_resumable(run_dir: str) -> str | None:
@@ -128,9 +143,10 @@ def latest_resumable(run_dir: str) -> str | None:
     found = checkpoints(run_dir)
     any_complete = any(status(c) == "complete" for c in found)
     for folder in found:
-        if _resumable(folder, any_complete):
+        why = _not_resumable(folder, any_complete)
+        if why is None:
             return folder
-        logger.warning("Skipping %s: it is incomplete (the run was killed while writing it).", folder)
+        logger.warning("Skipping %s: it %s.", folder, why)
     return None
 
 
@@ -141,7 +157,7 @@ def _previous(folder: str) -> str:
     any_complete = any(status(c) == "complete" for c in found)
     for candidate in found:
         candidate_step = int(_CHECKPOINT.match(os.path.basename(candidate)).group(1))
-        if (step is None or candidate_step < step) and _resumable(candidate, any_complete):
+        if (step is None or candidate_step < step) and _not_resumable(candidate, any_complete) is None:
             return f"resume from the previous complete checkpoint {candidate}"
     return "no earlier complete checkpoint exists: start the run again (without resume_from_checkpoint)"
 
@@ -162,10 +178,9 @@ def verify(
     state = status(folder)
     siblings = checkpoints(os.path.dirname(os.path.normpath(folder)))
     fix = fix or _previous(folder)
-    if state == "torn" or (state == "unmarked" and any(status(c) == "complete" for c in siblings)):
-        raise CheckpointError(
-            f"{folder} is incomplete: the run was killed while writing it (no {MANIFEST_NAME}); {fix}."
-        )
+    why = _not_resumable(folder, any(status(c) == "complete" for c in siblings))
+    if why is not None:
+        raise CheckpointError(f"{folder} {why}; {fix}.")
     if state == "unmarked":
         return
     path = os.path.join(folder, MANIFEST_NAME)
