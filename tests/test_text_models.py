@@ -461,3 +461,27 @@ def test_cached_hp_of_sequences_padded_per_batch_names_the_fix(tmp_path):
         else:
             with pytest.raises(ValueError, match=r"differ in shape between batches.*padding='max_length'"):
                 trainer.probe_head()
+
+
+def test_a_checkpoint_whose_head_was_found_otherwise_names_the_cause(tmp_path, monkeypatch):
+    # An HP checkpoint of DistilBERT written by the previous version (head: classifier alone) failed to resume with
+    # torch's "loaded state dict contains a parameter group that doesn't match the size of optimizer's group".
+    from transformers import TrainerCallback
+
+    import headprep_hf.split as split
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    settings = dict(hp_epochs=1, hp_learning_rate=1e-2, save_strategy="steps", save_steps=2, track_dynamics=False)
+    with monkeypatch.context() as old_version:
+        old_version.setattr(split, "_PRE_CLASSIFIER", "no_such_module")  # the previous version's head detection
+        HeadPrepTrainer(model=distilbert(), args=HeadPrepConfig(**arguments(tmp_path, **settings)),
+                        train_dataset=Rows(), data_collator=DataCollatorWithPadding(tokenizer()),
+                        callbacks=[Stop()]).train()  # fmt: skip
+    resumed = HeadPrepTrainer(model=distilbert(), args=HeadPrepConfig(**arguments(tmp_path, **settings)),
+                              train_dataset=Rows(), data_collator=DataCollatorWithPadding(tokenizer()))  # fmt: skip
+    with pytest.raises(ValueError, match=r"checkpoint-2's optimizer state does not fit.*'pre_classifier', "
+                       r"'classifier'.*pre_classifier joined the head"):  # fmt: skip
+        resumed.train(resume_from_checkpoint=True)

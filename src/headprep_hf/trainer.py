@@ -775,6 +775,15 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             named = error
             if "stack expects each tensor to be equal size" in str(error):
                 named = shape_mismatch_error(self.train_dataset, "train_dataset", error)
+            elif checkpoint is not None and "parameter group that doesn't match the size" in str(error):
+                # torch's error names neither the checkpoint nor the cause: other trainable parts than its writer's
+                named = ValueError(
+                    f"{checkpoint}'s optimizer state does not fit this run's parameter groups: the trainable parts "
+                    f"differ from those of the run that wrote it (this run's head: {self.find_head().head_names}; "
+                    "head_modules, reinit_modules or head_type changed, or an earlier headprep_hf version found "
+                    "another head, e.g. DistilBERT's pre_classifier joined the head in this version). Resume with "
+                    "the settings and version that wrote it, or start a new run."
+                )
             elif isinstance(error, ValueError):
                 named = single_sample_batch_error(self, error)
             if named is error:
