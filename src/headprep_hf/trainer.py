@@ -394,6 +394,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     def finetune(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
+        check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
         return self._run("ft", resume_from_checkpoint, **kwargs)
 
     def _refuse_unsized_hp(self) -> None:
@@ -731,7 +732,6 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if plan not in PLANS:
             raise ValueError(f"Unknown plan {plan!r}.")
         plain = plan == "both" and self.args.hp_epochs == 0
-        check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
         if not plain or self.args.track_dynamics:
             self._add_own_callbacks()
         self._new_call(plain and not hp_outside_loop)
