@@ -6,9 +6,15 @@
 #   run(command="bash bench/gpu.sh classification", ...)   # one task only (classification | segmentation)
 #   run(command="bash bench/gpu.sh syncs", ...)   # raw loop against Trainer at logging_steps 5 and 1000, both tasks
 #   run(command="bash bench/gpu.sh profile", ...)   # where each side's update time goes, both tasks (about 4 min)
+#   run(command="bash bench/gpu.sh classification memoryworkers", ...)   # in memory: main process against 2 workers
 #
-# A 15-minute lease: `bash bench/gpu.sh classification segmentation` (timeout_s=590: about 6 minutes on an H100,
-# the machine's start not counted); `profile` and `syncs` are for a second lease.
+# A 15-minute lease: `bash bench/gpu.sh classification segmentation` (timeout_s=590: about 5 minutes on the H200,
+# the machine's start not counted); `profile` and `syncs` are for a second lease. Open question for the next lease
+# (2026-11-27): plain Trainer ran at 0.91-0.92 of the raw loop in memory on the H200. The raw loop never waits for the
+# device; Trainer waits at each logging step, and then the GPU idles while the main process collates and pins the
+# next 256 images (the recipe's rule loads in-memory tensors in the main process). `memoryworkers` runs the in-memory
+# sides with 2 persistent pinned workers on every side, which collate and pin ahead; together with `classification`
+# (main process, same call) it says whether the recipe should use workers for in-memory tensors on a GPU.
 #
 # The device image has torch, torchvision, accelerate, timm and transformers, but maybe not the versions this
 # project pins, and no `datasets` (the JPEG parts read the folder through it). Wheels in .whl/ (ignored by git:
@@ -71,6 +77,10 @@ PY
         part 170 --data memory --sides raw_timm trainer headprep_ft headprep_ft_off headprep_hp --repeats 5 \
             --json "$OUT/classification_memory.json"
         part 170 --data jpeg --sides raw_timm trainer headprep_ft --repeats 3 --json "$OUT/classification_jpeg.json"
+    fi
+    if [[ " $TASKS " == *" memoryworkers "* ]]; then
+        part 170 --data memory --sides raw_timm trainer headprep_ft --repeats 5 --memory_workers 2 \
+            --json "$OUT/classification_memory_workers2.json"
     fi
     # 3. DeepLabV3 (ResNet-50, output stride 8) at 513 px, bf16, in memory and over the VOC-layout JPEG folder.
     if [[ " $TASKS " == *" segmentation "* ]]; then

@@ -207,7 +207,8 @@ def plan(opts, data_name: str) -> argparse.Namespace:
     """The run settings of one data source: `steps` = warm-up + the measured updates. Loader workers fill a buffer of
     `prefetch_factor` (2) batches each while the first updates run (cudnn autotuning on a GPU); the JPEG runs warm up
     until that buffer has been drained twice, so the measured updates see the loader's steady rate, not the buffer."""
-    warmup = opts.warmup if data_name == "memory" else max(opts.warmup, 2 * 2 * opts.workers)
+    workers = opts.workers if data_name == "jpeg" else getattr(opts, "memory_workers", 0)
+    warmup = max(opts.warmup, 2 * 2 * workers)
     return argparse.Namespace(**{**vars(opts), "warmup": warmup, "steps": warmup + opts.steps})
 
 
@@ -328,8 +329,9 @@ class ClockCallback(TrainerCallback):
 
 
 def _loader_settings(opts, data_name: str) -> dict[str, Any]:
-    # The recipe's rule (`resolve_loader_settings`): workers for files, none for in-memory tensors.
-    workers = opts.workers if data_name == "jpeg" else 0
+    # The recipe's rule (`resolve_loader_settings`): workers for files, none for in-memory tensors (`--memory_workers`
+    # tries workers there too, on every side).
+    workers = opts.workers if data_name == "jpeg" else getattr(opts, "memory_workers", 0)
     return dict(
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
@@ -554,6 +556,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", nargs="+", choices=["jpeg", "memory"], default=["jpeg", "memory"])
     parser.add_argument("--sides", nargs="+", choices=SIDES + EXTRA_SIDES, default=list(SIDES))
     parser.add_argument(
+        "--memory_workers",
+        type=int,
+        default=0,
+        help="Loader workers (persistent, pinned) for the in-memory data on every side; 0, the recipe's rule for "
+        "in-memory tensors, loads in the main process. With workers the next batches are collated and pinned while "
+        "the device is busy, also across the logging steps' host synchronisations.",
+    )
+    parser.add_argument(
         "--logging_steps",
         type=int,
         default=COMMON_RECIPE_DEFAULTS["logging_steps"],
@@ -584,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{opts.device} {opts.task}: {model_name} at {opts.image_size} px, batch {opts.batch_size}, "
         f"{opts.steps} measured steps "
         f"after {plan(opts, 'memory').warmup} (memory) / {plan(opts, 'jpeg').warmup} (jpeg) warm-up steps, "
-        f"bf16={opts.bf16}, channels_last, {opts.workers} loader workers for JPEG"
+        f"bf16={opts.bf16}, channels_last, {opts.workers} loader workers for JPEG, {opts.memory_workers} for memory"
     )
 
     torch.manual_seed(0)

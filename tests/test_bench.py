@@ -46,9 +46,10 @@ def test_throughput_runs_one_data_source_alone_and_keeps_each_repeat(bench_modul
 
     tiny = ["--device", "cpu", "--arch", "test_resnet", "--image_size", "32", "--batch_size", "4", "--steps", "2"]
     tiny += ["--warmup", "1", "--repeats", "2", "--data", "memory", "--sides", "raw_timm", "trainer"]
-    tiny += ["--logging_steps", "1000"]
+    tiny += ["--logging_steps", "1000", "--memory_workers", "1"]  # (gpu.sh's memoryworkers part, on every side)
     payload = throughput.main(tiny + ["--json", str(tmp_path / "m.json")])
     assert set(payload["summary"]) == {"memory"} and payload["loader"] is None
+    assert payload["settings"]["memory_workers"] == 1
     assert [len(payload["runs"]["memory"][s]) for s in ("raw_timm", "trainer")] == [2, 2]
     written = json.loads((tmp_path / "m.json").read_text())  # rewritten after each repeat, complete at the end
     assert written["repeats_done"] == 2 and written["summary"] == json.loads(json.dumps(payload["summary"]))

@@ -567,17 +567,16 @@ def test_the_exchange_runs_heads_in_eval_mode_and_a_measurement_batch_at_a_time(
 
 
 def test_the_exchange_of_a_set_without_a_valid_label_is_null():
-    from types import SimpleNamespace
+    from headprep_hf.exchange import _accuracy, _correct_and_count
 
-    from headprep_hf.exchange import _head_accuracy
-
-    split = SimpleNamespace(head_logits=lambda net, z, labels: net(z))
-    net, z = torch.nn.Linear(4, 3), torch.randn(10, 4)
+    logits = torch.randn(10, 3)
     ignored = torch.full((10,), -100)
-    assert _head_accuracy(split, net, z, ignored, 4, "cpu", -100, "single_label_classification") is None
+    assert _accuracy(*_correct_and_count(logits, ignored, -100, "single_label_classification")) is None
     labels = torch.randint(0, 3, (10,))
-    whole = (net(z).argmax(-1) == labels).float().mean().item()
-    assert _head_accuracy(split, net, z, labels, 3, "cpu", -100, "single_label_classification") == round(whole, 6)
+    whole = (logits.argmax(-1) == labels).float().mean().item()
+    chunks = [_correct_and_count(logits[s : s + 3], labels[s : s + 3], -100, "single_label_classification")
+              for s in range(0, 10, 3)]  # fmt: skip
+    assert _accuracy(sum(c for c, _ in chunks), sum(n for _, n in chunks)) == round(whole, 6)
 
 
 def test_a_regression_sweep_refuses_the_exchange_before_anything_runs(tmp_path):

@@ -334,19 +334,16 @@ def test_token_energy_from_the_last_hp_epoch_matches_plain_torch(tmp_path):
 def test_head_that_the_model_pools_after_falls_back_to_the_model_pass(tmp_path):
     # GPT-2's `score` runs on every token and the model keeps each sequence's last one after it: the head alone does
     # not give the model's logits, so the energy comes from the pass over the model. Dynamic padding: the drift
-    # features are the mean over each sequence's tokens (`score`'s inputs).
+    # features are the mean over each sequence's tokens (`score`'s inputs). `score` is found without head_modules (it
+    # had to be named).
     data, collator = Rows(), DataCollatorWithPadding(tokenizer())
     trainer = HeadPrepTrainer(
         model=gpt2(),
-        args=HeadPrepConfig(
-            hp_epochs=1,
-            hp_learning_rate=3e-2,
-            head_modules=["score"],
-            **arguments(tmp_path, per_device_train_batch_size=1),
-        ),
+        args=HeadPrepConfig(hp_epochs=1, hp_learning_rate=3e-2, **arguments(tmp_path, per_device_train_batch_size=1)),
         train_dataset=data,
         data_collator=collator,
     )
+    assert trainer.split.head_names == ["score"]
     trainer.probe_head()
     dynamics, model = trainer.dynamics, trainer.model.eval()
     assert dynamics["energy_source"] == "backbone pass"
@@ -485,3 +482,93 @@ def test_a_checkpoint_whose_head_was_found_otherwise_names_the_cause(tmp_path, m
     with pytest.raises(ValueError, match=r"checkpoint-2's optimizer state does not fit.*'pre_classifier', "
                        r"'classifier'.*pre_classifier joined the head"):  # fmt: skip
         resumed.train(resume_from_checkpoint=True)
+
+
+def test_the_head_exchange_of_sequences_padded_per_batch(tmp_path):
+    # The exchange kept every backbone's head inputs of a whole set as one tensor: sequences padded to each batch's
+    # longest could not be stacked ("head inputs differ in shape"), so a text sweep with sweep_exchange=True failed
+    # after all its jobs had run (RoBERTa's head takes the sequence itself). Each batch is now consumed as it comes.
+    # Every cell is checked against the model itself: the finetuned backbone of row i with the finetuned head of
+    # column j, evaluated in eval mode.
+    import json
+
+    from safetensors.torch import load_file
+
+    from headprep_hf import SweepConfig, TauSweep
+    from headprep_hf.metrics import accuracy_metrics
+
+    collator = DataCollatorWithPadding(tokenizer())
+    train, val = Rows(24), Rows(12, seed=1)
+    config = SweepConfig(
+        **arguments(tmp_path, "sweep", per_device_eval_batch_size=5),
+        sweep_taus=[0, 1],
+        sweep_exchange=True,
+        sweep_report=False,
+        sweep_progress=False,
+        measure_batch_size=5,  # (padded lengths differ between these batches of Rows' 3..11-token sequences)
+    )
+    sweep = TauSweep(roberta(), config, train, val, data_collator=collator, compute_metrics=accuracy_metrics())
+    result = sweep.run()
+    exchange = json.loads((tmp_path / "sweep" / "exchange.json").read_text())
+    states = [load_file(str(tmp_path / "sweep" / r["output_dir"] / "model.safetensors")) for r in result["results"]]
+    head = [k for k in states[0] if k.startswith("classifier.")]
+    for name, dataset, matrix in (("train", train, "train_accuracy"), ("validation", val, "validation_accuracy")):
+        for i, backbone in enumerate(states):
+            for j, tuned in enumerate(states):
+                model = roberta()
+                model.load_state_dict({**backbone, **{k: tuned[k] for k in head}})
+                model.eval()
+                correct = 0
+                with torch.no_grad():
+                    for start in range(0, len(dataset), 5):
+                        batch = collator([dataset[k] for k in range(start, min(start + 5, len(dataset)))])
+                        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                assert exchange[matrix][i][j] == pytest.approx(correct / len(dataset), abs=1e-6), (name, i, j)
+    assert [exchange["validation_accuracy"][i][i] for i in range(2)] == pytest.approx(
+        [r["validation"]["accuracy"] for r in result["results"]], abs=1e-6
+    )
+
+
+def test_a_sweep_over_datasets_datasets_tells_their_labels_apart(tmp_path, caplog):
+    # A `datasets.Dataset` (the usual form of text data) exposes no `.labels` array, so the sweep fingerprint described
+    # it by its length only: a rerun into the same folder with other data of the same length reused the finished jobs
+    # of the first data, mixing two sweeps. Its label columns are now hashed from the Arrow table (no transform runs).
+    import logging
+
+    datasets = pytest.importorskip("datasets")
+    from headprep_hf import SweepConfig, TauSweep
+    from headprep_hf.sweep import describe_data
+
+    def hf(rows):
+        return datasets.Dataset.from_list([rows[i] for i in range(len(rows))])
+
+    train, val, other_val = hf(Rows(16)), hf(Rows(8, seed=1)), hf(Rows(8, seed=2))
+    assert describe_data(v=val) == describe_data(v=hf(Rows(8, seed=1)))
+    assert describe_data(v=val) != describe_data(v=other_val)  # same length, other labels
+    assert describe_data(v=val) != describe_data(v=val.select([1, 0, *range(2, 8)]))  # the order is the data's too
+
+    def broken(batch):
+        raise AssertionError("the fingerprint ran the dataset's transform")
+
+    assert describe_data(v=val.with_transform(broken)) == describe_data(v=val)
+
+    def run(eval_dataset):
+        config = SweepConfig(**arguments(tmp_path, "sweep"), sweep_taus=[0], sweep_report=False, sweep_progress=False,
+                             sweep_metric="loss")  # fmt: skip
+        collator = DataCollatorWithPadding(tokenizer())
+        return TauSweep(bert(), config, train, eval_dataset, data_collator=collator).run()
+
+    run(val)
+    with pytest.raises(ValueError, match="belongs to another sweep"):
+        run(other_val)
+    # data with no labels to hash (labels only inside the items) keep the old description; continuing such a sweep
+    # says that only the length tells the data apart
+    config = SweepConfig(**arguments(tmp_path, "plain"), sweep_taus=[0], sweep_report=False, sweep_progress=False,
+                             sweep_metric="loss")  # fmt: skip
+    for _ in range(2):
+        with caplog.at_level(logging.WARNING, logger="headprep_hf"):
+            TauSweep(
+                bert(), config, Rows(16), Rows(8, seed=1), data_collator=DataCollatorWithPadding(tokenizer())
+            ).run()
+    assert any("length only" in r.getMessage() and "validation" in r.getMessage() for r in caplog.records)

@@ -252,6 +252,7 @@ def measure(
     keep_labels: bool = False,
     check_first_batch: Callable[[torch.Tensor, object], None] | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    sink: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> PassResult:
     """One pass of `model` (eval mode, no grad) over `dataloader`.
 
@@ -275,6 +276,9 @@ def measure(
         keep_labels: Also return the labels (`PassResult.labels`), gathered like the rest.
         check_first_batch: Called as `check_first_batch(z, outputs)` on the first batch (features kept only).
         progress: Wraps the dataloader in a progress bar (`progress.pass_bar`).
+        sink: Called with each batch's gathered values (`features`, `labels`, ... on the model's device) instead of
+            keeping them: the result then holds none of them (the head exchange consumes each backbone's head inputs
+            batch by batch, so a set's head inputs never have to fit in memory at once).
     """
     captured: list[torch.Tensor] = []
     wanted = [False]
@@ -342,8 +346,11 @@ def measure(
                 gathered = (
                     to_gather if isinstance(dataloader, ReplayedBatches) else accelerator.gather_for_metrics(to_gather)
                 )
-                for key, value in gathered.items():
-                    values[key].append(value.detach().cpu())
+                if sink is not None:
+                    sink(gathered)
+                else:
+                    for key, value in gathered.items():
+                        values[key].append(value.detach().cpu())
                 if want_features:
                     n_features += gathered["features"].shape[0]
     finally:
@@ -354,12 +361,12 @@ def measure(
     for key, chunks in values.items():
         if chunks:
             if key == "features" and len({tuple(c.shape[1:]) for c in chunks}) > 1:
-                # (raw head inputs, kept for cached HP or the head exchange: one tensor per set)
+                # (raw head inputs, kept for cached HP: one tensor per set)
                 raise ValueError(
                     f"The head inputs differ in shape between batches ({sorted({tuple(c.shape[1:]) for c in chunks})}"
-                    ", e.g. sequences padded to each batch's longest): they cannot be kept as one tensor (cached HP, "
-                    "head exchange). Pad every sequence to one length (the collator's padding='max_length'), or "
-                    "set hp_cache_features=False."
+                    ", e.g. sequences padded to each batch's longest): they cannot be kept as one tensor for "
+                    "cached HP. Pad every sequence to one length (the collator's padding='max_length'), or set "
+                    "hp_cache_features=False."
                 )
             tensor = torch.cat(chunks)
             setattr(result, key, tensor[:max_features] if key == "features" else tensor)

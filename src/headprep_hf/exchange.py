@@ -2,8 +2,10 @@
 
 The paper combines the feature extractor finetuned from tau_i with the head finetuned from tau_j and measures the
 training and validation accuracy of every pair: backbones finetuned from a low-energy head (large tau) stay close to
-the pretrained features, so the heads are only partly interchangeable. Each backbone runs once over the data (its
-head inputs are kept), then every head is applied to those inputs.
+the pretrained features, so the heads are only partly interchangeable. Each backbone runs once over each set, and
+every head is applied to each batch of its head inputs as it comes. Nothing is kept beyond one batch: a set's head
+inputs (a DeepLabV3 feature map is 34 MB per 513 px image) never have to fit in memory, and sequences padded to each
+batch's own length pass too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .dynamics import preserved_state
 from .files import read_safetensors
 from .losses import task_energy
 from .sweep_schema import validate_exchange
@@ -36,15 +37,35 @@ def _correct_and_count(
     return float((stats["correct"][valid] * stats["count"][valid]).sum()), float(stats["count"][valid].sum())
 
 
-def _head_accuracy(split, net, z, labels, chunk: int, device, ignore_index: int, problem_type: str) -> float | None:
-    """The head's accuracy on kept head inputs, applied `chunk` samples at a time (the measurement batch: the whole
-    set at once could exceed the device's memory); None when the set has no valid label (0/0)."""
-    correct = count = 0.0
-    for start in range(0, len(z), chunk):
-        logits = split.head_logits(net, z[start : start + chunk].to(device), labels[start : start + chunk].to(device))
-        c, n = _correct_and_count(logits.float().cpu(), labels[start : start + chunk], ignore_index, problem_type)
-        correct, count = correct + c, count + n
+def _accuracy(correct: float, count: float) -> float | None:
+    """A set's accuracy from its summed chunks; None when it has no valid label (0/0)."""
     return round(correct / count, 6) if count > 0 else None
+
+
+class _HeadSwap:
+    """Puts each head's weights into the model's head in place, from device copies made once (a `load_state_dict`
+    walks the whole model, for every batch and head). The live tensors come from `named_parameters`/`named_buffers`:
+    a `state_dict` of channels_last weights hands out contiguous copies (`data.to_channels_last`)."""
+
+    def __init__(self, net: torch.nn.Module, head_states: dict[int, dict[str, torch.Tensor]]):
+        live = {
+            **dict(net.named_parameters(remove_duplicate=False)),
+            **dict(net.named_buffers(remove_duplicate=False)),
+        }
+        names = sorted(next(iter(head_states.values())))
+        missing = [name for name in names if name not in live]
+        if missing:
+            raise KeyError(f"The finetuned models hold head weights this model does not have: {missing}.")
+        self.targets = [live[name] for name in names]
+        self.sources = {
+            tau: [state[name].to(target.device, target.dtype) for name, target in zip(names, self.targets)]
+            for tau, state in head_states.items()
+        }
+
+    @torch.no_grad()
+    def load(self, tau: int) -> None:
+        for target, source in zip(self.targets, self.sources[tau]):
+            target.copy_(source)
 
 
 def head_exchange(
@@ -113,37 +134,43 @@ def head_exchange(
         state = read_safetensors(path)
         head_states[tau] = {k: v for k, v in state.items() if split.is_head_param(k)}
 
-    def head_inputs(dataset):
-        result = trainer.measurements.measure_dataset(
-            dataset,
-            with_energy=False,
-            max_features=len(dataset),
-            seed=args.seed,
-            raw_features=True,
-            keep_labels=True,
-        )
-        return result.features, result.labels
-
     train_views = measure_train_dataset if measure_train_dataset is not None else train_dataset
-    device = next(net.parameters()).device
     train_matrix, eval_matrix = [], []
     disable = (
         not trainer.is_world_process_zero() or not getattr(args, "sweep_progress", True) or trainer.args.disable_tqdm
     )
-    chunk = trainer.measure_batch_size
+    swap = None
     for tau_i in tqdm(taus, desc="head exchange", unit="backbone", disable=disable):
         net.load_state_dict(read_safetensors(paths[tau_i]))
-        features = {"train": head_inputs(train_views), "validation": head_inputs(eval_dataset)}
-        rows = {"train": [], "validation": []}
-        for tau_j in taus:
-            net.load_state_dict(head_states[tau_j], strict=False)
-            # Eval mode, as the backbone pass and every evaluation: a head with BatchNorm or Dropout (DeepLabV3's
-            # ASPP) in train mode would use batch statistics and drop units (the caller's modes are restored).
-            with preserved_state(net), trainer.measurement_autocast():
-                for name, (z, labels) in features.items():
-                    rows[name].append(
-                        _head_accuracy(split, net, z, labels, chunk, device, args.ignore_index, problem_type)
-                    )
+        swap = swap if swap is not None else _HeadSwap(net, head_states)
+        rows = {}
+        for name, dataset in (("train", train_views), ("validation", eval_dataset)):
+            totals = {tau_j: [0.0, 0.0] for tau_j in taus}
+
+            def apply_heads(batch, totals=totals, swap=swap):
+                # Inside the backbone pass: eval mode (a head with BatchNorm or Dropout, DeepLabV3's ASPP, in train
+                # mode would use batch statistics and drop units), no grad, the training RNG untouched; the
+                # measurement batch at a time. The head of the forward that follows is left as the last swap set
+                # it; its output is not used.
+                z, labels = batch["features"], batch["labels"]
+                with trainer.measurement_autocast():
+                    for tau_j in taus:
+                        swap.load(tau_j)
+                        logits = split.head_logits(net, z, labels)
+                        c, n = _correct_and_count(logits.float(), labels, args.ignore_index, problem_type)
+                        totals[tau_j][0] += c
+                        totals[tau_j][1] += n
+
+            trainer.measurements.measure_dataset(
+                dataset,
+                with_energy=False,
+                max_features=len(dataset),
+                seed=args.seed,  # the same augmented views for every backbone
+                raw_features=True,
+                keep_labels=True,
+                sink=apply_heads,
+            )
+            rows[name] = [_accuracy(*totals[tau_j]) for tau_j in taus]
         train_matrix.append(rows["train"])
         eval_matrix.append(rows["validation"])
     exchange = {

@@ -30,7 +30,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-_HEAD_ATTRIBUTES = ("classifier", "fc", "head")
+# `score`: the head of transformers' decoder models for sequence and token classification (GPT-2, Llama, Mistral,
+# Qwen2, ...), looked for last.
+_HEAD_ATTRIBUTES = ("classifier", "fc", "head", "score")
 # The dense layer some transformers models apply between the pooled features and `classifier` (DistilBERT; the
 # multiple-choice models of YOSO, MRA, Nystromformer): newly initialised with the classifier when a base checkpoint is
 # loaded, so it trains in HP with it.

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -399,10 +400,37 @@ def _labels_of(dataset):
     return labels
 
 
+_HF_LABEL_COLUMNS = ("labels", "label")  # (the names transformers' collators and Trainer read)
+
+
+def _hf_label_digest(dataset) -> str | None:
+    """sha256 of the label columns of a `datasets.Dataset` (`labels`, `label` and `ClassLabel` columns), read from its
+    Arrow table through the index mapping of `select`/`shuffle`, without its transform (images are not decoded), or
+    None for another kind of dataset or one without such a column."""
+    if "datasets" not in sys.modules:  # (not installed or not used: then this is no `datasets.Dataset`)
+        return None
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    features = dataset.features or {}
+    names = [
+        n for n in dataset.column_names if n in _HF_LABEL_COLUMNS or isinstance(features.get(n), datasets.ClassLabel)
+    ]
+    if not names:
+        return None
+    table = dataset.with_format("arrow")
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(json.dumps([name, table[name].to_pylist()], default=str).encode())
+    return digest.hexdigest()
+
+
 def describe_data(**datasets) -> dict[str, dict | None]:
     """A cheap description of each dataset for the sweep fingerprint: `{"length", "labels"}`, `labels` the sha256 of
-    its label array where the dataset exposes one without decoding (a `.labels` numpy array or tensor), or of its
-    dense labels where it hashes them itself (`label_digest()`: a segmentation set's masks), else null.
+    its label array where the dataset exposes one without decoding (a `.labels` numpy array or tensor), of its dense
+    labels where it hashes them itself (`label_digest()`: a segmentation set's masks), or of its label columns (a
+    `datasets.Dataset`: `labels`, `label` and `ClassLabel` columns), else null.
 
     Images are never read: decoding them is slow and training items are augmented (random), so they would make the
     fingerprint slow and unstable. A dataset of the same length without labels to hash is not told apart from
@@ -422,6 +450,8 @@ def describe_data(**datasets) -> dict[str, dict | None]:
             h = hashlib.sha256(f"{labels.dtype.str}{labels.shape}".encode())
             h.update(labels.tobytes())
             digest = h.hexdigest()
+        else:
+            digest = _hf_label_digest(dataset)
         out[name] = {"length": length, "labels": digest}
     return out
 
@@ -660,6 +690,16 @@ class TauSweep:
                         break
                 if theirs != mine:
                     raise ValueError(self._foreign(job))
+        reused = (self.output_dir / SWEEP_FILE).is_file() or any(self.output_dir.glob("tau_*"))
+        unlabelled = [name for name, d in self._fingerprint["data"].items() if d is not None and d["labels"] is None]
+        if reused and unlabelled and not self.args.overwrite_output_dir:
+            logger.warning(
+                "Continuing the sweep in %s: its %s set(s) expose no labels to hash (no `.labels` array, "
+                "`label_digest()` or label column), so they are told apart from other data by their length only. "
+                "If the data changed since those results were written, use another output_dir.",
+                self.output_dir,
+                "/".join(unlabelled),
+            )
 
     def _foreign(self, path) -> str:
         return (
