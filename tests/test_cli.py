@@ -370,6 +370,7 @@ def test_the_paper_voc_config_serves_the_sweep_and_a_sweep_refuses_resume_from_c
         task, args = parse_with_config(sweep_parser("segmentation"), argv, SWEEP_IGNORED_FLAGS,
                                        SWEEP_DROPPED_CONFIG_KEYS)  # fmt: skip
     assert args.hp_learning_rate == 0.3 and task.crop_size == 320
+    assert args.hp_cache_features is False  # (the sweep's default cache would hold 77 GiB of head inputs)
     for flags in (["--resume_from_checkpoint"], ["--resume-from-checkpoint", "last"]):
         code, err = _exit_message(capsys, ["sweep", *flags, "--output_dir", str(tmp_path / "y")])
         assert code == 2 and "a sweep resumes on its own" in err and not (tmp_path / "y").exists()

@@ -218,3 +218,37 @@ def test_cached_hp_trains_the_head_in_train_mode_after_an_evaluation_within_an_e
         model=model, args=args, train_dataset=TinyImages(48), eval_dataset=TinyImages(16, seed=1)
     ).probe_head()
     assert modes == [True] * 12
+
+
+def test_a_cache_that_cannot_fit_in_memory_is_refused_at_its_first_batch(tmp_path, monkeypatch):
+    # The cache was gathered whole in host memory without a look at its size: the sweep's default of 4 views of
+    # DeepLabV3's head inputs on PASCAL VOC (13 MB per 320 px crop: 77 GiB) ran the backbone over most of the set and
+    # ended in the kernel's out-of-memory kill. Its size is known at the first batch: refused there, with the fix.
+    import headprep_hf.feature_cache as feature_cache
+
+    assert feature_cache.available_host_memory() > 0  # (this machine's figure is readable)
+    dataset = TinyImages(20)
+    probe = tiny_timm()
+    per_sample = 4 * probe.num_features  # float32 head inputs of the pooled features
+    need = 3 * 20 * per_sample
+    batches = []
+    monkeypatch.setattr(feature_cache, "available_host_memory", lambda: int(need / 0.8) - 1)
+    args = make_config(tmp_path, hp_cache_features=True, hp_cache_views=3, hp_epochs=1, measure_batch_size=4)
+    trainer = HeadPrepTrainer(model=probe, args=args, train_dataset=dataset)
+    trainer.model.register_forward_hook(lambda *a: batches.append(1))
+    with pytest.raises(MemoryError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "3 view(s) x 20 head inputs" in message and "hp_cache_features=False" in message
+    assert "hp_cache_views=1" in message
+    assert len(batches) == 1  # at the first batch, not after the pass
+    # with room for it, the same cache is built, equal to the one made without the check
+    monkeypatch.setattr(feature_cache, "available_host_memory", lambda: int(need / 0.8) + 1)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=dataset)
+    cache = CachedHeadProbing(trainer).build_cache()
+    assert cache.features.shape == (3, 20, probe.num_features) and cache.features.dtype == torch.float32
+    with torch.no_grad():
+        expected = tiny_timm().eval().forward_features(torch.stack([dataset[i]["pixel_values"] for i in range(20)]))
+        expected = tiny_timm().forward_head(expected, pre_logits=True)
+    torch.testing.assert_close(cache.features[0], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache.labels, torch.as_tensor(dataset.labels))

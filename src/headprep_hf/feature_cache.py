@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +35,61 @@ if TYPE_CHECKING:
     from .trainer import HeadPrepTrainer
 
 logger = logging.getLogger(__name__)
+
+
+CACHE_MEMORY_SHARE = 0.8  # of the memory available when the cache pass starts, at most, for the cache
+
+
+def available_host_memory() -> int | None:
+    """Bytes of memory this process can still take: the system's available memory (`psutil`), and within a container
+    its cgroup's limit less its usage (the system's figure is the host's there); None when neither can be read."""
+    available = None
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no psutil, or a platform it cannot read: no figure
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # ("max", or v1's huge number: no limit)
+            room = max(int(limit) - usage, 0)
+            available = room if available is None else min(available, room)
+        break
+    return available
+
+
+def check_cache_fits(shape: tuple[int, ...], accelerator) -> None:
+    """Refuse a feature cache of `shape` (float32, in host memory, whole on every process of this machine) that would
+    take more than `CACHE_MEMORY_SHARE` of the available memory: filling it would end in the kernel's out-of-memory
+    kill after most of the backbone pass (DeepLabV3 at 320 px on PASCAL VOC: 13 MB per image, 77 GiB for 4 views)."""
+    views, samples = shape[0], shape[1]
+    per_sample = 4 * math.prod(shape[2:])
+    processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    need = processes * views * samples * per_sample
+    available = available_host_memory()
+    if available is None or need <= CACHE_MEMORY_SHARE * available:
+        return
+    gib = 2**30
+    one_view = processes * samples * per_sample
+    on = f" on {processes} processes of this machine (each holds the whole cache)" if processes > 1 else ""
+    raise MemoryError(
+        f"hp_cache_features: the cache would hold {views} view(s) x {samples} head inputs of shape "
+        f"{tuple(shape[2:])} in float32 = {need / gib:.1f} GiB{on}, more than {CACHE_MEMORY_SHARE:.0%} of the "
+        f"{available / gib:.1f} GiB of memory available. Set hp_cache_features=False (--hp_cache_features false: the "
+        f"backbone runs in every HP epoch, which needs no cache)"
+        + (f", or fewer views (hp_cache_views=1: {one_view / gib:.1f} GiB)" if views > 1 else "")
+        + "."
+    )
 
 
 @dataclass
@@ -136,24 +192,52 @@ class CachedHeadProbing:
                 )
 
         start = time.perf_counter()
-        views, labels = [], None
         loader = trainer.measurement_loader(trainer.train_dataset)
-        num_views = self.args.hp_cache_views
+        num_views, size = self.args.hp_cache_views, len(trainer.train_dataset)
+        # The cache is filled batch by batch in place: one tensor of every view, allocated at the first batch once its
+        # size is known (and refused there when it cannot fit), instead of each view's batches, their concatenation
+        # and a stack of the views, which held up to twice the cache at once.
+        cache: dict[str, torch.Tensor] = {}
         for k in range(num_views):
-            result = trainer.measurements.measure_dataset(
+            filled = 0
+
+            def fill(batch, k=k):
+                nonlocal filled
+                z, y = batch["features"], batch["labels"]
+                if not cache:
+                    shape = (num_views, size, *z.shape[1:])
+                    check_cache_fits(shape, trainer.accelerator)
+                    cache["features"] = torch.empty(shape, dtype=torch.float32)
+                    cache["labels"] = torch.empty((size, *y.shape[1:]), dtype=y.dtype)
+                features, labels = cache["features"], cache["labels"]
+                if tuple(z.shape[1:]) != tuple(features.shape[2:]) or tuple(y.shape[1:]) != tuple(labels.shape[1:]):
+                    raise ValueError(
+                        f"The head inputs or labels differ in shape between batches ({tuple(features.shape[2:])} and "
+                        f"{tuple(z.shape[1:])}; labels {tuple(labels.shape[1:])} and {tuple(y.shape[1:])}), e.g. "
+                        "sequences padded to each batch's longest: they cannot be kept as one tensor for cached HP. "
+                        "Pad every sequence to one length (the collator's padding='max_length'), or set "
+                        "hp_cache_features=False."
+                    )
+                features[k, filled : filled + len(z)] = z
+                if k == 0:
+                    labels[filled : filled + len(y)] = y
+                filled += len(z)
+
+            trainer.measurements.measure_dataset(
                 trainer.train_dataset,
                 with_energy=False,
-                max_features=len(trainer.train_dataset),
+                max_features=size,
                 loader=loader,
                 seed=self.args.seed + k,
                 raw_features=True,
                 keep_labels=True,
                 check_first_batch=check if k == 0 else None,
                 desc="feature cache" + (f" (view {k + 1}/{num_views})" if num_views > 1 else ""),
+                sink=fill,
             )
-            views.append(result.features)
-            labels = result.labels
-        cache = FeatureCache(torch.stack(views), labels)
+            if filled != size:
+                raise RuntimeError(f"The feature cache pass gave {filled} head inputs for {size} training samples.")
+        cache = FeatureCache(cache["features"], cache["labels"])
         logger.info(
             "Cached %d view(s) of %d head inputs of shape %s (%.1f MiB) in %.1f s.",
             cache.num_views,
