@@ -94,7 +94,7 @@ def test_cache_views_differ_with_augmentation_only(tmp_path):
         trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=dataset)
         cache = CachedHeadProbing(trainer).build_cache()
         assert cache.features.shape[:2] == (3, 20)
-        assert torch.equal(cache.labels, torch.as_tensor(dataset.labels))
+        assert all(torch.equal(labels, torch.as_tensor(dataset.labels)) for labels in cache.labels)
         assert torch.equal(cache.features[0], cache.features[1]) == expect_equal
         assert torch.equal(cache.features[1], cache.features[2]) == expect_equal
 
@@ -229,7 +229,7 @@ def test_a_cache_that_cannot_fit_in_memory_is_refused_at_its_first_batch(tmp_pat
     assert feature_cache.available_host_memory() > 0  # (this machine's figure is readable)
     dataset = TinyImages(20)
     probe = tiny_timm()
-    per_sample = 4 * probe.num_features  # float32 head inputs of the pooled features
+    per_sample = 4 * probe.num_features + 8  # float32 head inputs of the pooled features, an int64 label
     need = 3 * 20 * per_sample
     batches = []
     monkeypatch.setattr(feature_cache, "available_host_memory", lambda: int(need / 0.8) - 1)
@@ -242,6 +242,13 @@ def test_a_cache_that_cannot_fit_in_memory_is_refused_at_its_first_batch(tmp_pat
     assert "3 view(s) x 20 head inputs" in message and "hp_cache_features=False" in message
     assert "hp_cache_views=1" in message
     assert len(batches) == 1  # at the first batch, not after the pass
+    # the error says to retry without the cache: this trainer must then find every parameter trainable as it was
+    # (the refusal left HP's frozen backbone behind, and a retry finetuned the head alone without a word)
+    assert all(p.requires_grad for p in trainer.model.parameters()) and trainer.optimizer is None
+    backbone = trainer.model.conv1[0].weight.detach().clone()
+    trainer.args.hp_cache_features = False
+    trainer.train()
+    assert not torch.equal(trainer.model.conv1[0].weight, backbone)  # FT moved the backbone
     # with room for it, the same cache is built, equal to the one made without the check
     monkeypatch.setattr(feature_cache, "available_host_memory", lambda: int(need / 0.8) + 1)
     trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=dataset)
@@ -251,4 +258,54 @@ def test_a_cache_that_cannot_fit_in_memory_is_refused_at_its_first_batch(tmp_pat
         expected = tiny_timm().eval().forward_features(torch.stack([dataset[i]["pixel_values"] for i in range(20)]))
         expected = tiny_timm().forward_head(expected, pre_logits=True)
     torch.testing.assert_close(cache.features[0], expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(cache.labels, torch.as_tensor(dataset.labels))
+    assert all(torch.equal(labels, torch.as_tensor(dataset.labels)) for labels in cache.labels)
+
+
+class FlippedMasks(torch.utils.data.Dataset):
+    """Images with per-pixel labels, flipped left-right together at random (the usual segmentation augmentation)."""
+
+    def __init__(self, n=12):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(n, 3, 8, 8, generator=g)
+        self.y = torch.randint(0, 3, (n, 8, 8), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x, y = self.x[i], self.y[i]
+        if bool(torch.rand(()) < 0.5):
+            x, y = x.flip(-1), y.flip(-1)
+        return {"pixel_values": x, "labels": y}
+
+
+class DenseNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.head = torch.nn.Conv2d(6, 3, 1)
+
+    def forward(self, pixel_values):
+        return self.head(self.backbone(pixel_values))
+
+
+def test_each_cached_view_keeps_the_labels_of_its_own_augmentation(tmp_path):
+    # The cache kept one label set for all views (the last view's): with masks flipped with their images, cached HP
+    # trained views 0..K-2 against another view's masks, and the start-of-FT energy paired view 0 with them.
+    dataset = FlippedMasks()
+    args = make_config(tmp_path, hp_cache_features=True, hp_cache_views=3, head_modules=["head"], measure_batch_size=4)
+    trainer = HeadPrepTrainer(model=DenseNet(), args=args, train_dataset=dataset)
+    cache = CachedHeadProbing(trainer).build_cache()
+    assert cache.labels.shape == (3, 12, 8, 8)
+    backbone = DenseNet().backbone
+    with torch.no_grad():
+        plain, flipped = backbone(dataset.x), backbone(dataset.x.flip(-1))
+    for k in range(3):
+        for i in range(12):
+            if torch.allclose(cache.features[k, i], plain[i], atol=1e-6):
+                assert torch.equal(cache.labels[k, i], dataset.y[i]), (k, i)
+            else:
+                torch.testing.assert_close(cache.features[k, i], flipped[i])
+                assert torch.equal(cache.labels[k, i], dataset.y[i].flip(-1)), (k, i)
+    assert not torch.equal(cache.labels[0], cache.labels[1]) or not torch.equal(cache.labels[1], cache.labels[2])

@@ -179,3 +179,44 @@ def test_cached_hp_takes_its_loss_on_float32_logits_as_uncached_hp_under_bf16(tm
         trainer.probe_head()
         heads.append(trainer.hp_state_dict()["fc.weight"])
     assert torch.allclose(heads[0], heads[1], atol=1e-6)
+
+
+def test_the_exchange_under_bf16_scores_every_head_with_its_own_weights(tmp_path, monkeypatch):
+    # The heads were swapped into the model in place inside one autocast context per batch, and autocast keeps its
+    # bf16 copies of the weights until that context ends: every head ran with the first one's weights, and each row
+    # of the matrix repeated its first cell. The heads here differ by a permutation of the classes only, so the
+    # columns must differ; each cell is checked against the whole model with that backbone and head, in bf16.
+    from safetensors.torch import save_file
+
+    import headprep_hf.sweep as sweep_module
+    from headprep_hf.exchange import head_exchange
+
+    taus, base_state = [0, 1, 2], tiny_timm().state_dict()
+    states = {}
+    for tau in taus:
+        state = {k: v.detach().clone() for k, v in base_state.items()}
+        state["fc.weight"], state["fc.bias"] = state["fc.weight"].roll(tau, 0), state["fc.bias"].roll(tau, 0)
+        states[tau] = state
+        (tmp_path / f"tau_{tau}" / "seed_0").mkdir(parents=True)
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(tmp_path / f"tau_{tau}" / "seed_0" / "model.safetensors"),
+        )
+    record = {"complete": True, "seeds": [0], "taus": taus, "fingerprint": None,
+              "results": [{"tau": t, "seed": 0, "output_dir": f"tau_{t}/seed_0"} for t in taus]}  # fmt: skip
+    monkeypatch.setattr(sweep_module, "load_sweep", lambda folder: record)  # (the folder's sweep.json, as read)
+    values = make_config(tmp_path / "m").to_dict()
+    keep = ("per_device_train_batch_size", "per_device_eval_batch_size", "seed")
+    config = SweepConfig(output_dir=str(tmp_path / "o"), **{k: values[k] for k in keep}, use_cpu=True,
+                         report_to="none", bf16=True, sweep_taus=taus, measure_batch_size=8)  # fmt: skip
+    val = TinyImages(30, seed=1)
+    exchange = head_exchange(tiny_timm(), tmp_path, TinyImages(30, seed=0), val, config, output_file=tmp_path / "e")
+    x, y = val.x, torch.as_tensor(val.labels)
+    for i in taus:
+        for j in taus:
+            model = tiny_timm()
+            model.load_state_dict({**states[i], "fc.weight": states[j]["fc.weight"], "fc.bias": states[j]["fc.bias"]})
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                accuracy = (model.eval()(x).argmax(-1) == y).float().mean().item()
+            assert exchange["validation_accuracy"][i][j] == pytest.approx(accuracy, abs=1e-6), (i, j)
+    assert len(set(exchange["validation_accuracy"][0])) == 3  # (the permuted heads score differently)

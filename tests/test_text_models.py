@@ -572,3 +572,32 @@ def test_a_sweep_over_datasets_datasets_tells_their_labels_apart(tmp_path, caplo
                 bert(), config, Rows(16), Rows(8, seed=1), data_collator=DataCollatorWithPadding(tokenizer())
             ).run()
     assert any("length only" in r.getMessage() and "validation" in r.getMessage() for r in caplog.records)
+
+
+def test_a_sweep_exchange_over_a_head_the_model_computes_more_after_is_refused_before_any_job(tmp_path):
+    # GPT-2's `score` (now found as the head) runs on every token and the model keeps each sequence's last one
+    # after it: the exchange, which applies the head alone, failed with a shape error after every job had run.
+    from headprep_hf import SweepConfig, TauSweep
+
+    config = SweepConfig(**arguments(tmp_path, "sweep"), sweep_taus=[0], sweep_exchange=True, sweep_report=False,
+                         sweep_progress=False, sweep_metric="loss")  # fmt: skip
+    sweep = TauSweep(gpt2(), config, Rows(12), Rows(6, seed=1), data_collator=DataCollatorWithPadding(tokenizer()))
+    with pytest.raises(ValueError, match="sweep_exchange=True: the head module 'score'.*sweep_exchange=False"):
+        sweep.run()
+    assert not (tmp_path / "sweep").exists()  # no job ran, nothing was written
+
+
+def test_the_exchange_refuses_a_head_tied_to_the_backbone():
+    # Heads are swapped into the model in place during the backbone's pass: a head weight sharing its storage with a
+    # backbone weight would change the backbone for the batches after.
+    from headprep_hf.exchange import _HeadSwap
+
+    net = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    net[1].weight = net[0].weight
+    with pytest.raises(ValueError, match="tied to the backbone's"):
+        _HeadSwap(net, {0: {"1.weight": torch.zeros(5, 4)}, 1: {"1.weight": torch.ones(5, 4)}})
+    untied = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    swap = _HeadSwap(untied, {0: {"1.weight": torch.zeros(5, 4)}, 1: {"1.weight": torch.ones(5, 4)}})
+    embedding = untied[0].weight.detach().clone()
+    swap.load(1)
+    assert torch.equal(untied[1].weight, torch.ones(5, 4)) and torch.equal(untied[0].weight, embedding)

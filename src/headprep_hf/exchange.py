@@ -25,6 +25,10 @@ from .losses import task_energy
 from .sweep_schema import validate_exchange
 
 EXCHANGE_FILE = "exchange.json"
+EXCHANGE_FIX = (
+    "The exchange applies each head alone to the backbones' head inputs; set sweep_exchange=False (--sweep_exchange "
+    "false), or head_modules=[...] naming a head whose output is the logits."
+)
 
 
 def _correct_and_count(
@@ -57,6 +61,20 @@ class _HeadSwap:
         if missing:
             raise KeyError(f"The finetuned models hold head weights this model does not have: {missing}.")
         self.targets = [live[name] for name in names]
+        # A head tensor sharing its storage with a tensor of the backbone (tied weights) would change the backbone too
+        # when swapped in place, in the middle of the backbone's pass.
+        storages = {t.untyped_storage().data_ptr(): name for name, t in zip(names, self.targets) if t.numel() > 0}
+        head = set(names)
+        shared = sorted(
+            f"{storages[t.untyped_storage().data_ptr()]} and {name}"
+            for name, t in live.items()
+            if name not in head and t.untyped_storage().data_ptr() in storages
+        )
+        if shared:
+            raise ValueError(
+                f"The head exchange cannot swap heads whose weights are tied to the backbone's ({shared}): set "
+                "sweep_exchange=False."
+            )
         self.sources = {
             tau: [state[name].to(target.device, target.dtype) for name, target in zip(names, self.targets)]
             for tau, state in head_states.items()
@@ -98,6 +116,7 @@ def head_exchange(
         another sweep in the folder skips it), where
         `train_accuracy[i][j]` uses backbone tau_i and head tau_j (the diagonal is each finetuned model itself).
     """
+    from .feature_cache import head_output_check
     from .sweep import _fingerprint_tag, load_sweep
     from .trainer import HeadPrepTrainer
 
@@ -139,6 +158,7 @@ def head_exchange(
     disable = (
         not trainer.is_world_process_zero() or not getattr(args, "sweep_progress", True) or trainer.args.disable_tqdm
     )
+    check = head_output_check(trainer, net, "The head exchange: ", EXCHANGE_FIX)
     swap = None
     for tau_i in tqdm(taus, desc="head exchange", unit="backbone", disable=disable):
         net.load_state_dict(read_safetensors(paths[tau_i]))
@@ -153,13 +173,15 @@ def head_exchange(
                 # measurement batch at a time. The head of the forward that follows is left as the last swap set
                 # it; its output is not used.
                 z, labels = batch["features"], batch["labels"]
-                with trainer.measurement_autocast():
-                    for tau_j in taus:
-                        swap.load(tau_j)
+                for tau_j in taus:
+                    swap.load(tau_j)
+                    # One autocast context per head: autocast keeps its low-precision copies of the weights until
+                    # its outermost context ends, so heads swapped in within one context would all run as the first.
+                    with trainer.measurement_autocast():
                         logits = split.head_logits(net, z, labels)
-                        c, n = _correct_and_count(logits.float(), labels, args.ignore_index, problem_type)
-                        totals[tau_j][0] += c
-                        totals[tau_j][1] += n
+                    c, n = _correct_and_count(logits.float(), labels, args.ignore_index, problem_type)
+                    totals[tau_j][0] += c
+                    totals[tau_j][1] += n
 
             trainer.measurements.measure_dataset(
                 dataset,
@@ -168,6 +190,7 @@ def head_exchange(
                 seed=args.seed,  # the same augmented views for every backbone
                 raw_features=True,
                 keep_labels=True,
+                check_first_batch=check if name == "train" and tau_i == taus[0] else None,
                 sink=apply_heads,
             )
             rows[name] = [_accuracy(*totals[tau_j]) for tau_j in taus]

@@ -37,6 +37,30 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def head_output_check(trainer: HeadPrepTrainer, model: torch.nn.Module, what: str, fix: str):
+    """`check(z, outputs)` for `measure`'s first batch: raises when the head module applied to its kept input `z` does
+    not give the model's logits (a model that computes more after its head), so that what runs the head alone on
+    kept inputs (cached HP, the head exchange) would train or score something else. `what` starts the message and
+    `fix` ends it."""
+    split = trainer.split
+
+    def check(z: torch.Tensor, outputs) -> None:
+        with torch.no_grad(), trainer.measurement_autocast():
+            expected = extract_logits(outputs).float()
+            size = tuple(expected.shape[-2:]) if expected.dim() == 4 else None
+            got = split.head_logits(model, z, size=size).float()
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            diff = (got - expected).abs().max().item() if got.shape == expected.shape else "shape differs"
+            raise ValueError(
+                f"{what}the head module {split.head_names[0]!r} applied to its input does not give the model's "
+                f"logits (max difference {diff}, shapes {tuple(got.shape)} and {tuple(expected.shape)}); this model "
+                f"computes more after its head (e.g. GPT-2's `score`, after which the model keeps each sequence's "
+                f"last token). {fix}"
+            )
+
+    return check
+
+
 CACHE_MEMORY_SHARE = 0.8  # of the memory available when the cache pass starts, at most, for the cache
 
 
@@ -68,12 +92,12 @@ def available_host_memory() -> int | None:
     return available
 
 
-def check_cache_fits(shape: tuple[int, ...], accelerator) -> None:
+def check_cache_fits(shape: tuple[int, ...], accelerator, label_bytes: int = 0) -> None:
     """Refuse a feature cache of `shape` (float32, in host memory, whole on every process of this machine) that would
     take more than `CACHE_MEMORY_SHARE` of the available memory: filling it would end in the kernel's out-of-memory
     kill after most of the backbone pass (DeepLabV3 at 320 px on PASCAL VOC: 13 MB per image, 77 GiB for 4 views)."""
     views, samples = shape[0], shape[1]
-    per_sample = 4 * math.prod(shape[2:])
+    per_sample = 4 * math.prod(shape[2:]) + label_bytes  # (float32 head inputs, and the labels of each view)
     processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
     need = processes * views * samples * per_sample
     available = available_host_memory()
@@ -84,17 +108,17 @@ def check_cache_fits(shape: tuple[int, ...], accelerator) -> None:
     on = f" on {processes} processes of this machine (each holds the whole cache)" if processes > 1 else ""
     raise MemoryError(
         f"hp_cache_features: the cache would hold {views} view(s) x {samples} head inputs of shape "
-        f"{tuple(shape[2:])} in float32 = {need / gib:.1f} GiB{on}, more than {CACHE_MEMORY_SHARE:.0%} of the "
-        f"{available / gib:.1f} GiB of memory available. Set hp_cache_features=False (--hp_cache_features false: the "
-        f"backbone runs in every HP epoch, which needs no cache)"
-        + (f", or fewer views (hp_cache_views=1: {one_view / gib:.1f} GiB)" if views > 1 else "")
-        + "."
+        f"{tuple(shape[2:])} in float32 with their labels = {need / gib:.1f} GiB{on}, more than "
+        f"{CACHE_MEMORY_SHARE:.0%} of the {available / gib:.1f} GiB of memory available. Set "
+        "hp_cache_features=False (--hp_cache_features false: the backbone runs in every HP epoch, which needs no "
+        "cache)" + (f", or fewer views (hp_cache_views=1: {one_view / gib:.1f} GiB)" if views > 1 else "") + "."
     )
 
 
 @dataclass
 class FeatureCache:
-    """Head inputs of the training set: `features[k, i]` is sample `i` under view `k`; `labels[i]` its label."""
+    """Head inputs of the training set: `features[k, i]` is sample `i` under view `k`; `labels[k, i]` its label in
+    that view (an augmentation that crops or flips a segmentation mask changes it with the image)."""
 
     features: torch.Tensor
     labels: torch.Tensor
@@ -178,18 +202,12 @@ class CachedHeadProbing:
         split = trainer.split
         split.head_module(model)  # fails early, with the reason, when the head is several modules
 
-        def check(z: torch.Tensor, outputs) -> None:
-            with torch.no_grad(), trainer.measurement_autocast():
-                expected = extract_logits(outputs).float()
-                size = tuple(expected.shape[-2:]) if expected.dim() == 4 else None
-                got = split.head_logits(model, z, size=size).float()
-            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-                diff = (got - expected).abs().max().item() if got.shape == expected.shape else "shape differs"
-                raise ValueError(
-                    f"hp_cache_features: the head module {split.head_names[0]!r} applied to its input does not give "
-                    f"the model's logits (max difference {diff}); this model computes more after its head. Use "
-                    "hp_cache_features=False, or head_modules=[...] naming a head whose output is the logits."
-                )
+        check = head_output_check(
+            trainer,
+            model,
+            "hp_cache_features: ",
+            "Use hp_cache_features=False, or head_modules=[...] naming a head whose output is the logits.",
+        )
 
         start = time.perf_counter()
         loader = trainer.measurement_loader(trainer.train_dataset)
@@ -206,21 +224,20 @@ class CachedHeadProbing:
                 z, y = batch["features"], batch["labels"]
                 if not cache:
                     shape = (num_views, size, *z.shape[1:])
-                    check_cache_fits(shape, trainer.accelerator)
+                    check_cache_fits(shape, trainer.accelerator, y[0].numel() * y.element_size())
                     cache["features"] = torch.empty(shape, dtype=torch.float32)
-                    cache["labels"] = torch.empty((size, *y.shape[1:]), dtype=y.dtype)
+                    cache["labels"] = torch.empty((num_views, size, *y.shape[1:]), dtype=y.dtype)
                 features, labels = cache["features"], cache["labels"]
-                if tuple(z.shape[1:]) != tuple(features.shape[2:]) or tuple(y.shape[1:]) != tuple(labels.shape[1:]):
+                if tuple(z.shape[1:]) != tuple(features.shape[2:]) or tuple(y.shape[1:]) != tuple(labels.shape[2:]):
                     raise ValueError(
                         f"The head inputs or labels differ in shape between batches ({tuple(features.shape[2:])} and "
-                        f"{tuple(z.shape[1:])}; labels {tuple(labels.shape[1:])} and {tuple(y.shape[1:])}), e.g. "
+                        f"{tuple(z.shape[1:])}; labels {tuple(labels.shape[2:])} and {tuple(y.shape[1:])}), e.g. "
                         "sequences padded to each batch's longest: they cannot be kept as one tensor for cached HP. "
                         "Pad every sequence to one length (the collator's padding='max_length'), or set "
                         "hp_cache_features=False."
                     )
                 features[k, filled : filled + len(z)] = z
-                if k == 0:
-                    labels[filled : filled + len(y)] = y
+                labels[k, filled : filled + len(y)] = y
                 filled += len(z)
 
             trainer.measurements.measure_dataset(
@@ -267,11 +284,18 @@ class CachedHeadProbing:
         trainer.create_scheduler(hp_steps, trainer.optimizer)
         stages.apply(model, "hp")
 
-        cache = self.build_cache()
+        try:
+            cache = self.build_cache()
+        except BaseException:
+            # (e.g. the cache refused as too large: the error says to retry without it, on this trainer too, which
+            # must then find the model's parameters trainable as they were, not HP's frozen backbone)
+            stages.restore(model)
+            trainer.optimizer, trainer.lr_scheduler = None, None
+            raise
         trainer.hp_feature_cache = cache  # BatchNorm statistics of snapshots and of the final head use it
         if trainer.keep_head_inputs:  # view 0 is what the start-of-FT energy pass reads (same seed, batch, order)
             trainer.measurements.head_inputs = HeadInputs(
-                cache.features[0], cache.labels, args.seed, trainer.measure_batch_size, args.dataloader_num_workers
+                cache.features[0], cache.labels[0], args.seed, trainer.measure_batch_size, args.dataloader_num_workers
             )
         trainer.state = TrainerState(
             max_steps=hp_steps,
@@ -316,7 +340,7 @@ class CachedHeadProbing:
         total_loss, last_logged_step = 0.0, 0
         running_loss = torch.zeros((), device=device)
         for epoch in range(args.hp_epochs):
-            features = cache.features[epoch % cache.num_views]
+            features, view_labels = cache.features[epoch % cache.num_views], cache.labels[epoch % cache.num_views]
             batches = global_batches(train_dataloader, epoch, trainer.accelerator.num_processes)
             index_tensors = torch.tensor(sum(batches, [])).split([len(b) for b in batches])
             trainer.control = handler.on_epoch_begin(args, trainer.state, trainer.control)
@@ -326,7 +350,7 @@ class CachedHeadProbing:
                     trainer.control = handler.on_step_begin(args, trainer.state, trainer.control)
                     # As the uncached step: each micro-batch's mean weighted by its share of the step's items (a
                     # single micro-batch has the whole share: the factor is exactly 1, so it is skipped).
-                    labels = [cache.labels.index_select(0, index) for index in window]
+                    labels = [view_labels.index_select(0, index) for index in window]
                     if len(window) > 1:
                         counts = [count_items(problem_type, y, args.ignore_index) for y in labels]
                         step_items = sum(counts).clamp(min=1)

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -517,8 +518,8 @@ class TauSweep:
         self._fingerprint: dict[str, Any] | None = None
 
     def _check_exchange_possible(self) -> None:
-        """`sweep_exchange=True` on a regression task is refused before any job runs (the exchange reports
-        accuracies; it used to fail after the whole sweep, and the report was not drawn)."""
+        """`sweep_exchange=True` on a regression task, or on a model whose head alone does not give its logits, is
+        refused before any job runs (it used to fail after the whole sweep, and the report was not drawn)."""
         from .labels import infer_problem_type
         from .losses import declared_problem_type
 
@@ -528,6 +529,36 @@ class TauSweep:
             raise ValueError(
                 "sweep_exchange=True: the head exchange reports accuracies, which a regression task "
                 "(problem_type='regression') does not have. Set sweep_exchange=False (--sweep_exchange false)."
+            )
+        if not has_length(self.train_dataset) or len(self.train_dataset) == 0:
+            return  # (the exchange checks its first batch itself)
+        # The exchange applies each head alone to kept head inputs: a model that computes more after its head (GPT-2's
+        # `score`, then the last token) is refused here, on one batch, instead of after every job has run.
+        from .exchange import EXCHANGE_FIX
+        from .feature_cache import head_output_check
+        from .trainer import HeadPrepTrainer
+
+        with tempfile.TemporaryDirectory(prefix="headprep-exchange-check-") as scratch:  # (Trainer makes output_dir)
+            args = dataclasses.replace(
+                self.args, output_dir=scratch, hp_cache_features=False, overwrite_output_dir=True
+            )
+            trainer = HeadPrepTrainer(
+                model=self._pristine_copy(),
+                args=args,
+                train_dataset=self.train_dataset,
+                data_collator=self.trainer_kwargs.get("data_collator"),
+            )
+            net = trainer.accelerator.unwrap_model(trainer.model)
+            first = torch.utils.data.Subset(
+                self.train_dataset, range(min(len(self.train_dataset), trainer.measure_batch_size))
+            )
+            trainer.measurements.measure_dataset(
+                first,
+                with_energy=False,
+                max_features=len(first),
+                raw_features=True,
+                check_first_batch=head_output_check(trainer, net, "sweep_exchange=True: ", EXCHANGE_FIX),
+                sink=lambda batch: None,
             )
 
     # ------------------------------------------------------------------ public
