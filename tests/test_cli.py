@@ -70,6 +70,7 @@ def _exit_message(capsys, argv):
         (["--hp-epochs", "3"], "--hp-epochs is not used here.*sweep_taus"),
         (["--do-train"], "--do-train is not used here"),
         (["--config", "a.yaml", "--config", "b.yaml"], "--config is given more than once"),
+        (["--config", "missing.yaml"], "--config missing.yaml: no such file"),  # (was a bare FileNotFoundError)
     ],
 )
 def test_the_sweep_command_rejects_what_it_would_ignore(tmp_path, capsys, argv, message):
@@ -387,3 +388,62 @@ def test_exchange_of_part_of_a_sweep_is_refused_before_the_task_is_loaded(tmp_pa
     monkeypatch.setattr(tasks, "load_task_from_record", lambda *a, **k: pytest.fail("the task was loaded"))
     with pytest.raises(SystemExit, match="holds part of a sweep"):
         main(["exchange", str(tmp_path)])
+
+
+def test_recipe_flags_that_would_fail_after_the_data_is_built_are_refused_when_parsed(tmp_path, capsys, monkeypatch):
+    # FT's schedule must be a function of the step when the recipe trains HP then FT in one loop: reduce_lr_on_plateau
+    # was accepted and failed in Trainer's create_scheduler, after the data and the model had been built. An unreadable
+    # --config file was a bare traceback.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "recipes"))
+    import image_classification
+
+    def parse(argv):
+        with pytest.raises(SystemExit) as exit_info:
+            image_classification.parse_args(image_classification.make_parser(), argv)
+        return exit_info.value.code, capsys.readouterr().err
+
+    out = ["--output_dir", str(tmp_path / "o")]
+    code, err = parse(out + ["--lr_scheduler_type", "reduce_lr_on_plateau"])
+    assert code == 2 and "reduce_lr_on_plateau is not a function of the step" in err and "--hp_epochs 0" in err
+    args = image_classification.parse_args(
+        image_classification.make_parser(), out + ["--lr_scheduler_type", "reduce_lr_on_plateau", "--hp_epochs", "0"]
+    )[1]
+    assert args.hp_epochs == 0  # (without HP, Trainer runs the plateau schedule as it does)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learning_rate: [1e-3\n")
+    code, err = parse(["--config", str(broken), *out])
+    assert code == 2 and f"--config {broken}: not valid YAML" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipes_pin_memory_only_where_there_is_a_device_to_copy_to(tmp_path):
+    # On the CPU, torch warned in every loader that pinned memory was unused.
+    from headprep_hf import HeadPrepConfig
+    from headprep_hf.tasks.base import COMMON_RECIPE_DEFAULTS, TaskInputs, resolve_loader_settings
+
+    args = HeadPrepConfig(output_dir=str(tmp_path), use_cpu=True, **COMMON_RECIPE_DEFAULTS)
+    inputs = TaskInputs(model=None, train_dataset=[], eval_dataset=[], decodes_files=False)
+    resolve_loader_settings(args, inputs)
+    assert args.dataloader_pin_memory is False and args.accelerator_config.non_blocking is False
+
+
+def test_disable_tqdm_on_the_command_line_also_silences_the_libraries_bars(tmp_path):
+    # transformers draws "Writing model shards" at every save whatever Trainer's disable_tqdm says.
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    from headprep_hf.cli import parse_with_config, sweep_parser
+
+    try:
+        parse_with_config(sweep_parser("image_classification"), ["--output_dir", str(tmp_path / "a")])
+        assert transformers.utils.logging.is_progress_bar_enabled()
+        parse_with_config(
+            sweep_parser("image_classification"), ["--output_dir", str(tmp_path / "b"), "--disable_tqdm", "true"]
+        )
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+        assert not datasets.is_progress_bar_enabled() and huggingface_hub.utils.are_progress_bars_disabled()
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+        huggingface_hub.utils.enable_progress_bars()

@@ -1,4 +1,5 @@
-"""The README's code examples, run as written: "Use it in your code", "Prepared heads" and "The tau sweep".
+"""The README's code examples, run as written: "Use it in your code", "Try it offline", "Prepared heads" and "The tau
+sweep".
 
 A newcomer copies these first, so they are read from README.md and executed here; a renamed argument, a missing
 import or pseudo-code in them fails this test. Two things are substituted, because neither exists offline: the
@@ -208,3 +209,23 @@ def test_readme_and_recipe_commands_parse(monkeypatch):
         launcher = {"multi_gpu", "num_processes", "nproc_per_node", "num_machines", "machine_rank",
                     "main_process_ip", "main_process_port", "config", "task"}  # fmt: skip
         assert given - launcher <= values, (where, sorted(given - launcher - values))
+
+
+def test_try_it_offline_runs_as_written(tmp_path, monkeypatch, shared_cache):
+    # The one example that needs no substitute data: only the source model's pretraining is shortened (1 epoch, in
+    # the tests' shared cache) and the test set's accuracy is not checked (the README gives the full run's).
+    import headprep_hf.models
+
+    real = headprep_hf.models.pretrain_source_model
+    monkeypatch.setattr(
+        headprep_hf.models,
+        "pretrain_source_model",
+        lambda **kw: real(**{"cache_dir": shared_cache, "epochs": 1, **kw}),
+    )
+    monkeypatch.chdir(tmp_path)
+    code = readme_code("### Try it offline")
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.args.hp_epochs == 4 and trainer.dynamics["energy"] is not None
+    assert (tmp_path / "toy" / "headprep_dynamics.json").is_file()

@@ -108,6 +108,8 @@ def test_sweep_json_is_valid_and_consistent(finished, data):
     energies = [r["energy"] for r in result["results"]]
     assert energies == sorted(energies, reverse=True)  # more HP, lower energy
     assert "tau* =" in format_table(result)
+    # no empty folders left behind: the HP run's output_dir and the jobs' checkpoint folders (none were written)
+    assert [p for p in path.rglob("*") if p.is_dir() and not any(p.iterdir())] == []
 
 
 def test_ft_jobs_start_from_the_untouched_pretrained_model(finished, data):

@@ -35,7 +35,7 @@ SWEEP_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     # Bars: over the FT jobs, the HP run, each FT job and the passes; the jobs' log records are not printed (sweep.json
-    # holds them). `--disable_tqdm true` turns every bar off.
+    # holds them). `--disable_tqdm true` turns every bar off (the libraries' own too, see `_silence_library_bars`).
     disable_tqdm=False,
 )
 
@@ -177,8 +177,14 @@ def parse_with_config(
             parser.error("--config needs a .json or .yaml file")
         path = argv[i + 1]
         del argv[i : i + 2]
-        with open(path) as f:
-            values = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        if not os.path.isfile(path):
+            parser.error(f"--config {path}: no such file")
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON (a .yaml or .yml name is read as YAML)"
+            parser.error(f"--config {path}: not valid {kind}: {error}")
         values = {} if values is None else values  # (an empty or all-comment YAML file)
         if not isinstance(values, dict):
             parser.error(f"{path}: expected a mapping of setting: value at its top level, got {type(values).__name__}")
@@ -209,10 +215,46 @@ def parse_with_config(
     from .tasks.base import resolve_mixed_precision
 
     parsed = [resolve_mixed_precision(a) if isinstance(a, TrainingArguments) else a for a in parsed]
+    _check_recipe_schedule(parser, parsed)
+    if any(isinstance(a, TrainingArguments) and a.disable_tqdm for a in parsed):
+        _silence_library_bars()
     for args in parsed:
         if isinstance(args, TrainingArguments) and args.output_dir == parser.get_default("output_dir"):
             _agree_on_output_dir(args)
     return tuple(parsed)
+
+
+def _silence_library_bars() -> None:
+    """`--disable_tqdm true` on the command line: also the bars the libraries draw on their own (transformers' "Writing
+    model shards" at every save, datasets' map/load bars, huggingface_hub's downloads), which `Trainer`'s flag does
+    not reach. Their public switches; process-wide, which a command's process is. OGB's conversion bars have none."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def _check_recipe_schedule(parser: argparse.ArgumentParser, parsed) -> None:
+    """A recipe trains HP and FT in one `train()` loop, so FT's schedule must be a function of the step: a schedule
+    that is not (`reduce_lr_on_plateau`) was accepted here and failed in `create_scheduler` after the data and the
+    model had been built. A sweep runs FT on its own (`finetune()`), where any schedule works."""
+    from .config import HeadPrepConfig
+    from .schedules import STEP_SCHEDULES
+    from .sweep import SweepConfig
+
+    for args in parsed:
+        if not isinstance(args, HeadPrepConfig) or isinstance(args, SweepConfig) or args.hp_epochs <= 0:
+            continue
+        kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        if kind not in STEP_SCHEDULES:
+            parser.error(
+                f"--lr_scheduler_type {kind} is not a function of the step, so FT cannot follow HP with it in one run "
+                f"(the recipe trains both stages in one loop; --hp_epochs is {args.hp_epochs}). Use one of "
+                f"{', '.join(STEP_SCHEDULES)}, or --hp_epochs 0."
+            )
 
 
 def _config_value_problem(action: argparse.Action, value) -> str | None:

@@ -17,6 +17,7 @@ with the same fingerprint) are reused, an unfinished one resumes from its last c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -148,6 +149,12 @@ _TASK_MACHINE_KEYS = ("cache_dir", "channels_last")  # (channels_last: the weigh
 # folder as ./data/train, data/train or /mnt/x/data/train; another machine's mount point), while the data description
 # (lengths, label hashes) and the model fingerprint cover what they point at.
 _TASK_PATH_KEYS = ("train_dir", "validation_dir", "test_dir", "voc_root", "dataset_root", "model_name_or_path")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it exists and is empty (a folder `Trainer` made for a run that wrote nothing there)."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -664,6 +671,8 @@ class TauSweep:
             self._save_snapshot(max_tau, seed, trainer, prepared=True)
         trainer.accelerator.wait_for_everyone()
         runtime = time.perf_counter() - start
+        if trainer.is_world_process_zero():
+            _remove_if_empty(Path(hp_args.output_dir))  # (Trainer makes its output_dir; this run writes nothing there)
         kept = trainer.measurements.head_inputs
         if kept is not None:  # view 0 alone (not the whole stack of cached views), for this seed's FT jobs
             kept = dataclasses.replace(kept, features=kept.features.clone())
@@ -736,7 +745,8 @@ class TauSweep:
         return (
             f"{path} belongs to another sweep (other model, grid, settings or data), to none, or to one written by an "
             "earlier headprep_hf version; nothing was changed. Use another output_dir, rerun with that sweep's "
-            "settings to continue it, or pass overwrite_output_dir=True to start again in this folder."
+            "settings to continue it, or pass overwrite_output_dir=True (--overwrite_output_dir true) to start "
+            "again in this folder."
         )
 
     def _previous_hp(self, seed: int) -> dict[str, Any]:
@@ -851,6 +861,7 @@ class TauSweep:
         }
         if trainer.args.should_save:
             _write_json(job_dir / RESULT_FILE, {"fingerprint": self._fingerprint, "result": result})
+            _remove_if_empty(job_dir / "ft")  # (the checkpoints' folder, when the job wrote none)
         return result
 
     # ------------------------------------------------------------------ helpers

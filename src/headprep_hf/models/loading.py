@@ -82,8 +82,9 @@ def _create(name: str, num_classes: int, arch: str | None, pretrained: bool, kwa
             return timm.create_model(arch or name, pretrained=False, num_classes=num_classes, **kwargs)
         raise ValueError(
             f"model_name_or_path={name!r} is a bare timm architecture name, which carries no weights to "
-            f"finetune. Pass a Hub id such as 'timm/{name}', a local folder or weights file, or "
-            "pretrained=False to train from a random initialization on purpose."
+            f"finetune. Pass a Hub id such as 'timm/{name}', a local folder or weights file (e.g. one saved with "
+            "timm.models.save_for_hf), or, in Python, load_timm_model(name, pretrained=False) to train from a random "
+            "initialization on purpose."
         )
     if _looks_like_path(name):
         raise FileNotFoundError(f"model_name_or_path={name!r} looks like a local path but does not exist")

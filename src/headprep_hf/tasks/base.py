@@ -63,12 +63,16 @@ COMMON_RECIPE_DEFAULTS = dict(
 def resolve_loader_settings(training_args, inputs: TaskInputs):
     """Replaces the recipes' `dataloader_num_workers=-1` ("auto") by min(8, cores) persistent workers when the data is
     decoded from files, and by 0 (the main process) for in-memory tensors, where workers only add start-up time.
-    A number the user gave is kept. Returns `training_args`, changed in place."""
+    A number the user gave is kept. Pinned memory (and non-blocking copies) only where there is a device to copy to.
+    Returns `training_args`, changed in place."""
     if training_args.dataloader_num_workers == -1:
         workers = default_num_workers() if inputs.decodes_files else 0
         training_args.dataloader_num_workers = workers
         if workers > 0:
             training_args.dataloader_persistent_workers = True
+    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
+        # Pinned memory speeds copies to an accelerator; on the CPU torch only warns in every loader that it is unused.
+        training_args.dataloader_pin_memory = False
     if not training_args.dataloader_pin_memory and getattr(training_args.accelerator_config, "non_blocking", False):
         training_args.accelerator_config.non_blocking = False  # nothing is pinned (CPU): no gain, only a warning
     if training_args.dataloader_num_workers < -1:
