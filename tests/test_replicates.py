@@ -48,6 +48,9 @@ def test_statistics_equal_numpy_and_scipy():
     assert "beats tau = 0 by" in verdict(4, 0, describe([0.02, 0.03, 0.025]), "accuracy", True)
     assert "is worse than" in verdict(4, 0, describe([0.02, 0.03, 0.025]), "loss", False)
     assert "not distinguishable from tau = 0 at 3 seeds" in verdict(4, 0, describe([0.02, -0.03, 0.01]), "acc", True)
+    assert "add seeds" not in verdict(4, 0, describe([0.02, -0.03, 0.01]), "acc", True)
+    two = verdict(4, 0, describe([0.5, -0.0]), "accuracy", True, fraction=True)  # an interval past +-100 points
+    assert "at 2 seeds" in two and "12.7 standard errors" in two and "add seeds" in two
     assert "no uncertainty available" in verdict(4, 0, describe([0.02]), "accuracy", True)
 
 

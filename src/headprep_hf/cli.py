@@ -209,7 +209,12 @@ def parse_with_config(
             if problem:
                 parser.error(f"{path}: {key}: {problem}")
         parser.set_defaults(**values)
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:
+        # A setting its dataclass refuses (`__post_init__`: e.g. an unsorted --sweep_taus): argparse's one-line error,
+        # as for a mistyped flag, instead of a traceback through the dataclass machinery.
+        parser.error(str(error))
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     from .tasks.base import resolve_mixed_precision

@@ -114,7 +114,9 @@ def verdict(
     size = f"{fmt(abs(difference['mean']))} +- {fmt((high - low) / 2)}{unit} of {metric} ({n} seeds, 95% t-interval)"
     if low > 0 or high < 0:
         return f"tau* = {tau_a} {'beats' if better else 'is worse than'} tau = {tau_b} by {size}."
+    # (2 seeds: the t quantile is 12.7, so the interval may pass the metric's own range; say why, not only that)
+    few = " Two seeds give an interval of 12.7 standard errors each side: add seeds (sweep_seeds)." if n == 2 else ""
     return (
         f"tau* = {tau_a} is not distinguishable from tau = {tau_b} at {n} seeds: difference "
-        f"{fmt(difference['mean'], '+')}{unit}, 95% interval [{fmt(low, '+')}, {fmt(high, '+')}]."
+        f"{fmt(difference['mean'], '+')}{unit}, 95% interval [{fmt(low, '+')}, {fmt(high, '+')}].{few}"
     )
