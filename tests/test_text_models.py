@@ -552,6 +552,13 @@ def test_a_sweep_over_datasets_datasets_tells_their_labels_apart(tmp_path, caplo
         raise AssertionError("the fingerprint ran the dataset's transform")
 
     assert describe_data(v=val.with_transform(broken)) == describe_data(v=val)
+    # token tags as a list of ClassLabel per row (`ner_tags`), under any column name
+    tags = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                              "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B"]))})  # fmt: skip
+    ner = [datasets.Dataset.from_dict({"tokens": [["a", "b"]] * 2, "ner_tags": t}, features=tags)
+           for t in ([[0, 1], [1, 1]], [[0, 1], [0, 1]])]  # fmt: skip
+    assert describe_data(v=ner[0])["v"]["labels"] is not None
+    assert describe_data(v=ner[0]) != describe_data(v=ner[1])
 
     def run(eval_dataset):
         config = SweepConfig(**arguments(tmp_path, "sweep"), sweep_taus=[0], sweep_report=False, sweep_progress=False,

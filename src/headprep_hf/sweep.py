@@ -412,9 +412,9 @@ _HF_LABEL_COLUMNS = ("labels", "label")  # (the names transformers' collators an
 
 
 def _hf_label_digest(dataset) -> str | None:
-    """sha256 of the label columns of a `datasets.Dataset` (`labels`, `label` and `ClassLabel` columns), read from its
-    Arrow table through the index mapping of `select`/`shuffle`, without its transform (images are not decoded), or
-    None for another kind of dataset or one without such a column."""
+    """sha256 of the label columns of a `datasets.Dataset` (`labels`, `label`, `ClassLabel` columns and lists of them
+    such as `ner_tags`), read from its Arrow table through the index mapping of `select`/`shuffle`, without its
+    transform (images are not decoded), or None for another kind of dataset or one without such a column."""
     if "datasets" not in sys.modules:  # (not installed or not used: then this is no `datasets.Dataset`)
         return None
     import datasets
@@ -422,9 +422,13 @@ def _hf_label_digest(dataset) -> str | None:
     if not isinstance(dataset, datasets.Dataset):
         return None
     features = dataset.features or {}
-    names = [
-        n for n in dataset.column_names if n in _HF_LABEL_COLUMNS or isinstance(features.get(n), datasets.ClassLabel)
-    ]
+
+    def class_labels(feature) -> bool:  # a ClassLabel column, or a list of them per row (token tags: `ner_tags`)
+        return isinstance(feature, datasets.ClassLabel) or isinstance(
+            getattr(feature, "feature", None), datasets.ClassLabel
+        )
+
+    names = [n for n in dataset.column_names if n in _HF_LABEL_COLUMNS or class_labels(features.get(n))]
     if not names:
         return None
     table = dataset.with_format("arrow")
