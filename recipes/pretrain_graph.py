@@ -1,6 +1,7 @@
 """Supervised multi-task pretraining of the source GCN (the paper's "Sup-pcba"), saved for --model_name_or_path.
 
     python recipes/pretrain_graph.py --output_dir models/sup-chembl          # offline: 24 MoleculeACE targets
+    python recipes/pretrain_graph.py --output_dir /tmp/sup-quick --max_graphs 1000 --epochs 1   # a quick try
     accelerate launch recipes/pretrain_graph.py --dataset_name ogbg-molpcba --dataset_root DIR \\
         --output_dir models/sup-pcba --epochs 100                               # the paper's source (128 tasks)
 
@@ -18,8 +19,7 @@ from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from headprep_hf.cli import parse_with_config
-from headprep_hf.data.graphs import ogb_splits
-from headprep_hf.tasks.graph import load_graph_dataset, pretrain_graph_model
+from headprep_hf.tasks.graph import pretrain_graph_model, source_splits
 
 
 @dataclass
@@ -34,6 +34,13 @@ class PretrainArguments:
     hidden_size: int = field(default=300, metadata={"help": "GCN width."})
     dropout: float = field(default=0.5, metadata={"help": "Dropout after each layer."})
     epochs: int = field(default=3, metadata={"help": "Training epochs."})
+    max_graphs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train on the first N training graphs only (quick runs); offline, only a seeded sample of the "
+            "source molecules is converted."
+        },
+    )
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate (cosine schedule)."})
     batch_size: int = field(default=128, metadata={"help": "Per-device batch size."})
     seed: int = field(default=0, metadata={"help": "Seed."})
@@ -46,9 +53,9 @@ def main(args: PretrainArguments) -> dict:
     if (Path(args.output_dir) / "model.safetensors").exists():
         raise FileExistsError(f"{args.output_dir} already holds a model; choose another --output_dir")
     PartialState(cpu=args.use_cpu)  # the launch's processes: the main one converts the data first
-    dataset, problem_type = load_graph_dataset(args.dataset_name, args.dataset_root, args.cache_dir, "source")
+    splits, problem_type = source_splits(args.dataset_name, args.dataset_root, args.cache_dir, args.max_graphs)
     metrics = pretrain_graph_model(
-        ogb_splits(dataset), args.output_dir, problem_type, args.num_layers, args.hidden_size, args.dropout,
+        splits, args.output_dir, problem_type, args.num_layers, args.hidden_size, args.dropout,
         args.epochs, args.learning_rate, args.batch_size, args.seed, args.use_cpu,
     )  # fmt: skip
     print(json.dumps(metrics, indent=1))

@@ -317,6 +317,17 @@ def test_pretrain_recipe_then_finetune_recipe_on_a_converted_dataset(tmp_path, c
     assert "eval_roc_auc" in metrics and (model_dir / "model.safetensors").is_file()
     with pytest.raises(FileExistsError, match="already holds a model"):
         pretrain_graph.main(*parse_with_config(HfArgumentParser(pretrain_graph.PretrainArguments), pre_argv))
+    # --max_graphs: a quick run on the first N training graphs (the recipe had no size flag)
+    from headprep_hf.tasks.graph import source_splits
+
+    splits, problem_type = source_splits(str(source), max_graphs=5)
+    assert (
+        len(splits["train"]) == 5 and len(splits["validation"]) == 8 and problem_type == "multi_label_classification"
+    )
+    assert list(splits["train"].indices) == list(source_splits(str(source))[0]["train"].indices[:5])
+    quick = ["--output_dir", str(tmp_path / "sup-quick"), *pre_argv[2:], "--max_graphs", "5"]
+    pretrain_graph.main(*parse_with_config(HfArgumentParser(pretrain_graph.PretrainArguments), quick))
+    assert (tmp_path / "sup-quick" / "model.safetensors").is_file()
 
     argv = ["--model_name_or_path", str(model_dir), "--dataset_name", str(target), "--hp_epochs", "1"]
     argv += ["--num_train_epochs", "1", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]

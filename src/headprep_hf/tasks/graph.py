@@ -165,6 +165,26 @@ def pretrain_graph_model(
     return metrics
 
 
+def source_splits(
+    dataset_name: str | None, dataset_root: str | None = None, cache_dir=None, max_graphs: int | None = None
+) -> tuple[dict, str]:
+    """The source task's splits and problem type: `dataset_name` as `load_graph_dataset` reads it, or unset = the
+    offline 24 MoleculeACE source targets. With `max_graphs` the training split holds its first `max_graphs` graphs
+    (quick runs); offline, only a seeded sample of the source molecules is then converted (the full conversion of
+    about 30k molecules takes minutes): enough that its scaffold split's training part (about 80%) holds them."""
+    from ..data.graphs import GraphPropertyDataset, ogb_splits
+
+    if max_graphs is not None and max_graphs < 1:
+        raise ValueError(f"max_graphs must be >= 1, got {max_graphs}.")
+    molecules = None if max_graphs is None or dataset_name is not None else math.ceil(max_graphs / 0.75) + 16
+    dataset, problem_type = load_graph_dataset(dataset_name, dataset_root, cache_dir, "source", molecules)
+    splits = ogb_splits(dataset)
+    if max_graphs is not None:
+        train = splits["train"]
+        splits["train"] = GraphPropertyDataset(train.dataset, train.indices[:max_graphs])
+    return splits, problem_type
+
+
 def pretrain_chembl_source(
     cache_dir: str | None = None,
     epochs: int = 3,
@@ -180,24 +200,14 @@ def pretrain_chembl_source(
     Under a multi-process launch every process calls it: the main process converts the source data first (the others
     then read its folder, see `load_graph_dataset`), all of them pretrain together (`use_cpu`: as the run's training
     arguments, so that CPU ranks train as one DDP run), and the main process publishes the cache entry."""
-    from ..data.graphs import ogb_splits
     from ..models.source import default_cache_dir
 
     root = default_cache_dir(cache_dir)
-    # With max_graphs, only a sample of the source molecules is converted (the full conversion of about 30k molecules
-    # takes minutes): enough that its scaffold split's training part (about 80%) holds max_graphs graphs.
-    molecules = None if max_graphs is None else math.ceil(max_graphs / 0.75) + 16
     suffix = f"-sub{max_graphs}" if max_graphs is not None else ""
     final = root / f"chembl24-gcn-L{num_layers}-H{hidden_size}-e{epochs}-s{seed}{suffix}"
     if (final / MODEL_WEIGHTS).is_file():
         return final
-    source = load_graph_dataset(None, cache_dir=root, offline_part="source", source_molecules=molecules)[0]
-    splits = ogb_splits(source)
-    if max_graphs is not None:
-        from ..data.graphs import GraphPropertyDataset
-
-        train = splits["train"]
-        splits["train"] = GraphPropertyDataset(train.dataset, train.indices[:max_graphs])
+    splits = source_splits(None, cache_dir=root, max_graphs=max_graphs)[0]
     root.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
     state = _process_state()
