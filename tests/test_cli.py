@@ -409,6 +409,22 @@ def test_recipe_flags_that_would_fail_after_the_data_is_built_are_refused_when_p
         image_classification.make_parser(), out + ["--lr_scheduler_type", "reduce_lr_on_plateau", "--hp_epochs", "0"]
     )[1]
     assert args.hp_epochs == 0  # (without HP, Trainer runs the plateau schedule as it does)
+    cached = ["--lr_scheduler_type", "reduce_lr_on_plateau", "--hp_cache_features", "true"]
+    args = image_classification.parse_args(image_classification.make_parser(), out + cached)[1]
+    assert args.hp_epochs > 0 and args.hp_cache_features  # (cached HP runs before FT's loop: any schedule works)
+    # a --config through a pipe or process substitution (/dev/fd/N) is read; a folder is named as one
+    read, write = os.pipe()
+    os.write(write, b'{"learning_rate": 0.005}')
+    os.close(write)
+    try:
+        args = image_classification.parse_args(
+            image_classification.make_parser(), ["--config", f"/dev/fd/{read}", *out]
+        )[1]
+    finally:
+        os.close(read)
+    assert args.learning_rate == 0.005
+    code, err = parse(["--config", str(tmp_path), *out])
+    assert code == 2 and "a folder, not a .yaml or .json file" in err
     broken = tmp_path / "broken.yaml"
     broken.write_text("learning_rate: [1e-3\n")
     code, err = parse(["--config", str(broken), *out])

@@ -593,3 +593,20 @@ def test_a_regression_sweep_refuses_the_exchange_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="sweep_exchange=False"):
         sweep.run()
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_takes_a_schedule_that_needs_evaluations_and_keeps_one_view_of_the_cache(tmp_path, data):
+    # The HP run replaced eval_strategy by "no", which TrainingArguments refuses with reduce_lr_on_plateau: the
+    # sweep failed after the data and the model were built. And the FT jobs' kept head inputs held the labels of
+    # every cached view (the features were cut to view 0, the labels were a view into all of them).
+    train, val, test = data
+    config = sweep_config(
+        tmp_path / "s", sweep_taus=[0, 1], eval_strategy="epoch", sweep_report=False,
+        lr_scheduler_type="reduce_lr_on_plateau", hp_cache_features=True, hp_cache_views=3,
+    )  # fmt: skip
+    sweep = TauSweep(tiny_timm(), config, train, val, test, compute_metrics=accuracy_metrics())
+    result = sweep.run()
+    assert [r["tau"] for r in result["results"]] == [0, 1]
+    kept = sweep._head_inputs[config.seeds[0]]
+    for tensor in (kept.features, kept.labels):
+        assert tensor.untyped_storage().nbytes() == tensor.nbytes  # view 0's own storage, not the stack's

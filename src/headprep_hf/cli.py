@@ -177,11 +177,13 @@ def parse_with_config(
             parser.error("--config needs a .json or .yaml file")
         path = argv[i + 1]
         del argv[i : i + 2]
-        if not os.path.isfile(path):
-            parser.error(f"--config {path}: no such file")
         try:
-            with open(path) as f:
+            with open(path) as f:  # (also a pipe or process substitution, /dev/fd/N)
                 values = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        except FileNotFoundError:
+            parser.error(f"--config {path}: no such file")
+        except IsADirectoryError:
+            parser.error(f"--config {path}: a folder, not a .yaml or .json file")
         except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
             kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON (a .yaml or .yml name is read as YAML)"
             parser.error(f"--config {path}: not valid {kind}: {error}")
@@ -213,7 +215,10 @@ def parse_with_config(
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:
         # A setting its dataclass refuses (`__post_init__`: e.g. an unsorted --sweep_taus): argparse's one-line error,
-        # as for a mistyped flag, instead of a traceback through the dataclass machinery.
+        # as for a mistyped flag, instead of a traceback through the dataclass machinery (HEADPREP_TRACEBACK=1 keeps
+        # the traceback, e.g. for an error of the device setup, which runs there too).
+        if os.environ.get("HEADPREP_TRACEBACK"):
+            raise
         parser.error(str(error))
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
@@ -232,7 +237,9 @@ def parse_with_config(
 def _silence_library_bars() -> None:
     """`--disable_tqdm true` on the command line: also the bars the libraries draw on their own (transformers' "Writing
     model shards" at every save, datasets' map/load bars, huggingface_hub's downloads), which `Trainer`'s flag does
-    not reach. Their public switches; process-wide, which a command's process is. OGB's conversion bars have none."""
+    not reach. Their public switches, process-wide: a command's process is one run (a Python caller of
+    `parse_with_config` gets them switched off too; each library's `enable_progress_bar(s)` turns them back on). OGB's
+    conversion bars have no switch."""
     import datasets
     import huggingface_hub.utils
     import transformers.utils.logging
@@ -253,12 +260,15 @@ def _check_recipe_schedule(parser: argparse.ArgumentParser, parsed) -> None:
     for args in parsed:
         if not isinstance(args, HeadPrepConfig) or isinstance(args, SweepConfig) or args.hp_epochs <= 0:
             continue
+        if args.hp_cache_features:
+            continue  # (cached HP runs before the loop: FT's loop is Trainer's own, with any schedule)
         kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
         if kind not in STEP_SCHEDULES:
             parser.error(
                 f"--lr_scheduler_type {kind} is not a function of the step, so FT cannot follow HP with it in one run "
                 f"(the recipe trains both stages in one loop; --hp_epochs is {args.hp_epochs}). Use one of "
-                f"{', '.join(STEP_SCHEDULES)}, or --hp_epochs 0."
+                f"{', '.join(STEP_SCHEDULES)}, --hp_cache_features true (HP on cached features, before FT's loop), "
+                "or --hp_epochs 0."
             )
 
 

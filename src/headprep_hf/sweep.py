@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -571,6 +572,8 @@ class TauSweep:
                 check_first_batch=head_output_check(trainer, net, "sweep_exchange=True: ", EXCHANGE_FIX),
                 sink=lambda batch: None,
             )
+            del trainer, net  # (its model copy is held in reference cycles: collected now, before HP allocates)
+            gc.collect()
 
     # ------------------------------------------------------------------ public
     def run(self) -> dict[str, Any]:
@@ -645,6 +648,10 @@ class TauSweep:
             hp_epochs=max_tau,
             seed=seed,
             eval_strategy="no",
+            # The HP run never reads FT's schedule, and without evaluations TrainingArguments refuses one that needs
+            # them (reduce_lr_on_plateau): the FT jobs keep the sweep's.
+            lr_scheduler_type="constant",
+            lr_scheduler_kwargs={},
             save_strategy="no",
             load_best_model_at_end=False,
             track_dynamics=False,
@@ -678,8 +685,8 @@ class TauSweep:
         if trainer.is_world_process_zero():
             _remove_if_empty(Path(hp_args.output_dir))  # (Trainer makes its output_dir; this run writes nothing there)
         kept = trainer.measurements.head_inputs
-        if kept is not None:  # view 0 alone (not the whole stack of cached views), for this seed's FT jobs
-            kept = dataclasses.replace(kept, features=kept.features.clone())
+        if kept is not None:  # view 0 alone (not the whole stack of cached views and their labels), for the FT jobs
+            kept = dataclasses.replace(kept, features=kept.features.clone(), labels=kept.labels.clone())
         self._head_inputs = {seed: kept}
         missing = [t for t in self.args.sweep_taus if (t, seed) not in self._snapshots]
         if missing:
