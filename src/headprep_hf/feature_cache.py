@@ -92,7 +92,7 @@ def available_host_memory() -> int | None:
     return available
 
 
-def check_cache_fits(shape: tuple[int, ...], accelerator, label_bytes: int = 0) -> None:
+def check_cache_fits(shape: tuple[int, ...], label_bytes: int = 0) -> None:
     """Refuse a feature cache of `shape` (float32, in host memory, whole on every process of this machine) that would
     take more than `CACHE_MEMORY_SHARE` of the available memory: filling it would end in the kernel's out-of-memory
     kill after most of the backbone pass (DeepLabV3 at 320 px on PASCAL VOC: 13 MB per image, 77 GiB for 4 views)."""
@@ -224,7 +224,7 @@ class CachedHeadProbing:
                 z, y = batch["features"], batch["labels"]
                 if not cache:
                     shape = (num_views, size, *z.shape[1:])
-                    check_cache_fits(shape, trainer.accelerator, y[0].numel() * y.element_size())
+                    check_cache_fits(shape, y[0].numel() * y.element_size())
                     cache["features"] = torch.empty(shape, dtype=torch.float32)
                     cache["labels"] = torch.empty((num_views, size, *y.shape[1:]), dtype=y.dtype)
                 features, labels = cache["features"], cache["labels"]
