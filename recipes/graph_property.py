@@ -21,7 +21,7 @@ import sys
 from transformers import HfArgumentParser
 
 from headprep_hf import HeadPrepConfig
-from headprep_hf.cli import parse_with_config
+from headprep_hf.cli import parse_with_config, run_command
 from headprep_hf.tasks.base import recipe_parser, summary_text, train_and_evaluate
 from headprep_hf.tasks.graph import GRAPH_DEFAULTS, GraphArguments, load_graph
 
@@ -42,4 +42,4 @@ def main(script_args: GraphArguments, training_args: HeadPrepConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_with_config(make_parser(), sys.argv[1:]))
+    run_command(main, *parse_with_config(make_parser(), sys.argv[1:]))

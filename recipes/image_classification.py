@@ -26,7 +26,7 @@ import sys
 from transformers import HfArgumentParser
 
 from headprep_hf import HeadPrepConfig
-from headprep_hf.cli import parse_with_config
+from headprep_hf.cli import parse_with_config, run_command
 from headprep_hf.tasks.base import summary_text, train_and_evaluate
 from headprep_hf.tasks.image_classification import (
     IMAGE_CLASSIFICATION_DEFAULTS,
@@ -59,4 +59,4 @@ def main(script_args: ScriptArguments, training_args: HeadPrepConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_args(make_parser(), sys.argv[1:]))
+    run_command(main, *parse_args(make_parser(), sys.argv[1:]))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from headprep_hf.cli import parse_with_config
+from headprep_hf.cli import parse_with_config, run_command
 from headprep_hf.tasks.graph import pretrain_graph_model, source_splits
 
 
@@ -63,4 +63,4 @@ def main(args: PretrainArguments) -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_with_config(HfArgumentParser(PretrainArguments), sys.argv[1:]))
+    run_command(main, *parse_with_config(HfArgumentParser(PretrainArguments), sys.argv[1:]))

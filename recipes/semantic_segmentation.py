@@ -20,7 +20,7 @@ import sys
 from transformers import HfArgumentParser
 
 from headprep_hf import HeadPrepConfig
-from headprep_hf.cli import parse_with_config
+from headprep_hf.cli import parse_with_config, run_command
 from headprep_hf.tasks.base import recipe_parser, summary_text, train_and_evaluate
 from headprep_hf.tasks.segmentation import SEGMENTATION_DEFAULTS, SegmentationArguments, load_segmentation
 
@@ -40,4 +40,4 @@ def main(script_args: SegmentationArguments, training_args: HeadPrepConfig) -> d
 
 
 if __name__ == "__main__":
-    main(*parse_with_config(make_parser(), sys.argv[1:]))
+    run_command(main, *parse_with_config(make_parser(), sys.argv[1:]))

@@ -19,7 +19,7 @@ Every argument of `headprep sweep` works here (this script is that command); `--
 
 import sys
 
-from headprep_hf.cli import sweep_main
+from headprep_hf.cli import run_command, sweep_main
 
 if __name__ == "__main__":
-    sweep_main(sys.argv[1:])
+    run_command(sweep_main, sys.argv[1:])

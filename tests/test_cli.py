@@ -463,3 +463,64 @@ def test_disable_tqdm_on_the_command_line_also_silences_the_libraries_bars(tmp_p
         transformers.utils.logging.enable_progress_bar()
         datasets.enable_progress_bars()
         huggingface_hub.utils.enable_progress_bars()
+
+
+def test_refusals_after_parsing_end_in_one_line(tmp_path):
+    # A refusal raised after parsing (a data folder that is not there) printed a 40-line traceback through the data
+    # loading; the command line now prints the refusal alone (exit 1), and writes nothing.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("HEADPREP_TRACEBACK", None)
+    cmd = [sys.executable, str(ROOT / "recipes" / "image_classification.py"), "--train_dir", str(tmp_path / "none")]
+    proc = subprocess.run([*cmd, "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()[-2:]
+    assert lines[0] == f"image_classification.py: error: train_dir={str(tmp_path / 'none')!r} is not a folder"
+    assert "HEADPREP_TRACEBACK=1" in lines[1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_command_shortens_only_its_own_refusals(tmp_path, monkeypatch, capsys):
+    from headprep_hf import cli
+
+    (tmp_path / "mod.py").write_text(
+        "def refuse():\n    raise ValueError('x=1 is refused: pass x=2')\n\n"
+        "def fails():\n    return int('not a number')\n\n"
+        "def chained():\n    try:\n        fails()\n    except ValueError as error:\n"
+        "        raise FileNotFoundError('checkpoint-5 cannot be read') from error\n"
+    )  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mod
+
+    monkeypatch.delenv("HEADPREP_TRACEBACK", raising=False)
+    # Raised by code outside headprep_hf: a library's or Python's error keeps its traceback (it is a bug report).
+    with pytest.raises(ValueError, match="refused"):
+        cli.run_command(mod.refuse, prog="cmd")
+    monkeypatch.setattr(cli, "_PACKAGE_ROOT", tmp_path)  # now mod.py counts as headprep_hf's own code
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_command(mod.refuse, prog="cmd")
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines()[0] == "cmd: error: x=1 is refused: pass x=2"
+    # An error of Python's inside our own code (not a `raise` of ours) is a bug: its traceback stays.
+    with pytest.raises(ValueError, match="invalid literal"):
+        cli.run_command(mod.fails, prog="cmd")
+    with pytest.raises(SystemExit):
+        cli.run_command(mod.chained, prog="cmd")
+    assert "checkpoint-5 cannot be read (caused by ValueError: invalid literal" in capsys.readouterr().err
+    monkeypatch.setenv("HEADPREP_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="refused"):
+        cli.run_command(mod.refuse, prog="cmd")
+
+
+def test_console_command_refusal_after_parsing(tmp_path, monkeypatch, capsys):
+    from headprep_hf.cli import console_main
+
+    monkeypatch.delenv("HEADPREP_TRACEBACK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["headprep", "exchange", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"headprep exchange: error: {tmp_path}/sweep.json not found" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError):  # Python callers of main() get the exception
+        main(["exchange", str(tmp_path)])

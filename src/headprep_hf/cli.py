@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -479,6 +480,49 @@ def report_main(argv: list[str]) -> list[Path]:
 
 COMMANDS = {"sweep": sweep_main, "exchange": exchange_main, "report": report_main}
 
+_PACKAGE_ROOT = Path(__file__).resolve().parent
+# What a deliberate refusal raises (`CheckpointError` and `OutputsDoNotFitLabels` are ValueErrors, `NonFiniteError`
+# and `LaunchError` RuntimeErrors, the feature cache's size check a MemoryError, a missing extra an ImportError).
+_REFUSALS = (ValueError, OSError, MemoryError, RuntimeError, ImportError)
+
+
+def _own_refusal(error: BaseException, scripts: tuple[Path, ...]) -> bool:
+    """Whether `error` comes from a `raise` statement of headprep_hf itself or of `scripts` (a deliberate refusal
+    whose message names the setting and the fix), not from a library below it or from Python (a bug, whose traceback
+    is the useful part)."""
+    if not isinstance(error, _REFUSALS) or isinstance(error, (NotImplementedError, RecursionError)):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    last = frames[-1]
+    path = Path(last.filename).resolve()
+    ours = path.is_relative_to(_PACKAGE_ROOT) or path in scripts
+    return ours and (last.line or "").lstrip().startswith("raise")
+
+
+def run_command(function, *args, prog: str | None = None):
+    """`function(*args)` for a command line: a refusal raised by headprep_hf itself (or by the script that runs it)
+    after parsing (a data folder that is not there, a checkpoint that fails verification, a cache that does not fit,
+    a diverged run) ends in one line on stderr naming it, exit status 1, as the refusals at parse time do (status 2)
+    instead of a traceback through the data loading or the training loop. Errors from other libraries and Python keep
+    their traceback, and so does every error with `HEADPREP_TRACEBACK=1`."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    scripts = (Path(main_file).resolve(),) if main_file else ()
+    try:
+        return function(*args)
+    except _REFUSALS as error:
+        if os.environ.get("HEADPREP_TRACEBACK") or not _own_refusal(error, scripts):
+            raise
+        prog = prog or Path(sys.argv[0]).name
+        message = str(error) or type(error).__name__
+        cause = error.__cause__
+        if cause is not None and str(cause) and str(cause) not in message:
+            message += f" (caused by {type(cause).__name__}: {cause})"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: ({type(error).__name__}; HEADPREP_TRACEBACK=1 prints the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -492,5 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The `headprep` console script: `main()`, with the refusals raised after parsing as one line (`run_command`).
+    Python callers of `main(argv)` get the exceptions themselves."""
+    argv = sys.argv[1:]
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    return run_command(main, argv, prog=f"headprep {command}" if command else "headprep")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
