@@ -3,6 +3,7 @@ the OGB-format converter read back by OGB's own loader, offline."""
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -590,26 +591,15 @@ def test_smiles_file_may_be_comma_tab_or_space_separated(tmp_path):
         write_ogb_dataset(["mol0;x", "mol1;y"], np.zeros((2, 1)), tmp_path, "ids")
 
 
-def test_offline_source_pretrains_on_every_rank_with_use_cpu_after_the_main_process_converted(tmp_path, monkeypatch):
-    """Multi-process launches on an empty cache: the conversion (and OGB's processing) runs on the main process
-    first, the others read its result; the source pretraining gets the run's use_cpu (2 CPU ranks train together)."""
-    import contextlib
-
-    from accelerate import PartialState
-
+def test_offline_source_pretrains_with_the_runs_use_cpu_after_converting(tmp_path, monkeypatch):
+    """On an empty cache the source data is converted (and read by OGB's loader) before the source pretraining, which
+    gets the run's use_cpu (CPU ranks train together). The order of the processes of a multi-process launch:
+    `test_offline_graph_data_and_source_model_on_two_machines_with_their_own_caches`."""
     import headprep_hf.data.graphs as graphs
     import headprep_hf.tasks.graph as graph_task
 
     make_config(tmp_path, use_cpu=True)  # the process state the recipe's training arguments set up
     events = []
-
-    @contextlib.contextmanager
-    def main_process_first(self):
-        events.append("first:enter")
-        yield
-        events.append("first:exit")
-
-    monkeypatch.setattr(PartialState, "main_process_first", main_process_first)
     dataset, _ = tiny_graph_data(tmp_path / "data", num_tasks=2)
 
     def build_chembl_graph_tasks(cache_dir, parts, source_molecules=None):
@@ -629,10 +619,62 @@ def test_offline_source_pretrains_on_every_rank_with_use_cpu_after_the_main_proc
     monkeypatch.setattr(graph_task, "pretrain_graph_model", pretrain_graph_model)
     args = graph_task.GraphArguments(cache_dir=str(tmp_path / "cache"), num_layers=2, hidden_size=16)
     inputs = graph_task.load_graph(args, seed=0)
-    assert events == [
-        "first:enter", "convert:downstream", "load", "first:exit",
-        "first:enter", "convert:source", "load", "first:exit",
-        "pretrain:use_cpu=True",
-    ]  # fmt: skip
+    assert events == ["convert:downstream", "load", "convert:source", "load", "pretrain:use_cpu=True"]
     assert inputs.model.classifier.out_features == 2
     assert len(list((tmp_path / "cache").glob("chembl24-gcn-*"))) == 1 and not list((tmp_path / "cache").glob(".p*"))
+
+
+_TWO_MACHINE_WORKER = """
+import os, sys
+from accelerate import PartialState
+state = PartialState(cpu=True)
+from headprep_hf.tasks.graph import load_graph_dataset, pretrain_chembl_source
+cache = os.environ["NODE_CACHE"]
+dataset, _ = load_graph_dataset(None, cache_dir=cache)
+final = pretrain_chembl_source(cache_dir=cache, epochs=1, num_layers=2, hidden_size=16, max_graphs=64, use_cpu=True)
+print(f"rank {state.process_index}: {len(dataset)} graphs, model {(final / 'model.safetensors').is_file()}")
+"""
+
+
+@pytest.mark.slow
+def test_offline_graph_data_and_source_model_on_two_machines_with_their_own_caches(tmp_path):
+    # Two machines of two processes each (torchrun --nnodes 2 on this host), each machine with its own cache folder
+    # (a node-local disk). Before, the main process converted first and then BOTH processes of the second machine
+    # converted into its empty cache at once (FileExistsError in the conversion folder); and only the main process
+    # published the pretrained source model, so the second machine's processes got the path of a model that was not
+    # there. Now the first process of each machine converts and publishes.
+    import socket
+    import subprocess
+    import sys
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_TWO_MACHINE_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "NODE_CACHE": str(tmp_path / f"cache{node}"), "OMP_NUM_THREADS": "1"}
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               str(worker)]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    lines = sorted(line for output in outputs for line in output.splitlines() if line.startswith("rank "))
+    assert len(lines) == 4 and all(line.endswith("model True") for line in lines), lines
+    assert len({line.split(": ", 1)[1] for line in lines}) == 1  # every rank read the same graphs
+    for node in (0, 1):
+        cache = tmp_path / f"cache{node}"
+        assert (cache / "chembl24-gcn-L2-H16-e1-s0-sub64" / "model.safetensors").is_file()
+        assert not [p.name for p in cache.iterdir() if p.name.startswith(".partial")]

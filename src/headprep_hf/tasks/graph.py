@@ -10,7 +10,6 @@ where a molecule was not measured; the paper's "Sup-pcba" role) and cached; the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -132,9 +131,11 @@ def pretrain_graph_model(
     batch_size: int = 128,
     seed: int = 0,
     use_cpu: bool = False,
+    save_on_each_node: bool = False,
 ) -> dict:
     """Supervised multi-task pretraining of a GCN (the paper's Sup-pcba source) on `splits["train"]`, evaluated on
-    `splits["validation"]`; saves `output_dir/{config.json, model.safetensors}`. Returns the validation metrics.
+    `splits["validation"]`; saves `output_dir/{config.json, model.safetensors}` (on the main process; on the main
+    process of each machine with `save_on_each_node`, as `TrainingArguments`' flag). Returns the validation metrics.
 
     Runs through `HeadPrepTrainer` with `hp_epochs=0` (everything trains, no measurements), so masked losses,
     DDP and mixed precision are the same as downstream."""
@@ -152,6 +153,7 @@ def pretrain_graph_model(
             lr_scheduler_type="cosine", per_device_train_batch_size=batch_size, per_device_eval_batch_size=256,
             track_dynamics=False, save_prepared_head=False, save_strategy="no", report_to="none", logging_steps=50,
             seed=seed, use_cpu=use_cpu, dataloader_num_workers=0, problem_type=problem_type,
+            save_on_each_node=save_on_each_node,
         )  # fmt: skip
         trainer = HeadPrepTrainer(
             model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
@@ -159,7 +161,7 @@ def pretrain_graph_model(
         )  # fmt: skip
         trainer.train()
         metrics = trainer.evaluate()
-        if trainer.is_world_process_zero():  # (after DDP training every process holds the same weights)
+        if args.should_save:  # (after DDP training every process holds the same weights)
             save_graph_model(model, output_dir, info={"validation": metrics, "epochs": epochs, "seed": seed})
         trainer.accelerator.wait_for_everyone()
     return metrics
@@ -197,31 +199,40 @@ def pretrain_chembl_source(
 ) -> Path:
     """The offline source GCN, pretrained once on the 24 MoleculeACE source targets and cached (`$HEADPREP_CACHE`).
 
-    Under a multi-process launch every process calls it: the main process converts the source data first (the others
-    then read its folder, see `load_graph_dataset`), all of them pretrain together (`use_cpu`: as the run's training
-    arguments, so that CPU ranks train as one DDP run), and the main process publishes the cache entry."""
-    from ..models.source import default_cache_dir
+    Under a multi-process launch every process calls it: each machine's first process converts the source data (the
+    others then read its folder, see `load_graph_dataset`), all of them pretrain together (`use_cpu`: as the run's
+    training arguments, so that CPU ranks train as one DDP run), and the main process of each machine publishes the
+    cache entry (a machine's cache may be its own disk). They pretrain when any process lacks the entry: every
+    process takes the same turn."""
+    from ..models.source import _publish, default_cache_dir
 
     root = default_cache_dir(cache_dir)
     suffix = f"-sub{max_graphs}" if max_graphs is not None else ""
     final = root / f"chembl24-gcn-L{num_layers}-H{hidden_size}-e{epochs}-s{seed}{suffix}"
-    if (final / MODEL_WEIGHTS).is_file():
+    state = _process_state()
+    cached = (final / MODEL_WEIGHTS).is_file()
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        cached = all(gather_object([cached]))  # (one machine may hold the entry and another not)
+    if cached:
         return final
     splits = source_splits(None, cache_dir=root, max_graphs=max_graphs)[0]
     root.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
-    state = _process_state()
     try:
         # Every process trains (not main process first: the main process's DDP collectives would wait for the others
-        # while they wait at the barrier); the main process saves into its `partial` and publishes it.
+        # while they wait at the barrier); the main process of each machine saves into its own `partial`.
         pretrain_graph_model(splits, partial, "multi_label_classification", num_layers, hidden_size, dropout,
-                             epochs, seed=seed, use_cpu=use_cpu)  # fmt: skip
-        if (state is None or state.is_main_process) and not (final / MODEL_WEIGHTS).is_file():
-            os.replace(partial, final)  # the cache holds a finished model or nothing
+                             epochs, seed=seed, use_cpu=use_cpu, save_on_each_node=True)  # fmt: skip
+        # The main process of each machine publishes: a machine's cache may be its own disk. Where machines share
+        # the folder, the first to publish keeps its complete copy (`_publish`).
+        if state is None or state.is_local_main_process:
+            _publish(partial, final, replace=False)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     if state is not None:
-        state.wait_for_everyone()  # no process reads the entry before the main process has published it
+        state.wait_for_everyone()  # no process reads the entry before its machine's main process has published it
     return final
 
 
@@ -233,11 +244,23 @@ def _process_state():
     return PartialState() if PartialState._shared_state else None
 
 
-def _main_process_first():
-    """Run the block on the main process first, then on the others (accelerate's `main_process_first`: one process
-    converts the data and lets OGB write its processed file, the others read them), or plainly in one process."""
+def _each_machine_first(function):
+    """`function()` in every process, in three turns: the main process first, then the main process of each other
+    machine, then the rest (in one process: once). The first process of a machine converts the data and lets OGB write
+    its processed file, the others of that machine read them: several processes converting into one folder at once
+    fail. A cache on a disk the machines share is converted once, by the main process; one on each machine's own disk
+    once per machine (accelerate's `main_process_first` let every process of the other machines convert at once,
+    `local_main_process_first` would let the machines' main processes convert into a shared folder at once)."""
     state = _process_state()
-    return state.main_process_first() if state is not None else contextlib.nullcontext()
+    if state is None or state.num_processes == 1:
+        return function()
+    turn = 0 if state.is_main_process else 1 if state.is_local_main_process else 2
+    result = None
+    for current in range(3):
+        if turn == current:
+            result = function()
+        state.wait_for_everyone()
+    return result
 
 
 def load_graph_dataset(
@@ -252,17 +275,19 @@ def load_graph_dataset(
     `source_molecules`: a seeded sample of that many source molecules, see `build_chembl_graph_tasks`).
 
     Under a multi-process launch (once the training arguments have set up accelerate's state) the main process
-    converts the data and lets OGB write its processed file first; the others then read them (several processes
-    converting into one folder at once fail)."""
+    converts the data and lets OGB write its processed file first, then the main process of each other machine (a
+    machine's cache or `dataset_root` may be its own disk), then the others read them (several processes converting
+    into one folder at once fail: `_each_machine_first`)."""
     from ..data.graphs import build_chembl_graph_tasks, load_ogb_dataset
     from ..models.source import default_cache_dir
 
-    with _main_process_first():
+    def load():
         if dataset_name is None:
             folders = build_chembl_graph_tasks(default_cache_dir(cache_dir), [offline_part], source_molecules)
-            dataset = load_ogb_dataset(str(folders[offline_part]))
-        else:
-            dataset = load_ogb_dataset(dataset_name, dataset_root)
+            return load_ogb_dataset(str(folders[offline_part]))
+        return load_ogb_dataset(dataset_name, dataset_root)
+
+    dataset = _each_machine_first(load)
     problem_type = "regression" if dataset.task_type == "regression" else "multi_label_classification"
     return dataset, problem_type
 
