@@ -240,6 +240,59 @@ def test_fc_classifier_with_own_loss_ignore_index_and_uneven_accumulation(tmp_pa
     assert ours.find_head().head_names == ["fc"]  # found when the measurements asked for it
 
 
+class WeightedTargets(FcClassifier):
+    """Its own class-weighted loss, from labels passed as `targets` (no "label" in the name)."""
+
+    def forward(self, input_x, targets=None):
+        logits = self.fc(self.body(input_x))
+        if targets is None:
+            return {"logits": logits}
+        return {"loss": F.cross_entropy(logits, targets, weight=torch.tensor([1.0, 5.0, 0.2])), "logits": logits}
+
+
+class KwargsWrapper(nn.Module):
+    """Takes its labels through `**kwargs` and hands them to a model computing its own loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = WeightedTargets()
+
+    def forward(self, input_x, **kwargs):
+        return self.inner(input_x, targets=kwargs.get("labels"))
+
+
+class TargetsData(XYData):
+    def __getitem__(self, i):
+        return {"input_x": self.x[i], "targets": self.y[i]}
+
+
+@pytest.mark.parametrize("model_cls", [WeightedTargets, KwargsWrapper])
+def test_labels_under_declared_label_names_reach_the_models_own_loss(tmp_path, model_cls):
+    # The model takes its labels as `targets` (label_names=["targets"]) or through **kwargs (label_names=["labels"]):
+    # Trainer hands them over and trains with the model's own weighted loss. Only names containing "label" were
+    # recognised before, so these models trained with the trainer's unweighted cross-entropy (weights 0.09 apart).
+    train, names = (TargetsData(), ["targets"]) if model_cls is WeightedTargets else (XYData(), ["labels"])
+    plain, ours = _pair(tmp_path, model_cls, train, args={"label_names": names})
+    assert not ours.uses_trainer_loss()
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+
+
+def test_a_kwargs_forward_without_declared_label_names_trains_with_the_trainers_loss(tmp_path):
+    # A wrapper around a timm-like model (`forward(x, **kwargs)` returning logits): Trainer cannot train it (no loss);
+    # without declared label_names it gets the trainer's cross-entropy, as a forward(x) does (README's table).
+    class LogitsKwargs(FcLogitsOnly):
+        def forward(self, input_x, **kwargs):
+            return self.fc(self.body(input_x))
+
+    model = LogitsKwargs()
+    trainer = HeadPrepTrainer(model=model, args=_args(HeadPrepConfig, tmp_path, "k"), train_dataset=XYData())
+    assert trainer.uses_trainer_loss()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_bf16_training_with_every_measurement_is_trainers(tmp_path):
     """bf16 autocast (the image recipes' GPU default, CPU autocast here): the measurement passes run inside
     `measurement_autocast` at the start of FT and every epoch end, and leave weights and logs as Trainer's."""

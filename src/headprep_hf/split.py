@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.utils import find_labels
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,22 @@ def extract_logits(outputs) -> torch.Tensor:
     if isinstance(outputs, (tuple, list)):
         return outputs[0]
     raise TypeError(f"Cannot find logits in a model output of type {type(outputs).__name__}.")
+
+
+def forward_takes_labels(model: nn.Module, label_names: list[str] | None) -> bool:
+    """Whether the model computes its own loss from the labels `Trainer` hands it: its forward has a parameter named
+    like a label (transformers' `find_labels`: `labels`, `label_ids`, QA's `start_positions`...) or one of the
+    declared `label_names` (`TrainingArguments.label_names`, e.g. `targets`), or it takes `**kwargs` and `label_names`
+    is declared. A `**kwargs` forward without declared label names is taken as one that does not (a wrapper around a
+    timm model, which `Trainer` cannot train: it returns no loss); README "Differences from transformers.Trainer"."""
+    if find_labels(type(model)):
+        return True
+    if not label_names:
+        return False
+    params = inspect.signature(model.forward).parameters
+    if any(name in params for name in label_names):
+        return True
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 class ModelCaller:

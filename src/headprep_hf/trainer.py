@@ -32,7 +32,6 @@ from transformers.trainer_utils import (
     has_length,
     rotate_checkpoints,
 )
-from transformers.utils import find_labels
 
 from .checkpoints import (
     begin_write,
@@ -62,7 +61,7 @@ from .losses import TrainerLossMixin, declared_problem_type
 from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
 from .progress import announce, format_values
 from .schedules import two_stage_scheduler
-from .split import HeadFinder, ModelCaller, ModelSplit
+from .split import HeadFinder, ModelCaller, ModelSplit, forward_takes_labels
 from .stages import PLANS, StageCallback, StagePlan, Stages
 
 logger = logging.getLogger(__name__)
@@ -265,7 +264,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         self._heads = HeadFinder(unwrapped, args.head_modules, args.reinit_modules, self._explicit_split)
         self._stages, self._problem_type = None, None
-        self.model_takes_labels = bool(find_labels(type(unwrapped)))
+        self.model_takes_labels = forward_takes_labels(unwrapped, self.args.label_names)
         self.model_caller = ModelCaller(unwrapped, self.label_names or ["labels"])
         needs_head = args.hp_epochs > 0 or args.head_type != "linear" or args.reinit_modules or args.head_modules
         if not needs_head:
