@@ -278,6 +278,20 @@ def extract_logits(outputs) -> torch.Tensor:
     raise TypeError(f"Cannot find logits in a model output of type {type(outputs).__name__}.")
 
 
+def language_model_kind(model: nn.Module) -> str | None:
+    """ "encoder-decoder" for a model whose config says `is_encoder_decoder` (T5, BART, Whisper's generation
+    model...), "causal" for a transformers causal language model (`AutoModelForCausalLM`'s classes: GPT-2, Llama...),
+    else None. Their logits are not the scores of the labels at the same positions: a causal LM shifts its labels
+    inside the forward, and an encoder-decoder model builds its decoder inputs from them."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return "causal" if type(model).__name__ in names else None
+
+
 def forward_takes_labels(model: nn.Module, label_names: list[str] | None) -> bool:
     """Whether the model computes its own loss from the labels `Trainer` hands it: its forward has a parameter named
     like a label (transformers' `find_labels`: `labels`, `label_ids`, QA's `start_positions`...) or one of the

@@ -61,7 +61,7 @@ from .losses import TrainerLossMixin, declared_problem_type
 from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
 from .progress import announce, format_values
 from .schedules import two_stage_scheduler
-from .split import HeadFinder, ModelCaller, ModelSplit, forward_takes_labels
+from .split import HeadFinder, ModelCaller, ModelSplit, forward_takes_labels, language_model_kind
 from .stages import PLANS, StageCallback, StagePlan, Stages
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,20 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             # input. The trainer calls such models itself and passes the one input besides the labels.
             self.args = copy.copy(self.args)
             self.args.remove_unused_columns = False
+        kind = language_model_kind(self.accelerator.unwrap_model(self.model)) if self.model is not None else None
+        if kind is not None and self.args.track_dynamics:
+            # The measurements pair each position's logits with that position's label and call the model without its
+            # labels: an encoder-decoder model then has no decoder inputs (T5 fails, BART makes other ones) and a
+            # causal LM's logits predict the NEXT label (GPT-2's energy read its own input token). Off, with a word.
+            logger.warning(
+                "%s is %s language model: energy, p0, HP accuracy and drift are not measured for it (its logits "
+                "do not score the labels at the same positions); it trains as with transformers.Trainer. Set "
+                "track_dynamics=False to silence this.",
+                type(self.accelerator.unwrap_model(self.model)).__name__,
+                "an encoder-decoder" if kind == "encoder-decoder" else "a causal",
+            )
+            self.args = copy.copy(self.args)
+            self.args.track_dynamics = False
         if self.args.hp_epochs > 0 or self.args.track_dynamics:
             self._add_own_callbacks()
 
