@@ -665,3 +665,48 @@ def test_language_models_train_as_trainer_and_are_not_measured(tmp_path, make_mo
     ours = results["headprep"][2]
     assert "language model: energy, p0, HP accuracy and drift are not measured" in caplog.text
     assert "energy" not in ours.dynamics and not ours.args.track_dynamics
+
+
+class Waves(torch.utils.data.Dataset):
+    def __init__(self, n=12, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x, self.y = torch.randn(n, 400, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_values": self.x[i], "labels": self.y[i]}
+
+
+def wav2vec2(cls_name="Wav2Vec2ForSequenceClassification"):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+        classifier_proj_size=8, num_labels=3, xvector_output_dim=8, tdnn_dim=(8, 8), tdnn_kernel=(3, 1),
+        tdnn_dilation=(1, 1),
+    )  # fmt: skip
+    return getattr(transformers, cls_name)(config)
+
+
+def test_speech_classifiers_projector_is_part_of_the_head_and_trains_in_hp(tmp_path):
+    # Wav2Vec2ForSequenceClassification (and HuBERT, WavLM, Whisper's audio classifier) project the frames with a
+    # `projector` that is new with the `classifier` on a base checkpoint. It stayed frozen at its random weights in HP
+    # (HP trained a linear layer on a random projection); now HP trains both.
+    assert find_split(wav2vec2("Wav2Vec2ForXVector")).head_names == ["classifier"]  # its projector feeds the TDNN
+    model = wav2vec2()
+    assert find_split(model).head_names == ["projector", "classifier"]
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer = HeadPrepTrainer(
+        model=model,
+        args=HeadPrepConfig(hp_epochs=1, hp_learning_rate=1e-2, **arguments(tmp_path)),
+        train_dataset=Waves(),
+    )
+    trainer.probe_head()
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith(("projector.", "classifier."))}
+    assert trainer.dynamics["energy"] > 0

@@ -9,7 +9,9 @@ Supported without configuration:
   linear layer; torchvision's DeepLabV3: `classifier`, the ASPP head; its auxiliary head must be off).
 
 A top-level `pre_classifier` (DistilBERT and the other transformers models that put a newly initialised dense layer
-before their `classifier`) is part of the head: `["pre_classifier", "classifier"]`.
+before their `classifier`) is part of the head: `["pre_classifier", "classifier"]`; so is the `projector` of the speech
+classification models (Wav2Vec2, HuBERT, WavLM, Whisper...: `["projector", "classifier"]`, the mean over frames
+between them).
 
 Anything else: pass `head_modules=[...]`. The feature `z` of the paper is the input of the first head module, one
 vector per sample for the drift (`reduce_features`): 4-D features (`B, C, H, W`) are averaged over space; sequences
@@ -38,6 +40,11 @@ _HEAD_ATTRIBUTES = ("classifier", "fc", "head", "score")
 # multiple-choice models of YOSO, MRA, Nystromformer): newly initialised with the classifier when a base checkpoint is
 # loaded, so it trains in HP with it.
 _PRE_CLASSIFIER = "pre_classifier"
+# The speech models' projection before the mean over frames and their `classifier` (Wav2Vec2, HuBERT, WavLM, SEW,
+# UniSpeech, Data2VecAudio `*ForSequenceClassification`, `WhisperForAudioClassification`): new with the classifier too.
+# Only in those classification models: `*ForXVector` has a `projector` feeding its TDNN layers.
+_PROJECTOR = "projector"
+_PROJECTOR_MODELS = ("ForSequenceClassification", "ForAudioClassification")
 
 
 @dataclass
@@ -203,8 +210,15 @@ def find_split(
             )
         head_names = [name]
         pre = getattr(model, _PRE_CLASSIFIER, None)
+        projector = getattr(model, _PROJECTOR, None)
         if name == "classifier" and isinstance(pre, nn.Module) and _has_params(pre):
             head_names = [_PRE_CLASSIFIER, name]
+        elif (
+            name == "classifier"
+            and type(model).__name__.endswith(_PROJECTOR_MODELS)
+            and isinstance(projector, nn.Linear)
+        ):
+            head_names = [_PROJECTOR, name]
 
     reinit_names = list(reinit_modules or [])
     missing = [n for n in reinit_names if n not in module_names]
