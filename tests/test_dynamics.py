@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TinyImages, make_config, tiny_timm
 
 from headprep_hf import HeadPrepTrainer, cross_entropy_energy, drift_metrics
@@ -327,3 +328,50 @@ def test_forked_rng_seeds_no_generator_it_does_not_restore(monkeypatch):
     with forked_rng(seed=3):
         pass
     assert calls == []
+
+
+class _Positions(torch.utils.data.Dataset):
+    """1-D dense labels (N, L) with L == 3 == the number of classes, inputs (4, L) that show them."""
+
+    def __init__(self, n=32, length=3):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.randint(0, 3, (n, length), generator=g)
+        self.x = F.one_hot(self.y, 4).permute(0, 2, 1).float() * 2 + 0.3 * torch.randn(n, 4, length, generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class _Conv1dNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone, self.classifier = torch.nn.Conv1d(4, 8, 1), torch.nn.Conv1d(8, 3, 1)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.backbone(x)))  # (N, C, L), classes on axis 1 as Conv1d gives them
+
+
+@pytest.mark.parametrize("length", [3, 4])
+def test_a_conv1d_heads_classes_are_read_on_axis_1_when_the_length_equals_the_classes(tmp_path, length):
+    # Logits (N, 3, 3) for labels (N, 3) fit both (N, C, L) and (N, L, C); they were read class-last, so HP trained
+    # against transposed logits (true accuracy 0.39, reported 0.58) and the energy was another number. The head's last
+    # layer (a convolution) now decides; L = 4 (unambiguous) gives the same results as before.
+    data = _Positions(length=length)
+    args = make_config(
+        tmp_path, hp_epochs=8, hp_learning_rate=0.5, drift_probe_samples=8, per_device_train_batch_size=8
+    )
+    trainer = HeadPrepTrainer(model=_Conv1dNet(), args=args, train_dataset=data)
+    assert trainer.class_axis_hint is False
+    trainer.probe_head()
+    with torch.no_grad():
+        probs = trainer.model.eval()(data.x).softmax(dim=1)  # plain torch, classes on axis 1
+    one_hot = F.one_hot(data.y, 3).permute(0, 2, 1).float()
+    energy = (one_hot - probs).norm(dim=1).mean(dim=1).mean()
+    accuracy = (probs.argmax(dim=1) == data.y).float().mean()
+    assert trainer.dynamics["energy"] == pytest.approx(float(energy), abs=1e-5)
+    assert trainer.dynamics["hp_train_accuracy"] == pytest.approx(float(accuracy), abs=1e-5)
+    assert accuracy > 0.95  # HP learned the task (against the right axis)

@@ -95,8 +95,8 @@ class HeadPrepConfig(TrainingArguments):
             the backbone is frozen in eval mode during HP, so these are the head inputs a separate pass over the same
             views would compute. Used only where that holds (one process, eval-mode backbone, no `reinit_modules`,
             no `torch_compile`, whole training set read in the last HP epoch, inputs under 1 GiB); otherwise the
-            separate pass runs. `headprep_dynamics.json` says which (`energy_source`); `p0` is then in the order the
-            last HP epoch read the samples (`p0_order`).
+            separate pass runs. `headprep_dynamics.json` says which (`energy_source`); `p0` is put back in dataset
+            order (`p0_order`).
         measure_batch_size (`int` or `None`, defaults to `None`):
             Per-device batch size of the forward-only passes (energy, drift, feature cache); `None` uses the larger
             of 4x the train batch size and the eval batch size (no activations are kept for a backward pass).

@@ -253,6 +253,7 @@ def measure(
     check_first_batch: Callable[[torch.Tensor, object], None] | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
     sink: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    class_last: bool | None = None,
 ) -> PassResult:
     """One pass of `model` (eval mode, no grad) over `dataloader`.
 
@@ -317,7 +318,8 @@ def measure(
                 to_gather = {}
                 if with_energy:
                     try:
-                        stats = task_energy(problem_type, extract_logits(outputs), batch[label_name], ignore_index)
+                        logits = extract_logits(outputs)
+                        stats = task_energy(problem_type, logits, batch[label_name], ignore_index, class_last)
                     except (RuntimeError, ValueError, IndexError) as error:
                         if isinstance(error, torch.OutOfMemoryError):
                             raise

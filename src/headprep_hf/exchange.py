@@ -32,11 +32,11 @@ EXCHANGE_FIX = (
 
 
 def _correct_and_count(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, problem_type: str
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, problem_type: str, class_last: bool | None = None
 ) -> tuple[float, float]:
     """Correct predictions and valid positions (classes), or present labels (binary tasks), of one chunk: the
     accuracy of a set is the sum of its chunks' correct over the sum of their counts."""
-    stats = task_energy(problem_type, logits, labels, ignore_index)
+    stats = task_energy(problem_type, logits, labels, ignore_index, class_last)
     valid = stats["count"] > 0
     return float((stats["correct"][valid] * stats["count"][valid]).sum()), float(stats["count"][valid].sum())
 
@@ -179,7 +179,9 @@ def head_exchange(
                     # its outermost context ends, so heads swapped in within one context would all run as the first.
                     with trainer.measurement_autocast():
                         logits = split.head_logits(net, z, labels)
-                    c, n = _correct_and_count(logits.float(), labels, args.ignore_index, problem_type)
+                    c, n = _correct_and_count(
+                        logits.float(), labels, args.ignore_index, problem_type, trainer.class_axis_hint
+                    )
                     totals[tau_j][0] += c
                     totals[tau_j][1] += n
 

@@ -27,12 +27,17 @@ logger = logging.getLogger(__name__)
 
 
 def smoothed_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, ignore_index: int = -100
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    smoothing: float = 0.0,
+    ignore_index: int = -100,
+    class_last: bool | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy against `(1 - smoothing) * e_y + smoothing / C`, ignoring `ignore_index` labels; 0 (with
-    zero gradients) when every label is ignored, as the masked BCE and MSE give."""
+    zero gradients) when every label is ignored, as the masked BCE and MSE give. `class_last`: see
+    `class_axis_last`."""
     labels = labels.long()
-    if class_axis_last(logits, labels):  # as transformers' token classification models compute their loss
+    if class_axis_last(logits, labels, class_last):  # as transformers' token classification models compute their loss
         logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=float(smoothing))
     # torch's mean over no labels is 0/0 = NaN, which the non-finite guard would take for divergence (e.g. a crop that
@@ -40,16 +45,26 @@ def smoothed_cross_entropy(
     return torch.where((labels != ignore_index).any(), loss, logits.sum() * 0.0)
 
 
-def class_axis_last(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+def class_axis_last(logits: torch.Tensor, labels: torch.Tensor, hint: bool | None = None) -> bool:
     """Whether `logits` are per-token `(N, T, C)` for `labels` `(N, T)` (class axis last, as transformers' token
-    classification models return them) rather than dense `(N, C, L)` for labels `(N, L)`."""
-    return logits.dim() == 3 and labels.dim() == 2 and tuple(labels.shape) == tuple(logits.shape[:2])
+    classification models return them) rather than dense `(N, C, L)` for labels `(N, L)` (a `Conv1d` head).
+
+    The shapes tell them apart unless the length equals the number of classes (`(N, 3, 3)` for labels `(N, 3)`);
+    then `hint` decides (the trainer's `class_axis_hint`: False for a head ending in a convolution, True for one ending
+    in a linear layer), and without a hint the class axis is taken to be last."""
+    if not (logits.dim() == 3 and labels.dim() == 2 and tuple(labels.shape) == tuple(logits.shape[:2])):
+        return False
+    if hint is not None and logits.shape[1] == logits.shape[2]:
+        return hint
+    return True
 
 
-def _flatten(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flatten(
+    logits: torch.Tensor, labels: torch.Tensor, class_last: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(positions, C) logits, (positions,) labels and the sample index of each position."""
     n, c = logits.shape[:2]
-    if class_axis_last(logits, labels):
+    if class_axis_last(logits, labels, class_last):
         c = logits.shape[-1]
         flat_logits = logits.reshape(-1, c)
         sample = torch.arange(n, device=logits.device).repeat_interleave(logits.shape[1])
@@ -65,7 +80,7 @@ def _flatten(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def cross_entropy_energy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, class_last: bool | None = None
 ) -> dict[str, torch.Tensor]:
     """Per-sample energy `||e_y - softmax(q)||_2`, true-class probability p0 and correctness, with hard labels.
 
@@ -77,7 +92,7 @@ def cross_entropy_energy(
         (the number of valid positions), each of shape `(N,)`.
     """
     n = logits.shape[0]
-    flat, y, sample = _flatten(logits.float(), labels)
+    flat, y, sample = _flatten(logits.float(), labels, class_last)
     valid = y != ignore_index
     probs = flat.softmax(dim=-1)
     y_safe = torch.where(valid, y, torch.zeros_like(y))
@@ -188,19 +203,29 @@ def count_items(problem_type: str, labels: torch.Tensor, ignore_index: int = -10
 
 
 def task_loss(
-    problem_type: str, logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, ignore_index: int = -100
+    problem_type: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    smoothing: float = 0.0,
+    ignore_index: int = -100,
+    class_last: bool | None = None,
 ) -> torch.Tensor:
-    """The training loss of `problem_type` (label smoothing applies to the classification types)."""
+    """The training loss of `problem_type` (label smoothing applies to the classification types; `class_last`: see
+    `class_axis_last`)."""
     _check_problem_type(problem_type)
     if problem_type == "multi_label_classification":
         return masked_bce_with_logits(logits, labels, smoothing)
     if problem_type == "regression":
         return masked_mse(logits, labels)
-    return smoothed_cross_entropy(logits, labels, smoothing, ignore_index)
+    return smoothed_cross_entropy(logits, labels, smoothing, ignore_index, class_last)
 
 
 def task_energy(
-    problem_type: str, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    problem_type: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    class_last: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample `energy`, `p_true`, `correct` and `count` of `problem_type` (see the module docstring)."""
     _check_problem_type(problem_type)
@@ -208,7 +233,7 @@ def task_energy(
         return multilabel_energy(logits, labels)
     if problem_type == "regression":
         return regression_energy(logits, labels)
-    return cross_entropy_energy(logits, labels, ignore_index=ignore_index)
+    return cross_entropy_energy(logits, labels, ignore_index=ignore_index, class_last=class_last)
 
 
 def _checked_compute_loss(compute_loss):
@@ -359,4 +384,6 @@ class TrainerLossMixin:
 
         Override this (rather than `compute_loss`) to change the loss for every path, cached HP included.
         """
-        return task_loss(self.problem_type, logits, labels, label_smoothing, self.args.ignore_index)
+        return task_loss(
+            self.problem_type, logits, labels, label_smoothing, self.args.ignore_index, self.class_axis_hint
+        )

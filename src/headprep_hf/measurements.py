@@ -295,6 +295,7 @@ class MeasurementCallback(TrainerCallback):
                 max_features=max_features,
                 ignore_index=trainer.args.ignore_index,
                 problem_type=trainer.problem_type if with_energy else "single_label_classification",
+                class_last=trainer.class_axis_hint,
                 autocast=trainer.measurement_autocast,
                 seed=seed,
                 progress=(lambda batches: pass_bar(trainer, batches, desc)) if desc else None,
@@ -319,6 +320,8 @@ class MeasurementCallback(TrainerCallback):
             if result is None:
                 source, order = "last HP epoch's head inputs", "last HP epoch"
                 result = self._energy_from_hp_epoch()
+                if result is not None and self._in_dataset_order(result):
+                    order = "dataset"
             if result is None:
                 source, order = "backbone pass", "dataset"
                 result = self._energy_pass()
@@ -483,7 +486,7 @@ class MeasurementCallback(TrainerCallback):
                     logits = split.head_logits(model, z, y)
                 if logit_shapes is not None and tuple(logits.shape) != shape:
                     return None
-                stats = task_energy(trainer.problem_type, logits, y, args.ignore_index)
+                stats = task_energy(trainer.problem_type, logits, y, args.ignore_index, trainer.class_axis_hint)
                 for key, value in stats.items():
                     parts.setdefault(key, []).append(value.detach().cpu())
         return PassResult(**{key: torch.cat(values) for key, values in parts.items()})
@@ -520,6 +523,24 @@ class MeasurementCallback(TrainerCallback):
             return [order[p] for p in positions], "samples"
         except (TypeError, AttributeError, ValueError, IndexError):
             return positions, "positions in the last HP epoch's order"
+
+    def _in_dataset_order(self, result: PassResult) -> bool:
+        """Put the per-sample values of the last HP epoch (in the order it read the samples) in dataset order, in
+        place, where that order can be rebuilt (the trainer's seeded batch order); False (left as they are) where it
+        cannot. So `p0` is the same list whether the energy came from the kept inputs or a separate pass, and after a
+        resume inside the last HP epoch (which measures by a separate pass)."""
+        n = int(result.energy.shape[0])
+        order, what = self._last_hp_epoch_indices(list(range(n)))
+        if what != "samples" or sorted(order) != list(range(n)):
+            return False
+        where = torch.as_tensor(order, dtype=torch.long)
+        for key in ("energy", "p_true", "correct", "count"):
+            values = getattr(result, key)
+            if values is not None:
+                placed = torch.empty_like(values)
+                placed[where] = values
+                setattr(result, key, placed)
+        return True
 
     def _finite_summary(self, result) -> dict:
         # NaN energy also marks samples without a label (excluded by the summary); a NaN where labels exist means the

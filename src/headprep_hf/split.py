@@ -98,6 +98,19 @@ class ModelSplit:
     def hp_modules(self, model: nn.Module) -> list[nn.Module]:
         return [model.get_submodule(n) for n in self.trainable_in_hp_names]
 
+    def class_axis_hint(self, model: nn.Module) -> bool | None:
+        """Where a head's 3-D logits keep their classes when the shapes cannot tell (`losses.class_axis_last`):
+        False (`(N, C, L)`) for a head whose last layer is a convolution (`Conv1d`), True (`(N, L, C)`) for one whose
+        last layer is linear (a token classifier), None without either."""
+        layers = [
+            m
+            for m in model.get_submodule(self.head_names[-1]).modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+        ]
+        if not layers:
+            return None
+        return not isinstance(layers[-1], nn.modules.conv._ConvNd)
+
     def feature_module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.feature_module_name)
 

@@ -277,6 +277,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         args = self.args
         unwrapped = self.accelerator.unwrap_model(model)
         self._heads = HeadFinder(unwrapped, args.head_modules, args.reinit_modules, self._explicit_split)
+        self._class_axis_hint: tuple[ModelSplit, bool | None] | None = None
         self._stages, self._problem_type = None, None
         self.model_takes_labels = forward_takes_labels(unwrapped, self.args.label_names)
         self.model_caller = ModelCaller(unwrapped, self.label_names or ["labels"])
@@ -314,6 +315,18 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         there is none. `required`: raise the error (it names the `head_modules` fix); `warn`: log once that the
         head-based measurements (drift, head gradient norm) are skipped."""
         return self._heads.get(required=required, warn=warn)
+
+    @property
+    def class_axis_hint(self) -> bool | None:
+        """Where the head's 3-D logits keep their classes when their length equals the number of classes
+        (`ModelSplit.class_axis_hint`; None without a head: the class axis is then taken to be last)."""
+        split = self.find_head()
+        if split is None:
+            return None
+        if self._class_axis_hint is None or self._class_axis_hint[0] is not split:
+            model = self.accelerator.unwrap_model(self.model)
+            self._class_axis_hint = (split, split.class_axis_hint(model))
+        return self._class_axis_hint[1]
 
     @property
     def split(self) -> ModelSplit:
