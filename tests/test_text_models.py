@@ -710,3 +710,20 @@ def test_speech_classifiers_projector_is_part_of_the_head_and_trains_in_hp(tmp_p
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.startswith(("projector.", "classifier."))}
     assert trainer.dynamics["energy"] > 0
+
+
+def test_head_probing_a_head_tied_to_the_embeddings_names_the_tie(tmp_path):
+    # GPT-2's lm_head shares its weight with the input embeddings (listed under transformer.wte): HP of
+    # head_modules=["lm_head"] had nothing to train and failed in backward ("element 0 of tensors does not require
+    # grad"). Refused when the trainer is built, naming the tie; untied, HP trains the head alone.
+    args = HeadPrepConfig(hp_epochs=1, head_modules=["lm_head"], **arguments(tmp_path))
+    with pytest.raises(ValueError, match="tied to backbone parameters.*tie_word_embeddings=False"):
+        HeadPrepTrainer(model=gpt2_lm(), args=args, train_dataset=Seq2SeqRows(causal=True))
+    model = gpt2_lm()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=Seq2SeqRows(causal=True))
+    trainer.probe_head()
+    changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"lm_head.weight"}

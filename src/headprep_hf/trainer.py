@@ -285,6 +285,14 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if not needs_head:
             return
         split = self.find_head(required=True)
+        if args.hp_epochs > 0 and args.head_type != "mlp" and not any(True for _ in split.hp_parameters(unwrapped)):
+            # (a head tied to the backbone: PyTorch lists a shared weight once, under its first module's name)
+            raise ValueError(
+                f"Head probing trains the head {split.head_names}, but none of its parameters is its own: they are "
+                "tied to backbone parameters (e.g. a language-model head tied to the input embeddings, "
+                "`tie_word_embeddings`), so HP would train nothing. Untie them (config.tie_word_embeddings=False "
+                "before the model is built), name another head in head_modules, or set hp_epochs=0."
+            )
         if args.head_type == "mlp":
             set_seed(args.seed)  # the same seed gives the same head
             replace_head_with_mlp(unwrapped, split, args.mlp_hidden_size, args.mlp_num_layers)
