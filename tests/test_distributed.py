@@ -206,12 +206,13 @@ def _reference(state0: dict, state1: dict) -> dict:
     model = W.tiny_model(seed=0).eval()
     captured = []
     model.fc.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    probe = [i * W.MEASURE_SAMPLES // W.MEASURE_PROBE for i in range(W.MEASURE_PROBE)]  # evenly spaced
     with torch.no_grad():
         model.load_state_dict(state0)
         probs = model(x).double().softmax(dim=-1)
-        z0 = captured.pop().double()[: W.MEASURE_PROBE]
+        z0 = captured.pop().double()[probe]
         model.load_state_dict(state1)
-        model(x[: W.MEASURE_PROBE])
+        model(x[probe])
         zt = captured.pop().double()
     one_hot = torch.nn.functional.one_hot(y, W.NUM_CLASSES).double()
     p0 = probs.gather(1, y[:, None]).squeeze(1)

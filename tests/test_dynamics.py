@@ -52,8 +52,9 @@ def test_energy_and_drift_match_plain_torch(tmp_path, train_set, hp_epochs):
     assert dyn["num_energy_samples"] == len(train_set)
     assert sum(dyn["p0_histogram"]["counts"]) == len(train_set)
 
-    z0 = _features(start, train_set.x[:20])
-    zt = _features(model, train_set.x[:20])
+    probe = [i * len(train_set) // 20 for i in range(20)]  # evenly spaced over the set, computed here by hand
+    z0 = _features(start, train_set.x[probe])
+    zt = _features(model, train_set.x[probe])
     expected = {
         "sq_dist": ((zt - z0) ** 2).sum(1).mean().item(),
         "dot": (zt * z0).sum(1).mean().item(),
@@ -83,7 +84,8 @@ def test_energy_max_samples(tmp_path, train_set):
         train_dataset=train_set,
     )
     summary = trainer.measure_start()
-    energy, _, _ = _energy_by_hand(trainer.model, train_set.x[:10], train_set.labels[:10])
+    subset = [i * len(train_set) // 10 for i in range(10)]  # evenly spaced, not the first 10
+    energy, _, _ = _energy_by_hand(trainer.model, train_set.x[subset], torch.as_tensor(train_set.labels)[subset])
     assert summary["energy"] == pytest.approx(energy, rel=1e-5)
     assert trainer.dynamics["num_energy_samples"] == 10 and trainer.dynamics["num_probe_samples"] == 15
 
@@ -375,3 +377,28 @@ def test_a_conv1d_heads_classes_are_read_on_axis_1_when_the_length_equals_the_cl
     assert trainer.dynamics["energy"] == pytest.approx(float(energy), abs=1e-5)
     assert trainer.dynamics["hp_train_accuracy"] == pytest.approx(float(accuracy), abs=1e-5)
     assert accuracy > 0.95  # HP learned the task (against the right axis)
+
+
+def test_measurement_subsets_cover_a_class_sorted_set(tmp_path, train_set):
+    # A set read from class folders is sorted by class: the drift probe and the energy_max_samples subset were its
+    # first samples, i.e. its first classes only (a 3-class set sorted by class: a probe of class 0 alone). They are
+    # evenly spaced over the set now, so every class is in them in its share.
+    from headprep_hf.measurements import spread_indices
+
+    order = torch.argsort(torch.as_tensor(train_set.labels), stable=True)
+    ordered = torch.utils.data.Subset(train_set, order.tolist())
+    labels = torch.as_tensor(train_set.labels)[order]
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(),
+        args=make_config(tmp_path, hp_epochs=0, energy_max_samples=9, drift_probe_samples=12),
+        train_dataset=ordered,
+    )
+    summary = trainer.measure_start()
+    subset = spread_indices(len(ordered), 9)
+    assert set(labels[subset].tolist()) == set(labels.tolist()) and set(labels[:9].tolist()) != set(labels.tolist())
+    x = torch.stack([ordered[i]["pixel_values"] for i in subset])
+    energy, _, _ = _energy_by_hand(trainer.model, x, labels[subset])
+    assert summary["energy"] == pytest.approx(energy, rel=1e-5)
+    probe = spread_indices(len(ordered), 12)
+    z0 = _features(trainer.model, torch.stack([ordered[i]["pixel_values"] for i in probe]))
+    torch.testing.assert_close(trainer.measurements.z0, z0, rtol=1e-5, atol=1e-6)

@@ -225,3 +225,34 @@ def test_a_fresh_trainer_resuming_finetune_after_probe_head_keeps_the_cards_tau(
                             train_dataset=TinyImages(48))  # fmt: skip
     again.finetune(resume_from_checkpoint=True)
     assert head_probing_record(again)["tau"] == 0
+
+
+@pytest.mark.parametrize("old_z0", ["3-D", "flattened"])
+def test_a_checkpoint_whose_z0_an_earlier_version_wrote_resumes_without_drift(tmp_path, old_z0):
+    # Before sequences were reduced to one vector per sample, a text model's z_0 was kept as (P, T, H) or flattened to
+    # (P, T * H). Resumed now, such a checkpoint trained a whole FT epoch and then failed on the drift ("z_0 has shape
+    # ... but z_t has ...; same probe set needed": a message about the probe, not the checkpoint). Now the run goes
+    # on, says why the drift is not measured, and records it; weights are those of the uninterrupted run.
+    from safetensors.torch import load_file, save_file
+
+    from headprep_hf.checkpoints import begin_write, commit
+
+    reference = _trainer(tmp_path / "reference")
+    reference.train()
+    crashed = _trainer(tmp_path / "crashed", callbacks=[Crash(9)])
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    checkpoint = tmp_path / "crashed" / "checkpoint-8"  # in FT (HP = steps 1..6)
+    path = checkpoint / "headprep_measurements.safetensors"
+    z0 = load_file(str(path))["z0"]
+    old = z0[:, None, :].expand(z0.shape[0], 5, z0.shape[1]).contiguous()
+    begin_write(str(checkpoint))  # (the manifest then holds the file as written: the checkpoint verifies)
+    save_file({"z0": old if old_z0 == "3-D" else old.reshape(z0.shape[0], -1)}, str(path))
+    commit(str(checkpoint))
+    resumed = _trainer(tmp_path / "crashed")
+    with pytest.warns(UserWarning, match="drift is not measured after this resume"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert "an earlier version" in resumed.dynamics["drift_not_measured"]
+    assert all(record["step"] <= 8 for record in resumed.dynamics.get("drift", []))
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

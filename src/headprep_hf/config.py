@@ -83,12 +83,14 @@ class HeadPrepConfig(TrainingArguments):
             Measure energy, HP train accuracy and p0 at the start of FT, feature drift during FT and the head's
             gradient norm.
         drift_probe_samples (`int` or `None`, defaults to `None`):
-            Drift is measured on the first N training samples (or on the `drift_dataset` given to the trainer).
+            Drift is measured on N training samples, evenly spaced over the set (`i * n // N`: every class of a
+            class-sorted set in its share; or on the `drift_dataset` given to the trainer).
             `None`: `min(256, max(64, n // 16))` of the `n` training samples (all of them when fewer), so that the
             per-epoch drift pass stays about 1-2% of a training epoch on small sets (a forward-only pass over n/16
             samples) while the mean over at least 64 samples keeps the statistic (`measurements.default_probe_size`).
         energy_max_samples (`int` or `None`, defaults to `None`):
-            Measure the energy on the first N training samples only; `None` uses the whole training set.
+            Measure the energy on N training samples only, evenly spaced as the drift probe's; `None` uses the
+            whole training set.
         energy_from_hp_epoch (`bool`, defaults to `True`):
             Measure the start-of-FT energy, HP train accuracy and p0 on the head inputs of the last (uncached) HP
             epoch, by a pass of the head alone, instead of a separate pass of the model over the training set. Exact:
@@ -193,12 +195,13 @@ class HeadPrepConfig(TrainingArguments):
     drift_probe_samples: int | None = field(
         default=None,
         metadata={
-            "help": "Drift is measured on the first N training samples (or the drift_dataset); "
+            "help": "Drift is measured on N training samples, evenly spaced over the set (or the drift_dataset); "
             "unset = min(256, max(64, N_train // 16))."
         },
     )
     energy_max_samples: int | None = field(
-        default=None, metadata={"help": "Measure energy on the first N training samples only; unset = all."}
+        default=None,
+        metadata={"help": "Measure energy on N training samples only, evenly spaced over the set; unset = all."},
     )
     energy_from_hp_epoch: bool = field(
         default=True,

@@ -158,6 +158,14 @@ def default_probe_size(num_train: int) -> int:
     return min(num_train, 256, max(64, num_train // 16))
 
 
+def spread_indices(n: int, k: int) -> list[int]:
+    """`k` of the indices `0..n-1`, evenly spaced (`i * n // k`): the measurement subsets (drift probe,
+    `energy_max_samples`). Not the first `k`: a set read from class folders is sorted by class, and its first `k`
+    samples would hold its first classes only; evenly spaced samples hold every class in its share, with no random
+    draw (the same subset in every run, seed and tau)."""
+    return [i * n // k for i in range(k)] if k < n else list(range(n))
+
+
 def broadcast_buffers(model: torch.nn.Module, accelerator) -> None:
     """Rank 0's buffers on every rank.
 
@@ -196,6 +204,7 @@ class MeasurementCallback(TrainerCallback):
         self.trainer = trainer
         self.dynamics: dict[str, Any] = {}
         self.z0: torch.Tensor | None = None
+        self.z0_path: str | None = None  # the checkpoint file z_0 was read from (None: measured in this run)
         self.last_drift_step: int | None = None
         self.pending: dict[str, float] = {}
         self._probe_loader = None
@@ -211,7 +220,7 @@ class MeasurementCallback(TrainerCallback):
     # ------------------------------------------------------------------ run lifecycle (called by the trainer)
     def start_run(self, plan: str) -> None:
         """A new `train()` call: no z_0 yet; FT runs start new drift and head-gradient records."""
-        self.z0, self.last_drift_step, self.pending = None, None, {}
+        self.z0, self.z0_path, self.last_drift_step, self.pending = None, None, None, {}
         self._probe_loader = None  # Trainer.train() frees Accelerate's prepared loaders
         self.drop_hp_epoch_inputs()
         self._grad_sum, self._grad_count, self._grad_finite = 0.0, 0, 0.0
@@ -249,7 +258,20 @@ class MeasurementCallback(TrainerCallback):
         self._grad_count, self._grad_finite = count, (torch.tensor(finite, dtype=torch.float32) if count else 0.0)
         features = os.path.join(folder, FEATURES_NAME)
         self.z0 = read_safetensors(features)["z0"] if os.path.isfile(features) else None
+        self.z0_path = features if self.z0 is not None else None
+        if self.z0 is not None and self.z0.dim() != 2:
+            self._drop_z0(f"z_0 has shape {tuple(self.z0.shape)}, not one vector per probe sample")
         return True
+
+    def _drop_z0(self, problem: str) -> None:
+        """A z_0 from a checkpoint that cannot be this run's probe features: warn, record why, measure no drift."""
+        message = (
+            f"{self.z0_path}: {problem}, so the drift is not measured after this resume (a checkpoint written by an "
+            "earlier version, whose z_0 of sequences was not one vector per sample). Training goes on."
+        )
+        self._warn_once("z0_shape", message)
+        self.dynamics["drift_not_measured"] = message
+        self.z0 = None
 
     def write(self, output_dir: str) -> None:
         """`output_dir/headprep_dynamics.json` (main process; nothing when nothing was measured)."""
@@ -341,7 +363,7 @@ class MeasurementCallback(TrainerCallback):
             self.pending.update({f"headprep/{k}": v for k, v in summary.items() if v is not None})
             if not torch.isnan(p0).all():
                 self._histogram("headprep/p0", p0[~torch.isnan(p0)])
-        self.z0 = self._start_probe()
+        self.z0, self.z0_path = self._start_probe(), None
         self.dynamics.update(
             {
                 "hp_epochs": args.hp_epochs,
@@ -359,7 +381,11 @@ class MeasurementCallback(TrainerCallback):
         """Drift of the probe features at the current weights from z_0, recorded in `dynamics["drift"]`."""
         if self.z0 is None:
             raise RuntimeError("No z_0 yet: call measure_start() (or run HP / start FT) before measure_drift().")
-        metrics = drift_metrics(self.z0, self._probe())
+        zt = self._probe()
+        if self.z0_path is not None and self.z0.shape != zt.shape:  # (loaded: this run's own z_0 always fits)
+            self._drop_z0(f"z_0 has shape {tuple(self.z0.shape)} where this version measures {tuple(zt.shape)}")
+            return {}
+        metrics = drift_metrics(self.z0, zt)
         if not all(math.isfinite(v) for v in metrics.values()):
             self._note_nonfinite(f"drift at step {self.trainer.state.global_step}: the probe features are NaN/inf")
             metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
@@ -583,7 +609,7 @@ class MeasurementCallback(TrainerCallback):
         trainer, args = self.trainer, self.trainer.args
         energy_set = trainer.energy_dataset if trainer.energy_dataset is not None else trainer.train_dataset
         if args.energy_max_samples is not None and args.energy_max_samples < len(energy_set):
-            energy_set = torch.utils.data.Subset(energy_set, range(args.energy_max_samples))
+            energy_set = torch.utils.data.Subset(energy_set, spread_indices(len(energy_set), args.energy_max_samples))
         try:
             # Seeded: the same views whenever it runs (so the energy is a function of the weights alone).
             return self.measure_dataset(energy_set, with_energy=True, max_features=0, seed=args.seed, desc="energy")
@@ -689,7 +715,7 @@ class MeasurementCallback(TrainerCallback):
                 f"drift_probe_samples={wanted} is larger than the training set ({available} samples): the drift is "
                 f"measured on all {available}.",
             )
-        return torch.utils.data.Subset(trainer.train_dataset, range(min(wanted, available)))
+        return torch.utils.data.Subset(trainer.train_dataset, spread_indices(available, min(wanted, available)))
 
     def _histogram(self, tag: str, values: torch.Tensor) -> None:
         from transformers.integrations import TensorBoardCallback

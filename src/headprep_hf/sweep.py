@@ -368,6 +368,10 @@ def config_fingerprint(args: SweepConfig) -> str:
     # DataParallel (one process, several GPUs) multiplies the batch as world_size does; counted only then, as above.
     if getattr(args, "n_gpu", 0) > 1:
         values["n_gpu"] = args.n_gpu
+    # The measurement subsets (drift probe, energy_max_samples) are evenly spaced samples since 2026-11-27 (the first N
+    # before, which on a class-sorted set held its first classes only): a folder measured the old way is another sweep.
+    if args.track_dynamics:
+        values["measurement_subsets"] = "evenly spaced"
     # The direction tau* is chosen in, as resolved (setting it to what the metric's name implies changes nothing).
     values["sweep_greater_is_better"] = args.selection_greater_is_better
     # How often checkpoints are written changes results only through the checkpoint load_best_model_at_end keeps

@@ -153,7 +153,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         model / args / data_collator / train_dataset / ... / model_init / compute_loss_func / optimizers: as for
             `Trainer`; `args` is a [`HeadPrepConfig`]. Models that take no labels (timm's `forward(x)`) get the
             trainer's loss (`loss_from_logits`); models computing their own loss keep it (`uses_trainer_loss`).
-        drift_dataset: Probe set of the drift; default: the first `args.drift_probe_samples` training samples.
+        drift_dataset: Probe set of the drift; default: `args.drift_probe_samples` training samples, evenly spaced.
         energy_dataset: Data of the energy, HP train accuracy and p0; default: the training set as training reads it.
         split: An explicit [`ModelSplit`]; default: found by `find_split` (or `args.head_modules`).
 
