@@ -158,7 +158,9 @@ def test_a_head_changing_its_input_in_place_leaves_the_kept_inputs_alone(tmp_pat
     e_y = torch.nn.functional.one_hot(torch.as_tensor(data.labels), 3).float()
     assert trainer.dynamics["energy"] == pytest.approx(float((e_y - p).norm(dim=1).mean()), rel=1e-5)
     probe = trainer.measurements._probe()  # the probe's z: the head's input, not the head's first output
-    assert torch.allclose(probe, z[: len(probe)], atol=1e-6)
+    from headprep_hf.measurements import spread_indices
+
+    assert torch.allclose(probe, z[spread_indices(len(data), len(probe))], atol=1e-6)
 
 
 def test_a_sampler_drawing_with_replacement_gets_the_separate_pass(tmp_path):
@@ -192,5 +194,6 @@ def test_a_non_finite_energy_from_the_last_hp_epoch_names_the_dataset_index(tmp_
     trainer.train()
     assert trainer.dynamics["energy_source"] == "last HP epoch's head inputs"
     assert trainer.dynamics["nonfinite"] == [
-        "energy at step 4: the outputs on 1 training sample(s) are NaN/inf (samples [20])"
+        "energy at step 4: the outputs on 1 training sample(s) are NaN/inf (samples [20])",
+        "drift at step 6: the probe features are NaN/inf",  # (the 20-sample probe, evenly spaced, holds sample 20)
     ]

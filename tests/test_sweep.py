@@ -1,5 +1,6 @@
 """The tau sweep: snapshots equal standalone HP, FT from the pristine backbone, sweep.json, shards, exchange."""
 
+import dataclasses
 import json
 import os
 
@@ -365,9 +366,20 @@ def test_settings_added_to_the_fingerprint_later_keep_the_fingerprint_of_their_d
     values["sweep_greater_is_better"] = args.selection_greater_is_better
     values["save_strategy"] = values["save_steps"] = None
     earlier = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
-    assert config_fingerprint(args) == earlier
+    # Deliberately not kept: the measurement subsets became evenly spaced samples (they were the first N), so a sweep
+    # measured the old way counts as another one; without measurements nothing changed.
+    values["measurement_subsets"] = "evenly spaced"
+    now = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+    assert config_fingerprint(args) == now != earlier
     for name, default in _FINGERPRINT_FIELDS_IF_SET.items():
         assert getattr(args, name) == default, name
+    unmeasured = dataclasses.replace(args, track_dynamics=False)
+    del values["measurement_subsets"]
+    values["track_dynamics"] = False
+    assert (
+        config_fingerprint(unmeasured)
+        == hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+    )
 
 
 def test_the_number_of_processes_is_fingerprinted(tmp_path, monkeypatch):

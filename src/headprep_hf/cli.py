@@ -515,6 +515,8 @@ def run_command(function, *args, prog: str | None = None):
         if os.environ.get("HEADPREP_TRACEBACK") or not _own_refusal(error, scripts):
             raise
         prog = prog or Path(sys.argv[0]).name
+        if os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE", "1") != "1":  # (under a launcher)
+            prog += f" [rank {os.environ['RANK']}]"
         message = str(error) or type(error).__name__
         cause = error.__cause__
         if cause is not None and str(cause) and str(cause) not in message:
