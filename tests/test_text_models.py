@@ -410,23 +410,26 @@ def test_batch_encoding_micro_batches_average_over_every_item_of_the_step(tmp_pa
 # ---------------------------------------------------------------------------------------------- 6: pre_classifier
 
 
+def _probe_head_changes(tmp_path, model, train_set, collator=None):
+    """HP (one epoch) of `model`: the trainer, and the state_dict keys HP changed."""
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer = HeadPrepTrainer(
+        model=model,
+        args=HeadPrepConfig(hp_epochs=1, hp_learning_rate=1e-2, **arguments(tmp_path)),
+        train_dataset=train_set,
+        data_collator=collator,
+    )
+    trainer.probe_head()
+    return trainer, {k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)}
+
+
 def test_distilbert_pre_classifier_is_part_of_the_head_and_trains_in_hp(tmp_path):
     assert find_split(bert()).head_names == ["classifier"]  # detection of other models unchanged
     assert find_split(roberta()).head_names == ["classifier"]
     model = distilbert()
     assert find_split(model).head_names == ["pre_classifier", "classifier"]
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer = HeadPrepTrainer(
-        model=model,
-        args=HeadPrepConfig(hp_epochs=1, hp_learning_rate=1e-2, **arguments(tmp_path)),
-        train_dataset=Rows(),
-        data_collator=DataCollatorWithPadding(tokenizer()),
-    )
-    trainer.probe_head()
-    after = trainer.model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    head = {k for k in before if k.startswith(("pre_classifier.", "classifier."))}
-    assert changed == head
+    trainer, changed = _probe_head_changes(tmp_path, model, Rows(), DataCollatorWithPadding(tokenizer()))
+    assert changed == {k for k in model.state_dict() if k.startswith(("pre_classifier.", "classifier."))}
     # z is pre_classifier's input, the first token's vector
     with torch.no_grad():
         batch = DataCollatorWithPadding(tokenizer())([Rows()[0]])
@@ -699,16 +702,8 @@ def test_speech_classifiers_projector_is_part_of_the_head_and_trains_in_hp(tmp_p
     assert find_split(wav2vec2("Wav2Vec2ForXVector")).head_names == ["classifier"]  # its projector feeds the TDNN
     model = wav2vec2()
     assert find_split(model).head_names == ["projector", "classifier"]
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer = HeadPrepTrainer(
-        model=model,
-        args=HeadPrepConfig(hp_epochs=1, hp_learning_rate=1e-2, **arguments(tmp_path)),
-        train_dataset=Waves(),
-    )
-    trainer.probe_head()
-    after = trainer.model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {k for k in before if k.startswith(("projector.", "classifier."))}
+    trainer, changed = _probe_head_changes(tmp_path, model, Waves())
+    assert changed == {k for k in model.state_dict() if k.startswith(("projector.", "classifier."))}
     assert trainer.dynamics["energy"] > 0
 
 
