@@ -722,3 +722,33 @@ def test_head_probing_a_head_tied_to_the_embeddings_names_the_tie(tmp_path):
     trainer.probe_head()
     changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed == {"lm_head.weight"}
+
+
+def test_seq2seq_trainer_combined_with_headprep_generates_as_seq2seq_trainer(tmp_path):
+    # README "Subclassing": HeadPrepConfig + Seq2SeqTrainingArguments, HeadPrepTrainer + Seq2SeqTrainer.
+    from dataclasses import dataclass
+
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    @dataclass
+    class Config(HeadPrepConfig, Seq2SeqTrainingArguments):
+        pass
+
+    class Seq2SeqHeadPrepTrainer(HeadPrepTrainer, Seq2SeqTrainer):
+        pass
+
+    data = Seq2SeqRows()
+    common = dict(predict_with_generate=True, generation_max_length=6)
+    results = []
+    for trainer_cls, args in (
+        (Seq2SeqTrainer, Seq2SeqTrainingArguments(**arguments(tmp_path, "plain", **common))),
+        (Seq2SeqHeadPrepTrainer, Config(hp_epochs=0, **arguments(tmp_path, "ours", **common))),
+    ):
+        trainer = trainer_cls(model=t5(), args=args, train_dataset=data, eval_dataset=data)
+        trainer.train()
+        results.append((trainer, trainer.predict(data, max_length=6)))
+    (plain, plain_out), (ours, ours_out) = results
+    for (name, a), b in zip(plain.model.state_dict().items(), ours.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert np.array_equal(plain_out.predictions, ours_out.predictions)
+    assert plain_out.metrics["test_loss"] == ours_out.metrics["test_loss"]
