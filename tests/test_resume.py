@@ -19,7 +19,7 @@ class Crash(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash at step {self.at_step}")
 
 
-def _trainer(output_dir, callbacks=(), model_fn=tiny_timm):
+def _trainer(output_dir, callbacks=(), model_fn=tiny_timm, **overrides):
     args = make_config(
         output_dir,
         hp_epochs=2,
@@ -30,6 +30,7 @@ def _trainer(output_dir, callbacks=(), model_fn=tiny_timm):
         hp_label_smoothing=0.1,
         optim="sgd",
         optim_args="momentum=0.9",
+        **overrides,
     )
     args.output_dir = str(output_dir)
     return HeadPrepTrainer(
@@ -227,29 +228,38 @@ def test_a_fresh_trainer_resuming_finetune_after_probe_head_keeps_the_cards_tau(
     assert head_probing_record(again)["tau"] == 0
 
 
-@pytest.mark.parametrize("old_z0", ["3-D", "flattened"])
+@pytest.mark.parametrize("old_z0", ["3-D", "flattened", "first samples", "first samples = whole set"])
 def test_a_checkpoint_whose_z0_an_earlier_version_wrote_resumes_without_drift(tmp_path, old_z0):
     # Before sequences were reduced to one vector per sample, a text model's z_0 was kept as (P, T, H) or flattened to
     # (P, T * H). Resumed now, such a checkpoint trained a whole FT epoch and then failed on the drift ("z_0 has shape
-    # ... but z_t has ...; same probe set needed": a message about the probe, not the checkpoint). Now the run goes
-    # on, says why the drift is not measured, and records it; weights are those of the uninterrupted run.
+    # ... but z_t has ...; same probe set needed": a message about the probe, not the checkpoint). And before the probe
+    # was evenly spaced over the set, z_0 held its first samples: same shape, other samples, so the resumed drift
+    # compared z_t of other samples with it (silently). Such a z_0 is dropped now: the run goes on, says why the
+    # drift is not measured, and records it; weights are those of the uninterrupted run. Where the first samples are
+    # the whole set (the probe is all of it), nothing differs and the drift goes on.
     from safetensors.torch import load_file, save_file
 
     from headprep_hf.checkpoints import begin_write, commit
 
-    reference = _trainer(tmp_path / "reference")
+    probe = {"drift_probe_samples": 24} if old_z0 == "first samples = whole set" else {}
+    reference = _trainer(tmp_path / "reference", **probe)
     reference.train()
-    crashed = _trainer(tmp_path / "crashed", callbacks=[Crash(9)])
+    crashed = _trainer(tmp_path / "crashed", callbacks=[Crash(9)], **probe)
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
     checkpoint = tmp_path / "crashed" / "checkpoint-8"  # in FT (HP = steps 1..6)
     path = checkpoint / "headprep_measurements.safetensors"
     z0 = load_file(str(path))["z0"]
-    old = z0[:, None, :].expand(z0.shape[0], 5, z0.shape[1]).contiguous()
+    sequences = z0[:, None, :].expand(z0.shape[0], 5, z0.shape[1]).contiguous()
+    old = {"3-D": sequences, "flattened": sequences.reshape(z0.shape[0], -1)}.get(old_z0, z0)
     begin_write(str(checkpoint))  # (the manifest then holds the file as written: the checkpoint verifies)
-    save_file({"z0": old if old_z0 == "3-D" else old.reshape(z0.shape[0], -1)}, str(path))
+    save_file({"z0": old}, str(path))  # as earlier versions wrote it: no probe definition in its metadata
     commit(str(checkpoint))
-    resumed = _trainer(tmp_path / "crashed")
+    resumed = _trainer(tmp_path / "crashed", **probe)
+    if old_z0 == "first samples = whole set":
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+        assert resumed.dynamics["drift"] == reference.dynamics["drift"]
+        return
     with pytest.warns(UserWarning, match="drift is not measured after this resume"):
         resumed.train(resume_from_checkpoint=str(checkpoint))
     assert "an earlier version" in resumed.dynamics["drift_not_measured"]

@@ -752,3 +752,36 @@ def test_seq2seq_trainer_combined_with_headprep_generates_as_seq2seq_trainer(tmp
         assert torch.equal(a, b), name
     assert np.array_equal(plain_out.predictions, ours_out.predictions)
     assert plain_out.metrics["test_loss"] == ours_out.metrics["test_loss"]
+
+
+def test_classifiers_of_encoder_decoder_families_are_measured(tmp_path):
+    # The language-model rule first read `config.is_encoder_decoder`, which BART's and T5's sequence classifiers and
+    # WhisperForAudioClassification share with their generation models: their measurements were turned off although
+    # their logits are per-sample class scores. Only generation models (`can_generate()`) are language models.
+    import transformers
+
+    from headprep_hf.split import language_model_kind
+
+    torch.manual_seed(0)
+    whisper = transformers.WhisperForAudioClassification(
+        transformers.WhisperConfig(
+            num_mel_bins=8, d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+            decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, max_source_positions=8,
+            classifier_proj_size=8, num_labels=3, vocab_size=50,
+        )
+    )  # fmt: skip
+    assert whisper.config.is_encoder_decoder and language_model_kind(whisper) is None
+    assert language_model_kind(t5()) == "encoder-decoder" and language_model_kind(gpt2_lm()) == "causal"
+    assert language_model_kind(gpt2()) is None  # GPT2ForSequenceClassification
+
+    class Mels(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"input_features": torch.randn(8, 16, generator=g), "labels": i % 3}
+
+    trainer, changed = _probe_head_changes(tmp_path, whisper, Mels())
+    assert trainer.args.track_dynamics and trainer.dynamics["energy"] > 0
+    assert changed == {k for k in whisper.state_dict() if k.startswith(("projector.", "classifier."))}

@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 MEASUREMENTS_NAME = "headprep_measurements.json"
 FEATURES_NAME = "headprep_measurements.safetensors"
+# The drift probe's definition, saved with z_0: "evenly spaced" samples (`spread_indices`); a z_0 without it was
+# written by an earlier version from the FIRST samples, and is used only where those are the same (the whole set).
+PROBE_METADATA = {"probe": "evenly spaced"}
 DYNAMICS_NAME = "headprep_dynamics.json"
 
 
@@ -240,7 +243,8 @@ class MeasurementCallback(TrainerCallback):
         }
         write_json(os.path.join(folder, MEASUREMENTS_NAME), state)
         if self.z0 is not None:
-            save_file({"z0": self.z0.contiguous()}, os.path.join(folder, FEATURES_NAME))
+            # (the probe's definition travels with it: a resume compares z_t of the same samples only)
+            save_file({"z0": self.z0.contiguous()}, os.path.join(folder, FEATURES_NAME), metadata=PROBE_METADATA)
 
     def load(self, folder: str) -> bool:
         """Restore the state saved in checkpoint `folder`; False when it holds none (e.g. a `Trainer` checkpoint)."""
@@ -261,13 +265,30 @@ class MeasurementCallback(TrainerCallback):
         self.z0_path = features if self.z0 is not None else None
         if self.z0 is not None and self.z0.dim() != 2:
             self._drop_z0(f"z_0 has shape {tuple(self.z0.shape)}, not one vector per probe sample")
+        elif self.z0 is not None and self._z0_of_first_samples(features):
+            self._drop_z0(
+                f"z_0 holds the first {self.z0.shape[0]} training samples, the drift probe of an earlier version, "
+                "where this version probes samples evenly spaced over the set"
+            )
         return True
+
+    def _z0_of_first_samples(self, path: str) -> bool:
+        """Whether the z_0 in `path` was written without the probe's definition (an earlier version: its first
+        samples) and those are not the samples this version probes (a probe smaller than the training set)."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("probe") == PROBE_METADATA["probe"] or self.trainer.drift_dataset is not None:
+            return False
+        train = self.trainer.train_dataset
+        return has_length(train) and self.z0.shape[0] < len(train)
 
     def _drop_z0(self, problem: str) -> None:
         """A z_0 from a checkpoint that cannot be this run's probe features: warn, record why, measure no drift."""
         message = (
             f"{self.z0_path}: {problem}, so the drift is not measured after this resume (a checkpoint written by an "
-            "earlier version, whose z_0 of sequences was not one vector per sample). Training goes on."
+            "earlier version). Training goes on."
         )
         self._warn_once("z0_shape", message)
         self.dynamics["drift_not_measured"] = message

@@ -306,17 +306,16 @@ def extract_logits(outputs) -> torch.Tensor:
 
 
 def language_model_kind(model: nn.Module) -> str | None:
-    """ "encoder-decoder" for a model whose config says `is_encoder_decoder` (T5, BART, Whisper's generation
-    model...), "causal" for a transformers causal language model (`AutoModelForCausalLM`'s classes: GPT-2, Llama...),
-    else None. Their logits are not the scores of the labels at the same positions: a causal LM shifts its labels
-    inside the forward, and an encoder-decoder model builds its decoder inputs from them."""
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return "encoder-decoder"
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
-    return "causal" if type(model).__name__ in names else None
+    """ "encoder-decoder" or "causal" for a transformers generation model (`can_generate()`: T5, BART, Whisper's
+    `*ForConditionalGeneration`, GPT-2's `GPT2LMHeadModel`, Llama...), by its config's `is_encoder_decoder`; None for
+    any other model, their classification models included (`BartForSequenceClassification`,
+    `WhisperForAudioClassification`: per-sample class scores). A generation model's logits are not the scores of the
+    labels at the same positions: a causal LM shifts its labels inside the forward, and an encoder-decoder model
+    builds its decoder inputs from them."""
+    can_generate = getattr(type(model), "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        return None
+    return "encoder-decoder" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "causal"
 
 
 def forward_takes_labels(model: nn.Module, label_names: list[str] | None) -> bool:
