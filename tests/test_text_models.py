@@ -785,3 +785,14 @@ def test_classifiers_of_encoder_decoder_families_are_measured(tmp_path):
     trainer, changed = _probe_head_changes(tmp_path, whisper, Mels())
     assert trainer.args.track_dynamics and trainer.dynamics["energy"] > 0
     assert changed == {k for k in whisper.state_dict() if k.startswith(("projector.", "classifier."))}
+
+
+def test_cached_head_probing_of_a_two_module_head_names_the_ways_out(tmp_path):
+    # The speech classifiers' head is [projector, classifier], with the mean over frames between them: "wrap them into
+    # one module" (the only advice before) cannot work there. The error names uncached HP and head_modules.
+    args = HeadPrepConfig(hp_epochs=1, hp_cache_features=True, **arguments(tmp_path))
+    trainer = HeadPrepTrainer(model=wav2vec2(), args=args, train_dataset=Waves())
+    with pytest.raises(ValueError, match=r"hp_cache_features=False.*head_modules=\['classifier'\]"):
+        trainer.probe_head()
+    args = HeadPrepConfig(hp_epochs=1, hp_cache_features=True, head_modules=["classifier"], **arguments(tmp_path, "b"))
+    HeadPrepTrainer(model=wav2vec2(), args=args, train_dataset=Waves()).probe_head()  # the named way out runs

@@ -291,6 +291,22 @@ def test_a_kwargs_forward_without_declared_label_names_trains_with_the_trainers_
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.train()
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # With label_names declared it gets the labels, as with Trainer, which then fails ("did not return a loss", or
+    # for bare logits a first row taken for the loss): the error names the two ways to the trainer's loss.
+    for returns_dict in (False, True):
+
+        class Wrapper(LogitsKwargs):
+            as_dict = returns_dict
+
+            def forward(self, input_x, **kwargs):
+                logits = self.fc(self.body(input_x))
+                return {"logits": logits} if self.as_dict else logits
+
+        args = _args(HeadPrepConfig, tmp_path, f"named{returns_dict}", label_names=["labels"])
+        with pytest.raises(ValueError, match="returns no loss. Drop label_names .* or set problem_type"):
+            HeadPrepTrainer(model=Wrapper(), args=args, train_dataset=XYData()).train()
+        args.problem_type = "single_label_classification"
+        HeadPrepTrainer(model=Wrapper(), args=args, train_dataset=XYData()).train()
 
 
 def test_bf16_training_with_every_measurement_is_trainers(tmp_path):

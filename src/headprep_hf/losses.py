@@ -315,6 +315,8 @@ class TrainerLossMixin:
         self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None
     ):
         if not self.uses_trainer_loss(self.in_training_step):
+            if getattr(self, "labels_through_kwargs", False):
+                return self._loss_of_kwargs_model(model, inputs, return_outputs, num_items_in_batch)
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -338,6 +340,28 @@ class TrainerLossMixin:
         elif isinstance(outputs, (tuple, list)):
             outputs = (loss, *outputs)  # Trainer's convention: the loss first, every model output after it
         return loss, outputs
+
+    def _loss_of_kwargs_model(self, model, inputs, return_outputs, num_items_in_batch):
+        """`Trainer.compute_loss` for a `forward(..., **kwargs)` that gets the labels because `label_names` is declared
+        (as `Trainer` hands them over): a model that returns no loss is named with the fix, where `Trainer` fails with
+        "did not return a loss" or takes the first row of bare logits for the loss."""
+        fix = (
+            f"{type(self.accelerator.unwrap_model(model)).__name__}.forward takes **kwargs and label_names="
+            f"{self.args.label_names} is set, so it gets the labels and its own loss is used, as transformers.Trainer "
+            "does; it returns no loss. Drop label_names (the trainer's loss then reads the labels under 'labels') or "
+            "set problem_type (e.g. 'single_label_classification') to train with the trainer's loss."
+        )
+        try:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        except ValueError as error:
+            if "did not return a loss" in str(error):  # (Trainer's message; tests/test_trainer_contract.py)
+                raise ValueError(fix) from error
+            raise
+        if isinstance(outputs, torch.Tensor) or (isinstance(loss, torch.Tensor) and loss.dim() > 0):
+            raise ValueError(fix)  # bare logits: Trainer took their first row for the loss
+        return (loss, outputs) if return_outputs else loss
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """With the trainer's loss: items (labels other than `ignore_index`, not NaN) in an optimizer step's

@@ -118,8 +118,11 @@ class ModelSplit:
         """The head as one module, for running it on its cached input (cached HP, head exchange)."""
         if len(self.head_names) != 1:
             raise ValueError(
-                f"The head is made of several modules {self.head_names}; running it on cached features needs a single "
-                "head module. Wrap them into one module, or use uncached head probing (hp_cache_features=False)."
+                f"The head is made of several modules {self.head_names}; running it on cached features (cached HP, "
+                "the head exchange) needs a single head module. Use uncached head probing (hp_cache_features=False; "
+                "a sweep: --hp_cache_features false), or name one module in head_modules (e.g. "
+                f"head_modules=[{self.head_names[-1]!r}]: the others then stay in the backbone, frozen in HP), or "
+                "wrap them into one module where the model applies them one after the other."
             )
         return model.get_submodule(self.head_names[0])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -280,6 +281,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._class_axis_hint: tuple[ModelSplit, bool | None] | None = None
         self._stages, self._problem_type = None, None
         self.model_takes_labels = forward_takes_labels(unwrapped, self.args.label_names)
+        # ... only because the forward takes **kwargs (and label_names is declared): a loss it does not return is then
+        # named with the fix (`compute_loss`)
+        self.labels_through_kwargs = self.model_takes_labels and not forward_takes_labels(
+            unwrapped, [n for n in self.args.label_names or [] if n in inspect.signature(unwrapped.forward).parameters]
+        )
         self.model_caller = ModelCaller(unwrapped, self.label_names or ["labels"])
         needs_head = args.hp_epochs > 0 or args.head_type != "linear" or args.reinit_modules or args.head_modules
         if not needs_head:
