@@ -487,7 +487,8 @@ def test_run_command_shortens_only_its_own_refusals(tmp_path, monkeypatch, capsy
         "def refuse():\n    raise ValueError('x=1 is refused: pass x=2')\n\n"
         "def fails():\n    return int('not a number')\n\n"
         "def chained():\n    try:\n        fails()\n    except ValueError as error:\n"
-        "        raise FileNotFoundError('checkpoint-5 cannot be read') from error\n"
+        "        raise FileNotFoundError('checkpoint-5 cannot be read') from error\n\n"
+        "def invariant():\n    raise RuntimeError('HP did not reach the grid epochs')\n"
     )  # fmt: skip
     monkeypatch.syspath_prepend(str(tmp_path))
     import mod
@@ -507,6 +508,12 @@ def test_run_command_shortens_only_its_own_refusals(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit):
         cli.run_command(mod.chained, prog="cmd")
     assert "checkpoint-5 cannot be read (caused by ValueError: invalid literal" in capsys.readouterr().err
+    # A plain RuntimeError of ours is an internal check failing (a bug): its traceback stays too.
+    with pytest.raises(RuntimeError, match="grid epochs"):
+        cli.run_command(mod.invariant, prog="cmd")
+    monkeypatch.setenv("HEADPREP_TRACEBACK", "0")  # (off, as unset)
+    with pytest.raises(SystemExit):
+        cli.run_command(mod.refuse, prog="cmd")
     monkeypatch.setenv("HEADPREP_TRACEBACK", "1")
     with pytest.raises(ValueError, match="refused"):
         cli.run_command(mod.refuse, prog="cmd")

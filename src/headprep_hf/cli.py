@@ -218,7 +218,7 @@ def parse_with_config(
         # A setting its dataclass refuses (`__post_init__`: e.g. an unsorted --sweep_taus): argparse's one-line error,
         # as for a mistyped flag, instead of a traceback through the dataclass machinery (HEADPREP_TRACEBACK=1 keeps
         # the traceback, e.g. for an error of the device setup, which runs there too).
-        if os.environ.get("HEADPREP_TRACEBACK"):
+        if _traceback_asked():
             raise
         parser.error(str(error))
     if remaining:
@@ -482,16 +482,24 @@ COMMANDS = {"sweep": sweep_main, "exchange": exchange_main, "report": report_mai
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent
 # What a deliberate refusal raises (`CheckpointError` and `OutputsDoNotFitLabels` are ValueErrors, `NonFiniteError`
-# and `LaunchError` RuntimeErrors, the feature cache's size check a MemoryError, a missing extra an ImportError).
+# and `LaunchError` RuntimeErrors of our own, the feature cache's size check a MemoryError, a missing extra an
+# ImportError).
 _REFUSALS = (ValueError, OSError, MemoryError, RuntimeError, ImportError)
+
+
+def _traceback_asked() -> bool:
+    """`HEADPREP_TRACEBACK` set to anything but empty, 0, false or no."""
+    return os.environ.get("HEADPREP_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _own_refusal(error: BaseException, scripts: tuple[Path, ...]) -> bool:
     """Whether `error` comes from a `raise` statement of headprep_hf itself or of `scripts` (a deliberate refusal
     whose message names the setting and the fix), not from a library below it or from Python (a bug, whose traceback
     is the useful part)."""
-    if not isinstance(error, _REFUSALS) or isinstance(error, (NotImplementedError, RecursionError)):
+    if not isinstance(error, _REFUSALS):
         return False
+    if isinstance(error, RuntimeError) and not type(error).__module__.startswith("headprep_hf"):
+        return False  # (a plain RuntimeError of ours is an internal check failing: a bug, its traceback kept)
     frames = traceback.extract_tb(error.__traceback__)
     if not frames:
         return False
@@ -512,7 +520,7 @@ def run_command(function, *args, prog: str | None = None):
     try:
         return function(*args)
     except _REFUSALS as error:
-        if os.environ.get("HEADPREP_TRACEBACK") or not _own_refusal(error, scripts):
+        if _traceback_asked() or not _own_refusal(error, scripts):
             raise
         prog = prog or Path(sys.argv[0]).name
         if os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE", "1") != "1":  # (under a launcher)
