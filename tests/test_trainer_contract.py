@@ -816,3 +816,19 @@ def test_a_buffer_that_grows_resumes_as_with_trainer(tmp_path, track_dynamics):
     resumed.train(resume_from_checkpoint=str(tmp_path / "ours" / "checkpoint-6"))
     assert resumed.model.seen.shape == reference.model.seen.shape == (80,)
     _same_weights(reference.model, resumed.model)
+
+
+def test_compute_loss_func_with_a_kwargs_forward_and_label_names_is_trainers(tmp_path):
+    # The usual compute_loss_func set-up: a forward(x, **kwargs) returning logits, label_names=["labels"], the loss in
+    # the user's function. The check for a **kwargs model that returns no loss took its bare logits for a missing
+    # loss and refused it; Trainer computes the loss with the function.
+    class LogitsKwargs(FcLogitsOnly):
+        def forward(self, input_x, **kwargs):
+            return self.fc(self.body(input_x))
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs, labels)
+
+    plain, ours = _pair(tmp_path, LogitsKwargs, args={"label_names": ["labels"]}, compute_loss_func=loss_func)
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)

@@ -271,7 +271,10 @@ def required_files(args, writes_stage_state: bool) -> tuple:
     optimizer and scheduler (unless `save_only_model`) and the stage plan where written. The measurement state is
     not required: a checkpoint written with `track_dynamics=False` has none, and one that lost it is caught by the
     manifest; resuming without it measures what it can (see `HeadPrepTrainer._load_stage_state`)."""
-    required = [("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"), "trainer_state.json"]
+    # The weights as Trainer writes them: the model, or a PEFT model's adapter (which Trainer resumes from too).
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors",
+               "adapter_model.bin")  # fmt: skip
+    required = [weights, "trainer_state.json"]
     if not args.save_only_model:
         required += ["optimizer.pt", "scheduler.pt"]
     if writes_stage_state:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.trainer_utils import unwrap_peft_model
 
 from .cards import _first_pretrained_cfg, base_model_id, prepared_head_card
 from .export import model_data_config, model_label_names, record_prepared_head, set_label_names
@@ -145,6 +146,9 @@ class PreparedHeadMixin:
     def _write_prepared_head(self) -> None:
         # At the end of HP (after its measurements): a small artifact FT can start from elsewhere.
         folder = os.path.join(self.args.output_dir, PREPARED_HEAD_DIR)
+        if self.args.save_prepared_head and _peft_refusal(self.model) is not None:
+            warnings.warn(f"The prepared head is not written: {_peft_refusal(self.model)}", UserWarning, stacklevel=2)
+            return
         if self.args.save_prepared_head:
             check_finite(self.hp_state_dict(), f"the prepared head {folder}")  # on every rank: all raise
         if self.args.save_prepared_head and self.args.should_save:
@@ -265,6 +269,9 @@ def _save_prepared_head(
     tau: int | None = None,
     repo_id: str | None = None,
 ) -> Path:
+    refusal = _peft_refusal(trainer.model)
+    if refusal is not None:
+        raise ValueError(f"Not writing the prepared head {save_directory}: {refusal}")
     state = trainer.hp_state_dict()
     check_finite(state, f"the prepared head {save_directory}")
     config = prepared_head_config(trainer, backbone_id=backbone_id, tau=tau)
@@ -408,6 +415,21 @@ def _read_head_config(path: Path) -> dict[str, Any]:
                     "mlp_num_layers)."
                 )
     return config
+
+
+def _peft_refusal(model: nn.Module) -> str | None:
+    """Why a PEFT model's head cannot be a prepared head, or None for any other model."""
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        model = model._orig_mod
+    model = getattr(model, "module", model)  # (DDP)
+    if unwrap_peft_model(model) is model:
+        return None
+    return (
+        f"the model is a PEFT model ({type(model).__name__}), which keeps the head under the adapter's names "
+        "(`base_model.model.classifier.modules_to_save...`) and no loader can attach that to the base model. Probe "
+        "the head on the base model, save it, then wrap the model: load_prepared_head(model, head); "
+        "model = get_peft_model(model, config)."
+    )
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

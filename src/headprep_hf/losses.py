@@ -315,7 +315,7 @@ class TrainerLossMixin:
         self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None
     ):
         if not self.uses_trainer_loss(self.in_training_step):
-            if getattr(self, "labels_through_kwargs", False):
+            if getattr(self, "labels_through_kwargs", False) and self.compute_loss_func is None:
                 return self._loss_of_kwargs_model(model, inputs, return_outputs, num_items_in_batch)
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -359,7 +359,7 @@ class TrainerLossMixin:
             if "did not return a loss" in str(error):  # (Trainer's message; tests/test_trainer_contract.py)
                 raise ValueError(fix) from error
             raise
-        if isinstance(outputs, torch.Tensor) or (isinstance(loss, torch.Tensor) and loss.dim() > 0):
+        if isinstance(outputs, torch.Tensor) and self.label_smoother is None:
             raise ValueError(fix)  # bare logits: Trainer took their first row for the loss
         return (loss, outputs) if return_outputs else loss
 

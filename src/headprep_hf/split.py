@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import find_labels
 
 logger = logging.getLogger(__name__)
@@ -119,10 +120,11 @@ class ModelSplit:
         if len(self.head_names) != 1:
             raise ValueError(
                 f"The head is made of several modules {self.head_names}; running it on cached features (cached HP, "
-                "the head exchange) needs a single head module. Use uncached head probing (hp_cache_features=False; "
-                "a sweep: --hp_cache_features false), or name one module in head_modules (e.g. "
+                "the head exchange) needs a single head module. Name one module in head_modules (e.g. "
                 f"head_modules=[{self.head_names[-1]!r}]: the others then stay in the backbone, frozen in HP), or "
-                "wrap them into one module where the model applies them one after the other."
+                "wrap them into one module where the model applies them one after the other; or leave out what runs "
+                "the head alone: uncached head probing (hp_cache_features=False; a sweep: --hp_cache_features false) "
+                "and no head exchange (sweep_exchange=False)."
             )
         return model.get_submodule(self.head_names[0])
 
@@ -217,24 +219,30 @@ def find_split(
             )
         head_names = list(head_modules)
     else:
-        name = _find_head_name(model)
+        # A PEFT model is searched as the model it wraps (as Trainer reads its label names), and the head named by its
+        # path in the wrapper (`base_model.model.classifier`: its attributes reach the wrapped model's, whose names
+        # are not the wrapper's).
+        base = unwrap_peft_model(model)
+        prefix = "" if base is model else f"{_name_of(model, base)}."
+        name = _find_head_name(base)
         if not name:
             raise ValueError(
-                f"Could not find the task head of {type(model).__name__} (no timm get_classifier(), no top-level "
+                f"Could not find the task head of {type(base).__name__} (no timm get_classifier(), no top-level "
                 f"{'/'.join(_HEAD_ATTRIBUTES)} module with parameters). Set head_modules=[...] in HeadPrepConfig; "
                 f"candidate module names: {_candidates(model)}."
             )
         head_names = [name]
-        pre = getattr(model, _PRE_CLASSIFIER, None)
-        projector = getattr(model, _PROJECTOR, None)
+        pre = getattr(base, _PRE_CLASSIFIER, None)
+        projector = getattr(base, _PROJECTOR, None)
         if name == "classifier" and isinstance(pre, nn.Module) and _has_params(pre):
             head_names = [_PRE_CLASSIFIER, name]
         elif (
             name == "classifier"
-            and type(model).__name__.endswith(_PROJECTOR_MODELS)
+            and type(base).__name__.endswith(_PROJECTOR_MODELS)
             and isinstance(projector, nn.Linear)
         ):
             head_names = [_PROJECTOR, name]
+        head_names = [prefix + n for n in head_names]
 
     reinit_names = list(reinit_modules or [])
     missing = [n for n in reinit_names if n not in module_names]
@@ -315,6 +323,7 @@ def language_model_kind(model: nn.Module) -> str | None:
     `WhisperForAudioClassification`: per-sample class scores). A generation model's logits are not the scores of the
     labels at the same positions: a causal LM shifts its labels inside the forward, and an encoder-decoder model
     builds its decoder inputs from them."""
+    model = unwrap_peft_model(model)  # (a LoRA GPT-2 is a causal LM)
     can_generate = getattr(type(model), "can_generate", None)
     if not (callable(can_generate) and can_generate()):
         return None
@@ -327,6 +336,7 @@ def forward_takes_labels(model: nn.Module, label_names: list[str] | None) -> boo
     declared `label_names` (`TrainingArguments.label_names`, e.g. `targets`), or it takes `**kwargs` and `label_names`
     is declared. A `**kwargs` forward without declared label names is taken as one that does not (a wrapper around a
     timm model, which `Trainer` cannot train: it returns no loss); README "Differences from transformers.Trainer"."""
+    model = unwrap_peft_model(model)  # (as Trainer reads a PEFT model's label names: from the model it wraps)
     if find_labels(type(model)):
         return True
     if not label_names:

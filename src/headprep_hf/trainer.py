@@ -32,6 +32,7 @@ from transformers.trainer_utils import (
     enable_full_determinism,
     has_length,
     rotate_checkpoints,
+    unwrap_peft_model,
 )
 
 from .checkpoints import (
@@ -226,11 +227,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             # labels: an encoder-decoder model then has no decoder inputs (T5 fails, BART makes other ones) and a
             # causal LM's logits predict the NEXT label (GPT-2's energy read its own input token). Off, with a word.
             logger.warning(
-                "%s is %s language model: energy, p0, HP accuracy and drift are not measured for it (its logits "
-                "do not score the labels at the same positions); it trains as with transformers.Trainer. Set "
-                "track_dynamics=False to silence this.",
-                type(self.accelerator.unwrap_model(self.model)).__name__,
-                "an encoder-decoder" if kind == "encoder-decoder" else "a causal",
+                "%s is a generation model (%s, can_generate()): energy, p0, HP accuracy and drift are not measured "
+                "for it (its logits do not score the labels at the same positions); it trains as with "
+                "transformers.Trainer. Set track_dynamics=False to silence this.",
+                type(unwrap_peft_model(self.accelerator.unwrap_model(self.model))).__name__,
+                "encoder-decoder" if kind == "encoder-decoder" else "decoder-only",
             )
             self.args = copy.copy(self.args)
             self.args.track_dynamics = False
