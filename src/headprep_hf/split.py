@@ -330,21 +330,23 @@ def language_model_kind(model: nn.Module) -> str | None:
     return "encoder-decoder" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "causal"
 
 
-def forward_takes_labels(model: nn.Module, label_names: list[str] | None) -> bool:
-    """Whether the model computes its own loss from the labels `Trainer` hands it: its forward has a parameter named
-    like a label (transformers' `find_labels`: `labels`, `label_ids`, QA's `start_positions`...) or one of the
-    declared `label_names` (`TrainingArguments.label_names`, e.g. `targets`), or it takes `**kwargs` and `label_names`
-    is declared. A `**kwargs` forward without declared label names is taken as one that does not (a wrapper around a
-    timm model, which `Trainer` cannot train: it returns no loss); README "Differences from transformers.Trainer"."""
-    model = unwrap_peft_model(model)  # (as Trainer reads a PEFT model's label names: from the model it wraps)
+def forward_label_route(model: nn.Module, label_names: list[str] | None) -> str | None:
+    """How `Trainer` hands the model its labels, for a model that computes its own loss from them: "named" (its
+    forward has a parameter named like a label, as transformers' `find_labels` reads it: `labels`, `label_ids`, QA's
+    `start_positions`...; or one of the declared `label_names`, e.g. `targets`) or "kwargs" (its forward takes
+    `**kwargs` and `label_names` is declared); None for a model that takes no labels. A `**kwargs` forward without
+    declared label names is taken as one that takes none (a wrapper around a timm model, which `Trainer` cannot train:
+    it returns no loss); README "Differences from transformers.Trainer". A PEFT model is read as the model it wraps,
+    as Trainer reads its label names."""
+    model = unwrap_peft_model(model)
     if find_labels(type(model)):
-        return True
+        return "named"
     if not label_names:
-        return False
+        return None
     params = inspect.signature(model.forward).parameters
     if any(name in params for name in label_names):
-        return True
-    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return "named"
+    return "kwargs" if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()) else None
 
 
 class ModelCaller:

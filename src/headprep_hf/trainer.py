@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import logging
 import math
@@ -63,7 +62,7 @@ from .losses import TrainerLossMixin, declared_problem_type
 from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
 from .progress import announce, format_values
 from .schedules import two_stage_scheduler
-from .split import HeadFinder, ModelCaller, ModelSplit, forward_takes_labels, language_model_kind
+from .split import HeadFinder, ModelCaller, ModelSplit, forward_label_route, language_model_kind
 from .stages import PLANS, StageCallback, StagePlan, Stages
 
 logger = logging.getLogger(__name__)
@@ -281,12 +280,10 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._heads = HeadFinder(unwrapped, args.head_modules, args.reinit_modules, self._explicit_split)
         self._class_axis_hint: tuple[ModelSplit, bool | None] | None = None
         self._stages, self._problem_type = None, None
-        self.model_takes_labels = forward_takes_labels(unwrapped, self.args.label_names)
-        # ... only because the forward takes **kwargs (and label_names is declared): a loss it does not return is then
-        # named with the fix (`compute_loss`)
-        self.labels_through_kwargs = self.model_takes_labels and not forward_takes_labels(
-            unwrapped, [n for n in self.args.label_names or [] if n in inspect.signature(unwrapped.forward).parameters]
-        )
+        route = forward_label_route(unwrapped, self.args.label_names)
+        self.model_takes_labels = route is not None
+        # (through **kwargs only: a loss the model does not return is then named with the fix, `compute_loss`)
+        self.labels_through_kwargs = route == "kwargs"
         self.model_caller = ModelCaller(unwrapped, self.label_names or ["labels"])
         needs_head = args.hp_epochs > 0 or args.head_type != "linear" or args.reinit_modules or args.head_modules
         if not needs_head:
