@@ -724,6 +724,74 @@ def test_head_probing_a_head_tied_to_the_embeddings_names_the_tie(tmp_path):
     assert changed == {"lm_head.weight"}
 
 
+class _HeadListedFirst(torch.nn.Module):
+    """A classifier whose weight is the embedding's, registered before it: PyTorch lists the shared weight under
+    `classifier.weight`, so it looked like the head's own and HP trained the embedding with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = torch.nn.Linear(4, 100, bias=False)
+        self.embed = torch.nn.Embedding(100, 4)
+        self.embed.weight = self.classifier.weight
+        self.mix = torch.nn.Linear(4, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        return {"logits": self.classifier(self.mix(self.embed(input_ids)).mean(1))[:, :3]}
+
+
+def test_a_tied_weight_listed_under_the_heads_name_is_refused_too(tmp_path):
+    # The first check looked at which parameters PyTorch lists under the head's names; a weight shared with the
+    # backbone and met first under the head's name passed, and HP then moved the backbone (the embedding) too.
+    model = _HeadListedFirst()
+    assert [n for n, _ in model.named_parameters()][0] == "classifier.weight"
+    args = HeadPrepConfig(hp_epochs=1, head_modules=["classifier"], **arguments(tmp_path))
+    with pytest.raises(ValueError, match=r"tied to backbone parameters \(classifier.weight and embed.weight;"):
+        HeadPrepTrainer(
+            model=model, args=args, train_dataset=Rows(), data_collator=DataCollatorWithPadding(tokenizer())
+        )
+    # hp_epochs=0 (FT only) trains the model as it is, as Trainer does
+    HeadPrepTrainer(model=model, args=HeadPrepConfig(hp_epochs=0, head_modules=["classifier"], **arguments(tmp_path)))
+
+
+def test_a_head_without_parameters_is_named(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Identity())
+    args = HeadPrepConfig(hp_epochs=1, head_modules=["1"], **arguments(tmp_path))
+    with pytest.raises(ValueError, match=r"trains \['1'\], which hold no parameters"):
+        HeadPrepTrainer(model=model, args=args)
+
+
+class Questions(torch.utils.data.Dataset):
+    """Multiple choice: 3 choices of 6 tokens per question."""
+
+    def __init__(self, n=8):
+        rng = np.random.RandomState(0)
+        self.rows = [
+            {"input_ids": torch.as_tensor(rng.randint(2, 100, size=(3, 6))), "labels": int(rng.randint(3))}
+            for _ in range(n)
+        ]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def test_a_multiple_choice_probe_counts_questions_and_the_rows_it_averages(tmp_path):
+    # The head of BertForMultipleChoice sees one pooled vector per choice: num_probe_samples said 6 for a probe of
+    # 2 questions. It counts samples now; num_probe_rows counts the rows the drift averages over.
+    from transformers import BertForMultipleChoice
+
+    torch.manual_seed(0)
+    model = BertForMultipleChoice(BertConfig(**TINY, max_position_embeddings=64))
+    args = HeadPrepConfig(hp_epochs=1, drift_probe_samples=2, **arguments(tmp_path))
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=Questions())
+    trainer.train()
+    dynamics = trainer.dynamics
+    assert dynamics["num_probe_samples"] == 2 and dynamics["num_probe_rows"] == 6 and dynamics["drift"]
+    assert dynamics["num_energy_samples"] == 8
+
+
 def test_seq2seq_trainer_combined_with_headprep_generates_as_seq2seq_trainer(tmp_path):
     # README "Subclassing": HeadPrepConfig + Seq2SeqTrainingArguments, HeadPrepTrainer + Seq2SeqTrainer.
     from dataclasses import dataclass

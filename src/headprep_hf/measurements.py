@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -393,7 +394,9 @@ class MeasurementCallback(TrainerCallback):
             }
         )
         if self.z0 is not None:
-            self.dynamics["num_probe_samples"] = int(self.z0.shape[0])
+            self.dynamics["num_probe_samples"] = self._probe_size
+            if self.z0.shape[0] != self._probe_size:  # several head inputs per sample (a multiple-choice model's)
+                self.dynamics["num_probe_rows"] = int(self.z0.shape[0])
         self.dynamics.setdefault("ft_start_step", trainer.state.global_step)
         self.drop_hp_epoch_inputs()
         return summary
@@ -717,7 +720,7 @@ class MeasurementCallback(TrainerCallback):
         return self.measure_dataset(
             None,
             False,
-            self._probe_size,
+            sys.maxsize,  # every head input of the probe: a multiple-choice model's head sees one row per choice
             loader=self._probe_loader,
             seed=trainer.args.seed,
             desc="drift probe",

@@ -88,6 +88,15 @@ class ModelSplit:
     def hp_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in model.named_parameters() if self.is_hp_trainable(n))
 
+    def tied_to_backbone(self, model: nn.Module) -> list[str]:
+        """Parameters that train in HP but are shared with a frozen module ("head.weight = backbone.weight"), as
+        "hp name and backbone name". PyTorch lists a shared parameter once, under the first name it meets, so
+        `hp_parameters` alone cannot tell: listed under the head's name, HP would train the backbone's weight too."""
+        hp, frozen = {}, {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            (hp if self.is_hp_trainable(name) else frozen).setdefault(id(param), name)
+        return sorted(f"{name} and {frozen[key]}" for key, name in hp.items() if key in frozen)
+
     def backbone_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters frozen during HP (the backbone minus `reinit_names`)."""
         return ((n, p) for n, p in model.named_parameters() if not self.is_hp_trainable(n))

@@ -289,13 +289,21 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if not needs_head:
             return
         split = self.find_head(required=True)
-        if args.hp_epochs > 0 and args.head_type != "mlp" and not any(True for _ in split.hp_parameters(unwrapped)):
-            # (a head tied to the backbone: PyTorch lists a shared weight once, under its first module's name)
+        tied = split.tied_to_backbone(unwrapped) if args.head_type != "mlp" else []
+        if args.hp_epochs > 0 and tied:
+            # (HP freezes a weight shared with the backbone, and trains nothing, or trains it, and the backbone moves
+            # in HP: which one depends on the name PyTorch meets first)
             raise ValueError(
-                f"Head probing trains the head {split.head_names}, but none of its parameters is its own: they are "
-                "tied to backbone parameters (e.g. a language-model head tied to the input embeddings, "
-                "`tie_word_embeddings`), so HP would train nothing. Untie them (config.tie_word_embeddings=False "
-                "before the model is built), name another head in head_modules, or set hp_epochs=0."
+                f"Head probing trains {split.trainable_in_hp_names} with the backbone frozen, but these weights are "
+                f"tied to backbone parameters ({', '.join(tied)}; e.g. a language-model head tied to the input "
+                "embeddings, `tie_word_embeddings`): HP would train nothing or change the backbone too. Untie them "
+                "(config.tie_word_embeddings=False before the model is built), name another head in head_modules, "
+                "or set hp_epochs=0."
+            )
+        if args.hp_epochs > 0 and args.head_type != "mlp" and not any(True for _ in split.hp_parameters(unwrapped)):
+            raise ValueError(
+                f"Head probing trains {split.trainable_in_hp_names}, which hold no parameters: HP would train "
+                "nothing. Name the module that holds the task head's weights in head_modules, or set hp_epochs=0."
             )
         if args.head_type == "mlp":
             set_seed(args.seed)  # the same seed gives the same head
