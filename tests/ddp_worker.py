@@ -13,6 +13,8 @@ model state the trainer started from. Scenarios:
 * `hp`: `trainer.probe_head()` with a global batch of `HP_GLOBAL_BATCH` split over the ranks.
 * `measure`: load `--states/s0.safetensors`, `measure_start()`, load `--states/s1.safetensors`, `measure_drift()`.
 * `bn`: `probe_head()` of a head with BatchNorm (`bn_head_model`); its statistics are recomputed over all ranks.
+* `plainbn`: plain `Trainer` and `HeadPrepTrainer(hp_epochs=0)` on `bn_head_model`, evaluated and predicting.
+* `refuse`: an HP run into a folder with an earlier run's results, refused on every rank.
 * `sweep`: a tau sweep (cached HP, exchange) with a global batch of `HP_GLOBAL_BATCH` split over the ranks; every rank
   writes the result it returned, rank 0 the sweep folder (`out/`).
 
@@ -224,6 +226,76 @@ def run_cachedeval(folder: str):
     return trainer
 
 
+class _WithLoss(torch.nn.Module):
+    """A timm model as `Trainer` takes it: `forward(pixel_values, labels)` returning the loss and the logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.model(pixel_values)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits} if loss is not None else {"logits": logits}
+
+
+def run_plainbn(folder: str):
+    """hp_epochs=0 (every measurement on) and a plain `Trainer` on a model whose head has BatchNorm: evaluation every
+    2 updates and at the end, then predict. Each rank keeps its own BatchNorm statistics after its last batch, and
+    `Trainer` evaluates each rank's share with them; the trainer evaluated with rank 0's (and its drift pass left them
+    in place)."""
+    from transformers import Trainer, TrainingArguments
+
+    from headprep_hf import HeadPrepTrainer
+
+    results = {}
+    for name, trainer_cls in (("trainer", Trainer), ("headprep", HeadPrepTrainer)):
+        settings = dict(
+            output_dir=os.path.join(folder, name), use_cpu=True, report_to="none", save_strategy="no",
+            dataloader_num_workers=0, disable_tqdm=True, seed=0, num_train_epochs=2, per_device_train_batch_size=4,
+            per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=2, logging_steps=1, learning_rate=1e-2,
+        )  # fmt: skip
+        if trainer_cls is Trainer:
+            args = TrainingArguments(**settings)
+        else:
+            args = _config(settings.pop("output_dir"), hp_epochs=0, drift_probe_samples=12, **settings)
+        model = _WithLoss(bn_head_model(seed=0))
+        trainer = trainer_cls(model=model, args=args, train_dataset=TinyImages(20, seed=0),
+                              eval_dataset=TinyImages(13, seed=1))  # fmt: skip
+        trainer.train()
+        final = trainer.evaluate()
+        predictions = trainer.predict(TinyImages(13, seed=2))
+        results[name] = {
+            "evals": [r for r in trainer.state.log_history if "eval_loss" in r],
+            "final": final,
+            "predictions": predictions.predictions.tolist(),
+        }
+    _write(folder, trainer, model, results)
+    return trainer
+
+
+def run_refuse(folder: str):
+    """HP into an output_dir holding an earlier run's headprep_dynamics.json: every rank refuses (only the rank that
+    writes looked, and the other went on into training, waiting in its first collective)."""
+    from headprep_hf import HeadPrepTrainer
+
+    out = os.path.join(folder, "out")
+    args = _config(out, hp_epochs=1, per_device_train_batch_size=8)
+    if args.process_index == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "headprep_dynamics.json"), "w") as f:
+            f.write("{}")
+    trainer = HeadPrepTrainer(model=tiny_model(seed=0), args=args, train_dataset=TinyImages(16, seed=0))
+    trainer.accelerator.wait_for_everyone()  # (the earlier run's file is there before any rank looks)
+    try:
+        trainer.train()
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    _write(folder, trainer, trainer.model, {"refusal": refusal})
+    return trainer
+
+
 def run_measure(folder: str, states: str):
     from safetensors.torch import load_file
 
@@ -359,6 +431,10 @@ def main(argv: list[str] | None = None) -> None:
             trainer = run_bnpad(folder)
         elif scenario == "cachedeval":
             trainer = run_cachedeval(folder)
+        elif scenario == "plainbn":
+            trainer = run_plainbn(folder)
+        elif scenario == "refuse":
+            trainer = run_refuse(folder)
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
         trainer.accelerator.wait_for_everyone()

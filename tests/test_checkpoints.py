@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from headprep_hf.checkpoints import MANIFEST_NAME, WRITING_NAME, CheckpointError, latest_resumable, status
+from headprep_hf.checkpoints import (
+    MANIFEST_NAME,
+    WRITING_NAME,
+    CheckpointError,
+    begin_write,
+    commit,
+    latest_resumable,
+    status,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kill_worker  # noqa: E402
@@ -224,3 +232,19 @@ def test_a_checkpoint_whose_manifest_was_removed_is_not_resumed_unverified(tmp_p
     with pytest.raises(CheckpointError, match=rf"{newest.name} has no {MANIFEST_NAME}, unlike the run's other "
                        r"checkpoints: the run was killed while writing it, or another tool"):  # fmt: skip
         kill_worker.trainer_for(str(out)).train(resume_from_checkpoint=str(newest))
+
+
+def test_a_complete_checkpoint_written_again_keeps_none_of_its_files(tmp_path):
+    # A resumed run writing a step again kept the complete folder's files, so one the new write did not make (the
+    # measurement state of a run under other settings) entered the new manifest as this run's.
+    folder = tmp_path / "checkpoint-4"
+    begin_write(str(folder))
+    (folder / "model.safetensors").write_bytes(b"old")
+    (folder / "headprep_measurements.json").write_text("{}")
+    commit(str(folder))
+    assert status(str(folder)) == "complete"
+    begin_write(str(folder))
+    (folder / "model.safetensors").write_bytes(b"new")
+    commit(str(folder))
+    assert sorted(json.loads((folder / MANIFEST_NAME).read_text())["files"]) == ["model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST_NAME, "model.safetensors"]

@@ -92,6 +92,29 @@ def test_new_run_refuses_to_overwrite_checkpoints(tmp_path):
     second.train()
 
 
+def test_overwrite_moves_the_earlier_runs_checkpoints_aside(tmp_path):
+    """overwrite_output_dir=True left an earlier run's checkpoints in place: a new run killed at update 5 then
+    resumed (resume_from_checkpoint=True) from the earlier run's checkpoint-12 as its own, trained nothing and ended
+    with the earlier run's model."""
+    run = tmp_path / "run"
+    _trainer(run).train()
+    crashed = _trainer(run, callbacks=[Crash(5)], overwrite_output_dir=True, seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    assert sorted(p.name for p in run.glob("checkpoint-*") if "replaced" not in p.name) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert len(list(run.glob("checkpoint-12.replaced-*"))) == 1  # (moved aside, not lost)
+    resumed = _trainer(run, overwrite_output_dir=True, seed=1)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.resumed_stage == "hp" and resumed.state.global_step == 12
+    reference = _trainer(tmp_path / "reference", seed=1)
+    reference.train()
+    ref_state, res_state = reference.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in ref_state if not torch.equal(ref_state[k], res_state[k])] == []
+
+
 def test_new_run_refuses_to_overwrite_an_earlier_runs_results(tmp_path):
     """No checkpoints, but an earlier run's prepared head and measurements: a new HP run leaves them untouched."""
     args = make_config(tmp_path, hp_epochs=1)
@@ -174,6 +197,8 @@ def test_a_checkpoint_written_without_measurements_resumes_with_them_on(tmp_path
         dict(ft_label_smoothing=0.1),
         dict(weight_decay=0.1),
         dict(optim="sgd"),
+        dict(train_sampling_strategy="sequential"),  # (the data order changed in the middle of the run)
+        dict(drift_probe_samples=8),  # (the drift was dropped, with a warning that blamed an earlier version)
     ],  # fmt: skip
 )
 def test_a_resume_with_a_changed_setting_is_refused_naming_it(tmp_path, change):
@@ -239,7 +264,7 @@ def test_a_checkpoint_whose_z0_an_earlier_version_wrote_resumes_without_drift(tm
     # the whole set (the probe is all of it), nothing differs and the drift goes on.
     from safetensors.torch import load_file, save_file
 
-    from headprep_hf.checkpoints import begin_write, commit
+    from headprep_hf.checkpoints import MANIFEST_NAME, WRITING_NAME, commit
 
     probe = {"drift_probe_samples": 24} if old_z0 == "first samples = whole set" else {}
     reference = _trainer(tmp_path / "reference", **probe)
@@ -252,7 +277,8 @@ def test_a_checkpoint_whose_z0_an_earlier_version_wrote_resumes_without_drift(tm
     z0 = load_file(str(path))["z0"]
     sequences = z0[:, None, :].expand(z0.shape[0], 5, z0.shape[1]).contiguous()
     old = {"3-D": sequences, "flattened": sequences.reshape(z0.shape[0], -1)}.get(old_z0, z0)
-    begin_write(str(checkpoint))  # (the manifest then holds the file as written: the checkpoint verifies)
+    (checkpoint / MANIFEST_NAME).unlink()  # (committed again below: the manifest holds the file as written)
+    (checkpoint / WRITING_NAME).write_text("")
     save_file({"z0": old}, str(path))  # as earlier versions wrote it: no probe definition in its metadata
     commit(str(checkpoint))
     resumed = _trainer(tmp_path / "crashed", **probe)

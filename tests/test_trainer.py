@@ -367,13 +367,17 @@ def test_a_stopper_added_later_moves_alone_and_a_subclass_passed_as_a_class_too(
     trainer.add_callback(Mine())
     trainer.add_callback(MyStopper)
     names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
-    # the stopper runs before the stage callback; the user's other callback keeps its place after the trainer's
-    assert names[-4:] == ["MyStopper", "StageCallback", "MeasurementCallback", "Mine"]
+    # the stopper runs before the stage callback, between its gates; the user's other callback keeps its place
+    # after the trainer's
+    assert names[-6:] == ["StopRequestGate", "MyStopper", "StopperHoldBack", "StageCallback", "MeasurementCallback",
+                          "Mine"]  # fmt: skip
 
 
-def test_another_callbacks_stop_during_hp_is_kept_when_a_stopper_is_out_of_patience(tmp_path):
+@pytest.mark.parametrize("budget_first", [True, False], ids=["budget-before-stopper", "budget-after-stopper"])
+def test_another_callbacks_stop_during_hp_is_kept_when_a_stopper_is_out_of_patience(tmp_path, budget_first):
     # Holding back early stopping in HP cleared any stop request once a stopper had run out of patience, so a time
-    # budget's stop at step 2 was cancelled and the run went on into FT.
+    # budget's stop at step 2 was cancelled and the run went on into FT; given after the stopper, the budget's stop
+    # was still taken for the stopper's (the run went on to step 13).
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class Budget(TrainerCallback):
@@ -384,10 +388,10 @@ def test_another_callbacks_stop_during_hp_is_kept_when_a_stopper_is_out_of_patie
     args = make_config(tmp_path, hp_epochs=2, track_dynamics=False, eval_strategy="steps", eval_steps=1,
                        save_strategy="steps", save_steps=1, load_best_model_at_end=True,
                        metric_for_best_model="loss")  # fmt: skip
+    stopper = EarlyStoppingCallback(early_stopping_patience=1, early_stopping_threshold=10.0)
     trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(48),
                               eval_dataset=TinyImages(16, seed=1),
-                              callbacks=[Budget(), EarlyStoppingCallback(early_stopping_patience=1,
-                                                                         early_stopping_threshold=10.0)])  # fmt: skip
+                              callbacks=[Budget(), stopper] if budget_first else [stopper, Budget()])  # fmt: skip
     trainer.train()
     assert trainer.state.global_step == 2
 
@@ -479,3 +483,4 @@ def test_the_stage_callbacks_keep_the_order_of_the_users_callbacks(tmp_path):
     user = [n for n in names if n in ("EarlyStoppingCallback", "Observer")]
     assert user == ["EarlyStoppingCallback", "Observer"]
     assert names.index("StopRequestGate") == names.index("EarlyStoppingCallback") - 1
+    assert names[names.index("EarlyStoppingCallback") + 1] == "StopperHoldBack"

@@ -66,17 +66,16 @@ def _files(folder: str) -> list[str]:
 
 
 def begin_write(folder: str) -> None:
-    """Mark `folder` as being written (a leftover of a killed attempt at the same step is removed first)."""
-    if os.path.isdir(folder) and status(folder) != "complete":
+    """Mark `folder` as being written. What it holds is removed first: a leftover of a killed attempt at the same
+    step, or a complete checkpoint of this step that a resumed run writes again (kept, a file the new write does not
+    make, e.g. measurement state written under other settings, would enter the new manifest as this run's)."""
+    if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.makedirs(folder, exist_ok=True)
-    manifest = os.path.join(folder, MANIFEST_NAME)
     with open(os.path.join(folder, WRITING_NAME), "w") as f:
         f.write("a checkpoint is being written here; without headprep_manifest.json it is incomplete\n")
         f.flush()
         os.fsync(f.fileno())
-    if os.path.exists(manifest):  # rewriting a complete checkpoint: it is not complete until committed again
-        os.remove(manifest)
     _fsync(folder)
 
 

@@ -19,6 +19,7 @@ model has no head the split can find.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -174,12 +175,29 @@ def broadcast_buffers(model: torch.nn.Module, accelerator) -> None:
     """Rank 0's buffers on every rank.
 
     DDP copies rank 0's buffers only at the start of a training forward; after the last step each rank holds BatchNorm
-    statistics updated with its own batch. Measurements, evaluation and the saved model must all see rank 0's (the ones
-    saved), or gathered values mix two models.
+    statistics updated with its own batch. Measurements, and with stages evaluation and the model after a run, must
+    all see rank 0's (the ones saved), or gathered values mix two models.
     """
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
+
+
+@contextlib.contextmanager
+def rank0_buffers(model: torch.nn.Module, accelerator):
+    """Rank 0's buffers on every rank inside the block, each rank's own again after it: a measurement pass sees the
+    model that is saved, and leaves a plain run's evaluations as `Trainer`'s (each rank with its own statistics)."""
+    if not (accelerator.num_processes > 1 and torch.distributed.is_initialized()):
+        yield
+        return
+    own = [buffer.detach().clone() for buffer in model.buffers()]
+    broadcast_buffers(model, accelerator)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), own):
+                buffer.copy_(saved)
 
 
 def _reads_each_sample_once(trainer) -> bool:
@@ -325,26 +343,26 @@ class MeasurementCallback(TrainerCallback):
         every rank takes part."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
-        broadcast_buffers(model, trainer.accelerator)
         split = trainer.find_head() if max_features > 0 else None
         try:
-            return measure(
-                model,
-                loader if loader is not None else trainer.measurement_loader(dataset),
-                trainer.model_caller,
-                split.feature_module(model) if split is not None else None,
-                trainer.accelerator,
-                label_name=trainer.label_names[0] if trainer.label_names else "labels",
-                with_energy=with_energy,
-                max_features=max_features,
-                ignore_index=trainer.args.ignore_index,
-                problem_type=trainer.problem_type if with_energy else "single_label_classification",
-                class_last=trainer.class_axis_hint,
-                autocast=trainer.measurement_autocast,
-                seed=seed,
-                progress=(lambda batches: pass_bar(trainer, batches, desc)) if desc else None,
-                **kwargs,
-            )
+            with rank0_buffers(model, trainer.accelerator):
+                return measure(
+                    model,
+                    loader if loader is not None else trainer.measurement_loader(dataset),
+                    trainer.model_caller,
+                    split.feature_module(model) if split is not None else None,
+                    trainer.accelerator,
+                    label_name=trainer.label_names[0] if trainer.label_names else "labels",
+                    with_energy=with_energy,
+                    max_features=max_features,
+                    ignore_index=trainer.args.ignore_index,
+                    problem_type=trainer.problem_type if with_energy else "single_label_classification",
+                    class_last=trainer.class_axis_hint,
+                    autocast=trainer.measurement_autocast,
+                    seed=seed,
+                    progress=(lambda batches: pass_bar(trainer, batches, desc)) if desc else None,
+                    **kwargs,
+                )
         except FeatureModuleNotCalled as error:
             raise FeatureModuleNotCalled(
                 f"The model's forward did not call the head {split.head_names}, so the features it takes could not "

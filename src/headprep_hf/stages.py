@@ -111,6 +111,17 @@ class StopRequestGate(TrainerCallback):
         self.stop_before = bool(control.should_training_stop)
 
 
+class StopperHoldBack(TrainerCallback):
+    """Just after the last early stopper: holds back the stoppers' stop in HP (`StageCallback.hold_back`), before any
+    later callback asks for its own."""
+
+    def __init__(self, stage: StageCallback):
+        self.stage = stage
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.stage.hold_back(control)
+
+
 class StageCallback(TrainerCallback):
     """The HP->FT boundary (before the first FT update), the stage labels of the progress bar (`HP`, then a new `FT`
     bar at the boundary) and early stopping in FT only.
@@ -123,7 +134,8 @@ class StageCallback(TrainerCallback):
 
     def __init__(self, trainer, begin_ft):
         self.trainer, self.begin_ft = trainer, begin_ft
-        self.gate = StopRequestGate()  # (the trainer puts it just before the early stoppers, this after them)
+        # (the trainer puts these just before the first early stopper and just after the last; this after both)
+        self.gate, self.gate_after = StopRequestGate(), StopperHoldBack(self)
 
     def on_train_begin(self, args, state, control, **kwargs):
         plan = self.trainer.stage_plan
@@ -146,9 +158,10 @@ class StageCallback(TrainerCallback):
             if args.logging_strategy != "no":
                 control.should_log = True  # one log exactly at the boundary keeps the stages' losses apart
 
-    def on_evaluate(self, args, state, control, **kwargs):
+    def hold_back(self, control) -> None:
         # Early stopping acts in FT only: during HP the head's metric plateaus by design. A stop asked for before the
-        # stoppers ran (the gate saw it: another callback's, e.g. a time budget) is not theirs and stays.
+        # stoppers ran (the gate saw it) or after them (the hold-back runs first), another callback's, e.g. a time
+        # budget's, is not theirs and stays. (One asked for between two stoppers cannot be told from theirs.)
         plan = self.trainer.stage_plan
         stop = control.should_training_stop and not self.gate.stop_before
         if plan.hp_steps > 0 and not plan.ft_started and stop:

@@ -37,6 +37,7 @@ from transformers.trainer_utils import (
 from .checkpoints import (
     begin_write,
     check_weights_fit,
+    checkpoints,
     commit,
     refuse_earlier_outputs,
     required_files,
@@ -85,8 +86,8 @@ DDP_TYPES = tuple(
 
 TRAINING_ARGS_JSON = "training_args.json"
 # Settings a run with stages cannot change between a checkpoint and its resume: each changes what the rest of the run
-# computes (schedule, data order, head, losses, which updates apply), and the resumed run would mix the two silently.
-# Logging, evaluation, saving and loader settings may change.
+# computes (schedule, data order, head, losses, which updates apply, the drift's probe), and the resumed run would mix
+# the two silently. Logging, evaluation, saving and loader settings may change.
 RESUME_SETTINGS = (
     "seed", "data_seed", "hp_epochs", "hp_learning_rate", "hp_lr_scheduler_type", "hp_warmup_ratio", "hp_weight_decay",
     "hp_label_smoothing", "ft_label_smoothing", "label_smoothing_factor", "hp_backbone_mode", "hp_cache_features",
@@ -94,7 +95,7 @@ RESUME_SETTINGS = (
     "reinit_modules", "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "lr_scheduler_kwargs",
     "warmup_steps", "weight_decay", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
     "per_device_train_batch_size", "gradient_accumulation_steps", "dataloader_drop_last", "fp16", "bf16",
-    "on_nonfinite", "problem_type", "ignore_index",
+    "on_nonfinite", "problem_type", "ignore_index", "train_sampling_strategy", "drift_probe_samples",
 )  # fmt: skip
 _STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate", "head_grad_norm")
 
@@ -258,18 +259,32 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             )
             if first_own is not None:  # (the stopper alone moves: every other callback keeps its place)
                 callbacks.insert(first_own, callbacks.pop())
+                self._place_stop_gates()
+
+    def _place_stop_gates(self) -> None:
+        """The stage callback's two gates just before the first early stopper and just after the last (both at the
+        end of the user's callbacks without a stopper): what changes the stop request between them is the stoppers'
+        decision, which the stage callback holds back in HP; a stop asked for by another callback, before or after
+        them, stays. Nothing else moves: every callback keeps Trainer's order."""
+        stage = next((c for c in self.callback_handler.callbacks if isinstance(c, StageCallback)), None)
+        if stage is None:
+            return
+        callbacks = self.callback_handler.callbacks
+        callbacks[:] = [c for c in callbacks if c is not stage.gate and c is not stage.gate_after]
+        stoppers = [i for i, c in enumerate(callbacks) if isinstance(c, EarlyStoppingCallback)]
+        end = callbacks.index(stage)
+        first, last = (stoppers[0], stoppers[-1] + 1) if stoppers else (end, end)
+        callbacks.insert(last, stage.gate_after)
+        callbacks.insert(first, stage.gate)
 
     def _add_own_callbacks(self) -> None:
         # The stage boundary and the measurements; a plain run without measurements needs neither (Trainer's list).
         if self.measurements not in self.callback_handler.callbacks:
-            stage = StageCallback(self, self._begin_ft)
-            callbacks = self.callback_handler.callbacks
             # The stage callback, after every callback given to the constructor, holds back the early stoppers' stop
-            # in HP; the gate, just before the first stopper, tells it whether another callback had asked to stop
-            # before them (a stop asked for there is kept). Nothing moves: every callback keeps Trainer's order.
-            first = next((i for i, c in enumerate(callbacks) if isinstance(c, EarlyStoppingCallback)), len(callbacks))
-            callbacks.insert(first, stage.gate)
+            # in HP (its gates tell it which stop request is theirs).
+            stage = StageCallback(self, self._begin_ft)
             self.add_callback(stage)
+            self._place_stop_gates()
             self.add_callback(self.measurements)
 
     # ------------------------------------------------------------------ the model and its head
@@ -564,7 +579,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         )
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
-        broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
+        if self.has_stages:  # (a plain run evaluates as Trainer: each rank with its own BatchNorm statistics)
+            broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
         self._warn_dropped_eval_samples(eval_dataset)
         try:
             return super().evaluate(eval_dataset, *args, **kwargs)
@@ -788,7 +804,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         refuse = self.has_stages and not self.args.overwrite_output_dir
         checkpoint = resume_checkpoint(self._get_output_dir(trial), resume_from_checkpoint, refuse)
         if checkpoint is None:
-            self._refuse_earlier_outputs()
+            self._refuse_earlier_outputs(self._get_output_dir(trial))
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = self._resume_dir = None
         if checkpoint is not None and os.path.isdir(checkpoint):
@@ -843,7 +859,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self._attach = (False, False)
             self._attach_stages(self.model)  # (removes the hook)
             self._stage = "ft" if self.stage_plan.ft_started else "hp"
-        broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
+        if self.has_stages:
+            broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
         if plan == "both" and self.stage_plan.hp_steps > 0 and not self.stage_plan.ft_started:
             logger.warning(
                 "Training stopped during HP, at update %d of %d (a callback asked to stop): FT "
@@ -893,15 +910,34 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             model._is_accelerate_prepared = False
             accelerator._models = [m for m in accelerator._models if m is not model]
 
-    def _refuse_earlier_outputs(self) -> None:
+    def _refuse_earlier_outputs(self, run_dir: str | None = None) -> None:
         # (not this trainer's own outputs, e.g. probe_head()'s before finetune())
-        if self.has_stages and self.args.should_save:
-            refuse_earlier_outputs(
-                self.args.output_dir,
-                (PREPARED_HEAD_DIR, DYNAMICS_NAME),
-                self.written_outputs,
-                overwrite=self.args.overwrite_output_dir,
-            )
+        if not self.has_stages:
+            return
+        refusal = None
+        if self.args.should_save:  # (the ranks that write: they look, and move aside under overwrite_output_dir)
+            # Earlier checkpoints too (a new run without overwrite_output_dir refused them already, in
+            # `resume_checkpoint`): left in place, resume_from_checkpoint=True took the earlier run's newest one for
+            # this run's, and a checkpoint this run wrote again at the same step kept the earlier run's other files.
+            output_dir = self.args.output_dir
+            earlier = [os.path.relpath(c, output_dir) for c in checkpoints(run_dir)] if run_dir else []
+            try:
+                refuse_earlier_outputs(
+                    output_dir,
+                    (PREPARED_HEAD_DIR, DYNAMICS_NAME, *earlier),
+                    self.written_outputs,
+                    overwrite=self.args.overwrite_output_dir,
+                )
+            except ValueError as error:
+                refusal = str(error)
+        if self.accelerator.num_processes > 1:
+            # Every rank refuses, not only those that looked: the others went on into training and waited in its
+            # first collective until the refused process ended (then a bare "Connection closed by peer").
+            from accelerate.utils import gather_object
+
+            refusal = next((r for r in gather_object([refusal]) if r), None)
+        if refusal:
+            raise ValueError(refusal)
 
     def _load_stage_state(self, checkpoint: str, plan: str) -> None:
         saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)
