@@ -13,6 +13,7 @@ model state the trainer started from. Scenarios:
 * `hp`: `trainer.probe_head()` with a global batch of `HP_GLOBAL_BATCH` split over the ranks.
 * `measure`: load `--states/s0.safetensors`, `measure_start()`, load `--states/s1.safetensors`, `measure_drift()`.
 * `bn`: `probe_head()` of a head with BatchNorm (`bn_head_model`); its statistics are recomputed over all ranks.
+* `mcprobe`: z_0 of a multiple-choice model's drift probe (`measure_start()`).
 * `plainbn`: plain `Trainer` and `HeadPrepTrainer(hp_epochs=0)` on `bn_head_model`, evaluated and predicting.
 * `refuse`: an HP run into a folder with an earlier run's results, refused on every rank.
 * `sweep`: a tau sweep (cached HP, exchange) with a global batch of `HP_GLOBAL_BATCH` split over the ranks; every rank
@@ -41,6 +42,7 @@ HP_GLOBAL_BATCH = 8
 MEASURE_SAMPLES = 37  # not divisible by the world size (2) nor by the eval batch size (4)
 MEASURE_EVAL_BATCH = 4
 MEASURE_PROBE = 29
+MC_QUESTIONS = 5  # a multiple-choice probe: 5 questions in batches of 2 per rank
 NUM_CLASSES = 3
 GRAPH_TASKS = 3
 IMAGE_SIZE = 16
@@ -296,6 +298,43 @@ def run_refuse(folder: str):
     return trainer
 
 
+class Questions(Dataset):
+    """Multiple choice: MC_QUESTIONS questions of 3 choices of 6 token ids."""
+
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(2, 50, (n, 3, 6), generator=g)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": int(self.labels[i])}
+
+
+def run_mcprobe(folder: str):
+    """z_0 of a multiple-choice model's probe (one head input per choice) over MC_QUESTIONS questions, in batches of
+    2 per rank: the last gathered batch repeats a question, and Accelerate cut that repeat by rows, not questions."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertForMultipleChoice
+
+    from headprep_hf import HeadPrepTrainer
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16)  # fmt: skip
+    model = BertForMultipleChoice(config)
+    args = _config(os.path.join(folder, "out"), hp_epochs=1, per_device_train_batch_size=2, measure_batch_size=2,
+                   drift_probe_samples=MC_QUESTIONS)  # fmt: skip
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=Questions(MC_QUESTIONS))
+    trainer.measure_start()
+    if trainer.args.process_index == 0:
+        save_file({"z0": trainer.measurements.z0.contiguous()}, os.path.join(folder, "z0.safetensors"))
+    _write(folder, trainer, model, {})
+    return trainer
+
+
 def run_measure(folder: str, states: str):
     from safetensors.torch import load_file
 
@@ -431,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer = run_bnpad(folder)
         elif scenario == "cachedeval":
             trainer = run_cachedeval(folder)
+        elif scenario == "mcprobe":
+            trainer = run_mcprobe(folder)
         elif scenario == "plainbn":
             trainer = run_plainbn(folder)
         elif scenario == "refuse":

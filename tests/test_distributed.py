@@ -29,8 +29,8 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO_ROOT = WORKER.parent.parent
 TIMEOUT_S = 300
 # hp and measure first in both jobs, so the 1- and 2-rank processes run them in the same order.
-SCENARIOS_2 = "hp,measure,sweep,graph,hpft,bn,bnpad,cachedeval,plainbn,refuse"
-SCENARIOS_1 = "hp,measure,sweep,graph,bnpad"
+SCENARIOS_2 = "hp,measure,sweep,graph,hpft,bn,bnpad,cachedeval,mcprobe,plainbn,refuse"
+SCENARIOS_1 = "hp,measure,sweep,graph,bnpad,mcprobe"
 
 
 def _free_port() -> int:
@@ -364,6 +364,18 @@ def test_an_evaluation_before_fts_loop_leaves_ft_distributed(run2):
     states, metas = _ranks(run2 / "cachedeval", 2)
     assert [m["wrapper"] for m in metas] == ["DistributedDataParallel"] * 2
     assert _rank_mismatches(states[0], states[1], [k for k in states[0] if "num_batches" not in k]) == {}
+
+
+def test_a_multiple_choice_probe_keeps_every_choice_on_two_ranks(run1, run2):
+    """The head sees one row per choice; the last gathered batch's repeated question was cut by rows (13 of 15)."""
+    (_,), (one,) = _ranks(run1 / "mcprobe", 1)
+    _, two = _ranks(run2 / "mcprobe", 2)
+    for meta in (one, *two):
+        assert meta["dynamics"]["num_probe_samples"] == W.MC_QUESTIONS
+        assert meta["dynamics"]["num_probe_rows"] == 3 * W.MC_QUESTIONS
+    z1 = load_file(str(run1 / "mcprobe" / "z0.safetensors"))["z0"]
+    z2 = load_file(str(run2 / "mcprobe" / "z0.safetensors"))["z0"]
+    torch.testing.assert_close(z2, z1, rtol=1e-5, atol=1e-6)
 
 
 def test_a_plain_run_evaluates_with_each_ranks_statistics_as_trainer(run2):

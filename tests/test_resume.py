@@ -98,14 +98,13 @@ def test_overwrite_moves_the_earlier_runs_checkpoints_aside(tmp_path):
     with the earlier run's model."""
     run = tmp_path / "run"
     _trainer(run).train()
-    crashed = _trainer(run, callbacks=[Crash(5)], overwrite_output_dir=True, seed=1)
+    # (save_total_limit: Trainer's rotation must neither delete the moved folders nor keep them as the newest)
+    crashed = _trainer(run, callbacks=[Crash(5)], overwrite_output_dir=True, seed=1, save_total_limit=2)
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
-    assert sorted(p.name for p in run.glob("checkpoint-*") if "replaced" not in p.name) == [
-        "checkpoint-2",
-        "checkpoint-4",
-    ]
-    assert len(list(run.glob("checkpoint-12.replaced-*"))) == 1  # (moved aside, not lost)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    moved = sorted(p.name.split(".", 1)[1] for p in run.glob("replaced-*.checkpoint-*"))
+    assert moved == sorted(f"checkpoint-{n}" for n in (2, 4, 6, 8, 10, 12))  # (moved aside, none lost)
     resumed = _trainer(run, overwrite_output_dir=True, seed=1)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.resumed_stage == "hp" and resumed.state.global_step == 12

@@ -753,6 +753,54 @@ def test_a_tied_weight_listed_under_the_heads_name_is_refused_too(tmp_path):
     HeadPrepTrainer(model=model, args=HeadPrepConfig(hp_epochs=0, head_modules=["classifier"], **arguments(tmp_path)))
 
 
+class _TiedTo(torch.nn.Module):
+    """`tied`'s weight is the embedding's (registered first: listed under `tied`'s name), beside a head
+    `classifier`."""
+
+    def __init__(self, tied_is_head: bool):
+        super().__init__()
+        self.tied = torch.nn.Linear(4, 100, bias=False)
+        self.embed = torch.nn.Embedding(100, 4)
+        self.embed.weight = self.tied.weight
+        self.mix = torch.nn.Linear(4, 4)
+        self.classifier = torch.nn.Linear(100, 3)
+        self.tied_is_head = tied_is_head
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.mix(self.embed(input_ids)).mean(1)
+        return {"logits": self.tied(h)[:, :3] if self.tied_is_head else self.classifier(self.tied(h))}
+
+
+def test_a_reinitialised_module_tied_to_the_backbone_is_refused_with_an_mlp_head_too(tmp_path):
+    # With head_type="mlp" the tie check was skipped as a whole: the MLP replaces the head, but a re-initialised
+    # module keeps its weight, and HP moved the frozen embedding it shares (by 0.999 in the review's run).
+    for head_type in ("linear", "mlp"):
+        args = HeadPrepConfig(hp_epochs=1, head_modules=["classifier"], reinit_modules=["tied"], head_type=head_type,
+                              **arguments(tmp_path))  # fmt: skip
+        with pytest.raises(ValueError, match=r"tied to backbone parameters \(tied.weight and embed.weight;"):
+            HeadPrepTrainer(model=_TiedTo(tied_is_head=False), args=args)
+
+
+def test_a_peft_copy_of_a_tied_head_trains_alone_in_hp(tmp_path):
+    # PEFT's modules_to_save trains an untied copy of the head; the frozen original stays tied to the embedding and
+    # HP leaves it alone. The tie check counted the frozen original and refused the run.
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        _TiedTo(tied_is_head=True), peft.LoraConfig(r=2, target_modules=["mix"], modules_to_save=["tied"])
+    )
+    embedding = model.base_model.model.embed.weight.detach().clone()
+    args = HeadPrepConfig(hp_epochs=1, head_modules=["tied"], track_dynamics=False, **arguments(tmp_path))
+    trainer = HeadPrepTrainer(
+        model=model, args=args, train_dataset=Rows(), data_collator=DataCollatorWithPadding(tokenizer())
+    )
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer.probe_head()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"base_model.model.tied.modules_to_save.default.weight"}
+    assert torch.equal(model.base_model.model.embed.weight, embedding)
+
+
 def test_a_head_without_parameters_is_named(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Identity())
     args = HeadPrepConfig(hp_epochs=1, head_modules=["1"], **arguments(tmp_path))

@@ -284,18 +284,23 @@ def required_files(args, writes_stage_state: bool) -> tuple:
 def refuse_earlier_outputs(output_dir: str, names: tuple[str, ...], own: set[str], overwrite: bool = False) -> None:
     """Refuse a new run into `output_dir` when it holds outputs `names` of an earlier run (those in `own`, written by
     the same trainer, are its to replace): they would be overwritten. With `overwrite`, move them aside instead
-    (`<name>.replaced-<time>`, logged), so that none is left in place beside the new run's outputs where the new run
-    writes no such file (e.g. `save_prepared_head=False`: an earlier run's `prepared_head/` would pass for this run's),
-    and nothing is lost (e.g. the prepared head the new run's model was loaded from)."""
+    (`<name>.replaced-<time>`, a checkpoint `replaced-<time>.checkpoint-N`; logged), so that none is left in place
+    beside the new run's outputs where the new run writes no such file (e.g. `save_prepared_head=False`: an earlier
+    run's `prepared_head/` would pass for this run's), and nothing is lost (e.g. the prepared head the new run's model
+    was loaded from)."""
     earlier = [
         p for p in (os.path.join(output_dir, n) for n in names) if os.path.exists(p) and os.path.abspath(p) not in own
     ]
     if earlier and overwrite:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for path in earlier:
-            aside, n = f"{path}.replaced-{stamp}", 1
+            # A checkpoint's new name must not start with "checkpoint-": Trainer's rotation (`save_total_limit`) lists
+            # `checkpoint-*` and would delete the moved folders, or keep them as the newest and delete this run's.
+            head, base = os.path.split(path)
+            stem = os.path.join(head, f"replaced-{stamp}.{base}") if base.startswith("checkpoint-") else None
+            aside, n = stem or f"{path}.replaced-{stamp}", 1
             while os.path.exists(aside):
-                aside, n = f"{path}.replaced-{stamp}-{n}", n + 1
+                aside, n = f"{stem}-{n}" if stem else f"{path}.replaced-{stamp}-{n}", n + 1
             os.replace(path, aside)
             logger.warning("overwrite_output_dir=True: moved %s of an earlier run to %s.", path, aside)
         return

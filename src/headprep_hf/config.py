@@ -121,9 +121,10 @@ class HeadPrepConfig(TrainingArguments):
             `output_dir/prepared_head` (weights, `headprep_head.json`, model card; kilobytes).
         overwrite_output_dir (`bool`, defaults to `False`):
             A new run with head probing (`hp_epochs > 0`, `probe_head()`, `finetune()`) refuses an `output_dir` that
-            already holds checkpoints (they would mix with the new run's, and a later resume could pick the wrong
-            stage); resume instead, or set this to get `transformers.Trainer`'s behaviour. Plain runs write as
-            `Trainer` does.
+            already holds checkpoints, or an earlier run's prepared head and measurements (they would mix with the
+            new run's, and a later resume could pick the wrong run or stage); resume instead, or set this to move them
+            aside (`replaced-<time>.checkpoint-N`, `prepared_head.replaced-<time>`, logged) and start the run. Plain
+            runs write as `Trainer` does.
     """
 
     # Parameters that control the head probing stage

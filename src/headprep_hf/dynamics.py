@@ -338,6 +338,14 @@ def measure(
                     else:
                         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                         z = reduce_features(z, mask)
+                    samples = _batch_samples(batch)
+                    rows = z.shape[0] // samples if samples and z.shape[0] != samples else 1
+                    if rows > 1 and z.shape[0] == rows * samples:
+                        # Several head inputs per sample (a multiple-choice model: one per choice), gathered as one
+                        # item per sample: Accelerate cuts the repeats of the last batch by samples, not rows.
+                        z = z.reshape(samples, rows, *z.shape[1:])
+                    else:
+                        rows = 1
                     to_gather["features"] = z.float()
                 if keep_labels:
                     to_gather["labels"] = batch[label_name]
@@ -348,6 +356,8 @@ def measure(
                 gathered = (
                     to_gather if isinstance(dataloader, ReplayedBatches) else accelerator.gather_for_metrics(to_gather)
                 )
+                if want_features and rows > 1:
+                    gathered = {**gathered, "features": gathered["features"].flatten(0, 1)}
                 if sink is not None:
                     sink(gathered)
                 else:
@@ -373,6 +383,13 @@ def measure(
             tensor = torch.cat(chunks)
             setattr(result, key, tensor[:max_features] if key == "features" else tensor)
     return result
+
+
+def _batch_samples(batch) -> int | None:
+    """The number of samples in a batch: the first dimension of its first tensor (None without one)."""
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+    first = next((item for item in items if isinstance(item, torch.Tensor) and item.dim() > 0), None)
+    return None if first is None else int(first.shape[0])
 
 
 def histogram(values: torch.Tensor, bins: int = 20) -> dict[str, list[float]]:

@@ -88,13 +88,18 @@ class ModelSplit:
     def hp_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in model.named_parameters() if self.is_hp_trainable(n))
 
-    def tied_to_backbone(self, model: nn.Module) -> list[str]:
+    def tied_to_backbone(self, model: nn.Module, names: list[str] | None = None) -> list[str]:
         """Parameters that train in HP but are shared with a frozen module ("head.weight = backbone.weight"), as
         "hp name and backbone name". PyTorch lists a shared parameter once, under the first name it meets, so
-        `hp_parameters` alone cannot tell: listed under the head's name, HP would train the backbone's weight too."""
+        `hp_parameters` alone cannot tell: listed under the head's name, HP would train the backbone's weight too.
+        Only parameters that require a gradient count (HP leaves the others as they are: PEFT's frozen
+        `original_module` beside the `modules_to_save` copy it trains); `names` limits the HP side to those modules."""
         hp, frozen = {}, {}
         for name, param in model.named_parameters(remove_duplicate=False):
-            (hp if self.is_hp_trainable(name) else frozen).setdefault(id(param), name)
+            if not self.is_hp_trainable(name):
+                frozen.setdefault(id(param), name)
+            elif param.requires_grad and (names is None or self._is_under(name, names)):
+                hp.setdefault(id(param), name)
         return sorted(f"{name} and {frozen[key]}" for key, name in hp.items() if key in frozen)
 
     def backbone_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -214,6 +219,15 @@ def find_split(
         ValueError: when a named module does not exist, or no head can be found (the message lists candidates).
     """
     module_names = {n for n, _ in model.named_modules() if n}
+    # A PEFT model is searched as the model it wraps (as Trainer reads its label names), and its modules named by their
+    # path in the wrapper (`base_model.model.classifier`: its attributes reach the wrapped model's, whose names are
+    # not the wrapper's); names given as the wrapped model's are taken too.
+    base = unwrap_peft_model(model)
+    prefix = "" if base is model else f"{_name_of(model, base)}."
+
+    def in_wrapper(names: list[str]) -> list[str]:
+        return [prefix + n if prefix and n not in module_names and prefix + n in module_names else n for n in names]
+
     if isinstance(getattr(model, "aux_classifier", None), nn.Module):
         raise ValueError(
             f"{type(model).__name__} has an auxiliary head (aux_classifier); its output is not the logits the loss "
@@ -221,18 +235,13 @@ def find_split(
             "model.aux_classifier = None)."
         )
     if head_modules:
-        missing = [n for n in head_modules if n not in module_names]
+        head_names = in_wrapper(list(head_modules))
+        missing = [n for n in head_names if n not in module_names]
         if missing:
             raise ValueError(
                 f"head_modules {missing} are not modules of {type(model).__name__}. Candidates: {_candidates(model)}."
             )
-        head_names = list(head_modules)
     else:
-        # A PEFT model is searched as the model it wraps (as Trainer reads its label names), and the head named by its
-        # path in the wrapper (`base_model.model.classifier`: its attributes reach the wrapped model's, whose names
-        # are not the wrapper's).
-        base = unwrap_peft_model(model)
-        prefix = "" if base is model else f"{_name_of(model, base)}."
         name = _find_head_name(base)
         if not name:
             raise ValueError(
@@ -253,7 +262,7 @@ def find_split(
             head_names = [_PROJECTOR, name]
         head_names = [prefix + n for n in head_names]
 
-    reinit_names = list(reinit_modules or [])
+    reinit_names = in_wrapper(list(reinit_modules or []))
     missing = [n for n in reinit_names if n not in module_names]
     if missing:
         raise ValueError(

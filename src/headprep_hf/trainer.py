@@ -304,7 +304,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if not needs_head:
             return
         split = self.find_head(required=True)
-        tied = split.tied_to_backbone(unwrapped) if args.head_type != "mlp" else []
+        # (an MLP head replaces the head modules: only the re-initialised ones keep their weights, and their ties)
+        tied = split.tied_to_backbone(unwrapped, split.reinit_names if args.head_type == "mlp" else None)
         if args.hp_epochs > 0 and tied:
             # (HP freezes a weight shared with the backbone, and trains nothing, or trains it, and the backbone moves
             # in HP: which one depends on the name PyTorch meets first)
