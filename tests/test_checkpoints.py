@@ -61,6 +61,11 @@ def test_checkpoints_are_committed_and_rotated_after_the_commit(tmp_path, refere
     ):
         assert manifest[name]["size"] == (folder / name).stat().st_size
     assert _same(reference[0], trainer.model) == []
+    # The arguments inside are the run's: they were written while the commit held back rotation and the Hub upload
+    # (save_total_limit None, push_to_hub False), so a run rebuilt from them kept every checkpoint.
+    saved = torch.load(folder / "training_args.bin", weights_only=False)
+    assert saved.save_total_limit == trainer.args.save_total_limit == 1 and saved.to_dict() == trainer.args.to_dict()
+    assert json.loads((folder / "training_args.json").read_text())["save_total_limit"] == 1
 
 
 @pytest.mark.slow

@@ -670,6 +670,39 @@ def test_language_models_train_as_trainer_and_are_not_measured(tmp_path, make_mo
     assert "energy" not in ours.dynamics and not ours.args.track_dynamics
 
 
+def test_a_generation_models_trainer_keeps_the_callers_arguments(tmp_path):
+    # Turning the measurements off made trainer.args a copy: a later change to the caller's arguments (more epochs)
+    # did not reach the run, as it does with Trainer.
+    args = HeadPrepConfig(hp_epochs=0, **arguments(tmp_path))
+    trainer = HeadPrepTrainer(model=gpt2_lm(), args=args, train_dataset=Seq2SeqRows(causal=True))
+    assert trainer.args is args and not args.track_dynamics
+    args.num_train_epochs = 2
+    trainer.train()
+    assert trainer.state.epoch == 2
+
+
+class SoftRows(Rows):
+    """Soft multi-label targets (0.1 / 0.9), as label smoothing or a teacher gives them."""
+
+    def __init__(self):
+        super().__init__(n=8, label_kind="multi")
+        for row in self.rows:
+            row["labels"] = [0.1 + 0.8 * v for v in row["labels"]]
+
+
+def test_soft_targets_of_a_declared_multi_label_model_train_as_with_trainer(tmp_path):
+    # The config declares multi_label_classification (any BERT saved after training does) and the model computes its
+    # own BCE: the label check, run because the problem type was declared, refused "label 0.1 ... binary tasks take
+    # 0, 1 or NaN", where Trainer trains.
+    results = _run_both(
+        tmp_path,
+        lambda: bert(problem_type="multi_label_classification"),
+        SoftRows(),
+        DataCollatorWithPadding(tokenizer()),
+    )
+    _assert_same_training(results)
+
+
 class Waves(torch.utils.data.Dataset):
     def __init__(self, n=12, seed=0):
         g = torch.Generator().manual_seed(seed)

@@ -278,6 +278,43 @@ def test_labels_under_declared_label_names_reach_the_models_own_loss(tmp_path, m
     _assert_same_logs(plain, ours)
 
 
+def test_a_target_without_label_names_is_named_before_training(tmp_path):
+    # forward(input_x, targets=None) and no label_names: Trainer passes `targets` to the model and uses its loss; the
+    # trainer read labels under "labels" and failed at its first batch with a bare KeyError. It names the fix now
+    # (label_names=["targets"], with which it is Trainer: the test above).
+    trainer = HeadPrepTrainer(model=WeightedTargets(), args=_args(HeadPrepConfig, tmp_path, "t"),
+                              train_dataset=TargetsData())  # fmt: skip
+    keys = r"\(its keys: \['input_x', 'targets'\]\)"
+    with pytest.raises(ValueError, match=rf"train_dataset\[0\] holds no 'labels' {keys}.*label_names=\[\.\.\.\]"):
+        trainer.train()
+
+
+class RawTargets(XYData):
+    """torchvision's layout: raw `targets` (10..12) that `target_transform` turns into the items' classes (0..2)."""
+
+    def __init__(self, n=0, **kwargs):
+        super().__init__(**kwargs)
+        self.targets = [y + 10 for y in self.y]
+        self.target_transform = lambda t: t - 10
+
+    def __getitem__(self, i):
+        return {"input_x": self.x[i], "labels": self.target_transform(self.targets[i])}
+
+
+def test_labels_are_read_from_the_items_where_a_target_transform_changes_them(tmp_path):
+    # The label check read the raw `targets` attribute and refused "label 11, outside the 3 classes".
+    trainer = HeadPrepTrainer(
+        model=FcLogitsOnly(), args=_args(HeadPrepConfig, tmp_path, "r"), train_dataset=RawTargets()
+    )
+    trainer.train()
+    assert trainer.state.global_step == 10
+
+
+def test_an_empty_evaluation_set_trains_as_with_trainer(tmp_path):
+    plain, ours = _pair(tmp_path, FcClassifier, eval_dataset=XYData(n=0), args={"eval_strategy": "epoch"})
+    _same_weights(plain.model, ours.model)
+
+
 def test_a_kwargs_forward_without_declared_label_names_trains_with_the_trainers_loss(tmp_path):
     # A wrapper around a timm-like model (`forward(x, **kwargs)` returning logits): Trainer cannot train it (no loss);
     # without declared label_names it gets the trainer's cross-entropy, as a forward(x) does (README's table).

@@ -21,18 +21,20 @@ _MAX_ITERATED = 200_000
 def dataset_labels(dataset, label_name: str = "labels", read_items: bool = True) -> np.ndarray | None:
     """All labels of a map-style dataset as one array, read cheaply where the dataset allows.
 
-    Looks for a `labels`/`targets` attribute, a `datasets.Dataset` label column, a `torch.utils.data.Subset` of
-    either, and otherwise reads `dataset[i][label_name]` for every sample (with the RNGs left as they were), unless
-    `read_items=False`. Returns None for datasets without a length (iterable datasets) or too large to scan item by
-    item.
+    Looks for a `labels`/`targets` attribute (without a `target_transform`), a `datasets.Dataset` label column, a
+    `torch.utils.data.Subset` of either, and otherwise reads `dataset[i][label_name]` for every sample (with the RNGs
+    left as they were), unless `read_items=False`. Returns None for datasets without a length (iterable datasets) or
+    too large to scan item by item.
     """
     if isinstance(dataset, torch.utils.data.Subset):
         inner = dataset_labels(dataset.dataset, label_name, read_items)
         return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
-    for attribute in ("labels", "targets"):
-        value = getattr(dataset, attribute, None)
-        if value is not None and not callable(value):
-            return _as_array(value)
+    # (not where a `target_transform`, torchvision's, turns those raw targets into the items' labels)
+    if getattr(dataset, "target_transform", None) is None:
+        for attribute in ("labels", "targets"):
+            value = getattr(dataset, attribute, None)
+            if value is not None and not callable(value):
+                return _as_array(value)
     column_names = getattr(dataset, "column_names", None)
     if isinstance(column_names, list):
         for column in (label_name, *_LABEL_COLUMNS):
@@ -279,14 +281,44 @@ def _named_datasets(trainer) -> list[tuple[str, object]]:
     return [(n, d) for n, d in named if d is not None]
 
 
-def check_not_empty(trainer) -> None:
-    """Raise `ValueError` naming the first of the trainer's datasets that has no sample."""
+def check_not_empty(trainer, evaluation: bool = True) -> None:
+    """Raise `ValueError` naming the first of the trainer's datasets that has no sample (`evaluation=False`: not the
+    evaluation sets, which `Trainer` takes empty)."""
     for name, dataset in _named_datasets(trainer):
+        if not evaluation and name.startswith("eval_dataset"):
+            continue
         if hasattr(dataset, "__len__") and not isinstance(dataset, torch.utils.data.IterableDataset):
             if len(dataset) == 0:
                 raise ValueError(
                     f"{name} is empty (0 samples): check the data folder, split or filters that built it."
                 )
+
+
+def check_label_key(trainer) -> None:
+    """Refuse, before training, a training set whose items hold no labels where the trainer's loss reads them.
+
+    A model whose forward takes its target under a name without "label" (`forward(x, target=None)`) and no
+    `label_names` gets the trainer's loss, which reads `labels`: the first batch failed with a bare `KeyError`.
+    `Trainer` passes such a target to the model and uses its loss; here the fix is named instead (README's
+    differences table). Datasets served through a collator of the user's own are not looked at (it may build the
+    labels)."""
+    from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
+
+    collator = trainer.data_collator
+    if not (collator is default_data_collator or isinstance(collator, (DefaultDataCollator, DataCollatorWithPadding))):
+        return
+    if trainer.compute_loss_func is not None or not trainer.uses_trainer_loss():
+        return
+    label = trainer.label_names[0]
+    item = _first_item(trainer.train_dataset) if trainer.train_dataset is not None else None
+    if not isinstance(item, Mapping) or label in item:
+        return
+    raise ValueError(
+        f"train_dataset[0] holds no {label!r} (its keys: {sorted(item)}), where the trainer's loss reads the labels "
+        f"(label_names[0]). If the model computes its own loss from one of these keys (e.g. forward(x, target=None)), "
+        "name it in label_names=[...]: the model then gets it and its loss is used, as with transformers.Trainer. "
+        f"Otherwise give the labels under {label!r}, or name their key in label_names."
+    )
 
 
 def check_item_format(trainer) -> None:

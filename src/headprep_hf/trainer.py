@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     TrainOutput,
@@ -53,6 +54,7 @@ from .heads import MLPHead, reinitialize_module, replace_head_with_mlp
 from .hub import PREPARED_HEAD_DIR, PreparedHeadMixin
 from .labels import (
     check_item_format,
+    check_label_key,
     check_not_empty,
     check_trainer_datasets,
     infer_problem_type,
@@ -228,12 +230,14 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             # causal LM's logits predict the NEXT label (GPT-2's energy read its own input token). Off, with a word.
             logger.warning(
                 "%s is a generation model (%s, can_generate()): energy, p0, HP accuracy and drift are not measured "
-                "for it (its logits do not score the labels at the same positions); it trains as with "
-                "transformers.Trainer. Set track_dynamics=False to silence this.",
+                "for it (its logits do not score the labels at the same positions), and track_dynamics is set to "
+                "False on these arguments; it trains as with transformers.Trainer. Set track_dynamics=False to "
+                "silence this.",
                 type(unwrap_peft_model(self.accelerator.unwrap_model(self.model))).__name__,
                 "encoder-decoder" if kind == "encoder-decoder" else "decoder-only",
             )
-            self.args = copy.copy(self.args)
+            # On the caller's arguments, not a copy: `trainer.args is args`, as with Trainer, so a later change to
+            # them (more epochs, another rate) reaches the run.
             self.args.track_dynamics = False
         if self.args.hp_epochs > 0 or self.args.track_dynamics:
             self._add_own_callbacks()
@@ -967,6 +971,14 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         finally:
             self._checked_finite = False
 
+    def _write_arguments(self, folder: str, binary: bool = True) -> None:
+        """The training arguments as `Trainer._save` writes them (`training_args.bin`; `binary=False`: Trainer wrote
+        it), and as JSON beside them, readable without unpickling."""
+        if binary:
+            torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))
+        with open(os.path.join(folder, TRAINING_ARGS_JSON), "w") as f:
+            f.write(self.args.to_json_string())
+
     def _write_checkpoint(self, model, trial, folder: str) -> None:
         if not self.writes_stage_state:
             return super()._save_checkpoint(model, trial)
@@ -985,6 +997,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self.args.save_total_limit, self.args.push_to_hub = limit, push
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written
         if self.args.should_save:
+            self._write_arguments(folder)  # (written inside with the two settings held back: the run's own)
             self.stage_plan.save(folder)
             if self.args.track_dynamics:
                 self.measurements.save(folder)
@@ -1019,10 +1032,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         return run_dir if self.stage_plan.plan == "both" else os.path.join(run_dir, self.stage_plan.plan)
 
     def _check_all_labels(self) -> None:
-        # Empty datasets are named. Labels are checked when the trainer's loss or a declared problem type says what
-        # they must be; a model computing its own loss gets its labels as they are (as with Trainer).
-        check_not_empty(self)
+        # Empty datasets are named (an empty evaluation set with stages only: a plain run takes it, as Trainer does).
+        # Labels are checked when the trainer's loss says what they must be; a model computing its own loss gets its
+        # labels as they are (as with Trainer).
+        check_not_empty(self, evaluation=self.has_stages)
         check_item_format(self)
+        check_label_key(self)
         if self._checks_labels:
             check_trainer_datasets(self)
 
@@ -1034,7 +1049,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     @property
     def _checks_labels(self) -> bool:
-        return self.compute_loss_func is None and (self.uses_trainer_loss() or self.declares_problem_type)
+        # (not a model computing its own loss, even one whose config declares a problem type: Trainer hands it the
+        # labels as they are, e.g. soft multi-label targets for its BCE)
+        return self.compute_loss_func is None and self.uses_trainer_loss()
 
     def _hp_mode_hook(self, module: nn.Module, args):
         # Before every forward of the root module; Trainer.training_step has just called model.train().
@@ -1054,8 +1071,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             check_finite(model.state_dict(), f"the model in {output_dir}")
         super().save_model(output_dir, _internal_call)
         if self.args.should_save and os.path.isdir(output_dir):
-            with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w") as f:
-                f.write(self.args.to_json_string())
+            self._write_arguments(output_dir, binary=False)
             if is_timm_model(model):
                 write_timm_config(model, output_dir)
             elif isinstance(model, PreTrainedModel) and any(isinstance(m, MLPHead) for m in model.modules()):
