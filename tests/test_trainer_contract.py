@@ -289,6 +289,21 @@ def test_a_target_without_label_names_is_named_before_training(tmp_path):
         trainer.train()
 
 
+class SingularLabel(XYData):
+    def __getitem__(self, i):
+        return {"input_x": self.x[i], "label": self.y[i]}  # (the default collator batches it as "labels")
+
+
+def test_items_with_a_label_key_train_as_with_trainer(tmp_path):
+    plain, ours = _pair(tmp_path, FcClassifier, SingularLabel())
+    _same_weights(plain.model, ours.model)
+    trainer = HeadPrepTrainer(
+        model=FcLogitsOnly(), args=_args(HeadPrepConfig, tmp_path, "l"), train_dataset=SingularLabel()
+    )
+    trainer.train()  # (the trainer's loss: no refusal, the collator gives "labels")
+    assert trainer.state.global_step == 10
+
+
 class RawTargets(XYData):
     """torchvision's layout: raw `targets` (10..12) that `target_transform` turns into the items' classes (0..2)."""
 

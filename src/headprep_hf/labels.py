@@ -311,7 +311,9 @@ def check_label_key(trainer) -> None:
         return
     label = trainer.label_names[0]
     item = _first_item(trainer.train_dataset) if trainer.train_dataset is not None else None
-    if not isinstance(item, Mapping) or label in item:
+    # (the default collators batch an item's "label" or "label_ids" as "labels")
+    keys = (label, "label", "label_ids") if label == "labels" else (label,)
+    if not isinstance(item, Mapping) or any(key in item for key in keys):
         return
     raise ValueError(
         f"train_dataset[0] holds no {label!r} (its keys: {sorted(item)}), where the trainer's loss reads the labels "
