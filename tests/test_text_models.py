@@ -667,18 +667,24 @@ def test_language_models_train_as_trainer_and_are_not_measured(tmp_path, make_mo
     _assert_same_training(results)
     ours = results["headprep"][2]
     assert "is a generation model" in caplog.text and "HP accuracy and drift are not measured" in caplog.text
-    assert "energy" not in ours.dynamics and not ours.args.track_dynamics
+    assert "energy" not in ours.dynamics and not ours.track_dynamics
 
 
 def test_a_generation_models_trainer_keeps_the_callers_arguments(tmp_path):
     # Turning the measurements off made trainer.args a copy: a later change to the caller's arguments (more epochs)
-    # did not reach the run, as it does with Trainer.
+    # did not reach the run, as it does with Trainer. Turned off on the arguments instead, a classifier's trainer
+    # given the same arguments afterwards measured nothing. The trainer decides now, for its own model.
     args = HeadPrepConfig(hp_epochs=0, **arguments(tmp_path))
     trainer = HeadPrepTrainer(model=gpt2_lm(), args=args, train_dataset=Seq2SeqRows(causal=True))
-    assert trainer.args is args and not args.track_dynamics
+    assert trainer.args is args and args.track_dynamics and not trainer.track_dynamics
     args.num_train_epochs = 2
     trainer.train()
-    assert trainer.state.epoch == 2
+    assert trainer.state.epoch == 2 and "energy" not in trainer.dynamics
+    classifier = HeadPrepTrainer(
+        model=bert(), args=args, train_dataset=Rows(), data_collator=DataCollatorWithPadding(tokenizer())
+    )
+    classifier.train()
+    assert classifier.track_dynamics and classifier.dynamics["energy"] > 0
 
 
 class SoftRows(Rows):
@@ -812,6 +818,40 @@ def test_a_reinitialised_module_tied_to_the_backbone_is_refused_with_an_mlp_head
                               **arguments(tmp_path))  # fmt: skip
         with pytest.raises(ValueError, match=r"tied to backbone parameters \(tied.weight and embed.weight;"):
             HeadPrepTrainer(model=_TiedTo(tied_is_head=False), args=args)
+
+
+class _TiedHeadLayer(torch.nn.Module):
+    """A two-layer head whose FIRST layer is tied to the embedding (an MLP head replaces only the last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 4)
+        self.head = torch.nn.Sequential(torch.nn.Linear(4, 100, bias=False), torch.nn.ReLU(), torch.nn.Linear(100, 3))
+        self.head[0].weight = self.embed.weight
+
+    def forward(self, input_ids, attention_mask=None):
+        return {"logits": self.head(self.embed(input_ids).mean(1))}
+
+
+def test_a_tied_head_layer_that_an_mlp_head_keeps_is_refused(tmp_path):
+    # head_type="mlp" replaces the head's last linear layer only; the check looked at the re-initialised modules
+    # alone, and HP moved the frozen embedding through the first layer (by 0.0397 in the review's run).
+    args = HeadPrepConfig(hp_epochs=1, head_modules=["head"], head_type="mlp", **arguments(tmp_path))
+    with pytest.raises(ValueError, match=r"tied to backbone parameters \(head.0.weight and embed.weight;"):
+        HeadPrepTrainer(model=_TiedHeadLayer(), args=args)
+
+
+@pytest.mark.parametrize("hp_epochs", [0, 1])
+def test_a_frozen_module_to_reinitialise_is_refused(tmp_path, hp_epochs):
+    # Re-drawn, then kept frozen by the stages (they keep the user's requires_grad=False, PEFT's outside its
+    # adapters): random layers that never train.
+    model = _TiedTo(tied_is_head=False)
+    model.mix.requires_grad_(False)
+    args = HeadPrepConfig(
+        hp_epochs=hp_epochs, head_modules=["classifier"], reinit_modules=["mix"], **arguments(tmp_path)
+    )
+    with pytest.raises(ValueError, match=r"reinit_modules \['mix'\] hold no parameter that trains"):
+        HeadPrepTrainer(model=model, args=args)
 
 
 def test_a_peft_copy_of_a_tied_head_trains_alone_in_hp(tmp_path):

@@ -325,6 +325,37 @@ def test_labels_are_read_from_the_items_where_a_target_transform_changes_them(tm
     assert trainer.state.global_step == 10
 
 
+def test_the_problem_type_is_read_from_the_items_where_a_target_transform_changes_them(tmp_path):
+    # The first label was read from the raw `targets` (class ids: single-label) where the items hold multi-hot
+    # vectors: the first update failed with "Expected floating point type for target with class probabilities".
+    from headprep_hf.labels import infer_problem_type
+
+    class MultiHot(RawTargets):
+        def __init__(self):
+            super().__init__()
+            self.target_transform = lambda t: [float(t - 10 == c) for c in range(3)]
+
+    data = MultiHot()
+    assert infer_problem_type(data) == "multi_label_classification"
+    trainer = HeadPrepTrainer(model=FcLogitsOnly(), args=_args(HeadPrepConfig, tmp_path, "m"), train_dataset=data)
+    trainer.train()
+    assert trainer.problem_type == "multi_label_classification"
+
+
+def test_labels_are_checked_for_a_plain_run_that_smooths_in_ft(tmp_path):
+    # The trainer's loss computes FT's loss (ft_label_smoothing), but the check asked the stage before the run ("hp"),
+    # found the model's own loss there and checked nothing: "IndexError: Target 5 is out of bounds" at step 0.
+    class BadLabel(XYData):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "labels": 5} if i == 9 else item
+
+    args = _args(HeadPrepConfig, tmp_path, "s", ft_label_smoothing=0.1)
+    trainer = HeadPrepTrainer(model=FcClassifier(), args=args, train_dataset=BadLabel())
+    with pytest.raises(ValueError, match=r"train_dataset\[9\] has label 5, outside the 3 classes"):
+        trainer.train()
+
+
 def test_an_empty_evaluation_set_trains_as_with_trainer(tmp_path):
     plain, ours = _pair(tmp_path, FcClassifier, eval_dataset=XYData(n=0), args={"eval_strategy": "epoch"})
     _same_weights(plain.model, ours.model)

@@ -198,8 +198,9 @@ def _first_item(dataset):
 
 
 def _first_label(dataset, label_name: str) -> np.ndarray | None:
-    """The first sample's label (from a `labels`/`targets` attribute where there is one); None when unreadable."""
-    for attribute in ("labels", "targets"):
+    """The first sample's label (from a `labels`/`targets` attribute where there is one and no `target_transform`
+    changes it, as in `dataset_labels`); None when unreadable."""
+    for attribute in ("labels", "targets") if getattr(dataset, "target_transform", None) is None else ():
         value = getattr(dataset, attribute, None)
         if value is not None and not callable(value) and len(value) > 0:
             return np.asarray(value[0])
@@ -307,7 +308,7 @@ def check_label_key(trainer) -> None:
     collator = trainer.data_collator
     if not (collator is default_data_collator or isinstance(collator, (DefaultDataCollator, DataCollatorWithPadding))):
         return
-    if trainer.compute_loss_func is not None or not trainer.uses_trainer_loss():
+    if not trainer._checks_labels:
         return
     label = trainer.label_names[0]
     item = _first_item(trainer.train_dataset) if trainer.train_dataset is not None else None

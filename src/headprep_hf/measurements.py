@@ -492,7 +492,7 @@ class MeasurementCallback(TrainerCallback):
 
     def _hp_epoch_usable(self) -> bool:
         trainer, args = self.trainer, self.trainer.args
-        if not (args.track_dynamics and args.energy_from_hp_epoch) or trainer.energy_dataset is not None:
+        if not (trainer.track_dynamics and args.energy_from_hp_epoch) or trainer.energy_dataset is not None:
             return False
         if trainer.accelerator.num_processes > 1 or args.torch_compile or args.reinit_modules:
             return False  # (each rank sees a shard; hooks under compile recompile; reinit blocks move z in HP)
@@ -571,7 +571,7 @@ class MeasurementCallback(TrainerCallback):
 
     def _maybe_drift(self) -> None:
         trainer = self.trainer
-        if not (trainer.args.track_dynamics and trainer.stage_plan.ft_started and self.z0 is not None):
+        if not (trainer.track_dynamics and trainer.stage_plan.ft_started and self.z0 is not None):
             return
         step = trainer.state.global_step
         if not trainer.is_in_train or step in (self.last_drift_step, self.dynamics.get("ft_start_step")):

@@ -88,17 +88,18 @@ class ModelSplit:
     def hp_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in model.named_parameters() if self.is_hp_trainable(n))
 
-    def tied_to_backbone(self, model: nn.Module, names: list[str] | None = None) -> list[str]:
+    def tied_to_backbone(self, model: nn.Module, replaced: str | None = None) -> list[str]:
         """Parameters that train in HP but are shared with a frozen module ("head.weight = backbone.weight"), as
         "hp name and backbone name". PyTorch lists a shared parameter once, under the first name it meets, so
         `hp_parameters` alone cannot tell: listed under the head's name, HP would train the backbone's weight too.
         Only parameters that require a gradient count (HP leaves the others as they are: PEFT's frozen
-        `original_module` beside the `modules_to_save` copy it trains); `names` limits the HP side to those modules."""
+        `original_module` beside the `modules_to_save` copy it trains); `replaced` names a module whose weights are
+        about to be replaced (the layer an MLP head takes the place of)."""
         hp, frozen = {}, {}
         for name, param in model.named_parameters(remove_duplicate=False):
             if not self.is_hp_trainable(name):
                 frozen.setdefault(id(param), name)
-            elif param.requires_grad and (names is None or self._is_under(name, names)):
+            elif param.requires_grad and not (replaced and self._is_under(name, [replaced])):
                 hp.setdefault(id(param), name)
         return sorted(f"{name} and {frozen[key]}" for key, name in hp.items() if key in frozen)
 

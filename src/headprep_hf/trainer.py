@@ -50,7 +50,7 @@ from .dynamics import InMemoryDataset
 from .export import is_timm_model, write_timm_config
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
-from .heads import MLPHead, reinitialize_module, replace_head_with_mlp
+from .heads import MLPHead, mlp_head_target, reinitialize_module, replace_head_with_mlp
 from .hub import PREPARED_HEAD_DIR, PreparedHeadMixin
 from .labels import (
     check_item_format,
@@ -189,6 +189,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         args = HeadPrepConfig(output_dir="tmp_trainer") if args is None else args
         check_trainer_inputs(args, kwargs, model)
         self._explicit_split, self._headprep_ready = split, False
+        self._generation_model = False  # (decided by `_prepare_model`)
         super().__init__(model, args, *trainer_args, **kwargs)
         self.drift_dataset = drift_dataset
         self.energy_dataset = energy_dataset
@@ -223,24 +224,29 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             # input. The trainer calls such models itself and passes the one input besides the labels.
             self.args = copy.copy(self.args)
             self.args.remove_unused_columns = False
-        kind = language_model_kind(self.accelerator.unwrap_model(self.model)) if self.model is not None else None
+        if self.args.hp_epochs > 0 or self.track_dynamics:
+            self._add_own_callbacks()
+
+    @property
+    def track_dynamics(self) -> bool:
+        """Whether this trainer measures: `args.track_dynamics`, except for a generation model (decided by the trainer,
+        not on the arguments: `trainer.args is args`, as with Trainer, and other trainers given them still measure)."""
+        return self.args.track_dynamics and not self._generation_model
+
+    def _check_generation_model(self, model: nn.Module) -> None:
+        kind = language_model_kind(model)
+        self._generation_model = kind is not None
         if kind is not None and self.args.track_dynamics:
             # The measurements pair each position's logits with that position's label and call the model without its
             # labels: an encoder-decoder model then has no decoder inputs (T5 fails, BART makes other ones) and a
             # causal LM's logits predict the NEXT label (GPT-2's energy read its own input token). Off, with a word.
             logger.warning(
                 "%s is a generation model (%s, can_generate()): energy, p0, HP accuracy and drift are not measured "
-                "for it (its logits do not score the labels at the same positions), and track_dynamics is set to "
-                "False on these arguments; it trains as with transformers.Trainer. Set track_dynamics=False to "
-                "silence this.",
-                type(unwrap_peft_model(self.accelerator.unwrap_model(self.model))).__name__,
+                "for it (its logits do not score the labels at the same positions); it trains as with "
+                "transformers.Trainer. Set track_dynamics=False to silence this.",
+                type(unwrap_peft_model(model)).__name__,
                 "encoder-decoder" if kind == "encoder-decoder" else "decoder-only",
             )
-            # On the caller's arguments, not a copy: `trainer.args is args`, as with Trainer, so a later change to
-            # them (more epochs, another rate) reaches the run.
-            self.args.track_dynamics = False
-        if self.args.hp_epochs > 0 or self.args.track_dynamics:
-            self._add_own_callbacks()
 
     def _start_guard(self) -> None:
         policy = self.args.on_nonfinite or ("raise" if self.has_stages else "ignore")
@@ -296,6 +302,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         """Head preparation for a (new) model: split, MLP head, `reinit_modules`; then reseed as the Trainer does."""
         args = self.args
         unwrapped = self.accelerator.unwrap_model(model)
+        self._check_generation_model(unwrapped)
         self._heads = HeadFinder(unwrapped, args.head_modules, args.reinit_modules, self._explicit_split)
         self._class_axis_hint: tuple[ModelSplit, bool | None] | None = None
         self._stages, self._problem_type = None, None
@@ -308,8 +315,10 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if not needs_head:
             return
         split = self.find_head(required=True)
-        # (an MLP head replaces the head modules: only the re-initialised ones keep their weights, and their ties)
-        tied = split.tied_to_backbone(unwrapped, split.reinit_names if args.head_type == "mlp" else None)
+        # (an MLP head replaces the head's last linear layer: its tie goes with it, the other layers keep theirs)
+        tied = split.tied_to_backbone(
+            unwrapped, mlp_head_target(unwrapped, split)[0] if args.head_type == "mlp" else None
+        )
         if args.hp_epochs > 0 and tied:
             # (HP freezes a weight shared with the backbone, and trains nothing, or trains it, and the backbone moves
             # in HP: which one depends on the name PyTorch meets first)
@@ -324,6 +333,16 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             raise ValueError(
                 f"Head probing trains {split.trainable_in_hp_names}, which hold no parameters: HP would train "
                 "nothing. Name the module that holds the task head's weights in head_modules, or set hp_epochs=0."
+            )
+        frozen = [
+            n for n in split.reinit_names if not any(p.requires_grad for p in unwrapped.get_submodule(n).parameters())
+        ]
+        if frozen:
+            # (re-drawn, then left frozen by the stages, which keep the user's requires_grad=False: random layers)
+            raise ValueError(
+                f"reinit_modules {frozen} hold no parameter that trains (requires_grad=False, e.g. frozen by PEFT "
+                "outside its adapters): they would be re-drawn at random and never trained. Make them trainable (a "
+                "PEFT model: modules_to_save=[...]) or leave them out of reinit_modules."
             )
         if args.head_type == "mlp":
             set_seed(args.seed)  # the same seed gives the same head
@@ -416,7 +435,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     @property
     def writes_stage_state(self) -> bool:
         """Whether checkpoints and outputs get the headprep files (HP, a single stage, or measurements)."""
-        return self.args.hp_epochs > 0 or self.args.track_dynamics or self.stage_plan.plan != "both"
+        return self.args.hp_epochs > 0 or self.track_dynamics or self.stage_plan.plan != "both"
 
     @property
     def has_stages(self) -> bool:
@@ -487,7 +506,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.hp_done = self.args.hp_epochs > 0
         if recompute_bn and self.args.hp_recompute_bn_stats:
             self.recompute_bn_statistics()
-        if self.args.track_dynamics:
+        if self.track_dynamics:
             self.measure_start()
             self.measurements.write(self.args.output_dir)
         self._write_prepared_head()
@@ -501,7 +520,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             Stages.begin_ft(self.optimizer, self.args.weight_decay)
         if plan.plan == "both" and self.args.hp_epochs > 0:
             self._finish_hp(recompute_bn=in_loop_hp)
-        elif self.args.track_dynamics:
+        elif self.track_dynamics:
             self.measure_start()
         if plan.plan == "ft" or self.args.hp_epochs > 0:  # (a run without HP prints what Trainer prints)
             self._announce_ft_start()
@@ -510,11 +529,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         # One line where the Trainer's log records appear at default settings (above the progress bars).
         step = self.state.global_step  # (0 when HP ran outside this loop: cached HP, probe_head(), a loaded head)
         message = f"HP -> FT{f' at step {step}' if step else ''}: "
-        if self.args.track_dynamics and "energy" in self.dynamics:
+        if self.track_dynamics and "energy" in self.dynamics:
             names = {"energy": "energy", "hp_train_accuracy": "HP train accuracy"}
             message += format_values({label: self.dynamics.get(key) for key, label in names.items()})
         else:
-            why = "see the warning above" if self.args.track_dynamics else "track_dynamics=False"
+            why = "see the warning above" if self.track_dynamics else "track_dynamics=False"
             message += f"energy and HP train accuracy not measured ({why})"
         announce(self, message)
 
@@ -708,7 +727,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             recorder.record(labels)
         if self.guard.active:
             self.guard.record_loss(loss, self.state.global_step)
-        if self._stage == "ft" and self.args.track_dynamics and self.accelerator.sync_gradients:
+        if self._stage == "ft" and self.track_dynamics and self.accelerator.sync_gradients:
             self.measurements.record_head_grad()
         return loss
 
@@ -799,7 +818,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if plan not in PLANS:
             raise ValueError(f"Unknown plan {plan!r}.")
         plain = plan == "both" and self.args.hp_epochs == 0
-        if not plain or self.args.track_dynamics:
+        if not plain or self.track_dynamics:
             self._add_own_callbacks()
         self._new_call(plain and not hp_outside_loop)
         self.stage_plan = StagePlan(plan=plan, hp_outside_loop=hp_outside_loop, tag=self.run_tag, hp_done=self.hp_done)
@@ -873,7 +892,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 self.state.global_step,
                 self.stage_plan.hp_steps,
             )
-        if plan != "hp" and self.args.track_dynamics:
+        if plan != "hp" and self.track_dynamics:
             self.measurements.write(self.args.output_dir)
         return output
 
@@ -949,7 +968,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.stage_plan.ft_started = saved.ft_started
         if saved.hp_done and plan == "ft":  # (probe_head() ran on the trainer that wrote it: the card's tau)
             self.hp_done = self.stage_plan.hp_done = True
-        if not self.measurements.load(checkpoint) and self.args.track_dynamics and saved.ft_started:
+        if not self.measurements.load(checkpoint) and self.track_dynamics and saved.ft_started:
             logger.warning(
                 "%s holds no measurement state (written with track_dynamics=False, or by transformers.Trainer): "
                 "energy and drift are not measured in this run.",
@@ -982,7 +1001,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def _write_checkpoint(self, model, trial, folder: str) -> None:
         if not self.writes_stage_state:
             return super()._save_checkpoint(model, trial)
-        if self.args.track_dynamics:
+        if self.track_dynamics:
             self.measurements.before_checkpoint()
         if self.args.should_save:
             begin_write(folder)
@@ -999,7 +1018,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if self.args.should_save:
             self._write_arguments(folder)  # (written inside with the two settings held back: the run's own)
             self.stage_plan.save(folder)
-            if self.args.track_dynamics:
+            if self.track_dynamics:
                 self.measurements.save(folder)
             commit(folder)
         if push:
@@ -1049,9 +1068,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     @property
     def _checks_labels(self) -> bool:
-        # (not a model computing its own loss, even one whose config declares a problem type: Trainer hands it the
-        # labels as they are, e.g. soft multi-label targets for its BCE)
-        return self.compute_loss_func is None and self.uses_trainer_loss()
+        # Whether the trainer's loss computes the loss in a stage of this run (not a model computing its own loss,
+        # even one whose config declares a problem type: Trainer hands it the labels as they are, e.g. soft
+        # multi-label targets for its BCE). Each stage asked: the current one is still "hp" before a run starts.
+        stages = ("hp", "ft") if self.args.hp_epochs > 0 else ("ft",)
+        return self.compute_loss_func is None and any(self.uses_trainer_loss(stage=stage) for stage in stages)
 
     def _hp_mode_hook(self, module: nn.Module, args):
         # Before every forward of the root module; Trainer.training_step has just called model.train().
