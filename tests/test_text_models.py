@@ -850,8 +850,41 @@ def test_a_frozen_module_to_reinitialise_is_refused(tmp_path, hp_epochs):
     args = HeadPrepConfig(
         hp_epochs=hp_epochs, head_modules=["classifier"], reinit_modules=["mix"], **arguments(tmp_path)
     )
-    with pytest.raises(ValueError, match=r"reinit_modules \['mix'\] hold no parameter that trains"):
+    with pytest.raises(ValueError, match=r"reinit_modules would re-draw parameters that do not train \(mix.weight, mix.bias:"):
         HeadPrepTrainer(model=model, args=args)
+
+
+def test_modules_without_parameters_may_be_reinitialised(tmp_path):
+    # The frozen-module refusal took a module without parameters (a BatchNorm without affine weights, whose running
+    # statistics re-initialising resets) for a frozen one.
+    model = _TiedTo(tied_is_head=False)
+    model.norm = torch.nn.BatchNorm1d(4, affine=False)
+    args = HeadPrepConfig(hp_epochs=1, head_modules=["classifier"], reinit_modules=["norm"], **arguments(tmp_path))
+    HeadPrepTrainer(model=model, args=args)
+
+
+def test_a_lora_layers_frozen_base_is_not_reinitialised(tmp_path):
+    # reinit_modules=["mix"] with LoRA on mix: its adapter factors train, so "any parameter trains" let it through,
+    # and the frozen base_layer was re-drawn at random for good.
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_TiedTo(tied_is_head=False), peft.LoraConfig(r=2, target_modules=["mix"]))
+    args = HeadPrepConfig(hp_epochs=1, head_modules=["classifier"], reinit_modules=["mix"], **arguments(tmp_path))
+    with pytest.raises(
+        ValueError, match=r"re-draw parameters that do not train \(base_model.model.mix.base_layer.weight"
+    ):
+        HeadPrepTrainer(model=model, args=args)
+
+
+@pytest.mark.parametrize("call", ["probe_head", "finetune"])
+def test_a_single_stage_call_checks_the_labels_of_its_own_stage(tmp_path, call):
+    # A model with its own BCE and soft targets: probe_head() was refused because ft_label_smoothing (a setting of the
+    # stage it does not run) makes the trainer's loss check for 0/1 targets; finetune() the same way for HP's.
+    other = {"ft_label_smoothing": 0.1} if call == "probe_head" else {"hp_label_smoothing": 0.1}
+    args = HeadPrepConfig(hp_epochs=1, track_dynamics=False, **other, **arguments(tmp_path))
+    model, collator = bert(problem_type="multi_label_classification"), DataCollatorWithPadding(tokenizer())
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=SoftRows(), data_collator=collator)
+    getattr(trainer, call)()
+    assert trainer.state.global_step > 0
 
 
 def test_a_peft_copy_of_a_tied_head_trains_alone_in_hp(tmp_path):

@@ -304,6 +304,31 @@ def test_items_with_a_label_key_train_as_with_trainer(tmp_path):
     assert trainer.state.global_step == 10
 
 
+class SingularBadLabel(SingularLabel):
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return {**item, "label": 7} if i == 5 else item
+
+
+@pytest.mark.parametrize("hp_epochs", [0, 1])
+def test_a_bad_label_under_the_key_label_is_named_before_training(tmp_path, hp_epochs):
+    # Items keyed "label" (batched as "labels") were read as having no labels, so the range check checked nothing:
+    # "IndexError: Target 7 is out of bounds" after one update (a device-side assert on a GPU).
+    args = _args(HeadPrepConfig, tmp_path, "b", hp_epochs=hp_epochs)
+    trainer = HeadPrepTrainer(model=FcLogitsOnly(), args=args, train_dataset=SingularBadLabel())
+    with pytest.raises(ValueError, match=r"train_dataset\[5\] has label 7, outside the 3 classes"):
+        trainer.train()
+
+
+def test_cached_head_probing_checks_the_labels_it_trains_on(tmp_path):
+    # Cached HP trains the head with the trainer's loss whatever the model computes itself; its labels went
+    # unchecked for a model with its own loss ("IndexError: Target 7 is out of bounds" in loss_from_logits).
+    args = _args(HeadPrepConfig, tmp_path, "c", hp_epochs=1, hp_cache_features=True)
+    trainer = HeadPrepTrainer(model=FcClassifier(), args=args, train_dataset=SingularBadLabel())
+    with pytest.raises(ValueError, match=r"train_dataset\[5\] has label 7, outside the 3 classes"):
+        trainer.train()
+
+
 class RawTargets(XYData):
     """torchvision's layout: raw `targets` (10..12) that `target_transform` turns into the items' classes (0..2)."""
 
@@ -354,6 +379,24 @@ def test_labels_are_checked_for_a_plain_run_that_smooths_in_ft(tmp_path):
     trainer = HeadPrepTrainer(model=FcClassifier(), args=args, train_dataset=BadLabel())
     with pytest.raises(ValueError, match=r"train_dataset\[9\] has label 5, outside the 3 classes"):
         trainer.train()
+
+
+def test_tuple_items_behind_a_target_transform_take_their_problem_type_from_the_attribute(tmp_path):
+    # The items cannot be read (tuples, batched by the user's collator): the raw attribute is all there is, as before
+    # (float targets: regression). Skipping it read nothing and inferred single-label classification.
+    from headprep_hf.labels import infer_problem_type
+
+    class Pairs(torch.utils.data.Dataset):
+        targets = np.linspace(0.0, 1.0, 8).astype(np.float32)
+        target_transform = staticmethod(lambda t: t)
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.zeros(4), self.target_transform(self.targets[i])
+
+    assert infer_problem_type(Pairs()) == "regression"
 
 
 def test_an_empty_evaluation_set_trains_as_with_trainer(tmp_path):

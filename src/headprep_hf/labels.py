@@ -29,12 +29,28 @@ def dataset_labels(dataset, label_name: str = "labels", read_items: bool = True)
     if isinstance(dataset, torch.utils.data.Subset):
         inner = dataset_labels(dataset.dataset, label_name, read_items)
         return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
-    # (not where a `target_transform`, torchvision's, turns those raw targets into the items' labels)
-    if getattr(dataset, "target_transform", None) is None:
-        for attribute in ("labels", "targets"):
-            value = getattr(dataset, attribute, None)
-            if value is not None and not callable(value):
-                return _as_array(value)
+    # Not where a `target_transform` (torchvision's) turns those raw targets into the items' labels: only the items
+    # say what they are then (None where they cannot be read: nothing is checked against raw targets).
+    if getattr(dataset, "target_transform", None) is None and _label_attribute(dataset) is not None:
+        return _as_array(_label_attribute(dataset))
+    return _labels_of_items(dataset, label_name, read_items)
+
+
+def _label_attribute(dataset):
+    """The dataset's `labels`/`targets` attribute (torchvision's, or the recipes' datasets), None without one."""
+    for attribute in ("labels", "targets"):
+        value = getattr(dataset, attribute, None)
+        if value is not None and not callable(value):
+            return value
+    return None
+
+
+def _label_keys(label_name: str) -> list[str]:
+    # (the default collators batch an item's "label" or "label_ids" as "labels")
+    return [label_name, "label", "label_ids"] if label_name == "labels" else [label_name]
+
+
+def _labels_of_items(dataset, label_name: str, read_items: bool) -> np.ndarray | None:
     column_names = getattr(dataset, "column_names", None)
     if isinstance(column_names, list):
         for column in (label_name, *_LABEL_COLUMNS):
@@ -48,12 +64,14 @@ def dataset_labels(dataset, label_name: str = "labels", read_items: bool = True)
         logger.warning("Not scanning the labels of a dataset of %d items one by one.", len(dataset))
         return None
     labels = []
+    keys = _label_keys(label_name)
     with forked_rng():  # reading samples may run random augmentation
         for i in range(len(dataset)):
             item = dataset[i]
-            if not isinstance(item, Mapping) or label_name not in item:
+            key = next((k for k in keys if k in item), None) if isinstance(item, Mapping) else None
+            if key is None:
                 return None
-            labels.append(np.asarray(item[label_name]))
+            labels.append(np.asarray(item[key]))
     return _as_array(labels) if labels else np.zeros(0, dtype=np.int64)
 
 
@@ -198,19 +216,18 @@ def _first_item(dataset):
 
 
 def _first_label(dataset, label_name: str) -> np.ndarray | None:
-    """The first sample's label (from a `labels`/`targets` attribute where there is one and no `target_transform`
-    changes it, as in `dataset_labels`); None when unreadable."""
-    for attribute in ("labels", "targets") if getattr(dataset, "target_transform", None) is None else ():
-        value = getattr(dataset, attribute, None)
-        if value is not None and not callable(value) and len(value) > 0:
-            return np.asarray(value[0])
+    """The first sample's label: from a `labels`/`targets` attribute where there is one and no `target_transform`
+    changes it, else from the first item, else (a `target_transform` over items that cannot be read, tuples) from the
+    attribute, the best guess of its kind there is; None when unreadable."""
+    attribute = _label_attribute(dataset)
+    attribute = attribute if attribute is not None and len(attribute) > 0 else None
+    if attribute is not None and getattr(dataset, "target_transform", None) is None:
+        return np.asarray(attribute[0])
     item = _first_item(dataset)
-    if item is None:
-        return None
-    names = [label_name, "label", "label_ids"] if label_name == "labels" else [label_name]  # default collator's
-    value = next((item[n] for n in names if isinstance(item, Mapping) and item.get(n) is not None), None)
+    keys = _label_keys(label_name)
+    value = next((item[n] for n in keys if isinstance(item, Mapping) and item.get(n) is not None), None)
     if value is None:
-        return None
+        return None if attribute is None else np.asarray(attribute[0])
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
@@ -295,7 +312,7 @@ def check_not_empty(trainer, evaluation: bool = True) -> None:
                 )
 
 
-def check_label_key(trainer) -> None:
+def check_label_key(trainer, checked: bool) -> None:
     """Refuse, before training, a training set whose items hold no labels where the trainer's loss reads them.
 
     A model whose forward takes its target under a name without "label" (`forward(x, target=None)`) and no
@@ -308,13 +325,11 @@ def check_label_key(trainer) -> None:
     collator = trainer.data_collator
     if not (collator is default_data_collator or isinstance(collator, (DefaultDataCollator, DataCollatorWithPadding))):
         return
-    if not trainer._checks_labels:
+    if not checked:  # (the trainer's loss computes no stage's loss of this call: `HeadPrepTrainer._checks_labels`)
         return
     label = trainer.label_names[0]
     item = _first_item(trainer.train_dataset) if trainer.train_dataset is not None else None
-    # (the default collators batch an item's "label" or "label_ids" as "labels")
-    keys = (label, "label", "label_ids") if label == "labels" else (label,)
-    if not isinstance(item, Mapping) or any(key in item for key in keys):
+    if not isinstance(item, Mapping) or any(key in item for key in _label_keys(label)):
         return
     raise ValueError(
         f"train_dataset[0] holds no {label!r} (its keys: {sorted(item)}), where the trainer's loss reads the labels "

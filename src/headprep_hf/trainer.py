@@ -334,15 +334,20 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 f"Head probing trains {split.trainable_in_hp_names}, which hold no parameters: HP would train "
                 "nothing. Name the module that holds the task head's weights in head_modules, or set hp_epochs=0."
             )
+        # (re-drawn, then left frozen by the stages, which keep the user's requires_grad=False: random weights. PEFT's
+        # `original_module` beside the `modules_to_save` copy that trains is not used, re-drawn or not.)
         frozen = [
-            n for n in split.reinit_names if not any(p.requires_grad for p in unwrapped.get_submodule(n).parameters())
+            f"{name}.{param_name}"
+            for name in split.reinit_names
+            for param_name, param in unwrapped.get_submodule(name).named_parameters()
+            if not param.requires_grad and "original_module" not in param_name.split(".")
         ]
         if frozen:
-            # (re-drawn, then left frozen by the stages, which keep the user's requires_grad=False: random layers)
             raise ValueError(
-                f"reinit_modules {frozen} hold no parameter that trains (requires_grad=False, e.g. frozen by PEFT "
-                "outside its adapters): they would be re-drawn at random and never trained. Make them trainable (a "
-                "PEFT model: modules_to_save=[...]) or leave them out of reinit_modules."
+                f"reinit_modules would re-draw parameters that do not train ({', '.join(frozen[:4])}"
+                f"{', ...' if len(frozen) > 4 else ''}: requires_grad=False, e.g. frozen by PEFT outside its "
+                "adapters, a LoRA layer's base_layer): they would stay random. Make them trainable (a PEFT model: "
+                "modules_to_save=[...]) or leave those modules out of reinit_modules."
             )
         if args.head_type == "mlp":
             set_seed(args.seed)  # the same seed gives the same head
@@ -453,7 +458,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         outside = bool(self.args.hp_cache_features and self.args.hp_epochs > 0)
         check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))  # (before cached HP)
         if outside and resume_from_checkpoint in (None, False):
-            self._check_all_labels()
+            self._check_all_labels("both")
             self._probe_head_cached()
         return self._run(
             "both", resume_from_checkpoint, trial, ignore_keys_for_eval, hp_outside_loop=outside, **kwargs
@@ -469,7 +474,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._add_own_callbacks()
         if self.args.hp_epochs == 0 or (self.args.hp_cache_features and not resume_from_checkpoint):
             self._refuse_earlier_outputs()
-            self._check_all_labels()
+            self._check_all_labels("hp")
             metrics = self._probe_head_cached() if self.args.hp_epochs > 0 else {}
             self._finish_hp(recompute_bn=self.args.hp_epochs == 0)  # (cached HP recomputed on its cache)
             return TrainOutput(self.state.global_step, metrics.get("hp_loss", 0.0), metrics)
@@ -533,7 +538,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             names = {"energy": "energy", "hp_train_accuracy": "HP train accuracy"}
             message += format_values({label: self.dynamics.get(key) for key, label in names.items()})
         else:
-            why = "see the warning above" if self.track_dynamics else "track_dynamics=False"
+            why = (
+                "see the warning above"
+                if self.track_dynamics or self._generation_model and self.args.track_dynamics
+                else "track_dynamics=False"
+            )
             message += f"energy and HP train accuracy not measured ({why})"
         announce(self, message)
 
@@ -824,7 +833,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.stage_plan = StagePlan(plan=plan, hp_outside_loop=hp_outside_loop, tag=self.run_tag, hp_done=self.hp_done)
         self._start_guard()
         self._trial_for_dir = trial
-        self._check_all_labels()
+        self._check_all_labels(plan)
         refuse = self.has_stages and not self.args.overwrite_output_dir
         checkpoint = resume_checkpoint(self._get_output_dir(trial), resume_from_checkpoint, refuse)
         if checkpoint is None:
@@ -1050,28 +1059,33 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         # probe_head() and finetune() each restart global_step at 0: separate folders keep checkpoint names apart.
         return run_dir if self.stage_plan.plan == "both" else os.path.join(run_dir, self.stage_plan.plan)
 
-    def _check_all_labels(self) -> None:
+    def _check_all_labels(self, plan: str) -> None:
         # Empty datasets are named (an empty evaluation set with stages only: a plain run takes it, as Trainer does).
         # Labels are checked when the trainer's loss says what they must be; a model computing its own loss gets its
         # labels as they are (as with Trainer).
         check_not_empty(self, evaluation=self.has_stages)
         check_item_format(self)
-        check_label_key(self)
-        if self._checks_labels:
+        checked = self._checks_labels(plan)
+        check_label_key(self, checked)
+        if checked:
             check_trainer_datasets(self)
 
     def check_labels_of(self, **datasets) -> None:
         """Check datasets that will be evaluated after training (`test_dataset=...`) as `train()` checks its own, so
         that a bad label stops the run before training rather than after it (the error names the keyword)."""
-        if self._checks_labels:
+        if self._checks_labels("both"):
             check_trainer_datasets(self, {name: d for name, d in datasets.items() if d is not None})
 
-    @property
-    def _checks_labels(self) -> bool:
-        # Whether the trainer's loss computes the loss in a stage of this run (not a model computing its own loss,
-        # even one whose config declares a problem type: Trainer hands it the labels as they are, e.g. soft
-        # multi-label targets for its BCE). Each stage asked: the current one is still "hp" before a run starts.
-        stages = ("hp", "ft") if self.args.hp_epochs > 0 else ("ft",)
+    def _checks_labels(self, plan: str) -> bool:
+        """Whether the trainer's loss computes the loss in a stage that `plan` ("hp", "ft", "both") runs: cached HP
+        always (it trains the head on its cache with `loss_from_logits`), else as `uses_trainer_loss` says for each
+        stage (asked by name: the current one is still "hp" before a run starts). Not a model computing its own loss,
+        even one whose config declares a problem type: Trainer hands it the labels as they are (soft multi-label
+        targets for its BCE)."""
+        hp = self.args.hp_epochs > 0 and plan in ("hp", "both")
+        stages = (("hp",) if hp else ()) + (("ft",) if plan in ("ft", "both") else ())
+        if hp and self.args.hp_cache_features:
+            return True
         return self.compute_loss_func is None and any(self.uses_trainer_loss(stage=stage) for stage in stages)
 
     def _hp_mode_hook(self, module: nn.Module, args):
