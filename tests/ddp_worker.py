@@ -450,34 +450,27 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
+    runs = {
+        "hpft": run_hpft,
+        "hp": lambda folder: run_hp(folder, world_size),
+        "measure": lambda folder: run_measure(folder, opts.states),
+        "graph": lambda folder: run_graph(folder, opts.graph_data, world_size),
+        "sweep": lambda folder: run_sweep(folder, world_size),  # (returns no trainer: the last one syncs)
+        "bn": run_bn,
+        "bnpad": run_bnpad,
+        "cachedeval": run_cachedeval,
+        "mcprobe": run_mcprobe,
+        "plainbn": run_plainbn,
+        "refuse": run_refuse,
+    }
     trainer = None
     for scenario in opts.scenarios.split(","):
         folder = os.path.join(opts.out, scenario)
         os.makedirs(folder, exist_ok=True)
-        if scenario == "hpft":
-            trainer = run_hpft(folder)
-        elif scenario == "hp":
-            trainer = run_hp(folder, world_size)
-        elif scenario == "measure":
-            trainer = run_measure(folder, opts.states)
-        elif scenario == "graph":
-            trainer = run_graph(folder, opts.graph_data, world_size)
-        elif scenario == "sweep":
-            run_sweep(folder, world_size)
-        elif scenario == "bn":
-            trainer = run_bn(folder)
-        elif scenario == "bnpad":
-            trainer = run_bnpad(folder)
-        elif scenario == "cachedeval":
-            trainer = run_cachedeval(folder)
-        elif scenario == "mcprobe":
-            trainer = run_mcprobe(folder)
-        elif scenario == "plainbn":
-            trainer = run_plainbn(folder)
-        elif scenario == "refuse":
-            trainer = run_refuse(folder)
-        else:
+        if scenario not in runs:
             raise ValueError(f"unknown scenario {scenario!r}")
+        result = runs[scenario](folder)
+        trainer = trainer if scenario == "sweep" else result
         trainer.accelerator.wait_for_everyone()
 
     # 2-rank gloo jobs sometimes abort at interpreter exit after finishing (DESIGN.md, "Traps seen"): leave hard.

@@ -850,7 +850,9 @@ def test_a_frozen_module_to_reinitialise_is_refused(tmp_path, hp_epochs):
     args = HeadPrepConfig(
         hp_epochs=hp_epochs, head_modules=["classifier"], reinit_modules=["mix"], **arguments(tmp_path)
     )
-    with pytest.raises(ValueError, match=r"reinit_modules would re-draw parameters that do not train \(mix.weight, mix.bias:"):
+    with pytest.raises(
+        ValueError, match=r"reinit_modules would re-draw parameters that do not train \(mix.weight, mix.bias:"
+    ):
         HeadPrepTrainer(model=model, args=args)
 
 
