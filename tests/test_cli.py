@@ -480,6 +480,21 @@ def test_refusals_after_parsing_end_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sweep_json_that_is_not_one_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    # jsonschema's ValidationError is not a ValueError: `headprep report` on a damaged sweep.json printed a traceback
+    # and the schema's dump, where the README promises one line.
+    from headprep_hf import cli
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"format_version": 2, "taus": "x"}))
+    monkeypatch.delenv("HEADPREP_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_command(cli.main, ["report", str(tmp_path)], prog="headprep")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[0].startswith("headprep: error: ")
+    assert "sweep.json" in err.strip().splitlines()[0]
+
+
 def test_run_command_shortens_only_its_own_refusals(tmp_path, monkeypatch, capsys):
     from headprep_hf import cli
 

@@ -149,6 +149,41 @@ def test_push_head_to_hub_uploads_exactly_the_artifact(tmp_path, train_set, monk
     assert json.loads(files["headprep_head.json"])["tau"] == 2
 
 
+def test_a_head_that_never_went_through_hp_is_recorded_as_tau_0(tmp_path, train_set):
+    # save_prepared_head() before probe_head() wrote tau = hp_epochs for the random initial head, and the card of a
+    # model finetuned from it repeated "head probing (HP) for tau = 2 epochs".
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set)
+    folder = trainer.save_prepared_head(str(tmp_path / "head"))
+    assert json.loads((tmp_path / "head" / HEAD_CONFIG_NAME).read_text())["tau"] == 0
+    model = tiny_timm()
+    load_prepared_head(model, folder)
+    ft = HeadPrepTrainer(model=model, args=make_config(tmp_path / "ft", hp_epochs=0), train_dataset=train_set)
+    ft.finetune()
+    ft.create_model_card(model_name="ft")
+    assert "headprep_tau: 0" in (tmp_path / "ft" / "out" / "README.md").read_text()
+
+
+def test_a_second_probe_head_is_refused(tmp_path, train_set):
+    # It trained the probed head on (energy 0.4877 -> 0.2691 in the review's run) while the prepared head and card
+    # still said tau = hp_epochs.
+    trainer, _ = _probed(tmp_path, train_set)
+    with pytest.raises(ValueError, match=r"probe_head\(\) already ran on this trainer.*tau = 4 while.*tau = 2"):
+        trainer.probe_head()
+
+
+def test_the_card_of_a_model_finetuned_from_an_mlp_head_names_it(tmp_path, train_set):
+    # The card's HP row came from the finetuning run's own arguments ("| head | linear |", no re-initialised
+    # modules) where the loaded head was an MLP probed with layer2 re-initialised.
+    _, folder = _probed(tmp_path, train_set, head_type="mlp", reinit_modules=["layer2"])
+    model = tiny_timm()
+    load_prepared_head(model, folder)
+    ft = HeadPrepTrainer(model=model, args=make_config(tmp_path / "ft", hp_epochs=0), train_dataset=train_set)
+    ft.finetune()
+    ft.create_model_card(model_name="ft")
+    card = (tmp_path / "ft" / "out" / "README.md").read_text()
+    assert "mlp" in card and "layer2" in card
+
+
 def test_finetuned_model_card(tmp_path, train_set, eval_set):
     from huggingface_hub import ModelCard
 
@@ -334,9 +369,11 @@ def test_an_interrupted_save_leaves_no_loadable_mix_of_two_heads(tmp_path, train
 
     from headprep_hf import hub
 
-    trainer, folder = _probed(tmp_path, train_set, hp_epochs=1)
-    trainer.args.hp_epochs = 2
-    trainer.probe_head()  # (a second head on the same trainer, written into the same folder)
+    _, folder = _probed(tmp_path, train_set, hp_epochs=1)
+    # (a second head, of another trainer, written into the same folder)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path / "second", hp_epochs=2),
+                              train_dataset=train_set)  # fmt: skip
+    trainer.probe_head()
     real_replace, renamed = os.replace, []
 
     def killed_after_the_weights(src, dst):

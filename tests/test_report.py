@@ -199,6 +199,17 @@ def test_invalid_sweep_raises_before_writing(tmp_path):
     assert not (tmp_path / "plots").exists()
 
 
+def test_a_complete_sweep_missing_a_result_is_refused_naming_it(tmp_path):
+    # A result removed by hand from a sweep.json still marked complete: the report drew every figure from fewer runs
+    # than its statistics said, without a word, and the exchange failed with KeyError.
+    data = make_sweep()
+    data["results"] = [r for r in data["results"] if r["tau"] != 2]
+    write_json(tmp_path / "sweep.json", data)
+    with pytest.raises(ValueError, match=r"says the sweep is complete but holds no result for tau=2: it was edited"):
+        write_report(tmp_path)
+    assert not (tmp_path / "plots").exists()
+
+
 def test_invalid_exchange_raises_before_writing(tmp_path):
     write_json(tmp_path / "sweep.json", make_sweep())
     exchange = make_exchange()

@@ -239,11 +239,15 @@ def _library_name(model: nn.Module) -> str:
 def head_probing_record(trainer: HeadPrepTrainer) -> dict[str, Any]:
     """The head probing the finetuned model went through: this trainer's own HP (`hp_epochs` > 0 outside
     `finetune()`), else the prepared head loaded onto the model (`load_prepared_head` remembered its tau and
-    settings), else none (tau 0). Keys: tau, hp_learning_rate, hp_lr_scheduler_type, hp_label_smoothing, source."""
+    settings), else none (tau 0). Keys: tau, hp_learning_rate, hp_lr_scheduler_type, hp_label_smoothing, source,
+    head_type, reinit_modules."""
     from .export import prepared_head_record
 
     args = trainer.args
-    own = args.hp_epochs > 0 and (trainer.stage_plan.plan != "ft" or trainer.hp_done)
+    # Own HP: it ran to its end on this trainer, or train() resumed past it. Not a head that never went through HP
+    # (saved before probe_head(), or a train() stopped before its boundary): that one is tau 0, or the loaded head's.
+    plan = trainer.stage_plan
+    own = args.hp_epochs > 0 and (trainer.hp_done or (plan.plan == "both" and plan.ft_started))
     loaded = prepared_head_record(trainer.accelerator.unwrap_model(trainer.model))
     if not own and loaded is not None:
         return {
@@ -252,6 +256,8 @@ def head_probing_record(trainer: HeadPrepTrainer) -> dict[str, Any]:
             "hp_lr_scheduler_type": loaded.get("hp_lr_scheduler_type"),
             "hp_label_smoothing": loaded.get("hp_label_smoothing"),
             "source": loaded.get("source"),
+            "head_type": loaded.get("head_type", args.head_type),
+            "reinit_modules": list(loaded.get("reinit_modules") or []),
         }
     return {
         "tau": args.hp_epochs if own else 0,
@@ -259,6 +265,8 @@ def head_probing_record(trainer: HeadPrepTrainer) -> dict[str, Any]:
         "hp_lr_scheduler_type": args.hp_lr_scheduler_type,
         "hp_label_smoothing": args.hp_label_smoothing or args.label_smoothing_factor,  # (the trainer's fallback)
         "source": None,
+        "head_type": args.head_type,
+        "reinit_modules": list(args.reinit_modules),
     }
 
 
@@ -330,8 +338,8 @@ def finetuned_model_card(
         hp_learning_rate=hp["hp_learning_rate"],
         hp_lr_scheduler_type=hp["hp_lr_scheduler_type"],
         hp_label_smoothing=hp["hp_label_smoothing"],
-        head_type=args.head_type,
-        reinit_modules=list(args.reinit_modules),
+        head_type=hp["head_type"],
+        reinit_modules=hp["reinit_modules"],
         num_train_epochs=args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
         learning_rate=args.learning_rate,
         lr_scheduler_type=getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),

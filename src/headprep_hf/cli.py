@@ -25,6 +25,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+import jsonschema
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -483,8 +484,8 @@ COMMANDS = {"sweep": sweep_main, "exchange": exchange_main, "report": report_mai
 _PACKAGE_ROOT = Path(__file__).resolve().parent
 # What a deliberate refusal raises (`CheckpointError` and `OutputsDoNotFitLabels` are ValueErrors, `NonFiniteError`
 # and `LaunchError` RuntimeErrors of our own, the feature cache's size check a MemoryError, a missing extra an
-# ImportError).
-_REFUSALS = (ValueError, OSError, MemoryError, RuntimeError, ImportError)
+# ImportError, a `sweep.json` that is not one `sweep_schema`'s jsonschema.ValidationError).
+_REFUSALS = (ValueError, OSError, MemoryError, RuntimeError, ImportError, jsonschema.ValidationError)
 
 
 def _traceback_asked() -> bool:
@@ -525,7 +526,10 @@ def run_command(function, *args, prog: str | None = None):
         prog = prog or Path(sys.argv[0]).name
         if os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE", "1") != "1":  # (under a launcher)
             prog += f" [rank {os.environ['RANK']}]"
-        message = str(error) or type(error).__name__
+        # (a jsonschema error's str() appends the schema and the instance: its message is the line)
+        message = (error.message if isinstance(error, jsonschema.ValidationError) else str(error)) or type(
+            error
+        ).__name__
         cause = error.__cause__
         if cause is not None and str(cause) and str(cause) not in message:
             message += f" (caused by {type(cause).__name__}: {cause})"

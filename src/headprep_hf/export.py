@@ -135,7 +135,15 @@ def model_data_config(model: nn.Module) -> dict[str, Any] | None:
 def record_prepared_head(model: nn.Module, config: dict[str, Any], source: str) -> None:
     """Remember on `model` the prepared head it now carries (`load_prepared_head`): the finetuned model's card
     reports the tau and HP settings it was probed with."""
-    keys = ("tau", "hp_learning_rate", "hp_lr_scheduler_type", "hp_label_smoothing", "head_type", "energy")
+    keys = (
+        "tau",
+        "hp_learning_rate",
+        "hp_lr_scheduler_type",
+        "hp_label_smoothing",
+        "head_type",
+        "reinit_modules",
+        "energy",
+    )
     setattr(model, _PREPARED_HEAD_ATTR, {"source": source, **{k: config.get(k) for k in keys}})
 
 

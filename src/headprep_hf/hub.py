@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.trainer_utils import unwrap_peft_model
 
-from .cards import _first_pretrained_cfg, base_model_id, prepared_head_card
+from .cards import _first_pretrained_cfg, base_model_id, head_probing_record, prepared_head_card
 from .export import model_data_config, model_label_names, record_prepared_head, set_label_names
 from .guard import check_finite, nonfinite_keys
 from .heads import MLPHead, mlp_head_target, replace_head_with_mlp
@@ -210,7 +210,7 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
         "id2label": _label_names(model),
         "backbone": {"id": backbone_id, "checksum": backbone_checksum(model, split)},
         "inputs": model_inputs(model),
-        "tau": args.hp_epochs if tau is None else tau,
+        "tau": head_probing_record(trainer)["tau"] if tau is None else tau,  # (0 for a head never probed)
         "hp_learning_rate": args.hp_learning_rate,
         "hp_lr_scheduler_type": args.hp_lr_scheduler_type,
         "hp_label_smoothing": args.hp_label_smoothing or args.label_smoothing_factor,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import read_json
-from .sweep_schema import validate_exchange_file, validate_sweep_file
+from .sweep_schema import validate_exchange_file
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,9 @@ def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | N
         raise FileNotFoundError(
             f"{sweep_path} not found: a report needs the sweep.json written by `headprep sweep` in the sweep folder."
         )
-    from .sweep import _fingerprint_tag, upgrade_sweep
+    from .sweep import _fingerprint_tag, load_sweep
 
-    data = read_json(sweep_path)
-    validate_sweep_file(data, sweep_path)
-    data = upgrade_sweep(data)  # format 1 (one seed) is drawn as a replicated sweep with n = 1
+    data = load_sweep(sweep_dir)  # (checked; format 1, one seed, is drawn as a replicated sweep with n = 1)
     exchange = None
     exchange_path = sweep_dir / EXCHANGE_FILE
     if exchange_path.is_file():

@@ -1196,7 +1196,21 @@ def load_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: not a sweep folder (it is written by `headprep sweep`).")
     data = read_json(path)
     validate_sweep_file(data, path)
-    return upgrade_sweep(data)
+    data = upgrade_sweep(data)
+    if data.get("complete"):
+        # (a complete sweep holds a result for every tau and seed: one removed by hand left the report's statistics
+        # over fewer runs than they say, and the exchange failed on a KeyError)
+        seeds = data.get("seeds") or [None]
+        held = {(r.get("tau"), r.get("seed")) for r in data["results"]}
+        missing = [(t, s) for s in seeds for t in data["taus"] if (t, s) not in held]
+        if missing:
+            named = ", ".join(f"tau={t}" + (f" seed={s}" if s is not None else "") for t, s in missing[:6])
+            raise ValueError(
+                f"{path} says the sweep is complete but holds no result for {named}"
+                f"{', ...' if len(missing) > 6 else ''}: it was edited or damaged. Rerun the sweep into its folder "
+                "(its finished jobs are reused), or restore the file."
+            )
+    return data
 
 
 def _check_same_sweep(first_file: Path, first: dict, other_file: Path, other: dict) -> None:

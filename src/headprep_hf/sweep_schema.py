@@ -382,7 +382,7 @@ def validate_sweep_file(data: dict, path) -> None:
             f"{path} is not a valid sweep.json ({error.message}); it was edited or damaged: rerun the sweep (or "
             "this shard) into a fresh output_dir to rewrite it."
         )
-        raise
+        raise error.with_traceback(None) from None  # (raised here: the command line shows one line)
 
 
 def validate_exchange_file(data: dict, path) -> None:
@@ -396,7 +396,7 @@ def validate_exchange_file(data: dict, path) -> None:
             f"{path} is not a valid exchange.json ({error.message}); delete it and rerun `headprep exchange` on the "
             "sweep folder to rewrite it."
         )
-        raise
+        raise error.with_traceback(None) from None  # (raised here: the command line shows one line)
 
 
 def validate_exchange(data: dict) -> None:

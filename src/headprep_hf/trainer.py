@@ -470,6 +470,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         Afterwards `dynamics` holds the energy, HP train accuracy and p0 of the prepared head.
         """
         self.find_head(required=True)
+        if self.hp_done and self.args.hp_epochs > 0 and not resume_from_checkpoint:
+            raise ValueError(
+                f"probe_head() already ran on this trainer: its head went through hp_epochs={self.args.hp_epochs} "
+                f"epochs of HP. A second call would train it on to tau = {2 * self.args.hp_epochs} while its "
+                f"prepared head and card said tau = {self.args.hp_epochs}. Build a new trainer on the pretrained "
+                "model for another tau (or one probe_head() with hp_epochs set to the total)."
+            )
         check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
         self._add_own_callbacks()
         if self.args.hp_epochs == 0 or (self.args.hp_cache_features and not resume_from_checkpoint):
