@@ -31,8 +31,9 @@ def dataset_labels(dataset, label_name: str = "labels", read_items: bool = True)
         return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
     # Not where a `target_transform` (torchvision's) turns those raw targets into the items' labels: only the items
     # say what they are then (None where they cannot be read: nothing is checked against raw targets).
-    if getattr(dataset, "target_transform", None) is None and _label_attribute(dataset) is not None:
-        return _as_array(_label_attribute(dataset))
+    attribute = _label_attribute(dataset) if getattr(dataset, "target_transform", None) is None else None
+    if attribute is not None:
+        return _as_array(attribute)
     return _labels_of_items(dataset, label_name, read_items)
 
 
@@ -312,6 +313,15 @@ def check_not_empty(trainer, evaluation: bool = True) -> None:
                 )
 
 
+def _default_collator(trainer) -> bool:
+    """Whether the trainer batches items with transformers' default collators (dicts, key by key; "label" and
+    "label_ids" as "labels"), not a collator of the user's own, which may take and build anything."""
+    from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
+
+    collator = trainer.data_collator
+    return collator is default_data_collator or isinstance(collator, (DefaultDataCollator, DataCollatorWithPadding))
+
+
 def check_label_key(trainer, checked: bool) -> None:
     """Refuse, before training, a training set whose items hold no labels where the trainer's loss reads them.
 
@@ -320,10 +330,7 @@ def check_label_key(trainer, checked: bool) -> None:
     `Trainer` passes such a target to the model and uses its loss; here the fix is named instead (README's
     differences table). Datasets served through a collator of the user's own are not looked at (it may build the
     labels)."""
-    from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
-
-    collator = trainer.data_collator
-    if not (collator is default_data_collator or isinstance(collator, (DefaultDataCollator, DataCollatorWithPadding))):
+    if not _default_collator(trainer):
         return
     if not checked:  # (the trainer's loss computes no stage's loss of this call: `HeadPrepTrainer._checks_labels`)
         return
@@ -349,10 +356,7 @@ def check_item_format(trainer) -> None:
     with both), and a tuple does not say under which name the model takes its input. Datasets served through a
     collator of the user's own are not looked at: that collator may take any item.
     """
-    from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
-
-    collator = trainer.data_collator
-    if not (collator is default_data_collator or isinstance(collator, (DefaultDataCollator, DataCollatorWithPadding))):
+    if not _default_collator(trainer):
         return
     for name, dataset in _named_datasets(trainer):
         if isinstance(getattr(dataset, "column_names", None), list):
