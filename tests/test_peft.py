@@ -110,3 +110,29 @@ def test_hp_trains_the_wrapped_classifier_copy_and_measures_it(tmp_path, task_ty
     assert trainer.dynamics["energy"] > 0 and not (tmp_path / "hp" / "prepared_head").exists()
     trainer.finetune()
     assert trainer.dynamics["head_grad_norm"] and trainer.dynamics["drift"]
+
+
+def test_resume_takes_the_head_named_either_way(tmp_path):
+    # head_modules (and reinit_modules) name a PEFT model's modules as the wrapper's or the wrapped model's; a resume
+    # naming them the other way was refused as "written with other settings", though the run is the same one.
+    def model():
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=16, num_labels=2)  # fmt: skip
+        lora = peft.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier", "pooler"])
+        return peft.get_peft_model(BertForSequenceClassification(config), lora)
+
+    run = settings(tmp_path, "run", hp_epochs=1, head_modules=["classifier"], reinit_modules=["bert.pooler"])
+    first = HeadPrepTrainer(model=model(), args=HeadPrepConfig(**run), train_dataset=Tokens())
+    first.train()
+    checkpoint = str(tmp_path / "run" / "checkpoint-4")
+    other = dict(run, head_modules=["base_model.model.classifier"], reinit_modules=["base_model.model.bert.pooler"])
+    resumed = HeadPrepTrainer(model=model(), args=HeadPrepConfig(**other), train_dataset=Tokens())
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(_trainable(first.model).values(), _trainable(resumed.model).values()))
+    changed = HeadPrepTrainer(
+        model=model(), args=HeadPrepConfig(**dict(other, head_modules=["bert.pooler", "classifier"], reinit_modules=[])),
+        train_dataset=Tokens(),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="other settings than this run's .*head_modules"):
+        changed.train(resume_from_checkpoint=checkpoint)

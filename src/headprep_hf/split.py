@@ -22,6 +22,7 @@ the input of the head's first linear layer, is z; anything else is flattened per
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Iterator
@@ -206,6 +207,19 @@ def _candidates(model: nn.Module, limit: int = 8) -> list[str]:
     return names[-limit:]
 
 
+def module_names_in_wrapper(model: nn.Module, names: list[str] | None) -> list[str]:
+    """`names` as paths in `model`: a PEFT model's modules are named by their path in the wrapper
+    (`base_model.model.classifier`), and names given as the wrapped model's (`classifier`) are mapped to those; other
+    names are kept as given."""
+    names = list(names or [])
+    base = unwrap_peft_model(model)
+    if base is model:
+        return names
+    prefix = f"{_name_of(model, base)}."
+    module_names = {n for n, _ in model.named_modules() if n}
+    return [prefix + n if n not in module_names and prefix + n in module_names else n for n in names]
+
+
 def find_split(
     model: nn.Module, head_modules: list[str] | None = None, reinit_modules: list[str] | None = None
 ) -> ModelSplit:
@@ -225,9 +239,7 @@ def find_split(
     # not the wrapper's); names given as the wrapped model's are taken too.
     base = unwrap_peft_model(model)
     prefix = "" if base is model else f"{_name_of(model, base)}."
-
-    def in_wrapper(names: list[str]) -> list[str]:
-        return [prefix + n if prefix and n not in module_names and prefix + n in module_names else n for n in names]
+    in_wrapper = functools.partial(module_names_in_wrapper, model)
 
     if isinstance(getattr(model, "aux_classifier", None), nn.Module):
         raise ValueError(

@@ -65,7 +65,14 @@ from .losses import TrainerLossMixin, declared_problem_type
 from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
 from .progress import announce, format_values
 from .schedules import two_stage_scheduler
-from .split import HeadFinder, ModelCaller, ModelSplit, forward_label_route, language_model_kind
+from .split import (
+    HeadFinder,
+    ModelCaller,
+    ModelSplit,
+    forward_label_route,
+    language_model_kind,
+    module_names_in_wrapper,
+)
 from .stages import PLANS, StageCallback, StagePlan, Stages
 
 logger = logging.getLogger(__name__)
@@ -921,6 +928,10 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         with open(path) as f:
             written = json.load(f)
         current = json.loads(self.args.to_json_string())
+        for key in ("head_modules", "reinit_modules"):  # a PEFT model's modules may be named two ways (find_split)
+            for settings in (written, current):
+                if settings.get(key):
+                    settings[key] = module_names_in_wrapper(self.model, settings[key])
         changed = [
             f"{key}: {written[key]!r} -> {current[key]!r}"
             for key in RESUME_SETTINGS
