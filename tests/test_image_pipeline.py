@@ -692,3 +692,38 @@ def test_a_processor_cannot_take_the_other_resize_mode():
     convnext384 = ConvNextImageProcessor(size={"shortest_edge": 384}, crop_pct=0.875)
     at_224 = resolve_image_data_config(image_processor_data_config(convnext384), image_size=224)
     assert image_processor_for_data_config(convnext384, at_224) is None
+
+
+def test_a_timm_vit_trains_from_pixel_values_with_column_removal_on(tmp_path):
+    # timm's ViTs take `forward(x, attn_mask=None, is_causal=False)`: the trainer called them by position only when the
+    # forward had one parameter, so Trainer's column removal (on by default) dropped `pixel_values` and the first
+    # batch failed with "missing 1 required positional argument: 'x'".
+    from headprep_hf import HeadPrepConfig, HeadPrepTrainer
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=16, patch_size=8, depth=1
+    )
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {
+                "pixel_values": torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)),
+                "labels": i % 3,
+            }
+
+    head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    blocks = {k: v.clone() for k, v in model.blocks.state_dict().items()}
+    args = HeadPrepConfig(output_dir=str(tmp_path), hp_epochs=1, num_train_epochs=1, per_device_train_batch_size=4,
+                          use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)  # fmt: skip
+    assert args.remove_unused_columns
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=Items())
+    trainer.probe_head()
+    assert any(not torch.equal(head[k], v) for k, v in model.head.state_dict().items())
+    assert all(torch.equal(blocks[k], v) for k, v in model.blocks.state_dict().items())
+    trainer.finetune()
+    assert any(not torch.equal(blocks[k], v) for k, v in model.blocks.state_dict().items())
+    assert trainer.dynamics["energy"] > 0

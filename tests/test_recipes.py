@@ -145,6 +145,24 @@ def test_recipe_runs_a_transformers_image_model_folder(tmp_path):
     assert json.loads((out / "headprep_dynamics.json").read_text())["num_energy_samples"] == 16
 
 
+def test_a_transformers_folder_without_its_image_processor_is_refused_by_name(tmp_path):
+    # Without preprocessor_config.json the recipe took timm's ImageNet defaults (224 px, ImageNet mean/std) for a model
+    # of any size and normalisation, without a word.
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    from headprep_hf.tasks.image_classification import ImageClassificationArguments, load_image_classification
+
+    folder = tmp_path / "convnext"
+    config = ConvNextConfig(num_channels=3, hidden_sizes=[8], depths=[1], num_stages=1, num_labels=2, image_size=32)
+    ConvNextForImageClassification(config).save_pretrained(folder)
+    _image_folders(tmp_path)
+    args = ImageClassificationArguments(
+        model_name_or_path=str(folder), train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val")
+    )
+    with pytest.raises(ValueError, match=r"without an image processor \(preprocessor_config.json\).*save_pretrained"):
+        load_image_classification(args, seed=0)
+
+
 def test_config_file_with_unknown_setting_is_rejected(tmp_path):
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"hp_epoch": 3}))

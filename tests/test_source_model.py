@@ -179,3 +179,8 @@ def test_load_errors_name_the_argument_and_fix(weights, tmp_path):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(ValueError, match="without config.json and with 2 weight files"):
         load_timm_model(str(tmp_path), num_classes=3, arch="test_resnet")
+    neither = tmp_path / "neither"
+    neither.mkdir()
+    (neither / "config.json").write_text('{"num_classes": 3}')  # neither timm's `architecture` nor a `model_type`
+    with pytest.raises(ValueError, match="names no timm architecture and no transformers model_type"):
+        load_timm_model(str(neither), num_classes=3)

@@ -958,3 +958,32 @@ def test_compute_loss_func_with_a_kwargs_forward_and_label_names_is_trainers(tmp
     plain, ours = _pair(tmp_path, LogitsKwargs, args={"label_names": ["labels"]}, compute_loss_func=loss_func)
     _same_weights(plain.model, ours.model)
     _assert_same_logs(plain, ours)
+
+
+class OneRequiredInput(FcClassifier):
+    """`forward(input_x, scale=1.0)`: one required input and an option, no labels (its loss comes from
+    `compute_loss_func`), like timm's ViTs' `forward(x, attn_mask=None, is_causal=False)`."""
+
+    def forward(self, input_x, scale=1.0):
+        return {"logits": self.fc(self.body(input_x)) * scale}
+
+
+def test_a_forward_with_one_required_input_named_in_the_data_keeps_trainers_column_removal(tmp_path):
+    # A forward with one required input is called positionally; column removal is turned off only where Trainer's
+    # would drop that input. Here the data names it, so the string column goes as with Trainer (left in, it broke the
+    # default collator).
+    datasets = pytest.importorskip("datasets")
+    xy = XYData()
+    data = datasets.Dataset.from_dict(
+        {"input_x": xy.x.tolist(), "labels": xy.y, "note": [f"sample {i}" for i in range(len(xy))]}
+    ).with_format("torch")
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs["logits"], labels)
+
+    plain, ours = _pair(
+        tmp_path, OneRequiredInput, data, args={"label_names": ["labels"]}, compute_loss_func=loss_func
+    )
+    assert ours.model_caller.positional and ours.args.remove_unused_columns
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)

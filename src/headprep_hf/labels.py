@@ -203,7 +203,7 @@ def check_task_labels(
         raise ValueError(f"{name}[{index}] has label {labels[index, task]} for task {task}: {what}.")
 
 
-def _first_item(dataset):
+def first_item(dataset):
     """`dataset[0]` of a map-style dataset, read with every RNG left as it was; None when there is none."""
     if not hasattr(dataset, "__getitem__") or isinstance(dataset, torch.utils.data.IterableDataset):
         return None
@@ -224,7 +224,7 @@ def _first_label(dataset, label_name: str) -> np.ndarray | None:
     attribute = attribute if attribute is not None and len(attribute) > 0 else None
     if attribute is not None and getattr(dataset, "target_transform", None) is None:
         return np.asarray(attribute[0])
-    item = _first_item(dataset)
+    item = first_item(dataset)
     keys = _label_keys(label_name)
     value = next((item[n] for n in keys if isinstance(item, Mapping) and item.get(n) is not None), None)
     if value is None:
@@ -335,7 +335,7 @@ def check_label_key(trainer, checked: bool) -> None:
     if not checked:  # (the trainer's loss computes no stage's loss of this call: `HeadPrepTrainer._checks_labels`)
         return
     label = trainer.label_names[0]
-    item = _first_item(trainer.train_dataset) if trainer.train_dataset is not None else None
+    item = first_item(trainer.train_dataset) if trainer.train_dataset is not None else None
     if not isinstance(item, Mapping) or any(key in item for key in _label_keys(label)):
         return
     raise ValueError(
@@ -361,7 +361,7 @@ def check_item_format(trainer) -> None:
     for name, dataset in _named_datasets(trainer):
         if isinstance(getattr(dataset, "column_names", None), list):
             continue  # a datasets.Dataset: its items are dicts
-        item = _first_item(dataset)
+        item = first_item(dataset)
         if item is None or isinstance(item, Mapping) or hasattr(item, "__dict__"):
             continue
         model = trainer.accelerator.unwrap_model(trainer.model)

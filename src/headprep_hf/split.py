@@ -387,8 +387,10 @@ class ModelCaller:
     labels are never passed: the caller computes the loss from the logits.
 
     Attributes:
-        positional: The forward takes one argument and no labels or `**kwargs` (timm's `forward(x)`): the one input
-            of a batch is passed positionally, whatever its key.
+        positional: The forward takes one required argument, no labels and no `**kwargs` (timm's `forward(x)`, its
+            ViTs' `forward(x, attn_mask=None, is_causal=False)`): the one input of a batch is passed positionally,
+            whatever its key.
+        input_name: That required argument's name (None unless `positional`).
     """
 
     def __init__(self, model: nn.Module, label_names: list[str]):
@@ -396,7 +398,19 @@ class ModelCaller:
         params = inspect.signature(model.forward).parameters
         self.accepts_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.param_names = [n for n, p in params.items() if p.kind != inspect.Parameter.VAR_KEYWORD]
-        self.positional = not self.accepts_kwargs and len(self.param_names) == 1 and "label" not in self.param_names[0]
+        required = [
+            n
+            for n, p in params.items()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        ]
+        self.positional = (
+            not self.accepts_kwargs
+            and len(required) == 1
+            and not any("label" in n for n in self.param_names)
+            and all(p.default is not inspect.Parameter.empty for n, p in params.items() if n not in required)
+        )
+        self.input_name = required[0] if self.positional else None
 
     def __call__(self, model: nn.Module, inputs: dict):
         model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}

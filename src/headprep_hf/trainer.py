@@ -57,6 +57,7 @@ from .labels import (
     check_label_key,
     check_not_empty,
     check_trainer_datasets,
+    first_item,
     infer_problem_type,
     shape_mismatch_error,
     single_sample_batch_error,
@@ -226,13 +227,26 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._headprep_ready = True
         if not self.label_names:  # the model takes no labels: the trainer's loss reads them under "labels"
             self.label_names = ["labels"]
-        if self.args.remove_unused_columns and self.model_caller.positional:
+        if self.args.remove_unused_columns and self.model_caller.positional and not self._input_kept_by_name():
             # Column removal keeps the forward's argument names; a forward(x) called positionally would lose its
-            # input. The trainer calls such models itself and passes the one input besides the labels.
+            # input (with Trainer such a model never gets it). The trainer calls such models itself and passes the
+            # one input besides the labels.
             self.args = copy.copy(self.args)
             self.args.remove_unused_columns = False
         if self.args.hp_epochs > 0 or self.track_dynamics:
             self._add_own_callbacks()
+
+    def _input_kept_by_name(self) -> bool:
+        """Whether the data's items hold the positional forward's input under its argument name (`x`), which
+        Trainer's column removal keeps: then it removes the other columns, as for any model."""
+        dataset = self.train_dataset if self.train_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()), None)
+        keys = getattr(dataset, "column_names", None)
+        if not isinstance(keys, list):
+            item = first_item(dataset) if dataset is not None else None
+            keys = list(item) if isinstance(item, Mapping) else []
+        return self.model_caller.input_name in keys
 
     @property
     def track_dynamics(self) -> bool:

@@ -91,7 +91,13 @@ def _create(name: str, num_classes: int, arch: str | None, pretrained: bool, kwa
     if _HUB_ID.match(name):
         if arch is not None:
             logger.warning("model_arch=%r is ignored: the Hub repo %r names its own architecture", arch, name)
-        return timm.create_model("hf-hub:" + name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        try:
+            return timm.create_model("hf-hub:" + name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        except OSError as error:  # (huggingface_hub's not-found and offline errors are OSErrors)
+            raise OSError(
+                f"model_name_or_path={name!r} is not a local folder or file (none exists at {os.path.abspath(name)}), "
+                f"and as a Hub id it could not be loaded: {error}"
+            ) from error
     raise ValueError(
         f"model_name_or_path={name!r} is neither an existing local folder/file, a Hub id like "
         "'timm/resnet50.a1_in1k', nor a timm architecture name"
@@ -110,6 +116,15 @@ def _from_folder(path: Path, num_classes: int, arch: str | None, pretrained: boo
                 "or a weights file plus --model_arch"
             )
         saved_arch = read_json(config_file).get("architecture")
+        if saved_arch is None:
+            # (timm's local-dir loader fails on it with a bare KeyError: 'architecture')
+            raise ValueError(
+                f"model_name_or_path={str(path)!r}: its config.json names no timm architecture and no transformers "
+                "model_type, so neither library can build the model from it. Pass a folder saved with "
+                "timm.models.save_for_hf (its config.json has 'architecture') or with a transformers model's "
+                "save_pretrained (its config.json has 'model_type'), a timm Hub id such as 'timm/resnet50.a1_in1k', "
+                "or a weights file plus --model_arch."
+            )
         if arch is not None and saved_arch is not None and arch.split(".")[0] != saved_arch.split(".")[0]:
             raise ValueError(
                 f"model_arch={arch!r} contradicts architecture={saved_arch!r} in {config_file}; drop --model_arch"

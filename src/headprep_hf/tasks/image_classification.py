@@ -188,11 +188,18 @@ def _load_real_images(args: ImageClassificationArguments, source: str, seed: int
     if is_transformers_folder(source):
         from transformers import AutoImageProcessor
 
-        if _has_processor(source):
-            processor = AutoImageProcessor.from_pretrained(source)
-        base = image_processor_data_config(processor) if processor is not None else {}
-        if processor is not None:
-            check_processor_reproduced(processor, resolve_image_data_config(base))
+        if not _has_processor(source):
+            # Without it the input size, resampling and mean/std would be timm's ImageNet defaults, a guess (as
+            # transformers' own example, the recipe needs the processor the model was pretrained with).
+            raise ValueError(
+                f"model_name_or_path={source!r} is a transformers model folder without an image processor "
+                "(preprocessor_config.json), which gives the input size, resampling and normalisation the model was "
+                "pretrained with. Save that processor into the folder, e.g. "
+                "AutoImageProcessor.from_pretrained('<the model's Hub id>').save_pretrained(folder)."
+            )
+        processor = AutoImageProcessor.from_pretrained(source)
+        base = image_processor_data_config(processor)
+        check_processor_reproduced(processor, resolve_image_data_config(base))
     else:
         base = load_timm_model(source, num_classes=0, arch=args.model_arch)
     data_config = resolve_image_data_config(base, args.image_size, args.crop_pct, args.interpolation)
