@@ -223,12 +223,12 @@ def test_plain_label_columns_get_one_encoding_across_splits():
     from headprep_hf.data.images import _encode_labels
 
     raw = datasets.DatasetDict(
-        train=datasets.Dataset.from_dict({"species": ["owl", "cat", "owl"]}),
+        train=datasets.Dataset.from_dict({"species": ["owl", "cat", "owl", "dog"]}),
         validation=datasets.Dataset.from_dict({"species": ["dog", "cat"]}),
     )
     encoded, class_names = _encode_labels(raw, "species")
     assert class_names == ["cat", "dog", "owl"]
-    assert encoded["train"]["species"] == [2, 0, 2] and encoded["validation"]["species"] == [1, 0]
+    assert encoded["train"]["species"] == [2, 0, 2, 1] and encoded["validation"]["species"] == [1, 0]
     assert isinstance(encoded["validation"].features["species"], datasets.ClassLabel)
 
 
@@ -357,3 +357,44 @@ def test_a_dataset_test_split_without_labels_is_left_out_with_a_warning(tmp_path
     with pytest.warns(UserWarning, match="test split of '.*hub_like' has no labels"):
         splits, _ = _load(tmp_path, train_dir=None, dataset_name=str(folder))
     assert "test" not in splits and len(splits["validation"]) == 2
+
+
+def test_integer_label_values_take_their_classes_from_the_training_split(tmp_path):
+    # A label column of plain integers (a `Value`, not a ClassLabel) was encoded over every split: a withheld test
+    # split's -1 became class '-1', every label moved up by one, and the unlabelled test split was evaluated.
+    import datasets
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+
+    def split(labels):
+        images = [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in labels]
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    folder = tmp_path / "values"
+    folder.mkdir()
+    split([0, 1, 2] * 2).to_parquet(str(folder / "train.parquet"))
+    split([2, 0]).to_parquet(str(folder / "validation.parquet"))
+    split([-1, -1]).to_parquet(str(folder / "test.parquet"))
+    with pytest.warns(UserWarning, match="test split of '.*values' has no labels"):
+        splits, class_names = _load(tmp_path, train_dir=None, dataset_name=str(folder))
+    assert class_names == ["0", "1", "2"] and "test" not in splits
+    assert splits["train"].labels.tolist() == [0, 1, 2] * 2 and splits["validation"].labels.tolist() == [2, 0]
+    split([7, 0]).to_parquet(str(folder / "validation.parquet"))  # a class no training image has
+    with pytest.raises(
+        ValueError, match=r"the 'validation' split has label value\(s\) \[7\].*without a training image"
+    ):
+        _load(tmp_path, train_dir=None, dataset_name=str(folder), cache_dir=str(tmp_path / "hf_cache2"))
+
+
+def test_an_empty_class_folder_and_a_single_class_are_named(tmp_path):
+    # An empty class folder was silently no class (the head one output short of the folders); a single class folder
+    # was refused with a message blaming the folder layout (<dir>/<class>/<file>), which it followed.
+    _write_image_folder(tmp_path / "train")
+    (tmp_path / "train" / "fox").mkdir()
+    (tmp_path / "train" / "fox" / "notes.txt").write_text("to do")
+    with pytest.raises(ValueError, match=r"train_dir='.*train' has class folder\(s\) \['fox'\] without an image"):
+        _load(tmp_path)
+    _write_image_folder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(ValueError, match=r"train_dir='.*one' has one class folder \('cat'\).*at least two"):
+        _load(tmp_path, train_dir=str(tmp_path / "one"))

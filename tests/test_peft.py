@@ -130,9 +130,7 @@ def test_resume_takes_the_head_named_either_way(tmp_path):
     resumed = HeadPrepTrainer(model=model(), args=HeadPrepConfig(**other), train_dataset=Tokens())
     resumed.train(resume_from_checkpoint=checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(_trainable(first.model).values(), _trainable(resumed.model).values()))
-    changed = HeadPrepTrainer(
-        model=model(), args=HeadPrepConfig(**dict(other, head_modules=["bert.pooler", "classifier"], reinit_modules=[])),
-        train_dataset=Tokens(),
-    )  # fmt: skip
+    changed_head = dict(other, head_modules=["bert.pooler", "classifier"], reinit_modules=[])
+    changed = HeadPrepTrainer(model=model(), args=HeadPrepConfig(**changed_head), train_dataset=Tokens())
     with pytest.raises(ValueError, match="other settings than this run's .*head_modules"):
         changed.train(resume_from_checkpoint=checkpoint)

@@ -163,6 +163,74 @@ def test_a_transformers_folder_without_its_image_processor_is_refused_by_name(tm
         load_image_classification(args, seed=0)
 
 
+def test_a_grey_model_gets_grey_images_and_a_size_the_model_refuses_names_the_flag(tmp_path):
+    # A timm model of one input channel (data config (1, H, W)) got 3-channel batches and failed at its first forward;
+    # an --image_size a ViT was not built for failed at the first HP batch in timm's words, not naming the flag.
+    import timm
+    import torch
+
+    from headprep_hf.tasks.image_classification import ImageClassificationArguments, load_image_classification
+
+    _image_folders(tmp_path)
+    grey = timm.create_model("resnet10t", pretrained=False, num_classes=5, in_chans=1)
+    grey.pretrained_cfg = {**grey.pretrained_cfg, "input_size": (1, 32, 32), "mean": (0.5,), "std": (0.25,)}
+    timm.models.save_for_hf(grey, str(tmp_path / "grey"), model_args=dict(in_chans=1))
+    folders = dict(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"))
+    inputs = load_image_classification(
+        ImageClassificationArguments(model_name_or_path=str(tmp_path / "grey"), **folders), seed=0
+    )
+    for dataset in (inputs.train_dataset, inputs.eval_dataset):
+        assert dataset[0]["pixel_values"].shape == (1, 32, 32) and dataset[0]["pixel_values"].dtype == torch.uint8
+    inputs.model.eval()
+    batch = torch.stack([inputs.eval_dataset[i]["pixel_values"] for i in range(2)])
+    assert inputs.model(batch).shape == (2, 2)
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16, patch_size=8, depth=1
+    )
+    vit.pretrained_cfg = {**vit.pretrained_cfg, "input_size": (3, 16, 16)}
+    timm.models.save_for_hf(vit, str(tmp_path / "vit"), model_args=dict(img_size=16, patch_size=8, depth=1))
+    args = ImageClassificationArguments(model_name_or_path=str(tmp_path / "vit"), image_size=24, **folders)
+    with pytest.raises(ValueError, match=r"--image_size 24 gives 24x24 inputs, which the model does not take: .*16"):
+        load_image_classification(args, seed=0)
+    args.image_size = None
+    assert load_image_classification(args, seed=0).train_dataset[0]["pixel_values"].shape == (3, 16, 16)
+
+
+def test_the_command_line_shows_the_data_config_and_transforms(tmp_path, capsys, monkeypatch):
+    # README: "The data config and both transforms are logged". They were logged at INFO, which Python drops unless
+    # the program configures logging, and a recipe run printed neither.
+    import logging
+
+    import timm
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a program that configured no logging (pytest did)
+
+    from headprep_hf.cli import run_command
+
+    _image_folders(tmp_path)
+    timm.models.save_for_hf(timm.create_model("resnet10t", pretrained=False, num_classes=5), str(tmp_path / "model"))
+    argv = [*TINY, "--model_name_or_path", str(tmp_path / "model"), "--train_dir", str(tmp_path / "train"),
+            "--validation_dir", str(tmp_path / "val"), "--image_size", "32", "--max_train_samples", "100",
+            "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    try:
+        with patch.object(sys, "argv", ["image_classification.py", *argv]):
+            with pytest.warns(UserWarning, match="max_train_samples=100 is more than the 24 samples of the training"):
+                parsed = image_classification.parse_args(image_classification.make_parser(), argv)
+                run_command(image_classification.main, *parsed)
+    finally:  # (--disable_tqdm true on the command line turns the libraries' bars off, process-wide)
+        import datasets
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+        huggingface_hub.utils.enable_progress_bars()
+    err = capsys.readouterr().err
+    assert "INFO headprep_hf.tasks.image_classification: data config {'input_size': (3, 32, 32)" in err
+    assert "train transform" in err and "RandomResizedCrop" in err and "eval transform" in err
+
+
 def test_config_file_with_unknown_setting_is_rejected(tmp_path):
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"hp_epoch": 3}))

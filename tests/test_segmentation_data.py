@@ -137,9 +137,16 @@ def test_voc_bad_samples_name_the_index(tmp_path):
         HeadPrepTrainer(model=model, args=args, train_dataset=splits["train"]).probe_head()
 
     palette_png(mask[:-3]).save(base / "SegmentationClass" / f"{target}.png")
-    with pytest.raises(ValueError, match=r"train_dataset\[3\]: the mask is \d+x\d+ but the image is"):
+    with pytest.raises(
+        ValueError, match=r"train_dataset\[3\] \(.*\.jpg, .*\.png\): the mask is \d+x\d+ but the image is"
+    ):
         HeadPrepTrainer(model=model, args=args, train_dataset=splits["train"]).probe_head()
-    with pytest.raises(ValueError, match=r"train\[3\]: the mask is"):
+    with pytest.raises(ValueError, match=rf"train\[3\] \(.*{target}\.jpg, .*{target}\.png\): the mask is"):
+        splits["train"][
+            3
+        ]  # (the files named: VOC's validation is a shuffled hold-out, an index alone is hard to trace)
+    (base / "JPEGImages" / f"{target}.jpg").unlink()
+    with pytest.raises(ValueError, match=rf"train\[3\]: .*{target}\.jpg: the file does not exist\. Restore the file"):
         splits["train"][3]
 
 
@@ -380,3 +387,53 @@ def test_the_mask_digest_of_voc_and_datasets_sets_reads_the_masks_alone(tmp_path
     for image in (tmp_path / "voc").rglob("*.jpg"):
         image.write_bytes(b"not a JPEG")  # a digest that decoded images would fail now
     assert all(isinstance(d.label_digest(), str) for d in voc.values())
+
+
+def _upside_down_jpeg(pair: tuple[Image.Image, Image.Image], path: Path) -> None:
+    """The image stored upside down with EXIF orientation 3 (shown upright), as phone cameras save; its mask kept."""
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    pair[0].transpose(Image.Transpose.ROTATE_180).save(path, exif=exif, quality=95)
+
+
+def test_an_image_with_an_exif_orientation_is_refused_on_both_paths(tmp_path):
+    # `datasets` turned such a JPEG upright when it decoded it and left its PNG mask as stored: every pixel of the
+    # pair misaligned, without an error (the VOC loader read the stored pixels). Which grid the mask was drawn on the
+    # files do not say: both loaders now refuse the pair, naming the file and the fix.
+    import datasets
+
+    rng = np.random.default_rng(0)
+    pairs = [_pair(rng, 24, 24, 1) for _ in range(4)]
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for i, pair in enumerate(pairs):
+        if i == 1:
+            _upside_down_jpeg(pair, folder / f"{i}.jpg")
+        else:
+            pair[0].save(folder / f"{i}.jpg", quality=95)
+        Image.fromarray(np.array(pair[1])).save(folder / f"{i}.png")
+    data = datasets.Dataset.from_dict(
+        {
+            "image": [str(folder / f"{i}.jpg") for i in range(4)],
+            "annotation": [str(folder / f"{i}.png") for i in range(4)],
+        }
+    )
+    data = data.cast_column("image", datasets.Image()).cast_column("annotation", datasets.Image())
+    data.save_to_disk(str(tmp_path / "disk"))
+    splits = load_hf_segmentation(str(tmp_path / "disk"), crop_size=16, validation_split=0.5, seed=0)
+    found = []
+    for name in ("train", "validation"):
+        for i in range(len(splits[name])):
+            try:
+                splits[name]._raw(i)
+            except ValueError as error:
+                found.append(str(error))
+    assert len(found) == 1 and "1.jpg has an EXIF orientation tag (3" in found[0] and "exif_transpose" in found[0]
+
+    root = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+    base = root / "VOCdevkit" / "VOC2012"
+    image = Image.open(base / "JPEGImages" / "2008_000000.jpg")
+    _upside_down_jpeg((image, None), base / "JPEGImages" / "2008_000000.jpg")
+    voc = load_voc_segmentation(str(root), crop_size=16, validation_split=0.25)
+    with pytest.raises(ValueError, match=r"test\[0\]: .*2008_000000\.jpg has an EXIF orientation tag \(3"):
+        voc["test"][0]

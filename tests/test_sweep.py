@@ -338,9 +338,13 @@ def test_rerun_on_other_data_is_refused_before_any_file_changes(tmp_path, data):
         (dict(), dict(train_sampling_strategy="sequential")),
         (dict(), dict(bf16_full_eval=True)),
         (dict(), dict(eval_delay=2)),
+        (dict(), dict(label_names=["coarse_label"])),  # (a dataset with two label columns hashes the same either way)
+        (dict(), dict(neftune_noise_alpha=5.0)),
+        (dict(), dict(remove_unused_columns=False)),
+        (dict(), dict(include_for_metrics=["inputs"])),
     ],
     ids=["greater_is_better", "strategy", "steps", "on_nonfinite", "optim_args", "track_dynamics", "sweep_direction",
-         "sampling", "half_eval", "eval_delay"],
+         "sampling", "half_eval", "eval_delay", "label_names", "neftune", "columns", "metric_inputs"],
 )  # fmt: skip
 def test_settings_that_change_results_are_fingerprinted(tmp_path, a, b):
     from headprep_hf.sweep import config_fingerprint
@@ -507,6 +511,42 @@ def test_overwrite_removes_the_earlier_sweeps_artefacts_only(tmp_path, data):
     assert (path / "plots" / "mine.png").read_bytes() == b"user" and (path / "notes.txt").read_text() == "user"
     # the new sweep continues (here: every job reused) instead of being refused for the old one's leftovers
     assert run_sweep(path, data, sweep_taus=[0, 2], sweep_report=False) == first
+    # a user's file named like a job folder is no sweep's: it was refused as another sweep's, even after overwrite
+    (path / "tau_star_notes.txt").write_text("user")
+    assert run_sweep(path, data, sweep_taus=[0, 2], sweep_report=False) == first
+
+
+def test_a_job_checkpointed_without_its_optimizer_runs_again_rather_than_resume(tmp_path, data):
+    # With save_only_model=True a killed FT job resumed with a fresh optimizer and schedule and was recorded as the
+    # (tau, seed)'s result: another result than the job run whole, without a word.
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.output_dir.endswith(os.path.join("tau_2", "seed_0")) and state.global_step == 3:
+                raise KeyboardInterrupt
+
+    settings = dict(sweep_taus=[0, 2], sweep_report=False, save_only_model=True, save_strategy="steps", save_steps=1)
+    whole = run_sweep(tmp_path / "whole", data, **settings)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tmp_path / "killed", data, callbacks=[Kill()], **settings)
+    assert any((tmp_path / "killed" / "tau_2" / "seed_0" / "ft").glob("checkpoint-*"))
+    with pytest.warns(UserWarning, match=r"tau=2 seed=0: .*save_only_model=True .* runs again from its start"):
+        again = run_sweep(tmp_path / "killed", data, **settings)
+    for a, b in zip(whole["results"], again["results"]):
+        assert a["validation"] == b["validation"] and a["drift"] == b["drift"]
+
+
+def test_the_metric_direction_is_guessed_for_common_names_and_an_unknown_one_is_a_warning(caplog):
+    from headprep_hf.replicates import infer_greater_is_better, lower_is_better
+
+    for name in ("eval_loss", "rmse", "top1_error", "perplexity", "eval_wer", "cer", "mape", "nll", "brier", "ece"):
+        assert lower_is_better(name), name
+    for name in ("accuracy", "eval_f1", "roc_auc", "mean_iou", "r2", "bleu"):
+        assert not lower_is_better(name), name
+    with caplog.at_level("INFO", logger="headprep_hf.replicates"):
+        assert infer_greater_is_better("eval_accuracy") and not infer_greater_is_better("eval_perplexity")
+        assert infer_greater_is_better("my_custom_metric")
+    levels = {r.getMessage().split("'")[1]: r.levelname for r in caplog.records}
+    assert levels == {"eval_accuracy": "INFO", "eval_perplexity": "INFO", "my_custom_metric": "WARNING"}
 
 
 def test_settings_and_task_arguments_that_do_not_change_results_keep_one_sweep(tmp_path):

@@ -16,6 +16,7 @@ Under `accelerate launch` use `recipes/sweep_tau.py`, which runs the same code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -510,6 +511,27 @@ def _own_refusal(error: BaseException, scripts: tuple[Path, ...]) -> bool:
     return ours and (last.line or "").lstrip().startswith("raise")
 
 
+@contextlib.contextmanager
+def _own_records_shown():
+    """headprep_hf's INFO records on stderr while a command runs (the data config and transforms a run uses, finished
+    sweep jobs reused, where the energy came from), on the main process, where the program configured no logging of
+    its own: Python shows only warnings otherwise."""
+    package, root = logging.getLogger("headprep_hf"), logging.getLogger()
+    if package.handlers or root.handlers or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
 def run_command(function, *args, prog: str | None = None):
     """`function(*args)` for a command line: a refusal raised by headprep_hf itself (or by the script that runs it)
     after parsing (a data folder that is not there, a checkpoint that fails verification, a cache that does not fit,
@@ -519,7 +541,8 @@ def run_command(function, *args, prog: str | None = None):
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     scripts = (Path(main_file).resolve(),) if main_file else ()
     try:
-        return function(*args)
+        with _own_records_shown():
+            return function(*args)
     except _REFUSALS as error:
         if _traceback_asked() or not _own_refusal(error, scripts):
             raise

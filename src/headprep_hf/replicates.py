@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 
 from scipy import stats as scipy_stats
@@ -22,24 +23,41 @@ CONFIDENCE = 0.95
 # last bit, which must not decide tau*.
 TIE_REL_TOL = 1e-12
 _LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error")
+# Last words of metric names: smaller is better (perplexity, word/character error rates, percentage error, negative
+# log-likelihood, Brier score, expected calibration error), or larger is (the others a sweep is commonly judged by).
+_LOWER_WORDS = {"perplexity", "ppl", "wer", "cer", "mape", "smape", "nll", "brier", "ece", "distance"}
+_HIGHER_WORDS = {
+    "accuracy", "acc", "f1", "precision", "recall", "auc", "rocauc", "ap", "map", "iou", "miou", "dice", "r2",
+    "matthews", "mcc", "pearson", "spearman", "pearsonr", "spearmanr", "bleu", "rouge", "rouge1", "rouge2", "rougel",
+    "chrf", "meteor", "kappa", "top1", "top5", "score", "ndcg", "mrr", "hits",
+}  # fmt: skip
 _LOGGED_DIRECTIONS: set[str] = set()
 
 
+def _last_word(metric: str) -> str:
+    words = [w for w in re.split(r"[^a-z0-9]+", metric.lower()) if w]
+    return words[-1] if words else ""
+
+
 def lower_is_better(metric: str) -> bool:
-    """Whether a smaller `metric` is better (losses and errors: `loss`, `rmse`, `mse`, `mae`, `*_error`)."""
-    return metric.lower().endswith(_LOWER_IS_BETTER)
+    """Whether a smaller `metric` is better: losses and errors (`loss`, `rmse`, `mse`, `mae`, `*_error`) and names
+    ending in a word of `_LOWER_WORDS` (`perplexity`, `wer`, `cer`, `mape`, `nll`, `brier`, `ece`, ...)."""
+    return metric.lower().endswith(_LOWER_IS_BETTER) or _last_word(metric) in _LOWER_WORDS
 
 
 def infer_greater_is_better(metric: str) -> bool:
     """The direction of `metric` guessed from its name (see `lower_is_better`), logged once per metric so that a
-    wrong guess is visible (set `sweep_greater_is_better` to decide it instead)."""
+    wrong guess is visible (set `sweep_greater_is_better` to decide it instead): a warning where the name is in
+    neither list of known metrics."""
     greater = not lower_is_better(metric)
     if metric not in _LOGGED_DIRECTIONS:
         _LOGGED_DIRECTIONS.add(metric)
-        logger.info(
-            "sweep_metric %r: %s is better, guessed from its name (set sweep_greater_is_better to decide).",
+        known = not greater or _last_word(metric) in _HIGHER_WORDS
+        (logger.info if known else logger.warning)(
+            "sweep_metric %r: %s is better, guessed from its name%s (set sweep_greater_is_better to decide).",
             metric,
             "higher" if greater else "lower",
+            "" if known else ", which is not one the guess knows",
         )
     return greater
 

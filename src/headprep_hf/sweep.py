@@ -133,7 +133,9 @@ _FINGERPRINT_FIELDS = (
 # Settings that change what a sweep computes, added to the fingerprint after sweeps were written with the defaults:
 # counted only where set to another value than the default given here, so that a folder of an earlier version (all
 # defaults) keeps its fingerprint. The data order of both stages, half-precision evaluation, compiled kernels, a batch
-# size found at run time, and which checkpoint `load_best_model_at_end` may keep.
+# size found at run time, which checkpoint `load_best_model_at_end` may keep, the labels trained on (a dataset with two
+# label columns hashes the same whichever one trains), NEFTune's noise, the columns the model gets, and what
+# `compute_metrics` is given.
 _FINGERPRINT_FIELDS_IF_SET = {
     "train_sampling_strategy": "random",
     "bf16_full_eval": False,
@@ -142,6 +144,12 @@ _FINGERPRINT_FIELDS_IF_SET = {
     "torch_compile": False,
     "auto_find_batch_size": False,
     "eval_delay": 0,
+    "label_names": None,
+    "neftune_noise_alpha": None,
+    "remove_unused_columns": True,
+    "include_for_metrics": [],
+    "batch_eval_metrics": False,
+    "eval_do_concat_batches": True,
 }
 # Task arguments that say where files lie on this machine, not what the data is: left out of the fingerprint and of
 # the shards' comparison (the data description covers the sets themselves).
@@ -734,6 +742,8 @@ class TauSweep:
             if theirs != mine:
                 raise ValueError(self._foreign(path))
         for tau_dir in sorted(self.output_dir.glob("tau_*")):
+            if not (tau_dir.is_dir() and re.fullmatch(r"tau_\d+", tau_dir.name)):
+                continue  # (a user's file such as tau_star_notes.txt: no sweep writes it)
             jobs = [j for j in tau_dir.glob("seed_*") if j.is_dir()] if tau_dir.is_dir() else []
             if not jobs:
                 raise ValueError(self._foreign(tau_dir))
@@ -745,7 +755,9 @@ class TauSweep:
                         break
                 if theirs != mine:
                     raise ValueError(self._foreign(job))
-        reused = (self.output_dir / SWEEP_FILE).is_file() or any(self.output_dir.glob("tau_*"))
+        reused = (self.output_dir / SWEEP_FILE).is_file() or any(
+            p.is_dir() and re.fullmatch(r"tau_\d+", p.name) for p in self.output_dir.glob("tau_*")
+        )
         unlabelled = [name for name, d in self._fingerprint["data"].items() if d is not None and d["labels"] is None]
         if reused and unlabelled and not self.args.overwrite_output_dir:
             logger.warning(
@@ -839,6 +851,16 @@ class TauSweep:
 
             head_config = prepared_head_config(trainer, tau=tau)  # before FT: the pretrained backbone's checksum
         checkpoint = latest_resumable(str(job_dir / "ft"))  # (complete checkpoints only; torn ones are skipped)
+        if checkpoint is not None and self.args.save_only_model:
+            # Its optimizer and schedule state were not written: resumed, the job would go on with a fresh optimizer
+            # and give another result than the job run whole, recorded as this (tau, seed)'s.
+            warnings.warn(
+                f"tau={tau} seed={seed}: {checkpoint} was written with save_only_model=True (no optimizer or "
+                "scheduler state), so this FT job runs again from its start rather than resume into another result.",
+                UserWarning,
+                stacklevel=2,
+            )
+            checkpoint = None
         output = trainer.finetune(resume_from_checkpoint=checkpoint)
         if head_config is not None and trainer.args.should_save:
             from .hub import write_prepared_head

@@ -132,6 +132,8 @@ def unreadable_image_error(sample: str, error: BaseException, path: str | None =
     where = f" ({path})" if path else ""
     if isinstance(error, ValueError):  # a readable file we refuse (e.g. its mode), with its own fix in the message
         return ValueError(f"{sample}{where}: {error}")
+    if isinstance(error, FileNotFoundError):
+        return ValueError(f"{sample}{where}: {error}. Restore the file, or remove the sample from the data's list.")
     return ValueError(
         f"{sample}{where}: the image could not be decoded ({type(error).__name__}: {error}). The file is truncated "
         "or corrupt: remove it from the data or re-save it as a valid image (e.g. PNG or JPEG)."
@@ -416,7 +418,10 @@ def build_image_transforms(
         raise ValueError(f"scale={list(scale)} must be two fractions 0 < min <= max <= 1 of the image area")
     if not 0.0 <= hflip <= 1.0:
         raise ValueError(f"hflip={hflip} is a probability; give a value in [0, 1]")
-    return create_transform(
+    channels = data_config["input_size"][0]
+    if channels not in (1, 3):
+        raise ValueError(f"input_size {tuple(data_config['input_size'])}: images give 1 (grey) or 3 (RGB) channels")
+    transform = create_transform(
         input_size=data_config["input_size"],
         is_training=is_training,
         no_aug=no_aug,
@@ -431,6 +436,11 @@ def build_image_transforms(
         crop_mode=data_config.get("crop_mode"),
         normalize=normalize,
     )
+    if channels == 1:  # a model of grey images (timm's in_chans=1): read in mode "L", as timm's train.py does
+        from torchvision import transforms
+
+        transform = transforms.Compose([transforms.Grayscale(num_output_channels=1), transform])
+    return transform
 
 
 def load_image_classification_dataset(
@@ -516,6 +526,12 @@ def load_image_classification_dataset(
         # imagefolder infers the labels from the folder names only when every file sits one level below its split
         # folder and all split folders have the same depth; otherwise it silently yields no label column.
         given = {f"{split}_dir": folder for split, folder in folders.items() if folder is not None}
+        classes = _class_folders(train_dir)
+        if len(classes) == 1:  # (imagefolder gives no labels for a single class)
+            raise ValueError(
+                f"train_dir={train_dir!r} has one class folder ({classes[0]!r}): a classifier needs at least two "
+                "classes, one sub-folder of images each."
+            ) from None
         raise ValueError(
             f"the image folders {given} gave no class labels: every image must sit at <dir>/<class>/<file> (one "
             "sub-folder per class, no images directly in a split folder), and the split folders must have the same "
@@ -527,6 +543,7 @@ def load_image_classification_dataset(
     raw, class_names = _encode_labels(raw, label_column)
     if dataset_name is None:
         _check_split_classes(raw, label_column, class_names, folders)
+        _check_no_empty_class_folders(folders, class_names)
 
     validation_key = next((name for name in _VALIDATION_NAMES if name in raw), None)
     train = raw["train"]
@@ -544,7 +561,12 @@ def load_image_classification_dataset(
         if value is not None and value <= 0:
             raise ValueError(f"{name}={value} must be a positive number of samples (or unset for all)")
 
-    def first(split: Any, limit: int | None) -> Any:
+    def first(split: Any, limit: int | None, flag: str, name: str) -> Any:
+        if limit is not None and limit > len(split):
+            warnings.warn(
+                f"{flag}={limit} is more than the {len(split)} samples of the {name} split: all are used.",
+                stacklevel=3,
+            )
         if limit is None or limit >= len(split):
             return split
         return split.shuffle(seed=seed).select(range(limit))  # as HF's run_image_classification.py
@@ -552,14 +574,16 @@ def load_image_classification_dataset(
     def wrap(split: Any, transform: Callable, name: str) -> HFImageClassificationDataset:
         return HFImageClassificationDataset(split, image_column, label_column, transform, class_names, name)
 
-    train = first(train, max_train_samples)
+    train = first(train, max_train_samples, "max_train_samples", "training")
     splits = {
         "train": wrap(train, train_transform, "train"),
         "train_eval": wrap(train, eval_transform, "train"),  # the train samples: errors name them as such
-        "validation": wrap(first(validation, max_eval_samples), eval_transform, "validation"),
+        "validation": wrap(
+            first(validation, max_eval_samples, "max_eval_samples", "validation"), eval_transform, "validation"
+        ),
     }
     if "test" in raw and _has_labels(raw["test"], label_column):
-        splits["test"] = wrap(first(raw["test"], max_eval_samples), eval_transform, "test")
+        splits["test"] = wrap(first(raw["test"], max_eval_samples, "max_eval_samples", "test"), eval_transform, "test")
     elif "test" in raw:
         warnings.warn(
             f"The test split of {dataset_name!r} has no labels (every {label_column!r} is -1, as in Hub test splits "
@@ -592,6 +616,23 @@ def _check_split_classes(raw: Any, label_column: str, class_names: list[str], fo
                 "each would become a class without a training image. Rename the folders to match train_dir's, or "
                 "remove them."
             )
+
+
+def _class_folders(folder: str) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _check_no_empty_class_folders(folders: dict[str, Any], class_names: list[str]) -> None:
+    """A class sub-folder of `train_dir` with no image in it is not a class to `imagefolder`: the head would silently
+    have one output fewer than the folders (torchvision's `ImageFolder` refuses it). Refused, naming it."""
+    train_dir = folders["train"]
+    known = set(class_names)
+    empty = [name for name in _class_folders(train_dir) if name not in known]
+    if empty:
+        raise ValueError(
+            f"train_dir={train_dir!r} has class folder(s) {empty} without an image file that imagefolder reads: they "
+            f"would not be classes (the classes would be {sorted(known)}). Add their images, or remove the folders."
+        )
 
 
 def _find_image_column(features: Any, requested: str | None) -> str:
@@ -635,11 +676,26 @@ def _encode_labels(raw: Any, label_column: str) -> tuple[Any, list[str]]:
         return raw, list(feature.names)
     if not isinstance(feature, datasets.Value):
         raise ValueError(f"label_column={label_column!r} holds {feature}, not class labels")
-    # One mapping over every split; encoding split by split could number the classes differently.
-    values = sorted({value for split in raw.values() for value in split[label_column]})
+
+    # One mapping for every split, from the training split's values (encoding split by split could number the
+    # classes differently); None and negative numbers mark withheld labels (a Hub test split's -1) and stay -1.
+    def withheld(value) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)
+
+    values = sorted({value for value in raw["train"][label_column] if not withheld(value)})
+    for name, split in raw.items():
+        extra = sorted({value for value in split[label_column] if not withheld(value)} - set(values))
+        if extra:
+            raise ValueError(
+                f"the {name!r} split has label value(s) {extra[:10]} in label_column={label_column!r} that the "
+                f"'train' split does not have (its values: {values[:20]}): each would become a class without a "
+                "training image. Fix the labels, or drop those samples."
+            )
     index = {value: i for i, value in enumerate(values)}
     class_names = [str(value) for value in values]
-    raw = raw.map(lambda batch: {label_column: [index[v] for v in batch[label_column]]}, batched=True)
+    raw = raw.map(
+        lambda batch: {label_column: [-1 if withheld(v) else index[v] for v in batch[label_column]]}, batched=True
+    )
     raw = raw.cast_column(label_column, datasets.ClassLabel(names=class_names))
     return raw, class_names
 

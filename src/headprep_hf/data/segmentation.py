@@ -8,14 +8,55 @@ function of it; there is no random augmentation.
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import image_file, to_rgb, unreadable_image_error
+from .images import to_rgb, unreadable_image_error
 from .mnist import _stratified_split, load_mnist5k
+
+_EXIF_ORIENTATION = 0x0112
+
+
+class OrientedImageError(ValueError):
+    """An image or mask file with an EXIF orientation tag (see `open_pixels`)."""
+
+
+def open_pixels(source, path: str | None = None):
+    """A PIL image of a file's stored pixels (`source`: a path, or `datasets`' undecoded `{"bytes", "path"}`), read
+    now, so that a decoding error names the file.
+
+    An EXIF orientation other than 1 (rotated or mirrored for display) is refused: whether a mask was drawn on the
+    stored pixels or on the picture as displayed, the files do not say, and pairing the wrong two is a misaligned mask
+    without an error (`datasets` turns JPEGs upright when it decodes them, but not PNG masks).
+    """
+    from PIL import Image
+
+    if isinstance(source, dict):
+        path = source.get("path") or path
+        data = source.get("bytes")
+        source = io.BytesIO(data) if data is not None else source.get("path")
+    elif isinstance(source, (str, os.PathLike)):
+        path = path or str(source)
+    try:
+        image = Image.open(source)
+        image.load()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path or source}: the file does not exist") from error
+    except (OSError, SyntaxError) as error:  # so that the sample's error names the file
+        raise OSError(f"{path}: {error}" if path else str(error)) from error
+    orientation = image.getexif().get(_EXIF_ORIENTATION)
+    if orientation not in (None, 1):
+        raise OrientedImageError(
+            f"{path or 'an image'} has an EXIF orientation tag ({orientation}: shown rotated or mirrored), and its "
+            "pair's mask cannot say whether it was drawn on the stored pixels or on the picture as shown. Re-save the "
+            "image without the tag (PIL.ImageOps.exif_transpose(image) if the mask was drawn on the picture as "
+            "shown; otherwise drop the tag), so that both files hold the same pixel grid."
+        )
+    return image
 
 
 class DigitCanvasSegmentation(Dataset):
@@ -240,6 +281,7 @@ class SegmentationDataset(Dataset):
         label_map: optional int64 lookup table applied to raw mask values (e.g. `reduce_labels`).
         load_mask: optional `index -> mask` that reads the mask alone (its file or column), for `label_digest`;
             without it `load_pair` is used, decoding the image too.
+        files: optional `index -> str` naming the pair's files, for error messages.
 
     Every sample is checked when read: a mask whose size differs from its image's, a mask value outside `label_map`
     or an image or mask that cannot be decoded raises `ValueError` naming the split and index (and the file, where
@@ -256,14 +298,20 @@ class SegmentationDataset(Dataset):
         name: str = "dataset",
         label_map=None,
         load_mask=None,
+        files=None,
     ):
         self.load_pair, self.length, self.transform, self.name = load_pair, int(length), transform, name
-        self.load_mask = load_mask
+        self.load_mask, self.files = load_mask, files
         self.label_map = None if label_map is None else torch.as_tensor(label_map, dtype=torch.int64)
         self.ignore_index = transform.ignore_index
 
     def __len__(self) -> int:
         return self.length
+
+    def _sample(self, index: int) -> str:
+        """`train[3]`, with the pair's files where they are known."""
+        files = self.files(index) if self.files is not None else None
+        return f"{self.name}[{index}]" + (f" ({files})" if files else "")
 
     def _raw(self, index: int):
         try:
@@ -272,12 +320,16 @@ class SegmentationDataset(Dataset):
             mask_array = np.asarray(mask)  # decodes a lazily opened PIL mask
         except (OSError, SyntaxError) as error:  # PIL's decode errors (UnidentifiedImageError: OSError)
             raise unreadable_image_error(f"{self.name}[{index}]", error) from error
+        except OrientedImageError as error:
+            raise ValueError(f"{self.name}[{index}]: {error}") from None
         if mask_array.ndim != 2:
-            raise ValueError(f"{self.name}[{index}]: the mask has shape {mask_array.shape}; expected one class id per "
-                             "pixel (H, W) (a colour-coded mask must be converted to class ids first).")  # fmt: skip
+            raise ValueError(
+                f"{self._sample(index)}: the mask has shape {mask_array.shape}; expected one class id per pixel "
+                "(H, W) (a colour-coded mask must be converted to class ids first)."
+            )
         if mask_array.shape != image_size:
             raise ValueError(
-                f"{self.name}[{index}]: the mask is {mask_array.shape[0]}x{mask_array.shape[1]} but the image is "
+                f"{self._sample(index)}: the mask is {mask_array.shape[0]}x{mask_array.shape[1]} but the image is "
                 f"{image_size[0]}x{image_size[1]}; every mask must have its image's height and width."
             )
         return image, self._mapped(index, mask_array)
@@ -290,7 +342,7 @@ class SegmentationDataset(Dataset):
         outside = (mask_array < 0) | (mask_array >= len(self.label_map))
         if outside.any():
             raise ValueError(
-                f"{self.name}[{index}] has mask value {int(mask_array[outside][0])}, outside the label map "
+                f"{self._sample(index)} has mask value {int(mask_array[outside][0])}, outside the label map "
                 f"(reduce_labels) of mask values 0..{len(self.label_map) - 1}. Fix the masks (8-bit class ids, "
                 "0 = unlabelled) or drop --reduce_labels and map the values yourself."
             )
@@ -319,6 +371,8 @@ class SegmentationDataset(Dataset):
                     mask = self._mapped(i, np.asarray(self.load_mask(i)))
                 except (OSError, SyntaxError) as error:
                     raise unreadable_image_error(f"{self.name}[{i}]", error) from error
+                except OrientedImageError as error:
+                    raise ValueError(f"{self.name}[{i}]: {error}") from None
             mask = np.ascontiguousarray(mask, dtype=np.int64)
             digest.update(f"{mask.shape}".encode())
             digest.update(mask.tobytes())
@@ -380,16 +434,7 @@ def load_voc_segmentation(
     the test split here (VOC's own test masks are not public); validation, on which tau* is chosen, is a seeded
     `validation_split` hold-out of `train`. 21 classes (`VOC_CLASSES`); the 255 object borders are ignored.
     """
-    from PIL import Image
     from torchvision.datasets import VOCSegmentation
-
-    def _open(path: str) -> Image.Image:
-        try:
-            image = Image.open(path)
-            image.load()
-        except (OSError, SyntaxError) as error:  # so that the sample's error names the file
-            raise OSError(f"{path}: {error}") from error
-        return image
 
     def voc(image_set: str) -> VOCSegmentation:
         try:
@@ -409,16 +454,20 @@ def load_voc_segmentation(
 
         def load(i: int):
             j = int(indices[i])
-            return to_rgb(_open(source.images[j])), _open(source.masks[j])
+            return to_rgb(open_pixels(source.images[j])), open_pixels(source.masks[j])
 
-        return load, len(indices), (lambda i: _open(source.masks[int(indices[i])]))
+        def files(i: int) -> str:
+            j = int(indices[i])
+            return f"{source.images[j]}, {source.masks[j]}"
+
+        return load, len(indices), (lambda i: open_pixels(source.masks[int(indices[i])])), files
 
     def transform(train: bool) -> SegmentationTransform:
         return SegmentationTransform(crop_size, mean, std, train=train, ignore_index=ignore_index, normalize=normalize)
 
     def dataset(source, indices, name: str) -> SegmentationDataset:
-        load, length, load_mask = pairs(source, indices)
-        return SegmentationDataset(load, length, transform(name == "train"), name, load_mask=load_mask)
+        load, length, load_mask, files = pairs(source, indices)
+        return SegmentationDataset(load, length, transform(name == "train"), name, load_mask=load_mask, files=files)
 
     return {
         "train": dataset(train_set, train_idx, "train"),
@@ -493,32 +542,35 @@ def load_hf_segmentation(
 
     def wrap(split, name: str, is_train: bool) -> SegmentationDataset:
         split = split.select_columns([image_column, mask_column])
+        # The files' stored pixels, read by `open_pixels` as the VOC loader reads them: `datasets` would turn a JPEG
+        # with an EXIF orientation upright and leave its PNG mask as stored, a misaligned pair without an error.
+        for column in (image_column, mask_column):
+            if isinstance(split.features[column], datasets.Image):
+                split = split.cast_column(column, datasets.Image(decode=False))
+
+        def pixels(value):
+            return open_pixels(value) if isinstance(value, dict) and ("bytes" in value or "path" in value) else value
 
         def load(i: int):
-            try:
-                row = split[i]
-                for value in (row[image_column], row[mask_column]):
-                    if hasattr(value, "load"):
-                        value.load()  # decode here, where the files are known
-            except (OSError, SyntaxError) as error:
-                files = [image_file(split, i, column) for column in (image_column, mask_column)]
-                named = ", ".join(f for f in files if f)
-                raise OSError(f"{named}: {error}" if named else str(error)) from error
-            return row[image_column], row[mask_column]
+            row = split[i]
+            return pixels(row[image_column]), pixels(row[mask_column])
 
         masks = split.select_columns([mask_column])
 
         def load_mask(i: int):
-            try:
-                return masks[i][mask_column]
-            except (OSError, SyntaxError) as error:
-                named = image_file(masks, i, mask_column)
-                raise OSError(f"{named}: {error}" if named else str(error)) from error
+            return pixels(masks[i][mask_column])
+
+        def files(i: int) -> str:
+            row = split[i]
+            paths = [row[c].get("path") for c in (image_column, mask_column) if isinstance(row[c], dict)]
+            return ", ".join(p for p in paths if p)
 
         transform = SegmentationTransform(
             crop_size, mean, std, train=is_train, ignore_index=ignore_index, normalize=normalize
         )
-        return SegmentationDataset(load, len(split), transform, name, label_map=label_map, load_mask=load_mask)
+        return SegmentationDataset(
+            load, len(split), transform, name, label_map=label_map, load_mask=load_mask, files=files
+        )
 
     splits = {"train": wrap(train, "train", True), "validation": wrap(validation, "validation", False)}
     if "test" in raw and mask_column in raw["test"].column_names and raw["test"][0][mask_column] is not None:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import set_seed
+from transformers import PreTrainedModel, set_seed
 
 from ..data import build_toy_downstream, load_image_classification_dataset
 from ..data.device_inputs import attach_input_normalization
@@ -130,6 +130,7 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
         set_data_config(model, config)
         channels_last = args.channels_last and _is_convolutional(model)
         attach_input_normalization(model, config["mean"], config["std"], channels_last=channels_last)
+        _check_input_size(model, config, args.image_size)
     return TaskInputs(
         model=model,
         train_dataset=splits["train"],
@@ -140,6 +141,27 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
         card=_card_entries(args),
         **extra,
     )
+
+
+def _check_input_size(model, config: dict, image_size: int | None) -> None:
+    """One forward of a blank image of the data config's size, before any work: a model built for one input size (a
+    ViT's position embeddings) refuses others only at its first batch, in its own words, without naming the flag."""
+    size = tuple(config["input_size"])
+    blank = torch.zeros((1, *size), dtype=torch.uint8)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(pixel_values=blank) if isinstance(model, PreTrainedModel) else model(blank)
+    except (RuntimeError, ValueError, AssertionError, TypeError) as error:
+        given = f"--image_size {image_size}" if image_size is not None else "The model's own data config"
+        raise ValueError(
+            f"{given} gives {size[1]}x{size[2]} inputs, which the model does not take: {str(error).rstrip('.')}. "
+            "Give the input size the model was built for (--image_size), or build it for this size (timm: "
+            "dynamic_img_size=True)."
+        ) from None
+    finally:
+        model.train(training)
 
 
 def _warn_if_toy_normalisation_differs(model) -> None:
