@@ -215,7 +215,9 @@ def test_rerun_with_other_settings_is_refused_before_any_file_changes(tmp_path, 
         run_sweep(path, data, callbacks=[_StopAt(job, step)], **settings)
     before = tree_hash(path)
     assert before  # something was written before the interruption
-    with pytest.raises(ValueError, match="belongs to another sweep.*nothing was changed"):
+    # (what differs is named where the files record it: a job's files, not the HP snapshots)
+    what = r"it differs in the settings \(learning_rate: [0-9.e-]+ -> 0\.0005\)" if job else "other model, grid"
+    with pytest.raises(ValueError, match=f"belongs to another sweep \\({what}.*nothing was changed"):
         run_sweep(path, data, learning_rate=5e-4, **settings)
     assert tree_hash(path) == before
     continued = run_sweep(path, data, **settings)
@@ -243,7 +245,7 @@ def test_shards_merge_into_the_full_sweep(tmp_path, data):
         merge_sweeps([tmp_path / "a", tmp_path / "full"], tmp_path / "dup")
     other = run_sweep(tmp_path / "other", data, hp_cache_features=True, sweep_taus=[0, 2], sweep_report=False)
     assert other["complete"]
-    with pytest.raises(ValueError, match="grid of taus differ"):
+    with pytest.raises(ValueError, match="they differ in the grid of taus"):
         merge_sweeps([tmp_path / "a", tmp_path / "other"], tmp_path / "bad")
     assert not (tmp_path / "dup").exists() and not (tmp_path / "bad").exists()
 
@@ -316,9 +318,11 @@ def test_rerun_on_other_data_is_refused_before_any_file_changes(tmp_path, data):
     run_sweep(path, data, sweep_taus=[0], sweep_report=False)
     before = tree_hash(path)
     train, val, test = data
-    for other in ((train, TinyImages(24, seed=9), test), (TinyImages(32, seed=7), val, test)):
+    cases = (((train, TinyImages(24, seed=9), test), r"validation: other labels"),
+             ((TinyImages(32, seed=7), val, test), r"train: 48 -> 32 samples"))  # fmt: skip
+    for other, what in cases:
         with pytest.raises(
-            ValueError, match="belongs to another sweep.*data.*earlier headprep_hf version.*nothing was changed"
+            ValueError, match=rf"belongs to another sweep \(it differs in the data \({what}\)\).*nothing was changed"
         ):
             run_sweep(path, other, sweep_taus=[0], sweep_report=False)
         assert tree_hash(path) == before
@@ -384,6 +388,28 @@ def test_settings_added_to_the_fingerprint_later_keep_the_fingerprint_of_their_d
         config_fingerprint(unmeasured)
         == hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
     )
+
+
+def test_the_models_settings_are_fingerprinted_beside_its_weights(tmp_path):
+    # Equal weights and another dropout rate (timm's drop_rate attribute, a transformers config's dropout) were one
+    # sweep: a rerun reused the other model's finished jobs.
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from headprep_hf.fingerprint import settings_fingerprint
+
+    a, b = tiny_timm(), tiny_timm()
+    assert settings_fingerprint(a) == settings_fingerprint(b)
+    b.drop_rate = 0.5
+    assert settings_fingerprint(a) != settings_fingerprint(b)
+
+    def bert(dropout, path):
+        config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, hidden_dropout_prob=dropout)  # fmt: skip
+        config._name_or_path = path  # (where it was loaded from: not what it computes)
+        return BertForSequenceClassification(config)
+
+    assert settings_fingerprint(bert(0.1, "/a/bert")) == settings_fingerprint(bert(0.1, "/mnt/b/bert"))
+    assert settings_fingerprint(bert(0.1, "/a/bert")) != settings_fingerprint(bert(0.5, "/a/bert"))
 
 
 def test_the_number_of_processes_is_fingerprinted(tmp_path, monkeypatch):

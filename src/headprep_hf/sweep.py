@@ -47,7 +47,7 @@ from transformers.utils import logging as hf_logging
 from .checkpoints import latest_resumable
 from .config import HeadPrepConfig
 from .files import read_json, read_safetensors
-from .fingerprint import state_fingerprint
+from .fingerprint import settings_fingerprint, state_fingerprint
 from .guard import check_finite
 from .heads import reinitialize_head
 from .progress import QuietProgressCallback
@@ -718,6 +718,7 @@ class TauSweep:
         return {
             "taus": list(self.args.sweep_taus),
             "model": state_fingerprint(self._pristine.state_dict()),
+            "model_settings": settings_fingerprint(self._pristine),
             "config": config_fingerprint(self.args),
             "seeded_heads": self.args.sweep_seeds is not None,
             "task": task_fingerprint(self.task),
@@ -728,9 +729,25 @@ class TauSweep:
         """Refuse (before any file is written) an output_dir whose sweep file, head snapshots or FT job folders belong
         to a sweep with another fingerprint: resuming or reusing them would mix two sweeps' settings."""
         mine = _fingerprint_tag(self._fingerprint)
-        if (self.output_dir / SWEEP_FILE).is_file():
-            if _fingerprint_tag(_read_json(self.output_dir / SWEEP_FILE).get("fingerprint")) != mine:
-                raise ValueError(self._foreign(self.output_dir / SWEEP_FILE))
+        recorded = _read_json(self.output_dir / SWEEP_FILE) if (self.output_dir / SWEEP_FILE).is_file() else {}
+        if recorded and _fingerprint_tag(recorded.get("fingerprint")) != mine:
+            raise ValueError(self._foreign(self.output_dir / SWEEP_FILE, recorded.get("fingerprint"), recorded))
+        # (job folders first: their files record what differs; a head snapshot only which sweep wrote it)
+        for tau_dir in sorted(self.output_dir.glob("tau_*")):
+            if not (tau_dir.is_dir() and re.fullmatch(r"tau_\d+", tau_dir.name)):
+                continue  # (a user's file such as tau_star_notes.txt: no sweep writes it)
+            jobs = [j for j in tau_dir.glob("seed_*") if j.is_dir()] if tau_dir.is_dir() else []
+            if not jobs:
+                raise ValueError(self._foreign(tau_dir))
+            for job in jobs:
+                record = {}
+                for name in (RESULT_FILE, JOB_FILE):
+                    if (job / name).is_file():
+                        record = _read_json(job / name)
+                        break
+                theirs = record.get("fingerprint")
+                if _fingerprint_tag(theirs) != mine:
+                    raise ValueError(self._foreign(job, theirs, {**recorded, **record}))
         for path in sorted((self.output_dir / "heads").rglob("tau_*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
@@ -741,20 +758,6 @@ class TauSweep:
                 ) from error
             if theirs != mine:
                 raise ValueError(self._foreign(path))
-        for tau_dir in sorted(self.output_dir.glob("tau_*")):
-            if not (tau_dir.is_dir() and re.fullmatch(r"tau_\d+", tau_dir.name)):
-                continue  # (a user's file such as tau_star_notes.txt: no sweep writes it)
-            jobs = [j for j in tau_dir.glob("seed_*") if j.is_dir()] if tau_dir.is_dir() else []
-            if not jobs:
-                raise ValueError(self._foreign(tau_dir))
-            for job in jobs:
-                theirs = None
-                for name in (RESULT_FILE, JOB_FILE):
-                    if (job / name).is_file():
-                        theirs = _fingerprint_tag(_read_json(job / name).get("fingerprint"))
-                        break
-                if theirs != mine:
-                    raise ValueError(self._foreign(job))
         reused = (self.output_dir / SWEEP_FILE).is_file() or any(
             p.is_dir() and re.fullmatch(r"tau_\d+", p.name) for p in self.output_dir.glob("tau_*")
         )
@@ -768,12 +771,22 @@ class TauSweep:
                 "/".join(unlabelled),
             )
 
-    def _foreign(self, path) -> str:
+    def _foreign(self, path, theirs: dict | None = None, recorded: dict | None = None) -> str:
+        """The refusal of `path`, naming what differs where its fingerprint (`theirs`) and the folder's `sweep.json`
+        (`recorded`, its settings) say."""
+        differences = (
+            fingerprint_differences(
+                self._fingerprint, theirs, _settings(self.args), (recorded or {}).get("settings"), self.task,
+                (recorded or {}).get("task"),
+            )
+            if isinstance(theirs, dict)
+            else []
+        )  # fmt: skip
+        what = f"it differs in {'; '.join(differences)}" if differences else "other model, grid, settings or data"
         return (
-            f"{path} belongs to another sweep (other model, grid, settings or data), to none, or to one written by an "
-            "earlier headprep_hf version; nothing was changed. Use another output_dir, rerun with that sweep's "
-            "settings to continue it, or pass overwrite_output_dir=True (--overwrite_output_dir true) to start "
-            "again in this folder."
+            f"{path} belongs to another sweep ({what}), to none, or to one written by an earlier headprep_hf version; "
+            "nothing was changed. Use another output_dir, rerun with that sweep's settings to continue it, or pass "
+            "overwrite_output_dir=True (--overwrite_output_dir true) to start again in this folder."
         )
 
     def _previous_hp(self, seed: int) -> dict[str, Any]:
@@ -820,7 +833,9 @@ class TauSweep:
             return finished
         if self._is_main:  # the folder's owner, written before anything else in it
             job_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(job_dir / JOB_FILE, {"fingerprint": self._fingerprint, "seed": seed})
+            _write_json(
+                job_dir / JOB_FILE, {"fingerprint": self._fingerprint, "seed": seed, "settings": _settings(self.args)}
+            )
         # The job folder is this sweep's (checked against the fingerprint): outputs of a killed attempt are replaced.
         job_args = dataclasses.replace(
             self.args, output_dir=str(job_dir), hp_epochs=tau, seed=seed, overwrite_output_dir=True
@@ -897,7 +912,10 @@ class TauSweep:
             "train_runtime": round(float(output.metrics.get("train_runtime", 0.0)), 4),
         }
         if trainer.args.should_save:
-            _write_json(job_dir / RESULT_FILE, {"fingerprint": self._fingerprint, "result": result})
+            _write_json(
+                job_dir / RESULT_FILE,
+                {"fingerprint": self._fingerprint, "result": result, "settings": _settings(self.args)},
+            )
             _remove_if_empty(job_dir / "ft")  # (the checkpoints' folder, when the job wrote none)
         return result
 
@@ -1235,6 +1253,63 @@ def load_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+_FINGERPRINT_PARTS = {
+    "taus": "the grid of taus",
+    "model": "the model (weights or head)",
+    "model_settings": "the model's settings (module attributes such as dropout rates; a transformers config)",
+    "config": "the settings",
+    "seeded_heads": "seeded heads (sweep_seeds set or not)",
+    "task": "the task record",
+    "data": "the data",
+}
+
+
+def fingerprint_differences(
+    mine: dict,
+    theirs: dict,
+    my_settings: dict | None = None,
+    their_settings: dict | None = None,
+    my_task: dict | None = None,
+    their_task: dict | None = None,
+) -> list[str]:
+    """What differs between two sweep fingerprints, in words: each part, with the settings, task arguments and data
+    sets that differ where the records say (`sweep.json`'s `settings` and `task`; `theirs` first, then `mine`)."""
+    out = []
+    for key, name in _FINGERPRINT_PARTS.items():
+        a, b = theirs.get(key), mine.get(key)
+        if a == b:
+            continue
+        detail = ""
+        if key == "taus":
+            detail = f": {a} -> {b}"
+        elif key == "config" and my_settings is not None and their_settings is not None:
+            keys = sorted(k for k in set(my_settings) | set(their_settings) if k not in ("seed", "sweep_seeds"))
+            changed = [f"{k}: {their_settings.get(k)!r} -> {my_settings.get(k)!r}" for k in keys
+                       if their_settings.get(k) != my_settings.get(k)]  # fmt: skip
+            detail = f" ({', '.join(changed[:6])})" if changed else ""
+        elif key == "task" and _task_args(my_task) is not None and _task_args(their_task) is not None:
+            ta, tb = _task_args(their_task)["args"], _task_args(my_task)["args"]
+            changed = [
+                f"{k}: {ta.get(k)!r} -> {tb.get(k)!r}" for k in sorted(set(ta) | set(tb)) if ta.get(k) != tb.get(k)
+            ]
+            detail = f" ({', '.join(changed[:6])})" if changed else ""
+        elif key == "data" and isinstance(a, dict) and isinstance(b, dict):
+            sets = []
+            for split in sorted(set(a) | set(b)):
+                da, db = a.get(split), b.get(split)
+                if da == db:
+                    continue
+                if da is None or db is None:
+                    sets.append(f"{split}: {'none' if da is None else 'a set'} -> {'none' if db is None else 'a set'}")
+                elif da.get("length") != db.get("length"):
+                    sets.append(f"{split}: {da.get('length')} -> {db.get('length')} samples")
+                else:
+                    sets.append(f"{split}: other labels")
+            detail = f" ({', '.join(sets)})" if sets else ""
+        out.append(name + detail)
+    return out
+
+
 def _check_same_sweep(first_file: Path, first: dict, other_file: Path, other: dict) -> None:
     """Raise a `ValueError` naming both files and what differs unless two shards are parts of one sweep."""
     cannot = f"Cannot merge {other_file} with {first_file}"
@@ -1259,17 +1334,11 @@ def _check_same_sweep(first_file: Path, first: dict, other_file: Path, other: di
             f"{cannot}: their direction of sweep_metric {first['selection_metric']!r} (sweep_greater_is_better) "
             f"differs: {other['greater_is_better']} and {first['greater_is_better']}; {rerun}"
         )
-    what = {
-        "taus": "grid of taus",
-        "model": "model (weights or head)",
-        "config": "settings",
-        "seeded_heads": "seeded heads (sweep_seeds set or not)",
-        "task": "task records",
-        "data": "data (lengths or labels of the train/validation/test sets)",
-    }
-    for key in what:
-        if other["fingerprint"].get(key) != first["fingerprint"].get(key):
-            raise ValueError(f"{cannot}: their {what[key]} differ; {rerun}")
+    differences = fingerprint_differences(
+        first["fingerprint"], other["fingerprint"], first.get("settings"), other.get("settings")
+    )
+    if differences:
+        raise ValueError(f"{cannot}: they differ in {'; '.join(differences)}; {rerun}")
 
 
 def merge_sweeps(

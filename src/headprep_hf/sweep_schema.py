@@ -304,6 +304,11 @@ SWEEP_SCHEMA: dict[str, Any] = {
             "properties": {
                 **SWEEP_SCHEMA_V1["properties"]["fingerprint"]["properties"],
                 "seeded_heads": {"type": "boolean"},
+                "model_settings": {
+                    "type": "string",
+                    "description": "sha256 of the modules' scalar settings and a transformers config (not in "
+                    "earlier files)",
+                },
                 "task": {"type": ["string", "null"], "description": "sha256 of the task record (null: none)"},
                 "data": {
                     "type": "object",
