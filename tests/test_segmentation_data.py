@@ -437,3 +437,17 @@ def test_an_image_with_an_exif_orientation_is_refused_on_both_paths(tmp_path):
     voc = load_voc_segmentation(str(root), crop_size=16, validation_split=0.25)
     with pytest.raises(ValueError, match=r"test\[0\]: .*2008_000000\.jpg has an EXIF orientation tag \(3"):
         voc["test"][0]
+
+
+def test_both_loaders_describe_their_files_for_the_sweep_fingerprint(tmp_path):
+    # (names and sizes: a VOC copy with other pictures of the same names is other data; the same files elsewhere not)
+    import shutil
+
+    root = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+    first = load_voc_segmentation(str(root), crop_size=16, validation_split=0.25)["train"].file_digest()
+    shutil.copytree(root, tmp_path / "elsewhere" / "voc")
+    moved = load_voc_segmentation(str(tmp_path / "elsewhere" / "voc"), crop_size=16, validation_split=0.25)
+    assert first is not None and moved["train"].file_digest() == first
+    image = root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000001.jpg"
+    Image.open(image).save(image, quality=40)  # the same picture, re-encoded
+    assert load_voc_segmentation(str(root), crop_size=16, validation_split=0.25)["train"].file_digest() != first

@@ -412,6 +412,42 @@ def test_the_models_settings_are_fingerprinted_beside_its_weights(tmp_path):
     assert settings_fingerprint(bert(0.1, "/a/bert")) != settings_fingerprint(bert(0.5, "/a/bert"))
 
 
+def test_image_folders_of_one_layout_and_labels_are_told_apart_by_their_files(tmp_path):
+    # Two image folders with the same class folders, file names and counts but other pictures were one sweep's data:
+    # a rerun on the second reused the first's finished jobs. The files' names and sizes now count; a copy of the same
+    # folder under another mount point (another machine's shard) does not.
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from headprep_hf.data import build_image_transforms, load_image_classification_dataset, resolve_image_data_config
+    from headprep_hf.sweep import describe_data
+
+    def folder(root, seed):
+        rng = np.random.default_rng(seed)
+        for name in ("cat", "dog"):
+            (root / name).mkdir(parents=True)
+            for i in range(3):
+                side = int(rng.integers(12, 30))
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+        return root
+
+    transform = build_image_transforms(resolve_image_data_config({}, image_size=8), is_training=False)
+
+    def description(root):
+        splits, _ = load_image_classification_dataset(
+            None, str(root), None, transform, transform, validation_split=0.5, seed=0, cache_dir=str(tmp_path / "c")
+        )
+        return describe_data(train=splits["train"], validation=splits["validation"])
+
+    v1 = description(folder(tmp_path / "v1" / "train", seed=0))
+    v2 = description(folder(tmp_path / "v2" / "train", seed=1))
+    assert v1["train"]["labels"] == v2["train"]["labels"] and v1["train"]["files"] != v2["train"]["files"]
+    shutil.copytree(tmp_path / "v1", tmp_path / "mnt" / "other" / "v1")
+    assert description(tmp_path / "mnt" / "other" / "v1" / "train") == v1
+
+
 def test_the_number_of_processes_is_fingerprinted(tmp_path, monkeypatch):
     from headprep_hf.sweep import _settings, config_fingerprint
 

@@ -478,6 +478,9 @@ def describe_data(**datasets) -> dict[str, dict | None]:
         else:
             digest = _hf_label_digest(dataset)
         out[name] = {"length": length, "labels": digest}
+        files = dataset.file_digest() if callable(getattr(dataset, "file_digest", None)) else None
+        if files is not None:  # (image folders: two of one layout and labels, other pictures; absent before)
+            out[name]["files"] = files
     return out
 
 
@@ -1303,8 +1306,10 @@ def fingerprint_differences(
                     sets.append(f"{split}: {'none' if da is None else 'a set'} -> {'none' if db is None else 'a set'}")
                 elif da.get("length") != db.get("length"):
                     sets.append(f"{split}: {da.get('length')} -> {db.get('length')} samples")
-                else:
+                elif da.get("labels") != db.get("labels"):
                     sets.append(f"{split}: other labels")
+                else:
+                    sets.append(f"{split}: other files (names or sizes)")
             detail = f" ({', '.join(sets)})" if sets else ""
         out.append(name + detail)
     return out

@@ -321,6 +321,10 @@ SWEEP_SCHEMA: dict[str, Any] = {
                                 "properties": {
                                     "length": {"type": ["integer", "null"]},
                                     "labels": {"type": ["string", "null"]},
+                                    "files": {
+                                        "type": "string",
+                                        "description": "sha256 of its image files' names and sizes (image folders)",
+                                    },
                                 },
                             },
                             {"type": "null"},

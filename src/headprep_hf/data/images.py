@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,6 +102,11 @@ class HFImageClassificationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def file_digest(self) -> str | None:
+        """`local_files_digest` of the image files (None for images stored as bytes): the sweep fingerprint's
+        `files`."""
+        return local_files_digest(self._source, self.image_column)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         try:
             item = self.hf_dataset[int(index)]
@@ -108,6 +115,32 @@ class HFImageClassificationDataset(Dataset):
                 f"{self.name}[{index}]", error, image_file(self._source, index, self.image_column)
             ) from error
         return {"pixel_values": item["pixel_values"], "labels": int(item["labels"])}
+
+
+def files_digest(paths: Sequence[str]) -> str:
+    """sha256 over each file's last two path components (`cat/0.jpg`: the same on another machine's mount point) and
+    size, in order: what tells two folders of the same layout and labels apart without reading an image."""
+    digest = hashlib.sha256()
+    for path in paths:
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        digest.update(f"{'/'.join(Path(path).parts[-2:])}:{size}\n".encode())
+    return digest.hexdigest()
+
+
+def local_files_digest(hf_dataset: Any, column: str) -> str | None:
+    """`files_digest` of the files behind an image column of a `datasets.Dataset`, where it holds paths of local files
+    (`imagefolder`'s); None where it holds the images' bytes (a Hub dataset: reading them would read the data)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    stored = hf_dataset.data.column(column)  # (the whole table, without a selection: no row is copied)
+    if not pa.types.is_struct(stored.type) or stored.type.get_field_index("bytes") < 0:
+        return None
+    if sum(chunk.field("bytes").null_count for chunk in stored.chunks) != len(stored):
+        return None
+    rows = hf_dataset.cast_column(column, datasets.Image(decode=False)).with_format("arrow")[column]
+    return files_digest([p or "" for p in pc.struct_field(rows, "path").to_pylist()])
 
 
 def image_file(hf_dataset: Any, index: int, column: str) -> str | None:

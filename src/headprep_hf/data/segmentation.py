@@ -8,6 +8,7 @@ function of it; there is no random augmentation.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import to_rgb, unreadable_image_error
+from .images import files_digest, local_files_digest, to_rgb, unreadable_image_error
 from .mnist import _stratified_split, load_mnist5k
 
 _EXIF_ORIENTATION = 0x0112
@@ -282,6 +283,8 @@ class SegmentationDataset(Dataset):
         load_mask: optional `index -> mask` that reads the mask alone (its file or column), for `label_digest`;
             without it `load_pair` is used, decoding the image too.
         files: optional `index -> str` naming the pair's files, for error messages.
+        file_digest: optional `() -> str | None`, a digest of the pairs' files (`images.files_digest`) for the sweep
+            fingerprint, which tells two folders of the same layout and masks apart.
 
     Every sample is checked when read: a mask whose size differs from its image's, a mask value outside `label_map`
     or an image or mask that cannot be decoded raises `ValueError` naming the split and index (and the file, where
@@ -299,9 +302,10 @@ class SegmentationDataset(Dataset):
         label_map=None,
         load_mask=None,
         files=None,
+        file_digest=None,
     ):
         self.load_pair, self.length, self.transform, self.name = load_pair, int(length), transform, name
-        self.load_mask, self.files = load_mask, files
+        self.load_mask, self.files, self._file_digest = load_mask, files, file_digest
         self.label_map = None if label_map is None else torch.as_tensor(label_map, dtype=torch.int64)
         self.ignore_index = transform.ignore_index
 
@@ -356,12 +360,14 @@ class SegmentationDataset(Dataset):
             raise unreadable_image_error(f"{self.name}[{index}]", error) from error
         return {"pixel_values": pixel_values, "labels": labels}
 
+    def file_digest(self) -> str | None:
+        """The digest of the pairs' files, where the loader can list them (see `file_digest` above)."""
+        return self._file_digest() if self._file_digest is not None else None
+
     def label_digest(self) -> str:
         """sha256 of every mask as the model gets its class ids (after `label_map`, before the joint transform), in
         order: what the sweep fingerprint records for this set in place of a label array (the masks alone where the
         set has `load_mask`, as the VOC and `datasets` loaders give it)."""
-        import hashlib
-
         digest = hashlib.sha256()
         for i in range(self.length):
             if self.load_mask is None:
@@ -460,14 +466,19 @@ def load_voc_segmentation(
             j = int(indices[i])
             return f"{source.images[j]}, {source.masks[j]}"
 
-        return load, len(indices), (lambda i: open_pixels(source.masks[int(indices[i])])), files
+        def file_digest() -> str:
+            return files_digest([path for j in indices for path in (source.images[int(j)], source.masks[int(j)])])
+
+        return load, len(indices), (lambda i: open_pixels(source.masks[int(indices[i])])), files, file_digest
 
     def transform(train: bool) -> SegmentationTransform:
         return SegmentationTransform(crop_size, mean, std, train=train, ignore_index=ignore_index, normalize=normalize)
 
     def dataset(source, indices, name: str) -> SegmentationDataset:
-        load, length, load_mask, files = pairs(source, indices)
-        return SegmentationDataset(load, length, transform(name == "train"), name, load_mask=load_mask, files=files)
+        load, length, load_mask, files, file_digest = pairs(source, indices)
+        return SegmentationDataset(
+            load, length, transform(name == "train"), name, load_mask=load_mask, files=files, file_digest=file_digest
+        )
 
     return {
         "train": dataset(train_set, train_idx, "train"),
@@ -568,9 +579,15 @@ def load_hf_segmentation(
         transform = SegmentationTransform(
             crop_size, mean, std, train=is_train, ignore_index=ignore_index, normalize=normalize
         )
+
+        def file_digest() -> str | None:
+            digests = [local_files_digest(split, column) for column in (image_column, mask_column)]
+            return None if None in digests else hashlib.sha256("".join(digests).encode()).hexdigest()
+
         return SegmentationDataset(
-            load, len(split), transform, name, label_map=label_map, load_mask=load_mask, files=files
-        )
+            load, len(split), transform, name, label_map=label_map, load_mask=load_mask, files=files,
+            file_digest=file_digest,
+        )  # fmt: skip
 
     splits = {"train": wrap(train, "train", True), "validation": wrap(validation, "validation", False)}
     if "test" in raw and mask_column in raw["test"].column_names and raw["test"][0][mask_column] is not None:
