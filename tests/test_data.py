@@ -380,6 +380,12 @@ def test_integer_label_values_take_their_classes_from_the_training_split(tmp_pat
         splits, class_names = _load(tmp_path, train_dir=None, dataset_name=str(folder))
     assert class_names == ["0", "1", "2"] and "test" not in splits
     assert splits["train"].labels.tolist() == [0, 1, 2] * 2 and splits["validation"].labels.tolist() == [2, 0]
+    signs = tmp_path / "signs"  # -1 among other values is a class (-1/+1 labels), not a withheld label
+    signs.mkdir()
+    split([-1, 1] * 3).to_parquet(str(signs / "train.parquet"))
+    split([1, -1]).to_parquet(str(signs / "validation.parquet"))
+    splits, class_names = _load(tmp_path, train_dir=None, dataset_name=str(signs), cache_dir=str(tmp_path / "c3"))
+    assert class_names == ["-1", "1"] and splits["validation"].labels.tolist() == [1, 0]
     split([7, 0]).to_parquet(str(folder / "validation.parquet"))  # a class no training image has
     with pytest.raises(
         ValueError, match=r"the 'validation' split has label value\(s\) \[7\].*without a training image"
@@ -395,6 +401,11 @@ def test_an_empty_class_folder_and_a_single_class_are_named(tmp_path):
     (tmp_path / "train" / "fox" / "notes.txt").write_text("to do")
     with pytest.raises(ValueError, match=r"train_dir='.*train' has class folder\(s\) \['fox'\] without an image"):
         _load(tmp_path)
+    (tmp_path / "train" / "fox" / "notes.txt").unlink()
+    (tmp_path / "train" / "fox").rmdir()
+    (tmp_path / "train" / "__MACOSX" / "cat").mkdir(parents=True)  # (not data to `datasets`, nor to the check)
+    (tmp_path / "train" / "__MACOSX" / "cat" / "._0.png").write_bytes(b"x")
+    assert _load(tmp_path, cache_dir=str(tmp_path / "c4"))[1] == ["cat", "dog"]
     _write_image_folder(tmp_path / "one", classes=("cat",))
     with pytest.raises(ValueError, match=r"train_dir='.*one' has one class folder \('cat'\).*at least two"):
         _load(tmp_path, train_dir=str(tmp_path / "one"))

@@ -105,6 +105,11 @@ def test_roc_auc_matches_the_ogb_evaluator():
     assert multitask_rmse(y[:, :1], scores[:, :1]) == pytest.approx(
         Evaluator("ogbg-molesol").eval({"y_true": y[:, :1], "y_pred": scores[:, :1]})["rmse"], abs=1e-12
     )
+    # A diverged model's NaN outputs: every metric NaN (its accuracy was the share of negative labels, NaN > 0 being
+    # false, and the warning blamed a split without both classes).
+    diverged = graph_metrics()(EvalPrediction(predictions=np.full_like(scores, np.nan), label_ids=y))
+    assert all(math.isnan(v) for v in diverged.values()) and set(diverged) == {"roc_auc", "ap", "accuracy"}
+    assert math.isnan(graph_metrics("regression")(EvalPrediction(predictions=scores * np.inf, label_ids=y))["rmse"])
 
 
 def test_trainer_energy_matches_an_independent_computation(tmp_path):
@@ -150,6 +155,32 @@ def test_converter_round_trips_through_the_real_ogb_loader(tmp_path):
     # A converted folder loads by path too (the meta-data travels in headprep_meta.json).
     again = load_ogb_dataset(str(folder))
     assert torch.equal(again[3].x, dataset[3].x)
+
+
+def test_graph_sets_describe_their_molecules_and_label_views_as_their_items(tmp_path):
+    # Two converted datasets of one length and labels but other molecules were one sweep's data (the fingerprint
+    # hashed lengths and labels): a rerun on the second reused the first's jobs. And a split of a dataset that is a
+    # view (`ds[idx]`) read its labels from the storage's rows, not the view's: other graphs' labels.
+    from headprep_hf.data.graphs import GraphPropertyDataset, ogb_splits
+    from headprep_hf.sweep import describe_data
+
+    labels = graph_labels(len(SMILES), 3, seed=4)
+    n = len(SMILES)
+    split = {"train": range(0, n - 8), "valid": range(n - 8, n - 4), "test": range(n - 4, n)}
+
+    def splits(smiles, root):
+        return ogb_splits(load_ogb_dataset(str(write_ogb_dataset(smiles, labels, root, "mols", split=split))))
+
+    a, b = splits(SMILES, tmp_path / "a"), splits(SMILES[::-1], tmp_path / "b")
+    da, db = describe_data(**a), describe_data(**b)
+    assert all(da[k]["labels"] == db[k]["labels"] and da[k]["content"] != db[k]["content"] for k in da)
+    assert describe_data(**splits(SMILES, tmp_path / "c")) == da  # (the same molecules elsewhere: the same data)
+    first = load_ogb_dataset(str(tmp_path / "a" / "mols"))
+
+    view = first[torch.tensor([5, 2, 7, 0])]
+    split = GraphPropertyDataset(view, [1, 3])
+    items = np.stack([split[i].y.numpy()[0] for i in range(len(split))])
+    np.testing.assert_array_equal(split.labels, items)
 
 
 def test_converter_reports_bad_smiles_and_wrong_task_counts(tmp_path, caplog):
@@ -232,6 +263,17 @@ def test_pretrained_gcn_round_trip_with_a_new_head(tmp_path):
             assert torch.equal(value, src[key]), key
 
 
+def test_the_graph_task_takes_its_dropout_flag_over_the_saved_models(tmp_path):
+    # --dropout was silently ignored: the loaded config's dropout (or the cached offline source's) was used.
+    from headprep_hf.models.graph import GCN
+    from headprep_hf.tasks.graph import GraphArguments, load_graph, save_graph_model
+
+    folder = write_ogb_dataset(SMILES, graph_labels(len(SMILES), 2, seed=1), tmp_path, "mols")
+    save_graph_model(GCN(2, num_layers=2, hidden_size=16, dropout=0.5), tmp_path / "src")
+    args = GraphArguments(dataset_name=str(folder), model_name_or_path=str(tmp_path / "src"), dropout=0.1)
+    assert load_graph(args, seed=0).model.dropout == 0.1
+
+
 def test_regression_task_uses_mse_and_residual_energy(tmp_path):
     from headprep_hf.data.graphs import ogb_splits
 
@@ -251,6 +293,15 @@ def test_regression_task_uses_mse_and_residual_energy(tmp_path):
         model=model, args=_config(tmp_path, hp_epochs=1), train_dataset=splits["train"], data_collator=GraphCollator()
     )
     assert trainer.problem_type == "regression"
+    # Smoothing a regression target was ignored by the loss and recorded as applied: refused, naming the setting.
+    for stage in ("hp", "ft"):
+        smoothed = HeadPrepTrainer(
+            model=GCN(2, num_layers=2, hidden_size=16, problem_type="regression"),
+            args=_config(tmp_path / stage, hp_epochs=1, **{f"{stage}_label_smoothing": 0.3}),
+            train_dataset=splits["train"], data_collator=GraphCollator(),
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=f"{stage}_label_smoothing=0.3 with a regression task"):
+            smoothed.train()
     trainer.probe_head()
     model.eval()
     with torch.no_grad():

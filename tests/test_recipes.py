@@ -196,6 +196,18 @@ def test_a_grey_model_gets_grey_images_and_a_size_the_model_refuses_names_the_fl
     args.image_size = None
     assert load_image_classification(args, seed=0).train_dataset[0]["pixel_values"].shape == (3, 16, 16)
 
+    # The probe runs a model saved in bf16 under autocast, as training does (it was refused, blaming the size), and
+    # leaves every module's mode as it found it.
+    from headprep_hf.data.device_inputs import attach_input_normalization
+    from headprep_hf.tasks.image_classification import _check_input_size
+
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=2).to(torch.bfloat16)
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    attach_input_normalization(model, config["mean"], config["std"])
+    model.layer1.eval()
+    _check_input_size(model, config, None)
+    assert model.training and not model.layer1.training and model.layer2.training
+
 
 def test_the_command_line_shows_the_data_config_and_transforms(tmp_path, capsys, monkeypatch):
     # README: "The data config and both transforms are logged". They were logged at INFO, which Python drops unless

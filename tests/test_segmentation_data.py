@@ -444,10 +444,28 @@ def test_both_loaders_describe_their_files_for_the_sweep_fingerprint(tmp_path):
     import shutil
 
     root = make_voc(tmp_path / "voc", n_train=4, n_val=2)
-    first = load_voc_segmentation(str(root), crop_size=16, validation_split=0.25)["train"].file_digest()
+    first = load_voc_segmentation(str(root), crop_size=16, validation_split=0.25)["train"].content_digest()
     shutil.copytree(root, tmp_path / "elsewhere" / "voc")
     moved = load_voc_segmentation(str(tmp_path / "elsewhere" / "voc"), crop_size=16, validation_split=0.25)
-    assert first is not None and moved["train"].file_digest() == first
+    assert first is not None and moved["train"].content_digest() == first
     image = root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000001.jpg"
     Image.open(image).save(image, quality=40)  # the same picture, re-encoded
-    assert load_voc_segmentation(str(root), crop_size=16, validation_split=0.25)["train"].file_digest() != first
+    assert load_voc_segmentation(str(root), crop_size=16, validation_split=0.25)["train"].content_digest() != first
+
+
+def test_a_mode_the_datasets_feature_declares_is_applied_to_the_stored_pixels(tmp_path):
+    # (the loader reads the files' stored pixels; `Image(mode="L")` converted them when `datasets` decoded them)
+    import datasets
+
+    rng = np.random.default_rng(0)
+    pairs = [_pair(rng, 20, 20, 3) for _ in range(4)]  # palette masks
+    data = datasets.Dataset.from_dict({"image": [p[0] for p in pairs], "annotation": [p[1] for p in pairs]})
+    data = data.cast_column("image", datasets.Image()).cast_column("annotation", datasets.Image(mode="L"))
+    data.save_to_disk(str(tmp_path / "disk"))
+    splits = load_hf_segmentation(str(tmp_path / "disk"), crop_size=16, validation_split=0.5, seed=0)
+    expected = datasets.load_from_disk(str(tmp_path / "disk"))
+    for i in range(len(splits["train"])):
+        _, mask = splits["train"].load_pair(i)
+        assert mask.mode == "L"
+    raw_masks = {np.array(expected[i]["annotation"]).tobytes() for i in range(4)}
+    assert all(np.array(splits["train"].load_pair(i)[1]).tobytes() in raw_masks for i in range(len(splits["train"])))

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import timm
 import torch
 from conftest import CONFIG_DEFAULTS, TinyImages, clone_state, tiny_timm
 from safetensors.torch import load_file
@@ -401,6 +402,12 @@ def test_the_models_settings_are_fingerprinted_beside_its_weights(tmp_path):
     assert settings_fingerprint(a) == settings_fingerprint(b)
     b.drop_rate = 0.5
     assert settings_fingerprint(a) != settings_fingerprint(b)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1)
+    before = settings_fingerprint(vit)
+    vit.blocks[0].attn.fused_attn = not vit.blocks[
+        0
+    ].attn.fused_attn  # (TIMM_FUSED_ATTN, the torch build: a machine's)
+    assert settings_fingerprint(vit) == before
 
     def bert(dropout, path):
         config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -410,6 +417,22 @@ def test_the_models_settings_are_fingerprinted_beside_its_weights(tmp_path):
 
     assert settings_fingerprint(bert(0.1, "/a/bert")) == settings_fingerprint(bert(0.1, "/mnt/b/bert"))
     assert settings_fingerprint(bert(0.1, "/a/bert")) != settings_fingerprint(bert(0.5, "/a/bert"))
+
+
+def test_a_folder_of_an_earlier_version_is_named_as_such_not_as_a_changed_setting():
+    from headprep_hf.sweep import fingerprint_differences
+
+    mine = {"taus": [0], "model": "m", "model_settings": "s", "config": "c2", "seeded_heads": False}
+    earlier = {k: v for k, v in mine.items() if k != "model_settings"}
+    assert fingerprint_differences(mine, {**earlier, "config": "c1"}) == [
+        "the version that wrote it (an earlier headprep_hf, whose fingerprint has no model_settings)"
+    ]
+    # settings an earlier file did not record had their defaults: only the real change is named
+    their = {"learning_rate": 1e-3}
+    now = {"learning_rate": 3e-4, "remove_unused_columns": True, "include_for_metrics": []}
+    assert fingerprint_differences(mine, {**mine, "config": "c1"}, now, their) == [
+        "the settings (learning_rate: 0.001 -> 0.0003)"
+    ]
 
 
 def test_image_folders_of_one_layout_and_labels_are_told_apart_by_their_files(tmp_path):
@@ -443,7 +466,7 @@ def test_image_folders_of_one_layout_and_labels_are_told_apart_by_their_files(tm
 
     v1 = description(folder(tmp_path / "v1" / "train", seed=0))
     v2 = description(folder(tmp_path / "v2" / "train", seed=1))
-    assert v1["train"]["labels"] == v2["train"]["labels"] and v1["train"]["files"] != v2["train"]["files"]
+    assert v1["train"]["labels"] == v2["train"]["labels"] and v1["train"]["content"] != v2["train"]["content"]
     shutil.copytree(tmp_path / "v1", tmp_path / "mnt" / "other" / "v1")
     assert description(tmp_path / "mnt" / "other" / "v1" / "train") == v1
 
@@ -602,8 +625,9 @@ def test_the_metric_direction_is_guessed_for_common_names_and_an_unknown_one_is_
 
     for name in ("eval_loss", "rmse", "top1_error", "perplexity", "eval_wer", "cer", "mape", "nll", "brier", "ece"):
         assert lower_is_better(name), name
-    for name in ("accuracy", "eval_f1", "roc_auc", "mean_iou", "r2", "bleu"):
+    for name in ("accuracy", "eval_f1", "roc_auc", "mean_iou", "r2", "bleu", "eval_matthews_correlation", "f1_macro"):
         assert not lower_is_better(name), name
+    assert lower_is_better("eval_brier_score")  # (the word before a qualifier such as "score" decides)
     with caplog.at_level("INFO", logger="headprep_hf.replicates"):
         assert infer_greater_is_better("eval_accuracy") and not infer_greater_is_better("eval_perplexity")
         assert infer_greater_is_better("my_custom_metric")

@@ -987,3 +987,13 @@ def test_a_forward_with_one_required_input_named_in_the_data_keeps_trainers_colu
     assert ours.model_caller.positional and ours.args.remove_unused_columns
     _same_weights(plain.model, ours.model)
     _assert_same_logs(plain, ours)
+
+    # Where the trainer cannot see the data's keys (an iterable set), Trainer's removal stays: an extra key is dropped.
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter({"input_x": xy.x[i], "labels": xy.y[i], "idx": i} for i in range(len(xy)))
+
+    args = {"label_names": ["labels"], "max_steps": 4}
+    plain, ours = _pair(tmp_path / "stream", OneRequiredInput, Stream(), args=args, compute_loss_func=loss_func)
+    assert ours.args.remove_unused_columns
+    _same_weights(plain.model, ours.model)

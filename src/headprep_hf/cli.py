@@ -517,7 +517,8 @@ def _own_records_shown():
     sweep jobs reused, where the energy came from), on the main process, where the program configured no logging of
     its own: Python shows only warnings otherwise."""
     package, root = logging.getLogger("headprep_hf"), logging.getLogger()
-    if package.handlers or root.handlers or os.environ.get("RANK", "0") != "0":
+    configured = package.handlers or root.handlers or package.level != logging.NOTSET
+    if configured or os.environ.get("RANK", "0") != "0":
         yield
         return
     handler = logging.StreamHandler()

@@ -19,7 +19,10 @@ def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 # Module attributes that say how a model runs on a machine, not what it computes (left out of `settings_fingerprint`).
-_MACHINE_ATTRIBUTES = ("training", "grad_checkpointing", "gradient_checkpointing", "name_or_path")
+# (timm's `fused_attn` follows TIMM_FUSED_ATTN and the torch build; PEFT's `ephemeral_gpu_offload` a device choice)
+_MACHINE_ATTRIBUTES = (
+    "training", "grad_checkpointing", "gradient_checkpointing", "name_or_path", "fused_attn", "ephemeral_gpu_offload",
+)  # fmt: skip
 
 
 def _scalar(value) -> bool:

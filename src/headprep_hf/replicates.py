@@ -28,14 +28,20 @@ _LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error")
 _LOWER_WORDS = {"perplexity", "ppl", "wer", "cer", "mape", "smape", "nll", "brier", "ece", "distance"}
 _HIGHER_WORDS = {
     "accuracy", "acc", "f1", "precision", "recall", "auc", "rocauc", "ap", "map", "iou", "miou", "dice", "r2",
-    "matthews", "mcc", "pearson", "spearman", "pearsonr", "spearmanr", "bleu", "rouge", "rouge1", "rouge2", "rougel",
-    "chrf", "meteor", "kappa", "top1", "top5", "score", "ndcg", "mrr", "hits",
+    "matthews", "correlation", "mcc", "pearson", "spearman", "pearsonr", "spearmanr", "bleu", "rouge", "rouge1",
+    "rouge2", "rougel", "chrf", "meteor", "kappa", "top1", "top5", "score", "ndcg", "mrr", "hits",
 }  # fmt: skip
 _LOGGED_DIRECTIONS: set[str] = set()
 
 
+# Words that qualify a metric's name rather than name it (`brier_score`, `f1_macro`): the word before them decides.
+_QUALIFIERS = {"score", "metric", "value", "macro", "micro", "weighted", "samples", "mean", "avg", "overall"}
+
+
 def _last_word(metric: str) -> str:
     words = [w for w in re.split(r"[^a-z0-9]+", metric.lower()) if w]
+    while len(words) > 1 and words[-1] in _QUALIFIERS:
+        words.pop()
     return words[-1] if words else ""
 
 

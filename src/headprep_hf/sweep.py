@@ -478,9 +478,9 @@ def describe_data(**datasets) -> dict[str, dict | None]:
         else:
             digest = _hf_label_digest(dataset)
         out[name] = {"length": length, "labels": digest}
-        files = dataset.file_digest() if callable(getattr(dataset, "file_digest", None)) else None
-        if files is not None:  # (image folders: two of one layout and labels, other pictures; absent before)
-            out[name]["files"] = files
+        content = dataset.content_digest() if callable(getattr(dataset, "content_digest", None)) else None
+        if content is not None:  # (two sets of one length and labels: other pictures or graphs; absent before)
+            out[name]["content"] = content
     return out
 
 
@@ -869,9 +869,9 @@ class TauSweep:
 
             head_config = prepared_head_config(trainer, tau=tau)  # before FT: the pretrained backbone's checksum
         checkpoint = latest_resumable(str(job_dir / "ft"))  # (complete checkpoints only; torn ones are skipped)
-        if checkpoint is not None and self.args.save_only_model:
-            # Its optimizer and schedule state were not written: resumed, the job would go on with a fresh optimizer
-            # and give another result than the job run whole, recorded as this (tau, seed)'s.
+        if checkpoint is not None and not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
+            # Its optimizer and schedule state were not written (save_only_model=True): resumed, the job would go on
+            # with a fresh optimizer and give another result than the job run whole, recorded as this (tau, seed)'s.
             warnings.warn(
                 f"tau={tau} seed={seed}: {checkpoint} was written with save_only_model=True (no optimizer or "
                 "scheduler state), so this FT job runs again from its start rather than resume into another result.",
@@ -1277,6 +1277,9 @@ def fingerprint_differences(
 ) -> list[str]:
     """What differs between two sweep fingerprints, in words: each part, with the settings, task arguments and data
     sets that differ where the records say (`sweep.json`'s `settings` and `task`; `theirs` first, then `mine`)."""
+    missing = [key for key in _FINGERPRINT_PARTS if key in mine and key not in theirs]
+    if missing:  # (a part this version added: not a change the user made)
+        return [f"the version that wrote it (an earlier headprep_hf, whose fingerprint has no {', '.join(missing)})"]
     out = []
     for key, name in _FINGERPRINT_PARTS.items():
         a, b = theirs.get(key), mine.get(key)
@@ -1287,8 +1290,10 @@ def fingerprint_differences(
             detail = f": {a} -> {b}"
         elif key == "config" and my_settings is not None and their_settings is not None:
             keys = sorted(k for k in set(my_settings) | set(their_settings) if k not in ("seed", "sweep_seeds"))
-            changed = [f"{k}: {their_settings.get(k)!r} -> {my_settings.get(k)!r}" for k in keys
-                       if their_settings.get(k) != my_settings.get(k)]  # fmt: skip
+            # (a setting the earlier file did not record had its default then: `_FINGERPRINT_FIELDS_IF_SET`)
+            recorded = {k: their_settings.get(k, _FINGERPRINT_FIELDS_IF_SET.get(k)) for k in keys}
+            changed = [f"{k}: {recorded[k]!r} -> {my_settings.get(k)!r}" for k in keys
+                       if recorded[k] != my_settings.get(k)]  # fmt: skip
             detail = f" ({', '.join(changed[:6])})" if changed else ""
         elif key == "task" and _task_args(my_task) is not None and _task_args(their_task) is not None:
             ta, tb = _task_args(their_task)["args"], _task_args(my_task)["args"]
@@ -1309,7 +1314,7 @@ def fingerprint_differences(
                 elif da.get("labels") != db.get("labels"):
                     sets.append(f"{split}: other labels")
                 else:
-                    sets.append(f"{split}: other files (names or sizes)")
+                    sets.append(f"{split}: other content (image files or graphs)")
             detail = f" ({', '.join(sets)})" if sets else ""
         out.append(name + detail)
     return out

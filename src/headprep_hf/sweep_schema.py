@@ -321,9 +321,10 @@ SWEEP_SCHEMA: dict[str, Any] = {
                                 "properties": {
                                     "length": {"type": ["integer", "null"]},
                                     "labels": {"type": ["string", "null"]},
-                                    "files": {
+                                    "content": {
                                         "type": "string",
-                                        "description": "sha256 of its image files' names and sizes (image folders)",
+                                        "description": "sha256 of what its items hold besides labels, where cheap: "
+                                        "local image files' names and sizes, graphs' tensors",
                                     },
                                 },
                             },

@@ -245,7 +245,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         keys = getattr(dataset, "column_names", None)
         if not isinstance(keys, list):
             item = first_item(dataset) if dataset is not None else None
-            keys = list(item) if isinstance(item, Mapping) else []
+            keys = list(item) if isinstance(item, Mapping) else None
+        if keys is None:  # (no data yet, an iterable dataset: as before, a forward of one argument only loses it)
+            return len(self.model_caller.param_names) > 1
         return self.model_caller.input_name in keys
 
     @property
@@ -1101,6 +1103,24 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         check_label_key(self, checked)
         if checked:
             check_trainer_datasets(self)
+            self._refuse_regression_smoothing(plan)
+
+    def _refuse_regression_smoothing(self, plan: str) -> None:
+        """Label smoothing has no meaning for regression targets: the loss ignored it, while the measurements and the
+        sweep recorded the run as smoothed (two runs differing only in it trained bit-identical heads)."""
+        if self.problem_type != "regression":
+            return
+        stages = {"hp": ("hp",), "ft": ("ft",), "both": ("hp", "ft")}[plan]
+        given = [
+            f"{stage}_label_smoothing={getattr(self.args, f'{stage}_label_smoothing')}"
+            for stage in stages
+            if getattr(self.args, f"{stage}_label_smoothing") > 0 and (stage == "ft" or self.args.hp_epochs > 0)
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} with a regression task: label smoothing applies to class labels, and a "
+                "regression loss ignores it. Set it to 0 (or declare the problem type the labels have)."
+            )
 
     def check_labels_of(self, **datasets) -> None:
         """Check datasets that will be evaluated after training (`test_dataset=...`) as `train()` checks its own, so

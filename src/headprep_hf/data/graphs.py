@@ -382,9 +382,28 @@ class GraphPropertyDataset(Dataset):
     def __init__(self, ogb_dataset, indices: Sequence[int] | torch.Tensor):
         self.dataset = ogb_dataset
         self.indices = torch.as_tensor(indices, dtype=torch.long)
-        y = ogb_dataset._data.y if hasattr(ogb_dataset, "_data") else ogb_dataset.data.y
-        self.labels = y[self.indices].double().numpy()
+        # The rows of the storage these items read: a dataset that is itself a view (`ds[idx]`, `ds.shuffle()`)
+        # maps its indices to storage rows first (indexing the storage directly paired other graphs' labels).
+        self._rows = torch.as_tensor(list(ogb_dataset.indices()), dtype=torch.long)[self.indices]
+        self.labels = self._storage().y[self._rows].double().numpy()
         self.num_tasks = int(self.labels.shape[1])
+
+    def _storage(self):
+        return self.dataset._data if hasattr(self.dataset, "_data") else self.dataset.data
+
+    def content_digest(self) -> str:
+        """sha256 of the graphs these items read (the storage's node features, edges and edge features, and which of
+        its graphs): the sweep fingerprint's `content`, which tells two datasets of one length and labels apart."""
+        import hashlib
+
+        digest = hashlib.sha256(self._rows.numpy().tobytes())
+        storage = self._storage()
+        for key in ("x", "edge_index", "edge_attr"):
+            value = getattr(storage, key, None)
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -102,7 +102,7 @@ class HFImageClassificationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def file_digest(self) -> str | None:
+    def content_digest(self) -> str | None:
         """`local_files_digest` of the image files (None for images stored as bytes): the sweep fingerprint's
         `files`."""
         return local_files_digest(self._source, self.image_column)
@@ -652,7 +652,10 @@ def _check_split_classes(raw: Any, label_column: str, class_names: list[str], fo
 
 
 def _class_folders(folder: str) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    # (as `datasets` lists them: folders starting with "." or "__", such as __MACOSX, are not data)
+    return sorted(
+        entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith((".", "__"))
+    )
 
 
 def _check_no_empty_class_folders(folders: dict[str, Any], class_names: list[str]) -> None:
@@ -711,13 +714,20 @@ def _encode_labels(raw: Any, label_column: str) -> tuple[Any, list[str]]:
         raise ValueError(f"label_column={label_column!r} holds {feature}, not class labels")
 
     # One mapping for every split, from the training split's values (encoding split by split could number the
-    # classes differently); None and negative numbers mark withheld labels (a Hub test split's -1) and stay -1.
-    def withheld(value) -> bool:
-        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)
+    # classes differently). Withheld labels stay -1: None, and a split's -1s where all its labels are -1 or None (a
+    # Hub test split's mark; a -1 among other values is a class, as in -1/+1 labels).
+    def marks(split) -> set:
+        present = set(split[label_column])
+        return {None, -1} if present <= {None, -1} else {None}
 
-    values = sorted({value for value in raw["train"][label_column] if not withheld(value)})
+    withheld_in = {name: marks(split) for name, split in raw.items()}
+
+    def withheld(value, name: str) -> bool:
+        return any(value is mark or (mark is not None and value == mark) for mark in withheld_in[name])
+
+    values = sorted({value for value in raw["train"][label_column] if not withheld(value, "train")})
     for name, split in raw.items():
-        extra = sorted({value for value in split[label_column] if not withheld(value)} - set(values))
+        extra = sorted({value for value in split[label_column] if not withheld(value, name)} - set(values))
         if extra:
             raise ValueError(
                 f"the {name!r} split has label value(s) {extra[:10]} in label_column={label_column!r} that the "
@@ -726,8 +736,16 @@ def _encode_labels(raw: Any, label_column: str) -> tuple[Any, list[str]]:
             )
     index = {value: i for i, value in enumerate(values)}
     class_names = [str(value) for value in values]
-    raw = raw.map(
-        lambda batch: {label_column: [-1 if withheld(v) else index[v] for v in batch[label_column]]}, batched=True
+    raw = datasets.DatasetDict(
+        {
+            name: split.map(
+                lambda batch, name=name: {
+                    label_column: [-1 if withheld(v, name) else index[v] for v in batch[label_column]]
+                },
+                batched=True,
+            )
+            for name, split in raw.items()
+        }
     )
     raw = raw.cast_column(label_column, datasets.ClassLabel(names=class_names))
     return raw, class_names

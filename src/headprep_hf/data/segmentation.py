@@ -283,7 +283,7 @@ class SegmentationDataset(Dataset):
         load_mask: optional `index -> mask` that reads the mask alone (its file or column), for `label_digest`;
             without it `load_pair` is used, decoding the image too.
         files: optional `index -> str` naming the pair's files, for error messages.
-        file_digest: optional `() -> str | None`, a digest of the pairs' files (`images.files_digest`) for the sweep
+        content_digest: optional `() -> str | None`, a digest of the pairs' files (`images.files_digest`) for the sweep
             fingerprint, which tells two folders of the same layout and masks apart.
 
     Every sample is checked when read: a mask whose size differs from its image's, a mask value outside `label_map`
@@ -302,10 +302,10 @@ class SegmentationDataset(Dataset):
         label_map=None,
         load_mask=None,
         files=None,
-        file_digest=None,
+        content_digest=None,
     ):
         self.load_pair, self.length, self.transform, self.name = load_pair, int(length), transform, name
-        self.load_mask, self.files, self._file_digest = load_mask, files, file_digest
+        self.load_mask, self.files, self._content_digest = load_mask, files, content_digest
         self.label_map = None if label_map is None else torch.as_tensor(label_map, dtype=torch.int64)
         self.ignore_index = transform.ignore_index
 
@@ -360,9 +360,9 @@ class SegmentationDataset(Dataset):
             raise unreadable_image_error(f"{self.name}[{index}]", error) from error
         return {"pixel_values": pixel_values, "labels": labels}
 
-    def file_digest(self) -> str | None:
-        """The digest of the pairs' files, where the loader can list them (see `file_digest` above)."""
-        return self._file_digest() if self._file_digest is not None else None
+    def content_digest(self) -> str | None:
+        """The digest of the pairs' files, where the loader can list them (see `content_digest` above)."""
+        return self._content_digest() if self._content_digest is not None else None
 
     def label_digest(self) -> str:
         """sha256 of every mask as the model gets its class ids (after `label_map`, before the joint transform), in
@@ -466,18 +466,24 @@ def load_voc_segmentation(
             j = int(indices[i])
             return f"{source.images[j]}, {source.masks[j]}"
 
-        def file_digest() -> str:
+        def content_digest() -> str:
             return files_digest([path for j in indices for path in (source.images[int(j)], source.masks[int(j)])])
 
-        return load, len(indices), (lambda i: open_pixels(source.masks[int(indices[i])])), files, file_digest
+        return load, len(indices), (lambda i: open_pixels(source.masks[int(indices[i])])), files, content_digest
 
     def transform(train: bool) -> SegmentationTransform:
         return SegmentationTransform(crop_size, mean, std, train=train, ignore_index=ignore_index, normalize=normalize)
 
     def dataset(source, indices, name: str) -> SegmentationDataset:
-        load, length, load_mask, files, file_digest = pairs(source, indices)
+        load, length, load_mask, files, content_digest = pairs(source, indices)
         return SegmentationDataset(
-            load, length, transform(name == "train"), name, load_mask=load_mask, files=files, file_digest=file_digest
+            load,
+            length,
+            transform(name == "train"),
+            name,
+            load_mask=load_mask,
+            files=files,
+            content_digest=content_digest,
         )
 
     return {
@@ -555,21 +561,27 @@ def load_hf_segmentation(
         split = split.select_columns([image_column, mask_column])
         # The files' stored pixels, read by `open_pixels` as the VOC loader reads them: `datasets` would turn a JPEG
         # with an EXIF orientation upright and leave its PNG mask as stored, a misaligned pair without an error.
+        modes = {}  # (a mode the feature declares, `Image(mode="L")`, is applied as `datasets` applies it)
         for column in (image_column, mask_column):
             if isinstance(split.features[column], datasets.Image):
+                modes[column] = split.features[column].mode
                 split = split.cast_column(column, datasets.Image(decode=False))
 
-        def pixels(value):
-            return open_pixels(value) if isinstance(value, dict) and ("bytes" in value or "path" in value) else value
+        def pixels(value, column: str):
+            if not (isinstance(value, dict) and ("bytes" in value or "path" in value)):
+                return value
+            image = open_pixels(value)
+            mode = modes.get(column)
+            return image.convert(mode) if mode and image.mode != mode else image
 
         def load(i: int):
             row = split[i]
-            return pixels(row[image_column]), pixels(row[mask_column])
+            return pixels(row[image_column], image_column), pixels(row[mask_column], mask_column)
 
         masks = split.select_columns([mask_column])
 
         def load_mask(i: int):
-            return pixels(masks[i][mask_column])
+            return pixels(masks[i][mask_column], mask_column)
 
         def files(i: int) -> str:
             row = split[i]
@@ -580,13 +592,13 @@ def load_hf_segmentation(
             crop_size, mean, std, train=is_train, ignore_index=ignore_index, normalize=normalize
         )
 
-        def file_digest() -> str | None:
+        def content_digest() -> str | None:
             digests = [local_files_digest(split, column) for column in (image_column, mask_column)]
             return None if None in digests else hashlib.sha256("".join(digests).encode()).hexdigest()
 
         return SegmentationDataset(
             load, len(split), transform, name, label_map=label_map, load_mask=load_mask, files=files,
-            file_digest=file_digest,
+            content_digest=content_digest,
         )  # fmt: skip
 
     splits = {"train": wrap(train, "train", True), "validation": wrap(validation, "validation", False)}

@@ -138,6 +138,14 @@ def graph_metrics(problem_type: str = "multi_label_classification"):
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
         logits, labels = _logits_and_labels(eval_prediction)
+        names = ("rmse",) if problem_type == "regression" else ("roc_auc", "ap", "accuracy")
+        if not np.isfinite(logits).all():
+            # (NaN > 0 is False: a diverged model's accuracy came out as the share of negative labels)
+            logger.warning(
+                "%d of %d model outputs are NaN or inf: %s reported as NaN.",
+                int((~np.isfinite(logits)).sum()), logits.size, ", ".join(names),
+            )  # fmt: skip
+            return dict.fromkeys(names, float("nan"))
         if problem_type == "regression":
             return {"rmse": multitask_rmse(labels, logits)}
         present = ~np.isnan(labels)

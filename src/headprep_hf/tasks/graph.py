@@ -80,7 +80,11 @@ def save_graph_model(model, folder: str | os.PathLike, info: dict | None = None)
 
 
 def load_graph_model(
-    folder: str | os.PathLike, num_tasks: int | None = None, problem_type: str | None = None, new_head: bool = False
+    folder: str | os.PathLike,
+    num_tasks: int | None = None,
+    problem_type: str | None = None,
+    new_head: bool = False,
+    dropout: float | None = None,
 ):
     """A GCN from `folder`: the saved backbone, loaded strictly, and the saved head, or a new head (initialised from
     the current RNG state, so `set_seed` decides it) when `new_head` is true or `num_tasks` differs from the saved
@@ -90,6 +94,7 @@ def load_graph_model(
         folder: A folder written by `save_graph_model` (`config.json` + `model.safetensors`).
         num_tasks: Outputs of the head; unset = the saved count.
         problem_type: The model's problem type; unset = the saved one.
+        dropout: Dropout after each GCN layer; unset = the saved one (it changes no weight).
         new_head: Always build a new head. Head probing needs one: the task loader (`load_graph`) asks for it, so a
             source with as many tasks as the downstream task (ogbg-molhiv -> ogbg-molbbbp) does not hand its trained
             head to the new task.
@@ -106,6 +111,8 @@ def load_graph_model(
         config["num_tasks"] = num_tasks
     if problem_type is not None:
         config["problem_type"] = problem_type
+    if dropout is not None:
+        config["dropout"] = dropout
     model = GCN(**config)
     state = read_safetensors(folder / MODEL_WEIGHTS)
     new_head = new_head or config["num_tasks"] != saved_tasks
@@ -208,6 +215,7 @@ def pretrain_chembl_source(
 
     root = default_cache_dir(cache_dir)
     suffix = f"-sub{max_graphs}" if max_graphs is not None else ""
+    suffix += f"-d{dropout:g}" if dropout != 0.5 else ""  # (0.5, OGB's: the name entries had before it counted)
     final = root / f"chembl24-gcn-L{num_layers}-H{hidden_size}-e{epochs}-s{seed}{suffix}"
     state = _process_state()
     cached = (final / MODEL_WEIGHTS).is_file()
@@ -309,7 +317,10 @@ def load_graph(args: GraphArguments, seed: int) -> TaskInputs:
     set_seed(seed)  # the new head's initialisation must not depend on what ran before
     # Always a new head: HP trains a new task head, even where the source has as many tasks (a trained head of the
     # source task would otherwise be kept, whatever the seed).
-    model = load_graph_model(source, num_tasks=dataset.num_tasks, problem_type=problem_type, new_head=True)
+    # (--dropout: the loaded config's was used, and a source cached with another dropout gave that one)
+    model = load_graph_model(
+        source, num_tasks=dataset.num_tasks, problem_type=problem_type, new_head=True, dropout=args.dropout
+    )
     return TaskInputs(
         model=model,
         train_dataset=splits["train"],

@@ -3,6 +3,7 @@ on the offline toy task (digits 0/1/2 with rotation and zoom), a `datasets` data
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -148,12 +149,17 @@ def _check_input_size(model, config: dict, image_size: int | None) -> None:
     ViT's position embeddings) refuses others only at its first batch, in its own words, without naming the flag."""
     size = tuple(config["input_size"])
     blank = torch.zeros((1, *size), dtype=torch.uint8)
-    training = model.training
+    modes = {module: module.training for module in model.modules()}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    # (a model saved in bf16 or fp16 runs under autocast in training; the blank comes out of the normalisation float32)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             model(pixel_values=blank) if isinstance(model, PreTrainedModel) else model(blank)
     except (RuntimeError, ValueError, AssertionError, TypeError) as error:
+        if not any(word in str(error).lower() for word in ("size", "shape", "height", "width", "dimension")):
+            return  # (not about the input size: training, on its device and precision, says what it is)
         given = f"--image_size {image_size}" if image_size is not None else "The model's own data config"
         raise ValueError(
             f"{given} gives {size[1]}x{size[2]} inputs, which the model does not take: {str(error).rstrip('.')}. "
@@ -161,7 +167,8 @@ def _check_input_size(model, config: dict, image_size: int | None) -> None:
             "dynamic_img_size=True)."
         ) from None
     finally:
-        model.train(training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def _warn_if_toy_normalisation_differs(model) -> None:
