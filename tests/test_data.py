@@ -383,9 +383,9 @@ def test_integer_label_values_take_their_classes_from_the_training_split(tmp_pat
     signs = tmp_path / "signs"  # -1 among other values is a class (-1/+1 labels), not a withheld label
     signs.mkdir()
     split([-1, 1] * 3).to_parquet(str(signs / "train.parquet"))
-    split([1, -1]).to_parquet(str(signs / "validation.parquet"))
+    split([-1, -1]).to_parquet(str(signs / "validation.parquet"))  # (all -1, and -1 a trained class: labelled)
     splits, class_names = _load(tmp_path, train_dir=None, dataset_name=str(signs), cache_dir=str(tmp_path / "c3"))
-    assert class_names == ["-1", "1"] and splits["validation"].labels.tolist() == [1, 0]
+    assert class_names == ["-1", "1"] and splits["validation"].labels.tolist() == [0, 0]
     split([7, 0]).to_parquet(str(folder / "validation.parquet"))  # a class no training image has
     with pytest.raises(
         ValueError, match=r"the 'validation' split has label value\(s\) \[7\].*without a training image"

@@ -269,9 +269,22 @@ def test_the_graph_task_takes_its_dropout_flag_over_the_saved_models(tmp_path):
     from headprep_hf.tasks.graph import GraphArguments, load_graph, save_graph_model
 
     folder = write_ogb_dataset(SMILES, graph_labels(len(SMILES), 2, seed=1), tmp_path, "mols")
-    save_graph_model(GCN(2, num_layers=2, hidden_size=16, dropout=0.5), tmp_path / "src")
+    save_graph_model(GCN(2, num_layers=2, hidden_size=16, dropout=0.3), tmp_path / "src")
     args = GraphArguments(dataset_name=str(folder), model_name_or_path=str(tmp_path / "src"), dropout=0.1)
     assert load_graph(args, seed=0).model.dropout == 0.1
+    args.dropout = None  # (the default: the loaded model's own)
+    assert load_graph(args, seed=0).model.dropout == 0.3
+
+
+def test_a_cached_offline_source_built_otherwise_is_not_reused(tmp_path, caplog):
+    # Cache entries were named without their dropout: one of another dropout was reused for a run asking 0.5.
+    from headprep_hf.models.graph import GCN
+    from headprep_hf.tasks.graph import _cached_config_fits, save_graph_model
+
+    save_graph_model(GCN(24, num_layers=2, hidden_size=16, dropout=0.2), tmp_path / "entry")
+    assert _cached_config_fits(tmp_path / "entry", 2, 16, 0.2)
+    assert not _cached_config_fits(tmp_path / "entry", 2, 16, 0.5)
+    assert "built with other settings {'dropout': (0.2, 0.5)}" in caplog.text
 
 
 def test_regression_task_uses_mse_and_residual_energy(tmp_path):

@@ -727,3 +727,15 @@ def test_a_timm_vit_trains_from_pixel_values_with_column_removal_on(tmp_path):
     trainer.finetune()
     assert any(not torch.equal(blocks[k], v) for k, v in model.blocks.state_dict().items())
     assert trainer.dynamics["energy"] > 0
+
+    # Decided per dataset, from its keys: an iterable set's first item, a set given to evaluate() only.
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(Items()[i] for i in range(12))
+
+    plain = HeadPrepConfig(output_dir=str(tmp_path / "plain"), hp_epochs=0, max_steps=2, per_device_train_batch_size=4,
+                           use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)  # fmt: skip
+    HeadPrepTrainer(model=model, args=plain, train_dataset=Stream()).train()
+    assert "eval_loss" in HeadPrepTrainer(model=model, args=plain).evaluate(
+        eval_dataset=[Items()[i] for i in range(4)]
+    )

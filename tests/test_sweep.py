@@ -427,11 +427,20 @@ def test_a_folder_of_an_earlier_version_is_named_as_such_not_as_a_changed_settin
     assert fingerprint_differences(mine, {**earlier, "config": "c1"}) == [
         "the version that wrote it (an earlier headprep_hf, whose fingerprint has no model_settings)"
     ]
-    # settings an earlier file did not record had their defaults: only the real change is named
+    # settings an earlier file did not record had their defaults: only the real change is named, either way round
     their = {"learning_rate": 1e-3}
     now = {"learning_rate": 3e-4, "remove_unused_columns": True, "include_for_metrics": []}
     assert fingerprint_differences(mine, {**mine, "config": "c1"}, now, their) == [
         "the settings (learning_rate: 0.001 -> 0.0003)"
+    ]
+    assert fingerprint_differences({**mine, "config": "c1"}, mine, their, now) == [
+        "the settings (learning_rate: 0.0003 -> 0.001)"
+    ]
+    # a key a data set's description gained since (its content): the version, not other content
+    data = {"train": {"length": 4, "labels": "l", "content": "c"}, "test": None}
+    earlier_data = {"train": {"length": 4, "labels": "l"}, "test": None}
+    assert fingerprint_differences({**mine, "data": data}, {**mine, "data": earlier_data}) == [
+        "the version that wrote it (an earlier headprep_hf, whose fingerprint has no data content)"
     ]
 
 

@@ -517,15 +517,15 @@ def _own_records_shown():
     sweep jobs reused, where the energy came from), on the main process, where the program configured no logging of
     its own: Python shows only warnings otherwise."""
     package, root = logging.getLogger("headprep_hf"), logging.getLogger()
-    configured = package.handlers or root.handlers or package.level != logging.NOTSET
-    if configured or os.environ.get("RANK", "0") != "0":
+    if package.handlers or root.handlers or os.environ.get("RANK", "0") != "0":
         yield
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     level = package.level
     package.addHandler(handler)
-    package.setLevel(logging.INFO)
+    if level == logging.NOTSET:  # (a level the program set is kept: it has no handler to show it otherwise)
+        package.setLevel(logging.INFO)
     try:
         yield
     finally:

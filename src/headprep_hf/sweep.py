@@ -1278,6 +1278,14 @@ def fingerprint_differences(
     """What differs between two sweep fingerprints, in words: each part, with the settings, task arguments and data
     sets that differ where the records say (`sweep.json`'s `settings` and `task`; `theirs` first, then `mine`)."""
     missing = [key for key in _FINGERPRINT_PARTS if key in mine and key not in theirs]
+    their_data, my_data = theirs.get("data"), mine.get("data")
+    if isinstance(their_data, dict) and isinstance(my_data, dict):  # (a key a set's description gained since)
+        gained = set()
+        for split, described in my_data.items():
+            earlier = their_data.get(split)
+            if isinstance(described, dict) and isinstance(earlier, dict):
+                gained |= {f"data {key}" for key in described if key not in earlier}
+        missing += sorted(gained)
     if missing:  # (a part this version added: not a change the user made)
         return [f"the version that wrote it (an earlier headprep_hf, whose fingerprint has no {', '.join(missing)})"]
     out = []
@@ -1290,10 +1298,10 @@ def fingerprint_differences(
             detail = f": {a} -> {b}"
         elif key == "config" and my_settings is not None and their_settings is not None:
             keys = sorted(k for k in set(my_settings) | set(their_settings) if k not in ("seed", "sweep_seeds"))
-            # (a setting the earlier file did not record had its default then: `_FINGERPRINT_FIELDS_IF_SET`)
+            # (a setting a file did not record had its default then: `_FINGERPRINT_FIELDS_IF_SET`)
             recorded = {k: their_settings.get(k, _FINGERPRINT_FIELDS_IF_SET.get(k)) for k in keys}
-            changed = [f"{k}: {recorded[k]!r} -> {my_settings.get(k)!r}" for k in keys
-                       if recorded[k] != my_settings.get(k)]  # fmt: skip
+            current = {k: my_settings.get(k, _FINGERPRINT_FIELDS_IF_SET.get(k)) for k in keys}
+            changed = [f"{k}: {recorded[k]!r} -> {current[k]!r}" for k in keys if recorded[k] != current[k]]
             detail = f" ({', '.join(changed[:6])})" if changed else ""
         elif key == "task" and _task_args(my_task) is not None and _task_args(their_task) is not None:
             ta, tb = _task_args(their_task)["args"], _task_args(my_task)["args"]

@@ -12,7 +12,6 @@ norm: a callback), `schedules`, `feature_cache` (cached HP), `hub` (the prepared
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from .checkpoints import (
     verify,
 )
 from .config import HeadPrepConfig, check_activation_checkpointing, check_trainer_inputs
-from .dynamics import InMemoryDataset
+from .dynamics import InMemoryDataset, forked_rng
 from .export import is_timm_model, write_timm_config
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
@@ -227,28 +226,30 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._headprep_ready = True
         if not self.label_names:  # the model takes no labels: the trainer's loss reads them under "labels"
             self.label_names = ["labels"]
-        if self.args.remove_unused_columns and self.model_caller.positional and not self._input_kept_by_name():
-            # Column removal keeps the forward's argument names; a forward(x) called positionally would lose its
-            # input (with Trainer such a model never gets it). The trainer calls such models itself and passes the
-            # one input besides the labels.
-            self.args = copy.copy(self.args)
-            self.args.remove_unused_columns = False
         if self.args.hp_epochs > 0 or self.track_dynamics:
             self._add_own_callbacks()
 
-    def _input_kept_by_name(self) -> bool:
-        """Whether the data's items hold the positional forward's input under its argument name (`x`), which
-        Trainer's column removal keeps: then it removes the other columns, as for any model."""
-        dataset = self.train_dataset if self.train_dataset is not None else self.eval_dataset
-        if isinstance(dataset, dict):
-            dataset = next(iter(dataset.values()), None)
+    def _keeping_positional_input(self, dataset):
+        """A context for building a loader over `dataset`: Trainer's column removal, except where it would drop the
+        one input of a forward called by position (`forward(x)`, timm ViTs' `forward(x, attn_mask=None, ...)`),
+        whose batches name it otherwise (`pixel_values`): with Trainer such a model never gets its input, and the
+        trainer passes it by position. Decided per dataset from its keys (an iterable set's first item)."""
+        caller = self.model_caller
+        if not (self.args.remove_unused_columns and caller.positional) or dataset is None:
+            return contextlib.nullcontext()
         keys = getattr(dataset, "column_names", None)
         if not isinstance(keys, list):
-            item = first_item(dataset) if dataset is not None else None
+            item = first_item(dataset)
+            if item is None and isinstance(dataset, torch.utils.data.IterableDataset):
+                try:
+                    with forked_rng():  # (reading a sample may draw random numbers)
+                        item = next(iter(dataset), None)
+                except Exception:  # noqa: BLE001 - a stream that cannot be read twice: decided as unknown below
+                    item = None
             keys = list(item) if isinstance(item, Mapping) else None
-        if keys is None:  # (no data yet, an iterable dataset: as before, a forward of one argument only loses it)
-            return len(self.model_caller.param_names) > 1
-        return self.model_caller.input_name in keys
+        if keys is not None and caller.input_name in keys:
+            return contextlib.nullcontext()  # (kept by name: the other columns go, as for any model)
+        return self._loader_settings(remove_unused_columns=False)
 
     @property
     def track_dynamics(self) -> bool:
@@ -620,7 +621,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         settings = dict(dataloader_persistent_workers=False, dataloader_drop_last=False)
         if isinstance(dataset, InMemoryDataset):
             settings.update(dataloader_num_workers=0, dataloader_prefetch_factor=None)
-        with self._loader_settings(**settings):
+        with self._loader_settings(**settings), self._keeping_positional_input(dataset):
             return self._get_dataloader(dataset, "headprep", self.measure_batch_size)
 
     @contextlib.contextmanager
@@ -693,7 +694,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             and eval_dataset is not self.eval_dataset
         ):
             return self._single_use_loader(eval_dataset, "Evaluation")
-        return super().get_eval_dataloader(eval_dataset)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, str) and isinstance(self.eval_dataset, dict):
+            dataset = self.eval_dataset.get(dataset)
+        with self._keeping_positional_input(dataset):
+            return super().get_eval_dataloader(eval_dataset)
 
     def get_test_dataloader(self, test_dataset):
         """`Trainer.get_test_dataloader`, with workers that stop when `predict()` has read the set: Trainer builds a
@@ -702,11 +707,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         return self._single_use_loader(test_dataset, "test")
 
     def _single_use_loader(self, dataset, description: str):
-        with self._loader_settings(dataloader_persistent_workers=False):
+        with self._loader_settings(dataloader_persistent_workers=False), self._keeping_positional_input(dataset):
             return self._get_dataloader(dataset, description, self.args.eval_batch_size, self._get_eval_sampler)
 
     def get_train_dataloader(self):
-        loader = super().get_train_dataloader()
+        with self._keeping_positional_input(self.train_dataset):
+            loader = super().get_train_dataloader()
         self._worker_loaders.append(loader)
         return loader
 
@@ -1111,11 +1117,15 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if self.problem_type != "regression":
             return
         stages = {"hp": ("hp",), "ft": ("ft",), "both": ("hp", "ft")}[plan]
-        given = [
-            f"{stage}_label_smoothing={getattr(self.args, f'{stage}_label_smoothing')}"
-            for stage in stages
-            if getattr(self.args, f"{stage}_label_smoothing") > 0 and (stage == "ft" or self.args.hp_epochs > 0)
-        ]
+        given = []
+        for stage in stages:
+            if stage == "hp" and self.args.hp_epochs == 0 or not self.uses_trainer_loss(stage=stage):
+                continue
+            for name in (f"{stage}_label_smoothing", "label_smoothing_factor"):  # (the stage's, else Trainer's)
+                if getattr(self.args, name) > 0:
+                    given.append(f"{name}={getattr(self.args, name)}")
+                    break
+        given = list(dict.fromkeys(given))
         if given:
             raise ValueError(
                 f"{', '.join(given)} with a regression task: label smoothing applies to class labels, and a "

@@ -7,7 +7,6 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,7 +103,7 @@ class HFImageClassificationDataset(Dataset):
 
     def content_digest(self) -> str | None:
         """`local_files_digest` of the image files (None for images stored as bytes): the sweep fingerprint's
-        `files`."""
+        `content`."""
         return local_files_digest(self._source, self.image_column)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
@@ -122,8 +121,12 @@ def files_digest(paths: Sequence[str]) -> str:
     size, in order: what tells two folders of the same layout and labels apart without reading an image."""
     digest = hashlib.sha256()
     for path in paths:
-        size = os.path.getsize(path) if os.path.isfile(path) else -1
-        digest.update(f"{'/'.join(Path(path).parts[-2:])}:{size}\n".encode())
+        try:
+            size = os.stat(path).st_size  # (one call per file: large folders on network file systems)
+        except OSError:
+            size = -1
+        head, name = os.path.split(path)
+        digest.update(f"{os.path.basename(head)}/{name}:{size}\n".encode())
     return digest.hexdigest()
 
 
@@ -716,16 +719,25 @@ def _encode_labels(raw: Any, label_column: str) -> tuple[Any, list[str]]:
     # One mapping for every split, from the training split's values (encoding split by split could number the
     # classes differently). Withheld labels stay -1: None, and a split's -1s where all its labels are -1 or None (a
     # Hub test split's mark; a -1 among other values is a class, as in -1/+1 labels).
-    def marks(split) -> set:
-        present = set(split[label_column])
-        return {None, -1} if present <= {None, -1} else {None}
+    values = sorted({value for value in raw["train"][label_column] if value is not None})
 
-    withheld_in = {name: marks(split) for name, split in raw.items()}
+    def marks(name: str, split) -> set:
+        present = set(split[label_column])
+        all_marks = name != "train" and present <= {None, -1} and -1 not in values
+        return {None, -1} if all_marks else {None}
+
+    withheld_in = {name: marks(name, split) for name, split in raw.items()}
 
     def withheld(value, name: str) -> bool:
         return any(value is mark or (mark is not None and value == mark) for mark in withheld_in[name])
 
-    values = sorted({value for value in raw["train"][label_column] if not withheld(value, "train")})
+    negative = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0]
+    if negative and 0 in values:
+        warnings.warn(
+            f"label_column={label_column!r}: the value(s) {negative} are taken as classes beside "
+            f"{sorted(set(values) - set(negative))[:10]}. If they mark unlabelled samples, drop those samples.",
+            stacklevel=3,
+        )
     for name, split in raw.items():
         extra = sorted({value for value in split[label_column] if not withheld(value, name)} - set(values))
         if extra:

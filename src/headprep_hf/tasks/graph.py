@@ -59,7 +59,12 @@ class GraphArguments:
     dataset_root: str | None = field(default=None, metadata={"help": "Folder holding the OGB dataset folders."})
     num_layers: int = field(default=5, metadata={"help": "GCN layers (paper: 5)."})
     hidden_size: int = field(default=300, metadata={"help": "GCN width (paper/OGB: 300)."})
-    dropout: float = field(default=0.5, metadata={"help": "Dropout after each GCN layer (OGB: 0.5)."})
+    dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dropout after each GCN layer (default: the loaded model's; 0.5, OGB's, for the offline source)."
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache for the converted data and source model."})
     source_epochs: int = field(default=3, metadata={"help": "Epochs of the offline source pretraining."})
     source_max_graphs: int | None = field(
@@ -218,7 +223,7 @@ def pretrain_chembl_source(
     suffix += f"-d{dropout:g}" if dropout != 0.5 else ""  # (0.5, OGB's: the name entries had before it counted)
     final = root / f"chembl24-gcn-L{num_layers}-H{hidden_size}-e{epochs}-s{seed}{suffix}"
     state = _process_state()
-    cached = (final / MODEL_WEIGHTS).is_file()
+    cached = (final / MODEL_WEIGHTS).is_file() and _cached_config_fits(final, num_layers, hidden_size, dropout)
     if state is not None and state.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -236,12 +241,24 @@ def pretrain_chembl_source(
         # The main process of each machine publishes: a machine's cache may be its own disk. Where machines share
         # the folder, the first to publish keeps its complete copy (`_publish`).
         if state is None or state.is_local_main_process:
-            _publish(partial, final, replace=False)
+            _publish(partial, final, replace=(final / MODEL_WEIGHTS).is_file())  # (an entry that does not fit)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     if state is not None:
         state.wait_for_everyone()  # no process reads the entry before its machine's main process has published it
     return final
+
+
+def _cached_config_fits(folder: Path, num_layers: int, hidden_size: int, dropout: float) -> bool:
+    """Whether a cached source was built as asked: entries written before the name held the dropout were named for
+    0.5 whatever theirs was. One that does not fit is trained again (with a warning), not reused."""
+    config = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else {}
+    asked = {"num_layers": num_layers, "hidden_size": hidden_size, "dropout": dropout}
+    differing = {k: (config.get(k), v) for k, v in asked.items() if config.get(k) != v}
+    if differing:
+        logger.warning("The cached source %s was built with other settings %s (cached, asked): training it again.",
+                       folder, differing)  # fmt: skip
+    return not differing
 
 
 def _process_state():
@@ -309,7 +326,8 @@ def load_graph(args: GraphArguments, seed: int) -> TaskInputs:
     if args.model_name_or_path is None:
         state = _process_state()  # the device the run's training arguments chose
         source = pretrain_chembl_source(
-            args.cache_dir, args.source_epochs, args.num_layers, args.hidden_size, args.dropout,
+            args.cache_dir, args.source_epochs, args.num_layers, args.hidden_size,
+            0.5 if args.dropout is None else args.dropout,
             max_graphs=args.source_max_graphs, use_cpu=state is not None and state.device.type == "cpu",
         )  # fmt: skip
     else:

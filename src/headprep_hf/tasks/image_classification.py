@@ -148,7 +148,7 @@ def _check_input_size(model, config: dict, image_size: int | None) -> None:
     """One forward of a blank image of the data config's size, before any work: a model built for one input size (a
     ViT's position embeddings) refuses others only at its first batch, in its own words, without naming the flag."""
     size = tuple(config["input_size"])
-    blank = torch.zeros((1, *size), dtype=torch.uint8)
+    blank = torch.zeros((2, *size), dtype=torch.uint8)  # (two: a layer of batch statistics refuses one sample)
     modes = {module: module.training for module in model.modules()}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     # (a model saved in bf16 or fp16 runs under autocast in training; the blank comes out of the normalisation float32)
