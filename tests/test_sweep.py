@@ -424,9 +424,9 @@ def test_a_folder_of_an_earlier_version_is_named_as_such_not_as_a_changed_settin
 
     mine = {"taus": [0], "model": "m", "model_settings": "s", "config": "c2", "seeded_heads": False}
     earlier = {k: v for k, v in mine.items() if k != "model_settings"}
-    assert fingerprint_differences(mine, {**earlier, "config": "c1"}) == [
-        "the version that wrote it (an earlier headprep_hf, whose fingerprint has no model_settings)"
-    ]
+    version = "the version that wrote it (an earlier headprep_hf, whose fingerprint has no model_settings)"
+    assert fingerprint_differences(mine, earlier) == [version]
+    assert fingerprint_differences(mine, {**earlier, "config": "c1"}) == ["the settings", version]
     # settings an earlier file did not record had their defaults: only the real change is named, either way round
     their = {"learning_rate": 1e-3}
     now = {"learning_rate": 3e-4, "remove_unused_columns": True, "include_for_metrics": []}
@@ -440,7 +440,14 @@ def test_a_folder_of_an_earlier_version_is_named_as_such_not_as_a_changed_settin
     data = {"train": {"length": 4, "labels": "l", "content": "c"}, "test": None}
     earlier_data = {"train": {"length": 4, "labels": "l"}, "test": None}
     assert fingerprint_differences({**mine, "data": data}, {**mine, "data": earlier_data}) == [
-        "the version that wrote it (an earlier headprep_hf, whose fingerprint has no data content)"
+        "the data's content, which this run records and that file does not (written by an earlier headprep_hf "
+        "version, or of data whose content was not read: images stored as bytes)"
+    ]
+    # and where something else differs too, that is named (a set with no content digest records none)
+    other = {**mine, "config": "c1", "data": {"train": {"length": 5, "labels": "l"}, "test": None}}
+    assert fingerprint_differences({**mine, "data": data}, other) == [
+        "the settings",
+        "the data (train: 5 -> 4 samples)",
     ]
 
 

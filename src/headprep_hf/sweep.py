@@ -1277,17 +1277,30 @@ def fingerprint_differences(
 ) -> list[str]:
     """What differs between two sweep fingerprints, in words: each part, with the settings, task arguments and data
     sets that differ where the records say (`sweep.json`'s `settings` and `task`; `theirs` first, then `mine`)."""
+    # Parts (and keys of a set's description) this version records and `theirs` lacks: compared without them, and
+    # named as the version's doing only where nothing else differs (a set with no content digest has no `content`).
     missing = [key for key in _FINGERPRINT_PARTS if key in mine and key not in theirs]
+    mine = {k: v for k, v in mine.items() if k not in missing}
     their_data, my_data = theirs.get("data"), mine.get("data")
-    if isinstance(their_data, dict) and isinstance(my_data, dict):  # (a key a set's description gained since)
-        gained = set()
+    if isinstance(their_data, dict) and isinstance(my_data, dict):
+        gained, data = set(), {}
         for split, described in my_data.items():
             earlier = their_data.get(split)
             if isinstance(described, dict) and isinstance(earlier, dict):
-                gained |= {f"data {key}" for key in described if key not in earlier}
-        missing += sorted(gained)
-    if missing:  # (a part this version added: not a change the user made)
-        return [f"the version that wrote it (an earlier headprep_hf, whose fingerprint has no {', '.join(missing)})"]
+                gained |= {key for key in described if key not in earlier}
+                described = {k: v for k, v in described.items() if k in earlier}
+            data[split] = described
+        mine = {**mine, "data": data}
+    else:
+        gained = set()
+    version = f"the version that wrote it (an earlier headprep_hf, whose fingerprint has no {', '.join(missing)})"
+    if (missing or gained) and all(theirs.get(key) == mine.get(key) for key in _FINGERPRINT_PARTS if key in mine):
+        if missing:
+            return [version]
+        return [
+            f"the data's {', '.join(sorted(gained))}, which this run records and that file does not (written by "
+            "an earlier headprep_hf version, or of data whose content was not read: images stored as bytes)"
+        ]
     out = []
     for key, name in _FINGERPRINT_PARTS.items():
         a, b = theirs.get(key), mine.get(key)
@@ -1325,7 +1338,7 @@ def fingerprint_differences(
                     sets.append(f"{split}: other content (image files or graphs)")
             detail = f" ({', '.join(sets)})" if sets else ""
         out.append(name + detail)
-    return out
+    return out + ([version] if missing else [])
 
 
 def _check_same_sweep(first_file: Path, first: dict, other_file: Path, other: dict) -> None:

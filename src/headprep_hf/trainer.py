@@ -12,6 +12,7 @@ norm: a callback), `schedules`, `feature_cache` (cached HP), `hub` (the prepared
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from .checkpoints import (
     verify,
 )
 from .config import HeadPrepConfig, check_activation_checkpointing, check_trainer_inputs
-from .dynamics import InMemoryDataset, forked_rng
+from .dynamics import InMemoryDataset
 from .export import is_timm_model, write_timm_config
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteGuard, check_finite
@@ -56,7 +57,6 @@ from .labels import (
     check_label_key,
     check_not_empty,
     check_trainer_datasets,
-    first_item,
     infer_problem_type,
     shape_mismatch_error,
     single_sample_batch_error,
@@ -107,6 +107,22 @@ RESUME_SETTINGS = (
     "on_nonfinite", "problem_type", "ignore_index", "train_sampling_strategy", "drift_probe_samples",
 )  # fmt: skip
 _STAGE_LOG_KEYS = ("loss", "grad_norm", "learning_rate", "head_grad_norm")
+
+
+class KeepPositionalInput:
+    """A collator wrapper removing an item's unused keys as Trainer's `RemoveColumnsCollator` does (those not in
+    `keep`), except for an item without `input_name`: it is passed whole, its one input besides the labels going to a
+    forward called by position (see `HeadPrepTrainer._keeping_positional_input`)."""
+
+    def __init__(self, collator, keep: set[str], input_name: str):
+        self.collator, self.keep, self.input_name = collator, keep, input_name
+
+    def __call__(self, features: list):
+        features = [
+            {k: v for k, v in f.items() if k in self.keep} if isinstance(f, dict) and self.input_name in f else f
+            for f in features
+        ]
+        return self.collator(features)
 
 
 def shutdown_persistent_workers(loader) -> None:
@@ -229,27 +245,33 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if self.args.hp_epochs > 0 or self.track_dynamics:
             self._add_own_callbacks()
 
+    @contextlib.contextmanager
     def _keeping_positional_input(self, dataset):
         """A context for building a loader over `dataset`: Trainer's column removal, except where it would drop the
         one input of a forward called by position (`forward(x)`, timm ViTs' `forward(x, attn_mask=None, ...)`),
         whose batches name it otherwise (`pixel_values`): with Trainer such a model never gets its input, and the
-        trainer passes it by position. Decided per dataset from its keys (an iterable set's first item)."""
+        trainer passes it by position. A `datasets.Dataset` is decided by its columns; other sets item by item, as
+        Trainer removes their columns (`KeepPositionalInput`), so that no item is read ahead."""
         caller = self.model_caller
         if not (self.args.remove_unused_columns and caller.positional) or dataset is None:
-            return contextlib.nullcontext()
-        keys = getattr(dataset, "column_names", None)
-        if not isinstance(keys, list):
-            item = first_item(dataset)
-            if item is None and isinstance(dataset, torch.utils.data.IterableDataset):
-                try:
-                    with forked_rng():  # (reading a sample may draw random numbers)
-                        item = next(iter(dataset), None)
-                except Exception:  # noqa: BLE001 - a stream that cannot be read twice: decided as unknown below
-                    item = None
-            keys = list(item) if isinstance(item, Mapping) else None
-        if keys is not None and caller.input_name in keys:
-            return contextlib.nullcontext()  # (kept by name: the other columns go, as for any model)
-        return self._loader_settings(remove_unused_columns=False)
+            yield
+            return
+        columns = getattr(dataset, "column_names", None)
+        if isinstance(columns, list) and caller.input_name in columns:
+            yield  # (kept by name: the other columns go, as for any model)
+            return
+        collator = self.data_collator
+        if not isinstance(columns, list):
+            # Trainer's signature columns (`Trainer._set_signature_columns_if_needed`): the forward's arguments and
+            # the label names.
+            model = unwrap_peft_model(self.accelerator.unwrap_model(self.model))
+            keep = {*inspect.signature(model.forward).parameters, "label", "label_ids", *self.label_names}
+            self.data_collator = KeepPositionalInput(collator, keep, caller.input_name)
+        try:
+            with self._loader_settings(remove_unused_columns=False):
+                yield
+        finally:
+            self.data_collator = collator
 
     @property
     def track_dynamics(self) -> bool:

@@ -402,18 +402,18 @@ class GraphPropertyDataset(Dataset):
         # Once per dataset (its splits share the storage; ogbg-molpcba's is about 1.8 GB), without copying it.
         import hashlib
 
-        cached = getattr(self.dataset, "_headprep_storage_digest", None)
-        if cached is not None:
-            return cached
-        digest = hashlib.sha256()
         storage = self._storage()
+        cached = getattr(self.dataset, "_headprep_storage_digest", None)
+        if cached is not None and cached[0] is storage:  # (PyG's `copy()` copies the attribute, not the storage)
+            return cached[1]
+        digest = hashlib.sha256()
         for key in ("x", "edge_index", "edge_attr"):
             value = getattr(storage, key, None)
             if isinstance(value, torch.Tensor):
                 digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
-                digest.update(memoryview(value.detach().cpu().contiguous().numpy()).cast("B"))
-        self.dataset._headprep_storage_digest = digest.hexdigest()
-        return self.dataset._headprep_storage_digest
+                digest.update(value.detach().cpu().contiguous().numpy())  # (its buffer: no copy)
+        self.dataset._headprep_storage_digest = (storage, digest.hexdigest())
+        return self.dataset._headprep_storage_digest[1]
 
     def __len__(self) -> int:
         return len(self.indices)

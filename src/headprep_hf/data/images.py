@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -122,11 +123,12 @@ def files_digest(paths: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         try:
-            size = os.stat(path).st_size  # (one call per file: large folders on network file systems)
+            info = os.stat(path)  # (one call per file: large folders on network file systems)
+            size = info.st_size if stat.S_ISREG(info.st_mode) else -1
         except OSError:
             size = -1
-        head, name = os.path.split(path)
-        digest.update(f"{os.path.basename(head)}/{name}:{size}\n".encode())
+        head, name = os.path.split(os.path.normpath(path))
+        digest.update(f"{os.path.basename(head) + '/' if head else ''}{name}:{size}\n".encode())
     return digest.hexdigest()
 
 

@@ -227,7 +227,10 @@ def _publish(tmp_dir: Path, final_dir: Path, replace: bool) -> None:
     if replace and final_dir.exists():
         # Move the old copy aside first; os.replace cannot overwrite a non-empty folder.
         old = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
-        os.replace(final_dir, old / "model")
+        try:
+            os.replace(final_dir, old / "model")
+        except FileNotFoundError:
+            pass  # (another process moved it aside first)
         shutil.rmtree(old, ignore_errors=True)
     try:
         os.replace(tmp_dir, final_dir)

@@ -241,7 +241,11 @@ def pretrain_chembl_source(
         # The main process of each machine publishes: a machine's cache may be its own disk. Where machines share
         # the folder, the first to publish keeps its complete copy (`_publish`).
         if state is None or state.is_local_main_process:
-            _publish(partial, final, replace=(final / MODEL_WEIGHTS).is_file())  # (an entry that does not fit)
+            # (an entry that does not fit is replaced; one another process published meanwhile that fits is kept)
+            stale = (final / MODEL_WEIGHTS).is_file() and not _cached_config_fits(
+                final, num_layers, hidden_size, dropout, warn=False
+            )
+            _publish(partial, final, replace=stale)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     if state is not None:
@@ -249,13 +253,13 @@ def pretrain_chembl_source(
     return final
 
 
-def _cached_config_fits(folder: Path, num_layers: int, hidden_size: int, dropout: float) -> bool:
+def _cached_config_fits(folder: Path, num_layers: int, hidden_size: int, dropout: float, warn: bool = True) -> bool:
     """Whether a cached source was built as asked: entries written before the name held the dropout were named for
     0.5 whatever theirs was. One that does not fit is trained again (with a warning), not reused."""
     config = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else {}
     asked = {"num_layers": num_layers, "hidden_size": hidden_size, "dropout": dropout}
     differing = {k: (config.get(k), v) for k, v in asked.items() if config.get(k) != v}
-    if differing:
+    if differing and warn:
         logger.warning("The cached source %s was built with other settings %s (cached, asked): training it again.",
                        folder, differing)  # fmt: skip
     return not differing
