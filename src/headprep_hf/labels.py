@@ -368,7 +368,9 @@ def check_item_format(trainer) -> None:
         caller = trainer.model_caller
         input_name = getattr(model, "main_input_name", None)
         if not isinstance(input_name, str):
-            input_name = caller.param_names[0] if caller.param_names and not caller.positional else "pixel_values"
+            # (a forward called by position takes any key: its argument's name, except timm's bare `x`)
+            named = caller.param_names[0] if caller.param_names else "x"
+            input_name = "pixel_values" if named == "x" and caller.positional else named
         label = trainer.label_names[0] if trainer.label_names else "labels"
         kinds = ", ".join(type(v).__name__ for v in item) if isinstance(item, (tuple, list)) else ""
         raise ValueError(
