@@ -287,6 +287,32 @@ def test_a_cached_offline_source_built_otherwise_is_not_reused(tmp_path, caplog)
     assert "built with other settings {'dropout': (0.2, 0.5)}" in caplog.text
 
 
+def test_graphs_the_gcn_cannot_take_and_a_config_that_does_not_fit_are_named(tmp_path):
+    # These failed inside the model: "'NoneType' object has no attribute 'shape'", an embedding dtype error, and a
+    # bare load_state_dict RuntimeError.
+    from torch_geometric.data import Data
+
+    from headprep_hf.tasks.graph import load_graph_model, save_graph_model
+
+    good = dict(x=torch.zeros(3, 9, dtype=torch.long), edge_index=torch.tensor([[0, 1], [1, 0]]),
+                edge_attr=torch.zeros(2, 3, dtype=torch.long), y=torch.tensor([[1.0, 0.0]]))  # fmt: skip
+    assert GraphCollator()([Data(**good), Data(**good)])["labels"].shape == (2, 2)
+    for change, named in (
+        (dict(edge_attr=None), "has no edge_attr"),
+        (dict(x=torch.rand(3, 9)), r"x of shape \(3, 9\) and dtype torch.float32"),
+        (dict(y=None), "no y"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"GraphCollator: graph 1 of the batch {'has ' if 'has' not in named else ''}{named}"
+        ):
+            GraphCollator()([Data(**good), Data(**{**good, **change})])
+    save_graph_model(tiny_gcn(num_tasks=2), tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit the GCN its config.json describes \(size"):
+        load_graph_model(tmp_path / "src")
+
+
 def test_regression_task_uses_mse_and_residual_energy(tmp_path):
     from headprep_hf.data.graphs import ogb_splits
 

@@ -428,6 +428,29 @@ def ogb_splits(ogb_dataset) -> dict[str, GraphPropertyDataset]:
     return {SPLIT_NAMES[k]: GraphPropertyDataset(ogb_dataset, v) for k, v in split.items()}
 
 
+def _check_graph(graph, position: int) -> None:
+    """A graph the GCN can take (OGB's `smiles2graph` layout), else a `ValueError` naming what is missing: the model's
+    own errors (`'NoneType' object has no attribute 'shape'`) name neither the graph nor the field."""
+    problems = []
+    for key in ("x", "edge_attr"):
+        value = getattr(graph, key, None)
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"no {key}")
+        elif value.dim() != 2 or value.is_floating_point():
+            problems.append(f"{key} of shape {tuple(value.shape)} and dtype {value.dtype} (integer features, 2-D)")
+    edge_index = getattr(graph, "edge_index", None)
+    if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        problems.append("no edge_index of shape (2, edges)")
+    if getattr(graph, "y", None) is None:
+        problems.append("no y (the labels, NaN where missing)")
+    if problems:
+        raise ValueError(
+            f"GraphCollator: graph {position} of the batch has {'; '.join(problems)}. The GCN takes OGB's molecule "
+            "graphs: integer node features x and edge features edge_attr as `ogb.utils.smiles2graph` gives them, and "
+            "labels y of shape (1, tasks) (see headprep_hf.data.graphs.write_ogb_dataset)."
+        )
+
+
 class GraphCollator:
     """PyG graphs -> `{"x", "edge_index", "edge_attr", "batch", "ptr", "labels"}` (labels float `(graphs, tasks)`,
     NaN = missing), the batch `headprep_hf.models.GCN` takes."""
@@ -435,6 +458,8 @@ class GraphCollator:
     def __call__(self, graphs: list) -> dict[str, torch.Tensor]:
         from torch_geometric.data import Batch
 
+        for i, graph in enumerate(graphs):
+            _check_graph(graph, i)
         batch = Batch.from_data_list(graphs)
         return {
             "x": batch.x,

@@ -123,7 +123,14 @@ def load_graph_model(
     new_head = new_head or config["num_tasks"] != saved_tasks
     if new_head:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # (shapes: a config.json edited, or weights of another model)
+        raise ValueError(
+            f"{folder}: {MODEL_WEIGHTS} does not fit the GCN its {MODEL_CONFIG} describes "
+            f"({str(error).splitlines()[-1].strip()}). Save the model again with save_graph_model, or restore the "
+            "config it was saved with."
+        ) from None
     missing = [k for k in missing if not (k.startswith("classifier.") and new_head)]
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match the GCN config: missing {missing[:5]}, unexpected "
