@@ -723,15 +723,14 @@ def _encode_labels(raw: Any, label_column: str) -> tuple[Any, list[str]]:
     # Hub test split's mark; a -1 among other values is a class, as in -1/+1 labels).
     values = sorted({value for value in raw["train"][label_column] if value is not None})
 
-    def marks(name: str, split) -> set:
-        present = set(split[label_column])
-        all_marks = name != "train" and present <= {None, -1} and -1 not in values
-        return {None, -1} if all_marks else {None}
-
-    withheld_in = {name: marks(name, split) for name, split in raw.items()}
+    unlabelled = {
+        name
+        for name, split in raw.items()
+        if name != "train" and set(split[label_column]) <= {None, -1} and -1 not in values
+    }
 
     def withheld(value, name: str) -> bool:
-        return any(value is mark or (mark is not None and value == mark) for mark in withheld_in[name])
+        return value is None or (name in unlabelled and value == -1)
 
     negative = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0]
     if negative and 0 in values:
