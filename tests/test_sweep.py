@@ -441,7 +441,7 @@ def test_a_folder_of_an_earlier_version_is_named_as_such_not_as_a_changed_settin
     earlier_data = {"train": {"length": 4, "labels": "l"}, "test": None}
     assert fingerprint_differences({**mine, "data": data}, {**mine, "data": earlier_data}) == [
         "the data's content, which this run records and that file does not (written by an earlier headprep_hf "
-        "version, or of data whose content was not read: images stored as bytes)"
+        "version, or of data whose content was not read: more than 2 GB stored in its rows)"
     ]
     # and where something else differs too, that is named (a set with no content digest records none)
     other = {**mine, "config": "c1", "data": {"train": {"length": 5, "labels": "l"}, "test": None}}
@@ -485,6 +485,50 @@ def test_image_folders_of_one_layout_and_labels_are_told_apart_by_their_files(tm
     assert v1["train"]["labels"] == v2["train"]["labels"] and v1["train"]["content"] != v2["train"]["content"]
     shutil.copytree(tmp_path / "v1", tmp_path / "mnt" / "other" / "v1")
     assert description(tmp_path / "mnt" / "other" / "v1" / "train") == v1
+
+
+def test_data_stored_in_rows_is_told_apart_by_its_values(tmp_path, monkeypatch):
+    # Images stored as bytes (a Hub dataset, a `save_to_disk` folder) and a `datasets.Dataset` passed as it is had no
+    # `content`: two sets of one length and labels with other pictures or texts were one sweep's data.
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from headprep_hf.data import images
+    from headprep_hf.data.images import HFImageClassificationDataset
+    from headprep_hf.sweep import describe_data
+
+    def png(seed):
+        pixels = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        buffer = __import__("io").BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+
+    def stored(seeds, name):
+        data = datasets.Dataset.from_dict({"image": [png(s) for s in seeds], "label": [0, 1, 0, 1]}, features=features)
+        data.save_to_disk(str(tmp_path / name))
+        return datasets.load_from_disk(str(tmp_path / name))
+
+    first, other = stored([0, 1, 2, 3], "first"), stored([0, 1, 2, 4], "other")
+    copy = stored([0, 1, 2, 3], "copy")  # (the same values in another folder: the same data)
+
+    def wrapped(data):
+        return HFImageClassificationDataset(data, "image", "label", lambda image: image, ["a", "b"], name="train")
+
+    for describe in (lambda d: describe_data(train=d)["train"], lambda d: describe_data(train=wrapped(d))["train"]):
+        a, b, c = describe(first), describe(other), describe(copy)
+        assert a["labels"] == b["labels"] and a["content"] != b["content"] and a == c
+        assert describe(first.shuffle(seed=0))["content"] != a["content"]  # (the rows in another order)
+    # the transform is not the data: a raw set with one has the same content
+    assert describe_data(train=first.with_transform(lambda batch: batch)) == describe_data(train=first)
+    texts = [datasets.Dataset.from_dict({"text": ["a", t], "label": [0, 1]}) for t in ("b", "c")]
+    a, b = describe_data(a=texts[0], b=texts[1]).values()
+    assert a["labels"] == b["labels"] and a["content"] != b["content"]
+    # above the limit the rows are not read, and the set is told apart by its length and labels only
+    monkeypatch.setattr(images, "ROWS_DIGEST_MAX_BYTES", 10)
+    assert "content" not in describe_data(train=first)["train"]
 
 
 def test_the_number_of_processes_is_fingerprinted(tmp_path, monkeypatch):

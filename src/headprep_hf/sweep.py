@@ -46,6 +46,7 @@ from transformers.utils import logging as hf_logging
 
 from .checkpoints import latest_resumable
 from .config import HeadPrepConfig
+from .data.images import hf_content_digest
 from .files import read_json, read_safetensors
 from .fingerprint import settings_fingerprint, state_fingerprint
 from .guard import check_finite
@@ -457,9 +458,11 @@ def describe_data(**datasets) -> dict[str, dict | None]:
     labels where it hashes them itself (`label_digest()`: a segmentation set's masks), or of its label columns (a
     `datasets.Dataset`: `labels`, `label` and `ClassLabel` columns), else null.
 
-    Images are never read: decoding them is slow and training items are augmented (random), so they would make the
-    fingerprint slow and unstable. A dataset of the same length without labels to hash is not told apart from
-    another one; the task record (`task`) covers the command line's data settings."""
+    Where cheap, also `content`: the set's own `content_digest()` (image files, graphs, stored image bytes), or for a
+    `datasets.Dataset` passed as it is `hf_content_digest` (its stored values). Items are never decoded or
+    transformed: decoding is slow and training items are augmented (random), so they would make the fingerprint slow
+    and unstable. A dataset of the same length without labels or content to hash is not told apart from another one;
+    the task record (`task`) covers the command line's data settings."""
     out: dict[str, dict | None] = {}
     for name, dataset in datasets.items():
         if dataset is None:
@@ -479,6 +482,8 @@ def describe_data(**datasets) -> dict[str, dict | None]:
             digest = _hf_label_digest(dataset)
         out[name] = {"length": length, "labels": digest}
         content = dataset.content_digest() if callable(getattr(dataset, "content_digest", None)) else None
+        if content is None and "datasets" in sys.modules and isinstance(dataset, sys.modules["datasets"].Dataset):
+            content = hf_content_digest(dataset)  # (a `datasets.Dataset` passed as it is)
         if content is not None:  # (two sets of one length and labels: other pictures or graphs; absent before)
             out[name]["content"] = content
     return out
@@ -1299,7 +1304,7 @@ def fingerprint_differences(
             return [version]
         return [
             f"the data's {', '.join(sorted(gained))}, which this run records and that file does not (written by "
-            "an earlier headprep_hf version, or of data whose content was not read: images stored as bytes)"
+            "an earlier headprep_hf version, or of data whose content was not read: more than 2 GB stored in its rows)"
         ]
     out = []
     for key, name in _FINGERPRINT_PARTS.items():
@@ -1335,7 +1340,7 @@ def fingerprint_differences(
                 elif da.get("labels") != db.get("labels"):
                     sets.append(f"{split}: other labels")
                 else:
-                    sets.append(f"{split}: other content (image files or graphs)")
+                    sets.append(f"{split}: other content (images, text or graphs)")
             detail = f" ({', '.join(sets)})" if sets else ""
         out.append(name + detail)
     return out + ([version] if missing else [])

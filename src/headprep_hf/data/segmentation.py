@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import files_digest, local_files_digest, to_rgb, unreadable_image_error
+from .images import files_digest, local_files_digest, rows_digest, to_rgb, unreadable_image_error
 from .mnist import _stratified_split, load_mnist5k
 
 _EXIF_ORIENTATION = 0x0112
@@ -592,8 +592,8 @@ def load_hf_segmentation(
             crop_size, mean, std, train=is_train, ignore_index=ignore_index, normalize=normalize
         )
 
-        def content_digest() -> str | None:
-            digests = [local_files_digest(split, column) for column in (image_column, mask_column)]
+        def content_digest() -> str | None:  # (files where the images are local files, else their stored bytes)
+            digests = [local_files_digest(split, c) or rows_digest(split, [c]) for c in (image_column, mask_column)]
             return None if None in digests else hashlib.sha256("".join(digests).encode()).hexdigest()
 
         return SegmentationDataset(
