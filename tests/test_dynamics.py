@@ -402,3 +402,34 @@ def test_measurement_subsets_cover_a_class_sorted_set(tmp_path, train_set):
     probe = spread_indices(len(ordered), 12)
     z0 = _features(trainer.model, torch.stack([ordered[i]["pixel_values"] for i in probe]))
     torch.testing.assert_close(trainer.measurements.z0, z0, rtol=1e-5, atol=1e-6)
+
+
+def test_final_drift_is_the_returned_models_with_load_best_model_at_end(tmp_path):
+    # Trainer loads the best checkpoint before `on_train_end`; the drift reported beside its metrics
+    # (final_results.json, sweep.json, the card) was the last update's, another model's.
+    from headprep_hf.measurements import final_drift_of
+    from headprep_hf.metrics import accuracy_metrics
+
+    args = make_config(
+        tmp_path, hp_epochs=1, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch", learning_rate=5e-2,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # (an early one: the worst)
+    )  # fmt: skip
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=args, train_dataset=TinyImages(48), eval_dataset=TinyImages(16, seed=1),
+        compute_metrics=accuracy_metrics(),
+    )  # fmt: skip
+    trainer.train()
+    best, drift = trainer.state.best_global_step, trainer.dynamics["drift"]
+    assert best != drift[-1]["step"]  # (the setting this is about)
+    returned = drift_metrics(trainer.measurements.z0, trainer.measurements._probe())  # the model train() returned
+    final = trainer.dynamics["final_drift"]
+    assert final["step"] == best and final["model"] == "best checkpoint" and final_drift_of(trainer.dynamics) == final
+    recorded = next(d for d in drift if d["step"] == best)  # (measured at that step, on the same weights)
+    for key in ("sq_dist", "dot", "sq_norm", "cos"):
+        assert final[key] == pytest.approx(returned[key], rel=1e-5) == pytest.approx(recorded[key], rel=1e-5)
+    assert abs(final["sq_dist"] - drift[-1]["sq_dist"]) > 1e-3 * drift[-1]["sq_dist"]
+    # without the best model loaded, the final drift is the last record
+    args = make_config(tmp_path / "b", hp_epochs=1, num_train_epochs=2)
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(48))
+    trainer.train()
+    assert trainer.dynamics["final_drift"] == {**trainer.dynamics["drift"][-1], "model": "last update"}

@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from .export import model_label_names
+from .measurements import final_drift_of
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -303,7 +304,7 @@ def finetuned_model_card(
     model = trainer.accelerator.unwrap_model(trainer.model)
     args = trainer.args
     dyn = trainer.dynamics
-    drift = (dyn.get("drift") or [{}])[-1]
+    drift = final_drift_of(dyn) or {}  # (the card's model: the best checkpoint's where it was loaded)
     hp = head_probing_record(trainer)
     pipeline_tag = _first(tasks) or pipeline_tag_of(model)
     dataset_type, dataset_name = _dataset_of(_first(dataset_tags), _first(dataset))

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -215,6 +216,15 @@ def _reads_each_sample_once(trainer) -> bool:
     )
 
 
+def final_drift_of(dynamics: dict) -> dict | None:
+    """The drift of the model a run returned (`final_drift`), or the last `drift` record in a file written before
+    `final_drift` was recorded; None where no drift was measured."""
+    if dynamics.get("final_drift"):
+        return dynamics["final_drift"]
+    drift = dynamics.get("drift") or []
+    return drift[-1] if drift else None
+
+
 class MeasurementCallback(TrainerCallback):
     """Energy, HP train accuracy and p0 at FT start, drift and head gradient norm during FT (`trainer.dynamics`).
 
@@ -333,6 +343,7 @@ class MeasurementCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._maybe_drift()
+        self._final_drift(args, state)
         self._probe_loader = None  # the probe's (pinned) batches are not held after the run; rebuilt when needed
 
     # ------------------------------------------------------------------ measurements
@@ -421,20 +432,47 @@ class MeasurementCallback(TrainerCallback):
 
     def measure_drift(self) -> dict[str, float]:
         """Drift of the probe features at the current weights from z_0, recorded in `dynamics["drift"]`."""
+        metrics = self._drift_now(f"drift at step {self.trainer.state.global_step}")
+        if metrics is None:
+            return {}
+        state = self.trainer.state
+        self.dynamics.setdefault("drift", []).append({"step": state.global_step, "epoch": state.epoch, **metrics})
+        self.pending.update({f"drift/{k}": metrics[k] for k in DRIFT_KEYS})
+        return metrics
+
+    def _drift_now(self, what: str) -> dict[str, float | None] | None:
+        """The drift metrics of the probe at the current weights (None where a loaded z_0 does not fit them)."""
         if self.z0 is None:
             raise RuntimeError("No z_0 yet: call measure_start() (or run HP / start FT) before measure_drift().")
         zt = self._probe()
         if self.z0_path is not None and self.z0.shape != zt.shape:  # (loaded: this run's own z_0 always fits)
             self._drop_z0(f"z_0 has shape {tuple(self.z0.shape)} where this version measures {tuple(zt.shape)}")
-            return {}
+            return None
         metrics = drift_metrics(self.z0, zt)
         if not all(math.isfinite(v) for v in metrics.values()):
-            self._note_nonfinite(f"drift at step {self.trainer.state.global_step}: the probe features are NaN/inf")
+            self._note_nonfinite(f"{what}: the probe features are NaN/inf")
             metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-        state = self.trainer.state
-        self.dynamics.setdefault("drift", []).append({"step": state.global_step, "epoch": state.epoch, **metrics})
-        self.pending.update({f"drift/{k}": metrics[k] for k in DRIFT_KEYS})
         return metrics
+
+    def _final_drift(self, args, state) -> None:
+        """`dynamics["final_drift"]`: the drift of the model `train()` returns. That is the last update's (the last
+        `drift` record), except where `load_best_model_at_end` loaded the best checkpoint (Trainer does so before
+        `on_train_end`): then it is measured again on the loaded weights, so the drift reported beside the
+        metrics (`final_results.json`, `sweep.json`, the card) is the evaluated model's, not the last update's."""
+        trainer = self.trainer
+        drift = self.dynamics.get("drift")
+        if not (trainer.track_dynamics and trainer.stage_plan.ft_started and self.z0 is not None and drift):
+            return
+        best = state.best_model_checkpoint
+        if not (args.load_best_model_at_end and best is not None):
+            self.dynamics["final_drift"] = {**drift[-1], "model": "last update"}
+            return
+        step = state.best_global_step
+        if step is None:  # (an older TrainerState: the step from the checkpoint's name)
+            step = int(re.search(r"(\d+)$", os.path.basename(os.path.normpath(best))).group(1))
+        metrics = self._drift_now(f"drift of the best checkpoint (step {step})")
+        if metrics is not None:
+            self.dynamics["final_drift"] = {"step": step, **metrics, "model": "best checkpoint"}
 
     def record_head_grad(self) -> None:
         """Add the head's current gradient norm to the window read at the next logging step (no host sync)."""

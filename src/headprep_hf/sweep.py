@@ -51,6 +51,7 @@ from .files import read_json, read_safetensors
 from .fingerprint import settings_fingerprint, state_fingerprint
 from .guard import check_finite
 from .heads import reinitialize_head
+from .measurements import final_drift_of
 from .progress import QuietProgressCallback
 from .replicates import describe, infer_greater_is_better, is_tie, paired_difference, verdict
 from .split import find_split
@@ -904,7 +905,6 @@ class TauSweep:
         if self.test_dataset is not None:
             test = _strip(trainer.evaluate(self.test_dataset, metric_key_prefix="test"), "test_")
         dyn = trainer.dynamics
-        drift = dyn.get("drift") or []
         result = {
             "tau": tau,
             "seed": seed,
@@ -912,7 +912,7 @@ class TauSweep:
             "energy": dyn.get("energy"),
             "p0_mean": dyn.get("p0_mean"),
             "p0_histogram": dyn.get("p0_histogram") if dyn.get("p0_mean") is not None else None,
-            "drift": drift[-1] if drift else None,
+            "drift": final_drift_of(dyn),  # (the evaluated model's: the best checkpoint's where it was loaded)
             "validation": validation,
             "test": test,
             "head_grad_norm": dyn.get("head_grad_norm", []),

@@ -124,6 +124,7 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
 
     Returns the trainer and the metrics (`validation_*`, `test_*`, `energy`, `hp_train_accuracy`, `drift_*`).
     """
+    from ..measurements import final_drift_of
     from ..trainer import HeadPrepTrainer
 
     resolve_loader_settings(training_args, inputs)
@@ -148,8 +149,9 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
         metrics.update(trainer.evaluate(inputs.test_dataset, metric_key_prefix="test"))
     dyn = trainer.dynamics
     metrics.update({"energy": dyn.get("energy"), "hp_train_accuracy": dyn.get("hp_train_accuracy")})
-    if dyn.get("drift"):
-        metrics.update({f"drift_{k}": v for k, v in dyn["drift"][-1].items() if k not in ("step", "epoch")})
+    final_drift = final_drift_of(dyn)  # (the returned model's: the best checkpoint's with load_best_model_at_end)
+    if final_drift:
+        metrics.update({f"drift_{k}": v for k, v in final_drift.items() if k not in ("step", "epoch", "model")})
     trainer.log_metrics("final", {k: v for k, v in metrics.items() if v is not None})  # (None: not measured)
     trainer.save_metrics("final", metrics)
     card = dict(inputs.card, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
