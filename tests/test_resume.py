@@ -74,8 +74,11 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     trainer.train()
     other = make_config(tmp_path, hp_epochs=2, num_train_epochs=1)
     fresh = HeadPrepTrainer(model=tiny_timm(), args=other, train_dataset=TinyImages(48, seed=0))
+    pretrained = {k: v.clone() for k, v in fresh.model.state_dict().items()}
     with pytest.raises(ValueError, match="written with 3 HP steps but this configuration gives 6"):
         fresh.train(resume_from_checkpoint=True)
+    # refused before Trainer loaded the checkpoint's weights: a new run on this model starts from the pretrained one
+    assert all(torch.equal(v, pretrained[k]) for k, v in fresh.model.state_dict().items())
     with pytest.raises(ValueError, match="written by train\\(\\); resume it with train"):
         fresh.finetune(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
 
@@ -112,6 +115,29 @@ def test_overwrite_moves_the_earlier_runs_checkpoints_aside(tmp_path):
     reference.train()
     ref_state, res_state = reference.model.state_dict(), resumed.model.state_dict()
     assert [k for k in ref_state if not torch.equal(ref_state[k], res_state[k])] == []
+
+
+def test_cached_hp_refuses_a_used_output_dir_before_it_probes_the_head(tmp_path):
+    # train() with hp_cache_features ran cached HP before the output_dir checks: the refused run left the caller's
+    # head probed, and the retry the refusal advises (overwrite_output_dir=True, the same model) probed it again.
+    settings = dict(hp_epochs=2, hp_cache_features=True)
+    for earlier in (dict(save_strategy="no"), dict(save_strategy="steps", save_steps=2)):  # (results; checkpoints)
+        run = tmp_path / earlier["save_strategy"]
+        first = HeadPrepTrainer(model=tiny_timm(), args=make_config(run, **settings, **earlier),
+                                train_dataset=TinyImages(48))  # fmt: skip
+        first.train()
+        model = tiny_timm()
+        pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+        again = HeadPrepTrainer(
+            model=model, args=make_config(run, **settings, **earlier), train_dataset=TinyImages(48)
+        )
+        with pytest.raises(ValueError, match="earlier run"):
+            again.train()
+        assert all(torch.equal(v, pretrained[k]) for k, v in model.state_dict().items())
+        retry = HeadPrepTrainer(model=model, args=make_config(run, **settings, **earlier, overwrite_output_dir=True),
+                                train_dataset=TinyImages(48))  # fmt: skip
+        retry.train()
+        assert retry.dynamics["energy"] == first.dynamics["energy"]  # (the same run again: tau = 2, not 4)
 
 
 def test_new_run_refuses_to_overwrite_an_earlier_runs_results(tmp_path):
@@ -215,8 +241,12 @@ def test_a_resume_with_a_changed_setting_is_refused_naming_it(tmp_path, change):
     changed = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings, **change),
                               train_dataset=TinyImages(48))  # fmt: skip
     (key,) = change
+    pretrained = {k: v.clone() for k, v in changed.model.state_dict().items()}
     with pytest.raises(ValueError, match=rf"checkpoint-4 was written with other settings than this run's \({key}: "):
         changed.train(resume_from_checkpoint=True)
+    # (refused before Trainer loaded the checkpoint's weights into the model: the new run the message advises, on the
+    # same model, started from finetuned weights)
+    assert all(torch.equal(v, pretrained[k]) for k, v in changed.model.state_dict().items())
     # the same settings resume; evaluation and logging settings may change
     same = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings, logging_steps=3),
                            train_dataset=TinyImages(48))  # fmt: skip

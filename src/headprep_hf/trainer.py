@@ -505,6 +505,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))  # (before cached HP)
         if outside and resume_from_checkpoint in (None, False):
             self._check_all_labels("both")
+            # Before cached HP trains the caller's head: a refusal afterwards left it probed, and the retry the
+            # refusal advises (overwrite_output_dir=True, the same model) probed it again (tau doubled, unrecorded).
+            run_dir = Trainer._get_output_dir(self, trial)  # (the folder of this train() call's loop)
+            resume_checkpoint(run_dir, None, not self.args.overwrite_output_dir)
+            self._refuse_earlier_outputs(run_dir)
             self._probe_head_cached()
         return self._run(
             "both", resume_from_checkpoint, trial, ignore_keys_for_eval, hp_outside_loop=outside, **kwargs
@@ -915,6 +920,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 check_weights_fit(checkpoint, unwrapped)
             self._load_stage_state(checkpoint, plan)
             self._resume_dir = checkpoint
+            if self.has_stages:  # refused before Trainer loads the checkpoint's weights into the caller's model
+                self._refuse_other_hp_steps(plan, hp_outside_loop)
+                self._refuse_changed_settings(checkpoint)
         self._attach = (not plain, not plain and plan != "ft" and not hp_outside_loop)
         self._attach_stages(self.model)
         self._stage = "ft" if plain or plan == "ft" else "hp"
@@ -962,6 +970,25 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if plan != "hp" and self.track_dynamics:
             self.measurements.write(self.args.output_dir)
         return output
+
+    def _refuse_other_hp_steps(self, plan: str, hp_outside_loop: bool) -> None:
+        """The check `set_initial_training_values` makes (the checkpoint's HP steps against this configuration's),
+        made before `Trainer.train` loads the checkpoint's weights: refused there, the caller's model already held
+        them, and the new run the refusal advises started from finetuned weights. (With `auto_find_batch_size`,
+        Trainer restores the batch size after loading; only the later check runs then.)"""
+        if self._resume_plan is None or plan == "ft" or self.args.auto_find_batch_size:
+            return
+        hp_steps = 0
+        if self.args.hp_epochs > 0 and not hp_outside_loop:
+            loader = self.get_train_dataloader()
+            if not has_length(loader):
+                return  # (refused by set_initial_training_values, with its own message)
+            hp_steps = self.args.hp_epochs * Trainer.set_initial_training_values(self, self.args, loader)[1]
+        if self._resume_plan.hp_steps != hp_steps:
+            raise ValueError(
+                f"The checkpoint was written with {self._resume_plan.hp_steps} HP steps but this configuration gives "
+                f"{hp_steps} ({self._hp_mismatch_cause()}). Resume with the HP settings of the interrupted run."
+            )
 
     def _refuse_changed_settings(self, checkpoint: str) -> None:
         """Refuse to resume `checkpoint` when its `training_args.json` differs from this run's in `RESUME_SETTINGS`
