@@ -140,6 +140,33 @@ def test_cached_hp_refuses_a_used_output_dir_before_it_probes_the_head(tmp_path)
         assert retry.dynamics["energy"] == first.dynamics["energy"]  # (the same run again: tau = 2, not 4)
 
 
+def test_a_resume_from_another_folder_refuses_an_output_dir_of_another_run(tmp_path):
+    # Resuming run X from its checkpoint into an output_dir holding run Z's checkpoints was accepted; a later
+    # resume_from_checkpoint=True there took Z's newest checkpoint for X's and ended with Z's model.
+    _trainer(tmp_path / "z").train()
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "x", callbacks=[Crash(5)]).train()
+    z_out = tmp_path / "z"
+    before = {p: p.read_bytes() for p in z_out.rglob("*") if p.is_file()}
+    x_checkpoint = str(tmp_path / "x" / "checkpoint-4")
+    model = tiny_timm()
+    resumed = _trainer(tmp_path / "z", model_fn=lambda: model)
+    with pytest.raises(ValueError, match=r"holds results of an earlier run \(.*checkpoint-12.*the run resumed from "):
+        resumed.train(resume_from_checkpoint=x_checkpoint)
+    assert {p: p.read_bytes() for p in z_out.rglob("*") if p.is_file()} == before  # (nothing of Z's touched)
+    # overwrite_output_dir moves Z's aside; the run is X's to the end, and resuming it there takes X's checkpoints
+    resumed = _trainer(tmp_path / "z", overwrite_output_dir=True)
+    resumed.train(resume_from_checkpoint=x_checkpoint)
+    reference = _trainer(tmp_path / "reference")
+    reference.train()
+    assert all(torch.equal(v, reference.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
+    assert sorted(p.name for p in z_out.glob("checkpoint-*")) == [f"checkpoint-{n}" for n in (10, 12, 6, 8)]
+    # resuming from a checkpoint of the output_dir itself stays as it was
+    again = _trainer(tmp_path / "z", overwrite_output_dir=True)
+    again.train(resume_from_checkpoint=str(z_out / "checkpoint-10"))
+    assert again.state.global_step == 12
+
+
 def test_new_run_refuses_to_overwrite_an_earlier_runs_results(tmp_path):
     """No checkpoints, but an earlier run's prepared head and measurements: a new HP run leaves them untouched."""
     args = make_config(tmp_path, hp_epochs=1)

@@ -281,7 +281,9 @@ def required_files(args, writes_stage_state: bool) -> tuple:
     return tuple(required)
 
 
-def refuse_earlier_outputs(output_dir: str, names: tuple[str, ...], own: set[str], overwrite: bool = False) -> None:
+def refuse_earlier_outputs(
+    output_dir: str, names: tuple[str, ...], own: set[str], overwrite: bool = False, who: str = "a new run"
+) -> None:
     """Refuse a new run into `output_dir` when it holds outputs `names` of an earlier run (those in `own`, written by
     the same trainer, are its to replace): they would be overwritten. With `overwrite`, move them aside instead
     (`<name>.replaced-<time>`, a checkpoint `replaced-<time>.checkpoint-N`; logged), so that none is left in place
@@ -306,6 +308,6 @@ def refuse_earlier_outputs(output_dir: str, names: tuple[str, ...], own: set[str
         return
     if earlier:
         raise ValueError(
-            f"output_dir {output_dir} holds results of an earlier run ({', '.join(earlier)}); a new run would "
+            f"output_dir {output_dir} holds results of an earlier run ({', '.join(earlier)}); {who} would "
             "overwrite them. Pick another output_dir, or set overwrite_output_dir=True to replace them."
         )

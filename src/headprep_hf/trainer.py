@@ -901,6 +901,14 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         checkpoint = resume_checkpoint(self._get_output_dir(trial), resume_from_checkpoint, refuse)
         if checkpoint is None:
             self._refuse_earlier_outputs(self._get_output_dir(trial))
+        elif os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) != os.path.realpath(
+            self._get_output_dir(trial)
+        ):
+            # A run resumed from another folder's checkpoint writes into this one as a new run does: another run's
+            # checkpoints left there, a later resume_from_checkpoint=True took the newest of them for this run's.
+            self._refuse_earlier_outputs(
+                self._get_output_dir(trial), who=f"the run resumed from {checkpoint} (in another folder)"
+            )
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = self._resume_dir = None
         if checkpoint is not None and os.path.isdir(checkpoint):
@@ -1032,7 +1040,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             model._is_accelerate_prepared = False
             accelerator._models = [m for m in accelerator._models if m is not model]
 
-    def _refuse_earlier_outputs(self, run_dir: str | None = None) -> None:
+    def _refuse_earlier_outputs(self, run_dir: str | None = None, who: str = "a new run") -> None:
         # (not this trainer's own outputs, e.g. probe_head()'s before finetune())
         if not self.has_stages:
             return
@@ -1049,6 +1057,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                     (PREPARED_HEAD_DIR, DYNAMICS_NAME, *earlier),
                     self.written_outputs,
                     overwrite=self.args.overwrite_output_dir,
+                    who=who,
                 )
             except ValueError as error:
                 refusal = str(error)
