@@ -168,3 +168,25 @@ def test_the_error_names_torchs_onednn_bf16_issue_only_where_it_can_be_the_cause
     with pytest.raises(NonFiniteError) as error:
         trainer.train()
     assert ("torch.backends.mkldnn.enabled = False" in str(error.value)) == (bf16 and onednn)
+
+
+@pytest.mark.parametrize("where", ["fc.weight", "bn1.running_var"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_model_given_with_nan_weights_is_named_before_training(tmp_path, where, cached):
+    # A NaN in the given weights was reported as a diverged loss at update 1 ("lower the learning rate"); in a
+    # BatchNorm buffer under hp_backbone_mode="train" it trained on and failed at the first checkpoint as divergence.
+    from headprep_hf.guard import NonFiniteError
+
+    model = tiny_timm()
+    with torch.no_grad():
+        model.state_dict()[where].view(-1)[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mode = "eval" if cached else "train"  # (cached HP computes its features in eval mode)
+    args = make_config(tmp_path, hp_epochs=1, hp_backbone_mode=mode, hp_cache_features=cached)
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(24))
+    with pytest.raises(
+        NonFiniteError, match=rf"given to the trainer holds NaN or inf values before any update.*{where}"
+    ):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) or k == where for k, v in model.state_dict().items())  # (nothing trained)
+    assert not any((tmp_path / "out").glob("checkpoint-*"))

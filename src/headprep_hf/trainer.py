@@ -49,7 +49,7 @@ from .config import HeadPrepConfig, check_activation_checkpointing, check_traine
 from .dynamics import InMemoryDataset
 from .export import is_timm_model, write_timm_config
 from .feature_cache import CachedHeadProbing
-from .guard import NonFiniteGuard, check_finite
+from .guard import NonFiniteError, NonFiniteGuard, check_finite, nonfinite_keys
 from .heads import MLPHead, mlp_head_target, reinitialize_module, replace_head_with_mlp
 from .hub import PREPARED_HEAD_DIR, PreparedHeadMixin
 from .labels import (
@@ -299,6 +299,21 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.guard.reset(policy)
         if self.guard.active and self.guard not in self.callback_handler.callbacks:
             self.add_callback(self.guard)
+
+    def _refuse_nonfinite_model(self) -> None:
+        """Where the guard is on, refuse a model that holds NaN/inf before its first update (not on resume: a
+        checkpoint is never written non-finite). It failed at the first update as a diverged loss ("lower the
+        learning rate"), or, in a BatchNorm buffer under `hp_backbone_mode="train"`, at the first checkpoint."""
+        if not self.guard.active:
+            return
+        bad = nonfinite_keys(self.accelerator.unwrap_model(self.model).state_dict())
+        if bad:
+            raise NonFiniteError(
+                f"The model given to the trainer holds NaN or inf values before any update, in {len(bad)} tensor(s) "
+                f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): its weights or buffers were damaged before "
+                "training (a damaged weight file, a failed conversion, or an initialisation that divided by zero). "
+                "Load the pretrained weights again and check them with torch.isfinite."
+            )
 
     def add_callback(self, callback):
         """Trainer's `add_callback`; an `EarlyStoppingCallback` (or subclass) added after the trainer was built is put
@@ -558,6 +573,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._new_call(plain=False)
         self.stage_plan = StagePlan(plan="hp")
         self._start_guard()
+        self._refuse_nonfinite_model()
         self.warn_if_cached_hp_bypasses_the_loss()
         metrics = CachedHeadProbing(self).train()
         self._stage = "hp"
@@ -901,6 +917,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         checkpoint = resume_checkpoint(self._get_output_dir(trial), resume_from_checkpoint, refuse)
         if checkpoint is None:
             self._refuse_earlier_outputs(self._get_output_dir(trial))
+            self._refuse_nonfinite_model()
         elif os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) != os.path.realpath(
             self._get_output_dir(trial)
         ):
