@@ -149,6 +149,30 @@ def test_report_and_exchange_of_a_finished_sweep(finished, data):
     assert again["validation_accuracy"] == exchange["validation_accuracy"]
 
 
+def test_the_exchange_refuses_a_finetuned_model_changed_after_its_job(finished, data, tmp_path):
+    # The exchange read each job's model.safetensors unchecked: a flipped bit changed the matrix without a word.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from headprep_hf.files import file_sha256
+
+    path, result, _, _ = finished
+    for entry in result["results"]:
+        assert entry["model_sha256"] == file_sha256(path / entry["output_dir"] / "model.safetensors")
+    copy = tmp_path / "sweep"
+    shutil.copytree(path, copy)
+    model_file = copy / "tau_2" / "seed_0" / "model.safetensors"
+    state = load_file(model_file)
+    state["fc.weight"][0, 0] *= 2
+    save_file(state, model_file)
+    with pytest.raises(
+        ValueError, match=r"tau_2/seed_0/model.safetensors is not the model the sweep saved for tau = 2"
+    ):
+        head_exchange(tiny_timm(), copy, data[0], data[1], sweep_config(copy), output_file=copy / "again.json")
+    assert not (copy / "again.json").exists()
+
+
 def test_rerunning_a_finished_sweep_reuses_it(finished, data):
     path, result, model, before = finished
     content = (path / "sweep.json").read_bytes()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .files import read_safetensors
+from .files import file_sha256, read_safetensors
 from .losses import task_energy
 from .sweep_schema import validate_exchange
 
@@ -135,6 +135,14 @@ def head_exchange(
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"Finetuned models missing (the sweep saves them in each tau_N folder): {missing}.")
+    for tau, path in paths.items():  # (a sweep of an earlier version recorded no checksum: read as it is)
+        expected = results[tau].get("model_sha256")
+        if expected is not None and file_sha256(path) != expected:
+            raise ValueError(
+                f"{path} is not the model the sweep saved for tau = {tau} (its sha256 differs from the one recorded "
+                f"in sweep.json): it was changed or damaged after the job. Delete {path.parent} and rerun the sweep "
+                "in the same output_dir to finetune that job again, then run the exchange."
+            )
 
     # The trainer builds the sweep's architecture (an MLP head when head_type="mlp"); the weights are loaded below.
     measure_args = dataclasses.replace(

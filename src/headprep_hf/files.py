@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -33,3 +34,12 @@ def read_safetensors(path: str | os.PathLike) -> dict:
         return load_file(os.fspath(path))
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise ValueError(f"{os.fspath(path)} is missing or not a readable safetensors file ({error}).") from error
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in blocks of 1 MiB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

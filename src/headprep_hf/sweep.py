@@ -47,7 +47,7 @@ from transformers.utils import logging as hf_logging
 from .checkpoints import latest_resumable
 from .config import HeadPrepConfig
 from .data.images import hf_content_digest
-from .files import read_json, read_safetensors
+from .files import file_sha256, read_json, read_safetensors
 from .fingerprint import settings_fingerprint, state_fingerprint
 from .guard import check_finite
 from .heads import reinitialize_head
@@ -919,6 +919,9 @@ class TauSweep:
             "output_dir": os.path.relpath(job_dir, self.output_dir),
             "train_runtime": round(float(output.metrics.get("train_runtime", 0.0)), 4),
         }
+        saved = job_dir / "model.safetensors"
+        if trainer.args.should_save and saved.is_file():  # (checked by the head exchange before it reads the model)
+            result["model_sha256"] = file_sha256(saved)
         if trainer.args.should_save:
             _write_json(
                 job_dir / RESULT_FILE,
