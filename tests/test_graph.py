@@ -768,3 +768,29 @@ def test_offline_graph_data_and_source_model_on_two_machines_with_their_own_cach
         cache = tmp_path / f"cache{node}"
         assert (cache / "chembl24-gcn-L2-H16-e1-s0-sub64" / "model.safetensors").is_file()
         assert not [p.name for p in cache.iterdir() if p.name.startswith(".partial")]
+
+
+def test_the_exchange_accuracy_of_binary_tasks_pools_the_present_labels_as_graph_metrics_does():
+    # The exchange took `task_energy`'s per-graph counts: each graph's mean label accuracy, one count per graph. A
+    # graph with 6 present labels all right and one with 1 wrong gave 0.5 where the validation accuracy says 6/7.
+    from transformers import EvalPrediction
+
+    from headprep_hf.exchange import _correct_and_count
+    from headprep_hf.metrics import graph_metrics
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(40, 6)).astype(np.float32)
+    labels = (rng.random((40, 6)) < 0.4).astype(np.float32)
+    labels[rng.random((40, 6)) < 0.5] = np.nan
+    labels[3] = np.nan  # (a graph without any label)
+    correct = count = 0.0
+    for chunk in (slice(0, 7), slice(7, 30), slice(30, 40)):  # (summed over batches of other sizes)
+        c, n = _correct_and_count(torch.from_numpy(logits[chunk]), torch.from_numpy(labels[chunk]), -100,
+                                  "multi_label_classification")  # fmt: skip
+        correct, count = correct + c, count + n
+    expected = graph_metrics("multi_label_classification")(EvalPrediction(logits, labels))["accuracy"]
+    assert correct / count == pytest.approx(expected, abs=1e-7)
+    assert count == np.sum(~np.isnan(labels))
+    nan = float("nan")
+    six_and_one = torch.tensor([[1.0] * 6, [0.0] + [nan] * 5])  # (6 labels predicted right; 1 wrong)
+    assert _correct_and_count(torch.ones(2, 6), six_and_one, -100, "multi_label_classification") == (6.0, 7.0)

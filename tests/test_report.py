@@ -421,6 +421,23 @@ def test_the_accuracy_and_energy_legend_names_both_curves():
         plt.close(fig)
 
 
+def test_binary_tasks_get_their_own_energy_and_accuracy_labels():
+    # A multi-task binary sweep (molecules) was labelled ||e_y - p_0|| where it plots ||sigmoid(q) - y||.
+    from headprep_hf.report import _figure_hp_accuracy_energy
+    from headprep_hf.sweep import upgrade_sweep
+
+    data = make_sweep()
+    for result in data["results"]:
+        result["problem_type"] = "multi_label_classification"
+    validate_sweep(data)
+    fig = _figure_hp_accuracy_energy(plt, upgrade_sweep(data))
+    try:
+        texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert texts == ["HP train accuracy (per sample, over its labels)", r"energy $\|\sigma(q) - y\|_2$"]
+    finally:
+        plt.close(fig)
+
+
 def test_a_sweep_without_measurements_is_not_called_regression():
     from headprep_hf.report import _figure_hp_accuracy_energy
     from headprep_hf.sweep import upgrade_sweep

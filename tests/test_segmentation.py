@@ -1,5 +1,8 @@
 """Segmentation (DeepLabV3, the whole ASPP head as task head): stages, per-pixel energy, cached HP, bad input."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from conftest import clone_state, make_config
@@ -139,6 +142,10 @@ def test_segmentation_metrics_against_a_hand_count():
     assert metrics["iou_0"] == pytest.approx(1 / 3) and metrics["iou_1"] == pytest.approx(2 / 3)
     assert metrics["mean_iou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert metrics["pixel_accuracy"] == pytest.approx(4 / 6)  # ignored pixels (predicted 0 and 1) do not count
+    # no labelled pixel at all: 0/0 is NaN (it was 0.0, which a sweep ranked as a real, worst score)
+    unlabelled = np.full_like(labels, 255)
+    metrics = segmentation_metrics(3, ignore_index=255)(EvalPrediction(predictions=preds, label_ids=unlabelled))
+    assert math.isnan(metrics["mean_iou"]) and math.isnan(metrics["pixel_accuracy"])
 
 
 def test_derived_digit_masks():

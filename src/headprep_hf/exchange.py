@@ -36,6 +36,14 @@ def _correct_and_count(
 ) -> tuple[float, float]:
     """Correct predictions and valid positions (classes), or present labels (binary tasks), of one chunk: the
     accuracy of a set is the sum of its chunks' correct over the sum of their counts."""
+    if problem_type == "multi_label_classification":
+        # Pooled over the present labels, as `graph_metrics`' accuracy (so the diagonal is each model's validation
+        # accuracy); `task_energy` counts one per sample there, with the sample's mean label accuracy.
+        logits = logits.float().reshape(logits.shape[0], -1)
+        labels = labels.to(logits.dtype).reshape(logits.shape)
+        present = ~torch.isnan(labels)
+        correct = (logits > 0) == (labels > 0.5)  # (sigmoid(q) > 0.5)
+        return float((correct & present).sum()), float(present.sum())
     stats = task_energy(problem_type, logits, labels, ignore_index, class_last)
     valid = stats["count"] > 0
     return float((stats["correct"][valid] * stats["count"][valid]).sum()), float(stats["count"][valid].sum())

@@ -47,6 +47,7 @@ _DRIFT_PANELS = (
 _TAU = r"$\tau$"
 _ENERGY = r"energy $\|e_y - p_0\|_2$"
 _REGRESSION_ENERGY = r"energy $\|q - y\|_2$"  # (regression: the head's output q against the target y)
+_MULTILABEL_ENERGY = r"energy $\|\sigma(q) - y\|_2$"  # (binary tasks: over the present labels)
 
 
 def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -329,6 +330,9 @@ def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
     _tau_axis(ax, data)
     has_accuracy = bool(_means(data, lambda r: r["hp_train_accuracy"])[0])  # (regression: none)
     has_energy = bool(_means(data, lambda r: r["energy"])[0])  # (track_dynamics=False: neither)
+    multilabel = any(r.get("problem_type") == "multi_label_classification" for r in data.get("results", []))
+    # (binary tasks: each sample's label accuracy, averaged over samples; the energy over its present labels)
+    accuracy_label = "HP train accuracy (per sample, over its labels)" if multilabel else "HP train accuracy"
     energy_ax = ax
     lines = []
     if has_accuracy:
@@ -339,12 +343,13 @@ def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
             lambda r: r["hp_train_accuracy"],
             "o-",
             "C0",
-            "HP train accuracy",
+            accuracy_label,
         )
-        ax.set_ylabel("HP train accuracy", color="C0")
+        ax.set_ylabel(accuracy_label, color="C0")
         ax.tick_params(axis="y", labelcolor="C0")
         energy_ax = ax.twinx()
     energy = _REGRESSION_ENERGY if has_energy and not has_accuracy else _ENERGY  # (regression: energy, no accuracy)
+    energy = _MULTILABEL_ENERGY if multilabel else energy
     lines += _plot_replicated(energy_ax, data, lambda r: r["energy"], lambda r: r["energy"], "s--", "C1", energy)
     energy_ax.set_ylabel(f"{energy} at the start of FT", color="C1")
     energy_ax.tick_params(axis="y", labelcolor="C1")

@@ -910,6 +910,7 @@ class TauSweep:
             "seed": seed,
             "hp_train_accuracy": dyn.get("hp_train_accuracy"),
             "energy": dyn.get("energy"),
+            "problem_type": dyn.get("problem_type"),  # (what the energy was computed for: the report's axis label)
             "p0_mean": dyn.get("p0_mean"),
             "p0_histogram": dyn.get("p0_histogram") if dyn.get("p0_mean") is not None else None,
             "drift": final_drift_of(dyn),  # (the evaluated model's: the best checkpoint's where it was loaded)

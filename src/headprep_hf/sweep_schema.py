@@ -75,6 +75,10 @@ _TAU_RESULT = {
         "head_grad_norm": {"type": "array", "items": _CURVE_POINT},
         "output_dir": {"type": "string", "description": "FT job folder, relative to the sweep folder."},
         "train_runtime": {"type": "number", "minimum": 0},
+        "problem_type": {
+            "type": ["string", "null"],
+            "description": "The problem type the energy was computed for (headprep_dynamics.json's).",
+        },
         "model_sha256": {
             "type": "string",
             "description": "sha256 of the job's model.safetensors (checked before the head exchange reads it).",

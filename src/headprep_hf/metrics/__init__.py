@@ -64,9 +64,16 @@ def segmentation_metrics(num_classes: int, ignore_index: int = 255):
         union = confusion.sum(0) + confusion.sum(1) - intersection
         present = union > 0
         iou = np.where(present, intersection / np.maximum(union, 1), np.nan)
+        if confusion.sum() == 0:
+            # (0/0: reported as 0.0 before, which a sweep ranked as a real, worst score; NaN is left out of tau*)
+            logger.warning(
+                "No labelled pixel in the %d evaluated masks (every pixel is ignore_index=%d): mean_iou and "
+                "pixel_accuracy are NaN.", len(labels), ignore_index,
+            )  # fmt: skip
+            return {"mean_iou": float("nan"), "pixel_accuracy": float("nan")}
         metrics = {
-            "mean_iou": float(np.nanmean(iou)) if present.any() else 0.0,
-            "pixel_accuracy": float(intersection.sum() / max(confusion.sum(), 1)),
+            "mean_iou": float(np.nanmean(iou)),
+            "pixel_accuracy": float(intersection.sum() / confusion.sum()),
         }
         metrics.update({f"iou_{c}": float(v) for c, v in enumerate(iou) if not np.isnan(v)})
         return metrics
