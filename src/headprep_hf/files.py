@@ -9,10 +9,19 @@ import os
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write `data` as indented JSON to `path` through a temporary file and a rename (no reader sees half a file)."""
+    write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file, fsynced before the rename: no reader sees half a file, and
+    a power loss leaves the old file or the new one (without the fsync, some file systems commit the rename first
+    and leave an empty file)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -47,7 +47,7 @@ from transformers.utils import logging as hf_logging
 from .checkpoints import latest_resumable
 from .config import HeadPrepConfig
 from .data.images import hf_content_digest
-from .files import file_sha256, read_json, read_safetensors
+from .files import file_sha256, read_json, read_safetensors, write_text_atomic
 from .fingerprint import settings_fingerprint, state_fingerprint
 from .guard import check_finite
 from .heads import reinitialize_head
@@ -347,9 +347,7 @@ def _finite_or_null(value):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite_or_null(data), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(_finite_or_null(data), indent=2, allow_nan=False))
 
 
 def _fingerprint_tag(fingerprint: dict | None) -> str | None:
