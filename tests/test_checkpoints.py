@@ -253,3 +253,31 @@ def test_a_complete_checkpoint_written_again_keeps_none_of_its_files(tmp_path):
     commit(str(folder))
     assert sorted(json.loads((folder / MANIFEST_NAME).read_text())["files"]) == ["model.safetensors"]
     assert sorted(p.name for p in folder.iterdir()) == [MANIFEST_NAME, "model.safetensors"]
+
+
+def test_a_kill_while_a_checkpoint_is_replaced_leaves_no_damaged_one(tmp_path, monkeypatch):
+    # A resumed run writing checkpoint-4 again removed the old one in place: killed in the middle, the folder kept its
+    # manifest without some of its files, and resume_from_checkpoint=True raised on it instead of skipping it.
+    import shutil
+
+    from headprep_hf import checkpoints as module
+
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        begin_write(str(folder))
+        for name in ("model.safetensors", "trainer_state.json", "optimizer.pt"):
+            (folder / name).write_bytes(b"x" * 100)
+        commit(str(folder))
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        (Path(path) / "optimizer.pt").unlink()
+        raise KeyboardInterrupt("killed while removing")
+
+    monkeypatch.setattr(module.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        begin_write(str(tmp_path / "checkpoint-4"))
+    monkeypatch.setattr(module.shutil, "rmtree", real_rmtree)
+    assert latest_resumable(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    begin_write(str(tmp_path / "checkpoint-4"))  # the next write removes the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]

@@ -17,6 +17,7 @@ rotation (`save_total_limit`) runs after the commit, so it never deletes the las
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -69,8 +70,16 @@ def begin_write(folder: str) -> None:
     """Mark `folder` as being written. What it holds is removed first: a leftover of a killed attempt at the same
     step, or a complete checkpoint of this step that a resumed run writes again (kept, a file the new write does not
     make, e.g. measurement state written under other settings, would enter the new manifest as this run's)."""
+    parent, name = os.path.split(os.path.normpath(folder))
+    for leftover in glob.glob(os.path.join(parent, f".removing-{name}-*")):  # (a removal a kill interrupted)
+        shutil.rmtree(leftover, ignore_errors=True)
     if os.path.isdir(folder):
-        shutil.rmtree(folder)
+        # Renamed away first, in one step, then removed: removed in place, a kill in the middle left a manifest
+        # without some of its files, which resume_from_checkpoint=True took for a damaged checkpoint (an error)
+        # rather than an incomplete one (skipped). The name is no `checkpoint-*`: Trainer's rotation lists those.
+        aside = os.path.join(parent, f".removing-{name}-{os.getpid()}")
+        os.replace(folder, aside)
+        shutil.rmtree(aside)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, WRITING_NAME), "w") as f:
         f.write("a checkpoint is being written here; without headprep_manifest.json it is incomplete\n")
