@@ -64,6 +64,7 @@ from .labels import (
 from .losses import TrainerLossMixin, declared_problem_type
 from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
 from .progress import announce, format_values
+from .runlock import OutputDirInUse, RunLock
 from .schedules import two_stage_scheduler
 from .split import (
     HeadFinder,
@@ -219,6 +220,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.resumed_stage: str | None = None
         self.hp_done = False  # HP ran to its end on this trainer (`probe_head()` or `train()`): the card's tau
         self.run_tag: str | None = None  # recorded in checkpoints; resuming needs the same (a sweep's fingerprint)
+        self._lock_depth = 0  # (>0 while a run holds output_dir's lock: `_output_dir_lock`)
         self.progress_label: str | None = None  # after HP/FT in the progress bars (a sweep's "tau=2 seed=42")
         self.stage_plan = StagePlan()
         self.hp_feature_cache = None  # the cached head inputs while cached HP runs (BatchNorm passes use them)
@@ -516,6 +518,10 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         With `hp_cache_features=True`, HP runs on cached features first and the training loop (and its checkpoints)
         covers FT only; resuming such a run restarts from its last FT checkpoint without redoing HP.
         """
+        with self._output_dir_lock("HeadPrepTrainer.train()", self.args.hp_epochs > 0):  # (plain runs: as Trainer)
+            return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _train_stages(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
         outside = bool(self.args.hp_cache_features and self.args.hp_epochs > 0)
         check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))  # (before cached HP)
         if outside and resume_from_checkpoint in (None, False):
@@ -535,6 +541,10 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
         Afterwards `dynamics` holds the energy, HP train accuracy and p0 of the prepared head.
         """
+        with self._output_dir_lock("HeadPrepTrainer.probe_head()", True):
+            return self._probe_head(resume_from_checkpoint, **kwargs)
+
+    def _probe_head(self, resume_from_checkpoint, **kwargs) -> TrainOutput:
         self.find_head(required=True)
         if self.hp_done and self.args.hp_epochs > 0 and not resume_from_checkpoint:
             raise ValueError(
@@ -557,8 +567,44 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     def finetune(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
-        check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
-        return self._run("ft", resume_from_checkpoint, **kwargs)
+        with self._output_dir_lock("HeadPrepTrainer.finetune()", True):
+            check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
+            return self._run("ft", resume_from_checkpoint, **kwargs)
+
+    @contextlib.contextmanager
+    def _output_dir_lock(self, what: str, needed: bool):
+        """Hold `output_dir`'s run lock (`runlock.RunLock`) for a run with stages: two runs started into one folder
+        replaced each other's checkpoints and results without an error. The first process takes it; every process
+        refuses together (the others would wait in the first collective)."""
+        if not needed or self._lock_depth > 0:  # (a stage call inside train() or a subclass's: the lock is held)
+            self._lock_depth += needed
+            try:
+                yield
+            finally:
+                self._lock_depth -= needed
+            return
+        lock, refusal = None, None
+        if self.args.process_index == 0:
+            lock = RunLock(self.args.output_dir, what)
+            try:
+                lock.acquire()
+            except OutputDirInUse as error:
+                refusal = str(error)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            refusal = next((r for r in gather_object([refusal]) if r), None)
+        if refusal:
+            if lock is not None:
+                lock.release()  # (held only where another process refused)
+            raise OutputDirInUse(refusal)
+        self._lock_depth = 1
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            if lock is not None:
+                lock.release()
 
     def _refuse_unsized_hp(self) -> None:
         raise ValueError(

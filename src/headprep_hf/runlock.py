@@ -1,0 +1,208 @@
+"""One run at a time in an output folder: `RunLock` holds `<folder>/_headprep_run.lock` while a run writes there.
+
+Two runs started into one `output_dir` both passed the start-of-run checks (no earlier outputs yet) and then replaced
+each other's checkpoints, prepared head and measurements without an error. The lock is a file created exclusively
+(`O_CREAT | O_EXCL`) that names its holder (host, process id and start, time). The holder refreshes its modification
+time every `HEARTBEAT_S` seconds from a daemon thread, so a lock whose holder was killed is recognised:
+
+* on the same machine at once: its process is gone (or the process id now belongs to another process);
+* from another machine (a shared file system), by watching it: a lock left unchanged for `STALE_AFTER_S` seconds has
+  no live holder. Only the lock's own modification times are compared, never the two machines' clocks.
+
+A lock found stale is replaced, with a warning. The name starts with `_`: `Trainer`'s Hub uploads leave such files
+out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = "_headprep_run.lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 90.0  # three missed heartbeats
+_POLL_S = 5.0
+
+
+class OutputDirInUse(ValueError):
+    """Another live run holds the folder's lock; the message names it and the fix."""
+
+
+def _boot_id() -> str | None:
+    try:  # (Linux: a process id names a process only within one boot)
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux), to tell a reused process id apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
+
+
+class RunLock:
+    """The lock of `folder` for the run described by `what` (e.g. "HeadPrepTrainer.train()")."""
+
+    def __init__(self, folder: str | os.PathLike, what: str):
+        self.folder, self.what = os.fspath(folder), what
+        self.path = os.path.join(self.folder, LOCK_NAME)
+        self._token: str | None = None
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None
+
+    def acquire(self) -> None:
+        """Take the lock, replacing a stale one (with a warning); `OutputDirInUse` when a live run holds it."""
+        os.makedirs(self.folder, exist_ok=True)
+        token = uuid.uuid4().hex
+        record = {
+            "what": self.what,
+            "host": socket.gethostname(),
+            "boot_id": _boot_id(),
+            "pid": os.getpid(),
+            "process_start": _process_start(os.getpid()),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "token": token,
+        }
+        for _ in range(3):  # (a stale lock replaced, and another process taking it in between, at most)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder, raw = self._read()
+                if not self._holder_gone(holder, raw):
+                    raise OutputDirInUse(self._in_use_message(holder)) from None
+                self._remove_if_unchanged(raw, holder)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self._token = token
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._heartbeat, name="headprep-run-lock", daemon=True)
+            self._thread.start()
+            return
+        raise OutputDirInUse(self._in_use_message(self._read()[0]))
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock where it is still this run's."""
+        if self._token is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        holder, _ = self._read()
+        if holder is not None and holder.get("token") == self._token:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+        self._token = self._stop = self._thread = None
+
+    # ------------------------------------------------------------------ internals
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:  # (removed by hand: the run goes on; the next run will not find it)
+                pass
+
+    def _read(self) -> tuple[dict | None, bytes | None]:
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None, None
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            holder = None  # (a holder killed while writing it: judged by watching it)
+        return (holder if isinstance(holder, dict) else None), raw
+
+    def _holder_gone(self, holder: dict | None, raw: bytes | None) -> bool:
+        if raw is None:
+            return True  # (released in the meantime)
+        if holder is not None and holder.get("host") == socket.gethostname() and holder.get("boot_id") == _boot_id():
+            pid = holder.get("pid")
+            if not isinstance(pid, int) or not _alive(pid):
+                return True
+            started = holder.get("process_start")
+            return started is not None and _process_start(pid) not in (None, started)  # (the id was reused)
+        return self._unchanged_for_a_while()
+
+    def _unchanged_for_a_while(self) -> bool:
+        """Watch the lock of another machine's run: gone when neither its time nor its content change for
+        `STALE_AFTER_S` seconds (the holder refreshes it every `HEARTBEAT_S`)."""
+        try:
+            first = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        holder, _ = self._read()
+        logger.warning(
+            "%s is held by a run on another machine (%s); waiting up to %.0f s to see whether it is still running.",
+            self.path, (holder or {}).get("host", "unknown"), STALE_AFTER_S,
+        )  # fmt: skip
+        deadline = time.monotonic() + STALE_AFTER_S
+        while time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+            try:
+                now = os.stat(self.path)
+            except FileNotFoundError:
+                return True
+            if (now.st_mtime_ns, now.st_ino, now.st_size) != (first.st_mtime_ns, first.st_ino, first.st_size):
+                return False
+        return True
+
+    def _remove_if_unchanged(self, raw: bytes | None, holder: dict | None) -> None:
+        if raw is None:
+            return
+        current = self._read()[1]
+        if current != raw:  # (another process replaced it first: look again)
+            return
+        logger.warning(
+            "Replacing the lock %s of a run that is no longer running (%s); that run may have left a checkpoint "
+            "being written, which a resume skips.",
+            self.path, self._describe(holder),
+        )  # fmt: skip
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def _describe(holder: dict | None) -> str:
+        if holder is None:
+            return "an unreadable lock file"
+        what, pid, host, since = (holder.get(k) for k in ("what", "pid", "host", "since"))
+        return f"{what or 'a run'}, process {pid} on {host} since {since}"
+
+    def _in_use_message(self, holder: dict | None) -> str:
+        return (
+            f"output_dir {self.folder} is in use by another run ({self._describe(holder)}): two runs writing one "
+            "folder replace each other's checkpoints and results. Wait for that run to end, or pick another "
+            f"output_dir. If that run is no longer running, delete {self.path}."
+        )
