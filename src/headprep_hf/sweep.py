@@ -918,9 +918,14 @@ class TauSweep:
             "output_dir": os.path.relpath(job_dir, self.output_dir),
             "train_runtime": round(float(output.metrics.get("train_runtime", 0.0)), 4),
         }
-        saved = job_dir / "model.safetensors"
-        if trainer.args.should_save and saved.is_file():  # (checked by the head exchange before it reads the model)
-            result["model_sha256"] = file_sha256(saved)
+        saved = job_dir / "model.safetensors"  # (its sha256 is checked by the head exchange before it reads it)
+        sha = file_sha256(saved) if trainer.args.process_index == 0 and saved.is_file() else None
+        if trainer.accelerator.num_processes > 1:  # (every rank returns the same result)
+            from accelerate.utils import broadcast_object_list
+
+            sha = broadcast_object_list([sha], from_process=0)[0]
+        if sha is not None:
+            result["model_sha256"] = sha
         if trainer.args.should_save:
             _write_json(
                 job_dir / RESULT_FILE,
