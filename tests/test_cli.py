@@ -534,6 +534,55 @@ def test_run_command_shortens_only_its_own_refusals(tmp_path, monkeypatch, capsy
         cli.run_command(mod.refuse, prog="cmd")
 
 
+def test_a_refusal_raised_in_a_loader_worker_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    # torch re-raises a worker's error as its own, with the worker's traceback in the message: a corrupt image in an
+    # image folder printed 32 frames above the one line naming the file.
+    import numpy as np
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from headprep_hf import cli
+    from headprep_hf.data import build_image_transforms, load_image_classification_dataset, resolve_image_data_config
+
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "train" / name / f"{i}.png")
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
+    transform = build_image_transforms(resolve_image_data_config({}, image_size=8), is_training=False)
+    splits, _ = load_image_classification_dataset(
+        None, str(tmp_path / "train"), None, transform, transform, validation_split=0.5, seed=0,
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+
+    def read_all():
+        for name in ("train", "validation"):  # (the broken file is in one of them)
+            for _ in DataLoader(splits[name], batch_size=8, num_workers=1):
+                pass
+
+    monkeypatch.delenv("HEADPREP_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_command(read_all, prog="cmd")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    (first,) = [line for line in err.splitlines() if line.startswith("cmd: error: ")]
+    assert "broken.png" in first and "could not be decoded" in first
+
+    # an error of a library inside a worker (not a refusal of ours) keeps its traceback
+    def fails(index):
+        return int("x")
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        __getitem__ = staticmethod(fails)
+
+    with pytest.raises(ValueError, match="invalid literal"):
+        cli.run_command(lambda: list(DataLoader(Bad(), num_workers=1)), prog="cmd")
+
+
 def test_console_command_refusal_after_parsing(tmp_path, monkeypatch, capsys):
     from headprep_hf.cli import console_main
 

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -511,6 +512,35 @@ def _own_refusal(error: BaseException, scripts: tuple[Path, ...]) -> bool:
     return ours and (last.line or "").lstrip().startswith("raise")
 
 
+# torch's `ExceptionWrapper.reraise`: an error raised in a DataLoader worker comes back as a new exception of the same
+# type, raised by torch, whose message holds the worker's traceback as text.
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback[^\n]*\n(.*)", re.S)
+_TRACEBACK_FRAME = re.compile(r'^  File "([^"]+)", line \d+, in [^\n]*\n    ([^\n]*)\n', re.M)
+
+
+def _worker_refusal(error: BaseException, scripts: tuple[Path, ...]) -> str | None:
+    """The message of a refusal of headprep_hf (or of `scripts`) raised in a DataLoader worker (an image that cannot be
+    decoded, a bad sample), or None: torch re-raises it from its own code, with the worker's traceback in the message,
+    so `_own_refusal` does not see it, and the command printed a 30-frame traceback above the one line it promises."""
+    match = _WORKER_ERROR.match(str(error))
+    if match is None or match.group(1) != type(error).__name__:
+        return None
+    text = match.group(2)
+    frames = list(_TRACEBACK_FRAME.finditer(text))
+    if not frames:
+        return None
+    last = frames[-1]
+    path = Path(last.group(1)).resolve()
+    if not ((path.is_relative_to(_PACKAGE_ROOT) or path in scripts) and last.group(2).lstrip().startswith("raise")):
+        return None
+    head = f"{match.group(1)}: "
+    rest = text[last.end() :]
+    start = rest.find("\n" + head) + 1 if not rest.startswith(head) else 0
+    if start == 0 and not rest.startswith(head):
+        return None
+    return rest[start + len(head) :].strip() or None
+
+
 @contextlib.contextmanager
 def _own_records_shown():
     """headprep_hf's INFO records on stderr while a command runs (the data config and transforms a run uses, finished
@@ -545,7 +575,8 @@ def run_command(function, *args, prog: str | None = None):
         with _own_records_shown():
             return function(*args)
     except _REFUSALS as error:
-        if _traceback_asked() or not _own_refusal(error, scripts):
+        worker = _worker_refusal(error, scripts)  # (raised in a DataLoader worker: torch re-raises it as its own)
+        if _traceback_asked() or not (worker is not None or _own_refusal(error, scripts)):
             raise
         prog = prog or Path(sys.argv[0]).name
         if os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE", "1") != "1":  # (under a launcher)
@@ -555,6 +586,8 @@ def run_command(function, *args, prog: str | None = None):
             error
         ).__name__
         cause = error.__cause__
+        if worker is not None:
+            message, cause = worker, None
         if cause is not None and str(cause) and str(cause) not in message:
             message += f" (caused by {type(cause).__name__}: {cause})"
         print(f"{prog}: error: {message}", file=sys.stderr)
