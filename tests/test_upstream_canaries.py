@@ -224,3 +224,15 @@ def test_sharded_batches_without_padding_are_the_sequential_batches():
         shard.even_batches = False
         ranks[rank] = list(shard)
     assert sorted(ranks[0] + ranks[1]) == sorted(list(batches))
+
+
+def test_a_selected_dataset_keeps_its_rows_as_a_one_column_index_table():
+    # data.images.rows_digest takes a `select`/`shuffle`'s rows from `Dataset._indices` (datasets' private index
+    # mapping) and the stored table from `Dataset.data.table`; another layout falls back to the slow path.
+    import datasets
+
+    data = datasets.Dataset.from_dict({"x": list(range(10))})
+    assert data._indices is None
+    chosen = data.select([3, 1, 4])
+    assert chosen._indices.num_columns == 1 and chosen._indices.column(0).to_pylist() == [3, 1, 4]
+    assert chosen.data.table.column("x").to_pylist() == list(range(10))
