@@ -262,6 +262,7 @@ def test_a_kill_while_a_checkpoint_is_replaced_leaves_no_damaged_one(tmp_path, m
 
     from headprep_hf import checkpoints as module
 
+    tmp_path = tmp_path / "lr[1e-3]"  # (a glob character in the path: the leftover is still found)
     for step in (2, 4):
         folder = tmp_path / f"checkpoint-{step}"
         begin_write(str(folder))

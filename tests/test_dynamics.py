@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TinyImages, make_config, tiny_timm
+from transformers import TrainerCallback
 
 from headprep_hf import HeadPrepTrainer, cross_entropy_energy, drift_metrics
 from headprep_hf.dynamics import histogram
@@ -433,3 +434,13 @@ def test_final_drift_is_the_returned_models_with_load_best_model_at_end(tmp_path
     trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(48))
     trainer.train()
     assert trainer.dynamics["final_drift"] == {**trainer.dynamics["drift"][-1], "model": "last update"}
+
+    # a later call on the trainer that measures no drift (stopped in HP) reports none, not the earlier call's
+    class StopInHP(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = True
+
+    trainer.args.overwrite_output_dir = True
+    trainer.add_callback(StopInHP())
+    trainer.train()
+    assert final_drift_of(trainer.dynamics) is None

@@ -77,6 +77,7 @@ def test_plain_runs_take_no_lock_as_trainer(tmp_path):
 def _write_lock(folder, **fields):
     os.makedirs(folder, exist_ok=True)
     record = {"what": "a run", "host": socket.gethostname(), "boot_id": runlock._boot_id(), "pid": os.getpid(),
+              "pid_namespace": runlock._pid_namespace(),
               "process_start": runlock._process_start(os.getpid()), "since": "then", "token": "theirs"}  # fmt: skip
     record.update(fields)
     with open(os.path.join(folder, LOCK_NAME), "w") as f:
@@ -134,4 +135,25 @@ def test_the_holder_refreshes_its_lock(tmp_path, monkeypatch):
     first = os.stat(tmp_path / LOCK_NAME).st_mtime_ns
     time.sleep(0.3)
     assert os.stat(tmp_path / LOCK_NAME).st_mtime_ns > first
+    lock.release()
+
+
+def test_a_process_id_is_looked_up_only_in_its_own_process_table(tmp_path, monkeypatch, caplog):
+    # Containers of one host share its name and boot id but number their processes apart: a live run's lock in
+    # another PID namespace was replaced (its process id named no process here). On Windows `os.kill(pid, 0)` would
+    # end the process. Both are watched for the holder's heartbeat instead.
+    monkeypatch.setattr(runlock, "STALE_AFTER_S", 0.3)
+    monkeypatch.setattr(runlock, "_POLL_S", 0.05)
+    here = {"host": socket.gethostname(), "boot_id": runlock._boot_id(), "pid_namespace": runlock._pid_namespace()}
+    if sys.platform.startswith("linux"):
+        assert runlock._same_process_table(here)
+        assert not runlock._same_process_table({**here, "pid_namespace": "pid:[1]"})
+        assert not runlock._same_process_table({**here, "boot_id": "another boot"})
+    with monkeypatch.context() as windows:
+        windows.setattr(runlock.os, "name", "nt")
+        assert not runlock._same_process_table(here)
+    _write_lock(tmp_path, pid=1, pid_namespace="pid:[1]")  # (process 1 is alive here: not asked)
+    lock = RunLock(tmp_path, "mine")
+    lock.acquire()
+    assert "waiting up to" in caplog.text
     lock.release()

@@ -71,7 +71,7 @@ def begin_write(folder: str) -> None:
     step, or a complete checkpoint of this step that a resumed run writes again (kept, a file the new write does not
     make, e.g. measurement state written under other settings, would enter the new manifest as this run's)."""
     parent, name = os.path.split(os.path.normpath(folder))
-    for leftover in glob.glob(os.path.join(parent, f".removing-{name}-*")):  # (a removal a kill interrupted)
+    for leftover in glob.glob(os.path.join(glob.escape(parent), f".removing-{glob.escape(name)}-*")):  # (killed)
         shutil.rmtree(leftover, ignore_errors=True)
     if os.path.isdir(folder):
         # Renamed away first, in one step, then removed: removed in place, a kill in the middle left a manifest

@@ -257,8 +257,8 @@ class MeasurementCallback(TrainerCallback):
         self.drop_hp_epoch_inputs()
         self._grad_sum, self._grad_count, self._grad_finite = 0.0, 0, 0.0
         if plan in ("both", "ft"):
-            self.dynamics.pop("drift", None)
-            self.dynamics.pop("head_grad_norm", None)
+            for key in ("drift", "final_drift", "head_grad_norm"):  # (a call that measures none reports none)
+                self.dynamics.pop(key, None)
 
     def save(self, folder: str) -> None:
         """The measurement state into checkpoint `folder`."""

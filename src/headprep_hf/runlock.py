@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -43,6 +44,14 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux): containers sharing a host name and boot id number processes apart."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _process_start(pid: int) -> str | None:
     """The start time of process `pid` in clock ticks since boot (Linux), to tell a reused process id apart."""
     try:
@@ -50,6 +59,18 @@ def _process_start(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+def _same_process_table(holder: dict | None) -> bool:
+    """Whether the holder's process id names a process this process can look up: the same machine (host; on Linux
+    also the boot and the PID namespace, since containers of one host share its name and number their processes
+    apart). Never on Windows, where `os.kill(pid, 0)` would end that process. Otherwise the lock is watched."""
+    if holder is None or os.name == "nt" or holder.get("host") != socket.gethostname():
+        return False
+    if sys.platform.startswith("linux"):
+        here = (_boot_id(), _pid_namespace())
+        return None not in here and (holder.get("boot_id"), holder.get("pid_namespace")) == here
+    return True  # (macOS, BSD: one process table per machine)
 
 
 def _alive(pid: int) -> bool:
@@ -84,6 +105,7 @@ class RunLock:
             "what": self.what,
             "host": socket.gethostname(),
             "boot_id": _boot_id(),
+            "pid_namespace": _pid_namespace(),
             "pid": os.getpid(),
             "process_start": _process_start(os.getpid()),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -146,7 +168,7 @@ class RunLock:
     def _holder_gone(self, holder: dict | None, raw: bytes | None) -> bool:
         if raw is None:
             return True  # (released in the meantime)
-        if holder is not None and holder.get("host") == socket.gethostname() and holder.get("boot_id") == _boot_id():
+        if _same_process_table(holder):
             pid = holder.get("pid")
             if not isinstance(pid, int) or not _alive(pid):
                 return True

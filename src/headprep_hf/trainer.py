@@ -588,16 +588,18 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             lock = RunLock(self.args.output_dir, what)
             try:
                 lock.acquire()
-            except OutputDirInUse as error:
-                refusal = str(error)
+            except Exception as error:  # noqa: BLE001 - any failure here must reach every process (see below)
+                if not isinstance(error, OutputDirInUse) and self.accelerator.num_processes == 1:
+                    raise
+                refusal = error if isinstance(error, OutputDirInUse) else f"{lock.path} could not be taken ({error!r})"
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
-            refusal = next((r for r in gather_object([refusal]) if r), None)
+            refusal = next((r for r in gather_object([None if refusal is None else str(refusal)]) if r), None)
         if refusal:
             if lock is not None:
                 lock.release()  # (held only where another process refused)
-            raise OutputDirInUse(refusal)
+            raise refusal if isinstance(refusal, OutputDirInUse) else OutputDirInUse(str(refusal))
         self._lock_depth = 1
         try:
             yield
@@ -970,7 +972,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             # A run resumed from another folder's checkpoint writes into this one as a new run does: another run's
             # checkpoints left there, a later resume_from_checkpoint=True took the newest of them for this run's.
             self._refuse_earlier_outputs(
-                self._get_output_dir(trial), who=f"the run resumed from {checkpoint} (in another folder)"
+                self._get_output_dir(trial),
+                who=f"the run resumed from {checkpoint} (in another folder; where these are that run's own "
+                "checkpoints, written before it stopped, continue it with resume_from_checkpoint=True)",
             )
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = self._resume_dir = None
