@@ -105,7 +105,10 @@ def test_sweep_json_is_valid_and_consistent(finished, data):
     )
     for entry in result["results"]:
         dynamics = json.loads((path / entry["output_dir"] / "headprep_dynamics.json").read_text())
-        assert entry["energy"] == dynamics["energy"] and entry["drift"] == dynamics["drift"][-1]
+        assert entry["energy"] == dynamics["energy"] and entry["drift"] == {
+            **dynamics["drift"][-1],
+            "model": "last update",
+        }
         assert entry["head_grad_norm"] and sum(entry["p0_histogram"]["counts"]) == 48
     energies = [r["energy"] for r in result["results"]]
     assert energies == sorted(energies, reverse=True)  # more HP, lower energy
