@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test bench install clean
 
 $(STAMP): setup.cfg pyproject.toml
+	@echo "Setting up $(VENV): torch, transformers, timm, datasets and the test extras (a few GB; minutes on a fresh machine)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet ".[test]"
@@ -30,5 +31,6 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/sweep_cost.py
 
+# (the environment and build files only: results under runs/ are kept)
 clean:
-	rm -rf $(VENV) build src/*.egg-info runs
+	rm -rf $(VENV) build src/*.egg-info

@@ -794,3 +794,20 @@ def test_the_exchange_accuracy_of_binary_tasks_pools_the_present_labels_as_graph
     nan = float("nan")
     six_and_one = torch.tensor([[1.0] * 6, [0.0] + [nan] * 5])  # (6 labels predicted right; 1 wrong)
     assert _correct_and_count(torch.ones(2, 6), six_and_one, -100, "multi_label_classification") == (6.0, 7.0)
+
+
+def test_a_missing_graph_extra_is_named_with_its_install(monkeypatch):
+    # Without the extra, the graph task failed deep in the data loading (`No module named 'ogb'`), or without RDKit
+    # with a misleading `cannot import name 'smiles2graph' from 'ogb.utils'`.
+    import importlib.util
+
+    from headprep_hf.tasks import graph
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rdkit" else real(name, *a))
+    with pytest.raises(
+        ImportError, match=r"needs rdkit, which the graph extra installs: pip install 'headprep_hf\[graph\]'"
+    ):
+        graph.load_graph(graph.GraphArguments(), seed=0)
+    with pytest.raises(ImportError, match="graph extra"):
+        graph.load_graph_model("anywhere")

@@ -84,6 +84,24 @@ def save_graph_model(model, folder: str | os.PathLike, info: dict | None = None)
     (folder / MODEL_CONFIG).write_text(json.dumps({**model.config_dict, "info": info or {}}, indent=1))
 
 
+_GRAPH_EXTRA = {"torch_geometric": "torch_geometric", "ogb": "ogb", "rdkit": "rdkit", "pandas": "pandas"}
+
+
+def require_graph_extra() -> None:
+    """Refuse, naming the install, when the graph extra's packages are missing: the graph task failed deep inside the
+    data loading with `ModuleNotFoundError: No module named 'ogb'`, or with a misleading `cannot import name
+    'smiles2graph' from 'ogb.utils'` when only RDKit was missing."""
+    import importlib.util
+
+    missing = [name for name, module in _GRAPH_EXTRA.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(
+            f"The graph task needs {', '.join(missing)}, which the graph extra installs: pip install "
+            "'headprep_hf[graph]' (from a clone of this repository: pip install '.[graph]'). The offline molecules "
+            "ship in MoleculeACE: pip install --no-deps MoleculeACE."
+        )
+
+
 def load_graph_model(
     folder: str | os.PathLike,
     num_tasks: int | None = None,
@@ -104,6 +122,7 @@ def load_graph_model(
             source with as many tasks as the downstream task (ogbg-molhiv -> ogbg-molbbbp) does not hand its trained
             head to the new task.
     """
+    require_graph_extra()
     from ..models.graph import GCN
 
     folder = Path(folder)
@@ -158,6 +177,7 @@ def pretrain_graph_model(
 
     Runs through `HeadPrepTrainer` with `hp_epochs=0` (everything trains, no measurements), so masked losses,
     DDP and mixed precision are the same as downstream."""
+    require_graph_extra()
     from ..config import HeadPrepConfig
     from ..data.graphs import GraphCollator
     from ..metrics import graph_metrics
@@ -193,6 +213,7 @@ def source_splits(
     offline 24 MoleculeACE source targets. With `max_graphs` the training split holds its first `max_graphs` graphs
     (quick runs); offline, only a seeded sample of the source molecules is then converted (the full conversion of
     about 30k molecules takes minutes): enough that its scaffold split's training part (about 80%) holds them."""
+    require_graph_extra()
     from ..data.graphs import GraphPropertyDataset, ogb_splits
 
     if max_graphs is not None and max_graphs < 1:
@@ -329,6 +350,7 @@ def load_graph_dataset(
 
 
 def load_graph(args: GraphArguments, seed: int) -> TaskInputs:
+    require_graph_extra()
     from ..data.graphs import GraphCollator, ogb_splits
     from ..metrics import graph_metrics
 
