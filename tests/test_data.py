@@ -409,3 +409,20 @@ def test_an_empty_class_folder_and_a_single_class_are_named(tmp_path):
     _write_image_folder(tmp_path / "one", classes=("cat",))
     with pytest.raises(ValueError, match=r"train_dir='.*one' has one class folder \('cat'\).*at least two"):
         _load(tmp_path, train_dir=str(tmp_path / "one"))
+
+
+def test_a_hub_dataset_this_machine_cannot_reach_is_refused_in_words(monkeypatch, tmp_path):
+    # datasets printed a 10-frame traceback ending in "Couldn't reach 'cifar10' on the Hub"; the flag is named now,
+    # with the offline ways. A save_to_disk folder loads (load_dataset refuses one).
+    import datasets
+    import huggingface_hub
+
+    from headprep_hf.data.images import load_hf_dataset
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=r"dataset_name='someone/not-here' is not a local folder, and not a dataset .*"
+                       r"save_to_disk folder\. Set HF_HUB_OFFLINE=1"):  # fmt: skip
+        load_hf_dataset("someone/not-here", None, str(tmp_path / "cache"))
+    datasets.Dataset.from_dict({"x": [1, 2]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_hf_dataset(str(tmp_path / "saved"), None, None)["train"]["x"] == [1, 2]

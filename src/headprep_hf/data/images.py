@@ -205,6 +205,29 @@ def rows_digest(hf_dataset: Any, columns: Sequence[str]) -> str | None:
     return digest.hexdigest()
 
 
+def load_hf_dataset(dataset_name: str, config_name: str | None, cache_dir: str | None, flag: str = "dataset_name"):
+    """`datasets.load_dataset(dataset_name)` (a Hub id or a local folder of data files), or `load_from_disk` for a
+    folder written by `save_to_disk` (which `load_dataset` refuses); a `DatasetDict`. A Hub id this machine cannot
+    reach is refused in one line naming `flag` and the offline ways, where `datasets` printed a 10-frame traceback
+    (after about 30 s of retries without `HF_HUB_OFFLINE=1`)."""
+    import datasets
+
+    if any(os.path.isfile(os.path.join(dataset_name, f)) for f in ("dataset_dict.json", "state.json")):
+        raw = datasets.load_from_disk(dataset_name)  # written by save_to_disk
+        return datasets.DatasetDict(train=raw) if isinstance(raw, datasets.Dataset) else raw
+    try:
+        return datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir)
+    except (ConnectionError, FileNotFoundError) as error:
+        if os.path.exists(dataset_name):
+            raise  # (a local folder: datasets' own message names its files)
+        raise OSError(
+            f"{flag}={dataset_name!r} is not a local folder, and not a dataset this machine can load from the Hub "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}). Offline, pass local data: a "
+            "folder of class folders (--train_dir), a folder of data files, or a save_to_disk folder. Set "
+            "HF_HUB_OFFLINE=1 so that Hub lookups fail at once."
+        ) from error
+
+
 def hf_content_digest(hf_dataset: Any) -> str | None:
     """A `datasets.Dataset`'s content for the sweep fingerprint: `local_files_digest` of each image column that holds
     paths of local files, `rows_digest` of the other columns (None above its size limit)."""
@@ -619,7 +642,7 @@ def load_image_classification_dataset(
         for name, folder in (("validation_dir", validation_dir), ("test_dir", test_dir)):
             if folder is not None:
                 raise ValueError(f"{name} only applies with train_dir; drop it or load every split from local folders")
-        raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        raw = load_hf_dataset(dataset_name, dataset_config_name, cache_dir)
     else:
         folders = {"train": train_dir, "validation": validation_dir, "test": test_dir}
         for split, folder in folders.items():

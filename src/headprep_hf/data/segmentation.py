@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import files_digest, local_files_digest, rows_digest, to_rgb, unreadable_image_error
+from .images import files_digest, load_hf_dataset, local_files_digest, rows_digest, to_rgb, unreadable_image_error
 from .mnist import _stratified_split, load_mnist5k
 
 _EXIF_ORIENTATION = 0x0112
@@ -519,12 +519,7 @@ def load_hf_segmentation(
     """
     import datasets
 
-    if any(os.path.isfile(os.path.join(dataset_name, f)) for f in ("dataset_dict.json", "state.json")):
-        raw = datasets.load_from_disk(dataset_name)  # written by save_to_disk
-        if isinstance(raw, datasets.Dataset):
-            raw = datasets.DatasetDict(train=raw)
-    else:
-        raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    raw = load_hf_dataset(dataset_name, dataset_config_name, cache_dir)  # (Hub id, data files or save_to_disk)
     if "train" not in raw:
         raise ValueError(f"dataset {dataset_name!r} has no 'train' split; its splits are {list(raw)}")
     features = raw["train"].features
