@@ -172,8 +172,28 @@ def test_the_exchange_refuses_a_finetuned_model_changed_after_its_job(finished, 
     with pytest.raises(
         ValueError, match=r"tau_2/seed_0/model.safetensors is not the model the sweep saved for tau = 2"
     ):
-        head_exchange(tiny_timm(), copy, data[0], data[1], sweep_config(copy), output_file=copy / "again.json")
-    assert not (copy / "again.json").exists()
+        head_exchange(tiny_timm(), copy, data[0], data[1], sweep_config(copy), output_file=copy / "damaged.json")
+    assert not (copy / "damaged.json").exists()
+
+
+def test_a_sweep_metric_compute_metrics_does_not_return_is_refused_before_anything_runs(tmp_path, data):
+    # A misspelt sweep_metric was refused after HP and the first FT job, and the corrected rerun into the folder was
+    # then refused as another sweep's (the metric is fingerprinted).
+    with pytest.raises(ValueError, match=r"sweep_metric 'acuracy' is not among the validation metrics \['accuracy', "
+                       r"'loss'\] \(compute_metrics returned these on one batch"):  # fmt: skip
+        run_sweep(tmp_path / "sweep", data, sweep_metric="acuracy")
+    assert not (tmp_path / "sweep").exists()
+
+    # a compute_metrics that cannot score one batch does not block the sweep: the jobs' evaluations decide
+    def needs_the_whole_set(prediction):
+        if len(prediction.label_ids) < 24:
+            raise ValueError("undefined on so few samples")
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    train, val, test = data
+    args = sweep_config(tmp_path / "whole", sweep_taus=[0], per_device_eval_batch_size=8)
+    result = TauSweep(tiny_timm(), args, train, val, None, compute_metrics=needs_the_whole_set).run()
+    assert result["tau_star"] == 0
 
 
 def test_rerunning_a_finished_sweep_reuses_it(finished, data):

@@ -548,6 +548,54 @@ class TauSweep:
         self._head_inputs: dict[int, Any] = {}
         self._fingerprint: dict[str, Any] | None = None
 
+    def _check_sweep_metric(self) -> None:
+        """A `sweep_metric` that `compute_metrics` does not return is refused before anything runs, from one batch of
+        the validation set through the pretrained model. It was refused after HP and the first FT job, and the
+        corrected rerun then found a folder of another sweep (the metric is in the fingerprint). Where that small
+        evaluation fails (a metric undefined on so few samples), the jobs' own evaluations decide, as before."""
+        metric = self.args.sweep_metric
+        if metric == "loss" or self.eval_dataset is None or not has_length(self.eval_dataset):
+            return
+        if len(self.eval_dataset) == 0:
+            return  # (refused by the trainer, naming the empty set)
+        from .trainer import HeadPrepTrainer
+
+        keep = ("data_collator", "preprocess_logits_for_metrics", "processing_class", "compute_loss_func")
+        with tempfile.TemporaryDirectory(prefix="headprep-metric-check-") as scratch:
+            args = dataclasses.replace(
+                self.args, output_dir=scratch, hp_cache_features=False, overwrite_output_dir=True, report_to="none"
+            )
+            trainer = self._quiet(
+                HeadPrepTrainer(
+                    model=self._pristine_copy(),
+                    args=args,
+                    train_dataset=self.train_dataset,
+                    compute_metrics=self.compute_metrics,
+                    **{k: v for k, v in self.trainer_kwargs.items() if k in keep},
+                )
+            )
+            first = torch.utils.data.Subset(
+                self.eval_dataset, range(min(len(self.eval_dataset), args.per_device_eval_batch_size))
+            )
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    computed = _strip(trainer.evaluate(first), "eval_")
+            except Exception as error:  # noqa: BLE001 - not decided here: the first job's evaluation will say
+                logger.debug("sweep_metric check skipped: the evaluation of one batch failed (%r)", error)
+                return
+            finally:
+                del trainer
+                gc.collect()
+        if metric not in computed:
+            timings = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
+            names = sorted(k for k in computed if k not in timings)
+            raise ValueError(
+                f"sweep_metric {metric!r} is not among the validation metrics {names} (compute_metrics returned "
+                "these on one batch of the validation set, before any job ran); set sweep_metric to one of them or "
+                "pass a compute_metrics that returns it."
+            )
+
     def _check_exchange_possible(self) -> None:
         """`sweep_exchange=True` on a regression task, or on a model whose head alone does not give its logits, is
         refused before any job runs (it used to fail after the whole sweep, and the report was not drawn)."""
@@ -602,6 +650,7 @@ class TauSweep:
         ones resume, and seeds added to `sweep_seeds` run only their own jobs."""
         if self.args.sweep_exchange:
             self._check_exchange_possible()
+        self._check_sweep_metric()
         self._fingerprint = self.fingerprint()
         self._check_output_dir()
         if not self.args.overwrite_output_dir:

@@ -966,16 +966,6 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if checkpoint is None:
             self._refuse_earlier_outputs(self._get_output_dir(trial))
             self._refuse_nonfinite_model()
-        elif os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) != os.path.realpath(
-            self._get_output_dir(trial)
-        ):
-            # A run resumed from another folder's checkpoint writes into this one as a new run does: another run's
-            # checkpoints left there, a later resume_from_checkpoint=True took the newest of them for this run's.
-            self._refuse_earlier_outputs(
-                self._get_output_dir(trial),
-                who=f"the run resumed from {checkpoint} (in another folder; where these are that run's own "
-                "checkpoints, written before it stopped, continue it with resume_from_checkpoint=True)",
-            )
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = self._resume_dir = None
         if checkpoint is not None and os.path.isdir(checkpoint):
@@ -993,8 +983,18 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             if not isinstance(unwrapped, PreTrainedModel):  # (transformers models: Trainer's own loading decides)
                 check_weights_fit(checkpoint, unwrapped)
-            self._load_stage_state(checkpoint, plan)
+            self._load_stage_state(checkpoint, plan)  # (refuses a checkpoint of another stage plan first)
             self._resume_dir = checkpoint
+            if os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) != os.path.realpath(
+                self._get_output_dir(trial)
+            ):
+                # A run resumed from another folder's checkpoint writes into this one as a new run does: another
+                # run's checkpoints left there, a later resume_from_checkpoint=True took their newest for this run's.
+                self._refuse_earlier_outputs(
+                    self._get_output_dir(trial),
+                    who=f"the run resumed from {checkpoint} (in another folder; where these are that run's own "
+                    "checkpoints, written before it stopped, continue it with resume_from_checkpoint=True)",
+                )
             if self.has_stages:  # refused before Trainer loads the checkpoint's weights into the caller's model
                 self._refuse_other_hp_steps(plan, hp_outside_loop)
                 self._refuse_changed_settings(checkpoint)
