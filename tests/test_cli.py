@@ -168,6 +168,7 @@ def test_console_command_sweep_exchange_report(tmp_path, shared_cache):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tau* =" in proc.stdout and "HP-acc" in proc.stdout
+    assert f"Sweep folder: {out} (stopped, the same command continues it" in proc.stderr  # (named before the work)
     sweep = json.loads((out / "sweep.json").read_text())
     validate_sweep(sweep)
     assert sweep["task"]["name"] == "image_classification" and sweep["hp"]["cached_features"]
@@ -532,6 +533,25 @@ def test_run_command_shortens_only_its_own_refusals(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("HEADPREP_TRACEBACK", "1")
     with pytest.raises(ValueError, match="refused"):
         cli.run_command(mod.refuse, prog="cmd")
+
+
+def test_an_interrupted_sweep_names_its_folder_and_how_to_continue(tmp_path, shared_cache, monkeypatch, capsys):
+    # The default folder is timestamped: interrupted, it was named nowhere, and the same command started anew.
+    from headprep_hf import cli
+    from headprep_hf.sweep import TauSweep
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TauSweep, "run", interrupted)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["sweep", *[a for a in tiny(shared_cache) if a != "--output_dir"]])
+    err = capsys.readouterr().err
+    (folder,) = re.findall(
+        r"Sweep folder: (runs/sweep-\d{8}-\d{6}) \(stopped, the same command with --output_dir", err
+    )
+    assert f"Interrupted. The same command with --output_dir {folder} continues the sweep in {folder}." in err
 
 
 def test_a_refusal_raised_in_a_loader_worker_ends_in_one_line(tmp_path, monkeypatch, capsys):

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -407,7 +408,19 @@ def sweep_main(argv: list[str]) -> dict:
         data_collator=inputs.data_collator,
         preprocess_logits_for_metrics=inputs.preprocess_logits_for_metrics,
     )
-    result = sweep.run()
+    # The folder is named before the work starts: interrupted, the default (timestamped) folder was named nowhere,
+    # and the same command started again from scratch in a new one.
+    given = _setting_given(argv, "output_dir")
+    again = f"the same command{'' if given else f' with --output_dir {shlex.quote(args.output_dir)}'}"
+    if args.process_index == 0:
+        print(f"Sweep folder: {args.output_dir} (stopped, {again} continues it: finished jobs are reused)",
+              file=sys.stderr)  # fmt: skip
+    try:
+        result = sweep.run()
+    except KeyboardInterrupt:
+        if args.process_index == 0:
+            print(f"\nInterrupted. {again.capitalize()} continues the sweep in {args.output_dir}.", file=sys.stderr)
+        raise
     if args.process_index == 0:
         print(format_table(result))
         print(f"sweep.json and plots in {args.output_dir}")
