@@ -322,12 +322,14 @@ def _pop_option(argv: list[str], name: str, default: str | None = None) -> tuple
 def sweep_parser(task_name: str) -> HfArgumentParser:
     from .sweep import SweepConfig
     from .tasks import get_task
+    from .tasks.base import explain_auto_workers
 
     task = get_task(task_name)
     parser = HfArgumentParser((task.arguments, SweepConfig), prog="headprep sweep")
     defaults = {**task.defaults, **SWEEP_DEFAULTS, **task.sweep_defaults}
     defaults["output_dir"] = time.strftime("runs/sweep-%Y%m%d-%H%M%S")
     parser.set_defaults(**defaults)
+    explain_auto_workers(parser)
     for action in parser._actions:
         if action.dest == "hp_lr_scheduler_type":  # SweepConfig refuses others: list only the one that works
             action.choices = ["constant"]
@@ -488,6 +490,8 @@ def report_main(argv: list[str]) -> list[Path]:
     parser.add_argument("sweep_dir")
     parser.add_argument("--output_dir", default=None)
     ns = parser.parse_args(argv)
+    if os.path.basename(ns.sweep_dir) == "sweep.json" and os.path.isfile(ns.sweep_dir):  # (the file itself, given)
+        ns.sweep_dir = os.path.dirname(ns.sweep_dir) or "."
     paths = write_report(ns.sweep_dir, ns.output_dir)
     for path in paths:
         print(path)
@@ -625,7 +629,11 @@ def console_main() -> int:
     Python callers of `main(argv)` get the exceptions themselves."""
     argv = sys.argv[1:]
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    return run_command(main, argv, prog=f"headprep {command}" if command else "headprep")
+    try:
+        return run_command(main, argv, prog=f"headprep {command}" if command else "headprep")
+    except BrokenPipeError:  # (output into a pipe its reader closed, `headprep --help | head -1`: as other tools)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's advice: no second error at exit)
+        return 1
 
 
 if __name__ == "__main__":

@@ -173,7 +173,19 @@ def recipe_parser(arguments: type, defaults: dict[str, Any], run_name: str):
 
     parser = HfArgumentParser((arguments, HeadPrepConfig))
     parser.set_defaults(**defaults, output_dir=time.strftime(f"runs/{run_name}-%Y%m%d-%H%M%S"))
+    explain_auto_workers(parser)
     return parser
+
+
+def explain_auto_workers(parser) -> None:
+    """Say in `--help` what the recipes' `dataloader_num_workers` default of -1 means (Trainer's text says only what 0
+    means, and the printed default, -1, was explained nowhere)."""
+    for action in parser._actions:
+        if action.dest == "dataloader_num_workers":
+            action.help = (
+                "Worker processes that load the data. -1 (the recipes' default): min(8, cores) persistent workers "
+                "where images are decoded from files, 0 (the main process) for data already in memory."
+            )
 
 
 def summary_text(training_args, metrics: dict[str, Any], entries: list[tuple[str, str]]) -> str:

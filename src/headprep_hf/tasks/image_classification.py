@@ -107,6 +107,12 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
                 )
     if args.model_name_or_path is None:
         source = pretrain_source_model(cache_dir=args.cache_dir, epochs=args.source_epochs)
+        if real_data:  # (said: it trained on a user's photographs at 32 px without a word)
+            logger.warning(
+                "No --model_name_or_path: the backbone is the offline MNIST-5k source model (timm test_resnet, 0.4M "
+                "parameters, pretrained on 32 px digits), at its 32 px input size. Pass --model_name_or_path (a timm "
+                "Hub id such as timm/resnet50.a1_in1k, or a local model folder) for a real pretrained backbone."
+            )
     else:
         source = args.model_name_or_path
     if not real_data:
