@@ -184,8 +184,19 @@ def test_console_command_sweep_exchange_report(tmp_path, shared_cache):
     assert (out / "plots" / "exchange_heatmap.png").is_file()
 
     (out / "plots" / "p0_histograms.png").unlink()
-    assert main(["report", str(out)]) == 0
+    assert main(["report", str(out / "sweep.json")]) == 0  # (the file, as a newcomer passes it, or its folder)
     assert (out / "plots" / "p0_histograms.png").is_file()
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    # `headprep --help | head -1` ended in a BrokenPipeError traceback.
+    for command in (["--help"], ["sweep", "--help"]):
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("headprep")), *command], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        proc.stdout.close()  # (the reader is gone before the command writes: it is still importing)
+        err = proc.stderr.read()
+        proc.wait()
+        assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
 
 
 @pytest.mark.slow

@@ -630,7 +630,10 @@ def console_main() -> int:
     argv = sys.argv[1:]
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
-        return run_command(main, argv, prog=f"headprep {command}" if command else "headprep")
+        try:
+            return run_command(main, argv, prog=f"headprep {command}" if command else "headprep")
+        finally:
+            sys.stdout.flush()  # (here, not at exit, so that a closed pipe is caught below, also after --help)
     except BrokenPipeError:  # (output into a pipe its reader closed, `headprep --help | head -1`: as other tools)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's advice: no second error at exit)
         return 1
