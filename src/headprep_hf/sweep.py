@@ -561,26 +561,28 @@ class TauSweep:
         from .trainer import HeadPrepTrainer
 
         keep = ("data_collator", "preprocess_logits_for_metrics", "processing_class", "compute_loss_func")
+        first = torch.utils.data.Subset(
+            self.eval_dataset, range(min(len(self.eval_dataset), self.args.per_device_eval_batch_size))
+        )
         with tempfile.TemporaryDirectory(prefix="headprep-metric-check-") as scratch:
             args = dataclasses.replace(
                 self.args, output_dir=scratch, hp_cache_features=False, overwrite_output_dir=True, report_to="none"
             )
-            trainer = self._quiet(
-                HeadPrepTrainer(
-                    model=self._pristine_copy(),
-                    args=args,
-                    train_dataset=self.train_dataset,
-                    compute_metrics=self.compute_metrics,
-                    **{k: v for k, v in self.trainer_kwargs.items() if k in keep},
-                )
-            )
-            first = torch.utils.data.Subset(
-                self.eval_dataset, range(min(len(self.eval_dataset), args.per_device_eval_batch_size))
-            )
+            trainer = None
             try:
+                trainer = self._quiet(
+                    HeadPrepTrainer(
+                        model=self._pristine_copy(),
+                        args=args,
+                        train_dataset=self.train_dataset,
+                        eval_dataset=first,
+                        compute_metrics=self.compute_metrics,
+                        **{k: v for k, v in self.trainer_kwargs.items() if k in keep},
+                    )
+                )
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    computed = _strip(trainer.evaluate(first), "eval_")
+                    computed = _strip(trainer.evaluate(), "eval_")
             except Exception as error:  # noqa: BLE001 - not decided here: the first job's evaluation will say
                 logger.debug("sweep_metric check skipped: the evaluation of one batch failed (%r)", error)
                 return
