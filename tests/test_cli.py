@@ -61,8 +61,13 @@ def _exit_message(capsys, argv):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--hp_epoch", "3"], "unrecognized arguments: --hp_epoch 3"),  # a prefix is not taken for --hp_epochs
-        (["--hp_epcohs", "3"], "unrecognized arguments: --hp_epcohs 3"),  # argparse's one-line error
+        (["--hp_epoch", "3"], "unrecognized arguments: --hp_epoch 3$"),  # not taken for --hp_epochs, not suggested:
+        (["--hp_epcohs", "3"], "unrecognized arguments: --hp_epcohs 3$"),  # the sweep refuses it (the grid decides)
+        (
+            ["--learnin_rate", "3"],
+            r"unrecognized arguments: --learnin_rate 3 \(did you mean: --learnin_rate -> "
+            r"--learning_rate\?\)",
+        ),  # (the closest known flag; Python 3.11's argparse names none)
         (["--do_train", "false"], "--do_train is not used here"),
         (["--do_eval"], "--do_eval is not used here"),
         (["--hp_epochs", "3"], "use --sweep_taus|set the grid with --sweep_taus"),  # the grid decides

@@ -184,3 +184,12 @@ def test_load_errors_name_the_argument_and_fix(weights, tmp_path):
     (neither / "config.json").write_text('{"num_classes": 3}')  # neither timm's `architecture` nor a `model_type`
     with pytest.raises(ValueError, match="names no timm architecture and no transformers model_type"):
         load_timm_model(str(neither), num_classes=3)
+
+
+def test_a_misspelt_architecture_gets_the_close_ones_named():
+    from headprep_hf.models.loading import load_timm_model
+
+    with pytest.raises(ValueError, match=r"nor a timm architecture name \(a close timm architecture: resnet50, "):
+        load_timm_model("resnet_50", 3)
+    with pytest.raises(ValueError, match=r"nor a timm architecture name$"):  # (nothing close: nothing named)
+        load_timm_model("zzzqqq", 3)

@@ -131,6 +131,24 @@ def _underscored(flag: str) -> str:
     return "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
 
 
+def _flag_suggestions(parser: argparse.ArgumentParser, remaining: list[str], ignored=()) -> str:
+    """The known flags closest to each unknown one (`--hp_epoch -> --hp_epochs`): Python 3.11's argparse names none."""
+    import difflib
+
+    refused = {_underscored(flag) for flag in ignored}  # (`headprep sweep` sets HP by --sweep_taus: not suggested)
+    known = sorted(
+        {_underscored(o) for action in parser._actions for o in action.option_strings if o.startswith("--")} - refused
+    )
+    hints = []
+    for arg in remaining:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--"):
+            close = difflib.get_close_matches(_underscored(flag), known, n=1, cutoff=0.8)
+            if close:
+                hints.append(f"{flag} -> {close[0]}")
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+
+
 def parse_with_config(
     parser: HfArgumentParser,
     argv: list[str],
@@ -226,7 +244,7 @@ def parse_with_config(
             raise
         parser.error(str(error))
     if remaining:
-        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}{_flag_suggestions(parser, remaining, ignored)}")
     from .tasks.base import resolve_mixed_precision
 
     parsed = [resolve_mixed_precision(a) if isinstance(a, TrainingArguments) else a for a in parsed]

@@ -98,9 +98,13 @@ def _create(name: str, num_classes: int, arch: str | None, pretrained: bool, kwa
                 f"model_name_or_path={name!r} is not a local folder or file (none exists at {os.path.abspath(name)}), "
                 f"and as a Hub id it could not be loaded: {error}"
             ) from error
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), timm.list_models(), n=3, cutoff=0.75)
+    hint = f" (a close timm architecture: {', '.join(close)}; its Hub id is 'timm/<architecture>.<weights tag>')"
     raise ValueError(
         f"model_name_or_path={name!r} is neither an existing local folder/file, a Hub id like "
-        "'timm/resnet50.a1_in1k', nor a timm architecture name"
+        f"'timm/resnet50.a1_in1k', nor a timm architecture name{hint if close else ''}"
     )
 
 
