@@ -157,3 +157,24 @@ def test_a_process_id_is_looked_up_only_in_its_own_process_table(tmp_path, monke
     lock.acquire()
     assert "waiting up to" in caplog.text
     lock.release()
+
+
+def test_a_live_lock_that_replaced_a_stale_one_meanwhile_is_not_removed(tmp_path, monkeypatch):
+    # Two runs find one stale lock; the first replaces it with its own just as the second removes "the stale one": a
+    # read-compare-remove deleted the first run's live lock there, and both held the folder.
+    _write_lock(tmp_path, what="a killed run", token="stale")
+    monkeypatch.setattr(RunLock, "_holder_gone", lambda self, holder, raw: holder["token"] == "stale")
+    warn = runlock.logger.warning
+
+    def meanwhile(message, *args):  # (said just before the stale lock goes: the other run takes the folder now)
+        warn(message, *args)
+        if message.startswith("Replacing the lock"):
+            if (tmp_path / LOCK_NAME).exists():
+                os.remove(tmp_path / LOCK_NAME)
+            _write_lock(tmp_path, what="the other run", token="live")
+
+    monkeypatch.setattr(runlock.logger, "warning", meanwhile)
+    with pytest.raises(OutputDirInUse, match="the other run"):
+        RunLock(tmp_path, "mine").acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "live"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # (nothing left aside)

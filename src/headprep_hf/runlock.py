@@ -200,20 +200,32 @@ class RunLock:
         return True
 
     def _remove_if_unchanged(self, raw: bytes | None, holder: dict | None) -> None:
+        """Remove the stale lock `raw`, and only it. It is renamed away first (one process wins a rename), then
+        compared: where another process had replaced it by a live lock in the meantime, that lock is put back (a
+        read-then-remove deleted it, and both runs held the folder)."""
         if raw is None:
             return
-        current = self._read()[1]
-        if current != raw:  # (another process replaced it first: look again)
-            return
-        logger.warning(
-            "Replacing the lock %s of a run that is no longer running (%s); that run may have left a checkpoint "
-            "being written, which a resume skips.",
-            self.path, self._describe(holder),
-        )  # fmt: skip
+        aside = f"{self.path}.stale-{uuid.uuid4().hex}"
         try:
-            os.remove(self.path)
+            os.rename(self.path, aside)
         except FileNotFoundError:
-            pass
+            return  # (another process removed it first: look again)
+        try:
+            with open(aside, "rb") as f:
+                moved = f.read()
+            if moved != raw:  # (not the stale lock: another run's new one) put back where nothing took its place
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass
+                return
+            logger.warning(
+                "Replacing the lock %s of a run that is no longer running (%s); that run may have left a checkpoint "
+                "being written, which a resume skips.",
+                self.path, self._describe(holder),
+            )  # fmt: skip
+        finally:
+            os.remove(aside)
 
     @staticmethod
     def _describe(holder: dict | None) -> str:
