@@ -18,7 +18,6 @@ rotation (`save_total_limit`) runs after the commit, so it never deletes the las
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import re
 import shutil
 import time
 
-from .files import write_json
+from .files import file_sha256, write_json
 from .stages import STATE_NAME as STAGE_STATE_NAME
 
 logger = logging.getLogger(__name__)
@@ -38,14 +37,6 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed; the message names the folder, the file and what to do."""
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: str) -> None:
@@ -94,7 +85,7 @@ def commit(folder: str) -> dict:
     for rel in _files(folder):
         path = os.path.join(folder, rel)
         _fsync(path)
-        entries[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+        entries[rel] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
     manifest = {"format_version": 1, "files": entries}
     path = os.path.join(folder, MANIFEST_NAME)
     write_json(path, manifest)
@@ -203,7 +194,7 @@ def verify(
             problem = "is missing"
         elif os.path.getsize(file) != expected["size"]:
             problem = f"has {os.path.getsize(file)} bytes instead of {expected['size']} (truncated or changed)"
-        elif _sha256(file) != expected["sha256"]:
+        elif file_sha256(file) != expected["sha256"]:
             problem = "does not match its checksum (damaged or changed)"
         else:
             continue

@@ -18,7 +18,6 @@ A head is saved or pushed only before FT starts (afterwards it is a finetuned he
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -32,6 +31,7 @@ from transformers.trainer_utils import unwrap_peft_model
 
 from .cards import _first_pretrained_cfg, base_model_id, head_probing_record, prepared_head_card
 from .export import model_data_config, model_label_names, record_prepared_head, set_label_names
+from .files import file_sha256
 from .guard import check_finite, nonfinite_keys
 from .heads import MLPHead, mlp_head_target, replace_head_with_mlp
 from .split import ModelSplit, find_split
@@ -298,17 +298,13 @@ def write_prepared_head(
     card_tmp = folder / "README.md.tmp"
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(weights_tmp), metadata={"format": "pt", "headprep_version": __version__})
-    config = {**config, "weights_sha256": _sha256(weights_tmp)}
+    config = {**config, "weights_sha256": file_sha256(weights_tmp)}
     config_tmp.write_text(json.dumps(config, indent=2))
     prepared_head_card(config, repo_id=repo_id).save(str(card_tmp))
     os.replace(weights_tmp, folder / HEAD_WEIGHTS_NAME)
     os.replace(config_tmp, folder / HEAD_CONFIG_NAME)
     os.replace(card_tmp, folder / "README.md")
     return folder
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()  # (a head: kilobytes to a few megabytes)
 
 
 def push_head_to_hub(
@@ -566,7 +562,7 @@ def _check_pair(config: dict[str, Any], config_path: Path, weights_path: Path) -
             stacklevel=3,
         )
         return
-    actual = _sha256(weights_path)
+    actual = file_sha256(weights_path)
     if actual != recorded:
         raise ValueError(
             f"{weights_path} (sha256 {actual[:12]}...) is not the file {config_path} describes (weights_sha256 "

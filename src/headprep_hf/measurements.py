@@ -470,6 +470,9 @@ class MeasurementCallback(TrainerCallback):
         step = state.best_global_step
         if step is None:  # (an older TrainerState: the step from the checkpoint's name)
             step = int(re.search(r"(\d+)$", os.path.basename(os.path.normpath(best))).group(1))
+        if step == drift[-1]["step"]:  # (the last update's weights: measured already)
+            self.dynamics["final_drift"] = {**drift[-1], "model": "best checkpoint"}
+            return
         metrics = self._drift_now(f"drift of the best checkpoint (step {step})")
         if metrics is not None:
             self.dynamics["final_drift"] = {"step": step, **metrics, "model": "best checkpoint"}

@@ -921,13 +921,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         hp_steps = args.hp_epochs * steps_per_epoch if plan.plan != "ft" and not plan.hp_outside_loop else 0
         if hp_steps and not has_length(dataloader):
             self._refuse_unsized_hp()
-        if self._resume_plan is not None and plan.plan != "ft" and self._resume_plan.hp_steps != hp_steps:
-            raise ValueError(
-                f"The checkpoint was written with {self._resume_plan.hp_steps} HP steps but this configuration gives "
-                f"{hp_steps} ({self._hp_mismatch_cause()}). Resume with the HP settings of the interrupted run."
-            )
-        if self._resume_dir is not None and self.has_stages:  # (after the checks above, whose messages say more)
-            self._refuse_changed_settings(self._resume_dir)  # (plain runs resume as Trainer does)
+        if self._resume_plan is not None and plan.plan != "ft":  # (checked before loading too: `_run`; with
+            self._check_resumed_hp_steps(hp_steps)  # auto_find_batch_size only here, after Trainer's restore)
         plan.hp_steps, plan.ft_steps = hp_steps, (max_steps if plan.plan != "hp" else 0)
         self.hp_steps_per_epoch = steps_per_epoch if hp_steps else 0
         if hp_steps == 0 and plan.plan != "hp":
@@ -1059,6 +1054,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             if not has_length(loader):
                 return  # (refused by set_initial_training_values, with its own message)
             hp_steps = self.args.hp_epochs * Trainer.set_initial_training_values(self, self.args, loader)[1]
+        self._check_resumed_hp_steps(hp_steps)
+
+    def _check_resumed_hp_steps(self, hp_steps: int) -> None:
         if self._resume_plan.hp_steps != hp_steps:
             raise ValueError(
                 f"The checkpoint was written with {self._resume_plan.hp_steps} HP steps but this configuration gives "
