@@ -145,7 +145,7 @@ class PreparedHeadMixin:
 
     def _write_prepared_head(self) -> None:
         # At the end of HP (after its measurements): a small artifact FT can start from elsewhere.
-        folder = os.path.join(self.args.output_dir, PREPARED_HEAD_DIR)
+        folder = os.path.join(self.run_output_dir, PREPARED_HEAD_DIR)
         if self.args.save_prepared_head and _peft_refusal(self.model) is not None:
             warnings.warn(f"The prepared head is not written: {_peft_refusal(self.model)}", UserWarning, stacklevel=2)
             return
@@ -232,7 +232,7 @@ def refuse_after_ft(trainer: HeadPrepTrainer, what: str) -> None:
     ft_updates = plan.plan != "hp" and trainer.state.global_step > plan.hp_steps
     if not (plan.ft_started or ft_updates):
         return
-    folder = os.path.join(trainer.args.output_dir, PREPARED_HEAD_DIR)
+    folder = os.path.join(trainer.run_output_dir, PREPARED_HEAD_DIR)
     if os.path.isfile(os.path.join(folder, HEAD_CONFIG_NAME)):
         where = f"{folder} holds the head saved at the HP/FT boundary: load or upload that folder"
     elif plan.plan == "ft" or trainer.args.hp_epochs == 0:

@@ -423,6 +423,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
         if self._headprep_ready:  # train() built a new model: prepare its head, attach this run's stages to it
+            self.hp_done = False  # (a new head: no HP ran on it)
             self._prepare_model(model)
             self._attach_stages(model)
         return model
@@ -518,8 +519,36 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         With `hp_cache_features=True`, HP runs on cached features first and the training loop (and its checkpoints)
         covers FT only; resuming such a run restarts from its last FT checkpoint without redoing HP.
         """
-        with self._output_dir_lock("HeadPrepTrainer.train()", self.args.hp_epochs > 0):  # (plain runs: as Trainer)
-            return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        self._trial_for_dir = trial
+        with self._model_of_this_call(trial):
+            with self._output_dir_lock("HeadPrepTrainer.train()", self.args.hp_epochs > 0):  # (plain: as Trainer)
+                return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    @contextlib.contextmanager
+    def _model_of_this_call(self, trial):
+        """What `Trainer.train` does first, done before this trainer's checks, run lock and cached HP: a search
+        trial's settings applied to `args` (hyperparameter_search), then a new model from `model_init`, seeded as
+        Trainer seeds it. Those checks ran on the previous trial's model (None after Trainer's search released it:
+        an AttributeError), cached HP probed a head Trainer.train then replaced, and a trial's `hp_epochs` took effect
+        after the run was planned. `Trainer.train` then finds the model built (its `model_init` is hidden for that
+        call, so the random state after the initialisation is Trainer's) and applies the same trial settings again."""
+        if trial is not None and self.hp_search_backend is not None:
+            self._hp_search_setup(trial)
+            self.args._validate_headprep_fields()  # (the search set them with setattr: a bad value is named here)
+        if self.model_init is None:
+            yield
+            return
+        enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
+        self.model = self.call_model_init(trial)
+        self.optimizer, self.lr_scheduler = None, None
+        if self.place_model_on_device:
+            self._move_model_to_device(self.model, self.args.device)
+        self.model_wrapped = self.model
+        model_init, self.model_init = self.model_init, None
+        try:
+            yield
+        finally:
+            self.model_init = model_init
 
     def _train_stages(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
         outside = bool(self.args.hp_cache_features and self.args.hp_epochs > 0)
@@ -541,6 +570,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
         Afterwards `dynamics` holds the energy, HP train accuracy and p0 of the prepared head.
         """
+        self._trial_for_dir = None
         with self._output_dir_lock("HeadPrepTrainer.probe_head()", True):
             return self._probe_head(resume_from_checkpoint, **kwargs)
 
@@ -567,6 +597,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     def finetune(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
+        self._trial_for_dir = None
         with self._output_dir_lock("HeadPrepTrainer.finetune()", True):
             check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
             return self._run("ft", resume_from_checkpoint, **kwargs)
@@ -585,7 +616,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             return
         lock, refusal = None, None
         if self.args.process_index == 0:
-            lock = RunLock(self.args.output_dir, what)
+            lock = RunLock(self.run_output_dir, what)
             try:
                 lock.acquire()
             except Exception as error:  # noqa: BLE001 - any failure here must reach every process (see below)
@@ -635,7 +666,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self.recompute_bn_statistics()
         if self.track_dynamics:
             self.measure_start()
-            self.measurements.write(self.args.output_dir)
+            self.measurements.write(self.run_output_dir)
         self._write_prepared_head()
 
     def _begin_ft(self) -> None:
@@ -1038,7 +1069,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 self.stage_plan.hp_steps,
             )
         if plan != "hp" and self.track_dynamics:
-            self.measurements.write(self.args.output_dir)
+            self.measurements.write(self.run_output_dir)
         return output
 
     def _refuse_other_hp_steps(self, plan: str, hp_outside_loop: bool) -> None:
@@ -1114,7 +1145,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             # Earlier checkpoints too (a new run without overwrite_output_dir refused them already, in
             # `resume_checkpoint`): left in place, resume_from_checkpoint=True took the earlier run's newest one for
             # this run's, and a checkpoint this run wrote again at the same step kept the earlier run's other files.
-            output_dir = self.args.output_dir
+            output_dir = self.run_output_dir
             earlier = [os.path.relpath(c, output_dir) for c in checkpoints(run_dir)] if run_dir else []
             try:
                 refuse_earlier_outputs(
@@ -1210,6 +1241,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             "stays for inspection",
         )
         super()._load_best_model()
+
+    @property
+    def run_output_dir(self) -> str:
+        """The folder of this run's own outputs (run lock, `headprep_dynamics.json`, `prepared_head/`):
+        `args.output_dir`, or in a `hyperparameter_search` trial the trial's folder in it (`run-<id>`, where `Trainer`
+        writes the trial's checkpoints), so that trials neither replace nor lock out each other's results."""
+        return Trainer._get_output_dir(self, self._trial_for_dir)
 
     def checkpoint_dir(self) -> str:
         """The folder of the checkpoint the Trainer writes at the current step."""

@@ -1,0 +1,183 @@
+"""`Trainer.hyperparameter_search` and `model_init` on HeadPrepTrainer.
+
+Without HP, a search is the plain `Trainer`'s: the same trials, objectives, weights and checkpoint files (compared
+on the same inputs). With HP, every trial is the two-stage run its settings give (`hp_epochs` and the other
+HeadPrepConfig fields can be searched), with its results in its own folder beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer_contract import COMMON, FcClassifier, XYData
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from headprep_hf import HeadPrepConfig, HeadPrepTrainer
+
+optuna = pytest.importorskip("optuna")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SEARCH = dict(COMMON, save_strategy="epoch", eval_strategy="epoch")
+
+
+class EvalLosses(TrainerCallback):
+    def __init__(self):
+        self.losses = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.losses.append(metrics["eval_loss"])
+
+
+def _search(trainer, space, n_trials):
+    return trainer.hyperparameter_search(
+        hp_space=space,
+        backend="optuna",
+        n_trials=n_trials,
+        direction="minimize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+
+
+def _last_checkpoint(run_dir):
+    steps = [int(d.split("-")[1]) for d in os.listdir(run_dir) if d.startswith("checkpoint-")]
+    return os.path.join(run_dir, f"checkpoint-{max(steps)}")
+
+
+def _lr_space(trial):
+    return {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True)}
+
+
+def test_a_search_without_head_probing_is_trainers(tmp_path):
+    results = {}
+    for cls, args_cls, extra in (
+        (Trainer, TrainingArguments, {}),
+        (HeadPrepTrainer, HeadPrepConfig, {"hp_epochs": 0}),
+    ):
+        losses = EvalLosses()
+        out = tmp_path / cls.__name__
+        trainer = cls(
+            model_init=lambda: FcClassifier(),
+            args=args_cls(output_dir=str(out), **SEARCH, **extra),
+            train_dataset=XYData(),
+            eval_dataset=XYData(seed=1),
+            callbacks=[losses],
+        )
+        best = _search(trainer, _lr_space, n_trials=3)
+        results[cls] = best, losses.losses, out
+    (plain_best, plain_losses, plain_out), (best, losses, out) = results[Trainer], results[HeadPrepTrainer]
+    assert (best.run_id, best.objective, best.hyperparameters) == (
+        plain_best.run_id,
+        plain_best.objective,
+        plain_best.hyperparameters,
+    )
+    assert len(losses) == 6 and losses == plain_losses  # (3 trials, 2 evaluations each)
+    for run in sorted(os.listdir(plain_out)):
+        for checkpoint in sorted(os.listdir(plain_out / run)):
+            plain_files, files = set(os.listdir(plain_out / run / checkpoint)), set(os.listdir(out / run / checkpoint))
+            assert plain_files <= files
+            plain_weights = load_file(plain_out / run / checkpoint / "model.safetensors")
+            weights = load_file(out / run / checkpoint / "model.safetensors")
+            assert all(torch.equal(plain_weights[k], weights[k]) for k in plain_weights)
+
+
+def test_model_init_builds_a_new_model_for_every_train_call_as_trainer_does(tmp_path):
+    finals = {}
+    for cls, args_cls, extra in (
+        (Trainer, TrainingArguments, {}),
+        (HeadPrepTrainer, HeadPrepConfig, {"hp_epochs": 0}),
+    ):
+        trainer = cls(
+            model_init=lambda: FcClassifier(),
+            args=args_cls(output_dir=str(tmp_path / cls.__name__), **COMMON, **extra),
+            train_dataset=XYData(),
+        )
+        first = trainer.train().training_loss
+        second = trainer.train().training_loss
+        finals[cls] = first, second, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert finals[Trainer][:2] == finals[HeadPrepTrainer][:2]
+    assert finals[Trainer][0] == finals[Trainer][1]  # (a new model each time: the same run twice)
+    plain, ours = finals[Trainer][2], finals[HeadPrepTrainer][2]
+    assert all(torch.equal(plain[k], ours[k]) for k in plain)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["in-loop-hp", "cached-hp"])
+def test_a_search_trial_with_head_probing_is_the_run_its_settings_give(tmp_path, cached):
+    chosen = {}
+
+    def space(trial):
+        params = {
+            "hp_epochs": trial.suggest_categorical("hp_epochs", [1, 2]),
+            "hp_learning_rate": trial.suggest_float("hp_learning_rate", 1e-3, 1e-1, log=True),
+        }
+        chosen[trial.number] = params
+        return params
+
+    args = HeadPrepConfig(output_dir=str(tmp_path / "search"), **SEARCH, hp_epochs=1, hp_cache_features=cached)
+    trainer = HeadPrepTrainer(
+        model_init=lambda: FcClassifier(), args=args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+    )
+    _search(trainer, space, n_trials=3)
+    assert sorted(chosen) == [0, 1, 2] and len({p["hp_epochs"] for p in chosen.values()}) == 2
+    for number, params in chosen.items():
+        run_dir = tmp_path / "search" / f"run-{number}"
+        # The trial's own results beside its checkpoints, with its tau (not another trial's, not the args' default).
+        dynamics = json.loads((run_dir / "headprep_dynamics.json").read_text())
+        head = json.loads((run_dir / "prepared_head" / "headprep_head.json").read_text())
+        assert dynamics["hp_epochs"] == head["tau"] == params["hp_epochs"]
+        assert head["hp_learning_rate"] == params["hp_learning_rate"]
+        # The same run started directly with those settings: the same weights, energy and head.
+        direct_args = dataclasses.replace(args, output_dir=str(tmp_path / f"direct-{number}"), **params)
+        direct = HeadPrepTrainer(
+            model=FcClassifier(), args=direct_args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+        )
+        direct.train()
+        weights = load_file(os.path.join(_last_checkpoint(run_dir), "model.safetensors"))
+        expected = direct.model.state_dict()
+        assert all(torch.equal(weights[k], expected[k]) for k in weights)
+        assert dynamics["energy"] == direct.dynamics["energy"]
+    assert not (tmp_path / "search" / "headprep_dynamics.json").exists()
+    assert not (tmp_path / "search" / "prepared_head").exists()
+
+
+def test_a_search_value_out_of_range_is_named(tmp_path):
+    args = HeadPrepConfig(output_dir=str(tmp_path), **SEARCH, hp_epochs=1)
+    trainer = HeadPrepTrainer(
+        model_init=lambda: FcClassifier(), args=args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+    )
+    with pytest.raises(ValueError, match="hp_epochs must be an integer >= 0"):
+        _search(trainer, lambda trial: {"hp_epochs": trial.suggest_int("hp_epochs", -3, -1)}, n_trials=1)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["in-loop-hp", "cached-hp"])
+def test_with_head_probing_model_init_gives_every_train_call_the_same_two_stage_run(tmp_path, cached):
+    args = HeadPrepConfig(
+        output_dir=str(tmp_path), **COMMON, hp_epochs=2, hp_cache_features=cached, overwrite_output_dir=True
+    )
+    trainer = HeadPrepTrainer(model_init=lambda: FcClassifier(), args=args, train_dataset=XYData())
+    runs = []
+    for _ in range(2):
+        loss = trainer.train().training_loss
+        head = json.loads((tmp_path / "prepared_head" / "headprep_head.json").read_text())
+        runs.append(
+            (
+                loss,
+                trainer.dynamics["energy"],
+                head["tau"],
+                {k: v.clone() for k, v in trainer.model.state_dict().items()},
+            )
+        )
+    direct = HeadPrepTrainer(
+        model=FcClassifier(),
+        args=dataclasses.replace(args, output_dir=str(tmp_path / "direct")),
+        train_dataset=XYData(),
+    )
+    loss = direct.train().training_loss
+    expected = (loss, direct.dynamics["energy"], 2, direct.model.state_dict())
+    for run in runs:  # (each call the run of a model given directly, not a head probed on another model)
+        assert run[:3] == expected[:3]
+        assert all(torch.equal(run[3][k], expected[3][k]) for k in expected[3])
