@@ -17,9 +17,10 @@ Real inputs, shards and the other steps:
 Every argument of `headprep sweep` works here (this script is that command); `--config settings.yaml` too.
 """
 
+import os
 import sys
 
 from headprep_hf.cli import run_command, sweep_main
 
 if __name__ == "__main__":
-    run_command(sweep_main, sys.argv[1:])
+    run_command(sweep_main, sys.argv[1:], os.path.basename(__file__))

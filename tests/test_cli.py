@@ -204,6 +204,17 @@ def test_help_into_a_closed_pipe_ends_quietly():
         assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
 
 
+def test_the_sweep_recipe_names_itself_in_its_usage_lines():
+    # It said `usage: headprep sweep`: a user following the recipe's --help typed a command they had not run.
+    recipe = [sys.executable, str(ROOT / "recipes" / "sweep_tau.py")]
+    for flags, stream, usage in (
+        (["--help"], "stdout", "usage: sweep_tau.py [--config FILE]"),
+        (["--merge"], "stderr", "usage: sweep_tau.py --merge"),
+    ):
+        proc = subprocess.run([*recipe, *flags], capture_output=True, text=True, timeout=120)
+        assert getattr(proc, stream).startswith(usage), (proc.stdout[:300], proc.stderr[:300])
+
+
 @pytest.mark.slow
 def test_sweep_recipe_shards_and_merge(tmp_path, capsys, shared_cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -337,13 +337,13 @@ def _pop_option(argv: list[str], name: str, default: str | None = None) -> tuple
     return default, argv
 
 
-def sweep_parser(task_name: str) -> HfArgumentParser:
+def sweep_parser(task_name: str, prog: str = "headprep sweep") -> HfArgumentParser:
     from .sweep import SweepConfig
     from .tasks import get_task
     from .tasks.base import explain_auto_workers
 
     task = get_task(task_name)
-    parser = HfArgumentParser((task.arguments, SweepConfig), prog="headprep sweep")
+    parser = HfArgumentParser((task.arguments, SweepConfig), prog=prog)
     defaults = {**task.defaults, **SWEEP_DEFAULTS, **task.sweep_defaults}
     defaults["output_dir"] = time.strftime("runs/sweep-%Y%m%d-%H%M%S")
     parser.set_defaults(**defaults)
@@ -375,8 +375,9 @@ def _setting_given(argv: list[str], name: str) -> bool:
     return isinstance(values, dict) and name in values
 
 
-def sweep_main(argv: list[str]) -> dict:
-    """`headprep sweep ...`: run a sweep (or a shard), or merge shards with `--merge DIR...`."""
+def sweep_main(argv: list[str], prog: str = "headprep sweep") -> dict:
+    """`headprep sweep ...`: run a sweep (or a shard), or merge shards with `--merge DIR...`. `prog`: the name usage
+    lines and parse errors give the command (a script that runs it passes its own)."""
     from .sweep import TauSweep, format_table, merge_sweeps
     from .tasks import get_task, task_record
     from .tasks.base import resolve_loader_settings
@@ -386,7 +387,7 @@ def sweep_main(argv: list[str]) -> dict:
 
         # `--merge=A B`: argparse gives an `=` value alone to a nargs="+" flag; split it so that B follows too
         argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--merge=") else [arg])]
-        parser = argparse.ArgumentParser(prog="headprep sweep --merge", allow_abbrev=False)
+        parser = argparse.ArgumentParser(prog=f"{prog} --merge", allow_abbrev=False)
         parser.add_argument("--merge", nargs="+", required=True, metavar="DIR", help="Shard folders to merge.")
         parser.add_argument("--output_dir", required=True, help="Folder of the merged sweep.json.")
         # bool flags as `headprep sweep` takes them: `--flag`, `--flag true`, `--flag false`
@@ -406,7 +407,7 @@ def sweep_main(argv: list[str]) -> dict:
     task_name, argv = _pop_option(argv, "--task", "image_classification")
     task = get_task(task_name)
     task_args, args = parse_with_config(
-        sweep_parser(task_name), argv, {**IGNORED_FLAGS, **SWEEP_IGNORED_FLAGS}, SWEEP_DROPPED_CONFIG_KEYS
+        sweep_parser(task_name, prog), argv, {**IGNORED_FLAGS, **SWEEP_IGNORED_FLAGS}, SWEEP_DROPPED_CONFIG_KEYS
     )
     inputs = task.load(task_args, args.seed)
     if inputs.selection_metric is not None and not _setting_given(argv, "sweep_metric"):
