@@ -2,6 +2,7 @@
 the OGB-format converter read back by OGB's own loader, offline."""
 
 import json
+import logging
 import math
 import os
 
@@ -278,13 +279,55 @@ def test_the_graph_task_takes_its_dropout_flag_over_the_saved_models(tmp_path):
 
 def test_a_cached_offline_source_built_otherwise_is_not_reused(tmp_path, caplog):
     # Cache entries were named without their dropout: one of another dropout was reused for a run asking 0.5.
+    from headprep_hf.data.graphs import SCAFFOLD_SPLIT_RULE
     from headprep_hf.models.graph import GCN
     from headprep_hf.tasks.graph import _cached_config_fits, save_graph_model
 
-    save_graph_model(GCN(24, num_layers=2, hidden_size=16, dropout=0.2), tmp_path / "entry")
+    save_graph_model(GCN(24, 2, 16, dropout=0.2), tmp_path / "entry", info={"split": SCAFFOLD_SPLIT_RULE})
     assert _cached_config_fits(tmp_path / "entry", 2, 16, 0.2)
     assert not _cached_config_fits(tmp_path / "entry", 2, 16, 0.5)
     assert "built with other settings {'dropout': (0.2, 0.5)}" in caplog.text
+    # An entry pretrained on the training part of the earlier scaffold split (no split recorded) is trained again.
+    save_graph_model(GCN(24, 2, 16, dropout=0.2), tmp_path / "earlier", info={"epochs": 3})
+    assert not _cached_config_fits(tmp_path / "earlier", 2, 16, 0.2)
+    assert f"{{'split': (None, {SCAFFOLD_SPLIT_RULE!r})}}" in caplog.text
+
+
+def test_a_stale_conversion_is_judged_after_it_is_moved_away(tmp_path, caplog):
+    # Two processes sharing the cache (two sweep shards): one judged the folder stale, the other meanwhile replaced it
+    # with a current conversion, which the first then removed. It is now moved away first, judged, and put back.
+    from headprep_hf.data.graphs import OGB_META_FILE, SCAFFOLD_SPLIT_RULE, _remove_stale_conversion
+
+    folder = tmp_path / "ogb" / "headprep_chembl_downstream"
+    folder.mkdir(parents=True)
+    (folder / OGB_META_FILE).write_text(json.dumps({"headprep_split": SCAFFOLD_SPLIT_RULE}))
+    (folder / "theirs").write_text("a current conversion another process published")
+    _remove_stale_conversion(folder)
+    assert (folder / "theirs").is_file() and os.listdir(tmp_path / "ogb") == [folder.name]
+    (folder / OGB_META_FILE).write_text(json.dumps({"split": "scaffold"}))  # (the earlier rule's meta)
+    with caplog.at_level(logging.WARNING):
+        _remove_stale_conversion(folder)
+    assert os.listdir(tmp_path / "ogb") == [] and "was split by an earlier headprep_hf rule" in caplog.text
+    _remove_stale_conversion(folder)  # (another process removed it first: nothing to do)
+    assert os.listdir(tmp_path / "ogb") == []
+
+
+def test_scaffold_split_orders_groups_of_one_size_as_moleculenet():
+    # MoleculeNet's rule (OGB's molecule splits): groups by size, then by first index, both descending. Ten molecules:
+    # one scaffold of six, four singletons. Train takes the six and, of the singletons, 9 and 8 (8 of 10 = 80%);
+    # valid 7 (90%); test 6. Ties by lowest index first (the earlier rule) put 6 and 7 in train, 8 in valid, 9 in test.
+    from headprep_hf.data.graphs import scaffold_split
+
+    scaffolds = ["c1ccccc1"] * 6 + ["C1CC1", "C1CCC1", "C1CCCC1", "C1CCCCC1"]
+    split = scaffold_split([""] * 10, scaffolds=scaffolds)
+    assert split == {"train": [0, 1, 2, 3, 4, 5, 8, 9], "valid": [7], "test": [6]}
+    # A larger group goes first whatever its indices; within a size, the highest first index first.
+    scaffolds = ["a", "b", "b", "c", "c", "d", "e", "e", "e", "f"]  # groups: e (3), b and c (2: c first), a, d, f
+    assert scaffold_split([""] * 10, scaffolds=scaffolds) == {
+        "train": [1, 2, 3, 4, 6, 7, 8, 9],  # e, c, b, then f (9) of the singletons
+        "valid": [5],
+        "test": [0],
+    }
 
 
 def test_graphs_the_gcn_cannot_take_and_a_config_that_does_not_fit_are_named(tmp_path):
@@ -354,8 +397,8 @@ def test_regression_task_uses_mse_and_residual_energy(tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_source_sample_converts_only_what_it_names(tmp_path):
-    from headprep_hf.data.graphs import DOWNSTREAM_TARGETS, build_chembl_graph_tasks
+def test_offline_source_sample_converts_only_what_it_names(tmp_path, caplog):
+    from headprep_hf.data.graphs import DOWNSTREAM_TARGETS, SCAFFOLD_SPLIT_RULE, build_chembl_graph_tasks
 
     folders = build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60)
     assert list(folders) == ["source"] and folders["source"].name == "headprep_chembl_source_sub60"
@@ -364,6 +407,16 @@ def test_offline_source_sample_converts_only_what_it_names(tmp_path):
     assert len(dataset) == 60 and dataset.num_tasks == 30 - len(DOWNSTREAM_TARGETS)
     again = build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60)  # cached: the same folder
     assert again == folders
+    # A folder converted with the earlier scaffold split's tie order (no rule recorded) is converted again.
+    meta_file = folders["source"] / "headprep_meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("headprep_split") == SCAFFOLD_SPLIT_RULE
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING):
+        assert build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60) == folders
+    assert "was split by an earlier headprep_hf rule" in caplog.text
+    assert json.loads(meta_file.read_text())["headprep_split"] == SCAFFOLD_SPLIT_RULE
+    assert sorted(p.name for p in (tmp_path / "ogb").iterdir()) == ["headprep_chembl_source_sub60"]
     with pytest.raises(ValueError, match=r"unknown part\(s\) \['pretraining'\]"):
         build_chembl_graph_tasks(tmp_path, ["pretraining"])
 

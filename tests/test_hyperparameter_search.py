@@ -85,6 +85,33 @@ def test_a_search_without_head_probing_is_trainers(tmp_path):
             assert all(torch.equal(plain_weights[k], weights[k]) for k in plain_weights)
 
 
+def _randomly_initialised():
+    """A model initialised from the global random state (which `Trainer` seeds with `args.seed` before `model_init`)."""
+    return FcClassifier(seed=int(torch.randint(0, 2**31, ())))
+
+
+def test_trainers_default_search_space_with_the_seed_gives_trainers_trials(tmp_path):
+    # Trainer's default Optuna space searches `seed` (with the batch size, epochs and learning rate). Trainer 5.24
+    # seeds a trial's model_init with the seed args hold before the trial's settings are applied: the same here.
+    results = {}
+    for cls, args_cls, extra in (
+        (Trainer, TrainingArguments, {}),
+        (HeadPrepTrainer, HeadPrepConfig, {"hp_epochs": 0}),
+    ):
+        losses = EvalLosses()
+        trainer = cls(
+            model_init=_randomly_initialised,
+            args=args_cls(output_dir=str(tmp_path / cls.__name__), **{**SEARCH, "save_strategy": "no"}, **extra),
+            train_dataset=XYData(),
+            eval_dataset=XYData(seed=1),
+            callbacks=[losses],
+        )
+        best = _search(trainer, None, n_trials=3)
+        results[cls] = best.run_id, best.objective, best.hyperparameters, losses.losses
+    assert results[HeadPrepTrainer] == results[Trainer]
+    assert len({h for h in results[Trainer][3]}) > 3  # (the trials differ)
+
+
 def test_model_init_builds_a_new_model_for_every_train_call_as_trainer_does(tmp_path):
     finals = {}
     for cls, args_cls, extra in (
@@ -181,3 +208,36 @@ def test_with_head_probing_model_init_gives_every_train_call_the_same_two_stage_
     for run in runs:  # (each call the run of a model given directly, not a head probed on another model)
         assert run[:3] == expected[:3]
         assert all(torch.equal(run[3][k], expected[3][k]) for k in expected[3])
+
+
+def test_with_model_init_finetune_goes_on_from_the_head_probe_head_prepared(tmp_path):
+    # finetune() started from a new model_init model (Trainer.train rebuilt it): the probed head was thrown away.
+    kwargs = dict(train_dataset=XYData(), eval_dataset=XYData(seed=1))
+    runs = {}
+    for name, model_kwargs in (
+        ("init", {"model_init": lambda: FcClassifier()}),
+        ("direct", {"model": FcClassifier()}),
+    ):
+        args = HeadPrepConfig(output_dir=str(tmp_path / name), **COMMON, hp_epochs=2)
+        trainer = HeadPrepTrainer(args=args, **model_kwargs, **kwargs)
+        trainer.probe_head()
+        probed = trainer.model
+        trainer.finetune()
+        assert trainer.model is probed
+        runs[name] = trainer.model.state_dict(), trainer.dynamics["energy"]
+    assert runs["init"][1] == runs["direct"][1]
+    assert all(torch.equal(runs["init"][0][k], runs["direct"][0][k]) for k in runs["direct"][0])
+
+
+def test_after_a_search_probe_head_builds_its_model_and_finetune_without_one_is_named(tmp_path):
+    args = HeadPrepConfig(output_dir=str(tmp_path / "search"), **SEARCH, hp_epochs=1)
+    trainer = HeadPrepTrainer(
+        model_init=lambda: FcClassifier(), args=args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+    )
+    _search(trainer, _lr_space, n_trials=1)
+    assert trainer.model is None  # (Trainer's search releases it)
+    with pytest.raises(ValueError, match="finetune\\(\\) has no model to finetune"):
+        trainer.finetune()
+    trainer.args.output_dir = str(tmp_path / "after")
+    trainer.probe_head()  # (a new model from model_init, as train() builds one)
+    assert trainer.model is not None and trainer.hp_done

@@ -1,5 +1,5 @@
-"""The README's code examples, run as written: "Use it in your code", "Try it offline", "Prepared heads" and "The tau
-sweep".
+"""The README's code examples, run as written: "Use it in your code", "Try it offline", "Prepared heads",
+"Hyperparameter search" and "The tau sweep".
 
 A newcomer copies these first, so they are read from README.md and executed here; a renamed argument, a missing
 import or pseudo-code in them fails this test. Two things are substituted, because neither exists offline: the
@@ -111,6 +111,24 @@ def test_prepared_heads_example_runs_as_written(data, offline_hub_model, tmp_pat
     assert not all(torch.equal(before[k], probed[k].cpu()) for k in probed)
     # and the example's FT-only run started from it and trained (its output folder holds the run's dynamics)
     assert json.loads((tmp_path / "ft" / "headprep_dynamics.json").read_text())["hp_epochs"] == 0
+
+
+def test_hyperparameter_search_example_runs_as_written(data, offline_hub_model, tmp_path):
+    pytest.importorskip("optuna")
+    code = readme_code("### Hyperparameter search")
+    namespace = dict(data)
+    exec(compile(code, str(README), "exec"), namespace)
+
+    assert offline_hub_model == [(HUB_MODEL, True)] * 5  # (Trainer builds one model, each of the 4 trials its own)
+    best = namespace["best"]
+    assert set(best.hyperparameters) == {"hp_epochs", "hp_label_smoothing", "learning_rate"}
+    # Each trial ran with its own settings, its results in its own folder: the tau it drew, no shared files.
+    for number in range(4):
+        run = tmp_path / "search" / f"run-{number}"
+        dynamics = json.loads((run / "headprep_dynamics.json").read_text())
+        assert dynamics["hp_epochs"] in (0, 2, 8)
+        assert (run / "prepared_head").is_dir() == (dynamics["hp_epochs"] > 0)
+    assert not (tmp_path / "search" / "headprep_dynamics.json").exists()
 
 
 @pytest.mark.slow  # 21 FT jobs (7 taus x 3 seeds) and the head exchange: about 15 s on 2 cores

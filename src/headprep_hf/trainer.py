@@ -422,8 +422,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
-        if self._headprep_ready:  # train() built a new model: prepare its head, attach this run's stages to it
-            self.hp_done = False  # (a new head: no HP ran on it)
+        if self._headprep_ready:  # a new model: prepare its head, attach this run's stages to it
             self._prepare_model(model)
             self._attach_stages(model)
         return model
@@ -525,26 +524,39 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     @contextlib.contextmanager
-    def _model_of_this_call(self, trial):
-        """What `Trainer.train` does first, done before this trainer's checks, run lock and cached HP: a search
-        trial's settings applied to `args` (hyperparameter_search), then a new model from `model_init`, seeded as
-        Trainer seeds it. Those checks ran on the previous trial's model (None after Trainer's search released it:
-        an AttributeError), cached HP probed a head Trainer.train then replaced, and a trial's `hp_epochs` took effect
-        after the run was planned. `Trainer.train` then finds the model built (its `model_init` is hidden for that
-        call, so the random state after the initialisation is Trainer's) and applies the same trial settings again."""
+    def _model_of_this_call(self, trial=None, new_model: bool = True):
+        """What `Trainer.train` does first, done here before this trainer's checks, run lock and cached HP, in
+        Trainer's order: a new model from `model_init` (seeded with `args.seed` as it stands, as Trainer seeds it),
+        then a search trial's settings applied to `args`; the model's head is prepared after them (a searched
+        `head_type` or `reinit_modules` applies). Those checks ran on the previous trial's model (None after Trainer's
+        search released it: an AttributeError), cached HP probed a head that Trainer.train then replaced, and a
+        trial's `hp_epochs` took effect after the run was planned. Trainer.train then finds the model built: its
+        `model_init` is hidden for the call (`new_model=False`, finetune(): only hidden, FT goes on from the head
+        this trainer holds), so the random state after the initialisation is Trainer's; it applies the same trial
+        settings again."""
+        model_init = self.model_init
+        if model_init is not None and new_model:
+            enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
+            model = Trainer.call_model_init(self, trial)
         if trial is not None and self.hp_search_backend is not None:
             self._hp_search_setup(trial)
             self.args._validate_headprep_fields()  # (the search set them with setattr: a bad value is named here)
-        if self.model_init is None:
+        if model_init is None:
             yield
             return
-        enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
-        self.model = self.call_model_init(trial)
-        self.optimizer, self.lr_scheduler = None, None
-        if self.place_model_on_device:
-            self._move_model_to_device(self.model, self.args.device)
-        self.model_wrapped = self.model
-        model_init, self.model_init = self.model_init, None
+        if new_model:
+            self._prepare_model(model)
+            self.model, self.hp_done = model, False  # (a new head: no HP ran on it)
+            self.optimizer, self.lr_scheduler = None, None
+            if self.place_model_on_device:
+                self._move_model_to_device(self.model, self.args.device)
+            self.model_wrapped = self.model
+        elif self.model is None:
+            raise ValueError(
+                "finetune() has no model to finetune: the trainer's model was released (hyperparameter_search "
+                "leaves it None). Run probe_head() first (it builds one from model_init), or train()."
+            )
+        self.model_init = None
         try:
             yield
         finally:
@@ -571,8 +583,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         Afterwards `dynamics` holds the energy, HP train accuracy and p0 of the prepared head.
         """
         self._trial_for_dir = None
-        with self._output_dir_lock("HeadPrepTrainer.probe_head()", True):
-            return self._probe_head(resume_from_checkpoint, **kwargs)
+        with self._model_of_this_call():  # (with model_init: a new model, as every train() call builds one)
+            with self._output_dir_lock("HeadPrepTrainer.probe_head()", True):
+                return self._probe_head(resume_from_checkpoint, **kwargs)
 
     def _probe_head(self, resume_from_checkpoint, **kwargs) -> TrainOutput:
         self.find_head(required=True)
@@ -598,7 +611,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def finetune(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
         self._trial_for_dir = None
-        with self._output_dir_lock("HeadPrepTrainer.finetune()", True):
+        with self._model_of_this_call(new_model=False), self._output_dir_lock("HeadPrepTrainer.finetune()", True):
             check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
             return self._run("ft", resume_from_checkpoint, **kwargs)
 

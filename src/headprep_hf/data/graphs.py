@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +37,9 @@ from ..files import read_json
 logger = logging.getLogger(__name__)
 
 OGB_META_FILE = "headprep_meta.json"
+# Recorded in the meta file of every dataset `write_ogb_dataset` splits itself; cached offline conversions without it
+# (written with the earlier tie order) are converted again, and sources pretrained on them trained again.
+SCAFFOLD_SPLIT_RULE = "scaffold (MoleculeNet order: size, then first index, descending)"
 SPLIT_NAMES = {"train": "train", "valid": "validation", "test": "test"}
 
 
@@ -55,9 +60,13 @@ def scaffold_split(
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     scaffolds: Sequence[str] | None = None,
 ) -> dict[str, list]:
-    """Deterministic Bemis-Murcko scaffold split: scaffold groups sorted by size (largest first, ties by first
-    occurrence) fill train, then valid, then test; molecules sharing a scaffold stay in one split. `scaffolds`
-    (one per molecule) skips re-parsing the SMILES."""
+    """Deterministic Bemis-Murcko scaffold split, MoleculeNet's rule (the one OGB's molecule splits come from):
+    scaffold groups sorted by size, largest first, groups of one size by their first molecule's index, highest first;
+    each group joins train while train stays within 80%, else valid within 90%, else test; molecules sharing a
+    scaffold stay in one split. `scaffolds` (one per molecule) skips re-parsing the SMILES.
+
+    (Before `SCAFFOLD_SPLIT_RULE`, groups of one size went lowest index first: most of the singleton scaffolds that
+    fill valid and test were others.)"""
     if scaffolds is None:
         from rdkit import Chem
 
@@ -66,7 +75,7 @@ def scaffold_split(
     groups: dict[str, list[int]] = {}
     for i, scaffold in enumerate(scaffolds):
         groups.setdefault(scaffold, []).append(i)
-    ordered = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    ordered = sorted(groups.values(), key=lambda g: (len(g), g[0]), reverse=True)
     n = len(smiles)
     cut_train, cut_valid = fractions[0] * n, (fractions[0] + fractions[1]) * n
     split = {"train": [], "valid": [], "test": []}
@@ -220,6 +229,7 @@ def write_ogb_dataset(
         )
     kept_smiles = [smiles[i] for i in kept]
     kept_labels = labels[kept]
+    scaffold_split_used = split is None
     if split is None:
         split = scaffold_split(kept_smiles, scaffolds=scaffolds)
         sizes = {k: len(v) for k, v in split.items()}
@@ -285,6 +295,7 @@ def write_ogb_dataset(
         "num tasks": labels.shape[1], "eval metric": "rocauc" if binary else "rmse", "download_name": folder.name,
         "version": 1, "url": "", "add_inverse_edge": "True", "data type": "mol", "has_node_attr": "True",
         "has_edge_attr": "True", "task type": task_type, "num classes": 2 if binary else -1, "split": "scaffold",
+        "headprep_split": SCAFFOLD_SPLIT_RULE if scaffold_split_used else "given",
         "additional node files": "None", "additional edge files": "None", "binary": "False",
     }  # fmt: skip
     (folder / OGB_META_FILE).write_text(json.dumps({"name": name, **meta}, indent=1))
@@ -518,6 +529,34 @@ def chembl_activity_matrix(targets: Sequence[str], exclude: set[str] = frozenset
     return list(index), labels
 
 
+def _remove_stale_conversion(folder: Path) -> None:
+    """Remove a cached conversion split by the earlier rule. It is renamed away first and judged after: another
+    process sharing the cache may have replaced it with a current one since this one looked, which is put back."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
+    try:
+        try:
+            os.replace(folder, aside / "data")
+        except FileNotFoundError:
+            return  # (another process moved it first)
+        if converted_with_current_split(aside / "data"):
+            try:
+                os.replace(aside / "data", folder)
+            except OSError:
+                pass  # (a third process published a current one meanwhile: it stays)
+            return
+        logger.warning("%s was split by an earlier headprep_hf rule (scaffold groups of one size in another order): "
+                       "converting it again", folder)  # fmt: skip
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def converted_with_current_split(folder: str | os.PathLike) -> bool:
+    """Whether a folder `write_ogb_dataset` wrote holds a split of the current rule (`SCAFFOLD_SPLIT_RULE`) or one
+    its caller gave."""
+    meta = json.loads((Path(folder) / OGB_META_FILE).read_text())
+    return meta.get("headprep_split") in (SCAFFOLD_SPLIT_RULE, "given")
+
+
 def all_chembl_targets() -> list[str]:
     return sorted(p.stem for p in moleculeace_folder().glob("CHEMBL*.csv"))
 
@@ -564,16 +603,22 @@ def build_chembl_graph_tasks(
         raise ValueError(f"unknown part(s) {unknown}: choose from {sorted(plans)}")
     for key, (name, make, targets) in ((k, plans[k]) for k in parts):
         folder = root / name.replace("-", "_")
+        if (folder / OGB_META_FILE).is_file() and not converted_with_current_split(folder):
+            _remove_stale_conversion(folder)
         if not (folder / OGB_META_FILE).is_file():
-            tmp = root / f".{name}.partial"
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
-            smiles, labels = make()
-            written = write_ogb_dataset(smiles, labels, tmp, name, task_names=list(targets))
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(written, folder)  # a cache entry is complete or absent
-            (Path(tmp)).rmdir()
+            # In a folder of this process's own (two processes sharing the cache, e.g. two sweep shards, each wrote
+            # into one shared `.partial` and removed the other's); the first complete copy published is kept.
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
+            try:
+                smiles, labels = make()
+                written = write_ogb_dataset(smiles, labels, tmp, name, task_names=list(targets))
+                try:
+                    os.replace(written, folder)  # a cache entry is complete or absent
+                except OSError:
+                    if not (folder / OGB_META_FILE).is_file():
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         folders[key] = folder
     return folders
