@@ -52,7 +52,9 @@ def _lr_space(trial):
     return {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True)}
 
 
-def test_a_search_without_head_probing_is_trainers(tmp_path):
+def _search_with_both(tmp_path, model_init, space, n_trials, **overrides):
+    """The same search by the plain Trainer and by HeadPrepTrainer(hp_epochs=0): {class: (best run, every evaluation's
+    loss, output_dir)}."""
     results = {}
     for cls, args_cls, extra in (
         (Trainer, TrainingArguments, {}),
@@ -61,14 +63,18 @@ def test_a_search_without_head_probing_is_trainers(tmp_path):
         losses = EvalLosses()
         out = tmp_path / cls.__name__
         trainer = cls(
-            model_init=lambda: FcClassifier(),
-            args=args_cls(output_dir=str(out), **SEARCH, **extra),
+            model_init=model_init,
+            args=args_cls(output_dir=str(out), **{**SEARCH, **overrides}, **extra),
             train_dataset=XYData(),
             eval_dataset=XYData(seed=1),
             callbacks=[losses],
         )
-        best = _search(trainer, _lr_space, n_trials=3)
-        results[cls] = best, losses.losses, out
+        results[cls] = _search(trainer, space, n_trials), losses.losses, out
+    return results
+
+
+def test_a_search_without_head_probing_is_trainers(tmp_path):
+    results = _search_with_both(tmp_path, lambda: FcClassifier(), _lr_space, n_trials=3)
     (plain_best, plain_losses, plain_out), (best, losses, out) = results[Trainer], results[HeadPrepTrainer]
     assert (best.run_id, best.objective, best.hyperparameters) == (
         plain_best.run_id,
@@ -86,30 +92,21 @@ def test_a_search_without_head_probing_is_trainers(tmp_path):
 
 
 def _randomly_initialised():
-    """A model initialised from the global random state (which `Trainer` seeds with `args.seed` before `model_init`)."""
+    """A model initialised from the global random state (Trainer seeds it with `args.seed` before `model_init`)."""
     return FcClassifier(seed=int(torch.randint(0, 2**31, ())))
 
 
 def test_trainers_default_search_space_with_the_seed_gives_trainers_trials(tmp_path):
     # Trainer's default Optuna space searches `seed` (with the batch size, epochs and learning rate). Trainer 5.24
     # seeds a trial's model_init with the seed args hold before the trial's settings are applied: the same here.
-    results = {}
-    for cls, args_cls, extra in (
-        (Trainer, TrainingArguments, {}),
-        (HeadPrepTrainer, HeadPrepConfig, {"hp_epochs": 0}),
-    ):
-        losses = EvalLosses()
-        trainer = cls(
-            model_init=_randomly_initialised,
-            args=args_cls(output_dir=str(tmp_path / cls.__name__), **{**SEARCH, "save_strategy": "no"}, **extra),
-            train_dataset=XYData(),
-            eval_dataset=XYData(seed=1),
-            callbacks=[losses],
-        )
-        best = _search(trainer, None, n_trials=3)
-        results[cls] = best.run_id, best.objective, best.hyperparameters, losses.losses
-    assert results[HeadPrepTrainer] == results[Trainer]
-    assert len({h for h in results[Trainer][3]}) > 3  # (the trials differ)
+    results = _search_with_both(tmp_path, _randomly_initialised, None, n_trials=3, save_strategy="no")
+    (plain_best, plain_losses, _), (best, losses, _) = results[Trainer], results[HeadPrepTrainer]
+    assert (best.run_id, best.objective, best.hyperparameters) == (
+        plain_best.run_id,
+        plain_best.objective,
+        plain_best.hyperparameters,
+    )
+    assert losses == plain_losses and len(set(losses)) > 3  # (the trials differ)
 
 
 def test_model_init_builds_a_new_model_for_every_train_call_as_trainer_does(tmp_path):
