@@ -298,6 +298,47 @@ def run_refuse(folder: str):
     return trainer
 
 
+def run_search(folder: str):
+    """Trainer's Optuna search with HP under DDP: rank 0 runs the study, the other rank follows each trial (Trainer
+    broadcasts it); every trial's model is built from model_init on each rank, its HP settings applied."""
+    import optuna
+    from safetensors.torch import save_file
+    from transformers import TrainerCallback
+
+    from headprep_hf import HeadPrepTrainer
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    class KeepFinal(TrainerCallback):
+        def __init__(self):
+            self.states = []
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.states.append(_state(model))
+
+    def space(trial):
+        return {"hp_epochs": trial.suggest_categorical("hp_epochs", [1, 2])}
+
+    keep = KeepFinal()
+    args = _config(
+        os.path.join(folder, "out"), per_device_train_batch_size=4, num_train_epochs=1, eval_strategy="epoch"
+    )
+    trainer = HeadPrepTrainer(
+        model_init=lambda: tiny_model(seed=0), args=args, train_dataset=TinyImages(16, seed=0),
+        eval_dataset=TinyImages(8, seed=1), callbacks=[keep],
+    )  # fmt: skip
+    best = trainer.hyperparameter_search(
+        hp_space=space, backend="optuna", n_trials=2, direction="minimize",
+        sampler=optuna.samplers.RandomSampler(seed=1),
+    )  # fmt: skip
+    assert len(keep.states) == 2
+    extra = {"best": None if best is None else best.hyperparameters}
+    for number, state in enumerate(keep.states):
+        save_file(state, os.path.join(folder, f"trial{number}-rank{trainer.args.process_index}.safetensors"))
+    _write(folder, trainer, tiny_model(seed=0), extra)
+    return trainer
+
+
 class Questions(Dataset):
     """Multiple choice: MC_QUESTIONS questions of 3 choices of 6 token ids."""
 
@@ -462,6 +503,7 @@ def main(argv: list[str] | None = None) -> None:
         "mcprobe": run_mcprobe,
         "plainbn": run_plainbn,
         "refuse": run_refuse,
+        "search": run_search,
     }
     trainer = None
     for scenario in opts.scenarios.split(","):

@@ -29,7 +29,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO_ROOT = WORKER.parent.parent
 TIMEOUT_S = 300
 # hp and measure first in both jobs, so the 1- and 2-rank processes run them in the same order.
-SCENARIOS_2 = "hp,measure,sweep,graph,hpft,bn,bnpad,cachedeval,mcprobe,plainbn,refuse"
+SCENARIOS_2 = "hp,measure,sweep,graph,hpft,bn,bnpad,cachedeval,mcprobe,plainbn,refuse,search"
 SCENARIOS_1 = "hp,measure,sweep,graph,bnpad,mcprobe"
 
 
@@ -403,3 +403,17 @@ def test_an_earlier_runs_results_are_refused_on_every_rank(run2):
         True
     ] * 2
     assert metas[0]["refusal"] == metas[1]["refusal"]
+
+
+def test_a_search_with_hp_runs_every_trial_on_both_ranks(run2):
+    # Trainer's Optuna search under DDP: rank 0 holds the study and the other rank follows each trial. Every trial
+    # failed after the first with an AttributeError (the trainer's checks read the model the search had released).
+    _, metas = _ranks(run2 / "search", 2)
+    assert metas[0]["best"] is not None and set(metas[0]["best"]) == {"hp_epochs"} and metas[1]["best"] is None
+    for number in range(2):
+        run = run2 / "search" / "out" / f"run-{number}"
+        dynamics = json.loads((run / "headprep_dynamics.json").read_text())
+        assert dynamics["hp_epochs"] in (1, 2) and (run / "prepared_head" / "head.safetensors").is_file()
+        finals = [load_file(str(run2 / "search" / f"trial{number}-rank{r}.safetensors")) for r in range(2)]
+        assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # (the ranks trained one model)
+    assert not (run2 / "search" / "out" / "headprep_dynamics.json").exists()
