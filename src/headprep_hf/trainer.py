@@ -569,9 +569,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self._check_all_labels("both")
             # Before cached HP trains the caller's head: a refusal afterwards left it probed, and the retry the
             # refusal advises (overwrite_output_dir=True, the same model) probed it again (tau doubled, unrecorded).
-            run_dir = Trainer._get_output_dir(self, trial)  # (the folder of this train() call's loop)
-            resume_checkpoint(run_dir, None, not self.args.overwrite_output_dir)
-            self._refuse_earlier_outputs(run_dir)
+            resume_checkpoint(self.run_output_dir, None, not self.args.overwrite_output_dir)
+            self._refuse_earlier_outputs(self.run_output_dir)
             self._probe_head_cached()
         return self._run(
             "both", resume_from_checkpoint, trial, ignore_keys_for_eval, hp_outside_loop=outside, **kwargs
