@@ -4,17 +4,16 @@
 #
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=590)
 #   run(command="bash bench/gpu.sh classification", ...)   # one task only (classification | segmentation)
+#   run(command="bash bench/gpu.sh memory segmentation", ...)   # classification in memory only, and segmentation
 #   run(command="bash bench/gpu.sh syncs", ...)   # raw loop against Trainer at logging_steps 5 and 1000, both tasks
 #   run(command="bash bench/gpu.sh profile", ...)   # where each side's update time goes, both tasks (about 4 min)
-#   run(command="bash bench/gpu.sh classification memoryworkers", ...)   # in memory: main process against 2 workers
+#   run(command="bash bench/gpu.sh memoryworkers", ...)   # in memory: main process against 2 workers (~5 min)
 #
 # A 15-minute lease: `bash bench/gpu.sh classification segmentation` (timeout_s=590: about 5 minutes on the H200,
-# the machine's start not counted); `profile` and `syncs` are for a second lease. Open question for the next lease
-# (2026-11-27): plain Trainer ran at 0.91-0.92 of the raw loop in memory on the H200. The raw loop never waits for the
-# device; Trainer waits at each logging step, and then the GPU idles while the main process collates and pins the
-# next 256 images (the recipe's rule loads in-memory tensors in the main process). `memoryworkers` runs the in-memory
-# sides with 2 persistent pinned workers on every side, which collate and pin ahead; together with `classification`
-# (main process, same call) it says whether the recipe should use workers for in-memory tensors on a GPU.
+# the machine's start not counted); `profile` and `syncs` are for a second lease. In memory the recipe's rule now
+# loads with 2 persistent pinned workers on a CUDA device (`recipe_num_workers`): in the main process the GPU idled at
+# each logging step's host sync while the next batch was collated and pinned (H200, 2026-11-28, `memoryworkers`:
+# plain Trainer 0.944 -> 0.991 of the raw loop, HeadPrepTrainer.finetune() 0.902 -> 0.961).
 #
 # The device image has torch, torchvision, accelerate, timm and transformers, but maybe not the versions this
 # project pins, and no `datasets` (the JPEG parts read the folder through it). Wheels in .whl/ (ignored by git:
@@ -72,15 +71,23 @@ PY
         part 120 --task segmentation --data memory --sides raw_timm trainer headprep_ft --profile 6 \
             --json "$OUT/profile_segmentation.json"
     fi
-    if [[ " $TASKS " == *" classification "* ]]; then
+    if [[ " $TASKS " == *" classification "* || " $TASKS " == *" memory "* ]]; then
         # (c) with its measurements off too: what the measurements cost beside the trainer's own update.
         part 170 --data memory --sides raw_timm trainer headprep_ft headprep_ft_off headprep_hp --repeats 5 \
             --json "$OUT/classification_memory.json"
+    fi
+    if [[ " $TASKS " == *" classification "* ]]; then
         part 170 --data jpeg --sides raw_timm trainer headprep_ft --repeats 3 --json "$OUT/classification_jpeg.json"
     fi
+    # In memory, the recipe's rule (main process) against 2 persistent pinned workers, then 2 workers at
+    # logging_steps 50 (the README's advice for real data): three parts of one call, so the ratios compare.
     if [[ " $TASKS " == *" memoryworkers "* ]]; then
-        part 170 --data memory --sides raw_timm trainer headprep_ft --repeats 5 --memory_workers 2 \
+        part 150 --data memory --sides raw_timm trainer headprep_ft headprep_ft_off --repeats 5 --memory_workers 0 \
+            --json "$OUT/classification_memory_workers0.json"
+        part 150 --data memory --sides raw_timm trainer headprep_ft headprep_ft_off --repeats 5 --memory_workers 2 \
             --json "$OUT/classification_memory_workers2.json"
+        part 120 --data memory --sides raw_timm trainer headprep_ft --repeats 5 --memory_workers 2 \
+            --logging_steps 50 --json "$OUT/classification_memory_workers2_log50.json"
     fi
     # 3. DeepLabV3 (ResNet-50, output stride 8) at 513 px, bf16, in memory and over the VOC-layout JPEG folder.
     if [[ " $TASKS " == *" segmentation "* ]]; then

@@ -80,7 +80,7 @@ from headprep_hf.data import (
     resolve_image_data_config,
 )
 from headprep_hf.models import TimmDeepLabV3
-from headprep_hf.tasks.base import COMMON_RECIPE_DEFAULTS, default_num_workers
+from headprep_hf.tasks.base import COMMON_RECIPE_DEFAULTS, default_num_workers, recipe_num_workers
 
 SIDES = ("raw_timm", "trainer", "headprep_ft", "headprep_hp")
 # Not run by default: (c) with its measurements off (`track_dynamics=False`), which separates what the measurements
@@ -207,7 +207,7 @@ def plan(opts, data_name: str) -> argparse.Namespace:
     """The run settings of one data source: `steps` = warm-up + the measured updates. Loader workers fill a buffer of
     `prefetch_factor` (2) batches each while the first updates run (cudnn autotuning on a GPU); the JPEG runs warm up
     until that buffer has been drained twice, so the measured updates see the loader's steady rate, not the buffer."""
-    workers = opts.workers if data_name == "jpeg" else getattr(opts, "memory_workers", 0)
+    workers = _workers(opts, data_name)
     warmup = max(opts.warmup, 2 * 2 * workers)
     return argparse.Namespace(**{**vars(opts), "warmup": warmup, "steps": warmup + opts.steps})
 
@@ -328,10 +328,16 @@ class ClockCallback(TrainerCallback):
         self.clock.stop()
 
 
+def _workers(opts, data_name: str) -> int:
+    """Loader workers of a data source on every side: `--workers` for JPEG, `--memory_workers` for in-memory tensors,
+    each by default the recipe's rule (`recipe_num_workers`: min(8, cores) for files; for in-memory tensors 2 on a
+    CUDA device, the main process on the CPU)."""
+    given = opts.workers if data_name == "jpeg" else getattr(opts, "memory_workers", None)
+    return recipe_num_workers(data_name == "jpeg", torch.device(opts.device)) if given is None else given
+
+
 def _loader_settings(opts, data_name: str) -> dict[str, Any]:
-    # The recipe's rule (`resolve_loader_settings`): workers for files, none for in-memory tensors (`--memory_workers`
-    # tries workers there too, on every side).
-    workers = opts.workers if data_name == "jpeg" else getattr(opts, "memory_workers", 0)
+    workers = _workers(opts, data_name)
     return dict(
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
@@ -558,10 +564,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--memory_workers",
         type=int,
-        default=0,
-        help="Loader workers (persistent, pinned) for the in-memory data on every side; 0, the recipe's rule for "
-        "in-memory tensors, loads in the main process. With workers the next batches are collated and pinned while "
-        "the device is busy, also across the logging steps' host synchronisations.",
+        default=None,
+        help="Loader workers (persistent, pinned) for the in-memory data on every side; default: the recipe's rule "
+        "(2 on a CUDA device, 0 = the main process on the CPU). With workers the next batches are collated and "
+        "pinned while the device is busy, also across the logging steps' host synchronisations.",
     )
     parser.add_argument(
         "--logging_steps",
@@ -586,6 +592,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             setattr(opts, key, value)
     if opts.workers is None:
         opts.workers = default_num_workers()
+    if opts.memory_workers is None:
+        opts.memory_workers = _workers(opts, "memory")  # the recipe's rule, recorded in the JSON's settings
     opts.channels_last = True  # the recipe's default for convolutional backbones
     if opts.device == "cuda":
         torch.backends.cudnn.benchmark = True

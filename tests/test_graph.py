@@ -588,6 +588,7 @@ def test_task_selection_metric_follows_the_dataset_eval_metric(tmp_path, capsys,
     for folder, metric in ((rocauc, "roc_auc"), (ap, "ap"), (rmse, "rmse")):
         inputs = load_graph(GraphArguments(model_name_or_path=str(tmp_path / "src"), dataset_name=str(folder)), 0)
         assert inputs.selection_metric == metric
+        assert inputs.prefetch_in_memory is False  # the recipe loads graphs in the main process, on a GPU too
         labels = inputs.eval_dataset.labels
         scores = np.random.default_rng(1).normal(size=labels.shape)
         from transformers import EvalPrediction

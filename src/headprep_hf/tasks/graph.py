@@ -389,6 +389,7 @@ def load_graph(args: GraphArguments, seed: int) -> TaskInputs:
         compute_metrics=graph_metrics(problem_type),
         class_names=[f"task_{t}" for t in range(dataset.num_tasks)],
         data_collator=GraphCollator(),
+        prefetch_in_memory=False,  # small molecule batches; workers not measured on a GPU for graphs
         card=dict(tasks="graph-ml", **({} if args.dataset_name is None else dict(dataset_tags=args.dataset_name))),
         selection_metric=selection_metric(dataset.eval_metric, problem_type),
     )
