@@ -168,6 +168,50 @@ def test_a_search_trial_with_head_probing_is_the_run_its_settings_give(tmp_path,
     assert not (tmp_path / "search" / "prepared_head").exists()
 
 
+def test_searched_module_names_are_names_not_characters(tmp_path):
+    # Trainer sets a searched value as type(current value)(value): with a plain list, "body.0" became six one-letter
+    # module names, and a head_modules of "fc" failed as ['f', 'c'].
+    chosen = {}
+
+    def space(trial):
+        params = {
+            "reinit_modules": trial.suggest_categorical("reinit_modules", ["", "body.0"]),
+            "head_modules": trial.suggest_categorical("head_modules", ["fc"]),
+        }
+        chosen[trial.number] = params
+        return params
+
+    args = HeadPrepConfig(output_dir=str(tmp_path / "search"), **SEARCH, hp_epochs=1)
+    trainer = HeadPrepTrainer(
+        model_init=lambda: FcClassifier(), args=args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+    )
+    _search(trainer, space, n_trials=3)
+    assert {p["reinit_modules"] for p in chosen.values()} == {"", "body.0"}
+    for number, params in chosen.items():
+        run_dir = tmp_path / "search" / f"run-{number}"
+        head = json.loads((run_dir / "prepared_head" / "headprep_head.json").read_text())
+        names = [params["reinit_modules"]] if params["reinit_modules"] else []
+        assert head["reinit_modules"] == names
+        direct_args = dataclasses.replace(
+            args, output_dir=str(tmp_path / f"direct-{number}"), reinit_modules=names, head_modules=["fc"]
+        )
+        # (model_init as in the search: the re-initialisation draws from the random state model_init leaves)
+        direct = HeadPrepTrainer(
+            model_init=lambda: FcClassifier(), args=direct_args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+        )
+        direct.train()
+        weights = load_file(os.path.join(_last_checkpoint(run_dir), "model.safetensors"))
+        assert all(torch.equal(weights[k], v) for k, v in direct.model.state_dict().items())
+
+
+def test_module_names_given_as_a_string_are_names_separated_by_commas(tmp_path):
+    args = HeadPrepConfig(output_dir=str(tmp_path), reinit_modules="layer4.1, layer4.2", head_modules="fc")
+    assert args.reinit_modules == ["layer4.1", "layer4.2"] and args.head_modules == ["fc"]
+    assert HeadPrepConfig(output_dir=str(tmp_path), reinit_modules="").reinit_modules == []
+    with pytest.raises(ValueError, match="reinit_modules must be a list of module names or a string"):
+        HeadPrepConfig(output_dir=str(tmp_path), reinit_modules=3)
+
+
 def test_a_search_value_out_of_range_is_named(tmp_path):
     args = HeadPrepConfig(output_dir=str(tmp_path), **SEARCH, hp_epochs=1)
     trainer = HeadPrepTrainer(

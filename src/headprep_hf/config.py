@@ -16,6 +16,20 @@ HEAD_TYPES = ("linear", "mlp")
 BACKBONE_MODES = ("eval", "train")
 
 
+class ModuleNames(list):
+    """The value of `head_modules` and `reinit_modules`: a list of module names that a string turns into as names
+    separated by commas (`"layer4.1,layer4.2"`; `""` is none), not as its characters.
+
+    Its own type because `Trainer.hyperparameter_search` sets each searched value as `type(current value)(value)`:
+    with a plain list, a searched `"layer4"` became `list("layer4")`, six one-letter module names. Search spaces
+    (Optuna's categorical choices among them) give strings, so a string has to convert here."""
+
+    def __init__(self, names=()):
+        if isinstance(names, str):
+            names = [name.strip() for name in names.split(",") if name.strip()]
+        super().__init__(names)
+
+
 class OppositeEnergyWarning(UserWarning):
     """Raised (as a warning) when HP smooths labels less than FT: the paper's "opposite energy" case (section 5.3)."""
 
@@ -73,10 +87,11 @@ class HeadPrepConfig(TrainingArguments):
             Number of linear layers in the MLP head (>= 2).
         head_modules (`list[str]` or `None`, defaults to `None`):
             Names of the modules that form the head, overriding the automatic split. The input of the first one is
-            the feature `z` used by the drift measurements.
+            the feature `z` used by the drift measurements. A string is names separated by commas.
         reinit_modules (`list[str]`, defaults to `[]`):
             Partial backbone: backbone modules (e.g. `["layer4.2"]`) that are re-initialised and trained together
-            with the head during HP.
+            with the head during HP. A string is names separated by commas (`"layer4.1,layer4.2"`; `""` is none),
+            so a hyperparameter search can choose among strings.
 
     Parameters that control the measurements:
         track_dynamics (`bool`, defaults to `True`):
@@ -246,15 +261,21 @@ class HeadPrepConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        # One module name as a string (a YAML scalar, a keyword): a list of one, not a list of its characters.
-        if isinstance(self.head_modules, str):
-            self.head_modules = [self.head_modules]
-        if isinstance(self.reinit_modules, str):
-            self.reinit_modules = [self.reinit_modules]
-        self.reinit_modules = list(self.reinit_modules or [])
         self._validate_headprep_fields()
 
     def _validate_headprep_fields(self) -> None:
+        # Module names as a string (a YAML scalar, a keyword, a searched value set by Trainer's hyperparameter search
+        # after `__post_init__`): names, not characters (`ModuleNames`).
+        for name in ("head_modules", "reinit_modules"):
+            value = getattr(self, name)
+            if value is None and name == "head_modules":
+                continue
+            try:
+                setattr(self, name, ModuleNames(value or []))
+            except TypeError:
+                raise ValueError(
+                    f"{name} must be a list of module names or a string of names separated by commas, got {value!r}."
+                ) from None
         if not isinstance(self.hp_epochs, int) or isinstance(self.hp_epochs, bool) or self.hp_epochs < 0:
             raise ValueError(f"hp_epochs must be an integer >= 0 (0 = plain finetuning), got {self.hp_epochs!r}.")
         if self.hp_learning_rate < 0:
