@@ -18,7 +18,8 @@ config: RandomResizedCrop + flip + color jitter, uint8 out, normalised on the de
 * ``jpeg``: a folder of real JPEG files made from the photographs that ship with scikit-learn
   (`sklearn.datasets.load_sample_images`: random crops, sizes and flips), read through `datasets`' imagefolder;
   decoded and augmented in min(8, cores) persistent worker processes with pinned memory.
-* ``memory``: uint8 tensors already at the input size, in memory (no decoding; the main process loads them).
+* ``memory``: uint8 tensors already at the input size, in memory (no decoding), loaded as the recipe's rule says
+  (`recipe_num_workers`: 2 persistent pinned workers on CUDA, the main process on the CPU; `--memory_workers N`).
 
 `--task segmentation` runs the same four sides on the segmentation recipe's model and pipeline: DeepLabV3
 (`TimmDeepLabV3`: dilated ResNet at output stride 8 with the ASPP head, 21 classes, per-pixel cross-entropy ignoring
@@ -340,7 +341,9 @@ def _loader_settings(opts, data_name: str) -> dict[str, Any]:
     workers = _workers(opts, data_name)
     return dict(
         dataloader_num_workers=workers,
-        dataloader_persistent_workers=workers > 0,
+        # The recipe's: persistent workers for files only (`resolve_loader_settings`); in-memory workers start anew
+        # each epoch, seeded from the random state at its start (an exact epoch-end resume).
+        dataloader_persistent_workers=workers > 0 and data_name == "jpeg",
         dataloader_pin_memory=True,
         # As the raw loop (timm's train.py and torchvision's segmentation references drop it): a last batch of one
         # sample cannot train DeepLabV3's ASPP pooling BatchNorm.
@@ -809,6 +812,16 @@ def payload(opts, data_config, loader, syncs, results, summary, repeats_done: in
     return {
         "machine": {**machine_info(), "device": device_name},
         "settings": {k: v for k, v in vars(opts).items() if k != "json"},
+        # What ran per data source: `plan` raises the warm-up for loader workers, and the workers' persistence.
+        "plans": {
+            name: {
+                "warmup": plan(opts, name).warmup,
+                "steps": plan(opts, name).steps,
+                "workers": _workers(opts, name),
+                "persistent_workers": _loader_settings(opts, name)["dataloader_persistent_workers"],
+            }
+            for name in opts.data
+        },
         "repeats_done": repeats_done,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "loader": loader,

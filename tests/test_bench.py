@@ -50,6 +50,8 @@ def test_throughput_runs_one_data_source_alone_and_keeps_each_repeat(bench_modul
     payload = throughput.main(tiny + ["--json", str(tmp_path / "m.json")])
     assert set(payload["summary"]) == {"memory"} and payload["loader"] is None
     assert payload["settings"]["memory_workers"] == 1
+    # what ran: warm-up raised to 2 x 2 x workers for the loader's buffer; in-memory workers not persistent (recipe's)
+    assert payload["plans"]["memory"] == {"warmup": 4, "steps": 6, "workers": 1, "persistent_workers": False}
     assert [len(payload["runs"]["memory"][s]) for s in ("raw_timm", "trainer")] == [2, 2]
     written = json.loads((tmp_path / "m.json").read_text())  # rewritten after each repeat, complete at the end
     assert written["repeats_done"] == 2 and written["summary"] == json.loads(json.dumps(payload["summary"]))

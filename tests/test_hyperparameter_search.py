@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_trainer_contract import COMMON, FcClassifier, XYData
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from headprep_hf import HeadPrepConfig, HeadPrepTrainer
 
@@ -176,7 +176,8 @@ def test_searched_module_names_are_names_not_characters(tmp_path):
     def space(trial):
         params = {
             "reinit_modules": trial.suggest_categorical("reinit_modules", ["", "body.0"]),
-            "head_modules": trial.suggest_categorical("head_modules", ["fc"]),
+            # ("" = the automatic split, which finds fc here: a trial after one that named the head goes back to it)
+            "head_modules": trial.suggest_categorical("head_modules", ["fc", ""]),
         }
         chosen[trial.number] = params
         return params
@@ -185,13 +186,18 @@ def test_searched_module_names_are_names_not_characters(tmp_path):
     trainer = HeadPrepTrainer(
         model_init=lambda: FcClassifier(), args=args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
     )
-    _search(trainer, space, n_trials=3)
+    _search(trainer, space, n_trials=4)
     assert {p["reinit_modules"] for p in chosen.values()} == {"", "body.0"}
+    assert [p["head_modules"] for p in chosen.values()][:2] == ["fc", ""]  # (the order the sampler's seed gives)
     for number, params in chosen.items():
         run_dir = tmp_path / "search" / f"run-{number}"
         head = json.loads((run_dir / "prepared_head" / "headprep_head.json").read_text())
         names = [params["reinit_modules"]] if params["reinit_modules"] else []
         assert head["reinit_modules"] == names
+        # The trial's recorded arguments in the form the config gives them (Trainer sets the trial's values twice).
+        recorded = json.loads((run_dir / _last_checkpoint(run_dir) / "training_args.json").read_text())
+        assert recorded["reinit_modules"] == names
+        assert recorded["head_modules"] == (["fc"] if params["head_modules"] else None)
         direct_args = dataclasses.replace(
             args, output_dir=str(tmp_path / f"direct-{number}"), reinit_modules=names, head_modules=["fc"]
         )
@@ -208,6 +214,12 @@ def test_module_names_given_as_a_string_are_names_separated_by_commas(tmp_path):
     args = HeadPrepConfig(output_dir=str(tmp_path), reinit_modules="layer4.1, layer4.2", head_modules="fc")
     assert args.reinit_modules == ["layer4.1", "layer4.2"] and args.head_modules == ["fc"]
     assert HeadPrepConfig(output_dir=str(tmp_path), reinit_modules="").reinit_modules == []
+    assert HeadPrepConfig(output_dir=str(tmp_path), head_modules="").head_modules is None  # the automatic split
+    # The command line gives a list: a comma inside one of its words separates names too.
+    parsed = HfArgumentParser(HeadPrepConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--reinit_modules", "layer4.1,layer4.2", "layer3"]
+    )[0]
+    assert parsed.reinit_modules == ["layer4.1", "layer4.2", "layer3"]
     with pytest.raises(ValueError, match="reinit_modules must be a list of module names or a string"):
         HeadPrepConfig(output_dir=str(tmp_path), reinit_modules=3)
 

@@ -348,3 +348,47 @@ def test_a_checkpoint_whose_z0_an_earlier_version_wrote_resumes_without_drift(tm
     assert all(record["step"] <= 8 for record in resumed.dynamics.get("drift", []))
     for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+class AugmentedTinyImages(TinyImages):
+    """TinyImages with random noise drawn on every access (torch's RNG, in whichever process loads the sample)."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        return {**item, "pixel_values": item["pixel_values"] + 0.2 * torch.randn_like(item["pixel_values"])}
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent-workers"])
+def test_an_epoch_end_resume_with_loader_workers_is_exact_unless_they_persist(tmp_path, caplog, persistent):
+    # The recipes load in-memory tensors in workers on a GPU. Non-persistent workers are seeded from the random state
+    # at each epoch's start, which the checkpoint restores: the resumed run draws the same augmentation. Persistent
+    # workers keep their first epoch's streams (Trainer's behaviour too): the resume says so.
+    def trainer(folder, callbacks=()):
+        args = make_config(
+            folder,
+            output_dir=str(folder),
+            hp_epochs=2,
+            num_train_epochs=2,
+            save_strategy="epoch",
+            per_device_train_batch_size=8,
+            dataloader_num_workers=1,
+            dataloader_persistent_workers=persistent,
+        )
+        return HeadPrepTrainer(
+            model=tiny_timm(), args=args, train_dataset=AugmentedTinyImages(24), callbacks=list(callbacks)
+        )
+
+    reference = trainer(tmp_path / "reference")
+    reference.train()
+    crashed = trainer(tmp_path / "crashed", callbacks=[Crash(10)])  # 3 updates per epoch: FT's first epoch ends at 9
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    resumed = trainer(tmp_path / "crashed")
+    with caplog.at_level("WARNING", logger="headprep_hf"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "crashed" / "checkpoint-9"))
+    warned = "Resuming with persistent loader workers" in caplog.text
+    assert warned == persistent
+    if not persistent:
+        expected = reference.model.state_dict()
+        assert all(torch.equal(resumed.model.state_dict()[k], expected[k]) for k in expected)
+        assert resumed.dynamics["drift"][-1] == reference.dynamics["drift"][-1]

@@ -17,16 +17,32 @@ BACKBONE_MODES = ("eval", "train")
 
 
 class ModuleNames(list):
-    """The value of `head_modules` and `reinit_modules`: a list of module names that a string turns into as names
-    separated by commas (`"layer4.1,layer4.2"`; `""` is none), not as its characters.
+    """The value of `head_modules` and `reinit_modules`: a list of module names, where a string (or a string in the
+    list, as the command line's `--reinit_modules layer4.1,layer4.2` gives) is names separated by commas
+    (`"layer4.1,layer4.2"`; `""` is none), not its characters. `None` stays `None`.
 
     Its own type because `Trainer.hyperparameter_search` sets each searched value as `type(current value)(value)`:
     with a plain list, a searched `"layer4"` became `list("layer4")`, six one-letter module names. Search spaces
     (Optuna's categorical choices among them) give strings, so a string has to convert here."""
 
+    def __new__(cls, names=()):
+        if names is None:  # (Trainer's search casting a searched None: `head_modules`' automatic split)
+            return None
+        return super().__new__(cls)
+
     def __init__(self, names=()):
         if isinstance(names, str):
-            names = [name.strip() for name in names.split(",") if name.strip()]
+            names = [names]
+        try:
+            items = list(names)
+        except TypeError:
+            raise TypeError(f"not module names: {names!r}") from None
+        names = []
+        for item in items:
+            if isinstance(item, str):
+                names.extend(part.strip() for part in item.split(",") if part.strip())
+            else:  # (kept as it is, for the config's check to name)
+                names.append(item)
         super().__init__(names)
 
 
@@ -87,7 +103,8 @@ class HeadPrepConfig(TrainingArguments):
             Number of linear layers in the MLP head (>= 2).
         head_modules (`list[str]` or `None`, defaults to `None`):
             Names of the modules that form the head, overriding the automatic split. The input of the first one is
-            the feature `z` used by the drift measurements. A string is names separated by commas.
+            the feature `z` used by the drift measurements. A string is names separated by commas; `""` is the
+            automatic split, as `None`.
         reinit_modules (`list[str]`, defaults to `[]`):
             Partial backbone: backbone modules (e.g. `["layer4.2"]`) that are re-initialised and trained together
             with the head during HP. A string is names separated by commas (`"layer4.1,layer4.2"`; `""` is none),
@@ -268,14 +285,15 @@ class HeadPrepConfig(TrainingArguments):
         # after `__post_init__`): names, not characters (`ModuleNames`).
         for name in ("head_modules", "reinit_modules"):
             value = getattr(self, name)
-            if value is None and name == "head_modules":
-                continue
             try:
-                setattr(self, name, ModuleNames(value or []))
+                names = ModuleNames(value) if value is not None else None
             except TypeError:
                 raise ValueError(
                     f"{name} must be a list of module names or a string of names separated by commas, got {value!r}."
                 ) from None
+            if name == "head_modules" and names is not None and not names and type(value) is not list:
+                names = None  # "" (or what Trainer's search casts it to): the automatic split; a list [] is refused
+            setattr(self, name, names if names is not None or name == "head_modules" else ModuleNames())
         if not isinstance(self.hp_epochs, int) or isinstance(self.hp_epochs, bool) or self.hp_epochs < 0:
             raise ValueError(f"hp_epochs must be an integer >= 0 (0 = plain finetuning), got {self.hp_epochs!r}.")
         if self.hp_learning_rate < 0:

@@ -1036,6 +1036,16 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             if self.has_stages:  # refused before Trainer loads the checkpoint's weights into the caller's model
                 self._refuse_other_hp_steps(plan, hp_outside_loop)
                 self._refuse_changed_settings(checkpoint)
+                if self.args.dataloader_num_workers > 0 and self.args.dataloader_persistent_workers:
+                    # Trainer's, measured with the plain Trainer: persistent workers keep the random streams they
+                    # were seeded with at the first epoch; the resumed run's new workers are seeded anew.
+                    logger.warning(
+                        "Resuming with persistent loader workers (dataloader_persistent_workers=True): random "
+                        "augmentation drawn in the workers will differ from what the uninterrupted run would have "
+                        "drawn, as with Trainer. For an exact resume from a checkpoint at an epoch end, set "
+                        "dataloader_persistent_workers=False (the workers then start every epoch from the restored "
+                        "random state)."
+                    )
         self._attach = (not plain, not plain and plan != "ft" and not hp_outside_loop)
         self._attach_stages(self.model)
         self._stage = "ft" if plain or plan == "ft" else "hp"

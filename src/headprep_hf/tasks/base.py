@@ -66,10 +66,13 @@ def recipe_num_workers(decodes_files: bool, device, prefetch_in_memory: bool = T
     """The recipes' loader workers (`dataloader_num_workers=-1`):
 
     * data decoded from files: min(8, usable cores), which decode and augment in parallel;
-    * in-memory tensors on a CUDA device: min(2, usable cores // 2). They need no decoding, but in the main process
-      the GPU idles at every host synchronisation (Trainer's logging steps) while the next batch is collated and
-      pinned; two workers keep batches ready. ResNet-50, 224 px, bf16, batch 256 on an H200 (bench/gpu.sh
-      memoryworkers): plain `Trainer` 0.944 -> 0.991 of the raw timm loop, `HeadPrepTrainer.finetune()` 0.902 -> 0.961;
+    * in-memory tensors on a CUDA device: min(2, usable cores // 2), not persistent. They need no decoding, but in
+      the main process the GPU idles at every host synchronisation (Trainer's logging steps) while the next batch is
+      collated and pinned; two workers keep batches ready. ResNet-50, 224 px, bf16, batch 256 on an H200
+      (bench/gpu.sh memoryworkers): plain `Trainer` 0.944 -> 0.991 of the raw timm loop, `HeadPrepTrainer.finetune()`
+      0.902 -> 0.961. Not persistent, so each epoch's workers are seeded from the random state at its start and a
+      resume from an epoch-end checkpoint draws the same augmentation as the uninterrupted run (persistent workers
+      keep their first epoch's streams); starting two workers per epoch costs a fork each;
     * in-memory tensors on the CPU (or with `prefetch_in_memory=False`): 0, the main process. Workers would only take
       cores from the computation and add their start-up.
     """
@@ -82,12 +85,13 @@ def recipe_num_workers(decodes_files: bool, device, prefetch_in_memory: bool = T
 
 def resolve_loader_settings(training_args, inputs: TaskInputs):
     """Replaces the recipes' `dataloader_num_workers=-1` ("auto") by `recipe_num_workers` for this data and device
-    (persistent workers where there are any). A number the user gave is kept. Pinned memory (and non-blocking copies)
-    only where there is a device to copy to. Returns `training_args`, changed in place."""
+    (persistent workers for files, as the decoding workers' start-up is worth keeping). A number the user gave is
+    kept. Pinned memory (and non-blocking copies) only where there is a device to copy to. Returns `training_args`,
+    changed in place."""
     if training_args.dataloader_num_workers == -1:
         workers = recipe_num_workers(inputs.decodes_files, training_args.device, inputs.prefetch_in_memory)
         training_args.dataloader_num_workers = workers
-        if workers > 0:
+        if workers > 0 and inputs.decodes_files:
             training_args.dataloader_persistent_workers = True
     if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
         # Pinned memory speeds copies to an accelerator; on the CPU torch only warns in every loader that it is unused.
