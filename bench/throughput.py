@@ -19,7 +19,7 @@ config: RandomResizedCrop + flip + color jitter, uint8 out, normalised on the de
   (`sklearn.datasets.load_sample_images`: random crops, sizes and flips), read through `datasets`' imagefolder;
   decoded and augmented in min(8, cores) persistent worker processes with pinned memory.
 * ``memory``: uint8 tensors already at the input size, in memory (no decoding), loaded as the recipe's rule says
-  (`recipe_num_workers`: 2 persistent pinned workers on CUDA, the main process on the CPU; `--memory_workers N`).
+  (`recipe_num_workers`: 2 pinned workers, not persistent, on CUDA; the main process on the CPU; `--memory_workers N`).
 
 `--task segmentation` runs the same four sides on the segmentation recipe's model and pipeline: DeepLabV3
 (`TimmDeepLabV3`: dilated ResNet at output stride 8 with the ASPP head, 21 classes, per-pixel cross-entropy ignoring
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--memory_workers",
         type=int,
         default=None,
-        help="Loader workers (persistent, pinned) for the in-memory data on every side; default: the recipe's rule "
+        help="Loader workers (pinned, not persistent, as the recipe's) for the in-memory data on every side; default: the recipe's rule "
         "(2 on a CUDA device, 0 = the main process on the CPU). With workers the next batches are collated and "
         "pinned while the device is busy, also across the logging steps' host synchronisations.",
     )

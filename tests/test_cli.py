@@ -480,11 +480,11 @@ def test_recipes_prefetch_in_memory_batches_in_two_workers_on_a_gpu_only(monkeyp
 
     from headprep_hf.tasks.base import TaskInputs, resolve_loader_settings
 
-    def resolved(device, cores, **fields):
+    def resolved(device, cores, persistent=None, **fields):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
         args = types.SimpleNamespace(
             dataloader_num_workers=-1,
-            dataloader_persistent_workers=False,
+            dataloader_persistent_workers=persistent,  # (None: the recipes' default, "the recipe decides")
             dataloader_pin_memory=True,
             accelerator_config=types.SimpleNamespace(non_blocking=True),
             device=torch.device(device),
@@ -501,6 +501,8 @@ def test_recipes_prefetch_in_memory_batches_in_two_workers_on_a_gpu_only(monkeyp
     assert resolved("cuda", 16, prefetch_in_memory=False) == (0, False)  # graphs
     assert resolved("cpu", 16) == (0, False)
     assert resolved("cpu", 16, decodes_files=True) == (8, True)
+    # --dataloader_persistent_workers false (the fix a resume's warning names) is kept
+    assert resolved("cuda", 16, persistent=False, decodes_files=True) == (8, False)
 
 
 def test_disable_tqdm_on_the_command_line_also_silences_the_libraries_bars(tmp_path):

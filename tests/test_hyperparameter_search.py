@@ -210,6 +210,33 @@ def test_searched_module_names_are_names_not_characters(tmp_path):
         assert all(torch.equal(weights[k], v) for k, v in direct.model.state_dict().items())
 
 
+def test_a_search_without_stages_records_searched_module_names_as_the_config_gives_them(tmp_path):
+    # Trainer sets a trial's values twice (the second time inside Trainer.train), and without HP or measurements no
+    # callback of this trainer runs: a searched "" and None were recorded raw ('' and null) and stayed on the args.
+    chosen = {}
+
+    def space(trial):
+        params = {
+            "head_modules": trial.suggest_categorical("head_modules", ["fc", ""]),
+            "reinit_modules": trial.suggest_categorical("reinit_modules", [None, "body.0"]),
+        }
+        chosen[trial.number] = params
+        return params
+
+    args = HeadPrepConfig(output_dir=str(tmp_path), **SEARCH, hp_epochs=0, track_dynamics=False)
+    trainer = HeadPrepTrainer(
+        model_init=lambda: FcClassifier(), args=args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+    )
+    _search(trainer, space, n_trials=4)
+    assert len({(p["head_modules"], p["reinit_modules"]) for p in chosen.values()}) > 2
+    for number, params in chosen.items():
+        run_dir = tmp_path / f"run-{number}"
+        recorded = json.loads((run_dir / _last_checkpoint(run_dir) / "training_args.json").read_text())
+        assert recorded["head_modules"] == (["fc"] if params["head_modules"] else None)
+        assert recorded["reinit_modules"] == ([params["reinit_modules"]] if params["reinit_modules"] else [])
+    assert trainer.args.reinit_modules == ([params["reinit_modules"]] if params["reinit_modules"] else [])
+
+
 def test_module_names_given_as_a_string_are_names_separated_by_commas(tmp_path):
     args = HeadPrepConfig(output_dir=str(tmp_path), reinit_modules="layer4.1, layer4.2", head_modules="fc")
     assert args.reinit_modules == ["layer4.1", "layer4.2"] and args.head_modules == ["fc"]

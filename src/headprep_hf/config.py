@@ -46,6 +46,21 @@ class ModuleNames(list):
         super().__init__(names)
 
 
+def _module_names(name: str, value):
+    """`value` of `head_modules` or `reinit_modules` as `ModuleNames`: None and no names are `head_modules`' automatic
+    split (None) and no `reinit_modules` (an empty list). A `head_modules=[]` given as a list stays, for the config's
+    check to refuse; a value that is not names stays, for the check to name."""
+    if value is None:
+        return None if name == "head_modules" else ModuleNames()
+    if name == "head_modules" and type(value) is list and not value:
+        return value
+    try:
+        names = ModuleNames(value)
+    except TypeError:
+        return value
+    return None if name == "head_modules" and not names else names
+
+
 class OppositeEnergyWarning(UserWarning):
     """Raised (as a warning) when HP smooths labels less than FT: the paper's "opposite energy" case (section 5.3)."""
 
@@ -280,20 +295,22 @@ class HeadPrepConfig(TrainingArguments):
         super().__post_init__()
         self._validate_headprep_fields()
 
+    def __setattr__(self, name, value):
+        # Module names in the form the config defines, whoever sets them: the constructor, a keyword, YAML, the command
+        # line, or Trainer's hyperparameter search, which sets each trial's values with setattr (twice per trial:
+        # before HeadPrepTrainer prepares the model and again inside Trainer.train), casting each to the type of the
+        # value it replaces.
+        if name in ("head_modules", "reinit_modules"):
+            value = _module_names(name, value)
+        super().__setattr__(name, value)
+
     def _validate_headprep_fields(self) -> None:
-        # Module names as a string (a YAML scalar, a keyword, a searched value set by Trainer's hyperparameter search
-        # after `__post_init__`): names, not characters (`ModuleNames`).
         for name in ("head_modules", "reinit_modules"):
             value = getattr(self, name)
-            try:
-                names = ModuleNames(value) if value is not None else None
-            except TypeError:
+            if value is not None and not isinstance(value, list):
                 raise ValueError(
                     f"{name} must be a list of module names or a string of names separated by commas, got {value!r}."
-                ) from None
-            if name == "head_modules" and names is not None and not names and type(value) is not list:
-                names = None  # "" (or what Trainer's search casts it to): the automatic split; a list [] is refused
-            setattr(self, name, names if names is not None or name == "head_modules" else ModuleNames())
+                )
         if not isinstance(self.hp_epochs, int) or isinstance(self.hp_epochs, bool) or self.hp_epochs < 0:
             raise ValueError(f"hp_epochs must be an integer >= 0 (0 = plain finetuning), got {self.hp_epochs!r}.")
         if self.hp_learning_rate < 0:

@@ -138,10 +138,6 @@ class StageCallback(TrainerCallback):
         self.gate, self.gate_after = StopRequestGate(), StopperHoldBack(self)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # A search trial: Trainer.train set the trial's values again (after HeadPrepTrainer applied and checked them);
-        # the same check puts them in the same form (module names from strings), so the run's records show them so.
-        if getattr(self.trainer, "_trial", None) is not None:
-            args._validate_headprep_fields()
         plan = self.trainer.stage_plan
         start_stage_bar(self.trainer, state)
         if plan.plan != "hp" and plan.hp_steps == 0 and not plan.ft_started:

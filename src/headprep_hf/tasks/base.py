@@ -54,6 +54,8 @@ COMMON_RECIPE_DEFAULTS = dict(
     report_to="tensorboard",
     # -1: decided by `resolve_loader_settings` once the data and the device are known (`recipe_num_workers`).
     dataloader_num_workers=-1,
+    # None: decided there too (persistent workers for files); a value the user gives is kept.
+    dataloader_persistent_workers=None,
     # No host synchronisation per step: batches are copied to the GPU without blocking (from pinned memory), and
     # Trainer's per-step NaN/inf check of the logged loss (a sync every step) gives way to the non-finite guard, which
     # checks losses on the device and reads the result at logging steps.
@@ -84,15 +86,17 @@ def recipe_num_workers(decodes_files: bool, device, prefetch_in_memory: bool = T
 
 
 def resolve_loader_settings(training_args, inputs: TaskInputs):
-    """Replaces the recipes' `dataloader_num_workers=-1` ("auto") by `recipe_num_workers` for this data and device
-    (persistent workers for files, as the decoding workers' start-up is worth keeping). A number the user gave is
-    kept. Pinned memory (and non-blocking copies) only where there is a device to copy to. Returns `training_args`,
-    changed in place."""
+    """Replaces the recipes' `dataloader_num_workers=-1` ("auto") by `recipe_num_workers` for this data and device,
+    and `dataloader_persistent_workers=None` by persistent workers for files (the decoding workers' start-up is worth
+    keeping; in-memory workers start each epoch anew, so an epoch-end resume is exact). Values the user gave are kept.
+    Pinned memory (and non-blocking copies) only where there is a device to copy to. Returns `training_args`, changed
+    in place."""
     if training_args.dataloader_num_workers == -1:
-        workers = recipe_num_workers(inputs.decodes_files, training_args.device, inputs.prefetch_in_memory)
-        training_args.dataloader_num_workers = workers
-        if workers > 0 and inputs.decodes_files:
-            training_args.dataloader_persistent_workers = True
+        training_args.dataloader_num_workers = recipe_num_workers(
+            inputs.decodes_files, training_args.device, inputs.prefetch_in_memory
+        )
+    if training_args.dataloader_persistent_workers is None:
+        training_args.dataloader_persistent_workers = training_args.dataloader_num_workers > 0 and inputs.decodes_files
     if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
         # Pinned memory speeds copies to an accelerator; on the CPU torch only warns in every loader that it is unused.
         training_args.dataloader_pin_memory = False
