@@ -568,9 +568,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--memory_workers",
         type=int,
         default=None,
-        help="Loader workers (pinned, not persistent, as the recipe's) for the in-memory data on every side; default: the recipe's rule "
-        "(2 on a CUDA device, 0 = the main process on the CPU). With workers the next batches are collated and "
-        "pinned while the device is busy, also across the logging steps' host synchronisations.",
+        help="Loader workers (pinned, not persistent, as the recipe's) for the in-memory data on every side; "
+        "default: the recipe's rule (2 on a CUDA device, 0 = the main process on the CPU). With workers the next "
+        "batches are collated and pinned while the device is busy, also across the logging steps' host "
+        "synchronisations.",
     )
     parser.add_argument(
         "--logging_steps",
