@@ -8,12 +8,14 @@
 #   run(command="bash bench/gpu.sh syncs", ...)   # raw loop against Trainer at logging_steps 5 and 1000, both tasks
 #   run(command="bash bench/gpu.sh profile", ...)   # where each side's update time goes, both tasks (about 4 min)
 #   run(command="bash bench/gpu.sh memoryworkers", ...)   # in memory: main process against 2 workers (~5 min)
+#   run(command="bash bench/gpu.sh persistence", ...)   # in memory: 2 workers started anew each epoch or kept (~4 min)
 #
 # A 15-minute lease: `bash bench/gpu.sh classification segmentation` (timeout_s=590: about 5 minutes on the H200,
 # the machine's start not counted); `profile` and `syncs` are for a second lease. In memory the recipe's rule now
-# loads with 2 persistent pinned workers on a CUDA device (`recipe_num_workers`): in the main process the GPU idled at
-# each logging step's host sync while the next batch was collated and pinned (H200, 2026-11-28, `memoryworkers`:
-# plain Trainer 0.944 -> 0.991 of the raw loop, HeadPrepTrainer.finetune() 0.902 -> 0.961).
+# loads with 2 pinned workers on a CUDA device (`recipe_num_workers`), not persistent (an exact epoch-end resume): in
+# the main process the GPU idled at each logging step's host sync while the next batch was collated and pinned (H200,
+# 2026-11-28, `memoryworkers`: plain Trainer 0.944 -> 0.991 of the raw loop with persistent workers, 0.975 with the
+# recipe's, `persistence`).
 #
 # The device image has torch, torchvision, accelerate, timm and transformers, but maybe not the versions this
 # project pins, and no `datasets` (the JPEG parts read the folder through it). Wheels in .whl/ (ignored by git:
@@ -88,6 +90,14 @@ PY
             --json "$OUT/classification_memory_workers2.json"
         part 120 --data memory --sides raw_timm trainer headprep_ft --repeats 5 --memory_workers 2 \
             --logging_steps 50 --json "$OUT/classification_memory_workers2_log50.json"
+    fi
+    # In memory, the recipe's 2 workers started anew each epoch (not persistent: an exact epoch-end resume) against
+    # persistent ones, alternated as three parts of one call (non-persistent, persistent, non-persistent).
+    if [[ " $TASKS " == *" persistence "* ]]; then
+        for variant in "" --memory_persistent_workers ""; do
+            part 90 --data memory --sides raw_timm trainer headprep_ft --repeats 3 $variant \
+                --json "$OUT/classification_memory_persistence_${SECONDS}.json"
+        done
     fi
     # 3. DeepLabV3 (ResNet-50, output stride 8) at 513 px, bf16, in memory and over the VOC-layout JPEG folder.
     if [[ " $TASKS " == *" segmentation "* ]]; then

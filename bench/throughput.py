@@ -343,7 +343,8 @@ def _loader_settings(opts, data_name: str) -> dict[str, Any]:
         dataloader_num_workers=workers,
         # The recipe's: persistent workers for files only (`resolve_loader_settings`); in-memory workers start anew
         # each epoch, seeded from the random state at its start (an exact epoch-end resume).
-        dataloader_persistent_workers=workers > 0 and data_name == "jpeg",
+        dataloader_persistent_workers=workers > 0
+        and (data_name == "jpeg" or getattr(opts, "memory_persistent_workers", False)),
         dataloader_pin_memory=True,
         # As the raw loop (timm's train.py and torchvision's segmentation references drop it): a last batch of one
         # sample cannot train DeepLabV3's ASPP pooling BatchNorm.
@@ -411,7 +412,10 @@ def run_raw(opts, model, dataset, data_name, data_config) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             clock.step(step)
-            if step == opts.steps:
+            # An update that ends the loader's epoch lets the loop end it, as timm's train.py does every epoch: then
+            # the window holds the loader's end (workers that do not persist are shut down there), as Trainer's does
+            # (Accelerate's loader reads one batch ahead, so its end falls inside the epoch's last update).
+            if step == opts.steps and step % len(loader):
                 break
     clock.stop()
     return _result(opts, clock, time.perf_counter() - start)
@@ -572,6 +576,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "default: the recipe's rule (2 on a CUDA device, 0 = the main process on the CPU). With workers the next "
         "batches are collated and pinned while the device is busy, also across the logging steps' host "
         "synchronisations.",
+    )
+    parser.add_argument(
+        "--memory_persistent_workers",
+        action="store_true",
+        help="Keep the in-memory data's loader workers between epochs (the recipe's do not: an exact epoch-end "
+        "resume); to measure what starting them anew costs.",
     )
     parser.add_argument(
         "--logging_steps",
