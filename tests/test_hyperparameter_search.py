@@ -260,6 +260,17 @@ def test_a_search_value_out_of_range_is_named(tmp_path):
         _search(trainer, lambda trial: {"hp_epochs": trial.suggest_int("hp_epochs", -3, -1)}, n_trials=1)
 
 
+def test_a_searched_value_that_is_not_module_names_is_named(tmp_path):
+    # Trainer casts a searched value to the type of the one it replaces (`ModuleNames`): a number is named by the
+    # field's check, not refused inside transformers without the field's name.
+    args = HeadPrepConfig(output_dir=str(tmp_path), **SEARCH, hp_epochs=1)
+    trainer = HeadPrepTrainer(
+        model_init=lambda: FcClassifier(), args=args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+    )
+    with pytest.raises(ValueError, match="reinit_modules must be a list of module names .* got 2"):
+        _search(trainer, lambda trial: {"reinit_modules": trial.suggest_int("reinit_modules", 2, 2)}, n_trials=1)
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["in-loop-hp", "cached-hp"])
 def test_with_head_probing_model_init_gives_every_train_call_the_same_two_stage_run(tmp_path, cached):
     args = HeadPrepConfig(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -19,7 +20,8 @@ BACKBONE_MODES = ("eval", "train")
 class ModuleNames(list):
     """The value of `head_modules` and `reinit_modules`: a list of module names, where a string (or a string in the
     list, as the command line's `--reinit_modules layer4.1,layer4.2` gives) is names separated by commas
-    (`"layer4.1,layer4.2"`; `""` is none), not its characters. `None` stays `None`.
+    (`"layer4.1,layer4.2"`; `""` is none), not its characters. `None` stays `None`, and a value that is not names
+    (a number) stays as it is, for the config's check to name the field.
 
     Its own type because `Trainer.hyperparameter_search` sets each searched value as `type(current value)(value)`:
     with a plain list, a searched `"layer4"` became `list("layer4")`, six one-letter module names. Search spaces
@@ -28,15 +30,16 @@ class ModuleNames(list):
     def __new__(cls, names=()):
         if names is None:  # (Trainer's search casting a searched None: `head_modules`' automatic split)
             return None
+        if not isinstance(names, (str, Iterable)):
+            # Not names (a searched number): returned as it is, so that the config's check names the field. Raising
+            # here would stop Trainer's search inside transformers with no field's name.
+            return names
         return super().__new__(cls)
 
     def __init__(self, names=()):
         if isinstance(names, str):
             names = [names]
-        try:
-            items = list(names)
-        except TypeError:
-            raise TypeError(f"not module names: {names!r}") from None
+        items = list(names)
         names = []
         for item in items:
             if isinstance(item, str):
@@ -54,10 +57,9 @@ def _module_names(name: str, value):
         return None if name == "head_modules" else ModuleNames()
     if name == "head_modules" and type(value) is list and not value:
         return value
-    try:
-        names = ModuleNames(value)
-    except TypeError:
-        return value
+    names = ModuleNames(value)
+    if not isinstance(names, ModuleNames):  # (not names: kept for the check to name)
+        return names
     return None if name == "head_modules" and not names else names
 
 
