@@ -552,7 +552,8 @@ def time_loader(opts, dataset) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with the device's preset filled in, and the loader workers the recipe's rule gives."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -608,6 +609,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         opts.workers = default_num_workers()
     if opts.memory_workers is None:
         opts.memory_workers = _workers(opts, "memory")  # the recipe's rule, recorded in the JSON's settings
+    return opts
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    opts = parse_args(argv)
     opts.channels_last = True  # the recipe's default for convolutional backbones
     if opts.device == "cuda":
         torch.backends.cudnn.benchmark = True

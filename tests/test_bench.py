@@ -57,6 +57,16 @@ def test_throughput_runs_one_data_source_alone_and_keeps_each_repeat(bench_modul
     assert written["repeats_done"] == 2 and written["summary"] == json.loads(json.dumps(payload["summary"]))
 
 
+def test_throughput_keeps_in_memory_workers_only_when_asked(bench_modules):
+    import throughput
+
+    opts = throughput.parse_args(["--device", "cpu", "--memory_workers", "2"])
+    assert throughput._loader_settings(opts, "memory")["dataloader_persistent_workers"] is False  # (the recipe's)
+    assert throughput._loader_settings(opts, "jpeg")["dataloader_persistent_workers"] is True
+    opts = throughput.parse_args(["--device", "cpu", "--memory_workers", "2", "--memory_persistent_workers"])
+    assert throughput._loader_settings(opts, "memory")["dataloader_persistent_workers"] is True
+
+
 @pytest.mark.slow
 def test_throughput_profile_finds_what_trainer_does_and_the_raw_loop_does_not(bench_modules, tmp_path):
     """`--profile`, the device check prepared for a GPU lease, run on the CPU: per update, where the time goes, and the
