@@ -1006,3 +1006,205 @@ def test_a_forward_with_one_required_input_named_in_the_data_keeps_trainers_colu
         runs[-1].train()
     assert runs[1].args.remove_unused_columns
     _same_weights(runs[0].model, runs[1].model)
+
+
+# ------------------------------------------------------------------ found by a review of the contract (2026-11-28)
+class SelfSupervised(nn.Module):
+    """A forward that takes no labels and returns a loss of its own (a reconstruction objective), on data that also
+    holds `labels`: `Trainer` trains it with that loss."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.enc = nn.Linear(4, 16)
+        self.fc = nn.Linear(16, 3)
+        self.dec = nn.Linear(3, 4)
+
+    def forward(self, input_x):
+        logits = self.fc(torch.relu(self.enc(input_x)))
+        return {"loss": F.mse_loss(self.dec(logits), input_x), "logits": logits}
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_labelless_model_that_returns_its_own_loss_trains_with_it_as_with_trainer(tmp_path, accumulation):
+    args = {"per_device_train_batch_size": 8 // accumulation, "gradient_accumulation_steps": accumulation}
+    plain, ours = _pair(tmp_path, SelfSupervised, args={**args, "max_grad_norm": 0.0})
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert ours.dynamics["energy"] > 0  # (the labels are still there to measure with)
+    # problem_type asks for the trainer's loss instead: the cross-entropy on the labels, another run.
+    trainer = HeadPrepTrainer(
+        model=SelfSupervised(),
+        args=_args(HeadPrepConfig, tmp_path, "ce", problem_type="single_label_classification", **args),
+        train_dataset=XYData(),
+    )
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] != plain.state.log_history[0]["loss"]
+
+
+class _AcceptsLossKwargs(FcClassifier):
+    accepts_loss_kwargs = True  # (as transformers' models declare)
+
+    def forward(self, input_x, labels=None, num_items_in_batch=None):
+        return super().forward(input_x, labels)
+
+
+def test_loss_scaling_a_subclass_sets_on_the_instance_is_kept(tmp_path):
+    """Trainer's docstring: a subclass computing its own loss sets `loss_is_scaled_for_ga`; set on the instance it
+    was put back to the class's value at every optimizer step, so a per-micro-batch mean was not divided."""
+
+    def mean_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(input_x=inputs["input_x"])
+        loss = F.cross_entropy(out["logits"], inputs["labels"])
+        return (loss, out) if return_outputs else loss
+
+    def init(self, *args, **kwargs):
+        type(self).__mro__[1].__init__(self, *args, **kwargs)
+        self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: Trainer divides it by the accumulation steps
+
+    runs = []
+    for base, args_cls, name in ((Trainer, TrainingArguments, "plain"), (HeadPrepTrainer, HeadPrepConfig, "ours")):
+        cls = type(f"Mean{base.__name__}", (base,), {"compute_loss": mean_loss, "__init__": init})
+        args = _args(args_cls, tmp_path, name, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+        trainer = cls(model=_AcceptsLossKwargs(), args=args, train_dataset=XYData())
+        trainer.train()
+        runs.append(trainer)
+    plain, ours = runs
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert ours.loss_is_scaled_for_ga is False
+
+
+class _OwnGenerator:
+    """A collator drawing from a generator of its own (as `DataCollatorForLanguageModeling(seed=...)` masks): noise
+    on the inputs."""
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(7)
+
+    def __call__(self, items):
+        x = torch.stack([item["input_x"] for item in items])
+        noise = torch.randn(x.shape, generator=self.generator)
+        return {"input_x": x + 0.5 * noise, "labels": torch.tensor([item["labels"] for item in items])}
+
+
+class _CountingClassifier(FcClassifier):
+    """Buffers the forward updates in eval mode too, as quantization observers do, and uses: a call counter (in
+    place) and a running mean of the inputs (replaced). Measurement passes that fed them would change training."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed=seed)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(4))
+
+    def forward(self, input_x, labels=None):
+        self.calls += 1
+        self.mean = 0.9 * self.mean + 0.1 * input_x.mean(0)
+        return super().forward((input_x - self.mean) * (1 + 0.01 * self.calls), labels)
+
+
+@pytest.mark.parametrize("cached_probe", [True, False], ids=["replayed-probe", "reread-probe"])
+def test_measurements_draw_nothing_from_the_collator_and_change_no_buffer(tmp_path, cached_probe, monkeypatch):
+    if not cached_probe:  # (the probe read again at every pass, as for probes too large for memory)
+        monkeypatch.setattr("headprep_hf.dynamics.PROBE_MEMORY_LIMIT", 0)
+    runs = []
+    for trainer_cls, args_cls, name in (
+        (Trainer, TrainingArguments, "plain"),
+        (HeadPrepTrainer, HeadPrepConfig, "ours"),
+    ):
+        args = _args(args_cls, tmp_path, name)
+        trainer = trainer_cls(
+            model=_CountingClassifier(), args=args, train_dataset=XYData(), data_collator=_OwnGenerator()
+        )
+        trainer.train()
+        runs.append(trainer)
+    plain, ours = runs
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert ours.dynamics["energy"] > 0 and len(ours.dynamics["drift"]) == 2
+
+
+class _KeywordHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(16, 3)
+
+    def forward(self, hidden_states):
+        return self.dense(hidden_states)
+
+
+class _HeadByKeyword(FcClassifier):
+    def __init__(self, seed=0):
+        super().__init__(seed=seed)
+        del self.fc
+        self.head = _KeywordHead()
+
+    def forward(self, input_x, labels=None):
+        logits = self.head(hidden_states=self.body(input_x))
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class _MultiScaleHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16 + 8, 3)
+
+    def forward(self, feats):
+        return self.proj(torch.cat(feats, dim=-1))
+
+
+class _HeadOnAList(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b, self.head = nn.Linear(4, 16), nn.Linear(16, 8), _MultiScaleHead()
+
+    def forward(self, input_x, labels=None):
+        h1 = torch.relu(self.a(input_x))
+        logits = self.head([h1, torch.relu(self.b(h1))])
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_a_head_called_by_keyword_or_with_a_list_trains_as_with_trainer(tmp_path):
+    plain, ours = _pair(tmp_path / "keyword", _HeadByKeyword)
+    _same_weights(plain.model, ours.model)
+    direct = ours.model.body(XYData().x[:1])  # the drift is measured on the head's keyword input
+    assert len(ours.dynamics["drift"]) == 2 and direct.shape[-1] == 16
+    with pytest.warns(UserWarning, match=r"called with a list, not one tensor.*head_modules=\[\.\.\.\]"):
+        plain, ours = _pair(tmp_path / "list", _HeadOnAList)
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert "drift" not in ours.dynamics and ours.dynamics["energy"] > 0
+
+
+class _SizedStream(_Stream):
+    def __len__(self):
+        return len(self.data)
+
+
+def test_a_stream_with_a_length_trains_as_with_trainer_and_names_drift_dataset(tmp_path):
+    """An IterableDataset with `__len__` (Trainer runs it by epochs): its samples cannot be picked for the probe."""
+    with pytest.warns(UserWarning, match="an IterableDataset .* drift_dataset="):
+        plain, ours = _pair(tmp_path, FcClassifier, train=_SizedStream())
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert ours.dynamics["energy"] > 0 and "drift" not in ours.dynamics
+
+
+class _RequiredLabels(FcClassifier):
+    def forward(self, input_x, labels):
+        return super().forward(input_x, labels)
+
+
+class _OwnVocabulary(FcClassifier):
+    def __init__(self, seed=0):
+        super().__init__(seed=seed)
+        self.problem_type = "multiclass"  # (the model's own word: not one of the toolkit's problem types)
+
+
+@pytest.mark.parametrize("model_cls", [_RequiredLabels, _OwnVocabulary], ids=["labels-required", "own-problem-type"])
+def test_models_the_measurements_failed_on_train_as_with_trainer(tmp_path, model_cls):
+    plain, ours = _pair(tmp_path, model_cls)
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert ours.dynamics["energy"] > 0 and len(ours.dynamics["drift"]) == 2

@@ -108,16 +108,59 @@ def forked_rng(seed: int | None = None):
 
 
 @contextlib.contextmanager
+def kept_buffers(model: nn.Module):
+    """Every buffer of `model` as it was before, after: values a forward changed in place (observers of
+    quantization-aware training, call counters: modules that update buffers in eval mode too) are written back, and a
+    buffer that was replaced gets its tensor back.
+
+    All are written back: version counters cannot tell which changed (the fused fake-quantize kernel updates its
+    observers without counting). The values are kept as one flat copy per device and dtype and written back with one
+    `_foreach_copy_` per group (on a GPU, a copy per buffer would launch a kernel per BatchNorm buffer)."""
+    named = list(model.named_buffers())
+    shapes = [b.shape for _, b in named]
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, b) in enumerate(named):
+        groups.setdefault((b.device, b.dtype), []).append(i)
+    saved: dict[int, torch.Tensor] = {}  # buffer index -> its values
+    with torch.no_grad():
+        for idx in groups.values():
+            tensors = [named[i][1] for i in idx]
+            try:
+                parts = torch.cat([t.reshape(-1) for t in tensors]).split([t.numel() for t in tensors])
+                saved.update((i, part.view(shapes[i])) for i, part in zip(idx, parts))
+            except (RuntimeError, NotImplementedError):  # (a dtype `cat` does not take, e.g. a quantized one)
+                saved.update((i, t.clone()) for i, t in zip(idx, tensors))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for i, (name, old) in enumerate(named):
+                owner_name, _, attr = name.rpartition(".")
+                owner = model.get_submodule(owner_name)
+                if owner._buffers.get(attr) is not old:
+                    owner._buffers[attr] = old
+                if old.shape != shapes[i]:  # (an observer's buffer resized in place)
+                    old.resize_(shapes[i])
+            for idx in groups.values():
+                targets, sources = [named[i][1] for i in idx], [saved[i] for i in idx]
+                try:
+                    torch._foreach_copy_(targets, sources)
+                except (RuntimeError, NotImplementedError, AttributeError):
+                    for target, source in zip(targets, sources):
+                        target.copy_(source)
+
+
+@contextlib.contextmanager
 def preserved_state(model: nn.Module, seed: int | None = None):
-    """Eval mode, no grad and untouched RNG streams inside (`forked_rng`); every module's train/eval flag restored
-    after.
+    """Eval mode, no grad and untouched RNG streams inside (`forked_rng`); every module's train/eval flag and every
+    buffer (`kept_buffers`) restored after.
 
     Forking the RNGs keeps a measurement (which may run random data augmentation) from changing the training run,
     so resumed and uninterrupted runs stay bit-identical. With `seed`, the RNGs are seeded inside, so a dataset with
     random augmentation yields the same views at every measurement (z_0 and z_t of the same inputs).
     """
     modes = [(m, m.training) for m in model.modules()]
-    with forked_rng(seed), torch.no_grad():
+    with forked_rng(seed), torch.no_grad(), kept_buffers(model):
         model.eval()
         try:
             yield
@@ -229,6 +272,19 @@ class FeatureModuleNotCalled(RuntimeError):
     the forward no longer uses, or heads kept in a `ModuleDict`)."""
 
 
+class HeadInputNotATensor(TypeError):
+    """The head module was called with something other than one tensor first (a list of feature maps, a dict): there
+    is no one feature `z` per sample to read."""
+
+
+def head_input(args: tuple, kwargs: dict | None):
+    """The head's input as its forward pre-hook (registered `with_kwargs=True`) sees it: the first positional
+    argument, else the first keyword argument (`head(hidden_states=h)`)."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values())) if kwargs else None
+
+
 class OutputsDoNotFitLabels(ValueError):
     """The energy could not be computed from the model's outputs and the batch's labels (`losses.task_energy` failed
     on them; the original error is the cause). Errors of the pass itself (reading the data, the forward) are raised
@@ -284,11 +340,17 @@ def measure(
     captured: list[torch.Tensor] = []
     wanted = [False]
 
-    def hook(_module, args, kwargs=None):
+    def hook(_module, args, kwargs):
         if wanted[0] and not captured:  # the first head call of the batch: its input is z
+            z = head_input(args, kwargs)
+            if not isinstance(z, torch.Tensor):
+                raise HeadInputNotATensor(
+                    f"The head module ({type(feature_module).__name__}) is called with a {type(z).__name__}, not one "
+                    "tensor, so it has no one feature vector per sample to read"
+                )
             # A copy: a head whose first op works in place (`Dropout(inplace=True)`, `Hardswish(inplace=True)`)
             # would otherwise turn the kept z into its own output.
-            captured.append((args[0] if args else next(iter(kwargs.values()))).detach().clone())
+            captured.append(z.detach().clone())
 
     # A head given a sequence (`B, T, H`) may itself reduce it to one vector per sample before its first linear layer
     # (transformers' `*ClassificationHead` reads the first token): that vector is what the classifier uses, so it is z.
@@ -299,7 +361,7 @@ def measure(
         if sequence and not inner and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
             inner.append(args[0].detach().clone())
 
-    handle = feature_module.register_forward_pre_hook(hook) if max_features > 0 else None
+    handle = feature_module.register_forward_pre_hook(hook, with_kwargs=True) if max_features > 0 else None
     linear = first_linear(feature_module) if max_features > 0 and not raw_features else None
     inner_handle = (
         linear.register_forward_pre_hook(inner_hook) if linear is not None and linear is not feature_module else None

@@ -182,13 +182,15 @@ def _check_problem_type(problem_type: str) -> None:
 
 
 def declared_problem_type(problem_type: str | None, model=None) -> str | None:
-    """`problem_type` if set, else what the model declares (`model.config.problem_type` or `model.problem_type`),
-    else None (nothing declared)."""
+    """`problem_type` if set (checked), else what the model declares (`model.config.problem_type` or
+    `model.problem_type`) where it is one of `PROBLEM_TYPES`, else None (nothing declared). A model's attribute of
+    another vocabulary (`"multiclass"`) is its own business: `Trainer` ignores it, and so does the trainer."""
     if problem_type is None and model is not None:
         config = getattr(model, "config", None)
-        problem_type = getattr(config, "problem_type", None) or getattr(model, "problem_type", None)
-        if not isinstance(problem_type, str):
-            problem_type = None
+        for declared in (getattr(config, "problem_type", None), getattr(model, "problem_type", None)):
+            if isinstance(declared, str) and declared in PROBLEM_TYPES:
+                return declared
+        return None
     if problem_type is not None:
         _check_problem_type(problem_type)
     return problem_type
@@ -320,8 +322,11 @@ class TrainerLossMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        labels = inputs[self.label_names[0]]
         outputs = self.model_caller(model, inputs)
+        own = self._own_loss_of_labelless_model(outputs)
+        if own is not None:
+            return (own, outputs) if return_outputs else own
+        labels = inputs[self.label_names[0]]
         smoothing = self.current_label_smoothing if self.in_training_step else 0.0
         loss = self.loss_from_logits(extract_logits(outputs), labels, smoothing)
         if self.in_training_step:
@@ -330,8 +335,11 @@ class TrainerLossMixin:
                 # of the optimizer step (all micro-batches, all ranks; DDP averages over ranks, hence world size).
                 local = count_items(self.problem_type, labels, self.args.ignore_index)
                 loss = loss * (local * self.accelerator.num_processes / num_items_in_batch.clamp(min=1))
-            # Said here, where the loss is made: a subclass's compute_loss that does not call this one keeps the
-            # value `_get_num_items_in_batch` restored (its class's, Trainer's rule by default).
+            # Said here, where the loss is made; the value it replaces (the class's, or one a subclass set on the
+            # instance, as Trainer documents) is put back at the next step's count (`_get_num_items_in_batch`), so a
+            # subclass's compute_loss that does not call this one keeps its own.
+            if not hasattr(self, "_loss_scaling_replaced"):
+                self._loss_scaling_replaced = self.loss_is_scaled_for_ga
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if not return_outputs:
             return loss
@@ -340,6 +348,19 @@ class TrainerLossMixin:
         elif isinstance(outputs, (tuple, list)):
             outputs = (loss, *outputs)  # Trainer's convention: the loss first, every model output after it
         return loss, outputs
+
+    def _own_loss_of_labelless_model(self, outputs):
+        """The loss a model whose forward takes no labels returned itself (a self-supervised objective, e.g.
+        transformers' `ViTMAEForPreTraining`), where nothing asks for the trainer's loss (`problem_type`, an
+        overridden `loss_from_logits`, the stage's label smoothing): `Trainer` trains such a model with that loss, and
+        so does this trainer. None otherwise (a timm model returns logits only: the trainer's loss applies)."""
+        if self.model_takes_labels or not isinstance(outputs, Mapping) or outputs.get("loss") is None:
+            return None
+        overridden = type(self).loss_from_logits is not TrainerLossMixin.loss_from_logits
+        smoothing = self.current_label_smoothing if self.in_training_step else 0.0
+        if self.args.problem_type is not None or overridden or smoothing > 0:
+            return None
+        return outputs["loss"]
 
     def _loss_of_kwargs_model(self, model, inputs, return_outputs, num_items_in_batch):
         """`Trainer.compute_loss` for a `forward(..., **kwargs)` that gets the labels because `label_names` is declared
@@ -368,10 +389,12 @@ class TrainerLossMixin:
         micro-batches, summed over ranks, so masked losses average over the step's items exactly as one process with
         the whole batch would. Otherwise `Trainer`'s own count.
 
-        `loss_is_scaled_for_ga` goes back to the class's value here (None: Trainer's rule; a subclass computing its
-        own loss may set it, as Trainer documents); the trainer's own `compute_loss` sets it for the loss it makes.
+        `loss_is_scaled_for_ga` goes back here to the value the trainer's own `compute_loss` replaced for the loss it
+        made (the class's, None: Trainer's rule; or one a subclass computing its own loss set, on the class or the
+        instance, as Trainer documents).
         """
-        self.loss_is_scaled_for_ga = type(self).loss_is_scaled_for_ga
+        if hasattr(self, "_loss_scaling_replaced"):
+            self.loss_is_scaled_for_ga = self.__dict__.pop("_loss_scaling_replaced")
         if not self.uses_trainer_loss(True, self.stage_plan.stage_at(self.state.global_step)):
             return super()._get_num_items_in_batch(batch_samples, device)
         name = self.label_names[0]

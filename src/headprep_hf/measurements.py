@@ -37,12 +37,14 @@ from transformers.trainer_utils import has_length
 from .dynamics import (
     DRIFT_KEYS,
     FeatureModuleNotCalled,
+    HeadInputNotATensor,
     InMemoryDataset,
     OutputsDoNotFitLabels,
     PassResult,
     ReplayedBatches,
     drift_metrics,
     grad_norm,
+    head_input,
     histogram,
     measure,
     preserved_state,
@@ -111,8 +113,12 @@ class HPEpochInputs:
 
     def _hook(self, _module, args, kwargs):
         if self.active and self._pending is None:  # the first head call of the step's forward
+            z = head_input(args, kwargs)
+            if not isinstance(z, torch.Tensor):  # (a list of feature maps: nothing to keep; the separate pass runs)
+                self._drop(f"the head is called with a {type(z).__name__}, not one tensor")
+                return
             # (a copy: a head whose first op works in place, e.g. `Dropout(inplace=True)`, would change it)
-            self._pending = (args[0] if args else next(iter(kwargs.values()))).detach().clone()
+            self._pending = z.detach().clone()
 
     def _output_hook(self, _module, _args, output):
         if self.active and self._pending_shape is None:
@@ -692,7 +698,17 @@ class MeasurementCallback(TrainerCallback):
         trainer, args = self.trainer, self.trainer.args
         energy_set = trainer.energy_dataset if trainer.energy_dataset is not None else trainer.train_dataset
         if args.energy_max_samples is not None and args.energy_max_samples < len(energy_set):
-            energy_set = torch.utils.data.Subset(energy_set, spread_indices(len(energy_set), args.energy_max_samples))
+            if isinstance(energy_set, torch.utils.data.IterableDataset):  # (a stream with a length: no random access)
+                self._warn_once(
+                    "energy_stream",
+                    f"energy_max_samples={args.energy_max_samples}: the set is an IterableDataset, whose samples "
+                    f"cannot be picked, so the energy is measured on all {len(energy_set)} of them; pass "
+                    "energy_dataset=... (a map-style dataset) to measure on a subset.",
+                )
+            else:
+                energy_set = torch.utils.data.Subset(
+                    energy_set, spread_indices(len(energy_set), args.energy_max_samples)
+                )
         try:
             # Seeded: the same views whenever it runs (so the energy is a function of the weights alone).
             return self.measure_dataset(energy_set, with_energy=True, max_features=0, seed=args.seed, desc="energy")
@@ -737,15 +753,31 @@ class MeasurementCallback(TrainerCallback):
         trainer = self.trainer
         if self._head_or_warn() is None:
             return None
-        if trainer.drift_dataset is None and not has_length(trainer.train_dataset):
+        train = trainer.train_dataset
+        if trainer.drift_dataset is None and not has_length(train):
             self._warn_once(
                 "probe_unsized",
                 "Drift is not measured: its probe samples are taken from the training set, which has no length "
                 "(an IterableDataset); pass drift_dataset=... (a dataset with a length) to measure it.",
             )
             return None
+        if trainer.drift_dataset is None and isinstance(train, torch.utils.data.IterableDataset):
+            self._warn_once(
+                "probe_stream",
+                "Drift is not measured: its probe samples are picked from the training set, an IterableDataset "
+                "(a stream, even with a length, has no random access); pass drift_dataset=... (a map-style dataset) "
+                "to measure it.",
+            )
+            return None
         try:
             return self._probe()
+        except HeadInputNotATensor as error:
+            self._warn_once(
+                "head_input",
+                f"{error}: drift is not measured. Set head_modules=[...] to a module the forward calls with one "
+                "tensor of features (e.g. the classifier layer after the pooling), or track_dynamics=False.",
+            )
+            return None
         except FeatureModuleNotCalled as error:
             guessed = trainer.args.head_modules is None and trainer._explicit_split is None
             if not guessed or trainer.args.hp_epochs > 0:
@@ -769,7 +801,8 @@ class MeasurementCallback(TrainerCallback):
                 self._probe_loader = ReplayedBatches(
                     loader,
                     seed=trainer.args.seed,
-                    drop_keys=trainer.label_names,
+                    # (labels a forward requires stay: `ModelCaller` passes them)
+                    drop_keys=[n for n in trainer.label_names if n not in trainer.model_caller.required_labels],
                     device=device,
                     pin=trainer.args.dataloader_pin_memory and device.type == "cuda",
                     non_blocking=bool(getattr(trainer.accelerator, "non_blocking", False)),

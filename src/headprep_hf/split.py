@@ -384,7 +384,8 @@ class ModelCaller:
     """Calls a model with a batch dict, whatever its forward signature.
 
     HF models take keyword arguments (`pixel_values=...`); timm models take one positional tensor. The batch's
-    labels are never passed: the caller computes the loss from the logits.
+    labels are not passed (the caller computes the loss from the logits), except to a forward that requires them
+    (`forward(x, labels)`, no default): it gets them, as `Trainer` gives them, and its logits are read.
 
     Attributes:
         positional: The forward takes one required argument, no labels and no `**kwargs` (timm's `forward(x)`, its
@@ -411,9 +412,10 @@ class ModelCaller:
             and all(p.default is not inspect.Parameter.empty for n, p in params.items() if n not in required)
         )
         self.input_name = required[0] if self.positional else None
+        self.required_labels = {n for n in required if n in self.label_names}
 
     def __call__(self, model: nn.Module, inputs: dict):
-        model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+        model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names or k in self.required_labels}
         if self.accepts_kwargs or all(k in self.param_names for k in model_inputs):
             return model(**model_inputs)
         if len(model_inputs) == 1:

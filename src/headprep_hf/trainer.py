@@ -12,6 +12,7 @@ norm: a callback), `schedules`, `feature_cache` (cached HP), `hub` (the prepared
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
@@ -755,8 +756,18 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         settings = dict(dataloader_persistent_workers=False, dataloader_drop_last=False)
         if isinstance(dataset, InMemoryDataset):
             settings.update(dataloader_num_workers=0, dataloader_prefetch_factor=None)
-        with self._loader_settings(**settings), self._keeping_positional_input(dataset):
-            return self._get_dataloader(dataset, "headprep", self.measure_batch_size)
+        collator = self.data_collator
+        try:
+            # A copy: a collator with a random generator of its own (`DataCollatorForLanguageModeling(seed=...)`'s
+            # masking) would otherwise give the measurement passes draws that training then does not see.
+            self.data_collator = copy.deepcopy(collator)
+        except Exception as error:  # (anything a collator's own state raises when copied)
+            logger.info("The data collator could not be copied for the measurement passes (%s): they use it.", error)
+        try:
+            with self._loader_settings(**settings), self._keeping_positional_input(dataset):
+                return self._get_dataloader(dataset, "headprep", self.measure_batch_size)
+        finally:
+            self.data_collator = collator
 
     @contextlib.contextmanager
     def _loader_settings(self, **settings):
