@@ -8,6 +8,7 @@ import timm
 import torch
 from conftest import make_config, tiny_timm
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from headprep_hf import BackboneMismatchWarning, HeadPrepTrainer, load_prepared_head
 from headprep_hf.hub import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME
@@ -169,6 +170,46 @@ def test_a_second_probe_head_is_refused(tmp_path, train_set):
     trainer, _ = _probed(tmp_path, train_set)
     with pytest.raises(ValueError, match=r"probe_head\(\) already ran on this trainer.*tau = 4 while.*tau = 2"):
         trainer.probe_head()
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"stopped at update {self.step + 1}")
+
+
+@pytest.mark.parametrize("call", ["probe_head", "train"])
+def test_a_head_probing_stopped_part_way_is_not_probed_on_saved_or_finetuned(tmp_path, train_set, call):
+    # The review's run: save_prepared_head() recorded the partly probed head as tau 0, and a second probe_head() ran
+    # 6 more updates on it (11 in all) and wrote a prepared head of tau = 2 with another head and energy.
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set, callbacks=[_StopAt(2)]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        getattr(trainer, call)()
+    assert trainer.hp_interrupted is not None
+    trainer.pop_callback(_StopAt)
+    for what in ("probe_head", "train", "finetune"):
+        with pytest.raises(ValueError, match=rf"{what}\(\) on this trainer's model: its head probing stopped after 2"):
+            getattr(trainer, what)()
+    with pytest.raises(ValueError, match="head probing stopped .* partly probed"):
+        trainer.save_prepared_head(str(tmp_path / "head"))
+    assert not (tmp_path / "head").exists()
+
+
+def test_a_head_probing_stopped_before_it_changed_the_head_can_run_again(tmp_path, train_set):
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set, callbacks=[_StopAt(0)]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.probe_head()
+    assert trainer.hp_interrupted is None
+    trainer.pop_callback(_StopAt)
+    trainer.probe_head()
+    assert trainer.hp_done
 
 
 def test_the_card_of_a_model_finetuned_from_an_mlp_head_names_it(tmp_path, train_set):

@@ -226,6 +226,7 @@ def refuse_after_ft(trainer: HeadPrepTrainer, what: str) -> None:
     """Raise a `ValueError` when FT has started on `trainer`: its head is then a finetuned one (on a finetuned
     backbone), not the prepared head the json would describe (tau, HP-end energy, the pretrained backbone's checksum).
     """
+    trainer._refuse_interrupted_hp(what)
     plan = trainer.stage_plan
     # FT began (the boundary work ran), or a training loop ran updates past its HP steps (a plain run, hp_epochs=0,
     # whose loop marks no boundary without measurements). probe_head() alone leaves both false.

@@ -220,6 +220,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.energy_dataset = energy_dataset
         self.resumed_stage: str | None = None
         self.hp_done = False  # HP ran to its end on this trainer (`probe_head()` or `train()`): the card's tau
+        self.hp_interrupted: str | None = None  # HP stopped part-way with the head changed (`_watching_hp`)
         self.run_tag: str | None = None  # recorded in checkpoints; resuming needs the same (a sweep's fingerprint)
         self._lock_depth = 0  # (>0 while a run holds output_dir's lock: `_output_dir_lock`)
         self.progress_label: str | None = None  # after HP/FT in the progress bars (a sweep's "tau=2 seed=42")
@@ -522,7 +523,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._trial_for_dir = trial
         with self._model_of_this_call(trial):
             with self._output_dir_lock("HeadPrepTrainer.train()", self.args.hp_epochs > 0):  # (plain: as Trainer)
-                return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+                self._refuse_interrupted_hp("train()", resume_from_checkpoint)
+                with self._watching_hp():
+                    return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     @contextlib.contextmanager
     def _model_of_this_call(self, trial=None, new_model: bool = True):
@@ -547,7 +550,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             return
         if new_model:
             self._prepare_model(model)
-            self.model, self.hp_done = model, False  # (a new head: no HP ran on it)
+            self.model, self.hp_done, self.hp_interrupted = model, False, None  # (a new head: no HP ran on it)
             self.optimizer, self.lr_scheduler = None, None
             if self.place_model_on_device:
                 self._move_model_to_device(self.model, self.args.device)
@@ -585,7 +588,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._trial_for_dir = None
         with self._model_of_this_call():  # (with model_init: a new model, as every train() call builds one)
             with self._output_dir_lock("HeadPrepTrainer.probe_head()", True):
-                return self._probe_head(resume_from_checkpoint, **kwargs)
+                self._refuse_interrupted_hp("probe_head()", resume_from_checkpoint)
+                with self._watching_hp():
+                    return self._probe_head(resume_from_checkpoint, **kwargs)
 
     def _probe_head(self, resume_from_checkpoint, **kwargs) -> TrainOutput:
         self.find_head(required=True)
@@ -612,8 +617,43 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
         self._trial_for_dir = None
         with self._model_of_this_call(new_model=False), self._output_dir_lock("HeadPrepTrainer.finetune()", True):
+            self._refuse_interrupted_hp("finetune()", resume_from_checkpoint)
             check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
             return self._run("ft", resume_from_checkpoint, **kwargs)
+
+    @contextlib.contextmanager
+    def _watching_hp(self):
+        """Note (`hp_interrupted`) a head probing that stopped part-way (an error, Ctrl-C) after it changed the head:
+        that head is neither the pretrained one (tau 0) nor the prepared head of tau = hp_epochs, so a second
+        `probe_head()` on it, a `finetune()` or a saved head would record a tau it did not get."""
+        before = None
+        if self.args.hp_epochs > 0 and not self.hp_done and self.model is not None:
+            try:
+                before = self.hp_state_dict()
+            except ValueError:  # (no head: the stage's own check names it)
+                before = None
+        try:
+            yield
+        except BaseException:
+            if before is not None and not self.hp_done and not self.stage_plan.ft_started:
+                after = self.hp_state_dict()
+                if any(not torch.equal(before[k], after[k]) for k in before if k in after):
+                    self.hp_interrupted = (
+                        f"head probing stopped after {self.state.global_step} update(s) of hp_epochs="
+                        f"{self.args.hp_epochs} epochs, with the head partly probed"
+                    )
+            raise
+
+    def _refuse_interrupted_hp(self, what: str, resume_from_checkpoint=None) -> None:
+        """Refuse to go on from a head that an interrupted head probing left partly probed (`_watching_hp`)."""
+        if self.hp_interrupted is None or resume_from_checkpoint:
+            return
+        raise ValueError(
+            f"{what} on this trainer's model: its {self.hp_interrupted}. Probing it again would give it more than "
+            f"tau = {self.args.hp_epochs} epochs, and finetuning or saving it would record a tau it did not get. "
+            "Resume the interrupted run (resume_from_checkpoint=True, where it saved a checkpoint), or start again "
+            "from the pretrained model (a new model, or model_init)."
+        )
 
     @contextlib.contextmanager
     def _output_dir_lock(self, what: str, needed: bool):
@@ -675,6 +715,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def _finish_hp(self, recompute_bn: bool) -> None:
         # The end of HP: BatchNorm statistics of the HP modules, the start-of-FT measurements, the prepared head.
         self.hp_done = self.args.hp_epochs > 0
+        self.hp_interrupted = None  # (a resumed HP ran to its end)
         if recompute_bn and self.args.hp_recompute_bn_stats:
             self.recompute_bn_statistics()
         if self.track_dynamics:
