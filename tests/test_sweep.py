@@ -223,6 +223,29 @@ def test_interrupted_sweep_reuses_finished_jobs(tmp_path, data):
     assert tree_hash(path) == before
 
 
+@pytest.mark.parametrize("name", ["drift_dataset", "energy_dataset"])
+def test_a_sweep_continued_with_another_measurement_set_is_refused(tmp_path, data, name):
+    # The review's run: the finished jobs were reused and the rest measured on the other set, and sweep.json mixed
+    # the two drifts (5.3524 on one probe set, 5.41431 on the other) without a word.
+    train, val, test = data
+    path = tmp_path / "s"
+
+    def run(measured_on):
+        args = sweep_config(path, sweep_taus=[0, 2], sweep_report=False)
+        sweep = TauSweep(
+            tiny_timm(), args, train, val, test, compute_metrics=accuracy_metrics(), **{name: measured_on}
+        )
+        return sweep.run()
+
+    run(TinyImages(20, seed=5))
+    os.remove(path / "sweep.json")  # as if interrupted during the last FT job
+    os.remove(path / "tau_2" / "seed_0" / "sweep_result.json")
+    before = tree_hash(path)
+    with pytest.raises(ValueError, match=rf"belongs to another sweep .*{name}: other labels"):
+        run(TinyImages(20, seed=6))
+    assert tree_hash(path) == before
+
+
 def tree_hash(folder) -> dict[str, str]:
     """Every file under `folder` with its content hash (what a refused run must leave exactly as it was)."""
     import hashlib

@@ -772,7 +772,8 @@ class TauSweep:
         """What a sweep's folders must share: the grid, the pretrained model (with its new head, before HP), whether
         seeds re-draw the head, the settings that change results (not the seeds: each job records its own), the task
         record (the command line's data settings, e.g. `max_train_samples`) and a description of the train,
-        validation and test sets (`describe_data`: lengths and label hashes, no image is read)."""
+        validation and test sets and of a given `energy_dataset`/`drift_dataset` (`describe_data`: lengths and label
+        hashes, no image is read)."""
         return {
             "taus": list(self.args.sweep_taus),
             "model": state_fingerprint(self._pristine.state_dict()),
@@ -780,7 +781,18 @@ class TauSweep:
             "config": config_fingerprint(self.args),
             "seeded_heads": self.args.sweep_seeds is not None,
             "task": task_fingerprint(self.task),
-            "data": describe_data(train=self.train_dataset, validation=self.eval_dataset, test=self.test_dataset),
+            "data": describe_data(
+                train=self.train_dataset,
+                validation=self.eval_dataset,
+                test=self.test_dataset,
+                # The measurement sets given to every job, where given (a sweep without them keeps the fingerprint
+                # it had before they were described): another set would measure the rest of the jobs on other data.
+                **{
+                    name: self.trainer_kwargs[name]
+                    for name in ("energy_dataset", "drift_dataset")
+                    if self.trainer_kwargs.get(name) is not None
+                },
+            ),
         }
 
     def _check_owner(self) -> None:
