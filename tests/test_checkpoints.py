@@ -18,6 +18,7 @@ from headprep_hf.checkpoints import (
     commit,
     latest_resumable,
     status,
+    verify,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -282,3 +283,27 @@ def test_a_kill_while_a_checkpoint_is_replaced_leaves_no_damaged_one(tmp_path, m
     assert latest_resumable(str(tmp_path)) == str(tmp_path / "checkpoint-2")
     begin_write(str(tmp_path / "checkpoint-4"))  # the next write removes the leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda m: {**m, "files": list(m["files"])}, r"is malformed \('files' is a list, not a mapping"),
+        (lambda m: {"files": {k: {"size": v["size"]} for k, v in m["files"].items()}}, r"the sha256 of 'model"),
+        (lambda m: {"files": {k: {**v, "size": str(v["size"])} for k, v in m["files"].items()}}, r"the size of 'mo"),
+        (lambda m: {"files": {}}, r"its manifest headprep_manifest.json lists no model.safetensors .*\(though "),
+    ],
+    ids=["list", "no-sha256", "size-as-text", "empty"],
+)
+def test_an_edited_manifest_is_named_with_what_is_wrong_in_it(tmp_path, edit, named):
+    # They raised a bare AttributeError or KeyError, "688 bytes instead of 688", or "has no model.safetensors"
+    # beside the file.
+    folder = tmp_path / "checkpoint-4"
+    begin_write(str(folder))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    commit(str(folder))
+    verify(str(folder), required=("model.safetensors",))  # (as written: it passes)
+    manifest = folder / MANIFEST_NAME
+    manifest.write_text(json.dumps(edit(json.loads(manifest.read_text()))))
+    with pytest.raises(CheckpointError, match=named):
+        verify(str(folder), required=("model.safetensors",))

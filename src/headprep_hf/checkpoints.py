@@ -149,6 +149,22 @@ def latest_resumable(run_dir: str) -> str | None:
     return None
 
 
+def _malformed_entries(entries) -> str | None:
+    """What is wrong with a manifest's `files` (None where it is `{relative path: {"size": int, "sha256": str}}`, as
+    `begin_write`'s commit writes it)."""
+    if not isinstance(entries, dict):
+        return f"'files' is a {type(entries).__name__}, not a mapping of file names"
+    for rel, expected in entries.items():
+        if not isinstance(expected, dict):
+            return f"the entry of {rel!r} is a {type(expected).__name__}"
+        size, digest = expected.get("size"), expected.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool):
+            return f"the size of {rel!r} is {size!r}, not a whole number"
+        if not isinstance(digest, str):
+            return f"the sha256 of {rel!r} is {digest!r}"
+    return None
+
+
 def _previous(folder: str) -> str:
     run_dir, name = os.path.split(os.path.normpath(folder))
     step = int(_CHECKPOINT.match(name).group(1)) if _CHECKPOINT.match(name) else None
@@ -188,6 +204,9 @@ def verify(
             entries = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path} is unreadable ({error}); {fix}.") from error
+    malformed = _malformed_entries(entries)
+    if malformed is not None:
+        raise CheckpointError(f"{path} is malformed ({malformed}): it was changed after it was written; {fix}.")
     for rel, expected in entries.items():
         file = os.path.join(folder, rel)
         if not os.path.isfile(file):
@@ -202,7 +221,11 @@ def verify(
     for names in required:
         names = (names,) if isinstance(names, str) else tuple(names)
         if not any(name in entries for name in names):
-            raise CheckpointError(f"{folder} has no {' or '.join(names)}, which is needed for it to be {use}; {fix}.")
+            on_disk = [name for name in names if os.path.exists(os.path.join(folder, name))]
+            what = f"lists no {' or '.join(names)}" + (f" (though {on_disk[0]} is there)" if on_disk else "")
+            raise CheckpointError(
+                f"{folder}: its manifest {MANIFEST_NAME} {what}, which is needed for it to be {use}; {fix}."
+            )
 
 
 def check_weights_fit(folder: str, model) -> None:
