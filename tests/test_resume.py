@@ -192,6 +192,29 @@ def test_new_run_refuses_to_overwrite_an_earlier_runs_results(tmp_path):
     assert len(list(out.glob("headprep_dynamics.json.replaced-*"))) == 2
 
 
+def test_overwrite_moves_an_earlier_runs_model_results_and_card_aside_too(tmp_path):
+    # Only prepared_head/ and headprep_dynamics.json were moved: a finished new run replaced the earlier model,
+    # results and card without a trace, and a failed one left them beside its own measurements.
+    first = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=1), train_dataset=TinyImages(24))
+    first.train()
+    first.save_model()
+    first.save_metrics("final", {"validation_accuracy": 0.5})
+    first.create_model_card(model_name="first")
+    out = tmp_path / "out"
+    finals = ["README.md", "config.json", "final_results.json", "model.safetensors", "training_args.bin"]
+    assert all((out / name).is_file() for name in finals)
+    earlier = {name: (out / name).read_bytes() for name in finals}
+    again = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=1), train_dataset=TinyImages(24))
+    with pytest.raises(ValueError, match=r"holds results of an earlier run.*model\.safetensors"):
+        again.train()
+    again.args.overwrite_output_dir = True
+    again.train()
+    for name in finals:
+        assert not (out / name).exists()  # (this run saved no model: nothing of the earlier one passes for it)
+        (aside,) = out.glob(f"{name}.replaced-*")
+        assert aside.read_bytes() == earlier[name]
+
+
 def test_resume_from_an_epochs_last_update_keeps_every_drift_record(tmp_path):
     """With save_strategy="steps", a checkpoint at an epoch's last update is written before `on_epoch_end` measures
     that epoch's drift: it is measured before the checkpoint instead, so the resumed run has every drift record."""

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -165,6 +166,38 @@ def _state_in_param_layout(optimizer: torch.optim.Optimizer) -> None:
             for key, value in list(state.items()):
                 if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+# What a finished run leaves at the top of its output_dir besides the toolkit's own files: the model `save_model`
+# writes, its arguments, the results the recipes save (`save_metrics`) and the card. A new run with stages moves them
+# aside with the rest under overwrite_output_dir (else it refuses): left in place, a failed new run left the earlier
+# run's model, results and card beside its own measurements, and a finished one replaced them without a trace.
+FINAL_OUTPUT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "config.json",
+    "training_args.bin",
+    "training_args.json",
+    "trainer_state.json",
+    "final_results.json",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "test_results.json",
+    "README.md",
+)
+
+
+def final_outputs(output_dir: str) -> list[str]:
+    """The names in `output_dir` of an earlier run's final outputs (`FINAL_OUTPUT_NAMES`, and weight shards)."""
+    if not os.path.isdir(output_dir):
+        return []
+    shard = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+    return sorted(n for n in os.listdir(output_dir) if n in FINAL_OUTPUT_NAMES or shard.fullmatch(n))
 
 
 class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
@@ -1224,7 +1257,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             try:
                 refuse_earlier_outputs(
                     output_dir,
-                    (PREPARED_HEAD_DIR, DYNAMICS_NAME, *earlier),
+                    (PREPARED_HEAD_DIR, DYNAMICS_NAME, *earlier, *final_outputs(output_dir)),
                     self.written_outputs,
                     overwrite=self.args.overwrite_output_dir,
                     who=who,
