@@ -196,12 +196,16 @@ def test_overwrite_moves_an_earlier_runs_model_results_and_card_aside_too(tmp_pa
     # Only prepared_head/ and headprep_dynamics.json were moved: a finished new run replaced the earlier model,
     # results and card without a trace, and a failed one left them beside its own measurements.
     first = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=1), train_dataset=TinyImages(24))
-    first.train()
-    first.save_model()
+    first.probe_head()
+    first.save_model()  # (a trainer's own outputs are its to replace: its finetune() goes on)
     first.save_metrics("final", {"validation_accuracy": 0.5})
+    first.save_state()
+    first.create_model_card(model_name="first")
+    first.finetune()
+    first.save_model()
     first.create_model_card(model_name="first")
     out = tmp_path / "out"
-    finals = ["README.md", "config.json", "final_results.json", "model.safetensors", "training_args.bin"]
+    finals = ["README.md", "config.json", "final_results.json", "model.safetensors", "trainer_state.json"]
     assert all((out / name).is_file() for name in finals)
     earlier = {name: (out / name).read_bytes() for name in finals}
     again = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=1), train_dataset=TinyImages(24))

@@ -128,20 +128,21 @@ class PreparedHeadMixin:
         if metrics is None:  # (`Trainer.push_to_hub()` passes none: the card still reports the last evaluation)
             metrics = last_evaluation_metrics(self.state.log_history) or None
         if self.is_world_process_zero():
-            write_finetuned_model_card(
-                self,
-                finetuned_from=finetuned_from,
-                model_name=model_name,
-                tags=tags,
-                license=license,
-                sweep=sweep,
-                metrics=metrics,
-                tasks=tasks,
-                dataset_tags=dataset_tags,
-                dataset=dataset,
-                dataset_args=dataset_args,
-                language=language,
-            )
+            with self._recording_outputs(self.args.output_dir):
+                write_finetuned_model_card(
+                    self,
+                    finetuned_from=finetuned_from,
+                    model_name=model_name,
+                    tags=tags,
+                    license=license,
+                    sweep=sweep,
+                    metrics=metrics,
+                    tasks=tasks,
+                    dataset_tags=dataset_tags,
+                    dataset=dataset,
+                    dataset_args=dataset_args,
+                    language=language,
+                )
 
     def _write_prepared_head(self) -> None:
         # At the end of HP (after its measurements): a small artifact FT can start from elsewhere.

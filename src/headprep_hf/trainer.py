@@ -1424,6 +1424,30 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self.stages.set_hp_modes(module)
 
     # ------------------------------------------------------------------ outputs
+    @contextlib.contextmanager
+    def _recording_outputs(self, folder: str):
+        """Note the final outputs (`FINAL_OUTPUT_NAMES`) written into `folder` inside the block as this trainer's
+        own (`written_outputs`): a later stage of the same trainer (`probe_head()`, `save_model()`, then
+        `finetune()`) may replace them, where a new run would refuse or move them aside."""
+        before = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in final_outputs(folder)}
+        try:
+            yield
+        finally:
+            for name in final_outputs(folder):
+                path = os.path.join(folder, name)
+                if before.get(name) != os.stat(path).st_mtime_ns:
+                    self.written_outputs.add(os.path.abspath(path))
+
+    def save_metrics(self, split, metrics, combined=True):
+        """`Trainer.save_metrics`; the files are this trainer's own outputs (`_recording_outputs`)."""
+        with self._recording_outputs(self.args.output_dir):
+            super().save_metrics(split, metrics, combined)
+
+    def save_state(self):
+        """`Trainer.save_state`; `trainer_state.json` is this trainer's own output (`_recording_outputs`)."""
+        with self._recording_outputs(self.args.output_dir):
+            super().save_state()
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, plus the training arguments as JSON (`training_args.json`) beside Trainer's
         `training_args.bin`, so they can be read without unpickling, and, for a timm model, timm's `config.json`
@@ -1434,12 +1458,14 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if self.guard.active and not self._checked_finite:  # (also Trainer's internal calls: `push_to_hub`)
             check_finite(model.state_dict(), f"the model in {output_dir}")
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save and os.path.isdir(output_dir):
-            self._write_arguments(output_dir, binary=False)
-            if is_timm_model(model):
-                write_timm_config(model, output_dir)
-            elif isinstance(model, PreTrainedModel) and any(isinstance(m, MLPHead) for m in model.modules()):
+        with self._recording_outputs(output_dir):
+            super().save_model(output_dir, _internal_call)
+            if self.args.should_save and os.path.isdir(output_dir):
+                self._write_arguments(output_dir, binary=False)
+                if is_timm_model(model):
+                    write_timm_config(model, output_dir)
+        if self.args.should_save and os.path.isdir(output_dir) and not is_timm_model(model):
+            if isinstance(model, PreTrainedModel) and any(isinstance(m, MLPHead) for m in model.modules()):
                 # save_pretrained's config.json describes the architecture's own (linear) classifier: from_pretrained
                 # would load the folder with a random classifier in place of the trained MLP head, without an error.
                 logger.warning(
