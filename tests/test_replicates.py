@@ -101,6 +101,14 @@ def test_adding_a_seed_runs_only_the_new_jobs(tmp_path, data):
     assert [r for r in grown["results"] if r["seed"] == 3] == first["results"]
     assert sorted((r["tau"], r["seed"]) for r in grown["results"]) == [(0, 3), (0, 7), (2, 3), (2, 7)]
     assert grown["complete"] and grown["comparisons"]["vs_first"] is not None
+    # Going back to fewer seeds, or running one shard into the folder, replaced the complete sweep.json (its tau*
+    # and statistics over both seeds) with the subset's: refused before anything runs.
+    before = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    for overrides in ({}, {"sweep_shard": "0/2"}):
+        seeds = [3] if not overrides else [3, 7]
+        with pytest.raises(ValueError, match=r"holds the results of \d job\(s\) this run does not cover \(tau="):
+            _sweep(tmp_path / "s", data, seeds, **overrides).run()
+    assert {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()} == before
 
 
 def test_format_1_sweep_files_still_load():

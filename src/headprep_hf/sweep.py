@@ -659,6 +659,7 @@ class TauSweep:
             self._check_owner()  # before anything is written: a folder of another sweep is refused untouched
         self.output_dir.mkdir(parents=True, exist_ok=True)
         jobs = self.args.shard_jobs()
+        self._refuse_fewer_jobs(jobs)
         hp_info = {"cached_features": bool(self.args.hp_cache_features), "cache_views": int(self.args.hp_cache_views)}
         hp_info["seeds"] = {}
         results = []
@@ -707,6 +708,29 @@ class TauSweep:
 
             write_report(self.output_dir)
         return sweep
+
+    def _refuse_fewer_jobs(self, jobs) -> None:
+        """Refuse (before anything runs) a rerun whose jobs are a subset of those the folder's `sweep.json` records
+        (fewer `sweep_seeds`, or one `sweep_shard` of a whole sweep): neither changes the fingerprint, so every job
+        was reused and the complete `sweep.json` (its tau*, its statistics over all seeds) was replaced by the
+        subset's."""
+        path = self.output_dir / SWEEP_FILE
+        if self.args.overwrite_output_dir or not path.is_file():
+            return
+        recorded = _read_json(path)
+        theirs = {(r.get("tau"), r.get("seed")) for r in recorded.get("results") or [] if isinstance(r, dict)}
+        beyond = sorted(theirs - set(jobs), key=lambda job: (job[1] is None, job[1] or 0, job[0]))
+        if beyond:
+            shown = ", ".join(f"tau={tau} seed={seed}" for tau, seed in beyond[:6]) + (
+                " ..." if len(beyond) > 6 else ""
+            )
+            raise ValueError(
+                f"{path} holds the results of {len(beyond)} job(s) this run does not cover ({shown}): this run "
+                f"(sweep_seeds={self.args.sweep_seeds}, sweep_shard={self.args.sweep_shard}) would replace it with "
+                "a subset of them. Rerun with that sweep's sweep_seeds (and no sweep_shard) to continue it (finished "
+                "jobs are reused), run a shard into another output_dir and combine shards with merge_sweeps, or "
+                "pass overwrite_output_dir=True to start again."
+            )
 
     def probe(self, seed: int | None = None) -> dict[str, Any]:
         """The one HP run of `seed` to the largest tau, saving the head after every grid epoch; returns its record."""
