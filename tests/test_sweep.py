@@ -718,7 +718,7 @@ def test_invalid_or_newer_shard_files_are_named(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_overwrite_removes_the_earlier_sweeps_artefacts_only(tmp_path, data):
+def test_overwrite_moves_the_earlier_sweeps_artefacts_aside_only(tmp_path, data):
     path = tmp_path / "s"
     run_sweep(path, data, sweep_taus=[0, 1], sweep_report=False)
     (path / "exchange.json").write_text("{}")  # the earlier sweep's exchange and report ...
@@ -731,6 +731,10 @@ def test_overwrite_removes_the_earlier_sweeps_artefacts_only(tmp_path, data):
     assert sorted(p.name for p in (path / "heads" / "seed_0").iterdir()) == ["tau_0.safetensors", "tau_2.safetensors"]
     assert not (path / "exchange.json").exists() and not (path / "plots" / "exchange_heatmap.png").exists()
     assert (path / "plots" / "mine.png").read_bytes() == b"user" and (path / "notes.txt").read_text() == "user"
+    # moved aside, not deleted (they were deleted before the new sweep had produced anything)
+    (aside,) = path.glob("replaced-*")
+    assert sorted(p.name for p in aside.glob("tau_*")) == ["tau_0", "tau_1"] and (aside / "sweep.json").is_file()
+    assert (aside / "plots" / "exchange_heatmap.png").read_bytes() == b"old" and (aside / "exchange.json").is_file()
     # the new sweep continues (here: every job reused) instead of being refused for the old one's leftovers
     assert run_sweep(path, data, sweep_taus=[0, 2], sweep_report=False) == first
     # a user's file named like a job folder is no sweep's: it was refused as another sweep's, even after overwrite

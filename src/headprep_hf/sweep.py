@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -1084,34 +1083,37 @@ class TauSweep:
         self._barrier()
 
     def _remove_sweep_artefacts(self) -> None:
-        """Remove what a sweep writes into its output_dir (sweep.json, exchange.json, heads/, the tau_N job folders,
-        the report's PNGs in plots/), so that leftovers of the earlier sweep (other grid or seeds) neither mix into
-        the new one nor refuse its continuation. Anything else in the folder is left as it is."""
+        """Move what a sweep writes into its output_dir (sweep.json, exchange.json, heads/, the tau_N job folders,
+        the report's PNGs in plots/) into `replaced-<time>/` there, so that leftovers of the earlier sweep (other
+        grid or seeds) neither mix into the new one nor refuse its continuation, and nothing of it is lost if the new
+        sweep fails (they were deleted before it had produced anything). Anything else in the folder is left as it
+        is."""
         out = self.output_dir
         if not out.is_dir():
             return
-        removed = []
-        for name in (SWEEP_FILE, EXCHANGE_FILE):
-            if (out / name).is_file():
-                os.remove(out / name)
-                removed.append(name)
-        if (out / "heads").is_dir():
-            shutil.rmtree(out / "heads")
-            removed.append("heads/")
-        for path in sorted(out.glob("tau_*")):
-            if path.is_dir() and re.fullmatch(r"tau_\d+", path.name):
-                shutil.rmtree(path)
-                removed.append(f"{path.name}/")
-        plots = [out / "plots" / name for name in PLOT_FILES if (out / "plots" / name).is_file()]
-        for path in plots:
-            os.remove(path)
-            removed.append(f"plots/{path.name}")
-        if plots and not any((out / "plots").iterdir()):
+        earlier = [out / name for name in (SWEEP_FILE, EXCHANGE_FILE) if (out / name).is_file()]
+        earlier += [out / "heads"] if (out / "heads").is_dir() else []
+        earlier += [p for p in sorted(out.glob("tau_*")) if p.is_dir() and re.fullmatch(r"tau_\d+", p.name)]
+        earlier += [out / "plots" / name for name in PLOT_FILES if (out / "plots" / name).is_file()]
+        if not earlier:
+            return
+        names = [str(p.relative_to(out)) + ("/" if p.is_dir() else "") for p in earlier]
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        aside = out / f"replaced-{stamp}"
+        while aside.exists():
+            aside, n = out / f"replaced-{stamp}-{n}", n + 1
+        for path in earlier:
+            target = aside / path.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        if (out / "plots").is_dir() and not any((out / "plots").iterdir()):
             os.rmdir(out / "plots")
-        if removed:
-            logger.warning(
-                "overwrite_output_dir=True: removed the earlier sweep's %s from %s.", ", ".join(removed), out
-            )
+        logger.warning(
+            "overwrite_output_dir=True: moved the earlier sweep's %s from %s to %s.",
+            ", ".join(names),
+            out,
+            aside,
+        )
 
     def _progress(self, total: int, done: int):
         # Every update is drawn (`mininterval=0`: a few updates, seconds apart), so that `unpause()` after HP
