@@ -192,6 +192,19 @@ def test_new_run_refuses_to_overwrite_an_earlier_runs_results(tmp_path):
     assert len(list(out.glob("headprep_dynamics.json.replaced-*"))) == 2
 
 
+def test_a_plain_run_moves_an_earlier_runs_measurements_and_prepared_head_aside(tmp_path):
+    # Its headprep_dynamics.json replaced the earlier HP run's (energy of tau 1 -> energy of tau 0) and that run's
+    # prepared_head/ stayed beside it as if it were this run's.
+    HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=1), train_dataset=TinyImages(24)).train()
+    out = tmp_path / "out"
+    earlier = (out / "headprep_dynamics.json").read_bytes()
+    plain = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, hp_epochs=0), train_dataset=TinyImages(24))
+    plain.train()
+    (aside,) = out.glob("headprep_dynamics.json.replaced-*")
+    assert aside.read_bytes() == earlier and json.loads((out / "headprep_dynamics.json").read_text())["hp_epochs"] == 0
+    assert not (out / "prepared_head").exists() and len(list(out.glob("prepared_head.replaced-*"))) == 1
+
+
 def test_overwrite_moves_an_earlier_runs_model_results_and_card_aside_too(tmp_path):
     # Only prepared_head/ and headprep_dynamics.json were moved: a finished new run replaced the earlier model,
     # results and card without a trace, and a failed one left them beside its own measurements.

@@ -1246,6 +1246,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def _refuse_earlier_outputs(self, run_dir: str | None = None, who: str = "a new run") -> None:
         # (not this trainer's own outputs, e.g. probe_head()'s before finetune())
         if not self.has_stages:
+            # A plain run writes what Trainer writes, where Trainer writes it; of the toolkit's own outputs, an
+            # earlier run's measurements and prepared head are moved aside (logged) rather than left to pass for this
+            # run's or be replaced: its headprep_dynamics.json replaced the earlier run's without a trace.
+            if self.track_dynamics and self.args.should_save:
+                refuse_earlier_outputs(
+                    self.run_output_dir, (PREPARED_HEAD_DIR, DYNAMICS_NAME), self.written_outputs, overwrite=True
+                )
             return
         refusal = None
         if self.args.should_save:  # (the ranks that write: they look, and move aside under overwrite_output_dir)
