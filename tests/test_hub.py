@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from headprep_hf import BackboneMismatchWarning, HeadPrepTrainer, load_prepared_head
+from headprep_hf.cards import head_probing_record
 from headprep_hf.hub import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME
 
 
@@ -210,6 +211,32 @@ def test_a_head_probing_stopped_before_it_changed_the_head_can_run_again(tmp_pat
     trainer.pop_callback(_StopAt)
     trainer.probe_head()
     assert trainer.hp_done
+
+
+def test_a_resumed_finetune_keeps_the_head_it_started_from(tmp_path, train_set):
+    # The resume took whichever prepared head the new process had loaded: the card of a run started from tau 1
+    # said tau 4 (or tau 0 where none was loaded), while the weights went on from the tau-1 run's checkpoint.
+    _, tau1 = _probed(tmp_path / "p1", train_set, hp_epochs=1)
+    _, tau2 = _probed(tmp_path / "p2", train_set)
+    settings = dict(hp_epochs=0, save_strategy="steps", save_steps=1)
+
+    def finetune_from(folder, callbacks=(), **kwargs):
+        model = tiny_timm()
+        if folder is not None:
+            load_prepared_head(model, folder)
+        args = make_config(tmp_path / "ft", **settings)
+        trainer = HeadPrepTrainer(model=model, args=args, train_dataset=train_set, callbacks=list(callbacks))
+        trainer.finetune(**kwargs)
+        return trainer
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune_from(tau1, callbacks=[_StopAt(2)])
+    with pytest.raises(
+        ValueError, match=r"started from the prepared head of tau=1 .* carries the prepared head of tau=2"
+    ):
+        finetune_from(tau2, resume_from_checkpoint=True)
+    resumed = finetune_from(None, resume_from_checkpoint=True)  # (its weights come from the checkpoint)
+    assert head_probing_record(resumed)["tau"] == 1 and head_probing_record(resumed)["source"] == str(tau1)
 
 
 def test_the_card_of_a_model_finetuned_from_an_mlp_head_names_it(tmp_path, train_set):

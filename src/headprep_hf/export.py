@@ -147,6 +147,11 @@ def record_prepared_head(model: nn.Module, config: dict[str, Any], source: str) 
     setattr(model, _PREPARED_HEAD_ATTR, {"source": source, **{k: config.get(k) for k in keys}})
 
 
+def restore_prepared_head_record(model: nn.Module, record: dict[str, Any]) -> None:
+    """Put back on `model` a record `prepared_head_record` gave (a resumed run's: its checkpoint kept it)."""
+    setattr(model, _PREPARED_HEAD_ATTR, dict(record))
+
+
 def prepared_head_record(model: nn.Module) -> dict[str, Any] | None:
     """What `record_prepared_head` remembered, or None."""
     record = getattr(model, _PREPARED_HEAD_ATTR, None)

@@ -44,6 +44,9 @@ class StagePlan:
         tag: Who may resume the run's checkpoints (`HeadPrepTrainer.run_tag`, e.g. a sweep's fingerprint).
         hp_done: The trainer's own HP ran before this loop (`probe_head()` then `finetune()`): a fresh trainer that
             resumes the FT checkpoint restores it (`HeadPrepTrainer.hp_done`, the model card's tau).
+        start_head: The prepared head the run's model carried when it started (`load_prepared_head`'s record: tau,
+            HP settings, source), None for none; `UNRECORDED` in a checkpoint written before it was recorded. A resume
+            checks it against the resuming model's (the card reports the head FT started from).
     """
 
     plan: str = "both"
@@ -53,6 +56,7 @@ class StagePlan:
     hp_outside_loop: bool = False
     tag: str | None = None
     hp_done: bool = False
+    start_head: dict | str | None = "unrecorded"
 
     def stage_at(self, step: int) -> str:
         """The stage of update number `step` (0-based)."""

@@ -49,7 +49,7 @@ from .checkpoints import (
 )
 from .config import HeadPrepConfig, check_activation_checkpointing, check_trainer_inputs
 from .dynamics import InMemoryDataset
-from .export import is_timm_model, write_timm_config
+from .export import is_timm_model, prepared_head_record, restore_prepared_head_record, write_timm_config
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteError, NonFiniteGuard, check_finite, nonfinite_keys
 from .heads import MLPHead, mlp_head_target, reinitialize_module, replace_head_with_mlp
@@ -1080,7 +1080,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if not plain or self.track_dynamics:
             self._add_own_callbacks()
         self._new_call(plain and not hp_outside_loop)
-        self.stage_plan = StagePlan(plan=plan, hp_outside_loop=hp_outside_loop, tag=self.run_tag, hp_done=self.hp_done)
+        self.stage_plan = StagePlan(
+            plan=plan,
+            hp_outside_loop=hp_outside_loop,
+            tag=self.run_tag,
+            hp_done=self.hp_done,
+            start_head=prepared_head_record(self.accelerator.unwrap_model(self.model)),
+        )
         self._start_guard()
         self._trial_for_dir = trial
         self._check_all_labels(plan)
@@ -1282,6 +1288,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     def _load_stage_state(self, checkpoint: str, plan: str) -> None:
         saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)
+        self._resume_start_head(checkpoint, saved)
         self.stage_plan.ft_started = saved.ft_started
         if saved.hp_done and plan == "ft":  # (probe_head() ran on the trainer that wrote it: the card's tau)
             self.hp_done = self.stage_plan.hp_done = True
@@ -1292,6 +1299,36 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 checkpoint,
             )
         self.resumed_stage = "ft" if saved.ft_started else "hp"
+
+    def _resume_start_head(self, checkpoint: str, saved: StagePlan) -> None:
+        """The prepared head the checkpoint's run started from is the resumed run's: the resuming model's record
+        (`load_prepared_head`) must be the same head, and a model that loaded none takes the checkpoint's (its weights
+        come from the checkpoint). Refused before Trainer loads the weights: the card reported whichever head the
+        resuming process had loaded (tau 4 for a run started from tau 1), or tau 0."""
+        if saved.start_head == "unrecorded":  # (a checkpoint of an earlier version)
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        current = prepared_head_record(model)
+
+        def same(a, b) -> bool:  # (the source is where it was loaded from: the same head may come from elsewhere)
+            return {k: v for k, v in (a or {}).items() if k != "source"} == {
+                k: v for k, v in (b or {}).items() if k != "source"
+            }
+
+        if current is None and saved.start_head is not None:
+            restore_prepared_head_record(model, saved.start_head)
+        elif not same(current, saved.start_head):
+            then = saved.start_head
+            then = (
+                f"the prepared head of tau={then.get('tau')} from {then.get('source')}" if then else "no prepared head"
+            )
+            raise ValueError(
+                f"{checkpoint} is of a run that started from {then}, but this model carries the prepared head of tau="
+                f"{current.get('tau')} from {current.get('source')}: the resumed run goes on from the checkpoint's "
+                "weights, and its card would name the other head. Resume with the model that run started from "
+                "(load the same prepared head, or none), or start a new run from this head."
+            )
+        self.stage_plan.start_head = saved.start_head
 
     def _save_checkpoint(self, model, trial) -> None:
         """`Trainer._save_checkpoint`, made atomic (see `headprep_hf.checkpoints`): the folder is marked before the
