@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image
 from timm.data import resolve_model_data_config
+from transformers import TrainerCallback
 
 from headprep_hf import HeadPrepTrainer, load_prepared_head
 from headprep_hf.data.images import resolve_image_data_config
@@ -354,3 +355,32 @@ def test_drift_measurements_are_not_listed_as_results(finetuned):
     results = text[text.index("## Results") :]
     assert "| validation_accuracy | 0.75 |" in results
     assert not any(f"| {name} |" in results for name in drift)
+
+
+class _StopAt(TrainerCallback):
+    """Ctrl-C (KeyboardInterrupt) before update `step` + 1."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_the_card_of_an_interrupted_run_says_so(tmp_path, train_set):
+    # It read as a finished run ("FT epochs 2", the last evaluation, before FT, as the model's result).
+    args = make_config(tmp_path, eval_strategy="epoch")
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=args, train_dataset=train_set, eval_dataset=train_set, callbacks=[_StopAt(8)]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    planned = trainer.state.max_steps
+    trainer.create_model_card(model_name="stopped")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"**Incomplete run.** This run was interrupted at update 8 of {planned}" in card
+    finished = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path / "whole"), train_dataset=train_set)
+    finished.train()
+    finished.create_model_card(model_name="whole")
+    assert "Incomplete run" not in (tmp_path / "whole" / "out" / "README.md").read_text()

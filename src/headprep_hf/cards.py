@@ -357,6 +357,20 @@ def finetuned_model_card(
         label_names=model_label_names(model),
         sweep=sweep,
         headprep_version=__version__,
+        stopped_text=_stopped_text(trainer),
+    )
+
+
+def _stopped_text(trainer) -> str | None:
+    """A line for the card of a run that was interrupted (an error or Ctrl-C in `train()`/`finetune()`), where the
+    settings above describe the planned run and the last evaluation may predate the model's weights."""
+    stopped = getattr(trainer, "stopped_at", None)
+    if not stopped:
+        return None
+    step, planned = stopped
+    return (
+        f"This run was interrupted at update {step} of {planned}: the model holds the weights of that update, not "
+        "those of the finished run the settings below describe, and the results were evaluated before it stopped."
     )
 
 

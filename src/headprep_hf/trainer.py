@@ -254,6 +254,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.resumed_stage: str | None = None
         self.hp_done = False  # HP ran to its end on this trainer (`probe_head()` or `train()`): the card's tau
         self.hp_interrupted: str | None = None  # HP stopped part-way with the head changed (`_watching_hp`)
+        self.stopped_at: tuple[int, int] | None = None  # (update, planned updates) where the last run was interrupted
         self.run_tag: str | None = None  # recorded in checkpoints; resuming needs the same (a sweep's fingerprint)
         self._lock_depth = 0  # (>0 while a run holds output_dir's lock: `_output_dir_lock`)
         self.progress_label: str | None = None  # after HP/FT in the progress bars (a sweep's "tau=2 seed=42")
@@ -1142,10 +1143,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._stage = "ft" if plain or plan == "ft" else "hp"
         self._unmark_evaluation_prepared_model()
         self._training = True
+        self.stopped_at, completed = None, False
         try:
             output = super().train(
                 resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
             )
+            completed = True
         except (RuntimeError, ValueError) as error:  # a batch that could not be stacked, or of one sample: say why
             named = error
             if "stack expects each tensor to be equal size" in str(error):
@@ -1165,6 +1168,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 raise
             raise named from error
         finally:
+            if not completed:  # (an error or Ctrl-C: the model is the weights of the last update; the card says so)
+                self.stopped_at = (self.state.global_step, self.state.max_steps)
             self._training = False
             self.release_workers()
             if self._stages is not None:
