@@ -53,6 +53,25 @@ def test_inf_input_stops_head_probing_naming_the_sample(tmp_path):
     assert _nonfinite_files(out) == [] and not (out / "prepared_head").exists()
 
 
+class _NumpyImages(TinyImages):
+    """The same items with numpy values (as `datasets`' `with_format("numpy")` gives)."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return {**item, "pixel_values": item["pixel_values"].numpy()}
+
+
+@pytest.mark.parametrize("kind", ["numpy-items", "cached-hp"])
+def test_inf_input_is_named_in_numpy_items_and_in_cached_head_probing(tmp_path, kind):
+    # Numpy values were not inspected (8 samples named, not the one holding inf); with cached HP an inf in the first
+    # cache batch was blamed on the model's head ("does not give the model's logits ... GPT-2's score ...").
+    data = _NumpyImages(48, seed=0) if kind == "numpy-items" else TinyImages(48, seed=0)
+    data.x[5, 0, 3, 3] = float("inf")
+    trainer = _trainer(tmp_path, data, hp_cache_features=kind == "cached-hp")
+    with pytest.raises(NonFiniteError, match=r"\(HP\).*sample 5 'pixel_values'"):
+        trainer.train()
+
+
 @pytest.mark.parametrize("step, stage", [(3, "HP"), (8, "FT")])  # 3 updates per epoch, 2 HP epochs
 def test_nan_logits_stop_the_run_before_anything_non_finite_is_written(tmp_path, step, stage):
     trainer = _trainer(tmp_path)

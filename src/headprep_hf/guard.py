@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -45,7 +46,8 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     if bad:
         raise NonFiniteError(
             f"Not writing {what}: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:5])}). Training "
-            "diverged; resume from the last checkpoint with a lower learning rate, or fix the data."
+            "diverged: fix the data, or start a new run with a lower learning rate (resuming refuses changed "
+            "settings, which would mix two runs; the last good checkpoint's weights can be the new run's start)."
         )
 
 
@@ -195,8 +197,10 @@ class NonFiniteGuard(TrainerCallback):
             )
         return (
             f"The loss or gradient became NaN/inf at update {step + 1} ({stage}).{where} Training stopped before "
-            "anything non-finite was written; the last good checkpoint is kept. Fix the data, lower the learning rate "
-            f"(or raise gradient clipping), or set on_nonfinite='skip' to drop such updates.{hint}"
+            "anything non-finite was written; the last good checkpoint is kept. Fix the data, or start a new run with "
+            "a lower learning rate, more gradient clipping or on_nonfinite='skip' (which drops such updates): "
+            "resuming refuses changed settings, which would mix two runs; the last good checkpoint's weights can be "
+            f"the new run's start.{hint}"
         )
 
     def _samples_of(self, step: int) -> tuple[list[int], list[str]]:
@@ -219,10 +223,17 @@ class NonFiniteGuard(TrainerCallback):
         for index in samples:
             item = trainer.train_dataset[index]
             for key, value in item.items() if isinstance(item, Mapping) else []:
-                if (
-                    isinstance(value, torch.Tensor)
-                    and value.is_floating_point()
-                    and not bool(torch.isfinite(value).all())
-                ):
+                if _nonfinite_value(value):
                     holders.append(f"sample {index} '{key}'")
         return samples, holders
+
+
+def _nonfinite_value(value) -> bool:
+    """Whether an item's value is floating-point data holding NaN or inf: a tensor, or a numpy array or float (items
+    of pipelines that give numpy, e.g. a `datasets.Dataset` with `with_format("numpy")`)."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+    if isinstance(value, (np.ndarray, np.floating, float)):
+        array = np.asarray(value)
+        return np.issubdtype(array.dtype, np.floating) and not bool(np.isfinite(array).all())
+    return False
