@@ -192,6 +192,22 @@ def test_new_run_refuses_to_overwrite_an_earlier_runs_results(tmp_path):
     assert len(list(out.glob("headprep_dynamics.json.replaced-*"))) == 2
 
 
+def test_a_plain_run_resuming_a_head_probing_runs_checkpoint_is_refused_before_the_weights_load(tmp_path):
+    # It was refused ("written with 6 HP steps but this configuration gives 0") after Trainer had loaded the
+    # checkpoint's weights into the caller's model.
+    out = tmp_path / "hp"
+    _trainer(out).train()
+    model = tiny_timm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = make_config(tmp_path / "hp", hp_epochs=0, num_train_epochs=2, save_strategy="steps", save_steps=2,
+                       per_device_train_batch_size=8)  # fmt: skip
+    args.output_dir = str(out)
+    plain = HeadPrepTrainer(model=model, args=args, train_dataset=TinyImages(24, seed=0))
+    with pytest.raises(ValueError, match="written with 6 HP steps but this configuration gives 0"):
+        plain.train(resume_from_checkpoint=str(out / "checkpoint-8"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_a_plain_run_moves_an_earlier_runs_measurements_and_prepared_head_aside(tmp_path):
     # Its headprep_dynamics.json replaced the earlier HP run's (energy of tau 1 -> energy of tau 0) and that run's
     # prepared_head/ stayed beside it as if it were this run's.

@@ -1125,9 +1125,17 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                     who=f"the run resumed from {checkpoint} (in another folder; where these are that run's own "
                     "checkpoints, written before it stopped, continue it with resume_from_checkpoint=True)",
                 )
-            if self.has_stages:  # refused before Trainer loads the checkpoint's weights into the caller's model
+            # Refused before Trainer loads the checkpoint's weights into the caller's model; also in a plain run
+            # resuming a checkpoint of a run with stages (it was refused after the weights were loaded). A plain
+            # run's checkpoint resumes in a plain run as with Trainer, whatever settings changed.
+            written = StagePlan.load(checkpoint)
+            by_stages = written is not None and (
+                written.hp_steps > 0 or written.hp_outside_loop or written.plan != "both"
+            )
+            if self.has_stages or by_stages:
                 self._refuse_other_hp_steps(plan, hp_outside_loop)
                 self._refuse_changed_settings(checkpoint)
+            if self.has_stages:
                 if self.args.dataloader_num_workers > 0 and self.args.dataloader_persistent_workers:
                     # Trainer's, measured with the plain Trainer: persistent workers keep the random streams they
                     # were seeded with at the first epoch; the resumed run's new workers are seeded anew.
