@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from headprep_hf import HeadPrepConfig, HeadPrepTrainer, SweepConfig, TauSweep, load_sweep, merge_sweeps
+from headprep_hf.checkpoints import CheckpointError
 from headprep_hf.exchange import head_exchange
 from headprep_hf.metrics import accuracy_metrics
 from headprep_hf.sweep import _fingerprint_tag, format_table, parse_shard, validate_taus
@@ -244,6 +245,26 @@ def test_a_sweep_continued_with_another_measurement_set_is_refused(tmp_path, dat
     with pytest.raises(ValueError, match=rf"belongs to another sweep .*{name}: other labels"):
         run(TinyImages(20, seed=6))
     assert tree_hash(path) == before
+
+
+def test_a_damaged_job_checkpoint_is_named_with_what_a_sweep_can_do(tmp_path, data):
+    # The error advised resuming from the previous checkpoint, which a sweep cannot be told: every rerun failed alike.
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.output_dir.endswith(os.path.join("tau_2", "seed_0")) and state.global_step == 3:
+                raise KeyboardInterrupt
+
+    settings = dict(sweep_taus=[0, 2], sweep_report=False, save_strategy="steps", save_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tmp_path, data, callbacks=[Stop()], **settings)
+    ft = tmp_path / "tau_2" / "seed_0" / "ft"
+    damaged = ft / "checkpoint-2"
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"tau=2 seed=0: .* move {damaged} out of {ft} .* rerun the sweep"):
+        run_sweep(tmp_path, data, **settings)
+    damaged.rename(tmp_path / "damaged")  # as the message says: the job resumes from checkpoint-1
+    assert [r["tau"] for r in run_sweep(tmp_path, data, **settings)["results"]] == [0, 2]
 
 
 def tree_hash(folder) -> dict[str, str]:

@@ -43,7 +43,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import has_length
 from transformers.utils import logging as hf_logging
 
-from .checkpoints import latest_resumable
+from .checkpoints import CheckpointError, latest_resumable
 from .config import HeadPrepConfig
 from .data.images import hf_content_digest
 from .files import file_sha256, read_json, read_safetensors, write_text_atomic
@@ -969,7 +969,17 @@ class TauSweep:
                 stacklevel=2,
             )
             checkpoint = None
-        output = trainer.finetune(resume_from_checkpoint=checkpoint)
+        try:
+            output = trainer.finetune(resume_from_checkpoint=checkpoint)
+        except CheckpointError as error:
+            if checkpoint is None:
+                raise
+            # (the error's own advice, another checkpoint, is not something a sweep can be told)
+            raise CheckpointError(
+                f"tau={tau} seed={seed}: {error} A sweep resumes each job from its newest complete checkpoint: move "
+                f"{checkpoint} out of {job_dir / 'ft'} (the job then resumes from the checkpoint before it, or runs "
+                "again from its start where there is none) and rerun the sweep."
+            ) from error
         if head_config is not None and trainer.args.should_save:
             from .hub import write_prepared_head
 
