@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TinyImages, make_config, tiny_timm
+from conftest import TinyImages, bn_head_model, make_config, tiny_timm
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -70,6 +70,19 @@ def test_inf_input_is_named_in_numpy_items_and_in_cached_head_probing(tmp_path, 
     trainer = _trainer(tmp_path, data, hp_cache_features=kind == "cached-hp")
     with pytest.raises(NonFiniteError, match=r"\(HP\).*sample 5 'pixel_values'"):
         trainer.train()
+
+
+def test_skip_policy_leaves_a_non_finite_sample_out_of_the_batchnorm_statistics_too(tmp_path):
+    # HP dropped the bad updates, then the end-of-HP statistics pass read the sample: the head's BatchNorm statistics
+    # became NaN and the run stopped at writing the prepared head ("Training diverged; ...").
+    data = TinyImages(24, seed=0)
+    data.x[7, 0, 3, 3] = float("inf")
+    args = make_config(tmp_path, on_nonfinite="skip", num_train_epochs=1, per_device_train_batch_size=8)
+    trainer = HeadPrepTrainer(model=bn_head_model(), args=args, train_dataset=data)
+    trainer.train()
+    norm = trainer.model.fc[1]
+    assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
+    assert (tmp_path / "out" / "prepared_head").is_dir() and _nonfinite_files(tmp_path / "out") == []
 
 
 @pytest.mark.parametrize("step, stage", [(3, "HP"), (8, "FT")])  # 3 updates per epoch, 2 HP epochs

@@ -14,11 +14,14 @@ The HP modes themselves are `stages.Stages.hp_modes`; this module only resets an
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+logger = logging.getLogger(__name__)
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -112,12 +115,27 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
         if world > 1 and hasattr(getattr(loader, "batch_sampler", None), "even_batches"):
             loader.batch_sampler.even_batches = False
         rank = trainer.accelerator.process_index if world > 1 else 0
+        # Under on_nonfinite="skip", the updates whose inputs held NaN/inf were dropped; so are those batches here
+        # (one of them made the recomputed statistics NaN, and the run then stopped at writing the prepared head).
+        skip_nonfinite = getattr(trainer.guard, "policy", None) == "skip"
+        skipped = []
         with forked_rng(trainer.args.seed):
             for index, batch in enumerate(pass_bar(trainer, loader, "BatchNorm statistics")):
                 if index * world + rank > 0 and one_sample(batch):  # (the position among all ranks' batches)
                     continue
+                if skip_nonfinite and _nonfinite_inputs(batch):
+                    skipped.append(index * world + rank)
+                    continue
                 with trainer.measurement_autocast():
                     trainer.model_caller(model, batch)
+        if skipped:
+            logger.warning(
+                "on_nonfinite='skip': the BatchNorm statistics of the HP modules leave out %d batch(es) of %d "
+                "training samples whose inputs hold NaN/inf (sequential batches %s).",
+                len(skipped),
+                batch_size,
+                skipped[:8],
+            )
 
     if cache is None:
         broadcast_buffers(model, trainer.accelerator)
@@ -128,6 +146,14 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
             None if cache is not None else trainer.accelerator,
         )
     return len(layers)
+
+
+def _nonfinite_inputs(batch) -> bool:
+    """Whether a batch's floating-point tensors hold NaN or inf."""
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+    return any(
+        isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in values
+    )
 
 
 @contextlib.contextmanager
