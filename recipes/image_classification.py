@@ -27,7 +27,7 @@ from transformers import HfArgumentParser
 
 from headprep_hf import HeadPrepConfig
 from headprep_hf.cli import parse_with_config, run_command
-from headprep_hf.tasks.base import summary_text, train_and_evaluate
+from headprep_hf.tasks.base import explain_auto_workers, summary_text, train_and_evaluate
 from headprep_hf.tasks.image_classification import (
     IMAGE_CLASSIFICATION_DEFAULTS,
     ImageClassificationArguments,
@@ -41,6 +41,7 @@ RECIPE_DEFAULTS = IMAGE_CLASSIFICATION_DEFAULTS
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ScriptArguments, HeadPrepConfig))
     parser.set_defaults(**RECIPE_DEFAULTS)
+    explain_auto_workers(parser)  # (what the default of -1 means)
     return parser
 
 

@@ -426,3 +426,17 @@ def test_a_hub_dataset_this_machine_cannot_reach_is_refused_in_words(monkeypatch
         load_hf_dataset("someone/not-here", None, str(tmp_path / "cache"))
     datasets.Dataset.from_dict({"x": [1, 2]}).save_to_disk(str(tmp_path / "saved"))
     assert load_hf_dataset(str(tmp_path / "saved"), None, None)["train"]["x"] == [1, 2]
+
+
+def test_a_dataset_without_a_label_column_lists_its_columns_and_the_flag():
+    # "pass label_column=... (one of [])": an empty list, no column named, Python syntax for a command-line user.
+    import datasets
+
+    from headprep_hf.data.images import _find_label_column
+
+    images_only = datasets.Features({"image": datasets.Image()})
+    with pytest.raises(ValueError, match=r"the columns: \['image'\]\); the dataset has no column besides the images"):
+        _find_label_column(images_only, None, "image")
+    with_text = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    with pytest.raises(ValueError, match=r"label_column=\.\.\. \(--label_column; one of \['caption'\]\)"):
+        _find_label_column(with_text, None, "image")

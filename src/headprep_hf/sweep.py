@@ -251,7 +251,10 @@ class SweepConfig(HeadPrepConfig):
     sweep_metric: str = field(default="accuracy", metadata={"help": "Validation metric that picks tau*."})
     sweep_greater_is_better: bool | None = field(
         default=None,
-        metadata={"help": "Direction of sweep_metric; unset: lower is better for *loss, *rmse, *mse, *mae, *error."},
+        metadata={
+            "help": "Direction of sweep_metric; unset: lower is better for *loss, *rmse, *mse, *mae, *error and "
+            "metrics ending in perplexity, ppl, wer, cer, mape, smape, nll, brier, ece or distance."
+        },
     )
     sweep_shard: str | None = field(default=None, metadata={"help": "'i/n': run only every n-th FT job (0-based)."})
     sweep_exchange: bool = field(default=False, metadata={"help": "Compute the head-exchange matrix (Fig. 3)."})

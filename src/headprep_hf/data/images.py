@@ -801,9 +801,15 @@ def _find_label_column(features: Any, requested: str | None, image_column: str) 
     for name in _LABEL_NAMES:
         if name in features:
             return name
+    others = [c for c in features if c != image_column]
+    fix = (
+        f"name the label column with label_column=... (--label_column; one of {others})"
+        if others
+        else "the dataset has no column besides the images, so it holds no labels: add a label column, or use a "
+        "folder of class subfolders (--train_dir)"
+    )
     raise ValueError(
-        f"found no ClassLabel column and no column named 'label'/'labels'; "
-        f"pass label_column=... (one of {[c for c in features if c != image_column]})"
+        f"found no ClassLabel column and no column named 'label'/'labels' (the columns: {list(features)}); {fix}"
     )
 
 

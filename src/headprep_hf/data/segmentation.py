@@ -446,8 +446,11 @@ def load_voc_segmentation(
         try:
             return VOCSegmentation(root, year=year, image_set=image_set, download=False)
         except RuntimeError as error:
+            # (torchvision's message ends with "You can use download=True to download it": this loader never
+            # downloads, so only its first sentence is kept)
+            said = str(error).split(" You can use download=True")[0]
             raise FileNotFoundError(
-                f"voc_root={root!r} does not hold PASCAL VOC {year} ({error}). Expected "
+                f"voc_root={root!r} does not hold PASCAL VOC {year} ({said}). Expected "
                 f"{root}/VOCdevkit/VOC{year}/JPEGImages, SegmentationClass and ImageSets/Segmentation/"
                 f"{image_set}.txt, as in the extracted VOCtrainval tar."
             ) from None

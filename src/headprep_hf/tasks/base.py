@@ -210,8 +210,10 @@ def explain_auto_workers(parser) -> None:
     for action in parser._actions:
         if action.dest == "dataloader_num_workers":
             action.help = (
-                "Worker processes that load the data. -1 (the recipes' default): min(8, cores) persistent workers "
-                "where images are decoded from files, 0 (the main process) for data already in memory."
+                "Worker processes that load the data. -1 (the recipes' default): the recipe decides "
+                "(tasks.base.recipe_num_workers): min(8, cores) persistent workers where images are decoded from "
+                "files; for image tensors already in memory, min(2, cores // 2) workers (not persistent) on a CUDA "
+                "device and the main process (0) on the CPU; graphs in the main process."
             )
 
 

@@ -56,7 +56,9 @@ class ImageClassificationArguments:
     train_dir: str | None = field(default=None, metadata={"help": "Local image folder (one sub-folder per class)."})
     validation_dir: str | None = field(default=None, metadata={"help": "Local validation image folder."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: first Image feature)."})
-    label_column: str | None = field(default=None, metadata={"help": "Label column (default: first ClassLabel)."})
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column (default: the first ClassLabel column, else 'label'/'labels')."}
+    )
     validation_split: float = field(default=0.1, metadata={"help": "Held-out fraction when there is no validation."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache for the source model and datasets."})
     source_epochs: int = field(default=10, metadata={"help": "Epochs of the MNIST-5k source pretraining."})
