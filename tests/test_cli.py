@@ -676,3 +676,24 @@ def test_console_command_refusal_after_parsing(tmp_path, monkeypatch, capsys):
     assert f"headprep exchange: error: {tmp_path}/sweep.json not found" in err and "Traceback" not in err
     with pytest.raises(FileNotFoundError):  # Python callers of main() get the exception
         main(["exchange", str(tmp_path)])
+
+
+def test_a_data_folder_that_is_not_there_is_named_before_the_model_loads(tmp_path):
+    # It was named after the backbone had loaded (a download online; offline, the model's own error came first).
+    from headprep_hf.tasks.image_classification import ImageClassificationArguments, load_image_classification
+
+    args = ImageClassificationArguments(
+        model_name_or_path=str(tmp_path / "no_model"), train_dir=str(tmp_path / "trian")
+    )
+    with pytest.raises(ValueError, match=r"^train_dir='.*trian' is not a folder$"):
+        load_image_classification(args, seed=0)
+
+
+def test_a_hub_model_that_cannot_be_reached_names_the_offline_ways(tmp_path):
+    # It ended with huggingface_hub's "check your connection", with no offline way (the dataset's error had them).
+    code = "from headprep_hf.models import load_timm_model; load_timm_model('timm/resnet50.a1_in1k', num_classes=3)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 1
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "as a Hub id it could not be loaded" in message and "leave --model_name_or_path out" in message, message

@@ -645,9 +645,7 @@ def load_image_classification_dataset(
         raw = load_hf_dataset(dataset_name, dataset_config_name, cache_dir)
     else:
         folders = {"train": train_dir, "validation": validation_dir, "test": test_dir}
-        for split, folder in folders.items():
-            if folder is not None and not os.path.isdir(folder):
-                raise ValueError(f"{split}_dir={folder!r} is not a folder")
+        check_image_folders(**{f"{split}_dir": folder for split, folder in folders.items()})
         data_files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder is not None}
         raw = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
 
@@ -786,6 +784,14 @@ def _find_image_column(features: Any, requested: str | None) -> str:
         if isinstance(feature, datasets.Image):
             return name
     raise ValueError(f"found no Image column; pass image_column=... (one of {list(features)})")
+
+
+def check_image_folders(**folders: str | None) -> None:
+    """Refuse a given `<split>_dir` that is not a folder (the recipes call it before the model loads: a typo in a
+    path was named only after the backbone had been downloaded)."""
+    for name, folder in folders.items():
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"{name}={folder!r} is not a folder")
 
 
 def _find_label_column(features: Any, requested: str | None, image_column: str) -> str:

@@ -94,9 +94,12 @@ def _create(name: str, num_classes: int, arch: str | None, pretrained: bool, kwa
         try:
             return timm.create_model("hf-hub:" + name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         except OSError as error:  # (huggingface_hub's not-found and offline errors are OSErrors)
+            said = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise OSError(
                 f"model_name_or_path={name!r} is not a local folder or file (none exists at {os.path.abspath(name)}), "
-                f"and as a Hub id it could not be loaded: {error}"
+                f"and as a Hub id it could not be loaded ({said}). Offline: leave --model_name_or_path out for the "
+                "offline MNIST-5k source model, or pass a local model folder (timm.models.save_for_hf) or a weights "
+                "file with --model_arch; set HF_HUB_OFFLINE=1 so that Hub lookups fail at once instead of retrying."
             ) from error
     import difflib
 

@@ -16,6 +16,7 @@ from ..data import build_toy_downstream, load_image_classification_dataset
 from ..data.device_inputs import attach_input_normalization
 from ..data.images import (
     build_image_transforms,
+    check_image_folders,
     check_processor_reproduced,
     image_processor_data_config,
     resolve_image_data_config,
@@ -100,6 +101,7 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
     normalises on its device (`attach_input_normalization`). The offline toy task keeps its in-memory float tensors.
     """
     real_data = args.dataset_name is not None or args.train_dir is not None
+    check_image_folders(train_dir=args.train_dir, validation_dir=args.validation_dir, test_dir=args.test_dir)
     if not real_data:
         for name in ("test_dir", "max_train_samples", "max_eval_samples", "image_size", "crop_pct", "interpolation"):
             if getattr(args, name) is not None:
