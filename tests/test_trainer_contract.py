@@ -1009,6 +1009,20 @@ def test_a_forward_with_one_required_input_named_in_the_data_keeps_trainers_colu
 
 
 # ------------------------------------------------------------------ found by a review of the contract (2026-11-28)
+def _both_trained(build):
+    """`build(trainer class, arguments class, name)` for the plain Trainer and for HeadPrepTrainer, each trained;
+    returns both (for trainers that `_pair` cannot build: subclasses, a collator of each run's own)."""
+    runs = []
+    for trainer_cls, args_cls, name in (
+        (Trainer, TrainingArguments, "plain"),
+        (HeadPrepTrainer, HeadPrepConfig, "ours"),
+    ):
+        trainer = build(trainer_cls, args_cls, name)
+        trainer.train()
+        runs.append(trainer)
+    return runs
+
+
 class SelfSupervised(nn.Module):
     """A forward that takes no labels and returns a loss of its own (a reconstruction objective), on data that also
     holds `labels`: `Trainer` trains it with that loss."""
@@ -1062,14 +1076,12 @@ def test_loss_scaling_a_subclass_sets_on_the_instance_is_kept(tmp_path):
         type(self).__mro__[1].__init__(self, *args, **kwargs)
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: Trainer divides it by the accumulation steps
 
-    runs = []
-    for base, args_cls, name in ((Trainer, TrainingArguments, "plain"), (HeadPrepTrainer, HeadPrepConfig, "ours")):
+    def build(base, args_cls, name):
         cls = type(f"Mean{base.__name__}", (base,), {"compute_loss": mean_loss, "__init__": init})
         args = _args(args_cls, tmp_path, name, per_device_train_batch_size=4, gradient_accumulation_steps=2)
-        trainer = cls(model=_AcceptsLossKwargs(), args=args, train_dataset=XYData())
-        trainer.train()
-        runs.append(trainer)
-    plain, ours = runs
+        return cls(model=_AcceptsLossKwargs(), args=args, train_dataset=XYData())
+
+    plain, ours = _both_trained(build)
     _same_weights(plain.model, ours.model)
     _assert_same_logs(plain, ours)
     assert ours.loss_is_scaled_for_ga is False
@@ -1107,18 +1119,14 @@ class _CountingClassifier(FcClassifier):
 def test_measurements_draw_nothing_from_the_collator_and_change_no_buffer(tmp_path, cached_probe, monkeypatch):
     if not cached_probe:  # (the probe read again at every pass, as for probes too large for memory)
         monkeypatch.setattr("headprep_hf.dynamics.PROBE_MEMORY_LIMIT", 0)
-    runs = []
-    for trainer_cls, args_cls, name in (
-        (Trainer, TrainingArguments, "plain"),
-        (HeadPrepTrainer, HeadPrepConfig, "ours"),
-    ):
-        args = _args(args_cls, tmp_path, name)
-        trainer = trainer_cls(
-            model=_CountingClassifier(), args=args, train_dataset=XYData(), data_collator=_OwnGenerator()
+    plain, ours = _both_trained(
+        lambda trainer_cls, args_cls, name: trainer_cls(
+            model=_CountingClassifier(),
+            args=_args(args_cls, tmp_path, name),
+            train_dataset=XYData(),
+            data_collator=_OwnGenerator(),  # (one for each: the plain run must not draw the other's numbers)
         )
-        trainer.train()
-        runs.append(trainer)
-    plain, ours = runs
+    )
     _same_weights(plain.model, ours.model)
     _assert_same_logs(plain, ours)
     assert ours.dynamics["energy"] > 0 and len(ours.dynamics["drift"]) == 2
