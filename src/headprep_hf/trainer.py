@@ -670,7 +670,10 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             yield
         except BaseException:
             if before is not None and not self.hp_done and not self.stage_plan.ft_started:
-                after = self.hp_state_dict()
+                try:
+                    after = self.hp_state_dict()
+                except Exception:  # noqa: BLE001 - the error that stopped HP is the one to raise
+                    after = {}
                 if any(not torch.equal(before[k], after[k]) for k in before if k in after):
                     self.hp_interrupted = (
                         f"head probing stopped after {self.state.global_step} update(s) of hp_epochs="
