@@ -307,8 +307,13 @@ class TrainerLossMixin:
         """
         if self.compute_loss_func is not None:
             return False
+        return not self.model_takes_labels or self._trainer_loss_asked(training, stage)
+
+    def _trainer_loss_asked(self, training: bool, stage: str | None = None) -> bool:
+        """Whether the run asks for the trainer's loss whatever the model computes: `args.problem_type` set, an
+        overridden `loss_from_logits`, or a training stage that smooths labels."""
         overridden = type(self).loss_from_logits is not TrainerLossMixin.loss_from_logits
-        if not self.model_takes_labels or self.args.problem_type is not None or overridden:
+        if self.args.problem_type is not None or overridden:
             return True
         stage = stage or self.current_stage
         return training and (self.args.hp_label_smoothing if stage == "hp" else self.args.ft_label_smoothing) > 0
@@ -351,16 +356,12 @@ class TrainerLossMixin:
 
     def _own_loss_of_labelless_model(self, outputs):
         """The loss a model whose forward takes no labels returned itself (a self-supervised objective, e.g.
-        transformers' `ViTMAEForPreTraining`), where nothing asks for the trainer's loss (`problem_type`, an
-        overridden `loss_from_logits`, the stage's label smoothing): `Trainer` trains such a model with that loss, and
-        so does this trainer. None otherwise (a timm model returns logits only: the trainer's loss applies)."""
+        transformers' `ViTMAEForPreTraining`), where nothing asks for the trainer's loss (`_trainer_loss_asked`):
+        `Trainer` trains such a model with that loss, and so does this trainer. None otherwise (a timm model returns
+        logits only: the trainer's loss applies)."""
         if self.model_takes_labels or not isinstance(outputs, Mapping) or outputs.get("loss") is None:
             return None
-        overridden = type(self).loss_from_logits is not TrainerLossMixin.loss_from_logits
-        smoothing = self.current_label_smoothing if self.in_training_step else 0.0
-        if self.args.problem_type is not None or overridden or smoothing > 0:
-            return None
-        return outputs["loss"]
+        return None if self._trainer_loss_asked(self.in_training_step) else outputs["loss"]
 
     def _loss_of_kwargs_model(self, model, inputs, return_outputs, num_items_in_batch):
         """`Trainer.compute_loss` for a `forward(..., **kwargs)` that gets the labels because `label_names` is declared
