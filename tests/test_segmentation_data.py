@@ -207,6 +207,23 @@ def test_paper_preset_parses(tmp_path, capsys):
     assert exit_info.value.code == 2 and "at most one data source" in capsys.readouterr().err
 
 
+def test_recipe_names_a_wrong_voc_root_before_loading_the_model(tmp_path):
+    """A wrong --voc_root fails before the backbone loads (or, with no model given, before the source model
+    pretrains for minutes): here the model path does not exist either, and the error is the data's."""
+    import sys
+
+    sys.path.insert(0, str(RECIPES))
+    import semantic_segmentation as recipe
+
+    from headprep_hf.cli import parse_with_config
+
+    argv = ["--voc_root", str(tmp_path / "nowhere"), "--model_name_or_path", str(tmp_path / "no_model")]
+    argv += ["--use_cpu", "true", "--report_to", "none", "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(FileNotFoundError, match="voc_root=.*nowhere.*does not hold PASCAL VOC 2012"):
+        recipe.main(*parse_with_config(recipe.make_parser(), argv))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_recipe_on_local_voc_with_a_local_backbone(tmp_path, capsys):
     import sys

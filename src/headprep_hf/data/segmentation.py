@@ -423,6 +423,28 @@ def _hold_out_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[k:]), np.sort(order[:k])
 
 
+def check_voc_root(root: str, year: str = "2012") -> tuple:
+    """torchvision's `VOCSegmentation` for VOC's `train` and `val` lists under `root` (cheap: the lists and the
+    folders, no image read), or `FileNotFoundError` naming the layout expected. The recipe calls it before loading
+    the model, so a wrong path fails in a second, not after the backbone loads (or the source model pretrains)."""
+    from torchvision.datasets import VOCSegmentation
+
+    def voc(image_set: str) -> VOCSegmentation:
+        try:
+            return VOCSegmentation(root, year=year, image_set=image_set, download=False)
+        except RuntimeError as error:
+            # (torchvision's message ends with "You can use download=True to download it": this loader never
+            # downloads, so only its first sentence is kept)
+            said = str(error).split(" You can use download=True")[0]
+            raise FileNotFoundError(
+                f"voc_root={root!r} does not hold PASCAL VOC {year} ({said}). Expected "
+                f"{root}/VOCdevkit/VOC{year}/JPEGImages, SegmentationClass and ImageSets/Segmentation/"
+                f"{image_set}.txt, as in the extracted VOCtrainval tar."
+            ) from None
+
+    return voc("train"), voc("val")
+
+
 def load_voc_segmentation(
     root: str,
     crop_size: int = 320,
@@ -442,20 +464,7 @@ def load_voc_segmentation(
     """
     from torchvision.datasets import VOCSegmentation
 
-    def voc(image_set: str) -> VOCSegmentation:
-        try:
-            return VOCSegmentation(root, year=year, image_set=image_set, download=False)
-        except RuntimeError as error:
-            # (torchvision's message ends with "You can use download=True to download it": this loader never
-            # downloads, so only its first sentence is kept)
-            said = str(error).split(" You can use download=True")[0]
-            raise FileNotFoundError(
-                f"voc_root={root!r} does not hold PASCAL VOC {year} ({said}). Expected "
-                f"{root}/VOCdevkit/VOC{year}/JPEGImages, SegmentationClass and ImageSets/Segmentation/"
-                f"{image_set}.txt, as in the extracted VOCtrainval tar."
-            ) from None
-
-    train_set, test_set = voc("train"), voc("val")
+    train_set, test_set = check_voc_root(root, year)
     train_idx, val_idx = _hold_out_indices(len(train_set.images), validation_split, seed)
 
     def pairs(source: VOCSegmentation, indices):

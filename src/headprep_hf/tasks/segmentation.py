@@ -19,7 +19,13 @@ from transformers import set_seed
 
 from ..data import build_digit_segmentation
 from ..data.device_inputs import attach_input_normalization
-from ..data.segmentation import VOC_CLASSES, load_hf_segmentation, load_nuclei_segmentation, load_voc_segmentation
+from ..data.segmentation import (
+    VOC_CLASSES,
+    check_voc_root,
+    load_hf_segmentation,
+    load_nuclei_segmentation,
+    load_voc_segmentation,
+)
 from ..export import set_label_names
 from ..metrics import argmax_logits, segmentation_metrics
 from ..models import DEFAULT_ARCH, TimmDeepLabV3, load_timm_model, pretrain_source_model
@@ -97,6 +103,8 @@ class SegmentationArguments:
 
 
 def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
+    if args.voc_root is not None:
+        check_voc_root(args.voc_root, args.voc_year)  # before the model loads (or the source model pretrains)
     if args.model_name_or_path is None:
         source, arch = str(pretrain_source_model(cache_dir=args.cache_dir, epochs=args.source_epochs)), DEFAULT_ARCH
     else:
