@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .guard import nonfinite_value
+
 logger = logging.getLogger(__name__)
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -149,11 +151,9 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
 
 
 def _nonfinite_inputs(batch) -> bool:
-    """Whether a batch's floating-point tensors hold NaN or inf."""
+    """Whether a batch's floating-point values hold NaN or inf (the guard's test of an item's values)."""
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
-    return any(
-        isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in values
-    )
+    return any(nonfinite_value(v) for v in values)
 
 
 @contextlib.contextmanager

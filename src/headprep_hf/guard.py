@@ -223,12 +223,12 @@ class NonFiniteGuard(TrainerCallback):
         for index in samples:
             item = trainer.train_dataset[index]
             for key, value in item.items() if isinstance(item, Mapping) else []:
-                if _nonfinite_value(value):
+                if nonfinite_value(value):
                     holders.append(f"sample {index} '{key}'")
         return samples, holders
 
 
-def _nonfinite_value(value) -> bool:
+def nonfinite_value(value) -> bool:
     """Whether an item's value is floating-point data holding NaN or inf: a tensor, or a numpy array or float (items
     of pipelines that give numpy, e.g. a `datasets.Dataset` with `with_format("numpy")`)."""
     if isinstance(value, torch.Tensor):
