@@ -278,15 +278,15 @@ def test_labels_under_declared_label_names_reach_the_models_own_loss(tmp_path, m
     _assert_same_logs(plain, ours)
 
 
-def test_a_target_without_label_names_is_named_before_training(tmp_path):
-    # forward(input_x, targets=None) and no label_names: Trainer passes `targets` to the model and uses its loss; the
-    # trainer read labels under "labels" and failed at its first batch with a bare KeyError. It names the fix now
-    # (label_names=["targets"], with which it is Trainer: the test above).
-    trainer = HeadPrepTrainer(model=WeightedTargets(), args=_args(HeadPrepConfig, tmp_path, "t"),
-                              train_dataset=TargetsData())  # fmt: skip
-    keys = r"\(its keys: \['input_x', 'targets'\]\)"
-    with pytest.raises(ValueError, match=rf"train_dataset\[0\] holds no 'labels' {keys}.*label_names=\[\.\.\.\]"):
-        trainer.train()
+def test_a_target_without_label_names_trains_as_with_trainer(tmp_path):
+    # forward(input_x, targets=None) and no label_names: Trainer passes `targets` to the model and uses its loss. The
+    # trainer read labels under "labels" and failed at its first batch with a bare KeyError; then it refused the run
+    # before training, naming label_names=["targets"] (with which it is Trainer: the test above). Now it trains as
+    # Trainer does, and the measurements, which have no labels to read, name the fix.
+    with pytest.warns(UserWarning, match=r"hold no 'labels' \(their keys: \['input_x', 'targets'\]\).*label_names"):
+        plain, ours = _pair(tmp_path, WeightedTargets, TargetsData())
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
 
 
 class SingularLabel(XYData):
@@ -1054,6 +1054,102 @@ def test_a_labelless_model_that_returns_its_own_loss_trains_with_it_as_with_trai
     )
     trainer.train()
     assert trainer.state.log_history[0]["loss"] != plain.state.log_history[0]["loss"]
+
+
+class InputsOnly(torch.utils.data.Dataset):
+    """`XYData`'s inputs without labels (data for a self-supervised objective)."""
+
+    def __init__(self):
+        self.x = XYData().x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_x": self.x[i]}
+
+
+def test_a_labelless_model_that_returns_its_own_loss_trains_on_data_without_labels_as_with_trainer(tmp_path):
+    """`ViTMAEForPreTraining` on images alone: `Trainer` trains it with its own loss. It was refused before training
+    ("train_dataset[0] holds no 'labels'"); now it trains the same, energy is skipped with a warning (nothing to
+    measure it against) and drift is measured."""
+    with pytest.warns(UserWarning, match=r"train_dataset's items hold no 'labels'.*energy_dataset"):
+        plain, ours = _pair(tmp_path, SelfSupervised, InputsOnly())
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert ours.dynamics.get("energy") is None and len(ours.dynamics["drift"]) > 0
+    # With HP (uncached): the head trains on the model's own loss, the backbone stays as it was.
+    model = SelfSupervised()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = HeadPrepTrainer(
+        model=model, args=_args(HeadPrepConfig, tmp_path, "hp", hp_epochs=1, max_steps=-1), train_dataset=InputsOnly()
+    )
+    with pytest.warns(UserWarning, match="hold no 'labels'"):
+        trainer.probe_head()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    # Labels given through energy_dataset are measured against.
+    trainer = HeadPrepTrainer(
+        model=SelfSupervised(),
+        args=_args(HeadPrepConfig, tmp_path, "energy"),
+        train_dataset=InputsOnly(),
+        energy_dataset=XYData(),
+    )
+    trainer.train()
+    assert trainer.dynamics["energy"] > 0
+
+
+def test_vit_mae_pretraining_on_images_alone_trains_as_with_trainer(tmp_path):
+    """The real model of that case: transformers' `ViTMAEForPreTraining` (tiny, random weights) on pixel values
+    alone. Its random masking draws from the global RNG, so the measurement passes (forked RNG) must not move it."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    config = ViTMAEConfig(
+        image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )  # fmt: skip
+    pixels = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(pixels)
+
+        def __getitem__(self, i):
+            return {"pixel_values": pixels[i]}
+
+    def make_model():
+        torch.manual_seed(0)
+        return ViTMAEForPreTraining(config)
+
+    with pytest.warns(UserWarning, match="hold no 'labels'"):
+        plain, ours = _pair(tmp_path, make_model, Images(), args={"per_device_train_batch_size": 4})
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+
+
+def test_a_labelless_model_without_a_loss_on_data_without_labels_is_named_at_its_first_step(tmp_path):
+    """The same data for a model that returns logits only: nothing to train with. `Trainer` fails with "did not
+    return a loss"; here the first step names the missing labels and the fix (before training where the run asks for
+    the trainer's loss, e.g. with problem_type)."""
+
+    class LogitsOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, input_x):
+            return {"logits": self.fc(input_x)}
+
+    args = _args(HeadPrepConfig, tmp_path, "logits", track_dynamics=False)
+    trainer = HeadPrepTrainer(model=LogitsOnly(), args=args, train_dataset=InputsOnly())
+    with pytest.raises(ValueError, match=r"The batch holds no 'labels' \(its keys: \['input_x'\]\).*LogitsOnly"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    args = _args(HeadPrepConfig, tmp_path, "declared", problem_type="single_label_classification")
+    trainer = HeadPrepTrainer(model=LogitsOnly(), args=args, train_dataset=InputsOnly())
+    with pytest.raises(ValueError, match=r"train_dataset\[0\] holds no 'labels'"):
+        trainer.train()
 
 
 class _AcceptsLossKwargs(FcClassifier):

@@ -323,27 +323,42 @@ def _default_collator(trainer) -> bool:
 
 
 def check_label_key(trainer, checked: bool) -> None:
-    """Refuse, before training, a training set whose items hold no labels where the trainer's loss reads them.
+    """Refuse, before training, a training set whose items hold no labels where the trainer's loss reads them
+    (`checked`): `problem_type` set, cached HP, stage label smoothing, an overridden `loss_from_logits`. The error
+    names the items' keys and the fix (a target under another name: `label_names`). Datasets served through a
+    collator of the user's own are not looked at (it may build the labels).
 
-    A model whose forward takes its target under a name without "label" (`forward(x, target=None)`) and no
-    `label_names` gets the trainer's loss, which reads `labels`: the first batch failed with a bare `KeyError`.
-    `Trainer` passes such a target to the model and uses its loss; here the fix is named instead (README's
-    differences table). Datasets served through a collator of the user's own are not looked at (it may build the
-    labels)."""
-    if not _default_collator(trainer):
-        return
+    Not asked where a model whose forward takes no labels may return its own loss
+    (`HeadPrepTrainer._may_take_own_loss`): a self-supervised objective, or `forward(x, target=None)`, which
+    `Trainer` hands the target. Whether it returns a loss shows at its first step, where `compute_loss` names the
+    same fix if it does not."""
     if not checked:  # (the trainer's loss computes no stage's loss of this call: `HeadPrepTrainer._checks_labels`)
         return
-    label = trainer.label_names[0]
-    item = first_item(trainer.train_dataset) if trainer.train_dataset is not None else None
-    if not isinstance(item, Mapping) or any(key in item for key in _label_keys(label)):
-        return
-    raise ValueError(
-        f"train_dataset[0] holds no {label!r} (its keys: {sorted(item)}), where the trainer's loss reads the labels "
+    keys = keys_without_labels(trainer, trainer.train_dataset)
+    if keys is not None:
+        raise ValueError(missing_labels_message(trainer.label_names[0], keys))
+
+
+def missing_labels_message(label: str, keys, where: str = "train_dataset[0]") -> str:
+    return (
+        f"{where} holds no {label!r} (its keys: {sorted(keys)}), where the trainer's loss reads the labels "
         f"(label_names[0]). If the model computes its own loss from one of these keys (e.g. forward(x, target=None)), "
         "name it in label_names=[...]: the model then gets it and its loss is used, as with transformers.Trainer. "
         f"Otherwise give the labels under {label!r}, or name their key in label_names."
     )
+
+
+def keys_without_labels(trainer, dataset) -> list[str] | None:
+    """The keys of `dataset`'s first item where that item is a mapping holding no labels (`label_names[0]`, or
+    "label"/"label_ids", which the default collators batch as "labels"); None where it holds them, is not a mapping,
+    cannot be read, or goes through a collator of the user's own (which may build the labels, as
+    `DataCollatorForLanguageModeling` does)."""
+    if dataset is None or not _default_collator(trainer) or not trainer.label_names:
+        return None
+    item = first_item(dataset)
+    if not isinstance(item, Mapping) or any(key in item for key in _label_keys(trainer.label_names[0])):
+        return None
+    return sorted(item)
 
 
 def check_item_format(trainer) -> None:

@@ -331,6 +331,14 @@ class TrainerLossMixin:
         own = self._own_loss_of_labelless_model(outputs)
         if own is not None:
             return (own, outputs) if return_outputs else own
+        if isinstance(inputs, Mapping) and self.label_names[0] not in inputs:
+            # (a model that takes no labels may train on data without them: `HeadPrepTrainer._may_take_own_loss`)
+            from .labels import missing_labels_message  # (labels -> dynamics -> losses)
+
+            raise ValueError(
+                missing_labels_message(self.label_names[0], inputs.keys(), "The batch")
+                + f" ({type(self.accelerator.unwrap_model(model)).__name__} returned no loss of its own.)"
+            )
         labels = inputs[self.label_names[0]]
         smoothing = self.current_label_smoothing if self.in_training_step else 0.0
         loss = self.loss_from_logits(extract_logits(outputs), labels, smoothing)

@@ -46,11 +46,13 @@ from .dynamics import (
     grad_norm,
     head_input,
     histogram,
+    kept_buffers,
     measure,
     preserved_state,
     probe_in_memory,
 )
 from .files import read_json, read_safetensors, write_json
+from .labels import keys_without_labels
 from .losses import task_energy
 from .progress import pass_bar
 from .split import extract_logits
@@ -739,7 +741,20 @@ class MeasurementCallback(TrainerCallback):
             return False
         names = trainer.label_names
         if names and len(names) == 1:
-            return True
+            given = trainer.energy_dataset is not None
+            keys = keys_without_labels(trainer, trainer.energy_dataset if given else trainer.train_dataset)
+            if keys is None:
+                return True
+            # (a model that computes its own loss from its inputs alone, e.g. a masked-image objective, or from a
+            # target named without "label" that Trainer hands it: it trains as with Trainer, nothing to measure with)
+            which = "energy_dataset" if given else "train_dataset"
+            self._warn_once(
+                "labels",
+                f"Energy, HP accuracy and p0 are not measured: {which}'s items hold no {names[0]!r} (their keys: "
+                f"{keys}). If one of these keys holds the labels, name it in label_names=[...]; otherwise pass "
+                "energy_dataset=... with labels to measure them.",
+            )
+            return False
         self._warn_once("labels", f"Energy, HP accuracy and p0 need one label column; the model has {names}: skipped.")
         return False
 

@@ -1434,7 +1434,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         check_not_empty(self, evaluation=self.has_stages)
         check_item_format(self)
         checked = self._checks_labels(plan)
-        check_label_key(self, checked)
+        check_label_key(self, checked and not self._may_take_own_loss(plan))
         if checked:
             check_trainer_datasets(self)
             self._refuse_regression_smoothing(plan)
@@ -1465,6 +1465,16 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         that a bad label stops the run before training rather than after it (the error names the keyword)."""
         if self._checks_labels("both"):
             check_trainer_datasets(self, {name: d for name, d in datasets.items() if d is not None})
+
+    def _may_take_own_loss(self, plan: str) -> bool:
+        """Whether every step of `plan` may train with a loss the model returns although its forward takes no labels
+        (`_own_loss_of_labelless_model`): nothing asks for the trainer's loss and no stage is cached HP. Such a model
+        (e.g. `ViTMAEForPreTraining`) trains with `Trainer` on data without labels."""
+        hp = self.args.hp_epochs > 0 and plan in ("hp", "both")
+        stages = (("hp",) if hp else ()) + (("ft",) if plan in ("ft", "both") else ())
+        if self.model_takes_labels or self.compute_loss_func is not None or (hp and self.args.hp_cache_features):
+            return False
+        return not any(self._trainer_loss_asked(True, stage) for stage in stages)
 
     def _checks_labels(self, plan: str) -> bool:
         """Whether the trainer's loss computes the loss in a stage that `plan` ("hp", "ft", "both") runs: cached HP
