@@ -4,6 +4,7 @@ finished while run A was at update 1; A then replaced B's files)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -72,6 +73,48 @@ def test_plain_runs_take_no_lock_as_trainer(tmp_path):
     args = make_config(tmp_path, hp_epochs=0, num_train_epochs=1)
     HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=TinyImages(16), callbacks=[Look()]).train()
     assert seen == {"lock": False}
+
+
+def test_a_second_sweep_into_a_folder_in_use_is_refused_and_the_first_finishes(tmp_path):
+    """Two sweeps started at once into one folder (another grid, or two shards given the same output_dir) both passed
+    the owner check, before either had written a file, and then wrote over each other's snapshots and sweep.json.
+    The sweep now holds the folder's lock from before that check to its last file: the second is refused at once,
+    and the first finishes as if alone."""
+    from conftest import CONFIG_DEFAULTS
+
+    from headprep_hf import SweepConfig, TauSweep
+    from headprep_hf.metrics import accuracy_metrics
+
+    folder = tmp_path / "sweep"
+
+    def sweep(taus, callbacks=()):
+        values = {k: v for k, v in CONFIG_DEFAULTS.items() if k != "hp_epochs"}
+        args = SweepConfig(**{**values, "output_dir": str(folder), "sweep_taus": taus, "sweep_progress": False})
+        kwargs = {"callbacks": list(callbacks)} if callbacks else {}
+        return TauSweep(tiny_timm(), args, TinyImages(24), TinyImages(12, seed=1), None,
+                        compute_metrics=accuracy_metrics(), **kwargs)  # fmt: skip
+
+    class StartAnotherSweep(TrainerCallback):
+        error = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.error is None:
+                try:
+                    sweep([0, 1]).run()
+                except OutputDirInUse as error:
+                    self.error = error
+
+    second = StartAnotherSweep()
+    result = sweep([0, 2], [second]).run()
+    assert "is in use by another run (TauSweep.run(), process" in str(second.error)
+    assert [r["tau"] for r in result["results"]] == [0, 2] and not (folder / LOCK_NAME).exists()
+    assert json.loads((folder / "sweep.json").read_text())["taus"] == [0, 2]
+    # a folder whose lock another live process holds is refused before anything is written
+    _write_lock(folder / "held")
+    with pytest.raises(OutputDirInUse, match="in use by another run"):
+        TauSweep(tiny_timm(), dataclasses.replace(sweep([0]).args, output_dir=str(folder / "held")),
+                 TinyImages(24), TinyImages(12, seed=1), compute_metrics=accuracy_metrics()).run()  # fmt: skip
+    assert os.listdir(folder / "held") == [LOCK_NAME]
 
 
 def _write_lock(folder, **fields):

@@ -199,14 +199,9 @@ def rank0_buffers(model: torch.nn.Module, accelerator):
     if not (accelerator.num_processes > 1 and torch.distributed.is_initialized()):
         yield
         return
-    own = [buffer.detach().clone() for buffer in model.buffers()]
-    broadcast_buffers(model, accelerator)
-    try:
+    with kept_buffers(model):
+        broadcast_buffers(model, accelerator)
         yield
-    finally:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), own):
-                buffer.copy_(saved)
 
 
 def _reads_each_sample_once(trainer) -> bool:

@@ -15,6 +15,7 @@ out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -240,3 +241,33 @@ class RunLock:
             "folder replace each other's checkpoints and results. Wait for that run to end, or pick another "
             f"output_dir. If that run is no longer running, delete {self.path}."
         )
+
+
+@contextlib.contextmanager
+def first_process_lock(folder: str | os.PathLike, what: str, process_index: int, num_processes: int):
+    """`folder`'s `RunLock`, held by the first process for the block. Every process refuses together: a refusal on
+    the first alone would leave the others waiting in their first collective call. An error taking the lock other
+    than `OutputDirInUse` (a read-only folder) is raised as it is in one process, and named in an `OutputDirInUse`
+    with several."""
+    lock, refusal = None, None
+    if process_index == 0:
+        lock = RunLock(folder, what)
+        try:
+            lock.acquire()
+        except Exception as error:  # noqa: BLE001 - any failure here must reach every process (see below)
+            if not isinstance(error, OutputDirInUse) and num_processes == 1:
+                raise
+            refusal = error if isinstance(error, OutputDirInUse) else f"{lock.path} could not be taken ({error!r})"
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        refusal = next((r for r in gather_object([None if refusal is None else str(refusal)]) if r), None)
+    if refusal:
+        if lock is not None:
+            lock.release()  # (held only where another process refused)
+        raise refusal if isinstance(refusal, OutputDirInUse) else OutputDirInUse(str(refusal))
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

@@ -53,6 +53,7 @@ from .heads import reinitialize_head
 from .measurements import final_drift_of
 from .progress import QuietProgressCallback
 from .replicates import describe, infer_greater_is_better, is_tie, paired_difference, verdict
+from .runlock import first_process_lock
 from .split import find_split
 from .sweep_schema import SWEEP_FORMAT_VERSION, validate_sweep, validate_sweep_file
 from .trainer import HeadPrepTrainer
@@ -656,6 +657,13 @@ class TauSweep:
             self._check_exchange_possible()
         self._check_sweep_metric()
         self._fingerprint = self.fingerprint()
+        # One sweep at a time in the folder (`runlock`), from before the owner check to the last file: two sweeps
+        # started at once (another grid, or two shards pointed at one folder) both passed that check, then wrote
+        # over each other's snapshots and `sweep.json`.
+        with first_process_lock(self.output_dir, "TauSweep.run()", self.args.process_index, self.args.world_size):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self._check_output_dir()
         if not self.args.overwrite_output_dir:
             self._check_owner()  # before anything is written: a folder of another sweep is refused untouched

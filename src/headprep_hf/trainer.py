@@ -66,7 +66,7 @@ from .labels import (
 from .losses import TrainerLossMixin, declared_problem_type
 from .measurements import DYNAMICS_NAME, MeasurementCallback, broadcast_buffers
 from .progress import announce, format_values
-from .runlock import OutputDirInUse, RunLock
+from .runlock import first_process_lock
 from .schedules import two_stage_scheduler
 from .split import (
     HeadFinder,
@@ -704,30 +704,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             finally:
                 self._lock_depth -= needed
             return
-        lock, refusal = None, None
-        if self.args.process_index == 0:
-            lock = RunLock(self.run_output_dir, what)
+        with first_process_lock(self.run_output_dir, what, self.args.process_index, self.accelerator.num_processes):
+            self._lock_depth = 1
             try:
-                lock.acquire()
-            except Exception as error:  # noqa: BLE001 - any failure here must reach every process (see below)
-                if not isinstance(error, OutputDirInUse) and self.accelerator.num_processes == 1:
-                    raise
-                refusal = error if isinstance(error, OutputDirInUse) else f"{lock.path} could not be taken ({error!r})"
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            refusal = next((r for r in gather_object([None if refusal is None else str(refusal)]) if r), None)
-        if refusal:
-            if lock is not None:
-                lock.release()  # (held only where another process refused)
-            raise refusal if isinstance(refusal, OutputDirInUse) else OutputDirInUse(str(refusal))
-        self._lock_depth = 1
-        try:
-            yield
-        finally:
-            self._lock_depth = 0
-            if lock is not None:
-                lock.release()
+                yield
+            finally:
+                self._lock_depth = 0
 
     def _refuse_unsized_hp(self) -> None:
         raise ValueError(
