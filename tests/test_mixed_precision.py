@@ -133,6 +133,20 @@ def test_recipe_decides_bf16_where_the_device_supports_it(recipes_path, monkeypa
     assert _parse(out).bf16 is False
 
 
+def test_emulated_bf16_is_not_a_default(monkeypatch):
+    """A T4 or V100 (compute capability 7.x): torch's `is_bf16_supported()` answers yes by default (bf16 tensors can be
+    made, by emulation), and the recipes turned bf16 on there, where it is slower than float32. Only native bf16
+    counts; both kinds of device are simulated (this machine has no CUDA)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native in (False, True):
+        monkeypatch.setattr(
+            torch.cuda,
+            "is_bf16_supported",
+            lambda including_emulation=True, native=native: native or including_emulation,
+        )
+        assert base.cuda_supports_bf16() is native
+
+
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
 def test_head_gradient_norm_is_the_unscaled_one_under_a_gradient_scaler(tmp_path, max_grad_norm):
     # fp16 on a GPU: Accelerate's GradScaler multiplies the loss, so the gradients stay scaled until Trainer unscales

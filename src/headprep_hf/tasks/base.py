@@ -128,10 +128,12 @@ def cuda_supports_bf16() -> bool:
 
     Not transformers' `is_torch_bf16_gpu_available`, which TrainingArguments validates with: that also answers yes
     for Apple MPS on macOS 14, where bf16 is emulated in float32 on M1/M2 (slower, not faster), and for other
-    accelerators this default has not been measured on. Turning bf16 on by default is for CUDA only."""
+    accelerators this default has not been measured on. Turning bf16 on by default is for CUDA only. Emulated bf16
+    does not count (`including_emulation=False`): on compute capability 7.x (T4, V100) the plain call answers yes,
+    while bf16 there is emulated and cuDNN has no bf16 convolutions, slower than float32."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def default_num_workers(limit: int | None = 8) -> int:
