@@ -448,6 +448,25 @@ def test_real_data_flags_on_the_toy_task_are_refused_before_any_work():
 
     with pytest.raises(ValueError, match="--image_size applies to real data"):
         load_image_classification(ImageClassificationArguments(image_size=32, cache_dir="/nonexistent"), seed=0)
+    # timm's augmentation flags have nothing to act on there (they were ignored without a word)
+    for flag in (dict(hflip=0.0), dict(scale=[1.0, 1.0]), dict(color_jitter=0.0)):
+        name = next(iter(flag))
+        with pytest.raises(ValueError, match=f"--{name} sets timm's augmentation of real images"):
+            load_image_classification(ImageClassificationArguments(**flag, cache_dir="/nonexistent"), seed=0)
+
+
+def test_no_aug_turns_off_the_toy_tasks_augmentation(tmp_path):
+    """--no_aug on the offline toy task: its training images were still rotated and zoomed on every read."""
+    import timm
+
+    from headprep_hf.tasks.image_classification import ImageClassificationArguments, load_image_classification
+
+    source = tmp_path / "source"
+    timm.models.save_for_hf(timm.create_model("test_resnet", num_classes=10), str(source))
+    for no_aug in (False, True):
+        args = ImageClassificationArguments(model_name_or_path=str(source), no_aug=no_aug)
+        train = load_image_classification(args, seed=0).train_dataset
+        assert torch.equal(train[0]["pixel_values"], train[0]["pixel_values"]) is no_aug
 
 
 def test_torch_compile_traces_each_stage_once(tmp_path):

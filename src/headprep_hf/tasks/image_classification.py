@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import PreTrainedModel, set_seed
@@ -109,6 +109,16 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
                     f"--{name} applies to real data (--train_dir or --dataset_name); the offline toy task has fixed "
                     "in-memory splits. Drop it or give the data."
                 )
+        # The toy task's training augmentation is its own (a small rotation and zoom on every access): --no_aug turns
+        # it off; timm's augmentation flags have nothing to act on there (they were ignored without a word).
+        defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(args)}
+        for name in ("scale", "hflip", "color_jitter"):
+            if getattr(args, name) != defaults[name]:
+                raise ValueError(
+                    f"--{name} sets timm's augmentation of real images (--train_dir or --dataset_name); the offline "
+                    "toy task augments with its own small rotation and zoom (--no_aug true turns it off). Drop it or "
+                    "give the data."
+                )
     if args.model_name_or_path is None:
         source = pretrain_source_model(cache_dir=args.cache_dir, epochs=args.source_epochs)
         if real_data:  # (said: it trained on a user's photographs at 32 px without a word)
@@ -120,7 +130,7 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
     else:
         source = args.model_name_or_path
     if not real_data:
-        splits = build_toy_downstream(seed=seed, classes=tuple(args.toy_classes))
+        splits = build_toy_downstream(seed=seed, classes=tuple(args.toy_classes), augment_train=not args.no_aug)
         class_names, extra = [str(c) for c in args.toy_classes], {}
     else:
         splits, class_names, extra = _load_real_images(args, str(source), seed)
