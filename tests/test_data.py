@@ -359,6 +359,52 @@ def test_a_dataset_test_split_without_labels_is_left_out_with_a_warning(tmp_path
     assert "test" not in splits and len(splits["validation"]) == 2
 
 
+def _saved_splits(tmp_path, **splits):
+    """A `save_to_disk` DatasetDict of 20x24 photos-like images; each split `(labels, ClassLabel names or None)`:
+    None saves the split without a label column."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    parts = {}
+    for name, (labels, names) in splits.items():
+        images = [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in labels]
+        if names is None:
+            parts[name] = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+        else:
+            features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+            parts[name] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    folder = tmp_path / "saved"
+    datasets.DatasetDict(parts).save_to_disk(str(folder))
+    return folder
+
+
+def test_splits_with_their_own_class_label_are_scored_by_class_name(tmp_path):
+    """Splits saved apart may number their classes apart: a validation set without "bird" calls cat 0 and dog 1.
+    Its ids were read as train's (bird, cat): the model was scored against the wrong classes without a word."""
+    folder = _saved_splits(
+        tmp_path, train=([0, 1, 2] * 3, ["bird", "cat", "dog"]), validation=([0, 0, 1, 1], ["cat", "dog"])
+    )
+    splits, names = _load(tmp_path, train_dir=None, dataset_name=str(folder))
+    assert names == ["bird", "cat", "dog"]
+    assert [names[label] for label in splits["validation"].labels] == ["cat", "cat", "dog", "dog"]
+    folder = _saved_splits(tmp_path, train=([0, 1] * 3, ["cat", "dog"]), validation=([0, 1], ["cat", "fox"]))
+    with pytest.raises(ValueError, match=r"'validation' split has class\(es\) \['fox'\].*\['cat', 'dog'\]"):
+        _load(tmp_path, train_dir=None, dataset_name=str(folder))
+
+
+def test_a_split_without_a_label_column_is_named(tmp_path):
+    """A test split saved without labels is left out with a warning (as one whose labels are withheld); a
+    validation split without them is refused, naming it. Both failed with "Column 'label' doesn't exist"."""
+    train = ([0, 1] * 4, ["cat", "dog"])
+    folder = _saved_splits(tmp_path, train=train, validation=([0, 1], ["cat", "dog"]), test=([0, 0, 0], None))
+    with pytest.warns(UserWarning, match="test split of '.*saved' has no 'label' column: it is not evaluated"):
+        splits, _ = _load(tmp_path, train_dir=None, dataset_name=str(folder))
+    assert "test" not in splits and len(splits["validation"]) == 2
+    folder = _saved_splits(tmp_path, train=train, validation=([0, 0], None))
+    with pytest.raises(ValueError, match="'validation' split of '.*saved' has no 'label' column.*tau"):
+        _load(tmp_path, train_dir=None, dataset_name=str(folder))
+
+
 def test_integer_label_values_take_their_classes_from_the_training_split(tmp_path):
     # A label column of plain integers (a `Value`, not a ClassLabel) was encoded over every split: a withheld test
     # split's -1 became class '-1', every label moved up by one, and the unlabelled test split was evaluated.

@@ -672,6 +672,7 @@ def load_image_classification_dataset(
             "sub-folder per class, no images directly in a split folder), and the split folders must have the same "
             "depth (e.g. data/train and data/val, not data/train and data/extra/val); move the folders to match"
         ) from None
+    raw = _without_unlabelled_splits(raw, label_column, dataset_name or train_dir)
     if not isinstance(features[image_column], datasets.Image):
         # A column of file paths or bytes; datasets decodes it once told it holds images.
         raw = raw.cast_column(image_column, datasets.Image())
@@ -726,6 +727,29 @@ def load_image_classification_dataset(
             stacklevel=2,
         )
     return splits, class_names
+
+
+def _without_unlabelled_splits(raw: Any, label_column: str, source: str) -> Any:
+    """`raw` without the splits that have no `label_column` at all (a test set saved without its labels): a test
+    split is left out with a warning, as one whose labels are withheld (-1) is; a validation split is refused (tau* is
+    chosen on it); other splits are not used. They failed with "Column 'label' doesn't exist", naming neither."""
+    import datasets
+
+    kept = {}
+    for name, split in raw.items():
+        if name == "train" or label_column in split.column_names:
+            kept[name] = split
+        elif name in _VALIDATION_NAMES:
+            raise ValueError(
+                f"the {name!r} split of {source!r} has no {label_column!r} column (its columns: "
+                f"{split.column_names}): the validation split needs labels, since tau* and the best model are chosen "
+                "on it. Add them, or leave the split out (a validation_split of train is then held out)."
+            )
+        elif name == "test":
+            warnings.warn(
+                f"The test split of {source!r} has no {label_column!r} column: it is not evaluated.", stacklevel=3
+            )
+    return datasets.DatasetDict(kept)
 
 
 def _has_labels(split: Any, label_column: str) -> bool:
@@ -825,7 +849,7 @@ def _encode_labels(raw: Any, label_column: str) -> tuple[Any, list[str]]:
 
     feature = raw["train"].features[label_column]
     if isinstance(feature, datasets.ClassLabel):
-        return raw, list(feature.names)
+        return _align_class_labels(raw, label_column, list(feature.names)), list(feature.names)
     if not isinstance(feature, datasets.Value):
         raise ValueError(f"label_column={label_column!r} holds {feature}, not class labels")
 
@@ -873,6 +897,44 @@ def _encode_labels(raw: Any, label_column: str) -> tuple[Any, list[str]]:
     )
     raw = raw.cast_column(label_column, datasets.ClassLabel(names=class_names))
     return raw, class_names
+
+
+def _align_class_labels(raw: Any, label_column: str, names: list[str]) -> Any:
+    """Every split's labels numbered by train's `ClassLabel` `names`. Splits saved apart (`save_to_disk` of splits
+    built one by one, a validation set without one class) can carry a `ClassLabel` of their own, with other names or
+    another order: their ids were read as train's, so the model was scored against the wrong classes without a word.
+    Such a split is renumbered by class name (as `datasets`' `align_labels_with_mapping`, which also lowercases the
+    names: not here, where "Cat" and "cat" may be two classes); a split holding a class train does not have is
+    refused, naming it. Labels withheld (-1, None) stay so."""
+    import datasets
+
+    index = {name: i for i, name in enumerate(names)}
+    aligned = {}
+    for split_name, split in raw.items():
+        feature = split.features.get(label_column)
+        if split_name == "train" or not isinstance(feature, datasets.ClassLabel) or list(feature.names) == names:
+            aligned[split_name] = split
+            continue
+        theirs = list(feature.names)
+        used = {v for v in split[label_column] if v is not None and v >= 0}
+        unknown = sorted(theirs[v] for v in used if theirs[v] not in index)
+        if unknown:
+            raise ValueError(
+                f"the {split_name!r} split has class(es) {unknown} in label_column={label_column!r} that the 'train' "
+                f"split does not have (its classes: {names[:20]}): each would become a class without a training "
+                "image. Fix the labels, or drop those samples."
+            )
+        mapping = [index.get(name, -1) for name in theirs]
+        features = split.features.copy()
+        features[label_column] = datasets.ClassLabel(names=names)
+        aligned[split_name] = split.map(
+            lambda labels, mapping=mapping: {label_column: [v if v is None or v < 0 else mapping[v] for v in labels]},
+            input_columns=label_column,
+            batched=True,
+            features=features,
+        )
+        logger.info("The %r split's classes %s are renumbered as train's %s.", split_name, theirs, names)
+    return datasets.DatasetDict(aligned)
 
 
 def _hold_out(train: Any, fraction: float, seed: int, label_column: str) -> tuple[Any, Any]:
