@@ -674,6 +674,19 @@ def test_a_processor_is_saved_where_it_prepares_the_runs_images(tmp_path, family
     assert ours.shape == theirs.shape and (ours - theirs).abs().mean() < 0.02
 
 
+def test_a_processor_class_that_ignores_a_field_is_not_saved_as_if_it_used_it():
+    """SegformerImageProcessor has `do_center_crop` and never crops: a run with --crop_pct saved it with a crop, read
+    back as the run's config, while it gave 35 px inputs where the run used 32. The processor is run now."""
+    from transformers import SegformerImageProcessor, ViTImageProcessor
+
+    from headprep_hf.data.images import image_processor_for_data_config
+
+    for cls, saved in ((SegformerImageProcessor, False), (ViTImageProcessor, True)):
+        processor = cls(size={"height": 32, "width": 32})
+        config = resolve_image_data_config(image_processor_data_config(processor), crop_pct=0.9)
+        assert (image_processor_for_data_config(processor, config) is not None) is saved, cls.__name__
+
+
 def test_a_non_square_warp_is_read_as_timms_non_square_input_size_or_named(tmp_path):
     """A processor warping to height != width was read by its height only: a 32x48 ViT input came out 32x32."""
     import transformers
