@@ -145,6 +145,34 @@ def test_recipe_runs_a_transformers_image_model_folder(tmp_path):
     assert json.loads((out / "headprep_dynamics.json").read_text())["num_energy_samples"] == 16
 
 
+@pytest.mark.slow
+def test_recipe_runs_a_transformers_timm_wrapper_folder(tmp_path):
+    """What `AutoModelForImageClassification` gives for a `timm/...` id, saved with `save_pretrained`: its config.json
+    holds both `model_type` and timm's `architecture`, so it went down the timm path and failed inside timm; its
+    processor (in config.json) has no size or mean fields, so it read as 224 px, mean 0.5."""
+    from transformers import AutoImageProcessor, TimmWrapperConfig, TimmWrapperForImageClassification
+
+    folder = tmp_path / "wrapped"
+    pretrained_cfg = {"input_size": [3, 40, 40], "interpolation": "bicubic", "crop_pct": 0.95, "crop_mode": "center",
+                      "mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3], "num_classes": 5}  # fmt: skip
+    TimmWrapperForImageClassification(
+        TimmWrapperConfig(architecture="test_resnet", num_labels=5, pretrained_cfg=pretrained_cfg)
+    ).save_pretrained(folder)
+    _image_folders(tmp_path)
+    out = tmp_path / "run"
+    folders = ["--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val")]
+    metrics = _run_in_process(
+        [*TINY, "--model_name_or_path", str(folder), *folders, "--image_size", "32", "--output_dir", str(out)]
+    )
+    assert "validation_accuracy" in metrics and metrics["energy"] > 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "timm_wrapper" and saved["label_names"] == ["cat", "dog"]  # (its id2label)
+    # the saved model's processor describes this run's inputs: 32 px, the model's bicubic, crop and mean/std
+    data_config = AutoImageProcessor.from_pretrained(out).data_config
+    assert data_config["input_size"] == (3, 32, 32) and data_config["interpolation"] == "bicubic"
+    assert data_config["crop_pct"] == 0.95 and tuple(data_config["mean"]) == (0.4, 0.45, 0.5)
+
+
 def test_a_transformers_folder_without_its_image_processor_is_refused_by_name(tmp_path):
     # Without preprocessor_config.json the recipe took timm's ImageNet defaults (224 px, ImageNet mean/std) for a model
     # of any size and normalisation, without a word.

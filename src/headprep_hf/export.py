@@ -108,6 +108,8 @@ def set_label_names(model: nn.Module, names: Sequence[str]) -> None:
     if config is not None and hasattr(config, "id2label"):
         config.id2label = dict(enumerate(names))
         config.label2id = {name: i for i, name in enumerate(names)}
+        if hasattr(config, "label_names"):  # (TimmWrapperConfig saves a label_names it was loaded with over id2label)
+            config.label_names = list(names)
     elif is_timm_model(model):
         if len(names) != model.num_classes:
             raise ValueError(f"{len(names)} class names for a classifier of {model.num_classes} classes: {names}.")

@@ -332,6 +332,24 @@ def resolve_image_data_config(
     return config
 
 
+_DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def _timm_wrapper_data_config(processor: Any) -> dict[str, Any] | None:
+    """The data config of transformers' `TimmWrapperImageProcessor` (the processor of a `timm/...` model loaded with
+    `AutoModelForImageClassification`): timm's own, which it resolved from the model's `pretrained_cfg` and prepares
+    images with (`timm.data.resolve_data_config` + `create_transform`). It has no `size` or `image_mean` fields, so
+    reading those gave 224 px and mean 0.5. None for other processors."""
+    config = getattr(processor, "data_config", None)
+    if type(processor).__name__ != "TimmWrapperImageProcessor" or not isinstance(config, dict):
+        return None
+    config = {key: config[key] for key in _DATA_CONFIG_KEYS if key in config}
+    config["input_size"] = tuple(int(v) for v in config["input_size"])
+    config["mean"], config["std"] = tuple(map(float, config["mean"])), tuple(map(float, config["std"]))
+    config.setdefault("crop_mode", "center")
+    return config
+
+
 def image_processor_data_config(processor: Any) -> dict[str, Any]:
     """A timm-style data config from a transformers image processor (size, crop, resample, mean/std), so that
     transformers image models go through the same transforms and on-device normalisation as timm models.
@@ -342,6 +360,9 @@ def image_processor_data_config(processor: Any) -> dict[str, Any]:
     without a crop). ConvNext resizes the short side to `shortest_edge / crop_pct` and crops `shortest_edge` below 384
     px, and warps to `shortest_edge` without a crop from 384 px on (squash, crop_pct 1.0).
     """
+    timm_config = _timm_wrapper_data_config(processor)
+    if timm_config is not None:
+        return timm_config
     size = getattr(processor, "size", None) or {}
     crop = getattr(processor, "crop_size", None) or {}
     crop_mode = "center" if size.get("shortest_edge") else "squash"
@@ -518,6 +539,10 @@ def image_processor_for_data_config(processor: Any, data_config: dict[str, Any])
 
     if same_data_config(image_processor_data_config(processor), data_config):
         return processor
+    if _timm_wrapper_data_config(processor) is not None:  # (defined by the pretrained_cfg it resolves)
+        return type(processor)(
+            pretrained_cfg={k: data_config[k] for k in _DATA_CONFIG_KEYS}, architecture=processor.architecture
+        )
     new = copy.deepcopy(processor)
     height, side = int(data_config["input_size"][-2]), int(data_config["input_size"][-1])  # (side: the width)
     crop_pct = float(data_config["crop_pct"])

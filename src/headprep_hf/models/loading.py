@@ -204,12 +204,15 @@ def _looks_like_path(name: str) -> bool:
 
 
 def is_transformers_folder(path: str) -> bool:
-    """A local folder saved by transformers (`config.json` with a `model_type`), not by timm's `save_for_hf`."""
+    """A local folder saved by transformers (`config.json` with a `model_type`), not by timm's `save_for_hf`.
+    transformers' `TimmWrapper` models (a `timm/...` id loaded with `AutoModelForImageClassification`, then
+    `save_pretrained`) hold both a `model_type` and timm's `architecture`: theirs is a transformers folder (its weights
+    are under `timm_model.`, its `model_args` may be null), loaded as one."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False
     config = read_json(config_file)
-    return "model_type" in config and "architecture" not in config
+    return "model_type" in config and ("architecture" not in config or config["model_type"] == "timm_wrapper")
 
 
 def load_transformers_image_model(path: str, class_names: list[str]) -> nn.Module:

@@ -22,6 +22,7 @@ from ..data.images import (
     resolve_image_data_config,
 )
 from ..export import set_data_config, set_label_names
+from ..files import read_json
 from ..metrics import accuracy_metrics
 from ..models import load_timm_model, pretrain_source_model
 from ..models.loading import is_transformers_folder, load_transformers_image_model
@@ -149,6 +150,11 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
     if real_data:
         config = extra["data_config"]
         set_data_config(model, config)
+        if getattr(getattr(model, "config", None), "model_type", None) == "timm_wrapper":
+            # Its processor is its config.json's timm pretrained_cfg (TimmWrapperImageProcessor saves nothing of its
+            # own): the saved model describes the inputs this run used.
+            cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+            model.config.pretrained_cfg = {**(model.config.pretrained_cfg or {}), **cfg}
         channels_last = args.channels_last and _is_convolutional(model)
         attach_input_normalization(model, config["mean"], config["std"], channels_last=channels_last)
         _check_input_size(model, config, args.image_size)
@@ -272,7 +278,9 @@ def _load_real_images(args: ImageClassificationArguments, source: str, seed: int
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
     )
-    if processor is not None:  # the processor saved with the model describes the inputs this run used
+    if _is_timm_wrapper(source):  # (it is saved in the model's config.json: see load_image_classification)
+        processor = None
+    elif processor is not None:  # the processor saved with the model describes the inputs this run used
         processor = _processor_for_run(processor, data_config)
     extra = dict(
         train_eval_dataset=splits["train_eval"],
@@ -300,7 +308,13 @@ def _processor_for_run(processor, data_config):
 
 
 def _has_processor(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, "preprocessor_config.json"))
+    # (a TimmWrapper model's processor is in its config.json: timm's pretrained_cfg, which transformers reads it from)
+    return os.path.isfile(os.path.join(folder, "preprocessor_config.json")) or _is_timm_wrapper(folder)
+
+
+def _is_timm_wrapper(folder: str) -> bool:
+    config = os.path.join(folder, "config.json")
+    return os.path.isfile(config) and read_json(config).get("model_type") == "timm_wrapper"
 
 
 def _is_convolutional(model) -> bool:
