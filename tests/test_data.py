@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -164,6 +166,30 @@ def test_image_folder_splits_off_stratified_validation(tmp_path):
         assert item["labels"] == ds.labels[0]
     again, _ = _load(tmp_path)
     assert np.array_equal(again["validation"].labels, splits["validation"].labels)
+
+
+def test_linked_class_folders_and_pattern_characters_in_a_path_are_read_as_any_folder(tmp_path):
+    """`datasets` does not follow a folder linked in (torchvision's ImageFolder and timm do): a validation set whose
+    "dog" folder is a symbolic link was read without dogs, silently. A path holding `[` matched nothing."""
+    from headprep_hf.data.images import _data_files
+
+    _write_image_folder(tmp_path / "set[1]" / "train")
+    _write_image_folder(tmp_path / "elsewhere", classes=("dog",), per_class=2, seed=1)
+    _write_image_folder(tmp_path / "data" / "val", classes=("cat",), per_class=2, seed=2)
+    os.symlink(tmp_path / "elsewhere" / "dog", tmp_path / "data" / "val" / "dog")
+    os.symlink(tmp_path / "data" / "val", tmp_path / "data" / "val" / "cat" / "loop")  # (read once)
+    splits, class_names = _load(
+        tmp_path, train_dir=str(tmp_path / "set[1]" / "train"), validation_dir=str(tmp_path / "data" / "val")
+    )
+    assert class_names == ["cat", "dog"] and np.bincount(splits["validation"].labels).tolist() == [2, 2]
+    assert len(splits["train"]) == 8
+    # Both at once cannot be read by imagefolder (an escaped entry is matched without following links): named
+    os.symlink(tmp_path / "elsewhere" / "dog", tmp_path / "set[1]" / "train" / "dog2")
+    with pytest.raises(ValueError, match=r"set\[1\]/train' holds linked folders and its path a pattern character"):
+        _load(tmp_path, train_dir=str(tmp_path / "set[1]" / "train"), validation_dir=str(tmp_path / "data" / "val"))
+    # An ordinary folder keeps datasets' own pattern (and its cache)
+    _write_image_folder(tmp_path / "plain")
+    assert _data_files(str(tmp_path / "plain")) == os.path.join(str(tmp_path / "plain"), "**")
 
 
 def test_image_folder_with_validation_dir_and_eval_determinism(tmp_path):
