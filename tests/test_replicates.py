@@ -289,6 +289,23 @@ def test_a_guessed_metric_direction_is_logged_once(tmp_path, caplog):
     assert len(logged) == 1 and "lower is better, guessed from its name" in logged[0]
 
 
+@pytest.mark.parametrize(
+    "metric, lower",
+    [("rmse_mean", True), ("loss_avg", True), ("mae_macro", True), ("mse_weighted", True), ("error_mean", True),
+     ("error_rate", True), ("word_error_rate", True), ("top1_err", True), ("cross_entropy", True),
+     ("neg_mean_squared_error", False), ("neg_log_loss", False), ("eval_neg_log_loss", False),
+     ("eval_loss", True), ("nll_mean", True), ("accuracy", False), ("f1_macro", False), ("mean_iou", False),
+     ("brier_score", True), ("perplexity", True)],
+)  # fmt: skip
+def test_a_metrics_direction_is_read_past_qualifiers_and_negations(metric, lower):
+    """Qualifiers were skipped for some lower-is-better words only: `rmse_mean` and `error_rate` were taken as
+    larger-is-better (tau* the worst tau, with a warning); scikit-learn's `neg_mean_squared_error` as smaller-is-better
+    (an info line only)."""
+    from headprep_hf.replicates import _known_direction, lower_is_better
+
+    assert lower_is_better(metric) is lower and _known_direction(metric)
+
+
 def test_verdicts_read_shares_in_points_and_other_metrics_in_their_own_units():
     # Every metric whose name is not a loss or an error was read as a share: a perplexity 0.52 lower printed as
     # "51.67 points", and a clear RMSE difference of 0.0039 (interval width 0.0005) as "0.00 +- 0.00".

@@ -22,10 +22,10 @@ CONFIDENCE = 0.95
 # Two means closer than this (relative) are a tie: the same values summed in another seed order may differ in the
 # last bit, which must not decide tau*.
 TIE_REL_TOL = 1e-12
-_LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error")
+_LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error", "err")
 # Last words of metric names: smaller is better (perplexity, word/character error rates, percentage error, negative
 # log-likelihood, Brier score, expected calibration error), or larger is (the others a sweep is commonly judged by).
-_LOWER_WORDS = {"perplexity", "ppl", "wer", "cer", "mape", "smape", "nll", "brier", "ece", "distance"}
+_LOWER_WORDS = {"perplexity", "ppl", "wer", "cer", "mape", "smape", "nll", "brier", "ece", "distance", "entropy", "xent"}
 _HIGHER_WORDS = {
     "accuracy", "acc", "f1", "precision", "recall", "auc", "rocauc", "ap", "map", "iou", "miou", "dice", "r2",
     "matthews", "correlation", "mcc", "pearson", "spearman", "pearsonr", "spearmanr", "bleu", "rouge", "rouge1",
@@ -34,21 +34,52 @@ _HIGHER_WORDS = {
 _LOGGED_DIRECTIONS: set[str] = set()
 
 
-# Words that qualify a metric's name rather than name it (`brier_score`, `f1_macro`): the word before them decides.
-_QUALIFIERS = {"score", "metric", "value", "macro", "micro", "weighted", "samples", "mean", "avg", "overall"}
+# Words that qualify a metric's name rather than name it (`brier_score`, `f1_macro`, `rmse_mean`, `error_rate`): the
+# word before them decides.
+_QUALIFIERS = {"score", "metric", "value", "macro", "micro", "weighted", "samples", "mean", "avg", "overall", "rate"}
+# A leading word that turns a smaller-is-better quantity into a larger-is-better score (scikit-learn's scorers:
+# `neg_mean_squared_error`, `neg_log_loss`).
+_NEGATIONS = {"neg", "negative"}
+
+
+def _words(metric: str) -> list[str]:
+    return [w for w in re.split(r"[^a-z0-9]+", metric.lower()) if w]
 
 
 def _last_word(metric: str) -> str:
-    words = [w for w in re.split(r"[^a-z0-9]+", metric.lower()) if w]
+    words = _words(metric)
     while len(words) > 1 and words[-1] in _QUALIFIERS:
         words.pop()
     return words[-1] if words else ""
 
 
+def _negated(metric: str) -> str | None:
+    """The rest of `metric` after a leading negation (`neg_log_loss` -> `log_loss`; also after a split prefix such as
+    `eval_`), else None."""
+    words = _words(metric)
+    for i, word in enumerate(words[:2]):
+        if word in _NEGATIONS and i + 1 < len(words):
+            return "_".join(words[i + 1 :])
+    return None
+
+
 def lower_is_better(metric: str) -> bool:
-    """Whether a smaller `metric` is better: losses and errors (`loss`, `rmse`, `mse`, `mae`, `*_error`) and names
-    ending in a word of `_LOWER_WORDS` (`perplexity`, `wer`, `cer`, `mape`, `nll`, `brier`, `ece`, ...)."""
-    return metric.lower().endswith(_LOWER_IS_BETTER) or _last_word(metric) in _LOWER_WORDS
+    """Whether a smaller `metric` is better: losses and errors (names whose last word, qualifiers such as `mean`,
+    `macro` or `rate` left out, ends in `loss`, `rmse`, `mse`, `mae`, `error` or `err`) and names whose last word is
+    in `_LOWER_WORDS` (`perplexity`, `wer`, `cer`, `mape`, `nll`, `brier`, `ece`, ...); a leading `neg_` turns it
+    round (scikit-learn's `neg_mean_squared_error` is larger-is-better)."""
+    rest = _negated(metric)
+    if rest is not None:
+        return not lower_is_better(rest)
+    last = _last_word(metric)
+    return last.endswith(_LOWER_IS_BETTER) or last in _LOWER_WORDS
+
+
+def _known_direction(metric: str) -> bool:
+    rest = _negated(metric)
+    if rest is not None:
+        return _known_direction(rest)
+    return lower_is_better(metric) or _last_word(metric) in _HIGHER_WORDS
 
 
 def infer_greater_is_better(metric: str) -> bool:
@@ -58,7 +89,7 @@ def infer_greater_is_better(metric: str) -> bool:
     greater = not lower_is_better(metric)
     if metric not in _LOGGED_DIRECTIONS:
         _LOGGED_DIRECTIONS.add(metric)
-        known = not greater or _last_word(metric) in _HIGHER_WORDS
+        known = _known_direction(metric)
         (logger.info if known else logger.warning)(
             "sweep_metric %r: %s is better, guessed from its name%s (set sweep_greater_is_better to decide).",
             metric,

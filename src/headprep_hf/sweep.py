@@ -218,8 +218,9 @@ class SweepConfig(HeadPrepConfig):
             Validation metric (a key of `compute_metrics`' result, or `"loss"`) that picks tau*; `"eval_accuracy"`,
             as `metric_for_best_model` is also spelled, is read as `"accuracy"`.
         sweep_greater_is_better (`bool` or `None`, defaults to `None`):
-            Direction of `sweep_metric`; `None`: lower is better for losses and errors (names ending in "loss",
-            "rmse", "mse", "mae", "error"), higher otherwise.
+            Direction of `sweep_metric`; `None`: guessed from its name (`replicates.lower_is_better`): lower is
+            better for losses and errors ("loss", "rmse", "mse", "mae", "error", also as `rmse_mean`, `error_rate`),
+            higher otherwise and for scikit-learn's negated scores (`neg_mean_squared_error`).
         sweep_shard (`str` or `None`, defaults to `None`):
             `"i/n"` (0-based): run only the FT jobs at positions `p % n == i` of the (tau, seed) grid (each shard runs
             the cheap HP of its seeds).
