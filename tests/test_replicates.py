@@ -310,9 +310,11 @@ def test_verdicts_read_shares_in_points_and_other_metrics_in_their_own_units():
     # Every metric whose name is not a loss or an error was read as a share: a perplexity 0.52 lower printed as
     # "51.67 points", and a clear RMSE difference of 0.0039 (interval width 0.0005) as "0.00 +- 0.00".
     def verdict_of(values, metric, greater_is_better):
+        # (the test values: the validation ones chose tau*, and their comparison gives no verdict)
         jobs = [_job(t, s, v, metric) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)]
+        jobs = [{**job, "test": job["validation"]} for job in jobs]
         sweep = _assemble(jobs, [1, 2, 3], metric=metric, greater_is_better=greater_is_better)
-        return sweep["comparisons"]["vs_first"]["validation_verdict"]
+        return sweep["comparisons"]["vs_first"]["test_verdict"]
 
     perplexity = verdict_of({0: (12.1, 12.6, 12.4), 2: (11.5, 12.1, 11.9), 4: (13, 13, 13)}, "perplexity", False)
     assert "beats tau = 0 by 0.533 +- " in perplexity and "points" not in perplexity
@@ -321,7 +323,22 @@ def test_verdicts_read_shares_in_points_and_other_metrics_in_their_own_units():
     psnr = verdict_of({0: (20.0, 21.0, 22.0), 2: (20.5, 21.4, 22.6), 4: (1.0,) * 3}, "psnr", True)
     assert "by 0.5 +- " in psnr and "points" not in psnr
     accuracy = verdict_of({0: (0.60, 0.62, 0.61), 2: (0.70, 0.73, 0.71), 4: (0.5,) * 3}, "accuracy", True)
-    assert "beats tau = 0 by 10.33 +- " in accuracy and "points of validation accuracy" in accuracy
+    assert "beats tau = 0 by 10.33 +- " in accuracy and "points of test accuracy" in accuracy
+
+
+def test_without_a_test_set_tau_star_gets_no_verdict_on_the_values_it_was_chosen_on():
+    """Simulated null sweeps (7 equal taus, no test set) printed "tau* beats tau = 0" in 8-9% of them where the 95%
+    interval claims 2.5%: tau* is the best of the grid on those very values. The difference and its interval are
+    given, as biased, with no verdict."""
+    values = {0: (0.60, 0.62, 0.61), 2: (0.70, 0.73, 0.71), 4: (0.5,) * 3}
+    jobs = [_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)]
+    sweep = _assemble(jobs, [1, 2, 3])
+    said = sweep["comparisons"]["vs_first"]["validation_verdict"]
+    assert "beats" not in said and "Biased in tau*'s favour, so not a test of it" in said
+    assert "difference +10.33 points" in said and "(3 seeds)" in said
+    from headprep_hf.sweep import format_table
+
+    assert said in format_table(sweep)
 
 
 def test_each_statistic_names_the_seeds_of_its_values():
@@ -349,3 +366,29 @@ def test_a_replicated_sweep_with_one_finite_seed_is_not_told_to_run_seeds():
 def test_a_sweep_of_one_named_seed_is_told_to_give_two_or_more():
     table = format_table(_assemble([_job(t, 42, 0.5 + t / 10) for t in (0, 2, 4)], [42]))
     assert "one seed (42): no uncertainty available (sweep_seeds with two or more seeds replicates it)." in table
+
+
+def test_means_over_fewer_seeds_say_so_and_small_values_keep_their_digits():
+    """A seed's test value NaN at tau*: the summary's test mean was over 2 seeds while the table said 3 (and HP0-FT's
+    over 3: two seed sets compared). And an MSE of 1e-5 printed as 0.0000 at every tau, all looking tied."""
+    from headprep_hf.sweep import format_table
+
+    nan = float("nan")
+    jobs = []
+    for tau, (val, test) in {
+        0: ((0.6, 0.62, 0.61), (0.5, 0.55, 0.6)),
+        2: ((0.7, 0.73, 0.71), (0.7, nan, 0.8)),
+    }.items():
+        for seed, v, t in zip((1, 2, 3), val, test):
+            jobs.append({**_job(tau, seed, v), "test": {"accuracy": t}})
+    sweep = _assemble(jobs, [1, 2, 3], taus=(0, 2))
+    assert sweep["summary"]["HPtau*-FT"]["n"] == 3 and sweep["summary"]["HPtau*-FT"]["n_test"] == 2
+    validate_sweep(sweep)
+    table = format_table(sweep)
+    assert "over fewer seeds (a value missing or not finite): tau=2 test n=2" in table
+    assert "HP0-FT 0.5500  HPmax-FT 0.7500 (n=2)  HPtau*-FT 0.7500 (n=2)" in table
+    tiny = {0: (4.2e-05, 4.0e-05, 4.4e-05), 2: (1.15e-05, 1.2e-05, 1.1e-05)}
+    jobs = [_job(t, s, v, "mse") for t, vs in tiny.items() for s, v in zip((1, 2, 3), vs)]
+    table = format_table(_assemble(jobs, [1, 2, 3], metric="mse", greater_is_better=False, taus=(0, 2)))
+    assert "4.2e-05 +- 2e-06" in table and "1.15e-05 +- 5e-07" in table
+    assert "HP0-FT 4.2e-05  HPmax-FT 1.15e-05" in table  # (the energy's std is exactly 0 here: 0.0000 as before)

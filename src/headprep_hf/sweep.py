@@ -1269,7 +1269,10 @@ def compare_taus(results: list[dict], tau_a: int, tau_b: int, metric: str, great
             # A share (accuracy, IoU) reads in percentage points; what else the metric is, in its own units.
             values = [v for v in (*a.values(), *b.values()) if v is not None and math.isfinite(v)]
             fraction = greater_is_better and all(0.0 <= v <= 1.0 for v in values)
-            out[f"{part}_verdict"] = verdict(tau_a, tau_b, difference, f"{part} {metric}", greater_is_better, fraction)
+            # (tau_a is tau*, chosen on the validation values: their comparison is no test of it)
+            out[f"{part}_verdict"] = verdict(
+                tau_a, tau_b, difference, f"{part} {metric}", greater_is_better, fraction, part == "validation"
+            )
     return out
 
 
@@ -1308,6 +1311,7 @@ def assemble_sweep(
             "validation": stats["validation"]["mean"] if stats["validation"] else None,
             "test": stats["test"]["mean"] if stats["test"] else None,
             "n": stats["validation"]["n"] if stats["validation"] else 0,
+            "n_test": stats["test"]["n"] if stats["test"] else 0,
         }
 
     comparisons = {}
@@ -1576,11 +1580,28 @@ def job_counts(sweep: dict[str, Any]) -> tuple[int, int]:
     return len(done), len(taus) * len(seeds)
 
 
+def _number(value: float) -> str:
+    """Four decimals, as the table has always printed, except where they would hide the value: below 0.001 (an MSE
+    of 1e-5 printed as 0.0000 at every tau, all looking tied) or from 100,000 on, four significant digits."""
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.4g}"
+
+
 def _mean_std(stats: dict | None, width: int) -> str:
     if stats is None:
         return f"{'-':>{width}}"
-    text = f"{stats['mean']:.4f}" + (f" +- {stats['std']:.4f}" if stats["std"] is not None else "")
+    text = _number(stats["mean"]) + (f" +- {_number(stats['std'])}" if stats["std"] is not None else "")
     return f"{text:>{width}}"
+
+
+def _fewer_seeds(rows: list[dict], n_seeds: int, has_test: bool) -> str | None:
+    """Which means of the table are over fewer seeds than the header says (a seed's value missing or not finite)."""
+    fewer = []
+    for row in rows:
+        for key in ("validation", "test") if has_test else ("validation",):
+            n = row[key]["n"] if row[key] else 0
+            if n < n_seeds:
+                fewer.append(f"tau={row['tau']} {key} n={n}")
+    return f"over fewer seeds (a value missing or not finite): {', '.join(fewer)}" if fewer else None
 
 
 def format_table(sweep: dict[str, Any]) -> str:
@@ -1606,6 +1627,9 @@ def format_table(sweep: dict[str, Any]) -> str:
         lines.append(line + star)
     if n_seeds > 1:
         lines.append(f"(mean +- standard deviation over {n_seeds} seeds: {sweep['seeds']})")
+        fewer = _fewer_seeds(rows, n_seeds, has_test)
+        if fewer:
+            lines.append(fewer)
     done, total = job_counts(sweep)
     if done < total:
         taus = sorted({r["tau"] for r in sweep["results"]})
@@ -1625,7 +1649,9 @@ def format_table(sweep: dict[str, Any]) -> str:
     for name, row in sweep["summary"].items():
         if row is not None:
             value = row["test"] if has_test else row["validation"]
-            parts.append(f"{name} {value:.4f}" if value is not None else f"{name} -")
+            n = row.get("n_test" if has_test else "n")  # (its own seeds: said where fewer than the table's)
+            fewer = f" (n={n})" if n is not None and n_seeds > 1 and n < n_seeds else ""
+            parts.append(f"{name} {_number(value)}{fewer}" if value is not None else f"{name} -")
     lines.append(f"{'test' if has_test else 'validation'} {metric}: " + "  ".join(parts))
     if n_seeds < 2:
         if len(sweep.get("seeds") or []) > 1:  # (seeds ran, but at most one has a finite value at any tau)

@@ -93,6 +93,13 @@ _SUMMARY_ROW = {
         "tau": {"type": "integer", "minimum": 0},
         "validation": _NUMBER_OR_NULL,
         "test": _NUMBER_OR_NULL,
+        "n": {"type": "integer", "minimum": 0, "description": "Seeds the validation mean is over."},
+        "n_test": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Seeds the test mean is over (its own: a seed's "
+            "test value may be missing or not finite where its validation value is not).",
+        },  # fmt: skip
     },
 }
 
