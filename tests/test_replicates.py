@@ -111,6 +111,35 @@ def test_adding_a_seed_runs_only_the_new_jobs(tmp_path, data):
     assert {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()} == before
 
 
+def test_a_seed_added_to_a_sharded_sweep_as_the_readme_says(tmp_path, data):
+    """README: add a seed to each shard's rerun, then merge; positions shift, so each shard reruns a job another had
+    finished, and the merge is the full sweep. The check against running fewer jobs refused the shard's rerun (its
+    earlier sweep.json held a job now at the other shard's position), and the merge's advice was that rerun."""
+    from headprep_hf import merge_sweeps
+
+    for name, shard in (("a", "0/2"), ("b", "1/2")):
+        _sweep(tmp_path / name, data, [3], sweep_shard=shard).run()
+    for name, shard in (("a", "0/2"), ("b", "1/2")):
+        grown = _sweep(tmp_path / name, data, [3, 7], sweep_shard=shard).run()
+        assert {(r["tau"], r["seed"]) for r in grown["results"]} == set(grown_jobs := _shard_jobs(shard, [3, 7]))
+        assert len(grown_jobs) == 2
+    merged = merge_sweeps([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    full = _sweep(tmp_path / "full", data, [3, 7]).run()
+    assert merged["complete"] and merged["tau_star"] == full["tau_star"]
+    assert [(r["tau"], r["seed"], r["validation"]) for r in merged["results"]] == [
+        (r["tau"], r["seed"], r["validation"]) for r in full["results"]
+    ]
+    # the shard of another count, or fewer seeds, is still refused
+    with pytest.raises(ValueError, match=r"this run does not cover"):
+        _sweep(tmp_path / "a", data, [3], sweep_shard="0/2").run()
+
+
+def _shard_jobs(shard, seeds):
+    index, count = map(int, shard.split("/"))
+    jobs = [(tau, seed) for tau in (0, 2) for seed in seeds]
+    return [job for p, job in enumerate(jobs) if p % count == index]
+
+
 def test_format_1_sweep_files_still_load():
     old = {
         "format_version": 1,

@@ -729,6 +729,18 @@ class TauSweep:
         if self.args.overwrite_output_dir or not path.is_file():
             return
         recorded = _read_json(path)
+        shard, seeds = recorded.get("shard"), recorded.get("seeds")
+        if (
+            self.args.sweep_shard is not None
+            and isinstance(shard, dict)
+            and (shard.get("index"), shard.get("count")) == parse_shard(self.args.sweep_shard)
+            and isinstance(seeds, list)
+            and set(seeds) <= set(self.args.seeds)
+        ):
+            # The same shard with seeds added: positions run by tau, then seed, so some jobs it ran now belong to
+            # another shard, which runs them too (README). Its new sweep.json lists its own jobs; the merge takes each
+            # job from the one shard it now belongs to.
+            return
         theirs = {(r.get("tau"), r.get("seed")) for r in recorded.get("results") or [] if isinstance(r, dict)}
         beyond = sorted(theirs - set(jobs), key=lambda job: (job[1] is None, job[1] or 0, job[0]))
         if beyond:
