@@ -134,6 +134,30 @@ def test_a_seed_added_to_a_sharded_sweep_as_the_readme_says(tmp_path, data):
         _sweep(tmp_path / "a", data, [3], sweep_shard="0/2").run()
 
 
+def test_a_sweep_is_not_continued_or_merged_with_another_compute_metrics(tmp_path, data):
+    """The fingerprint does not hold compute_metrics: a sweep continued with a seed added and "accuracy" redefined as
+    the error rate reused the first seed's jobs and averaged both definitions into one tau*, without a word."""
+    from headprep_hf import merge_sweeps
+
+    accuracy = accuracy_metrics()
+
+    def error_rate(prediction):
+        out = accuracy(prediction)
+        return {**out, "accuracy": 1 - out["accuracy"]}
+
+    _sweep(tmp_path / "s", data, [3]).run()
+    before = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"sweep.json was evaluated with another compute_metrics \(.*error_rate"):
+        _sweep(tmp_path / "s", data, [3, 7], metrics=error_rate).run()
+    assert {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()} == before
+    grown = _sweep(tmp_path / "s", data, [3, 7]).run()  # the same function (another instance) continues it
+    assert grown["complete"] and "accuracy_metrics" in grown["evaluation"]["compute_metrics"]
+    _sweep(tmp_path / "a", data, [3], sweep_shard="0/2").run()
+    _sweep(tmp_path / "b", data, [3], sweep_shard="1/2", metrics=error_rate).run()
+    with pytest.raises(ValueError, match="they were evaluated with other compute_metrics"):
+        merge_sweeps([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+
+
 def _shard_jobs(shard, seeds):
     index, count = map(int, shard.split("/"))
     jobs = [(tau, seed) for tau in (0, 2) for seed in seeds]

@@ -47,7 +47,7 @@ from .checkpoints import CheckpointError, latest_resumable
 from .config import HeadPrepConfig
 from .data.images import hf_content_digest
 from .files import file_sha256, read_json, read_safetensors, write_text_atomic
-from .fingerprint import settings_fingerprint, state_fingerprint
+from .fingerprint import callable_identity, settings_fingerprint, state_fingerprint
 from .guard import check_finite
 from .heads import reinitialize_head
 from .measurements import final_drift_of
@@ -668,6 +668,7 @@ class TauSweep:
         self._check_output_dir()
         if not self.args.overwrite_output_dir:
             self._check_owner()  # before anything is written: a folder of another sweep is refused untouched
+            self._check_evaluation()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         jobs = self.args.shard_jobs()
         self._refuse_fewer_jobs(jobs)
@@ -842,6 +843,42 @@ class TauSweep:
             ),
         }
 
+    def evaluation_identity(self) -> dict[str, str]:
+        """The functions every job evaluates (and trains) with, described by `fingerprint.callable_identity`:
+        `compute_metrics`, and `preprocess_logits_for_metrics` and `compute_loss_func` where given. Recorded beside
+        the fingerprint (in `sweep.json` and every job's files), not in it, so that sweeps written before it was
+        recorded still continue."""
+        functions = {"compute_metrics": self.compute_metrics}
+        functions.update(
+            {k: self.trainer_kwargs.get(k) for k in ("preprocess_logits_for_metrics", "compute_loss_func")}
+        )
+        return {name: callable_identity(fn) for name, fn in functions.items() if fn is not None}
+
+    def _check_evaluation(self) -> None:
+        """Refuse (before anything is written) a folder whose sweep or jobs were evaluated with other functions: the
+        fingerprint does not hold them, and a continued sweep averaged one seed's accuracy with another's error rate
+        into one tau*, without a word. Files written before this was recorded are not checked."""
+        mine = self.evaluation_identity()
+        records = []
+        if (self.output_dir / SWEEP_FILE).is_file():
+            records.append((self.output_dir / SWEEP_FILE, _read_json(self.output_dir / SWEEP_FILE)))
+        for tau_dir in sorted(self.output_dir.glob("tau_*")):
+            for name in (RESULT_FILE, JOB_FILE):
+                records += [(path, _read_json(path)) for path in sorted(tau_dir.glob(f"seed_*/{name}"))]
+        for path, record in records:
+            theirs = record.get("evaluation")
+            if not isinstance(theirs, dict) or theirs == mine:
+                continue
+            names = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            said = "; ".join(f"{n}: {theirs.get(n)} there, {mine.get(n)} now" for n in names)
+            raise ValueError(
+                f"{path} was evaluated with another {' and '.join(names)} ({said}; the bracketed digest is of the "
+                "function's code, which a new Python version also changes). Continuing would average the "
+                "metrics of two definitions over seeds and taus into one tau*; nothing was changed. Rerun with the "
+                "functions that sweep used to continue it, use another output_dir, or pass overwrite_output_dir=True "
+                "(--overwrite_output_dir true) to start again in this folder."
+            )
+
     def _check_owner(self) -> None:
         """Refuse (before any file is written) an output_dir whose sweep file, head snapshots or FT job folders belong
         to a sweep with another fingerprint: resuming or reusing them would mix two sweeps' settings."""
@@ -951,7 +988,13 @@ class TauSweep:
         if self._is_main:  # the folder's owner, written before anything else in it
             job_dir.mkdir(parents=True, exist_ok=True)
             _write_json(
-                job_dir / JOB_FILE, {"fingerprint": self._fingerprint, "seed": seed, "settings": _settings(self.args)}
+                job_dir / JOB_FILE,
+                {
+                    "fingerprint": self._fingerprint,
+                    "seed": seed,
+                    "settings": _settings(self.args),
+                    "evaluation": self.evaluation_identity(),
+                },
             )
         # The job folder is this sweep's (checked against the fingerprint): outputs of a killed attempt are replaced.
         job_args = dataclasses.replace(
@@ -1049,7 +1092,12 @@ class TauSweep:
         if trainer.args.should_save:
             _write_json(
                 job_dir / RESULT_FILE,
-                {"fingerprint": self._fingerprint, "result": result, "settings": _settings(self.args)},
+                {
+                    "fingerprint": self._fingerprint,
+                    "result": result,
+                    "settings": _settings(self.args),
+                    "evaluation": self.evaluation_identity(),
+                },
             )
             _remove_if_empty(job_dir / "ft")  # (the checkpoints' folder, when the job wrote none)
         return result
@@ -1178,6 +1226,7 @@ class TauSweep:
             shard=shard,
             task=self.task,
             settings=_settings(self.args),
+            evaluation=self.evaluation_identity(),
         )
 
 
@@ -1300,6 +1349,7 @@ def assemble_sweep(
     settings: dict | None = None,
     merged_from: list[str] | None = None,
     seeds: list[int] | None = None,
+    evaluation: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Build (and validate) the `sweep.json` content from the per-(tau, seed) results (NaN/inf values become null)."""
     results = _finite_or_null(sorted(results, key=lambda r: (r["tau"], r.get("seed") or 0)))
@@ -1358,6 +1408,8 @@ def assemble_sweep(
     }
     if merged_from is not None:
         sweep["merged_from"] = merged_from
+    if evaluation is not None:
+        sweep["evaluation"] = evaluation
     sweep = _finite_or_null(sweep)
     validate_sweep(sweep)
     return sweep
@@ -1509,6 +1561,14 @@ def _check_same_sweep(first_file: Path, first: dict, other_file: Path, other: di
     )
     if differences:
         raise ValueError(f"{cannot}: they differ in {'; '.join(differences)}; {rerun}")
+    mine, theirs = first.get("evaluation"), other.get("evaluation")
+    if isinstance(mine, dict) and isinstance(theirs, dict) and mine != theirs:
+        names = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(
+            f"{cannot}: they were evaluated with other {' and '.join(names)} ("
+            + "; ".join(f"{n}: {theirs.get(n)} and {mine.get(n)}" for n in names)
+            + f"); {rerun}"
+        )
 
 
 def merge_sweeps(
@@ -1575,6 +1635,9 @@ def merge_sweeps(
         task=first.get("task"),  # (every shard's task record is the same, up to where files lie on its machine)
         settings=first.get("settings"),
         merged_from=[str(p) for p, _ in sweeps],
+        evaluation=next(
+            (sweep["evaluation"] for _, sweep in sweeps if isinstance(sweep.get("evaluation"), dict)), None
+        ),
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(target, merged)

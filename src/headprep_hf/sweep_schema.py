@@ -137,6 +137,12 @@ SWEEP_SCHEMA_V1: dict[str, Any] = {
         },
         "complete": {"type": "boolean", "description": "Every tau of the grid has a result."},
         "results": {"type": "array", "items": _TAU_RESULT, "description": "One entry per finished tau, by tau."},
+        "evaluation": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "The functions the jobs were evaluated with (compute_metrics, ...), as "
+            "fingerprint.callable_identity describes them; a continued or merged sweep must share them.",
+        },
         "summary": {
             "type": "object",
             "description": "Paper Table 1 columns: HP0-FT (tau=0), HPmax-FT (largest tau), HPtau*-FT.",
