@@ -449,6 +449,8 @@ def test_real_data_flags_on_the_toy_task_are_refused_before_any_work():
     with pytest.raises(ValueError, match="--image_size applies to real data"):
         load_image_classification(ImageClassificationArguments(image_size=32, cache_dir="/nonexistent"), seed=0)
     # timm's augmentation flags have nothing to act on there (they were ignored without a word)
+    with pytest.raises(ValueError, match="--energy_on_eval_transform applies to real data"):
+        load_image_classification(ImageClassificationArguments(energy_on_eval_transform=True, cache_dir="/x"), seed=0)
     for flag in (dict(hflip=0.0), dict(scale=[1.0, 1.0]), dict(color_jitter=0.0)):
         name = next(iter(flag))
         with pytest.raises(ValueError, match=f"--{name} sets timm's augmentation of real images"):
@@ -771,3 +773,58 @@ def test_a_timm_vit_trains_from_pixel_values_with_column_removal_on(tmp_path):
     assert "eval_loss" in HeadPrepTrainer(model=model, args=plain).evaluate(
         eval_dataset=[Items()[i] for i in range(4)]
     )
+
+
+def test_energy_on_eval_transform_measures_the_training_images_without_augmentation(tmp_path):
+    """The issue: train-set measurements that should not see augmentation use the eval transform "if the user asks";
+    only the Python `energy_dataset=` could ask. `--energy_on_eval_transform` measures the start-of-FT energy on the
+    training images through the eval transform, equal to a plain-torch computation on them."""
+    import torch.nn.functional as F
+    from conftest import make_config
+
+    from headprep_hf import HeadPrepTrainer
+    from headprep_hf.tasks.image_classification import ImageClassificationArguments, load_image_classification
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for label in ("cat", "dog"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                    tmp_path / split / label / f"{i}.png"
+                )
+    source = tmp_path / "source"
+    timm.models.save_for_hf(timm.create_model("test_resnet", num_classes=5), str(source))
+    args = ImageClassificationArguments(
+        model_name_or_path=str(source), train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"),
+        image_size=16, energy_on_eval_transform=True,
+    )  # fmt: skip
+    inputs = load_image_classification(args, seed=0)
+    assert inputs.energy_dataset is inputs.train_eval_dataset
+    trainer = HeadPrepTrainer(
+        model=inputs.model, args=make_config(tmp_path, hp_epochs=1, track_dynamics=True),
+        train_dataset=inputs.train_dataset, energy_dataset=inputs.energy_dataset,
+    )  # fmt: skip
+    trainer.probe_head()
+    model = inputs.model.eval()
+    with torch.no_grad():
+        energies = []
+        for i in range(len(inputs.train_eval_dataset)):
+            item = inputs.train_eval_dataset[i]
+            p = torch.softmax(model(item["pixel_values"][None]).float(), -1)[0]
+            energies.append(float((F.one_hot(torch.tensor(item["labels"]), 2) - p).norm()))
+    assert trainer.dynamics["energy"] == pytest.approx(float(np.mean(energies)), rel=1e-5)
+    assert trainer.dynamics["energy_source"] == "backbone pass"
+
+
+def test_a_processor_that_gives_no_pixel_values_is_refused():
+    """ImageGPT's processor gives `input_ids` (colour clusters): it was taken as "could not run on a test image",
+    with a warning only, and the run went on to feed the model pixel values."""
+    from transformers import ImageGPTImageProcessor
+
+    from headprep_hf.data.images import check_processor_reproduced
+
+    processor = ImageGPTImageProcessor(clusters=np.random.default_rng(0).random((16, 3)).tolist(), size=8)
+    config = resolve_image_data_config(image_processor_data_config(processor))
+    with pytest.raises(ValueError, match=r"\(ImageGPTImageProcessor\) gives \['input_ids'\], not pixel_values"):
+        check_processor_reproduced(processor, config)

@@ -428,6 +428,7 @@ def sweep_main(argv: list[str], prog: str = "headprep sweep") -> dict:
         exchange_train_dataset=inputs.train_eval_dataset,
         data_collator=inputs.data_collator,
         preprocess_logits_for_metrics=inputs.preprocess_logits_for_metrics,
+        **({"energy_dataset": inputs.energy_dataset} if inputs.energy_dataset is not None else {}),
     )
     # The folder is named before the work starts: interrupted, the default (timestamped) folder was named nowhere,
     # and the same command started again from scratch in a new one.

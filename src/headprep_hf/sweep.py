@@ -160,6 +160,9 @@ _TASK_MACHINE_KEYS = ("cache_dir", "channels_last")  # (channels_last: the weigh
 # folder as ./data/train, data/train or /mnt/x/data/train; another machine's mount point), while the data description
 # (lengths, label hashes) and the model fingerprint cover what they point at.
 _TASK_PATH_KEYS = ("train_dir", "validation_dir", "test_dir", "voc_root", "dataset_root", "model_name_or_path")
+# Task arguments added after sweeps were recorded without them: left out at their default, so those sweeps keep their
+# fingerprint and continue.
+_TASK_ARGS_ADDED = {"energy_on_eval_transform": False}
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -398,7 +401,11 @@ def _task_args(task: dict | None) -> dict | None:
     and with data and model paths cut to their last component (`_TASK_PATH_KEYS`)."""
     if task is None:
         return None
-    args = {k: v for k, v in (task.get("args") or {}).items() if k not in _TASK_MACHINE_KEYS}
+    args = {
+        k: v
+        for k, v in (task.get("args") or {}).items()
+        if k not in _TASK_MACHINE_KEYS and not (k in _TASK_ARGS_ADDED and v == _TASK_ARGS_ADDED[k])
+    }
     for key in _TASK_PATH_KEYS:
         if isinstance(args.get(key), str):
             args[key] = os.path.basename(os.path.normpath(args[key]))

@@ -419,6 +419,8 @@ def check_processor_reproduced(processor: Any, data_config: dict[str, Any]) -> N
     Both are run on one test image and compared."""
     try:
         difference, ours, theirs = _processor_difference(processor, data_config)
+    except _NoPixelValues:
+        raise
     except Exception as error:  # (e.g. a missing optional backend): said, not silently taken as reproduced
         warnings.warn(
             f"The image processor ({type(processor).__name__}) could not run on a test image ({error!r}), so whether "
@@ -445,11 +447,22 @@ def check_processor_reproduced(processor: Any, data_config: dict[str, Any]) -> N
     )
 
 
+class _NoPixelValues(ValueError):
+    """A processor that runs and gives no `pixel_values` (ImageGPT's gives `input_ids`): refused, not warned about."""
+
+
 def _processor_difference(processor: Any, data_config: dict[str, Any]):
     """The mean absolute difference between what `processor` and the recipe's eval transform for `data_config` give on
     one test image (inf where the shapes differ), and both results. Raises what the processor raises."""
     image = _smooth_test_image()
-    theirs = processor(images=image, return_tensors="pt")["pixel_values"][0].float()
+    out = processor(images=image, return_tensors="pt")
+    if "pixel_values" not in out:
+        raise _NoPixelValues(
+            f"The model's image processor ({type(processor).__name__}) gives {sorted(out.keys())}, not pixel_values: "
+            "the recipe's pipeline gives a model pixel values (timm transforms: resize, crop, 1/255, mean/std), so it "
+            "cannot prepare this model's inputs. Prepare the data yourself and use HeadPrepTrainer directly."
+        )
+    theirs = out["pixel_values"][0].float()
     ours = build_image_transforms(data_config, is_training=False, normalize=True)(image)
     difference = float((ours - theirs).abs().mean()) if ours.shape == theirs.shape else float("inf")
     return difference, ours, theirs

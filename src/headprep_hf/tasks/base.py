@@ -24,6 +24,9 @@ class TaskInputs:
     # The training set through the eval transform (no augmentation), for measurements that must not see
     # augmentation (the exchange's train accuracy); None where training reads no augmented views.
     train_eval_dataset: Any = None
+    # Where the start-of-FT energy is measured instead of the training set (`HeadPrepTrainer(energy_dataset=)`), e.g.
+    # the training images through the eval transform (`--energy_on_eval_transform`); None: as training reads them.
+    energy_dataset: Any = None
     # Saved beside the model by `save_model` (a transformers image processor), as Trainer's `processing_class`.
     processing_class: Any = None
     # The data config the transforms were built from (input size, interpolation, crop_pct, mean/std).
@@ -166,6 +169,7 @@ def train_and_evaluate(inputs: TaskInputs, training_args) -> tuple[Any, dict[str
         data_collator=inputs.data_collator,
         preprocess_logits_for_metrics=inputs.preprocess_logits_for_metrics,
         processing_class=inputs.processing_class,
+        energy_dataset=inputs.energy_dataset,
     )
     trainer.check_labels_of(test_dataset=inputs.test_dataset)  # not only after training, when it is evaluated
     resume = training_args.resume_from_checkpoint

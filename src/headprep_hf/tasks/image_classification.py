@@ -85,6 +85,13 @@ class ImageClassificationArguments:
     hflip: float = field(default=0.5, metadata={"help": "Horizontal-flip probability of training images."})
     color_jitter: float = field(default=0.4, metadata={"help": "Color-jitter strength of training images (0: none)."})
     no_aug: bool = field(default=False, metadata={"help": "Train on resized images without augmentation."})
+    energy_on_eval_transform: bool = field(
+        default=False,
+        metadata={
+            "help": "Measure the start-of-FT energy, HP accuracy and p0 on the training images through the eval "
+            "transform (no augmentation; energy_dataset=), not as training reads them (real data)."
+        },
+    )
     channels_last: bool = field(
         default=True,
         metadata={
@@ -104,8 +111,9 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
     real_data = args.dataset_name is not None or args.train_dir is not None
     check_image_folders(train_dir=args.train_dir, validation_dir=args.validation_dir, test_dir=args.test_dir)
     if not real_data:
-        for name in ("test_dir", "max_train_samples", "max_eval_samples", "image_size", "crop_pct", "interpolation"):
-            if getattr(args, name) is not None:
+        names = ("test_dir", "max_train_samples", "max_eval_samples", "image_size", "crop_pct", "interpolation")
+        for name in (*names, "energy_on_eval_transform"):
+            if getattr(args, name) not in (None, False):
                 raise ValueError(
                     f"--{name} applies to real data (--train_dir or --dataset_name); the offline toy task has fixed "
                     "in-memory splits. Drop it or give the data."
@@ -284,6 +292,7 @@ def _load_real_images(args: ImageClassificationArguments, source: str, seed: int
         processor = _processor_for_run(processor, data_config)
     extra = dict(
         train_eval_dataset=splits["train_eval"],
+        energy_dataset=splits["train_eval"] if args.energy_on_eval_transform else None,
         processing_class=processor,
         data_config=data_config,
         decodes_files=True,
