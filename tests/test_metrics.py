@@ -25,3 +25,14 @@ def test_compute_metrics_from_logits():
 def test_unknown_metric():
     with pytest.raises(ValueError, match="available offline: \\['accuracy'\\]"):
         load_metric("bleu")
+
+
+def test_segmentation_metrics_skip_trainers_padding_of_masks_of_other_heights():
+    """Masks of different heights are concatenated by Trainer with -100 padding: np.bincount failed on it."""
+    from headprep_hf.metrics import segmentation_metrics
+
+    labels = np.array([[[0, 1], [1, 255]], [[1, 0], [-100, -100]]])
+    predictions = np.array([[[0, 1], [0, 1]], [[1, 1], [-100, -100]]])
+    out = segmentation_metrics(2, ignore_index=255)(EvalPrediction(predictions=predictions, label_ids=labels))
+    # 5 labelled pixels: 0->0, 1->1, 1->0, 1->1, 0->1: IoU(0) = 1/3, IoU(1) = 2/4
+    assert out["pixel_accuracy"] == pytest.approx(3 / 5) and out["mean_iou"] == pytest.approx((1 / 3 + 2 / 4) / 2)

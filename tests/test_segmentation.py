@@ -175,3 +175,19 @@ def test_segmentation_recipe_and_sweep_task(tmp_path, capsys, shared_cache):
     assert 0.0 <= metrics["validation_mean_iou"] <= 1.0 and metrics["energy"] > 0 and metrics["drift_sq_dist"] > 0
     assert "validation mIoU" in capsys.readouterr().out
     assert sweep["selection_metric"] == "mean_iou" and sweep["complete"] and sweep["task"]["name"] == "segmentation"
+
+
+def test_aspp_rates_follow_the_output_stride():
+    """DeepLabV3's ASPP rates are (12, 24, 36) at output stride 8 and (6, 12, 18) at 16: torchvision's default kept the
+    former at 16, where on a 320 px crop's 20x20 map the two widest branches were 1x1 convolutions. Other strides are
+    refused."""
+    from torch import nn
+
+    for stride, rates in ((8, (12, 24, 36)), (16, (6, 12, 18))):
+        model = TimmDeepLabV3("test_resnet", 3, output_stride=stride)
+        dilations = [
+            m.dilation[0] for m in model.classifier.modules() if isinstance(m, nn.Conv2d) and m.dilation[0] > 1
+        ]
+        assert tuple(dilations) == rates
+    with pytest.raises(ValueError, match="output_stride must be 8 .* or 16, got 32"):
+        TimmDeepLabV3("test_resnet", 3, output_stride=32)

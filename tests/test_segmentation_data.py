@@ -486,3 +486,23 @@ def test_a_mode_the_datasets_feature_declares_is_applied_to_the_stored_pixels(tm
         assert mask.mode == "L"
     raw_masks = {np.array(expected[i]["annotation"]).tobytes() for i in range(4)}
     assert all(np.array(splits["train"].load_pair(i)[1]).tobytes() in raw_masks for i in range(len(splits["train"])))
+
+
+def test_a_trainer_ignoring_another_value_than_the_masks_is_named_before_training(tmp_path):
+    """The transform pads masks with 255; a trainer at its default ignore_index=-100 on masks that hold no 255 of
+    their own passed the check and failed at its first batch with "Target 255 is out of bounds"."""
+    from conftest import make_config
+
+    from headprep_hf import HeadPrepTrainer
+    from headprep_hf.models import TimmDeepLabV3
+
+    root = make_voc(tmp_path / "voc")
+    splits = load_voc_segmentation(str(root), crop_size=32, validation_split=0.2, seed=0)
+    trainer = HeadPrepTrainer(
+        model=TimmDeepLabV3("test_resnet", 21), args=make_config(tmp_path), train_dataset=splits["train"]
+    )
+    with pytest.raises(
+        ValueError, match=r"marks pixels to ignore .* with 255, and the trainer ignores -100.*--ignore_index 255"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 0

@@ -389,6 +389,14 @@ class SegmentationDataset(Dataset):
         outside `[0, num_classes)` other than `ignore_index`."""
         name = name or self.name
         ignore = self.ignore_index if ignore_index is None else ignore_index
+        if ignore != self.ignore_index:
+            # (the transform pads with its own value: on masks without it, training failed at its first batch with
+            # "Target 255 is out of bounds")
+            raise ValueError(
+                f"{name} marks pixels to ignore (its padding and borders) with {self.ignore_index}, and the trainer "
+                f"ignores {ignore} (ignore_index): set ignore_index={self.ignore_index} in the config "
+                f"(--ignore_index {self.ignore_index}), as the segmentation recipe does."
+            )
         for i in range(self.length):
             try:
                 _, mask = self._raw(i)

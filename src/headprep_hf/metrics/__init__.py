@@ -57,7 +57,8 @@ def segmentation_metrics(num_classes: int, ignore_index: int = 255):
         labels = np.asarray(eval_prediction.label_ids)
         if predictions.ndim == labels.ndim + 1:
             predictions = predictions.argmax(axis=1)
-        valid = labels != ignore_index
+        # (negative labels: Trainer's -100 padding where masks of different heights are concatenated across batches)
+        valid = (labels != ignore_index) & (labels >= 0)
         pred, true = predictions[valid].astype(np.int64), labels[valid].astype(np.int64)
         confusion = np.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
         intersection = np.diag(confusion).astype(np.float64)

@@ -30,8 +30,14 @@ class TimmDeepLabV3(nn.Module):
 
     def __init__(self, arch: str, num_classes: int, output_stride: int = 8):
         super().__init__()
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 (the paper's) or 16, got {output_stride}")
         self.backbone = timm.create_model(arch, features_only=True, output_stride=output_stride, out_indices=(-1,))
-        self.classifier = DeepLabHead(self.backbone.feature_info.channels()[-1], num_classes)
+        # ASPP's atrous rates scale with the feature map: DeepLabV3's (12, 24, 36) at output stride 8 and (6, 12, 18)
+        # at 16 (Chen et al. 2017, sec. 3.3). torchvision's default is the former at any stride: at 16, on a 20x20
+        # map (320 px crops), the rate-24 and rate-36 branches saw only their centre tap, 1x1 convolutions.
+        rates = tuple(rate * 8 // output_stride for rate in (12, 24, 36))
+        self.classifier = DeepLabHead(self.backbone.feature_info.channels()[-1], num_classes, atrous_rates=rates)
         self.num_classes = num_classes
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
