@@ -176,12 +176,15 @@ def test_linked_class_folders_and_pattern_characters_in_a_path_are_read_as_any_f
     _write_image_folder(tmp_path / "set[1]" / "train")
     _write_image_folder(tmp_path / "elsewhere", classes=("dog",), per_class=2, seed=1)
     _write_image_folder(tmp_path / "data" / "val", classes=("cat",), per_class=2, seed=2)
+    # a file name holding pattern characters, and two it would match as a pattern (read once each, all three)
+    for name in ("img1.png", "img2.png", "img[12].png"):
+        Image.fromarray(np.full((20, 24, 3), len(name), np.uint8)).save(tmp_path / "data" / "val" / "cat" / name)
     os.symlink(tmp_path / "elsewhere" / "dog", tmp_path / "data" / "val" / "dog")
     os.symlink(tmp_path / "data" / "val", tmp_path / "data" / "val" / "cat" / "loop")  # (read once)
     splits, class_names = _load(
         tmp_path, train_dir=str(tmp_path / "set[1]" / "train"), validation_dir=str(tmp_path / "data" / "val")
     )
-    assert class_names == ["cat", "dog"] and np.bincount(splits["validation"].labels).tolist() == [2, 2]
+    assert class_names == ["cat", "dog"] and np.bincount(splits["validation"].labels).tolist() == [5, 2]
     assert len(splits["train"]) == 8
     # Both at once cannot be read by imagefolder (an escaped entry is matched without following links): named
     os.symlink(tmp_path / "elsewhere" / "dog", tmp_path / "set[1]" / "train" / "dog2")

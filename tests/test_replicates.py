@@ -152,6 +152,18 @@ def test_a_sweep_is_not_continued_or_merged_with_another_compute_metrics(tmp_pat
     assert {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()} == before
     grown = _sweep(tmp_path / "s", data, [3, 7]).run()  # the same function (another instance) continues it
     assert grown["complete"] and "accuracy_metrics" in grown["evaluation"]["compute_metrics"]
+
+    # A function that keeps state (a call counter) is described as the sweep found it: the same code continues.
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, prediction):
+            self.calls += 1
+            return accuracy(prediction)
+
+    _sweep(tmp_path / "c", data, [3], metrics=Counting()).run()
+    assert _sweep(tmp_path / "c", data, [3, 7], metrics=Counting()).run()["complete"]
     _sweep(tmp_path / "a", data, [3], sweep_shard="0/2").run()
     _sweep(tmp_path / "b", data, [3], sweep_shard="1/2", metrics=error_rate).run()
     with pytest.raises(ValueError, match="they were evaluated with other compute_metrics"):
@@ -348,7 +360,7 @@ def test_a_guessed_metric_direction_is_logged_once(tmp_path, caplog):
      ("error_rate", True), ("word_error_rate", True), ("top1_err", True), ("cross_entropy", True),
      ("neg_mean_squared_error", False), ("neg_log_loss", False), ("eval_neg_log_loss", False),
      ("eval_loss", True), ("nll_mean", True), ("accuracy", False), ("f1_macro", False), ("mean_iou", False),
-     ("brier_score", True), ("perplexity", True)],
+     ("brier_score", True), ("perplexity", True), ("negative_recall", False), ("neg_precision", False)],
 )  # fmt: skip
 def test_a_metrics_direction_is_read_past_qualifiers_and_negations(metric, lower):
     """Qualifiers were skipped for some lower-is-better words only: `rmse_mean` and `error_rate` were taken as
@@ -445,3 +457,16 @@ def test_means_over_fewer_seeds_say_so_and_small_values_keep_their_digits():
     table = format_table(_assemble(jobs, [1, 2, 3], metric="mse", greater_is_better=False, taus=(0, 2)))
     assert "4.2e-05 +- 2e-06" in table and "1.15e-05 +- 5e-07" in table
     assert "HP0-FT 4.2e-05  HPmax-FT 1.15e-05" in table  # (the energy's std is exactly 0 here: 0.0000 as before)
+
+
+def test_a_toy_sweep_recorded_with_no_aug_is_not_continued_without_augmentation():
+    """--no_aug did nothing on the toy task until it turned the toy's augmentation off: a toy sweep recorded with it
+    ran augmented and must not be continued without (its fingerprint differs now). Other records keep theirs."""
+    from headprep_hf.sweep import _task_args
+
+    toy = {"name": "image-classification", "args": {"no_aug": True, "train_dir": None, "dataset_name": None}}
+    assert _task_args(toy)["args"]["no_aug"] == "toy augmentation off"
+    real = {"name": "image-classification", "args": {"no_aug": True, "train_dir": "/data/train", "dataset_name": None}}
+    assert _task_args(real)["args"]["no_aug"] is True
+    added = {"name": "image-classification", "args": {"energy_on_eval_transform": False, "train_dir": "/d/train"}}
+    assert "energy_on_eval_transform" not in _task_args(added)["args"]  # (recorded before it existed: the same)

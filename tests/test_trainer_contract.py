@@ -1143,7 +1143,9 @@ def test_a_labelless_model_without_a_loss_on_data_without_labels_is_named_at_its
 
     args = _args(HeadPrepConfig, tmp_path, "logits", track_dynamics=False)
     trainer = HeadPrepTrainer(model=LogitsOnly(), args=args, train_dataset=InputsOnly())
-    with pytest.raises(ValueError, match=r"The batch holds no 'labels' \(its keys: \['input_x'\]\).*LogitsOnly"):
+    with pytest.raises(
+        ValueError, match=r"train_dataset\[0\] holds no 'labels' \(its keys: \['input_x'\]\).*LogitsOnly"
+    ):
         trainer.train()
     assert trainer.state.global_step == 0
     args = _args(HeadPrepConfig, tmp_path, "declared", problem_type="single_label_classification")

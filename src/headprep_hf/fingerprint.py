@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import torch
 
@@ -98,10 +99,14 @@ def _cell_set(cell) -> bool:
 
 
 def _held(value, depth: int) -> str:
+    # (an absolute path by its last component, as the sweep's task record: shards from machines with other mount
+    # points merge; a list or dict by its type: its contents may be state the function keeps, e.g. a history)
+    if isinstance(value, str) and os.path.isabs(value):
+        return repr(os.path.basename(os.path.normpath(value)))
     if _scalar(value):
         return repr(value)
-    if isinstance(value, (list, tuple)) and all(_scalar(v) for v in value):
-        return repr(tuple(value))
+    if isinstance(value, tuple) and all(_scalar(v) for v in value):
+        return repr(value)
     if callable(value) and not isinstance(value, type):
         return callable_identity(value, depth + 1)
     return f"<{type(value).__qualname__}>"

@@ -216,6 +216,18 @@ def first_item(dataset):
         return None
 
 
+def trainer_first_item(trainer, dataset):
+    """`first_item(dataset)`, read once per trainer and dataset: the checks before training and the start-of-FT
+    measurements look at the same item (a dataset that decodes or augments on access is not read again for it)."""
+    cache = trainer.__dict__.setdefault("_first_items", {})
+    hit = cache.get(id(dataset))
+    if hit is not None and hit[0] is dataset:
+        return hit[1]
+    item = first_item(dataset)
+    cache[id(dataset)] = (dataset, item)
+    return item
+
+
 def _first_label(dataset, label_name: str) -> np.ndarray | None:
     """The first sample's label: from a `labels`/`targets` attribute where there is one and no `target_transform`
     changes it, else from the first item, else (a `target_transform` over items that cannot be read, tuples) from the
@@ -355,7 +367,7 @@ def keys_without_labels(trainer, dataset) -> list[str] | None:
     `DataCollatorForLanguageModeling` does)."""
     if dataset is None or not _default_collator(trainer) or not trainer.label_names:
         return None
-    item = first_item(dataset)
+    item = trainer_first_item(trainer, dataset)
     if not isinstance(item, Mapping) or any(key in item for key in _label_keys(trainer.label_names[0])):
         return None
     return sorted(item)
@@ -376,7 +388,7 @@ def check_item_format(trainer) -> None:
     for name, dataset in _named_datasets(trainer):
         if isinstance(getattr(dataset, "column_names", None), list):
             continue  # a datasets.Dataset: its items are dicts
-        item = first_item(dataset)
+        item = trainer_first_item(trainer, dataset)
         if item is None or isinstance(item, Mapping) or hasattr(item, "__dict__"):
             continue
         model = trainer.accelerator.unwrap_model(trainer.model)

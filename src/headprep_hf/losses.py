@@ -333,10 +333,13 @@ class TrainerLossMixin:
             return (own, outputs) if return_outputs else own
         if isinstance(inputs, Mapping) and self.label_names[0] not in inputs:
             # (a model that takes no labels may train on data without them: `HeadPrepTrainer._may_take_own_loss`)
-            from .labels import missing_labels_message  # (labels -> dynamics -> losses)
+            from .labels import keys_without_labels, missing_labels_message  # (labels -> dynamics -> losses)
 
+            # (the dataset's own keys where its first item shows them: the batch has lost the unused columns)
+            keys = keys_without_labels(self, self.train_dataset) if self.in_training_step else None
+            where = "train_dataset[0]" if keys is not None else "The batch"
             raise ValueError(
-                missing_labels_message(self.label_names[0], inputs.keys(), "The batch")
+                missing_labels_message(self.label_names[0], keys if keys is not None else inputs.keys(), where)
                 + f" ({type(self.accelerator.unwrap_model(model)).__name__} returned no loss of its own.)"
             )
         labels = inputs[self.label_names[0]]

@@ -82,16 +82,16 @@ def lower_is_better(metric: str) -> bool:
     in `_LOWER_WORDS` (`perplexity`, `wer`, `cer`, `mape`, `nll`, `brier`, `ece`, ...); a leading `neg_` turns it
     round (scikit-learn's `neg_mean_squared_error` is larger-is-better)."""
     rest = _negated(metric)
-    if rest is not None:
-        return not lower_is_better(rest)
+    if rest is not None and lower_is_better(rest):  # (`neg_precision`: the negative class's, larger is better)
+        return False
     last = _last_word(metric)
     return last.endswith(_LOWER_IS_BETTER) or last in _LOWER_WORDS
 
 
 def _known_direction(metric: str) -> bool:
     rest = _negated(metric)
-    if rest is not None:
-        return _known_direction(rest)
+    if rest is not None and lower_is_better(rest):
+        return True
     return lower_is_better(metric) or _last_word(metric) in _HIGHER_WORDS
 
 

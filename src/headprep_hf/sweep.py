@@ -409,6 +409,10 @@ def _task_args(task: dict | None) -> dict | None:
     for key in _TASK_PATH_KEYS:
         if isinstance(args.get(key), str):
             args[key] = os.path.basename(os.path.normpath(args[key]))
+    if args.get("no_aug") is True and args.get("train_dir") is None and args.get("dataset_name") is None:
+        # (on the toy task --no_aug was accepted and did nothing until it turned the toy's augmentation off: a sweep
+        # recorded with it ran augmented, and must not be continued without)
+        args["no_aug"] = "toy augmentation off"
     return {"name": task.get("name"), "args": args}
 
 
@@ -558,6 +562,8 @@ class TauSweep:
         self._snapshots: dict[tuple[int, int], str] = {}
         self._head_inputs: dict[int, Any] = {}
         self._fingerprint: dict[str, Any] | None = None
+        # (described before anything calls them: a function that keeps state, a call counter, would differ later)
+        self._evaluation = self.evaluation_identity()
 
     def _check_sweep_metric(self) -> None:
         """A `sweep_metric` that `compute_metrics` does not return is refused before anything runs, from one batch of
@@ -854,7 +860,7 @@ class TauSweep:
         """The functions every job evaluates (and trains) with, described by `fingerprint.callable_identity`:
         `compute_metrics`, and `preprocess_logits_for_metrics` and `compute_loss_func` where given. Recorded beside
         the fingerprint (in `sweep.json` and every job's files), not in it, so that sweeps written before it was
-        recorded still continue."""
+        recorded still continue. The sweep describes them once, when it is made."""
         functions = {"compute_metrics": self.compute_metrics}
         functions.update(
             {k: self.trainer_kwargs.get(k) for k in ("preprocess_logits_for_metrics", "compute_loss_func")}
@@ -865,7 +871,7 @@ class TauSweep:
         """Refuse (before anything is written) a folder whose sweep or jobs were evaluated with other functions: the
         fingerprint does not hold them, and a continued sweep averaged one seed's accuracy with another's error rate
         into one tau*, without a word. Files written before this was recorded are not checked."""
-        mine = self.evaluation_identity()
+        mine = self._evaluation
         records = []
         if (self.output_dir / SWEEP_FILE).is_file():
             records.append((self.output_dir / SWEEP_FILE, _read_json(self.output_dir / SWEEP_FILE)))
@@ -1000,7 +1006,7 @@ class TauSweep:
                     "fingerprint": self._fingerprint,
                     "seed": seed,
                     "settings": _settings(self.args),
-                    "evaluation": self.evaluation_identity(),
+                    "evaluation": self._evaluation,
                 },
             )
         # The job folder is this sweep's (checked against the fingerprint): outputs of a killed attempt are replaced.
@@ -1103,7 +1109,7 @@ class TauSweep:
                     "fingerprint": self._fingerprint,
                     "result": result,
                     "settings": _settings(self.args),
-                    "evaluation": self.evaluation_identity(),
+                    "evaluation": self._evaluation,
                 },
             )
             _remove_if_empty(job_dir / "ft")  # (the checkpoints' folder, when the job wrote none)
@@ -1233,7 +1239,7 @@ class TauSweep:
             shard=shard,
             task=self.task,
             settings=_settings(self.args),
-            evaluation=self.evaluation_identity(),
+            evaluation=self._evaluation,
         )
 
 
@@ -1320,8 +1326,12 @@ def summarize_taus(results: list[dict], taus: list[int], metric: str) -> list[di
     return rows
 
 
-def compare_taus(results: list[dict], tau_a: int, tau_b: int, metric: str, greater_is_better: bool) -> dict | None:
-    """tau_a against tau_b on the validation and test `metric`, paired over the seeds both ran, with the verdict."""
+def compare_taus(
+    results: list[dict], tau_a: int, tau_b: int, metric: str, greater_is_better: bool, selected: bool = False
+) -> dict | None:
+    """tau_a against tau_b on the validation and test `metric`, paired over the seeds both ran, with the verdict.
+    `selected`: tau_a is tau*, chosen on the validation values, whose comparison then gives no verdict
+    (`replicates.verdict`)."""
     if tau_a == tau_b:
         return None
 
@@ -1337,9 +1347,14 @@ def compare_taus(results: list[dict], tau_a: int, tau_b: int, metric: str, great
             # A share (accuracy, IoU) reads in percentage points; what else the metric is, in its own units.
             values = [v for v in (*a.values(), *b.values()) if v is not None and math.isfinite(v)]
             fraction = greater_is_better and all(0.0 <= v <= 1.0 for v in values)
-            # (tau_a is tau*, chosen on the validation values: their comparison is no test of it)
             out[f"{part}_verdict"] = verdict(
-                tau_a, tau_b, difference, f"{part} {metric}", greater_is_better, fraction, part == "validation"
+                tau_a,
+                tau_b,
+                difference,
+                f"{part} {metric}",
+                greater_is_better,
+                fraction,
+                selected and part == "validation",
             )
     return out
 
@@ -1386,8 +1401,8 @@ def assemble_sweep(
     comparisons = {}
     if tau_star is not None:
         comparisons = {
-            "vs_first": compare_taus(results, tau_star, taus[0], metric, greater_is_better),
-            "vs_last": compare_taus(results, tau_star, taus[-1], metric, greater_is_better),
+            "vs_first": compare_taus(results, tau_star, taus[0], metric, greater_is_better, selected=True),
+            "vs_last": compare_taus(results, tau_star, taus[-1], metric, greater_is_better, selected=True),
         }
     sweep = {
         "format_version": SWEEP_FORMAT_VERSION,

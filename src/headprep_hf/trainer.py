@@ -60,6 +60,7 @@ from .labels import (
     check_not_empty,
     check_trainer_datasets,
     infer_problem_type,
+    keys_without_labels,
     shape_mismatch_error,
     single_sample_batch_error,
 )
@@ -1417,6 +1418,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         check_item_format(self)
         checked = self._checks_labels(plan)
         check_label_key(self, checked and not self._may_take_own_loss(plan))
+        # (read here, before training, for the start-of-FT energy: `MeasurementCallback._can_measure_energy`)
+        if self.track_dynamics:
+            keys_without_labels(self, self.energy_dataset if self.energy_dataset is not None else self.train_dataset)
         if checked:
             check_trainer_datasets(self)
             self._refuse_regression_smoothing(plan)

@@ -853,7 +853,8 @@ def _data_files(folder: str) -> str | list[str]:
             "datasets' imagefolder cannot read: it would leave the linked folders' images out. Rename the path "
             "without the character, or copy the linked folders in."
         )
-    return [glob.escape(path) for path in files] if special else files
+    # (every entry escaped: a file named `photo [1].png` is a pattern too, which matched other files or none)
+    return [glob.escape(path) for path in files]
 
 
 def _folder_files(folder: str) -> tuple[list[str], bool]:
