@@ -289,8 +289,10 @@ class SegmentationDataset(Dataset):
     Every sample is checked when read: a mask whose size differs from its image's, a mask value outside `label_map`
     or an image or mask that cannot be decoded raises `ValueError` naming the split and index (and the file, where
     `load_pair`'s error names it); `check_samples` (called by the trainer before training) checks all masks up front
-    for size and for labels outside `[0, num_classes)` other than `ignore_index`, reading only the masks and image
-    headers.
+    for size and for labels outside `[0, num_classes)` other than `ignore_index`. It reads every pair through
+    `load_pair`, images decoded too, in the main process: a file that does not decode, or carries an EXIF orientation,
+    is named before training rather than in a loader worker mid-epoch, at the cost of one single-threaded decode of the
+    data (not of only the image headers, as this said until 2026-11-28).
     """
 
     def __init__(
