@@ -882,10 +882,9 @@ class TauSweep:
             theirs = record.get("evaluation")
             if not isinstance(theirs, dict) or theirs == mine:
                 continue
-            names = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            said = "; ".join(f"{n}: {theirs.get(n)} there, {mine.get(n)} now" for n in names)
+            names, said = _evaluation_differences(theirs, mine, "there", "now")
             raise ValueError(
-                f"{path} was evaluated with another {' and '.join(names)} ({said}; the bracketed digest is of the "
+                f"{path} was evaluated with another {names} ({said}; the bracketed digest is of the "
                 "function's code, which a new Python version also changes). Continuing would average the "
                 "metrics of two definitions over seeds and taus into one tau*; nothing was changed. Rerun with the "
                 "functions that sweep used to continue it, use another output_dir, or pass overwrite_output_dir=True "
@@ -1585,12 +1584,8 @@ def _check_same_sweep(first_file: Path, first: dict, other_file: Path, other: di
         raise ValueError(f"{cannot}: they differ in {'; '.join(differences)}; {rerun}")
     mine, theirs = first.get("evaluation"), other.get("evaluation")
     if isinstance(mine, dict) and isinstance(theirs, dict) and mine != theirs:
-        names = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        raise ValueError(
-            f"{cannot}: they were evaluated with other {' and '.join(names)} ("
-            + "; ".join(f"{n}: {theirs.get(n)} and {mine.get(n)}" for n in names)
-            + f"); {rerun}"
-        )
+        names, said = _evaluation_differences(theirs, mine, f"in {other_file}", f"in {first_file}")
+        raise ValueError(f"{cannot}: they were evaluated with other {names} ({said}); {rerun}")
 
 
 def merge_sweeps(
@@ -1675,6 +1670,14 @@ def job_counts(sweep: dict[str, Any]) -> tuple[int, int]:
     if not sweep.get("seeds"):
         done = {(tau, None) for tau, _ in done}
     return len(done), len(taus) * len(seeds)
+
+
+def _evaluation_differences(theirs: dict, mine: dict, their_place: str, my_place: str) -> tuple[str, str]:
+    """The names of the evaluation functions two records describe differently ("compute_metrics and ..."), and what
+    each says of them."""
+    names = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    said = "; ".join(f"{n}: {theirs.get(n)} {their_place}, {mine.get(n)} {my_place}" for n in names)
+    return " and ".join(names), said
 
 
 def _number(value: float) -> str:
