@@ -215,6 +215,12 @@ def is_transformers_folder(path: str) -> bool:
     return "model_type" in config and ("architecture" not in config or config["model_type"] == "timm_wrapper")
 
 
+def is_timm_wrapper_folder(path: str) -> bool:
+    """A transformers `TimmWrapper` model folder: its image processor is timm's `pretrained_cfg` in its config.json."""
+    config_file = Path(path) / "config.json"
+    return config_file.is_file() and read_json(config_file).get("model_type") == "timm_wrapper"
+
+
 def load_transformers_image_model(path: str, class_names: list[str]) -> nn.Module:
     """A transformers image classifier from a local folder, with a new head for `class_names` (`id2label` and
     `label2id` set, so the saved model names its classes). A folder of a bare backbone (no classification head) gets

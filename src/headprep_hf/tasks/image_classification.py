@@ -22,10 +22,9 @@ from ..data.images import (
     resolve_image_data_config,
 )
 from ..export import set_data_config, set_label_names
-from ..files import read_json
 from ..metrics import accuracy_metrics
 from ..models import load_timm_model, pretrain_source_model
-from ..models.loading import is_transformers_folder, load_transformers_image_model
+from ..models.loading import is_timm_wrapper_folder, is_transformers_folder, load_transformers_image_model
 from .base import COMMON_RECIPE_DEFAULTS, TaskInputs
 
 logger = logging.getLogger(__name__)
@@ -286,7 +285,7 @@ def _load_real_images(args: ImageClassificationArguments, source: str, seed: int
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
     )
-    if _is_timm_wrapper(source):  # (it is saved in the model's config.json: see load_image_classification)
+    if is_timm_wrapper_folder(source):  # (it is saved in the model's config.json: see load_image_classification)
         processor = None
     elif processor is not None:  # the processor saved with the model describes the inputs this run used
         processor = _processor_for_run(processor, data_config)
@@ -318,12 +317,7 @@ def _processor_for_run(processor, data_config):
 
 def _has_processor(folder: str) -> bool:
     # (a TimmWrapper model's processor is in its config.json: timm's pretrained_cfg, which transformers reads it from)
-    return os.path.isfile(os.path.join(folder, "preprocessor_config.json")) or _is_timm_wrapper(folder)
-
-
-def _is_timm_wrapper(folder: str) -> bool:
-    config = os.path.join(folder, "config.json")
-    return os.path.isfile(config) and read_json(config).get("model_type") == "timm_wrapper"
+    return os.path.isfile(os.path.join(folder, "preprocessor_config.json")) or is_timm_wrapper_folder(folder)
 
 
 def _is_convolutional(model) -> bool:
