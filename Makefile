@@ -22,10 +22,11 @@ demo: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall .
 	$(BIN)/headprep sweep --sweep_exchange true
 
-# Fast CPU tests plus the slow multi-process and end-to-end ones (all run in CI).
+# Fast CPU tests plus the slow multi-process and end-to-end ones (all run in CI): one pytest-xdist worker per core
+# (at most 4), one thread each (tests/conftest.py sets OMP_NUM_THREADS=1).
 test: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall .
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import timm
-import torch
-from torch.utils.data import Dataset
+import os
 
-from headprep_hf import HeadPrepConfig
+# One intra-op thread per test process, set before torch is imported (subprocesses the tests start inherit it; a
+# value already set is kept). `make test` runs one pytest-xdist worker per core, and the tests run tiny models, where a
+# second thread gains little (tests/test_trainer_contract.py alone: 77 s with one thread, 71 s with two). On the
+# 2-core CI machine the whole suite took 22 min 20 s in one process of two threads, no less on two workers of two
+# threads each (they oversubscribe the cores), and 11 min 22 s on two workers of one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+from headprep_hf import HeadPrepConfig  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # (in case torch was imported before this file)
 
 
 class TinyImages(Dataset):
