@@ -148,6 +148,60 @@ def test_segmentation_metrics_against_a_hand_count():
     assert math.isnan(metrics["mean_iou"]) and math.isnan(metrics["pixel_accuracy"])
 
 
+def test_batched_segmentation_metrics_equal_the_whole_sets_through_the_trainer(tmp_path):
+    # batch_eval_metrics=True (the recipe's default): Trainer hands one batch at a time and the pixel counts are
+    # added up, so no evaluation holds every mask of the set. The metrics must be the whole-set call's, also with a
+    # last batch of another size (10 masks in batches of 4), and a second evaluation must start from zero.
+    from headprep_hf.metrics import argmax_logits, segmentation_metrics
+
+    def evaluate(trainer):
+        metrics = trainer.evaluate()
+        return {k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second", "preparation_time"))}
+
+    results = []
+    for batched in (False, True):
+        trainer = HeadPrepTrainer(
+            model=tiny_deeplab(), args=_config(tmp_path / str(batched), batch_eval_metrics=batched),
+            eval_dataset=TinySegmentation(10, seed=3), compute_metrics=segmentation_metrics(NUM_CLASSES, IGNORE),
+            preprocess_logits_for_metrics=argmax_logits,
+        )  # fmt: skip
+        results += [evaluate(trainer), evaluate(trainer)]
+    assert "eval_mean_iou" in results[0] and "eval_iou_2" in results[0]
+    assert results[1] == results[0] and results[2] == results[0] and results[3] == results[0]
+
+
+def test_batched_segmentation_metrics_add_up_reset_and_name_labels_outside_the_head():
+    from transformers import EvalPrediction
+
+    from headprep_hf.metrics import segmentation_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(7, 5, 6))
+    labels[rng.random(labels.shape) < 0.2] = 255
+    labels[5:, 3:] = -100  # (Trainer's padding of masks of another height)
+    logits = rng.normal(size=(7, 3, 5, 6)).astype(np.float32)
+    compute = segmentation_metrics(3, ignore_index=255)
+    whole = compute(EvalPrediction(predictions=logits, label_ids=labels))
+    for chunks in ([slice(0, 3), slice(3, 7)], [slice(0, 1), slice(1, 2), slice(2, 7)]):
+        for i, chunk in enumerate(chunks):  # (torch tensors, as Trainer gives them in this mode)
+            last = i == len(chunks) - 1
+            out = compute(EvalPrediction(torch.from_numpy(logits[chunk]), torch.from_numpy(labels[chunk])), last)
+            assert out == (whole if last else {})
+    # An evaluation that raised part-way leaves its counts; reset() clears them.
+    compute(EvalPrediction(logits[:3], labels[:3]), compute_result=False)
+    assert compute(EvalPrediction(logits, labels), compute_result=True) != whole
+    compute(EvalPrediction(logits[:3], labels[:3]), compute_result=False)
+    compute.reset()
+    assert compute(EvalPrediction(logits, labels), compute_result=True) == whole
+    # A label at or above the head's classes (not ignore_index) is named, batched or not (np.bincount's reshape
+    # failed on it before).
+    labels[0, 0, :2] = 7
+    with pytest.raises(ValueError, match=r"2 labelled pixels of the 7 evaluated masks have a class id at or above "):
+        compute(EvalPrediction(logits, labels))
+    with pytest.raises(ValueError, match=r"2 labelled pixels of the 7 evaluated masks .* num_classes=3 and are not"):
+        compute(EvalPrediction(torch.from_numpy(logits), torch.from_numpy(labels)), True)
+
+
 def test_derived_digit_masks():
     from headprep_hf.data import build_digit_segmentation
 

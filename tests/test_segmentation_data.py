@@ -178,6 +178,33 @@ def test_hf_segmentation_from_disk_and_from_parquet(tmp_path):
         load_hf_segmentation(str(folder), mask_column="segm")
 
 
+def test_an_image_level_label_column_is_not_taken_for_the_masks(tmp_path):
+    # `label` comes first among the mask column names. A set with a `ClassLabel` of one class per image (a scene
+    # category) beside its `annotation` masks had its `label` taken as the masks: every sample then failed the check.
+    import datasets
+
+    rng = np.random.default_rng(0)
+    pairs = [_pair(rng, 24, 28, 1 + i % 2) for i in range(8)]
+    columns = {"image": [p[0] for p in pairs], "annotation": [Image.fromarray(np.array(p[1])) for p in pairs]}
+    features = datasets.Features(
+        {"image": datasets.Image(), "annotation": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+    )
+    data = datasets.Dataset.from_dict({**columns, "label": [i % 2 for i in range(8)]}, features=features)
+    data.save_to_disk(str(tmp_path / "disk"))
+    splits = load_hf_segmentation(str(tmp_path / "disk"), crop_size=16, validation_split=0.25)
+    splits["train"].check_samples(3)
+    _, mask = splits["validation"]._raw(0)
+    assert mask.shape == (24, 28)
+    # Only per-image classes: named as such.
+    only = datasets.Dataset.from_dict(
+        {"image": columns["image"], "label": [i % 2 for i in range(8)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
+    )
+    only.save_to_disk(str(tmp_path / "only"))
+    with pytest.raises(ValueError, match=r"found no mask column .* \(label: one class per image, not a mask\)"):
+        load_hf_segmentation(str(tmp_path / "only"), crop_size=16)
+
+
 def test_nuclei_image_from_stardist():
     pytest.importorskip("stardist", reason="optional data: pip install stardist")
     splits = load_nuclei_segmentation(tile_size=64)

@@ -534,10 +534,11 @@ def load_hf_segmentation(
     local folder of data files `load_dataset` reads, or a folder written by `save_to_disk`.
 
     The image column defaults to the first `Image` feature that is not a mask column; the mask column to the first of
-    `label`, `labels`, `mask`, `annotation`, `semantic_segmentation`, `segmentation` (an `Image` of class ids, mode
-    "L"/"P"). `reduce_labels` maps 0 (unlabelled, as in ADE20K) to `ignore_index` and every other id to id - 1.
-    Without a validation split a seeded `validation_split` of train is held out; a `test` split is kept when it has
-    masks.
+    `label`, `labels`, `mask`, `annotation`, `semantic_segmentation`, `segmentation` that is not one class per image
+    (a `ClassLabel` or a plain value: an image-level scene label beside the masks is passed over; the masks are an
+    `Image` of class ids, mode "L"/"P"). `reduce_labels` maps 0 (unlabelled, as in ADE20K) to `ignore_index` and
+    every other id to id - 1. Without a validation split a seeded `validation_split` of train is held out; a `test`
+    split is kept when it has masks.
     """
     import datasets
 
@@ -546,9 +547,17 @@ def load_hf_segmentation(
         raise ValueError(f"dataset {dataset_name!r} has no 'train' split; its splits are {list(raw)}")
     features = raw["train"].features
     if mask_column is None:
-        mask_column = next((c for c in _MASK_COLUMNS if c in features), None)
+        # (a column of one class per image, a `ClassLabel` or a plain value, is not a mask: a set with an image-level
+        # `label` beside its `annotation` masks had its `label` taken, and every sample failed the mask check)
+        names = [c for c in _MASK_COLUMNS if c in features]
+        mask_column = next(
+            (c for c in names if not isinstance(features[c], (datasets.ClassLabel, datasets.Value))), None
+        )
         if mask_column is None:
-            raise ValueError(f"found no mask column (one of {_MASK_COLUMNS}); pass mask_column=... ({list(features)})")
+            per_image = f" ({', '.join(names)}: one class per image, not a mask)" if names else ""
+            raise ValueError(
+                f"found no mask column (one of {_MASK_COLUMNS}){per_image}; pass mask_column=... ({list(features)})"
+            )
     elif mask_column not in features:
         raise ValueError(f"mask_column={mask_column!r} is not a column; the columns are {list(features)}")
     if image_column is None:

@@ -47,39 +47,89 @@ def argmax_logits(logits, labels):
 
 def segmentation_metrics(num_classes: int, ignore_index: int = 255):
     """A `compute_metrics` reporting `mean_iou` (over classes present in labels or predictions), `pixel_accuracy`
-    and per-class IoU, from predicted classes (see `argmax_logits`) or logits; `ignore_index` pixels are skipped."""
+    and per-class IoU, from predicted classes (see `argmax_logits`) or logits; `ignore_index` pixels are skipped.
 
-    def compute_metrics(eval_prediction) -> dict[str, float]:
+    It takes `Trainer`'s `batch_eval_metrics=True` (the segmentation recipe's default): called one batch at a time,
+    it adds up the batch's pixel counts on the batch's device and returns the metrics at the last batch, equal to the
+    whole-set call's, so an evaluation never holds every mask of the set (PASCAL VOC val at 513 px: about 3 GB of
+    int64 labels and as much for the predictions, on the device). An evaluation that raised part-way leaves its
+    counts behind: call `compute_metrics.reset()` before evaluating with the same function again.
+    """
+    import torch
+
+    counts_so_far: list[torch.Tensor] = []  # (the running counts of a batched evaluation)
+    masks_so_far = [0]
+
+    def compute_metrics(eval_prediction, compute_result: bool | None = None) -> dict[str, float]:
         predictions = eval_prediction.predictions
         if isinstance(predictions, (tuple, list)):
             predictions = predictions[0]
-        predictions = np.asarray(predictions)
-        labels = np.asarray(eval_prediction.label_ids)
-        if predictions.ndim == labels.ndim + 1:
-            predictions = predictions.argmax(axis=1)
-        # (negative labels: Trainer's -100 padding where masks of different heights are concatenated across batches)
-        valid = (labels != ignore_index) & (labels >= 0)
-        pred, true = predictions[valid].astype(np.int64), labels[valid].astype(np.int64)
-        confusion = np.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
-        intersection = np.diag(confusion).astype(np.float64)
-        union = confusion.sum(0) + confusion.sum(1) - intersection
-        present = union > 0
-        iou = np.where(present, intersection / np.maximum(union, 1), np.nan)
-        if confusion.sum() == 0:
-            # (0/0: reported as 0.0 before, which a sweep ranked as a real, worst score; NaN is left out of tau*)
-            logger.warning(
-                "No labelled pixel in the %d evaluated masks (every pixel is ignore_index=%d): mean_iou and "
-                "pixel_accuracy are NaN.", len(labels), ignore_index,
-            )  # fmt: skip
-            return {"mean_iou": float("nan"), "pixel_accuracy": float("nan")}
-        metrics = {
-            "mean_iou": float(np.nanmean(iou)),
-            "pixel_accuracy": float(intersection.sum() / confusion.sum()),
-        }
-        metrics.update({f"iou_{c}": float(v) for c, v in enumerate(iou) if not np.isnan(v)})
-        return metrics
+        labels = eval_prediction.label_ids
+        counts = _pixel_counts(predictions, labels, num_classes, ignore_index)
+        if compute_result is None:  # the whole set at once
+            return _segmentation_scores(counts, num_classes, ignore_index, len(labels))
+        counts_so_far[:] = [counts if not counts_so_far else counts_so_far[0] + counts]
+        masks_so_far[0] += len(labels)
+        if not compute_result:
+            return {}
+        counts, masks = counts_so_far.pop(), masks_so_far[0]
+        reset()
+        return _segmentation_scores(counts, num_classes, ignore_index, masks)
 
+    def reset() -> None:
+        counts_so_far.clear()
+        masks_so_far[0] = 0
+
+    compute_metrics.reset = reset
     return compute_metrics
+
+
+def _pixel_counts(predictions, labels, num_classes: int, ignore_index: int):
+    """Flat int64 counts of `num_classes**2 + 2` bins: `true * C + predicted` over the labelled pixels, then the
+    pixels left out (`ignore_index`, or below 0: Trainer's -100 padding where masks of different heights are
+    concatenated), then the labels at or above `num_classes`. numpy arrays or torch tensors, which stay on their
+    device: every pixel lands in a bin, so no boolean selection (which would wait for the GPU) is needed."""
+    import torch
+
+    labels = torch.as_tensor(labels)
+    predictions = torch.as_tensor(predictions, device=labels.device)
+    if predictions.dim() == labels.dim() + 1:  # logits
+        predictions = predictions.argmax(dim=1)
+    labels, predictions, c = labels.long(), predictions.long(), num_classes
+    left_out = (labels == ignore_index) | (labels < 0)
+    index = torch.where(left_out, c * c, torch.where(labels >= c, c * c + 1, labels * c + predictions)).reshape(-1)
+    counts = torch.zeros(c * c + 2, dtype=torch.int64, device=labels.device)
+    return counts.index_add_(0, index, torch.ones(1, dtype=torch.int64, device=labels.device).expand(len(index)))
+
+
+def _segmentation_scores(counts, num_classes: int, ignore_index: int, masks: int) -> dict[str, float]:
+    counts = counts.cpu().numpy()
+    outside = int(counts[-1])
+    if outside:
+        # (before: `np.bincount` gave more bins than the confusion matrix has, and the reshape failed)
+        raise ValueError(
+            f"{outside} labelled pixels of the {masks} evaluated masks have a class id at or above num_classes="
+            f"{num_classes} and are not ignore_index={ignore_index}: fix the masks or build the head with more "
+            "classes."
+        )
+    confusion = counts[: num_classes**2].reshape(num_classes, num_classes)
+    if confusion.sum() == 0:
+        # (0/0: reported as 0.0 before, which a sweep ranked as a real, worst score; NaN is left out of tau*)
+        logger.warning(
+            "No labelled pixel in the %d evaluated masks (every pixel is ignore_index=%d): mean_iou and "
+            "pixel_accuracy are NaN.", masks, ignore_index,
+        )  # fmt: skip
+        return {"mean_iou": float("nan"), "pixel_accuracy": float("nan")}
+    intersection = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    present = union > 0
+    iou = np.where(present, intersection / np.maximum(union, 1), np.nan)
+    metrics = {
+        "mean_iou": float(np.nanmean(iou)),
+        "pixel_accuracy": float(intersection.sum() / confusion.sum()),
+    }
+    metrics.update({f"iou_{c}": float(v) for c, v in enumerate(iou) if not np.isnan(v)})
+    return metrics
 
 
 __all__ = ["SHIPPED_METRICS", "accuracy_metrics", "argmax_logits", "load_metric", "segmentation_metrics"]

@@ -38,6 +38,9 @@ SEGMENTATION_DEFAULTS = dict(
     per_device_eval_batch_size=64,
     ignore_index=255,
     drift_probe_samples=128,
+    # Metrics a batch at a time (`segmentation_metrics` adds up the pixel counts on the device): otherwise Trainer
+    # keeps every mask of the evaluation set and its prediction until the end (PASCAL VOC val at 513 px: about 6 GB).
+    batch_eval_metrics=True,
     bf16=None,  # the recipe decides: bf16 autocast on a CUDA GPU that supports it (`resolve_mixed_precision`)
 )
 SEGMENTATION_SWEEP_DEFAULTS = dict(sweep_metric="mean_iou")
