@@ -201,6 +201,35 @@ def test_a_head_probing_stopped_part_way_is_not_probed_on_saved_or_finetuned(tmp
     assert not (tmp_path / "head").exists()
 
 
+class _AskToStopAfter(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True  # (a time budget, a user's stop button)
+
+
+@pytest.mark.parametrize("call", ["probe_head", "train"])
+def test_a_head_probing_a_callback_stopped_part_way_is_not_written_saved_or_finetuned(tmp_path, train_set, call):
+    # The review's runs: probe_head() stopped by a callback after 1 of 6 HP updates still wrote prepared_head/ as
+    # tau = hp_epochs (and hp_done let finetune() and the card claim it); train() stopped so warned, but
+    # save_prepared_head() then saved the partly probed head as tau 0.
+    trainer = HeadPrepTrainer(
+        model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set, callbacks=[_AskToStopAfter(1)]
+    )
+    getattr(trainer, call)()
+    assert trainer.state.global_step == 1 and not trainer.hp_done
+    assert not (tmp_path / "out" / "prepared_head").exists()
+    trainer.pop_callback(_AskToStopAfter)
+    for what in ("probe_head", "train", "finetune"):
+        with pytest.raises(ValueError, match=rf"{what}\(\) on this trainer's model: its head probing stopped \(a "):
+            getattr(trainer, what)()
+    with pytest.raises(ValueError, match="head probing stopped .* after 1 update.* partly probed"):
+        trainer.save_prepared_head(str(tmp_path / "head"))
+    assert not (tmp_path / "head").exists()
+
+
 def test_a_head_probing_stopped_before_it_changed_the_head_can_run_again(tmp_path, train_set):
     trainer = HeadPrepTrainer(
         model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set, callbacks=[_StopAt(0)]

@@ -645,8 +645,27 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self._finish_hp(recompute_bn=self.args.hp_epochs == 0)  # (cached HP recomputed on its cache)
             return TrainOutput(self.state.global_step, metrics.get("hp_loss", 0.0), metrics)
         output = self._run("hp", resume_from_checkpoint, **kwargs)
+        if self.state.global_step < self.state.max_steps:  # a callback stopped HP part-way: no prepared head
+            self._note_stopped_hp()
+            return output
         self._finish_hp(recompute_bn=True)
         return output
+
+    def _note_stopped_hp(self) -> None:
+        """HP that a callback stopped part-way (`should_training_stop`): the head is neither the pretrained one nor
+        the prepared head of tau = hp_epochs. Writing it as the prepared head, or saving it later, recorded a tau it
+        did not get (tau = hp_epochs from `probe_head()`, 0 from `train()`); it is now noted as `hp_interrupted`, so
+        that `finetune()`, `save_prepared_head()` and a second probing refuse it, as after an error."""
+        logger.warning(
+            "Training stopped during HP, at update %d of %d (a callback asked to stop): FT did not run, and no "
+            "start-of-FT measurements or prepared head were written.", self.state.global_step,
+            self.stage_plan.hp_steps if self.stage_plan.plan == "both" else self.state.max_steps,
+        )  # fmt: skip
+        if self.state.global_step > 0:
+            self.hp_interrupted = (
+                f"head probing stopped (a callback asked to) after {self.state.global_step} update(s) of "
+                f"hp_epochs={self.args.hp_epochs} epochs, with the head partly probed"
+            )
 
     def finetune(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """FT only, from the current head: everything trains with a fresh optimizer and schedule."""
@@ -1174,12 +1193,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if self.has_stages:
             broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
         if plan == "both" and self.stage_plan.hp_steps > 0 and not self.stage_plan.ft_started:
-            logger.warning(
-                "Training stopped during HP, at update %d of %d (a callback asked to stop): FT "
-                "did not run, and no start-of-FT measurements or prepared head were written.",
-                self.state.global_step,
-                self.stage_plan.hp_steps,
-            )
+            self._note_stopped_hp()
         if plan != "hp" and self.track_dynamics:
             self.measurements.write(self.run_output_dir)
         return output
