@@ -280,28 +280,32 @@ def test_the_graph_task_takes_its_dropout_flag_over_the_saved_models(tmp_path):
 
 def test_a_cached_offline_source_built_otherwise_is_not_reused(tmp_path, caplog):
     # Cache entries were named without their dropout: one of another dropout was reused for a run asking 0.5.
-    from headprep_hf.data.graphs import SCAFFOLD_SPLIT_RULE
+    from headprep_hf.data.graphs import CHEMBL_SPLIT, SCAFFOLD_SPLIT_RULE
     from headprep_hf.models.graph import GCN
     from headprep_hf.tasks.graph import _cached_config_fits, save_graph_model
 
-    save_graph_model(GCN(24, 2, 16, dropout=0.2), tmp_path / "entry", info={"split": SCAFFOLD_SPLIT_RULE})
+    save_graph_model(GCN(24, 2, 16, dropout=0.2), tmp_path / "entry", info={"split": CHEMBL_SPLIT})
     assert _cached_config_fits(tmp_path / "entry", 2, 16, 0.2)
     assert not _cached_config_fits(tmp_path / "entry", 2, 16, 0.5)
     assert "built with other settings {'dropout': (0.2, 0.5)}" in caplog.text
     # An entry pretrained on the training part of the earlier scaffold split (no split recorded) is trained again.
     save_graph_model(GCN(24, 2, 16, dropout=0.2), tmp_path / "earlier", info={"epochs": 3})
     assert not _cached_config_fits(tmp_path / "earlier", 2, 16, 0.2)
-    assert f"{{'split': (None, {SCAFFOLD_SPLIT_RULE!r})}}" in caplog.text
+    assert f"{{'split': (None, {CHEMBL_SPLIT!r})}}" in caplog.text
+    # One pretrained on molecules numbered target by target (the split rule alone recorded) is trained again too.
+    save_graph_model(GCN(24, 2, 16, dropout=0.2), tmp_path / "by_target", info={"split": SCAFFOLD_SPLIT_RULE})
+    assert not _cached_config_fits(tmp_path / "by_target", 2, 16, 0.2)
 
 
 def test_a_stale_conversion_is_judged_after_it_is_moved_away(tmp_path, caplog):
     # Two processes sharing the cache (two sweep shards): one judged the folder stale, the other meanwhile replaced it
     # with a current conversion, which the first then removed. It is now moved away first, judged, and put back.
-    from headprep_hf.data.graphs import OGB_META_FILE, SCAFFOLD_SPLIT_RULE, _remove_stale_conversion
+    from headprep_hf.data.graphs import CHEMBL_NUMBERING, OGB_META_FILE, SCAFFOLD_SPLIT_RULE, _remove_stale_conversion
 
     folder = tmp_path / "ogb" / "headprep_chembl_downstream"
     folder.mkdir(parents=True)
-    (folder / OGB_META_FILE).write_text(json.dumps({"headprep_split": SCAFFOLD_SPLIT_RULE}))
+    current = {"headprep_split": SCAFFOLD_SPLIT_RULE, "headprep_numbering": CHEMBL_NUMBERING}
+    (folder / OGB_META_FILE).write_text(json.dumps(current))
     (folder / "theirs").write_text("a current conversion another process published")
     _remove_stale_conversion(folder)
     assert (folder / "theirs").is_file() and os.listdir(tmp_path / "ogb") == [folder.name]
@@ -399,7 +403,12 @@ def test_regression_task_uses_mse_and_residual_energy(tmp_path):
 
 @pytest.mark.slow
 def test_offline_source_sample_converts_only_what_it_names(tmp_path, caplog):
-    from headprep_hf.data.graphs import DOWNSTREAM_TARGETS, SCAFFOLD_SPLIT_RULE, build_chembl_graph_tasks
+    from headprep_hf.data.graphs import (
+        CHEMBL_NUMBERING,
+        DOWNSTREAM_TARGETS,
+        SCAFFOLD_SPLIT_RULE,
+        build_chembl_graph_tasks,
+    )
 
     folders = build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60)
     assert list(folders) == ["source"] and folders["source"].name == "headprep_chembl_source_sub60"
@@ -418,8 +427,30 @@ def test_offline_source_sample_converts_only_what_it_names(tmp_path, caplog):
     assert "was split by an earlier headprep_hf rule" in caplog.text
     assert json.loads(meta_file.read_text())["headprep_split"] == SCAFFOLD_SPLIT_RULE
     assert sorted(p.name for p in (tmp_path / "ogb").iterdir()) == ["headprep_chembl_source_sub60"]
+    # So is one whose molecules were numbered target by target (no numbering recorded).
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("headprep_numbering") == CHEMBL_NUMBERING
+    meta_file.write_text(json.dumps(meta))
+    assert build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60) == folders
+    assert json.loads(meta_file.read_text())["headprep_numbering"] == CHEMBL_NUMBERING
     with pytest.raises(ValueError, match=r"unknown part\(s\) \['pretraining'\]"):
         build_chembl_graph_tasks(tmp_path, ["pretraining"])
+
+
+def test_the_offline_downstream_split_labels_every_target_in_validation_and_test(tmp_path):
+    # The molecules were numbered target by target; nearly every scaffold group is one molecule, ordered by that
+    # index, so the split followed the targets: validation held labels of targets {2, 3, 4} only and test of
+    # {0, 1, 2, 5}, and tau* was chosen on other targets than those it was tested on.
+    from headprep_hf.data.graphs import GraphPropertyDataset, build_chembl_graph_tasks, load_ogb_dataset
+
+    dataset = load_ogb_dataset(str(build_chembl_graph_tasks(tmp_path, ["downstream"])["downstream"]))
+    split = dataset.get_idx_split()
+    for part in ("valid", "test"):
+        present = GraphPropertyDataset(dataset, split[part]).labels
+        for target in range(present.shape[1]):
+            column = present[:, target]
+            column = column[~np.isnan(column)]
+            assert (column == 1).any() and (column == 0).any(), (part, target, len(column))
 
 
 def test_graph_recipe_and_sweep_task(tmp_path, capsys):

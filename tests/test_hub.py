@@ -70,6 +70,36 @@ def test_finetune_starts_from_a_loaded_head(tmp_path, train_set):
     assert ft.dynamics["energy"] == pytest.approx(trainer.dynamics["energy"], rel=1e-6)
 
 
+def test_a_loaded_head_is_not_replaced_or_probed_further_without_a_word(tmp_path, train_set):
+    # The review's runs: an FT trainer built with the settings the head was probed with (head_type="mlp",
+    # reinit_modules) nested a new random MLP inside the loaded one and re-drew the probed layer4, and FT started from
+    # them while the card reported the loaded head; train() with hp_epochs > 0 probed the loaded head (tau 2) on to
+    # tau 2 + 2 and recorded tau 2.
+    probed = dict(head_type="mlp", mlp_hidden_size=8, reinit_modules=["layer4"])
+    _, folder = _probed(tmp_path, train_set, **probed)
+    model = tiny_timm()
+    load_prepared_head(model, folder)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for asked, settings in (
+        ("head_type='mlp'", probed),
+        ("reinit_modules=\\['layer4'\\]", dict(reinit_modules=["layer4"])),
+    ):
+        with pytest.raises(ValueError, match=rf"{asked} would replace the prepared head this model carries \(loaded "):
+            HeadPrepTrainer(
+                model=model, args=make_config(tmp_path / "ft", hp_epochs=0, **settings), train_dataset=train_set
+            )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # (refused before any change)
+    trainer = HeadPrepTrainer(model=model, args=make_config(tmp_path / "more", hp_epochs=2), train_dataset=train_set)
+    for call in ("train", "probe_head"):
+        with pytest.raises(
+            ValueError, match=rf"{call}\(\) would probe further the prepared head .* tau = 2\): it would end"
+        ):
+            getattr(trainer, call)()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    trainer.finetune()  # (as loaded: what the README advises)
+    assert trainer.dynamics["energy"] is not None
+
+
 def test_mismatches(tmp_path, train_set):
     _, folder = _probed(tmp_path, train_set)
     with pytest.raises(ValueError, match="3 labels but the model.s head has 5"):

@@ -449,6 +449,19 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 "adapters, a LoRA layer's base_layer): they would stay random. Make them trainable (a PEFT model: "
                 "modules_to_save=[...]) or leave those modules out of reinit_modules."
             )
+        loaded = prepared_head_record(unwrapped)
+        if loaded is not None and (args.head_type == "mlp" or split.reinit_names):
+            # (the review's run: FT built with the settings the head was probed with nested a new random MLP inside
+            # the loaded one, or re-drew the probed blocks, and the card still reported the loaded head's tau)
+            asked = "head_type='mlp'" if args.head_type == "mlp" else f"reinit_modules={list(split.reinit_names)}"
+            raise ValueError(
+                f"{asked} would replace the prepared head this model carries (loaded from {loaded['source']}, tau = "
+                f"{loaded['tau']}, head_type={loaded.get('head_type')!r}, reinit_modules="
+                f"{loaded.get('reinit_modules')}) with newly drawn weights, and FT would start from them while the "
+                "card reports the loaded head. The "
+                "loaded head already holds its MLP and re-initialised blocks: build this trainer with "
+                "head_type='linear' and reinit_modules=[]."
+            )
         if args.head_type == "mlp":
             set_seed(args.seed)  # the same seed gives the same head
             replace_head_with_mlp(unwrapped, split, args.mlp_hidden_size, args.mlp_num_layers)
@@ -559,6 +572,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         with self._model_of_this_call(trial):
             with self._output_dir_lock("HeadPrepTrainer.train()", self.args.hp_epochs > 0):  # (plain: as Trainer)
                 self._refuse_interrupted_hp("train()", resume_from_checkpoint)
+                self._refuse_probing_a_loaded_head("train()", resume_from_checkpoint)
                 with self._watching_hp():
                     return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
@@ -624,6 +638,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         with self._model_of_this_call():  # (with model_init: a new model, as every train() call builds one)
             with self._output_dir_lock("HeadPrepTrainer.probe_head()", True):
                 self._refuse_interrupted_hp("probe_head()", resume_from_checkpoint)
+                self._refuse_probing_a_loaded_head("probe_head()", resume_from_checkpoint)
                 with self._watching_hp():
                     return self._probe_head(resume_from_checkpoint, **kwargs)
 
@@ -710,6 +725,22 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             f"tau = {self.args.hp_epochs} epochs, and finetuning or saving it would record a tau it did not get. "
             "Resume the interrupted run (resume_from_checkpoint=True, where it saved a checkpoint), or start again "
             "from the pretrained model (a new model, or model_init)."
+        )
+
+    def _refuse_probing_a_loaded_head(self, what: str, resume_from_checkpoint=None) -> None:
+        """Refuse head probing on a head `load_prepared_head` attached: it would end at the loaded tau + hp_epochs
+        while the prepared head and the card recorded tau = hp_epochs (the review's run: loaded tau 2, hp_epochs 2,
+        recorded 2, without a warning)."""
+        if self.args.hp_epochs == 0 or resume_from_checkpoint or self.model is None:
+            return
+        loaded = prepared_head_record(self.accelerator.unwrap_model(self.model))
+        if loaded is None:
+            return
+        raise ValueError(
+            f"{what} would probe further the prepared head this model carries (loaded from {loaded['source']}, tau = "
+            f"{loaded['tau']}): it would end at tau = {loaded['tau']} + {self.args.hp_epochs} while its prepared head "
+            f"and card would say tau = {self.args.hp_epochs}. Finetune the loaded head as it is (finetune(), or "
+            "hp_epochs=0), or probe a head from the pretrained model without loading one."
         )
 
     @contextlib.contextmanager

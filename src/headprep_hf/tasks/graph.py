@@ -269,10 +269,10 @@ def pretrain_chembl_source(
         # The main process of each machine publishes: a machine's cache may be its own disk. Where machines share
         # the folder, the first to publish keeps its complete copy (`_publish`).
         if state is None or state.is_local_main_process:
-            from ..data.graphs import SCAFFOLD_SPLIT_RULE
+            from ..data.graphs import CHEMBL_SPLIT
 
             config = read_json(partial / MODEL_CONFIG)
-            config["info"]["split"] = SCAFFOLD_SPLIT_RULE  # (the split its training part came from)
+            config["info"]["split"] = CHEMBL_SPLIT  # (the split its training part came from)
             (partial / MODEL_CONFIG).write_text(json.dumps(config, indent=1))
             # (an entry that does not fit is replaced; one another process published meanwhile that fits is kept)
             stale = (final / MODEL_WEIGHTS).is_file() and not _cached_config_fits(
@@ -288,13 +288,13 @@ def pretrain_chembl_source(
 
 def _cached_config_fits(folder: Path, num_layers: int, hidden_size: int, dropout: float, warn: bool = True) -> bool:
     """Whether a cached source was built as asked: entries written before the name held the dropout were named for
-    0.5 whatever theirs was, and those written before `SCAFFOLD_SPLIT_RULE` trained on another split's training
+    0.5 whatever theirs was, and those written before `CHEMBL_SPLIT` trained on another split's training
     part. One that does not fit is trained again (with a warning), not reused."""
-    from ..data.graphs import SCAFFOLD_SPLIT_RULE
+    from ..data.graphs import CHEMBL_SPLIT
 
     config = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else {}
     config = {**config, "split": (config.get("info") or {}).get("split")}
-    asked = {"num_layers": num_layers, "hidden_size": hidden_size, "dropout": dropout, "split": SCAFFOLD_SPLIT_RULE}
+    asked = {"num_layers": num_layers, "hidden_size": hidden_size, "dropout": dropout, "split": CHEMBL_SPLIT}
     differing = {k: (config.get(k), v) for k, v in asked.items() if config.get(k) != v}
     if differing and warn:
         logger.warning("The cached source %s was built with other settings %s (cached, asked): training it again.",
