@@ -100,6 +100,25 @@ def test_a_loaded_head_is_not_replaced_or_probed_further_without_a_word(tmp_path
     assert trainer.dynamics["energy"] is not None
 
 
+def test_probe_head_with_load_best_model_at_end_keeps_the_head_of_tau_hp_epochs(tmp_path, train_set, eval_set):
+    # The review's run: Trainer loaded the best HP checkpoint (an earlier epoch's head) at the end of probe_head(),
+    # and it was written as the prepared head of tau = hp_epochs. ("Best" on the loss with greater_is_better=True
+    # makes an earlier epoch the best on purpose.)
+    args = make_config(
+        tmp_path, hp_epochs=3, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+        metric_for_best_model="loss", greater_is_better=True,
+    )  # fmt: skip
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=args, train_dataset=train_set, eval_dataset=eval_set)
+    trainer.probe_head()
+    head = load_file(str(tmp_path / "out" / "prepared_head" / HEAD_WEIGHTS_NAME))
+    last = load_file(str(tmp_path / "out" / "hp" / "checkpoint-9" / "model.safetensors"))
+    first = load_file(str(tmp_path / "out" / "hp" / "checkpoint-3" / "model.safetensors"))
+    assert torch.equal(head["fc.weight"], last["fc.weight"]) and not torch.equal(head["fc.weight"], first["fc.weight"])
+    assert torch.equal(trainer.model.fc.weight.detach(), last["fc.weight"])
+    trainer.finetune()  # (best model selection is FT's: the boundary model is its first candidate)
+    assert trainer.state.best_model_checkpoint is not None and "/hp/" not in trainer.state.best_model_checkpoint
+
+
 def test_mismatches(tmp_path, train_set):
     _, folder = _probed(tmp_path, train_set)
     with pytest.raises(ValueError, match="3 labels but the model.s head has 5"):

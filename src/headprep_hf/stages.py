@@ -150,6 +150,12 @@ class StageCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         plan = self.trainer.stage_plan
+        if plan.plan == "hp" and state.global_step == state.max_steps:
+            # `probe_head()` with load_best_model_at_end: Trainer loaded the best HP checkpoint at the loop's end, an
+            # earlier epoch's head, written as the prepared head of tau = hp_epochs (the review's run). The last
+            # update's model is now the only candidate (its evaluation and save follow this event), so the head
+            # kept is the one of tau = hp_epochs; best model selection is FT's (`finetune()` starts afresh).
+            state.best_metric = state.best_global_step = state.best_model_checkpoint = None
         if plan.plan != "hp" and 0 < plan.hp_steps == state.global_step and not plan.ft_started:
             finish_stage_bar(self.trainer, state)  # the HP bar ends before the boundary's passes and line
             self.begin_ft()
