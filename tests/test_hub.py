@@ -508,6 +508,24 @@ def test_push_to_hub_refuses_non_finite_weights(tmp_path, train_set, monkeypatch
     assert not uploads and not os.path.exists(os.path.join(args.output_dir, "model.safetensors"))
 
 
+def test_a_prepared_head_is_not_saved_over_a_folders_files_unless_asked(tmp_path, train_set):
+    # The review's runs: save_prepared_head() into a model folder replaced its README.md with the head card, and a
+    # second save replaced a tau-1 head with a tau-3 one, without a word.
+    trainer, folder = _probed(tmp_path, train_set, hp_epochs=1)
+    model_folder = tmp_path / "finetuned"
+    model_folder.mkdir()
+    (model_folder / "README.md").write_text("My finetuned model")
+    for target, held in ((model_folder, "README.md"), (folder, "head.safetensors, headprep_head.json, README.md")):
+        with pytest.raises(
+            FileExistsError, match=rf"already holds {held}, which the head would replace\. .*overwrite=True"
+        ):
+            trainer.save_prepared_head(str(target))
+    assert (model_folder / "README.md").read_text() == "My finetuned model"
+    assert not (model_folder / HEAD_WEIGHTS_NAME).exists()
+    trainer.save_prepared_head(str(model_folder), overwrite=True)
+    assert load_prepared_head(tiny_timm(), str(model_folder))["tau"] == 1
+
+
 def test_an_interrupted_save_leaves_no_loadable_mix_of_two_heads(tmp_path, train_set, monkeypatch):
     # A save killed between its renames left the new head.safetensors beside the previous headprep_head.json (another
     # tau, energy, checksum), and load_prepared_head(strict=True) loaded the mix without a word.
@@ -530,19 +548,19 @@ def test_an_interrupted_save_leaves_no_loadable_mix_of_two_heads(tmp_path, train
 
     monkeypatch.setattr(hub.os, "replace", killed_after_the_weights)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_prepared_head(folder)
+        trainer.save_prepared_head(folder, overwrite=True)
     monkeypatch.undo()
     assert json.loads((tmp_path / "head" / HEAD_CONFIG_NAME).read_text())["tau"] == 1  # the old json stayed
     with pytest.raises(ValueError, match=r"head\.safetensors .* is not the file .*headprep_head\.json describes"):
         load_prepared_head(tiny_timm(), folder, strict=True)
     # A json written before the sha256 was recorded still loads, with a warning that it cannot be checked.
-    trainer.save_prepared_head(folder)
+    trainer.save_prepared_head(folder, overwrite=True)
     config = json.loads((tmp_path / "head" / HEAD_CONFIG_NAME).read_text())
     del config["weights_sha256"]
     (tmp_path / "head" / HEAD_CONFIG_NAME).write_text(json.dumps(config))
     with pytest.warns(UserWarning, match="records no weights_sha256"):
         assert load_prepared_head(tiny_timm(), folder, strict=True)["tau"] == 2
-    trainer.save_prepared_head(folder)
+    trainer.save_prepared_head(folder, overwrite=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_prepared_head(tiny_timm(), folder, strict=True)  # a complete save: no warning

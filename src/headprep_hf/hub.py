@@ -78,18 +78,20 @@ class PreparedHeadMixin:
         (`model.load_state_dict(sd, strict=False)`) onto the pretrained model gives the model FT starts from."""
         return self.stages.hp_state_dict(self.accelerator.unwrap_model(self.model))
 
-    def save_prepared_head(self, save_directory: str, backbone_id: str | None = None) -> str:
+    def save_prepared_head(self, save_directory: str, backbone_id: str | None = None, overwrite: bool = False) -> str:
         """Save the current head as a small prepared-head artifact (`head.safetensors` + `headprep_head.json`).
 
         Call it after `probe_head()` (before FT starts: afterwards the head is a finetuned one, and this raises a
         `ValueError`; `output_dir/prepared_head` holds the head saved at the HP/FT boundary).
         `load_prepared_head(model, save_directory)` attaches it to a backbone again. Only the main process writes.
+        A folder that already holds a head or a README.md is refused (`FileExistsError`) unless `overwrite=True`.
         Returns the folder.
         """
         refuse_after_ft(self, "save_prepared_head()")
         check_finite(self.hp_state_dict(), f"the prepared head {save_directory}")  # on every rank: all raise
+        refuse_existing_head_files(save_directory, overwrite)  # (on every rank: all raise)
         if self.args.should_save:
-            save_prepared_head(self, save_directory, backbone_id=backbone_id)
+            save_prepared_head(self, save_directory, backbone_id=backbone_id, overwrite=overwrite)
         self.accelerator.wait_for_everyone()
         return str(save_directory)
 
@@ -256,12 +258,28 @@ def save_prepared_head(
     backbone_id: str | None = None,
     tau: int | None = None,
     repo_id: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `head.safetensors`, `headprep_head.json` and a README.md model card for the trainer's current head
-    into `save_directory` (see `write_prepared_head`). A `ValueError` once FT has started (`refuse_after_ft`).
-    Returns the folder."""
+    into `save_directory` (see `write_prepared_head`). A `ValueError` once FT has started (`refuse_after_ft`), a
+    `FileExistsError` where the folder already holds a head or a README.md, unless `overwrite=True`. Returns the
+    folder."""
     refuse_after_ft(trainer, "save_prepared_head()")
+    refuse_existing_head_files(save_directory, overwrite)
     return _save_prepared_head(trainer, save_directory, backbone_id=backbone_id, tau=tau, repo_id=repo_id)
+
+
+def refuse_existing_head_files(save_directory: str | os.PathLike, overwrite: bool) -> None:
+    """`FileExistsError` naming the files a prepared head would replace in `save_directory` (a model folder's own
+    README.md, an earlier head), unless `overwrite`: they were replaced without a word (the review's run: a finetuned
+    model's card became the head card, a tau-1 head was replaced by a tau-3 one)."""
+    folder = Path(save_directory)
+    existing = [name for name in (HEAD_WEIGHTS_NAME, HEAD_CONFIG_NAME, "README.md") if (folder / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"Not saving the prepared head into {folder}: it already holds {', '.join(existing)}, which the head "
+            "would replace. Choose another folder, or pass overwrite=True to replace them."
+        )
 
 
 def _save_prepared_head(
