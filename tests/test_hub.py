@@ -198,6 +198,13 @@ def test_push_head_to_hub_uploads_exactly_the_artifact(tmp_path, train_set, monk
     assert repo_id == "user/head" and sorted(files) == ["README.md", "head.safetensors", "headprep_head.json"]
     assert b"user/head" in files["README.md"]  # the card's usage snippet names the repo
     assert json.loads(files["headprep_head.json"])["tau"] == 2
+    assert "create_branch" not in calls
+    # A revision: its branch is created first (upload_folder does not create one; the Hub answers "Revision Not
+    # Found"), and the upload goes there.
+    monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: calls.update(create_branch=(repo_id, kw)))
+    trainer.push_head_to_hub("user/head", revision="tau2")
+    assert calls["create_branch"] == ("user/head", {"branch": "tau2", "exist_ok": True, "repo_type": "model"})
+    assert calls["upload"][2]["revision"] == "tau2"
 
 
 def test_a_head_that_never_went_through_hp_is_recorded_as_tau_0(tmp_path, train_set):

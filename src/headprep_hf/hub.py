@@ -351,6 +351,10 @@ def push_head_to_hub(
     with tempfile.TemporaryDirectory() as tmp:
         _save_prepared_head(trainer, tmp, backbone_id=backbone_id, repo_id=repo_id)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and not revision.startswith("refs/pr"):
+            # (upload_folder does not create a branch: a new one answered "Revision Not Found"; as transformers'
+            # push_to_hub does)
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, repo_type="model"
         )
