@@ -458,9 +458,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 f"{asked} would replace the prepared head this model carries (loaded from {loaded['source']}, tau = "
                 f"{loaded['tau']}, head_type={loaded.get('head_type')!r}, reinit_modules="
                 f"{loaded.get('reinit_modules')}) with newly drawn weights, and FT would start from them while the "
-                "card reports the loaded head. The "
-                "loaded head already holds its MLP and re-initialised blocks: build this trainer with "
-                "head_type='linear' and reinit_modules=[]."
+                "card reports the loaded head. The loaded head already holds its MLP and re-initialised blocks: "
+                "build this trainer with head_type='linear' and reinit_modules=[]."
             )
         if args.head_type == "mlp":
             set_seed(args.seed)  # the same seed gives the same head
