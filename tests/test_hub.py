@@ -119,6 +119,32 @@ def test_probe_head_with_load_best_model_at_end_keeps_the_head_of_tau_hp_epochs(
     assert trainer.state.best_model_checkpoint is not None and "/hp/" not in trainer.state.best_model_checkpoint
 
 
+def test_a_loaded_head_saved_again_keeps_its_own_record_or_is_refused(tmp_path, train_set):
+    # The review's run: a loaded MLP head with a re-initialised layer4, saved again through a trainer of other
+    # settings, was written as head_type 'linear', reinit_modules [] and that trainer's HP learning rate, without
+    # layer4 (a partial head), and a loaded linear head took the new trainer's HP settings and no energy.
+    trainer, folder = _probed(tmp_path, train_set, hp_learning_rate=0.05)
+    first = json.loads((tmp_path / "head" / HEAD_CONFIG_NAME).read_text())
+    model = tiny_timm()
+    load_prepared_head(model, folder)
+    again = HeadPrepTrainer(model=model, args=make_config(tmp_path / "b", hp_epochs=0, hp_learning_rate=0.9),
+                            train_dataset=train_set)  # fmt: skip
+    again.save_prepared_head(str(tmp_path / "again"))
+    second = json.loads((tmp_path / "again" / HEAD_CONFIG_NAME).read_text())
+    for key in ("tau", "head_type", "reinit_modules", "hp_learning_rate", "hp_lr_scheduler_type", "energy"):
+        assert second[key] == first[key], key
+    assert (
+        second["seed"] is None and second["hp_train_accuracy"] is None
+    )  # (not recorded: unknown, not this trainer's)
+    _, mlp_folder = _probed(tmp_path / "mlp", train_set, head_type="mlp", mlp_hidden_size=8, reinit_modules=["layer4"])
+    model = tiny_timm()
+    load_prepared_head(model, mlp_folder)
+    plain = HeadPrepTrainer(model=model, args=make_config(tmp_path / "c", hp_epochs=0), train_dataset=train_set)
+    with pytest.raises(ValueError, match=r"was loaded from .*'head_type': 'mlp'.* Copy or push the folder"):
+        plain.save_prepared_head(str(tmp_path / "mlp_again"))
+    assert not (tmp_path / "mlp_again" / HEAD_WEIGHTS_NAME).exists()
+
+
 def test_mismatches(tmp_path, train_set):
     _, folder = _probed(tmp_path, train_set)
     with pytest.raises(ValueError, match="3 labels but the model.s head has 5"):

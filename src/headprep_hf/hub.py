@@ -30,7 +30,7 @@ from torch import nn
 from transformers.trainer_utils import unwrap_peft_model
 
 from .cards import _first_pretrained_cfg, base_model_id, head_probing_record, prepared_head_card
-from .export import model_data_config, model_label_names, record_prepared_head, set_label_names
+from .export import model_data_config, model_label_names, prepared_head_record, record_prepared_head, set_label_names
 from .files import file_sha256
 from .guard import check_finite, nonfinite_keys
 from .heads import MLPHead, mlp_head_target, replace_head_with_mlp
@@ -200,6 +200,20 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
     dyn = trainer.dynamics
     if backbone_id is None:  # (the Hub id the finetuned model's card names as base model, where there is one)
         backbone_id = base_model_id(model) or _first_pretrained_cfg(model).get("architecture") or type(model).__name__
+    probing = head_probing_record(trainer)
+    loaded = prepared_head_record(model) if probing["source"] is not None and tau is None else None
+    if loaded is not None:
+        # A loaded head saved again (no HP on this trainer): its record, not this trainer's settings, says how it was
+        # probed. The review's run wrote head_type 'linear', reinit_modules [] and this trainer's HP learning rate
+        # for an MLP head with a re-initialised layer4, and left layer4 out of the weights (a partial head).
+        mine = {"head_type": args.head_type, "reinit_modules": sorted(split.reinit_names)}
+        theirs = {"head_type": loaded.get("head_type"), "reinit_modules": sorted(loaded.get("reinit_modules") or [])}
+        if mine != theirs:
+            raise ValueError(
+                f"The head this model carries was loaded from {loaded['source']} ({theirs}); saved through this "
+                f"trainer ({mine}) it would be written as another head, or in part. Copy or push the folder it was "
+                "loaded from instead."
+            )
     return {
         "format_version": HEAD_FORMAT_VERSION,
         "headprep_version": __version__,
@@ -213,7 +227,7 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
         "id2label": _label_names(model),
         "backbone": {"id": backbone_id, "checksum": backbone_checksum(model, split)},
         "inputs": model_inputs(model),
-        "tau": head_probing_record(trainer)["tau"] if tau is None else tau,  # (0 for a head never probed)
+        "tau": probing["tau"] if tau is None else tau,  # (0 for a head never probed)
         "hp_learning_rate": args.hp_learning_rate,
         "hp_lr_scheduler_type": args.hp_lr_scheduler_type,
         "hp_label_smoothing": args.hp_label_smoothing or args.label_smoothing_factor,
@@ -222,7 +236,16 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
         "seed": args.seed,
         "energy": dyn.get("energy"),
         "hp_train_accuracy": dyn.get("hp_train_accuracy"),
+        **(_loaded_settings(loaded) if loaded is not None else {}),
     }
+
+
+def _loaded_settings(loaded: dict) -> dict:
+    """The `headprep_head.json` fields of a loaded head that its record holds (`record_prepared_head`), and None for
+    those it does not (they were this trainer's settings, not the head's)."""
+    keys = ("hp_learning_rate", "hp_lr_scheduler_type", "hp_label_smoothing", "energy")
+    unknown = ("hp_backbone_mode", "hp_cache_features", "seed", "hp_train_accuracy")
+    return {**{k: loaded.get(k) for k in keys}, **dict.fromkeys(unknown)}
 
 
 def refuse_after_ft(trainer: HeadPrepTrainer, what: str) -> None:
