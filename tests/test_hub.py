@@ -645,6 +645,20 @@ def test_backbone_id_of_transformers_and_segmentation_models_is_their_hub_id(tmp
     assert prepared_head_config(vit)["backbone"]["id"] == "google/vit-base-patch16-224"
     seg = HeadPrepTrainer(model=TimmDeepLabV3("test_resnet", 3), args=make_config(tmp_path / "seg"))
     assert prepared_head_config(seg)["backbone"]["id"] == "timm/test_resnet.r160_in1k"  # its timm backbone's
+    # The card's "Use" snippet builds the backbone with its own library: it said
+    # timm.create_model("hf-hub:google/vit-base-patch16-224", ...) for the transformers ViT, not a timm repo.
+    from headprep_hf.cards import prepared_head_card
+
+    text = prepared_head_card(prepared_head_config(vit)).text
+    assert "from transformers import ViTForImageClassification" in text and "timm" not in text.split("```")[1]
+    assert 'ViTForImageClassification.from_pretrained("google/vit-base-patch16-224", num_labels=3' in text
+    # A segmentation model around a timm backbone: timm.create_model would build a classifier, not it.
+    assert "timm.create_model" not in prepared_head_card(prepared_head_config(seg)).text
+    resnet = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path / "resnet"))
+    assert (
+        'timm.create_model("hf-hub:timm/test_resnet.r160_in1k", pretrained=True'
+        in prepared_head_card(prepared_head_config(resnet)).text
+    )
 
 
 def test_a_refused_mlp_head_leaves_the_model_as_it_was(tmp_path, train_set):

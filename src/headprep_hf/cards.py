@@ -52,12 +52,23 @@ def prepared_head_card(config: dict[str, Any], repo_id: str | None = None) -> Mo
         headprep_energy=config.get("energy"),
         headprep_hp_train_accuracy=config.get("hp_train_accuracy"),
     )
-    if on_hub:  # timm's create_model takes a Hub repo as "hf-hub:owner/name" (a bare "owner/name" is refused)
+    # (which library builds the backbone, recorded since this version: every Hub backbone got the timm snippet, e.g.
+    # `timm.create_model("hf-hub:google/vit-base-patch16-224", ...)` for a transformers ViT, which is not a timm
+    # repo; a config saved before keeps it)
+    library = config["backbone"].get("library", "timm")
+    model_class = config["backbone"].get("class")
+    if on_hub and library == "timm":  # timm takes a Hub repo as "hf-hub:owner/name" (a bare "owner/name" is refused)
         model_import = "import timm\n"
         model_line = (
             f'model = timm.create_model("hf-hub:{backbone}", pretrained=True, num_classes={config.get("num_labels")})'
         )
-    else:  # weights from a local file, or a model that is not timm's: the card cannot say how to build it
+    elif on_hub and library == "transformers" and model_class:
+        model_import = f"from transformers import {model_class}\n"
+        model_line = (
+            f'model = {model_class}.from_pretrained("{backbone}", num_labels={config.get("num_labels")}, '
+            "ignore_mismatched_sizes=True)"
+        )
+    else:  # weights from a local file, or a model of another library: the card cannot say how to build it
         model_import = ""
         model_line = (
             f"model = ...  # the {backbone} whose weights this head was probed on (checksum "
@@ -68,7 +79,7 @@ def prepared_head_card(config: dict[str, Any], repo_id: str | None = None) -> Mo
         template_path=template_path("prepared_head"),
         model_import=model_import,
         model_line=model_line,
-        backbone_id=f"hf-hub:{backbone}" if on_hub else backbone,
+        backbone_id=f"hf-hub:{backbone}" if on_hub and library == "timm" else backbone,
         backbone_checksum=config["backbone"]["checksum"],
         repo_id=repo_id or "path/to/this/head",
         labels=labels,

@@ -225,7 +225,7 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
         "feature_dim": feature_dim(model, split),
         "num_labels": split.num_classes,
         "id2label": _label_names(model),
-        "backbone": {"id": backbone_id, "checksum": backbone_checksum(model, split)},
+        "backbone": {"id": backbone_id, "checksum": backbone_checksum(model, split), **_backbone_library(model)},
         "inputs": model_inputs(model),
         "tau": probing["tau"] if tau is None else tau,  # (0 for a head never probed)
         "hp_learning_rate": args.hp_learning_rate,
@@ -238,6 +238,17 @@ def prepared_head_config(trainer: HeadPrepTrainer, backbone_id: str | None = Non
         "hp_train_accuracy": dyn.get("hp_train_accuracy"),
         **(_loaded_settings(loaded) if loaded is not None else {}),
     }
+
+
+def _backbone_library(model: nn.Module) -> dict:
+    """Which library builds the backbone (the card's "Use" snippet): a timm model, or a transformers model class."""
+    from transformers import PreTrainedModel
+
+    from .export import is_timm_model
+
+    if isinstance(model, PreTrainedModel):
+        return {"library": "transformers", "class": type(model).__name__}
+    return {"library": "timm" if is_timm_model(model) else None}  # (None: e.g. a segmentation model around timm)
 
 
 def _loaded_settings(loaded: dict) -> dict:
