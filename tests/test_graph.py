@@ -246,7 +246,8 @@ def test_ogb_is_imported_without_its_pypi_check(tmp_path):
 
 
 def test_official_name_without_release_file_is_a_clear_error(tmp_path):
-    (tmp_path / "ogbg_molhiv").mkdir()
+    (tmp_path / "ogbg_molhiv" / "raw").mkdir(parents=True)
+    (tmp_path / "ogbg_molhiv" / "raw" / "edge.csv.gz").write_bytes(b"")  # (files: an empty folder is removed)
     with pytest.raises(FileNotFoundError, match="no RELEASE_v1.txt, so OGB would prompt on stdin"):
         load_ogb_dataset("ogbg-molhiv", root=tmp_path)
 
@@ -524,7 +525,19 @@ def test_official_name_that_cannot_be_downloaded_is_a_clear_error(tmp_path, monk
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(dataset_pyg, "decide_download", offline)
-    with pytest.raises(FileNotFoundError, match=r"ogbg-molhiv is not under .*ogbg_molhiv and OGB could not download"):
+    # (the review's run: PyG had made ogbg_molhiv/raw before the download failed, and every later call, online too,
+    # was told to create RELEASE_v1.txt in that empty folder)
+    for attempt in range(2):
+        with pytest.raises(FileNotFoundError, match=r"ogbg-molhiv is not under .*ogbg_molhiv and OGB could not down"):
+            load_ogb_dataset("ogbg-molhiv", root=tmp_path)
+        assert not (tmp_path / "ogbg_molhiv").exists(), attempt
+    (tmp_path / "ogbg_molhiv" / "raw").mkdir(parents=True)  # (one an earlier version left: removed, not named)
+    with pytest.raises(FileNotFoundError, match=r"ogbg-molhiv is not under .*ogbg_molhiv and OGB could not down"):
+        load_ogb_dataset("ogbg-molhiv", root=tmp_path)
+    # A folder the user made, holding files without RELEASE_v1.txt, is still named (OGB would prompt on stdin).
+    (tmp_path / "ogbg_molhiv" / "raw").mkdir(parents=True)
+    (tmp_path / "ogbg_molhiv" / "raw" / "edge.csv.gz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"has no RELEASE_v1.txt"):
         load_ogb_dataset("ogbg-molhiv", root=tmp_path)
 
 

@@ -369,6 +369,10 @@ def load_ogb_dataset(name_or_path: str, root: str | os.PathLike | None = None):
                 "pass dataset_root (the folder that holds e.g. ogbg_moltox21/)"
             )
         folder = Path(root) / name_or_path.replace("-", "_")
+        if folder.is_dir() and not (folder / "RELEASE_v1.txt").is_file() and not _holds_files(folder):
+            # (what a failed download left, an empty `raw/`, before such folders were removed: OGB would prompt on
+            # stdin for it, and it holds nothing to lose)
+            shutil.rmtree(folder)
         if folder.is_dir() and not (folder / "RELEASE_v1.txt").is_file():
             raise FileNotFoundError(
                 f"{folder} has no RELEASE_v1.txt, so OGB would prompt on stdin to delete and re-download it. If the "
@@ -377,16 +381,26 @@ def load_ogb_dataset(name_or_path: str, root: str | os.PathLike | None = None):
         kwargs = dict(name=name_or_path, root=str(root))
     import urllib.error
 
+    target = Path(kwargs.get("root", "")) / name_or_path.replace("-", "_")
+    existed = target.exists()
     try:
         with torch.serialization.safe_globals([DataEdgeAttr, DataTensorAttr, GlobalStorage]):
             return PygGraphPropPredDataset(**kwargs)
     except urllib.error.URLError as error:  # urlopen wraps connection failures in URLError
-        folder = Path(kwargs.get("root", "")) / name_or_path.replace("-", "_")
+        folder = target
+        if not existed and "root" in kwargs:
+            # (PyG made `raw/` before the download failed: every later call, online too, was then told to create
+            # RELEASE_v1.txt in it; the folder is this call's, so it goes)
+            shutil.rmtree(folder, ignore_errors=True)
         raise FileNotFoundError(
             f"{name_or_path} is not under {folder} and OGB could not download it ({error}). Offline, place the "
             f"extracted OGB files there (raw/, split/, mapping/ and RELEASE_v1.txt) or convert SMILES with "
             "write_ogb_dataset."
         ) from None
+
+
+def _holds_files(folder: Path) -> bool:
+    return any(p.is_file() for p in folder.rglob("*"))
 
 
 class GraphPropertyDataset(Dataset):
