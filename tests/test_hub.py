@@ -215,6 +215,7 @@ def test_push_head_to_hub_uploads_exactly_the_artifact(tmp_path, train_set, monk
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "list_repo_files", fake_list_repo_files({None: [".gitattributes"]}))
     trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set)
     trainer.probe_head()
     url = trainer.push_head_to_hub("user/head", private=True)
@@ -231,6 +232,48 @@ def test_push_head_to_hub_uploads_exactly_the_artifact(tmp_path, train_set, monk
     trainer.push_head_to_hub("user/head", revision="tau2")
     assert calls["create_branch"] == ("user/head", {"branch": "tau2", "exist_ok": True, "repo_type": "model"})
     assert calls["upload"][2]["revision"] == "tau2"
+
+
+def fake_list_repo_files(files_by_revision: dict):
+    """`HfApi.list_repo_files` of a fake repo: the files of each revision (None: main); an unknown one raises the
+    Hub's `RevisionNotFoundError`."""
+    import httpx2
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    def list_repo_files(self, repo_id, revision=None, **kwargs):
+        if revision not in files_by_revision:
+            request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}/revision/{revision}")
+            raise RevisionNotFoundError("404 Revision Not Found", response=httpx2.Response(404, request=request))
+        return list(files_by_revision[revision])
+
+    return list_repo_files
+
+
+def test_push_head_to_hub_does_not_replace_a_repos_card_or_head(tmp_path, train_set, monkeypatch):
+    # The push replaced an existing model repo's README.md (its model card) with the head card, and an earlier head
+    # with this one, without a word; as save_prepared_head() does for a folder, it is now refused unless overwrite.
+    from huggingface_hub import HfApi
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, repo_id, **kw: uploads.append(kw) or "url")
+    monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: uploads.append(("branch", kw)))
+    repo = {None: [".gitattributes", "README.md", "model.safetensors"], "tau1": ["head.safetensors", "README.md"]}
+    monkeypatch.setattr(HfApi, "list_repo_files", fake_list_repo_files(repo))
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path), train_dataset=train_set)
+    trainer.probe_head()
+    with pytest.raises(FileExistsError, match=r"user/model: it already holds README.md.*overwrite=True"):
+        trainer.push_head_to_hub("user/model")
+    with pytest.raises(FileExistsError, match=r"user/model@tau1: it already holds head.safetensors, README.md"):
+        trainer.push_head_to_hub("user/model", revision="tau1")
+    assert uploads == []
+    # A new branch is created from main: what it inherits is replaced on that branch only, so it is not refused.
+    trainer.push_head_to_hub("user/model", revision="tau2")
+    assert uploads[0] == ("branch", {"branch": "tau2", "exist_ok": True, "repo_type": "model"})
+    assert uploads[1]["revision"] == "tau2"
+    # An existing branch that holds a head is not given a second create_branch call, and overwrite=True replaces it.
+    trainer.push_head_to_hub("user/model", revision="tau1", overwrite=True)
+    assert uploads[2]["revision"] == "tau1" and len(uploads) == 3
 
 
 def test_a_head_that_never_went_through_hp_is_recorded_as_tau_0(tmp_path, train_set):

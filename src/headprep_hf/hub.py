@@ -369,23 +369,41 @@ def push_head_to_hub(
     token: str | None = None,
     commit_message: str = "Upload prepared head",
     revision: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Upload the trainer's current head (weights, `headprep_head.json`, README.md card) to the Hub repo `repo_id`.
 
-    This is the one place headprep_hf talks to the network (through `huggingface_hub.HfApi`: `create_repo` and
-    `upload_folder`); nothing else in the package does, at import time or later. A `ValueError` once FT has started
-    (`refuse_after_ft`). Returns the commit URL.
+    This is the one place headprep_hf talks to the network (through `huggingface_hub.HfApi`: `create_repo`,
+    `list_repo_files`, `create_branch` and `upload_folder`); nothing else in the package does, at import time or later.
+    A `ValueError` once FT has started (`refuse_after_ft`). A `FileExistsError` where the repo's `revision` (main when
+    None) already holds a README.md or a head, unless `overwrite=True`, as `save_prepared_head` does for a folder: a
+    model repo's own card would be replaced by the head card. A branch that does not exist yet is created from main;
+    what it inherits from main is replaced there only. Returns the commit URL.
     """
     import tempfile
 
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RevisionNotFoundError
 
     refuse_after_ft(trainer, "push_head_to_hub()")
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         _save_prepared_head(trainer, tmp, backbone_id=backbone_id, repo_id=repo_id)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None and not revision.startswith("refs/pr"):
+        try:
+            present = set(api.list_repo_files(repo_id, revision=revision, repo_type="model"))
+            new_branch = False
+        except RevisionNotFoundError:
+            present, new_branch = set(), True
+        existing = [name for name in (HEAD_WEIGHTS_NAME, HEAD_CONFIG_NAME, "README.md") if name in present]
+        if existing and not overwrite:
+            where = f"{repo_id}@{revision}" if revision is not None else repo_id
+            raise FileExistsError(
+                f"Not pushing the prepared head to {where}: it already holds {', '.join(existing)}, which the head "
+                "would replace (a model repo's own card would become the head card). Push to another repo or to a "
+                "new branch (revision=...), or pass overwrite=True to replace them."
+            )
+        if new_branch and revision is not None and not revision.startswith("refs/pr"):
             # (upload_folder does not create a branch: a new one answered "Revision Not Found"; as transformers'
             # push_to_hub does)
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
