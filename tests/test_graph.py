@@ -201,6 +201,9 @@ def test_converter_reports_bad_smiles_and_wrong_task_counts(tmp_path, caplog):
         np.testing.assert_array_equal(dataset[new].y.numpy()[0], labels[old].astype(np.float32))
     assert (folder / "skipped_smiles.csv").read_text().splitlines()[1] == "3,C1CC(C"
     assert load_ogb_dataset(str(folder)).get_idx_split()["train"].tolist() == [0, 1, 2]
+    # Named as OGB's own sets are (`--dataset_name NAME --dataset_root ROOT`): OGB answered "Invalid dataset name".
+    by_name = load_ogb_dataset("skips", root=tmp_path)
+    assert len(by_name) == 5 and by_name.get_idx_split()["train"].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="line 3: cannot parse SMILES"):
         write_ogb_dataset(smiles, labels, tmp_path, "strict", on_invalid="raise")
     assert not (tmp_path / "strict" / "raw").exists()

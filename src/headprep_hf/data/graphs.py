@@ -344,7 +344,8 @@ def read_smiles_and_labels(smiles_file: str, labels_file: str, num_tasks: int) -
 
 def load_ogb_dataset(name_or_path: str, root: str | os.PathLike | None = None):
     """OGB's `PygGraphPropPredDataset` for an official dataset name under `root` (e.g. `ogbg-moltox21`; OGB downloads
-    it when the files are missing and the network is there) or for a folder written by `write_ogb_dataset`.
+    it when the files are missing and the network is there) or for a folder written by `write_ogb_dataset` (its path,
+    or its name with `root`, as `write_ogb_dataset(..., root, name)` took them).
 
     Offline fixes: PyG's data classes are allowed for `torch.load(weights_only=True)` while OGB loads its processed
     file, and an official dataset folder without `RELEASE_v1.txt` (OGB would ask on stdin whether to delete it) is a
@@ -358,6 +359,12 @@ def load_ogb_dataset(name_or_path: str, root: str | os.PathLike | None = None):
     from torch_geometric.data.storage import GlobalStorage
 
     path = Path(name_or_path)
+    if root is not None and not (path / OGB_META_FILE).is_file():
+        converted = Path(root) / name_or_path.replace("-", "_")
+        if (converted / OGB_META_FILE).is_file():
+            # (write_ogb_dataset(..., root, name) named as OGB names its own sets; OGB's own loader answered "Invalid
+            # dataset name" for it, without naming the folder)
+            path = converted
     if (path / OGB_META_FILE).is_file():
         meta = read_json(path / OGB_META_FILE)
         name = meta.pop("name")

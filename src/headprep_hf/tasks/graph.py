@@ -54,7 +54,10 @@ class GraphArguments:
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "OGB name (ogbg-moltox21, ogbg-molhiv, ...) with --dataset_root, or a converted folder."},
+        metadata={
+            "help": "OGB name (ogbg-moltox21, ogbg-molhiv, ...) with --dataset_root, or a folder converted by "
+            "write_ogb_dataset (its path, or its name with --dataset_root)."
+        },
     )
     dataset_root: str | None = field(default=None, metadata={"help": "Folder holding the OGB dataset folders."})
     num_layers: int = field(default=5, metadata={"help": "GCN layers (paper: 5)."})
