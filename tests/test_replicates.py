@@ -470,3 +470,82 @@ def test_a_toy_sweep_recorded_with_no_aug_is_not_continued_without_augmentation(
     assert _task_args(real)["args"]["no_aug"] is True
     added = {"name": "image-classification", "args": {"energy_on_eval_transform": False, "train_dir": "/d/train"}}
     assert "energy_on_eval_transform" not in _task_args(added)["args"]  # (recorded before it existed: the same)
+
+
+def test_a_written_sweep_is_read_back_with_this_versions_tau_star_and_verdicts(tmp_path, caplog):
+    """A format-2 sweep.json of an earlier version was shown with its own tau* and verdicts: a validation "beats" on
+    the values tau* was chosen on, and a tau* = taus[0] when every tau had lost a seed. They are derived again."""
+    from headprep_hf.replicates import verdict
+    from headprep_hf.sweep import load_sweep
+
+    values = {0: (0.90, 0.904, 0.902), 2: (0.95, 0.958, 0.954), 4: (0.93, 0.935, 0.932)}
+    sweep = _assemble([_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)], [1, 2, 3])
+    old = json.loads(json.dumps(sweep))
+    comparison = old["comparisons"]["vs_first"]
+    comparison["validation_verdict"] = verdict(2, 0, comparison["validation"], "validation accuracy", True, True)
+    assert comparison["validation_verdict"].startswith("tau* = 2 beats tau = 0")  # (the earlier versions' sentence)
+    (tmp_path / "sweep.json").write_text(json.dumps(old))
+    loaded = load_sweep(tmp_path)
+    assert "it was chosen on" in loaded["comparisons"]["vs_first"]["validation_verdict"]
+    assert "beats" not in format_table(loaded)
+    nan = float("nan")
+    values = {0: (nan, 0.90, 0.91), 2: (0.93, nan, 0.94), 4: (0.92, 0.93, nan)}
+    sweep = _assemble([_job(t, s, v) for t, vs in values.items() for s, v in zip((1, 2, 3), vs)], [1, 2, 3])
+    assert sweep["tau_star"] == 2
+    old = json.loads(json.dumps(sweep))
+    old["tau_star"], old["tau_star_note"] = 0, None  # the earlier rule: every tau ranked last, so the first
+    (tmp_path / "sweep.json").write_text(json.dumps(old))
+    with caplog.at_level("WARNING"):
+        loaded = load_sweep(tmp_path)
+    assert loaded["tau_star"] == 2 and "finite for 2 of 3 seeds" in loaded["tau_star_note"]
+    assert "records tau* = 0" in caplog.text and "results give tau* = 2" in caplog.text
+    assert loaded["comparisons"] == sweep["comparisons"] and loaded["per_tau"] == sweep["per_tau"]
+    assert json.loads((tmp_path / "sweep.json").read_text())["tau_star"] == 0  # the file is not changed
+    caplog.clear()
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    with caplog.at_level("WARNING"):
+        assert load_sweep(tmp_path) == json.loads(json.dumps(sweep))  # this version's own file reads back as it is
+    assert "records tau*" not in caplog.text
+
+
+def test_a_paired_difference_without_spread_gives_no_verdict():
+    # +1 test image of 300 on each of 2 seeds: the differences are equal up to rounding (std ~1e-16), the t-interval
+    # a point, and the verdict read "tau* = 4 beats tau = 0 by 0.33 +- 0.00 points".
+    jobs = []
+    for tau, extra in ((0, 0), (4, 1)):
+        for seed, (val, base) in zip((1, 2), ((0.90, 270), (0.94, 282))):
+            jobs.append({**_job(tau, seed, val + tau / 100), "test": {"accuracy": (base + extra) / 300}})
+    sweep = _assemble(jobs, [1, 2], taus=(0, 4))
+    difference = sweep["comparisons"]["vs_first"]["test"]
+    assert difference["std"] < 1e-12 and difference["mean"] == pytest.approx(1 / 300)
+    text = sweep["comparisons"]["vs_first"]["test_verdict"]
+    assert "beats" not in text and "every one of the 2 seeds gives the same difference, +0.33 points" in text
+    assert "no verdict" in text
+    # a real spread still gives the verdict
+    jobs = [{**j, "test": {"accuracy": j["test"]["accuracy"] + (0.0005 if j["seed"] == 2 and j["tau"] == 4 else 0)}}
+            for j in jobs]  # fmt: skip
+    assert "beats" in _assemble(jobs, [1, 2], taus=(0, 4))["comparisons"]["vs_first"]["test_verdict"]
+
+
+def test_the_table_counts_the_seeds_run_and_says_which_views_the_energy_saw():
+    # One seed NaN on validation at every tau: the header said "over 2 seeds: [1, 2, 3]" beside energies over 3, and
+    # the summary's means over 2 seeds were not flagged.
+    nan = float("nan")
+    jobs = [
+        {**_job(t, s, nan if s == 3 else 0.5 + t / 10 + s / 100), "energy_views": "eval transform"}
+        for t in (0, 2, 4)
+        for s in (1, 2, 3)
+    ]
+    jobs[0]["energy"] = None  # tau = 0, seed 1: no energy
+    table = format_table(_assemble(jobs, [1, 2, 3]))
+    assert "(mean +- standard deviation over 3 seeds: [1, 2, 3])" in table
+    assert "tau=0 energy n=2, tau=0 validation n=2, tau=2 validation n=2" in table
+    assert "HP-acc n=" not in table  # (HP-acc is over the 3 seeds everywhere)
+    assert "HP0-FT 0.5150 (n=2)" in table
+    assert "(energy and HP-acc at the start of FT, on the training set through the eval transform)" in table
+    jobs = [{**j, "energy_views": "as training reads them"} for j in jobs]
+    assert "on the training set as training reads it (augmentation included)" in format_table(
+        _assemble(jobs, [1, 2, 3])
+    )
+    jobs = [{k: v for k, v in j.items() if k != "energy_views"} for j in jobs]  # written before it was recorded
+    assert "which views of the training set is not recorded" in format_table(_assemble(jobs, [1, 2, 3]))

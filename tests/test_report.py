@@ -450,3 +450,61 @@ def test_a_sweep_without_measurements_is_not_called_regression():
         assert "not measured (track_dynamics=False)" in fig.axes[0].get_title()
     finally:
         plt.close(fig)
+
+
+def test_an_exchange_of_models_finetuned_again_is_skipped(tmp_path, caplog):
+    # A job run again (its damaged model deleted as the exchange advises; a GPU rerun gives other weights) keeps the
+    # sweep's fingerprint: the heatmap was drawn from the models it no longer has, without a word.
+    from headprep_hf.sweep import _fingerprint_tag
+
+    sweep = _replicated([(0, 3), (2, 3)], seeds=[3])
+    for result in sweep["results"]:
+        result["model_sha256"] = f"{result['tau']}" * 64
+    write_json(tmp_path / "sweep.json", sweep)
+    exchange = {**make_exchange(taus=(0, 2)), "seed": 3, "sweep_fingerprint": _fingerprint_tag(sweep["fingerprint"])}
+    exchange["models"] = {"0": "0" * 64, "2": "2" * 64}
+    validate_exchange(exchange)
+    write_json(tmp_path / "exchange.json", exchange)
+    assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES + ["exchange_heatmap.png"])
+    sweep["results"][1]["model_sha256"] = "f" * 64  # tau = 2 finetuned again
+    write_json(tmp_path / "sweep.json", sweep)
+    with caplog.at_level("WARNING"):
+        assert_pngs(write_report(tmp_path), tmp_path / "plots", BASE_FILES)
+    assert "the models of tau = 2 were finetuned again since it was measured" in caplog.text
+
+
+@pytest.mark.parametrize("content", [[], "x", 3])
+def test_a_sweep_json_that_is_not_an_object_is_named(tmp_path, content):
+    # `data.get` raised an AttributeError, a traceback instead of the one line naming the file.
+    write_json(tmp_path / "sweep.json", content)
+    with pytest.raises(jsonschema.ValidationError, match=r"sweep.json is not a valid sweep.json \(.* is not of type"):
+        write_report(tmp_path)
+
+
+def test_the_energy_figure_says_which_views_of_the_training_set_it_shows():
+    from headprep_hf.report import _figure_hp_accuracy_energy
+
+    titles = {}
+    for views in ("eval transform", "as training reads them", None):
+        sweep = _replicated([(0, 3), (2, 3)], seeds=[3])
+        for result in sweep["results"]:
+            result["energy_views"] = views
+        fig = _figure_hp_accuracy_energy(plt, sweep)
+        try:
+            titles[views] = fig.axes[0].get_title()
+        finally:
+            plt.close(fig)
+    assert titles["eval transform"].endswith(
+        "train accuracy and energy\non the training set through the eval transform"
+    )
+    assert titles["as training reads them"].endswith("as training reads it (augmentation included)")
+    assert titles[None].endswith("train accuracy and energy")  # (not recorded: not claimed)
+
+
+def test_the_exchange_command_prints_a_cell_without_labels_as_na():
+    # A set without a valid label is null in exchange.json; printing it raised a TypeError after the file was written.
+    from headprep_hf.cli import format_exchange
+
+    exchange = make_exchange(taus=(0, 2))
+    exchange["validation_accuracy"][0][1] = None
+    assert format_exchange(exchange).splitlines()[2:] == ["      0  0.9500     n/a", "      2  0.9100  0.9400"]

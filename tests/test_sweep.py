@@ -111,6 +111,7 @@ def test_sweep_json_is_valid_and_consistent(finished, data):
             "model": "last update",
         }
         assert entry["head_grad_norm"] and sum(entry["p0_histogram"]["counts"]) == 48
+        assert entry["energy_views"] == "as training reads them"  # (no energy_dataset given)
     energies = [r["energy"] for r in result["results"]]
     assert energies == sorted(energies, reverse=True)  # more HP, lower energy
     assert "tau* =" in format_table(result)
@@ -130,6 +131,8 @@ def test_ft_jobs_start_from_the_untouched_pretrained_model(finished, data):
 
 
 def test_report_and_exchange_of_a_finished_sweep(finished, data):
+    from headprep_hf.files import file_sha256
+
     path, result, model, before = finished
     plots = sorted(p.name for p in (path / "plots").iterdir())
     assert plots == sorted(
@@ -145,6 +148,10 @@ def test_report_and_exchange_of_a_finished_sweep(finished, data):
     exchange = json.loads((path / "exchange.json").read_text())
     validate_exchange(exchange)
     assert exchange["sweep_fingerprint"] == _fingerprint_tag(result["fingerprint"])  # the sweep it was measured for
+    # and the models it paired, by the sha256 of each job's file
+    assert exchange["models"] == {
+        str(r["tau"]): file_sha256(path / r["output_dir"] / "model.safetensors") for r in result["results"]
+    }
     # the diagonal is each finetuned model itself: its validation accuracy as the trainer evaluated it
     for i, entry in enumerate(result["results"]):
         assert exchange["validation_accuracy"][i][i] == pytest.approx(entry["validation"]["accuracy"], abs=1e-6)

@@ -494,12 +494,18 @@ def exchange_main(argv: list[str]) -> dict:
         from .report import write_report
 
         write_report(ns.sweep_dir)
-    taus = exchange["taus"]
-    print("validation accuracy, rows: backbone finetuned from tau, columns: head finetuned from tau")
-    print("       " + "".join(f"{t:>8}" for t in taus))
-    for t, row in zip(taus, exchange["validation_accuracy"]):
-        print(f"{t:>7}" + "".join(f"{v:>8.4f}" for v in row))
+    print(format_exchange(exchange))
     return exchange
+
+
+def format_exchange(exchange: dict) -> str:
+    """The validation matrix of an `exchange.json` as text; "n/a" where a set held no valid label (null)."""
+    taus = exchange["taus"]
+    lines = ["validation accuracy, rows: backbone finetuned from tau, columns: head finetuned from tau"]
+    lines.append("       " + "".join(f"{t:>8}" for t in taus))
+    for t, row in zip(taus, exchange["validation_accuracy"]):  # (null: `:.4f` raised a TypeError after the file)
+        lines.append(f"{t:>7}" + "".join(f"{v:>8.4f}" if v is not None else f"{'n/a':>8}" for v in row))
+    return "\n".join(lines)
 
 
 def report_main(argv: list[str]) -> list[Path]:

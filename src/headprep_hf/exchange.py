@@ -218,6 +218,7 @@ def head_exchange(
         "taus": taus,
         "seed": first_seed,
         "sweep_fingerprint": _fingerprint_tag(sweep.get("fingerprint")),
+        "models": {str(tau): results[tau].get("model_sha256") for tau in taus},  # (a job run again: other weights)
         "rows": "backbone",
         "columns": "head",
         "train_views": "eval transform" if measure_train_dataset is not None else "as training reads them",

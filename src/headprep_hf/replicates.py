@@ -196,6 +196,15 @@ def verdict(
             "value is missing or not finite on either side is left out)."
         )
     low, high = difference["ci95"]
+    if difference["std"] <= 1e-9 * max(abs(difference["mean"]), 1e-3):
+        # (a metric counted over a set, k/N, can move by the same count on every seed: the paired differences are
+        # then equal up to float rounding, their standard deviation about 1e-16 and the t-interval a point, which
+        # read "beats ... +- 0.00" from two seeds. A spread of zero estimates no noise.)
+        return (
+            f"tau = {tau_a} vs tau = {tau_b}: every one of the {n} seeds gives the same difference, "
+            f"{fmt(difference['mean'], '+')}{unit} of {metric}; a spread of zero does not estimate the seed noise, so "
+            "no verdict (add seeds: sweep_seeds)."
+        )
     better = difference["mean"] > 0 if greater_is_better else difference["mean"] < 0
     size = f"{fmt(abs(difference['mean']))} +- {fmt((high - low) / 2)}{unit} of {metric} ({n} seeds, 95% t-interval)"
     if low > 0 or high < 0:

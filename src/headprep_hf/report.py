@@ -96,6 +96,16 @@ def write_report(sweep_dir: str | os.PathLike, output_dir: str | os.PathLike | N
             why = f"its taus {exchange['taus']} are not the sweep's {data['taus']}"
         elif data.get("seeds") and exchange.get("seed") not in data["seeds"]:
             why = f"its seed {exchange.get('seed')} is not among the sweep's seeds {data['seeds']}"
+        else:
+            # (a job run again, e.g. after its damaged model was deleted as the exchange advises, keeps the
+            # fingerprint but not the weights: the matrix was drawn from the replaced models without a word)
+            paired = exchange.get("models") or {}
+            now = {
+                str(r["tau"]): r.get("model_sha256") for r in data["results"] if r.get("seed") == exchange.get("seed")
+            }
+            changed = [tau for tau, sha in paired.items() if sha is not None and now.get(tau) not in (None, sha)]
+            if changed:
+                why = f"the models of tau = {', '.join(changed)} were finetuned again since it was measured"
         if why:
             logger.warning(
                 "%s was measured for another sweep than %s (%s): no exchange_heatmap.png. "
@@ -361,6 +371,11 @@ def _figure_hp_accuracy_energy(plt, data: dict[str, Any]):
     if not has_accuracy:
         what = "energy (no accuracy: regression)" if has_energy else "not measured (track_dynamics=False)"
     partial = _partial_note(data)
+    from .sweep import energy_views
+
+    views = energy_views(data) if has_energy else None
+    if views:  # (augmented views or the eval transform: the title said neither)
+        what += f"\non {views}"
     ax.set_title(f"Head after {_TAU} HP epochs: {what}" + (f"\n({partial})" if partial else ""))
     return fig
 

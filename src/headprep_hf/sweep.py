@@ -829,6 +829,16 @@ class TauSweep:
             },
         }
 
+    def _energy_views(self, trainer) -> str:
+        """Which views of the training set a job's energy, HP-acc and p0 were measured on (`ENERGY_VIEWS`)."""
+        if trainer.energy_dataset is None:
+            return "as training reads them"
+        return (
+            "eval transform"
+            if (_task_args(self.task) or {"args": {}})["args"].get("energy_on_eval_transform")
+            else "energy_dataset"
+        )
+
     def fingerprint(self) -> dict[str, Any]:
         """What a sweep's folders must share: the grid, the pretrained model (with its new head, before HP), whether
         seeds re-draw the head, the settings that change results (not the seeds: each job records its own), the task
@@ -1084,6 +1094,7 @@ class TauSweep:
             "hp_train_accuracy": dyn.get("hp_train_accuracy"),
             "energy": dyn.get("energy"),
             "problem_type": dyn.get("problem_type"),  # (what the energy was computed for: the report's axis label)
+            "energy_views": self._energy_views(trainer),  # (which views the energy and HP-acc saw: the table says)
             "p0_mean": dyn.get("p0_mean"),
             "p0_histogram": dyn.get("p0_histogram") if dyn.get("p0_mean") is not None else None,
             "drift": final_drift_of(dyn),  # (the evaluated model's: the best checkpoint's where it was loaded)
@@ -1371,8 +1382,10 @@ def assemble_sweep(
     merged_from: list[str] | None = None,
     seeds: list[int] | None = None,
     evaluation: dict[str, str] | None = None,
+    warn: bool = True,
 ) -> dict[str, Any]:
-    """Build (and validate) the `sweep.json` content from the per-(tau, seed) results (NaN/inf values become null)."""
+    """Build (and validate) the `sweep.json` content from the per-(tau, seed) results (NaN/inf values become null).
+    `warn`: log tau*'s note (False where a written sweep is read back)."""
     results = _finite_or_null(sorted(results, key=lambda r: (r["tau"], r.get("seed") or 0)))
     seeds = list(seeds) if seeds is not None else sorted({r.get("seed") for r in results if r.get("seed") is not None})
     done = {(r["tau"], r.get("seed")) for r in results}
@@ -1381,7 +1394,7 @@ def assemble_sweep(
     tau_star, tau_star_note = None, None
     if complete:
         tau_star, tau_star_note = choose_tau_star(per_tau, greater_is_better, metric, n_seeds=max(len(seeds), 1))
-        if tau_star_note is not None:
+        if tau_star_note is not None and warn:
             logger.warning(tau_star_note)
     by_tau = {row["tau"]: row for row in per_tau}
 
@@ -1451,6 +1464,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: not a sweep folder (it is written by `headprep sweep`).")
     data = read_json(path)
     validate_sweep_file(data, path)
+    written_as = data.get("format_version", 1)
     data = upgrade_sweep(data)
     if data.get("complete"):
         # (a complete sweep holds a result for every tau and seed: one removed by hand left the report's statistics
@@ -1465,7 +1479,46 @@ def load_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
                 f"{', ...' if len(missing) > 6 else ''}: it was edited or damaged. Rerun the sweep into its folder "
                 "(its finished jobs are reused), or restore the file."
             )
-    return data
+    # (format 1, one seed, chose tau* by the one rule there is for one seed, and held no verdicts)
+    return rederive_sweep(data, path) if written_as >= 2 else data
+
+
+# What `sweep.json` holds that follows from its results by this version's rules (tau*, the statistics, the verdicts).
+_DERIVED_KEYS = ("per_tau", "tau_star", "tau_star_note", "comparisons", "summary")
+
+
+def rederive_sweep(data: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """`data` with its derived parts (`_DERIVED_KEYS`) computed again from its results by this version's rules. A file
+    written by an earlier version of the same format holds its own: a validation verdict of "beats" on the values
+    tau* was chosen on (which this version refuses to claim), a tau* that ranked every tau with a lost seed last (so
+    the first tau when each had lost one). They were shown as they were. A tau* that differs is named in a warning."""
+    fresh = assemble_sweep(
+        data["results"],
+        data["taus"],
+        data["selection_metric"],
+        data["greater_is_better"],
+        data["hp"],
+        data["fingerprint"],
+        data.get("shard"),
+        task=data.get("task"),
+        settings=data.get("settings"),
+        merged_from=data.get("merged_from"),
+        seeds=data["seeds"],
+        evaluation=data.get("evaluation"),
+        warn=False,
+    )
+    if fresh["complete"] != bool(data.get("complete")):  # (not one sweep's record by these rules: left as written)
+        return data
+    if fresh["tau_star"] != data.get("tau_star"):
+        logger.warning(
+            "%s records tau* = %s, chosen by the rule of headprep_hf %s; by this version's rule its results give tau* "
+            "= %s, which is what is shown (the file is not changed).",
+            path,
+            data.get("tau_star"),
+            data.get("headprep_version"),
+            fresh["tau_star"],
+        )
+    return {**data, **{key: fresh[key] for key in _DERIVED_KEYS}}
 
 
 _FINGERPRINT_PARTS = {
@@ -1693,14 +1746,35 @@ def _mean_std(stats: dict | None, width: int) -> str:
     return f"{text:>{width}}"
 
 
+_TABLE_NAMES = {"hp_train_accuracy": "HP-acc"}
+# What each result's `energy_views` says, in words (the table's and the report's label).
+ENERGY_VIEWS = {
+    "as training reads them": "the training set as training reads it (augmentation included)",
+    "eval transform": "the training set through the eval transform",
+    "energy_dataset": "the energy_dataset given to the sweep",
+}
+
+
+def energy_views(sweep: dict[str, Any]) -> str | None:
+    """Which views of the training set the sweep's energies and HP train accuracies were measured on, in words
+    (`ENERGY_VIEWS`), or None where its results do not say (written before it was recorded, and not the image
+    recipe's `--energy_on_eval_transform true`, which its task record says) or disagree."""
+    views = {r.get("energy_views") for r in sweep.get("results", []) if r.get("energy") is not None}
+    if views == {None} and (_task_args(sweep.get("task")) or {"args": {}})["args"].get("energy_on_eval_transform"):
+        views = {"eval transform"}
+    return ENERGY_VIEWS.get(views.pop()) if len(views) == 1 else None
+
+
 def _fewer_seeds(rows: list[dict], n_seeds: int, has_test: bool) -> str | None:
     """Which means of the table are over fewer seeds than the header says (a seed's value missing or not finite)."""
     fewer = []
+    keys = ("energy", "hp_train_accuracy", "validation", *(("test",) if has_test else ()))
+    shown = [key for key in keys if key == "validation" or any(row[key] for row in rows)]  # (regression: no HP-acc)
     for row in rows:
-        for key in ("validation", "test") if has_test else ("validation",):
+        for key in shown:
             n = row[key]["n"] if row[key] else 0
             if n < n_seeds:
-                fewer.append(f"tau={row['tau']} {key} n={n}")
+                fewer.append(f"tau={row['tau']} {_TABLE_NAMES.get(key, key)} n={n}")
     return f"over fewer seeds (a value missing or not finite): {', '.join(fewer)}" if fewer else None
 
 
@@ -1710,7 +1784,10 @@ def format_table(sweep: dict[str, Any]) -> str:
     sweep = upgrade_sweep(sweep)
     metric = sweep["selection_metric"]
     rows = sweep["per_tau"]
-    n_seeds = max((row["validation"]["n"] for row in rows if row["validation"]), default=0)
+    # (the seeds run, not the most that have a finite validation value: the header said "over 2 seeds" for a sweep
+    # of 3 whose one seed had none, beside energies over 3, and no mean was flagged as over fewer)
+    n_finite = max((row["validation"]["n"] for row in rows if row["validation"]), default=0)
+    n_seeds = max(len(sweep.get("seeds") or []), n_finite)
     has_test = any(row["test"] for row in rows)
     width = 18 if n_seeds > 1 else 8
     header = f"{'tau':>5}  {'energy':>{width}}  {'HP-acc':>{width}}  {'FT-val ' + metric:>{width}}" + (
@@ -1725,6 +1802,15 @@ def format_table(sweep: dict[str, Any]) -> str:
         if has_test:
             line += "  " + _mean_std(row["test"], width)
         lines.append(line + star)
+    if any(row["energy"] for row in rows):
+        # (the same header for augmented views and the eval transform; the exchange's heatmap said which, the table
+        # and the figure did not)
+        views = energy_views(sweep)
+        lines.append(
+            f"(energy and HP-acc at the start of FT, on {views})"
+            if views
+            else "(energy and HP-acc at the start of FT; which views of the training set is not recorded)"
+        )
     if n_seeds > 1:
         lines.append(f"(mean +- standard deviation over {n_seeds} seeds: {sweep['seeds']})")
         fewer = _fewer_seeds(rows, n_seeds, has_test)
@@ -1742,7 +1828,7 @@ def format_table(sweep: dict[str, Any]) -> str:
         if done == total:
             lines.append(note or "tau* not chosen.")
         return "\n".join(lines)
-    lines.append(f"tau* = {sweep['tau_star']} (best {'mean ' if n_seeds > 1 else ''}validation {metric})")
+    lines.append(f"tau* = {sweep['tau_star']} (best {'mean ' if n_finite > 1 else ''}validation {metric})")
     if note:
         lines.append(note)
     parts = []
@@ -1753,7 +1839,7 @@ def format_table(sweep: dict[str, Any]) -> str:
             fewer = f" (n={n})" if n is not None and n_seeds > 1 and n < n_seeds else ""
             parts.append(f"{name} {_number(value)}{fewer}" if value is not None else f"{name} -")
     lines.append(f"{'test' if has_test else 'validation'} {metric}: " + "  ".join(parts))
-    if n_seeds < 2:
+    if n_finite < 2:
         if len(sweep.get("seeds") or []) > 1:  # (seeds ran, but at most one has a finite value at any tau)
             lines.append(
                 f"at most one of the {len(sweep['seeds'])} seeds has a finite validation {metric} at any tau: no "

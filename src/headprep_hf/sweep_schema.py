@@ -83,6 +83,10 @@ _TAU_RESULT = {
             "type": "string",
             "description": "sha256 of the job's model.safetensors (checked before the head exchange reads it).",
         },
+        "energy_views": {
+            "enum": ["as training reads them", "eval transform", "energy_dataset"],
+            "description": "which views of the training set the energy, HP train accuracy and p0 were measured on",
+        },
     },
 }
 
@@ -370,6 +374,12 @@ EXCHANGE_SCHEMA: dict[str, Any] = {
             "type": ["string", "null"],
             "description": "sha256 of the sweep.json fingerprint it was measured for (a report skips it otherwise)",
         },
+        "models": {
+            "type": "object",
+            "description": "per tau (a string key), the sha256 of the finetuned model.safetensors it paired, or null "
+            "where sweep.json recorded none; a report skips the matrix where sweep.json's differ (a job run again)",
+            "additionalProperties": {"type": ["string", "null"]},
+        },
         "rows": {"const": "backbone"},
         "columns": {"const": "head"},
         "train_views": {
@@ -390,6 +400,8 @@ def validate_sweep(data: dict) -> None:
     """Raise `jsonschema.ValidationError` unless `data` is a valid `sweep.json`."""
     import jsonschema
 
+    if not isinstance(data, dict):  # (`data.get` raised an AttributeError for a file holding [] or a string)
+        raise jsonschema.ValidationError(f"{type(data).__name__} is not of type 'object'")
     jsonschema.validate(data, SWEEP_SCHEMA_V1 if data.get("format_version") == 1 else SWEEP_SCHEMA)
 
 
