@@ -332,3 +332,71 @@ def test_after_a_search_probe_head_builds_its_model_and_finetune_without_one_is_
     trainer.args.output_dir = str(tmp_path / "after")
     trainer.probe_head()  # (a new model from model_init, as train() builds one)
     assert trainer.model is not None and trainer.hp_done
+
+
+def test_a_trial_reports_ft_evaluations_only_at_fts_own_steps(tmp_path):
+    # In-loop HP's evaluations (a frozen backbone) were reported to the pruner, at the steps where other trials
+    # report FT's: a MedianPruner pruned the trial with HP during HP, though it would have been the best one.
+    args = HeadPrepConfig(output_dir=str(tmp_path), **dict(SEARCH, save_strategy="no"), hp_epochs=1)
+    trainer = HeadPrepTrainer(
+        model_init=lambda: FcClassifier(), args=args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+    )
+    study = {}
+
+    def space(trial):
+        study["study"] = trial.study
+        return {"hp_epochs": [0, 3][trial.number], "learning_rate": 0.01}
+
+    trainer.hyperparameter_search(
+        hp_space=space,
+        backend="optuna",
+        n_trials=2,
+        direction="minimize",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
+    )
+    plain, probed = study["study"].trials
+    assert plain.state == probed.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(plain.intermediate_values) == sorted(probed.intermediate_values) == [5, 10]  # FT's steps
+    # each FT evaluation's loss, as the trial's run logged it
+    hp_run = json.loads((tmp_path / f"run-{probed.number}" / "headprep_dynamics.json").read_text())
+    assert hp_run["hp_epochs"] == 3
+    assert probed.value == pytest.approx(probed.intermediate_values[10])
+
+
+def test_a_new_run_starts_a_new_measurement_record(tmp_path):
+    # The record outlived the run: a second train() with model_init (and every search trial) appended the first
+    # one's non-finite notes and skipped updates to its own.
+    class OneNaN(XYData):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "input_x": torch.full_like(item["input_x"], float("nan"))} if i == 5 else item
+
+    args = HeadPrepConfig(output_dir=str(tmp_path), **COMMON, hp_epochs=1, on_nonfinite="skip")
+    args.overwrite_output_dir = True
+    trainer = HeadPrepTrainer(model_init=lambda: FcClassifier(), args=args, train_dataset=OneNaN())
+    records = []
+    for _ in range(2):
+        trainer.train()
+        records.append(json.loads((tmp_path / "headprep_dynamics.json").read_text()))
+    assert [s["update"] for s in records[0]["skipped_updates"]] == [1, 6, 15]
+    assert records[1]["skipped_updates"] == records[0]["skipped_updates"]
+    assert len(records[1]["nonfinite"]) == len(records[0]["nonfinite"]) > 0
+    # the first run's files were moved aside (overwrite_output_dir), not replaced in place without a trace
+    assert any(".replaced-" in p.name for p in tmp_path.iterdir())
+
+
+def test_a_trials_ddp_setting_follows_its_own_hp_epochs():
+    # hp_epochs > 0 turns ddp_find_unused_parameters on (HP leaves the backbone without gradients); a search trial
+    # with hp_epochs=0 after one with HP kept it on, which is not Trainer's setting.
+    args = HeadPrepConfig(output_dir="unused", **COMMON, hp_epochs=2)
+    assert args.ddp_find_unused_parameters is True
+    args.hp_epochs = 0  # (as the search sets a trial's settings)
+    args._validate_headprep_fields()
+    assert args.ddp_find_unused_parameters is None
+    args.hp_epochs = 3
+    args._validate_headprep_fields()
+    assert args.ddp_find_unused_parameters is True
+    mine = HeadPrepConfig(output_dir="unused", **COMMON, hp_epochs=2, ddp_find_unused_parameters=True)
+    mine.hp_epochs = 0
+    mine._validate_headprep_fields()
+    assert mine.ddp_find_unused_parameters is True  # (the user's own setting stays)

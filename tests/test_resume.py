@@ -457,3 +457,72 @@ def test_an_epoch_end_resume_with_loader_workers_is_exact_unless_they_persist(tm
     assert same == (not persistent)  # (persistent: other augmentation after the resume, as the warning says)
     if not persistent:
         assert resumed.dynamics["drift"][-1] == reference.dynamics["drift"][-1]
+
+
+def test_a_refused_resume_changes_nothing(tmp_path):
+    # The refusals for changed settings came after the trainer took the checkpoint's hp_done (a later probe_head()
+    # was refused and the card said tau = 2 for a head never probed), after the model took its prepared-head record,
+    # and, from another folder's checkpoint with overwrite_output_dir, after this folder's checkpoints were moved.
+    from headprep_hf.cards import head_probing_record
+    from headprep_hf.hub import prepared_head_record
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    settings = dict(hp_epochs=2, num_train_epochs=1, save_strategy="steps", save_steps=2, track_dynamics=False)
+    first = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48))
+    first.probe_head()
+    first.add_callback(Stop())
+    first.finetune()
+    other = make_config(tmp_path, **settings, learning_rate=5e-4)
+    resumed = HeadPrepTrainer(model=tiny_timm(), args=other, train_dataset=TinyImages(48))
+    before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    with pytest.raises(ValueError, match="other settings"):
+        resumed.finetune(resume_from_checkpoint=True)
+    assert resumed.hp_done is False and prepared_head_record(resumed.model) is None
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in before.items())
+    assert head_probing_record(resumed)["tau"] == 0
+    # from another folder's checkpoint: this folder's own checkpoints stay where they were
+    for name in ("A", "B"):
+        try:
+            _trainer(tmp_path / name, [Crash(5)]).train()
+        except KeyboardInterrupt:
+            pass
+    own = sorted(p.name for p in (tmp_path / "B").iterdir())
+    with pytest.raises(ValueError, match="other settings"):
+        _trainer(tmp_path / "B", learning_rate=5e-4, overwrite_output_dir=True).train(
+            resume_from_checkpoint=str(tmp_path / "A" / "checkpoint-4")
+        )
+    assert sorted(p.name for p in (tmp_path / "B").iterdir()) == own
+    assert _trainer(tmp_path / "B").train(resume_from_checkpoint=True).global_step == 12  # (B's run continues)
+
+
+def test_a_plain_run_resumes_a_checkpoint_written_without_its_optimizer_as_trainer_does(tmp_path):
+    # hp_epochs=0: a checkpoint written with save_only_model=True, resumed with save_only_model=False. Trainer resumes
+    # it with a new optimizer; the trainer refused it as missing optimizer.pt and advised an earlier checkpoint, which
+    # lacked it too.
+    from test_trainer_contract import COMMON, FcClassifier, XYData
+    from transformers import Trainer, TrainingArguments
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 4
+
+    from headprep_hf import HeadPrepConfig
+
+    finals = {}
+    for cls, args_cls, extra in (
+        (Trainer, TrainingArguments, {}),
+        (HeadPrepTrainer, HeadPrepConfig, {"hp_epochs": 0}),
+    ):
+        settings = dict(COMMON, output_dir=str(tmp_path / cls.__name__), save_strategy="steps", save_steps=2, **extra)
+        torch.manual_seed(0)
+        first = args_cls(**settings, save_only_model=True)
+        cls(model=FcClassifier(), args=first, train_dataset=XYData(), callbacks=[Stop()]).train()
+        torch.manual_seed(0)
+        trainer = cls(model=FcClassifier(), args=args_cls(**settings, save_only_model=False), train_dataset=XYData())
+        trainer.train(resume_from_checkpoint=True)
+        finals[cls.__name__] = trainer.model.state_dict()
+    assert finals["HeadPrepTrainer"].keys() == finals["Trainer"].keys()
+    assert all(torch.equal(finals["Trainer"][k], v) for k, v in finals["HeadPrepTrainer"].items())

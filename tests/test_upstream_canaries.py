@@ -236,3 +236,17 @@ def test_a_selected_dataset_keeps_its_rows_as_a_one_column_index_table():
     chosen = data.select([3, 1, 4])
     assert chosen._indices.num_columns == 1 and chosen._indices.column(0).to_pylist() == [3, 1, 4]
     assert chosen.data.table.column("x").to_pylist() == list(range(10))
+
+
+def test_evaluations_are_reported_to_the_search_through_report_to_hp_search():
+    # Override: HeadPrepTrainer._report_to_hp_search (HP's evaluations are not reported; FT's at FT's own step).
+    assert _params(Trainer._report_to_hp_search) == ["self", "trial", "step", "metrics"]
+    assert "self._report_to_hp_search(trial, self.state.global_step, metrics)" in inspect.getsource(Trainer._evaluate)
+
+
+def test_a_trials_settings_are_applied_before_the_accelerator_is_built_anew():
+    # Override: HeadPrepTrainer.create_accelerator_and_postprocess checks the config first, so that DDP's
+    # find_unused_parameters follows a search trial's hp_epochs, which _hp_search_setup sets just before.
+    source = inspect.getsource(Trainer._hp_search_setup)
+    assert source.index("setattr(self.args, key, value)") < source.index("self.create_accelerator_and_postprocess()")
+    assert "self.args.ddp_find_unused_parameters" in inspect.getsource(Trainer._build_accelerator_args)

@@ -131,7 +131,8 @@ def _not_resumable(folder: str, any_complete: bool) -> str | None:
     if state == "unmarked" and any_complete:
         return (
             f"has no {MANIFEST_NAME}, unlike the run's other checkpoints: the run was killed while writing it, "
-            "or another tool (transformers.Trainer) wrote it"
+            "or another tool (transformers.Trainer, or headprep_hf with hp_epochs=0 and track_dynamics=False, which "
+            "writes Trainer's checkpoints) wrote it"
         )
     return None
 
@@ -288,16 +289,17 @@ def resume_checkpoint(run_dir: str, resume_from_checkpoint, refuse_existing: boo
     return None
 
 
-def required_files(args, writes_stage_state: bool) -> tuple:
+def required_files(args, writes_stage_state: bool, checkpoint: str | None = None) -> tuple:
     """What resuming a [`HeadPrepTrainer`] checkpoint reads, for `verify`: the model, `trainer_state.json`, the
-    optimizer and scheduler (unless `save_only_model`) and the stage plan where written. The measurement state is
-    not required: a checkpoint written with `track_dynamics=False` has none, and one that lost it is caught by the
-    manifest; resuming without it measures what it can (see `HeadPrepTrainer._load_stage_state`)."""
+    optimizer and scheduler (unless `save_only_model`, or `checkpoint` was written with it) and the stage plan where
+    written. The measurement state is not required: a checkpoint written with `track_dynamics=False` has none, and one
+    that lost it is caught by the manifest; resuming without it measures what it can (see
+    `HeadPrepTrainer._load_stage_state`)."""
     # The weights as Trainer writes them: the model, or a PEFT model's adapter (which Trainer resumes from too).
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors",
                "adapter_model.bin")  # fmt: skip
     required = [weights, "trainer_state.json"]
-    if not args.save_only_model:
+    if not args.save_only_model and not (checkpoint is not None and written_without_optimizer(checkpoint)):
         required += ["optimizer.pt", "scheduler.pt"]
     if writes_stage_state:
         required.append("headprep_state.json")
@@ -334,3 +336,18 @@ def refuse_earlier_outputs(
             f"output_dir {output_dir} holds results of an earlier run ({', '.join(earlier)}); {who} would "
             "overwrite them. Pick another output_dir, or set overwrite_output_dir=True to replace them."
         )
+
+
+def written_without_optimizer(checkpoint: str) -> bool:
+    """Whether complete checkpoint `checkpoint` was written with `save_only_model=True`: its manifest lists neither
+    the optimizer nor the scheduler state, and neither file is there. Trainer resumes such a checkpoint with a new
+    optimizer (a run with HP in its loop refuses it: its schedule would restart in HP); it was refused as missing
+    `optimizer.pt`, with the advice to resume an earlier checkpoint, which lacked it as well. A file that is there but
+    not listed, or listed but gone, is damage, which `verify` names."""
+    try:
+        with open(os.path.join(checkpoint, MANIFEST_NAME)) as f:
+            entries = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # (unreadable or unmarked: `verify` decides)
+    names = ("optimizer.pt", "scheduler.pt")
+    return not any(name in entries or os.path.exists(os.path.join(checkpoint, name)) for name in names)

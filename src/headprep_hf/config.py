@@ -417,10 +417,15 @@ class HeadPrepConfig(TrainingArguments):
                 "gives no gradients to a checkpointed block whose inputs come from the frozen backbone, so the "
                 "re-initialised modules would not train in HP. Leave use_reentrant unset (non-reentrant)."
             )
-        if self.hp_epochs > 0:
+        if self.hp_epochs > 0 and self.ddp_find_unused_parameters is None:
             # The frozen backbone produces no gradients in HP; DDP must be told so (see above). Without HP the
-            # Trainer's default stands.
+            # Trainer's default stands: a search trial with hp_epochs=0 after one with HP kept True (the check runs
+            # again for each trial's settings), which is not Trainer's setting for a model with checkpointing.
             self.ddp_find_unused_parameters = True
+            self._find_unused_set_for_hp = True
+        elif self.hp_epochs == 0 and getattr(self, "_find_unused_set_for_hp", False):
+            self.ddp_find_unused_parameters = None
+            self._find_unused_set_for_hp = False
 
     @property
     def hp_eta(self) -> float:

@@ -185,10 +185,16 @@ class RunLock:
         except FileNotFoundError:
             return True
         holder, _ = self._read()
-        logger.warning(
-            "%s is held by a run on another machine (%s); waiting up to %.0f s to see whether it is still running.",
-            self.path, (holder or {}).get("host", "unknown"), STALE_AFTER_S,
-        )  # fmt: skip
+        if holder is None:  # (an empty file was blamed on "a run on another machine (unknown)")
+            logger.warning(
+                "%s holds no readable record (its run was killed while writing it, or is writing it now); waiting up "
+                "to %.0f s to see whether it changes.", self.path, STALE_AFTER_S,
+            )  # fmt: skip
+        else:
+            logger.warning(
+                "%s is held by a run on another machine (%s); waiting up to %.0f s to see whether it is still "
+                "running.", self.path, holder.get("host", "unknown"), STALE_AFTER_S,
+            )  # fmt: skip
         deadline = time.monotonic() + STALE_AFTER_S
         while time.monotonic() < deadline:
             time.sleep(_POLL_S)

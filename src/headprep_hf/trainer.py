@@ -617,6 +617,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def _train_stages(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
         outside = bool(self.args.hp_cache_features and self.args.hp_epochs > 0)
         check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))  # (before cached HP)
+        self._new_run_records(resume_from_checkpoint)
         if outside and resume_from_checkpoint in (None, False):
             self._check_all_labels("both")
             # Before cached HP trains the caller's head: a refusal afterwards left it probed, and the retry the
@@ -651,6 +652,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 "model for another tau (or one probe_head() with hp_epochs set to the total)."
             )
         check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
+        self._new_run_records(resume_from_checkpoint)
         self._add_own_callbacks()
         if self.args.hp_epochs == 0 or (self.args.hp_cache_features and not resume_from_checkpoint):
             self._refuse_earlier_outputs()
@@ -664,6 +666,17 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             return output
         self._finish_hp(recompute_bn=True)
         return output
+
+    def _new_run_records(self, resume_from_checkpoint) -> None:
+        """A new run (`train()`, `probe_head()`; not a resume, which restores its checkpoint's record, nor
+        `finetune()`, which goes on from `probe_head()`'s) starts with empty `dynamics` and no outputs of its own
+        (`written_outputs`). Both outlived the run: a trial of a hyperparameter search, or a second `train()` with
+        `model_init`, carried the previous one's energy, tau and FT start, and appended to its `nonfinite` and
+        `skipped_updates` lists; and a second search on the same trainer replaced the first one's trial results
+        without a word, where a new trainer refuses them (or moves them aside with overwrite_output_dir)."""
+        if resume_from_checkpoint in (None, False):
+            self.measurements.dynamics = {}
+            self.written_outputs = set()
 
     def _note_stopped_hp(self) -> None:
         """HP that a callback stopped part-way (`should_training_stop`): the head is neither the pretrained one nor
@@ -1134,7 +1147,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = self._resume_dir = None
         if checkpoint is not None and os.path.isdir(checkpoint):
-            verify(checkpoint, required_files(self.args, self.writes_stage_state))
+            verify(checkpoint, required_files(self.args, self.writes_stage_state, checkpoint))
             in_loop_hp = self.args.hp_epochs > 0 and plan != "ft" and not hp_outside_loop
             if in_loop_hp and not os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
                 # (Trainer restarts its schedule from step 0 there; the two-stage schedule would restart in HP. A loop
@@ -1148,18 +1161,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             if not isinstance(unwrapped, PreTrainedModel):  # (transformers models: Trainer's own loading decides)
                 check_weights_fit(checkpoint, unwrapped)
-            self._load_stage_state(checkpoint, plan)  # (refuses a checkpoint of another stage plan first)
-            self._resume_dir = checkpoint
-            if os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) != os.path.realpath(
-                self._get_output_dir(trial)
-            ):
-                # A run resumed from another folder's checkpoint writes into this one as a new run does: another
-                # run's checkpoints left there, a later resume_from_checkpoint=True took their newest for this run's.
-                self._refuse_earlier_outputs(
-                    self._get_output_dir(trial),
-                    who=f"the run resumed from {checkpoint} (in another folder; where these are that run's own "
-                    "checkpoints, written before it stopped, continue it with resume_from_checkpoint=True)",
-                )
+            # Every refusal comes before anything changes: a refused resume had already taken the checkpoint's
+            # hp_done (a later probe_head() refused, the card's tau wrong), its prepared-head record and its
+            # measurements, and moved this folder's own checkpoints aside.
+            saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)
+            self._resume_start_head(checkpoint, saved, apply=False)
             # Refused before Trainer loads the checkpoint's weights into the caller's model; also in a plain run
             # resuming a checkpoint of a run with stages (it was refused after the weights were loaded). A plain
             # run's checkpoint resumes in a plain run as with Trainer, whatever settings changed.
@@ -1170,6 +1176,19 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             if self.has_stages or by_stages:
                 self._refuse_other_hp_steps(plan, hp_outside_loop)
                 self._refuse_changed_settings(checkpoint)
+            if os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) != os.path.realpath(
+                self._get_output_dir(trial)
+            ):
+                # A run resumed from another folder's checkpoint writes into this one as a new run does: another
+                # run's checkpoints left there, a later resume_from_checkpoint=True took their newest for this run's.
+                # (The last refusal: with overwrite_output_dir it moves them aside instead.)
+                self._refuse_earlier_outputs(
+                    self._get_output_dir(trial),
+                    who=f"the run resumed from {checkpoint} (in another folder; where these are that run's own "
+                    "checkpoints, written before it stopped, continue it with resume_from_checkpoint=True)",
+                )
+            self._load_stage_state(checkpoint, plan, saved)
+            self._resume_dir = checkpoint
             if self.has_stages:
                 if self.args.dataloader_num_workers > 0 and self.args.dataloader_persistent_workers:
                     # Trainer's, measured with the plain Trainer: persistent workers keep the random streams they
@@ -1222,11 +1241,34 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             self._stage = "ft" if self.stage_plan.ft_started else "hp"
         if self.has_stages:
             broadcast_buffers(self.accelerator.unwrap_model(self.model), self.accelerator)
-        if plan == "both" and self.stage_plan.hp_steps > 0 and not self.stage_plan.ft_started:
+        stopped_in_hp = plan == "both" and self.stage_plan.hp_steps > 0 and not self.stage_plan.ft_started
+        if stopped_in_hp:
             self._note_stopped_hp()
-        if plan != "hp" and self.track_dynamics:
+        if plan != "hp" and self.track_dynamics and not stopped_in_hp:  # (HP stopped: nothing of FT was measured)
             self.measurements.write(self.run_output_dir)
         return output
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """`Trainer.create_accelerator_and_postprocess`, with the config's checks made first: a search trial's settings
+        are applied by `setattr` just before the accelerator is built anew, so that DDP's `find_unused_parameters`
+        follows the trial's `hp_epochs` (`HeadPrepConfig._validate_headprep_fields`)."""
+        validate = getattr(self.args, "_validate_headprep_fields", None)
+        if validate is not None:
+            validate()
+        super().create_accelerator_and_postprocess()
+
+    def _report_to_hp_search(self, trial, step: int, metrics: dict[str, float]) -> None:
+        """`Trainer._report_to_hp_search`, for FT's evaluations only, at FT's own step. An evaluation during in-loop HP
+        scores the head on a frozen backbone: reported, a pruner compared it with other trials' FT scores at the same
+        step (and pruned what would have been the best trial), and FT's were reported at hp_steps + k where a trial
+        without HP or with cached HP reports k. Upgrade hazard (a private method Trainer's evaluation calls):
+        tests/test_upstream_canaries.py checks it."""
+        hp_steps = self.stage_plan.hp_steps if self.stage_plan is not None and self.has_stages else 0
+        if hp_steps > 0:
+            if step <= hp_steps:
+                return
+            step -= hp_steps
+        super()._report_to_hp_search(trial, step, metrics)
 
     def _refuse_other_hp_steps(self, plan: str, hp_outside_loop: bool) -> None:
         """The check `set_initial_training_values` makes (the checkpoint's HP steps against this configuration's),
@@ -1329,9 +1371,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if refusal:
             raise ValueError(refusal)
 
-    def _load_stage_state(self, checkpoint: str, plan: str) -> None:
-        saved = self._resume_plan = StagePlan.for_resume(checkpoint, plan, self.args.hp_epochs, self.run_tag)
-        self._resume_start_head(checkpoint, saved)
+    def _load_stage_state(self, checkpoint: str, plan: str, saved: StagePlan) -> None:
+        """The resumed run takes the checkpoint's stage state (`saved`, its plan), after every refusal."""
+        self._resume_start_head(checkpoint, saved, apply=True)
         self.stage_plan.ft_started = saved.ft_started
         if saved.hp_done and plan == "ft":  # (probe_head() ran on the trainer that wrote it: the card's tau)
             self.hp_done = self.stage_plan.hp_done = True
@@ -1343,11 +1385,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             )
         self.resumed_stage = "ft" if saved.ft_started else "hp"
 
-    def _resume_start_head(self, checkpoint: str, saved: StagePlan) -> None:
+    def _resume_start_head(self, checkpoint: str, saved: StagePlan, apply: bool) -> None:
         """The prepared head the checkpoint's run started from is the resumed run's: the resuming model's record
         (`load_prepared_head`) must be the same head, and a model that loaded none takes the checkpoint's (its weights
         come from the checkpoint). Refused before Trainer loads the weights: the card reported whichever head the
-        resuming process had loaded (tau 4 for a run started from tau 1), or tau 0."""
+        resuming process had loaded (tau 4 for a run started from tau 1), or tau 0. `apply=False` only refuses; the
+        record is taken with `apply=True`, after the resume's other refusals."""
         if saved.start_head == "unrecorded":  # (a checkpoint of an earlier version)
             return
         model = self.accelerator.unwrap_model(self.model)
@@ -1359,7 +1402,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             }
 
         if current is None and saved.start_head is not None:
-            restore_prepared_head_record(model, saved.start_head)
+            if apply:
+                restore_prepared_head_record(model, saved.start_head)
         elif not same(current, saved.start_head):
             then = saved.start_head
             then = (
@@ -1371,7 +1415,8 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 "weights, and its card would name the other head. Resume with the model that run started from "
                 "(load the same prepared head, or none), or start a new run from this head."
             )
-        self.stage_plan.start_head = saved.start_head
+        if apply:
+            self.stage_plan.start_head = saved.start_head
 
     def _save_checkpoint(self, model, trial) -> None:
         """`Trainer._save_checkpoint`, made atomic (see `headprep_hf.checkpoints`): the folder is marked before the
