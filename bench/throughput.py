@@ -28,10 +28,11 @@ bands as classes, 255 between them) read by `load_voc_segmentation` (uint8: rand
 flip; normalised on the device), and over uint8 tensors with masks in memory.
 
 Throughput is measured in the steady state: from the end of step `--warmup` to the end of the last step (one device
-synchronisation at each end), so worker start-up and the one-time start-of-FT energy pass are outside it; drift
-passes at epoch ends fall inside it. The wall time of the whole call is reported beside it. The loader alone is timed
-too (images/s, and per worker). On CUDA, one extra short run of `trainer` and `headprep_ft` counts the host
-synchronisations per step (`torch.cuda.set_sync_debug_mode`).
+synchronisation at each end, and one at each end of a drift pass, which (c) times), so worker start-up and the
+one-time start-of-FT measurements are outside it (printed beside it: their seconds and what they are in epochs of
+(c)'s rate; (d)'s end of call after its window too); drift passes at epoch ends fall inside it. The wall time of
+the whole call is reported beside it. The loader alone is timed too (images/s, and per worker). On CUDA, one extra
+short run of `trainer` and `headprep_ft` counts the host synchronisations per step (`torch.cuda.set_sync_debug_mode`).
 
 Presets (`--device` picks; every value can be overridden; `--steps` counts the measured updates, after `--warmup`
 updates for in-memory data and at least 4 x workers for JPEG, see `plan`):
@@ -473,8 +474,24 @@ def run_headprep(
                 drift["seconds"] += time.perf_counter() - t0
 
     trainer.measurements.measure_drift = timed_drift
+    # The one-time start-of-FT measurements (energy, HP accuracy and p0 over the training set, z_0 of the probe):
+    # finetune() runs them before its first update, outside the window; probe_head() after its last, also outside.
+    # Timed so that what the window leaves out is printed beside it (a cold finetune() makes them by a backbone pass
+    # over the training set; train() with HP takes them from the last HP epoch's head inputs instead).
+    start = {"seconds": 0.0}
+    measure_start = trainer.measurements.measure_start
+
+    def timed_start(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return measure_start(*a, **k)
+        finally:
+            start["seconds"] += time.perf_counter() - t0
+
+    trainer.measurements.measure_start = timed_start
     result = _timed(opts, clock, trainer.finetune if stage == "ft" else trainer.probe_head, sync_debug)
     if "samples_per_s" in result:
+        result["start_measurements_s"] = start["seconds"]
         window = (result["steps"] - opts.warmup) * opts.batch_size / result["samples_per_s"]
         result["drift_share_of_window"] = drift["seconds"] / window
         result["samples_per_s_without_drift"] = result["samples_per_s"] / max(
@@ -488,7 +505,10 @@ def _timed(opts, clock, train, sync_debug: bool) -> dict[str, float]:
     if not sync_debug:
         start = time.perf_counter()
         train()
-        return _result(opts, clock, time.perf_counter() - start)
+        end = time.perf_counter()
+        # (after the clock stopped: the end of the call, e.g. probe_head()'s BatchNorm pass, measurements and
+        # prepared head, which (d)'s window leaves out)
+        return {**_result(opts, clock, end - start), "after_window_s": end - clock.t1}
     # Count the synchronising CUDA calls per step in the steady state (warnings from torch's sync debug mode).
     counts = {"syncs": 0}
     original = clock.step
@@ -811,6 +831,24 @@ def summarize(results: dict, datasets: dict, echo: bool) -> dict[str, Any]:
             pair = f"{paired:.3f}" if paired is not None else "-"
             say(f"  {data_name:6s} {s:15s} {m:9.1f} [{min(rates):.1f}-{max(rates):.1f}]   x{ratio}   paired x{pair}")
             shares = [r["drift_share_of_window"] for r in sides[s] if "drift_share_of_window" in r]
+            outside = [r["start_measurements_s"] for r in sides[s] if "start_measurements_s" in r]
+            if s in ("headprep_ft", "headprep_hp") and outside:
+                n, seconds = len(datasets[data_name]), statistics.median(outside)
+                after = statistics.median(r["after_window_s"] for r in sides[s])
+                epochs = seconds * m / n  # (in epochs of this side's own steady rate)
+                summary[data_name][s].update(start_measurements_s=seconds, start_measurements_epochs=epochs)
+                summary[data_name][s]["after_window_s"] = after
+                say(
+                    f"  {'':6s} {'':12s} outside the window: the one-time start-of-FT measurements (energy over "
+                    f"{n} training samples, z_0) {seconds:.2f} s = {epochs:.2f} epochs at this rate"
+                    + (
+                        f"; the end of the call after the window {after:.2f} s (BatchNorm pass, measurements, "
+                        "prepared head)"
+                        if s == "headprep_hp"
+                        else " (a cold finetune(): a backbone pass; train() with HP reads the last HP epoch's head "
+                        "inputs instead)"
+                    )
+                )
             if s == "headprep_ft" and shares:
                 share = statistics.median(shares)
                 without = statistics.median(r["samples_per_s_without_drift"] for r in sides[s])

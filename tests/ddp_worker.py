@@ -294,7 +294,18 @@ def run_refuse(folder: str):
         refusal = None
     except ValueError as error:
         refusal = str(error)
-    _write(folder, trainer, trainer.model, {"refusal": refusal})
+    # A push into a model repo that holds its own card: refused on every rank (rank 0 alone raised, the others
+    # returned and waited at the barrier). The Hub is a fake at the huggingface_hub API boundary: no network.
+    from huggingface_hub import HfApi
+
+    HfApi.create_repo = lambda self, repo_id, **kwargs: None
+    HfApi.list_repo_files = lambda self, repo_id, **kwargs: [".gitattributes", "README.md", "model.safetensors"]
+    try:
+        trainer.push_head_to_hub("user/model")
+        push_refusal = None
+    except FileExistsError as error:
+        push_refusal = str(error)
+    _write(folder, trainer, trainer.model, {"refusal": refusal, "push_refusal": push_refusal})
     return trainer
 
 

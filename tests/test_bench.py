@@ -34,6 +34,11 @@ def test_throughput_runs_every_side_on_both_data_sources(bench_modules, tmp_path
             assert result["median_samples_per_s"] > 0 and math.isfinite(result["ratio_to_raw_timm"]), (data, side)
         assert sides["raw_timm"]["ratio_to_raw_timm"] == 1.0
         assert 0 < sides["headprep_ft"]["drift_share_of_window"] < 1  # the epoch-end drift pass, timed in the window
+        # what the windows leave out, timed beside them: the start-of-FT measurements, and (d)'s end of call
+        assert (
+            sides["headprep_ft"]["start_measurements_s"] > 0 and sides["headprep_ft"]["start_measurements_epochs"] > 0
+        )
+        assert sides["headprep_hp"]["after_window_s"] >= sides["headprep_hp"]["start_measurements_s"] > 0
     assert payload["loader"]["images_per_s"] > 0 and (tmp_path / "t.json").is_file()
     assert payload["settings"]["task"] == task and payload["repeats_done"] == 1
 

@@ -403,6 +403,9 @@ def test_an_earlier_runs_results_are_refused_on_every_rank(run2):
         True
     ] * 2
     assert metas[0]["refusal"] == metas[1]["refusal"]
+    assert [m["push_refusal"] is not None and "already holds README.md" in m["push_refusal"] for m in metas] == [
+        True
+    ] * 2
 
 
 def test_a_search_with_hp_runs_every_trial_on_both_ranks(run2):

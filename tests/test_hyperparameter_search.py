@@ -400,3 +400,17 @@ def test_a_trials_ddp_setting_follows_its_own_hp_epochs():
     mine.hp_epochs = 0
     mine._validate_headprep_fields()
     assert mine.ddp_find_unused_parameters is True  # (the user's own setting stays)
+
+
+def test_a_cached_trials_objective_is_its_evaluation_loss(tmp_path):
+    # Cached HP evaluates before FT's loop; Trainer then added `eval_model_preparation_time` to every later
+    # evaluation, and its default compute_objective summed that (about 0.0002) in place of eval_loss: an Optuna search
+    # that minimised picked a cached trial every time.
+    args = HeadPrepConfig(output_dir=str(tmp_path), **SEARCH, hp_epochs=1, hp_cache_features=True)
+    trainer = HeadPrepTrainer(
+        model_init=lambda: FcClassifier(), args=args, train_dataset=XYData(), eval_dataset=XYData(seed=1)
+    )
+    best = _search(trainer, lambda trial: {"learning_rate": 0.01}, n_trials=1)
+    evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert not any(key.endswith("model_preparation_time") for e in evaluations for key in e)
+    assert best.objective == pytest.approx(evaluations[-1]["eval_loss"])

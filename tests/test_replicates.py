@@ -549,3 +549,19 @@ def test_the_table_counts_the_seeds_run_and_says_which_views_the_energy_saw():
     )
     jobs = [{k: v for k, v in j.items() if k != "energy_views"} for j in jobs]  # written before it was recorded
     assert "which views of the training set is not recorded" in format_table(_assemble(jobs, [1, 2, 3]))
+
+
+def test_a_shards_table_counts_the_seeds_it_holds():
+    # The header counts the seeds the sweep ran only for a complete sweep: a shard holds part of the jobs by design,
+    # and said "over 2 seeds" with every mean over one, all flagged "over fewer seeds (a value missing or not finite)".
+    from headprep_hf.sweep import assemble_sweep
+
+    jobs = [_job(t, s, 0.5 + t / 10) for t, s in ((0, 1), (2, 2), (4, 1))]
+    shard = assemble_sweep(
+        results=jobs, taus=[0, 2, 4], seeds=[1, 2], metric="accuracy", greater_is_better=True,
+        hp={"cached_features": False, "seeds": {}}, fingerprint={"taus": [0, 2, 4], "model": "m", "config": "c"},
+        shard={"index": 0, "count": 2},
+    )  # fmt: skip
+    table = format_table(shard)
+    assert not shard["complete"] and "over fewer seeds" not in table and "over 2 seeds" not in table
+    assert "results for 3 of 6 (tau, seed) jobs" in table

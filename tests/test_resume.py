@@ -526,3 +526,21 @@ def test_a_plain_run_resumes_a_checkpoint_written_without_its_optimizer_as_train
         finals[cls.__name__] = trainer.model.state_dict()
     assert finals["HeadPrepTrainer"].keys() == finals["Trainer"].keys()
     assert all(torch.equal(finals["Trainer"][k], v) for k, v in finals["HeadPrepTrainer"].items())
+
+
+def test_a_refused_train_keeps_the_trainers_records(tmp_path):
+    # train() after probe_head() is refused (a new run into a folder with the probe's results), but it had already
+    # emptied the trainer's records: the finetune() after it was refused for the trainer's own prepared head, and a
+    # finished run's energy and drift were gone from its card.
+    trainer = _trainer(tmp_path)
+    trainer.args.save_strategy = "no"  # (results, no checkpoints: the refusal is for the probe's own files)
+    trainer.probe_head()
+    energy = trainer.dynamics["energy"]
+    with pytest.raises(ValueError, match="holds results of an earlier run"):
+        trainer.train()
+    assert trainer.dynamics["energy"] == energy
+    trainer.finetune()  # goes on from the probed head, as without the refused call
+    assert trainer.dynamics["energy"] == pytest.approx(energy, rel=1e-5) and trainer.dynamics["drift"]
+    with pytest.raises(ValueError, match="holds results of an earlier run"):
+        trainer.train()  # (a notebook cell run again)
+    assert trainer.dynamics["energy"] == pytest.approx(energy, rel=1e-5) and trainer.dynamics["drift"]

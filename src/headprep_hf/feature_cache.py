@@ -407,7 +407,13 @@ class CachedHeadProbing:
             running_loss, last_logged_step = torch.zeros((), device=running_loss.device), trainer.state.global_step
         control.should_log = False
         if control.should_evaluate and trainer.eval_dataset is not None:
+            prepared_before = hasattr(trainer, "model_preparation_time")
             trainer.evaluate()
+            if not prepared_before:
+                # (the first evaluation of a model no training prepared sets Trainer's `model_preparation_time`,
+                # which then joins every later evaluation's metrics: Trainer's default `compute_objective` summed it
+                # in place of eval_loss, so each cached-HP search trial's objective was about 0.0002)
+                trainer.__dict__.pop("model_preparation_time", None)
             trainer.stages.set_hp_modes(trainer.model, force=True)  # (evaluate() left the model in eval mode)
         control.should_evaluate = False
         return total_loss, running_loss, last_logged_step

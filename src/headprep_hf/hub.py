@@ -99,8 +99,20 @@ class PreparedHeadMixin:
         """Upload the current head as a prepared-head repo (weights, json, card); see `hub.push_head_to_hub`. Before FT
         starts only, as `save_prepared_head`."""
         refuse_after_ft(self, "push_head_to_hub()")  # (on every rank: all raise)
-        url = push_head_to_hub(self, repo_id, backbone_id=backbone_id, **kwargs) if self.args.should_save else ""
-        self.accelerator.wait_for_everyone()
+        url, refusal = "", None
+        if self.args.should_save:
+            try:
+                url = push_head_to_hub(self, repo_id, backbone_id=backbone_id, **kwargs)
+            except FileExistsError as error:  # (the repo already holds a card or a head: raised on every rank)
+                refusal = str(error)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            refusal = next((r for r in gather_object([refusal]) if r), None)
+        else:
+            self.accelerator.wait_for_everyone()
+        if refusal:
+            raise FileExistsError(refusal)
         return url
 
     def create_model_card(

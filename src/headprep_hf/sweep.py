@@ -1787,7 +1787,9 @@ def format_table(sweep: dict[str, Any]) -> str:
     # (the seeds run, not the most that have a finite validation value: the header said "over 2 seeds" for a sweep
     # of 3 whose one seed had none, beside energies over 3, and no mean was flagged as over fewer)
     n_finite = max((row["validation"]["n"] for row in rows if row["validation"]), default=0)
-    n_seeds = max(len(sweep.get("seeds") or []), n_finite)
+    # (a shard or an unfinished sweep holds part of the seeds' jobs by design: counted by what it holds, as before,
+    # and the line below says it is part of the sweep)
+    n_seeds = max(len(sweep.get("seeds") or []), n_finite) if sweep.get("complete") else n_finite
     has_test = any(row["test"] for row in rows)
     width = 18 if n_seeds > 1 else 8
     header = f"{'tau':>5}  {'energy':>{width}}  {'HP-acc':>{width}}  {'FT-val ' + metric:>{width}}" + (

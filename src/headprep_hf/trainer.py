@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +48,7 @@ from .checkpoints import (
     resume_checkpoint,
     verify,
 )
-from .config import HeadPrepConfig, check_activation_checkpointing, check_trainer_inputs
+from .config import HeadPrepConfig, OppositeEnergyWarning, check_activation_checkpointing, check_trainer_inputs
 from .dynamics import InMemoryDataset
 from .export import is_timm_model, prepared_head_record, restore_prepared_head_record, write_timm_config
 from .feature_cache import CachedHeadProbing
@@ -617,13 +618,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
     def _train_stages(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
         outside = bool(self.args.hp_cache_features and self.args.hp_epochs > 0)
         check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))  # (before cached HP)
-        self._new_run_records(resume_from_checkpoint)
         if outside and resume_from_checkpoint in (None, False):
             self._check_all_labels("both")
             # Before cached HP trains the caller's head: a refusal afterwards left it probed, and the retry the
             # refusal advises (overwrite_output_dir=True, the same model) probed it again (tau doubled, unrecorded).
             resume_checkpoint(self.run_output_dir, None, not self.args.overwrite_output_dir)
-            self._refuse_earlier_outputs(self.run_output_dir)
+            self._refuse_earlier_outputs(self.run_output_dir, owned=set())
+            self._new_run_records()
             self._probe_head_cached()
         return self._run(
             "both", resume_from_checkpoint, trial, ignore_keys_for_eval, hp_outside_loop=outside, **kwargs
@@ -652,11 +653,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 "model for another tau (or one probe_head() with hp_epochs set to the total)."
             )
         check_activation_checkpointing(self.args, self.accelerator.unwrap_model(self.model))
-        self._new_run_records(resume_from_checkpoint)
         self._add_own_callbacks()
         if self.args.hp_epochs == 0 or (self.args.hp_cache_features and not resume_from_checkpoint):
-            self._refuse_earlier_outputs()
+            self._refuse_earlier_outputs(owned=set())
             self._check_all_labels("hp")
+            self._new_run_records()
             metrics = self._probe_head_cached() if self.args.hp_epochs > 0 else {}
             self._finish_hp(recompute_bn=self.args.hp_epochs == 0)  # (cached HP recomputed on its cache)
             return TrainOutput(self.state.global_step, metrics.get("hp_loss", 0.0), metrics)
@@ -667,16 +668,17 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._finish_hp(recompute_bn=True)
         return output
 
-    def _new_run_records(self, resume_from_checkpoint) -> None:
+    def _new_run_records(self) -> None:
         """A new run (`train()`, `probe_head()`; not a resume, which restores its checkpoint's record, nor
         `finetune()`, which goes on from `probe_head()`'s) starts with empty `dynamics` and no outputs of its own
-        (`written_outputs`). Both outlived the run: a trial of a hyperparameter search, or a second `train()` with
-        `model_init`, carried the previous one's energy, tau and FT start, and appended to its `nonfinite` and
-        `skipped_updates` lists; and a second search on the same trainer replaced the first one's trial results
-        without a word, where a new trainer refuses them (or moves them aside with overwrite_output_dir)."""
-        if resume_from_checkpoint in (None, False):
-            self.measurements.dynamics = {}
-            self.written_outputs = set()
+        (`written_outputs`), once its refusals have passed (a refused call keeps the trainer's records: a
+        `finetune()` after it goes on as before). Both outlived the run: a trial of a hyperparameter search, or a
+        second `train()` with `model_init`, carried the previous one's energy, tau and FT start, and appended to its
+        `nonfinite` and `skipped_updates` lists. (The refusals of a new run with stages own nothing either
+        (`owned=set()`): a second search on the same trainer replaced the first one's trial results without a word,
+        where a new trainer refuses them, or moves them aside with overwrite_output_dir.)"""
+        self.measurements.dynamics = {}
+        self.written_outputs = set()
 
     def _note_stopped_hp(self) -> None:
         """HP that a callback stopped part-way (`should_training_stop`): the head is neither the pretrained one nor
@@ -1142,8 +1144,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         refuse = self.has_stages and not self.args.overwrite_output_dir
         checkpoint = resume_checkpoint(self._get_output_dir(trial), resume_from_checkpoint, refuse)
         if checkpoint is None:
-            self._refuse_earlier_outputs(self._get_output_dir(trial))
+            # A new run (not finetune(), which goes on from probe_head(), nor the loop after cached HP) owns none of
+            # the outputs it finds; a plain run's are Trainer's to replace, as before (`_refuse_earlier_outputs`).
+            new_run = plan != "ft" and not hp_outside_loop
+            self._refuse_earlier_outputs(self._get_output_dir(trial), owned=set() if new_run else None)
             self._refuse_nonfinite_model()
+            if new_run:
+                self._new_run_records()
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = self._resume_dir = None
         if checkpoint is not None and os.path.isdir(checkpoint):
@@ -1254,7 +1261,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         follows the trial's `hp_epochs` (`HeadPrepConfig._validate_headprep_fields`)."""
         validate = getattr(self.args, "_validate_headprep_fields", None)
         if validate is not None:
-            validate()
+            with warnings.catch_warnings():  # (said once already, where the config or the trial's settings were made)
+                warnings.simplefilter("ignore", OppositeEnergyWarning)
+                validate()
         super().create_accelerator_and_postprocess()
 
     def _report_to_hp_search(self, trial, step: int, metrics: dict[str, float]) -> None:
@@ -1334,8 +1343,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
             model._is_accelerate_prepared = False
             accelerator._models = [m for m in accelerator._models if m is not model]
 
-    def _refuse_earlier_outputs(self, run_dir: str | None = None, who: str = "a new run") -> None:
-        # (not this trainer's own outputs, e.g. probe_head()'s before finetune())
+    def _refuse_earlier_outputs(
+        self, run_dir: str | None = None, who: str = "a new run", owned: set[str] | None = None
+    ) -> None:
+        # (not this trainer's own outputs, e.g. probe_head()'s before finetune(): `owned`, default
+        # `written_outputs`; a new run with stages owns none, a plain run keeps replacing its trainer's own)
+        owned = self.written_outputs if owned is None else owned
         if not self.has_stages:
             # A plain run writes what Trainer writes, where Trainer writes it; of the toolkit's own outputs, an
             # earlier run's measurements and prepared head are moved aside (logged) rather than left to pass for this
@@ -1356,7 +1369,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 refuse_earlier_outputs(
                     output_dir,
                     (PREPARED_HEAD_DIR, DYNAMICS_NAME, *earlier, *final_outputs(output_dir)),
-                    self.written_outputs,
+                    owned,
                     overwrite=self.args.overwrite_output_dir,
                     who=who,
                 )
