@@ -345,27 +345,35 @@ def test_a_resume_with_a_changed_setting_is_refused_naming_it(tmp_path, change):
     assert same.state.global_step == 9
 
 
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == self.step
+
+
+def _probe_then_stop_in_ft(folder) -> dict:
+    """probe_head() (tau 2), then finetune() stopped after its first checkpoint (step 2); returns the settings."""
+    settings = dict(hp_epochs=2, num_train_epochs=1, save_strategy="steps", save_steps=2, track_dynamics=False)
+    first = HeadPrepTrainer(model=tiny_timm(), args=make_config(folder, **settings), train_dataset=TinyImages(48))
+    first.probe_head()
+    first.add_callback(StopAt(2))
+    first.finetune()
+    return settings
+
+
 def test_a_fresh_trainer_resuming_finetune_after_probe_head_keeps_the_cards_tau(tmp_path):
     # The card of the resumed run said tau = 0: that HP had run was known only to the trainer that ran it.
-    from transformers import TrainerCallback
-
     from headprep_hf.cards import head_probing_record
 
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step == 2
-
-    settings = dict(hp_epochs=2, num_train_epochs=1, save_strategy="steps", save_steps=2, track_dynamics=False)
-    first = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48))
-    first.probe_head()
-    first.add_callback(Stop())
-    first.finetune()
+    settings = _probe_then_stop_in_ft(tmp_path)
     resumed = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48))
     resumed.finetune(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3 and head_probing_record(resumed)["tau"] == 2
     # a finetune() without probe_head() before it stays at tau 0 after its resume too
     alone = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path / "alone", **settings),
-                            train_dataset=TinyImages(48), callbacks=[Stop()])  # fmt: skip
+                            train_dataset=TinyImages(48), callbacks=[StopAt(2)])  # fmt: skip
     alone.finetune()
     again = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path / "alone", **settings),
                             train_dataset=TinyImages(48))  # fmt: skip
@@ -466,15 +474,7 @@ def test_a_refused_resume_changes_nothing(tmp_path):
     from headprep_hf.cards import head_probing_record
     from headprep_hf.hub import prepared_head_record
 
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step == 2
-
-    settings = dict(hp_epochs=2, num_train_epochs=1, save_strategy="steps", save_steps=2, track_dynamics=False)
-    first = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **settings), train_dataset=TinyImages(48))
-    first.probe_head()
-    first.add_callback(Stop())
-    first.finetune()
+    settings = _probe_then_stop_in_ft(tmp_path)
     other = make_config(tmp_path, **settings, learning_rate=5e-4)
     resumed = HeadPrepTrainer(model=tiny_timm(), args=other, train_dataset=TinyImages(48))
     before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
