@@ -544,3 +544,32 @@ def test_a_refused_train_keeps_the_trainers_records(tmp_path):
     with pytest.raises(ValueError, match="holds results of an earlier run"):
         trainer.train()  # (a notebook cell run again)
     assert trainer.dynamics["energy"] == pytest.approx(energy, rel=1e-5) and trainer.dynamics["drift"]
+
+
+def test_a_plain_run_resumes_the_newest_checkpoint_as_trainer_after_track_dynamics_was_switched(tmp_path, caplog):
+    # hp_epochs=0 with track_dynamics=False writes Trainer's unmarked checkpoints; a run that switched it between
+    # resumes went back to its last marked checkpoint (calling the newer ones torn or foreign), where Trainer takes the
+    # newest. A run with stages still skips them.
+    from transformers.trainer_utils import get_last_checkpoint
+
+    def run(resume, stop=None, **overrides):
+        args = make_config(tmp_path, hp_epochs=0, num_train_epochs=4, save_strategy="steps", save_steps=2,
+                           per_device_train_batch_size=8, **overrides)  # fmt: skip
+        trainer = HeadPrepTrainer(
+            model=tiny_timm(), args=args, train_dataset=TinyImages(24), callbacks=[StopAt(stop)] if stop else []
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    run(None, stop=4)  # measurements on: checkpoints 2 and 4 marked
+    run(True, stop=8, track_dynamics=False)  # checkpoints 6 and 8 as Trainer writes them
+    from headprep_hf.checkpoints import latest_resumable
+
+    newest = get_last_checkpoint(str(tmp_path / "out"))
+    assert newest.endswith("checkpoint-8") and latest_resumable(str(tmp_path / "out"), plain=True) == newest
+    assert latest_resumable(str(tmp_path / "out")).endswith("checkpoint-4")  # (a run with stages: marked ones only)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resumed = run(True)
+    assert "Skipping" not in caplog.text and "checkpoint-8 holds no measurement state" in caplog.text
+    assert resumed.state.global_step == 12

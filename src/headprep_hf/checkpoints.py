@@ -137,11 +137,16 @@ def _not_resumable(folder: str, any_complete: bool) -> str | None:
     return None
 
 
-def latest_resumable(run_dir: str) -> str | None:
+def latest_resumable(run_dir: str, plain: bool = False) -> str | None:
     """The newest checkpoint of `run_dir` that can be resumed: the newest complete one (each newer torn one is skipped
-    with a warning naming it), or, where no checkpoint has a manifest (written by `Trainer`), the newest one."""
+    with a warning naming it), or, where no checkpoint has a manifest (written by `Trainer`), the newest one.
+
+    `plain`: the resuming run has no stages (`hp_epochs=0`, `train()`), so it resumes as `Trainer` does: an unmarked
+    checkpoint newer than the complete ones is taken, not skipped. Such a run writes `Trainer`'s unmarked checkpoints
+    itself with `track_dynamics=False`, and a run that switched it between resumes went back to its last marked
+    checkpoint (with a warning calling the newer ones torn or foreign), where `Trainer` took the newest."""
     found = checkpoints(run_dir)
-    any_complete = any(status(c) == "complete" for c in found)
+    any_complete = any(status(c) == "complete" for c in found) and not plain
     for folder in found:
         why = _not_resumable(folder, any_complete)
         if why is None:
@@ -179,7 +184,11 @@ def _previous(folder: str) -> str:
 
 
 def verify(
-    folder: str, required: tuple[str | tuple[str, ...], ...] = (), use: str = "resumed", fix: str | None = None
+    folder: str,
+    required: tuple[str | tuple[str, ...], ...] = (),
+    use: str = "resumed",
+    fix: str | None = None,
+    plain: bool = False,
 ) -> None:
     """Check checkpoint `folder` before anything is loaded from it.
 
@@ -194,7 +203,9 @@ def verify(
     state = status(folder)
     siblings = checkpoints(os.path.dirname(os.path.normpath(folder)))
     fix = fix or _previous(folder)
-    why = _not_resumable(folder, any(status(c) == "complete" for c in siblings))
+    why = _not_resumable(
+        folder, any(status(c) == "complete" for c in siblings) and not plain
+    )  # (see latest_resumable)
     if why is not None:
         raise CheckpointError(f"{folder} {why}; {fix}.")
     if state == "unmarked":
@@ -268,12 +279,13 @@ def check_weights_fit(folder: str, model) -> None:
     )
 
 
-def resume_checkpoint(run_dir: str, resume_from_checkpoint, refuse_existing: bool) -> str | None:
+def resume_checkpoint(run_dir: str, resume_from_checkpoint, refuse_existing: bool, plain: bool = False) -> str | None:
     """The checkpoint a `train()` call resumes: `True` is the latest resumable one in `run_dir` (Trainer's error when
-    there is none), a path is itself, `None`/`False` none; then, with `refuse_existing`, a `run_dir` that already
-    holds checkpoints of an earlier run is refused (a new run would mix its checkpoints with them)."""
+    there is none; `plain`: see `latest_resumable`), a path is itself, `None`/`False` none; then, with
+    `refuse_existing`, a `run_dir` that already holds checkpoints of an earlier run is refused (a new run would mix
+    its checkpoints with them)."""
     if resume_from_checkpoint is True:
-        found = latest_resumable(run_dir)
+        found = latest_resumable(run_dir, plain)
         if found is None:
             raise ValueError(f"No valid checkpoint found in output directory ({run_dir})")
         return found

@@ -1142,7 +1142,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self._trial_for_dir = trial
         self._check_all_labels(plan)
         refuse = self.has_stages and not self.args.overwrite_output_dir
-        checkpoint = resume_checkpoint(self._get_output_dir(trial), resume_from_checkpoint, refuse)
+        checkpoint = resume_checkpoint(
+            self._get_output_dir(trial), resume_from_checkpoint, refuse, not self.has_stages
+        )
         if checkpoint is None:
             # A new run (not finetune(), which goes on from probe_head(), nor the loop after cached HP) owns none of
             # the outputs it finds; a plain run's are Trainer's to replace, as before (`_refuse_earlier_outputs`).
@@ -1154,7 +1156,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.measurements.start_run(plan)
         self.resumed_stage = self._resume_plan = self._resume_dir = None
         if checkpoint is not None and os.path.isdir(checkpoint):
-            verify(checkpoint, required_files(self.args, self.writes_stage_state, checkpoint))
+            verify(
+                checkpoint, required_files(self.args, self.writes_stage_state, checkpoint), plain=not self.has_stages
+            )
             in_loop_hp = self.args.hp_epochs > 0 and plan != "ft" and not hp_outside_loop
             if in_loop_hp and not os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
                 # (Trainer restarts its schedule from step 0 there; the two-stage schedule would restart in HP. A loop
