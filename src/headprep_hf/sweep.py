@@ -833,11 +833,7 @@ class TauSweep:
         """Which views of the training set a job's energy, HP-acc and p0 were measured on (`ENERGY_VIEWS`)."""
         if trainer.energy_dataset is None:
             return "as training reads them"
-        return (
-            "eval transform"
-            if (_task_args(self.task) or {"args": {}})["args"].get("energy_on_eval_transform")
-            else "energy_dataset"
-        )
+        return "eval transform" if _energy_on_eval_transform(self.task) else "energy_dataset"
 
     def fingerprint(self) -> dict[str, Any]:
         """What a sweep's folders must share: the grid, the pretrained model (with its new head, before HP), whether
@@ -1755,12 +1751,18 @@ ENERGY_VIEWS = {
 }
 
 
+def _energy_on_eval_transform(task: dict | None) -> bool:
+    """Whether the task record asked for the energy on the training set through the eval transform (the image
+    recipe's `--energy_on_eval_transform true`)."""
+    return bool(((task or {}).get("args") or {}).get("energy_on_eval_transform"))
+
+
 def energy_views(sweep: dict[str, Any]) -> str | None:
     """Which views of the training set the sweep's energies and HP train accuracies were measured on, in words
     (`ENERGY_VIEWS`), or None where its results do not say (written before it was recorded, and not the image
     recipe's `--energy_on_eval_transform true`, which its task record says) or disagree."""
     views = {r.get("energy_views") for r in sweep.get("results", []) if r.get("energy") is not None}
-    if views == {None} and (_task_args(sweep.get("task")) or {"args": {}})["args"].get("energy_on_eval_transform"):
+    if views == {None} and _energy_on_eval_transform(sweep.get("task")):
         views = {"eval transform"}
     return ENERGY_VIEWS.get(views.pop()) if len(views) == 1 else None
 
