@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,13 @@ def _same_except_classifier(state: dict, saved: dict, classifier: str = "fc.") -
 
 
 def test_pretrain_writes_complete_folder(tiny_source):
-    assert tiny_source.name == "mnist5k-test_resnet-s0-n64"
-    assert {p.name for p in tiny_source.iterdir()} == {"config.json", "model.safetensors", "pretrain_info.json"}
+    assert tiny_source.name == "mnist5k-test_resnet-s0-n64-e1-b32"
+    assert {p.name for p in tiny_source.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "pretrain_info.json",
+        "headprep_cache_manifest.json",
+    }
     info = json.loads((tiny_source / "pretrain_info.json").read_text())
     assert 0.0 <= info["validation_accuracy"] <= 1.0
     assert info["arch"] == "test_resnet" and info["epochs"] == 1 and info["max_samples"] == 64
@@ -81,6 +87,73 @@ def test_pretrain_failure_leaves_no_partial_folder(tmp_path, monkeypatch):
         pretrain_source_model(tmp_path, **TINY)
     assert list(tmp_path.iterdir()) == []
     assert not source_model_dir(tmp_path, "test_resnet", 0, 64).exists()
+
+
+def _flip_a_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["flipped", "truncated", "weights_deleted", "config_deleted", "manifest_deleted", "empty_folder"],
+)
+def test_a_damaged_or_incomplete_cache_entry_is_pretrained_again(tmp_path, monkeypatch, caplog, damage):
+    monkeypatch.setattr(source_module, "_train", _fake_train)
+    folder = pretrain_source_model(tmp_path, **TINY)
+    reference = {k: v.clone() for k, v in load_file(str(folder / "model.safetensors")).items()}  # (not the mmap)
+    weights = folder / "model.safetensors"
+    if damage == "flipped":  # (one bit in the middle of the tensors: safetensors loads it without a word)
+        _flip_a_byte(weights, weights.stat().st_size // 2)
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "weights_deleted":
+        weights.unlink()
+    elif damage == "config_deleted":
+        (folder / "config.json").unlink()
+    elif damage == "manifest_deleted":  # (an entry of an earlier version: nothing to check it against)
+        (folder / "headprep_cache_manifest.json").unlink()
+    else:
+        for file in folder.iterdir():
+            file.unlink()
+    with caplog.at_level("WARNING", logger="headprep_hf.models.source"):
+        assert pretrain_source_model(tmp_path, **TINY) == folder
+    assert "is not reused" in caplog.text and str(folder) in caplog.text
+    loaded = load_file(str(folder / "model.safetensors"))
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+    assert source_module.cache_entry_problem(folder) is None
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # (the damaged copy is gone, no temporary left)
+
+
+def test_other_pretraining_settings_get_their_own_entry(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(settings, device, progress):
+        trained.append(settings["epochs"])
+        return _fake_train(settings, device, progress)
+
+    monkeypatch.setattr(source_module, "_train", fake_train)
+    one = pretrain_source_model(tmp_path, **{**TINY, "epochs": 1})
+    two = pretrain_source_model(tmp_path, **{**TINY, "epochs": 2})
+    assert one != two and trained == [1, 2]
+    assert json.loads((two / "pretrain_info.json").read_text())["epochs"] == 2
+    assert pretrain_source_model(tmp_path, **{**TINY, "epochs": 1}) == one and trained == [1, 2]  # (both reused)
+    assert source_model_dir(tmp_path).name == "mnist5k-test_resnet-s0"  # (the defaults: the name they always had)
+
+
+def test_an_entry_recorded_with_other_settings_is_pretrained_again(tmp_path, monkeypatch, caplog):
+    # An earlier version named entries by architecture, seed and max_samples only: a 1-epoch model sat under the
+    # name a 2-epoch run now asks for, and was reused with a warning that suggested force=True, which no CLI has.
+    monkeypatch.setattr(source_module, "_train", _fake_train)
+    asked = {**TINY, "epochs": 2}
+    folder = source_model_dir(tmp_path, "test_resnet", 0, 64, epochs=2, batch_size=32)
+    built = pretrain_source_model(tmp_path, **TINY)
+    os.replace(built, folder)
+    with caplog.at_level("WARNING", logger="headprep_hf.models.source"):
+        assert pretrain_source_model(tmp_path, **asked) == folder
+    assert "other settings" in caplog.text
+    assert json.loads((folder / "pretrain_info.json").read_text())["epochs"] == 2
 
 
 def test_pretrained_folder_loads_with_new_head(tiny_source):

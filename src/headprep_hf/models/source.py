@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from headprep_hf.data.mnist import build_pretrain_dataset
 
-from ..files import read_json
+from ..files import cache_entry_problem, read_json, write_cache_manifest
 
 __all__ = [
     "DEFAULT_ARCH",
@@ -52,22 +52,37 @@ def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "headprep_hf"
 
 
+# The pretraining settings an entry's name leaves out (their defaults): other values are named in it.
+DEFAULT_SETTINGS = dict(epochs=10, batch_size=128, lr=4e-3)
+
+
 def source_model_dir(
-    cache_dir: str | Path | None = None, arch: str = DEFAULT_ARCH, seed: int = 0, max_samples: int | None = None
+    cache_dir: str | Path | None = None,
+    arch: str = DEFAULT_ARCH,
+    seed: int = 0,
+    max_samples: int | None = None,
+    epochs: int = DEFAULT_SETTINGS["epochs"],
+    batch_size: int = DEFAULT_SETTINGS["batch_size"],
+    lr: float = DEFAULT_SETTINGS["lr"],
 ) -> Path:
     """Where :func:`pretrain_source_model` keeps the model for these settings (it may not exist yet)."""
     root = default_cache_dir(cache_dir)
-    # Subset runs get their own name so a quick test never masquerades as the real source model.
+    # Subset runs get their own name so a quick test never masquerades as the real source model; so do other
+    # pretraining settings (a 1-epoch model was reused by a later default run, which recorded 10 epochs).
     suffix = f"-n{max_samples}" if max_samples is not None else ""
+    asked = dict(epochs=epochs, batch_size=batch_size, lr=lr)
+    suffix += "".join(
+        f"-{key[0] if key != 'lr' else 'lr'}{asked[key]:g}" for key in asked if asked[key] != DEFAULT_SETTINGS[key]
+    )
     return root / f"mnist5k-{arch}-s{seed}{suffix}"
 
 
 def pretrain_source_model(
     cache_dir: str | Path | None = None,
     arch: str = DEFAULT_ARCH,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 4e-3,
+    epochs: int = DEFAULT_SETTINGS["epochs"],
+    batch_size: int = DEFAULT_SETTINGS["batch_size"],
+    lr: float = DEFAULT_SETTINGS["lr"],
     seed: int = 0,
     force: bool = False,
     max_samples: int | None = None,
@@ -76,14 +91,17 @@ def pretrain_source_model(
 ) -> Path:
     """Pretrains (once) a timm model on the 10 MNIST-5k digits and returns its saved folder.
 
-    The folder ``cache_dir / f"mnist5k-{arch}-s{seed}"`` holds ``config.json`` and
+    The folder (:func:`source_model_dir`: ``cache_dir / f"mnist5k-{arch}-s{seed}"``, with the
+    settings that differ from the defaults added to the name) holds ``config.json`` and
     ``model.safetensors`` as written by ``timm.models.save_for_hf`` (so it loads with
-    ``load_timm_model(folder, num_classes=...)`` or ``timm.create_model("local-dir:" + folder)``)
-    plus ``pretrain_info.json`` with the validation accuracy and the settings. Training writes
-    into a temporary sibling folder that is renamed into place only when complete, so an
-    interrupted run never leaves a half-written model behind. An existing folder is returned
-    as is, without training, unless ``force=True``; its recorded settings are not compared
-    beyond a warning, so pass ``force=True`` after changing ``epochs``/``lr``/``batch_size``.
+    ``load_timm_model(folder, num_classes=...)`` or ``timm.create_model("local-dir:" + folder)``),
+    ``pretrain_info.json`` with the validation accuracy and the settings, and a manifest of the
+    files' sizes and sha256 (``headprep_cache_manifest.json``). Training writes into a temporary
+    sibling folder that is renamed into place only when complete, so an interrupted run never
+    leaves a half-written model behind. An existing folder is returned without training when its
+    files match the manifest and its recorded settings the asked ones; otherwise (a damaged or
+    incomplete entry, one of an earlier version) it is pretrained again and replaced, with a
+    warning that says why. ``force=True`` retrains it in any case.
 
     Args:
         cache_dir: root of the cache; defaults to :func:`default_cache_dir`.
@@ -101,11 +119,15 @@ def pretrain_source_model(
     Returns:
         The folder with the pretrained model.
     """
-    final_dir = source_model_dir(cache_dir, arch, seed, max_samples)
+    final_dir = source_model_dir(cache_dir, arch, seed, max_samples, epochs, batch_size, lr)
     settings = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_samples=max_samples)
-    if final_dir.is_dir() and not force:
-        _warn_if_settings_differ(final_dir, settings)
-        return final_dir
+    replace = force
+    if final_dir.exists() and not force:
+        problem = _entry_problem(final_dir, settings)
+        if problem is None:
+            return final_dir
+        logger.warning("The cached source model %s is not reused: %s. Pretraining it again.", final_dir, problem)
+        replace = True
 
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
@@ -124,7 +146,10 @@ def pretrain_source_model(
             torch_version=torch.__version__,
         )
         _save(model, tmp_dir, info)
-        _publish(tmp_dir, final_dir, replace=force)
+        write_cache_manifest(tmp_dir)
+        # (not forced: an entry another process published meanwhile that checks out is kept, not replaced)
+        keep = None if force else (lambda: _entry_problem(final_dir, settings) is None)
+        _publish(tmp_dir, final_dir, replace=replace, keep=keep)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -222,8 +247,12 @@ def _save(model: torch.nn.Module, folder: Path, info: dict[str, Any]) -> None:
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _publish(tmp_dir: Path, final_dir: Path, replace: bool) -> None:
-    """Atomically moves the finished ``tmp_dir`` to ``final_dir``."""
+def _publish(tmp_dir: Path, final_dir: Path, replace: bool, keep=None) -> None:
+    """Atomically moves the finished ``tmp_dir`` to ``final_dir``; with ``replace``, an entry already there is moved
+    aside first, unless ``keep()`` says it is good (another process published a complete one meanwhile)."""
+    if replace and final_dir.exists() and keep is not None and keep():
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return
     if replace and final_dir.exists():
         # Move the old copy aside first; os.replace cannot overwrite a non-empty folder.
         old = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
@@ -241,16 +270,15 @@ def _publish(tmp_dir: Path, final_dir: Path, replace: bool) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _warn_if_settings_differ(folder: Path, settings: dict[str, Any]) -> None:
+def _entry_problem(folder: Path, settings: dict[str, Any]) -> str | None:
+    """Why a cached source model cannot be reused (None: it can): files that differ from its manifest, or settings
+    that differ from the asked ones (an entry written under a name that did not hold them)."""
+    problem = cache_entry_problem(folder)
+    if problem is not None:
+        return problem
     try:
         saved = read_json(folder / INFO_FILE)
-    except (OSError, ValueError):
-        return
+    except ValueError as error:
+        return str(error)
     differing = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-    if differing:
-        logger.warning(
-            "reusing cached source model %s trained with different settings %s (saved, requested); "
-            "pass force=True to retrain",
-            folder,
-            differing,
-        )
+    return f"it was pretrained with other settings {differing} (saved, asked)" if differing else None
