@@ -305,19 +305,22 @@ def test_a_stale_conversion_is_judged_after_it_is_moved_away(tmp_path, caplog):
     # Two processes sharing the cache (two sweep shards): one judged the folder stale, the other meanwhile replaced it
     # with a current conversion, which the first then removed. It is now moved away first, judged, and put back.
     from headprep_hf.data.graphs import CHEMBL_NUMBERING, OGB_META_FILE, SCAFFOLD_SPLIT_RULE, _remove_stale_conversion
+    from headprep_hf.files import write_cache_manifest
 
     folder = tmp_path / "ogb" / "headprep_chembl_downstream"
     folder.mkdir(parents=True)
     current = {"headprep_split": SCAFFOLD_SPLIT_RULE, "headprep_numbering": CHEMBL_NUMBERING}
     (folder / OGB_META_FILE).write_text(json.dumps(current))
     (folder / "theirs").write_text("a current conversion another process published")
-    _remove_stale_conversion(folder)
+    write_cache_manifest(folder)
+    _remove_stale_conversion(folder, "judged stale by this process")
     assert (folder / "theirs").is_file() and os.listdir(tmp_path / "ogb") == [folder.name]
     (folder / OGB_META_FILE).write_text(json.dumps({"split": "scaffold"}))  # (the earlier rule's meta)
+    write_cache_manifest(folder)
     with caplog.at_level(logging.WARNING):
-        _remove_stale_conversion(folder)
-    assert os.listdir(tmp_path / "ogb") == [] and "was split by an earlier headprep_hf rule" in caplog.text
-    _remove_stale_conversion(folder)  # (another process removed it first: nothing to do)
+        _remove_stale_conversion(folder, "judged stale by this process")
+    assert os.listdir(tmp_path / "ogb") == [] and "judged stale by this process" in caplog.text
+    _remove_stale_conversion(folder, "")  # (another process removed it first: nothing to do)
     assert os.listdir(tmp_path / "ogb") == []
 
 
@@ -413,6 +416,7 @@ def test_offline_source_sample_converts_only_what_it_names(tmp_path, caplog):
         SCAFFOLD_SPLIT_RULE,
         build_chembl_graph_tasks,
     )
+    from headprep_hf.files import write_cache_manifest
 
     folders = build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60)
     assert list(folders) == ["source"] and folders["source"].name == "headprep_chembl_source_sub60"
@@ -426,6 +430,7 @@ def test_offline_source_sample_converts_only_what_it_names(tmp_path, caplog):
     meta = json.loads(meta_file.read_text())
     assert meta.pop("headprep_split") == SCAFFOLD_SPLIT_RULE
     meta_file.write_text(json.dumps(meta))
+    write_cache_manifest(folders["source"])  # (complete, but of the earlier rule)
     with caplog.at_level(logging.WARNING):
         assert build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60) == folders
     assert "was split by an earlier headprep_hf rule" in caplog.text
@@ -435,10 +440,44 @@ def test_offline_source_sample_converts_only_what_it_names(tmp_path, caplog):
     meta = json.loads(meta_file.read_text())
     assert meta.pop("headprep_numbering") == CHEMBL_NUMBERING
     meta_file.write_text(json.dumps(meta))
+    write_cache_manifest(folders["source"])
     assert build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=60) == folders
     assert json.loads(meta_file.read_text())["headprep_numbering"] == CHEMBL_NUMBERING
     with pytest.raises(ValueError, match=r"unknown part\(s\) \['pretraining'\]"):
         build_chembl_graph_tasks(tmp_path, ["pretraining"])
+
+
+@pytest.mark.parametrize("damage", ["processed_flipped", "meta_deleted", "release_deleted", "raw_deleted"])
+def test_a_damaged_cached_conversion_is_converted_again(tmp_path, caplog, damage):
+    # OGB trusts what it finds: one flipped bit in the processed file turned an atom's type (a valid type still) and
+    # was trained on; a missing meta file failed on every call with a raw "Directory not empty", a missing
+    # RELEASE_v1.txt made OGB prompt on stdin, a missing raw file ended in "unknown url type".
+    from headprep_hf.data.graphs import build_chembl_graph_tasks
+    from headprep_hf.files import cache_entry_problem
+
+    folder = build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=40)["source"]
+    reference = load_ogb_dataset(str(folder))
+    expected = (reference._data.x.clone(), reference._data.edge_index.clone(), reference._data.y.clone())
+    del reference
+    if damage == "processed_flipped":
+        path = folder / "processed" / "geometric_data_processed.pt"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    else:
+        path = {
+            "meta_deleted": folder / "headprep_meta.json",
+            "release_deleted": folder / "RELEASE_v1.txt",
+            "raw_deleted": next((folder / "raw").glob("edge*")),
+        }[damage]
+        path.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert build_chembl_graph_tasks(tmp_path, ["source"], source_molecules=40)["source"] == folder
+    assert "is not used" in caplog.text and str(path) in caplog.text
+    assert cache_entry_problem(folder) is None and os.listdir(tmp_path / "ogb") == [folder.name]
+    again = load_ogb_dataset(str(folder))._data
+    got = (again.x, again.edge_index, again.y)
+    assert all(torch.equal(a.nan_to_num(-7), b.nan_to_num(-7)) for a, b in zip(got, expected, strict=True))
 
 
 def test_the_offline_downstream_split_labels_every_target_in_validation_and_test(tmp_path):
@@ -814,6 +853,44 @@ def test_offline_source_pretrains_with_the_runs_use_cpu_after_converting(tmp_pat
     assert events == ["convert:downstream", "load", "convert:source", "load", "pretrain:use_cpu=True"]
     assert inputs.model.classifier.out_features == 2
     assert len(list((tmp_path / "cache").glob("chembl24-gcn-*"))) == 1 and not list((tmp_path / "cache").glob(".p*"))
+
+
+@pytest.mark.parametrize("damage", ["weights_deleted", "weights_flipped", "manifest_deleted"])
+def test_a_damaged_cached_source_gcn_is_trained_again(tmp_path, monkeypatch, caplog, damage):
+    # A flipped weight was trained on without a word; an entry without its weights was pretrained again on every
+    # call, the new model thrown away (the old folder kept as "another process's copy"), and then failed to load.
+    import headprep_hf.data.graphs as graphs
+    import headprep_hf.tasks.graph as graph_task
+    from headprep_hf.files import cache_entry_problem
+
+    dataset, _ = tiny_graph_data(tmp_path / "data", num_tasks=2)
+    trained = []
+
+    def pretrain_graph_model(splits, output_dir, *positional, **keywords):
+        trained.append(output_dir)
+        _saved_gcn(output_dir, num_tasks=2)
+
+    monkeypatch.setattr(graphs, "build_chembl_graph_tasks", lambda c, p, s=None: {p[0]: tmp_path / "data"})
+    monkeypatch.setattr(graphs, "load_ogb_dataset", lambda name_or_path, root=None: dataset)
+    monkeypatch.setattr(graph_task, "pretrain_graph_model", pretrain_graph_model)
+    settings = dict(cache_dir=str(tmp_path / "cache"), epochs=1, num_layers=2, hidden_size=16, dropout=0.0)
+    final = graph_task.pretrain_chembl_source(**settings)
+    assert len(trained) == 1 and graph_task.pretrain_chembl_source(**settings) == final and len(trained) == 1
+    weights = final / "model.safetensors"
+    if damage == "weights_deleted":
+        weights.unlink()
+    elif damage == "weights_flipped":
+        data = bytearray(weights.read_bytes())
+        data[len(data) - 7] ^= 0x01  # (the last tensor's bytes)
+        weights.write_bytes(bytes(data))
+    else:
+        (final / "headprep_cache_manifest.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert graph_task.pretrain_chembl_source(**settings) == final
+    assert len(trained) == 2 and "is not reused" in caplog.text
+    assert cache_entry_problem(final) is None and weights.is_file()
+    assert graph_task.pretrain_chembl_source(**settings) == final and len(trained) == 2  # (then reused)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [final.name]
 
 
 _TWO_MACHINE_WORKER = """

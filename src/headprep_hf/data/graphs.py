@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..files import read_json
+from ..files import cache_entry_problem, read_json, write_cache_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -559,23 +559,35 @@ def chembl_activity_matrix(targets: Sequence[str], exclude: set[str] = frozenset
     return [smiles[i] for i in order], labels[order]
 
 
-def _remove_stale_conversion(folder: Path) -> None:
-    """Remove a cached conversion split by the earlier rule. It is renamed away first and judged after: another
-    process sharing the cache may have replaced it with a current one since this one looked, which is put back."""
+def _conversion_problem(folder: Path) -> str | None:
+    """Why a cached offline ChEMBL conversion cannot be used (None: it can): files that differ from its manifest
+    (damaged, incomplete, or of an earlier version: OGB trusts its processed file, where one flipped bit turned a
+    carbon atom into a boron one), or a split or numbering of an earlier rule."""
+    problem = cache_entry_problem(folder)
+    if problem is not None:
+        return problem
+    if not _current_chembl_conversion(folder):
+        return ("it was split by an earlier headprep_hf rule (scaffold groups of one size in another order, or "
+                "molecules numbered target by target)")  # fmt: skip
+    return None
+
+
+def _remove_stale_conversion(folder: Path, reason: str) -> None:
+    """Remove a cached conversion that cannot be used (`reason`). It is renamed away first and judged after: another
+    process sharing the cache may have replaced it with a good one since this one looked, which is put back."""
     aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
     try:
         try:
             os.replace(folder, aside / "data")
         except FileNotFoundError:
             return  # (another process moved it first)
-        if _current_chembl_conversion(aside / "data"):
+        if _conversion_problem(aside / "data") is None:
             try:
                 os.replace(aside / "data", folder)
             except OSError:
                 pass  # (a third process published a current one meanwhile: it stays)
             return
-        logger.warning("%s was split by an earlier headprep_hf rule (scaffold groups of one size in another order, or "
-                       "molecules numbered target by target): converting it again", folder)  # fmt: skip
+        logger.warning("The cached conversion %s is not used: %s. Converting it again.", folder, reason)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -639,9 +651,10 @@ def build_chembl_graph_tasks(
         raise ValueError(f"unknown part(s) {unknown}: choose from {sorted(plans)}")
     for key, (name, make, targets) in ((k, plans[k]) for k in parts):
         folder = root / name.replace("-", "_")
-        if (folder / OGB_META_FILE).is_file() and not _current_chembl_conversion(folder):
-            _remove_stale_conversion(folder)
-        if not (folder / OGB_META_FILE).is_file():
+        problem = _conversion_problem(folder) if folder.exists() else None
+        if problem is not None:
+            _remove_stale_conversion(folder, problem)
+        if not folder.exists():
             # In a folder of this process's own (two processes sharing the cache, e.g. two sweep shards, each wrote
             # into one shared `.partial` and removed the other's); the first complete copy published is kept.
             root.mkdir(parents=True, exist_ok=True)
@@ -651,10 +664,12 @@ def build_chembl_graph_tasks(
                 written = write_ogb_dataset(smiles, labels, tmp, name, task_names=list(targets))
                 meta = json.loads((written / OGB_META_FILE).read_text())
                 (written / OGB_META_FILE).write_text(json.dumps({**meta, "headprep_numbering": CHEMBL_NUMBERING}))
+                load_ogb_dataset(str(written))  # (OGB writes its processed file now, so that the manifest holds it)
+                write_cache_manifest(written)
                 try:
                     os.replace(written, folder)  # a cache entry is complete or absent
                 except OSError:
-                    if not (folder / OGB_META_FILE).is_file():
+                    if not folder.is_dir():
                         raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from ..files import read_json, read_safetensors
+from ..files import cache_entry_problem, read_json, read_safetensors, write_cache_manifest
 from .base import COMMON_RECIPE_DEFAULTS, TaskInputs
 
 GRAPH_DEFAULTS = dict(
@@ -254,7 +254,7 @@ def pretrain_chembl_source(
     suffix += f"-d{dropout:g}" if dropout != 0.5 else ""  # (0.5, OGB's: the name entries had before it counted)
     final = root / f"chembl24-gcn-L{num_layers}-H{hidden_size}-e{epochs}-s{seed}{suffix}"
     state = _process_state()
-    cached = (final / MODEL_WEIGHTS).is_file() and _cached_config_fits(final, num_layers, hidden_size, dropout)
+    cached = final.exists() and _cached_source_usable(final, num_layers, hidden_size, dropout)
     if state is not None and state.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -277,16 +277,27 @@ def pretrain_chembl_source(
             config = read_json(partial / MODEL_CONFIG)
             config["info"]["split"] = CHEMBL_SPLIT  # (the split its training part came from)
             (partial / MODEL_CONFIG).write_text(json.dumps(config, indent=1))
-            # (an entry that does not fit is replaced; one another process published meanwhile that fits is kept)
-            stale = (final / MODEL_WEIGHTS).is_file() and not _cached_config_fits(
-                final, num_layers, hidden_size, dropout, warn=False
-            )
+            write_cache_manifest(partial)
+            # (an entry that cannot be used is replaced; one another process published meanwhile that can is kept;
+            # before, an entry without its weights was kept, and every call pretrained again and then failed)
+            stale = final.exists() and not _cached_source_usable(final, num_layers, hidden_size, dropout, warn=False)
             _publish(partial, final, replace=stale)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     if state is not None:
         state.wait_for_everyone()  # no process reads the entry before its machine's main process has published it
     return final
+
+
+def _cached_source_usable(folder: Path, num_layers: int, hidden_size: int, dropout: float, warn: bool = True) -> bool:
+    """Whether a cached source GCN can be reused: its files match its manifest (not damaged, complete, of this
+    version) and it was built as asked (`_cached_config_fits`). One that cannot is trained again, with a warning."""
+    problem = cache_entry_problem(folder)
+    if problem is not None:
+        if warn:
+            logger.warning("The cached source %s is not reused: %s. Training it again.", folder, problem)
+        return False
+    return _cached_config_fits(folder, num_layers, hidden_size, dropout, warn)
 
 
 def _cached_config_fits(folder: Path, num_layers: int, hidden_size: int, dropout: float, warn: bool = True) -> bool:
