@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import timm
@@ -211,6 +212,26 @@ def test_rerunning_a_finished_sweep_reuses_it(finished, data):
     assert run_sweep(path, data, sweep_exchange=True) == result  # nothing reran: the same sweep.json
     assert (path / "sweep.json").read_bytes() == content
     assert (path / "tau_0" / "seed_0" / "model.safetensors").stat().st_mtime_ns == kept
+
+
+@pytest.mark.parametrize("moved", ["result", "snapshot"])
+def test_a_result_or_snapshot_moved_into_another_jobs_place_is_refused(finished, data, tmp_path, moved):
+    # The fingerprint holds no tau or seed: tau_0's result copied into tau_2's folder was taken as tau_2's, and the
+    # complete sweep.json was replaced by one holding tau_0 twice (exit status 0).
+    path = tmp_path / "copy"
+    shutil.copytree(finished[0], path)
+    if moved == "result":
+        target = path / "tau_2" / "seed_0" / "sweep_result.json"
+        shutil.copy(path / "tau_0" / "seed_0" / "sweep_result.json", target)
+        match = r"holds the result of tau=0 seed=0, not of this folder's job \(tau=2 seed=0\)"
+    else:
+        target = path / "heads" / "seed_0" / "tau_2.safetensors"
+        shutil.copy(path / "heads" / "seed_0" / "tau_4.safetensors", target)
+        match = "is the head snapshot of tau=4 seed=0"
+    before = tree_hash(path)
+    with pytest.raises(ValueError, match=match) as error:
+        run_sweep(path, data, sweep_exchange=True)
+    assert str(target) in str(error.value) and tree_hash(path) == before
 
 
 def test_interrupted_sweep_reuses_finished_jobs(tmp_path, data):

@@ -923,13 +923,20 @@ class TauSweep:
         for path in sorted((self.output_dir / "heads").rglob("tau_*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    theirs = (f.metadata() or {}).get("sweep_fingerprint")
+                    metadata = f.metadata() or {}
+                theirs = metadata.get("sweep_fingerprint")
             except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
                 raise ValueError(
                     f"{path} is not a readable head snapshot ({error}); delete it or use another output_dir."
                 ) from error
             if theirs != mine:
                 raise ValueError(self._foreign(path))
+            recorded = (metadata.get("tau"), metadata.get("seed"))
+            if recorded != (path.stem.removeprefix("tau_"), path.parent.name.removeprefix("seed_")):
+                raise ValueError(
+                    f"{path} is the head snapshot of tau={recorded[0]} seed={recorded[1]} (its metadata), not of the "
+                    "place it is in: it was copied or moved here. Delete it to probe again; nothing was changed."
+                )
         reused = (self.output_dir / SWEEP_FILE).is_file() or any(
             p.is_dir() and re.fullmatch(r"tau_\d+", p.name) for p in self.output_dir.glob("tau_*")
         )
@@ -981,7 +988,18 @@ class TauSweep:
         if self.args.overwrite_output_dir or not done.is_file():
             return None
         previous = read_json(done)
-        return previous["result"] if previous.get("fingerprint") == self._fingerprint else None
+        if previous.get("fingerprint") != self._fingerprint:
+            return None
+        result = previous["result"]
+        # (the fingerprint holds no tau or seed: a result copied from another job's folder passed, and replaced a
+        # complete sweep.json with one that held one job twice and another not at all)
+        if (result.get("tau"), result.get("seed")) != (tau, seed):
+            raise ValueError(
+                f"{done} holds the result of tau={result.get('tau')} seed={result.get('seed')}, not of this folder's "
+                f"job (tau={tau} seed={seed}): it was copied or moved here. Delete it to run this job again; nothing "
+                "was changed."
+            )
+        return result
 
     def finetune_from(self, tau: int, seed: int | None = None) -> dict[str, Any]:
         """FT job for one (tau, seed): fresh pretrained model + the head snapshot, `finetune()`, validation/test
