@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -397,6 +398,79 @@ def test_tuple_items_behind_a_target_transform_take_their_problem_type_from_the_
             return torch.zeros(4), self.target_transform(self.targets[i])
 
     assert infer_problem_type(Pairs()) == "regression"
+
+
+@pytest.mark.parametrize("track_dynamics", [True, False])
+def test_an_explicit_empty_label_names_is_kept_as_with_trainer(tmp_path, track_dynamics):
+    # label_names=[] was replaced by ["labels"]: evaluate() gained an eval_loss, predict() label_ids and a lone
+    # prediction array where Trainer gives None and a tuple.
+    plain, ours = _pair(
+        tmp_path,
+        FcClassifier,
+        args={"label_names": [], "eval_strategy": "epoch"},
+        headprep_args={"track_dynamics": track_dynamics},
+        eval_dataset=XYData(n=16, seed=1),
+    )
+    assert ours.label_names == plain.label_names == []
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    assert sorted(ours.evaluate()) == sorted(plain.evaluate())
+    mine, theirs = ours.predict(XYData(n=16, seed=1)), plain.predict(XYData(n=16, seed=1))
+    assert mine.label_ids is None and theirs.label_ids is None
+    assert type(mine.predictions) is type(theirs.predictions)
+
+
+class WeightedItems(XYData):
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "sample_weight": torch.tensor(1.0 + i % 3)}
+
+
+def _weighted_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    weight, labels = inputs.pop("sample_weight"), inputs.pop("labels")
+    outputs = model(**inputs)
+    loss = (F.cross_entropy(outputs["logits"], labels, reduction="none") * weight).mean()
+    return (loss, outputs) if return_outputs else loss
+
+
+def _tuple_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    x, y = inputs
+    outputs = model(input_x=x)
+    loss = F.cross_entropy(outputs["logits"], y)
+    return (loss, outputs) if return_outputs else loss
+
+
+def _as_tuples(items):
+    return torch.stack([item["input_x"] for item in items]), torch.tensor([item["labels"] for item in items])
+
+
+@pytest.mark.parametrize("batches", ["extra-key", "tuples"])
+def test_batches_only_a_compute_loss_of_the_users_own_understands_train_as_with_trainer(tmp_path, batches):
+    # A compute_loss that consumes a key the forward does not take (sample weights), or (x, y) tuples from a
+    # collator: Trainer trains; the default track_dynamics failed in the start-of-FT energy pass before the first
+    # update. The measurements now leave out keys the forward does not take, or are skipped with a warning.
+    loss = _weighted_loss if batches == "extra-key" else _tuple_loss
+    data = WeightedItems() if batches == "extra-key" else XYData()
+    extra = {"remove_unused_columns": False} if batches == "extra-key" else {}
+    kwargs = {"data_collator": _as_tuples} if batches == "tuples" else {}
+    runs = []
+    for base, args_cls, name in ((Trainer, TrainingArguments, "plain"), (HeadPrepTrainer, HeadPrepConfig, "ours")):
+        cls = type(f"Custom{base.__name__}", (base,), {"compute_loss": loss})
+        args = _args(args_cls, tmp_path, name, **extra)
+        trainer = cls(model=FcClassifier(), args=args, train_dataset=data, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        runs.append(trainer)
+    plain, ours = runs
+    _same_weights(plain.model, ours.model)
+    _assert_same_logs(plain, ours)
+    if batches == "extra-key":  # measured, without the key the forward does not take
+        assert ours.dynamics["energy"] is not None and ours.dynamics["drift"]
+    else:
+        said = " ".join(str(w.message) for w in caught)
+        assert ours.dynamics.get("energy") is None and "drift" not in ours.dynamics
+        assert "Energy, HP accuracy and p0 were not measured: The batch is a tuple" in said
+        assert "Drift is not measured: The batch is a tuple" in said
 
 
 def test_an_empty_evaluation_set_trains_as_with_trainer(tmp_path):

@@ -103,7 +103,7 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
                     split.head_logits(model, chunk.to(device))
 
     def one_sample(batch) -> bool:
-        labels = batch.get(trainer.label_names[0]) if isinstance(batch, Mapping) and trainer.label_names else None
+        labels = batch.get(trainer.label_key) if isinstance(batch, Mapping) else None
         return isinstance(labels, torch.Tensor) and labels.dim() > 0 and labels.shape[0] == 1
 
     def over_train_set() -> None:

@@ -281,7 +281,7 @@ def check_trainer_datasets(trainer, only: dict[str, Any] | None = None) -> None:
     num_classes = (
         split.num_classes if split is not None else getattr(getattr(model, "config", None), "num_labels", None)
     )
-    label_name, problem_type, ignore_index = trainer.label_names[0], trainer.problem_type, trainer.args.ignore_index
+    label_name, problem_type, ignore_index = trainer.label_key, trainer.problem_type, trainer.args.ignore_index
     datasets = [("train_dataset", trainer.train_dataset), ("energy_dataset", trainer.energy_dataset)]
     if isinstance(trainer.eval_dataset, dict):
         datasets += [(f"eval_dataset[{k!r}]", v) for k, v in trainer.eval_dataset.items()]
@@ -348,7 +348,7 @@ def check_label_key(trainer, checked: bool) -> None:
         return
     keys = keys_without_labels(trainer, trainer.train_dataset)
     if keys is not None:
-        raise ValueError(missing_labels_message(trainer.label_names[0], keys))
+        raise ValueError(missing_labels_message(trainer.label_key, keys))
 
 
 def missing_labels_message(label: str, keys, where: str = "train_dataset[0]") -> str:
@@ -368,7 +368,7 @@ def keys_without_labels(trainer, dataset) -> list[str] | None:
     if dataset is None or not _default_collator(trainer) or not trainer.label_names:
         return None
     item = trainer_first_item(trainer, dataset)
-    if not isinstance(item, Mapping) or any(key in item for key in _label_keys(trainer.label_names[0])):
+    if not isinstance(item, Mapping) or any(key in item for key in _label_keys(trainer.label_key)):
         return None
     return sorted(item)
 
@@ -398,7 +398,7 @@ def check_item_format(trainer) -> None:
             # (a forward called by position takes any key: its argument's name, except timm's bare `x`)
             named = caller.param_names[0] if caller.param_names else "x"
             input_name = "pixel_values" if named == "x" and caller.positional else named
-        label = trainer.label_names[0] if trainer.label_names else "labels"
+        label = trainer.label_key
         kinds = ", ".join(type(v).__name__ for v in item) if isinstance(item, (tuple, list)) else ""
         raise ValueError(
             f"{name}[0] is a {type(item).__name__}{f' ({kinds})' if kinds else ''}, but the default data collator "

@@ -331,7 +331,7 @@ class TrainerLossMixin:
         own = self._own_loss_of_labelless_model(outputs)
         if own is not None:
             return (own, outputs) if return_outputs else own
-        if isinstance(inputs, Mapping) and self.label_names[0] not in inputs:
+        if isinstance(inputs, Mapping) and self.label_key not in inputs:
             # (a model that takes no labels may train on data without them: `HeadPrepTrainer._may_take_own_loss`)
             from .labels import keys_without_labels, missing_labels_message  # (labels -> dynamics -> losses)
 
@@ -339,10 +339,10 @@ class TrainerLossMixin:
             keys = keys_without_labels(self, self.train_dataset) if self.in_training_step else None
             where = "train_dataset[0]" if keys is not None else "The batch"
             raise ValueError(
-                missing_labels_message(self.label_names[0], keys if keys is not None else inputs.keys(), where)
+                missing_labels_message(self.label_key, keys if keys is not None else inputs.keys(), where)
                 + f" ({type(self.accelerator.unwrap_model(model)).__name__} returned no loss of its own.)"
             )
-        labels = inputs[self.label_names[0]]
+        labels = inputs[self.label_key]
         smoothing = self.current_label_smoothing if self.in_training_step else 0.0
         loss = self.loss_from_logits(extract_logits(outputs), labels, smoothing)
         if self.in_training_step:
@@ -409,7 +409,7 @@ class TrainerLossMixin:
             self.loss_is_scaled_for_ga = self.__dict__.pop("_loss_scaling_replaced")
         if not self.uses_trainer_loss(True, self.stage_plan.stage_at(self.state.global_step)):
             return super()._get_num_items_in_batch(batch_samples, device)
-        name = self.label_names[0]
+        name = self.label_key
         # (Mapping: tokenizer collators return a BatchEncoding, a UserDict)
         if not batch_samples or not all(isinstance(b, Mapping) and name in b for b in batch_samples):
             return None  # the trainer's loss is then a per-micro-batch mean: the Trainer divides by the steps

@@ -55,7 +55,7 @@ from .files import read_json, read_safetensors, write_json
 from .labels import keys_without_labels
 from .losses import task_energy
 from .progress import pass_bar
-from .split import extract_logits
+from .split import BatchDoesNotFitForward, extract_logits
 
 if TYPE_CHECKING:
     from .trainer import HeadPrepTrainer
@@ -351,10 +351,10 @@ class MeasurementCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ measurements
     def measure_dataset(
-        self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, desc=None, **kwargs
+        self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, desc=None, lenient=False, **kwargs
     ):
         """One forward-only pass of the model over `dataset` (see `dynamics.measure`), in a progress bar named `desc`;
-        every rank takes part."""
+        every rank takes part. `lenient`: batch keys the forward does not take are left out (`ModelCaller`)."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         split = trainer.find_head() if max_features > 0 else None
@@ -363,10 +363,10 @@ class MeasurementCallback(TrainerCallback):
                 return measure(
                     model,
                     loader if loader is not None else trainer.measurement_loader(dataset),
-                    trainer.model_caller,
+                    trainer.model_caller.lenient if lenient else trainer.model_caller,
                     split.feature_module(model) if split is not None else None,
                     trainer.accelerator,
-                    label_name=trainer.label_names[0] if trainer.label_names else "labels",
+                    label_name=trainer.label_key,
                     with_energy=with_energy,
                     max_features=max_features,
                     ignore_index=trainer.args.ignore_index,
@@ -708,7 +708,18 @@ class MeasurementCallback(TrainerCallback):
                 )
         try:
             # Seeded: the same views whenever it runs (so the energy is a function of the weights alone).
-            return self.measure_dataset(energy_set, with_energy=True, max_features=0, seed=args.seed, desc="energy")
+            return self.measure_dataset(
+                energy_set, with_energy=True, max_features=0, seed=args.seed, desc="energy", lenient=True
+            )
+        except BatchDoesNotFitForward as error:
+            # (batches a compute_loss of the user's own consumes, e.g. (x, y) tuples: in a run without HP they train
+            # as with Trainer; with HP, head probing refused them first)
+            self._warn_once(
+                "energy_batch",
+                f"Energy, HP accuracy and p0 were not measured: {error} Pass energy_dataset=... whose batches name "
+                "the forward's inputs to measure them, or set track_dynamics=False.",
+            )
+            return None
         except OutputsDoNotFitLabels as error:
             # Raised as it came where the problem type was declared, and with several processes: a rank that skipped
             # the measurement while another went on would leave the ranks' collective calls out of step. (An error
@@ -788,6 +799,13 @@ class MeasurementCallback(TrainerCallback):
                 "tensor of features (e.g. the classifier layer after the pooling), or track_dynamics=False.",
             )
             return None
+        except BatchDoesNotFitForward as error:
+            self._warn_once(
+                "probe_batch",
+                f"Drift is not measured: {error} Pass drift_dataset=... whose batches name the forward's inputs to "
+                "measure it, or set track_dynamics=False.",
+            )
+            return None
         except FeatureModuleNotCalled as error:
             guessed = trainer.args.head_modules is None and trainer._explicit_split is None
             if not guessed or trainer.args.hp_epochs > 0:
@@ -826,6 +844,7 @@ class MeasurementCallback(TrainerCallback):
             loader=self._probe_loader,
             seed=trainer.args.seed,
             desc="drift probe",
+            lenient=True,
         ).features
 
     def _probe_dataset(self):

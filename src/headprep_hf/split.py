@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -414,16 +414,35 @@ class ModelCaller:
         self.input_name = required[0] if self.positional else None
         self.required_labels = {n for n in required if n in self.label_names}
 
-    def __call__(self, model: nn.Module, inputs: dict):
+    def __call__(self, model: nn.Module, inputs: dict, lenient: bool = False):
+        """The model's output for batch `inputs`. `lenient` (the measurement passes): keys the forward does not take
+        are left out, as Trainer's column removal leaves them out (a key that a `compute_loss` of the user's own
+        consumes, e.g. a `sample_weight` a collator adds: such a run trains as with Trainer, and is measured)."""
+        if not isinstance(inputs, Mapping):
+            raise BatchDoesNotFitForward(
+                f"The batch is a {type(inputs).__name__}, not a mapping of named inputs, so the trainer cannot call "
+                "the model with it itself (as head probing and the measurements do)."
+            )
         model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names or k in self.required_labels}
         if self.accepts_kwargs or all(k in self.param_names for k in model_inputs):
             return model(**model_inputs)
         if len(model_inputs) == 1:
             return model(next(iter(model_inputs.values())))
-        raise ValueError(
+        taken = {k: v for k, v in model_inputs.items() if k in self.param_names}
+        if lenient and taken:
+            return model(**taken)
+        raise BatchDoesNotFitForward(
             f"The batch has keys {sorted(model_inputs)} but the model's forward takes {self.param_names}; rename the "
             "dataset columns to the forward's argument names or return a single input tensor plus 'labels'."
         )
+
+    def lenient(self, model: nn.Module, inputs: dict):
+        """`self(model, inputs, lenient=True)`."""
+        return self(model, inputs, lenient=True)
+
+
+class BatchDoesNotFitForward(ValueError):
+    """The trainer cannot call the model with a batch itself: not a mapping, or keys the forward does not take."""
 
 
 class HeadFinder:

@@ -280,7 +280,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.hp_steps_per_epoch = 0  # updates per epoch of this run's in-loop HP (0: none)
         self._prepare_model(self.model)
         self._headprep_ready = True
-        if not self.label_names:  # the model takes no labels: the trainer's loss reads them under "labels"
+        if not self.label_names and self.args.label_names is None:
+            # The model takes no labels: the trainer's loss reads them under "labels". An explicit label_names=[] is
+            # Trainer's "no labels" (no label_ids, no evaluation loss from them) and is kept (`label_key`).
             self.label_names = ["labels"]
         if self.args.hp_epochs > 0 or self.track_dynamics:
             self._add_own_callbacks()
@@ -518,11 +520,17 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         return self._stages
 
     @property
+    def label_key(self) -> str:
+        """The key the trainer's own loss, label checks and measurements read labels under: `label_names[0]`, or
+        "labels" where `label_names` is empty (an explicit `label_names=[]`, kept as Trainer keeps it)."""
+        return self.label_names[0] if self.label_names else "labels"
+
+    @property
     def problem_type(self) -> str:
         """The problem type the config or the model declares, else the one the training labels show."""
         if self._problem_type is None:
             declared = declared_problem_type(self.args.problem_type, self.accelerator.unwrap_model(self.model))
-            self._problem_type = declared or infer_problem_type(self.train_dataset, self.label_names[0])
+            self._problem_type = declared or infer_problem_type(self.train_dataset, self.label_key)
         return self._problem_type
 
     @property
@@ -1028,7 +1036,7 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         # The last HP epoch's head inputs give the start-of-FT energy (see MeasurementCallback.hp_epoch_recorder).
         recorder = self.measurements.hp_epoch_recorder() if self._stage == "hp" else None
         # (Mapping: tokenizer collators return a BatchEncoding, a UserDict)
-        labels = inputs.get(self.label_names[0]) if recorder is not None and isinstance(inputs, Mapping) else None
+        labels = inputs.get(self.label_key) if recorder is not None and isinstance(inputs, Mapping) else None
         self.in_training_step = True  # smoothing applies to training losses only
         if recorder is not None:
             recorder.active = True
