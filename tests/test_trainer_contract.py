@@ -420,6 +420,52 @@ def test_an_explicit_empty_label_names_is_kept_as_with_trainer(tmp_path, track_d
     assert type(mine.predictions) is type(theirs.predictions)
 
 
+NOISE = torch.Generator()
+
+
+def _plain_collate(items):
+    return {
+        "input_x": torch.stack([i["input_x"] for i in items]),
+        "labels": torch.tensor([i["labels"] for i in items]),
+    }
+
+
+def _global_noise_collator(items):
+    batch = _plain_collate(items)
+    batch["input_x"] = batch["input_x"] + 0.1 * torch.randn(batch["input_x"].shape, generator=NOISE)
+    return batch
+
+
+def _closure_noise_collator(seed):
+    generator = torch.Generator().manual_seed(seed)
+
+    def collate(items):
+        batch = _plain_collate(items)
+        batch["input_x"] = batch["input_x"] + 0.1 * torch.randn(batch["input_x"].shape, generator=generator)
+        return batch
+
+    return collate
+
+
+@pytest.mark.parametrize("where", ["closure", "module-global"])
+def test_a_collate_function_with_its_own_generator_trains_as_with_trainer(tmp_path, where):
+    # A deep copy returns a function as it is: the measurement passes drew from the generator training then drew
+    # from, and the weights differed from Trainer's (1e-4).
+    runs = []
+    for trainer_cls, args_cls, name in (
+        (Trainer, TrainingArguments, "plain"),
+        (HeadPrepTrainer, HeadPrepConfig, "ours"),
+    ):
+        NOISE.manual_seed(7)
+        collate = _closure_noise_collator(7) if where == "closure" else _global_noise_collator
+        args = _args(args_cls, tmp_path, name)
+        trainer = trainer_cls(model=FcClassifier(), args=args, train_dataset=XYData(), data_collator=collate)
+        trainer.train()
+        runs.append(trainer)
+    assert runs[1].dynamics["energy"] is not None and runs[1].dynamics["drift"]
+    _same_weights(runs[0].model, runs[1].model)
+
+
 class WeightedItems(XYData):
     def __getitem__(self, i):
         return {**super().__getitem__(i), "sample_weight": torch.tensor(1.0 + i % 3)}

@@ -8,7 +8,9 @@ whatever the number of processes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -82,6 +84,47 @@ def _device_rngs() -> tuple[str, list[int] | None]:
         if module is not None and module.is_available():
             return kind, None
     return "cuda", []
+
+
+_RNG_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+
+
+def _copied_rng(rng):
+    if isinstance(rng, torch.Generator):  # (copied by its state: not every torch version deep-copies a Generator)
+        copied = torch.Generator(device=rng.device)
+        copied.set_state(rng.get_state())
+        return copied
+    return copy.deepcopy(rng)
+
+
+def copied_collator(collator):
+    """A copy of `collator` for the measurement passes, drawing from random generators of its own: a deep copy (an
+    object with a generator, `DataCollatorForLanguageModeling(seed=...)`), and for a plain function, which a deep copy
+    returns as it is, a new function whose closure cells and referenced module globals holding a generator
+    (`torch.Generator`, numpy's `Generator`/`RandomState`, `random.Random`) hold copies of them: the passes' draws
+    are then not taken from the generator training draws from (the global RNGs are forked by `forked_rng`)."""
+    copied = copy.deepcopy(collator)
+    if not isinstance(copied, types.FunctionType):
+        return copied
+
+    def holds_rng(cell) -> bool:
+        try:
+            return isinstance(cell.cell_contents, _RNG_TYPES)
+        except ValueError:  # (an empty cell)
+            return False
+
+    cells = copied.__closure__ or ()
+    own_cells = tuple(types.CellType(_copied_rng(c.cell_contents)) if holds_rng(c) else c for c in cells)
+    names = [n for n in copied.__code__.co_names if isinstance(copied.__globals__.get(n), _RNG_TYPES)]
+    if not names and all(a is b for a, b in zip(own_cells, cells)):
+        return copied
+    namespace = copied.__globals__
+    if names:
+        namespace = {**namespace, **{n: _copied_rng(namespace[n]) for n in names}}
+    function = types.FunctionType(copied.__code__, namespace, copied.__name__, copied.__defaults__, own_cells or None)
+    function.__kwdefaults__ = copied.__kwdefaults__
+    function.__dict__.update(copied.__dict__)
+    return function
 
 
 @contextlib.contextmanager

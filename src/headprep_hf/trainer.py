@@ -12,7 +12,6 @@ norm: a callback), `schedules`, `feature_cache` (cached HP), `hub` (the prepared
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import json
 import logging
@@ -49,7 +48,7 @@ from .checkpoints import (
     verify,
 )
 from .config import HeadPrepConfig, OppositeEnergyWarning, check_activation_checkpointing, check_trainer_inputs
-from .dynamics import InMemoryDataset
+from .dynamics import InMemoryDataset, copied_collator
 from .export import is_timm_model, prepared_head_record, restore_prepared_head_record, write_timm_config
 from .feature_cache import CachedHeadProbing
 from .guard import NonFiniteError, NonFiniteGuard, check_finite, nonfinite_keys
@@ -892,8 +891,9 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         collator = self.data_collator
         try:
             # A copy: a collator with a random generator of its own (`DataCollatorForLanguageModeling(seed=...)`'s
-            # masking) would otherwise give the measurement passes draws that training then does not see.
-            self.data_collator = copy.deepcopy(collator)
+            # masking, a function's generator in its closure) would otherwise give the measurement passes draws that
+            # training then does not see.
+            self.data_collator = copied_collator(collator)
         except Exception as error:  # (anything a collator's own state raises when copied)
             logger.info("The data collator could not be copied for the measurement passes (%s): they use it.", error)
         try:
