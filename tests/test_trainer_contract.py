@@ -420,6 +420,25 @@ def test_an_explicit_empty_label_names_is_kept_as_with_trainer(tmp_path, track_d
     assert type(mine.predictions) is type(theirs.predictions)
 
 
+class EvalMemoryLimit(FcClassifier):
+    """Runs out of memory (as accelerate recognises it) for an eval-mode batch of more than 16 samples."""
+
+    def forward(self, input_x, labels=None):
+        if not self.training and input_x.shape[0] > 16:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB.")
+        return super().forward(input_x, labels)
+
+
+def test_auto_find_batch_size_measures_after_the_retry(tmp_path):
+    # The energy pass (at 4x the training batch) ran out of memory; Trainer's retry at half the batch found FT
+    # already begun and went on without energy, z_0 or drift, and its passes kept 4x the first batch size.
+    args = _args(HeadPrepConfig, tmp_path, "ours", auto_find_batch_size=True)
+    trainer = HeadPrepTrainer(model=EvalMemoryLimit(), args=args, train_dataset=XYData())
+    trainer.train()
+    assert trainer._train_batch_size == 4 and trainer.measure_batch_size == 16
+    assert trainer.dynamics["energy"] is not None and len(trainer.dynamics["drift"]) == 2
+
+
 NOISE = torch.Generator()
 
 

@@ -824,7 +824,13 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         if plan.plan == "both" and self.args.hp_epochs > 0:
             self._finish_hp(recompute_bn=in_loop_hp)
         elif self.track_dynamics:
-            self.measure_start()
+            try:
+                self.measure_start()
+            except BaseException:
+                # (`auto_find_batch_size` runs the loop again after an out-of-memory error here: FT begins again
+                # then, and measures; it went on without energy, z_0 or drift, without a word)
+                plan.ft_started = False
+                raise
         if plan.plan == "ft" or self.args.hp_epochs > 0:  # (a run without HP prints what Trainer prints)
             self._announce_ft_start()
 
@@ -916,9 +922,11 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
 
     @property
     def measure_batch_size(self) -> int:
-        return self.args.measure_batch_size or max(
-            self.args.per_device_eval_batch_size, 4 * self.args.per_device_train_batch_size
-        )
+        # (the training batch in use: `auto_find_batch_size` halves Trainer's `_train_batch_size` after an
+        # out-of-memory error, not `per_device_train_batch_size`; a pass at 4x the first size ran out again)
+        per_device = getattr(self, "_train_batch_size", None) or self.args.train_batch_size
+        per_device = per_device // max(1, self.args.n_gpu)
+        return self.args.measure_batch_size or max(self.args.per_device_eval_batch_size, 4 * per_device)
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         if self.has_stages:  # (a plain run evaluates as Trainer: each rank with its own BatchNorm statistics)
