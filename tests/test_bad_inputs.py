@@ -199,3 +199,29 @@ def test_label_checks_leave_the_training_rngs_alone(tmp_path, problem_type):
     check_trainer_datasets(trainer)
     assert torch.equal(torch.get_rng_state(), states[0])
     assert random.getstate() == states[1] and np.array_equal(np.random.get_state()[1], states[2])
+
+
+def test_a_voc_border_label_with_the_default_ignore_index_names_ignore_index_255():
+    # Masks with PASCAL VOC's 255 border under ignore_index=-100 were told to build a head of 256 classes.
+    from headprep_hf.labels import check_labels
+
+    class Masks(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            mask = torch.zeros(4, 4, dtype=torch.long)
+            mask[0, 0] = 255 if i == 2 else 1
+            return {"labels": mask}
+
+    with pytest.raises(ValueError, match=r"train\[2\] has label 255.*set ignore_index=255 \(--ignore_index 255\)"):
+        check_labels(Masks(), 4, "train")
+    check_labels(Masks(), 4, "train", ignore_index=255)
+    with pytest.raises(ValueError, match=r"num_classes >= 256"):  # (a class id of per-sample labels: the old advice)
+        check_labels(TinyImagesWith255(), 3, "train")
+
+
+class TinyImagesWith255(TinyImages):
+    def __init__(self):
+        super().__init__(8)
+        self.labels[3] = 255

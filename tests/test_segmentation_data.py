@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_timm
 from PIL import Image
 
 from headprep_hf.data import (
@@ -214,6 +215,23 @@ def test_nuclei_image_from_stardist():
     assert 0.05 < (masks == 1).float().mean() < 0.6  # nuclei cover part of the field of view
     image = splits["test"][0]["pixel_values"]
     assert image.shape == (3, 64, 64) and torch.equal(image[0], image[1])
+
+
+def test_the_nuclei_task_takes_a_given_crop_size_as_its_tile_size(tmp_path):
+    # --crop_size was capped at 64 without a word: --crop_size 128 still gave 48 tiles of 64 px.
+    pytest.importorskip("stardist", reason="optional data: pip install stardist")
+    from safetensors.torch import save_file
+
+    from headprep_hf.tasks.segmentation import SegmentationArguments, load_segmentation
+
+    save_file(tiny_timm().state_dict(), str(tmp_path / "w.safetensors"))
+    common = dict(model_name_or_path=str(tmp_path / "w.safetensors"), model_arch="test_resnet", nuclei=True)
+    default = load_segmentation(SegmentationArguments(**common), seed=0)
+    assert len(default.train_dataset) == 48 and default.train_dataset[0]["pixel_values"].shape[-1] == 64
+    given = load_segmentation(SegmentationArguments(**common, crop_size=128), seed=0)
+    assert len(given.train_dataset) == 8 and given.train_dataset[0]["pixel_values"].shape[-1] == 128
+    with pytest.raises(ValueError, match="--crop_size 200 with --nuclei: .* at most 170"):
+        load_segmentation(SegmentationArguments(**common, crop_size=200), seed=0)
 
 
 def test_paper_preset_parses(tmp_path, capsys):

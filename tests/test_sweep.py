@@ -393,6 +393,9 @@ def test_shard_selection_and_schedule_check(tmp_path):
     assert args.shard_taus() == [1, 8]
     with pytest.raises(ValueError, match="constant"):
         sweep_config(tmp_path, hp_lr_scheduler_type="cosine")
+    # A warmup ratio got HeadPrepConfig's advice first (another HP schedule), which the sweep then refused too.
+    with pytest.raises(ValueError, match=r"A tau sweep needs hp_lr_scheduler_type='constant' and hp_warmup_ratio=0"):
+        sweep_config(tmp_path, hp_warmup_ratio=0.1)
 
 
 def test_unknown_selection_metric_is_reported(tmp_path, data):

@@ -352,6 +352,8 @@ def sweep_parser(task_name: str, prog: str = "headprep sweep") -> HfArgumentPars
         if action.dest == "hp_lr_scheduler_type":  # SweepConfig refuses others: list only the one that works
             action.choices = ["constant"]
             action.help = "A sweep's HP is constant (the head saved at each tau comes from one HP run)."
+        if action.dest == "hp_warmup_ratio":  # (its help offered a range; any value but 0 is refused)
+            action.help = "0 in a sweep: the head saved at each tau comes from one HP run, without warmup."
     # Read before parsing (`_pop_option`, the merge parser); listed here so that --help shows them.
     parser.add_argument(
         "--task", default=argparse.SUPPRESS, help="image_classification (default), segmentation or graph."

@@ -128,10 +128,18 @@ def check_labels(dataset, num_classes: int, name: str, label_name: str = "labels
     if bad.any():
         index = int(np.nonzero(bad.any(axis=1))[0][0])
         value = int(flat[index][bad[index]][0])
+        # (a mask's 255 is PASCAL VOC's "ignore" border: the fix there is the ignore index, not 256 classes)
+        dense_255 = value == 255 and flat.shape[1] > 1 and ignore_index != 255
         raise ValueError(
             f"{name}[{index}] has label {value}, outside the {num_classes} classes [0, {num_classes}) of the model's "
-            f"head. Fix the labels, or build the head with num_classes >= {int(flat[flat != ignore_index].max()) + 1}"
-            f" (labels equal to ignore_index={ignore_index} are skipped)."
+            + (
+                f"head. If 255 marks pixels to ignore (PASCAL VOC-style masks), set ignore_index=255 "
+                f"(--ignore_index 255); ignore_index={ignore_index} is skipped now."
+                if dense_255
+                else f"head. Fix the labels, or build the head with num_classes >= "
+                f"{int(flat[flat != ignore_index].max()) + 1} (labels equal to ignore_index={ignore_index} are "
+                "skipped)."
+            )
         )
 
 

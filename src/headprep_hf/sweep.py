@@ -275,6 +275,13 @@ class SweepConfig(HeadPrepConfig):
     )
 
     def __post_init__(self):
+        # (before HeadPrepConfig's checks: its advice for a warmup ratio, another HP schedule, is refused here)
+        if self.hp_lr_scheduler_type != "constant" or self.hp_warmup_ratio != 0:
+            raise ValueError(
+                f"A tau sweep needs hp_lr_scheduler_type='constant' and hp_warmup_ratio=0 (got "
+                f"{self.hp_lr_scheduler_type!r}, {self.hp_warmup_ratio}): the head saved after tau epochs of the one "
+                "HP run must equal a run with hp_epochs=tau, which a schedule over the HP length breaks."
+            )
         super().__post_init__()
         self.sweep_taus = validate_taus(self.sweep_taus)
         if self.sweep_seeds is not None:
@@ -288,12 +295,6 @@ class SweepConfig(HeadPrepConfig):
             self.sweep_seeds = seeds
         if self.sweep_shard is not None:
             parse_shard(self.sweep_shard)
-        if self.hp_lr_scheduler_type != "constant" or self.hp_warmup_ratio != 0:
-            raise ValueError(
-                f"A tau sweep needs hp_lr_scheduler_type='constant' and hp_warmup_ratio=0 (got "
-                f"{self.hp_lr_scheduler_type!r}, {self.hp_warmup_ratio}): the head saved after tau epochs of the one "
-                "HP run must equal a run with hp_epochs=tau, which a schedule over the HP length breaks."
-            )
         if not self.sweep_metric:
             raise ValueError("sweep_metric must name a validation metric, e.g. 'accuracy'.")
         if self.sweep_metric.startswith("eval_"):  # as metric_for_best_model is spelled (Trainer adds "eval_")

@@ -206,7 +206,13 @@ def rows_digest(hf_dataset: Any, columns: Sequence[str]) -> str | None:
     return digest.hexdigest()
 
 
-def load_hf_dataset(dataset_name: str, config_name: str | None, cache_dir: str | None, flag: str = "dataset_name"):
+def load_hf_dataset(
+    dataset_name: str,
+    config_name: str | None,
+    cache_dir: str | None,
+    flag: str = "dataset_name",
+    local_ways: str = "a folder of class folders (--train_dir), a folder of data files, or a save_to_disk folder",
+):
     """`datasets.load_dataset(dataset_name)` (a Hub id or a local folder of data files), or `load_from_disk` for a
     folder written by `save_to_disk` (which `load_dataset` refuses); a `DatasetDict`. A Hub id this machine cannot
     reach is refused in one line naming `flag` and the offline ways, where `datasets` printed a 10-frame traceback
@@ -223,9 +229,13 @@ def load_hf_dataset(dataset_name: str, config_name: str | None, cache_dir: str |
             raise  # (a local folder: datasets' own message names its files)
         raise OSError(
             f"{flag}={dataset_name!r} is not a local folder, and not a dataset this machine can load from the Hub "
-            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}). Offline, pass local data: a "
-            "folder of class folders (--train_dir), a folder of data files, or a save_to_disk folder. Set "
-            "HF_HUB_OFFLINE=1 so that Hub lookups fail at once."
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}). Offline, pass local data: "
+            f"{local_ways}."
+            + (
+                ""
+                if os.environ.get("HF_HUB_OFFLINE") == "1"
+                else " Set HF_HUB_OFFLINE=1 so that Hub lookups fail at once."
+            )
         ) from error
 
 

@@ -542,7 +542,12 @@ def load_hf_segmentation(
     """
     import datasets
 
-    raw = load_hf_dataset(dataset_name, dataset_config_name, cache_dir)  # (Hub id, data files or save_to_disk)
+    raw = load_hf_dataset(  # (Hub id, data files or save_to_disk)
+        dataset_name,
+        dataset_config_name,
+        cache_dir,
+        local_ways="a PASCAL VOC folder (--voc_root), a folder of data files, or a save_to_disk folder",
+    )
     if "train" not in raw:
         raise ValueError(f"dataset {dataset_name!r} has no 'train' split; its splits are {list(raw)}")
     features = raw["train"].features

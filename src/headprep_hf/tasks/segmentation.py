@@ -13,7 +13,7 @@ image shipped in `stardist`, nuclei vs background). Images and masks are resized
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import set_seed
 
@@ -86,7 +86,10 @@ class SegmentationArguments:
         default=False,
         metadata={"help": "Use the real nuclei image + mask shipped in stardist (pip install stardist)."},
     )
-    crop_size: int = field(default=320, metadata={"help": "Training crop / eval size of real data (nuclei: tile)."})
+    crop_size: int = field(
+        default=320,
+        metadata={"help": "Training crop / eval size of real data (nuclei: the tile size, 64 unless given, <= 170)."},
+    )
     validation_split: float = field(
         default=0.1, metadata={"help": "Held-out fraction of train for validation when the data has none."}
     )
@@ -127,7 +130,15 @@ def load_segmentation(args: SegmentationArguments, seed: int) -> TaskInputs:
         )  # fmt: skip
         class_names = [str(i) for i in range(args.num_labels)]
     elif args.nuclei:
-        splits = load_nuclei_segmentation(min(args.crop_size, 64), **norm)
+        # (the tile size: 64 at the default crop size, which is VOC's; a size given was capped at 64 without a word)
+        default = next(f.default for f in fields(SegmentationArguments) if f.name == "crop_size")
+        tile = 64 if args.crop_size == default else args.crop_size
+        if tile > 170:
+            raise ValueError(
+                f"--crop_size {tile} with --nuclei: it is the tile size of the 512x512 nuclei image, at most 170 "
+                "(the default there: 64)."
+            )
+        splits = load_nuclei_segmentation(tile, **norm)
         class_names = ["background", "nucleus"]
     else:
         splits = build_digit_segmentation(seed=seed, classes=tuple(args.toy_classes), canvas_size=args.canvas_size)
