@@ -697,3 +697,16 @@ def test_a_hub_model_that_cannot_be_reached_names_the_offline_ways(tmp_path):
     assert proc.returncode == 1
     message = proc.stderr.strip().splitlines()[-1]
     assert "as a Hub id it could not be loaded" in message and "leave --model_name_or_path out" in message, message
+
+
+def test_a_mistyped_task_is_a_parse_error_and_merge_has_help(capsys):
+    # An unknown --task ended as a ValueError (exit 1); `--merge --help` answered "expected at least one argument".
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--task", "segmentaton"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'segmentaton' (choose from graph, image_classification, segmentation)" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--merge", "--help"])
+    assert exit_info.value.code == 0 and "Shard folders to merge." in capsys.readouterr().out

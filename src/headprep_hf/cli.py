@@ -397,6 +397,9 @@ def sweep_main(argv: list[str], prog: str = "headprep sweep") -> dict:
             "--overwrite_output_dir", type=string_to_bool, nargs="?", const=True, default=False, metavar="{true,false}"
         )
         parser.add_argument("--sweep_report", type=string_to_bool, nargs="?", const=True, default=True)
+        if "-h" in argv or "--help" in argv:  # (`--merge --help`: argparse took --help for a missing folder)
+            parser.print_help()
+            raise SystemExit(0)
         ns = parser.parse_args(argv)
         merged = merge_sweeps(ns.merge, ns.output_dir, overwrite=ns.overwrite_output_dir)
         if ns.sweep_report:
@@ -407,6 +410,12 @@ def sweep_main(argv: list[str], prog: str = "headprep sweep") -> dict:
         return merged
 
     task_name, argv = _pop_option(argv, "--task", "image_classification")
+    from .tasks import TASKS
+
+    if task_name not in TASKS:  # (a parse error, exit 2, as the README says of the other flags)
+        argparse.ArgumentParser(prog=prog).error(
+            f"argument --task: invalid choice: {task_name!r} (choose from {', '.join(sorted(TASKS))})"
+        )
     task = get_task(task_name)
     task_args, args = parse_with_config(
         sweep_parser(task_name, prog), argv, {**IGNORED_FLAGS, **SWEEP_IGNORED_FLAGS}, SWEEP_DROPPED_CONFIG_KEYS

@@ -272,7 +272,8 @@ class HeadPrepConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "single_label_classification | multi_label_classification (masked BCE, NaN = missing) | "
-            "regression (masked MSE); unset = the model's problem_type, else single-label."
+            "regression (masked MSE); unset = the model's problem_type, else read off the training labels (integers: "
+            "single-label, floats: regression, 0/1 vectors: multi-label)."
         },
     )
 
@@ -290,7 +291,10 @@ class HeadPrepConfig(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Let a new (not resumed) HP run write into an output_dir that holds checkpoints already."},
+        metadata={
+            "help": "A new (not resumed) HP run in an output_dir that holds an earlier run's checkpoints or prepared "
+            "head moves them aside (replaced-<time>.checkpoint-N, <name>.replaced-<time>) and starts; else it refuses."
+        },
     )
 
     def __post_init__(self):

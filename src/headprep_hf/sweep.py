@@ -258,7 +258,7 @@ class SweepConfig(HeadPrepConfig):
         default=None,
         metadata={
             "help": "Direction of sweep_metric; unset: lower is better for *loss, *rmse, *mse, *mae, *error and "
-            "metrics ending in perplexity, ppl, wer, cer, mape, smape, nll, brier, ece or distance."
+            "metrics ending in perplexity, ppl, wer, cer, mape, smape, nll, brier, ece, distance, entropy or xent."
         },
     )
     sweep_shard: str | None = field(default=None, metadata={"help": "'i/n': run only every n-th FT job (0-based)."})
@@ -1474,6 +1474,9 @@ def upgrade_sweep(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `sweep.json` of a sweep folder, checked against its schema and upgraded to the current format; tau*, the
+    per-tau statistics and the comparisons are derived again from its results (a warning names a tau* that differs
+    from the stored one; the file is not changed). A `ValueError` names a damaged or edited file."""
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a sweep folder (it is written by `headprep sweep`).")
