@@ -266,3 +266,22 @@ def test_a_misspelt_architecture_gets_the_close_ones_named():
         load_timm_model("resnet_50", 3)
     with pytest.raises(ValueError, match=r"nor a timm architecture name$"):  # (nothing close: nothing named)
         load_timm_model("zzzqqq", 3)
+
+
+def test_an_entry_moved_away_while_it_is_checked_is_a_problem_not_an_error(tmp_path, monkeypatch):
+    # Another process moved the entry aside while this one hashed it: FileNotFoundError threw a finished pretraining
+    # away (the check after it) or left the other DDP ranks waiting.
+    from headprep_hf import files
+
+    monkeypatch.setattr(source_module, "_train", _fake_train)
+    folder = pretrain_source_model(tmp_path, **TINY)
+    real = files.file_sha256
+
+    def moved_meanwhile(path):
+        if str(path).endswith("config.json"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr(files, "file_sha256", moved_meanwhile)
+    problem = files.cache_entry_problem(folder)
+    assert problem is not None and problem.startswith(str(folder / "config.json")) and "could not be read" in problem

@@ -20,6 +20,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from transformers.trainer_utils import SchedulerType
 
 from headprep_hf import HeadPrepConfig, HeadPrepTrainer
+from headprep_hf.dynamics import copied_collator
 from headprep_hf.schedules import STEP_SCHEDULES
 
 # Measurement keys the trainer adds to log records (beside Trainer's, never instead of them).
@@ -412,6 +413,8 @@ def test_an_explicit_empty_label_names_is_kept_as_with_trainer(tmp_path, track_d
         eval_dataset=XYData(n=16, seed=1),
     )
     assert ours.label_names == plain.label_names == []
+    if track_dynamics:  # (measured: the labels are read under "labels")
+        assert ours.dynamics["energy"] is not None and len(ours.dynamics["drift"]) == 2
     _same_weights(plain.model, ours.model)
     _assert_same_logs(plain, ours)
     assert sorted(ours.evaluate()) == sorted(plain.evaluate())
@@ -464,6 +467,31 @@ def _closure_noise_collator(seed):
         return batch
 
     return collate
+
+
+def test_an_explicit_empty_label_names_for_a_model_without_labels_reads_them_under_labels(tmp_path):
+    # Kept as [], Trainer's column removal dropped "labels", which the trainer's loss reads: the first step failed.
+    args = _args(HeadPrepConfig, tmp_path, "ours", label_names=[])
+    trainer = HeadPrepTrainer(model=FcLogitsOnly(), args=args, train_dataset=XYData())
+    trainer.train()
+    assert trainer.label_names == ["labels"] and trainer.dynamics["energy"] is not None
+
+
+def test_the_measurement_copy_of_a_collate_function_pickles_and_keeps_its_own_generator():
+    # A rebuilt function (new globals) could not be pickled: loader workers started by spawn failed.
+    import pickle
+
+    NOISE.manual_seed(3)
+    items = [XYData()[i] for i in range(4)]
+    copied = copied_collator(_global_noise_collator)
+    again = pickle.loads(pickle.dumps(copied))
+    first = copied(items)["input_x"]
+    assert torch.equal(again(items)["input_x"], first)  # (the same state: the same draws)
+    NOISE.manual_seed(3)
+    assert torch.equal(_global_noise_collator(items)["input_x"], first)  # (the copy's draws are the original's ...)
+    after = NOISE.get_state()
+    assert not torch.equal(copied(items)["input_x"], first)  # (... and its own generator moved on,
+    assert torch.equal(NOISE.get_state(), after)  # the module's not)
 
 
 @pytest.mark.parametrize("where", ["closure", "module-global"])
@@ -529,10 +557,11 @@ def test_batches_only_a_compute_loss_of_the_users_own_understands_train_as_with_
     plain, ours = runs
     _same_weights(plain.model, ours.model)
     _assert_same_logs(plain, ours)
-    if batches == "extra-key":  # measured, without the key the forward does not take
+    said = " ".join(str(w.message) for w in caught)
+    if batches == "extra-key":  # measured, without the key the forward does not take (and says so)
         assert ours.dynamics["energy"] is not None and ours.dynamics["drift"]
+        assert "call the model without the batch keys ['sample_weight']" in said
     else:
-        said = " ".join(str(w.message) for w in caught)
         assert ours.dynamics.get("energy") is None and "drift" not in ours.dynamics
         assert "Energy, HP accuracy and p0 were not measured: The batch is a tuple" in said
         assert "Drift is not measured: The batch is a tuple" in said

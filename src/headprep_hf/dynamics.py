@@ -89,20 +89,62 @@ def _device_rngs() -> tuple[str, list[int] | None]:
 _RNG_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
 
 
-def _copied_rng(rng):
-    if isinstance(rng, torch.Generator):  # (copied by its state: not every torch version deep-copies a Generator)
-        copied = torch.Generator(device=rng.device)
-        copied.set_state(rng.get_state())
-        return copied
-    return copy.deepcopy(rng)
+def _rng_state(rng):
+    if isinstance(rng, torch.Generator):
+        return rng.get_state()
+    if isinstance(rng, np.random.Generator):
+        return copy.deepcopy(rng.bit_generator.state)
+    return rng.get_state() if isinstance(rng, np.random.RandomState) else rng.getstate()
+
+
+def _set_rng_state(rng, state) -> None:
+    if isinstance(rng, torch.Generator):
+        rng.set_state(state)
+    elif isinstance(rng, np.random.Generator):
+        rng.bit_generator.state = state
+    elif isinstance(rng, np.random.RandomState):
+        rng.set_state(state)
+    else:
+        rng.setstate(state)
+
+
+class _OwnGeneratorStates:
+    """A collate function called with the generators it holds (closure cells, module globals read by its code) set to
+    states of this object's own, and put back after each call: its draws are then not taken from the generators
+    training draws from. Picklable where the function is (states, not a rebuilt function: a loader's workers started
+    by spawn pickle the collator, and a rebuilt function is not the module's)."""
+
+    def __init__(self, function, places: list[tuple[str, object]]):
+        self.function, self.places = function, places
+        self.states = [_rng_state(rng) for rng in self._rngs()]
+
+    def _rngs(self) -> list:
+        function = self.function
+        return [
+            function.__closure__[where].cell_contents if kind == "cell" else function.__globals__[where]
+            for kind, where in self.places
+        ]
+
+    def __call__(self, *args, **kwargs):
+        rngs = self._rngs()
+        theirs = [_rng_state(rng) for rng in rngs]
+        for rng, state in zip(rngs, self.states):
+            _set_rng_state(rng, state)
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            self.states = [_rng_state(rng) for rng in rngs]
+            for rng, state in zip(rngs, theirs):
+                _set_rng_state(rng, state)
 
 
 def copied_collator(collator):
     """A copy of `collator` for the measurement passes, drawing from random generators of its own: a deep copy (an
     object with a generator, `DataCollatorForLanguageModeling(seed=...)`), and for a plain function, which a deep copy
-    returns as it is, a new function whose closure cells and referenced module globals holding a generator
-    (`torch.Generator`, numpy's `Generator`/`RandomState`, `random.Random`) hold copies of them: the passes' draws
-    are then not taken from the generator training draws from (the global RNGs are forked by `forked_rng`)."""
+    returns as it is, one called with its own states of the generators (`torch.Generator`, numpy's
+    `Generator`/`RandomState`, `random.Random`) in its closure cells and in the module globals its code reads
+    (`_OwnGeneratorStates`): the passes' draws are then not taken from the generators training draws from (the global
+    RNGs are forked by `forked_rng`). A generator reached through another object or function is not seen."""
     copied = copy.deepcopy(collator)
     if not isinstance(copied, types.FunctionType):
         return copied
@@ -113,18 +155,13 @@ def copied_collator(collator):
         except ValueError:  # (an empty cell)
             return False
 
-    cells = copied.__closure__ or ()
-    own_cells = tuple(types.CellType(_copied_rng(c.cell_contents)) if holds_rng(c) else c for c in cells)
-    names = [n for n in copied.__code__.co_names if isinstance(copied.__globals__.get(n), _RNG_TYPES)]
-    if not names and all(a is b for a, b in zip(own_cells, cells)):
-        return copied
-    namespace = copied.__globals__
-    if names:
-        namespace = {**namespace, **{n: _copied_rng(namespace[n]) for n in names}}
-    function = types.FunctionType(copied.__code__, namespace, copied.__name__, copied.__defaults__, own_cells or None)
-    function.__kwdefaults__ = copied.__kwdefaults__
-    function.__dict__.update(copied.__dict__)
-    return function
+    places = [("cell", i) for i, cell in enumerate(copied.__closure__ or ()) if holds_rng(cell)]
+    places += [
+        ("global", name)
+        for name in dict.fromkeys(copied.__code__.co_names)
+        if isinstance(copied.__globals__.get(name), _RNG_TYPES)
+    ]
+    return _OwnGeneratorStates(copied, places) if places else copied
 
 
 @contextlib.contextmanager

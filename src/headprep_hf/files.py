@@ -89,10 +89,13 @@ def cache_entry_problem(folder: str | os.PathLike) -> str | None:
         return f"{path} is not a readable manifest ({error})"
     for name, size, sha in entries:
         file = os.path.join(root, *name.split("/"))
-        if not os.path.isfile(file):
-            return f"{file} is missing"
-        if os.path.getsize(file) != size:
-            return f"{file} has {os.path.getsize(file)} bytes where {size} were written"
-        if file_sha256(file) != sha:
-            return f"{file} differs from what was written (sha256)"
+        try:
+            if not os.path.isfile(file):
+                return f"{file} is missing"
+            if os.path.getsize(file) != size:
+                return f"{file} has {os.path.getsize(file)} bytes where {size} were written"
+            if file_sha256(file) != sha:
+                return f"{file} differs from what was written (sha256)"
+        except OSError as error:  # (another process moved the entry aside while it was read)
+            return f"{file} could not be read ({error})"
     return None

@@ -547,7 +547,9 @@ class MeasurementCallback(TrainerCallback):
         if not _reads_each_sample_once(trainer):
             return False
         split = trainer.find_head()
-        return split is not None and len(split.head_names) == 1 and len(trainer.label_names or []) == 1
+        return (
+            split is not None and len(split.head_names) == 1 and len(trainer.label_names or [trainer.label_key]) == 1
+        )
 
     def _energy_from_hp_epoch(self):
         """The energy pass from the head inputs the last uncached HP epoch kept, when that epoch passed every training
@@ -716,8 +718,9 @@ class MeasurementCallback(TrainerCallback):
             # as with Trainer; with HP, head probing refused them first)
             self._warn_once(
                 "energy_batch",
-                f"Energy, HP accuracy and p0 were not measured: {error} Pass energy_dataset=... whose batches name "
-                "the forward's inputs to measure them, or set track_dynamics=False.",
+                f"Energy, HP accuracy and p0 were not measured: {error} The measurement passes collate with the "
+                "data collator too: one that returns a mapping of the forward's inputs (and 'labels') measures them; "
+                "or set track_dynamics=False.",
             )
             return None
         except OutputsDoNotFitLabels as error:
@@ -745,8 +748,8 @@ class MeasurementCallback(TrainerCallback):
                 "so there is no pass over it; pass energy_dataset=... (a dataset with a length) to measure them.",
             )
             return False
-        names = trainer.label_names
-        if names and len(names) == 1:
+        names = trainer.label_names or [trainer.label_key]  # (an explicit label_names=[]: read under "labels")
+        if len(names) == 1:
             given = trainer.energy_dataset is not None
             keys = keys_without_labels(trainer, trainer.energy_dataset if given else trainer.train_dataset)
             if keys is None:
@@ -802,8 +805,8 @@ class MeasurementCallback(TrainerCallback):
         except BatchDoesNotFitForward as error:
             self._warn_once(
                 "probe_batch",
-                f"Drift is not measured: {error} Pass drift_dataset=... whose batches name the forward's inputs to "
-                "measure it, or set track_dynamics=False.",
+                f"Drift is not measured: {error} The measurement passes collate with the data collator too: one that "
+                "returns a mapping of the forward's inputs measures it; or set track_dynamics=False.",
             )
             return None
         except FeatureModuleNotCalled as error:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -413,6 +414,7 @@ class ModelCaller:
         )
         self.input_name = required[0] if self.positional else None
         self.required_labels = {n for n in required if n in self.label_names}
+        self._left_out: set[tuple[str, ...]] = set()  # (key sets a lenient call left out, each named once)
 
     def __call__(self, model: nn.Module, inputs: dict, lenient: bool = False):
         """The model's output for batch `inputs`. `lenient` (the measurement passes): keys the forward does not take
@@ -430,6 +432,17 @@ class ModelCaller:
             return model(next(iter(model_inputs.values())))
         taken = {k: v for k, v in model_inputs.items() if k in self.param_names}
         if lenient and taken:
+            left_out = tuple(sorted(set(model_inputs) - set(taken)))
+            if left_out not in self._left_out:
+                self._left_out.add(left_out)
+                warnings.warn(
+                    f"The measurement passes call the model without the batch keys {list(left_out)}, which its "
+                    f"forward does not take (it takes {self.param_names}); if a compute_loss of your own passes them "
+                    "to the forward under other names, the measurements see another forward than training: rename "
+                    "them in the data, or set track_dynamics=False.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return model(**taken)
         raise BatchDoesNotFitForward(
             f"The batch has keys {sorted(model_inputs)} but the model's forward takes {self.param_names}; rename the "

@@ -279,9 +279,10 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         self.hp_steps_per_epoch = 0  # updates per epoch of this run's in-loop HP (0: none)
         self._prepare_model(self.model)
         self._headprep_ready = True
-        if not self.label_names and self.args.label_names is None:
-            # The model takes no labels: the trainer's loss reads them under "labels". An explicit label_names=[] is
-            # Trainer's "no labels" (no label_ids, no evaluation loss from them) and is kept (`label_key`).
+        if not self.label_names and (self.args.label_names is None or not self.model_takes_labels):
+            # The model takes no labels: the trainer's loss reads them under "labels" (and Trainer's column removal
+            # must keep them). An explicit label_names=[] for a model that takes labels is Trainer's "no labels" (no
+            # label_ids, no evaluation loss from them) and is kept; the measurements read "labels" (`label_key`).
             self.label_names = ["labels"]
         if self.args.hp_epochs > 0 or self.track_dynamics:
             self._add_own_callbacks()

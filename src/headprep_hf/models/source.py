@@ -71,9 +71,12 @@ def source_model_dir(
     # pretraining settings (a 1-epoch model was reused by a later default run, which recorded 10 epochs).
     suffix = f"-n{max_samples}" if max_samples is not None else ""
     asked = dict(epochs=epochs, batch_size=batch_size, lr=lr)
-    suffix += "".join(
-        f"-{key[0] if key != 'lr' else 'lr'}{asked[key]:g}" for key in asked if asked[key] != DEFAULT_SETTINGS[key]
-    )
+    names = {
+        "epochs": lambda v: f"-e{int(v)}",
+        "batch_size": lambda v: f"-b{int(v)}",
+        "lr": lambda v: f"-lr{float(v)!r}",
+    }
+    suffix += "".join(names[key](value) for key, value in asked.items() if value != DEFAULT_SETTINGS[key])
     return root / f"mnist5k-{arch}-s{seed}{suffix}"
 
 
