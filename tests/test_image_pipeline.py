@@ -457,6 +457,23 @@ def test_real_data_flags_on_the_toy_task_are_refused_before_any_work():
             load_image_classification(ImageClassificationArguments(**flag, cache_dir="/nonexistent"), seed=0)
 
 
+def test_a_recorded_toy_run_with_ignored_augmentation_flags_loads_without_them(caplog):
+    # Versions that ignored timm's flags on the toy task recorded them in sweep.json; `headprep exchange` then hit the
+    # toy task's refusal of them, and the record could not be loaded at all.
+    import dataclasses
+
+    from headprep_hf.tasks import get_task, task_record
+    from headprep_hf.tasks.image_classification import ImageClassificationArguments, without_ignored_toy_augmentation
+
+    recorded = task_record(get_task("image_classification"), ImageClassificationArguments(hflip=0.0, scale=[0.5, 1]))
+    args = ImageClassificationArguments(**recorded["args"])
+    with caplog.at_level("WARNING"):
+        loaded = without_ignored_toy_augmentation(args)
+    assert loaded == ImageClassificationArguments() and "--scale [0.5, 1], --hflip 0.0" in caplog.text
+    real = dataclasses.replace(args, train_dir="/data/train")  # (real data: the flags act, and are kept)
+    assert without_ignored_toy_augmentation(real) is real
+
+
 def test_no_aug_turns_off_the_toy_tasks_augmentation(tmp_path):
     """--no_aug on the offline toy task: its training images were still rotated and zoomed on every read."""
     import timm

@@ -19,6 +19,7 @@ from .image_classification import (
     IMAGE_CLASSIFICATION_SWEEP_DEFAULTS,
     ImageClassificationArguments,
     load_image_classification,
+    without_ignored_toy_augmentation,
 )
 from .segmentation import SEGMENTATION_DEFAULTS, SEGMENTATION_SWEEP_DEFAULTS, SegmentationArguments, load_segmentation
 
@@ -59,8 +60,12 @@ def task_record(task: Task, arguments) -> dict[str, Any]:
 
 
 def load_task_from_record(record: dict[str, Any], seed: int) -> TaskInputs:
+    """The task a `sweep.json` records (`task_record`), loaded for `seed`."""
     task = get_task(record["name"])
-    return task.load(task.arguments(**record["args"]), seed)
+    args = task.arguments(**record["args"])
+    if task.name == "image_classification":
+        args = without_ignored_toy_augmentation(args)
+    return task.load(args, seed)
 
 
 __all__ = ["TASKS", "Task", "TaskInputs", "get_task", "load_task_from_record", "task_record"]

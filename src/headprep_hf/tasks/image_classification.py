@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from transformers import PreTrainedModel, set_seed
@@ -100,6 +100,30 @@ class ImageClassificationArguments:
     )
 
 
+TIMM_AUGMENTATION_FLAGS = ("scale", "hflip", "color_jitter")  # (the toy task refuses them: it has its own)
+
+
+def _defaults(args) -> dict:
+    return {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(args)}
+
+
+def without_ignored_toy_augmentation(args: ImageClassificationArguments) -> ImageClassificationArguments:
+    """`args` of a recorded offline toy-task run (`sweep.json`'s task) with timm's augmentation flags at their
+    defaults: versions before the toy task refused them ignored them, so the record describes the same data with
+    them dropped (`headprep exchange` of such a sweep was refused by the toy task's check)."""
+    if args.dataset_name is not None or args.train_dir is not None:
+        return args
+    defaults = _defaults(args)
+    given = [name for name in TIMM_AUGMENTATION_FLAGS if getattr(args, name) != defaults[name]]
+    if given:
+        logger.warning(
+            "The recorded toy-task run set %s, which the version that ran it ignored (the toy task has its own "
+            "augmentation): loaded without them.",
+            ", ".join(f"--{name} {getattr(args, name)}" for name in given),
+        )
+    return replace(args, **{name: defaults[name] for name in given})
+
+
 def load_image_classification(args: ImageClassificationArguments, seed: int) -> TaskInputs:
     """Model with a new head for the task's classes, the splits and an offline accuracy metric.
 
@@ -119,8 +143,8 @@ def load_image_classification(args: ImageClassificationArguments, seed: int) -> 
                 )
         # The toy task's training augmentation is its own (a small rotation and zoom on every access): --no_aug turns
         # it off; timm's augmentation flags have nothing to act on there (they were ignored without a word).
-        defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(args)}
-        for name in ("scale", "hflip", "color_jitter"):
+        defaults = _defaults(args)
+        for name in TIMM_AUGMENTATION_FLAGS:
             if getattr(args, name) != defaults[name]:
                 raise ValueError(
                     f"--{name} sets timm's augmentation of real images (--train_dir or --dataset_name); the offline "
