@@ -69,6 +69,33 @@ def test_energy_and_drift_match_plain_torch(tmp_path, train_set, hp_epochs):
     assert expected["sq_dist"] > 0  # FT moved the features: the comparison is not trivial
 
 
+def _kept_backbone_features(model, x):
+    """test_resnet's output before layer4, spatially averaged: z = f(x; B) when layer4 is re-initialised."""
+    model.eval()
+    with torch.no_grad():
+        x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+        return model.layer3(model.layer2(model.layer1(x))).mean((2, 3))
+
+
+def test_with_reinit_modules_drift_and_head_gradient_are_the_papers(tmp_path, train_set):
+    # z was the classifier's input, after the re-initialised layer4: the drift then measured how far the freshly
+    # trained blocks moved (x12 from tau 0 to 3 on this model), not the kept backbone's features, which the paper
+    # measures (re-initialised blocks are part of the head); the head gradient left them out.
+    model = tiny_timm()
+    args = make_config(tmp_path, hp_epochs=2, num_train_epochs=1, reinit_modules=["layer4"], drift_probe_samples=20)
+    trainer = HeadPrepTrainer(model=model, args=args, train_dataset=train_set)
+    trainer.probe_head()
+    start = copy.deepcopy(model)
+    trainer.finetune()
+    probe = [i * len(train_set) // 20 for i in range(20)]
+    z0, zt = _kept_backbone_features(start, train_set.x[probe]), _kept_backbone_features(model, train_set.x[probe])
+    final = trainer.dynamics["drift"][-1]
+    assert final["sq_dist"] == pytest.approx(((zt - z0) ** 2).sum(1).mean().item(), rel=1e-5, abs=1e-6)
+    assert final["cos"] == pytest.approx(F.cosine_similarity(zt, z0, dim=1).mean().item(), rel=1e-5, abs=1e-6)
+    head = {id(p) for p in [*model.fc.parameters(), *model.layer4.parameters()]}
+    assert {id(p) for p in trainer.measurements._head_params} == head
+
+
 def test_drift_dataset_is_used_for_z(tmp_path, train_set, eval_set):
     trainer = HeadPrepTrainer(
         model=tiny_timm(), args=make_config(tmp_path, hp_epochs=0), train_dataset=train_set, drift_dataset=eval_set

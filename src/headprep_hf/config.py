@@ -105,8 +105,9 @@ class HeadPrepConfig(TrainingArguments):
         hp_cache_features (`bool`, defaults to `False`):
             Cached-feature HP: run the frozen backbone once over the training set (eval mode), keep the head inputs
             in memory and train the head on them, with the same batches, optimizer, schedule and loss as uncached HP
-            (without augmentation the heads agree to float tolerance). Needs `hp_backbone_mode="eval"` and no
-            `reinit_modules`. Memory: `hp_cache_views x N x feature size` floats.
+            (without augmentation the heads compute the same function to float tolerance; a parameter the loss
+            cannot see, such as a bias before a BatchNorm layer, can differ under Adam). Needs
+            `hp_backbone_mode="eval"` and no `reinit_modules`. Memory: `hp_cache_views x N x feature size` floats.
         hp_cache_views (`int`, defaults to `1`):
             Number of augmented views of the training set to cache (view `e % K` is used in HP epoch `e`); with a
             deterministic training transform one view is exact.
@@ -125,7 +126,9 @@ class HeadPrepConfig(TrainingArguments):
         reinit_modules (`list[str]`, defaults to `[]`):
             Partial backbone: backbone modules (e.g. `["layer4.2"]`) that are re-initialised and trained together
             with the head during HP. A string is names separated by commas (`"layer4.1,layer4.2"`; `""` is none),
-            so a hyperparameter search can choose among strings.
+            so a hyperparameter search can choose among strings. As in the paper, they count as part of the head
+            for the measurements: the drift's `z` is the input of the first of them, and `head_grad_norm` includes
+            them.
 
     Parameters that control the measurements:
         track_dynamics (`bool`, defaults to `True`):

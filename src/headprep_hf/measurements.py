@@ -351,10 +351,21 @@ class MeasurementCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ measurements
     def measure_dataset(
-        self, dataset, with_energy: bool, max_features: int, loader=None, seed=None, desc=None, lenient=False, **kwargs
+        self,
+        dataset,
+        with_energy: bool,
+        max_features: int,
+        loader=None,
+        seed=None,
+        desc=None,
+        lenient=False,
+        drift=False,
+        **kwargs,
     ):
         """One forward-only pass of the model over `dataset` (see `dynamics.measure`), in a progress bar named `desc`;
-        every rank takes part. `lenient`: batch keys the forward does not take are left out (`ModelCaller`)."""
+        every rank takes part. `lenient`: batch keys the forward does not take are left out (`ModelCaller`). `drift`:
+        the features kept are the drift's (`ModelSplit.drift_module`: before re-initialised blocks), not the head's
+        input."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         split = trainer.find_head() if max_features > 0 else None
@@ -364,7 +375,9 @@ class MeasurementCallback(TrainerCallback):
                     model,
                     loader if loader is not None else trainer.measurement_loader(dataset),
                     trainer.model_caller.lenient if lenient else trainer.model_caller,
-                    split.feature_module(model) if split is not None else None,
+                    (split.drift_module(model) if drift else split.feature_module(model))
+                    if split is not None
+                    else None,
                     trainer.accelerator,
                     label_name=trainer.label_key,
                     with_energy=with_energy,
@@ -481,10 +494,11 @@ class MeasurementCallback(TrainerCallback):
             self.dynamics["final_drift"] = {"step": step, **metrics, "model": "best checkpoint"}
 
     def record_head_grad(self) -> None:
-        """Add the head's current gradient norm to the window read at the next logging step (no host sync)."""
+        """Add the head's current gradient norm to the window read at the next logging step (no host sync). The head
+        is what HP trains: with `reinit_modules`, the re-initialised blocks too (the paper's head v, as for z)."""
         if self._head_params is None:
             split = self.trainer.find_head()
-            self._head_params = [p for _, p in split.head_parameters(self.trainer.model)] if split is not None else []
+            self._head_params = [p for _, p in split.hp_parameters(self.trainer.model)] if split is not None else []
         norm = grad_norm(self._head_params)
         scaler = getattr(self.trainer.accelerator, "scaler", None)
         scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
@@ -848,6 +862,7 @@ class MeasurementCallback(TrainerCallback):
             seed=trainer.args.seed,
             desc="drift probe",
             lenient=True,
+            drift=True,
         ).features
 
     def _probe_dataset(self):

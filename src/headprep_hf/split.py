@@ -132,6 +132,15 @@ class ModelSplit:
     def feature_module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.feature_module_name)
 
+    def drift_module(self, model: nn.Module) -> nn.Module:
+        """The module whose input is the drift's feature `z`, the kept backbone's output: with `reinit_names`, the
+        first of them in the model's order (the paper takes re-initialised blocks as part of the head: z = f(x; B) of
+        the blocks kept), else the first head module (`feature_module`)."""
+        if not self.reinit_names:
+            return self.feature_module(model)
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        return model.get_submodule(min(self.reinit_names, key=lambda name: order.get(name, len(order))))
+
     def head_module(self, model: nn.Module) -> nn.Module:
         """The head as one module, for running it on its cached input (cached HP, head exchange)."""
         if len(self.head_names) != 1:
