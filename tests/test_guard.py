@@ -222,3 +222,87 @@ def test_a_model_given_with_nan_weights_is_named_before_training(tmp_path, where
         trainer.train()
     assert all(torch.equal(v, before[k]) or k == where for k, v in model.state_dict().items())  # (nothing trained)
     assert not any((tmp_path / "out").glob("checkpoint-*"))
+
+
+class _MissingLabels(torch.utils.data.Dataset):
+    """Multi-label items where NaN marks a missing label (the graph tasks' convention); inputs all finite."""
+
+    def __init__(self, n=48, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = (self.x[:, :3] > 0).float()
+        self.y[torch.rand(n, 3, generator=g) < 0.3] = float("nan")
+        self.y[:, 0] = (self.x[:, 0] > 0).float()  # (every sample keeps one label)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_x": self.x[i], "labels": self.y[i]}
+
+
+class _BatchNormHeadNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        self.fc = torch.nn.Sequential(
+            torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+        )
+
+    def forward(self, input_x):
+        return self.fc(self.body(input_x))
+
+
+def test_missing_labels_are_neither_skipped_inputs_nor_named_as_non_finite(tmp_path):
+    # NaN labels (missing) made on_nonfinite="skip" leave every batch out of the end-of-HP BatchNorm pass, and the
+    # prepared head was written with statistics reset to 0 and 1; and the guard's message listed every sample with a
+    # missing label as holding non-finite input values, before (or instead of) the one that did.
+    common = dict(problem_type="multi_label_classification", head_modules=["fc"], per_device_train_batch_size=8)
+    heads = {}
+    for policy in ("raise", "skip"):
+        args = make_config(tmp_path / policy, on_nonfinite=policy, **common)
+        trainer = HeadPrepTrainer(model=_BatchNormHeadNet(), args=args, train_dataset=_MissingLabels())
+        trainer.probe_head()
+        heads[policy] = {k: v.clone() for k, v in trainer.model.fc.state_dict().items()}
+    assert int(heads["skip"]["1.num_batches_tracked"]) > 0
+    assert all(torch.equal(heads["raise"][k], heads["skip"][k]) for k in heads["raise"])
+    bad = _MissingLabels()
+    bad.x[30, 1] = float("inf")
+    trainer = HeadPrepTrainer(
+        model=_BatchNormHeadNet(), args=make_config(tmp_path / "inf", **common), train_dataset=bad
+    )
+    with pytest.raises(NonFiniteError, match=r"Non-finite input values in: sample 30 'input_x'\. "):
+        trainer.train()
+
+
+def test_skip_leaves_out_the_samples_not_the_batch_from_the_batchnorm_pass(tmp_path):
+    # With the whole training set in one measurement batch, the batch holding the NaN sample was left out, the pass
+    # ran over no batch, and the statistics were reset to 0 and 1 (cached HP: the NaN row made them NaN, and the run
+    # stopped at the prepared head). Now the pass leaves out the sample (the cached row).
+    reference = None
+    for cached in (False, True):
+        train = TinyImages(16)
+        train.x[5] = float("nan")
+        args = make_config(
+            tmp_path / str(cached), on_nonfinite="skip", hp_cache_features=cached, measure_batch_size=64
+        )
+        trainer = HeadPrepTrainer(model=bn_head_model(), args=args, train_dataset=train)
+        trainer.probe_head()
+        bn = trainer.model.fc[1]
+        assert int(bn.num_batches_tracked) == 1 and torch.isfinite(bn.running_var).all()
+        clean = TinyImages(16)
+        keep = [i for i in range(16) if i != 5]
+        expected = _bn_input_statistics(trainer.model, clean.x[keep])
+        assert torch.allclose(bn.running_mean, expected[0], atol=1e-5)
+        reference = reference if reference is not None else bn.running_mean.clone()
+        assert torch.allclose(bn.running_mean, reference, atol=1e-5)  # (cached and uncached agree)
+
+
+def _bn_input_statistics(model, x):
+    """Mean and (unbiased) variance of the head's BatchNorm input over `x`, by hand (eval-mode backbone)."""
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        hidden = model.fc[0](features)
+    return hidden.mean(0), hidden.var(0, unbiased=True)

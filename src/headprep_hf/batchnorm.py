@@ -92,15 +92,30 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
     # A last batch of one sample is left out of the pass: a train-mode BatchNorm over one value per channel
     # (BatchNorm1d, a 1x1 pooling branch) cannot take it, and in this average of batch statistics it would weigh as
     # much as a full batch.
+    skip_nonfinite = getattr(trainer.guard, "policy", None) == "skip"
+
     def over_cache() -> None:
         device = next(model.parameters()).device
+        left_out = 0
         for view in cache.features:
             for start in range(0, view.shape[0], batch_size):
                 chunk = view[start : start + batch_size]
-                if chunk.shape[0] == 1 and view.shape[0] > 1:
+                if skip_nonfinite:
+                    # (the updates of the samples whose head inputs hold NaN/inf were dropped; so are the rows here:
+                    # one made the recomputed statistics NaN, and the run stopped at writing the prepared head)
+                    finite = torch.isfinite(chunk).flatten(1).all(1)
+                    left_out += int((~finite).sum())
+                    chunk = chunk[finite]
+                if chunk.shape[0] == 0 or (chunk.shape[0] == 1 and view.shape[0] > 1):
                     continue
                 with trainer.measurement_autocast():
                     split.head_logits(model, chunk.to(device))
+        if left_out:
+            logger.warning(
+                "on_nonfinite='skip': the BatchNorm statistics of the HP modules leave out %d cached head input(s) "
+                "holding NaN/inf.",
+                left_out,
+            )
 
     def one_sample(batch) -> bool:
         labels = batch.get(trainer.label_key) if isinstance(batch, Mapping) else None
@@ -119,21 +134,26 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
         rank = trainer.accelerator.process_index if world > 1 else 0
         # Under on_nonfinite="skip", the updates whose inputs held NaN/inf were dropped; so are those batches here
         # (one of them made the recomputed statistics NaN, and the run then stopped at writing the prepared head).
-        skip_nonfinite = getattr(trainer.guard, "policy", None) == "skip"
+        # Labels are not inputs: NaN marks a missing one (multi-label, regression), and every batch was left out.
+        labels = set(trainer.label_names or [trainer.label_key])
         skipped = []
         with forked_rng(trainer.args.seed):
             for index, batch in enumerate(pass_bar(trainer, loader, "BatchNorm statistics")):
                 if index * world + rank > 0 and one_sample(batch):  # (the position among all ranks' batches)
                     continue
-                if skip_nonfinite and _nonfinite_inputs(batch):
-                    skipped.append(index * world + rank)
-                    continue
+                if skip_nonfinite:
+                    kept = _finite_samples(batch, labels)
+                    if kept is not batch:
+                        skipped.append(index * world + rank)
+                    if kept is None:
+                        continue
+                    batch = kept
                 with trainer.measurement_autocast():
                     trainer.model_caller(model, batch)
         if skipped:
             logger.warning(
-                "on_nonfinite='skip': the BatchNorm statistics of the HP modules leave out %d batch(es) of %d "
-                "training samples whose inputs hold NaN/inf (sequential batches %s).",
+                "on_nonfinite='skip': the BatchNorm statistics of the HP modules leave out the training samples whose "
+                "inputs hold NaN/inf, in %d batch(es) of %d (sequential batches %s).",
                 len(skipped),
                 batch_size,
                 skipped[:8],
@@ -147,12 +167,46 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
             over_cache if cache is not None else over_train_set,
             None if cache is not None else trainer.accelerator,
         )
+    if int(layers[0].num_batches_tracked) == 0:  # (reset to 0 and 1 by a pass over no batch, and written as such)
+        raise ValueError(
+            "The BatchNorm statistics of the HP modules were recomputed over no batch: every batch was left out "
+            "(on_nonfinite='skip': NaN/inf in the inputs of every batch). Fix the data, or set "
+            "hp_recompute_bn_stats=False to keep the statistics HP's updates left."
+        )
     return len(layers)
 
 
-def _nonfinite_inputs(batch) -> bool:
-    """Whether a batch's floating-point values hold NaN or inf (the guard's test of an item's values)."""
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+def _finite_samples(batch, labels):
+    """`batch` without its samples whose input values (not the `labels` keys) hold NaN or inf: the batch itself where
+    none does, None where nothing is left (or the values cannot be told apart by sample). Dropping the whole batch
+    left a pass over one batch with no batch, and the statistics reset to 0 and 1."""
+    if not _nonfinite_inputs(batch, labels):
+        return batch
+    if not isinstance(batch, Mapping):
+        return None
+    from .dynamics import _batch_samples
+
+    n = _batch_samples(batch)
+    per_sample = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n}
+    if n is None or any(nonfinite_value(v) for k, v in batch.items() if k not in labels and k not in per_sample):
+        return None
+    bad = torch.zeros(n, dtype=torch.bool)
+    for key, value in per_sample.items():
+        if key not in labels and value.is_floating_point():
+            bad |= ~torch.isfinite(value.reshape(n, -1)).all(1).cpu()
+    keep = ~bad
+    if not keep.any():
+        return None
+    return {k: v[keep.to(v.device)] if k in per_sample else v for k, v in batch.items()}
+
+
+def _nonfinite_inputs(batch, labels=frozenset()) -> bool:
+    """Whether a batch's floating-point values, other than the `labels` keys, hold NaN or inf (the guard's test of an
+    item's values)."""
+    if isinstance(batch, Mapping):
+        values = [v for k, v in batch.items() if k not in labels]
+    else:
+        values = batch if isinstance(batch, (list, tuple)) else [batch]
     return any(nonfinite_value(v) for v in values)
 
 

@@ -219,21 +219,31 @@ class NonFiniteGuard(TrainerCallback):
         except (TypeError, AttributeError, ValueError):
             return [], []
         samples = sorted(i for batch in batches for i in batch)
+        # Labels are named only for an inf (NaN marks a missing label of multi-label and regression tasks: every
+        # such sample was listed, and the message's first eight could leave out the input that held the inf).
+        labels = set(trainer.label_names or [trainer.label_key])
         holders = []
         for index in samples:
             item = trainer.train_dataset[index]
             for key, value in item.items() if isinstance(item, Mapping) else []:
+                if key in labels and not nonfinite_value(value, nan=False):
+                    continue
                 if nonfinite_value(value):
                     holders.append(f"sample {index} '{key}'")
         return samples, holders
 
 
-def nonfinite_value(value) -> bool:
-    """Whether an item's value is floating-point data holding NaN or inf: a tensor, or a numpy array or float (items
-    of pipelines that give numpy, e.g. a `datasets.Dataset` with `with_format("numpy")`)."""
+def nonfinite_value(value, nan: bool = True) -> bool:
+    """Whether an item's value is floating-point data holding NaN or inf (`nan=False`: inf only): a tensor, or a
+    numpy array or float (items of pipelines that give numpy, e.g. a `datasets.Dataset` with
+    `with_format("numpy")`)."""
     if isinstance(value, torch.Tensor):
-        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+        if not value.is_floating_point():
+            return False
+        return not bool(torch.isfinite(value).all()) if nan else bool(torch.isinf(value).any())
     if isinstance(value, (np.ndarray, np.floating, float)):
         array = np.asarray(value)
-        return np.issubdtype(array.dtype, np.floating) and not bool(np.isfinite(array).all())
+        if not np.issubdtype(array.dtype, np.floating):
+            return False
+        return not bool(np.isfinite(array).all()) if nan else bool(np.isinf(array).any())
     return False
