@@ -306,3 +306,58 @@ def _bn_input_statistics(model, x):
         features = model.forward_head(model.forward_features(x), pre_logits=True)
         hidden = model.fc[0](features)
     return hidden.mean(0), hidden.var(0, unbiased=True)
+
+
+@pytest.mark.parametrize("policy", [None, "raise"])
+def test_save_model_before_any_run_refuses_non_finite_weights(tmp_path, policy):
+    # The guard starts with a run: a trainer built to export a model (after load_prepared_head, say) wrote and
+    # uploaded NaN weights, even with on_nonfinite="raise", and save_prepared_head() blamed a diverged training.
+    model = tiny_timm()
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    trainer = HeadPrepTrainer(
+        model=model, args=make_config(tmp_path, on_nonfinite=policy), train_dataset=TinyImages(8)
+    )
+    with pytest.raises(NonFiniteError, match=r"\(fc\.weight\)\. No update has run: the weights came so"):
+        trainer.save_model(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+
+
+class _InfWithoutGrad(torch.nn.Module):
+    """Finite in training; inf features in the no-grad passes (the measurements')."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_timm()
+        self.fc = self.inner.fc
+        self.inner.fc = torch.nn.Identity()
+
+    def forward(self, pixel_values):
+        z = self.inner(pixel_values)
+        if not torch.is_grad_enabled():
+            z = z + float("inf")
+        return self.fc(z)
+
+
+def test_a_non_finite_z0_is_not_written_into_checkpoints(tmp_path):
+    args = make_config(tmp_path, head_modules=["fc"], save_strategy="epoch", num_train_epochs=2)
+    trainer = HeadPrepTrainer(model=_InfWithoutGrad(), args=args, train_dataset=TinyImages(16))
+    trainer.train()
+    assert "holds NaN/inf" in trainer.dynamics["drift_not_measured"] and "drift" not in trainer.dynamics
+    written = list((tmp_path / "out").rglob("*.safetensors"))
+    assert written and all(all(torch.isfinite(t).all() for t in load_file(str(p)).values()) for p in written)
+
+
+def test_accuracy_of_non_finite_logits_is_nan(caplog):
+    # argmax read a NaN row as class 0: a plausible accuracy, by which load_best_model_at_end chose a checkpoint.
+    from transformers import EvalPrediction
+
+    from headprep_hf.metrics import accuracy_metrics
+
+    logits = torch.tensor([[0.1, 0.9], [float("nan"), 0.2], [0.7, 0.3]]).numpy()
+    labels = torch.tensor([1, 0, 0]).numpy()
+    with caplog.at_level("WARNING"):
+        assert math.isnan(accuracy_metrics()(EvalPrediction(predictions=logits, label_ids=labels))["accuracy"])
+    assert "1 evaluation sample(s) are NaN/inf (samples [1])" in caplog.text
+    good = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.7, 0.3]]).numpy()
+    assert accuracy_metrics()(EvalPrediction(predictions=good, label_ids=labels))["accuracy"] == 1.0

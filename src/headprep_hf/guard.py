@@ -40,14 +40,20 @@ def nonfinite_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse to write `what` when a tensor of `state` is not finite (`NonFiniteError` naming the tensors)."""
+def check_finite(state: dict[str, torch.Tensor], what: str, trained: bool = True) -> None:
+    """Refuse to write `what` when a tensor of `state` is not finite (`NonFiniteError` naming the tensors);
+    `trained=False`: no update has run (the weights came so)."""
     bad = nonfinite_keys(state)
     if bad:
-        raise NonFiniteError(
-            f"Not writing {what}: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:5])}). Training "
-            "diverged: fix the data, or start a new run with a lower learning rate (resuming refuses changed "
+        why = (
+            "Training diverged: fix the data, or start a new run with a lower learning rate (resuming refuses changed "
             "settings, which would mix two runs; the last good checkpoint's weights can be the new run's start)."
+            if trained
+            else "No update has run: the weights came so (a damaged file, or set to NaN/inf before the trainer got "
+            "them); load them again from a good copy."
+        )
+        raise NonFiniteError(
+            f"Not writing {what}: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:5])}). {why}"
         )
 
 

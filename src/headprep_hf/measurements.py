@@ -431,6 +431,12 @@ class MeasurementCallback(TrainerCallback):
             if not torch.isnan(p0).all():
                 self._histogram("headprep/p0", p0[~torch.isnan(p0)])
         self.z0, self.z0_path = self._start_probe(), None
+        if self.z0 is not None and not bool(torch.isfinite(self.z0).all()):
+            # (every drift from it would be NaN/inf, and it was written into each checkpoint as it was)
+            message = "z_0 (the probe's features at the start of FT) holds NaN/inf: the drift is not measured"
+            self._note_nonfinite(message)
+            self.dynamics["drift_not_measured"] = message
+            self.z0 = None
         self.dynamics.update(
             {
                 "hp_epochs": args.hp_epochs,

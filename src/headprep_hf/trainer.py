@@ -336,9 +336,12 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
                 "encoder-decoder" if kind == "encoder-decoder" else "decoder-only",
             )
 
+    def _guard_policy(self) -> str:
+        """The non-finite policy of this trainer's runs: `on_nonfinite`, or its default (see `HeadPrepConfig`)."""
+        return self.args.on_nonfinite or ("raise" if self.has_stages else "ignore")
+
     def _start_guard(self) -> None:
-        policy = self.args.on_nonfinite or ("raise" if self.has_stages else "ignore")
-        self.guard.reset(policy)
+        self.guard.reset(self._guard_policy())
         if self.guard.active and self.guard not in self.callback_handler.callbacks:
             self.add_callback(self.guard)
 
@@ -1635,8 +1638,14 @@ class HeadPrepTrainer(TrainerLossMixin, PreparedHeadMixin, Trainer):
         Trainer's `model.safetensors`; transformers models describe themselves through `save_pretrained`."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        if self.guard.active and not self._checked_finite:  # (also Trainer's internal calls: `push_to_hub`)
-            check_finite(model.state_dict(), f"the model in {output_dir}")
+        # (also Trainer's internal calls: `push_to_hub`; and before any run, by the policy the runs would have: the
+        # guard starts with a run, and a trainer built to export a loaded model wrote and uploaded NaN weights)
+        if (self.guard.active or self._guard_policy() != "ignore") and not self._checked_finite:
+            check_finite(
+                model.state_dict(),
+                f"the model in {output_dir}",
+                trained=self.state.global_step > 0 or bool(self.hp_done),
+            )
         with self._recording_outputs(output_dir):
             super().save_model(output_dir, _internal_call)
             if self.args.should_save and os.path.isdir(output_dir):

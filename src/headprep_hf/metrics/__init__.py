@@ -26,13 +26,25 @@ def load_metric(name: str, **kwargs):
 
 
 def accuracy_metrics():
-    """A `compute_metrics` for `Trainer` that reports `accuracy` from logits and labels (shipped module)."""
+    """A `compute_metrics` for `Trainer` that reports `accuracy` from logits and labels (shipped module); NaN, with a
+    warning naming the samples, where some logits are NaN/inf (argmax read a NaN row as class 0: a plausible accuracy,
+    by which `load_best_model_at_end` chose a checkpoint)."""
     metric = load_metric("accuracy")
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
         logits = eval_prediction.predictions
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
+        logits = np.asarray(logits)
+        if np.issubdtype(logits.dtype, np.floating):
+            bad = ~np.isfinite(logits.reshape(len(logits), -1)).all(axis=1)
+            if bad.any():
+                logger.warning(
+                    "accuracy: the logits of %d evaluation sample(s) are NaN/inf (samples %s): accuracy is NaN.",
+                    int(bad.sum()),
+                    np.flatnonzero(bad)[:8].tolist(),
+                )
+                return {"accuracy": float("nan")}
         return metric.compute(predictions=np.argmax(logits, axis=-1), references=eval_prediction.label_ids)
 
     return compute_metrics
