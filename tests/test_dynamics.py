@@ -96,6 +96,45 @@ def test_with_reinit_modules_drift_and_head_gradient_are_the_papers(tmp_path, tr
     assert {id(p) for p in trainer.measurements._head_params} == head
 
 
+class _UncalledFirst(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.aux = torch.nn.Conv2d(3, 3, 1)  # (first in the model's order, never called)
+        self.net = tiny_timm()
+
+    def forward(self, pixel_values):
+        return self.net(pixel_values)
+
+
+def test_a_reinit_module_the_forward_does_not_call_falls_back_to_the_heads_input(tmp_path, train_set):
+    # It failed after HP with "The model's forward did not call the head ['net.fc']".
+    args = make_config(tmp_path, hp_epochs=1, head_modules=["net.fc"], reinit_modules=["aux", "net.layer4"])
+    trainer = HeadPrepTrainer(model=_UncalledFirst(), args=args, train_dataset=train_set)
+    with pytest.warns(UserWarning, match=r"z is read at the head's input.*the forward does not call it"):
+        trainer.train()
+    assert trainer.measurements.drift_z == "head input" and trainer.dynamics["drift"]
+
+
+def test_a_z0_read_after_the_reinit_blocks_by_an_earlier_version_is_not_resumed(tmp_path, train_set):
+    # The two definitions of z can have one shape (a re-initialised block that keeps the width): the resumed drift
+    # compared the old z_0 with the new z_t, 25 -> 54, without a word.
+    from safetensors.torch import load_file, save_file
+
+    common = dict(hp_epochs=1, num_train_epochs=2, reinit_modules=["layer4"], save_strategy="epoch")
+    trainer = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **common), train_dataset=train_set)
+    trainer.train()
+    checkpoint = sorted((tmp_path / "out").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+    features = checkpoint / "headprep_measurements.safetensors"
+    save_file(load_file(str(features)), str(features), metadata={"probe": "evenly spaced"})  # (as written before)
+    from headprep_hf.checkpoints import WRITING_NAME, commit
+
+    (checkpoint / WRITING_NAME).write_text("")  # (the file changed: committed again, as its writer would have)
+    commit(str(checkpoint))
+    resumed = HeadPrepTrainer(model=tiny_timm(), args=make_config(tmp_path, **common), train_dataset=train_set)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert "z_0 was read after the re-initialised blocks" in resumed.dynamics["drift_not_measured"]
+
+
 def test_drift_dataset_is_used_for_z(tmp_path, train_set, eval_set):
     trainer = HeadPrepTrainer(
         model=tiny_timm(), args=make_config(tmp_path, hp_epochs=0), train_dataset=train_set, drift_dataset=eval_set

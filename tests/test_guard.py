@@ -299,6 +299,37 @@ def test_skip_leaves_out_the_samples_not_the_batch_from_the_batchnorm_pass(tmp_p
         assert torch.allclose(bn.running_mean, reference, atol=1e-5)  # (cached and uncached agree)
 
 
+def test_skip_leaves_out_a_batch_left_with_one_sample(tmp_path):
+    # 18 samples at measure batch 8: the last batch is samples 16 and 17; with 17 NaN, one sample was left, which a
+    # train-mode BatchNorm cannot take ("Expected more than 1 value per channel").
+    train = TinyImages(18)
+    train.x[17] = float("nan")
+    args = make_config(tmp_path, on_nonfinite="skip", measure_batch_size=8)
+    trainer = HeadPrepTrainer(model=bn_head_model(), args=args, train_dataset=train)
+    trainer.probe_head()
+    assert int(trainer.model.fc[1].num_batches_tracked) == 2
+
+
+class _UnusedNormHead(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.aux_norm = torch.nn.BatchNorm1d(n)  # (registered first, never called)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(n, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_batchnorm_the_forward_does_not_call_is_no_pass_over_no_batch(tmp_path):
+    model = tiny_timm()
+    model.fc = _UnusedNormHead(model.num_features)
+    trainer = HeadPrepTrainer(model=model, args=make_config(tmp_path), train_dataset=TinyImages(16))
+    trainer.probe_head()
+    assert int(model.fc.net[1].num_batches_tracked) == 1
+
+
 def _bn_input_statistics(model, x):
     """Mean and (unbiased) variance of the head's BatchNorm input over `x`, by hand (eval-mode backbone)."""
     model.eval()

@@ -139,15 +139,15 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
         skipped = []
         with forked_rng(trainer.args.seed):
             for index, batch in enumerate(pass_bar(trainer, loader, "BatchNorm statistics")):
-                if index * world + rank > 0 and one_sample(batch):  # (the position among all ranks' batches)
-                    continue
                 if skip_nonfinite:
                     kept = _finite_samples(batch, labels)
                     if kept is not batch:
                         skipped.append(index * world + rank)
-                    if kept is None:
-                        continue
+                        if kept is None or one_sample(kept):  # (a BatchNorm in train mode needs two values)
+                            continue
                     batch = kept
+                if index * world + rank > 0 and one_sample(batch):  # (the position among all ranks' batches)
+                    continue
                 with trainer.measurement_autocast():
                     trainer.model_caller(model, batch)
         if skipped:
@@ -167,7 +167,9 @@ def recompute_hp_statistics(trainer, cache=None) -> int:
             over_cache if cache is not None else over_train_set,
             None if cache is not None else trainer.accelerator,
         )
-    if int(layers[0].num_batches_tracked) == 0:  # (reset to 0 and 1 by a pass over no batch, and written as such)
+    # (reset to 0 and 1 by a pass over no batch, and written as such; counted over every layer: a BatchNorm the forward
+    # does not call sees none in any run)
+    if skip_nonfinite and max(int(bn.num_batches_tracked) for bn in layers) == 0:
         raise ValueError(
             "The BatchNorm statistics of the HP modules were recomputed over no batch: every batch was left out "
             "(on_nonfinite='skip': NaN/inf in the inputs of every batch). Fix the data, or set "
@@ -190,6 +192,8 @@ def _finite_samples(batch, labels):
     per_sample = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n}
     if n is None or any(nonfinite_value(v) for k, v in batch.items() if k not in labels and k not in per_sample):
         return None
+    if any(isinstance(v, (list, tuple)) and len(v) == n for v in batch.values()):
+        return None  # (per-sample values that are no tensors, e.g. ids: the whole batch goes, as before)
     bad = torch.zeros(n, dtype=torch.bool)
     for key, value in per_sample.items():
         if key not in labels and value.is_floating_point():

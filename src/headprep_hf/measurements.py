@@ -244,6 +244,9 @@ class MeasurementCallback(TrainerCallback):
         self.pending: dict[str, float] = {}
         self._probe_loader = None
         self._probe_size = 0
+        # Where the drift's z is read ("kept backbone": before the re-initialised blocks; "head input"), decided with
+        # z_0 (`_first_probe`) and saved beside it, so that every z_t is read where z_0 was.
+        self.drift_z: str | None = None
         self._grad_sum: torch.Tensor | float = 0.0
         self._grad_count = 0
         self._grad_finite: torch.Tensor | float = 0.0
@@ -256,6 +259,7 @@ class MeasurementCallback(TrainerCallback):
     def start_run(self, plan: str) -> None:
         """A new `train()` call: no z_0 yet; FT runs start new drift and head-gradient records."""
         self.z0, self.z0_path, self.last_drift_step, self.pending = None, None, None, {}
+        self.drift_z = None
         self._probe_loader = None  # Trainer.train() frees Accelerate's prepared loaders
         self.drop_hp_epoch_inputs()
         self._grad_sum, self._grad_count, self._grad_finite = 0.0, 0, 0.0
@@ -276,7 +280,8 @@ class MeasurementCallback(TrainerCallback):
         write_json(os.path.join(folder, MEASUREMENTS_NAME), state)
         if self.z0 is not None:
             # (the probe's definition travels with it: a resume compares z_t of the same samples only)
-            save_file({"z0": self.z0.contiguous()}, os.path.join(folder, FEATURES_NAME), metadata=PROBE_METADATA)
+            metadata = {**PROBE_METADATA, "z": self.drift_z or "head input"}
+            save_file({"z0": self.z0.contiguous()}, os.path.join(folder, FEATURES_NAME), metadata=metadata)
 
     def load(self, folder: str) -> bool:
         """Restore the state saved in checkpoint `folder`; False when it holds none (e.g. a `Trainer` checkpoint)."""
@@ -302,6 +307,19 @@ class MeasurementCallback(TrainerCallback):
                 f"z_0 holds the first {self.z0.shape[0]} training samples, the drift probe of an earlier version, "
                 "where this version probes samples evenly spaced over the set"
             )
+        if self.z0 is not None:
+            from safetensors import safe_open
+
+            with safe_open(features, framework="pt") as f:
+                self.drift_z = (f.metadata() or {}).get("z")
+            split = self.trainer.find_head()
+            if self.drift_z is None and split is not None and split.reinit_names:
+                # (written where z was the head's input, after the re-initialised blocks: the shapes may agree)
+                self._drop_z0(
+                    "z_0 was read after the re-initialised blocks (reinit_modules), where this version reads z before "
+                    "them, as the paper does"
+                )
+            self.drift_z = self.drift_z or "head input"
         return True
 
     def _z0_of_first_samples(self, path: str) -> bool:
@@ -430,6 +448,7 @@ class MeasurementCallback(TrainerCallback):
             self.pending.update({f"headprep/{k}": v for k, v in summary.items() if v is not None})
             if not torch.isnan(p0).all():
                 self._histogram("headprep/p0", p0[~torch.isnan(p0)])
+        self.drift_z = None  # (decided again with the new z_0)
         self.z0, self.z0_path = self._start_probe(), None
         if self.z0 is not None and not bool(torch.isfinite(self.z0).all()):
             # (every drift from it would be NaN/inf, and it was written into each checkpoint as it was)
@@ -860,16 +879,47 @@ class MeasurementCallback(TrainerCallback):
                 )
                 if self._probe_loader is not loader and probe_set is not source:
                     probe_set.samples = []  # ours, and replayed: one copy of the probe (Accelerate keeps the loader)
+        if self.drift_z is None:
+            self.drift_z, z = self._first_probe()
+            return z
+        return self._probe_pass(kept_backbone=self.drift_z == "kept backbone")
+
+    def _probe_pass(self, kept_backbone: bool) -> torch.Tensor:
         return self.measure_dataset(
             None,
             False,
             sys.maxsize,  # every head input of the probe: a multiple-choice model's head sees one row per choice
             loader=self._probe_loader,
-            seed=trainer.args.seed,
+            seed=self.trainer.args.seed,
             desc="drift probe",
             lenient=True,
-            drift=True,
+            drift=kept_backbone,
         ).features
+
+    def _first_probe(self) -> tuple[str, torch.Tensor]:
+        """Where the drift's z is read, and z_0: with `reinit_modules`, before the re-initialised blocks (the paper's
+        z: they are part of the head), unless the first of them is not called by the forward or its input is not one
+        vector per sample (a GCN's block sees node rows): then, with a warning, at the head's input."""
+        split = self.trainer.find_head()
+        if split is None or not split.reinit_names:
+            return "head input", self._probe_pass(kept_backbone=False)
+        try:
+            z = self._probe_pass(kept_backbone=True)
+            why = (
+                None
+                if z.shape[0] == self._probe_size
+                else f"its input has {z.shape[0]} rows for {self._probe_size} probe samples"
+            )
+        except FeatureModuleNotCalled:
+            why = "the forward does not call it"
+        if why is None:
+            return "kept backbone", z
+        self._warn_once(
+            "drift_z",
+            f"The drift's z is read at the head's input, after the re-initialised blocks, not before the first of "
+            f"them ({split.reinit_names}): {why}.",
+        )
+        return "head input", self._probe_pass(kept_backbone=False)
 
     def _probe_dataset(self):
         trainer = self.trainer

@@ -139,7 +139,16 @@ class ModelSplit:
         if not self.reinit_names:
             return self.feature_module(model)
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        return model.get_submodule(min(self.reinit_names, key=lambda name: order.get(name, len(order))))
+        module = model.get_submodule(min(self.reinit_names, key=lambda name: order.get(name, len(order))))
+        # PEFT's `ModulesToSaveWrapper` (a re-initialised module trained through `modules_to_save`): the active copy,
+        # which its forward calls (the wrapper's `original_module` is not, and a hook below it never fired)
+        copies = getattr(module, "modules_to_save", None)
+        if isinstance(copies, nn.ModuleDict) and hasattr(module, "original_module"):
+            active = getattr(module, "active_adapter", None)
+            active = active[0] if isinstance(active, (list, tuple)) and active else active
+            if isinstance(active, str) and active in copies:
+                return copies[active]
+        return module
 
     def head_module(self, model: nn.Module) -> nn.Module:
         """The head as one module, for running it on its cached input (cached HP, head exchange)."""
