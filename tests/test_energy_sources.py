@@ -195,5 +195,6 @@ def test_a_non_finite_energy_from_the_last_hp_epoch_names_the_dataset_index(tmp_
     assert trainer.dynamics["energy_source"] == "last HP epoch's head inputs"
     assert trainer.dynamics["nonfinite"] == [
         "energy at step 4: the outputs on 1 training sample(s) are NaN/inf (samples [20])",
-        "drift at step 6: the probe features are NaN/inf",  # (the 20-sample probe, evenly spaced, holds sample 20)
+        # (the 20-sample probe, evenly spaced, holds sample 20: z_0 is not finite, and is dropped, not written)
+        "z_0 (the probe's features at the start of FT) holds NaN/inf: the drift is not measured",
     ]
